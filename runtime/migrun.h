@@ -1,0 +1,69 @@
+/*
+ * Declarations shared by the migrun host and its C modules: the table of
+ * embedded Lua sources, the list of C modules, the structured error value and
+ * the interrupt flag that long-running C calls poll so Ctrl-C reaches them.
+ */
+#ifndef MIGRUN_H
+#define MIGRUN_H
+
+#include <signal.h>
+#include <stddef.h>
+
+#include <lua.h>
+#include <lauxlib.h>
+#include <lualib.h>
+
+/* Every lua/ source file, compiled in by cmake/embed_lua.cmake; terminated by a NULL module. */
+struct migrun_embedded {
+    const char *module;    /* "migrun.lab" */
+    const char *chunkname; /* "@/path/to/lua/migrun/lab.lua" */
+    const char *source;
+    size_t len;
+};
+extern const struct migrun_embedded migrun_embedded[];
+
+/* Every C module's luaopen_* function, declared from the list in modules.h. */
+#define MIGRUN_MODULE(name, fn) int fn(lua_State *L);
+#include "modules.h"
+#undef MIGRUN_MODULE
+
+/* Opens the standard libraries and makes every migrun module requirable. */
+void migrun_openlibs(lua_State *L);
+
+/* The REPL (repl.c). Returns when the user ends input. */
+void migrun_repl(lua_State *L, const char *progname);
+
+/* Runs the function on top of the stack (with narg arguments below it) under
+ * lua_pcall with the traceback handler and the Ctrl-C hook. Returns the
+ * lua_pcall status; on error the message is left on the stack. */
+int migrun_docall(lua_State *L, int narg, int nres);
+
+/*
+ * Ctrl-C. The signal handler only sets this flag and a count hook; Lua code is
+ * interrupted by the hook, and C code blocked in poll()/waitpid() must check
+ * the flag (poll returns EINTR) and call migrun_check_interrupt().
+ */
+extern volatile sig_atomic_t migrun_interrupt_pending;
+/* Raises "interrupted!" (and clears the flag) when Ctrl-C was pressed. */
+void migrun_check_interrupt(lua_State *L);
+
+/*
+ * Structured errors: a table with metatable "migrun.Error". Common fields:
+ *   kind     what went wrong, for code to branch on ("sql", "connection",
+ *            "timeout", "aws", "spawn", "config", ...)
+ *   where    who failed ("target 4711", "dms", "pg_dump")
+ *   code     sqlstate / AWS error code / errno name
+ *   message, detail, hint
+ * Modules add their own fields (sqlstate, retryable, status, ...).
+ * tostring(err) gives one line: "[where] code message DETAIL: ... HINT: ...".
+ */
+/* Pushes a new error; NULL arguments leave the field unset. */
+void migrun_error_push(lua_State *L, const char *kind, const char *where,
+                       const char *code, const char *message);
+/* Sets err[key] = value on the error (or any table) at idx, if value != NULL. */
+void migrun_setfield(lua_State *L, int idx, const char *key, const char *value);
+/* Pushes nil and a new error; returns 2, for "return migrun_error_return(...)". */
+int migrun_error_return(lua_State *L, const char *kind, const char *where,
+                        const char *code, const char *message);
+
+#endif

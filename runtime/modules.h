@@ -1,0 +1,4 @@
+/* The C modules compiled into migrun: MIGRUN_MODULE(require name, luaopen function).
+ * Included with MIGRUN_MODULE defined by the includer (X-macro). */
+MIGRUN_MODULE("migrun.error", luaopen_migrun_error)
+MIGRUN_MODULE("migrun.lsn", luaopen_migrun_lsn)
