@@ -3,3 +3,4 @@
 MIGRUN_MODULE("migrun.error", luaopen_migrun_error)
 MIGRUN_MODULE("migrun.lsn", luaopen_migrun_lsn)
 MIGRUN_MODULE("migrun.pg.core", luaopen_migrun_pg_core)
+MIGRUN_MODULE("migrun.proc", luaopen_migrun_proc)
