@@ -651,9 +651,7 @@ static int conn_exec(lua_State *L) {
     pg_Conn *c = check_idle(L, 1);
     int first, nparams;
     double timeout = c->timeout;
-    int args; /* where the sql and parameters are: the stack or a table */
-    if (lua_istable(L, 2)) {
-        args = 2;
+    if (lua_istable(L, 2)) { /* the table's items go on the stack, like the vararg form */
         lua_settop(L, 2);
         lua_Integer n;
         if (lua_getfield(L, 2, "n") != LUA_TNIL)
@@ -669,15 +667,11 @@ static int conn_exec(lua_State *L) {
         first = 3;
         nparams = (int)n - 1;
     } else {
-        args = 0;
         first = 2;
         nparams = lua_gettop(L) - 2;
     }
-    (void)args;
     const char *sql = luaL_checkstring(L, first);
     luaL_argcheck(L, nparams <= 65535, first + 1, "too many parameters");
-    int top = lua_gettop(L);
-
     const char **vals = NULL;
     int *lens = NULL, *fmts = NULL;
     if (nparams > 0) {
@@ -690,7 +684,6 @@ static int conn_exec(lua_State *L) {
     }
     pg_Result *r = result_new(L, 1); /* ... res */
     int res_idx = lua_gettop(L);
-    (void)top;
 
     int sent = nparams > 0 ? PQsendQueryParams(c->conn, sql, nparams, NULL, vals, lens, fmts, 0)
                            : PQsendQuery(c->conn, sql);
@@ -1062,8 +1055,10 @@ static int null_tostring(lua_State *L) {
 
 /*
  * Sends sql (a COPY) and waits until the server is in the expected COPY state.
- * Returns 1 when it is; else pushes nil, err and returns 0 (connection idle),
- * or raises on Ctrl-C. r holds the results so their memory is GC-managed.
+ * Returns 1 when it is; else pushes nil, err and returns 0 (connection idle);
+ * on Ctrl-C returns -1 with the command cancelled and nothing pushed (the
+ * caller cleans up its other side, then raises). r holds the results so their
+ * memory is GC-managed.
  */
 static int start_copy(lua_State *L, pg_Conn *c, int conn_idx, pg_Result *r, const char *sql,
                       ExecStatusType want, const char *side) {
@@ -1078,7 +1073,7 @@ static int start_copy(lua_State *L, pg_Conn *c, int conn_idx, pg_Result *r, cons
     if (w == W_INTR) {
         conn_cancel(c->conn);
         conn_drain(c, "interrupted");
-        raise_interrupted(L, c);
+        return -1;
     }
     if (w != W_READY) {
         lua_pushnil(L);
@@ -1168,7 +1163,10 @@ static int conn_copy_out(lua_State *L) {
     luaL_checktype(L, 3, LUA_TFUNCTION);
     lua_settop(L, 3);
     pg_Result *r = result_new(L, 1); /* conn sql fn res */
-    if (!start_copy(L, c, 1, r, sql, PGRES_COPY_OUT, "from"))
+    int started = start_copy(L, c, 1, r, sql, PGRES_COPY_OUT, "from");
+    if (started < 0)
+        return raise_interrupted(L, c);
+    if (started == 0)
         return 2;
     lua_Integer bytes = 0;
     int pieces = 0;
@@ -1252,7 +1250,10 @@ static int conn_copy_in(lua_State *L) {
     luaL_checktype(L, 3, LUA_TFUNCTION);
     lua_settop(L, 3);
     pg_Result *r = result_new(L, 1); /* conn sql fn res */
-    if (!start_copy(L, c, 1, r, sql, PGRES_COPY_IN, "to"))
+    int started = start_copy(L, c, 1, r, sql, PGRES_COPY_IN, "to");
+    if (started < 0)
+        return raise_interrupted(L, c);
+    if (started == 0)
         return 2;
     lua_Integer bytes = 0;
     size_t since_flush = 0;
@@ -1355,11 +1356,18 @@ static int pg_copy(lua_State *L) {
     pg_Result *rd = result_new(L, 3); /* 8 */
 
     /* the target first: if it refuses, nothing has been read from the source */
-    if (!start_copy(L, dst, 3, rd, to_sql, PGRES_COPY_IN, "to"))
+    int started = start_copy(L, dst, 3, rd, to_sql, PGRES_COPY_IN, "to");
+    if (started < 0)
+        return raise_interrupted(L, dst);
+    if (started == 0)
         return 2;
-    if (!start_copy(L, src, 2, rs, from_sql, PGRES_COPY_OUT, "from")) { /* ... nil err */
-        end_copy(dst->conn, "aborted by migrun: the source COPY failed");
+    started = start_copy(L, src, 2, rs, from_sql, PGRES_COPY_OUT, "from"); /* ... nil err? */
+    if (started <= 0) {
+        end_copy(dst->conn, started < 0 ? "aborted by migrun: interrupted"
+                                        : "aborted by migrun: the source COPY failed");
         conn_drain(dst, "aborted");
+        if (started < 0)
+            return raise_interrupted(L, src);
         return 2;
     }
 

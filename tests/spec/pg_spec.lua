@@ -96,40 +96,16 @@ describe("migrun.pg", function()
     end)
 
     it("gives up after the connect timeout", function()
-      -- a listener that never answers: the startup packet waits forever
-      local h = assert(proc.spawn { "python3", "-c", [[
-import socket, time, sys
-s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(5)
-print(s.getsockname()[1], flush=True)
-conns = []
-while True:
-    c, _ = s.accept(); conns.append(c)
-]], stdout = "capture" })
-      local port
-      for _ = 1, 100 do
-        port = io.open("/proc/" .. h.pid .. "/net/tcp") and nil
-        break
-      end
-      -- find the port from ss (the captured stdout is only available after wait)
-      local deadline = os.time() + 10
-      repeat
-        local ok, _, _, out = proc.run { "ss", "-ltnpH" }
-        if ok then
-          for line in out:gmatch("[^\n]+") do
-            if line:find("pid=" .. h.pid .. ",", 1, true) then
-              port = tonumber(line:match("127%.0%.0%.1:(%d+)"))
-            end
-          end
-        end
-      until port or os.time() > deadline
-      assert.truthy(port)
+      -- a listener that never answers (lua-socket): the kernel accepts, nobody replies
+      local listener = assert(require("socket").bind("127.0.0.1", 0))
+      local _, port = listener:getsockname()
       local t0 = os.time()
       local a, err = pg.connect(("host=127.0.0.1 port=%d user=x dbname=x"):format(port),
         { name = "slow", connect_timeout = 0.5 })
       assert.is_nil(a)
       assert.equal("timeout", err.kind)
       assert.is_true(os.time() - t0 <= 2)
-      h:close()
+      listener:close()
     end)
 
     it("exposes server facts", function()
@@ -637,6 +613,33 @@ while True:
       assert.equal(1, other:exec("select 1 x")[1].x)
     end)
 
+    it("cancels both sides on Ctrl-C", function()
+      local script = ([[
+        local pg = require "migrun.pg"
+        local a = assert(pg.connect(%q, { name = "source" }))
+        local b = assert(pg.connect(%q, { name = "target" }))
+        local ok, err = pcall(pg.copy, { from = a, to = b, to_sql = "copy dst from stdin",
+          from_sql = "copy (select g, 'n' || pg_sleep(0.001)::text, null, null" ..
+                     " from generate_series(1, 100000) g) to stdout",
+          progress_interval = 0.2, on_progress = function()
+            if not started then started = true; io.stdout:write("ready\n"); io.stdout:flush() end
+          end })
+        print(ok, err.kind)
+        print(a:transaction_status(), b:transaction_status(), b:exec("select count(*) n from dst")[1].n)
+      ]]):format(cluster:conninfo_for { dbname = "other" }, cluster.conninfo)
+      local lines = {}
+      local h = assert(proc.spawn { MIGRUN, "-e", script, stdout = function(l) lines[#lines + 1] = l end,
+        stderr = "stdout" })
+      local deadline = os.time() + 20
+      while #lines == 0 and os.time() < deadline do h:wait(0.1) end
+      h:kill("INT")
+      local ok = h:wait(15)
+      local out = table.concat(lines, "\n")
+      assert.is_true(ok, out)
+      assert.matches("false\tinterrupted", out, 1, true)
+      assert.matches("idle\tidle\t0", out, 1, true)
+    end)
+
     it("moves a large table with flat memory", function()
       -- ~1 GB (~50 MB under the sanitizers) of 1 KiB rows, unlogged to spare the disk
       local rows = SANITIZE and 50000 or 1000000
@@ -656,7 +659,9 @@ while True:
       assert.is_true(r.bytes > rows * 1000)
       assert.equal(rows, c:exec("select count(*) n from big")[1].n)
       assert.equal(rows, other:exec("select count(*) n from big")[1].n)
-      assert.is_true(peak < 200, "peak RSS " .. peak .. " MB")
+      -- ASan's quarantine holds on to freed memory: allow it more
+      local limit = SANITIZE and 400 or 200
+      assert.is_true(peak < limit, "peak RSS " .. peak .. " MB")
       assert(other:exec("drop table big"))
       assert(c:exec("drop table big"))
     end)
