@@ -613,32 +613,50 @@ static void param_value(lua_State *L, int idx, const char **val, int *len, int *
 
 /*
  * Runs the command already sent on c and stores its last result in r; waits
- * with the deadline, cancelling on timeout and on Ctrl-C. Returns W_READY,
- * W_TIMEOUT (cancelled, connection idle), W_INTR (cancelled, idle) or W_ERR.
+ * with the deadline. On timeout or Ctrl-C it asks the server to cancel and
+ * keeps reading until the connection is idle. Returns W_READY (r holds the
+ * last result: a statement that finished before the cancel arrived counts as
+ * done), W_TIMEOUT (the server cancelled it), W_INTR (Ctrl-C; idle) or W_ERR
+ * (connection lost, or closed because it would not come back to idle).
  */
 static int run_command(pg_Conn *c, pg_Result *r, double deadline, const char **copy_state) {
     PGconn *conn = c->conn;
-    int w = W_READY;
+    int cancelled = 0; /* W_TIMEOUT or W_INTR once the cancel was sent */
     for (;;) {
-        w = conn_wait_result(conn, deadline, 1);
+        int w = conn_wait_result(conn, deadline, !cancelled);
         if (w == W_TIMEOUT || w == W_INTR) {
+            if (cancelled) { /* the server did not answer the cancel in time */
+                conn_release(c);
+                return W_ERR;
+            }
             conn_cancel(conn);
-            return conn_drain(c, w == W_INTR ? "interrupted" : "timeout") ? w : W_ERR;
+            cancelled = w;
+            deadline = now() + DRAIN_TIMEOUT;
+            continue;
         }
         if (w == W_ERR)
             return W_ERR;
         PGresult *res = PQgetResult(conn);
         if (res == NULL)
-            return W_READY;
+            break;
         ExecStatusType st = PQresultStatus(res);
         if (st == PGRES_COPY_IN || st == PGRES_COPY_OUT || st == PGRES_COPY_BOTH) {
             PQclear(res);
             *copy_state = st == PGRES_COPY_IN ? "in" : "out";
-            return conn_drain(c, "use conn:copy_in for COPY FROM STDIN") ? W_READY : W_ERR;
+            return conn_drain(c, "use conn:copy_in for COPY FROM STDIN") ? (cancelled ? cancelled : W_READY)
+                                                                          : W_ERR;
         }
         /* the last result wins; after an error the server runs nothing more */
         result_set(r, res);
     }
+    if (cancelled == W_INTR)
+        return W_INTR;
+    if (cancelled == W_TIMEOUT && r->res != NULL) {
+        const char *state = PQresultErrorField(r->res, PG_DIAG_SQLSTATE);
+        if (state != NULL && strcmp(state, "57014") == 0)
+            return W_TIMEOUT;
+    }
+    return W_READY;
 }
 
 /*
