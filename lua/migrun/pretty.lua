@@ -116,7 +116,7 @@ local function format_table(t, opts, depth, path)
     local out, line = { "{" }, nil
     for i, s in ipairs(items) do
         local entry = s:sub(1, 4) == "... " and s or s .. ","
-        local packable = i <= narray and s:sub(1, 1) ~= "{"  -- scalars only
+        local packable = i <= narray and s:sub(1, 1) ~= "{" and not s:find("\n", 1, true)
         if packable and line and #line + 1 + #entry <= opts.width then
             line = line .. " " .. entry
         else
