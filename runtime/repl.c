@@ -247,9 +247,15 @@ static int try_statements(lua_State *L) {
             return status;
         }
         int r = read_line(L, 0); /* chunk line */
-        if (r != LINE_OK) {
+        if (r == LINE_EOF) { /* as lua.c: report the unfinished chunk */
+            chunk = lua_tolstring(L, 1, &len);
+            status = luaL_loadbuffer(L, chunk, len, "=stdin"); /* chunk msg */
+            lua_remove(L, 1);
+            return status;
+        }
+        if (r == LINE_INTERRUPTED) {
             lua_settop(L, 0);
-            return r == LINE_EOF ? -1 : -2;
+            return -2;
         }
         lua_pushliteral(L, "\n");
         lua_insert(L, -2);
