@@ -41,8 +41,11 @@ static void prompt_sigint(int sig) {
     repl_sigint = 1;
 }
 
-/* Installs (on 1) or restores (on 0) the handler used while reading a line.
- * No SA_RESTART: the read in libedit fails with EINTR and readline returns. */
+/* Installs (on 1) or removes (on 0) the REPL's own handler, in place for the
+ * whole loop except while migrun_docall runs a command (which installs the
+ * interrupting hook and leaves SIG_DFL behind, hence the re-installs), so a
+ * Ctrl-C between commands never kills migrun. No SA_RESTART: the read in
+ * libedit (or getline) fails with EINTR and returns. */
 static void prompt_signal(int on) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
@@ -100,7 +103,7 @@ static void history_close(void) {
 /* Candidates of the current completion: a Lua array in the registry. */
 static int candidates_ref = LUA_NOREF;
 
-/* migrun.complete.complete(word) under lua_pcall; [-0, +1] the array or nil. */
+/* Under lua_pcall: the word (a light userdata char *) -> migrun.complete.complete(word). */
 static int complete_call(lua_State *L) {
     const char *word = lua_touserdata(L, 1);
     lua_getglobal(L, "require");
@@ -167,9 +170,15 @@ static int read_line(lua_State *L, int firstline) {
     if (!repl_tty) {
         char *buf = NULL;
         size_t cap = 0;
+        repl_sigint = 0;
         ssize_t n = getline(&buf, &cap, stdin);
         if (n < 0) {
             free(buf);
+            if (repl_sigint) {
+                clearerr(stdin);
+                repl_sigint = 0;
+                return LINE_INTERRUPTED;
+            }
             return LINE_EOF;
         }
         if (n > 0 && buf[n - 1] == '\n')
@@ -183,9 +192,7 @@ static int read_line(lua_State *L, int firstline) {
     char *prompt = strdup(p ? p : firstline ? "> " : ">> ");
     lua_pop(L, 1);
     repl_sigint = 0;
-    prompt_signal(1);
     char *line = readline(prompt ? prompt : "> ");
-    prompt_signal(0);
     free(prompt);
     if (line == NULL) {
         if (repl_sigint) {
@@ -300,14 +307,18 @@ static void print_results(lua_State *L, const char *progname) {
     luaL_checkstack(L, LUA_MINSTACK, "too many results to print");
     lua_getglobal(L, "require");
     lua_pushliteral(L, "migrun.pretty");
-    if (migrun_docall(L, 1, 1) != LUA_OK) { /* results... pretty|msg */
+    int status = migrun_docall(L, 1, 1); /* results... pretty|msg */
+    prompt_signal(1);
+    if (status != LUA_OK) {
         print_error(L, progname);
         return;
     }
     lua_getfield(L, -1, "print"); /* results... pretty print */
     lua_remove(L, -2);
     lua_insert(L, 1); /* print results... */
-    if (migrun_docall(L, n, 0) != LUA_OK)
+    status = migrun_docall(L, n, 0);
+    prompt_signal(1);
+    if (status != LUA_OK)
         print_error(L, progname);
     fflush(stdout);
 }
@@ -321,12 +332,15 @@ void migrun_repl(lua_State *L, const char *progname) {
         completion_init();
         history_open();
     }
+    prompt_signal(1);
     int status;
     while ((status = load_input(L)) != -1) {
         if (status == -2)
             continue; /* Ctrl-C at the prompt */
-        if (status == LUA_OK)
+        if (status == LUA_OK) {
             status = migrun_docall(L, 0, LUA_MULTRET);
+            prompt_signal(1);
+        }
         if (status == LUA_OK)
             print_results(L, progname);
         else
@@ -334,6 +348,7 @@ void migrun_repl(lua_State *L, const char *progname) {
         lua_settop(L, 0);
     }
     lua_settop(L, 0);
+    prompt_signal(0);
     if (repl_tty) {
         history_close();
         luaL_unref(L, LUA_REGISTRYINDEX, candidates_ref);

@@ -167,7 +167,7 @@ proc.run{ "sleep", arg[#arg - 1] }
             "while true do end\n",
             "\3",
             "'after interrupting a command'\n",
-        }, 0.4)
+        }, 0.6)
         local transcript = out .. err
         assert.equal(0, code, transcript)
         assert.matches('\n"42"\n', out, 1, true)           -- string.format("%d", 42)
