@@ -453,8 +453,10 @@ static int pg_connect(lua_State *L) {
     }
     lua_settop(L, 2);
     const char *name = "pg";
-    if (opts && lua_getfield(L, opts, "name") != LUA_TNIL)
-        name = luaL_checkstring(L, -1);
+    if (opts && lua_getfield(L, opts, "name") != LUA_TNIL) {
+        luaL_argcheck(L, lua_type(L, -1) == LUA_TSTRING, 2, "opts.name must be a string");
+        name = lua_tostring(L, -1);
+    }
     double connect_timeout = opt_seconds(L, opts, "connect_timeout", CONNECT_TIMEOUT);
     double stmt_timeout = opt_seconds(L, opts, "statement_timeout", 0);
 

@@ -68,6 +68,11 @@ COPY
       -> {bytes=, rows=} | nil, err (err.side = "from" | "to")
       Streams server to server inside C with flat memory; an error on either
       side aborts both and leaves both connections usable. No timeout applies.
+      Errors while starting a COPY have kind "sql"; errors during the data
+      phase have kind "copy" (with the server's sqlstate, e.g. 23514).
+      Limitation: libpq does not read server messages during COPY IN, so an
+      error the target raises mid-stream (a CHECK on row N) is seen when the
+      source has been read to the end; nothing is committed on the target.
 
 Quoting
   conn:escape_identifier(s), conn:escape_literal(s) (libpq, encoding aware)
