@@ -6,13 +6,17 @@
  * the header list and the response buffers are released by its one closer
  * even when building the Lua result raises. Transfers are interruptible: the
  * progress callback aborts as soon as Ctrl-C is pending and the call then
- * raises "interrupted!". Transport failures come back as nil plus a structured
+ * raises "interrupted!". It also keeps the two clock helpers the retry and
+ * wait loops need (aws.sleep, aws.monotonic). Transport failures come back as nil plus a structured
  * error of kind "connection"; request headers (which carry signatures and
  * session tokens) never appear in an error. HTTP statuses, 4xx/5xx included,
  * are results, not errors: the Lua layer decides what they mean.
  */
+#include <errno.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <curl/curl.h>
 
@@ -318,7 +322,28 @@ static int aws_request_call(lua_State *L) {
     return 1;
 }
 
+/* aws.sleep(seconds): for retry backoff and polling; Ctrl-C raises "interrupted!". */
+static int aws_sleep(lua_State *L) {
+    double s = luaL_checknumber(L, 1);
+    luaL_argcheck(L, s >= 0 && s < 1e9, 1, "seconds out of range");
+    struct timespec ts = {(time_t)s, (long)((s - floor(s)) * 1e9)};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        migrun_check_interrupt(L);
+    migrun_check_interrupt(L);
+    return 0;
+}
+
+/* aws.monotonic() -> seconds (float) on a clock that never jumps, for deadlines. */
+static int aws_monotonic(lua_State *L) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    lua_pushnumber(L, (lua_Number)ts.tv_sec + (lua_Number)ts.tv_nsec / 1e9);
+    return 1;
+}
+
 static const luaL_Reg aws_funcs[] = {
+    {"sleep", aws_sleep},
+    {"monotonic", aws_monotonic},
     {"request", aws_request_call},
     {"sign", migrun_aws_sign},
     {"sha256_hex", migrun_aws_sha256_hex},
