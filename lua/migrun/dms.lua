@@ -209,7 +209,7 @@ end
 -- Filters as a {name = value | {values}} map become DMS's sorted list.
 local function filters(p)
   local f = p and p.Filters
-  if type(f) ~= "table" or json.is_array(f) or next(f) == nil then return p end
+  if type(f) ~= "table" or json.is_array(f) then return p end
   local out, names = json.array(), {}
   for k in pairs(f) do names[#names + 1] = k end
   table.sort(names)
@@ -219,7 +219,7 @@ local function filters(p)
   end
   local q = {}
   for k, v in pairs(p) do q[k] = v end
-  q.Filters = out
+  q.Filters = #out > 0 and out or nil -- an empty map means no filter
   return q
 end
 
