@@ -179,7 +179,7 @@ static void push_response_headers(lua_State *L, const struct growbuf *g) {
         const char *eol = memchr(p, '\n', (size_t)(end - p));
         if (eol == NULL) eol = end;
         const char *colon = memchr(p, ':', (size_t)(eol - p));
-        if (colon && memcmp(p, "HTTP/", 5) != 0) {
+        if (colon && !(eol - p >= 5 && memcmp(p, "HTTP/", 5) == 0)) {
             luaL_Buffer b;
             luaL_buffinit(L, &b);
             for (const char *q = p; q < colon; q++) luaL_addchar(&b, (char)(*q >= 'A' && *q <= 'Z' ? *q + 32 : *q));
@@ -207,6 +207,8 @@ static void push_response_headers(lua_State *L, const struct growbuf *g) {
  *              connect_timeout=seconds, timeout=seconds, max_body=bytes,
  *              where="dms" }
  *   -> {status=, headers=, body=}  |  nil, err (kind "connection")
+ * Response header names are lower-cased (res.headers["x-amzn-requestid"]);
+ * repeated headers are joined with ", ". Timeouts are in seconds.
  */
 static int aws_request_call(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
