@@ -343,6 +343,14 @@ static void split_url(lua_State *L, const char *url) {
  * aws.sign{ method=, url= | host=,path=,query=, headers=, body=, region=,
  *           service=, access_key=, secret_key=, session_token=, time=,
  *           signed_headers= } -> result table
+ * The path is taken as the bytes sent on the wire and encoded once more, as
+ * SigV4 wants for every service but S3. time ("20150830T123600Z") defaults to
+ * now. signed_headers ("host;x-amz-date") restricts the canonical headers to
+ * that list: the verifying side passes what the client declared. The result:
+ * headers (the caller's plus Host, X-Amz-Date, X-Amz-Security-Token and
+ * Authorization, ready to send), authorization, canonical_request,
+ * string_to_sign, signature, signed_headers, credential_scope, payload_hash,
+ * amz_date.
  */
 int migrun_aws_sign(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);

@@ -37,7 +37,11 @@ M.LOG_COMPONENTS = {
 M.DEFAULT_LOB_MAX_KB = 32       -- DMS's own LobMaxSize default
 M.MAX_LOB_MAX_KB = 102400       -- the largest LobMaxSize DMS recommends (100 MB)
 -- lob-settings for tables whose LOBs must not be truncated: the runbook's form
--- (full LOB mode for that table only). Callers may pass their own.
+-- (mode "unlimited" = full LOB mode for that table only, bulk-max-size "64").
+-- dms-api.md §3.2 notes that a nonzero bulk-max-size with "unlimited" is
+-- documented as "combination mode" for Db2/SAP ASE sources only, and that 0
+-- means plain full LOB mode; pass strict_lob = {mode = "unlimited",
+-- bulk_max_kb = 0} to table_mappings/replication_task to choose that instead.
 M.STRICT_LOB_SETTINGS = { mode = "unlimited", bulk_max_kb = 64 }
 
 local function check_group(g)
