@@ -2,3 +2,4 @@
  * Included with MIGRUN_MODULE defined by the includer (X-macro). */
 MIGRUN_MODULE("migrun.error", luaopen_migrun_error)
 MIGRUN_MODULE("migrun.lsn", luaopen_migrun_lsn)
+MIGRUN_MODULE("migrun.proc", luaopen_migrun_proc)

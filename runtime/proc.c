@@ -1,0 +1,1154 @@
+/*
+ * migrun.proc: child processes without a shell. A Process handle owns one or
+ * more stages (one for spawn, several for a pipeline) started from argv arrays
+ * in a process group of their own, their output streams (captured into
+ * strings, sent to a file, or delivered line by line to a Lua function) and
+ * the stdin data fed to them. One poll loop ("pump") serves every live handle
+ * at once, so a child writing to both streams, or many children at once, never
+ * deadlock on a full pipe whichever handle the script is waiting for. Child
+ * exit is watched through pidfds; every child is reaped, and a handle that is
+ * closed or collected while its process runs kills the process group first.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "migrun.h"
+
+#define PROC_MT "migrun.proc.Process"
+#define ACTIVE_KEY "migrun.proc.active"
+
+extern char **environ;
+
+enum { OUT_INHERIT, OUT_NULL, OUT_FILE, OUT_CAPTURE, OUT_LINES, OUT_MERGE };
+
+/* user value slots of a Process userdata */
+enum { UV_STDOUT_FN = 1, UV_STDERR_FN, UV_STDIN_DATA, UV_COMMAND, UV_STDOUT, UV_STDERR, UV_COUNT = UV_STDERR };
+
+typedef struct {
+    int mode;
+    int fd;       /* parent's read end of the pipe, -1 once at EOF or closed */
+    int child_fd; /* for OUT_FILE/OUT_NULL: what the child gets; closed after spawn */
+    char *buf;    /* captured bytes, or the partial line for OUT_LINES */
+    size_t len, cap;
+} Stream;
+
+typedef struct {
+    pid_t pid;
+    int pidfd;
+    int reaped;
+    int status; /* as from waitpid */
+} Stage;
+
+typedef struct Process {
+    int closed;
+    int finished;       /* every stage reaped and the streams drained */
+    int nstages;
+    Stage *stages;
+    pid_t pgid;
+    Stream out, err;
+    int in_fd;          /* write end of the child's stdin, -1 when done */
+    const char *in_data;
+    size_t in_len, in_off;
+    int failed_stage;   /* the stage whose failure decides the result, -1 if none */
+    struct Process *next, *prev;
+} Process;
+
+static Process *active_head = NULL; /* started and not yet finalized */
+static int in_callback = 0;         /* a line callback is running */
+
+/* ---- small helpers ------------------------------------------------------ */
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static int pidfd_open(pid_t pid) {
+    return (int)syscall(SYS_pidfd_open, pid, 0);
+}
+
+static void buf_append(Stream *s, const char *data, size_t n) {
+    if (s->len + n > s->cap) {
+        size_t cap = s->cap ? s->cap : 4096;
+        while (cap < s->len + n)
+            cap *= 2;
+        char *nb = realloc(s->buf, cap);
+        if (nb == NULL)
+            abort(); /* out of memory while capturing: nothing sensible to do */
+        s->buf = nb;
+        s->cap = cap;
+    }
+    memcpy(s->buf + s->len, data, n);
+    s->len += n;
+}
+
+static void close_fd(int *fd) {
+    if (*fd >= 0) {
+        close(*fd);
+        *fd = -1;
+    }
+}
+
+static int is_safe_word(const char *s) {
+    if (*s == '\0')
+        return 0;
+    for (; *s; s++)
+        if (!strchr("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_@%+=:,./-", *s))
+            return 0;
+    return 1;
+}
+
+/* Appends argv (a table at idx) to b in shell-quoted, printable form. */
+static void quote_argv(lua_State *L, luaL_Buffer *b, int idx) {
+    lua_Integer n = luaL_len(L, idx);
+    for (lua_Integer i = 1; i <= n; i++) {
+        lua_geti(L, idx, i);
+        const char *a = lua_tostring(L, -1);
+        lua_pop(L, 1); /* the argv table keeps the string alive */
+        if (i > 1)
+            luaL_addchar(b, ' ');
+        if (is_safe_word(a)) {
+            luaL_addstring(b, a);
+            continue;
+        }
+        luaL_addchar(b, '\'');
+        for (; *a; a++) {
+            if (*a == '\'')
+                luaL_addstring(b, "'\\''");
+            else
+                luaL_addchar(b, *a);
+        }
+        luaL_addchar(b, '\'');
+    }
+}
+
+/* proc.quote(argv) -> "pg_dump -t 'my table'" */
+static int proc_quote(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    quote_argv(L, &b, 1);
+    luaL_pushresult(&b);
+    return 1;
+}
+
+static const struct { const char *name; int sig; } signames[] = {
+    {"TERM", SIGTERM}, {"KILL", SIGKILL}, {"INT", SIGINT},   {"HUP", SIGHUP},
+    {"QUIT", SIGQUIT}, {"USR1", SIGUSR1}, {"USR2", SIGUSR2}, {"STOP", SIGSTOP},
+    {"CONT", SIGCONT}, {"PIPE", SIGPIPE}, {"ALRM", SIGALRM}, {NULL, 0},
+};
+
+static int check_signal(lua_State *L, int idx) {
+    if (lua_isnoneornil(L, idx))
+        return SIGTERM;
+    if (lua_type(L, idx) == LUA_TNUMBER)
+        return (int)luaL_checkinteger(L, idx);
+    const char *name = luaL_checkstring(L, idx);
+    if (strncmp(name, "SIG", 3) == 0)
+        name += 3;
+    for (int i = 0; signames[i].name; i++)
+        if (strcmp(signames[i].name, name) == 0)
+            return signames[i].sig;
+    return luaL_argerror(L, idx, lua_pushfstring(L, "unknown signal '%s'", name));
+}
+
+/* ---- the active registry -------------------------------------------------
+ * registry[ACTIVE_KEY][lightuserdata p] = userdata: keeps a running process's
+ * handle (and its callbacks) alive until it is finished, so its output keeps
+ * being read even when the script dropped its last reference. */
+
+static void active_table(lua_State *L) {
+    if (lua_getfield(L, LUA_REGISTRYINDEX, ACTIVE_KEY) != LUA_TTABLE) {
+        lua_pop(L, 1);
+        lua_newtable(L);
+        lua_pushvalue(L, -1);
+        lua_setfield(L, LUA_REGISTRYINDEX, ACTIVE_KEY);
+    }
+}
+
+static void active_add(lua_State *L, Process *p, int ud) {
+    ud = lua_absindex(L, ud);
+    active_table(L);
+    lua_pushlightuserdata(L, p);
+    lua_pushvalue(L, ud);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+    p->prev = NULL;
+    p->next = active_head;
+    if (active_head)
+        active_head->prev = p;
+    active_head = p;
+}
+
+static int active_contains(Process *p) {
+    for (Process *q = active_head; q; q = q->next)
+        if (q == p)
+            return 1;
+    return 0;
+}
+
+static void active_remove(lua_State *L, Process *p) {
+    if (!active_contains(p))
+        return;
+    if (p->prev)
+        p->prev->next = p->next;
+    else
+        active_head = p->next;
+    if (p->next)
+        p->next->prev = p->prev;
+    p->next = p->prev = NULL;
+    if (L != NULL) {
+        active_table(L);
+        lua_pushlightuserdata(L, p);
+        lua_pushnil(L);
+        lua_rawset(L, -3);
+        lua_pop(L, 1);
+    }
+}
+
+/* Pushes the userdata of an active process (or nil). */
+static void push_active(lua_State *L, Process *p) {
+    active_table(L);
+    lua_pushlightuserdata(L, p);
+    lua_rawget(L, -2);
+    lua_remove(L, -2);
+}
+
+/* ---- reading, writing and reaping --------------------------------------- */
+
+static void deliver_lines(lua_State *L, Process *p, Stream *s, int uv, int at_eof) {
+    size_t start = 0;
+    for (;;) {
+        char *nl = memchr(s->buf + start, '\n', s->len - start);
+        size_t end = nl ? (size_t)(nl - s->buf) : s->len;
+        if (nl == NULL && !(at_eof && end > start))
+            break;
+        push_active(L, p);
+        lua_getiuservalue(L, -1, uv); /* ud fn */
+        lua_remove(L, -2);
+        lua_pushlstring(L, s->buf + start, end - start);
+        in_callback = 1;
+        int status = lua_pcall(L, 1, 0, 0);
+        in_callback = 0;
+        start = nl ? end + 1 : s->len;
+        if (status != LUA_OK) {
+            memmove(s->buf, s->buf + start, s->len - start);
+            s->len -= start;
+            lua_error(L); /* the callback's error, after the buffer is consistent */
+        }
+    }
+    memmove(s->buf, s->buf + start, s->len - start);
+    s->len -= start;
+}
+
+/* Reads what is available on a stream; returns 0 at EOF. */
+static int read_stream(lua_State *L, Process *p, Stream *s, int uv) {
+    char chunk[65536];
+    for (;;) {
+        ssize_t n = read(s->fd, chunk, sizeof chunk);
+        if (n > 0) {
+            buf_append(s, chunk, (size_t)n);
+            if (s->mode == OUT_LINES)
+                deliver_lines(L, p, s, uv, 0);
+            if ((size_t)n < sizeof chunk)
+                return 1;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN)
+            return 1;
+        close_fd(&s->fd); /* EOF or error */
+        if (s->mode == OUT_LINES)
+            deliver_lines(L, p, s, uv, 1);
+        return 0;
+    }
+}
+
+static void write_stdin(Process *p) {
+    while (p->in_fd >= 0 && p->in_off < p->in_len) {
+        ssize_t n = write(p->in_fd, p->in_data + p->in_off, p->in_len - p->in_off);
+        if (n > 0)
+            p->in_off += (size_t)n;
+        else if (n < 0 && errno == EINTR)
+            continue;
+        else if (n < 0 && errno == EAGAIN)
+            return;
+        else
+            break; /* EPIPE: the child stopped reading */
+    }
+    close_fd(&p->in_fd);
+}
+
+static int stage_failed(const Stage *s) {
+    return !(WIFEXITED(s->status) && WEXITSTATUS(s->status) == 0);
+}
+
+static void reap_stage(Process *p, int i) {
+    Stage *s = &p->stages[i];
+    if (s->reaped)
+        return;
+    pid_t r;
+    do
+        r = waitpid(s->pid, &s->status, WNOHANG);
+    while (r < 0 && errno == EINTR);
+    if (r == 0)
+        return;
+    if (r < 0)
+        s->status = 0; /* already reaped by someone else: nothing to report */
+    s->reaped = 1;
+    close_fd(&s->pidfd);
+    if (stage_failed(s) && p->failed_stage < 0) {
+        p->failed_stage = i;
+        /* pipefail: a failed stage must not leave the others hanging */
+        if (p->nstages > 1)
+            kill(-p->pgid, SIGTERM);
+    }
+}
+
+static int all_reaped(Process *p) {
+    for (int i = 0; i < p->nstages; i++)
+        if (!p->stages[i].reaped)
+            return 0;
+    return 1;
+}
+
+/* After every stage exited: read what is left in the pipes without waiting for
+ * an EOF that a grandchild (a daemon that inherited stdout) could hold off. */
+static void drain_and_close(lua_State *L, Process *p) {
+    Stream *streams[2] = {&p->out, &p->err};
+    for (int k = 0; k < 2; k++) {
+        Stream *s = streams[k];
+        if (s->fd >= 0 && read_stream(L, p, s, k == 0 ? UV_STDOUT_FN : UV_STDERR_FN))
+            close_fd(&s->fd);
+        if (s->mode == OUT_LINES && s->len > 0)
+            deliver_lines(L, p, s, k == 0 ? UV_STDOUT_FN : UV_STDERR_FN, 1);
+    }
+    close_fd(&p->in_fd);
+}
+
+/* Marks a process finished: captured output becomes strings in user values. */
+static void finish(lua_State *L, Process *p) {
+    if (p->finished)
+        return;
+    drain_and_close(L, p);
+    p->finished = 1;
+    push_active(L, p);
+    if (!lua_isnil(L, -1)) {
+        Stream *streams[2] = {&p->out, &p->err};
+        for (int k = 0; k < 2; k++) {
+            if (streams[k]->mode == OUT_CAPTURE) {
+                lua_pushlstring(L, streams[k]->buf ? streams[k]->buf : "", streams[k]->len);
+                lua_setiuservalue(L, -2, k == 0 ? UV_STDOUT : UV_STDERR);
+            }
+            free(streams[k]->buf);
+            streams[k]->buf = NULL;
+            streams[k]->len = streams[k]->cap = 0;
+        }
+    }
+    lua_pop(L, 1);
+    active_remove(L, p);
+}
+
+/*
+ * One round of the poll loop over every active process: feeds stdin, reads
+ * output, reaps children. Waits at most timeout_ms (-1: until something
+ * happens). Raises on Ctrl-C.
+ */
+static void pump(lua_State *L, int timeout_ms) {
+    int n = 0;
+    for (Process *p = active_head; p; p = p->next)
+        n += p->nstages + 3;
+    if (n == 0)
+        return;
+    struct pollfd *fds = lua_newuserdatauv(L, sizeof *fds * (size_t)n, 0);
+    Process **owner = lua_newuserdatauv(L, sizeof *owner * (size_t)n, 0); /* fds owner */
+    int k = 0;
+    for (Process *p = active_head; p; p = p->next) {
+        for (int i = 0; i < p->nstages; i++)
+            if (!p->stages[i].reaped) {
+                owner[k] = p;
+                fds[k++] = (struct pollfd){p->stages[i].pidfd, POLLIN, 0};
+            }
+        if (p->out.fd >= 0) {
+            owner[k] = p;
+            fds[k++] = (struct pollfd){p->out.fd, POLLIN, 0};
+        }
+        if (p->err.fd >= 0) {
+            owner[k] = p;
+            fds[k++] = (struct pollfd){p->err.fd, POLLIN, 0};
+        }
+        if (p->in_fd >= 0) {
+            owner[k] = p;
+            fds[k++] = (struct pollfd){p->in_fd, POLLOUT, 0};
+        }
+    }
+    int r = poll(fds, (nfds_t)k, timeout_ms);
+    if (r < 0 && errno != EINTR)
+        luaL_error(L, "poll failed: %s", strerror(errno));
+    migrun_check_interrupt(L);
+    for (int j = 0; r > 0 && j < k; j++) {
+        if (fds[j].revents == 0)
+            continue;
+        Process *p = owner[j];
+        if (p->closed || !active_contains(p))
+            continue; /* closed by a callback during this round */
+        int fd = fds[j].fd;
+        if (fd == p->out.fd)
+            read_stream(L, p, &p->out, UV_STDOUT_FN);
+        else if (fd == p->err.fd)
+            read_stream(L, p, &p->err, UV_STDERR_FN);
+        else if (fd == p->in_fd)
+            write_stdin(p);
+        else
+            for (int i = 0; i < p->nstages; i++)
+                if (p->stages[i].pidfd == fd)
+                    reap_stage(p, i);
+    }
+    lua_pop(L, 2);
+    /* finalize outside the event loop, so no Process above is collected mid-round */
+    Process *p = active_head;
+    while (p) {
+        Process *next = p->next;
+        if (!p->closed && all_reaped(p))
+            finish(L, p);
+        p = next;
+    }
+}
+
+/* ---- results ------------------------------------------------------------ */
+
+/* Pushes true|nil, "exit"|"signal", code for a stage status (as os.execute). */
+static int push_status(lua_State *L, int status) {
+    if (WIFSIGNALED(status)) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "signal");
+        lua_pushinteger(L, WTERMSIG(status));
+        return 3;
+    }
+    int code = WIFEXITED(status) ? WEXITSTATUS(status) : 255;
+    if (code == 0)
+        lua_pushboolean(L, 1);
+    else
+        lua_pushnil(L);
+    lua_pushliteral(L, "exit");
+    lua_pushinteger(L, code);
+    return 3;
+}
+
+static int push_result(lua_State *L, Process *p) {
+    int decisive = p->failed_stage >= 0 ? p->failed_stage : p->nstages - 1;
+    return push_status(L, p->stages[decisive].status);
+}
+
+/* ---- closing -------------------------------------------------------------- */
+
+static int wait_pidfds(Process *p, int timeout_ms) {
+    double deadline = now_s() + timeout_ms / 1000.0;
+    for (;;) {
+        for (int i = 0; i < p->nstages; i++)
+            reap_stage(p, i);
+        if (all_reaped(p))
+            return 1;
+        int left = (int)((deadline - now_s()) * 1000);
+        if (left <= 0)
+            return 0;
+        struct pollfd fds[64];
+        int k = 0;
+        for (int i = 0; i < p->nstages && k < 64; i++)
+            if (!p->stages[i].reaped)
+                fds[k++] = (struct pollfd){p->stages[i].pidfd, POLLIN, 0};
+        poll(fds, (nfds_t)k, left > 50 ? 50 : left);
+    }
+}
+
+/* Kills what still runs (TERM, then KILL after a grace period), reaps, frees. */
+static void process_release(lua_State *L, Process *p) {
+    if (p->closed)
+        return;
+    p->closed = 1; /* marked closed before anything is released */
+    if (!all_reaped(p)) {
+        kill(-p->pgid, SIGTERM);
+        if (!wait_pidfds(p, 2000)) {
+            kill(-p->pgid, SIGKILL);
+            for (int i = 0; i < p->nstages; i++)
+                if (!p->stages[i].reaped) {
+                    while (waitpid(p->stages[i].pid, &p->stages[i].status, 0) < 0 && errno == EINTR)
+                        ;
+                    p->stages[i].reaped = 1;
+                }
+        }
+    }
+    for (int i = 0; i < p->nstages; i++)
+        close_fd(&p->stages[i].pidfd);
+    close_fd(&p->out.fd);
+    close_fd(&p->err.fd);
+    close_fd(&p->in_fd);
+    free(p->out.buf);
+    free(p->err.buf);
+    p->out.buf = p->err.buf = NULL;
+    free(p->stages);
+    p->stages = NULL;
+    p->nstages = 0;
+    active_remove(L, p);
+}
+
+static Process *check_process(lua_State *L, int idx) {
+    Process *p = luaL_checkudata(L, idx, PROC_MT);
+    if (p->closed)
+        luaL_error(L, "attempt to use a closed process handle");
+    return p;
+}
+
+static int proc_gc(lua_State *L) {
+    Process *p = luaL_checkudata(L, 1, PROC_MT);
+    /* at lua_close the registry may already be gone: do not touch it then */
+    process_release(active_contains(p) ? L : NULL, p);
+    return 0;
+}
+
+/* h:close(): idempotent; kills and reaps a process that still runs */
+static int proc_close(lua_State *L) {
+    Process *p = luaL_checkudata(L, 1, PROC_MT);
+    if (in_callback && !p->closed)
+        return luaL_error(L, "cannot close a process from inside an output callback");
+    process_release(L, p);
+    return 0;
+}
+
+/* ---- spawning ------------------------------------------------------------- */
+
+typedef struct {
+    int err;   /* errno */
+    int stage;
+    char what[32];
+} ExecFailure;
+
+/* Parses an output spec at idx into s (parent side). Returns 0 or raises. */
+static void parse_output(lua_State *L, int spec, const char *key, Stream *s, int uv, int ud,
+                         int allow_merge) {
+    s->fd = s->child_fd = -1;
+    s->mode = OUT_INHERIT;
+    int t = lua_getfield(L, spec, key);
+    if (t == LUA_TNIL) {
+        /* inherit */
+    } else if (t == LUA_TSTRING) {
+        const char *m = lua_tostring(L, -1);
+        if (strcmp(m, "capture") == 0)
+            s->mode = OUT_CAPTURE;
+        else if (strcmp(m, "null") == 0)
+            s->mode = OUT_NULL;
+        else if (strcmp(m, "inherit") == 0)
+            s->mode = OUT_INHERIT;
+        else if (allow_merge && strcmp(m, "stdout") == 0)
+            s->mode = OUT_MERGE;
+        else
+            luaL_error(L, "bad %s: expected \"capture\", \"null\", \"inherit\"%s, a function or "
+                          "{file=path}, got \"%s\"", key, allow_merge ? ", \"stdout\"" : "", m);
+    } else if (t == LUA_TFUNCTION) {
+        s->mode = OUT_LINES;
+        lua_pushvalue(L, -1);
+        lua_setiuservalue(L, ud, uv);
+    } else if (t == LUA_TTABLE) {
+        s->mode = OUT_FILE;
+        if (lua_getfield(L, -1, "file") != LUA_TSTRING)
+            luaL_error(L, "bad %s: {file = path} needs a path string", key);
+        lua_getfield(L, -2, "append");
+        int append = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+        const char *path = lua_tostring(L, -1);
+        s->child_fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC | (append ? O_APPEND : O_TRUNC), 0640);
+        if (s->child_fd < 0)
+            luaL_error(L, "cannot open %s for %s: %s", path, key, strerror(errno));
+        lua_pop(L, 1);
+    } else if (t == LUA_TUSERDATA && luaL_testudata(L, -1, LUA_FILEHANDLE)) {
+        luaL_Stream *fh = lua_touserdata(L, -1);
+        if (fh->closef == NULL)
+            luaL_error(L, "bad %s: the file is closed", key);
+        fflush(fh->f);
+        s->mode = OUT_FILE;
+        s->child_fd = fcntl(fileno(fh->f), F_DUPFD_CLOEXEC, 3);
+    } else {
+        luaL_error(L, "bad %s: %s not supported", key, luaL_typename(L, -1));
+    }
+    lua_pop(L, 1);
+    if (s->mode == OUT_NULL && (s->child_fd = open("/dev/null", O_WRONLY | O_CLOEXEC)) < 0)
+        luaL_error(L, "cannot open /dev/null: %s", strerror(errno));
+}
+
+/* Builds a NULL-terminated char* array from the argv table at idx. Leaves two
+ * values on the stack: the array and a table anchoring the argument strings. */
+static char **build_argv(lua_State *L, int idx, int stage) {
+    idx = lua_absindex(L, idx);
+    lua_Integer n = luaL_len(L, idx);
+    if (n < 1)
+        luaL_error(L, "stage %d: argv is empty (expected {\"program\", args...})", stage);
+    char **argv = lua_newuserdatauv(L, sizeof(char *) * (size_t)(n + 1), 0);
+    lua_createtable(L, (int)n, 0); /* argv anchor */
+    for (lua_Integer i = 1; i <= n; i++) {
+        int t = lua_geti(L, idx, i);
+        if (t != LUA_TSTRING && t != LUA_TNUMBER)
+            luaL_error(L, "stage %d: argv[%d] is a %s, expected a string", stage, (int)i,
+                       lua_typename(L, t));
+        argv[i - 1] = (char *)lua_tostring(L, -1);
+        lua_rawseti(L, -2, i);
+    }
+    argv[n] = NULL;
+    return argv;
+}
+
+/* envp: the inherited environment with spec.env applied (false removes). */
+static char **build_env(lua_State *L, int spec) {
+    if (lua_getfield(L, spec, "env") == LUA_TNIL) {
+        lua_pop(L, 1);
+        return environ;
+    }
+    luaL_checktype(L, -1, LUA_TTABLE);
+    int envt = lua_gettop(L);
+    size_t n = 0;
+    for (char **e = environ; *e; e++)
+        n++;
+    lua_pushnil(L);
+    while (lua_next(L, envt)) {
+        n++;
+        lua_pop(L, 1);
+    }
+    char **envp = lua_newuserdatauv(L, sizeof(char *) * (n + 1), 0);
+    int envp_idx = lua_gettop(L);
+    lua_newtable(L); /* keeps the "K=V" strings alive */
+    int keep = lua_gettop(L);
+    size_t k = 0;
+    for (char **e = environ; *e; e++) {
+        const char *eq = strchr(*e, '=');
+        if (eq) {
+            lua_pushlstring(L, *e, (size_t)(eq - *e));
+            int overridden = lua_rawget(L, envt) != LUA_TNIL;
+            lua_pop(L, 1);
+            if (overridden)
+                continue;
+        }
+        envp[k++] = *e;
+    }
+    lua_pushnil(L);
+    while (lua_next(L, envt)) {
+        if (lua_type(L, -2) != LUA_TSTRING)
+            luaL_error(L, "bad env: keys must be strings");
+        if (lua_toboolean(L, -1) || lua_type(L, -1) != LUA_TBOOLEAN) {
+            if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
+                luaL_error(L, "bad env.%s: expected a string or false", lua_tostring(L, -2));
+            lua_pushfstring(L, "%s=%s", lua_tostring(L, -2), lua_tostring(L, -1));
+            envp[k++] = (char *)lua_tostring(L, -1);
+            lua_rawseti(L, keep, (lua_Integer)k);
+        }
+        lua_pop(L, 1);
+    }
+    envp[k] = NULL;
+    /* leave envp userdata and keep table on the stack, under the env table */
+    lua_remove(L, envt); /* envp keep */
+    (void)envp_idx;
+    return envp;
+}
+
+static void child_fail(int errfd, int stage, const char *what) {
+    ExecFailure f = {errno, stage, {0}};
+    strncpy(f.what, what, sizeof f.what - 1);
+    ssize_t w = write(errfd, &f, sizeof f);
+    (void)w;
+    _exit(127);
+}
+
+/*
+ * Starts a Process from spec at idx: either one argv (spec[1] is a string) or
+ * a pipeline (spec[1] is a table). Pushes the handle or nil, err.
+ */
+static int start(lua_State *L, int spec, int pipeline) {
+    luaL_checktype(L, spec, LUA_TTABLE);
+    int nstages = 1;
+    if (pipeline) {
+        nstages = (int)luaL_len(L, spec);
+        if (nstages < 1)
+            return luaL_error(L, "pipeline needs at least one stage");
+        for (int i = 1; i <= nstages; i++)
+            if (lua_geti(L, spec, i) != LUA_TTABLE)
+                return luaL_error(L, "pipeline stage %d is not an argv table", i);
+            else
+                lua_pop(L, 1);
+    } else if (lua_geti(L, spec, 1) != LUA_TSTRING) {
+        return luaL_error(L, "spawn expects {\"program\", args..., options}, got %s as the program",
+                          luaL_typename(L, -1));
+    } else {
+        lua_pop(L, 1);
+    }
+
+    /* the handle is born closed, with its metatable, before anything is opened */
+    Process *p = lua_newuserdatauv(L, sizeof *p, UV_COUNT); /* ud */
+    memset(p, 0, sizeof *p);
+    p->closed = 1;
+    p->in_fd = p->out.fd = p->err.fd = p->out.child_fd = p->err.child_fd = -1;
+    p->failed_stage = -1;
+    luaL_setmetatable(L, PROC_MT);
+    int ud = lua_gettop(L);
+
+    /* printable command line, never the environment */
+    int parts = 0;
+    for (int i = 1; i <= nstages; i++) {
+        if (i > 1) {
+            lua_pushliteral(L, " | ");
+            parts++;
+        }
+        if (pipeline)
+            lua_geti(L, spec, i);
+        else
+            lua_pushvalue(L, spec);
+        int argv_idx = lua_gettop(L);
+        luaL_Buffer b;
+        luaL_buffinit(L, &b);
+        quote_argv(L, &b, argv_idx);
+        luaL_pushresult(&b);
+        lua_remove(L, argv_idx);
+        parts++;
+    }
+    lua_concat(L, parts);
+    lua_setiuservalue(L, ud, UV_COMMAND);
+
+    parse_output(L, spec, "stdout", &p->out, UV_STDOUT_FN, ud, 0);
+    parse_output(L, spec, "stderr", &p->err, UV_STDERR_FN, ud, 1);
+
+    int in_child = -1, in_mode = 0; /* 0 inherit, 1 null, 2 data */
+    switch (lua_getfield(L, spec, "stdin")) {
+    case LUA_TNIL:
+        break;
+    case LUA_TBOOLEAN:
+        if (lua_toboolean(L, -1))
+            luaL_error(L, "bad stdin: expected a string (data), false (/dev/null) or {file=path}");
+        in_mode = 1;
+        break;
+    case LUA_TSTRING:
+        in_mode = 2;
+        lua_pushvalue(L, -1);
+        lua_setiuservalue(L, ud, UV_STDIN_DATA);
+        p->in_data = lua_tolstring(L, -1, &p->in_len);
+        break;
+    case LUA_TTABLE:
+        if (lua_getfield(L, -1, "file") != LUA_TSTRING)
+            luaL_error(L, "bad stdin: {file = path} needs a path string");
+        in_child = open(lua_tostring(L, -1), O_RDONLY | O_CLOEXEC);
+        if (in_child < 0)
+            luaL_error(L, "cannot open %s for stdin: %s", lua_tostring(L, -1), strerror(errno));
+        lua_pop(L, 1);
+        break;
+    default:
+        luaL_error(L, "bad stdin: %s not supported", luaL_typename(L, -1));
+    }
+    lua_pop(L, 1);
+    if (in_mode == 1 && (in_child = open("/dev/null", O_RDONLY | O_CLOEXEC)) < 0)
+        luaL_error(L, "cannot open /dev/null: %s", strerror(errno));
+
+    const char *cwd = NULL;
+    if (lua_getfield(L, spec, "cwd") != LUA_TNIL)
+        cwd = luaL_checkstring(L, -1); /* stays on the stack */
+    char **envp = build_env(L, spec);  /* leaves its storage on the stack */
+
+    char ***argvs = lua_newuserdatauv(L, sizeof(char **) * (size_t)nstages, 0);
+    for (int i = 0; i < nstages; i++) {
+        if (pipeline) {
+            lua_geti(L, spec, i + 1);
+            argvs[i] = build_argv(L, -1, i + 1); /* stage array anchor stay on the stack */
+        } else {
+            argvs[i] = build_argv(L, spec, 1);
+        }
+    }
+
+    /* pipes: the parent's ends are non-blocking and close-on-exec */
+    int out_pipe[2] = {-1, -1}, err_pipe[2] = {-1, -1}, in_pipe[2] = {-1, -1}, errp[2];
+    if ((p->out.mode == OUT_CAPTURE || p->out.mode == OUT_LINES) && pipe2(out_pipe, O_CLOEXEC) < 0)
+        goto sys_fail;
+    if ((p->err.mode == OUT_CAPTURE || p->err.mode == OUT_LINES) && pipe2(err_pipe, O_CLOEXEC) < 0)
+        goto sys_fail;
+    if (in_mode == 2 && pipe2(in_pipe, O_CLOEXEC) < 0)
+        goto sys_fail;
+    if (pipe2(errp, O_CLOEXEC) < 0)
+        goto sys_fail;
+
+    p->stages = calloc((size_t)nstages, sizeof(Stage));
+    if (p->stages == NULL)
+        return luaL_error(L, "out of memory");
+    p->nstages = 0;
+    p->closed = 0; /* from here on the closer owns what was opened */
+    p->out.fd = out_pipe[0];
+    p->err.fd = err_pipe[0];
+    p->in_fd = in_pipe[1];
+
+    int prev_read = -1;
+    for (int i = 0; i < nstages; i++) {
+        int link[2] = {-1, -1};
+        if (i < nstages - 1 && pipe2(link, O_CLOEXEC) < 0) {
+            close_fd(&prev_read);
+            goto spawn_fail_errno;
+        }
+        pid_t pid = fork();
+        if (pid < 0) {
+            close_fd(&prev_read);
+            close_fd(&link[0]);
+            close_fd(&link[1]);
+            goto spawn_fail_errno;
+        }
+        if (pid == 0) {
+            /* child: only async-signal-safe calls from here */
+            setpgid(0, i == 0 ? 0 : p->pgid);
+            signal(SIGPIPE, SIG_DFL);
+            signal(SIGINT, SIG_DFL);
+            sigset_t none;
+            sigemptyset(&none);
+            sigprocmask(SIG_SETMASK, &none, NULL);
+            int fd_in = i == 0 ? (in_mode == 2 ? in_pipe[0] : in_child) : prev_read;
+            int fd_out = i < nstages - 1 ? link[1]
+                         : p->out.mode == OUT_CAPTURE || p->out.mode == OUT_LINES ? out_pipe[1]
+                                                                                  : p->out.child_fd;
+            int fd_err = p->err.mode == OUT_CAPTURE || p->err.mode == OUT_LINES ? err_pipe[1]
+                                                                                : p->err.child_fd;
+            if (fd_in >= 0 && dup2(fd_in, 0) < 0)
+                child_fail(errp[1], i, "dup2");
+            if (fd_out >= 0 && dup2(fd_out, 1) < 0)
+                child_fail(errp[1], i, "dup2");
+            if (p->err.mode == OUT_MERGE) {
+                if (dup2(1, 2) < 0)
+                    child_fail(errp[1], i, "dup2");
+            } else if (fd_err >= 0 && dup2(fd_err, 2) < 0) {
+                child_fail(errp[1], i, "dup2");
+            }
+            if (cwd && chdir(cwd) < 0)
+                child_fail(errp[1], i, "chdir");
+            environ = envp;
+            execvp(argvs[i][0], argvs[i]);
+            child_fail(errp[1], i, "exec");
+        }
+        if (i == 0)
+            p->pgid = pid;
+        setpgid(pid, p->pgid); /* also in the parent: no race with kill(-pgid) */
+        p->stages[i].pid = pid;
+        p->stages[i].pidfd = pidfd_open(pid);
+        p->nstages = i + 1;
+        close_fd(&prev_read);
+        close_fd(&link[1]);
+        prev_read = link[0];
+        if (p->stages[i].pidfd < 0)
+            goto spawn_fail_errno;
+    }
+    close_fd(&out_pipe[1]);
+    close_fd(&err_pipe[1]);
+    close_fd(&in_pipe[0]);
+    close_fd(&in_child);
+    close_fd(&p->out.child_fd);
+    close_fd(&p->err.child_fd);
+    close_fd(&errp[1]);
+
+    /* did every exec succeed? the error pipe closes on exec, or carries errno */
+    ExecFailure f;
+    ssize_t got;
+    do
+        got = read(errp[0], &f, sizeof f);
+    while (got < 0 && errno == EINTR);
+    close(errp[0]);
+    if (p->out.fd >= 0)
+        fcntl(p->out.fd, F_SETFL, O_NONBLOCK);
+    if (p->err.fd >= 0)
+        fcntl(p->err.fd, F_SETFL, O_NONBLOCK);
+    if (p->in_fd >= 0)
+        fcntl(p->in_fd, F_SETFL, O_NONBLOCK);
+    if (got == (ssize_t)sizeof f) {
+        process_release(NULL, p);
+        const char *prog = argvs[f.stage][0];
+        const char *msg = strcmp(f.what, "chdir") == 0
+            ? lua_pushfstring(L, "cannot run %s: cannot change directory to %s: %s", prog, cwd,
+                              strerror(f.err))
+            : lua_pushfstring(L, "cannot run %s: %s", prog, strerror(f.err));
+        migrun_error_return(L, "spawn", NULL, NULL, msg);
+        migrun_setfield(L, -1, "program", prog);
+        lua_pushinteger(L, f.err);
+        lua_setfield(L, -2, "errno");
+        return 2;
+    }
+    if (p->in_len == 0)
+        close_fd(&p->in_fd); /* empty stdin data: EOF at once */
+    lua_settop(L, ud);
+    active_add(L, p, ud);
+    return 1;
+
+spawn_fail_errno: {
+    int e = errno;
+    close_fd(&out_pipe[1]);
+    close_fd(&err_pipe[1]);
+    close_fd(&in_pipe[0]);
+    close_fd(&in_child);
+    close_fd(&errp[0]);
+    close_fd(&errp[1]);
+    process_release(NULL, p);
+    return migrun_error_return(L, "spawn", argvs[0][0], NULL,
+                               lua_pushfstring(L, "cannot start %s: %s", argvs[0][0], strerror(e)));
+}
+sys_fail: {
+    int e = errno;
+    close_fd(&out_pipe[0]);
+    close_fd(&out_pipe[1]);
+    close_fd(&err_pipe[0]);
+    close_fd(&err_pipe[1]);
+    close_fd(&in_pipe[0]);
+    close_fd(&in_pipe[1]);
+    close_fd(&in_child);
+    close_fd(&p->out.child_fd);
+    close_fd(&p->err.child_fd);
+    return migrun_error_return(L, "spawn", NULL, NULL,
+                               lua_pushfstring(L, "cannot create pipes: %s", strerror(e)));
+}
+}
+
+/* proc.spawn{ argv..., env=, cwd=, stdin=, stdout=, stderr= } -> handle | nil, err */
+static int proc_spawn(lua_State *L) {
+    return start(L, 1, 0);
+}
+
+/* proc.pipeline{ {argv}, {argv}, ..., stdout=, stderr=, stdin=, env=, cwd= } */
+static int proc_pipeline(lua_State *L) {
+    return start(L, 1, 1);
+}
+
+/* Runs the poll loop until p finishes or the deadline passes. Returns 1 if finished. */
+static int wait_for(lua_State *L, Process **ps, int n, double timeout, int *which) {
+    if (in_callback)
+        luaL_error(L, "cannot wait from inside an output callback");
+    double deadline = timeout >= 0 ? now_s() + timeout : -1;
+    for (;;) {
+        for (int i = 0; i < n; i++)
+            if (ps[i]->finished) {
+                *which = i;
+                return 1;
+            }
+        int ms = -1;
+        if (deadline >= 0) {
+            double left = deadline - now_s();
+            if (left <= 0)
+                return 0;
+            ms = (int)(left * 1000) + 1;
+        }
+        pump(L, ms);
+    }
+}
+
+static double opt_timeout(lua_State *L, int idx) {
+    if (lua_isnoneornil(L, idx))
+        return -1;
+    double t = (double)luaL_checknumber(L, idx);
+    luaL_argcheck(L, t >= 0, idx, "timeout must not be negative");
+    return t;
+}
+
+/* h:wait([timeout_s]) -> true|nil, "exit"|"signal", code | nil, "timeout" */
+static int proc_wait(lua_State *L) {
+    Process *p = check_process(L, 1);
+    double timeout = opt_timeout(L, 2);
+    int which;
+    if (!wait_for(L, &p, 1, timeout, &which)) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "timeout");
+        return 2;
+    }
+    return push_result(L, p);
+}
+
+/* proc.wait_any(handles, [timeout]) -> handle, ok, how, code | nil, "timeout" */
+static int proc_wait_any(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    double timeout = opt_timeout(L, 2);
+    int n = (int)luaL_len(L, 1);
+    luaL_argcheck(L, n > 0, 1, "no handles to wait for");
+    Process **ps = lua_newuserdatauv(L, sizeof *ps * (size_t)n, 0);
+    for (int i = 0; i < n; i++) {
+        lua_geti(L, 1, i + 1);
+        ps[i] = check_process(L, -1);
+        lua_pop(L, 1);
+    }
+    int which;
+    if (!wait_for(L, ps, n, timeout, &which)) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "timeout");
+        return 2;
+    }
+    lua_geti(L, 1, which + 1);
+    return 1 + push_result(L, ps[which]);
+}
+
+/* h:kill([sig]) -> true | nil, err: signals the whole process group */
+static int proc_kill(lua_State *L) {
+    Process *p = check_process(L, 1);
+    int sig = check_signal(L, 2);
+    if (all_reaped(p) || p->finished) {
+        lua_pushboolean(L, 1); /* already gone: nothing to do */
+        return 1;
+    }
+    if (kill(-p->pgid, sig) < 0 && errno != ESRCH)
+        return migrun_error_return(L, "spawn", NULL, NULL, strerror(errno));
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* h:statuses() -> { {ok, how, code, pid}, ... } one per stage (after wait) */
+static int proc_statuses(lua_State *L) {
+    Process *p = check_process(L, 1);
+    lua_createtable(L, p->nstages, 0);
+    for (int i = 0; i < p->nstages; i++) {
+        lua_createtable(L, 0, 4);
+        if (p->stages[i].reaped) {
+            push_status(L, p->stages[i].status); /* t st ok how code */
+            lua_setfield(L, -4, "code");
+            lua_setfield(L, -3, "how");
+            lua_setfield(L, -2, "ok");
+        } else {
+            lua_pushliteral(L, "running");
+            lua_setfield(L, -2, "how");
+        }
+        lua_pushinteger(L, p->stages[i].pid);
+        lua_setfield(L, -2, "pid");
+        lua_seti(L, -2, i + 1);
+    }
+    return 1;
+}
+
+static int proc_command(lua_State *L) {
+    luaL_checkudata(L, 1, PROC_MT);
+    lua_getiuservalue(L, 1, UV_COMMAND);
+    return 1;
+}
+
+static int proc_tostring(lua_State *L) {
+    Process *p = luaL_checkudata(L, 1, PROC_MT);
+    lua_getiuservalue(L, 1, UV_COMMAND);
+    const char *cmd = lua_tostring(L, -1);
+    if (p->closed)
+        lua_pushfstring(L, PROC_MT " (closed): %s", cmd ? cmd : "");
+    else if (!p->finished)
+        lua_pushfstring(L, PROC_MT " (pid %d, running): %s", (int)p->pgid, cmd);
+    else {
+        push_result(L, p); /* ok how code */
+        lua_pushfstring(L, PROC_MT " (pid %d, %s %d): %s", (int)p->pgid, lua_tostring(L, -2),
+                        (int)lua_tointeger(L, -1), cmd);
+    }
+    return 1;
+}
+
+/* fields: pid, stdout, stderr, running; and the methods */
+static int proc_index(lua_State *L) {
+    Process *p = luaL_checkudata(L, 1, PROC_MT);
+    const char *key = luaL_checkstring(L, 2);
+    if (strcmp(key, "pid") == 0) {
+        lua_pushinteger(L, p->pgid);
+        return 1;
+    }
+    if (strcmp(key, "running") == 0) {
+        lua_pushboolean(L, !p->closed && !p->finished);
+        return 1;
+    }
+    if (strcmp(key, "stdout") == 0 || strcmp(key, "stderr") == 0) {
+        int out = key[3] == 'o';
+        Stream *s = out ? &p->out : &p->err;
+        if (p->finished) {
+            lua_getiuservalue(L, 1, out ? UV_STDOUT : UV_STDERR);
+        } else if (!p->closed && s->mode == OUT_CAPTURE) {
+            lua_pushlstring(L, s->buf ? s->buf : "", s->len); /* so far */
+        } else {
+            lua_pushnil(L);
+        }
+        return 1;
+    }
+    luaL_getmetatable(L, PROC_MT);
+    lua_getfield(L, -1, "methods");
+    lua_getfield(L, -1, key);
+    return 1;
+}
+
+/* proc.run{ argv..., timeout = s, ... } -> ok, how, code, stdout, stderr
+ * Output is captured unless the spec says otherwise; a timeout kills the group. */
+static int proc_run(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    double timeout = -1;
+    if (lua_getfield(L, 1, "timeout") != LUA_TNIL)
+        timeout = (double)luaL_checknumber(L, -1);
+    lua_pop(L, 1);
+    /* a shallow copy, so the caller's table is not changed */
+    lua_newtable(L);
+    lua_pushnil(L);
+    while (lua_next(L, 1)) {
+        lua_pushvalue(L, -2);
+        lua_insert(L, -2);
+        lua_rawset(L, 2);
+    }
+    const char *streams[] = {"stdout", "stderr"};
+    for (int i = 0; i < 2; i++)
+        if (lua_getfield(L, 2, streams[i]) == LUA_TNIL) {
+            lua_pushliteral(L, "capture");
+            lua_setfield(L, 2, streams[i]);
+        }
+    lua_settop(L, 2);
+    int nres = start(L, 2, 0);
+    if (nres == 2)
+        return 2; /* nil, err */
+    Process *p = lua_touserdata(L, -1);
+    int ud = lua_gettop(L);
+    int which;
+    if (!wait_for(L, &p, 1, timeout, &which)) {
+        process_release(L, p);
+        lua_pushnil(L);
+        lua_pushliteral(L, "timeout");
+        return 2;
+    }
+    push_result(L, p);
+    lua_getiuservalue(L, ud, UV_STDOUT);
+    lua_getiuservalue(L, ud, UV_STDERR);
+    return 5;
+}
+
+int luaopen_migrun_proc(lua_State *L) {
+    static const luaL_Reg methods[] = {
+        {"wait", proc_wait},
+        {"kill", proc_kill},
+        {"close", proc_close},
+        {"command", proc_command},
+        {"statuses", proc_statuses},
+        {NULL, NULL},
+    };
+    static const luaL_Reg meta[] = {
+        {"__index", proc_index},
+        {"__gc", proc_gc},
+        {"__close", proc_gc},
+        {"__tostring", proc_tostring},
+        {NULL, NULL},
+    };
+    static const luaL_Reg funcs[] = {
+        {"spawn", proc_spawn},
+        {"pipeline", proc_pipeline},
+        {"run", proc_run},
+        {"wait_any", proc_wait_any},
+        {"quote", proc_quote},
+        {NULL, NULL},
+    };
+    /* a child that exits before reading its stdin must not kill migrun */
+    signal(SIGPIPE, SIG_IGN);
+    luaL_newmetatable(L, PROC_MT);
+    luaL_setfuncs(L, meta, 0);
+    luaL_newlib(L, methods);
+    lua_setfield(L, -2, "methods");
+    lua_pop(L, 1);
+    luaL_newlib(L, funcs);
+    return 1;
+}

@@ -1,0 +1,219 @@
+-- migrun.proc: processes from argv arrays, never through a shell.
+local proc = require "migrun.proc"
+local MIGRUN = os.getenv("MIGRUN_BIN") or "build/migrun"
+
+local function alive(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return false end
+  local stat = f:read("a")
+  f:close()
+  -- a zombie ("Z") still has an entry: count it as alive, it was not reaped
+  return stat ~= nil
+end
+
+describe("migrun.proc", function()
+  it("reports exit codes like os.execute", function()
+    assert.same({ true, "exit", 0 }, { proc.spawn{ "true" }:wait() })
+    assert.same({ nil, "exit", 3 }, { proc.spawn{ "sh", "-c", "exit 3" }:wait() })
+  end)
+
+  it("reports signals", function()
+    local h = proc.spawn{ "sleep", "30" }
+    assert.is_true(h:kill("KILL"))
+    assert.same({ nil, "signal", 9 }, { h:wait() })
+    local h2 = proc.spawn{ "sleep", "30" }
+    h2:kill()
+    assert.same({ nil, "signal", 15 }, { h2:wait() })
+  end)
+
+  it("times out without killing, then can be waited again", function()
+    local h = proc.spawn{ "sleep", "0.5" }
+    assert.same({ nil, "timeout" }, { h:wait(0.05) })
+    assert.is_true(h.running)
+    assert.same({ true, "exit", 0 }, { h:wait(5) })
+    assert.is_false(h.running)
+    -- a finished process answers again with the same result
+    assert.same({ true, "exit", 0 }, { h:wait() })
+  end)
+
+  it("passes arguments verbatim, with no shell in between", function()
+    local weird = { "$HOME", "a b", "it's", "`id`", "*", ";", "" }
+    local ok, _, _, out = proc.run{ "printf", "%s\\n", table.unpack(weird) }
+    assert.is_true(ok)
+    assert.equal(table.concat(weird, "\n") .. "\n", out)
+  end)
+
+  it("adds env entries to the child only and removes with false", function()
+    local ok, _, _, out = proc.run{ "sh", "-c", 'echo "$MIGRUN_T1-${HOME:+home}-${MIGRUN_T2-unset}"',
+      env = { MIGRUN_T1 = "one", MIGRUN_T2 = false } }
+    assert.is_true(ok)
+    assert.equal("one-home-unset\n", out)
+    assert.is_nil(os.getenv("MIGRUN_T1"))
+  end)
+
+  it("runs in cwd", function()
+    local _, _, _, out = proc.run{ "pwd", cwd = "/tmp" }
+    assert.equal("/tmp\n", out)
+  end)
+
+  it("keeps secrets given through env out of the printable command", function()
+    local h = proc.spawn{ "psql", "-h", "db host", env = { PGPASSWORD = "s3cret" }, stdout = "null", stderr = "null" }
+    assert.equal("psql -h 'db host'", h:command())
+    assert.falsy(tostring(h):find("s3cret", 1, true))
+    h:wait()
+    assert.equal([[pg_dump -t 'a b' 'it'\''s']], proc.quote{ "pg_dump", "-t", "a b", "it's" })
+  end)
+
+  it("returns nil, err when the program cannot be run", function()
+    local h, err = proc.spawn{ "/nonexistent/program" }
+    assert.is_nil(h)
+    assert.equal("spawn", err.kind)
+    assert.matches("cannot run /nonexistent/program: No such file or directory", tostring(err))
+    local h2, err2 = proc.spawn{ "true", cwd = "/nonexistent/dir" }
+    assert.is_nil(h2)
+    assert.matches("cannot change directory to /nonexistent/dir", tostring(err2))
+  end)
+
+  it("raises on misuse", function()
+    assert.has_error(function() proc.spawn{} end)
+    assert.has_error(function() proc.spawn{ "true", stdout = "bogus" } end)
+    assert.has_error(function() proc.spawn{ { "true" } } end)
+    assert.has_error(function() proc.spawn{ "true", stdin = true } end)
+    local h = proc.spawn{ "true" }
+    h:close()
+    h:close() -- idempotent
+    assert.has_error(function() h:wait() end, "attempt to use a closed process handle")
+    assert.matches("%(closed%)", tostring(h))
+  end)
+
+  it("captures large outputs on both streams at once without deadlock", function()
+    -- 8 MB on stdout and 8 MB on stderr, interleaved: a naive reader blocks on a full pipe
+    local script = "for i in $(seq 1 64); do head -c 131072 /dev/zero | tr '\\0' o; head -c 131072 /dev/zero | tr '\\0' e >&2; done"
+    local h = proc.spawn{ "sh", "-c", script, stdout = "capture", stderr = "capture" }
+    assert.same({ true, "exit", 0 }, { h:wait(60) })
+    assert.equal(64 * 131072, #h.stdout)
+    assert.equal(64 * 131072, #h.stderr)
+    assert.is_nil(h.stdout:find("[^o]"))
+  end)
+
+  it("feeds stdin data and reads it back", function()
+    local data = string.rep("0123456789abcdef", 1 << 16) -- 1 MiB
+    local h = proc.spawn{ "cat", stdin = data, stdout = "capture" }
+    assert.same({ true, "exit", 0 }, { h:wait(30) })
+    assert.equal(data, h.stdout)
+    local _, _, _, out = proc.run{ "cat", stdin = false }
+    assert.equal("", out)
+  end)
+
+  it("delivers output line by line to a function", function()
+    local lines = {}
+    local h = proc.spawn{ "printf", "a\\nb\\n\\nlast", stdout = function(l) lines[#lines + 1] = l end }
+    assert.is_true(h:wait())
+    assert.same({ "a", "b", "", "last" }, lines)
+  end)
+
+  it("propagates an error raised by a line callback", function()
+    local h = proc.spawn{ "printf", "x\\n", stdout = function() error("callback failed") end }
+    assert.has_error(function() h:wait() end)
+  end)
+
+  it("appends to a file and merges stderr into stdout", function()
+    local path = os.tmpname()
+    assert.is_true(proc.spawn{ "sh", "-c", "echo one; echo two >&2", stdout = { file = path }, stderr = "stdout" }:wait())
+    assert.is_true(proc.spawn{ "echo", "three", stdout = { file = path, append = true } }:wait())
+    local f = io.open(path)
+    local text = f:read("a")
+    f:close()
+    os.remove(path)
+    assert.equal("one\ntwo\nthree\n", text)
+  end)
+
+  describe("pipelines", function()
+    it("connects stages with pipes", function()
+      local p = proc.pipeline{ { "seq", "1", "1000" }, { "grep", "7" }, { "wc", "-l" }, stdout = "capture" }
+      assert.same({ true, "exit", 0 }, { p:wait(10) })
+      assert.equal("271", p.stdout:match("%d+"))
+      assert.equal("seq 1 1000 | grep 7 | wc -l", p:command())
+    end)
+
+    it("fails when a middle stage fails, and does not leave the others hanging", function()
+      -- the last stage would wait 60 s for input that never ends; the first writes forever
+      local p = proc.pipeline{ { "yes" }, { "sh", "-c", "head -c 10 >/dev/null; exit 5" }, { "sleep", "60" } }
+      local t0 = os.time()
+      assert.same({ nil, "exit", 5 }, { p:wait(20) })
+      assert.is_true(os.time() - t0 < 15)
+      local st = p:statuses()
+      assert.equal(3, #st)
+      assert.equal(5, st[2].code)
+      assert.is_nil(st[3].ok) -- the sleeper was stopped, not left running
+    end)
+
+    it("succeeds only if every stage succeeds (pipefail)", function()
+      local p = proc.pipeline{ { "sh", "-c", "echo x; exit 2" }, { "cat" }, stdout = "null" }
+      assert.same({ nil, "exit", 2 }, { p:wait(10) })
+    end)
+  end)
+
+  it("runs many children at once and wait_any returns the first to finish", function()
+    local hs = {}
+    for i = 1, 40 do
+      hs[i] = proc.spawn{ "sh", "-c", "sleep 0.$1; echo $1", "x", tostring(i % 9 + 1), stdout = "capture" }
+    end
+    local fast = proc.spawn{ "true" }
+    local h, ok = proc.wait_any({ hs[1], fast }, 10)
+    assert.equal(fast, h)
+    assert.is_true(ok)
+    for i = 1, 40 do
+      assert.is_true(hs[i]:wait(30))
+      assert.equal(tostring(i % 9 + 1) .. "\n", hs[i].stdout)
+    end
+    assert.same({ nil, "timeout" }, { proc.wait_any({ proc.spawn{ "sleep", "5" } }, 0.05) })
+  end)
+
+  it("kills the whole process group", function()
+    local h = proc.spawn{ "sh", "-c", "sleep 60 & echo $!; wait", stdout = "capture" }
+    local grandchild
+    for _ = 1, 100 do
+      grandchild = h.stdout:match("%d+")
+      if grandchild then break end
+      h:wait(0.05)
+    end
+    assert.truthy(grandchild)
+    assert.is_true(alive(grandchild))
+    h:kill()
+    h:wait(5)
+    local gone = false
+    for _ = 1, 50 do
+      if not alive(grandchild) then gone = true break end
+      proc.spawn{ "sleep", "0.05" }:wait()
+    end
+    assert.is_true(gone)
+  end)
+
+  it("leaves no zombies and no children behind when a script errors", function()
+    local pidfile = os.tmpname()
+    local script = ([[
+      local proc = require "migrun.proc"
+      local h = proc.spawn{ "sleep", "60" }
+      local f = io.open(%q, "w") f:write(h.pid) f:close()
+      error("script failed")
+    ]]):format(pidfile)
+    local ok, how, code, _, err = proc.run{ MIGRUN, "-e", script }
+    assert.is_nil(ok)
+    assert.equal("exit", how)
+    assert.equal(1, code)
+    assert.matches("script failed", err)
+    local f = io.open(pidfile)
+    local pid = f:read("a")
+    f:close()
+    os.remove(pidfile)
+    assert.is_false(alive(pid))
+  end)
+
+  it("reaps every finished child", function()
+    local h = proc.spawn{ "true" }
+    local pid = h.pid
+    h:wait()
+    assert.is_false(alive(pid))
+  end)
+end)
