@@ -106,7 +106,7 @@ local function run_all(jobs)
   local handles = {}
   for i, job in ipairs(jobs) do
     local spec = table.move(job, 1, #job, 1, {})
-    spec.stdin = job.stdin or "null"
+    spec.stdin = job.stdin or false -- false: /dev/null
     spec.env, spec.cwd = job.env, job.cwd
     spec.stdout, spec.stderr = "capture", "stdout"
     handles[i] = table.pack(proc.spawn(spec))
@@ -138,7 +138,8 @@ local function free_port(taken)
     if has_socket then
       local s = socket.bind(HOST, 0)
       if s then
-        port = tonumber(select(2, s:getsockname()))
+        local _, p = s:getsockname()
+        port = tonumber(p)
         s:close()
       end
     else
@@ -180,6 +181,13 @@ local function find_bindir(opts)
   if best then return ("/usr/lib/postgresql/%d/bin"):format(best) end
   return nil, lab_error("lab", "no PostgreSQL server found (pg_config --bindir, /usr/lib/postgresql/*/bin)",
     nil, { hint = "apt-get install postgresql-15 postgresql-15-pglogical" })
+end
+
+-- The environment of psql: the caller's PGOPTIONS, PGSERVICE... must not
+-- change what the lab connects to or how.
+local function psql_env(password)
+  return { PGOPTIONS = false, PGSERVICE = false, PGSERVICEFILE = false, PGPASSFILE = false,
+           PGSSLMODE = false, PGTARGETSESSIONATTRS = false, PGPASSWORD = password or false }
 end
 
 local function random_password()
@@ -241,8 +249,7 @@ end
 function Cluster:psql(sql, opts)
   opts = opts or {}
   local user = opts.user or SUPERUSER
-  local env
-  if user == ROLE then env = { PGPASSWORD = self.lab.password } end
+  local env = psql_env(user == ROLE and self.lab.password or nil)
   local r = run1{ self.lab.bin .. "/psql", "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1",
     "-h", HOST, "-p", tostring(self.port), "-U", user, "-d", opts.dbname or self.dbname,
     stdin = sql, env = env, timeout = opts.timeout or 60 }
@@ -412,7 +419,7 @@ function Lab:stop()
     end
   end
   self.stopped = true
-  if not self.keep and self.dir and not first_err then
+  if not self.keep and self._own_dir and not first_err then
     local r = run1{ "rm", "-rf", "--", self.dir }
     if not r.ok then
       first_err = lab_error("lab", "could not remove " .. self.dir, last_lines(r.output, 5))
@@ -472,7 +479,6 @@ function Lab:_make_dir(opts)
     if r.ok then
       local listing = run1{ "ls", "-A", "--", self.dir }
       if not listing.ok or trim(listing.output) ~= "" then
-        self.keep = true -- never remove what was there before
         return nil, lab_error("lab", "opts.dir is not an empty directory: " .. self.dir)
       end
     end
@@ -485,6 +491,7 @@ function Lab:_make_dir(opts)
   if not r.ok then
     return nil, lab_error("lab", "could not create the lab directory", last_lines(r.output, 5))
   end
+  self._own_dir = true -- from now on, stop() removes it (unless keep)
   if self.runas then
     r = run1{ "chown", self.runas .. ":", "--", self.dir }
     if not r.ok then return nil, lab_error("lab", "could not chown " .. self.dir, last_lines(r.output, 5)) end
@@ -516,6 +523,7 @@ function Lab:_start_clusters(clusters)
     if #again == 0 then return true end
     pending = again
   end
+  return true
 end
 
 -- The settings of each cluster. fsync=off and initdb/pg_basebackup --no-sync:
@@ -568,7 +576,7 @@ end
 
 function Lab:_psql_job(c, sql)
   return { self.bin .. "/psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", HOST,
-    "-p", tostring(c.port), "-U", SUPERUSER, "-d", "postgres", stdin = sql, timeout = 60 }
+    "-p", tostring(c.port), "-U", SUPERUSER, "-d", "postgres", stdin = sql, env = psql_env(), timeout = 60 }
 end
 
 -- Waits until the source has a streaming walsender for the replica.
