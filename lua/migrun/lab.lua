@@ -73,6 +73,7 @@ end
 -- "exit 1" / "signal 9" / "timeout" from a proc wait result.
 local function describe_exit(how, code)
   if how == "timeout" then return "timed out" end
+  if how == "spawn" then return "could not be started" end
   return ("%s %s"):format(tostring(how), tostring(code))
 end
 
@@ -461,11 +462,11 @@ function Lab:describe()
                   target = "stands in for RDS" }
   for _, c in ipairs(self.clusters) do
     lines[#lines + 1] = ("  %-8s %s   -- %s"):format(c.name, c.conninfo, roles[c.name] or "")
-    lines[#lines + 1] = ("           %s/psql %q"):format(self.bin, c.conninfo)
+    lines[#lines + 1] = "           " .. proc.quote{ self.bin .. "/psql", c.conninfo }
   end
   lines[#lines + 1] = ("  role %s authenticates with a password, kept in %s:"):format(ROLE, self.passfile)
-  lines[#lines + 1] = ("           PGPASSFILE=%s %s/psql %q"):format(self.passfile, self.bin,
-    self.source.migrun_conninfo)
+  lines[#lines + 1] = "           " .. proc.quote{ "env", "PGPASSFILE=" .. self.passfile, self.bin .. "/psql",
+    self.source.migrun_conninfo }
   lines[#lines + 1] = ("  logs: %s/{source,replica,target}.log"):format(self.dir)
   return table.concat(lines, "\n")
 end
@@ -532,7 +533,7 @@ function Lab:_settings(c, opts)
   local s = {
     listen_addresses = HOST, port = c.port, unix_socket_directories = self.dir,
     cluster_name = c.name, fsync = false, shared_buffers = "32MB",
-    log_line_prefix = "%m [%p] %q%u@%d ", log_min_messages = "warning",
+    log_line_prefix = "%m [%p] %q%u@%d ",
   }
   if c.name == "source" then
     -- As the runbook's prerequisite steps require (the values or higher).
@@ -550,7 +551,6 @@ function Lab:_settings(c, opts)
   elseif c.name == "replica" then
     s.hot_standby = true
     s.shared_preload_libraries = "" -- the maintenance replica does not need pglogical
-    s.hot_standby_feedback = true
   end
   for _, group in ipairs{ "all", c.name } do
     for k, v in pairs((opts.settings or {})[group] or {}) do s[k] = v end

@@ -230,7 +230,7 @@ describe("migrun.lab failures and cleanup", function()
     local ok, how, code, out, err = proc.run{ MIGRUN, "-l", "migrun.lab", "-e", 'lab.shell{password="shell-secret"}',
       stdin = "", timeout = 120 }
     assert.is_true(ok, tostring(how) .. " " .. tostring(code) .. "\n" .. tostring(out) .. tostring(err))
-    assert.truthy(out:find("psql \"host=127.0.0.1 port=%d+ dbname=app user=postgres\""), out)
+    assert.truthy(out:find("psql 'host=127.0.0.1 port=%d+ dbname=app user=postgres'"), out)
     assert.truthy(out:find("replica", 1, true))
     assert.is_nil(out:find("shell-secret", 1, true))
     local dir = out:match("migrun lab in (%S+)")
@@ -244,6 +244,12 @@ describe("migrun.lab failures and cleanup", function()
     local lines = {}
     local h = assert(proc.spawn{ MIGRUN, "-l", "migrun.lab", "-e", "lab.shell()", stdin = { file = fifo },
       stdout = function(line) lines[#lines + 1] = line end, stderr = "stdout" })
+    finally(function()
+      -- whatever failed above, let the shell stop its lab (a SIGKILL could not)
+      if h.running then h:kill("INT") h:wait(60) end
+      writer:close()
+      os.remove(fifo)
+    end)
     local deadline = os.time() + 120
     while not table.concat(lines, "\n"):find("Press Ctrl-C", 1, true) and os.time() < deadline do
       h:wait(0.1) -- the line callback runs while waiting
@@ -253,8 +259,6 @@ describe("migrun.lab failures and cleanup", function()
     assert.truthy(dir, text)
     h:kill("INT")
     assert.same({ true, "exit", 0 }, { h:wait(60) })
-    writer:close()
-    os.remove(fifo)
     assert.is_false(exists(dir))
     assert.same({}, processes_under(dir))
   end)
