@@ -319,7 +319,7 @@ function Cluster:kill()
   if not pid then return true end
   local pids = { pid }
   local r = run1{ "pgrep", "-P", tostring(pid) }
-  for child in (r.output or ""):gmatch("%d+") do pids[#pids + 1] = tonumber(child) end
+  for child in (r.ok and r.output or ""):gmatch("%d+") do pids[#pids + 1] = tonumber(child) end
   run1{ "kill", "-KILL", tostring(pid) }
   local deadline = now() + 15
   for _, p in ipairs(pids) do
