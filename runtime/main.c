@@ -188,10 +188,26 @@ static int pushargs(lua_State *L) {
     return n;
 }
 
-/* An installed migrun finds its stock playbooks from any directory. */
+/* An installed migrun finds its stock playbooks from any directory: a relative
+ * path that does not exist here is looked up in <prefix>/share/migrun, the
+ * prefix being where this executable is installed (so --prefix and DESTDIR
+ * installs work), then in the configured data directory. */
 static const char *resolve_script(lua_State *L, const char *fname) {
     if (fname == NULL || strcmp(fname, "-") == 0 || fname[0] == '/' || access(fname, F_OK) == 0)
         return fname;
+    char exe[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (n > 0) {
+        exe[n] = '\0';
+        char *slash = strrchr(exe, '/');
+        if (slash) {
+            *slash = '\0';
+            const char *p = lua_pushfstring(L, "%s/../share/migrun/%s", exe, fname);
+            if (access(p, R_OK) == 0)
+                return p;
+            lua_pop(L, 1);
+        }
+    }
     const char *installed = lua_pushfstring(L, "%s/%s", MIGRUN_DATADIR, fname);
     if (access(installed, R_OK) == 0)
         return installed;

@@ -45,7 +45,8 @@ typedef struct {
     pid_t pid;
     int pidfd;
     int reaped;
-    int status; /* as from waitpid */
+    int status;      /* as from waitpid */
+    int pipefail_killed; /* still running when another stage failed: we sent TERM */
 } Stage;
 
 typedef struct Process {
@@ -58,7 +59,7 @@ typedef struct Process {
     int in_fd;          /* write end of the child's stdin, -1 when done */
     const char *in_data;
     size_t in_len, in_off;
-    int failed_stage;   /* the stage whose failure decides the result, -1 if none */
+    int failed_stage;   /* the first stage seen failing, -1 if none */
     struct Process *next, *prev;
 } Process;
 
@@ -73,9 +74,13 @@ static double now_s(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+/* -1 where the kernel (or valgrind) has no pidfd_open: exits are then found
+ * by polling waitpid every POLL_EXIT_MS. */
 static int pidfd_open(pid_t pid) {
     return (int)syscall(SYS_pidfd_open, pid, 0);
 }
+
+#define POLL_EXIT_MS 20
 
 static void buf_append(Stream *s, const char *data, size_t n) {
     if (s->len + n > s->cap) {
@@ -311,8 +316,11 @@ static void reap_stage(Process *p, int i) {
     if (stage_failed(s) && p->failed_stage < 0) {
         p->failed_stage = i;
         /* pipefail: a failed stage must not leave the others hanging */
-        if (p->nstages > 1)
+        if (p->nstages > 1) {
+            for (int j = 0; j < p->nstages; j++)
+                p->stages[j].pipefail_killed = !p->stages[j].reaped;
             kill(-p->pgid, SIGTERM);
+        }
     }
 }
 
@@ -373,10 +381,12 @@ static void pump(lua_State *L, int timeout_ms) {
         return;
     struct pollfd *fds = lua_newuserdatauv(L, sizeof *fds * (size_t)n, 0);
     Process **owner = lua_newuserdatauv(L, sizeof *owner * (size_t)n, 0); /* fds owner */
-    int k = 0;
+    int k = 0, no_pidfd = 0;
     for (Process *p = active_head; p; p = p->next) {
         for (int i = 0; i < p->nstages; i++)
-            if (!p->stages[i].reaped) {
+            if (!p->stages[i].reaped && p->stages[i].pidfd < 0)
+                no_pidfd = 1;
+            else if (!p->stages[i].reaped) {
                 owner[k] = p;
                 fds[k++] = (struct pollfd){p->stages[i].pidfd, POLLIN, 0};
             }
@@ -393,7 +403,14 @@ static void pump(lua_State *L, int timeout_ms) {
             fds[k++] = (struct pollfd){p->in_fd, POLLOUT, 0};
         }
     }
+    if (no_pidfd && (timeout_ms < 0 || timeout_ms > POLL_EXIT_MS))
+        timeout_ms = POLL_EXIT_MS;
     int r = poll(fds, (nfds_t)k, timeout_ms);
+    if (no_pidfd)
+        for (Process *p = active_head; p; p = p->next)
+            for (int i = 0; i < p->nstages; i++)
+                if (p->stages[i].pidfd < 0)
+                    reap_stage(p, i);
     if (r < 0 && errno != EINTR)
         luaL_error(L, "poll failed: %s", strerror(errno));
     migrun_check_interrupt(L);
@@ -446,9 +463,29 @@ static int push_status(lua_State *L, int status) {
     return 3;
 }
 
+/*
+ * The status of a pipeline is that of its rightmost failed stage (bash's
+ * pipefail), not counting the stages that only died of the failure of another:
+ * those killed by SIGPIPE, and those we stopped with SIGTERM after it.
+ */
+static int decisive_stage(Process *p) {
+    int any_failed = -1;
+    for (int i = p->nstages - 1; i >= 0; i--) {
+        const Stage *s = &p->stages[i];
+        if (!stage_failed(s))
+            continue;
+        if (any_failed < 0)
+            any_failed = i;
+        int sig = WIFSIGNALED(s->status) ? WTERMSIG(s->status) : 0;
+        if (sig == SIGPIPE || (sig == SIGTERM && s->pipefail_killed))
+            continue;
+        return i;
+    }
+    return any_failed >= 0 ? any_failed : p->nstages - 1;
+}
+
 static int push_result(lua_State *L, Process *p) {
-    int decisive = p->failed_stage >= 0 ? p->failed_stage : p->nstages - 1;
-    return push_status(L, p->stages[decisive].status);
+    return push_status(L, p->stages[decisive_stage(p)].status);
 }
 
 /* ---- closing -------------------------------------------------------------- */
@@ -466,7 +503,7 @@ static int wait_pidfds(Process *p, int timeout_ms) {
         struct pollfd fds[64];
         int k = 0;
         for (int i = 0; i < p->nstages && k < 64; i++)
-            if (!p->stages[i].reaped)
+            if (!p->stages[i].reaped && p->stages[i].pidfd >= 0)
                 fds[k++] = (struct pollfd){p->stages[i].pidfd, POLLIN, 0};
         poll(fds, (nfds_t)k, left > 50 ? 50 : left);
     }
@@ -842,8 +879,6 @@ static int start(lua_State *L, int spec, int pipeline) {
         close_fd(&prev_read);
         close_fd(&link[1]);
         prev_read = link[0];
-        if (p->stages[i].pidfd < 0)
-            goto spawn_fail_errno;
     }
     close_fd(&out_pipe[1]);
     close_fd(&err_pipe[1]);

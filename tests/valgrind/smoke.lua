@@ -1,0 +1,21 @@
+-- Exercises the C modules under valgrind: every handle opened and closed,
+-- errors raised and caught, children spawned and reaped.
+local lsn, proc, err = require "migrun.lsn", require "migrun.proc", require "migrun.error"
+local x = lsn("16/B374D848")
+assert(tostring(x + 8) == "16/B374D850" and (x + 8) - x == 8)
+assert(not lsn.parse("nope"))
+assert(not pcall(lsn, "1/2/3"))
+assert(lsn.names(150000).wal_replay_pause == "pg_wal_replay_pause")
+local ok, _, _, out = proc.run{ "echo", "hi", env = { SECRET = "x" } }
+assert(ok and out == "hi\n")
+local p = proc.pipeline{ { "seq", "1", "1000" }, { "wc", "-l" }, stdout = "capture" }
+assert(p:wait() and p.stdout:match("1000"))
+local lines = 0
+proc.spawn{ "seq", "1", "100", stdout = function() lines = lines + 1 end }:wait()
+assert(lines == 100)
+local s <close> = proc.spawn{ "sleep", "10" }
+assert(select(2, s:wait(0.01)) == "timeout")
+assert(not proc.spawn{ "/no/such/program" })
+assert(not pcall(proc.spawn, {}))
+assert(tostring(err.new{ message = "m", code = "C" }) == "C m")
+print("valgrind smoke ok")
