@@ -1,0 +1,268 @@
+-- DMS documents for one slot group, following the runbook (Phase II, steps 2
+-- and 3) and dms-api.md §2-3: the source endpoint that reads one pglogical
+-- slot, the target endpoint, the table mappings and the CDC-only task
+-- settings, and the CreateReplicationTask parameters that tie them together.
+-- Every builder is a pure function of its input; documents are encoded with
+-- migrun.dms.json (sorted keys), so the same group always gives the same bytes.
+--
+-- A slot group, as migrun sees it:
+--   {
+--     name  = "dms_slot_01",          -- names the task and the source endpoint
+--     slot  = "dms_slot_01",          -- the logical replication slot DMS reads
+--     tables = {                      -- in replication-set order; rules follow it
+--       { schema = "public", name = "t1",
+--         has_pk = true,               -- a primary key
+--         has_separate_unique = false, -- a unique constraint besides the PK
+--         lob_columns = { "doc" },     -- columns DMS treats as LOBs (text, json, bytea, ...)
+--         lob_max_kb = 325,            -- estimated largest LOB in the table, KB
+--         lob_truncation_ok = true },  -- false: a table-settings rule lifts the limit
+--       ...
+--     },
+--     lob_max_kb = 64,                -- LobMaxSize for the task (KB); default: the
+--                                     -- largest lob_max_kb of the tables, else 32
+--     batch_apply = nil,              -- force BatchApplyEnabled; default: off when a
+--                                     -- table has a PK and a separate unique constraint
+--   }
+local json = require "migrun.dms.json"
+
+local M = {}
+
+-- Log components the task settings switch on (dms-api.md §3.1, Logging).
+M.LOG_COMPONENTS = {
+  "FILE_FACTORY", "METADATA_MANAGER", "SORTER", "SOURCE_CAPTURE", "SOURCE_UNLOAD",
+  "TABLES_MANAGER", "TARGET_APPLY", "TARGET_LOAD", "TASK_MANAGER", "TRANSFORMATION",
+  "VALIDATOR", "VALIDATOR_EXT",
+}
+
+M.DEFAULT_LOB_MAX_KB = 32       -- DMS's own LobMaxSize default
+M.MAX_LOB_MAX_KB = 102400       -- the largest LobMaxSize DMS recommends (100 MB)
+-- lob-settings for tables whose LOBs must not be truncated: the runbook's form
+-- (mode "unlimited" = full LOB mode for that table only, bulk-max-size "64").
+-- dms-api.md §3.2 notes that a nonzero bulk-max-size with "unlimited" is
+-- documented as "combination mode" for Db2/SAP ASE sources only, and that 0
+-- means plain full LOB mode; pass strict_lob = {mode = "unlimited",
+-- bulk_max_kb = 0} to table_mappings/replication_task to choose that instead.
+M.STRICT_LOB_SETTINGS = { mode = "unlimited", bulk_max_kb = 64 }
+
+local function check_group(g)
+  assert(type(g) == "table", "slot group expected")
+  assert(type(g.name) == "string" and g.name ~= "", "slot group: name expected")
+  assert(type(g.slot) == "string" and g.slot ~= "", "slot group " .. g.name .. ": slot expected")
+  assert(type(g.tables) == "table" and #g.tables > 0, "slot group " .. g.name .. ": tables expected")
+  for i, t in ipairs(g.tables) do
+    assert(type(t.schema) == "string" and type(t.name) == "string",
+      ("slot group %s: table %d needs schema and name"):format(g.name, i))
+  end
+end
+
+-- A DMS identifier from free text: letters, digits and single hyphens, starting
+-- with a letter, no trailing hyphen ("dms_slot_01" -> "dms-slot-01").
+function M.identifier(...)
+  local s = table.concat({ ... }, "-"):lower():gsub("[^%w]+", "-"):gsub("^%-+", ""):gsub("%-+$", "")
+  if not s:match("^%a") then s = "m-" .. s end
+  return s
+end
+
+local function has_lobs(t)
+  return (t.lob_columns and #t.lob_columns > 0) or t.lob_max_kb ~= nil
+end
+
+local function strict(t)
+  return has_lobs(t) and t.lob_truncation_ok == false
+end
+
+-- The ExtraConnectionAttributes of a source endpoint reading slot (runbook step 2).
+function M.extra_connection_attributes(slot)
+  return "PluginName=PGLOGICAL;slotName=" .. slot
+end
+
+local function endpoint(kind, conn, id)
+  assert(type(conn) == "table", "connection settings expected")
+  local p = {
+    EndpointIdentifier = id,
+    EndpointType = kind,
+    EngineName = "postgres",
+    ServerName = conn.host or conn.server_name,
+    Port = math.tointeger(conn.port or 5432),
+    DatabaseName = conn.dbname or conn.database,
+    Username = conn.user or conn.username,
+    Password = conn.password,
+    SslMode = conn.ssl_mode or conn.sslmode,
+  }
+  if conn.tags then
+    local tags = json.array()
+    local keys = {}
+    for k in pairs(conn.tags) do keys[#keys + 1] = k end
+    table.sort(keys)
+    for _, k in ipairs(keys) do tags[#tags + 1] = { Key = k, Value = tostring(conn.tags[k]) } end
+    p.Tags = tags
+  end
+  return p
+end
+
+-- CreateEndpoint parameters for the source endpoint of a group.
+-- conn: { host=, port=, dbname=, user=, password=, ssl_mode=, tags={k=v},
+--         identifier= (default "<group>-source"), heartbeat=true|minutes }
+function M.source_endpoint(group, conn)
+  check_group(group)
+  local p = endpoint("source", conn, conn.identifier or M.identifier(group.name, "source"))
+  p.ExtraConnectionAttributes = M.extra_connection_attributes(group.slot)
+  p.PostgreSQLSettings = { PluginName = "pglogical", SlotName = group.slot }
+  if conn.heartbeat then
+    p.PostgreSQLSettings.HeartbeatEnable = true
+    p.PostgreSQLSettings.HeartbeatFrequency = math.tointeger(conn.heartbeat) or 5
+  end
+  return p
+end
+
+-- CreateEndpoint parameters for the target (RDS) endpoint; conn as above,
+-- identifier default "migrun-target".
+function M.target_endpoint(conn)
+  return endpoint("target", conn, conn.identifier or "migrun-target")
+end
+
+-- The table mappings document (a table; encode with M.encode): one selection
+-- rule per table in group order, then one table-settings rule per table whose
+-- LOBs must not be truncated. opts: first_rule_id (default 1), strict_lob.
+function M.table_mappings(group, opts)
+  check_group(group)
+  opts = opts or {}
+  local id = math.tointeger(opts.first_rule_id or 1)
+  local rules = json.array()
+  local seen_names = {}
+  for _, t in ipairs(group.tables) do
+    local key = t.schema .. "." .. t.name
+    assert(not seen_names[key], "slot group " .. group.name .. ": table " .. key .. " listed twice")
+    seen_names[key] = true
+    rules[#rules + 1] = {
+      ["rule-type"] = "selection",
+      ["rule-id"] = tostring(id),
+      ["rule-name"] = tostring(id),
+      ["object-locator"] = { ["schema-name"] = t.schema, ["table-name"] = t.name },
+      ["rule-action"] = "include",
+      filters = json.array(),
+    }
+    id = id + 1
+  end
+  local by_name = {}
+  for _, t in ipairs(group.tables) do by_name[t.name] = (by_name[t.name] or 0) + 1 end
+  local lob = opts.strict_lob or M.STRICT_LOB_SETTINGS
+  for _, t in ipairs(group.tables) do
+    if strict(t) then
+      rules[#rules + 1] = {
+        ["rule-type"] = "table-settings",
+        ["rule-id"] = tostring(id),
+        ["rule-name"] = (by_name[t.name] > 1 and (t.schema .. "-") or "") .. t.name .. "-lob",
+        ["object-locator"] = { ["schema-name"] = t.schema, ["table-name"] = t.name },
+        ["lob-settings"] = { mode = lob.mode, ["bulk-max-size"] = tostring(math.tointeger(lob.bulk_max_kb) or lob.bulk_max_kb) },
+      }
+      id = id + 1
+    end
+  end
+  return { rules = rules }
+end
+
+-- True when batch apply must stay off: a table with a PK and a separate unique
+-- constraint (DMS batch apply does not support both, dms-api.md §8).
+function M.needs_transactional_apply(group)
+  for _, t in ipairs(group.tables) do
+    if t.has_pk and t.has_separate_unique then return true end
+  end
+  return false
+end
+
+-- LobMaxSize (KB) for the group's task.
+function M.lob_max_kb(group)
+  local kb = group.lob_max_kb
+  if kb == nil then
+    for _, t in ipairs(group.tables) do
+      if t.lob_max_kb and (kb == nil or t.lob_max_kb > kb) then kb = t.lob_max_kb end
+    end
+  end
+  kb = math.tointeger(math.ceil(kb or M.DEFAULT_LOB_MAX_KB))
+  assert(kb >= 1 and kb <= M.MAX_LOB_MAX_KB,
+    ("slot group %s: LOB size %s KB outside 1..%d"):format(group.name, tostring(kb), M.MAX_LOB_MAX_KB))
+  return kb
+end
+
+local function merge(into, from)
+  for k, v in pairs(from) do
+    if type(v) == "table" and type(into[k]) == "table" and not json.is_array(v) then
+      merge(into[k], v)
+    else
+      into[k] = v
+    end
+  end
+  return into
+end
+
+-- The ReplicationTaskSettings document for a CDC-only task (runbook step 3):
+-- target tables left alone, recovery and all control tables in control_schema,
+-- every log component on, limited LOB mode at the group's size, batch apply
+-- off when the group needs it. opts: control_schema (default "public"),
+-- log_severity, overrides (deep-merged last).
+function M.task_settings(group, opts)
+  check_group(group)
+  opts = opts or {}
+  local batch = group.batch_apply
+  if batch == nil then batch = not M.needs_transactional_apply(group) end
+  local components = json.array()
+  for _, id in ipairs(M.LOG_COMPONENTS) do
+    components[#components + 1] = { Id = id, Severity = opts.log_severity or "LOGGER_SEVERITY_DEFAULT" }
+  end
+  local s = {
+    TargetMetadata = {
+      TargetSchema = "",
+      SupportLobs = true,
+      FullLobMode = false,
+      LobChunkSize = 64,
+      LimitedSizeLobMode = true,
+      LobMaxSize = M.lob_max_kb(group),
+      InlineLobMaxSize = 0,
+      BatchApplyEnabled = batch,
+      TaskRecoveryTableEnabled = true,
+    },
+    FullLoadSettings = { TargetTablePrepMode = "DO_NOTHING" },
+    Logging = { EnableLogging = true, LogComponents = components },
+    ControlTablesSettings = {
+      ControlSchema = opts.control_schema or "public",
+      HistoryTimeslotInMinutes = 5,
+      HistoryTableEnabled = true,
+      SuspendedTablesTableEnabled = true,
+      StatusTableEnabled = true,
+    },
+  }
+  if opts.overrides then merge(s, opts.overrides) end
+  return s
+end
+
+-- CreateReplicationTask parameters for the group's CDC-only task.
+-- opts: source_endpoint_arn, target_endpoint_arn, replication_instance_arn,
+--       cdc_start_position (an LSN value or text like "4AF/B00000D0"),
+--       identifier (default "<group>-cdc"), tags, plus the task_settings and
+--       table_mappings options.
+function M.replication_task(group, opts)
+  check_group(group)
+  assert(type(opts) == "table", "task options expected")
+  for _, k in ipairs{ "source_endpoint_arn", "target_endpoint_arn", "replication_instance_arn" } do
+    assert(type(opts[k]) == "string", "replication_task: " .. k .. " expected")
+  end
+  local p = {
+    ReplicationTaskIdentifier = opts.identifier or M.identifier(group.name, "cdc"),
+    SourceEndpointArn = opts.source_endpoint_arn,
+    TargetEndpointArn = opts.target_endpoint_arn,
+    ReplicationInstanceArn = opts.replication_instance_arn,
+    MigrationType = "cdc",
+    TableMappings = M.encode(M.table_mappings(group, opts)),
+    ReplicationTaskSettings = M.encode(M.task_settings(group, opts)),
+  }
+  if opts.cdc_start_position ~= nil then p.CdcStartPosition = tostring(opts.cdc_start_position) end
+  return p
+end
+
+-- Canonical compact JSON of a document (sorted keys); indent="  " for people.
+function M.encode(doc, indent)
+  return json.encode(doc, indent and { indent = indent } or nil)
+end
+
+return M

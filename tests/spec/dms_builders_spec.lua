@@ -1,0 +1,138 @@
+-- migrun.dms.builders against the runbook's example documents (Phase II steps 2-3).
+local builders = require "migrun.dms.builders"
+local json = require "migrun.dms.json"
+
+local root = os.getenv("MIGRUN_SOURCE_DIR") or "."
+local function fixture(name)
+  local f = assert(io.open(root .. "/tests/fixtures/dms/" .. name))
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+-- The runbook's sample replication set: three tables, the first with LOBs that
+-- must not be truncated.
+local function runbook_group()
+  return {
+    name = "dms_slot_01", slot = "dms_slot_01", lob_max_kb = 132,
+    tables = {
+      { schema = "public", name = "some_table_001", has_pk = true, lob_columns = { "payload" },
+        lob_max_kb = 1200, lob_truncation_ok = false },
+      { schema = "public", name = "some_table_002", has_pk = true, has_separate_unique = true },
+      { schema = "public", name = "some_table_003", has_pk = true, lob_columns = { "doc" },
+        lob_max_kb = 325, lob_truncation_ok = true },
+    },
+  }
+end
+
+describe("dms builders", function()
+  it("gives the source endpoint the runbook's extra connection attributes", function()
+    local p = builders.source_endpoint(runbook_group(), { host = "10.0.1.25", port = 5432,
+      dbname = "appdb", user = "dms_user", password = "secret", ssl_mode = "require" })
+    assert.are.equal((fixture("runbook_source_eca.txt"):gsub("\n$", "")), p.ExtraConnectionAttributes)
+    assert.are.same({ PluginName = "pglogical", SlotName = "dms_slot_01" }, p.PostgreSQLSettings)
+    assert.are.equal("dms-slot-01-source", p.EndpointIdentifier)
+    assert.are.equal("source", p.EndpointType)
+    assert.are.equal("postgres", p.EngineName)
+    assert.are.equal(5432, p.Port)
+    assert.is_true(math.type(p.Port) == "integer")
+    local t = builders.target_endpoint{ host = "rds.example", dbname = "appdb", user = "u", password = "p" }
+    assert.are.equal("target", t.EndpointType)
+    assert.is_nil(t.ExtraConnectionAttributes)
+  end)
+
+  it("builds the runbook's table mappings", function()
+    local expected = assert(json.decode(fixture("runbook_table_mappings.json")))
+    local doc = builders.table_mappings(runbook_group(), { first_rule_id = 348698101 })
+    local got = assert(json.decode(builders.encode(doc)))
+    -- the runbook's table-settings rule-id is an arbitrary number; ours continues the sequence
+    assert.are.equal("348698104", got.rules[4]["rule-id"])
+    got.rules[4]["rule-id"] = expected.rules[4]["rule-id"]
+    assert.are.same(expected, got)
+    -- empty filters stay arrays
+    assert.truthy(builders.encode(doc):find('"filters":[]', 1, true))
+  end)
+
+  it("numbers rules deterministically from 1 and names clashing LOB rules by schema", function()
+    local g = { name = "g", slot = "s", tables = {
+      { schema = "a", name = "t", lob_max_kb = 10, lob_truncation_ok = false },
+      { schema = "b", name = "t", lob_max_kb = 10, lob_truncation_ok = false },
+    } }
+    local doc = builders.table_mappings(g)
+    local ids, names = {}, {}
+    for i, r in ipairs(doc.rules) do ids[i] = r["rule-id"]; names[i] = r["rule-name"] end
+    assert.are.same({ "1", "2", "3", "4" }, ids)
+    assert.are.same({ "1", "2", "a-t-lob", "b-t-lob" }, names)
+    assert.are.equal(builders.encode(doc), builders.encode(builders.table_mappings(g)))
+    assert.has_error(function()
+      builders.table_mappings{ name = "g", slot = "s", tables = { { schema = "a", name = "t" }, { schema = "a", name = "t" } } }
+    end)
+  end)
+
+  it("makes CDC-only task settings per the runbook", function()
+    local s = builders.task_settings(runbook_group(), { control_schema = "dms_control" })
+    assert.are.equal("DO_NOTHING", s.FullLoadSettings.TargetTablePrepMode)
+    assert.is_true(s.TargetMetadata.TaskRecoveryTableEnabled)
+    assert.is_true(s.TargetMetadata.LimitedSizeLobMode)
+    assert.is_false(s.TargetMetadata.FullLobMode)
+    assert.are.equal(132, s.TargetMetadata.LobMaxSize)
+    assert.is_false(s.TargetMetadata.BatchApplyEnabled) -- some_table_002 has PK + unique
+    local c = s.ControlTablesSettings
+    assert.are.equal("dms_control", c.ControlSchema)
+    assert.is_true(c.StatusTableEnabled and c.HistoryTableEnabled and c.SuspendedTablesTableEnabled)
+    assert.is_true(s.Logging.EnableLogging)
+    assert.are.equal(#builders.LOG_COMPONENTS, #s.Logging.LogComponents)
+    assert.is_nil(s.Logging.CloudWatchLogGroup)
+  end)
+
+  it("turns batch apply on only for groups without PK + separate unique tables", function()
+    local g = runbook_group()
+    g.tables[2].has_separate_unique = false
+    g.lob_max_kb = nil
+    local s = builders.task_settings(g)
+    assert.is_true(s.TargetMetadata.BatchApplyEnabled)
+    assert.are.equal(1200, s.TargetMetadata.LobMaxSize) -- largest table LOB
+    assert.are.equal("public", s.ControlTablesSettings.ControlSchema)
+    g.batch_apply = false
+    assert.is_false(builders.task_settings(g).TargetMetadata.BatchApplyEnabled)
+    local plain = builders.task_settings{ name = "p", slot = "p", tables = { { schema = "s", name = "x" } } }
+    assert.are.equal(builders.DEFAULT_LOB_MAX_KB, plain.TargetMetadata.LobMaxSize)
+    assert.has_error(function()
+      builders.task_settings{ name = "p", slot = "p", lob_max_kb = 200000, tables = { { schema = "s", name = "x" } } }
+    end)
+  end)
+
+  it("builds CreateReplicationTask parameters with documents as canonical JSON strings", function()
+    local opts = { source_endpoint_arn = "arn:src", target_endpoint_arn = "arn:tgt",
+      replication_instance_arn = "arn:rep", cdc_start_position = "4AF/B00000D0" }
+    local p = builders.replication_task(runbook_group(), opts)
+    assert.are.equal("cdc", p.MigrationType)
+    assert.are.equal("dms-slot-01-cdc", p.ReplicationTaskIdentifier)
+    assert.are.equal("4AF/B00000D0", p.CdcStartPosition)
+    assert.are.same(builders.table_mappings(runbook_group()), json.decode(p.TableMappings))
+    assert.are.equal(p.ReplicationTaskSettings, builders.replication_task(runbook_group(), opts).ReplicationTaskSettings)
+    -- compared with the golden document byte for byte
+    assert.are.equal(fixture("runbook_group_task_settings.json"),
+      builders.encode(json.decode(p.ReplicationTaskSettings), "  ") .. "\n")
+  end)
+end)
+
+describe("dms json", function()
+  it("encodes canonically", function()
+    assert.are.equal('{"a":[1,2.5,"x/y"],"b":{},"c":[],"d":null,"e":"q\\"\\n\\u0001"}',
+      json.encode{ e = 'q"\n\1', d = json.null, c = json.array(), b = {}, a = { 1, 2.5, "x/y" } })
+    assert.are.equal("3", json.encode(3.0))
+    assert.are.equal("0.1", json.encode(0.1))
+    assert.are.equal("1590524772.505", json.encode(1590524772.505))
+    assert.has_error(function() json.encode{ [1] = 1, [3] = 3 } end)
+    assert.has_error(function() json.encode(0/0) end)
+  end)
+
+  it("decodes, dropping nulls", function()
+    local v = json.decode('{"a":null,"b":[1,2],"c":{"d":null}}')
+    assert.are.same({ b = { 1, 2 }, c = {} }, v)
+    local bad, err = json.decode("{")
+    assert.is_nil(bad)
+    assert.is_string(err)
+  end)
+end)
