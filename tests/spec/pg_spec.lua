@@ -1,4 +1,5 @@
--- migrun.pg against a real PostgreSQL 15 cluster (tests/helpers/pgcluster.lua).
+-- migrun.pg against real PostgreSQL 15 servers: the lab's source (a primary),
+-- its streaming replica and the target (migrun.lab).
 local pg = require "migrun.pg"
 local lsn = require "migrun.lsn"
 local proc = require "migrun.proc"
@@ -15,33 +16,29 @@ local function vmhwm_mb()
 end
 
 describe("migrun.pg", function()
-  local cluster, c, other
+  local L, c, other -- the lab, a connection to its target, one to its source
 
   setup(function()
-    cluster = require("helpers.pgcluster").start()
-    local admin = assert(pg.connect(cluster.conninfo, { name = "admin" }))
-    assert(admin:exec("create database other"))
-    assert(admin:exec("create role app login password 'S3cret''pw'"))
-    admin:close()
-    c = assert(pg.connect(cluster.conninfo, { name = "target" }))
-    other = assert(pg.connect(cluster:conninfo_for { dbname = "other" }, { name = "source" }))
+    L = assert(require("migrun.lab").start {})
+    c = assert(pg.connect(L.target.conninfo, { name = "target" }))
+    other = assert(pg.connect(L.source.conninfo, { name = "source" }))
   end)
 
   teardown(function()
     if c then c:close() end
     if other then other:close() end
-    if cluster then cluster:stop() end
+    if L then assert(L:stop()) end
   end)
 
   describe("connect", function()
     it("connects with a conninfo string, a URI and a keyword table", function()
-      local u = assert(pg.connect(("postgresql://postgres@127.0.0.1:%d/other"):format(cluster.port)))
-      assert.equal("other", u:info().dbname)
+      local u = assert(pg.connect(("postgresql://postgres@127.0.0.1:%d/postgres"):format(L.source.port)))
+      assert.equal("postgres", u:info().dbname)
       u:close()
-      local t = assert(pg.connect({ host = "127.0.0.1", port = cluster.port, user = "postgres",
-        dbname = "postgres" }, { name = "replica" }))
+      local t = assert(pg.connect({ host = "127.0.0.1", port = L.replica.port, user = "postgres",
+        dbname = "app" }, { name = "replica" }))
       assert.equal("replica", t:name())
-      assert.equal("postgres", t:info().dbname)
+      assert.equal("app", t:info().dbname)
       t:close()
     end)
 
@@ -49,7 +46,7 @@ describe("migrun.pg", function()
       assert.equal("migrun", c:info().application_name)
       local res = assert(c:exec("select current_setting('application_name') a"))
       assert.equal("migrun", res[1].a)
-      local t = assert(pg.connect(cluster.conninfo .. " application_name=mine"))
+      local t = assert(pg.connect(L.target.conninfo .. " application_name=mine"))
       assert.equal("mine", t:info().application_name)
       t:close()
     end)
@@ -58,20 +55,25 @@ describe("migrun.pg", function()
       local s = tostring(c)
       assert.matches("target", s, 1, true)
       assert.matches("host=127.0.0.1", s, 1, true)
-      assert.matches("port=" .. cluster.port, s, 1, true)
-      assert.matches("dbname=postgres", s, 1, true)
+      assert.matches("port=" .. L.target.port, s, 1, true)
+      assert.matches("dbname=app", s, 1, true)
       assert.matches("user=postgres", s, 1, true)
-      local a = assert(pg.connect(cluster:conninfo_for { user = "app", password = "S3cret'pw" },
-        { name = "app" }))
-      assert.is_nil(tostring(a):find("S3cret", 1, true))
-      assert.equal("app", a:exec("select current_user u")[1].u)
-      for k, v in pairs(a:info()) do assert.is_nil(tostring(v):find("S3cret", 1, true), k) end
+      local a = assert(pg.connect(L.target.migrun_conninfo .. " password=" .. L.password,
+        { name = "target" }))
+      assert.is_nil(tostring(a):find(L.password, 1, true))
+      assert.equal("migrun", a:exec("select current_user u")[1].u)
+      for k, v in pairs(a:info()) do assert.is_nil(tostring(v):find(L.password, 1, true), k) end
+      a:close()
+    end)
+
+    it("reads the password from a passfile", function()
+      local a = assert(pg.connect(L.source.migrun_conninfo .. " passfile=" .. L.passfile))
+      assert.equal("migrun", a:exec("select current_user u")[1].u)
       a:close()
     end)
 
     it("reports bad credentials as a connection error", function()
-      local a, err = pg.connect(cluster:conninfo_for { user = "app", password = "wrong" },
-        { name = "target" })
+      local a, err = pg.connect(L.target.migrun_conninfo .. " password=wrong", { name = "target" })
       assert.is_nil(a)
       assert.is_true(errors.is(err))
       assert.equal("connection", err.kind)
@@ -185,10 +187,10 @@ describe("migrun.pg", function()
     end)
 
     it("keeps its connection alive and survives it being closed", function()
-      local res = assert(pg.connect(cluster.conninfo)):exec("select 'still here' s")
+      local res = assert(pg.connect(L.target.conninfo)):exec("select 'still here' s")
       collectgarbage(); collectgarbage()
       assert.equal("still here", res[1].s)
-      local t = assert(pg.connect(cluster.conninfo))
+      local t = assert(pg.connect(L.target.conninfo))
       local r = assert(t:exec("select 7 x"))
       t:close()
       assert.equal(7, r[1].x)
@@ -297,7 +299,7 @@ describe("migrun.pg", function()
     end)
 
     it("applies the connection's timeout", function()
-      local t = assert(pg.connect(cluster.conninfo, { statement_timeout = 0.3 }))
+      local t = assert(pg.connect(L.target.conninfo, { statement_timeout = 0.3 }))
       local _, err = t:exec("select pg_sleep(30)")
       assert.equal("timeout", err.kind)
       assert.equal(0.3, t:set_timeout(nil))
@@ -320,7 +322,7 @@ describe("migrun.pg", function()
         local ok, err = pcall(c.exec, c, "select pg_sleep(60)")
         print(ok, err.kind, tostring(err))
         print(c:exec("select 'usable' s")[1].s)
-      ]]):format(cluster.conninfo)
+      ]]):format(L.target.conninfo)
       local lines = {}
       local h = assert(proc.spawn { MIGRUN, "-e", script, stdout = function(l) lines[#lines + 1] = l end,
         stderr = "stdout" })
@@ -355,7 +357,7 @@ describe("migrun.pg", function()
         local pg = require "migrun.pg"
         local c = assert(pg.connect(%q, { name = "replica" }))
         assert(c:exec("do $$ begin raise notice 'not dropped'; end $$"))
-      ]]):format(cluster.conninfo)
+      ]]):format(L.target.conninfo)
       local ok, _, _, out, err = proc.run { MIGRUN, "-e", script }
       assert.is_true(ok, err)
       assert.matches("[replica] NOTICE:  not dropped", err, 1, true)
@@ -364,7 +366,7 @@ describe("migrun.pg", function()
 
   describe("handles", function()
     it("closes idempotently, raises on use after close, works with <close>", function()
-      local t = assert(pg.connect(cluster.conninfo, { name = "x" }))
+      local t = assert(pg.connect(L.target.conninfo, { name = "x" }))
       t:close(); t:close()
       assert.is_true(t:is_closed())
       assert.matches("closed", tostring(t))
@@ -372,7 +374,7 @@ describe("migrun.pg", function()
       assert.has_error(function() t:escape_literal("a") end, "attempt to use a closed connection")
       local pid
       do
-        local s <close> = assert(pg.connect(cluster.conninfo))
+        local s <close> = assert(pg.connect(L.target.conninfo))
         pid = s:backend_pid()
       end
       local n
@@ -626,7 +628,7 @@ describe("migrun.pg", function()
           end })
         print(ok, err.kind)
         print(a:transaction_status(), b:transaction_status(), b:exec("select count(*) n from dst")[1].n)
-      ]]):format(cluster:conninfo_for { dbname = "other" }, cluster.conninfo)
+      ]]):format(L.source.conninfo, L.target.conninfo)
       local lines = {}
       local h = assert(proc.spawn { MIGRUN, "-e", script, stdout = function(l) lines[#lines + 1] = l end,
         stderr = "stdout" })
@@ -667,8 +669,51 @@ describe("migrun.pg", function()
     end)
   end)
 
-  describe("replicas (needs migrun.lab)", function()
-    pending("in_recovery() is true on the replica and false on the primary")
-    pending("a replica whose replay is paused shows no new rows while the primary writes")
+  describe("replica", function()
+    local r
+    setup(function() r = assert(pg.connect(L.replica.conninfo, { name = "replica" })) end)
+    teardown(function() if r then r:close() end end)
+
+    it("is in recovery while the primary is not", function()
+      assert.is_true(r:in_recovery())
+      assert.is_false(other:in_recovery())
+      assert.is_false(c:in_recovery())
+      local _, err = r:exec("create table nope(x int)")
+      assert.equal("25006", err.sqlstate) -- read-only transaction
+      assert.equal("replica", err.conn)
+    end)
+
+    it("shows no new rows while its replay is paused and the primary writes", function()
+      assert(other:exec("drop table if exists moving; create table moving(id int)"))
+      assert(other:exec("insert into moving select generate_series(1, 10)"))
+      assert(L:wait_replica_caught_up(30))
+      assert.equal(10, r:exec("select count(*) n from moving")[1].n)
+      local names = lsn.names(r:server_version())
+      assert(r:exec("select " .. names.wal_replay_pause .. "()"))
+      local state
+      for _ = 1, 200 do -- 14+: the pause is only requested until replay really stops
+        state = r:exec("select " .. names.wal_replay_pause_state .. "() s")[1].s
+        if state == "paused" then break end
+        r:exec("select pg_sleep(0.05)")
+      end
+      assert.equal("paused", state)
+      local frozen = r:exec("select pg_last_wal_replay_lsn() l")[1].l
+      assert.is_true(lsn.is(frozen))
+      for i = 1, 5 do assert(other:exec("insert into moving select generate_series(1, $1)", i * 100)) end
+      local written = other:exec("select pg_current_wal_lsn() l")[1].l
+      assert.is_true(written > frozen)
+      -- wait until the replica has received the new WAL, then check it did not apply it
+      for _ = 1, 200 do
+        if r:exec("select pg_last_wal_receive_lsn() l")[1].l >= written then break end
+        r:exec("select pg_sleep(0.05)")
+      end
+      assert.is_true(r:exec("select pg_last_wal_receive_lsn() l")[1].l >= written)
+      assert.equal(10, r:exec("select count(*) n from moving")[1].n)
+      assert.equal(frozen, r:exec("select pg_last_wal_replay_lsn() l")[1].l)
+      assert(r:exec("select " .. names.wal_replay_resume .. "()"))
+      assert(L:wait_replica_caught_up(30))
+      assert.equal(1510, r:exec("select count(*) n from moving")[1].n)
+      assert(other:exec("drop table moving"))
+    end)
   end)
 end)
