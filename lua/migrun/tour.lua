@@ -48,8 +48,48 @@ function tour.run(opts)
     r:wait(10)
     io.write((r.stdout:gsub("[^\n]+", "  %0")))
   end
+  if not opts.quick then
+    tour.lab()
+  end
   io.write("\ntour done\n")
   return true
+end
+
+-- The runbook's Phase I anchor on real clusters: pause the maintenance
+-- replica, capture its replay LSN, and see the primary move on without it.
+function tour.lab()
+  local lab, pg = require "migrun.lab", require "migrun.pg"
+  stop("migrun.lab + migrun.pg: a primary, a paused maintenance replica, a target")
+  local t0 = os.time()
+  local L <close> = assert(lab.start{})
+  show("lab started (s)", os.time() - t0)
+  show("source", L.source.conninfo)
+  show("replica", L.replica.conninfo)
+  show("target", L.target.conninfo)
+  local source <close> = assert(pg.connect(L.source.conninfo, { name = "source" }))
+  local replica <close> = assert(pg.connect(L.replica.conninfo, { name = "replica" }))
+  assert(source:exec("create table calls (id bigint primary key, at timestamptz default now())"))
+  assert(source:exec("insert into calls (id) select generate_series(1, 1000)"))
+  assert(L:wait_replica_caught_up(30))
+  show("replica in recovery", replica:in_recovery(), "source in recovery", source:in_recovery())
+
+  local names = lsn.names(replica:server_version())
+  assert(replica:exec(("select %s()"):format(names.wal_replay_pause)))
+  local state
+  repeat
+    state = assert(replica:exec(("select %s() as s"):format(names.wal_replay_pause_state)))[1].s
+  until state == "paused"
+  local anchor = assert(replica:exec(("select %s() as l"):format(names.last_wal_replay_lsn)))[1].l
+  show("replica paused; replay LSN captured", anchor)
+  assert(source:exec("insert into calls (id) select generate_series(1001, 5000)"))
+  local now = assert(source:exec(("select %s() as l"):format(names.current_wal_lsn)))[1].l
+  show("primary moved on to", now, lsn.format_bytes(now - anchor) .. " ahead")
+  show("rows: source / paused replica", source:exec("select count(*) n from calls")[1].n,
+    replica:exec("select count(*) n from calls")[1].n)
+  assert(replica:exec(("select %s()"):format(names.wal_replay_resume)))
+  assert(L:wait_replica_caught_up(30))
+  show("after resume, replica rows", replica:exec("select count(*) n from calls")[1].n)
+  show("a SQL error, as a value", select(2, source:exec("insert into calls (id) values (1)")))
 end
 
 return tour
