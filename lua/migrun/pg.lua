@@ -142,38 +142,34 @@ end
 
 local core_copy_out, core_copy_in = Conn.copy_out, Conn.copy_in
 
-function Conn:copy_out(sql, sink)
-  if type(sink) == "function" then return core_copy_out(self, sql, sink) end
-  local f, own = sink, false
-  if type(sink) == "string" then
+-- COPY to or from a file path (opened and closed here) or an open file, by
+-- way of the core's chunk functions. mode: "wb" for copy_out, "rb" for copy_in.
+local function copy_with_file(self, core, sql, file, mode, what)
+  local f, own = file, false
+  if type(file) == "string" then
     local e
-    f, e = io.open(sink, "wb")
+    f, e = io.open(file, mode)
     if not f then return io_error(self, e) end
     own = true
-  elseif io.type(sink) ~= "file" then
-    error("copy_out sink must be a function, a file path or an open file", 2)
+  elseif io.type(file) ~= "file" then
+    error(what .. " must be a function, a file path or an open file", 3)
   end
-  local ok, res, err = pcall(core_copy_out, self, sql, function(chunk) assert(f:write(chunk)) end)
+  local chunks = mode == "wb" and function(chunk) assert(f:write(chunk)) end
+    or function() return f:read(65536) end
+  local ok, res, err = pcall(core, self, sql, chunks)
   if own then f:close() end
   if not ok then error(res, 0) end
   return res, err
 end
 
+function Conn:copy_out(sql, sink)
+  if type(sink) == "function" then return core_copy_out(self, sql, sink) end
+  return copy_with_file(self, core_copy_out, sql, sink, "wb", "copy_out sink")
+end
+
 function Conn:copy_in(sql, source)
   if type(source) == "function" then return core_copy_in(self, sql, source) end
-  local f, own = source, false
-  if type(source) == "string" then
-    local e
-    f, e = io.open(source, "rb")
-    if not f then return io_error(self, e) end
-    own = true
-  elseif io.type(source) ~= "file" then
-    error("copy_in source must be a function, a file path or an open file", 2)
-  end
-  local ok, res, err = pcall(core_copy_in, self, sql, function() return f:read(65536) end)
-  if own then f:close() end
-  if not ok then error(res, 0) end
-  return res, err
+  return copy_with_file(self, core_copy_in, sql, source, "rb", "copy_in source")
 end
 
 return pg
