@@ -1,0 +1,179 @@
+--[[
+migrun.pg: PostgreSQL connections. The C core (runtime/pg.c, "migrun.pg.core")
+owns libpq; this layer adds what reads better in Lua: transactions, COPY to and
+from files, and small queries.
+
+  local pg = require "migrun.pg"
+  local c <close> = assert(pg.connect("host=127.0.0.1 dbname=app", { name = "target" }))
+  local res = assert(c:exec("select id, email from users where id = $1", 42))
+  for row in res:rows() do print(row.id, row.email) end
+
+Connections
+  pg.connect(conninfo | {keyword = value, ...} [, opts]) -> Conn | nil, err
+      conninfo is anything libpq takes (keywords or a URI; PGHOST and friends,
+      .pgpass, service files and sslmode all apply). opts.name ("source",
+      "replica", "target") labels the connection in errors and notices;
+      opts.connect_timeout (seconds, default 10); opts.statement_timeout
+      (seconds; client side: the statement is cancelled, see exec).
+      application_name defaults to "migrun".
+  conn:close()                    idempotent; also <close> and __gc
+  tostring(conn)                  name, host, port, dbname, user, pid; never a password
+  conn:info(), conn:name(), conn:server_version() (150020), conn:backend_pid(),
+  conn:in_recovery() -> boolean | nil, err, conn:transaction_status() -> "idle"...
+  conn:set_timeout(seconds | nil) -> old   the client-side statement timeout
+  conn:on_notice(fn | nil) -> old          fn(notice) for server notices (an error
+      value of kind "notice" with severity, message, detail...); without one
+      they go to stderr prefixed with the connection name.
+
+Statements
+  conn:exec(sql, p1, p2, ...)  or  conn:exec{ sql, p1, ..., n = count, timeout = s }
+      -> Result | nil, err
+      Parameters go separately ($1..$n): nil or pg.null is NULL; numbers,
+      booleans and LSNs travel as text; strings with NUL bytes travel as raw
+      bytes (for bytea). In the table form use pg.null (or n) for NULLs.
+      Without parameters several statements separated by ";" may be given
+      (simple protocol); the last statement's result is returned, and the
+      first error stops the rest. With parameters only one statement.
+      On timeout the statement is cancelled on the server and the error has
+      kind "timeout" (code 57014). Ctrl-C cancels it too and raises an error of
+      kind "interrupted". COPY FROM STDIN / TO STDOUT are refused (use COPY below).
+  Result: #res, res[i], res:rows() (iterator), res:columns() (names in order),
+      res.affected (rows of INSERT/UPDATE/DELETE/COPY/SELECT, nil if none),
+      res.command (the command tag, "INSERT 0 1"). Rows are tables keyed by
+      column name: int2/int4/int8/oid -> integer, float4/float8 -> number (NaN,
+      inf), bool -> boolean, numeric -> string, pg_lsn -> migrun.lsn value,
+      bytea -> raw bytes, NULL -> pg.null, everything else -> its text.
+  err: kind ("sql", "connection", "timeout", "interrupted", "copy"), where
+      ("target 4711"), code = sqlstate, sqlstate, severity, message, detail,
+      hint, context, conn; tostring gives one line.
+
+Transactions
+  conn:transaction(function(conn) ... end) -> fn's results | true | nil, err
+      BEGIN, then COMMIT when fn returns; ROLLBACK and re-raise when fn raises.
+      When fn returns nil or false first (the nil, err convention), the
+      transaction is rolled back and fn's results are returned. Nested calls
+      use savepoints (a failed inner call rolls back to its savepoint only).
+      A failing BEGIN or COMMIT returns nil, err.
+
+COPY
+  conn:copy_out(sql, sink) -> {bytes=, rows=} | nil, err
+      sink: function(chunk), a file path (created/truncated) or an open file.
+  conn:copy_in(sql, source) -> {bytes=, rows=} | nil, err
+      source: function() returning chunks then nil, a file path or an open file.
+      A sink/source that raises aborts the COPY (the connection stays usable)
+      and the error is re-raised.
+  pg.copy{ from = c1, from_sql = "COPY t TO STDOUT (FORMAT binary)",
+           to = c2, to_sql = "COPY t FROM STDIN (FORMAT binary)",
+           on_progress = function(bytes, rows) end, progress_interval = 1.0 }
+      -> {bytes=, rows=} | nil, err (err.side = "from" | "to")
+      Streams server to server inside C with flat memory; an error on either
+      side aborts both and leaves both connections usable. No timeout applies.
+      Errors while starting a COPY have kind "sql"; errors during the data
+      phase have kind "copy" (with the server's sqlstate, e.g. 23514).
+      Limitation: libpq does not read server messages during COPY IN, so an
+      error the target raises mid-stream (a CHECK on row N) is seen when the
+      source has been read to the end; nothing is committed on the target.
+
+Quoting
+  conn:escape_identifier(s), conn:escape_literal(s) (libpq, encoding aware)
+  pg.quote_ident(s) -> "s"; pg.qualify(schema, name) -> "schema"."name" (always
+  quoted, embedded quotes doubled; pg.qualify(nil, name) -> "name").
+]]
+
+local core = require "migrun.pg.core"
+local error_ = require "migrun.error"
+
+local pg = core
+local Conn = core.Conn
+
+local savepoints = setmetatable({}, { __mode = "k" }) -- conn -> nesting depth
+
+local function finish(conn, sql)
+  local res, err = conn:exec(sql)
+  if not res then return nil, err end
+  return true
+end
+
+local function pack(...) return { n = select("#", ...), ... } end
+
+function Conn:transaction(fn)
+  assert(type(fn) == "function", "transaction needs a function")
+  local status = self:transaction_status()
+  local depth = savepoints[self] or 0
+  local open, commit, rollback
+  if status == "idle" then
+    open, commit, rollback = "BEGIN", "COMMIT", "ROLLBACK"
+  elseif status == "intrans" then
+    local sp = "migrun_sp_" .. (depth + 1)
+    open, commit = "SAVEPOINT " .. sp, "RELEASE SAVEPOINT " .. sp
+    rollback = "ROLLBACK TO SAVEPOINT " .. sp .. "; RELEASE SAVEPOINT " .. sp
+  else
+    error("transaction() on connection " .. self:name() .. " whose transaction is " .. status, 2)
+  end
+  local ok, err = finish(self, open)
+  if not ok then return nil, err end
+  savepoints[self] = depth + 1
+  local r = pack(pcall(fn, self))
+  savepoints[self] = depth > 0 and depth or nil
+  if not r[1] then
+    if not self:is_closed() then finish(self, rollback) end
+    error(r[2], 0)
+  end
+  if r.n >= 2 and not r[2] then -- fn returned nil, err: roll back, hand them back
+    local rok, rerr = finish(self, rollback)
+    if not rok then return nil, rerr end
+    return table.unpack(r, 2, r.n)
+  end
+  ok, err = finish(self, commit)
+  if not ok then return nil, err end
+  if r.n < 2 then return true end
+  return table.unpack(r, 2, r.n)
+end
+
+function Conn:in_recovery()
+  local res, err = self:exec("select pg_is_in_recovery() as r")
+  if not res then return nil, err end
+  return res[1].r
+end
+
+local function io_error(conn, msg)
+  return nil, error_.new { kind = "copy", where = conn:name(), message = msg, conn = conn:name() }
+end
+
+local core_copy_out, core_copy_in = Conn.copy_out, Conn.copy_in
+
+function Conn:copy_out(sql, sink)
+  if type(sink) == "function" then return core_copy_out(self, sql, sink) end
+  local f, own = sink, false
+  if type(sink) == "string" then
+    local e
+    f, e = io.open(sink, "wb")
+    if not f then return io_error(self, e) end
+    own = true
+  elseif io.type(sink) ~= "file" then
+    error("copy_out sink must be a function, a file path or an open file", 2)
+  end
+  local ok, res, err = pcall(core_copy_out, self, sql, function(chunk) assert(f:write(chunk)) end)
+  if own then f:close() end
+  if not ok then error(res, 0) end
+  return res, err
+end
+
+function Conn:copy_in(sql, source)
+  if type(source) == "function" then return core_copy_in(self, sql, source) end
+  local f, own = source, false
+  if type(source) == "string" then
+    local e
+    f, e = io.open(source, "rb")
+    if not f then return io_error(self, e) end
+    own = true
+  elseif io.type(source) ~= "file" then
+    error("copy_in source must be a function, a file path or an open file", 2)
+  end
+  local ok, res, err = pcall(core_copy_in, self, sql, function() return f:read(65536) end)
+  if own then f:close() end
+  if not ok then error(res, 0) end
+  return res, err
+end
+
+return pg

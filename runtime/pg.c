@@ -1,0 +1,1598 @@
+/*
+ * migrun.pg.core: the libpq binding. This file owns the connection handle
+ * (migrun.pg.Conn: a PGconn opened without blocking so Ctrl-C and timeouts
+ * reach it, its notices, its client-side statement timeout), the result handle
+ * (migrun.pg.Result: a PGresult freed by __gc, holding its connection through
+ * a user value, turning rows into Lua tables with lossless type conversion),
+ * the pg.null sentinel, quoting, the structured errors built from server
+ * error fields, and COPY: copy_out/copy_in with Lua callbacks, and pg.copy,
+ * which streams COPY OUT from one server into COPY IN on another entirely in
+ * C with both sockets non-blocking and bounded buffering. Every wait polls the
+ * socket, so a statement can be cancelled (PQcancel) on timeout or Ctrl-C and
+ * the connection brought back to idle before the error reaches Lua.
+ * lua/migrun/pg.lua wraps this module (transaction(), file sinks/sources).
+ */
+#include <errno.h>
+#include <math.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <libpq-fe.h>
+
+#include "migrun.h"
+
+#define CONN_MT "migrun.pg.Conn"
+#define RESULT_MT "migrun.pg.Result"
+#define NULL_MT "migrun.pg.Null"
+#define NULL_KEY "migrun.pg.null"
+#define LSNPARSE_KEY "migrun.pg.lsn_parse"
+
+#define CONNECT_TIMEOUT 10.0 /* seconds, when opts.connect_timeout is not given */
+#define DRAIN_TIMEOUT 15.0   /* seconds to bring a connection back to idle after a cancel */
+#define POLL_SLICE_MS 250    /* poll at most this long so a missed EINTR is noticed anyway */
+#define COPY_FLUSH_BYTES (64 * 1024) /* pg.copy: flush the target after this much */
+#define COPY_CHUNK_BYTES (64 * 1024) /* copy_out: hand the sink chunks of about this size */
+
+/* Type OIDs (pg_type.dat) of the types converted to something other than text. */
+#define BOOLOID 16
+#define BYTEAOID 17
+#define INT8OID 20
+#define INT2OID 21
+#define INT4OID 23
+#define OIDOID 26
+#define FLOAT4OID 700
+#define FLOAT8OID 701
+#define PG_LSNOID 3220
+
+/* A server notice waiting to be handed to the Lua handler (fields point into data[]). */
+typedef struct notice_rec {
+    struct notice_rec *next;
+    const char *field[7]; /* severity sqlstate message detail hint context full */
+    char data[];
+} notice_rec;
+
+static const char *const notice_keys[7] = {"severity", "sqlstate", "message", "detail",
+                                           "hint",     "context",  "text"};
+static const int notice_codes[6] = {PG_DIAG_SEVERITY_NONLOCALIZED, PG_DIAG_SQLSTATE,
+                                    PG_DIAG_MESSAGE_PRIMARY,       PG_DIAG_MESSAGE_DETAIL,
+                                    PG_DIAG_MESSAGE_HINT,          PG_DIAG_CONTEXT};
+
+typedef struct {
+    PGconn *conn;      /* NULL when closed */
+    int pid;           /* backend pid, for "where" */
+    double timeout;    /* client-side statement timeout in seconds; 0 = none */
+    int has_handler;   /* a Lua notice handler is set (user value 1) */
+    notice_rec *nhead, *ntail;
+    void *scratch;     /* libpq buffer in flight while Lua may raise; freed by the closer */
+    char name[64];
+} pg_Conn;
+
+typedef struct {
+    PGresult *res; /* NULL once freed, or while a command is still running */
+} pg_Result;
+
+/* ---- time and waiting --------------------------------------------------- */
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+enum { W_READY, W_TIMEOUT, W_INTR, W_ERR };
+
+/*
+ * poll() the fds until one is ready, the deadline (<0: none) passes, or Ctrl-C
+ * is pressed (only when interruptible). Polls in slices so a signal that
+ * arrives just before poll() is still noticed.
+ */
+static int wait_fds(struct pollfd *fds, int nfds, double deadline, int interruptible) {
+    for (;;) {
+        if (interruptible && migrun_interrupt_pending)
+            return W_INTR;
+        int ms = POLL_SLICE_MS;
+        if (deadline >= 0) {
+            double left = deadline - now();
+            if (left <= 0)
+                return W_TIMEOUT;
+            if (left * 1000 < ms)
+                ms = (int)(left * 1000) + 1;
+        }
+        int rc = poll(fds, (nfds_t)nfds, ms);
+        if (rc > 0)
+            return W_READY;
+        if (rc < 0 && errno != EINTR)
+            return W_ERR;
+    }
+}
+
+static int wait_sock(PGconn *conn, short events, double deadline, int interruptible) {
+    struct pollfd p = {.fd = PQsocket(conn), .events = events, .revents = 0};
+    if (p.fd < 0)
+        return W_ERR;
+    return wait_fds(&p, 1, deadline, interruptible);
+}
+
+/* Sends everything libpq has queued, reading input meanwhile (so the server never blocks on us). */
+static int conn_flush(PGconn *conn, double deadline, int interruptible) {
+    for (;;) {
+        int r = PQflush(conn);
+        if (r == 0)
+            return W_READY;
+        if (r < 0)
+            return W_ERR;
+        int w = wait_sock(conn, POLLIN | POLLOUT, deadline, interruptible);
+        if (w != W_READY)
+            return w;
+        if (!PQconsumeInput(conn))
+            return W_ERR;
+    }
+}
+
+/* Waits until PQgetResult will not block. */
+static int conn_wait_result(PGconn *conn, double deadline, int interruptible) {
+    int w = conn_flush(conn, deadline, interruptible);
+    if (w != W_READY)
+        return w;
+    while (PQisBusy(conn)) {
+        w = wait_sock(conn, POLLIN, deadline, interruptible);
+        if (w != W_READY)
+            return w;
+        if (!PQconsumeInput(conn))
+            return W_ERR;
+    }
+    return W_READY;
+}
+
+/* Asks the server to cancel the running command (a separate, short connection). */
+static void conn_cancel(PGconn *conn) {
+    PGcancel *k = PQgetCancel(conn);
+    if (k != NULL) {
+        char errbuf[256];
+        PQcancel(k, errbuf, sizeof errbuf);
+        PQfreeCancel(k);
+    }
+}
+
+/* ---- notices ------------------------------------------------------------ */
+
+static void notice_receiver(void *arg, const PGresult *r) {
+    pg_Conn *c = arg;
+    if (!c->has_handler) { /* default: stderr, prefixed with the connection name */
+        fprintf(stderr, "[%s] %s", c->name, PQresultErrorMessage(r));
+        return;
+    }
+    const char *f[7];
+    size_t len = 0;
+    for (int i = 0; i < 7; i++) {
+        f[i] = i < 6 ? PQresultErrorField(r, notice_codes[i]) : PQresultErrorMessage(r);
+        if (f[i] != NULL)
+            len += strlen(f[i]) + 1;
+    }
+    notice_rec *n = malloc(sizeof *n + len);
+    if (n == NULL) {
+        fprintf(stderr, "[%s] %s", c->name, PQresultErrorMessage(r));
+        return;
+    }
+    n->next = NULL;
+    char *p = n->data;
+    for (int i = 0; i < 7; i++) {
+        n->field[i] = NULL;
+        if (f[i] != NULL) {
+            size_t l = strlen(f[i]);
+            if (i == 6 && l > 0 && f[i][l - 1] == '\n')
+                l--;
+            memcpy(p, f[i], l);
+            p[l] = '\0';
+            n->field[i] = p;
+            p += l + 1;
+        }
+    }
+    if (c->ntail)
+        c->ntail->next = n;
+    else
+        c->nhead = n;
+    c->ntail = n;
+}
+
+static void free_notices(pg_Conn *c) {
+    while (c->nhead) {
+        notice_rec *n = c->nhead;
+        c->nhead = n->next;
+        free(n);
+    }
+    c->ntail = NULL;
+}
+
+static const char *conn_where(pg_Conn *c, char *buf, size_t size) {
+    if (c->pid > 0)
+        snprintf(buf, size, "%s %d", c->name, c->pid);
+    else
+        snprintf(buf, size, "%s", c->name);
+    return buf;
+}
+
+/* Hands queued notices to the handler (user value 1 of the Conn at idx). Stack balanced. */
+static void dispatch_notices(lua_State *L, int idx, pg_Conn *c) {
+    idx = lua_absindex(L, idx);
+    char where[96];
+    while (c->nhead) {
+        notice_rec *n = c->nhead;
+        lua_getiuservalue(L, idx, 1); /* handler */
+        migrun_error_push(L, "notice", conn_where(c, where, sizeof where), n->field[1],
+                          n->field[2] ? n->field[2] : n->field[6]); /* handler notice */
+        for (int i = 0; i < 7; i++)
+            if (i != 2)
+                migrun_setfield(L, -1, notice_keys[i], n->field[i]);
+        migrun_setfield(L, -1, "conn", c->name);
+        c->nhead = n->next; /* everything copied: unlink before calling Lua */
+        if (c->nhead == NULL)
+            c->ntail = NULL;
+        free(n);
+        if (lua_isfunction(L, -2))
+            lua_call(L, 1, 0);
+        else
+            lua_pop(L, 2);
+    }
+}
+
+/* ---- handles -------------------------------------------------------------- */
+
+/* The one closer: marks closed first, then releases. Idempotent. */
+static void conn_release(pg_Conn *c) {
+    PGconn *conn = c->conn;
+    c->conn = NULL;
+    if (conn != NULL)
+        PQfinish(conn);
+    if (c->scratch) {
+        PQfreemem(c->scratch);
+        c->scratch = NULL;
+    }
+    free_notices(c);
+}
+
+static int conn_gc(lua_State *L) {
+    conn_release(luaL_checkudata(L, 1, CONN_MT));
+    return 0;
+}
+
+static pg_Conn *check_conn(lua_State *L, int idx) {
+    pg_Conn *c = luaL_checkudata(L, idx, CONN_MT);
+    if (c->conn == NULL)
+        luaL_error(L, "attempt to use a closed connection");
+    if (c->scratch) {
+        PQfreemem(c->scratch);
+        c->scratch = NULL;
+    }
+    return c;
+}
+
+/* A connection must be idle to start a command (a callback may try to reuse one mid-COPY). */
+static pg_Conn *check_idle(lua_State *L, int idx) {
+    pg_Conn *c = check_conn(L, idx);
+    if (PQtransactionStatus(c->conn) == PQTRANS_ACTIVE)
+        luaL_error(L, "connection %s is busy (a command or COPY is in progress on it)", c->name);
+    return c;
+}
+
+/* Pushes a Result holding nothing yet, keeping the Conn at conn_idx alive. */
+static pg_Result *result_new(lua_State *L, int conn_idx) {
+    conn_idx = lua_absindex(L, conn_idx);
+    pg_Result *r = lua_newuserdatauv(L, sizeof *r, 1);
+    r->res = NULL;
+    luaL_setmetatable(L, RESULT_MT);
+    lua_pushvalue(L, conn_idx);
+    lua_setiuservalue(L, -2, 1);
+    return r;
+}
+
+static void result_set(pg_Result *r, PGresult *res) {
+    if (r->res)
+        PQclear(r->res);
+    r->res = res;
+}
+
+static int result_gc(lua_State *L) {
+    pg_Result *r = luaL_checkudata(L, 1, RESULT_MT);
+    result_set(r, NULL);
+    return 0;
+}
+
+/* ---- errors --------------------------------------------------------------- */
+
+/* Copies s into buf, turning the line breaks of libpq messages into spaces, trimming the end. */
+static const char *one_line(const char *s, char *buf, size_t size) {
+    size_t j = 0;
+    int space = 0;
+    for (size_t i = 0; s[i] && j + 1 < size; i++) {
+        if (s[i] == '\n' || s[i] == '\t' || s[i] == '\r') {
+            space = 1;
+            continue;
+        }
+        if (space && j > 0)
+            buf[j++] = ' ';
+        space = 0;
+        if (j + 1 < size)
+            buf[j++] = s[i];
+    }
+    buf[j] = '\0';
+    return buf;
+}
+
+/* Pushes an error of the given kind made from the connection's error message. */
+static void push_conn_error(lua_State *L, pg_Conn *c, PGconn *conn, const char *kind,
+                            const char *code, const char *fallback) {
+    char where[96], msg[1024];
+    const char *m = conn ? PQerrorMessage(conn) : "";
+    if (m == NULL || *m == '\0')
+        m = fallback ? fallback : "connection failed";
+    migrun_error_push(L, kind, conn_where(c, where, sizeof where), code,
+                      one_line(m, msg, sizeof msg));
+    migrun_setfield(L, -1, "conn", c->name);
+}
+
+/* Pushes the error carried by a PGresult (server fields when it has them). */
+static void push_result_error(lua_State *L, pg_Conn *c, const PGresult *res, const char *kind) {
+    char where[96], msg[1024];
+    const char *primary = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    if (primary == NULL) {
+        const char *m = PQresultErrorMessage(res);
+        if (m == NULL || *m == '\0')
+            m = c->conn ? PQerrorMessage(c->conn) : "unknown error";
+        primary = one_line(m, msg, sizeof msg);
+    }
+    migrun_error_push(L, kind, conn_where(c, where, sizeof where), state, primary);
+    migrun_setfield(L, -1, "sqlstate", state);
+    const char *sev = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED);
+    migrun_setfield(L, -1, "severity", sev ? sev : PQresultErrorField(res, PG_DIAG_SEVERITY));
+    migrun_setfield(L, -1, "detail", PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL));
+    migrun_setfield(L, -1, "hint", PQresultErrorField(res, PG_DIAG_MESSAGE_HINT));
+    migrun_setfield(L, -1, "context", PQresultErrorField(res, PG_DIAG_CONTEXT));
+    migrun_setfield(L, -1, "conn", c->name);
+}
+
+/* Ctrl-C: the connection has been brought back to idle; raise a structured error. */
+static int raise_interrupted(lua_State *L, pg_Conn *c) {
+    char where[96];
+    migrun_interrupt_pending = 0;
+    lua_sethook(L, NULL, 0, 0);
+    migrun_error_push(L, "interrupted", conn_where(c, where, sizeof where), NULL, "interrupted!");
+    migrun_setfield(L, -1, "conn", c->name);
+    return lua_error(L);
+}
+
+/*
+ * Brings a connection back to idle after an abandoned command: ends a COPY IN
+ * with abort_msg, reads away a COPY OUT (after asking the server to cancel it),
+ * discards results. Ignores Ctrl-C (a second one kills the process). Returns 1
+ * when idle; 0 when that failed, and then the connection is closed so that
+ * nothing uses it half-way through a protocol exchange.
+ */
+static int conn_drain(pg_Conn *c, const char *abort_msg) {
+    PGconn *conn = c->conn;
+    double deadline = now() + DRAIN_TIMEOUT;
+    int cancelled = 0;
+    for (;;) {
+        if (conn_wait_result(conn, deadline, 0) != W_READY)
+            break;
+        PGresult *res = PQgetResult(conn);
+        if (res == NULL)
+            return 1;
+        ExecStatusType st = PQresultStatus(res);
+        PQclear(res);
+        if (st == PGRES_COPY_IN) {
+            int r;
+            while ((r = PQputCopyEnd(conn, abort_msg ? abort_msg : "aborted by migrun")) == 0)
+                if (wait_sock(conn, POLLOUT, deadline, 0) != W_READY)
+                    goto fail;
+            if (r < 0)
+                break;
+        } else if (st == PGRES_COPY_OUT) {
+            if (!cancelled) {
+                conn_cancel(conn);
+                cancelled = 1;
+            }
+            for (;;) {
+                char *buf = NULL;
+                int n = PQgetCopyData(conn, &buf, 1);
+                if (buf)
+                    PQfreemem(buf);
+                if (n > 0)
+                    continue;
+                if (n < 0)
+                    break;
+                if (wait_sock(conn, POLLIN, deadline, 0) != W_READY || !PQconsumeInput(conn))
+                    goto fail;
+            }
+        } else if (st == PGRES_COPY_BOTH) {
+            break;
+        }
+    }
+fail:
+    fprintf(stderr, "[%s] could not bring the connection back to idle; closing it\n", c->name);
+    conn_release(c);
+    return 0;
+}
+
+/* ---- connect ------------------------------------------------------------ */
+
+/* Reads a number of seconds from opts[key]; def when absent. */
+static double opt_seconds(lua_State *L, int opts, const char *key, double def) {
+    if (opts == 0)
+        return def;
+    int t = lua_getfield(L, opts, key);
+    double v = def;
+    if (t == LUA_TNUMBER)
+        v = lua_tonumber(L, -1);
+    else if (t == LUA_TBOOLEAN && !lua_toboolean(L, -1))
+        v = 0;
+    else if (t != LUA_TNIL)
+        luaL_error(L, "option '%s' must be a number of seconds, got %s", key, luaL_typename(L, -1));
+    lua_pop(L, 1);
+    luaL_argcheck(L, v >= 0 && !isnan(v), opts, "timeouts cannot be negative");
+    return v;
+}
+
+/*
+ * pg.connect(conninfo | {keyword=value...} [, opts]) -> Conn | nil, err
+ * opts: name, connect_timeout (s, default 10), statement_timeout (s, client side).
+ */
+static int pg_connect(lua_State *L) {
+    int is_table = lua_istable(L, 1);
+    if (!is_table)
+        luaL_checkstring(L, 1);
+    int opts = 0;
+    if (!lua_isnoneornil(L, 2)) {
+        luaL_checktype(L, 2, LUA_TTABLE);
+        opts = 2;
+    }
+    lua_settop(L, 2);
+    const char *name = "pg";
+    if (opts && lua_getfield(L, opts, "name") != LUA_TNIL) {
+        luaL_argcheck(L, lua_type(L, -1) == LUA_TSTRING, 2, "opts.name must be a string");
+        name = lua_tostring(L, -1);
+    }
+    double connect_timeout = opt_seconds(L, opts, "connect_timeout", CONNECT_TIMEOUT);
+    double stmt_timeout = opt_seconds(L, opts, "statement_timeout", 0);
+
+    /* keywords and values, kept alive by a scratch table (strings) and a userdata (arrays) */
+    lua_newtable(L); /* ... keep */
+    int keep = lua_gettop(L);
+    int n = 2;
+    if (is_table) {
+        lua_pushnil(L);
+        while (lua_next(L, 1)) {
+            n++;
+            lua_pop(L, 1);
+        }
+    }
+    const char **kw = lua_newuserdatauv(L, sizeof(char *) * 2 * (size_t)(n + 1), 0);
+    const char **val = kw + n + 1;
+    int i = 0;
+    if (is_table) {
+        lua_pushnil(L);
+        while (lua_next(L, 1)) { /* ... keep arrays key value */
+            luaL_argcheck(L, lua_type(L, -2) == LUA_TSTRING, 1, "connection keywords must be strings");
+            const char *k = lua_tostring(L, -2);
+            const char *v = luaL_tolstring(L, -1, NULL); /* ... key value vstr */
+            lua_rawseti(L, keep, i * 2 + 1); /* keep the value string */
+            lua_pushvalue(L, -2);
+            lua_rawseti(L, keep, i * 2 + 2); /* and the key */
+            kw[i] = k;
+            val[i] = v;
+            i++;
+            lua_pop(L, 1);
+        }
+    } else {
+        kw[i] = "dbname";
+        val[i] = lua_tostring(L, 1);
+        i++;
+    }
+    kw[i] = "fallback_application_name";
+    val[i] = "migrun";
+    i++;
+    kw[i] = NULL;
+    val[i] = NULL;
+
+    /* born closed: the handle exists, with its metatable, before the PGconn does */
+    pg_Conn *c = lua_newuserdatauv(L, sizeof *c, 1); /* ... keep arrays conn */
+    memset(c, 0, sizeof *c);
+    luaL_setmetatable(L, CONN_MT);
+    snprintf(c->name, sizeof c->name, "%s", name);
+    c->timeout = stmt_timeout;
+
+    c->conn = PQconnectStartParams(kw, val, is_table ? 0 : 1);
+    if (c->conn == NULL)
+        return luaL_error(L, "out of memory starting a connection");
+    if (PQstatus(c->conn) == CONNECTION_BAD) {
+        push_conn_error(L, c, c->conn, "connection", "08001", NULL);
+        conn_release(c);
+        lua_pushnil(L);
+        lua_insert(L, -2);
+        return 2;
+    }
+    double deadline = connect_timeout > 0 ? now() + connect_timeout : -1;
+    PostgresPollingStatusType st = PGRES_POLLING_WRITING;
+    while (st != PGRES_POLLING_OK) {
+        if (st == PGRES_POLLING_FAILED) {
+            push_conn_error(L, c, c->conn, "connection", "08001", NULL);
+            conn_release(c);
+            lua_pushnil(L);
+            lua_insert(L, -2);
+            return 2;
+        }
+        int w = wait_sock(c->conn, st == PGRES_POLLING_READING ? POLLIN : POLLOUT, deadline, 1);
+        if (w == W_INTR) {
+            conn_release(c);
+            return raise_interrupted(L, c);
+        }
+        if (w == W_TIMEOUT) {
+            conn_release(c);
+            char where[96];
+            lua_pushnil(L);
+            migrun_error_push(L, "timeout", conn_where(c, where, sizeof where), "08001", NULL);
+            lua_pushfstring(L, "timeout expired after %f s while connecting", connect_timeout);
+            lua_setfield(L, -2, "message");
+            migrun_setfield(L, -1, "conn", c->name);
+            return 2;
+        }
+        st = PQconnectPoll(c->conn);
+    }
+    c->pid = PQbackendPID(c->conn);
+    PQsetNoticeReceiver(c->conn, notice_receiver, c);
+    if (PQsetnonblocking(c->conn, 1) != 0) {
+        push_conn_error(L, c, c->conn, "connection", "08001", "could not set non-blocking mode");
+        conn_release(c);
+        lua_pushnil(L);
+        lua_insert(L, -2);
+        return 2;
+    }
+    return 1;
+}
+
+/* ---- exec ------------------------------------------------------------------ */
+
+/* Converts the parameter at idx to text (or binary for strings with NUL bytes); pushes a keeper. */
+static void param_value(lua_State *L, int idx, const char **val, int *len, int *fmt) {
+    *fmt = 0;
+    *len = 0;
+    switch (lua_type(L, idx)) {
+    case LUA_TNIL:
+        *val = NULL;
+        lua_pushnil(L);
+        return;
+    case LUA_TBOOLEAN:
+        *val = lua_toboolean(L, idx) ? "true" : "false";
+        lua_pushnil(L);
+        return;
+    case LUA_TNUMBER:
+        if (lua_isinteger(L, idx)) {
+            *val = lua_pushfstring(L, "%I", lua_tointeger(L, idx));
+        } else {
+            double d = lua_tonumber(L, idx);
+            char buf[64];
+            if (isnan(d))
+                snprintf(buf, sizeof buf, "NaN");
+            else if (isinf(d))
+                snprintf(buf, sizeof buf, "%sInfinity", d < 0 ? "-" : "");
+            else
+                snprintf(buf, sizeof buf, "%.17g", d);
+            *val = lua_pushstring(L, buf);
+        }
+        return;
+    case LUA_TSTRING: {
+        size_t l;
+        *val = lua_tolstring(L, idx, &l);
+        lua_pushvalue(L, idx);
+        if (strlen(*val) != l) { /* NUL bytes cannot travel as text: send the raw bytes */
+            *fmt = 1;
+            *len = (int)l;
+        }
+        return;
+    }
+    case LUA_TUSERDATA:
+        lua_getfield(L, LUA_REGISTRYINDEX, NULL_KEY);
+        if (lua_rawequal(L, -1, idx)) {
+            *val = NULL;
+            return; /* the pushed null is the keeper */
+        }
+        lua_pop(L, 1);
+        if (luaL_getmetafield(L, idx, "__tostring") != LUA_TNIL) {
+            lua_pop(L, 1);
+            *val = luaL_tolstring(L, idx, NULL); /* LSN and friends */
+            return;
+        }
+        /* fall through */
+    default:
+        luaL_error(L, "cannot send a %s as a query parameter", luaL_typename(L, idx));
+    }
+}
+
+/*
+ * Runs the command already sent on c and stores its last result in r; waits
+ * with the deadline. On timeout or Ctrl-C it asks the server to cancel and
+ * keeps reading until the connection is idle. Returns W_READY (r holds the
+ * last result: a statement that finished before the cancel arrived counts as
+ * done), W_TIMEOUT (the server cancelled it), W_INTR (Ctrl-C; idle) or W_ERR
+ * (connection lost, or closed because it would not come back to idle).
+ */
+static int run_command(pg_Conn *c, pg_Result *r, double deadline, const char **copy_state) {
+    PGconn *conn = c->conn;
+    int cancelled = 0; /* W_TIMEOUT or W_INTR once the cancel was sent */
+    for (;;) {
+        int w = conn_wait_result(conn, deadline, !cancelled);
+        if (w == W_TIMEOUT || w == W_INTR) {
+            if (cancelled) { /* the server did not answer the cancel in time */
+                conn_release(c);
+                return W_ERR;
+            }
+            conn_cancel(conn);
+            cancelled = w;
+            deadline = now() + DRAIN_TIMEOUT;
+            continue;
+        }
+        if (w == W_ERR)
+            return W_ERR;
+        PGresult *res = PQgetResult(conn);
+        if (res == NULL)
+            break;
+        ExecStatusType st = PQresultStatus(res);
+        if (st == PGRES_COPY_IN || st == PGRES_COPY_OUT || st == PGRES_COPY_BOTH) {
+            PQclear(res);
+            *copy_state = st == PGRES_COPY_IN ? "in" : "out";
+            return conn_drain(c, "use conn:copy_in for COPY FROM STDIN") ? (cancelled ? cancelled : W_READY)
+                                                                          : W_ERR;
+        }
+        /* the last result wins; after an error the server runs nothing more */
+        result_set(r, res);
+    }
+    if (cancelled == W_INTR)
+        return W_INTR;
+    if (cancelled == W_TIMEOUT && r->res != NULL) {
+        const char *state = PQresultErrorField(r->res, PG_DIAG_SQLSTATE);
+        if (state != NULL && strcmp(state, "57014") == 0)
+            return W_TIMEOUT;
+    }
+    return W_READY;
+}
+
+/*
+ * conn:exec(sql, ...) or conn:exec{sql, p1, ..., n = count, timeout = s}
+ * -> Result | nil, err
+ * Without parameters the simple protocol runs: several statements may be
+ * given and the last result is returned. With parameters only one statement.
+ */
+static int conn_exec(lua_State *L) {
+    pg_Conn *c = check_idle(L, 1);
+    int first, nparams;
+    double timeout = c->timeout;
+    if (lua_istable(L, 2)) { /* the table's items go on the stack, like the vararg form */
+        lua_settop(L, 2);
+        lua_Integer n;
+        if (lua_getfield(L, 2, "n") != LUA_TNIL)
+            n = luaL_checkinteger(L, -1);
+        else
+            n = (lua_Integer)luaL_len(L, 2);
+        lua_pop(L, 1);
+        luaL_argcheck(L, n >= 1 && n <= 65536, 2, "expected {sql, parameters...}");
+        timeout = opt_seconds(L, 2, "timeout", timeout);
+        luaL_checkstack(L, (int)n + 10, "too many parameters");
+        for (lua_Integer i = 1; i <= n; i++)
+            lua_geti(L, 2, i);
+        first = 3;
+        nparams = (int)n - 1;
+    } else {
+        first = 2;
+        nparams = lua_gettop(L) - 2;
+    }
+    const char *sql = luaL_checkstring(L, first);
+    luaL_argcheck(L, nparams <= 65535, first + 1, "too many parameters");
+    const char **vals = NULL;
+    int *lens = NULL, *fmts = NULL;
+    if (nparams > 0) {
+        luaL_checkstack(L, nparams + 10, "too many parameters");
+        vals = lua_newuserdatauv(L, (sizeof(char *) + 2 * sizeof(int)) * (size_t)nparams, 0);
+        lens = (int *)(vals + nparams);
+        fmts = lens + nparams;
+        for (int i = 0; i < nparams; i++)
+            param_value(L, first + 1 + i, &vals[i], &lens[i], &fmts[i]); /* ... arrays keepers */
+    }
+    pg_Result *r = result_new(L, 1); /* ... res */
+    int res_idx = lua_gettop(L);
+
+    int sent = nparams > 0 ? PQsendQueryParams(c->conn, sql, nparams, NULL, vals, lens, fmts, 0)
+                           : PQsendQuery(c->conn, sql);
+    if (!sent) {
+        push_conn_error(L, c, c->conn, "connection", "08006", NULL);
+        lua_pushnil(L);
+        lua_insert(L, -2);
+        return 2;
+    }
+    double deadline = timeout > 0 ? now() + timeout : -1;
+    const char *copy_state = NULL;
+    int w = run_command(c, r, deadline, &copy_state);
+    if (w == W_INTR)
+        return raise_interrupted(L, c);
+    if (w == W_ERR) {
+        push_conn_error(L, c, c->conn, "connection", "08006", "connection lost");
+        lua_pushnil(L);
+        lua_insert(L, -2);
+        return 2;
+    }
+    dispatch_notices(L, 1, c);
+    if (w == W_TIMEOUT) {
+        char where[96];
+        lua_pushnil(L);
+        migrun_error_push(L, "timeout", conn_where(c, where, sizeof where), "57014", NULL);
+        lua_pushfstring(L, "statement cancelled after the timeout of %f s", timeout);
+        lua_setfield(L, -2, "message");
+        migrun_setfield(L, -1, "sqlstate", "57014");
+        migrun_setfield(L, -1, "conn", c->name);
+        lua_pushnumber(L, timeout);
+        lua_setfield(L, -2, "timeout");
+        return 2;
+    }
+    if (copy_state != NULL) {
+        char where[96];
+        lua_pushnil(L);
+        migrun_error_push(L, "copy", conn_where(c, where, sizeof where), NULL,
+                          strcmp(copy_state, "in") == 0
+                              ? "COPY FROM STDIN needs conn:copy_in (or pg.copy), not exec"
+                              : "COPY TO STDOUT needs conn:copy_out (or pg.copy), not exec");
+        migrun_setfield(L, -1, "conn", c->name);
+        return 2;
+    }
+    if (r->res == NULL) { /* "" sends nothing back but EmptyQuery; be safe anyway */
+        lua_pushvalue(L, res_idx);
+        return 1;
+    }
+    ExecStatusType st = PQresultStatus(r->res);
+    if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK || st == PGRES_EMPTY_QUERY) {
+        lua_pushvalue(L, res_idx);
+        return 1;
+    }
+    lua_pushnil(L);
+    push_result_error(L, c, r->res, st == PGRES_FATAL_ERROR ? "sql" : "connection");
+    return 2;
+}
+
+/* ---- results ------------------------------------------------------------------ */
+
+static void push_value(lua_State *L, PGresult *res, int row, int col) {
+    if (PQgetisnull(res, row, col)) {
+        lua_getfield(L, LUA_REGISTRYINDEX, NULL_KEY);
+        return;
+    }
+    const char *v = PQgetvalue(res, row, col);
+    int len = PQgetlength(res, row, col);
+    switch (PQftype(res, col)) {
+    case BOOLOID:
+        lua_pushboolean(L, v[0] == 't');
+        return;
+    case INT2OID:
+    case INT4OID:
+    case INT8OID:
+    case OIDOID:
+        lua_pushinteger(L, (lua_Integer)strtoll(v, NULL, 10));
+        return;
+    case FLOAT4OID:
+    case FLOAT8OID:
+        lua_pushnumber(L, strtod(v, NULL)); /* strtod reads NaN, Infinity, -Infinity */
+        return;
+    case PG_LSNOID:
+        lua_getfield(L, LUA_REGISTRYINDEX, LSNPARSE_KEY);
+        lua_pushlstring(L, v, (size_t)len);
+        lua_call(L, 1, 1);
+        return;
+    case BYTEAOID: {
+        luaL_Buffer b;
+        char *dst = luaL_buffinitsize(L, &b, (size_t)len + 1); /* decoded is never longer */
+        if (len >= 2 && v[0] == '\\' && v[1] == 'x') {
+            size_t n = 0;
+            for (int i = 2; i + 1 < len; i += 2) {
+                int hi = v[i], lo = v[i + 1];
+                hi = hi <= '9' ? hi - '0' : (hi | 0x20) - 'a' + 10;
+                lo = lo <= '9' ? lo - '0' : (lo | 0x20) - 'a' + 10;
+                dst[n++] = (char)(hi << 4 | lo);
+            }
+            luaL_pushresultsize(&b, n);
+        } else { /* bytea_output = escape */
+            size_t n = 0;
+            unsigned char *u = PQunescapeBytea((const unsigned char *)v, &n);
+            if (u != NULL) { /* no Lua call between here and the free */
+                memcpy(dst, u, n <= (size_t)len ? n : (size_t)len);
+                PQfreemem(u);
+            }
+            luaL_pushresultsize(&b, u ? n : 0);
+        }
+        return;
+    }
+    default:
+        lua_pushlstring(L, v, (size_t)len);
+    }
+}
+
+static void push_row(lua_State *L, PGresult *res, int row) {
+    int ncols = PQnfields(res);
+    lua_createtable(L, 0, ncols);
+    for (int col = 0; col < ncols; col++) {
+        push_value(L, res, row, col);
+        lua_setfield(L, -2, PQfname(res, col));
+    }
+}
+
+static PGresult *check_result(lua_State *L, int idx) {
+    pg_Result *r = luaL_checkudata(L, idx, RESULT_MT);
+    if (r->res == NULL)
+        luaL_error(L, "attempt to use a freed result");
+    return r->res;
+}
+
+static int result_len(lua_State *L) {
+    lua_pushinteger(L, PQntuples(check_result(L, 1)));
+    return 1;
+}
+
+static int result_columns(lua_State *L) {
+    PGresult *res = check_result(L, 1);
+    int n = PQnfields(res);
+    lua_createtable(L, n, 0);
+    for (int i = 0; i < n; i++) {
+        lua_pushstring(L, PQfname(res, i));
+        lua_rawseti(L, -2, i + 1);
+    }
+    return 1;
+}
+
+static int result_rows_iter(lua_State *L) {
+    PGresult *res = check_result(L, lua_upvalueindex(1));
+    lua_Integer i = lua_tointeger(L, lua_upvalueindex(2)) + 1;
+    if (i > PQntuples(res))
+        return 0;
+    lua_pushinteger(L, i);
+    lua_replace(L, lua_upvalueindex(2));
+    push_row(L, res, (int)i - 1);
+    return 1;
+}
+
+/* for row in res:rows() do ... end */
+static int result_rows(lua_State *L) {
+    check_result(L, 1);
+    lua_settop(L, 1);
+    lua_pushinteger(L, 0);
+    lua_pushcclosure(L, result_rows_iter, 2);
+    return 1;
+}
+
+static int result_index(lua_State *L) {
+    PGresult *res = check_result(L, 1);
+    if (lua_isinteger(L, 2)) {
+        lua_Integer i = lua_tointeger(L, 2);
+        if (i < 1 || i > PQntuples(res))
+            return 0;
+        push_row(L, res, (int)i - 1);
+        return 1;
+    }
+    const char *k = luaL_checkstring(L, 2);
+    if (strcmp(k, "affected") == 0) {
+        const char *t = PQcmdTuples(res);
+        if (t == NULL || *t == '\0')
+            return 0;
+        lua_pushinteger(L, (lua_Integer)strtoll(t, NULL, 10));
+        return 1;
+    }
+    if (strcmp(k, "command") == 0) { /* the command tag, "INSERT 0 1" */
+        lua_pushstring(L, PQcmdStatus(res));
+        return 1;
+    }
+    luaL_getmetafield(L, 1, "methods");
+    lua_getfield(L, -1, k);
+    return 1;
+}
+
+static int result_tostring(lua_State *L) {
+    pg_Result *r = luaL_checkudata(L, 1, RESULT_MT);
+    if (r->res == NULL)
+        lua_pushliteral(L, "migrun.pg.Result (freed)");
+    else
+        lua_pushfstring(L, "migrun.pg.Result (%s, %d rows)", PQcmdStatus(r->res),
+                        PQntuples(r->res));
+    return 1;
+}
+
+/* ---- connection methods ------------------------------------------------------- */
+
+static int conn_close(lua_State *L) {
+    conn_release(luaL_checkudata(L, 1, CONN_MT));
+    return 0;
+}
+
+static int conn_tostring(lua_State *L) {
+    pg_Conn *c = luaL_checkudata(L, 1, CONN_MT);
+    if (c->conn == NULL) {
+        lua_pushfstring(L, "migrun.pg.Conn %s (closed)", c->name);
+        return 1;
+    }
+    const char *host = PQhost(c->conn);
+    lua_pushfstring(L, "migrun.pg.Conn %s (host=%s port=%s dbname=%s user=%s pid=%d)", c->name,
+                    host ? host : "", PQport(c->conn), PQdb(c->conn), PQuser(c->conn), c->pid);
+    return 1;
+}
+
+/* conn:info() -> {name=, host=, port=, dbname=, user=, pid=, server_version=} (never a password) */
+static int conn_info(lua_State *L) {
+    pg_Conn *c = check_conn(L, 1);
+    lua_createtable(L, 0, 8);
+    migrun_setfield(L, -1, "name", c->name);
+    migrun_setfield(L, -1, "host", PQhost(c->conn));
+    migrun_setfield(L, -1, "port", PQport(c->conn));
+    migrun_setfield(L, -1, "dbname", PQdb(c->conn));
+    migrun_setfield(L, -1, "user", PQuser(c->conn));
+    migrun_setfield(L, -1, "application_name", PQparameterStatus(c->conn, "application_name"));
+    lua_pushinteger(L, c->pid);
+    lua_setfield(L, -2, "pid");
+    lua_pushinteger(L, PQserverVersion(c->conn));
+    lua_setfield(L, -2, "server_version");
+    return 1;
+}
+
+static int conn_is_closed(lua_State *L) {
+    pg_Conn *c = luaL_checkudata(L, 1, CONN_MT);
+    lua_pushboolean(L, c->conn == NULL);
+    return 1;
+}
+
+static int conn_name(lua_State *L) {
+    lua_pushstring(L, ((pg_Conn *)luaL_checkudata(L, 1, CONN_MT))->name);
+    return 1;
+}
+
+static int conn_server_version(lua_State *L) {
+    lua_pushinteger(L, PQserverVersion(check_conn(L, 1)->conn));
+    return 1;
+}
+
+static int conn_backend_pid(lua_State *L) {
+    lua_pushinteger(L, PQbackendPID(check_conn(L, 1)->conn));
+    return 1;
+}
+
+/* conn:transaction_status() -> "idle" | "active" | "intrans" | "inerror" | "unknown" */
+static int conn_transaction_status(lua_State *L) {
+    static const char *names[] = {"idle", "active", "intrans", "inerror", "unknown"};
+    PGTransactionStatusType t = PQtransactionStatus(check_conn(L, 1)->conn);
+    lua_pushstring(L, (unsigned)t <= PQTRANS_UNKNOWN ? names[t] : "unknown");
+    return 1;
+}
+
+/* conn:set_timeout(seconds | nil) sets the client-side statement timeout; returns the old one */
+static int conn_set_timeout(lua_State *L) {
+    pg_Conn *c = check_conn(L, 1);
+    double t = luaL_optnumber(L, 2, 0);
+    luaL_argcheck(L, t >= 0 && !isnan(t), 2, "timeout cannot be negative");
+    double old = c->timeout;
+    c->timeout = t;
+    if (old > 0)
+        lua_pushnumber(L, old);
+    else
+        lua_pushnil(L);
+    return 1;
+}
+
+/* conn:on_notice(fn | nil): fn(notice) gets each server notice; nil restores stderr */
+static int conn_on_notice(lua_State *L) {
+    pg_Conn *c = check_conn(L, 1);
+    if (!lua_isnoneornil(L, 2))
+        luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_settop(L, 2);
+    lua_getiuservalue(L, 1, 1); /* conn fn old */
+    lua_pushvalue(L, 2);
+    lua_setiuservalue(L, 1, 1);
+    c->has_handler = lua_isfunction(L, 2);
+    return 1;
+}
+
+static int conn_escape(lua_State *L, int literal) {
+    pg_Conn *c = check_conn(L, 1);
+    size_t len;
+    const char *s = luaL_checklstring(L, 2, &len);
+    luaL_argcheck(L, strlen(s) == len, 2, "string contains a NUL byte");
+    luaL_argcheck(L, len < (size_t)1 << 30, 2, "string too long");
+    luaL_Buffer b;
+    /* allocate first (the only part that can raise), then call libpq and free at once */
+    char *dst = luaL_buffinitsize(L, &b, 2 * len + 8);
+    char *e = literal ? PQescapeLiteral(c->conn, s, len) : PQescapeIdentifier(c->conn, s, len);
+    if (e == NULL) {
+        char msg[512];
+        one_line(PQerrorMessage(c->conn), msg, sizeof msg);
+        return luaL_error(L, "%s", msg); /* invalid encoding: the caller's string is bad */
+    }
+    size_t n = strlen(e);
+    if (n > 2 * len + 8)
+        n = 2 * len + 8; /* cannot happen: escaping at most doubles, plus quotes and E */
+    memcpy(dst, e, n);
+    PQfreemem(e);
+    luaL_pushresultsize(&b, n);
+    return 1;
+}
+
+static int conn_escape_identifier(lua_State *L) {
+    return conn_escape(L, 0);
+}
+
+static int conn_escape_literal(lua_State *L) {
+    return conn_escape(L, 1);
+}
+
+/* pg.quote_ident(s): always double-quoted, embedded quotes doubled */
+static void add_quoted(lua_State *L, luaL_Buffer *b, int idx) {
+    size_t len;
+    const char *s = luaL_checklstring(L, idx, &len);
+    luaL_argcheck(L, len > 0, idx, "empty identifier");
+    luaL_argcheck(L, strlen(s) == len, idx, "identifier contains a NUL byte");
+    luaL_addchar(b, '"');
+    for (size_t i = 0; i < len; i++) {
+        if (s[i] == '"')
+            luaL_addchar(b, '"');
+        luaL_addchar(b, s[i]);
+    }
+    luaL_addchar(b, '"');
+}
+
+static int pg_quote_ident(lua_State *L) {
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    add_quoted(L, &b, 1);
+    luaL_pushresult(&b);
+    return 1;
+}
+
+/* pg.qualify(schema, name) -> "schema"."name"; pg.qualify(nil, name) -> "name" */
+static int pg_qualify(lua_State *L) {
+    luaL_checkstring(L, 2);
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    if (!lua_isnil(L, 1)) {
+        add_quoted(L, &b, 1);
+        luaL_addchar(&b, '.');
+    }
+    add_quoted(L, &b, 2);
+    luaL_pushresult(&b);
+    return 1;
+}
+
+static int null_tostring(lua_State *L) {
+    lua_pushliteral(L, "null");
+    return 1;
+}
+
+/* ---- COPY with Lua callbacks ----------------------------------------------- */
+
+/*
+ * Sends sql (a COPY) and waits until the server is in the expected COPY state.
+ * Returns 1 when it is; else pushes nil, err and returns 0 (connection idle);
+ * on Ctrl-C returns -1 with the command cancelled and nothing pushed (the
+ * caller cleans up its other side, then raises). r holds the results so their
+ * memory is GC-managed.
+ */
+static int start_copy(lua_State *L, pg_Conn *c, int conn_idx, pg_Result *r, const char *sql,
+                      ExecStatusType want, const char *side) {
+    char where[96];
+    if (!PQsendQuery(c->conn, sql)) {
+        lua_pushnil(L);
+        push_conn_error(L, c, c->conn, "connection", "08006", NULL);
+        migrun_setfield(L, -1, "side", side);
+        return 0;
+    }
+    int w = conn_wait_result(c->conn, -1, 1);
+    if (w == W_INTR) {
+        conn_cancel(c->conn);
+        conn_drain(c, "interrupted");
+        return -1;
+    }
+    if (w != W_READY) {
+        lua_pushnil(L);
+        push_conn_error(L, c, c->conn, "connection", "08006", "connection lost");
+        migrun_setfield(L, -1, "side", side);
+        return 0;
+    }
+    result_set(r, PQgetResult(c->conn));
+    ExecStatusType st = r->res ? PQresultStatus(r->res) : PGRES_FATAL_ERROR;
+    if (st == want)
+        return 1;
+    int failed = st == PGRES_FATAL_ERROR;
+    if (failed && r->res != NULL) { /* keep the error result; drain the rest */
+        PGresult *keep = r->res;
+        r->res = NULL;
+        conn_drain(c, "unexpected COPY");
+        r->res = keep;
+    } else {
+        result_set(r, NULL);
+        conn_drain(c, "unexpected COPY");
+    }
+    dispatch_notices(L, conn_idx, c);
+    lua_pushnil(L);
+    if (failed && r->res != NULL) {
+        push_result_error(L, c, r->res, "sql");
+    } else {
+        migrun_error_push(L, "copy", conn_where(c, where, sizeof where), NULL,
+                          want == PGRES_COPY_OUT ? "not a COPY ... TO STDOUT statement"
+                                                 : "not a COPY ... FROM STDIN statement");
+        migrun_setfield(L, -1, "conn", c->name);
+    }
+    migrun_setfield(L, -1, "side", side);
+    return 0;
+}
+
+/* Collects the final result of a COPY into r; returns 1 on success or pushes nil, err. */
+static int finish_copy(lua_State *L, pg_Conn *c, pg_Result *r, const char *side) {
+    int w;
+    PGresult *last = NULL;
+    for (;;) {
+        w = conn_wait_result(c->conn, -1, 0);
+        if (w != W_READY)
+            break;
+        PGresult *res = PQgetResult(c->conn);
+        if (res == NULL)
+            break;
+        if (last == NULL || PQresultStatus(res) == PGRES_FATAL_ERROR) {
+            result_set(r, res);
+            last = res;
+        } else {
+            PQclear(res);
+        }
+    }
+    if (w != W_READY) {
+        lua_pushnil(L);
+        push_conn_error(L, c, c->conn, "connection", "08006", "connection lost");
+        migrun_setfield(L, -1, "side", side);
+        return 0;
+    }
+    if (last == NULL || PQresultStatus(last) != PGRES_COMMAND_OK) {
+        lua_pushnil(L);
+        if (last)
+            push_result_error(L, c, last, "copy");
+        else
+            push_conn_error(L, c, c->conn, "copy", NULL, "COPY ended without a result");
+        migrun_setfield(L, -1, "side", side);
+        return 0;
+    }
+    return 1;
+}
+
+static void push_copy_totals(lua_State *L, lua_Integer bytes, PGresult *res) {
+    lua_createtable(L, 0, 2);
+    lua_pushinteger(L, bytes);
+    lua_setfield(L, -2, "bytes");
+    const char *t = res ? PQcmdTuples(res) : NULL;
+    if (t && *t) {
+        lua_pushinteger(L, (lua_Integer)strtoll(t, NULL, 10));
+        lua_setfield(L, -2, "rows");
+    }
+}
+
+/* conn:copy_out(sql, fn) -> {bytes=, rows=} | nil, err; fn(chunk) gets ~64 KiB chunks */
+static int conn_copy_out(lua_State *L) {
+    pg_Conn *c = check_idle(L, 1);
+    const char *sql = luaL_checkstring(L, 2);
+    luaL_checktype(L, 3, LUA_TFUNCTION);
+    lua_settop(L, 3);
+    pg_Result *r = result_new(L, 1); /* conn sql fn res */
+    int started = start_copy(L, c, 1, r, sql, PGRES_COPY_OUT, "from");
+    if (started < 0)
+        return raise_interrupted(L, c);
+    if (started == 0)
+        return 2;
+    lua_Integer bytes = 0;
+    int pieces = 0;
+    size_t pending = 0;
+    for (;;) {
+        char *buf = NULL;
+        int n = PQgetCopyData(c->conn, &buf, 1);
+        if (n > 0) {
+            c->scratch = buf; /* freed by the closer if the push raises */
+            lua_pushlstring(L, buf, (size_t)n); /* ... pieces */
+            c->scratch = NULL;
+            PQfreemem(buf);
+            bytes += n;
+            pending += (size_t)n;
+            if (++pieces == 32) {
+                lua_concat(L, pieces);
+                pieces = 1;
+            }
+        }
+        if (pieces > 0 && (n <= 0 || pending >= COPY_CHUNK_BYTES)) {
+            lua_concat(L, pieces); /* conn sql fn res chunk */
+            lua_pushvalue(L, 3);
+            lua_insert(L, -2); /* conn sql fn res fn chunk */
+            pieces = 0;
+            pending = 0;
+            if (lua_pcall(L, 1, 0, 0) != LUA_OK) { /* conn sql fn res msg */
+                conn_drain(c, "aborted");
+                return lua_error(L);
+            }
+        }
+        if (n > 0)
+            continue;
+        if (n == 0) {
+            int w = wait_sock(c->conn, POLLIN, -1, 1);
+            if (w == W_INTR) {
+                conn_drain(c, "interrupted");
+                return raise_interrupted(L, c);
+            }
+            if (w == W_READY && PQconsumeInput(c->conn))
+                continue;
+        }
+        break; /* -1 done, -2 failed: the result says which */
+    }
+    if (!finish_copy(L, c, r, "from"))
+        return 2;
+    dispatch_notices(L, 1, c);
+    push_copy_totals(L, bytes, r->res);
+    return 1;
+}
+
+/* Queues data for COPY IN, waiting for room; W_READY or W_ERR / W_INTR. */
+static int put_copy(PGconn *conn, const char *data, int n, int interruptible) {
+    for (;;) {
+        int r = PQputCopyData(conn, data, n);
+        if (r > 0)
+            return W_READY;
+        if (r < 0)
+            return W_ERR;
+        int w = wait_sock(conn, POLLOUT, -1, interruptible);
+        if (w != W_READY)
+            return w;
+    }
+}
+
+static int end_copy(PGconn *conn, const char *errmsg) {
+    for (;;) {
+        int r = PQputCopyEnd(conn, errmsg);
+        if (r > 0)
+            return conn_flush(conn, -1, 0);
+        if (r < 0)
+            return W_ERR;
+        if (wait_sock(conn, POLLOUT, -1, 0) != W_READY)
+            return W_ERR;
+    }
+}
+
+/* conn:copy_in(sql, fn) -> {bytes=, rows=} | nil, err; fn() returns chunks, nil at the end */
+static int conn_copy_in(lua_State *L) {
+    pg_Conn *c = check_idle(L, 1);
+    const char *sql = luaL_checkstring(L, 2);
+    luaL_checktype(L, 3, LUA_TFUNCTION);
+    lua_settop(L, 3);
+    pg_Result *r = result_new(L, 1); /* conn sql fn res */
+    int started = start_copy(L, c, 1, r, sql, PGRES_COPY_IN, "to");
+    if (started < 0)
+        return raise_interrupted(L, c);
+    if (started == 0)
+        return 2;
+    lua_Integer bytes = 0;
+    size_t since_flush = 0;
+    for (;;) {
+        lua_pushvalue(L, 3);
+        if (lua_pcall(L, 0, 1, 0) != LUA_OK) { /* conn sql fn res msg */
+            conn_drain(c, "aborted: the source raised an error");
+            return lua_error(L);
+        }
+        if (lua_isnil(L, -1)) {
+            lua_pop(L, 1);
+            break;
+        }
+        if (lua_type(L, -1) != LUA_TSTRING) {
+            conn_drain(c, "aborted: the source returned a non-string");
+            return luaL_error(L, "copy_in source must return strings (or nil at the end), got %s",
+                              luaL_typename(L, -1));
+        }
+        size_t len;
+        const char *s = lua_tolstring(L, -1, &len);
+        while (len > 0) { /* PQputCopyData takes an int */
+            int n = len > (1 << 20) ? (1 << 20) : (int)len;
+            int w = put_copy(c->conn, s, n, 1);
+            if (w == W_INTR) {
+                conn_drain(c, "interrupted");
+                return raise_interrupted(L, c);
+            }
+            if (w != W_READY)
+                break;
+            s += n;
+            len -= (size_t)n;
+            bytes += n;
+            since_flush += (size_t)n;
+        }
+        lua_pop(L, 1);
+        if (len > 0)
+            break; /* the connection failed: finish_copy reports it */
+        if (since_flush >= COPY_FLUSH_BYTES) {
+            since_flush = 0;
+            int w = conn_flush(c->conn, -1, 1);
+            if (w == W_INTR) {
+                conn_drain(c, "interrupted");
+                return raise_interrupted(L, c);
+            }
+            if (w != W_READY)
+                break;
+        }
+    }
+    end_copy(c->conn, NULL);
+    if (!finish_copy(L, c, r, "to"))
+        return 2;
+    dispatch_notices(L, 1, c);
+    push_copy_totals(L, bytes, r->res);
+    return 1;
+}
+
+/* ---- pg.copy: server to server, in C ------------------------------------------- */
+
+/* Calls on_progress(bytes, rows) at stack index fn; 0 on success, else leaves the error. */
+static int call_progress(lua_State *L, int fn, lua_Integer bytes, lua_Integer rows) {
+    if (fn == 0)
+        return 0;
+    lua_pushvalue(L, fn);
+    lua_pushinteger(L, bytes);
+    lua_pushinteger(L, rows);
+    return lua_pcall(L, 2, 0, 0) != LUA_OK;
+}
+
+/*
+ * pg.copy{ from = c1, from_sql = "COPY t TO STDOUT", to = c2, to_sql = "COPY t FROM STDIN",
+ *          on_progress = function(bytes, rows) end, progress_interval = 1.0 }
+ * -> {bytes=, rows=} | nil, err (err.side = "from" | "to")
+ * rows in the result come from the target's command tag; the progress rows
+ * count the COPY data messages read (one per row).
+ */
+static int pg_copy(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    lua_getfield(L, 1, "from"); /* 2 */
+    lua_getfield(L, 1, "to");   /* 3 */
+    pg_Conn *src = luaL_testudata(L, 2, CONN_MT);
+    pg_Conn *dst = luaL_testudata(L, 3, CONN_MT);
+    luaL_argcheck(L, src != NULL, 1, "'from' must be a migrun.pg.Conn");
+    luaL_argcheck(L, dst != NULL, 1, "'to' must be a migrun.pg.Conn");
+    luaL_argcheck(L, src != dst, 1, "'from' and 'to' must be different connections");
+    check_idle(L, 2);
+    check_idle(L, 3);
+    lua_getfield(L, 1, "from_sql"); /* 4 */
+    lua_getfield(L, 1, "to_sql");   /* 5 */
+    const char *from_sql = lua_tostring(L, 4), *to_sql = lua_tostring(L, 5);
+    luaL_argcheck(L, from_sql != NULL, 1, "'from_sql' must be a COPY ... TO STDOUT statement");
+    luaL_argcheck(L, to_sql != NULL, 1, "'to_sql' must be a COPY ... FROM STDIN statement");
+    int fn = 0;
+    if (lua_getfield(L, 1, "on_progress") != LUA_TNIL) { /* 6 */
+        luaL_argcheck(L, lua_isfunction(L, 6), 1, "'on_progress' must be a function");
+        fn = 6;
+    }
+    double interval = opt_seconds(L, 1, "progress_interval", 1.0);
+    pg_Result *rs = result_new(L, 2); /* 7 */
+    pg_Result *rd = result_new(L, 3); /* 8 */
+
+    /* the target first: if it refuses, nothing has been read from the source */
+    int started = start_copy(L, dst, 3, rd, to_sql, PGRES_COPY_IN, "to");
+    if (started < 0)
+        return raise_interrupted(L, dst);
+    if (started == 0)
+        return 2;
+    started = start_copy(L, src, 2, rs, from_sql, PGRES_COPY_OUT, "from"); /* ... nil err? */
+    if (started <= 0) {
+        end_copy(dst->conn, started < 0 ? "aborted by migrun: interrupted"
+                                        : "aborted by migrun: the source COPY failed");
+        conn_drain(dst, "aborted");
+        if (started < 0)
+            return raise_interrupted(L, src);
+        return 2;
+    }
+
+    lua_Integer bytes = 0, rows = 0;
+    size_t since_flush = 0;
+    int dst_pending = 0; /* the target has unsent data */
+    const char *failed = NULL;      /* "from" | "to" */
+    int interrupted = 0;
+    double next_progress = now() + interval;
+    for (;;) {
+        char *buf = NULL;
+        int n = PQgetCopyData(src->conn, &buf, 1);
+        if (n > 0) {
+            int w = put_copy(dst->conn, buf, n, 1);
+            PQfreemem(buf);
+            if (w == W_INTR) {
+                interrupted = 1;
+                break;
+            }
+            if (w != W_READY) {
+                failed = "to";
+                break;
+            }
+            bytes += n;
+            rows++;
+            since_flush += (size_t)n;
+            if (since_flush >= COPY_FLUSH_BYTES) {
+                /* bounded buffering: nothing more is read until the target took this */
+                since_flush = 0;
+                w = conn_flush(dst->conn, -1, 1);
+                if (w == W_INTR) {
+                    interrupted = 1;
+                    break;
+                }
+                if (w != W_READY) {
+                    failed = "to";
+                    break;
+                }
+                dst_pending = 0;
+            }
+            if (fn && (rows & 255) == 0 && now() >= next_progress) {
+                if (call_progress(L, fn, bytes, rows)) { /* ... msg */
+                    conn_cancel(src->conn);
+                    conn_drain(src, NULL);
+                    end_copy(dst->conn, "aborted by migrun: on_progress raised an error");
+                    conn_drain(dst, "aborted");
+                    return lua_error(L);
+                }
+                next_progress = now() + interval;
+            }
+            continue;
+        }
+        if (n < 0)
+            break; /* -1: the source is done; -2: it failed (finish_copy tells) */
+        /* nothing to read: push out what the target has, then wait for either side */
+        int f = PQflush(dst->conn);
+        if (f < 0) {
+            failed = "to";
+            break;
+        }
+        dst_pending = f == 1;
+        struct pollfd p[2] = {{.fd = PQsocket(src->conn), .events = POLLIN, .revents = 0},
+                              {.fd = PQsocket(dst->conn), .events = POLLOUT, .revents = 0}};
+        int w = wait_fds(p, dst_pending ? 2 : 1, -1, 1);
+        if (w == W_INTR) {
+            interrupted = 1;
+            break;
+        }
+        if (w != W_READY) {
+            failed = "from";
+            break;
+        }
+        if ((p[0].revents & (POLLIN | POLLERR | POLLHUP)) && !PQconsumeInput(src->conn)) {
+            failed = "from";
+            break;
+        }
+        if (dst_pending && (p[1].revents & (POLLERR | POLLHUP))) {
+            failed = "to";
+            break;
+        }
+    }
+
+    if (interrupted || failed) {
+        /* abort both: cancel the source, fail the target's COPY */
+        int src_ok = src->conn != NULL;
+        if (src_ok) {
+            conn_cancel(src->conn);
+            conn_drain(src, NULL);
+        }
+        if (dst->conn != NULL) {
+            end_copy(dst->conn, interrupted ? "aborted by migrun: interrupted"
+                                            : "aborted by migrun: the source COPY failed");
+            conn_drain(dst, "aborted");
+        }
+        if (interrupted)
+            return raise_interrupted(L, src);
+        pg_Conn *c = strcmp(failed, "to") == 0 ? dst : src;
+        lua_pushnil(L);
+        push_conn_error(L, c, c->conn, "connection", "08006", "connection lost during COPY");
+        migrun_setfield(L, -1, "side", failed);
+        return 2;
+    }
+    /* the source ended: its result says whether it finished or failed */
+    if (!finish_copy(L, src, rs, "from")) { /* ... nil err */
+        end_copy(dst->conn, "aborted by migrun: the source COPY failed");
+        conn_drain(dst, "aborted");
+        return 2;
+    }
+    if (end_copy(dst->conn, NULL) != W_READY) {
+        lua_pushnil(L);
+        push_conn_error(L, dst, dst->conn, "connection", "08006", "connection lost ending COPY");
+        migrun_setfield(L, -1, "side", "to");
+        conn_drain(dst, "aborted");
+        return 2;
+    }
+    if (!finish_copy(L, dst, rd, "to"))
+        return 2;
+    dispatch_notices(L, 2, src);
+    dispatch_notices(L, 3, dst);
+    if (call_progress(L, fn, bytes, rows))
+        return lua_error(L);
+    push_copy_totals(L, bytes, rd->res);
+    return 1;
+}
+
+/* ---- module -------------------------------------------------------------------- */
+
+int luaopen_migrun_pg_core(lua_State *L) {
+    static const luaL_Reg conn_meta[] = {
+        {"__gc", conn_gc},
+        {"__close", conn_gc},
+        {"__tostring", conn_tostring},
+        {NULL, NULL},
+    };
+    static const luaL_Reg conn_methods[] = {
+        {"exec", conn_exec},
+        {"close", conn_close},
+        {"is_closed", conn_is_closed},
+        {"name", conn_name},
+        {"info", conn_info},
+        {"server_version", conn_server_version},
+        {"backend_pid", conn_backend_pid},
+        {"transaction_status", conn_transaction_status},
+        {"set_timeout", conn_set_timeout},
+        {"on_notice", conn_on_notice},
+        {"escape_identifier", conn_escape_identifier},
+        {"escape_literal", conn_escape_literal},
+        {"copy_out", conn_copy_out},
+        {"copy_in", conn_copy_in},
+        {NULL, NULL},
+    };
+    static const luaL_Reg result_meta[] = {
+        {"__gc", result_gc},
+        {"__close", result_gc},
+        {"__len", result_len},
+        {"__index", result_index},
+        {"__tostring", result_tostring},
+        {NULL, NULL},
+    };
+    static const luaL_Reg result_methods[] = {
+        {"rows", result_rows},
+        {"columns", result_columns},
+        {NULL, NULL},
+    };
+    static const luaL_Reg funcs[] = {
+        {"connect", pg_connect},
+        {"copy", pg_copy},
+        {"qualify", pg_qualify},
+        {"quote_ident", pg_quote_ident},
+        {NULL, NULL},
+    };
+
+    /* lsn.parse, for pg_lsn columns */
+    luaL_requiref(L, "migrun.lsn", luaopen_migrun_lsn, 0);
+    lua_getfield(L, -1, "parse");
+    lua_setfield(L, LUA_REGISTRYINDEX, LSNPARSE_KEY);
+    lua_pop(L, 1);
+
+    luaL_newlib(L, funcs); /* pg */
+
+    luaL_newmetatable(L, CONN_MT);
+    luaL_setfuncs(L, conn_meta, 0);
+    luaL_newlib(L, conn_methods);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -3, "__index"); /* pg mt methods */
+    lua_setfield(L, -3, "Conn");    /* pg.Conn: the method table, for the Lua layer */
+    lua_pop(L, 1);
+
+    luaL_newmetatable(L, RESULT_MT);
+    luaL_setfuncs(L, result_meta, 0);
+    luaL_newlib(L, result_methods);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -3, "methods");
+    lua_setfield(L, -3, "Result");
+    lua_pop(L, 1);
+
+    /* pg.null: one userdata, printing "null" */
+    lua_newuserdatauv(L, 0, 0);
+    if (luaL_newmetatable(L, NULL_MT)) {
+        lua_pushcfunction(L, null_tostring);
+        lua_setfield(L, -2, "__tostring");
+    }
+    lua_setmetatable(L, -2);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, LUA_REGISTRYINDEX, NULL_KEY);
+    lua_setfield(L, -2, "null");
+    return 1;
+}
