@@ -13,7 +13,8 @@ local options = {
   { "--region", "NAME", "signing region", "us-east-1" },
   { "--faults", "JSON", 'faults at start, e.g. {"seed":1,"throttle":0.2,"fail_tasks":{"t1":"boom"}}' },
   { "--delays", "JSON", 'transition times in seconds, e.g. {"task_start":0.2}' },
-  { "--verbose", nil, "log each request to stderr" },
+  { "--no-cdc", nil, "lifecycle only: running CDC tasks read no slot and apply nothing" },
+  { "--verbose", nil, "log each request and task log line to stderr" },
 }
 
 local function usage(msg)
@@ -61,8 +62,10 @@ local function doc(name)
   return d
 end
 
+local cdc -- nil: the default engine (migrun.dms.emulator_cdc)
+if args["--no-cdc"] then cdc = false end
 local emu, err = emulator.start{ port = port, access_key = args["--access-key"], secret_key = secret,
-  region = args["--region"], faults = doc("--faults"), delays = doc("--delays"),
+  region = args["--region"], cdc = cdc, faults = doc("--faults"), delays = doc("--delays"),
   log = args["--verbose"] and function(line) io.stderr:write("dms-emulator: ", line, "\n") end or nil }
 if not emu then
   io.stderr:write(tostring(err), "\n")

@@ -20,7 +20,7 @@ local running = {}
 -- Starts the emulator command; returns { url=, h= }.
 local function start_emulator(extra)
   local argv = { bin, root .. "/tools/dms-emulator.lua", "--port", "0", "--access-key", AKID,
-    "--delays", json.encode(FAST), env = { MIGRUN_DMS_EMULATOR_SECRET = SECRET }, stdin = false }
+    "--delays", json.encode(FAST), "--no-cdc", env = { MIGRUN_DMS_EMULATOR_SECRET = SECRET }, stdin = false }
   for _, a in ipairs(extra or {}) do argv[#argv + 1] = a end
   local url
   argv.stdout = function(line) url = url or line end

@@ -783,6 +783,18 @@ function Emu:probe_endpoint(ep)
   local ip, err = loopback_address(ep.ServerName)
   if not ip then return nil, err end
   local port = ep.Port or 5432
+  local ok_pg, pg = pcall(require, "migrun.pg")
+  if ok_pg and ENGINES[ep.EngineName] then
+    local conn, perr = pg.connect({ host = ip, port = tostring(port), dbname = ep.DatabaseName,
+      user = ep.Username, password = ep._password, application_name = "migrun-dms-emulator",
+      sslmode = (ep.SslMode == "none" or ep.SslMode == nil) and "disable" or ep.SslMode },
+      { name = ep.EndpointIdentifier, connect_timeout = 5 })
+    if conn then
+      conn:close()
+      return true
+    end
+    return nil, tostring(perr and perr.message or perr)
+  end
   local ok_proc, proc = pcall(require, "migrun.proc")
   local psql = io.open("/usr/bin/psql", "r")
   if psql then psql:close() end
@@ -985,7 +997,9 @@ function Emu:_maybe_fail(t)
   end
 end
 
-function Emu:task_log(t, line)
+-- Appends "[COMPONENT      ]L: message" to the task's log (DMS's CloudWatch lines).
+function Emu:task_log(t, line, component, level)
+  if component then line = ("[%-15s]%s: %s"):format(component, level or "I", line) end
   t._log[#t._log + 1] = line
   self.log(t.ReplicationTaskIdentifier .. ": " .. line)
 end
@@ -997,7 +1011,7 @@ function Emu:_fail_task(t, message)
   t.StopReason = "Stop Reason FATAL_ERROR"
   t.ReplicationTaskStats.StopDate = self.clock()
   t._run = (t._run or 0) + 1 -- pending transitions of this run no longer apply
-  self:task_log(t, "]E: " .. message)
+  self:task_log(t, message, "TASK_MANAGER", "E")
 end
 
 local function elapsed(self, t)
@@ -1082,7 +1096,7 @@ function Emu:_begin_run(t, resume)
     end
   end
   t.Status = "running"
-  self:task_log(t, "]I: Task started (" .. t.MigrationType .. ")")
+  self:task_log(t, "Task started (" .. t.MigrationType .. ")", "TASK_MANAGER", "I")
   if self.cdc and slot then
     local engine, err = self.cdc.new{ emulator = self, task = t, source = sep, target = tep, slot = slot,
       settings = settings, resume = resume, start_lsn = M.start_lsn(t.CdcStartPosition) }
