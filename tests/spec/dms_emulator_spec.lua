@@ -444,3 +444,179 @@ describe("dms emulator", function()
     end)
   end)
 end)
+
+-- A real CDC run on migrun.lab clusters: a pglogical slot, node and the two
+-- replication sets as the runbook makes them, changes before and after a
+-- captured LSN, a CDC task started at that LSN.
+describe("dms emulator CDC", function()
+  local lab = require "migrun.lab"
+  local L, e, c
+
+  setup(function()
+    L = assert(lab.start{})
+    e = start_emulator()
+    -- the spec's emulator runs with --no-cdc; this one reads slots
+    e.h:close()
+    local argv = { bin, root .. "/tools/dms-emulator.lua", "--port", "0", "--access-key", AKID,
+      "--delays", json.encode(FAST), env = { MIGRUN_DMS_EMULATOR_SECRET = SECRET }, stdin = false,
+      stderr = "capture" }
+    local url
+    argv.stdout = function(line) url = url or line end
+    e.h = assert(proc.spawn(argv))
+    local deadline = socket.gettime() + 20
+    while not url and socket.gettime() < deadline do assert(not e.h:wait(0.05)) end
+    e.url = url
+    c = client(e)
+  end)
+  teardown(function() if L then L:stop() end end)
+
+  local function q(cluster, sql) return assert(cluster:psql(sql)) end
+
+  it("applies exactly the changes after the start LSN, with LOB truncation and a table without a key", function()
+    local tables = [[
+      create table public.t1 (id int primary key, email text, body jsonb, note text);
+      create table public.t2 (id int, v text);
+      create table public.t3 (id int primary key, code text unique);]]
+    q(L.source, tables .. [[
+      select pglogical.create_node(node_name := 'src', dsn := 'host=127.0.0.1 port=]] .. L.source.port .. [[ dbname=app');
+      select pg_create_logical_replication_slot('dms_slot_01', 'pglogical');
+      select pglogical.create_replication_set('dms_slot_01', false, true, true, false);
+      select pglogical.create_replication_set('idms_slot_01', true, false, false, true);
+      select pglogical.replication_set_add_table('dms_slot_01', 'public.t1');
+      select pglogical.replication_set_add_table('idms_slot_01', 'public.t1');
+      select pglogical.replication_set_add_table('idms_slot_01', 'public.t2');
+      insert into t1 values (1, 'a@x', '{"k":1}', 'one'), (2, 'b@x', '{"k":2}', 'two');
+      insert into t2 values (1, 'before');]])
+    -- the target holds what the full load copied as of the start LSN
+    q(L.target, tables .. [[
+      insert into t1 values (1, 'a@x', '{"k":1}', 'one'), (2, 'b@x', '{"k":2}', 'two');
+      insert into t2 values (1, 'before');]])
+    local start = q(L.source, "select pg_current_wal_lsn()"):gsub("%s+", "")
+    local big = '{"pad":"' .. ("x"):rep(3000) .. '"}'
+    q(L.source, [[
+      insert into t1 values (3, 'c@x', '{"k":3}', 'three');
+      update t1 set email = 'aa@x', body = '{"k":10}' where id = 1;
+      delete from t1 where id = 2;
+      insert into t1 values (4, 'd@x', ']] .. big .. [[', 'big json');
+      insert into t2 values (2, 'after');
+      update t2 set v = 'changed' where id = 1;
+      truncate t2;
+      insert into t2 values (3, 'after truncate');]])
+
+    local src = assert(c:create_endpoint{ EndpointIdentifier = "lab-src", EndpointType = "source",
+      EngineName = "postgres", ServerName = "127.0.0.1", Port = L.source.port, DatabaseName = "app",
+      Username = "migrun", Password = L.password,
+      ExtraConnectionAttributes = "PluginName=PGLOGICAL;slotName=dms_slot_01" })
+    local dst = assert(c:create_endpoint{ EndpointIdentifier = "lab-dst", EndpointType = "target",
+      EngineName = "postgres", ServerName = "127.0.0.1", Port = L.target.port, DatabaseName = "app",
+      Username = "migrun", Password = L.password })
+    local inst = instance_arn(c)
+    assert(c:test_connection(inst, src.EndpointArn))
+    assert(c:wait_for_connection(inst, src.EndpointArn, 20, 0.05))
+    local settings = json.encode{ TargetMetadata = { SupportLobs = true, FullLobMode = false,
+      LimitedSizeLobMode = true, LobMaxSize = 1 }, ControlTablesSettings = { StatusTableEnabled = true } }
+    local mappings = json.encode{ rules = { { ["rule-type"] = "selection", ["rule-id"] = "1", ["rule-name"] = "1",
+      ["object-locator"] = { ["schema-name"] = "public", ["table-name"] = "t%" }, ["rule-action"] = "include" },
+      { ["rule-type"] = "selection", ["rule-id"] = "2", ["rule-name"] = "2",
+      ["object-locator"] = { ["schema-name"] = "public", ["table-name"] = "t3" }, ["rule-action"] = "exclude" } } }
+    local t = assert(create_task(c, "cdc-1", src, dst, { MigrationType = "cdc", CdcStartPosition = start,
+      TableMappings = mappings, ReplicationTaskSettings = settings }))
+    assert(c:wait_for_task(t.ReplicationTaskArn, "ready", 10, 0.05))
+    assert(c:start_replication_task(t.ReplicationTaskArn))
+    assert(c:wait_for_task(t.ReplicationTaskArn, "running", 20, 0.05))
+    local want1 = "1|aa@x|{\"k\": 10}|one\n3|c@x|{\"k\": 3}|three"
+    local deadline = socket.gettime() + 30
+    while socket.gettime() < deadline and q(L.target, "select * from t1 order by id"):gsub("%s+$", "") ~= want1 do
+      assert(c:describe_replication_tasks()) -- keeps the emulator's loop busy
+      socket.sleep(0.1)
+    end
+    assert.are.equal(want1, (q(L.target, "select * from t1 order by id"):gsub("%s+$", "")))
+    -- t2 has no key: its update is ignored (pglogical does not even send it), the truncate applies
+    assert.are.equal("3|after truncate", (q(L.target, "select * from t2 order by id"):gsub("%s+$", "")))
+    -- the truncated JSON was rejected by the target and logged
+    local exc = q(L.target, [[select "TASK_NAME", "TABLE_OWNER", "TABLE_NAME", "ERROR" from awsdms_apply_exceptions]])
+    assert.matches("^" .. t.ReplicationTaskArn:match(":task:(.+)$") .. "|public|t1|", exc)
+    assert.matches("22P02", exc)
+    assert.are.equal("1", (q(L.target, "select count(*) from awsdms_apply_exceptions"):gsub("%s+", "")))
+    local log = assert(emulator.control(c, "GetTaskLog", { ReplicationTaskArn = t.ReplicationTaskArn })).Lines
+    local found
+    for _, line in ipairs(log) do
+      local n = line:match("^%[SOURCE_CAPTURE %]W: Value of column 'body' in table 'public%.t1' was truncated "
+        .. "to 1024 bytes, actual length: (%d+) bytes$")
+      if n and tonumber(n) >= #big - 2 then found = true end
+    end
+    assert.is_true(found, table.concat(log, "\n"))
+    -- statistics per table; t3 is excluded
+    local stats = {}
+    for _, s in ipairs(assert(c:describe_table_statistics(t.ReplicationTaskArn))) do stats[s.TableName] = s end
+    assert.is_nil(stats.t3)
+    assert.are.same({ 2, 1, 1, 1, 1, 1 }, { stats.t1.Inserts, stats.t1.Updates, stats.t1.Deletes,
+      stats.t1.AppliedInserts, stats.t1.AppliedUpdates, stats.t1.AppliedDeletes })
+    assert.are.equal(2, stats.t2.Inserts)
+    assert.are.equal(1, stats.t2.Ddls)
+    assert.matches("CHANGE PROCESSING", q(L.target, "select task_status from awsdms_status"))
+    -- the slot is confirmed up to what was applied
+    local running = assert(c:describe_task(t.ReplicationTaskArn))
+    assert.matches("^checkpoint:V1#", running.RecoveryCheckpoint)
+    assert.are.equal("", (q(L.source, [[select data from pg_logical_slot_peek_changes('dms_slot_01', NULL, NULL,
+      'min_proto_version','1','max_proto_version','1','startup_params_format','1','proto_format','json',
+      'pglogical.replication_set_names','dms_slot_01,idms_slot_01') where data::json->>'action' = 'I']]):gsub("%s+", "")))
+    assert(c:stop_replication_task(t.ReplicationTaskArn))
+    assert(c:wait_for_task(t.ReplicationTaskArn, "stopped", 10, 0.05))
+    assert.matches("NOT RUNNING", q(L.target, "select task_status from awsdms_status"))
+
+    -- a start position older than the slot's confirmed_flush_lsn fails the task
+    local old = assert(create_task(c, "cdc-old", src, dst, { MigrationType = "cdc", CdcStartPosition = start,
+      TableMappings = mappings }))
+    assert(c:wait_for_task(old.ReplicationTaskArn, "ready", 10, 0.05))
+    assert(c:start_replication_task(old.ReplicationTaskArn))
+    local _, err = c:wait_for_task(old.ReplicationTaskArn, "running", 20, 0.05)
+    assert.matches("older than the confirmed_flush_lsn", err.message)
+    -- an unknown slot too
+    local nos = assert(c:create_endpoint{ EndpointIdentifier = "lab-noslot", EndpointType = "source",
+      EngineName = "postgres", ServerName = "127.0.0.1", Port = L.source.port, DatabaseName = "app",
+      Username = "postgres", PostgreSQLSettings = { SlotName = "nope" } })
+    local ns = assert(create_task(c, "cdc-noslot", nos, dst, { MigrationType = "cdc", CdcStartPosition = start }))
+    assert(c:wait_for_task(ns.ReplicationTaskArn, "ready", 10, 0.05))
+    assert(c:start_replication_task(ns.ReplicationTaskArn))
+    _, err = c:wait_for_task(ns.ReplicationTaskArn, "running", 20, 0.05)
+    assert.matches("Replication slot 'nope' does not exist", err.message)
+  end)
+
+  it("suspends a table with a primary key and a unique constraint under batch apply", function()
+    q(L.source, [[
+      create table public.b1 (id int primary key, code text unique, v text);
+      select pg_create_logical_replication_slot('dms_slot_02', 'pglogical');
+      select pglogical.create_replication_set('dms_slot_02', false, true, true, false);
+      select pglogical.create_replication_set('idms_slot_02', true, false, false, true);
+      select pglogical.replication_set_add_table('dms_slot_02', 'public.b1');
+      select pglogical.replication_set_add_table('idms_slot_02', 'public.b1');]])
+    q(L.target, "create table public.b1 (id int primary key, code text unique, v text)")
+    local start = q(L.source, "select pg_current_wal_lsn()"):gsub("%s+", "")
+    q(L.source, "insert into b1 values (1, 'a', 'x')")
+    local src = assert(c:create_endpoint{ EndpointIdentifier = "lab-src2", EndpointType = "source",
+      EngineName = "postgres", ServerName = "127.0.0.1", Port = L.source.port, DatabaseName = "app",
+      Username = "postgres", PostgreSQLSettings = { SlotName = "dms_slot_02", PluginName = "pglogical" } })
+    local dst = assert(c:describe_endpoints{ Filters = { ["endpoint-id"] = "lab-dst" } })[1]
+    local mappings = json.encode{ rules = { { ["rule-type"] = "selection", ["rule-id"] = "1", ["rule-name"] = "1",
+      ["object-locator"] = { ["schema-name"] = "public", ["table-name"] = "b1" }, ["rule-action"] = "include" } } }
+    local t = assert(create_task(c, "cdc-batch", src, dst, { MigrationType = "cdc", CdcStartPosition = start,
+      TableMappings = mappings, ReplicationTaskSettings = '{"TargetMetadata":{"BatchApplyEnabled":true}}' }))
+    assert(c:wait_for_task(t.ReplicationTaskArn, "ready", 10, 0.05))
+    assert(c:start_replication_task(t.ReplicationTaskArn))
+    assert(c:wait_for_task(t.ReplicationTaskArn, "running", 20, 0.05))
+    local stats
+    local deadline = socket.gettime() + 10
+    repeat
+      stats = assert(c:describe_table_statistics(t.ReplicationTaskArn))
+      socket.sleep(0.1)
+    until (stats[1] and stats[1].TableState == "Table error") or socket.gettime() > deadline
+    assert.are.equal("Table error", stats[1].TableState)
+    assert.are.equal(1, assert(c:describe_task(t.ReplicationTaskArn)).ReplicationTaskStats.TablesErrored)
+    socket.sleep(0.5)
+    assert.are.equal("0", (q(L.target, "select count(*) from b1"):gsub("%s+", "")))
+    local log = table.concat(assert(emulator.control(c, "GetTaskLog", { ReplicationTaskArn = t.ReplicationTaskArn })).Lines, "\n")
+    assert.matches("primary key and a unique constraint", log)
+    assert(c:stop_replication_task(t.ReplicationTaskArn))
+  end)
+end)

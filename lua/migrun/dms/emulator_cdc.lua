@@ -44,9 +44,13 @@ local function connect(ep, name)
   return conn, err
 end
 
--- "%" and "_"-free LIKE: DMS object locators use % as the wildcard.
+-- DMS object locators: % matches any run of characters, everything else itself.
 local function like(pattern, s)
-  local p = "^" .. pattern:gsub("[%^%$%(%)%.%[%]%*%+%-%?]", "%%%0"):gsub("%%%%", ".*") .. "$"
+  local parts = {}
+  for piece in (pattern .. "%"):gmatch("([^%%]*)%%") do
+    parts[#parts + 1] = piece:gsub("[%^%$%(%)%.%[%]%*%+%-%?]", "%%%0")
+  end
+  local p = "^" .. table.concat(parts, ".*") .. "$"
   return s:match(p) ~= nil
 end
 
@@ -119,7 +123,7 @@ function M.new(o)
   else
     if not o.start_lsn then e:close() return nil, "No CDC start position" end
     e.start = lsn(o.start_lsn)
-    if confirmed ~= pg.null and e.start < confirmed then
+    if not rawequal(confirmed, pg.null) and e.start < confirmed then
       e:close()
       return nil, ("The CDC start position %s is older than the confirmed_flush_lsn %s of replication slot '%s'")
         :format(tostring(e.start), tostring(confirmed), o.slot)
@@ -170,7 +174,7 @@ function Engine:_status(state, applied_time)
     .. "source_timestamp_applied = coalesce(excluded.source_timestamp_applied, s.source_timestamp_applied)")
     :format(pg.quote_ident(self.control_schema))
   local ok, err = self.dst:exec{ sql, self.server_name, self.task_name, state, tostring(self.position),
-    applied_time or pg.null, n = 5 }
+    applied_time or pg.null, n = 6 }
   if not ok then return nil, "Failed to write awsdms_status: " .. tostring(err) end
   return true
 end
@@ -419,7 +423,9 @@ function Engine:_apply(ch)
   local sql, params = self:_statement(t, ch)
   if not sql then return end
   assert(self.dst:exec("savepoint emu_change"))
-  local res, err = self.dst:exec{ sql, n = #params, table.unpack(params, 1, #params) }
+  local args = { sql, n = #params + 1 } -- n counts the SQL too
+  for i = 1, #params do args[i + 1] = params[i] end
+  local res, err = self.dst:exec(args)
   if res and ch.action == "U" and res.affected == 0 then
     res, err = nil, { sqlstate = "00000", message = "0 rows affected" }
   end
