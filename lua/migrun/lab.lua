@@ -403,6 +403,7 @@ end
 -- opts.keep. Idempotent. Returns true, or nil, err when a server would not stop.
 function Lab:stop()
   if self.stopped then return true end
+  if self.dms then self.dms.process:close() end
   local first_err
   local jobs, running = {}, {}
   for _, c in ipairs(self.clusters) do
@@ -669,8 +670,49 @@ function Lab:_build(opts)
   ok, err = self:_wait_streaming(opts.timeout or 60)
   if not ok then return nil, err end
 
+  if opts.dms then
+    ok, err = self:_start_dms()
+    if not ok then return nil, err end
+  end
   self.startup_seconds = now() - t0
   return true
+end
+
+-- The DMS emulator, as a child migrun serving on a free loopback port. The
+-- secret key travels in the child's environment, never in its argv.
+local DMS_ACCESS_KEY, DMS_REGION = "AKIDMIGRUNLAB", "us-east-1"
+
+function Lab:_start_dms()
+  local exe = require("migrun.host").exe
+  local secret = random_password()
+  local script = ([[
+    local emu = assert(require("migrun.dms.emulator").start{ port = 0, access_key = %q,
+      secret_key = os.getenv("MIGRUN_DMS_EMULATOR_SECRET"), region = %q })
+    io.stdout:write(emu.url, "\n") io.stdout:flush()
+    emu:serve()]]):format(DMS_ACCESS_KEY, DMS_REGION)
+  local logfile = self.dir .. "/dms-emulator.log"
+  local url
+  local h, err = proc.spawn{ exe, "-e", script, env = { MIGRUN_DMS_EMULATOR_SECRET = secret },
+    stdout = function(line) url = url or line end, stderr = { file = logfile } }
+  if not h then return nil, lab_error("dms", "cannot start the DMS emulator: " .. tostring(err)) end
+  local deadline = now() + 30
+  while not url and h.running and now() < deadline do h:wait(0.05) end
+  if not url then
+    h:close()
+    return nil, lab_error("dms", "the DMS emulator did not start", last_lines(read_file(logfile) or "", 20))
+  end
+  self.dms = { url = url, access_key = DMS_ACCESS_KEY, secret_key = secret, region = DMS_REGION,
+    logfile = logfile, process = h }
+  return true
+end
+
+-- A migrun.dms client for the lab's emulator (lab.start{ dms = true }).
+function Lab:dms_client(opts)
+  assert(self.dms, "this lab has no DMS emulator: start it with lab.start{ dms = true }")
+  local o = { endpoint_url = self.dms.url, access_key = self.dms.access_key,
+    secret_key = self.dms.secret_key, region = self.dms.region }
+  for k, v in pairs(opts or {}) do o[k] = v end
+  return require("migrun.dms").client(o)
 end
 
 -- lab.start(opts) -> L | nil, err. opts (all optional):
@@ -682,6 +724,7 @@ end
 --   settings  { all = {...}, source = {...}, replica = {...}, target = {...} } extra postgresql.conf
 --   bindir    PostgreSQL binaries (default: pg_config --bindir, else /usr/lib/postgresql/<max>/bin)
 --   locale    initdb locale (default "C");  timeout  seconds to wait for streaming (default 60)
+--   dms       true to also start the DMS emulator (L.dms.url, L:dms_client())
 function lab.start(opts)
   opts = opts or {}
   local L = setmetatable({
