@@ -52,6 +52,8 @@ describe("the host", function()
     local installed = prefix .. "/bin/migrun"
     assert.truthy(io.open(prefix .. "/share/migrun/playbooks/tour.lua"))
     assert.truthy(io.open(prefix .. "/share/doc/migrun/README.md"))
+    assert.truthy(io.open(prefix .. "/share/doc/migrun/lab.md"))
+    assert.truthy(io.open(prefix .. "/share/migrun/tools/dms-emulator.lua"))
     -- from a directory without playbooks/, the relative path falls back to the installed ones
     local ok2, _, _, out, err2 = proc.run{ installed, "playbooks/tour.lua", "--quick", cwd = "/" }
     assert(ok2, err2)
