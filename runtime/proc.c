@@ -571,7 +571,7 @@ typedef struct {
     char what[32];
 } ExecFailure;
 
-/* Parses an output spec at idx into s (parent side). Returns 0 or raises. */
+/* Parses spec[key] (an output spec) into s, parent side; raises on a bad spec. */
 static void parse_output(lua_State *L, int spec, const char *key, Stream *s, int uv, int ud,
                          int allow_merge) {
     s->fd = s->child_fd = -1;
@@ -661,7 +661,6 @@ static char **build_env(lua_State *L, int spec) {
         lua_pop(L, 1);
     }
     char **envp = lua_newuserdatauv(L, sizeof(char *) * (n + 1), 0);
-    int envp_idx = lua_gettop(L);
     lua_newtable(L); /* keeps the "K=V" strings alive */
     int keep = lua_gettop(L);
     size_t k = 0;
@@ -692,7 +691,6 @@ static char **build_env(lua_State *L, int spec) {
     envp[k] = NULL;
     /* leave envp userdata and keep table on the stack, under the env table */
     lua_remove(L, envt); /* envp keep */
-    (void)envp_idx;
     return envp;
 }
 

@@ -21,13 +21,14 @@ what is modelled and the choices made where the reference is UNCONFIRMED. ]]
 local socket = require "socket"
 local aws = require "migrun.aws"
 local json = require "migrun.dms.json"
+local dms = require "migrun.dms"
 
 local M = {}
 
 M.ACCOUNT = "123456789012"
-M.TARGET_PREFIX = "AmazonDMSv20160101"
+M.TARGET_PREFIX = dms.TARGET_PREFIX -- the wire protocol is the client's, not a copy of it
 M.CONTROL_PREFIX = "MigrunEmulator"
-M.CONTENT_TYPE = "application/x-amz-json-1.1"
+M.CONTENT_TYPE = dms.CONTENT_TYPE
 M.INSTANCE_ID = "migrun-emulator"
 
 -- seconds each transition takes, overridable per emulator (delays = {...})
