@@ -1044,6 +1044,31 @@ static void add_quoted(lua_State *L, luaL_Buffer *b, int idx) {
     luaL_addchar(b, '"');
 }
 
+/* pg.conninfo_parse(conninfo) -> {keyword = value, ...} | nil, err: libpq's
+ * own parser (keywords or URI), only the keywords that were given. The result
+ * may hold a password: it is for building other connection descriptions
+ * (DMS endpoints, child process environments), never for printing. */
+static int pg_conninfo_parse(lua_State *L) {
+    const char *info = luaL_checkstring(L, 1);
+    char *errmsg = NULL;
+    PQconninfoOption *opts = PQconninfoParse(info, &errmsg);
+    if (opts == NULL) {
+        /* libpq's message never echoes the value of a password */
+        const char *m = errmsg ? errmsg : "out of memory";
+        size_t len = strlen(m);
+        while (len > 0 && (m[len - 1] == '\n' || m[len - 1] == ' ')) len--;
+        lua_pushlstring(L, m, len);
+        PQfreemem(errmsg);
+        const char *msg = lua_tostring(L, -1);
+        return migrun_error_return(L, "conninfo", "conninfo", NULL, msg);
+    }
+    lua_newtable(L);
+    for (PQconninfoOption *o = opts; o->keyword != NULL; o++)
+        if (o->val != NULL) migrun_setfield(L, -1, o->keyword, o->val);
+    PQconninfoFree(opts);
+    return 1;
+}
+
 static int pg_quote_ident(lua_State *L) {
     luaL_Buffer b;
     luaL_buffinit(L, &b);
@@ -1554,6 +1579,7 @@ int luaopen_migrun_pg_core(lua_State *L) {
     };
     static const luaL_Reg funcs[] = {
         {"connect", pg_connect},
+        {"conninfo_parse", pg_conninfo_parse},
         {"copy", pg_copy},
         {"qualify", pg_qualify},
         {"quote_ident", pg_quote_ident},

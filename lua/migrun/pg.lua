@@ -76,6 +76,8 @@ COPY
 
 Quoting
   conn:escape_identifier(s), conn:escape_literal(s) (libpq, encoding aware)
+  pg.conninfo_parse(conninfo) -> {keyword = value} | nil, err   libpq's parser; may
+      hold a password: for building other descriptions, never for printing.
   pg.quote_ident(s) -> "s"; pg.qualify(schema, name) -> "schema"."name" (always
   quoted, embedded quotes doubled; pg.qualify(nil, name) -> "name").
 ]]
