@@ -1,15 +1,159 @@
 /*
- * migrun.host: facts about the running migrun program that Lua cannot find
- * by itself: the path of this executable (so the library can start helper
- * processes such as the DMS emulator with the same migrun) and its version.
+ * migrun.host: facts about the running migrun program and the few operating
+ * system calls the Lua library needs that Lua's io/os do not offer: the path
+ * of this executable (so the library can start helper processes such as the
+ * DMS emulator with the same migrun), its version and pid, whether a stream is
+ * a terminal (live progress lines or plain ones), free space on a file
+ * system, private directories, and crash-safe file replacement for journals
+ * (written to a temporary file, fsynced, renamed over the old one, the
+ * directory fsynced, so a SIGKILL or power loss leaves the old or the new
+ * file, never a torn one).
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "migrun.h"
 
-int luaopen_migrun_host(lua_State *L) {
+static int os_error(lua_State *L, const char *where, int err) {
+    lua_pushnil(L);
+    migrun_error_push(L, "os", where, NULL, strerror(err));
+    lua_pushinteger(L, err);
+    lua_setfield(L, -2, "errno");
+    return 2;
+}
+
+/* host.isatty(fd | file) -> boolean: 0/1/2 or an io file handle */
+static int host_isatty(lua_State *L) {
+    int fd;
+    if (lua_isinteger(L, 1)) {
+        fd = (int)lua_tointeger(L, 1);
+    } else {
+        luaL_Stream *s = luaL_checkudata(L, 1, LUA_FILEHANDLE);
+        luaL_argcheck(L, s->closef != NULL && s->f != NULL, 1, "closed file");
+        fd = fileno(s->f);
+    }
+    lua_pushboolean(L, isatty(fd));
+    return 1;
+}
+
+/* host.statvfs(path) -> { free = bytes available to unprivileged users,
+ * total = bytes } | nil, err */
+static int host_statvfs(lua_State *L) {
+    const char *path = luaL_checkstring(L, 1);
+    struct statvfs st;
+    if (statvfs(path, &st) != 0) return os_error(L, path, errno);
     lua_createtable(L, 0, 2);
+    lua_pushinteger(L, (lua_Integer)st.f_bavail * (lua_Integer)st.f_frsize);
+    lua_setfield(L, -2, "free");
+    lua_pushinteger(L, (lua_Integer)st.f_blocks * (lua_Integer)st.f_frsize);
+    lua_setfield(L, -2, "total");
+    return 1;
+}
+
+/* host.mkdir(path [, mode = 0700]) -> true | nil, err; an existing directory
+ * is fine (its mode is left alone). */
+static int host_mkdir(lua_State *L) {
+    const char *path = luaL_checkstring(L, 1);
+    mode_t mode = (mode_t)luaL_optinteger(L, 2, 0700);
+    if (mkdir(path, mode) != 0) {
+        struct stat st;
+        if (errno != EEXIST) return os_error(L, path, errno);
+        if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode)) return os_error(L, path, ENOTDIR);
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int fsync_dir_of(const char *path) {
+    char dir[PATH_MAX];
+    const char *slash = strrchr(path, '/');
+    if (slash == NULL) {
+        strcpy(dir, ".");
+    } else if (slash == path) {
+        strcpy(dir, "/");
+    } else {
+        size_t n = (size_t)(slash - path);
+        if (n >= sizeof dir) return ENAMETOOLONG;
+        memcpy(dir, path, n);
+        dir[n] = '\0';
+    }
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return errno;
+    int rc = fsync(fd) == 0 ? 0 : errno;
+    close(fd);
+    return rc;
+}
+
+/* host.write_file(path, data [, mode = 0600]) -> true | nil, err
+ * Replaces path atomically and durably: path.tmp is created with mode (never
+ * wider, whatever the umask), written, fsynced and renamed over path; then the
+ * directory is fsynced. */
+static int host_write_file(lua_State *L) {
+    size_t len;
+    const char *path = luaL_checkstring(L, 1);
+    const char *data = luaL_checklstring(L, 2, &len);
+    mode_t mode = (mode_t)luaL_optinteger(L, 3, 0600);
+    char tmp[PATH_MAX];
+    if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp)
+        return os_error(L, path, ENAMETOOLONG);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+    if (fd < 0) return os_error(L, tmp, errno);
+    int err = 0;
+    if (fchmod(fd, mode) != 0) err = errno;
+    for (size_t off = 0; err == 0 && off < len;) {
+        ssize_t n = write(fd, data + off, len - off);
+        if (n < 0) {
+            if (errno != EINTR) err = errno;
+        } else {
+            off += (size_t)n;
+        }
+    }
+    if (err == 0 && fsync(fd) != 0) err = errno;
+    if (close(fd) != 0 && err == 0) err = errno;
+    if (err == 0 && rename(tmp, path) != 0) err = errno;
+    if (err != 0) {
+        unlink(tmp);
+        return os_error(L, path, err);
+    }
+    if ((err = fsync_dir_of(path)) != 0) return os_error(L, path, err);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* host.now() -> seconds since the epoch, with microseconds */
+static int host_now(lua_State *L) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    lua_pushnumber(L, (lua_Number)ts.tv_sec + (lua_Number)ts.tv_nsec / 1e9);
+    return 1;
+}
+
+/* host.monotonic() -> seconds on a clock that never jumps */
+static int host_monotonic(lua_State *L) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    lua_pushnumber(L, (lua_Number)ts.tv_sec + (lua_Number)ts.tv_nsec / 1e9);
+    return 1;
+}
+
+int luaopen_migrun_host(lua_State *L) {
+    static const luaL_Reg funcs[] = {
+        {"isatty", host_isatty},
+        {"statvfs", host_statvfs},
+        {"mkdir", host_mkdir},
+        {"write_file", host_write_file},
+        {"now", host_now},
+        {"monotonic", host_monotonic},
+        {NULL, NULL},
+    };
+    luaL_newlib(L, funcs);
     char exe[PATH_MAX];
     ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
     if (n > 0) {
@@ -18,5 +162,7 @@ int luaopen_migrun_host(lua_State *L) {
     }
     lua_pushliteral(L, MIGRUN_VERSION);
     lua_setfield(L, -2, "version");
+    lua_pushinteger(L, (lua_Integer)getpid());
+    lua_setfield(L, -2, "pid");
     return 1;
 }
