@@ -1,0 +1,365 @@
+--[[
+migrun.cdc: Phase II of the runbook on AWS DMS: one source endpoint per slot
+group and one target endpoint, their connection tests, one CDC-only task per
+group starting at the LSN captured on the paused replica, the starts (one at a
+time, a pause between them), and the watch until every task has caught up.
+
+Everything is idempotent and found by name, so a run killed at any point and
+started again reuses what exists instead of creating duplicates: endpoints and
+tasks carry identifiers derived from the migration's name and the slot
+("app-dms-slot-01-source", "app-target", "app-dms-slot-01-cdc").
+
+  local cdc = require "migrun.cdc"
+  local eps = assert(cdc.ensure_endpoints(client, groups, { name=, source=conninfo, target=conninfo,
+                                                            source_overrides=, target_overrides= }))
+  assert(cdc.test_connections(client, instance_arn, eps, { timeout = 300 }))
+  local tasks = assert(cdc.ensure_tasks(client, groups, eps, { name=, instance_arn=, start_lsn=, task= }))
+  assert(cdc.start_tasks(client, groups, tasks, { pause = 5, sleep = fn, say = fn }))
+  local st = assert(cdc.status(client, groups, tasks, { source = Db, target = Db, control_schema = }))
+
+Endpoint passwords come from the conninfo, PGPASSWORD or the passfile libpq
+would use (the conninfo's passfile, PGPASSFILE, ~/.pgpass), in that order; they
+travel only in the CreateEndpoint body, which the DMS client masks in its log.
+]]
+local pg = require "migrun.pg"
+local errors = require "migrun.error"
+local builders = require "migrun.dms.builders"
+
+local cdc = {}
+
+---------------------------------------------------------------------------
+-- Endpoint connection settings from a conninfo
+---------------------------------------------------------------------------
+
+-- One field of a .pgpass line: ':' separates, '\' escapes.
+local function pgpass_fields(line)
+  local fields, cur, i = {}, {}, 1
+  while i <= #line do
+    local c = line:sub(i, i)
+    if c == "\\" and i < #line then
+      cur[#cur + 1] = line:sub(i + 1, i + 1)
+      i = i + 1
+    elseif c == ":" and #fields < 4 then
+      fields[#fields + 1] = table.concat(cur)
+      cur = {}
+    else
+      cur[#cur + 1] = c
+    end
+    i = i + 1
+  end
+  fields[#fields + 1] = table.concat(cur)
+  return fields
+end
+
+-- The password libpq would take from a passfile for host/port/dbname/user.
+function cdc.passfile_lookup(path, host, port, dbname, user)
+  local f = path and io.open(path, "r")
+  if not f then return nil end
+  local want = { host, tostring(port), dbname, user }
+  for line in f:lines() do
+    if not line:match("^%s*#") and line:match("%S") then
+      local fl = pgpass_fields(line)
+      local match = #fl == 5
+      for k = 1, 4 do
+        if match and fl[k] ~= "*" and fl[k] ~= want[k] then match = false end
+      end
+      if match then
+        f:close()
+        return fl[5]
+      end
+    end
+  end
+  f:close()
+  return nil
+end
+
+--[[ cdc.endpoint_settings(conninfo, overrides, env) -> { host, port, dbname,
+     user, password, ssl_mode } | nil, err
+     env: a getenv function (default os.getenv). The error never holds the
+     password. ]]
+function cdc.endpoint_settings(conninfo, overrides, getenv)
+  getenv = getenv or os.getenv
+  local p, err = pg.conninfo_parse(conninfo)
+  if not p then return nil, err end
+  local s = {
+    host = p.host or p.hostaddr or getenv("PGHOST") or "localhost",
+    port = tonumber(p.port or getenv("PGPORT") or 5432),
+    dbname = p.dbname or getenv("PGDATABASE"),
+    user = p.user or getenv("PGUSER"),
+    ssl_mode = p.sslmode,
+  }
+  s.dbname = s.dbname or s.user
+  s.password = p.password or getenv("PGPASSWORD")
+  if not s.password then
+    local home = getenv("HOME")
+    local passfile = p.passfile or getenv("PGPASSFILE") or (home and home .. "/.pgpass")
+    s.password = cdc.passfile_lookup(passfile, s.host, s.port, s.dbname, s.user)
+  end
+  for k, v in pairs(overrides or {}) do s[k] = v end
+  if not s.user then
+    return nil, errors.new{ kind = "config", where = "dms endpoint",
+      message = "no user name for the DMS endpoint", hint = "give user= in the conninfo" }
+  end
+  if s.host:sub(1, 1) == "/" then
+    return nil, errors.new{ kind = "config", where = "dms endpoint",
+      message = ("host %s is a Unix socket directory; DMS connects over TCP"):format(s.host),
+      hint = "give the server's address as host= in the conninfo, or dms.*_endpoint.host" }
+  end
+  return s
+end
+
+---------------------------------------------------------------------------
+-- Names
+---------------------------------------------------------------------------
+
+function cdc.source_endpoint_id(name, group) return builders.identifier(name, group.slot, "source") end
+function cdc.target_endpoint_id(name) return builders.identifier(name, "target") end
+function cdc.task_id(name, group) return builders.identifier(name, group.slot, "cdc") end
+
+---------------------------------------------------------------------------
+-- Endpoints
+---------------------------------------------------------------------------
+
+local function find_endpoint(client, id)
+  local list, err = client:describe_endpoints{ Filters = { ["endpoint-id"] = id } }
+  if not list then return nil, err end
+  return list[1] or false
+end
+
+local function ensure_endpoint(client, params)
+  local found, err = find_endpoint(client, params.EndpointIdentifier)
+  if found == nil then return nil, err end
+  if found then return found.EndpointArn, "reused" end
+  local ep, cerr = client:create_endpoint(params)
+  if not ep then return nil, cerr end
+  if ep.dry_run then return "arn:dry-run:endpoint:" .. params.EndpointIdentifier, "created" end
+  return ep.EndpointArn, "created"
+end
+
+--[[ cdc.ensure_endpoints(client, groups, opts) -> { target = arn, source = { [slot] = arn },
+     created = {ids}, reused = {ids} } | nil, err
+     opts: name, source (conninfo of the primary), target (conninfo),
+     source_overrides, target_overrides (endpoint_settings overrides). ]]
+function cdc.ensure_endpoints(client, groups, opts)
+  local src, err = cdc.endpoint_settings(opts.source, opts.source_overrides)
+  if not src then return nil, err end
+  local tgt
+  tgt, err = cdc.endpoint_settings(opts.target, opts.target_overrides)
+  if not tgt then return nil, err end
+  local out = { source = {}, created = {}, reused = {} }
+  local function note(id, how) table.insert(how == "created" and out.created or out.reused, id) end
+
+  tgt.identifier = cdc.target_endpoint_id(opts.name)
+  local arn, how = ensure_endpoint(client, builders.target_endpoint(tgt))
+  if not arn then return nil, how end
+  out.target = arn
+  note(tgt.identifier, how)
+  for _, g in ipairs(groups) do
+    local conn = {}
+    for k, v in pairs(src) do conn[k] = v end
+    conn.identifier = cdc.source_endpoint_id(opts.name, g)
+    arn, how = ensure_endpoint(client, builders.source_endpoint(g, conn))
+    if not arn then return nil, how end
+    out.source[g.slot] = arn
+    note(conn.identifier, how)
+  end
+  return out
+end
+
+-- Every endpoint tested from the replication instance; the first failure is returned.
+function cdc.test_connections(client, instance_arn, endpoints, opts)
+  opts = opts or {}
+  local arns = { endpoints.target }
+  local slots = {}
+  for slot in pairs(endpoints.source) do slots[#slots + 1] = slot end
+  table.sort(slots)
+  for _, slot in ipairs(slots) do arns[#arns + 1] = endpoints.source[slot] end
+  for _, arn in ipairs(arns) do
+    local ok, err = client:test_connection(instance_arn, arn)
+    if not ok then return nil, err end
+  end
+  if client.dry_run then return true end
+  for _, arn in ipairs(arns) do
+    local ok, err = client:wait_for_connection(instance_arn, arn, opts.timeout or 300, opts.poll or 2)
+    if not ok then return nil, err end
+  end
+  return true
+end
+
+---------------------------------------------------------------------------
+-- Tasks
+---------------------------------------------------------------------------
+
+local function find_task(client, id)
+  local list, err = client:describe_replication_tasks{ Filters = { ["replication-task-id"] = id } }
+  if not list then return nil, err end
+  return list[1] or false
+end
+
+--[[ cdc.ensure_tasks(client, groups, endpoints, opts) -> { [slot] = arn, created = {ids},
+     reused = {ids} } | nil, err
+     opts: name, instance_arn, start_lsn (migrun.lsn or text), task = config.dms.task
+     ({ batch_apply =, lob_max_kb =, control_schema = }), ready_timeout.
+     A task that exists is reused as it is: DMS cannot move a task's start
+     position, and a task already running must not be disturbed. ]]
+function cdc.ensure_tasks(client, groups, endpoints, opts)
+  local out = { created = {}, reused = {} }
+  local created_arns = {}
+  local task_opts = opts.task or {}
+  for _, g in ipairs(groups) do
+    local id = cdc.task_id(opts.name, g)
+    local found, err = find_task(client, id)
+    if found == nil then return nil, err end
+    if found then
+      out[g.slot] = found.ReplicationTaskArn
+      out.reused[#out.reused + 1] = id
+    else
+      local group = setmetatable({ batch_apply = task_opts.batch_apply, lob_max_kb = task_opts.lob_max_kb },
+        { __index = g })
+      local params = builders.replication_task(group, {
+        identifier = id,
+        source_endpoint_arn = endpoints.source[g.slot],
+        target_endpoint_arn = endpoints.target,
+        replication_instance_arn = opts.instance_arn,
+        cdc_start_position = tostring(opts.start_lsn),
+        control_schema = task_opts.control_schema,
+        tags = { { Key = "migrun:migration", Value = opts.name } },
+      })
+      local task, cerr = client:create_replication_task(params)
+      if not task then return nil, cerr end
+      out[g.slot] = task.ReplicationTaskArn or ("arn:dry-run:task:" .. id)
+      out.created[#out.created + 1] = id
+      created_arns[#created_arns + 1] = out[g.slot]
+    end
+  end
+  if not client.dry_run then
+    for _, arn in ipairs(created_arns) do
+      local ok, err = client:wait_for_task(arn, { "ready", "stopped", "running" }, opts.ready_timeout or 600, 2)
+      if not ok then return nil, err end
+    end
+  end
+  return out
+end
+
+--[[ cdc.start_tasks(client, groups, tasks, opts) -> { started = {slots}, running = {slots} } | nil, err
+     Starts the tasks that are not running, one at a time (opts.pause seconds
+     between them, opts.sleep(seconds) to wait), each waited until "running".
+     A stopped task that ran before is resumed (resume-processing keeps its
+     checkpoint); a task never started gets start-replication. ]]
+function cdc.start_tasks(client, groups, tasks, opts)
+  opts = opts or {}
+  local out = { started = {}, running = {} }
+  for _, g in ipairs(groups) do
+    local arn = tasks[g.slot]
+    local task, err
+    if not client.dry_run then
+      task, err = client:describe_task(arn)
+      if err then return nil, err end
+      if not task then
+        return nil, errors.new{ kind = "aws", where = "dms " .. g.slot, code = "ResourceNotFoundFault",
+          message = "the CDC task of " .. g.slot .. " no longer exists" }
+      end
+    end
+    local status = task and tostring(task.Status):lower() or "ready"
+    if status == "running" or status == "starting" then
+      out.running[#out.running + 1] = g.slot
+    else
+      if status == "failed" then
+        return nil, errors.new{ kind = "aws", where = "dms " .. g.slot, code = "TaskFailed",
+          message = ("the CDC task of %s has failed: %s"):format(g.slot,
+            tostring(task.LastFailureMessage or task.StopReason)),
+          hint = "see the report; playbooks/partial_restart.lua " .. g.slot .. " starts that group again" }
+      end
+      if #out.started > 0 and opts.pause and opts.pause > 0 and opts.sleep then opts.sleep(opts.pause) end
+      local start_type = (task and task.ReplicationTaskStartDate) and "resume-processing" or "start-replication"
+      local ok, serr = client:start_replication_task(arn, start_type)
+      if not ok then return nil, serr end
+      if opts.say then opts.say(("started %s (%s)"):format(cdc.task_id(opts.name or "", g), start_type)) end
+      if not client.dry_run then
+        ok, serr = client:wait_for_task(arn, "running", opts.timeout or 600, 2)
+        if not ok then return nil, serr end
+      end
+      out.started[#out.started + 1] = g.slot
+    end
+  end
+  return out
+end
+
+---------------------------------------------------------------------------
+-- Watching
+---------------------------------------------------------------------------
+
+--[[ cdc.status(client, groups, tasks, opts) -> { rows = { {slot, task, status,
+     lag_bytes, confirmed_flush_lsn, pending, applied_at, exceptions} },
+     exceptions = n, max_lag = bytes, all_running = bool } | nil, err
+     opts.source (Db on the primary: per-slot lag), opts.target (Db: the
+     control tables), opts.control_schema ("public"), opts.name. ]]
+function cdc.status(client, groups, tasks, opts)
+  local out = { rows = {}, exceptions = 0, max_lag = 0, all_running = true }
+  local schema = opts.control_schema or "public"
+  local slot_res, err = opts.source:query(
+    "select slot_name, confirmed_flush_lsn, pg_current_wal_lsn() as current from pg_replication_slots")
+  if not slot_res then return nil, err end
+  local slots = {}
+  for r in slot_res:rows() do slots[r.slot_name] = r end
+  local status_rows, exc_counts = {}, {}
+  local has = opts.target:query("select to_regclass($1) is not null as st, to_regclass($2) is not null as ex",
+    schema .. ".awsdms_status", schema .. ".awsdms_apply_exceptions")
+  if has and has[1].st then
+    local res = opts.target:query(("select task_name, task_status, pending_changes, "
+      .. "source_timestamp_applied::text as applied from %s.awsdms_status"):format(pg.quote_ident(schema)))
+    for r in (res and res:rows() or function() end) do status_rows[r.task_name] = r end
+  end
+  if has and has[1].ex then
+    local res = opts.target:query(('select "TASK_NAME" as task, count(*) as n from %s.awsdms_apply_exceptions group by 1')
+      :format(pg.quote_ident(schema)))
+    for r in (res and res:rows() or function() end) do exc_counts[r.task] = r.n end
+  end
+  for _, g in ipairs(groups) do
+    local id = cdc.task_id(opts.name, g)
+    local task
+    if not client.dry_run then
+      task, err = client:describe_task(tasks[g.slot])
+      if err then return nil, err end
+    end
+    local s = slots[g.slot]
+    local lag
+    if s and not rawequal(s.confirmed_flush_lsn, pg.null) then lag = s.current - s.confirmed_flush_lsn end
+    local st = status_rows[id] or {}
+    local row = {
+      slot = g.slot, task = id,
+      status = task and tostring(task.Status) or (client.dry_run and "dry run" or "missing"),
+      lag_bytes = lag, confirmed_flush_lsn = s and tostring(s.confirmed_flush_lsn) or "no slot",
+      pending = st.pending_changes, applied_at = st.applied,
+      exceptions = exc_counts[id] or 0,
+      failure = task and task.LastFailureMessage,
+    }
+    out.rows[#out.rows + 1] = row
+    out.exceptions = out.exceptions + row.exceptions
+    if row.status ~= "running" then out.all_running = false end
+    if lag == nil then out.max_lag = math.huge elseif lag > out.max_lag then out.max_lag = lag end
+  end
+  return out
+end
+
+-- Human units for bytes.
+function cdc.human_bytes(n)
+  if n == nil then return "?" end
+  if n == math.huge then return "inf" end
+  local units = { "B", "kB", "MB", "GB", "TB" }
+  local i = 1
+  while n >= 1024 and i < #units do n, i = n / 1024, i + 1 end
+  return i == 1 and ("%d %s"):format(n, units[i]) or ("%.1f %s"):format(n, units[i])
+end
+
+-- Rows for a printed table of a status.
+function cdc.status_table(st)
+  local rows = {}
+  for _, r in ipairs(st.rows) do
+    rows[#rows + 1] = { r.slot, r.task, r.status, cdc.human_bytes(r.lag_bytes), r.confirmed_flush_lsn,
+      r.applied_at and tostring(r.applied_at) or "-", tostring(r.exceptions) }
+  end
+  return { "slot", "task", "status", "lag", "confirmed flush", "applied up to", "apply exceptions" }, rows
+end
+
+return cdc
