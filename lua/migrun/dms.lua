@@ -24,6 +24,7 @@ local json = require "migrun.dms.json"
 local M = {}
 
 M.TARGET_PREFIX = "AmazonDMSv20160101"
+M.DRY_RUN_CREDENTIALS = "none (dry run)"
 M.CONTENT_TYPE = "application/x-amz-json-1.1"
 
 -- dms-api.md §6.4
@@ -103,7 +104,7 @@ function M.client(opts)
   local cfg, err = credentials.resolve(opts)
   if not cfg then
     if not opts.dry_run then return nil, err end
-    cfg = { region = opts.region or "us-east-1", credential_source = "none (dry run)" }
+    cfg = { region = opts.region or "us-east-1", credential_source = M.DRY_RUN_CREDENTIALS }
     cfg.endpoint_url = opts.endpoint_url or credentials.default_endpoint("dms", cfg.region)
   end
   local getenv = os.getenv
@@ -181,8 +182,11 @@ function Client:call(op, params)
   assert(type(op) == "string" and op:match("^%u%a+$"), "DMS operation name expected, like DescribeEndpoints")
   params = params or {}
   local body = json.encode(params)
+  -- A dry run still reads (Describe*) when it has credentials, so that what
+  -- it prints is what a real run would do; every other call is only shown.
+  local reads = op:match("^Describe") and self.config.credential_source ~= M.DRY_RUN_CREDENTIALS
   if self.on_call then self.on_call(M.summary(op, params), op, M.mask(params)) end
-  if self.dry_run then return { dry_run = true } end
+  if self.dry_run and not reads then return { dry_run = true } end
   self:_refresh()
   local attempt, taken = 0, 0
   while true do

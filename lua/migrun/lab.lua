@@ -671,7 +671,7 @@ function Lab:_build(opts)
   if not ok then return nil, err end
 
   if opts.dms then
-    ok, err = self:_start_dms()
+    ok, err = self:_start_dms(opts.dms)
     if not ok then return nil, err end
   end
   self.startup_seconds = now() - t0
@@ -682,17 +682,22 @@ end
 -- secret key travels in the child's environment, never in its argv.
 local DMS_ACCESS_KEY, DMS_REGION = "AKIDMIGRUNLAB", "us-east-1"
 
-function Lab:_start_dms()
+function Lab:_start_dms(dms_opts)
   local exe = require("migrun.host").exe
   local secret = random_password()
+  -- faults and delays (emulator options) travel as JSON in the environment
+  local extra = type(dms_opts) == "table" and require("cjson").encode{
+    faults = dms_opts.faults, delays = dms_opts.delays } or "{}"
   local script = ([[
+    local o = require("cjson").decode(os.getenv("MIGRUN_DMS_EMULATOR_OPTS"))
     local emu = assert(require("migrun.dms.emulator").start{ port = 0, access_key = %q,
-      secret_key = os.getenv("MIGRUN_DMS_EMULATOR_SECRET"), region = %q })
+      secret_key = os.getenv("MIGRUN_DMS_EMULATOR_SECRET"), region = %q,
+      faults = o.faults, delays = o.delays })
     io.stdout:write(emu.url, "\n") io.stdout:flush()
     emu:serve()]]):format(DMS_ACCESS_KEY, DMS_REGION)
   local logfile = self.dir .. "/dms-emulator.log"
   local url
-  local h, err = proc.spawn{ exe, "-e", script, env = { MIGRUN_DMS_EMULATOR_SECRET = secret },
+  local h, err = proc.spawn{ exe, "-e", script, env = { MIGRUN_DMS_EMULATOR_SECRET = secret, MIGRUN_DMS_EMULATOR_OPTS = extra },
     stdout = function(line) url = url or line end, stderr = { file = logfile } }
   if not h then return nil, lab_error("dms", "cannot start the DMS emulator: " .. tostring(err)) end
   local deadline = now() + 30
@@ -724,7 +729,8 @@ end
 --   settings  { all = {...}, source = {...}, replica = {...}, target = {...} } extra postgresql.conf
 --   bindir    PostgreSQL binaries (default: pg_config --bindir, else /usr/lib/postgresql/<max>/bin)
 --   locale    initdb locale (default "C");  timeout  seconds to wait for streaming (default 60)
---   dms       true to also start the DMS emulator (L.dms.url, L:dms_client())
+--   dms       true to also start the DMS emulator (L.dms.url, L:dms_client()), or a
+--             table of emulator options: { faults = {...}, delays = {...} }
 function lab.start(opts)
   opts = opts or {}
   local L = setmetatable({

@@ -240,7 +240,7 @@ describe("dms client", function()
     assert.is_nil(tostring(err):find(SECRET, 1, true))
   end)
 
-  it("logs each call without secrets, and a dry run sends nothing", function()
+  it("logs each call without secrets, and a dry run sends no write", function()
     local s = serve[[ return function() return { status = 200, body = "{}" } end ]]
     local lines = {}
     local c = client(s, { on_call = function(line) lines[#lines + 1] = line end, dry_run = true })
@@ -249,6 +249,9 @@ describe("dms client", function()
     assert.are.equal('dms CreateEndpoint {"EndpointIdentifier":"src","Password":"****",'
       .. '"PostgreSQLSettings":{"Password":"****","SlotName":"s"}}', lines[1])
     assert.are.equal(0, #s:requests())
+    -- reads still run when there are credentials: a dry run shows what a real run would do
+    assert(c:call("DescribeEndpoints"))
+    assert.are.equal(1, #s:requests())
     local quiet = assert(dms.client{ dry_run = true, env = { AWS_EC2_METADATA_DISABLED = "true" } })
     assert.is_true(quiet:call("DescribeEndpoints").dry_run)
   end)
