@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -789,6 +790,13 @@ static int start(lua_State *L, int spec, int pipeline) {
     if (in_mode == 1 && (in_child = open("/dev/null", O_RDONLY | O_CLOEXEC)) < 0)
         luaL_error(L, "cannot open /dev/null: %s", strerror(errno));
 
+    /* die_with_parent: the kernel kills the child when migrun dies, even by
+     * SIGKILL, so workers never outlive the run that owns their work */
+    lua_getfield(L, spec, "die_with_parent");
+    int die_with_parent = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    pid_t parent_pid = getpid();
+
     const char *cwd = NULL;
     if (lua_getfield(L, spec, "cwd") != LUA_TNIL)
         cwd = luaL_checkstring(L, -1); /* stays on the stack */
@@ -841,6 +849,11 @@ static int start(lua_State *L, int spec, int pipeline) {
         if (pid == 0) {
             /* child: only async-signal-safe calls from here */
             setpgid(0, i == 0 ? 0 : p->pgid);
+            if (die_with_parent) {
+                prctl(PR_SET_PDEATHSIG, SIGKILL);
+                if (getppid() != parent_pid) /* the parent died before prctl */
+                    _exit(127);
+            }
             signal(SIGPIPE, SIG_DFL);
             signal(SIGINT, SIG_DFL);
             sigset_t none;

@@ -212,6 +212,38 @@ describe("migrun.proc", function()
     assert.is_false(alive(pid))
   end)
 
+  it("kills a die_with_parent child when its parent is SIGKILLed, and only that one", function()
+    local pidfile = os.tmpname()
+    local script = ([[
+      local proc = require "migrun.proc"
+      local bound = proc.spawn{ "sleep", "60", die_with_parent = true }
+      local free = proc.spawn{ "sleep", "60" }
+      local f = io.open(%q, "w") f:write(bound.pid, " ", free.pid) f:close()
+      proc.run{ "sleep", "60", die_with_parent = true }
+    ]]):format(pidfile)
+    local parent = assert(proc.spawn{ MIGRUN, "-e", script })
+    local text = ""
+    for _ = 1, 200 do
+      local f = io.open(pidfile)
+      text = f and f:read("a") or ""
+      if f then f:close() end
+      if text ~= "" then break end
+      proc.run{ "sleep", "0.05" }
+    end
+    os.remove(pidfile)
+    local bound, free = text:match("(%d+) (%d+)")
+    assert.truthy(bound)
+    parent:kill("KILL")
+    parent:wait()
+    for _ = 1, 100 do
+      if not alive(bound) then break end
+      proc.run{ "sleep", "0.05" }
+    end
+    assert.is_false(alive(bound))
+    assert.is_true(alive(free))
+    proc.run{ "kill", "-KILL", free }
+  end)
+
   it("reaps every finished child", function()
     local h = proc.spawn{ "true" }
     local pid = h.pid
