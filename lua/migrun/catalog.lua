@@ -20,7 +20,7 @@ catalog.tables(db, { schemas = {...} | nil, exclude = {"s.t", ...} }) -> list | 
       definition, partial} } (unique indexes and UNIQUE constraints other than
       the PK; definition is pg_get_constraintdef for a constraint, else
       pg_get_indexdef), separate_unique (has_pk and #unique > 0),
-      lob_columns = { {name, type} }, columns = { {name, type, not_null,
+      lob_columns = { {name, type, bytea} }, columns = { {name, type, not_null,
       generated} }, partition_of ("s.root" for a partition, else nil).
     LOB columns are those DMS maps to NCLOB/CLOB/BLOB (dms-api.md §8): text,
     json, jsonb, bytea, xml, tsvector, hstore, character varying WITHOUT a
