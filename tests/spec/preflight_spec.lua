@@ -125,7 +125,13 @@ describe("migrun.preflight", function()
       assert.truthy(find(allowed, "source", "foreign slot").message:find("allowed by preflight.allow_slots", 1, true))
     end)
     h:close()
-    admin:exec("select pg_drop_replication_slot('other_tool_slot')")
+    -- the walsender outlives pg_recvlogical for a moment: wait until the slot is free
+    deadline = host.monotonic() + 20
+    while assert(admin:exec("select active from pg_replication_slots where slot_name = 'other_tool_slot'"))[1].active do
+      assert(host.monotonic() < deadline, "the slot stayed active")
+      require("socket").sleep(0.05)
+    end
+    assert(admin:exec("select pg_drop_replication_slot('other_tool_slot')"))
     admin:close()
     assert(ok, err)
   end)
