@@ -1,0 +1,177 @@
+--[[
+migrun.replica: the maintenance streaming replica (runbook Phase I, steps 5, 6
+and 11): its status, pausing replay at a point whose LSN is then the CDC start
+position, and resuming it. Reads go through Db:query, the pause and resume
+requests through Db:write (a dry run prints them and pauses nothing).
+
+  local replica = require "migrun.replica"
+  local st = assert(replica.status(db))
+  local at = assert(replica.pause(db, { timeout = 60 }))   -- a migrun.lsn
+  assert(replica.resume(db))
+
+  replica.status(db) -> status | nil, err
+      status = { in_recovery, pause_state ("not paused" | "pause requested" |
+      "paused"; nil on a primary), replay_lsn, receive_lsn (migrun.lsn or nil),
+      system_identifier (string), server_version, upstream = { host, port,
+      status } (pg_stat_wal_receiver; nil when no WAL receiver runs) }
+  replica.pause(db, { timeout = 60, poll = 0.2, say = fn }) -> replay_lsn | nil, err
+      Refuses a primary. Requests the pause, waits until replay has really
+      stopped (14+: pg_get_wal_replay_pause_state() = 'paused'; before 14 the
+      pause flag) and the replay LSN has stayed the same over two polls, then
+      returns pg_last_wal_replay_lsn(). An already paused replica returns its
+      replay LSN at once (a resumed run). In a dry run: the request is echoed
+      and the replay LSN now is returned (nothing was paused).
+  replica.resume(db) -> true | nil, err      idempotent
+  replica.sql(server_version_num) -> the version's SQL texts (unit-tested for 9.6)
+]]
+local lsn = require "migrun.lsn"
+local errors = require "migrun.error"
+local host = require "migrun.host"
+local pg = require "migrun.pg"
+
+local replica = {}
+
+local has_socket, socket = pcall(require, "socket")
+
+local function sleep(db, seconds)
+  if has_socket then
+    socket.sleep(seconds)
+  else
+    db:query("select pg_sleep($1)", seconds)
+  end
+end
+
+local function failure(db, message, fields)
+  local e = { kind = "replica", where = db:name(), message = message }
+  for k, v in pairs(fields or {}) do e[k] = v end
+  return errors.new(e)
+end
+
+-- The SQL of one server version. PostgreSQL 10 renamed xlog/location to
+-- wal/lsn; 14 made pausing asynchronous and added the pause state function.
+function replica.sql(version)
+  local n = lsn.names(version)
+  local pause_state
+  if n.wal_replay_pause_state then
+    pause_state = n.wal_replay_pause_state .. "()"
+  else
+    pause_state = ("case when %s() then 'paused' else 'not paused' end"):format(n.is_wal_replay_paused)
+  end
+  local receiver
+  if version >= 110000 then
+    receiver = "select status, sender_host, sender_port, conninfo from pg_stat_wal_receiver"
+  else -- sender_host/sender_port came in 11: read them from the (password-masked) conninfo
+    receiver = "select status, null::text as sender_host, null::int as sender_port, conninfo from pg_stat_wal_receiver"
+  end
+  return {
+    recovery = "select pg_is_in_recovery() as in_recovery, system_identifier::text as system_identifier"
+      .. " from pg_control_system()",
+    standby = ("select %s as pause_state, %s() as replay_lsn, %s() as receive_lsn"):format(
+      pause_state, n.last_wal_replay_lsn, n.last_wal_receive_lsn),
+    receiver = receiver,
+    pause = ("select %s()"):format(n.wal_replay_pause),
+    resume = ("select %s()"):format(n.wal_replay_resume),
+  }
+end
+
+local function first_row(db, sql)
+  local res, err = db:query(sql)
+  if not res then return nil, err end
+  return res[1] or {}
+end
+
+local function opt(v)
+  if rawequal(v, pg.null) then return nil end
+  return v
+end
+
+function replica.status(db)
+  assert(db and db.query, "replica.status: a migrun.db Db expected")
+  local version = db.conn:server_version()
+  local sql = replica.sql(version)
+  local row, err = first_row(db, sql.recovery)
+  if not row then return nil, err end
+  local st = { in_recovery = row.in_recovery, system_identifier = row.system_identifier,
+               server_version = version }
+  if not st.in_recovery then return st end
+
+  row, err = first_row(db, sql.standby)
+  if not row then return nil, err end
+  st.pause_state, st.replay_lsn, st.receive_lsn = opt(row.pause_state), opt(row.replay_lsn), opt(row.receive_lsn)
+
+  row, err = first_row(db, sql.receiver)
+  if not row then return nil, err end
+  if opt(row.status) then
+    local up = { status = row.status, host = opt(row.sender_host), port = opt(row.sender_port) }
+    if (not up.host or not up.port) and opt(row.conninfo) then
+      local parsed = pg.conninfo_parse(row.conninfo)
+      if parsed then
+        up.host = up.host or parsed.host or parsed.hostaddr
+        up.port = up.port or tonumber(parsed.port)
+      end
+    end
+    st.upstream = up
+  end
+  return st
+end
+
+local function not_a_replica(db)
+  return failure(db, db:name() .. " is not in recovery: it is a primary",
+    { hint = "give the maintenance replica's conninfo in replica.conninfo" })
+end
+
+function replica.pause(db, opts)
+  assert(db and db.write, "replica.pause: a migrun.db Db expected")
+  opts = opts or {}
+  local timeout, poll = opts.timeout or 60, opts.poll or 0.2
+  local st, err = replica.status(db)
+  if not st then return nil, err end
+  if not st.in_recovery then return nil, not_a_replica(db) end
+  if st.pause_state == "paused" then
+    if opts.say then opts.say(("%s: replay already paused at %s"):format(db:name(), tostring(st.replay_lsn))) end
+    return st.replay_lsn
+  end
+
+  local res
+  res, err = db:write(replica.sql(st.server_version).pause)
+  if not res then return nil, err end
+  if db.dry_run then return st.replay_lsn end
+
+  -- Replay stops at the next record boundary after the request: wait for the
+  -- server to say so, then for the replay position to hold still.
+  local deadline = host.monotonic() + timeout
+  local last
+  while true do
+    st, err = replica.status(db)
+    if not st then return nil, err end
+    if not st.in_recovery then
+      return nil, failure(db, db:name() .. " left recovery (promoted?) while being paused")
+    end
+    if st.pause_state == "paused" and st.replay_lsn then
+      if last and last == st.replay_lsn then return st.replay_lsn end
+      last = st.replay_lsn
+    else
+      last = nil
+    end
+    if host.monotonic() > deadline then
+      return nil, errors.new{ kind = "timeout", where = db:name(),
+        message = ("replay did not stop within %gs (pause state: %s)"):format(timeout, tostring(st.pause_state)),
+        hint = "replay may be waiting on a long record or a conflict; try again or raise the timeout" }
+    end
+    sleep(db, poll)
+  end
+end
+
+function replica.resume(db)
+  assert(db and db.write, "replica.resume: a migrun.db Db expected")
+  local st, err = replica.status(db)
+  if not st then return nil, err end
+  if not st.in_recovery then return nil, not_a_replica(db) end
+  if st.pause_state == "not paused" then return true end
+  local res
+  res, err = db:write(replica.sql(st.server_version).resume)
+  if not res then return nil, err end
+  return true
+end
+
+return replica

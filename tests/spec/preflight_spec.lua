@@ -1,0 +1,209 @@
+-- migrun.preflight against real clusters: a healthy lab passes; each failure
+-- (roles swapped, pglogical missing, a foreign active slot, rows on the
+-- target, a missing tool) is found with a message saying what to do. Every
+-- run goes through dry-run Dbs that record writes: preflight must make none.
+local pg = require "migrun.pg"
+local db = require "migrun.db"
+local preflight = require "migrun.preflight"
+
+describe("migrun.preflight", function()
+  local L, conns, writes = nil, {}, {}
+  local src, rep, tgt
+
+  local function wrap(cluster, name)
+    local c = assert(pg.connect(cluster.conninfo, { name = name }))
+    conns[#conns + 1] = c
+    return db.wrap(c, { dry_run = true, echo = function(line) writes[#writes + 1] = line end })
+  end
+
+  local CONFIG = { slots = { prefix = "dms_slot_" }, preflight = { min_free_bytes = 1024 * 1024 },
+                   groups = { largest_alone = 5 } }
+
+  local function run(args)
+    args.config = args.config or CONFIG
+    args.source, args.replica, args.target = args.source or src, args.replica or rep, args.target or tgt
+    return preflight.run(args)
+  end
+
+  local function find(result, server, check)
+    local out = {}
+    for _, f in ipairs(result.findings) do
+      if f.server == server and f.check == check then out[#out + 1] = f end
+    end
+    assert(#out > 0, ("no finding %s/%s in:\n%s"):format(server, check, preflight.format(result)))
+    return out[1], out
+  end
+
+  local function failures(result)
+    local out = {}
+    for _, f in ipairs(result.findings) do
+      if not f.ok then out[#out + 1] = f.server .. "/" .. f.check end
+    end
+    return out
+  end
+
+  setup(function()
+    L = assert(require("migrun.lab").start {})
+    src, rep, tgt = wrap(L.source, "source"), wrap(L.replica, "replica"), wrap(L.target, "target")
+  end)
+
+  teardown(function()
+    for _, c in ipairs(conns) do c:close() end
+    if L then assert(L:stop()) end
+    assert.same({}, writes)
+  end)
+
+  it("passes a healthy lab without warnings, and prints an aligned table", function()
+    local r = run {}
+    assert.same({}, failures(r))
+    assert.equal(0, r.errors)
+    assert.equal(0, r.warnings)
+    assert.truthy(find(r, "source", "wal_level").message == "wal_level = logical")
+    assert.truthy(find(r, "replica", "same cluster").ok)
+    assert.truthy(find(r, "replica", "streaming").message:find("streaming from 127.0.0.1:" .. L.source.port, 1, true))
+    assert.truthy(find(r, "target", "pg_dump").message:find("/usr/lib/postgresql/15/bin/pg_dump", 1, true))
+    assert.truthy(find(r, "source", "free disk").ok)
+    local text = preflight.format(r)
+    local lines = {}
+    for line in text:gmatch("[^\n]+") do lines[#lines + 1] = line end
+    assert.truthy(lines[1]:find("^server%s+check%s+result%s+details$"))
+    local col = lines[1]:find("details", 1, true)
+    for i = 3, #lines - 1 do
+      -- every row's details start in the same column
+      assert.equal(" ", lines[i]:sub(col - 1, col - 1), lines[i])
+      assert.not_equal(" ", lines[i]:sub(col, col), lines[i])
+    end
+    assert.equal("0 errors, 0 warnings", lines[#lines])
+  end)
+
+  it("finds the replica given as source and the source given as replica", function()
+    local r = run { source = rep, replica = src }
+    local f = find(r, "source", "role")
+    assert.is_false(f.ok)
+    assert.truthy(f.message:find("is in recovery: it is a standby, not the primary", 1, true))
+    assert.truthy(f.hint:find("source.conninfo", 1, true))
+    local g = find(r, "replica", "role")
+    assert.is_false(g.ok)
+    assert.truthy(g.message:find("is not in recovery: it is a primary", 1, true))
+    assert.truthy(g.message:find("source and replica look swapped", 1, true))
+    assert.truthy(g.hint:find("replica.conninfo", 1, true))
+
+    local r2 = run { replica = src }
+    local h = find(r2, "replica", "role")
+    assert.is_false(h.ok)
+    assert.truthy(h.message:find("(the source itself: same system identifier)", 1, true))
+    assert.is_true(r2.errors >= 1)
+    assert.truthy(preflight.format(r2):find("hint: give the maintenance replica's conninfo in replica.conninfo", 1, true))
+  end)
+
+  it("stops on a foreign active slot unless preflight.allow_slots lists it", function()
+    local admin = assert(pg.connect(L.source.conninfo, { name = "admin" }))
+    assert(admin:exec("select pg_create_logical_replication_slot('other_tool_slot', 'test_decoding')"))
+    local proc = require "migrun.proc"
+    local h = assert(proc.spawn{ L.bin .. "/pg_recvlogical", "-h", "127.0.0.1", "-p", tostring(L.source.port),
+      "-U", "postgres", "-d", "app", "-S", "other_tool_slot", "--start", "-f", "/dev/null",
+      stdout = "null", stderr = "null" })
+    local host = require "migrun.host"
+    local deadline = host.monotonic() + 20
+    while not assert(admin:exec("select active from pg_replication_slots where slot_name = 'other_tool_slot'"))[1].active do
+      assert(host.monotonic() < deadline, "pg_recvlogical did not attach")
+      require("socket").sleep(0.05)
+    end
+    local ok, err = pcall(function()
+      local r = run {}
+      local f = find(r, "source", "foreign slot")
+      assert.is_false(f.ok)
+      assert.equal("error", f.severity)
+      assert.truthy(f.message:find("logical slot other_tool_slot (plugin test_decoding, database app) is ACTIVE (pid", 1, true))
+      assert.truthy(f.hint:find("something replicates from this server", 1, true))
+      assert.truthy(f.hint:find("preflight.allow_slots", 1, true))
+      assert.equal(1, r.errors)
+
+      local allowed = run { config = { slots = CONFIG.slots, preflight = { min_free_bytes = 1,
+        allow_slots = { "other_tool_slot" } } } }
+      assert.equal(0, allowed.errors)
+      assert.truthy(find(allowed, "source", "foreign slot").message:find("allowed by preflight.allow_slots", 1, true))
+    end)
+    h:close()
+    -- the walsender outlives pg_recvlogical for a moment: wait until the slot is free
+    deadline = host.monotonic() + 20
+    while assert(admin:exec("select active from pg_replication_slots where slot_name = 'other_tool_slot'"))[1].active do
+      assert(host.monotonic() < deadline, "the slot stayed active")
+      require("socket").sleep(0.05)
+    end
+    assert(admin:exec("select pg_drop_replication_slot('other_tool_slot')"))
+    admin:close()
+    assert(ok, err)
+  end)
+
+  it("finds rows on the target unless resuming", function()
+    local s = assert(pg.connect(L.source.conninfo))
+    local t = assert(pg.connect(L.target.conninfo))
+    assert(s:exec("create schema pf; create table pf.filled (id int primary key); create table pf.empty (id int)"))
+    assert(t:exec("create schema pf; create table pf.filled (id int primary key); create table pf.empty (id int);"
+      .. " insert into pf.filled values (1)"))
+    local r = run {}
+    local f = find(r, "target", "empty")
+    assert.is_false(f.ok)
+    assert.equal("1 tables to load already have rows: pf.filled", f.message)
+    local resumed = run { resuming = true }
+    assert.is_true(find(resumed, "target", "empty").ok)
+    -- excluded tables are not checked
+    local excluded = run { config = { slots = CONFIG.slots, preflight = CONFIG.preflight,
+      exclude_tables = { "pf.filled" } } }
+    assert.is_true(find(excluded, "target", "empty").ok)
+    s:on_notice(function() end)
+    t:on_notice(function() end)
+    assert(t:exec("drop schema pf cascade"))
+    assert(s:exec("drop schema pf cascade"))
+    s:close()
+    t:close()
+  end)
+
+  it("finds a missing client tool of the target's version", function()
+    local asked = {}
+    local r = run { tools = function(name, major)
+      asked[#asked + 1] = name .. " " .. major
+      if name == "pg_dump" then return nil, "not found" end
+      return "/opt/pg/bin/" .. name
+    end }
+    assert.same({ "pg_dump 15", "psql 15" }, asked)
+    local f = find(r, "target", "pg_dump")
+    assert.is_false(f.ok)
+    assert.equal("pg_dump 15: not found", f.message)
+    assert.truthy(f.hint:find("apt-get install postgresql-client-15", 1, true))
+    assert.is_true(find(r, "target", "psql").ok)
+    assert.equal(1, r.errors)
+  end)
+
+  it("says when free disk on the primary is below the minimum", function()
+    local r = run { config = { slots = CONFIG.slots, preflight = { min_free_bytes = 2 ^ 62 } } }
+    local f = find(r, "source", "free disk")
+    assert.is_false(f.ok)
+    assert.truthy(f.message:find("free under .*minimum 4%.0 EiB"))
+  end)
+
+  it("finds pglogical missing on a server without it", function()
+    local P = assert(require("migrun.lab").start { pglogical = false,
+      settings = { source = { shared_preload_libraries = "" } } })
+    local ok, err = pcall(function()
+      local r = run { source = wrap(P.source, "source"), replica = wrap(P.replica, "replica"),
+                      target = wrap(P.target, "target") }
+      local f = find(r, "source", "pglogical preloaded")
+      assert.is_false(f.ok)
+      assert.equal("shared_preload_libraries = ''", f.message)
+      assert.truthy(f.hint:find("add pglogical to shared_preload_libraries", 1, true))
+      local e = find(r, "source", "pglogical extension")
+      assert.is_false(e.ok)
+      assert.truthy(e.message:find("is available but not installed in this database", 1, true))
+      assert.is_true(r.errors >= 1)
+    end)
+    P:stop()
+    assert(ok, err)
+  end)
+
+  it("raises on misuse", function()
+    assert.has_error(function() preflight.run{ source = src, replica = rep } end,
+      "preflight.run: target (a migrun.db Db) expected")
+  end)
+end)
