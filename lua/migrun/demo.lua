@@ -182,4 +182,126 @@ function demo.workload_main()
   conn:close()
 end
 
+---------------------------------------------------------------------------
+-- A rehearsal: the lab, the sample, a migration config and the workload
+---------------------------------------------------------------------------
+
+-- A Lua literal for a config value (keys sorted, readable).
+local function literal(v, indent)
+  indent = indent or ""
+  if type(v) == "string" then return ("%q"):format(v) end
+  if type(v) ~= "table" then return tostring(v) end
+  local keys = {}
+  for k in pairs(v) do keys[#keys + 1] = k end
+  table.sort(keys, function(a, b)
+    if type(a) == type(b) then return a < b end
+    return type(a) == "number"
+  end)
+  local inner = indent .. "  "
+  local parts = {}
+  for _, k in ipairs(keys) do
+    local key = (type(k) == "number" and "") or
+      (k:match("^[%a_][%w_]*$") and (k .. " = ")) or ("[%q] = "):format(k)
+    parts[#parts + 1] = inner .. key .. literal(v[k], inner)
+  end
+  if #parts == 0 then return "{}" end
+  return "{\n" .. table.concat(parts, ",\n") .. ",\n" .. indent .. "}"
+end
+demo.literal = literal
+
+local function merge(into, from)
+  for k, v in pairs(from or {}) do
+    if type(v) == "table" and type(into[k]) == "table" and #v == 0 then merge(into[k], v) else into[k] = v end
+  end
+  return into
+end
+
+local Rehearsal = {}
+Rehearsal.__index = Rehearsal
+
+--[[ demo.rehearsal{ dir = (state and config live here; required), scale = 1,
+       name = "demo", config = { overrides }, dms = { delays=, faults= },
+       lab = { lab.start options } } -> R | nil, err
+     Starts a lab with the DMS emulator, loads the sample on the source, and
+     writes R.config_path: a migration config for it whose connection strings
+     name the lab's passfile (no password in the file). R.env holds what the
+     playbook's process needs in its environment (the emulator's keys). ]]
+function demo.rehearsal(opts)
+  local lab = require "migrun.lab"
+  local host = require "migrun.host"
+  assert(opts and opts.dir, "demo.rehearsal: dir expected")
+  assert(host.mkdir(opts.dir, 0700))
+  local lab_opts = merge({ dms = opts.dms or true }, opts.lab)
+  local L, err = lab.start(lab_opts)
+  if not L then return nil, err end
+  local conn = assert(pg.connect(L.source.conninfo, { name = "source" }))
+  demo.load_sample(conn, { scale = opts.scale or 1 })
+  conn:close()
+  local client = assert(L:dms_client())
+  local instance = assert(client:describe_replication_instances())[1]
+  local function conninfo(c) return c.migrun_conninfo .. " passfile=" .. L.passfile end
+  local cfg = merge({
+    name = opts.name or "demo",
+    state_dir = opts.dir .. "/state",
+    source = { conninfo = conninfo(L.source) },
+    replica = { conninfo = conninfo(L.replica) },
+    target = { conninfo = conninfo(L.target) },
+    schemas = { "public" },
+    groups = { largest_alone = 3 },
+    lobs = { tables = { ["public.documents"] = { max_kb = 64, truncation_ok = false } } },
+    full_load = { jobs = 2 },
+    qa = { timestamp_column = "created_at", large_tables = 3, small_sample = 5 },
+    wal_guard = { interval = 5 },
+    preflight = { min_free_bytes = 64 * 1024 * 1024 },
+    dms = {
+      region = L.dms.region, endpoint_url = L.dms.url,
+      replication_instance_arn = instance.ReplicationInstanceArn,
+      start_pause = 1,
+      catch_up = { lag_bytes = 4 * 1024 * 1024, poll = 1, timeout = 600 },
+    },
+  }, opts.config)
+  local path = opts.dir .. "/migration.lua"
+  assert(host.write_file(path, "-- written by migrun.demo for the local lab\nreturn " .. literal(cfg) .. "\n", 0600))
+  return setmetatable({ lab = L, config = cfg, config_path = path, dir = opts.dir,
+    env = { AWS_ACCESS_KEY_ID = L.dms.access_key, AWS_SECRET_ACCESS_KEY = L.dms.secret_key,
+            AWS_REGION = L.dms.region } }, Rehearsal)
+end
+
+-- Starts the write workload on the primary as a child process.
+function Rehearsal:start_workload(opts)
+  opts = opts or {}
+  local proc = require "migrun.proc"
+  local host = require "migrun.host"
+  self.stop_file = self.dir .. "/workload.stop"
+  os.remove(self.stop_file)
+  self.workload_output = {}
+  self.workload = assert(proc.spawn{ host.exe, "-e", "require('migrun.demo').workload_main()",
+    env = { MIGRUN_WORKLOAD_CONNINFO = self.lab.source.conninfo, MIGRUN_WORKLOAD_RATE = tostring(opts.rate or 20),
+            MIGRUN_WORKLOAD_SEED = tostring(opts.seed or 1), MIGRUN_WORKLOAD_STOP_FILE = self.stop_file,
+            MIGRUN_WORKLOAD_NO_PK_CHANGES = opts.no_pk_changes == false and "0" or "1" },
+    stdin = false, die_with_parent = true,
+    stdout = function(line) self.workload_output[#self.workload_output + 1] = line end,
+    stderr = "stdout" })
+  return self.workload
+end
+
+-- Stops the workload and returns its summary line.
+function Rehearsal:stop_workload()
+  if not self.workload then return nil end
+  local f = assert(io.open(self.stop_file, "w"))
+  f:close()
+  local ok, how, code = self.workload:wait(30)
+  if not ok and how == "timeout" then self.workload:kill("KILL") end
+  self.workload:close()
+  self.workload = nil
+  return table.concat(self.workload_output, "\n"), ok, how, code
+end
+
+function Rehearsal:close()
+  if self.workload then self.workload:close() self.workload = nil end
+  if self.lab then self.lab:stop() self.lab = nil end
+end
+Rehearsal.__close = Rehearsal.close
+Rehearsal.__gc = Rehearsal.close
+
 return demo

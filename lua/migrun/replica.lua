@@ -14,8 +14,9 @@ requests through Db:write (a dry run prints them and pauses nothing).
       "paused"; nil on a primary), replay_lsn, receive_lsn (migrun.lsn or nil),
       system_identifier (string), server_version, upstream = { host, port,
       status } (pg_stat_wal_receiver; nil when no WAL receiver runs) }
-  replica.pause(db, { timeout = 60, poll = 0.2, say = fn }) -> replay_lsn | nil, err
-      Refuses a primary. Requests the pause, waits until replay has really
+  replica.pause(db, { timeout = 60, poll = 0.2, say = fn, after = lsn }) -> replay_lsn | nil, err
+      Refuses a primary. With after (the LSN where the slots were created), first
+      waits until replay has passed it, so the captured LSN is never before them. Requests the pause, waits until replay has really
       stopped (14+: pg_get_wal_replay_pause_state() = 'paused'; before 14 the
       pause flag) and the replay LSN has stayed the same over two polls, then
       returns pg_last_wal_replay_lsn(). An already paused replica returns its
@@ -127,9 +128,30 @@ function replica.pause(db, opts)
   local st, err = replica.status(db)
   if not st then return nil, err end
   if not st.in_recovery then return nil, not_a_replica(db) end
+  local deadline = host.monotonic() + timeout
+  local after = opts.after and lsn(tostring(opts.after))
   if st.pause_state == "paused" then
+    if after and st.replay_lsn < after then
+      return nil, failure(db, ("%s is paused at %s, before %s (where the replication slots begin)")
+        :format(db:name(), tostring(st.replay_lsn), tostring(after)),
+        { hint = "someone else paused it: resume it (select pg_wal_replay_resume()) and run again" })
+    end
     if opts.say then opts.say(("%s: replay already paused at %s"):format(db:name(), tostring(st.replay_lsn))) end
     return st.replay_lsn
+  end
+
+  -- The captured LSN is where CDC starts: it must not be before the slots,
+  -- so let replay pass the point where they were created first.
+  while after and not db.dry_run and not (st.replay_lsn and st.replay_lsn >= after) do
+    if host.monotonic() > deadline then
+      return nil, errors.new{ kind = "timeout", where = db:name(),
+        message = ("replay did not reach %s within %gs (at %s)"):format(tostring(after), timeout,
+          tostring(st.replay_lsn)),
+        hint = "the replica lags behind the primary; check its WAL receiver and try again" }
+    end
+    sleep(db, poll)
+    st, err = replica.status(db)
+    if not st then return nil, err end
   end
 
   local res
@@ -139,7 +161,6 @@ function replica.pause(db, opts)
 
   -- Replay stops at the next record boundary after the request: wait for the
   -- server to say so, then for the replay position to hold still.
-  local deadline = host.monotonic() + timeout
   local last
   while true do
     st, err = replica.status(db)

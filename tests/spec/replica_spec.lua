@@ -85,6 +85,21 @@ describe("migrun.replica", function()
     assert.truthy(tostring(err2):find("it is a primary", 1, true))
   end)
 
+  it("with after, pauses only once replay has passed that LSN, and refuses an earlier pause", function()
+    assert(src:write("insert into replica_t select g from generate_series(1000, 1999) g"))
+    local written = assert(src:query("select pg_current_wal_lsn() as l"))[1].l
+    local at = assert(replica.pause(rep, { after = written, timeout = 30 }))
+    assert.is_true(at >= written)
+    assert.equal(1000, count_on(rep, "replica_t where id >= 1000 and id < 2000"))
+    -- already paused, but before a later point: someone else's pause, refused
+    assert(src:write("insert into replica_t values (2000)"))
+    local later = assert(src:query("select pg_current_wal_lsn() as l"))[1].l
+    local again, err = replica.pause(rep, { after = later })
+    assert.is_nil(again)
+    assert.truthy(tostring(err):find("where the replication slots begin", 1, true))
+    assert(replica.resume(rep))
+  end)
+
   it("in a dry run echoes the pause and leaves replay running", function()
     local echoed = {}
     local dry = db.wrap(rep.conn, { dry_run = true, echo = function(l) echoed[#echoed + 1] = l end })
