@@ -526,10 +526,10 @@ function Playbook:main(argv)
   end
   if not dry_run then J:save() end
   self:_finish_report(ctx, run)
-  for _, d in pairs(ctx._dbs) do d:close() end
-  if ctx._logfile then ctx._logfile:close() end
-  if lock then lock:unlock() end
   if code == EXIT.ok then ctx:say("%s: done", self.name) end
+  for _, d in pairs(ctx._dbs) do d:close() end
+  if ctx._logfile then ctx._logfile:close() ctx._logfile = nil end
+  if lock then lock:unlock() end
   return code
 end
 
@@ -598,7 +598,8 @@ end
 
 function Playbook:_run_step(ctx, s, run)
   local J = ctx.journal
-  local rec = J:step(self.name, s.name)
+  local steps = J:steps(self.name)
+  local rec = steps[s.name] or {} -- into the journal when it starts running
   -- an interrupted attempt's facts stay visible; a step done before starts afresh
   if rec.status == "done" or rec.status == nil then
     ctx.facts[s.name] = {}
@@ -629,6 +630,7 @@ function Playbook:_run_step(ctx, s, run)
   if not ctx.dry_run then
     rec.status, rec.started_at, rec.ended_at, rec.duration, rec.error = "running", journal.timestamp(t0), nil, nil, nil
     rec.facts = ctx.facts[s.name]
+    steps[s.name] = rec
     local ok, err = J:save()
     if not ok then return EXIT.failed, err end
   end
