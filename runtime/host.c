@@ -130,6 +130,14 @@ static int host_write_file(lua_State *L) {
     return 1;
 }
 
+/* host.cwd() -> the current directory | nil, err (unlike $PWD, always true) */
+static int host_cwd(lua_State *L) {
+    char buf[PATH_MAX];
+    if (getcwd(buf, sizeof buf) == NULL) return os_error(L, ".", errno);
+    lua_pushstring(L, buf);
+    return 1;
+}
+
 /* host.now() -> seconds since the epoch, with microseconds */
 static int host_now(lua_State *L) {
     struct timespec ts;
@@ -238,6 +246,7 @@ int luaopen_migrun_host(lua_State *L) {
         {"now", host_now},
         {"monotonic", host_monotonic},
         {"lock", host_lock},
+        {"cwd", host_cwd},
         {NULL, NULL},
     };
     static const luaL_Reg lock_meta[] = {

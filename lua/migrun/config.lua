@@ -26,6 +26,7 @@ its type, default and documentation), fills the defaults and resolves paths.
   config.SCHEMA               the schema itself
 ]]
 local pg = require "migrun.pg"
+local host = require "migrun.host"
 local errors = require "migrun.error"
 
 local config = {}
@@ -386,10 +387,11 @@ end
 
 local function absolute(path, base)
   if path:sub(1, 1) == "/" then return path end
+  local cwd = assert(host.cwd())
   if base == "." or base == "" then
-    base = os.getenv("PWD") or "."
+    base = cwd
   elseif base:sub(1, 1) ~= "/" then
-    base = (os.getenv("PWD") or ".") .. "/" .. base
+    base = cwd .. "/" .. base
   end
   local p = base .. "/" .. path
   p = p:gsub("/%./", "/"):gsub("/%.$", ""):gsub("//+", "/")

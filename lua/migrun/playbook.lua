@@ -463,7 +463,7 @@ function Playbook:main(argv)
   local state_dir = cfg.state_dir
   if opts.state_dir then
     state_dir = opts.state_dir:sub(1, 1) == "/" and opts.state_dir
-                or (os.getenv("PWD") or ".") .. "/" .. opts.state_dir
+                or assert(host.cwd()) .. "/" .. opts.state_dir
   end
 
   if opts.list then
