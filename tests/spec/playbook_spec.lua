@@ -111,6 +111,7 @@ describe("migrun.playbook", function()
     assert.equal("700", mode_of(state))
     assert.equal("600", mode_of(state .. "/migrun.log"))
     assert.equal("fixture", j.migration)
+    assert.truthy(read(state .. "/touched"))
     local steps = j.playbooks.steps.steps
     for _, name in ipairs{ "prepare", "load", "summary" } do
       assert.equal("done", steps[name].status, name)
@@ -208,6 +209,9 @@ describe("migrun.playbook", function()
     assert.equal(0, code, out .. err)
     assert.matches("dry run: target: insert into \"" .. schema .. "\"%.\"t\" select g, %$1 from generate_series%(%$2::int, %$3::int%) g  %-%- %$1=1, %$2=1, %$3=100", out)
     assert.matches("dry run: would ask: insert rows into", out)
+    assert.matches("dry run: touch " .. state:gsub("%p", "%%%0") .. "/touched\n", out)
+    assert.falsy(out:find("hidden", 1, true))
+    assert.is_nil(read(state .. "/touched"))
     assert.matches("summary: 0 rows", out)
     assert.matches("# Test steps: fixture", out, 1, true) -- the report is printed
     assert.equal(0, rows(schema))
@@ -282,5 +286,57 @@ describe("migrun.playbook", function()
     local _, _, ucode, _, uerr = proc.run{ MIGRUN, FIXTURE, "--bogus" }
     assert.equal(2, ucode)
     assert.matches("unknown option %-%-bogus", uerr)
+  end)
+end)
+
+describe("migrun.progress", function()
+  local progress = require "migrun.progress"
+
+  local function output(f)
+    f:seek("set")
+    return f:read("a")
+  end
+
+  it("redraws one line in place on a terminal", function()
+    local f = io.tmpfile()
+    local ticks = 0
+    local bar = progress.new{ label = "copy t", total = 2048, unit = "bytes", tty = true, out = f,
+                              on_tick = function() ticks = ticks + 1 end }
+    bar:update(1024, "10 rows")
+    bar:update(2048, "20 rows")
+    bar:finish("2 KiB in 1 s")
+    local text = output(f)
+    assert.equal(2, ticks)
+    assert.matches("^\rcopy t: 1.0 KiB of 2.0 KiB %(50%%%)  10 rows\27%[K\rcopy t: 2.0 KiB of 2.0 KiB %(100%%%)  20 rows\27%[K", text)
+    assert.matches("\r\27%[K%d%d:%d%d:%d%d copy t: done, 2 KiB in 1 s\n$", text)
+  end)
+
+  it("prints plain lines at most every interval elsewhere, and the last one", function()
+    local f = io.tmpfile()
+    local bar = progress.new{ label = "rows", total = 3, unit = "rows", tty = false, out = f, interval = 3600 }
+    bar:update(1)
+    bar:update(2)
+    bar:update(3)
+    bar:finish()
+    local lines = {}
+    for line in output(f):gmatch("[^\n]+") do lines[#lines + 1] = line end
+    assert.equal(2, #lines)
+    assert.matches("^%d%d:%d%d:%d%d rows: 1 rows of 3 rows %(33%%%)$", lines[1])
+    assert.matches("^%d%d:%d%d:%d%d rows: done, 3 rows in 0 s$", lines[2])
+  end)
+end)
+
+describe("migrun.report", function()
+  local report = require "migrun.report"
+
+  it("aligns Markdown tables, numbers to the right, and escapes pipes", function()
+    local md = report.table({ "table", { "n", "rows" } },
+      { { "public.a|b", 5 }, { table = "public.longer_name", n = 12345 } })
+    assert.equal(table.concat({
+      "| table              |  rows |",
+      "| ------------------ | ----: |",
+      "| public.a\\|b        |     5 |",
+      "| public.longer_name | 12345 |",
+    }, "\n") .. "\n", md)
   end)
 end)
