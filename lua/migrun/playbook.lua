@@ -38,6 +38,8 @@ The step context (one per run; passed to run, check and watchers)
   ctx:connect(name) -> Db | nil, err      the same, without raising
   ctx:dms() -> migrun.dms client (config.dms; dry run and call echo)
   ctx.facts[step] -> facts of that step (this playbook); ctx:facts_of(playbook)
+      Facts come back from the journal as JSON values: LSNs and other
+      values JSON cannot hold as their tostring, secrets masked.
   ctx:record(key, value)   into the running step's facts, journal saved at once
   ctx:say(fmt, ...), ctx:warn(fmt, ...)   timestamped lines, also in state_dir/migrun.log
   ctx:progress{ label =, total =, unit =, interval = } -> migrun.progress bar
@@ -476,7 +478,13 @@ function Playbook:main(argv)
   local dry_run = opts.dry_run and true or false
   local lock
   if not dry_run then
-    local ok, err = host.mkdir(state_dir, 448) -- 0700
+    local ok, err = true, nil
+    local prefix = ""
+    for part in state_dir:gmatch("[^/]+") do -- the parents too, like mkdir -p
+      prefix = prefix .. "/" .. part
+      ok, err = host.mkdir(prefix, 448) -- 0700
+      if not ok then break end
+    end
     if not ok then stderr("migrun: state directory: " .. tostring(err)) return EXIT.usage end
     lock, err = host.lock(state_dir .. "/lock")
     if not lock then

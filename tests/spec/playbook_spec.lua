@@ -340,3 +340,27 @@ describe("migrun.report", function()
     }, "\n") .. "\n", md)
   end)
 end)
+
+describe("migrun.journal", function()
+  local journal = require "migrun.journal"
+  local lsn = require "migrun.lsn"
+
+  it("keeps secrets and values JSON cannot hold out of the facts", function()
+    local facts = journal.scrub{
+      slot_lsn = lsn("0/16B3748"),
+      conninfo = "host=a password=s3cret dbname=b",
+      quoted = "host=a password='s 3cret'",
+      uri = "postgresql://migrun:s3cret@db:5432/app",
+      aws_secret_access_key = "abc", nested = { db_password = "x", list = { 1, 2 } },
+      ratio = 0 / 0,
+    }
+    assert.same({
+      slot_lsn = "0/16B3748",
+      conninfo = "host=a password=**** dbname=b",
+      quoted = "host=a password=****",
+      uri = "postgresql://migrun:****@db:5432/app",
+      aws_secret_access_key = "****", nested = { db_password = "****", list = { 1, 2 } },
+      ratio = tostring(0 / 0),
+    }, facts)
+  end)
+end)
