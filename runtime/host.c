@@ -7,13 +7,16 @@
  * system, private directories, and crash-safe file replacement for journals
  * (written to a temporary file, fsynced, renamed over the old one, the
  * directory fsynced, so a SIGKILL or power loss leaves the old or the new
- * file, never a torn one).
+ * file, never a torn one), and an exclusive lock on a file so two migruns
+ * never drive one state directory.
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <time.h>
@@ -127,6 +130,14 @@ static int host_write_file(lua_State *L) {
     return 1;
 }
 
+/* host.cwd() -> the current directory | nil, err (unlike $PWD, always true) */
+static int host_cwd(lua_State *L) {
+    char buf[PATH_MAX];
+    if (getcwd(buf, sizeof buf) == NULL) return os_error(L, ".", errno);
+    lua_pushstring(L, buf);
+    return 1;
+}
+
 /* host.now() -> seconds since the epoch, with microseconds */
 static int host_now(lua_State *L) {
     struct timespec ts;
@@ -143,6 +154,89 @@ static int host_monotonic(lua_State *L) {
     return 1;
 }
 
+/* ---- locks ---------------------------------------------------------------
+ * host.lock(path) -> Lock | nil, err
+ * Takes an exclusive flock on path (created 0600) without waiting, and writes
+ * this process's pid into it. When another process holds it, err.kind is
+ * "locked" and err.pid the holder's pid (read from the file; nil if it could
+ * not be read). The descriptor is close-on-exec, so children never inherit
+ * the lock. Lock:unlock() (also __close and __gc) releases it; unlocking
+ * twice is an error, like closing a file twice. */
+#define LOCK_MT "migrun.host.Lock"
+
+typedef struct {
+    int fd; /* -1 when released */
+} Lock;
+
+static int lock_release(lua_State *L) {
+    Lock *lk = luaL_checkudata(L, 1, LOCK_MT);
+    if (lk->fd >= 0) {
+        int fd = lk->fd;
+        lk->fd = -1; /* marked released before releasing */
+        close(fd);   /* drops the flock */
+    }
+    return 0;
+}
+
+static int lock_unlock(lua_State *L) {
+    Lock *lk = luaL_checkudata(L, 1, LOCK_MT);
+    luaL_argcheck(L, lk->fd >= 0, 1, "lock already released");
+    return lock_release(L);
+}
+
+static int lock_tostring(lua_State *L) {
+    Lock *lk = luaL_checkudata(L, 1, LOCK_MT);
+    lua_pushstring(L, lk->fd >= 0 ? "migrun.host.Lock (held)" : "migrun.host.Lock (released)");
+    return 1;
+}
+
+static int host_lock(lua_State *L) {
+    const char *path = luaL_checkstring(L, 1);
+    Lock *lk = lua_newuserdatauv(L, sizeof *lk, 0); /* lock */
+    lk->fd = -1; /* born released: __gc is harmless whatever happens next */
+    luaL_setmetatable(L, LOCK_MT);
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0) return os_error(L, path, errno);
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        int err = errno;
+        if (err != EWOULDBLOCK) {
+            close(fd);
+            return os_error(L, path, err);
+        }
+        char buf[32];
+        ssize_t n = pread(fd, buf, sizeof buf - 1, 0);
+        close(fd);
+        long pid = 0;
+        if (n > 0) {
+            buf[n] = '\0';
+            pid = strtol(buf, NULL, 10);
+        }
+        lua_pushnil(L);
+        if (pid > 0) {
+            lua_pushfstring(L, "locked by another migrun (pid %d)", (int)pid);
+        } else {
+            lua_pushliteral(L, "locked by another migrun");
+        }
+        migrun_error_push(L, "locked", path, NULL, lua_tostring(L, -1)); /* nil msg err */
+        if (pid > 0) {
+            lua_pushinteger(L, pid);
+            lua_setfield(L, -2, "pid");
+        }
+        lua_remove(L, -2); /* nil err */
+        return 2;
+    }
+    lk->fd = fd;
+    char buf[32];
+    int len = snprintf(buf, sizeof buf, "%ld\n", (long)getpid());
+    if (ftruncate(fd, 0) != 0 || pwrite(fd, buf, (size_t)len, 0) != len) {
+        int err = errno;
+        lk->fd = -1;
+        close(fd);
+        return os_error(L, path, err);
+    }
+    return 1;
+}
+
 int luaopen_migrun_host(lua_State *L) {
     static const luaL_Reg funcs[] = {
         {"isatty", host_isatty},
@@ -151,8 +245,25 @@ int luaopen_migrun_host(lua_State *L) {
         {"write_file", host_write_file},
         {"now", host_now},
         {"monotonic", host_monotonic},
+        {"lock", host_lock},
+        {"cwd", host_cwd},
         {NULL, NULL},
     };
+    static const luaL_Reg lock_meta[] = {
+        {"__gc", lock_release},
+        {"__close", lock_release},
+        {"__tostring", lock_tostring},
+        {NULL, NULL},
+    };
+    static const luaL_Reg lock_methods[] = {
+        {"unlock", lock_unlock},
+        {NULL, NULL},
+    };
+    luaL_newmetatable(L, LOCK_MT);
+    luaL_setfuncs(L, lock_meta, 0);
+    luaL_newlib(L, lock_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
     luaL_newlib(L, funcs);
     char exe[PATH_MAX];
     ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);

@@ -1,0 +1,496 @@
+--[[
+migrun.config: the migration's configuration file. One Lua file per migration
+(default ./migration.lua) returns a table; this module runs it in a small
+sandbox, checks it against one declared schema (config.SCHEMA: every key with
+its type, default and documentation), fills the defaults and resolves paths.
+
+  local config = require "migrun.config"
+  local cfg, err = config.load("migration.lua")
+  if not cfg then io.stderr:write(tostring(err), "\n") os.exit(2) end
+  print(cfg.name, cfg.state_dir, cfg.wal_guard.stop_bytes)
+
+  config.load(path) -> cfg | nil, err
+      The file runs with only os.getenv, string, math, table and the safe base
+      functions (so passwords can come from the environment). Every problem
+      is an error of kind "config" whose message names the file, the key path,
+      what was expected and what was found:
+        migration.lua: dms.start_pause: expected a number of seconds >= 0, found "five"
+        migration.lua: dms.start_paus: unknown key (did you mean dms.start_pause?)
+      Connection strings are checked with libpq's parser; their values (and
+      any password) are never shown. After loading, cfg.state_dir is absolute
+      (relative paths are taken from the config file's directory),
+      cfg.config_path is the file's absolute path, and every default is
+      filled in (schemas stays nil: every non-system schema).
+  config.check(tbl, file_label, base_dir) -> cfg | nil, err   the same, on a table
+  config.describe() -> text   every key with its default and documentation
+  config.SCHEMA               the schema itself
+]]
+local pg = require "migrun.pg"
+local host = require "migrun.host"
+local errors = require "migrun.error"
+
+local config = {}
+
+---------------------------------------------------------------------------
+-- The schema: node constructors. Every node has doc, and optionally
+-- default, required, expected (what messages say was expected) and check
+-- (value -> nil | what is wrong with it).
+---------------------------------------------------------------------------
+
+local function node(kind, spec)
+  spec.kind = kind
+  return spec
+end
+local function str(spec) return node("string", spec) end
+local function int(spec) return node("integer", spec) end
+local function num(spec) return node("number", spec) end
+local function bool(spec) return node("boolean", spec) end
+local function free(spec) return node("free", spec) end       -- any table, passed on as is
+local function list(of, spec) spec.of = of return node("list", spec) end
+local function map(key, value, spec) spec.key, spec.value = key, value return node("map", spec) end
+-- fields: ordered { {name, node}, ... } so describe() follows the file's order
+local function record(fields, spec) spec = spec or {} spec.fields = fields return node("record", spec) end
+
+local GiB = 2 ^ 30
+
+local function at_least(min, what)
+  return function(v) if v < min then return what end end
+end
+
+local table_name = str{
+  expected = 'a table name "schema.name"',
+  check = function(v)
+    if not v:match("^[^.]+%.[^.]+$") then return 'a table name "schema.name"' end
+  end,
+}
+
+local function conninfo(server)
+  return record({
+    { "conninfo", str{ required = true, secret = true,
+      expected = "a libpq connection string",
+      doc = ("connection string of the %s (libpq keywords or a URI; a password may come from " ..
+             "os.getenv, and is never printed)"):format(server),
+      validate = "conninfo" } },
+  }, { required = true, doc = server })
+end
+
+-- defaults: { max_kb =, truncation_ok = } or nil (per-table entries: from lobs.default)
+local function lob_policy(defaults)
+  defaults = defaults or {}
+  return {
+    { "max_kb", int{ default = defaults.max_kb, check = at_least(1, "a whole number of KB >= 1"),
+      expected = "a whole number of KB >= 1",
+      doc = "largest LOB value DMS copies (limited LOB mode), in KB" } },
+    { "truncation_ok", bool{ default = defaults.truncation_ok,
+      doc = "whether values above max_kb may be truncated (false: the run stops when " ..
+            "a larger value exists)" } },
+  }
+end
+
+local function bytes(default, doc)
+  return num{ default = default, check = at_least(0, "a number of bytes >= 0"),
+              expected = "a number of bytes >= 0", doc = doc }
+end
+
+local function seconds(default, doc, min)
+  min = min or 0
+  local what = ("a number of seconds >= %s"):format(min)
+  return num{ default = default, check = at_least(min, what), expected = what, doc = doc }
+end
+
+local function count(default, doc, min)
+  min = min or 0
+  local what = ("a whole number >= %d"):format(min)
+  return int{ default = default, check = at_least(min, what), expected = what, doc = doc }
+end
+
+config.SCHEMA = record({
+  { "name", str{ default = "migration",
+    expected = "a name of letters, digits and hyphens starting with a letter",
+    check = function(v)
+      if not v:match("^%a[%w-]*$") or v:match("%-%-") or v:match("%-$") or #v > 40 then
+        return "a name of letters, digits and hyphens starting with a letter (at most 40)"
+      end
+    end,
+    doc = "names this migration: DMS identifiers and the report title" } },
+  { "state_dir", str{ default = "migrun-state",
+    doc = "journal, report and log; relative to the config file's directory" } },
+  { "source", conninfo("source primary (where the slots are created)") },
+  { "replica", conninfo("maintenance streaming replica (paused for the full load)") },
+  { "target", conninfo("target (RDS)") },
+  { "schemas", list(str{}, { doc = "schemas to migrate (default: every non-system schema)" }) },
+  { "exclude_tables", list(table_name, { default = {}, doc = "tables not migrated" }) },
+  { "slots", record({
+    { "prefix", str{ default = "dms_slot_", expected = "lower-case letters, digits and _",
+      check = function(v) if not v:match("^[a-z0-9_]+$") then return "lower-case letters, digits and _" end end,
+      doc = "replication slots are <prefix>01, <prefix>02, ..." } },
+    { "node", str{ default = "migrun_provider", doc = "name of the pglogical node on the source" } },
+  }, { doc = "slot naming" }) },
+  { "groups", record({
+    { "largest_alone", count(5, "each of the N largest tables gets its own group (and slot)") },
+    { "explicit", list(record({
+        { "name", str{ required = true, doc = "group name" } },
+        { "tables", list(table_name, { required = true, doc = "tables of the group" }) },
+      }), { default = {}, doc = "the team's groups; they override the computed ones" }) },
+  }, { doc = "how tables are grouped into slots and DMS tasks" }) },
+  { "lobs", record({
+    { "default", record(lob_policy{ max_kb = 32, truncation_ok = true }, { doc = "policy for every table not listed below" }) },
+    { "tables", map(table_name, record(lob_policy()), { default = {},
+      doc = "per-table policy; missing fields come from lobs.default" }) },
+  }, { doc = "LOB policy (DMS limited LOB mode)" }) },
+  { "full_load", record({
+    { "jobs", count(2, "parallel streams for the full load", 1) },
+  }, { doc = "the full load from the paused replica" }) },
+  { "qa", record({
+    { "timestamp_column", str{ default = "created_at",
+      doc = "per-month counts use this column where a table has it" } },
+    { "timestamp_columns", map(table_name, str{}, { default = {},
+      doc = "per-table timestamp column overrides" }) },
+    { "large_tables", count(5, "per-month counts for the N largest tables") },
+    { "small_sample", count(10, "and for a random sample of N other tables; exact counts for the rest") },
+    { "queries", list(record({
+        { "name", str{ required = true, doc = "what the query measures" } },
+        { "sql", str{ required = true, doc = "a read-only query run on both sides" } },
+      }), { default = {}, doc = "extra queries compared between source and target" }) },
+  }, { doc = "quality checks" }) },
+  { "wal_guard", record({
+    { "warn_bytes", bytes(50 * GiB, "warn when migrun's slots retain this much WAL") },
+    { "stop_bytes", bytes(200 * GiB, "stop the run when they retain this much") },
+    { "replica_min_free_bytes", bytes(20 * GiB, "stop when the paused replica has less free disk") },
+    { "interval", seconds(30, "seconds between checks", 1) },
+  }, { doc = "watches WAL retained on the primary during the whole run",
+       check = function(v)
+         if v.warn_bytes > v.stop_bytes then return "warn_bytes <= stop_bytes" end
+       end }) },
+  { "preflight", record({
+    { "allow_slots", list(str{}, { default = {},
+      doc = "replication slots not created by migrun that may exist on the source" }) },
+    { "min_free_bytes", bytes(10 * GiB, "free disk the source must have") },
+  }, { doc = "preflight checks" }) },
+  { "dms", record({
+    { "region", str{ doc = "AWS region (default: AWS_REGION / the profile)" } },
+    { "endpoint_url", str{ expected = "an http:// or https:// URL",
+      check = function(v) if not v:match("^https?://[^%s]+$") then return "an http:// or https:// URL" end end,
+      doc = "DMS API endpoint (the emulator in rehearsals; default: AWS)" } },
+    { "replication_instance_arn", str{ expected = "an ARN (arn:...)",
+      check = function(v) if not v:match("^arn:") then return "an ARN (arn:...)" end end,
+      doc = "the replication instance the tasks run on" } },
+    { "source_endpoint", free{ default = {}, doc = "overrides for the source endpoints (server_name, port, ...)" } },
+    { "target_endpoint", free{ default = {}, doc = "overrides for the target endpoint" } },
+    { "task", record({
+      { "batch_apply", bool{ doc = "BatchApplyEnabled (default: DMS's)" } },
+      { "lob_max_kb", int{ check = at_least(1, "a whole number of KB >= 1"),
+        expected = "a whole number of KB >= 1", doc = "LobMaxSize for every task (default: from lobs)" } },
+    }, { doc = "task settings" }) },
+    { "start_pause", seconds(5, "seconds between task starts") },
+    { "catch_up", record({
+      { "lag_bytes", bytes(1024 * 1024, "a task has caught up when its slot lags less than this") },
+      { "timeout", seconds(6 * 3600, "give up waiting for catch-up after this many seconds") },
+      { "poll", seconds(5, "seconds between polls", 0.1) },
+    }, { doc = "watching the catch-up" }) },
+  }, { doc = "AWS DMS" }) },
+})
+
+---------------------------------------------------------------------------
+-- Validation
+---------------------------------------------------------------------------
+
+local function path_of(parent, key)
+  if type(key) == "number" then return ("%s[%d]"):format(parent, key) end
+  if key:match("^[%a_][%w_]*$") then
+    return parent == "" and key or parent .. "." .. key
+  end
+  return ("%s[%q]"):format(parent, key)
+end
+
+local function show(v, secret)
+  local t = type(v)
+  if t == "string" then
+    if secret then return "a string" end
+    if #v > 40 then v = v:sub(1, 37) .. "..." end
+    return ("%q"):format(v)
+  elseif t == "table" then
+    return "a table"
+  elseif t == "number" or t == "boolean" then
+    return tostring(v)
+  end
+  return "a " .. t
+end
+
+local function expected_of(n)
+  if n.expected then return n.expected end
+  return ({ string = "a string", integer = "a whole number", number = "a number",
+            boolean = "true or false", record = "a table", list = "a list { ... }",
+            map = "a table", free = "a table" })[n.kind]
+end
+
+local function levenshtein(a, b)
+  local prev = {}
+  for j = 0, #b do prev[j] = j end
+  for i = 1, #a do
+    local cur = { [0] = i }
+    for j = 1, #b do
+      local cost = a:sub(i, i) == b:sub(j, j) and 0 or 1
+      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+    end
+    prev = cur
+  end
+  return prev[#b]
+end
+
+local function nearest(key, fields)
+  local best, best_d
+  for _, f in ipairs(fields) do
+    local d = levenshtein(key:lower(), f[1])
+    if not best_d or d < best_d then best, best_d = f[1], d end
+  end
+  if best and best_d <= math.max(2, #key // 3) then return best end
+end
+
+local function deep_copy(v)
+  if type(v) ~= "table" then return v end
+  local t = {}
+  for k, x in pairs(v) do t[k] = deep_copy(x) end
+  return t
+end
+
+-- Masks what could be a password in a libpq message about s.
+local function mask_conninfo_message(message, s)
+  for value in s:gmatch("password%s*=%s*'([^']*)'") do
+    message = message:gsub(value:gsub("%p", "%%%0"), "****")
+  end
+  for value in s:gmatch("password%s*=%s*([^%s']+)") do
+    message = message:gsub(value:gsub("%p", "%%%0"), "****")
+  end
+  local userinfo = s:match("^%a+://([^@/]*)@")
+  local pw = userinfo and userinfo:match(":(.*)$")
+  if pw and pw ~= "" then message = message:gsub(pw:gsub("%p", "%%%0"), "****") end
+  -- libpq quotes stray words ('missing "=" after "x"'): one could be a password
+  message = message:gsub('after "[^"]*"', 'after a word')
+  return (message:gsub("%s+$", ""))
+end
+
+local validate
+
+-- Returns the checked value (defaults filled) or raises {path=, message=}.
+local function fail(path, message) error({ config_problem = true, path = path, message = message }, 0) end
+
+local function check_value(n, v, path)
+  local kind = n.kind
+  local ok
+  if kind == "string" then ok = type(v) == "string"
+  elseif kind == "integer" then ok = math.type(v) == "integer" or (math.type(v) == "float" and v == math.floor(v))
+  elseif kind == "number" then ok = type(v) == "number"
+  elseif kind == "boolean" then ok = type(v) == "boolean"
+  else ok = type(v) == "table" end
+  if not ok or (type(v) == "number" and v ~= v) then
+    fail(path, ("expected %s, found %s"):format(expected_of(n), show(v, n.secret)))
+  end
+  if kind == "integer" then v = math.tointeger(v) end
+  return validate(n, v, path)
+end
+
+function validate(n, v, path)
+  local kind = n.kind
+  if kind == "record" then
+    local out = {}
+    local known = {}
+    for _, f in ipairs(n.fields) do known[f[1]] = true end
+    for k in pairs(v) do
+      if type(k) ~= "string" then
+        fail(path, ("expected named keys, found the list entry [%s]"):format(tostring(k)))
+      elseif not known[k] then
+        local near = nearest(k, n.fields)
+        local msg = near and ("unknown key (did you mean %s?)"):format(path_of(path, near))
+                         or ("unknown key (known here: %s)"):format(
+                              table.concat((function()
+                                local names = {}
+                                for _, f in ipairs(n.fields) do names[#names + 1] = f[1] end
+                                return names
+                              end)(), ", "))
+        fail(path_of(path, k), msg)
+      end
+    end
+    for _, f in ipairs(n.fields) do
+      local key, child = f[1], f[2]
+      local value = v[key]
+      local p = path_of(path, key)
+      if value == nil then
+        if child.required then
+          fail(p, ("missing: %s"):format(child.doc or expected_of(child)))
+        elseif child.default ~= nil then
+          out[key] = deep_copy(child.default)
+        elseif child.kind == "record" then
+          out[key] = validate(child, {}, p)  -- a section left out: its defaults
+        end
+      else
+        out[key] = check_value(child, value, p)
+      end
+    end
+    if n.check then
+      local problem = n.check(out)
+      if problem then fail(path, "expected " .. problem) end
+    end
+    return out
+  elseif kind == "list" then
+    local out = {}
+    for k in pairs(v) do
+      if math.type(k) ~= "integer" or k < 1 or k > #v then
+        fail(path, ("expected %s, found the key %s"):format(expected_of(n), show(k)))
+      end
+    end
+    for i = 1, #v do out[i] = check_value(n.of, v[i], path_of(path, i)) end
+    return out
+  elseif kind == "map" then
+    local out = {}
+    for k, x in pairs(v) do
+      local kp = path_of(path, type(k) == "string" and k or tostring(k))
+      if type(k) ~= "string" then fail(kp, "expected " .. expected_of(n.key) .. " as the key") end
+      check_value(n.key, k, kp)
+      out[k] = check_value(n.value, x, kp)
+    end
+    return out
+  elseif kind == "free" then
+    return deep_copy(v)
+  end
+  if n.check then
+    local problem = n.check(v)
+    if problem then fail(path, ("expected %s, found %s"):format(problem, show(v, n.secret))) end
+  end
+  if n.validate == "conninfo" then
+    local parsed, err = pg.conninfo_parse(v)
+    if not parsed then
+      fail(path, ("expected %s, found one libpq rejects: %s"):format(expected_of(n),
+        mask_conninfo_message(tostring(err and (err.message or err)), v)))
+    end
+  end
+  return v
+end
+
+local function config_error(label, problem)
+  local message = problem.path ~= "" and ("%s: %s: %s"):format(label, problem.path, problem.message)
+                                    or ("%s: %s"):format(label, problem.message)
+  return errors.new{ kind = "config", message = message, key = problem.path }
+end
+
+local function fill_lob_defaults(cfg)
+  for _, policy in pairs(cfg.lobs.tables) do
+    for k, v in pairs(cfg.lobs.default) do
+      if policy[k] == nil then policy[k] = v end
+    end
+  end
+end
+
+local function dirname(path)
+  return path:match("^(.*)/[^/]*$") or "."
+end
+
+local function absolute(path, base)
+  if path:sub(1, 1) == "/" then return path end
+  local cwd = assert(host.cwd())
+  if base == "." or base == "" then
+    base = cwd
+  elseif base:sub(1, 1) ~= "/" then
+    base = cwd .. "/" .. base
+  end
+  local p = base .. "/" .. path
+  p = p:gsub("/%./", "/"):gsub("/%.$", ""):gsub("//+", "/")
+  return p
+end
+
+function config.check(raw, label, base_dir)
+  label = label or "config"
+  if type(raw) ~= "table" then
+    return nil, config_error(label, { path = "", message =
+      ("expected the file to return a table, found %s"):format(show(raw)) })
+  end
+  local ok, result = pcall(validate, config.SCHEMA, raw, "")
+  if not ok then
+    if type(result) == "table" and result.config_problem then return nil, config_error(label, result) end
+    error(result, 0)
+  end
+  fill_lob_defaults(result)
+  result.state_dir = absolute(result.state_dir, base_dir or ".")
+  return result
+end
+
+local function sandbox()
+  return {
+    os = { getenv = os.getenv },
+    string = string, math = math, table = table,
+    assert = assert, error = error, ipairs = ipairs, pairs = pairs, next = next,
+    select = select, tonumber = tonumber, tostring = tostring, type = type,
+    pcall = pcall, rawget = rawget, rawequal = rawequal, setmetatable = setmetatable,
+    getmetatable = getmetatable, _VERSION = _VERSION,
+  }
+end
+
+function config.load(path)
+  assert(type(path) == "string", "config.load: a path expected")
+  local label = path:match("[^/]+$") or path
+  local f = io.open(path, "r")
+  if not f then
+    return nil, errors.new{ kind = "config", where = path, message =
+      "no configuration file " .. path,
+      hint = "give the migration's config with --config FILE (an annotated example: " ..
+             "playbooks/migration.example.lua)" }
+  end
+  f:close()
+  local chunk, err = loadfile(path, "t", sandbox())
+  if not chunk then
+    return nil, errors.new{ kind = "config", message = tostring(err) }
+  end
+  local ok, raw = pcall(chunk)
+  if not ok then
+    return nil, errors.new{ kind = "config", message = ("%s: error while running it: %s"):format(
+      label, tostring(raw)) }
+  end
+  local cfg, cerr = config.check(raw, label, dirname(path))
+  if not cfg then return nil, cerr end
+  cfg.config_path = absolute(path, ".")
+  return cfg
+end
+
+---------------------------------------------------------------------------
+-- Documentation
+---------------------------------------------------------------------------
+
+local function show_default(v)
+  if type(v) == "table" then return next(v) == nil and "{}" or "{...}" end
+  if type(v) == "number" and v >= GiB and v % GiB == 0 then
+    return ("%d GiB"):format(v // GiB)
+  end
+  if type(v) == "string" then return ("%q"):format(v) end
+  return tostring(v)
+end
+
+local function describe(n, path, lines)
+  if n.kind == "record" then
+    for _, f in ipairs(n.fields) do
+      local key, child = f[1], f[2]
+      local p = path_of(path, key)
+      if child.kind == "record" then
+        lines[#lines + 1] = ("%-34s %s"):format(p, child.doc or "")
+        describe(child, p, lines)
+      else
+        local dflt = child.required and "required"
+                     or child.default ~= nil and "default " .. show_default(child.default)
+                     or "optional"
+        lines[#lines + 1] = ("%-34s %s (%s; %s)"):format(p, child.doc or "", expected_of(child), dflt)
+        if child.kind == "list" and child.of.kind == "record" then
+          describe(child.of, p .. "[i]", lines)
+        elseif child.kind == "map" and child.value.kind == "record" then
+          describe(child.value, p .. '["schema.table"]', lines)
+        end
+      end
+    end
+  end
+end
+
+function config.describe()
+  local lines = {}
+  describe(config.SCHEMA, "", lines)
+  return table.concat(lines, "\n") .. "\n"
+end
+
+return config

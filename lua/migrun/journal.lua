@@ -1,0 +1,184 @@
+--[[
+migrun.journal: what a migration has done so far, in state_dir/journal.json.
+Pretty-printed JSON with sorted keys (a person can read and diff it), written
+with host.write_file (atomic and fsynced, mode 0600) after every change that
+matters, so a SIGKILL leaves the previous or the new journal, never a torn
+one. It never holds a secret: facts are scrubbed before they are stored.
+
+  local journal = require "migrun.journal"
+  local J = assert(journal.open("/srv/migrun-state"))     -- reads it if it exists
+  local S = J:step("full", "preflight")   -- the step's record (created empty)
+  S.status = "done"; assert(J:save())
+
+  journal.open(state_dir [, {read_only = true}]) -> J | nil, err
+      A missing journal is an empty one (J.existed = false). A journal that
+      does not parse is an error (never silently replaced).
+  J.data: {
+    migration = cfg.name, format = 1,
+    playbooks = { [playbook] = { steps = { [step] = {
+        status = "running" | "done" | "failed",
+        started_at = "2026-11-21T12:01:03Z", ended_at =, duration = seconds,
+        error = "one line", facts = {...},
+        tables = { {title =, columns = {...}, rows = {{...}}} } } } } },
+    runs = { { playbook =, started_at =, ended_at =, argv = {...}, dry_run =,
+               outcome = "running" | "ok" | "failed" | "aborted",
+               error =, ran = {steps}, skipped = {steps} } },
+  }
+  J:step(playbook, step) -> record     J:steps(playbook) -> { [step] = record }
+  J:save() -> true | nil, err          no-op (true) for a read-only journal
+  journal.scrub(value) -> a copy fit for JSON and free of secrets: keys that
+      name a secret (password, secret, token, ...) get "****", password=...
+      in strings and user:password@ in URIs are masked, values JSON cannot
+      hold (LSNs, functions) become their tostring.
+  journal.timestamp([t]) -> "2026-11-21T12:01:03Z" (UTC)
+]]
+local host = require "migrun.host"
+local json = require "migrun.dms.json"
+local errors = require "migrun.error"
+
+local journal = {}
+
+local Journal = {}
+Journal.__index = Journal
+Journal.__name = "migrun.journal.Journal"
+
+function journal.timestamp(t)
+  return os.date("!%Y-%m-%dT%H:%M:%SZ", math.floor(t or host.now()))
+end
+
+local SECRET_KEY = { "password", "passwd", "secret", "token", "credential", "private_key", "access_key" }
+
+local function secret_key(k)
+  k = tostring(k):lower()
+  for _, word in ipairs(SECRET_KEY) do
+    if k:find(word, 1, true) then return true end
+  end
+  return false
+end
+
+local function mask_string(s)
+  s = s:gsub("([Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd]%s*=%s*)'[^']*'", "%1****")
+  s = s:gsub("([Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd]%s*=%s*)[^%s'&]+", "%1****")
+  s = s:gsub("(%a[%w+.-]*://[^:/@%s]+:)[^@%s/]+@", "%1****@")
+  return s
+end
+journal.mask_string = mask_string
+
+local function scrub(v, seen)
+  local t = type(v)
+  if t == "string" then return mask_string(v) end
+  if t == "number" then
+    if v ~= v or v == math.huge or v == -math.huge then return tostring(v) end
+    return v
+  end
+  if t == "boolean" or v == nil then return v end
+  if t == "table" and (getmetatable(v) == nil or json.is_array(v)) then
+    if seen[v] then return "(cycle)" end
+    seen[v] = true
+    local is_array = json.is_array(v)
+    local out = is_array and json.array() or {}
+    for k, x in pairs(v) do
+      local key = is_array and k or tostring(k)
+      if not is_array and secret_key(k) then
+        out[key] = "****"
+      else
+        out[key] = scrub(x, seen)
+      end
+    end
+    seen[v] = nil
+    return out
+  end
+  return mask_string(tostring(v))
+end
+
+function journal.scrub(v)
+  return scrub(v, {})
+end
+
+function journal.path(state_dir)
+  return state_dir .. "/journal.json"
+end
+
+local function read_file(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local text = f:read("a")
+  f:close()
+  return text
+end
+
+function journal.open(state_dir, opts)
+  assert(type(state_dir) == "string", "journal.open: state_dir expected")
+  opts = opts or {}
+  local path = journal.path(state_dir)
+  local J = setmetatable({ path = path, read_only = opts.read_only and true or false,
+                           existed = false, data = { format = 1, playbooks = {}, runs = {} } }, Journal)
+  local text = read_file(path)
+  if text then
+    local data, err = json.decode(text)
+    if type(data) ~= "table" then
+      return nil, errors.new{ kind = "journal", where = path,
+        message = "the journal cannot be read: " .. tostring(err or "not a JSON object"),
+        hint = "it is only ever replaced atomically: was it edited by hand?" }
+    end
+    data.playbooks = data.playbooks or {}
+    data.runs = data.runs or {}
+    J.data, J.existed = data, true
+  end
+  return J
+end
+
+function Journal:steps(playbook)
+  local p = self.data.playbooks[playbook]
+  if not p then
+    p = { steps = {} }
+    self.data.playbooks[playbook] = p
+  end
+  p.steps = p.steps or {}
+  return p.steps
+end
+
+function Journal:step(playbook, step)
+  local steps = self:steps(playbook)
+  local s = steps[step]
+  if not s then
+    s = {}
+    steps[step] = s
+  end
+  return s
+end
+
+-- Steps of a playbook that are done (for ctx.resuming).
+function Journal:done_count(playbook)
+  local n = 0
+  for _, s in pairs(self:steps(playbook)) do
+    if s.status == "done" then n = n + 1 end
+  end
+  return n
+end
+
+-- Lists stay lists in JSON even when empty.
+local function arrays(data)
+  for _, run in ipairs(data.runs) do
+    if run.argv then run.argv = json.array(run.argv) end
+    if run.ran then run.ran = json.array(run.ran) end
+    if run.skipped then run.skipped = json.array(run.skipped) end
+  end
+  data.runs = json.array(data.runs)
+end
+
+function Journal:encode()
+  arrays(self.data)
+  return json.encode(journal.scrub(self.data), { indent = "  " }) .. "\n"
+end
+
+function Journal:save()
+  if self.read_only then return true end
+  local ok, err = host.write_file(self.path, self:encode(), 384) -- 0600
+  if not ok then return nil, err end
+  self.existed = true
+  return true
+end
+
+journal.Journal = Journal
+return journal

@@ -1,0 +1,144 @@
+--[[
+migrun.report: the Markdown report of a playbook run, written to
+state_dir/report.md at the end of a run and when it fails. Everything comes
+from the journal (so a resumed run reports what earlier runs did too):
+
+  # <title>: <migration>
+  run outcome, config file, state directory, when
+  | step | outcome | started | ended | duration |   every step of the playbook
+  the error, if the run failed
+  ## <step>: <title>      each step's report tables (ctx:report_table) and facts
+
+  report.render{ playbook = P, journal = J, run = run_record, config_path = } -> markdown
+  report.table(columns, rows) -> markdown table with aligned columns
+      columns: { "name", ... } or { {key, "Title"}, ... }; rows: arrays
+      (positional) or tables keyed by column key. Numbers are right-aligned.
+]]
+local report = {}
+
+local function cell(v)
+  if v == nil then return "" end
+  local s = tostring(v)
+  return (s:gsub("|", "\\|"):gsub("\n", " "))
+end
+
+local function column_key(c) return type(c) == "table" and c[1] or c end
+local function column_title(c) return type(c) == "table" and (c[2] or c[1]) or c end
+
+function report.table(columns, rows)
+  local n = #columns
+  local text, right, width = {}, {}, {}
+  for j = 1, n do
+    width[j] = math.max(3, #cell(column_title(columns[j])))
+    right[j] = #rows > 0
+  end
+  for i, row in ipairs(rows) do
+    text[i] = {}
+    for j = 1, n do
+      local v = row[j]
+      if v == nil then v = row[column_key(columns[j])] end
+      if type(v) ~= "number" and v ~= nil and v ~= "" then right[j] = false end
+      text[i][j] = cell(v)
+      width[j] = math.max(width[j], utf8.len(text[i][j]) or #text[i][j])
+    end
+  end
+  local function pad(s, j)
+    local fill = string.rep(" ", width[j] - (utf8.len(s) or #s))
+    return right[j] and fill .. s or s .. fill
+  end
+  local lines = {}
+  local head, rule = {}, {}
+  for j = 1, n do
+    head[j] = pad(cell(column_title(columns[j])), j)
+    rule[j] = right[j] and string.rep("-", width[j] - 1) .. ":" or string.rep("-", width[j])
+  end
+  lines[1] = "| " .. table.concat(head, " | ") .. " |"
+  lines[2] = "| " .. table.concat(rule, " | ") .. " |"
+  for i = 1, #rows do
+    local r = {}
+    for j = 1, n do r[j] = pad(text[i][j], j) end
+    lines[#lines + 1] = "| " .. table.concat(r, " | ") .. " |"
+  end
+  return table.concat(lines, "\n") .. "\n"
+end
+
+local function duration(seconds)
+  if not seconds then return "" end
+  if seconds < 60 then return ("%.1f s"):format(seconds) end
+  if seconds < 3600 then return ("%d min %02d s"):format(seconds // 60, math.floor(seconds % 60)) end
+  return ("%d h %02d min"):format(seconds // 3600, math.floor(seconds % 3600 // 60))
+end
+report.duration = duration
+
+local function short(v, limit)
+  local s
+  if type(v) == "table" then
+    local n = 0
+    for _ in pairs(v) do n = n + 1 end
+    s = #v > 0 and ("(%d items)"):format(#v) or ("(%d entries)"):format(n)
+  else
+    s = tostring(v)
+  end
+  if #s > limit then s = s:sub(1, limit - 3) .. "..." end
+  return s
+end
+
+local function facts_lines(facts)
+  local keys = {}
+  for k in pairs(facts or {}) do keys[#keys + 1] = tostring(k) end
+  table.sort(keys)
+  if #keys == 0 then return nil end
+  local rows = {}
+  for _, k in ipairs(keys) do
+    local v = facts[k]
+    if v == nil then v = facts[tonumber(k)] end
+    rows[#rows + 1] = { k, short(v, 80) }
+  end
+  return report.table({ "fact", "value" }, rows)
+end
+
+function report.render(opts)
+  local P, J, run = opts.playbook, opts.journal, opts.run or {}
+  local steps = J:steps(P.name)
+  local out = {}
+  local function add(s) out[#out + 1] = s end
+  add(("# %s: %s\n\n"):format(P.title or P.name, J.data.migration or "?"))
+  add(("- playbook: `%s`\n"):format(P.name))
+  add(("- outcome: **%s**%s\n"):format(run.outcome or "?", run.dry_run and " (dry run: nothing was changed)" or ""))
+  if opts.config_path then add(("- config: `%s`\n"):format(opts.config_path)) end
+  if opts.state_dir then add(("- state directory: `%s`\n"):format(opts.state_dir)) end
+  add(("- run: %s to %s\n"):format(run.started_at or "?", run.ended_at or "?"))
+  if run.skipped and #run.skipped > 0 then
+    add(("- skipped (done before): %s\n"):format(table.concat(run.skipped, ", ")))
+  end
+  add("\n## Steps\n\n")
+  local rows = {}
+  for i, step in ipairs(P.steps) do
+    local s = steps[step.name] or {}
+    rows[#rows + 1] = { i, step.name, s.status or "pending", s.started_at or "", s.ended_at or "",
+                        duration(s.duration), step.title }
+  end
+  add(report.table({ "#", "step", "outcome", "started", "ended", "duration", "what" }, rows))
+  if run.error then
+    add(("\n**Error:** %s\n"):format(cell(run.error)))
+  end
+  for _, step in ipairs(P.steps) do
+    local s = steps[step.name]
+    if s and (s.tables and #s.tables > 0 or s.error or (s.facts and next(s.facts))) then
+      add(("\n## %s: %s\n"):format(step.name, step.title))
+      if s.error then add(("\n**%s:** %s\n"):format(s.status == "failed" and "Failed" or "Last error", cell(s.error))) end
+      for _, t in ipairs(s.tables or {}) do
+        add(("\n### %s\n\n"):format(t.title))
+        add(report.table(t.columns, t.rows))
+      end
+      local facts = facts_lines(s.facts)
+      if facts then
+        add("\n### Facts\n\n")
+        add(facts)
+      end
+    end
+  end
+  return table.concat(out)
+end
+
+return report
