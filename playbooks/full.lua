@@ -4,71 +4,249 @@ playbooks/full.lua: the whole two-phase migration of the runbook, as steps.
     migrun playbooks/full.lua --config migration.lua [--dry-run] [--yes]
                               [--from STEP | --only STEP] [--list]
 
-Phase I (full load): preflight, schema, know the data, groups, slots and
-sets, pause the maintenance replica and capture its LSN, verify it on the
-primary, hold back the indexes, load in parallel from the frozen replica,
-restore and verify the indexes, QA, resume the replica. Phase II (CDC): DMS
-endpoints and CDC-only tasks at the captured LSN, started one by one, watched
-until they have caught up. Running it again resumes where it stopped.
+Phase I (full load): preflight, schema, know the data, groups, slots and sets,
+pause the maintenance replica and capture its LSN, verify it on the primary,
+hold back the indexes, load in parallel from the frozen replica, restore and
+verify the indexes, QA, resume the replica. Phase II (CDC): DMS endpoints and
+CDC-only tasks at the captured LSN, started one by one, watched until they
+have caught up. Running it again resumes where it stopped.
 
-Copy this file to adapt the procedure; the machinery (journal, resume,
-dry run, confirmation, progress, report) lives in migrun.playbook and the
-work in the migrun.* modules, so each step here is only what the runbook says.
+Copy this file to adapt the procedure. The machinery (journal, resume, dry
+run, confirmation, progress, report) is in migrun.playbook and the work in the
+migrun.* modules, so each step here is only what the runbook says to do.
 ]]
 local playbook = require "migrun.playbook"
-local steps = require "migrun.steps"
+local preflight = require "migrun.preflight"
+local schema = require "migrun.schema"
+local catalog = require "migrun.catalog"
+local groups = require "migrun.groups"
+local pglogical = require "migrun.pglogical"
+local replica = require "migrun.replica"
+local fullload = require "migrun.fullload"
+local qa = require "migrun.qa"
+local cdc = require "migrun.cdc"
+local walguard = require "migrun.walguard"
+local lsn = require "migrun.lsn"
 
 local P = playbook.new{ name = "full", title = "Full migration: full load from the paused replica, then DMS CDC" }
 
-P:watch{ "wal_guard", run = steps.wal_guard }
+-- What earlier steps found out, as later steps need it.
+local function tables(ctx) return ctx.facts.know_data.tables end
+local function plan(ctx) return ctx.facts.groups.groups end
+local function captured_lsn(ctx) return lsn(ctx.facts.pause_replica.lsn) end
+local function say(ctx) return function(line) ctx:say("%s", line) end end
 
--- Phase I: full load --------------------------------------------------------
+-- Through the whole run: WAL retained by our slots, disk on the paused replica.
+P:watch{ "wal_guard", interval = function(ctx) return ctx.config.wal_guard.interval end,
+  run = function(ctx)
+    local g = assert(walguard.check(ctx.source, ctx.replica, ctx.config.wal_guard,
+      { prefix = ctx.config.slots.prefix }))
+    if g.level == "stop" then error(g.message, 0) end
+    if g.level == "warn" then ctx:warn("%s", g.message) end
+  end }
 
-P:step{ "preflight", "Preflight on the primary, the maintenance replica and the target",
-  always = true, run = steps.preflight }
+-- Phase I: full load ---------------------------------------------------------
 
-P:step{ "schema", "Schema and roles from the source to the target (pre-data)",
-  run = steps.schema, check = steps.check_schema }
+P:step{ "preflight", "Preflight on the primary, the maintenance replica and the target", always = true,
+  run = function(ctx)
+    local r = preflight.run{ source = ctx.source, replica = ctx.replica, target = ctx.target,
+      config = ctx.config, resuming = ctx.resuming }
+    ctx:say("%s", preflight.format(r))
+    if r.errors > 0 then return nil, ("preflight found %d problem(s); nothing was changed"):format(r.errors) end
+    return { errors = r.errors, warnings = r.warnings }
+  end }
+
+P:step{ "schema", "Schema (pre-data) and roles from the source to the target",
+  run = function(ctx)
+    local tools = assert(schema.tools(ctx.target.conn:server_version()))
+    local dump = assert(schema.dump(ctx.config.source.conninfo, ctx.state_dir, { tools = tools,
+      schemas = ctx.config.schemas, exclude_tables = ctx.config.exclude_tables, echo = say(ctx) }))
+    local roles = assert(schema.copy_roles(ctx.config.source.conninfo, ctx.target, { tools = tools, say = say(ctx) }))
+    assert(schema.restore("pre-data", ctx.config.target.conninfo, dump,
+      { dry_run = ctx.dry_run, echo = say(ctx) }))
+    return { dump = dump.file, list = dump.list, notes = dump.notes, roles_created = roles.created }
+  end }
 
 P:step{ "know_data", "Know the data: keys, unique constraints, LOB columns, sizes, write rates",
-  run = steps.know_data }
+  run = function(ctx)
+    local list = assert(catalog.tables(ctx.source, { schemas = ctx.config.schemas,
+      exclude = ctx.config.exclude_tables }))
+    assert(catalog.measure_lobs(ctx.replica, list))
+    assert(catalog.write_rates(ctx.source, list, ctx.config.know_data.write_rate_seconds,
+      function(s) ctx:sleep(s) end))
+    ctx:report_table("Tables", { "table", "size", "rows (est.)", "primary key", "separate unique",
+      "largest LOB", "writes/s" }, catalog.summary_rows(list))
+    return { tables = list }
+  end }
 
 P:step{ "groups", "Group the tables into slots (printed before anything is created)",
-  run = steps.groups }
+  run = function(ctx)
+    local cfg = ctx.config
+    local g = assert(groups.plan(tables(ctx), { largest_alone = cfg.groups.largest_alone,
+      explicit = cfg.groups.explicit, prefix = cfg.slots.prefix, lobs = cfg.lobs }))
+    ctx:say("%s", groups.format(g))
+    return { groups = g }
+  end }
 
 P:step{ "slots", "Replication slots, the pglogical node and two sets per slot on the primary",
-  run = steps.slots, check = steps.check_slots }
+  run = function(ctx)
+    local src = ctx.source
+    assert(pglogical.ensure_node(src, ctx.config.slots.node, pglogical.node_dsn(ctx.config.source.conninfo)))
+    local created = {}
+    for _, g in ipairs(plan(ctx)) do
+      local s = assert(pglogical.create_slot(src, g.slot))
+      assert(pglogical.create_sets(src, g.slot))
+      assert(pglogical.add_tables(src, g.slot, g.tables, { say = function(l) ctx:warn("%s", l) end }))
+      created[g.slot] = s.lsn and tostring(s.lsn) or "dry run"
+    end
+    return { slots = created }
+  end,
+  check = function(ctx, facts)
+    return pglogical.check_slots(ctx.source, facts.slots)
+  end }
 
 P:step{ "pause_replica", "Pause the maintenance replica and capture its replay LSN",
-  run = steps.pause_replica, check = steps.check_replica_paused }
+  run = function(ctx)
+    local after = pglogical.newest_slot_lsn(ctx.facts.slots.slots)
+    local at = assert(replica.pause(ctx.replica, { after = after, say = say(ctx) }))
+    ctx:say("replica paused; replay LSN %s is where CDC will start", tostring(at))
+    return { lsn = tostring(at) }
+  end,
+  check = function(ctx, facts)
+    if ctx:done("resume_replica") then return true end
+    return replica.check_paused(ctx.replica, facts.lsn)
+  end }
 
 P:step{ "verify_lsn", "Verify the captured LSN on the primary for every slot (bounded peek)",
-  run = steps.verify_lsn }
+  run = function(ctx)
+    local verified = {}
+    for _, g in ipairs(plan(ctx)) do
+      if ctx.dry_run then
+        ctx:say("would verify %s at %s", g.slot, tostring(captured_lsn(ctx)))
+      else
+        local v = assert(pglogical.verify_lsn(ctx.source, g.slot, captured_lsn(ctx)))
+        verified[g.slot] = { confirmed_flush_lsn = tostring(v.confirmed_flush_lsn), peeked = v.peeked }
+      end
+    end
+    return { verified = verified }
+  end }
 
-P:step{ "hold_indexes", "Hold back the target's indexes and separate unique constraints",
-  run = steps.hold_indexes }
+P:step{ "hold_indexes", "Hold back the separate unique indexes (they come back with the post-data)",
+  run = function(ctx)
+    local held = assert(catalog.separate_unique_indexes(ctx.source, tables(ctx)))
+    for _, ix in ipairs(held) do ctx:say("held back until after the load: %s", ix.definition) end
+    -- The target got the pre-data section only: nothing to drop unless a team
+    -- restored a full schema there itself.
+    assert(catalog.drop_present(ctx.target, held, say(ctx)))
+    return { held = held }
+  end }
 
 P:step{ "full_load", "Full load from the paused replica, in parallel",
-  destructive = steps.full_load_warning, run = steps.full_load, check = steps.check_replica_paused }
+  destructive = function(ctx)
+    return ("truncate and load %d tables on the target"):format(#tables(ctx))
+  end,
+  run = function(ctx)
+    local loaded = ctx.facts.full_load.loaded or {}
+    local total = 0
+    for _, t in ipairs(tables(ctx)) do total = total + (t.bytes or 0) end
+    local bar = ctx:progress{ label = "full load", total = total, unit = "bytes" }
+    local result = assert(fullload.run{
+      replica = ctx.config.replica.conninfo, target = ctx.config.target.conninfo,
+      tables = tables(ctx), jobs = ctx.config.full_load.jobs, done = loaded,
+      expect_replay_lsn = captured_lsn(ctx), dry_run = ctx.dry_run, echo = say(ctx),
+      on_progress = function(done, _, rows, detail)
+        bar:update(done, ("%s, %d rows"):format(detail and detail.table or "", rows or 0))
+      end,
+      on_table = function(r)
+        ctx:say("loaded %s: %d rows, %s in %.1fs", r.table, r.rows, catalog.human_bytes(r.bytes), r.seconds)
+        loaded[r.table] = r
+        ctx:record("loaded", loaded)
+      end })
+    bar:finish(("%d tables, %s"):format(#result.tables, catalog.human_bytes(result.bytes or 0)))
+    ctx:report_table("Full load", { "table", "rows", "bytes", "started", "ended", "seconds", "stream" },
+      fullload.report_rows(loaded))
+    return { loaded = loaded, seconds = result.seconds }
+  end }
 
 P:step{ "indexes", "Restore the indexes and constraints; verify every one of the source's exists",
-  run = steps.restore_indexes }
+  run = function(ctx)
+    local dump = ctx.facts.schema
+    assert(schema.restore_missing(ctx.config.target.conninfo, dump, ctx.replica, ctx.target, tables(ctx),
+      { jobs = ctx.config.full_load.jobs, dry_run = ctx.dry_run, echo = say(ctx) }))
+    local missing = catalog.missing_on_target(
+      assert(catalog.constraints_and_indexes(ctx.replica, tables(ctx))),
+      assert(catalog.constraints_and_indexes(ctx.target, tables(ctx))))
+    if #missing > 0 and not ctx.dry_run then
+      for _, m in ipairs(missing) do ctx:warn("missing on the target: %s %s", m.table, m.definition) end
+      return nil, ("%d index(es) or constraint(s) of the source are missing on the target"):format(#missing)
+    end
+    return { verified = true }
+  end }
 
 P:step{ "qa", "Quick QA: per-month and exact counts, replica against target",
-  run = steps.quick_qa }
+  run = function(ctx)
+    if ctx.dry_run then return ctx:say("would compare the replica and the target") end
+    local r = assert(qa.compare(ctx.replica, ctx.target, tables(ctx), ctx.config.qa, { mode = "quick" }))
+    ctx:report_table("Quick QA (replica vs target)", qa.report_columns(), qa.report_rows(r))
+    if r.differences > 0 then
+      ctx:say("%s", qa.format(r))
+      return nil, ("%d QA difference(s) between the replica and the target"):format(r.differences)
+    end
+    return { checks = #r.checks, seed = r.seed }
+  end }
 
 P:step{ "resume_replica", "Resume the maintenance replica",
-  run = steps.resume_replica }
+  run = function(ctx)
+    assert(replica.resume(ctx.replica))
+    return { resumed = true }
+  end }
 
--- Phase II: CDC with DMS -----------------------------------------------------
+-- Phase II: CDC with DMS ------------------------------------------------------
 
 P:step{ "dms_setup", "DMS endpoints, connection tests, a CDC-only task per slot at the captured LSN",
-  run = steps.dms_setup }
+  run = function(ctx)
+    local client, cfg = ctx:dms(), ctx.config
+    local eps = assert(cdc.ensure_endpoints(client, plan(ctx), { name = cfg.name,
+      source = cfg.source.conninfo, target = cfg.target.conninfo,
+      source_overrides = cfg.dms.source_endpoint, target_overrides = cfg.dms.target_endpoint }))
+    assert(cdc.test_connections(client, cfg.dms.replication_instance_arn, eps))
+    local tasks = assert(cdc.ensure_tasks(client, plan(ctx), eps, { name = cfg.name,
+      instance_arn = cfg.dms.replication_instance_arn, start_lsn = captured_lsn(ctx), task = cfg.dms.task }))
+    return { endpoints = eps, tasks = tasks }
+  end }
 
 P:step{ "dms_start", "Start the tasks one by one",
-  run = steps.dms_start }
+  run = function(ctx)
+    local s = assert(cdc.start_tasks(ctx:dms(), plan(ctx), ctx.facts.dms_setup.tasks, { name = ctx.config.name,
+      pause = ctx.config.dms.start_pause, sleep = function(t) ctx:sleep(t) end, say = say(ctx) }))
+    return { started = s.started }
+  end }
 
-P:step{ "catch_up", "Watch the tasks catch up; final QA against the primary",
-  always = true, run = steps.catch_up }
+P:step{ "catch_up", "Watch the tasks catch up; final QA against the primary", always = true,
+  run = function(ctx)
+    local cfg = ctx.config
+    local watch = { name = cfg.name, source = ctx.source, target = ctx.target,
+      lag_bytes = cfg.dms.catch_up.lag_bytes, timeout = cfg.dms.catch_up.timeout,
+      poll = cfg.dms.catch_up.poll, sleep = function(t) ctx:sleep(t) end }
+    local bar = ctx:progress{ label = "catch-up" }
+    watch.on_status = function(st)
+      bar:update(nil, ("largest lag %s, %d apply exception(s)"):format(cdc.human_bytes(st.max_lag), st.exceptions))
+    end
+    local st = assert(cdc.watch(ctx:dms(), plan(ctx), ctx.facts.dms_setup.tasks, watch))
+    bar:finish("every task has caught up")
+    ctx:report_table("DMS tasks", cdc.status_table(st))
+    if st.exceptions > 0 then ctx:warn("%d row(s) in awsdms_apply_exceptions: look at them before cutover", st.exceptions) end
+    if ctx.dry_run then return {} end
+    local r = assert(qa.settled(ctx.source, ctx.target, tables(ctx), cfg.qa,
+      { wait = function() assert(cdc.watch(ctx:dms(), plan(ctx), ctx.facts.dms_setup.tasks, watch)) end }))
+    ctx:report_table("Final QA (primary vs target)", qa.report_columns(), qa.report_rows(r))
+    if r.differences > 0 then
+      ctx:say("%s", qa.format(r))
+      return nil, ("%d difference(s) between the primary and the target persist after catch-up"):format(r.differences)
+    end
+    ctx:say("READY FOR CUTOVER: %d tasks running, largest lag %s, %d QA checks equal",
+      #st.rows, cdc.human_bytes(st.max_lag), #r.checks)
+    return { ready = true, max_lag = st.max_lag, exceptions = st.exceptions }
+  end }
 
 os.exit(P:main(arg))

@@ -48,15 +48,20 @@ return {
     },
   },
 
-  -- LOB policy (DMS limited LOB mode): the largest value copied, and whether
-  -- larger values may be truncated. false stops the run when a larger value
-  -- exists (measured while getting to know the data).
+  -- LOB policy (DMS limited LOB mode): the largest value DMS copies whole
+  -- (KB), and whether larger values may be truncated. truncation_ok = false
+  -- gives the table a table-settings rule in full LOB mode, so nothing of it
+  -- is cut (slower, for that table only). Without a per-table entry the limit
+  -- is raised to the largest value measured while getting to know the data.
   lobs = {
     default = { max_kb = 32, truncation_ok = true },
     tables = {
       ["public.events"] = { max_kb = 512, truncation_ok = false },
     },
   },
+
+  -- Getting to know the data: write rates are sampled on the primary.
+  know_data = { write_rate_seconds = 5 },
 
   -- The full load from the paused replica: parallel streams.
   full_load = { jobs = 2 },

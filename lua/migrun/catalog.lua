@@ -538,4 +538,46 @@ function catalog.human_bytes(n)
   return (n < 10 and "%.1f %s" or "%.0f %s"):format(n, units[i])
 end
 
+-- Rows for the report's table of tables.
+function catalog.summary_rows(tables)
+  local rows = {}
+  for _, t in ipairs(tables) do
+    local rate = t.write_rate and t.write_rate.total
+    rows[#rows + 1] = { t.key or (t.schema .. "." .. t.name), catalog.human_bytes(t.bytes or 0),
+      tostring(math.floor(t.rows_estimate or 0)), t.has_pk and "yes" or "NO",
+      t.separate_unique and "yes" or "", t.lob_max_kb and (t.lob_max_kb .. " KB") or "",
+      rate and ("%.1f"):format(rate) or "" }
+  end
+  return rows
+end
+
+--[[ catalog.drop_present(db, held, say) -> { dropped names } | nil, err
+     Drops (through db:write) those of catalog.separate_unique_indexes' items
+     that exist on db, foreign keys that depend on them first. ]]
+function catalog.drop_present(db, held, say)
+  local dropped = {}
+  for _, ix in ipairs(held) do
+    local res, err
+    if ix.kind == "constraint" then
+      res, err = db:query("select 1 from pg_constraint where conname = $1 and conrelid = to_regclass($2)",
+        ix.name, pg.qualify(ix.schema, ix.table_name))
+    else
+      res, err = db:query("select 1 from pg_class where oid = to_regclass($1)", pg.qualify(ix.schema, ix.name))
+    end
+    if not res then return nil, err end
+    if #res > 0 then
+      for _, ref in ipairs(ix.referenced_by or {}) do
+        if say then say("dropping " .. tostring(ref.drop_sql)) end
+        local ok, derr = db:write(ref.drop_sql)
+        if not ok then return nil, derr end
+      end
+      if say then say("dropping " .. ix.drop_sql) end
+      local ok, derr = db:write(ix.drop_sql)
+      if not ok then return nil, derr end
+      dropped[#dropped + 1] = ix.name
+    end
+  end
+  return dropped
+end
+
 return catalog

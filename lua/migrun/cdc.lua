@@ -362,4 +362,37 @@ function cdc.status_table(st)
   return { "slot", "task", "status", "lag", "confirmed flush", "applied up to", "apply exceptions" }, rows
 end
 
+--[[ cdc.watch(client, groups, tasks, opts) -> status | nil, err
+     Polls cdc.status until every task runs and every slot lags less than
+     opts.lag_bytes. A failed or stopped task ends the watch with an error
+     naming the slot and what DMS said; opts.timeout bounds it. opts: the
+     cdc.status options plus lag_bytes, timeout, poll, sleep(seconds),
+     on_status(status) after every poll. ]]
+function cdc.watch(client, groups, tasks, opts)
+  local host = require "migrun.host"
+  local deadline = host.monotonic() + (opts.timeout or 3600)
+  while true do
+    local st, err = cdc.status(client, groups, tasks, opts)
+    if not st then return nil, err end
+    if opts.on_status then opts.on_status(st) end
+    for _, r in ipairs(st.rows) do
+      local s = r.status:lower()
+      if s == "failed" or s == "stopped" or s == "missing" then
+        return nil, errors.new{ kind = "dms", where = "dms " .. r.slot, code = "TaskNotRunning",
+          message = ("the CDC task %s is %s%s"):format(r.task, s, r.failure and (": " .. r.failure) or ""),
+          hint = "see the report; `migrun playbooks/partial_restart.lua " .. r.slot .. "` starts that group again",
+          status = st }
+      end
+    end
+    if client.dry_run or (st.all_running and st.max_lag < (opts.lag_bytes or 1024 * 1024)) then return st end
+    if host.monotonic() > deadline then
+      return nil, errors.new{ kind = "timeout", where = "dms catch-up", status = st,
+        message = ("the tasks did not catch up within %gs (largest lag %s)"):format(opts.timeout or 3600,
+          cdc.human_bytes(st.max_lag)),
+        hint = "raise dms.catch_up.timeout, or look at the tasks' CDC latency and the apply exceptions" }
+    end
+    opts.sleep(opts.poll or 5)
+  end
+end
+
 return cdc

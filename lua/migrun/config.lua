@@ -138,6 +138,9 @@ config.SCHEMA = record({
     { "tables", map(table_name, record(lob_policy()), { default = {},
       doc = "per-table policy; missing fields come from lobs.default" }) },
   }, { doc = "LOB policy (DMS limited LOB mode)" }) },
+  { "know_data", record({
+    { "write_rate_seconds", seconds(5, "seconds over which write rates are sampled on the primary", 0) },
+  }, { doc = "knowing the data" }) },
   { "full_load", record({
     { "jobs", count(2, "parallel streams for the full load", 1) },
   }, { doc = "the full load from the paused replica" }) },

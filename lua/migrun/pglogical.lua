@@ -444,4 +444,39 @@ function pgl.verify_lsn(db, slot, at, opts)
   return { ok = true, confirmed_flush_lsn = flushed, restart_lsn = opt(row.restart_lsn), peeked = res[1].n }
 end
 
+--[[ pgl.check_slots(db, slots) -> true | nil, why
+     On a resumed run: every slot recorded ({ [slot] = lsn }) still exists as a
+     pglogical slot. A vanished slot means the changes since the captured LSN
+     are gone for that group: only a partial restart can bring it back. ]]
+function pgl.check_slots(db, slots)
+  local list, err = pgl.slots(db, { prefix = "" })
+  if not list then return nil, tostring(err) end
+  local have = {}
+  for _, s in ipairs(list) do have[s.name] = s end
+  local names = {}
+  for name in pairs(slots or {}) do names[#names + 1] = name end
+  table.sort(names)
+  for _, name in ipairs(names) do
+    local s = have[name]
+    if not s then
+      return nil, ("replication slot %s no longer exists on %s (run playbooks/partial_restart.lua %s)")
+        :format(name, db:name(), name)
+    end
+    if s.plugin ~= "pglogical" then
+      return nil, ("replication slot %s now uses plugin %s, not pglogical"):format(name, tostring(s.plugin))
+    end
+  end
+  return true
+end
+
+-- The newest of the LSNs recorded when the slots were created (or nil).
+function pgl.newest_slot_lsn(slots)
+  local newest
+  for _, text in pairs(slots or {}) do
+    local at = lsn.parse(tostring(text))
+    if at and (newest == nil or at > newest) then newest = at end
+  end
+  return newest
+end
+
 return pgl

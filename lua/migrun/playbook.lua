@@ -41,6 +41,7 @@ The step context (one per run; passed to run, check and watchers)
       Facts come back from the journal as JSON values: LSNs and other
       values JSON cannot hold as their tostring, secrets masked.
   ctx:record(key, value)   into the running step's facts, journal saved at once
+  ctx:done(step [, playbook]) -> whether the journal has that step done
   ctx:say(fmt, ...), ctx:warn(fmt, ...)   timestamped lines, also in state_dir/migrun.log
   ctx:progress{ label =, total =, unit =, interval = } -> migrun.progress bar
   ctx:confirm(what) -> true | false
@@ -277,6 +278,12 @@ function Ctx:facts_of(playbook_name)
   local out = {}
   for name, s in pairs(self.journal:steps(playbook_name)) do out[name] = s.facts or {} end
   return out
+end
+
+-- Whether a step of this playbook (or of another one) is done in the journal.
+function Ctx:done(step, playbook_name)
+  local rec = self.journal:steps(playbook_name or self.playbook.name)[step]
+  return rec ~= nil and rec.status == "done"
 end
 
 function Ctx:record(key, value)

@@ -368,4 +368,49 @@ function qa.format(result)
   return table.concat(lines, "\n")
 end
 
+-- The report's table of a comparison: columns and rows.
+function qa.report_columns() return { "table", "method", "a", "b", "equal", "detail" } end
+function qa.report_rows(result)
+  local rows = {}
+  for _, c in ipairs(result.checks) do
+    rows[#rows + 1] = { c.table, c.method, summary(c.a), summary(c.b), c.equal and "yes" or "NO", c.detail or "" }
+  end
+  return rows
+end
+
+--[[ qa.settled(a_db, b_db, tables, cfg_qa, opts) -> result | nil, err
+     qa.compare while b is still receiving a's changes (CDC): a table that
+     differs is compared again after opts.wait() (which waits for the
+     replication to catch up), up to opts.attempts times (default 5); only
+     differences that persist remain. Under a steady trickle of writes a count
+     can be off by the transactions in flight at that instant; a real
+     difference stays. ]]
+function qa.settled(a_db, b_db, tables, cfg_qa, opts)
+  opts = opts or {}
+  local result, err = qa.compare(a_db, b_db, tables, cfg_qa, { mode = opts.mode or "quick", seed = opts.seed })
+  if not result then return nil, err end
+  local by_key = {}
+  for _, t in ipairs(tables) do by_key[key_of(t)] = t end
+  for _ = 1, opts.attempts or 5 do
+    if result.differences == 0 then break end
+    if opts.wait then opts.wait() end
+    local again = {}
+    for _, c in ipairs(result.checks) do
+      if not c.equal and by_key[c.table] then again[#again + 1] = by_key[c.table] end
+    end
+    local redo, rerr = qa.compare(a_db, b_db, again, { timestamp_column = (cfg_qa or {}).timestamp_column,
+      timestamp_columns = (cfg_qa or {}).timestamp_columns, large_tables = #again, small_sample = 0 },
+      { mode = result.mode, seed = result.seed })
+    if not redo then return nil, rerr end
+    local fresh = {}
+    for _, c in ipairs(redo.checks) do fresh[c.table] = c end
+    result.differences = 0
+    for i, c in ipairs(result.checks) do
+      if not c.equal and fresh[c.table] then result.checks[i] = fresh[c.table] end
+      if not result.checks[i].equal then result.differences = result.differences + 1 end
+    end
+  end
+  return result
+end
+
 return qa

@@ -195,4 +195,22 @@ function replica.resume(db)
   return true
 end
 
+--[[ replica.check_paused(db, at) -> true | nil, why
+     On a resumed run: the replica is still paused exactly at the captured
+     LSN, so what the full load reads is still the snapshot CDC starts from. ]]
+function replica.check_paused(db, at)
+  local st, err = replica.status(db)
+  if not st then return nil, tostring(err) end
+  if not st.in_recovery then return nil, db:name() .. " is no longer in recovery (promoted?)" end
+  if st.pause_state ~= "paused" then
+    return nil, ("%s is no longer paused (%s): the snapshot at %s is gone; "
+      .. "run playbooks/full_restart.lua, or resume from the pause: --from pause_replica")
+      :format(db:name(), tostring(st.pause_state), tostring(at))
+  end
+  if tostring(st.replay_lsn) ~= tostring(at) then
+    return nil, ("%s is paused at %s, not at the captured %s"):format(db:name(), tostring(st.replay_lsn), tostring(at))
+  end
+  return true
+end
+
 return replica
