@@ -76,6 +76,8 @@ describe("migrun.schema", function()
     assert.truthy(tostring(err):find("PostgreSQL 99", 1, true), tostring(err))
     assert.truthy(tostring(err):find("pg_dump", 1, true))
     assert.truthy(tostring(err):find("/usr/lib/postgresql/99/bin", 1, true))
+    -- a version number that went through JSON (a float) is the same version
+    assert.equal(tools.pg_dump, assert(schema.tools(tonumber(tools.major) * 10000 + 0.0)).pg_dump)
     t, err = schema.tools("9.6", { bindirs = { L.dir .. "/no-such-bin" } })
     assert.is_nil(t)
     assert.truthy(tostring(err):find("PostgreSQL 9.6", 1, true), tostring(err))
