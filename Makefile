@@ -39,3 +39,11 @@ install: build
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD)
+
+# The full-load benchmark, kept out of `make test`: migrun vs the runbook's
+# pg_dump|psql vs pgcopydb on one lab (docs/benchmarks.md). Scale 1 is ~1 GB.
+BENCH_SCALE ?= 1
+.PHONY: bench
+bench: build
+	@command -v pgcopydb >/dev/null || apt-get install -y pgcopydb || echo "pgcopydb not installed: measured without it"
+	$(MIGRUN) bench/fullload.lua $(BENCH_SCALE)

@@ -235,7 +235,8 @@ static void push_active(lua_State *L, Process *p) {
 static void deliver_lines(lua_State *L, Process *p, Stream *s, int uv, int at_eof) {
     size_t start = 0;
     for (;;) {
-        char *nl = memchr(s->buf + start, '\n', s->len - start);
+        /* buf is NULL while nothing was read (a stream that closes empty) */
+        char *nl = s->len > start ? memchr(s->buf + start, '\n', s->len - start) : NULL;
         size_t end = nl ? (size_t)(nl - s->buf) : s->len;
         if (nl == NULL && !(at_eof && end > start))
             break;
@@ -253,7 +254,8 @@ static void deliver_lines(lua_State *L, Process *p, Stream *s, int uv, int at_eo
             lua_error(L); /* the callback's error, after the buffer is consistent */
         }
     }
-    memmove(s->buf, s->buf + start, s->len - start);
+    if (start > 0)
+        memmove(s->buf, s->buf + start, s->len - start);
     s->len -= start;
 }
 

@@ -1,0 +1,469 @@
+--[[
+migrun.schema: the schema and the roles of the source, copied to the target with
+PostgreSQL's own client tools (issue step 2, and step 10's index restore).
+
+Why two sections (as pgcopydb does). pg_dump splits a schema into pre-data
+(types, functions, tables, sequences, views) and post-data (indexes,
+constraints including primary keys, triggers, foreign keys, rules). The
+pre-data part is restored before the full load so the tables exist; the
+post-data part is restored AFTER it, with `pg_restore -j N --section=post-data`:
+filling tables that carry no index and building each index once afterwards is
+faster than maintaining the indexes row by row, and foreign keys cannot fail
+on a half-loaded table. The runbook's "drop the separate unique indexes, load,
+restore them" is the special case of this for a schema restored whole.
+
+The dump is one custom-format archive in a directory the caller owns (the
+state directory), so the post-data part survives until it is needed and a
+re-run restores from the same file. Its table of contents is filtered
+(pg_restore -l, then -L) so the pglogical extension never reaches the target:
+RDS does not need it to receive DMS changes and would refuse its CREATE
+EXTENSION. The tools are those of the TARGET server's major version (a newer
+pg_dump reads an older source; the archive must suit the server it restores
+into). Connection strings reach child processes without their password, which
+travels in PGPASSWORD; every command is printed with proc.quote.
+
+  local schema = require "migrun.schema"
+  local tools = assert(schema.tools(target_conn:server_version()))
+  local dump = assert(schema.dump(source_conninfo, state_dir, { tools = tools, schemas = {"public"} }))
+  assert(schema.copy_roles(source_conninfo, target_db, { tools = tools, say = print }))
+  assert(schema.restore("pre-data", target_conninfo, dump, { echo = print }))
+  -- ... the full load ...
+  assert(schema.restore("post-data", target_conninfo, dump, { jobs = 2, echo = print }))
+
+  schema.tools(version [, opts]) -> { pg_dump=, pg_restore=, pg_dumpall=, psql=, bindir=, major= } | nil, err
+      version: a server_version_num (150020, 90624) or a major ("15", 15, "9.6").
+      Looks in /usr/lib/postgresql/<major>/bin (or opts.bindirs, a list), then
+      on PATH, where the tool's --version must be of that major.
+  schema.dump(source_conninfo, dir, opts) -> dump | nil, err
+      opts.tools (required), opts.schemas (list; default every schema),
+      opts.exclude_tables ({"s.t"}), opts.echo(line) for the commands.
+      Writes dir/schema.dump (pg_dump -Fc --schema-only) and dir/schema.list
+      (its filtered table of contents). dump = { file=, list=, toc = { entries=,
+      kept=, excluded = {lines} }, notes = {lines}, tools= }.
+      Reads only: runs in a dry run too.
+  schema.restore(section, target_conninfo, dump, opts) -> { command=, seconds= } | true (dry run) | nil, err
+      section "pre-data" | "post-data"; opts.jobs (pg_restore -j), opts.dry_run
+      (print the command, run nothing), opts.echo(line), opts.no_owner (--no-owner).
+  schema.copy_roles(source_conninfo, target_db, opts) -> report | nil, err
+      pg_dumpall --globals-only --no-role-passwords from the source; creates on
+      the target (through target_db:write, so a dry run prints) the roles it
+      lacks, without SUPERUSER, REPLICATION or BYPASSRLS (RDS refuses them),
+      with their settings, comments and memberships. Tablespaces are not
+      created (RDS manages its own). opts.tools (required), opts.say(line).
+      report = { created = {names}, existing = {names}, stripped = { name = {attrs} },
+                 skipped = {statements}, statements = {run or printed} }
+  schema.target_has_tables(target_db, tables) -> { present = {"s.t"}, nonempty = {"s.t"} } | nil, err
+      tables: { {schema=, name=} | "s.t" }. Empty `present`: a fresh target;
+      present but all empty: a load that can resume.
+  schema.split_conninfo(conninfo) -> conninfo without password, password | nil
+]]
+local pg = require "migrun.pg"
+local proc = require "migrun.proc"
+local errors = require "migrun.error"
+local host = require "migrun.host"
+
+local schema = {}
+
+local TOOL_NAMES = { "pg_dump", "pg_restore", "pg_dumpall", "psql" }
+
+local function fail(where, message, detail, hint, extra)
+  local e = { kind = "schema", where = where, message = message, detail = detail, hint = hint }
+  for k, v in pairs(extra or {}) do e[k] = v end
+  return nil, errors.new(e)
+end
+
+local function is_executable(path)
+  local ok = proc.run{ "test", "-x", path }
+  return ok == true
+end
+
+local function last_lines(text, n)
+  local lines = {}
+  for line in (text or ""):gmatch("[^\n]+") do lines[#lines + 1] = line end
+  return table.concat(lines, "\n", math.max(1, #lines - (n or 10) + 1))
+end
+
+-- "15" from 150020 / "15" / 15 / "15.4"; "9.6" from 90624 / "9.6".
+local function major_of(version)
+  local n = math.tointeger(tonumber(version)) -- 150020.0 (from JSON) is 150020 too
+  if n and n >= 10000 then
+    if n >= 100000 then return ("%d"):format(n // 10000) end
+    return ("%d.%d"):format(n // 10000, n // 100 % 100)
+  end
+  local s = tostring(version)
+  local major = s:match("^(9%.%d+)") or s:match("^(%d+)")
+  assert(major, "schema.tools: bad server version " .. s)
+  return major
+end
+
+-- The major version a tool reports ("pg_dump (PostgreSQL) 15.20 (Debian ...)").
+local function tool_major(path)
+  local ok, _, _, out = proc.run{ path, "--version", timeout = 30 }
+  if not ok then return nil end
+  local v = out:match("%(PostgreSQL%)%s+(%S+)")
+  return v and major_of(v)
+end
+
+local function on_path(name)
+  for dir in (os.getenv("PATH") or ""):gmatch("[^:]+") do
+    local p = dir .. "/" .. name
+    if is_executable(p) then return p end
+  end
+end
+
+function schema.tools(version, opts)
+  opts = opts or {}
+  local major = major_of(version)
+  local dirs = opts.bindirs or { "/usr/lib/postgresql/" .. major .. "/bin" }
+  local found = { major = major }
+  for _, dir in ipairs(dirs) do
+    if is_executable(dir .. "/pg_dump") then found.bindir = dir break end
+  end
+  local missing = {}
+  for _, name in ipairs(TOOL_NAMES) do
+    local path = found.bindir and found.bindir .. "/" .. name
+    if not (path and is_executable(path)) then
+      path = nil
+      local p = not opts.bindirs and on_path(name)
+      if p and tool_major(p) == major then path = p end
+    end
+    if not path then missing[#missing + 1] = name end
+    found[name] = path
+  end
+  if #missing > 0 then
+    return fail("schema", ("no %s of PostgreSQL %s (the target's major version)"):format(
+      table.concat(missing, ", "), major),
+      ("looked in %s and on PATH"):format(table.concat(dirs, ", ")),
+      ("install postgresql-client-%s"):format(major), { missing = missing, major = major })
+  end
+  return found
+end
+
+---------------------------------------------------------------------------
+-- Connections for child processes
+---------------------------------------------------------------------------
+
+local function conninfo_value(v)
+  v = tostring(v)
+  if v ~= "" and not v:find("[%s'\\]") then return v end
+  return "'" .. v:gsub("[\\']", "\\%0") .. "'"
+end
+
+local FIRST_KEYS = { "host", "hostaddr", "port", "dbname", "user" }
+
+function schema.split_conninfo(conninfo)
+  local parts, err = pg.conninfo_parse(conninfo)
+  if not parts then return nil, err end
+  local password = parts.password
+  parts.password = nil
+  local out, seen = {}, {}
+  for _, k in ipairs(FIRST_KEYS) do
+    if parts[k] then out[#out + 1] = k .. "=" .. conninfo_value(parts[k]) seen[k] = true end
+  end
+  local rest = {}
+  for k in pairs(parts) do if not seen[k] then rest[#rest + 1] = k end end
+  table.sort(rest)
+  for _, k in ipairs(rest) do out[#out + 1] = k .. "=" .. conninfo_value(parts[k]) end
+  return table.concat(out, " "), password
+end
+
+-- A child process spec: argv plus env carrying the password, if any.
+local function child(argv, password)
+  argv.env = password and { PGPASSWORD = password } or nil
+  return argv
+end
+
+local function run_tool(spec, echo)
+  if echo then echo(proc.quote(spec)) end
+  local t0 = host.monotonic()
+  spec.stdin = spec.stdin or false
+  spec.stdout = spec.stdout or "capture"
+  spec.stderr = "capture"
+  local ok, how, code, out, errout = proc.run(spec)
+  if not ok then
+    local name = spec[1]:match("[^/]+$")
+    local reason = how == "exit" and ("exit " .. tostring(code)) or (tostring(how) .. " " .. tostring(code))
+    return fail(name, ("%s failed (%s)"):format(name, reason), last_lines(errout, 10), nil,
+      { command = proc.quote(spec), code = code })
+  end
+  return { output = out, stderr = errout, seconds = host.monotonic() - t0, command = proc.quote(spec) }
+end
+
+---------------------------------------------------------------------------
+-- Dump and restore
+---------------------------------------------------------------------------
+
+-- Entries of the archive that must not reach the target: the pglogical
+-- extension and its comment (its schema and objects are excluded by -N).
+local function excluded_entry(line)
+  local rest = line:match("^%s*%d+;%s+%d+%s+%d+%s+(.*)$")
+  if not rest then return false end
+  return rest:match("^EXTENSION %- pglogical%s") ~= nil or rest:match("^EXTENSION %- pglogical$") ~= nil
+    or rest:match("^COMMENT %- EXTENSION pglogical%s") ~= nil
+    or rest:match("^SCHEMA %- pglogical%s") ~= nil
+end
+
+function schema.dump(source_conninfo, dir, opts)
+  assert(type(source_conninfo) == "string", "schema.dump: source conninfo (a string) expected")
+  assert(type(dir) == "string", "schema.dump: a directory expected")
+  opts = opts or {}
+  local tools = assert(opts.tools, "schema.dump: opts.tools (from schema.tools) is required")
+  local conninfo, password = schema.split_conninfo(source_conninfo)
+  if not conninfo then return nil, password end
+  local ok, err = host.mkdir(dir)
+  if not ok then return fail("schema", "cannot create " .. dir, tostring(err)) end
+
+  local file, list = dir .. "/schema.dump", dir .. "/schema.list"
+  local argv = { tools.pg_dump, "--format=custom", "--schema-only", "--no-subscriptions",
+    "--exclude-schema=pglogical", "--file=" .. file }
+  for _, s in ipairs(opts.schemas or {}) do argv[#argv + 1] = "--schema=" .. pg.quote_ident(s) end
+  for _, t in ipairs(opts.exclude_tables or {}) do
+    local s, n = t:match("^([^.]+)%.(.+)$")
+    assert(s, "schema.dump: exclude_tables entries are \"schema.table\", got " .. tostring(t))
+    argv[#argv + 1] = "--exclude-table=" .. pg.qualify(s, n)
+  end
+  argv[#argv + 1] = "--dbname=" .. conninfo
+  local r
+  r, err = run_tool(child(argv, password), opts.echo)
+  if not r then return nil, err end
+
+  -- The table of contents, filtered.
+  r, err = run_tool({ tools.pg_restore, "--list", file }, opts.echo)
+  if not r then return nil, err end
+  local kept, excluded, entries = {}, {}, 0
+  for line in r.output:gmatch("[^\n]*") do
+    if line:match("^%s*%d+;") then
+      entries = entries + 1
+      if excluded_entry(line) then
+        excluded[#excluded + 1] = line
+        kept[#kept + 1] = ";" .. line
+      else
+        kept[#kept + 1] = line
+      end
+    elseif line ~= "" then
+      kept[#kept + 1] = line
+    end
+  end
+  ok, err = host.write_file(list, table.concat(kept, "\n") .. "\n", tonumber("600", 8))
+  if not ok then return fail("schema", "cannot write " .. list, tostring(err)) end
+  return {
+    file = file, list = list, tools = tools,
+    toc = { entries = entries, kept = entries - #excluded, excluded = excluded },
+    notes = { "the pglogical extension and schema are left out of the target: RDS does not need "
+      .. "pglogical to receive DMS changes (and would refuse CREATE EXTENSION pglogical); "
+      .. #excluded .. " archive entr" .. (#excluded == 1 and "y" or "ies") .. " filtered out" },
+  }
+end
+
+local SECTIONS = { ["pre-data"] = true, ["post-data"] = true }
+
+function schema.restore(section, target_conninfo, dump, opts)
+  assert(SECTIONS[section], "schema.restore: section must be \"pre-data\" or \"post-data\", got "
+    .. tostring(section))
+  assert(type(target_conninfo) == "string", "schema.restore: target conninfo (a string) expected")
+  assert(type(dump) == "table" and dump.file and dump.list and dump.tools,
+    "schema.restore: a dump from schema.dump expected")
+  opts = opts or {}
+  local conninfo, password = schema.split_conninfo(target_conninfo)
+  if not conninfo then return nil, password end
+  local argv = { dump.tools.pg_restore, "--section=" .. section, "--use-list=" .. dump.list,
+    "--exit-on-error" }
+  if opts.jobs and opts.jobs > 1 then argv[#argv + 1] = "--jobs=" .. math.tointeger(opts.jobs) end
+  if opts.no_owner then argv[#argv + 1] = "--no-owner" end
+  argv[#argv + 1] = "--dbname=" .. conninfo
+  argv[#argv + 1] = dump.file
+  local spec = child(argv, password)
+  if opts.dry_run then
+    if opts.echo then opts.echo("(dry run) " .. proc.quote(spec)) end
+    return true
+  end
+  local r, err = run_tool(spec, opts.echo)
+  if not r then return nil, err end
+  return { command = r.command, seconds = r.seconds }
+end
+
+---------------------------------------------------------------------------
+-- Roles
+---------------------------------------------------------------------------
+
+-- Reads one role name at the start of s: "quoted ""name""" or bare. -> name, rest
+local function read_ident(s)
+  if s:sub(1, 1) == '"' then
+    local i, name = 2, {}
+    while i <= #s do
+      local c = s:sub(i, i)
+      if c == '"' then
+        if s:sub(i + 1, i + 1) == '"' then name[#name + 1] = '"' i = i + 2
+        else return table.concat(name), s:sub(i + 1) end
+      else name[#name + 1] = c i = i + 1 end
+    end
+    return nil
+  end
+  local name, rest = s:match("^([%w_$]+)(.*)$")
+  return name, rest
+end
+
+-- Attributes RDS refuses to a non-rdsadmin role.
+local REFUSED = { SUPERUSER = true, REPLICATION = true, BYPASSRLS = true }
+
+-- Parses pg_dumpall --globals-only output into roles and statements.
+local function parse_globals(text)
+  local roles, order, others = {}, {}, {}
+  local function role(name)
+    if not roles[name] then
+      roles[name] = { name = name, statements = {}, stripped = {} }
+      order[#order + 1] = name
+    end
+    return roles[name]
+  end
+  for line in text:gmatch("[^\n]+") do
+    local create = line:match("^CREATE ROLE (.*);$")
+    local alter = line:match("^ALTER ROLE (.*);$")
+    local comment = line:match("^COMMENT ON ROLE (.*);$")
+    if create then
+      local name = read_ident(create)
+      if name then role(name).create = line end
+    elseif alter then
+      local name, rest = read_ident(alter)
+      if name then
+        local r = role(name)
+        local attrs = rest:match("^ WITH (.*)$")
+        if attrs then
+          local keep = {}
+          for word in attrs:gmatch("%S+") do
+            -- PASSWORD never comes (--no-role-passwords); a quoted value after
+            -- VALID UNTIL is kept whole by rejoining below.
+            if REFUSED[word] then r.stripped[#r.stripped + 1] = word else keep[#keep + 1] = word end
+          end
+          r.statements[#r.statements + 1] = ("ALTER ROLE %s WITH %s;"):format(pg.quote_ident(name),
+            table.concat(keep, " "))
+        else
+          r.statements[#r.statements + 1] = line -- ALTER ROLE x SET ... / IN DATABASE ...
+        end
+      end
+    elseif comment then
+      local name = read_ident(comment)
+      if name then local r = role(name) r.statements[#r.statements + 1] = line end
+    elseif line:match("^GRANT ") then
+      others[#others + 1] = { kind = "grant", sql = line }
+    elseif line:match("^CREATE TABLESPACE ") or line:match("^ALTER TABLESPACE ")
+        or line:match("^GRANT .* ON TABLESPACE ") then
+      others[#others + 1] = { kind = "tablespace", sql = line }
+    end
+  end
+  return roles, order, others
+end
+
+-- "GRANT a TO b [WITH ...] [GRANTED BY c];" -> a, b (names), without GRANTED BY
+local function parse_grant(sql)
+  local body = sql:match("^GRANT (.*);$")
+  if not body then return nil end
+  local granted, rest = read_ident(body)
+  if not granted then return nil end
+  rest = rest:match("^ TO (.*)$")
+  if not rest then return nil end
+  local member, tail = read_ident(rest)
+  if not member then return nil end
+  tail = tail:gsub("%s*GRANTED BY .*$", "")
+  return granted, member, ("GRANT %s TO %s%s;"):format(pg.quote_ident(granted), pg.quote_ident(member), tail)
+end
+
+function schema.copy_roles(source_conninfo, target_db, opts)
+  assert(type(source_conninfo) == "string", "schema.copy_roles: source conninfo (a string) expected")
+  assert(type(target_db) == "table" and target_db.write, "schema.copy_roles: a migrun.db Db expected for the target")
+  opts = opts or {}
+  local tools = assert(opts.tools, "schema.copy_roles: opts.tools (from schema.tools) is required")
+  local say = opts.say or function() end
+  local conninfo, password = schema.split_conninfo(source_conninfo)
+  if not conninfo then return nil, password end
+  local r, err = run_tool(child({ tools.pg_dumpall, "--globals-only", "--no-role-passwords",
+    "--dbname=" .. conninfo }, password), opts.echo)
+  if not r then return nil, err end
+  local roles, order, others = parse_globals(r.output)
+
+  local res
+  res, err = target_db:query("select rolname from pg_roles")
+  if not res then return nil, err end
+  local exists = {}
+  for row in res:rows() do exists[row.rolname] = true end
+
+  local report = { created = {}, existing = {}, stripped = {}, skipped = {}, statements = {} }
+  local created = {}
+  local function write(sql)
+    report.statements[#report.statements + 1] = sql
+    local ok, werr = target_db:write(sql)
+    if not ok then return nil, werr end
+    return true
+  end
+  for _, name in ipairs(order) do
+    local role = roles[name]
+    if name:match("^pg_") or not role.create then
+      -- built-in roles, and ALTERs of roles pg_dumpall did not create (the bootstrap superuser)
+      if not name:match("^pg_") and exists[name] then report.existing[#report.existing + 1] = name end
+    elseif exists[name] then
+      report.existing[#report.existing + 1] = name
+    else
+      local ok, werr = write(("CREATE ROLE %s;"):format(pg.quote_ident(name)))
+      if not ok then return nil, werr end
+      for _, sql in ipairs(role.statements) do
+        ok, werr = write(sql)
+        if not ok then return nil, werr end
+      end
+      created[name] = true
+      report.created[#report.created + 1] = name
+      if #role.stripped > 0 then
+        report.stripped[name] = role.stripped
+        say(("role %s created without %s (not allowed on RDS)"):format(name, table.concat(role.stripped, ", ")))
+      else
+        say(("role %s created"):format(name))
+      end
+    end
+  end
+  if #report.existing > 0 then
+    say("roles already on the target, left as they are: " .. table.concat(report.existing, ", "))
+  end
+  for _, o in ipairs(others) do
+    if o.kind == "grant" then
+      local granted, member, sql = parse_grant(o.sql)
+      if granted and (created[granted] or created[member]) and not granted:match("^pg_") then
+        local ok, werr = write(sql)
+        if not ok then return nil, werr end
+      elseif granted and granted:match("^pg_") and created[member] then
+        report.skipped[#report.skipped + 1] = o.sql
+      end
+    else
+      report.skipped[#report.skipped + 1] = o.sql
+      say("not copied (tablespaces are managed by RDS): " .. o.sql)
+    end
+  end
+  return report
+end
+
+---------------------------------------------------------------------------
+-- The target before the load
+---------------------------------------------------------------------------
+
+function schema.target_has_tables(target_db, tables)
+  assert(type(target_db) == "table" and target_db.query, "schema.target_has_tables: a migrun.db Db expected")
+  assert(type(tables) == "table", "schema.target_has_tables: a list of tables expected")
+  local out = { present = {}, nonempty = {} }
+  for _, t in ipairs(tables) do
+    local s, n
+    if type(t) == "string" then s, n = t:match("^([^.]+)%.(.+)$") else s, n = t.schema, t.name end
+    assert(s and n, "schema.target_has_tables: tables are {schema=, name=} or \"schema.table\"")
+    local res, err = target_db:query(
+      "select c.oid from pg_class c join pg_namespace n on n.oid = c.relnamespace "
+      .. "where n.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p')", s, n)
+    if not res then return nil, err end
+    if #res > 0 then
+      local key = s .. "." .. n
+      out.present[#out.present + 1] = key
+      res, err = target_db:query(("select exists (select 1 from %s) as e"):format(pg.qualify(s, n)))
+      if not res then return nil, err end
+      if res[1].e then out.nonempty[#out.nonempty + 1] = key end
+    end
+  end
+  return out
+end
+
+return schema
