@@ -134,7 +134,7 @@ P:step{ "verify_lsn", "Verify the captured LSN on the primary for every slot (bo
 P:step{ "hold_indexes", "Hold back the separate unique indexes (they come back with the post-data)",
   run = function(ctx)
     local held = assert(catalog.separate_unique_indexes(ctx.source, tables(ctx)))
-    for _, ix in ipairs(held) do ctx:say("held back until after the load: %s", ix.definition) end
+    for _, ix in ipairs(held) do ctx:say("held back until after the load: %s %s", ix.table, ix.definition) end
     -- The target got the pre-data section only: nothing to drop unless a team
     -- restored a full schema there itself.
     assert(catalog.drop_present(ctx.target, held, say(ctx)))
@@ -170,7 +170,8 @@ P:step{ "full_load", "Full load from the paused replica, in parallel",
 
 P:step{ "indexes", "Restore the indexes and constraints; verify every one of the source's exists",
   run = function(ctx)
-    local dump = ctx.facts.schema
+    local dump = { file = ctx.facts.schema.dump, list = ctx.facts.schema.list,
+                   tools = assert(schema.tools(ctx.target.conn:server_version())) }
     assert(schema.restore_missing(ctx.config.target.conninfo, dump, ctx.replica, ctx.target, tables(ctx),
       { jobs = ctx.config.full_load.jobs, dry_run = ctx.dry_run, echo = say(ctx) }))
     local missing = catalog.missing_on_target(
@@ -185,7 +186,10 @@ P:step{ "indexes", "Restore the indexes and constraints; verify every one of the
 
 P:step{ "qa", "Quick QA: per-month and exact counts, replica against target",
   run = function(ctx)
-    if ctx.dry_run then return ctx:say("would compare the replica and the target") end
+    if ctx.dry_run then
+      ctx:say("would compare the replica and the target")
+      return {}
+    end
     local r = assert(qa.compare(ctx.replica, ctx.target, tables(ctx), ctx.config.qa, { mode = "quick" }))
     ctx:report_table("Quick QA (replica vs target)", qa.report_columns(), qa.report_rows(r))
     if r.differences > 0 then
@@ -228,12 +232,14 @@ P:step{ "catch_up", "Watch the tasks catch up; final QA against the primary", al
     local watch = { name = cfg.name, source = ctx.source, target = ctx.target,
       lag_bytes = cfg.dms.catch_up.lag_bytes, timeout = cfg.dms.catch_up.timeout,
       poll = cfg.dms.catch_up.poll, sleep = function(t) ctx:sleep(t) end }
-    local bar = ctx:progress{ label = "catch-up" }
+    local bar = ctx:progress{ label = "tasks caught up", total = #plan(ctx), unit = "tasks" }
     watch.on_status = function(st)
-      bar:update(nil, ("largest lag %s, %d apply exception(s)"):format(cdc.human_bytes(st.max_lag), st.exceptions))
+      bar:update(cdc.caught_up(st, watch.lag_bytes),
+        ("largest lag %s, %d apply exception(s)"):format(cdc.human_bytes(st.max_lag), st.exceptions))
     end
     local st = assert(cdc.watch(ctx:dms(), plan(ctx), ctx.facts.dms_setup.tasks, watch))
     bar:finish("every task has caught up")
+    watch.on_status = nil
     ctx:report_table("DMS tasks", cdc.status_table(st))
     if st.exceptions > 0 then ctx:warn("%d row(s) in awsdms_apply_exceptions: look at them before cutover", st.exceptions) end
     if ctx.dry_run then return {} end

@@ -342,6 +342,15 @@ function cdc.status(client, groups, tasks, opts)
   return out
 end
 
+-- How many tasks of a status run with their slot less than lag_bytes behind.
+function cdc.caught_up(st, lag_bytes)
+  local n = 0
+  for _, r in ipairs(st.rows) do
+    if r.status == "running" and r.lag_bytes and r.lag_bytes < lag_bytes then n = n + 1 end
+  end
+  return n
+end
+
 -- Human units for bytes.
 function cdc.human_bytes(n)
   if n == nil then return "?" end

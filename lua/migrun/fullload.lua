@@ -257,7 +257,7 @@ function fullload.run(opts)
       progress_interval = opts.progress_interval or 1.0, tables = {} }
     for i, t in ipairs(s.tables) do share.tables[i] = { schema = t.schema, name = t.name } end
     local h, err = proc.spawn{ host.exe, "-e", "require('migrun.fullload').worker()",
-      stdin = cjson.encode(share),
+      stdin = cjson.encode(share), die_with_parent = true,
       stdout = function(line)
         local ok, ev = pcall(cjson.decode, line)
         if ok and type(ev) == "table" then
@@ -361,6 +361,21 @@ function fullload.run(opts)
   for _, r in ipairs(results) do bytes, rows = bytes + r.bytes, rows + r.rows end
   return { tables = results, bytes = bytes, rows = rows, seconds = host.monotonic() - t0,
            streams = streams, skipped = skipped }
+end
+
+-- Rows for the report's full-load table from { ["s.t"] = on_table result }.
+function fullload.report_rows(loaded)
+  local names = {}
+  for k in pairs(loaded or {}) do names[#names + 1] = k end
+  table.sort(names, function(a, b) return (loaded[a].started or 0) < (loaded[b].started or 0) end)
+  local rows = {}
+  local function at(t) return t and os.date("!%H:%M:%S", math.floor(t)) or "" end
+  for _, k in ipairs(names) do
+    local r = loaded[k]
+    rows[#rows + 1] = { k, tostring(r.rows or ""), tostring(r.bytes or ""), at(r.started), at(r.ended),
+      r.seconds and ("%.2f"):format(r.seconds) or "", tostring(r.stream or "") }
+  end
+  return rows
 end
 
 return fullload

@@ -194,13 +194,16 @@ end
 ---------------------------------------------------------------------------
 
 -- Entries of the archive that must not reach the target: the pglogical
--- extension and its comment (its schema and objects are excluded by -N).
+-- extension and its comment (its schema and objects are excluded by -N), and
+-- the public schema, which every database already has (pg_dump --schema=public
+-- emits a CREATE SCHEMA public that would stop the restore).
 local function excluded_entry(line)
   local rest = line:match("^%s*%d+;%s+%d+%s+%d+%s+(.*)$")
   if not rest then return false end
   return rest:match("^EXTENSION %- pglogical%s") ~= nil or rest:match("^EXTENSION %- pglogical$") ~= nil
     or rest:match("^COMMENT %- EXTENSION pglogical%s") ~= nil
     or rest:match("^SCHEMA %- pglogical%s") ~= nil
+    or rest:match("^SCHEMA %- public%s") ~= nil
 end
 
 function schema.dump(source_conninfo, dir, opts)
@@ -268,7 +271,12 @@ function schema.restore(section, target_conninfo, dump, opts)
   if not conninfo then return nil, password end
   local argv = { dump.tools.pg_restore, "--section=" .. section, "--use-list=" .. dump.list,
     "--exit-on-error" }
-  if opts.jobs and opts.jobs > 1 then argv[#argv + 1] = "--jobs=" .. math.tointeger(opts.jobs) end
+  if section == "pre-data" then
+    -- all or nothing: a run killed here restores again from a clean target
+    argv[#argv + 1] = "--single-transaction"
+  elseif opts.jobs and opts.jobs > 1 then
+    argv[#argv + 1] = "--jobs=" .. math.tointeger(opts.jobs)
+  end
   if opts.no_owner then argv[#argv + 1] = "--no-owner" end
   argv[#argv + 1] = "--dbname=" .. conninfo
   argv[#argv + 1] = dump.file
@@ -464,6 +472,49 @@ function schema.target_has_tables(target_db, tables)
     end
   end
   return out
+end
+
+--[[ schema.restore_missing(target_conninfo, dump, source_db, target_db, tables, opts)
+       -> { restored = n, how = "pg_restore" | "statements" | "nothing missing" } | nil, err
+     Step 10 made safe to run again. When none of the source's indexes and
+     constraints exist on the target yet, the post-data section is restored
+     with pg_restore (in parallel, opts.jobs). When some do (a run killed in
+     the middle of that restore), pg_restore would stop at the first "already
+     exists", so only the missing ones are created, from the source's own
+     definitions, constraints before foreign keys. opts as schema.restore. ]]
+function schema.restore_missing(target_conninfo, dump, source_db, target_db, tables, opts)
+  local catalog = require "migrun.catalog"
+  opts = opts or {}
+  local src, err = catalog.constraints_and_indexes(source_db, tables)
+  if not src then return nil, err end
+  local tgt
+  tgt, err = catalog.constraints_and_indexes(target_db, tables)
+  if not tgt then return nil, err end
+  local missing = catalog.missing_on_target(src, tgt)
+  if #missing == 0 and not opts.dry_run then return { restored = 0, how = "nothing missing" } end
+  if #tgt == 0 or opts.dry_run then
+    local r
+    r, err = schema.restore("post-data", target_conninfo, dump, opts)
+    if not r then return nil, err end
+    return { restored = #missing, how = "pg_restore" }
+  end
+  table.sort(missing, function(a, b)
+    local fa = a.definition:match("^FOREIGN KEY") and 1 or 0
+    local fb = b.definition:match("^FOREIGN KEY") and 1 or 0
+    if fa ~= fb then return fa < fb end
+    return a.table .. a.name < b.table .. b.name
+  end)
+  for _, m in ipairs(missing) do
+    local sql = m.definition
+    if m.kind == "constraint" then
+      local sch, name = m.table:match("^(.-)%.(.*)$")
+      sql = ("ALTER TABLE %s ADD CONSTRAINT %s %s"):format(pg.qualify(sch, name), pg.quote_ident(m.name), m.definition)
+    end
+    if opts.echo then opts.echo(sql) end
+    local ok, werr = target_db:write(sql)
+    if not ok then return nil, werr end
+  end
+  return { restored = #missing, how = "statements" }
 end
 
 return schema
