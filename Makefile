@@ -32,7 +32,7 @@ test-asan: build-asan
 	ASAN_OPTIONS=detect_leaks=1 ctest --test-dir $(ASAN_BUILD) --output-on-failure
 
 demo: build
-	$(MIGRUN) playbooks/tour.lua
+	$(MIGRUN) tools/demo.lua
 
 install: build
 	cmake --install $(BUILD)
