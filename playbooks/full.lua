@@ -158,9 +158,9 @@ P:step{ "full_load", "Full load from the paused replica, in parallel",
         bar:update(done, ("%s, %d rows"):format(detail and detail.table or "", rows or 0))
       end,
       on_table = function(r)
-        ctx:say("loaded %s: %d rows, %s in %.1fs", r.table, r.rows, catalog.human_bytes(r.bytes), r.seconds)
         loaded[r.table] = r
-        ctx:record("loaded", loaded)
+        ctx:record("loaded", loaded)   -- journal first: a table said loaded is never loaded again
+        ctx:say("loaded %s: %d rows, %s in %.1fs", r.table, r.rows, catalog.human_bytes(r.bytes), r.seconds)
       end })
     bar:finish(("%d tables, %s"):format(#result.tables, catalog.human_bytes(result.bytes or 0)))
     ctx:report_table("Full load", { "table", "rows", "bytes", "started", "ended", "seconds", "stream" },

@@ -1,0 +1,146 @@
+-- Driving playbooks end to end: a rehearsal (lab + emulator + sample data +
+-- config, from migrun.demo), the playbook run as a separate migrun exactly as
+-- a team runs it, killed on cue, and the comparisons the tests assert on.
+local demo = require "migrun.demo"
+local proc = require "migrun.proc"
+local pg = require "migrun.pg"
+local qa = require "migrun.qa"
+local aws = require "migrun.aws"
+local cjson = require "cjson"
+
+local M = {}
+
+M.MIGRUN = os.getenv("MIGRUN_BIN") or "build/migrun"
+M.ROOT = os.getenv("MIGRUN_SOURCE_DIR") or "."
+M.SANITIZE = os.getenv("MIGRUN_SANITIZE") == "1"
+
+function M.tmpdir(tag)
+  local ok, _, _, out = proc.run{ "mktemp", "-d", "/tmp/migrun-" .. tag .. ".XXXXXX" }
+  assert(ok, "mktemp failed")
+  return (out:gsub("%s+$", ""))
+end
+
+--[[ M.run(R, playbook, args, opts) -> { ok, how, code, output, killed }
+     opts.kill_when: a Lua pattern; the run is SIGKILLed on the first output
+     line matching it. opts.env: added to R.env. ]]
+function M.run(R, playbook, args, opts)
+  opts = opts or {}
+  local argv = { M.MIGRUN, M.ROOT .. "/playbooks/" .. playbook, "--config", R.config_path }
+  for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
+  local env = {}
+  for k, v in pairs(R.env) do env[k] = v end
+  for k, v in pairs(opts.env or {}) do env[k] = v end
+  argv.env, argv.stdin, argv.stderr = env, false, "stdout"
+  local lines, killed = {}, false
+  local h
+  argv.stdout = function(line)
+    lines[#lines + 1] = line
+    if os.getenv("MIGRUN_E2E_VERBOSE") then io.stderr:write(line, "\n") end
+    if opts.kill_when and not killed and line:match(opts.kill_when) then
+      killed = true
+      h:kill("KILL")
+    end
+  end
+  h = assert(proc.spawn(argv))
+  local ok, how, code = h:wait(opts.timeout or 900)
+  if how == "timeout" then h:kill("KILL") h:wait() end
+  h:close()
+  return { ok = ok, how = how, code = code, output = table.concat(lines, "\n"), killed = killed }
+end
+
+function M.journal(R)
+  local f = io.open(R.config.state_dir .. "/journal.json")
+  if not f then return nil end
+  local doc = cjson.decode(f:read("a"))
+  f:close()
+  return doc
+end
+
+function M.step_status(R, step, playbook)
+  local j = M.journal(R)
+  local s = j and j.playbooks[playbook or "full"] and j.playbooks[playbook or "full"].steps[step]
+  return s and s.status, s
+end
+
+function M.connect(cluster, name)
+  return assert(pg.connect(cluster.conninfo, { name = name }))
+end
+
+-- What migrun leaves on the servers: slots, sets, nodes on the source; tables on the target.
+function M.world(R)
+  local src = M.connect(R.lab.source, "source")
+  local tgt = M.connect(R.lab.target, "target")
+  local rep = M.connect(R.lab.replica, "replica")
+  local function list(c, sql)
+    local out = {}
+    for row in assert(c:exec(sql)):rows() do out[#out + 1] = row.x end
+    return table.concat(out, ",")
+  end
+  local w = {
+    slots = list(src, "select slot_name as x from pg_replication_slots order by 1"),
+    sets = list(src, "select set_name as x from pglogical.replication_set order by 1"),
+    nodes = list(src, "select node_name as x from pglogical.node order by 1"),
+    target_tables = list(tgt, "select relname as x from pg_class where relkind = 'r' and relnamespace = 'public'::regnamespace order by 1"),
+    replica_paused = assert(rep:exec("select pg_get_wal_replay_pause_state() as s"))[1].s,
+  }
+  src:close() tgt:close() rep:close()
+  return w
+end
+
+-- Waits until every slot of the source has confirmed what the source had
+-- written when called (the tasks have applied everything).
+function M.wait_applied(R, timeout)
+  local src = M.connect(R.lab.source, "source")
+  local upto = assert(src:exec("select pg_current_wal_lsn() as l"))[1].l
+  local deadline = aws.monotonic() + (timeout or 120)
+  local behind
+  repeat
+    behind = assert(src:exec([[select count(*) as n from pg_replication_slots
+      where slot_type = 'logical' and (confirmed_flush_lsn is null or confirmed_flush_lsn < $1)]], upto))[1].n
+    if behind > 0 then aws.sleep(0.3) end
+  until behind == 0 or aws.monotonic() > deadline
+  src:close()
+  aws.sleep(0.5) -- the emulator confirms after its commit; give the last status write time
+  return behind == 0
+end
+
+--[[ Every sample table: source vs target by row count and order-independent
+     hash. Returns a list of { table, source, target } that differ, except
+     opts.count_only tables (compared by count). ]]
+function M.differences(R, opts)
+  opts = opts or {}
+  local src = M.connect(R.lab.source, "source")
+  local tgt = M.connect(R.lab.target, "target")
+  local diffs = {}
+  for _, t in ipairs(demo.sample_tables()) do
+    local schema, name = t[1]:match("^(.-)%.(.*)$")
+    local tbl = { schema = schema, name = name }
+    local a = assert(qa.row_hash(src, tbl))
+    local b = assert(qa.row_hash(tgt, tbl))
+    local same = a.rows == b.rows and (opts.count_only and opts.count_only[t[1]] or a.hash == b.hash)
+    if not same then diffs[#diffs + 1] = { table = t[1], source = a, target = b } end
+  end
+  src:close() tgt:close()
+  return diffs
+end
+
+function M.describe_diffs(diffs)
+  local out = {}
+  for _, d in ipairs(diffs) do
+    out[#out + 1] = ("%s: source %d rows %s, target %d rows %s"):format(d.table, d.source.rows,
+      d.source.hash, d.target.rows, d.target.hash)
+  end
+  return table.concat(out, "\n")
+end
+
+function M.rehearsal(tag, opts)
+  opts = opts or {}
+  local dir = M.tmpdir(tag)
+  local R = assert(demo.rehearsal{ dir = dir, scale = opts.scale or (M.SANITIZE and 0.05 or 0.2),
+    name = opts.name or tag, config = opts.config, dms = opts.dms or { delays = { task_create = 0.1,
+      task_start = 0.1, task_stop = 0.1, connection = 0.1, cdc_poll = 0.1, endpoint_delete = 0.1,
+      task_delete = 0.1, task_modify = 0.1 } } })
+  return R
+end
+
+return M

@@ -1,0 +1,96 @@
+-- playbooks/full.lua end to end on the lab and the DMS emulator, under a
+-- write workload: a dry run that changes nothing, then a real run killed with
+-- SIGKILL during the full load and again during the DMS phase, which still
+-- ends with the target equal to the source and nothing created twice.
+local H = require "helpers.rehearsal"
+local cjson = require "cjson"
+
+describe("playbooks/full.lua", function()
+  local R
+
+  setup(function() R = H.rehearsal("e2e-full") end)
+  teardown(function() if R then R:close() end end)
+
+  it("--dry-run reads everything, prints every write, and changes nothing anywhere", function()
+    local before = H.world(R)
+    local r = H.run(R, "full.lua", { "--dry-run" })
+    assert.is_true(r.ok, r.output)
+    local after = H.world(R)
+    assert.same(before, after)
+    assert.equal("not paused", after.replica_paused)
+    -- the writes were shown: SQL on the source and the replica, the commands, the DMS calls
+    for _, expected in ipairs{ "pglogical.create_node", "pg_create_logical_replication_slot",
+        "pglogical.create_replication_set", "pg_wal_replay_pause", "--section=pre-data",
+        "--section=post-data", "COPY ", "CreateEndpoint", "CreateReplicationTask", "StartReplicationTask" } do
+      assert.truthy(r.output:find(expected, 1, true), "dry run did not show " .. expected .. "\n" .. r.output)
+    end
+    assert.is_nil(io.open(R.config.state_dir .. "/journal.json"), "a dry run wrote the journal")
+    assert.falsy(r.output:find(R.lab.password, 1, true), "the password was printed")
+    assert.falsy(r.output:find(R.lab.dms.secret_key, 1, true), "the AWS secret was printed")
+  end)
+
+  it("migrates under writes, survives SIGKILL in the full load and in the DMS phase, ends equal", function()
+    R:start_workload{ rate = 30 }
+
+    -- 1. killed as soon as the first table of the full load has committed
+    local r1 = H.run(R, "full.lua", { "--yes" }, { kill_when = "loaded public%." })
+    assert.is_true(r1.killed, r1.output)
+    local status, rec = H.step_status(R, "full_load")
+    assert.equal("running", status, "the kill came too late to test a resumed full load:\n" .. r1.output)
+    local loaded_before = 0
+    for _ in pairs(rec.facts.loaded or {}) do loaded_before = loaded_before + 1 end
+    assert.is_true(loaded_before >= 1)
+
+    -- 2. resumed; killed once the first DMS task has started
+    local r2 = H.run(R, "full.lua", { "--yes" }, { kill_when = "started .*%-cdc" })
+    assert.is_true(r2.killed, r2.output)
+    assert.truthy(r2.output:find("skipped", 1, true), r2.output)
+    assert.equal("done", (H.step_status(R, "full_load")))
+    assert.equal("running", (H.step_status(R, "dms_start")))
+
+    -- 3. resumed to the end
+    local r3 = H.run(R, "full.lua", { "--yes" })
+    assert.is_true(r3.ok, r3.output)
+    assert.truthy(r3.output:find("READY FOR CUTOVER", 1, true), r3.output)
+
+    -- after the writes stop and the tasks have applied them, every table is equal,
+    -- except what pglogical cannot carry: page_views (no primary key) had updates
+    local workload = R:stop_workload()
+    assert.matches("workload: %d+ transactions", workload)
+    assert.is_true(H.wait_applied(R, 120), "the tasks did not apply the last changes")
+    local diffs = H.differences(R, { count_only = { ["public.page_views"] = true } })
+    assert.equal(0, #diffs, H.describe_diffs(diffs))
+
+    -- nothing twice: one slot and two sets per group, one node, one task per
+    -- group, one endpoint per group plus the target
+    local plan = H.journal(R).playbooks.full.steps.groups.facts.groups
+    local w = H.world(R)
+    local slots, sets = {}, {}
+    for _, g in ipairs(plan) do
+      slots[#slots + 1] = g.slot
+      sets[#sets + 1] = g.slot
+      sets[#sets + 1] = "i" .. g.slot
+    end
+    table.sort(slots) table.sort(sets)
+    assert.equal(table.concat(slots, ","), w.slots)
+    assert.equal(table.concat(sets, ",") .. ",ddl_sql,default,default_insert_only",
+      w.sets:gsub("ddl_sql,default,default_insert_only,?", "") .. ",ddl_sql,default,default_insert_only")
+    assert.equal(1, select(2, w.nodes:gsub("[^,]+", "")))
+    assert.equal("not paused", w.replica_paused)
+    local client = assert(R.lab:dms_client())
+    assert.equal(#plan, #assert(client:describe_replication_tasks()))
+    assert.equal(#plan + 1, #assert(client:describe_endpoints()))
+
+    -- the report and the journal tell the story, with no secret in them
+    local report = assert(io.open(R.config.state_dir .. "/report.md")):read("a")
+    for _, section in ipairs{ "Full load", "Quick QA", "DMS tasks", "Final QA" } do
+      assert.truthy(report:find(section, 1, true), "report lacks " .. section)
+    end
+    local journal_text = assert(io.open(R.config.state_dir .. "/journal.json")):read("a")
+    assert.truthy(cjson.decode(journal_text).playbooks.full.steps.pause_replica.facts.lsn)
+    for _, secret in ipairs{ R.lab.password, R.lab.dms.secret_key } do
+      assert.falsy(report:find(secret, 1, true))
+      assert.falsy(journal_text:find(secret, 1, true))
+    end
+  end)
+end)
