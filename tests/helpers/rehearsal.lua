@@ -66,6 +66,10 @@ function M.connect(cluster, name)
   return assert(pg.connect(cluster.conninfo, { name = name }))
 end
 
+local function reader(cluster, name)
+  return require("migrun.db").wrap(M.connect(cluster, name))
+end
+
 -- What migrun leaves on the servers: slots, sets, nodes on the source; tables on the target.
 function M.world(R)
   local src = M.connect(R.lab.source, "source")
@@ -109,8 +113,8 @@ end
      opts.count_only tables (compared by count). ]]
 function M.differences(R, opts)
   opts = opts or {}
-  local src = M.connect(R.lab.source, "source")
-  local tgt = M.connect(R.lab.target, "target")
+  local src = reader(R.lab.source, "source")
+  local tgt = reader(R.lab.target, "target")
   local diffs = {}
   for _, t in ipairs(demo.sample_tables()) do
     local schema, name = t[1]:match("^(.-)%.(.*)$")
