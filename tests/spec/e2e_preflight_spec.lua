@@ -1,0 +1,105 @@
+-- playbooks/full.lua refusing to start: each preflight failure (and a wrong
+-- config key) stops the run before any write, with a message saying what is
+-- wrong and what to do.
+local H = require "helpers.rehearsal"
+local demo = require "migrun.demo"
+local host = require "migrun.host"
+local proc = require "migrun.proc"
+local lab = require "migrun.lab"
+
+describe("playbooks/full.lua preflight", function()
+  local R, pristine
+
+  setup(function()
+    R = H.rehearsal("e2e-preflight")
+    pristine = H.world(R)
+  end)
+  teardown(function() if R then R:close() end end)
+
+  -- A variant of the rehearsal's config, written beside it.
+  local function with_config(change, name)
+    local cfg = {}
+    for k, v in pairs(R.config) do cfg[k] = v end
+    change(cfg)
+    local path = R.dir .. "/" .. name .. ".lua"
+    assert(host.write_file(path, "return " .. demo.literal(cfg) .. "\n"))
+    return setmetatable({ config_path = path, config = cfg }, { __index = R })
+  end
+
+  local function refused(variant, pattern, code)
+    local r = H.run(variant, "full.lua", { "--yes" })
+    assert.is_nil(r.ok, r.output)
+    assert.equal(code or 1, r.code, r.output)
+    assert.truthy(r.output:find(pattern), "expected /" .. pattern .. "/ in:\n" .. r.output)
+    assert.same(pristine, H.world(R))
+    return r
+  end
+
+  it("refuses the primary given as the maintenance replica", function()
+    local v = with_config(function(c) c.replica = c.source c.state_dir = R.dir .. "/s1" end, "replica-is-primary")
+    refused(v, "not in recovery")
+  end)
+
+  it("refuses the replica given as the source primary", function()
+    local v = with_config(function(c) c.source = c.replica c.state_dir = R.dir .. "/s2" end, "source-is-replica")
+    refused(v, "in recovery")
+  end)
+
+  it("refuses a source without pglogical", function()
+    local plain = assert(lab.start{ pglogical = false })
+    local ok, err = pcall(function()
+      local v = with_config(function(c)
+        c.source = { conninfo = plain.source.migrun_conninfo .. " passfile=" .. plain.passfile }
+        c.replica = { conninfo = plain.replica.migrun_conninfo .. " passfile=" .. plain.passfile }
+        c.state_dir = R.dir .. "/s3"
+      end, "no-pglogical")
+      local r = H.run(v, "full.lua", { "--yes" })
+      assert.is_nil(r.ok, r.output)
+      assert.truthy(r.output:find("pglogical"), r.output)
+      assert.truthy(r.output:find("shared_preload_libraries", 1, true), r.output)
+      local slots = assert(plain.source:psql("select count(*) from pg_replication_slots"))
+      assert.matches("^%s*0%s*$", slots)
+    end)
+    plain:stop()
+    assert(ok, err)
+  end)
+
+  it("refuses a foreign active slot unless it is allowed", function()
+    local psql = function(sql) return assert(R.lab.source:psql(sql)) end
+    psql("select pg_create_logical_replication_slot('other_tool', 'test_decoding')")
+    local holder = assert(proc.spawn{ R.lab.bin .. "/pg_recvlogical", "--start", "--slot=other_tool",
+      "--dbname=" .. R.lab.source.conninfo, "--file=/dev/null", stdin = false, stderr = "null",
+      die_with_parent = true })
+    local ok, err = pcall(function()
+      local v = with_config(function(c) c.state_dir = R.dir .. "/s4" end, "foreign-slot")
+      local before = H.world(R)
+      local r = H.run(v, "full.lua", { "--yes" })
+      assert.is_nil(r.ok, r.output)
+      assert.truthy(r.output:find("other_tool", 1, true), r.output)
+      assert.truthy(r.output:find("allow_slots", 1, true), r.output)
+      assert.same(before, H.world(R))
+      -- allowed: preflight passes (only --only preflight, to leave the servers as they are)
+      local allowed = with_config(function(c)
+        c.state_dir = R.dir .. "/s5"
+        c.preflight = { allow_slots = { "other_tool" } }
+      end, "foreign-slot-allowed")
+      local r2 = H.run(allowed, "full.lua", { "--only", "preflight" })
+      assert.is_true(r2.ok, r2.output)
+    end)
+    holder:kill("TERM")
+    holder:wait()
+    for _ = 1, 50 do
+      local active = psql("select active from pg_replication_slots where slot_name = 'other_tool'")
+      if active:match("f") then break end
+      require("migrun.aws").sleep(0.1)
+    end
+    psql("select pg_drop_replication_slot('other_tool')")
+    assert(ok, err)
+  end)
+
+  it("refuses a wrong config key before connecting anywhere", function()
+    local v = with_config(function(c) c.grups = { largest_alone = 2 } c.state_dir = R.dir .. "/s6" end, "bad-key")
+    local r = refused(v, "grups", 2)
+    assert.truthy(r.output:find("groups", 1, true), r.output)
+  end)
+end)
