@@ -18,7 +18,7 @@ told apart so that --dry-run can run every read and show every write.
       dry_run = true) is returned.
   Db:copy_to(from_db, from_sql, to_sql, opts) -> {bytes, rows} | db.DRY | nil, err
       pg.copy from another Db's connection into this one (a write here).
-  Db.conn, Db.dry_run, Db:name(), tostring(Db), Db:close()
+  Db.conn, Db.dry_run, Db:name(), Db:is_local(), tostring(Db), Db:close()
 ]]
 local pg = require "migrun.pg"
 
@@ -43,6 +43,13 @@ function db.wrap(conn, opts)
 end
 
 function Db:name() return self.conn:name() end
+
+-- Whether the server runs on this machine (loopback or a Unix socket), so
+-- that its data directory can be looked at directly (free disk, WAL size).
+function Db:is_local()
+  local h = self.conn:info().host
+  return h == nil or h == "" or h == "127.0.0.1" or h == "localhost" or h == "::1" or h:sub(1, 1) == "/"
+end
 function Db:__tostring() return "db " .. tostring(self.conn) end
 function Db:close() return self.conn:close() end
 

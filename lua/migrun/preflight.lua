@@ -108,14 +108,10 @@ local function list_has(csv, item)
   return false
 end
 
-local function is_local(db)
-  local h = db.conn:info().host
-  return h == nil or h == "" or h == "127.0.0.1" or h == "localhost" or h == "::1" or h:sub(1, 1) == "/"
-end
 
 -- Free bytes under the server's data directory, when the server runs here.
 local function local_free(db)
-  if not is_local(db) then return nil, "the server is not on this machine" end
+  if not db:is_local() then return nil, "the server is not on this machine" end
   local res, err = db:query("select setting from pg_settings where name = 'data_directory'")
   if not res then return nil, tostring(err) end
   if not res[1] then return nil, "data_directory is not visible to this role" end

@@ -41,16 +41,12 @@ function walguard.sql(version)
     .. " from pg_ls_dir('pg_xlog') as f" }
 end
 
-local function is_local(db)
-  local h = db.conn:info().host
-  return h == nil or h == "" or h == "127.0.0.1" or h == "localhost" or h == "::1" or h:sub(1, 1) == "/"
-end
 
 local function replica_disk(db)
   local wal, free
   local res = db:query(walguard.sql(db.conn:server_version()).wal_dir_bytes)
   if res and res[1] then wal = res[1].bytes end
-  if is_local(db) then
+  if db:is_local() then
     res = db:query("select setting from pg_settings where name = 'data_directory'")
     if res and res[1] then
       local st = host.statvfs(res[1].setting)
