@@ -30,6 +30,15 @@ local function plan(ctx) return full(ctx).groups.groups end
 local function tasks(ctx) return full(ctx).dms_setup.tasks end
 local function tables(ctx) return full(ctx).know_data.tables end
 local function say(ctx) return function(line) ctx:say("%s", line) end end
+local function checklist(ctx)
+  local list = {}
+  for _, g in ipairs(plan(ctx)) do
+    list[#list + 1] = { slot = g.slot, task = cdc.task_id(ctx.config.name, g), arn = tasks(ctx)[g.slot] }
+  end
+  return cutover.checklist{ database = (ctx.facts.stop_writes or {}).database,
+    stop_writes = ctx.config.cutover.stop_writes, tasks = list,
+    region = ctx.config.dms.region, endpoint_url = ctx.config.dms.endpoint_url }
+end
 
 P:step{ "ready", "Every task of this migration runs and has caught up (full.lua is done)",
   run = function(ctx)
@@ -118,6 +127,7 @@ P:step{ "final_qa", "Final full QA: row counts and row hashes of every table, pr
     ctx:report_table("Final full QA (primary vs target)", qa.report_columns(), qa.report_rows(r))
     if r.differences > 0 then
       ctx:say("%s", qa.format(r))
+      ctx:say("%s", cutover.format_rollback(checklist(ctx)))
       return nil, ("refusing to cut over: %d difference(s) between the primary and the target; "
         .. "the tasks still run, nothing else was done"):format(r.differences)
     end
@@ -133,13 +143,7 @@ P:step{ "stop_tasks", "Stop the DMS tasks",
 
 P:step{ "checklist", "The cutover checklist and the commands to roll back",
   run = function(ctx)
-    local list = {}
-    for _, g in ipairs(plan(ctx)) do
-      list[#list + 1] = { slot = g.slot, task = cdc.task_id(ctx.config.name, g), arn = tasks(ctx)[g.slot] }
-    end
-    local cl = cutover.checklist{ database = (ctx.facts.stop_writes or {}).database,
-      stop_writes = ctx.config.cutover.stop_writes, tasks = list,
-      region = ctx.config.dms.region, endpoint_url = ctx.config.dms.endpoint_url }
+    local cl = checklist(ctx)
     ctx:say("%s", cutover.format_checklist(cl))
     local steps = {}
     for i, s in ipairs(cl.steps) do steps[i] = { tostring(i), s } end

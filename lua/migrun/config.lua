@@ -212,7 +212,7 @@ config.SCHEMA = record({
     { "existing_sessions", str{ default = "wait", expected = '"wait" or "terminate"',
       check = function(v) if v ~= "wait" and v ~= "terminate" then return '"wait" or "terminate"' end end,
       doc = 'read_only: sessions opened before (which keep writing) are waited for, or terminated ' ..
-            '(pg_terminate_backend; never migrun\'s or DMS\'s role, never replication connections)' } },
+            '(pg_terminate_backend; never those of the role migrun and DMS connect as, never replication connections)' } },
     { "sessions_timeout", seconds(300, "give up waiting for those sessions to end after this many seconds") },
     { "apply_timeout", seconds(1800, "give up waiting for the tasks to apply the final LSN after this many seconds") },
     { "sequence_margin", count(1000, "target sequences are set this many increments past the source's last value") },

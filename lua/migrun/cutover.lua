@@ -17,9 +17,9 @@ and changes nothing.
 
 cutover.sessions(source) -> { {pid, user, application, state, backend_start} } | nil, err
     Client sessions of the source's database that are not migrun's: not this
-    session, not the role migrun connects as (the DMS endpoints use it too),
-    not an application named migrun*. Replication connections (walsenders)
-    are never listed.
+    session, not the role migrun connects as (the DMS endpoints are made
+    with the same conninfo, so DMS's sessions are kept too). Replication
+    connections (walsenders) are never listed.
 cutover.is_read_only(source) -> true | false | nil, err
     Whether the database has default_transaction_read_only = on (ALTER DATABASE).
 cutover.stop_writes(source, opts) -> { mode, database, terminated = {pids}, waited = s } | nil, err
@@ -60,7 +60,7 @@ cutover.checklist(info) -> { steps = { text }, rollback = { {what, command} } }
     info: database, stop_writes (the config value), tasks = { {slot, task
     (identifier), arn} }, region and endpoint_url (or nil). The steps of the switch and the
     exact commands that undo the cutover on the source side.
-cutover.format_checklist(cl) -> text
+cutover.format_checklist(cl) -> text; cutover.format_rollback(cl) -> its "To roll back:" part
 ]]
 local pg = require "migrun.pg"
 local lsn = require "migrun.lsn"
@@ -88,7 +88,6 @@ function cutover.sessions(source)
        and backend_type = 'client backend'
        and pid <> pg_backend_pid()
        and usename is distinct from current_user
-       and coalesce(application_name, '') not like 'migrun%'
      order by pid]])
   if not res then return nil, err end
   local out = {}
@@ -405,7 +404,9 @@ function cutover.checklist(info)
   local rollback = {}
   if mode == "read_only" then
     rollback[#rollback + 1] = { "re-enable writes on the source (psql on the primary)",
-      ("ALTER DATABASE %s RESET default_transaction_read_only;"):format(pg.quote_ident(db)) }
+      -- a new session starts read-only itself: one read-write transaction
+      ("BEGIN READ WRITE; ALTER DATABASE %s RESET default_transaction_read_only; COMMIT;")
+        :format(pg.quote_ident(db)) }
   elseif type(mode) == "table" then
     rollback[#rollback + 1] = { "re-enable writes on the source", "undo the team's stop-writes command: "
       .. require("migrun.proc").quote(mode) }
@@ -421,11 +422,16 @@ function cutover.checklist(info)
   return { steps = steps, rollback = rollback }
 end
 
+function cutover.format_rollback(cl)
+  local lines = { "To roll back:" }
+  for _, r in ipairs(cl.rollback) do lines[#lines + 1] = ("  - %s: %s"):format(r[1], r[2]) end
+  return table.concat(lines, "\n")
+end
+
 function cutover.format_checklist(cl)
   local lines = { "Cutover checklist:" }
   for i, s in ipairs(cl.steps) do lines[#lines + 1] = ("  %d. %s"):format(i, s) end
-  lines[#lines + 1] = "To roll back:"
-  for _, r in ipairs(cl.rollback) do lines[#lines + 1] = ("  - %s: %s"):format(r[1], r[2]) end
+  lines[#lines + 1] = cutover.format_rollback(cl)
   return table.concat(lines, "\n")
 end
 
