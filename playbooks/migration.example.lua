@@ -117,4 +117,30 @@ return {
     -- give up after timeout seconds; poll every poll seconds.
     catch_up = { lag_bytes = 1024 * 1024, timeout = 6 * 3600, poll = 5 },
   },
+
+  -- The cutover (playbooks/cutover.lua), once full.lua says READY FOR CUTOVER.
+  cutover = {
+    -- How writes stop on the source before its final LSN is taken:
+    --   "none"       the team has stopped the application itself (the default);
+    --   "read_only"  ALTER DATABASE ... SET default_transaction_read_only = on
+    --                (new sessions cannot write; asked before, shown in --dry-run);
+    --   { "systemctl", "stop", "app-workers" }   a command of the team's, as argv.
+    stop_writes = "read_only",
+    -- read_only only applies to new sessions. Those opened before are waited
+    -- for ("wait") or ended with pg_terminate_backend ("terminate"); sessions
+    -- of the role migrun (and DMS) connect as are never touched.
+    existing_sessions = "wait",
+    sessions_timeout = 300,
+    -- Give up waiting for the tasks to confirm the final LSN after this long.
+    apply_timeout = 1800,
+    -- Target sequences are set this many increments past the source's last
+    -- value (DMS never migrates sequences).
+    sequence_margin = 1000,
+    -- Tables the final QA compares by row count only instead of row hashes:
+    -- tables without a primary key, whose updates DMS cannot carry, when the
+    -- team has accepted that.
+    count_only = {},
+    -- Give up waiting for the tasks to stop after this long.
+    stop_timeout = 600,
+  },
 }

@@ -46,6 +46,7 @@ local function int(spec) return node("integer", spec) end
 local function num(spec) return node("number", spec) end
 local function bool(spec) return node("boolean", spec) end
 local function free(spec) return node("free", spec) end       -- any table, passed on as is
+local function any(spec) return node("any", spec) end         -- any value; spec.check says what fits
 local function list(of, spec) spec.of = of return node("list", spec) end
 local function map(key, value, spec) spec.key, spec.value = key, value return node("map", spec) end
 -- fields: ordered { {name, node}, ... } so describe() follows the file's order
@@ -192,6 +193,34 @@ config.SCHEMA = record({
       { "poll", seconds(5, "seconds between polls", 0.1) },
     }, { doc = "watching the catch-up" }) },
   }, { doc = "AWS DMS" }) },
+  { "cutover", record({
+    { "stop_writes", any{ default = "none",
+      expected = '"none", "read_only" or a command as an argv list { "prog", "arg", ... }',
+      check = function(v)
+        if v == "none" or v == "read_only" then return nil end
+        if type(v) == "table" and #v >= 1 then
+          for k, a in pairs(v) do
+            if math.type(k) ~= "integer" or type(a) ~= "string" then return "an argv list of strings" end
+          end
+          return nil
+        end
+        return '"none", "read_only" or a command as an argv list { "prog", "arg", ... }'
+      end,
+      doc = 'how writes stop on the source before the final LSN: "none" (the team stopped them), ' ..
+            '"read_only" (ALTER DATABASE ... SET default_transaction_read_only = on) or a command ' ..
+            '(argv list, run as is)' } },
+    { "existing_sessions", str{ default = "wait", expected = '"wait" or "terminate"',
+      check = function(v) if v ~= "wait" and v ~= "terminate" then return '"wait" or "terminate"' end end,
+      doc = 'read_only: sessions opened before (which keep writing) are waited for, or terminated ' ..
+            '(pg_terminate_backend; never those of the role migrun and DMS connect as, never replication connections)' } },
+    { "sessions_timeout", seconds(300, "give up waiting for those sessions to end after this many seconds") },
+    { "apply_timeout", seconds(1800, "give up waiting for the tasks to apply the final LSN after this many seconds") },
+    { "sequence_margin", count(1000, "target sequences are set this many increments past the source's last value") },
+    { "count_only", list(table_name, { default = {},
+      doc = "tables the final QA compares by row count only (tables without a primary key, whose " ..
+            "updates and deletes DMS cannot carry, when the team accepts that)" }) },
+    { "stop_timeout", seconds(600, "give up waiting for the tasks to stop after this many seconds") },
+  }, { doc = "cutover (playbooks/cutover.lua)" }) },
 })
 
 ---------------------------------------------------------------------------
@@ -285,6 +314,7 @@ local function check_value(n, v, path)
   elseif kind == "integer" then ok = math.type(v) == "integer" or (math.type(v) == "float" and v == math.floor(v))
   elseif kind == "number" then ok = type(v) == "number"
   elseif kind == "boolean" then ok = type(v) == "boolean"
+  elseif kind == "any" then ok = true
   else ok = type(v) == "table" end
   if not ok or (type(v) == "number" and v ~= v) then
     fail(path, ("expected %s, found %s"):format(expected_of(n), show(v, n.secret)))

@@ -94,7 +94,8 @@ end
 tables until opts.seconds pass or opts.stop_file exists; opts.rate is the
 number of transactions per second (default 20), opts.seed makes it
 repeatable, opts.no_pk_changes = false skips updates/deletes of page_views.
-Returns the counts of what it did. ]]
+Returns the counts of what it did; done.refused (the error) when it stopped
+because the source refused its writes (read-only, or its session terminated). ]]
 function demo.workload(conn, opts)
   opts = opts or {}
   local aws = require "migrun.aws"
@@ -110,13 +111,22 @@ function demo.workload(conn, opts)
     end
     return false
   end
-  local function run(sql, ...)
-    local res = assert(conn:exec(sql, ...))
-    return res.affected or 0
+  -- A cutover makes the source read-only (25006) or terminates this session
+  -- (57P01, or the connection is gone): the workload stops cleanly then.
+  local function refused(err)
+    return err.sqlstate == "25006" or err.sqlstate == "57P01" or err.kind == "connection"
   end
-  while not stop_requested() do
+  local function exec(sql, ...)
+    local res, err = conn:exec(sql, ...)
+    if not res then error(refused(err) and { refused = err } or err, 0) end
+    return res
+  end
+  local function run(sql, ...)
+    return exec(sql, ...).affected or 0
+  end
+  local function one_transaction()
     local r = math.random(100)
-    assert(conn:exec("begin"))
+    exec("begin")
     if r <= 40 then
       done.inserts = done.inserts + run([[insert into events (account_id, kind, payload)
         values ($1, 'click', jsonb_build_object('live', true, 'n', $2::int))]], math.random(5000), math.random(1000))
@@ -158,7 +168,17 @@ function demo.workload(conn, opts)
       done.updates = done.updates + run(("update %s set label = 'changed' where id = $1"):format(t),
         math.random(50))
     end
-    assert(conn:exec("commit"))
+    exec("commit")
+  end
+  while not stop_requested() do
+    local ok, err = pcall(one_transaction)
+    if not ok then
+      if type(err) == "table" and err.refused then
+        done.refused = tostring(err.refused)
+        break
+      end
+      error(err, 0)
+    end
     done.transactions = done.transactions + 1
     aws.sleep(1 / rate)
   end
@@ -177,8 +197,9 @@ function demo.workload_main()
     stop_file = os.getenv("MIGRUN_WORKLOAD_STOP_FILE"),
     no_pk_changes = os.getenv("MIGRUN_WORKLOAD_NO_PK_CHANGES") ~= "0",
   })
-  io.stdout:write(("workload: %d transactions, %d inserts, %d updates, %d deletes\n")
-    :format(done.transactions, done.inserts, done.updates, done.deletes))
+  io.stdout:write(("workload: %d transactions, %d inserts, %d updates, %d deletes%s\n")
+    :format(done.transactions, done.inserts, done.updates, done.deletes,
+      done.refused and ("; stopped, writes refused: " .. done.refused) or ""))
   conn:close()
 end
 

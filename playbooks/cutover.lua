@@ -1,0 +1,155 @@
+--[[
+playbooks/cutover.lua: the end of the road, after playbooks/full.lua has said
+READY FOR CUTOVER. What DMS leaves undone, as steps:
+
+    migrun playbooks/cutover.lua --config migration.lua [--dry-run] [--yes]
+                                 [--from STEP | --only STEP] [--list]
+
+Check every task runs and has caught up; stop writes on the source (as
+cutover.stop_writes says: the team's command, or the database made read-only
+with the sessions opened before waited for or terminated); wait until every
+slot has confirmed the primary's final LSN; set the target's sequences ahead
+of the source's (DMS never migrates sequences); a final full QA, counts and
+row hashes of every table; stop the tasks; the checklist and the commands to
+roll back. Any difference stops it before the tasks are stopped.
+
+Copy this file to adapt the procedure; the work is in migrun.cutover, migrun.cdc
+and migrun.qa, the machinery in migrun.playbook.
+]]
+local playbook = require "migrun.playbook"
+local cutover = require "migrun.cutover"
+local cdc = require "migrun.cdc"
+local qa = require "migrun.qa"
+local proc = require "migrun.proc"
+
+local P = playbook.new{ name = "cutover", title = "Cutover: stop writes, last changes, sequences, final QA, stop the tasks" }
+
+-- What playbooks/full.lua found out and created.
+local function full(ctx) return ctx:facts_of("full") end
+local function plan(ctx) return full(ctx).groups.groups end
+local function tasks(ctx) return full(ctx).dms_setup.tasks end
+local function tables(ctx) return full(ctx).know_data.tables end
+local function say(ctx) return function(line) ctx:say("%s", line) end end
+local function checklist(ctx)
+  local list = {}
+  for _, g in ipairs(plan(ctx)) do
+    list[#list + 1] = { slot = g.slot, task = cdc.task_id(ctx.config.name, g), arn = tasks(ctx)[g.slot] }
+  end
+  return cutover.checklist{ database = (ctx.facts.stop_writes or {}).database,
+    stop_writes = ctx.config.cutover.stop_writes, tasks = list,
+    region = ctx.config.dms.region, endpoint_url = ctx.config.dms.endpoint_url }
+end
+
+P:step{ "ready", "Every task of this migration runs and has caught up (full.lua is done)",
+  run = function(ctx)
+    if not ctx:done("catch_up", "full") then
+      return nil, "playbooks/full.lua has not finished (its catch_up step is not done): run it to the end first"
+    end
+    local cfg = ctx.config
+    local st = assert(cdc.watch(ctx:dms(), plan(ctx), tasks(ctx), { name = cfg.name, source = ctx.source,
+      target = ctx.target, lag_bytes = cfg.dms.catch_up.lag_bytes, timeout = cfg.dms.catch_up.timeout,
+      poll = cfg.dms.catch_up.poll, sleep = function(t) ctx:sleep(t) end }))
+    ctx:report_table("DMS tasks before the cutover", cdc.status_table(st))
+    if st.exceptions > 0 then ctx:warn("%d row(s) in awsdms_apply_exceptions: the final QA will tell", st.exceptions) end
+    return { tasks = #st.rows, max_lag = st.max_lag }
+  end }
+
+P:step{ "stop_writes", "Stop writes on the source (cutover.stop_writes)",
+  destructive = function(ctx)
+    local c = ctx.config.cutover
+    if c.stop_writes == "none" then return nil end
+    if type(c.stop_writes) == "table" then return "run " .. proc.quote(c.stop_writes) end
+    return "make the source database read-only (ALTER DATABASE ... SET default_transaction_read_only = on)" ..
+      (c.existing_sessions == "terminate" and " and terminate the application's sessions opened before" or "")
+  end,
+  run = function(ctx)
+    local c = ctx.config.cutover
+    local s = assert(cutover.stop_writes(ctx.source, { stop_writes = c.stop_writes,
+      existing_sessions = c.existing_sessions, sessions_timeout = c.sessions_timeout,
+      sleep = function(t) ctx:sleep(t) end, say = say(ctx),
+      run_command = function(argv) return ctx:command(argv, { writes = true }) end }))
+    if s.mode == "none" then ctx:warn("cutover.stop_writes is \"none\": the application must have stopped writing") end
+    return { mode = s.mode, database = s.database, terminated = s.terminated }
+  end,
+  check = function(ctx, facts)
+    if facts.mode ~= "read_only" then return true end
+    local ro, err = cutover.is_read_only(ctx.source)
+    if ro == nil then return nil, err end
+    return ro or nil, "the source database is no longer read-only"
+  end }
+
+P:step{ "wait_applied", "Wait until every slot has confirmed the primary's final LSN",
+  run = function(ctx)
+    local slots = {}
+    for _, g in ipairs(plan(ctx)) do slots[#slots + 1] = g.slot end
+    if ctx.dry_run then
+      ctx:say("would wait until %s have confirmed %s", table.concat(slots, ", "),
+        tostring(assert(cutover.final_lsn(ctx.source))))
+      return {}
+    end
+    local bar = ctx:progress{ label = "slots at the final LSN", total = #slots, unit = "slots" }
+    local w = assert(cutover.wait_applied(ctx.source, slots, { timeout = ctx.config.cutover.apply_timeout,
+      sleep = function(t) ctx:sleep(t) end, on_progress = function(done) bar:update(done) end }))
+    bar:finish(("every slot has confirmed %s"):format(tostring(w.lsn)))
+    local rows = {}
+    for _, r in ipairs(w.slots) do rows[#rows + 1] = { r.slot, r.confirmed_flush_lsn } end
+    ctx:report_table(("Slots at the final LSN %s"):format(tostring(w.lsn)), { "slot", "confirmed flush" }, rows)
+    return { lsn = tostring(w.lsn) }
+  end }
+
+P:step{ "sequences", "Set every sequence on the target ahead of the source's last value",
+  run = function(ctx)
+    local cfg = ctx.config
+    local r = assert(cutover.sync_sequences(ctx.source, ctx.target, { schemas = cfg.schemas,
+      exclude_tables = cfg.exclude_tables, margin = cfg.cutover.sequence_margin }))
+    local rows = {}
+    for _, s in ipairs(r.rows) do
+      rows[#rows + 1] = { s.sequence, s.owned_by or "-", tostring(s.source or "never used"),
+        tostring(s.target_before or "never used"), tostring(s.set_to), s.action }
+    end
+    ctx:report_table("Sequences", { "sequence", "owned by", "source last", "target before", "target now", "" }, rows)
+    if #r.missing > 0 then
+      return nil, ("%d sequence(s) of the source are missing on the target: %s"):format(#r.missing,
+        table.concat(r.missing, ", "))
+    end
+    ctx:say("%d sequence(s) set %d ahead of the source", r.set, cfg.cutover.sequence_margin)
+    return { sequences = #r.rows, set = r.set }
+  end }
+
+P:step{ "final_qa", "Final full QA: row counts and row hashes of every table, primary vs target",
+  run = function(ctx)
+    if ctx.dry_run then
+      ctx:say("would compare every table of the primary and the target (counts and row hashes)")
+      return {}
+    end
+    local r = assert(qa.compare(ctx.source, ctx.target, tables(ctx), ctx.config.qa, { mode = "full" }))
+    cutover.count_only(r, ctx.config.cutover.count_only)
+    ctx:report_table("Final full QA (primary vs target)", qa.report_columns(), qa.report_rows(r))
+    if r.differences > 0 then
+      ctx:say("%s", qa.format(r))
+      ctx:say("%s", cutover.format_rollback(checklist(ctx)))
+      return nil, ("refusing to cut over: %d difference(s) between the primary and the target; "
+        .. "the tasks still run, nothing else was done"):format(r.differences)
+    end
+    return { checks = #r.checks }
+  end }
+
+P:step{ "stop_tasks", "Stop the DMS tasks",
+  run = function(ctx)
+    local s = assert(cutover.stop_tasks(ctx:dms(), plan(ctx), tasks(ctx), { name = ctx.config.name,
+      timeout = ctx.config.cutover.stop_timeout, say = say(ctx) }))
+    return { stopped = s.stopped, already = s.already }
+  end }
+
+P:step{ "checklist", "The cutover checklist and the commands to roll back",
+  run = function(ctx)
+    local cl = checklist(ctx)
+    ctx:say("%s", cutover.format_checklist(cl))
+    local steps = {}
+    for i, s in ipairs(cl.steps) do steps[i] = { tostring(i), s } end
+    ctx:report_table("Cutover checklist", { "#", "do" }, steps)
+    ctx:report_table("Roll back", { "what", "how" }, cl.rollback)
+    return { rollback = cl.rollback }
+  end }
+
+os.exit(P:main(arg))
