@@ -28,6 +28,7 @@ local function normalize(text, R)
   text = text:gsub("%d+%.?%d* [kMGT]?B%f[%W]", "SIZE")
   text = text:gsub("(version%s+)[^\n]+", "%1V"):gsub("%[(%a+) %d+%]", "[%1 N]")
   text = text:gsub("(running%s+)[%d-]+\n", "%1S\n") -- seconds behind: 0, or - before anything was applied
+  text = text:gsub("(dms_slot_%d+%s+pglogical%s+)%a+", "%1A") -- active while a task polls its slot
   text = text:gsub("(%s)%d+%f[%s]", "%1N")
   text = text:gsub("%-%-+", "--"):gsub("  +", "  "):gsub(" +\n", "\n")
   return text
