@@ -17,8 +17,8 @@ local function normalize(text, R)
   text = text:gsub("\r", "")
   text = cli.normalize(text)
   if R then
-    for path, name in pairs{ [R.config_path] = "$CONFIG", [R.dir] = "$DIR" } do
-      text = text:gsub(path:gsub("%p", "%%%0"), name)
+    for _, p in ipairs{ { R.config_path, "$CONFIG" }, { R.dir, "$DIR" } } do -- the longer first
+      text = text:gsub(p[1]:gsub("%p", "%%%0"), p[2])
     end
   end
   text = text:gsub("/tmp/migrun%-[%w%-]+%.%w+", "$TMP")
