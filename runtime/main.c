@@ -59,7 +59,7 @@ void migrun_check_interrupt(lua_State *L) {
 /* ---- messages and protected calls -------------------------------------- */
 
 static void print_usage(const char *badoption) {
-    if (badoption[1] == 'e' || badoption[1] == 'l')
+    if (badoption[1] == 'e' || badoption[1] == 'l' || strcmp(badoption, "--config") == 0)
         fprintf(stderr, "%s: '%s' needs argument\n", progname, badoption);
     else
         fprintf(stderr, "%s: unrecognized option '%s'\n", progname, badoption);
@@ -73,6 +73,7 @@ static void print_usage(const char *badoption) {
             "  -v        show version information (migrun, Lua, libpq, libcurl, OpenSSL)\n"
             "  -E        ignore environment variables (LUA_INIT, MIGRUN_LUA_PATH)\n"
             "  -W        turn warnings on\n"
+            "  --config FILE  open the slot-inspection console on FILE's migration (with -i)\n"
             "  --        stop handling options\n"
             "  -         stop handling options and execute stdin\n",
             progname);
@@ -176,6 +177,33 @@ static int dolibrary(lua_State *L, char *spec) {
     return report(L, status);
 }
 
+/* --config FILE: the slot-inspection console (lua/migrun/console.lua) as the
+ * global `console`, opened on FILE. The option wins over MIGRUN_CONFIG, which
+ * is removed so that requiring the module does not open that one first. */
+static int doconsole(lua_State *L, const char *path) {
+    unsetenv("MIGRUN_CONFIG");
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "migrun.console");
+    int status = migrun_docall(L, 1, 1); /* console | msg */
+    if (status != LUA_OK)
+        return report(L, status);
+    lua_pushvalue(L, -1);
+    lua_setglobal(L, "console");  /* console */
+    lua_getfield(L, -1, "main");  /* console main */
+    lua_remove(L, -2);            /* main */
+    lua_pushstring(L, path);      /* main path */
+    return report(L, migrun_docall(L, 1, 0));
+}
+
+/* "--config FILE" or "--config=FILE": the FILE, or NULL for another argument. */
+static const char *config_option(char **argv, int i) {
+    if (strcmp(argv[i], "--config") == 0)
+        return argv[i + 1];
+    if (strncmp(argv[i], "--config=", 9) == 0)
+        return argv[i] + 9;
+    return NULL;
+}
+
 static int pushargs(lua_State *L) {
     if (lua_getglobal(L, "arg") != LUA_TTABLE)
         luaL_error(L, "'arg' is not a table");
@@ -252,6 +280,14 @@ static int collectargs(char **argv, int *first) {
             return args;
         switch (argv[i][1]) {
         case '-':
+            if (strcmp(argv[i], "--config") == 0) { /* migrun's one long option */
+                i++;
+                if (argv[i] == NULL || argv[i][0] == '-')
+                    return has_error;
+                break;
+            }
+            if (strncmp(argv[i], "--config=", 9) == 0 && argv[i][9] != '\0')
+                break;
             if (argv[i][2] != '\0')
                 return has_error;
             *first = i + 1;
@@ -312,6 +348,16 @@ static int runargs(lua_State *L, char **argv, int n) {
         case 'W':
             lua_warning(L, "@on", 0);
             break;
+        case '-': {
+            const char *path = config_option(argv, i);
+            if (path == NULL)
+                break; /* "--" */
+            if (argv[i][8] == '\0')
+                i++; /* the FILE of "--config FILE" */
+            if (doconsole(L, path) != LUA_OK)
+                return 0;
+            break;
+        }
         }
     }
     return 1;
