@@ -243,8 +243,16 @@ P:step{ "catch_up", "Watch the tasks catch up; final QA against the primary", al
     ctx:report_table("DMS tasks", cdc.status_table(st))
     if st.exceptions > 0 then ctx:warn("%d row(s) in awsdms_apply_exceptions: look at them before cutover", st.exceptions) end
     if ctx.dry_run then return {} end
-    local r = assert(qa.settled(ctx.source, ctx.target, tables(ctx), cfg.qa,
-      { wait = function() assert(cdc.watch(ctx:dms(), plan(ctx), ctx.facts.dms_setup.tasks, watch)) end }))
+    -- CDC is live: rows newer than a minute ago may still be in flight, and a
+    -- difference is checked again once the tasks have applied what is written now.
+    local slots = {}
+    for _, g in ipairs(plan(ctx)) do slots[#slots + 1] = g.slot end
+    local before = assert(ctx.source:query("select (now() - interval '1 minute')::text as t"))[1].t
+    local r = assert(qa.settled(ctx.source, ctx.target, tables(ctx), cfg.qa, { before = before,
+      wait = function()
+        assert(cdc.wait_applied(ctx.source, slots, { timeout = cfg.dms.catch_up.timeout,
+          poll = 0.2, sleep = function(t) ctx:sleep(t) end }))
+      end }))
     ctx:report_table("Final QA (primary vs target)", qa.report_columns(), qa.report_rows(r))
     if r.differences > 0 then
       ctx:say("%s", qa.format(r))

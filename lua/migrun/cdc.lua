@@ -22,6 +22,8 @@ would use (the conninfo's passfile, PGPASSFILE, ~/.pgpass), in that order; they
 travel only in the CreateEndpoint body, which the DMS client masks in its log.
 ]]
 local pg = require "migrun.pg"
+local lsn = require "migrun.lsn"
+local host = require "migrun.host"
 local errors = require "migrun.error"
 local builders = require "migrun.dms.builders"
 
@@ -325,13 +327,15 @@ function cdc.status(client, groups, tasks, opts)
     local s = slots[g.slot]
     local lag
     if s and not rawequal(s.confirmed_flush_lsn, pg.null) then lag = s.current - s.confirmed_flush_lsn end
-    local st = status_rows[id] or {}
+    -- DMS names a task in its control tables by the ARN's resource id
+    local resource = tostring(tasks[g.slot] or ""):match("([^:]+)$")
+    local st = status_rows[resource] or status_rows[id] or {}
     local row = {
       slot = g.slot, task = id,
       status = task and tostring(task.Status) or (client.dry_run and "dry run" or "missing"),
       lag_bytes = lag, confirmed_flush_lsn = s and tostring(s.confirmed_flush_lsn) or "no slot",
       pending = st.pending_changes, applied_at = st.applied,
-      exceptions = exc_counts[id] or 0,
+      exceptions = exc_counts[resource] or exc_counts[id] or 0,
       failure = task and task.LastFailureMessage,
     }
     out.rows[#out.rows + 1] = row
@@ -378,7 +382,6 @@ end
      cdc.status options plus lag_bytes, timeout, poll, sleep(seconds),
      on_status(status) after every poll. ]]
 function cdc.watch(client, groups, tasks, opts)
-  local host = require "migrun.host"
   local deadline = host.monotonic() + (opts.timeout or 3600)
   while true do
     local st, err = cdc.status(client, groups, tasks, opts)
@@ -403,5 +406,54 @@ function cdc.watch(client, groups, tasks, opts)
     opts.sleep(opts.poll or 5)
   end
 end
+
+--[[ cdc.wait_applied(source, slots, opts) -> { lsn, slots = { {slot, confirmed_flush_lsn} } } | nil, err
+     Waits until every named slot has confirmed opts.upto (default: the
+     primary's current WAL position now): the tasks have applied everything
+     written up to there. opts: timeout (600), poll (1), sleep(seconds),
+     on_progress(done, total). A vanished slot is an error at once. ]]
+local function applied_error(message, extra)
+  local e = { kind = "cdc", where = "wait applied", message = message }
+  for k, v in pairs(extra or {}) do e[k] = v end
+  return errors.new(e)
+end
+
+function cdc.wait_applied(source, slots, opts)
+  assert(source and source.query, "cdc.wait_applied: a Db expected")
+  assert(type(slots) == "table", "cdc.wait_applied: a list of slot names expected")
+  opts = opts or {}
+  local upto = opts.upto and lsn(tostring(opts.upto))
+  if not upto then
+    local res, err = source:query(("select %s() as l"):format(lsn.names(source.conn:server_version()).current_wal_lsn))
+    if not res then return nil, err end
+    upto = res[1].l
+  end
+  local deadline = host.monotonic() + (opts.timeout or 600)
+  while true do
+    local res, err = source:query("select slot_name, confirmed_flush_lsn from pg_replication_slots")
+    if not res then return nil, err end
+    local found = {}
+    for r in res:rows() do found[r.slot_name] = r.confirmed_flush_lsn end
+    local rows, done, behind = {}, 0, {}
+    for _, name in ipairs(slots) do
+      local at = found[name]
+      if at == nil then
+        return nil, applied_error(("replication slot %s no longer exists on the source"):format(name))
+      end
+      local ok = not rawequal(at, pg.null) and at >= upto
+      rows[#rows + 1] = { slot = name, confirmed_flush_lsn = rawequal(at, pg.null) and "none" or tostring(at) }
+      if ok then done = done + 1 else behind[#behind + 1] = name .. " at " .. rows[#rows].confirmed_flush_lsn end
+    end
+    if opts.on_progress then opts.on_progress(done, #slots) end
+    if done == #slots then return { lsn = upto, slots = rows } end
+    if host.monotonic() > deadline then
+      return nil, applied_error(("the tasks have not confirmed %s within %gs: %s")
+        :format(tostring(upto), opts.timeout or 600, table.concat(behind, ", ")),
+        { hint = "are the tasks running? are writes still going on (cutover.stop_writes)?" })
+    end
+    assert(opts.sleep, "cdc.wait_applied: sleep expected")(opts.poll or 1)
+  end
+end
+
 
 return cdc

@@ -190,43 +190,8 @@ function cutover.final_lsn(source)
   return res[1].l
 end
 
-function cutover.wait_applied(source, slots, opts)
-  assert(source and source.query, "cutover.wait_applied: a Db expected")
-  assert(type(slots) == "table", "cutover.wait_applied: a list of slot names expected")
-  opts = opts or {}
-  local upto = opts.upto and lsn(tostring(opts.upto))
-  if not upto then
-    local err
-    upto, err = cutover.final_lsn(source)
-    if not upto then return nil, err end
-  end
-  local host = require "migrun.host"
-  local deadline = host.monotonic() + (opts.timeout or 600)
-  while true do
-    local res, err = source:query("select slot_name, confirmed_flush_lsn from pg_replication_slots")
-    if not res then return nil, err end
-    local found = {}
-    for r in res:rows() do found[r.slot_name] = r.confirmed_flush_lsn end
-    local rows, done, behind = {}, 0, {}
-    for _, name in ipairs(slots) do
-      local at = found[name]
-      if at == nil then
-        return nil, cutover_error("wait applied", ("replication slot %s no longer exists on the source"):format(name))
-      end
-      local ok = not rawequal(at, pg.null) and at >= upto
-      rows[#rows + 1] = { slot = name, confirmed_flush_lsn = rawequal(at, pg.null) and "none" or tostring(at) }
-      if ok then done = done + 1 else behind[#behind + 1] = name .. " at " .. rows[#rows].confirmed_flush_lsn end
-    end
-    if opts.on_progress then opts.on_progress(done, #slots) end
-    if done == #slots then return { lsn = upto, slots = rows } end
-    if host.monotonic() > deadline then
-      return nil, cutover_error("wait applied", ("the tasks have not confirmed %s within %gs: %s")
-        :format(tostring(upto), opts.timeout or 600, table.concat(behind, ", ")),
-        { hint = "are the tasks running? are writes still going on (cutover.stop_writes)?" })
-    end
-    assert(opts.sleep, "cutover.wait_applied: sleep expected")(opts.poll or 1)
-  end
-end
+-- The slots' confirmation of an LSN is CDC's business: see migrun.cdc.
+cutover.wait_applied = require("migrun.cdc").wait_applied
 
 ---------------------------------------------------------------------------
 -- Sequences

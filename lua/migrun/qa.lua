@@ -70,15 +70,20 @@ local function key_of(t)
   return s .. "." .. n
 end
 
-function qa.monthly_counts(db, t, column)
+-- before (optional, a timestamp text): only rows whose column is older, so
+-- that a comparison under live replication leaves out the rows still in flight.
+function qa.monthly_counts(db, t, column, before)
   assert(db and db.query, "qa.monthly_counts: a Db expected")
   assert(type(column) == "string", "qa.monthly_counts: column name expected")
   local schema, name = split(t)
   return catalog._with_settings(db, STABLE_TEXT, function()
-    local res, err = db:query(([[
+    local sql = ([[
       select coalesce(to_char(date_trunc('month', %s), 'YYYY-MM'), '(null)') as month,
              count(*)::bigint as n
-        from %s group by 1]]):format(pg.quote_ident(column), pg.qualify(schema, name)))
+        from %s %s group by 1]]):format(pg.quote_ident(column), pg.qualify(schema, name),
+        before and ("where %s < $1::timestamptz"):format(pg.quote_ident(column)) or "")
+    local res, err
+    if before then res, err = db:query(sql, before) else res, err = db:query(sql) end
     if not res then return nil, err end
     local counts = {}
     for row in res:rows() do counts[row.month] = row.n end
@@ -196,9 +201,9 @@ local function failed_check(check, err)
   return check
 end
 
-local function monthly_check(a_db, b_db, t, column)
-  local check = { table = key_of(t), method = "monthly:" .. column }
-  local a, b, err = run_both(a_db, b_db, function(db) return qa.monthly_counts(db, t, column) end)
+local function monthly_check(a_db, b_db, t, column, before)
+  local check = { table = key_of(t), method = "monthly:" .. column .. (before and (" < " .. before) or "") }
+  local a, b, err = run_both(a_db, b_db, function(db) return qa.monthly_counts(db, t, column, before) end)
   check.a, check.b = a, b
   if err then return failed_check(check, err) end
   check.detail = months_detail(a, b)
@@ -326,7 +331,7 @@ function qa.compare(a_db, b_db, tables, cfg_qa, opts)
       if err then
         add(failed_check({ table = k, method = "monthly:" .. column }, err))
       elseif has then
-        add(monthly_check(a_db, b_db, p.t, column))
+        add(monthly_check(a_db, b_db, p.t, column, opts.before))
       else
         local named = (cfg_qa.timestamp_columns or {})[k]
         add(count_check(a_db, b_db, p.t,
@@ -384,10 +389,12 @@ end
      replication to catch up), up to opts.attempts times (default 5); only
      differences that persist remain. Under a steady trickle of writes a count
      can be off by the transactions in flight at that instant; a real
-     difference stays. ]]
+     difference stays. opts.before (a timestamp text) leaves rows newer than
+     it out of the per-month counts. ]]
 function qa.settled(a_db, b_db, tables, cfg_qa, opts)
   opts = opts or {}
-  local result, err = qa.compare(a_db, b_db, tables, cfg_qa, { mode = opts.mode or "quick", seed = opts.seed })
+  local result, err = qa.compare(a_db, b_db, tables, cfg_qa,
+    { mode = opts.mode or "quick", seed = opts.seed, before = opts.before })
   if not result then return nil, err end
   local by_key = {}
   for _, t in ipairs(tables) do by_key[key_of(t)] = t end
@@ -400,7 +407,7 @@ function qa.settled(a_db, b_db, tables, cfg_qa, opts)
     end
     local redo, rerr = qa.compare(a_db, b_db, again, { timestamp_column = (cfg_qa or {}).timestamp_column,
       timestamp_columns = (cfg_qa or {}).timestamp_columns, large_tables = #again, small_sample = 0 },
-      { mode = result.mode, seed = result.seed })
+      { mode = result.mode, seed = result.seed, before = opts.before })
     if not redo then return nil, rerr end
     local fresh = {}
     for _, c in ipairs(redo.checks) do fresh[c.table] = c end
