@@ -117,4 +117,11 @@ return {
     -- give up after timeout seconds; poll every poll seconds.
     catch_up = { lag_bytes = 1024 * 1024, timeout = 6 * 3600, poll = 5 },
   },
+
+  -- Restarts (the runbook's "Managing Restarts"). playbooks/full_restart.lua
+  -- empties the target before starting again: "truncate" empties the
+  -- migrated tables and keeps their schema, indexes and roles (the new
+  -- attempt skips the schema step); "drop_schema" drops the migrated schemas
+  -- and restores them from a fresh dump (when the schema itself was wrong).
+  restart = { target = "truncate" },
 }

@@ -192,6 +192,14 @@ config.SCHEMA = record({
       { "poll", seconds(5, "seconds between polls", 0.1) },
     }, { doc = "watching the catch-up" }) },
   }, { doc = "AWS DMS" }) },
+  { "restart", record({
+    { "target", str{ default = "truncate", expected = '"truncate" or "drop_schema"',
+      check = function(v)
+        if v ~= "truncate" and v ~= "drop_schema" then return '"truncate" or "drop_schema"' end
+      end,
+      doc = "how full_restart.lua empties the target: truncate the migrated tables (the schema, "
+        .. "indexes and roles stay) or drop_schema (drop the migrated schemas and restore them again)" } },
+  }, { doc = "restarts (playbooks/partial_restart.lua, playbooks/full_restart.lua)" }) },
 })
 
 ---------------------------------------------------------------------------
