@@ -61,7 +61,7 @@ describe("restart playbooks", function()
     local bad = assert(group_with("public.events"))
     fail_task(bad, "injected: the task of events failed")
     local r2 = H.run(R, "full.lua", { "--yes" })
-    assert.is_false(r2.ok, r2.output)
+    assert.is_falsy(r2.ok, r2.output)
     assert.truthy(r2.output:find("catch_up failed", 1, true), r2.output)
     assert.truthy(r2.output:find("partial_restart.lua " .. bad.slot, 1, true), r2.output)
 
@@ -122,6 +122,10 @@ describe("restart playbooks", function()
   it("partial_restart.lua refuses a slot that is not migrun's and changes nothing", function()
     local src = H.connect(R.lab.source, "source")
     assert(src:exec("select pg_create_logical_replication_slot('dms_slot_99', 'test_decoding')"))
+    finally(function()
+      src:exec("select pg_drop_replication_slot('dms_slot_99')")
+      src:close()
+    end)
     local before_world = H.world(R)
     local before_tasks = {}
     for _, t in ipairs(assert(client:describe_replication_tasks())) do
@@ -131,7 +135,7 @@ describe("restart playbooks", function()
 
     for _, slot in ipairs{ "dms_slot_99", "other_tool_slot" } do
       local r = H.run(R, "partial_restart.lua", { slot, "--yes" })
-      assert.is_false(r.ok, r.output)
+      assert.is_falsy(r.ok, r.output)
       assert.equal(1, r.code, r.output)
       assert.truthy(r.output:find("is not a slot of this migration", 1, true), r.output)
     end
@@ -145,8 +149,6 @@ describe("restart playbooks", function()
     end
     assert.same(before_tasks, after_tasks)
     assert.same(before_rows, H.differences(R, { count_only = { ["public.page_views"] = true } }))
-    assert(src:exec("select pg_drop_replication_slot('dms_slot_99')"))
-    src:close()
   end)
 
   it("full_restart.lua scraps a failed attempt, keeps its journal in attempt-1/, and ends equal", function()
@@ -154,7 +156,7 @@ describe("restart playbooks", function()
     local bad = assert(group_with("public.calls"))
     fail_task(bad, "injected: the task of calls failed")
     local r1 = H.run(R, "full.lua", { "--yes" })
-    assert.is_false(r1.ok, r1.output)
+    assert.is_falsy(r1.ok, r1.output)
     local old = H.journal(R)
 
     local r2 = H.run(R, "full_restart.lua", { "--yes" })
