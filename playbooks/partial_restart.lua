@@ -221,8 +221,13 @@ P:step{ "catch_up", "Watch the new task catch up; QA the group's tables against 
     local st = assert(cdc.watch(ctx:dms(), { group(ctx) }, tasks, watch))
     ctx:report_table("DMS task", cdc.status_table(st))
     if ctx.dry_run then return {} end
-    local r = assert(qa.settled(ctx.source, ctx.target, tables(ctx), cfg.qa,
-      { wait = function() assert(cdc.watch(ctx:dms(), { group(ctx) }, tasks, watch)) end }))
+    -- under live writes a count can be off by what is in flight: compare again
+    -- after the task has caught up and a poll has passed; only what persists fails
+    local r = assert(qa.settled(ctx.source, ctx.target, tables(ctx), cfg.qa, { attempts = 10,
+      wait = function()
+        assert(cdc.watch(ctx:dms(), { group(ctx) }, tasks, watch))
+        ctx:sleep(cfg.dms.catch_up.poll)
+      end }))
     ctx:report_table("QA (primary vs target)", qa.report_columns(), qa.report_rows(r))
     if r.differences > 0 then
       ctx:say("%s", qa.format(r))
