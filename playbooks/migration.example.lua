@@ -143,4 +143,10 @@ return {
     -- Give up waiting for the tasks to stop after this long.
     stop_timeout = 600,
   },
+  -- Restarts (the runbook's "Managing Restarts"). playbooks/full_restart.lua
+  -- empties the target before starting again: "truncate" empties the
+  -- migrated tables and keeps their schema, indexes and roles (the new
+  -- attempt skips the schema step); "drop_schema" drops the migrated schemas
+  -- and restores them from a fresh dump (when the schema itself was wrong).
+  restart = { target = "truncate" },
 }

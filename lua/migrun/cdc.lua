@@ -16,6 +16,8 @@ tasks carry identifiers derived from the migration's name and the slot
   local tasks = assert(cdc.ensure_tasks(client, groups, eps, { name=, instance_arn=, start_lsn=, task= }))
   assert(cdc.start_tasks(client, groups, tasks, { pause = 5, sleep = fn, say = fn }))
   local st = assert(cdc.status(client, groups, tasks, { source = Db, target = Db, control_schema = }))
+  cdc.find_task(client, id), cdc.stop_task(client, arn), cdc.delete_task(client, arn),
+  cdc.delete_endpoint(client, id): what a restart takes down (see each below).
 
 Endpoint passwords come from the conninfo, PGPASSWORD or the passfile libpq
 would use (the conninfo's passfile, PGPASSFILE, ~/.pgpass), in that order; they
@@ -285,6 +287,72 @@ function cdc.start_tasks(client, groups, tasks, opts)
     end
   end
   return out
+end
+
+--[[ cdc.find_task(client, id) -> task | false (no such task) | nil, err
+     A task by its identifier (cdc.task_id). ]]
+function cdc.find_task(client, id)
+  return find_task(client, id)
+end
+
+--[[ cdc.stop_task(client, arn, opts) -> "stopped" | "not running" | "absent" | nil, err
+     Stops a running (or starting) task and waits until DMS says it stopped;
+     a task in any other state is left as it is. opts.timeout (600). In a dry
+     run the stop is shown and nothing is waited for. ]]
+function cdc.stop_task(client, arn, opts)
+  opts = opts or {}
+  local task, err = client:describe_task(arn)
+  if err then return nil, err end
+  if not task then return "absent" end
+  local status = tostring(task.Status):lower()
+  if status ~= "running" and status ~= "starting" then return "not running" end
+  local ok, serr = client:stop_replication_task(arn)
+  if not ok then return nil, serr end
+  if client.dry_run then return "stopped" end
+  ok, serr = client:wait_for_task(arn, { "stopped", "failed" }, opts.timeout or 600, opts.poll or 1)
+  if not ok then return nil, serr end
+  return "stopped"
+end
+
+--[[ cdc.delete_task(client, arn, opts) -> "deleted" | "absent" | nil, err
+     Stops the task when it runs, deletes it and waits until DMS no longer
+     knows it (so a task of the same identifier can be created at once). ]]
+function cdc.delete_task(client, arn, opts)
+  opts = opts or {}
+  local stopped, err = cdc.stop_task(client, arn, opts)
+  if not stopped then return nil, err end
+  if stopped == "absent" then return "absent" end
+  local ok, derr = client:delete_replication_task(arn)
+  if not ok then return nil, derr end
+  if client.dry_run then return "deleted" end
+  ok, derr = client:wait_for_task(arn, "deleted", opts.timeout or 600, opts.poll or 1)
+  if not ok then return nil, derr end
+  return "deleted"
+end
+
+--[[ cdc.delete_endpoint(client, id, opts) -> "deleted" | "absent" | nil, err
+     An endpoint by identifier, deleted and waited for until it is gone (its
+     tasks must be deleted first: DMS refuses otherwise). ]]
+function cdc.delete_endpoint(client, id, opts)
+  opts = opts or {}
+  local found, err = find_endpoint(client, id)
+  if found == nil then return nil, err end
+  if not found then return "absent" end
+  local ok, derr = client:delete_endpoint(found.EndpointArn)
+  if not ok then return nil, derr end
+  if client.dry_run then return "deleted" end
+  local host = require "migrun.host"
+  local deadline = host.monotonic() + (opts.timeout or 600)
+  while true do
+    found, err = find_endpoint(client, id)
+    if found == nil then return nil, err end
+    if not found then return "deleted" end
+    if host.monotonic() > deadline then
+      return nil, errors.new{ kind = "timeout", where = "dms endpoint " .. id,
+        message = ("endpoint %s was not deleted within %gs"):format(id, opts.timeout or 600) }
+    end
+    client.sleep(opts.poll or 1)
+  end
 end
 
 ---------------------------------------------------------------------------

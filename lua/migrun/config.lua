@@ -221,6 +221,14 @@ config.SCHEMA = record({
             "updates and deletes DMS cannot carry, when the team accepts that)" }) },
     { "stop_timeout", seconds(600, "give up waiting for the tasks to stop after this many seconds") },
   }, { doc = "cutover (playbooks/cutover.lua)" }) },
+  { "restart", record({
+    { "target", str{ default = "truncate", expected = '"truncate" or "drop_schema"',
+      check = function(v)
+        if v ~= "truncate" and v ~= "drop_schema" then return '"truncate" or "drop_schema"' end
+      end,
+      doc = "how full_restart.lua empties the target: truncate the migrated tables (the schema, "
+        .. "indexes and roles stay) or drop_schema (drop the migrated schemas and restore them again)" } },
+  }, { doc = "restarts (playbooks/partial_restart.lua, playbooks/full_restart.lua)" }) },
 })
 
 ---------------------------------------------------------------------------

@@ -1,0 +1,249 @@
+--[[
+playbooks/partial_restart.lua: the runbook's "Partial Restart" — every group
+but one is healthy, so only that group's slot and tables are migrated again.
+
+    migrun playbooks/partial_restart.lua <slot> --config migration.lua [--dry-run] [--yes]
+                                         [--from STEP | --only STEP] [--list]
+
+Keeps the failure state for the report first, stops that group's DMS task,
+truncates its tables on the target, drops and recreates its slot and
+replication sets, pauses the maintenance replica at a new LSN and verifies
+it, reloads just those tables from the paused replica, verifies their
+indexes, QAs them, resumes the replica, then replaces the task (DMS cannot
+move a task's start position: the old one is deleted and one of the same
+identifier created at the new LSN, on the same endpoints) and watches it
+catch up. The other groups' tasks are never touched. A slot that full.lua did
+not create for this migration is refused before anything changes.
+
+Journal: each partial restart of a slot has its own section,
+"partial_restart-<slot>"; running the same command again resumes it where it
+stopped. Once one has finished, a later partial restart of the same slot gets
+a new section ("partial_restart-<slot>-2", ...) and starts from the top. The
+new task's ARN replaces the old one in full.lua's dms_setup facts, so
+`full.lua` (its catch_up step) and later playbooks watch the task that runs.
+]]
+local playbook = require "migrun.playbook"
+local restart = require "migrun.restart"
+local schema = require "migrun.schema"
+local catalog = require "migrun.catalog"
+local pglogical = require "migrun.pglogical"
+local replica = require "migrun.replica"
+local fullload = require "migrun.fullload"
+local qa = require "migrun.qa"
+local cdc = require "migrun.cdc"
+local walguard = require "migrun.walguard"
+local lsn = require "migrun.lsn"
+
+local P = playbook.new{ name = "partial_restart", args = "<slot>",
+  title = "Partial restart: one group's slot, tables and DMS task again, the others untouched" }
+
+-- What full.lua and earlier steps found out.
+local function full(ctx) return ctx:facts_of("full") end
+local function slot(ctx) return ctx.args[1] end
+local function group(ctx) return ctx.facts.refuse_foreign.group end
+local function tables(ctx) return ctx.facts.refuse_foreign.tables end
+local function new_lsn(ctx) return lsn(ctx.facts.pause_replica.lsn) end
+local function say(ctx) return function(line) ctx:say("%s", line) end end
+
+P:watch{ "wal_guard", interval = function(ctx) return ctx.config.wal_guard.interval end,
+  run = function(ctx)
+    local g = assert(walguard.check(ctx.source, ctx.replica, ctx.config.wal_guard,
+      { prefix = ctx.config.slots.prefix }))
+    if g.level == "stop" then error(g.message, 0) end
+    if g.level == "warn" then ctx:warn("%s", g.message) end
+  end }
+
+P:step{ "refuse_foreign", "Only a slot of this migration, after full.lua set up DMS", always = true,
+  run = function(ctx)
+    local f = full(ctx)
+    if not (f.groups and f.groups.groups and ctx:done("dms_setup", "full")) then
+      return nil, "full.lua has not set up DMS yet: resume it (`migrun playbooks/full.lua`); nothing was changed"
+    end
+    local g = assert(restart.group_of(f.groups.groups, slot(ctx), ctx.source, ctx.config.slots.prefix))
+    -- the group's tables with what know_data measured (sizes order the load and the QA)
+    local known = {}
+    for _, t in ipairs(f.know_data.tables) do known[t.schema .. "." .. t.name] = t end
+    local list = {}
+    for _, t in ipairs(g.tables) do list[#list + 1] = known[t.schema .. "." .. t.name] or t end
+    local names = {}
+    for i, t in ipairs(list) do names[i] = t.schema .. "." .. t.name end
+    ctx:say("%s: %d table(s): %s", g.slot, #list, table.concat(names, ", "))
+    return { group = g, tables = list }
+  end }
+
+P:step{ "preserve_failure", "Keep the failure state for the report: task, statistics, apply exceptions, slot",
+  run = function(ctx)
+    local old_arn = full(ctx).dms_setup.tasks[slot(ctx)]
+    local state = assert(restart.preserve_failure(ctx:dms(), { group(ctx) }, { [slot(ctx)] = old_arn },
+      { name = ctx.config.name, source = ctx.source, target = ctx.target, prefix = ctx.config.slots.prefix }))
+    for _, t in ipairs(restart.report_tables(state)) do ctx:report_table(t.title, t.columns, t.rows) end
+    local t = state.tasks[1]
+    ctx:say("%s: task %s is %s%s", slot(ctx), t.task, t.status, t.failure and (": " .. t.failure) or "")
+    return { old_arn = old_arn, state = state }
+  end }
+
+P:step{ "stop_task", "Stop the group's DMS task (if it runs)",
+  run = function(ctx)
+    local r = assert(cdc.stop_task(ctx:dms(), ctx.facts.preserve_failure.old_arn))
+    ctx:say("task of %s: %s", slot(ctx), r)
+    return { result = r }
+  end }
+
+P:step{ "truncate", "Truncate the group's tables on the target",
+  destructive = function(ctx)
+    local names = {}
+    for i, t in ipairs(tables(ctx)) do names[i] = t.schema .. "." .. t.name end
+    return ("truncate %d table(s) of %s on the target (%s)"):format(#names, slot(ctx), table.concat(names, ", "))
+  end,
+  run = function(ctx)
+    assert(restart.truncate(ctx.target, tables(ctx)))
+    return { truncated = #tables(ctx) }
+  end }
+
+P:step{ "slot", "Drop and recreate the slot and its two replication sets; add the tables again",
+  run = function(ctx)
+    local src, s = ctx.source, slot(ctx)
+    assert(pglogical.drop_sets(src, s))
+    assert(pglogical.drop_slot(src, s))
+    local created = assert(pglogical.create_slot(src, s))
+    assert(pglogical.create_sets(src, s))
+    assert(pglogical.add_tables(src, s, tables(ctx), { say = function(l) ctx:warn("%s", l) end }))
+    return { lsn = created.lsn and tostring(created.lsn) or nil }
+  end,
+  check = function(ctx, facts)
+    return pglogical.check_slots(ctx.source, { [slot(ctx)] = facts.lsn })
+  end }
+
+P:step{ "pause_replica", "Pause the maintenance replica after the new slot; capture its LSN",
+  run = function(ctx)
+    local at = assert(replica.pause(ctx.replica, { after = ctx.facts.slot.lsn, say = say(ctx) }))
+    ctx:say("replica paused; replay LSN %s is where the new task will start", tostring(at))
+    return { lsn = tostring(at) }
+  end,
+  check = function(ctx, facts)
+    if ctx:done("resume_replica") then return true end
+    return replica.check_paused(ctx.replica, facts.lsn)
+  end }
+
+P:step{ "verify_lsn", "Verify the new LSN on the primary for the new slot (bounded peek)",
+  run = function(ctx)
+    if ctx.dry_run then
+      ctx:say("would verify %s at %s", slot(ctx), tostring(new_lsn(ctx)))
+      return {}
+    end
+    local v = assert(pglogical.verify_lsn(ctx.source, slot(ctx), new_lsn(ctx)))
+    return { confirmed_flush_lsn = tostring(v.confirmed_flush_lsn), peeked = v.peeked }
+  end }
+
+P:step{ "reload", "Reload the group's tables from the paused replica (their indexes are in place)",
+  run = function(ctx)
+    local loaded = ctx.facts.reload.loaded or {}
+    local result = assert(fullload.run{
+      replica = ctx.config.replica.conninfo, target = ctx.config.target.conninfo,
+      tables = tables(ctx), jobs = ctx.config.full_load.jobs, done = loaded,
+      expect_replay_lsn = new_lsn(ctx), dry_run = ctx.dry_run, echo = say(ctx),
+      on_table = function(r)
+        loaded[r.table] = r
+        ctx:record("loaded", loaded)
+        ctx:say("loaded %s: %d rows, %s in %.1fs", r.table, r.rows, catalog.human_bytes(r.bytes), r.seconds)
+      end })
+    ctx:report_table("Reload", { "table", "rows", "bytes", "started", "ended", "seconds", "stream" },
+      fullload.report_rows(loaded))
+    return { loaded = loaded, seconds = result.seconds }
+  end }
+
+P:step{ "indexes", "Restore any missing index or constraint of the group's tables; verify every one",
+  run = function(ctx)
+    if not ctx.dry_run then
+      local f = full(ctx)
+      local dump = { file = f.schema.dump, list = f.schema.list,
+                     tools = assert(schema.tools(ctx.target.conn:server_version())) }
+      assert(schema.restore_missing(ctx.config.target.conninfo, dump, ctx.replica, ctx.target, tables(ctx),
+        { jobs = ctx.config.full_load.jobs, echo = say(ctx) }))
+    end
+    local missing = catalog.missing_on_target(
+      assert(catalog.constraints_and_indexes(ctx.replica, tables(ctx))),
+      assert(catalog.constraints_and_indexes(ctx.target, tables(ctx))))
+    if #missing > 0 and not ctx.dry_run then
+      for _, m in ipairs(missing) do ctx:warn("missing on the target: %s %s", m.table, m.definition) end
+      return nil, ("%d index(es) or constraint(s) of the source are missing on the target"):format(#missing)
+    end
+    return { verified = true }
+  end }
+
+P:step{ "qa", "Quick QA of the group's tables, replica against target",
+  run = function(ctx)
+    if ctx.dry_run then
+      ctx:say("would compare the group's tables on the replica and the target")
+      return {}
+    end
+    local r = assert(qa.compare(ctx.replica, ctx.target, tables(ctx), ctx.config.qa, { mode = "quick" }))
+    ctx:report_table("Quick QA (replica vs target)", qa.report_columns(), qa.report_rows(r))
+    if r.differences > 0 then
+      ctx:say("%s", qa.format(r))
+      return nil, ("%d QA difference(s) between the replica and the target"):format(r.differences)
+    end
+    return { checks = #r.checks, seed = r.seed }
+  end }
+
+P:step{ "resume_replica", "Resume the maintenance replica",
+  run = function(ctx)
+    assert(replica.resume(ctx.replica))
+    return { resumed = true }
+  end }
+
+P:step{ "replace_task", "Replace the group's DMS task with one starting at the new LSN",
+  run = function(ctx)
+    local cfg = ctx.config
+    local r = assert(restart.replace_task(ctx:dms(), group(ctx), { name = cfg.name,
+      old_arn = ctx.facts.preserve_failure.old_arn, instance_arn = cfg.dms.replication_instance_arn,
+      start_lsn = new_lsn(ctx), task = cfg.dms.task, source = cfg.source.conninfo, target = cfg.target.conninfo,
+      source_overrides = cfg.dms.source_endpoint, target_overrides = cfg.dms.target_endpoint }))
+    ctx:say("old task: %s; new task %s at %s", r.deleted, tostring(r.arn), tostring(new_lsn(ctx)))
+    if not ctx.dry_run then assert(restart.record_task(ctx.journal, slot(ctx), r.arn)) end
+    return { arn = r.arn, old = r.deleted }
+  end }
+
+P:step{ "start_task", "Start the new task",
+  run = function(ctx)
+    local s = assert(cdc.start_tasks(ctx:dms(), { group(ctx) }, { [slot(ctx)] = ctx.facts.replace_task.arn },
+      { name = ctx.config.name, say = say(ctx) }))
+    return { started = s.started }
+  end }
+
+P:step{ "catch_up", "Watch the new task catch up; QA the group's tables against the primary", always = true,
+  run = function(ctx)
+    local cfg = ctx.config
+    local tasks = { [slot(ctx)] = ctx.facts.replace_task.arn }
+    local watch = { name = cfg.name, source = ctx.source, target = ctx.target,
+      lag_bytes = cfg.dms.catch_up.lag_bytes, timeout = cfg.dms.catch_up.timeout,
+      poll = cfg.dms.catch_up.poll, sleep = function(t) ctx:sleep(t) end }
+    local st = assert(cdc.watch(ctx:dms(), { group(ctx) }, tasks, watch))
+    ctx:report_table("DMS task", cdc.status_table(st))
+    if ctx.dry_run then return {} end
+    -- under live writes a count can be off by what is in flight: compare again
+    -- after the task has caught up and a poll has passed; only what persists fails
+    local r = assert(qa.settled(ctx.source, ctx.target, tables(ctx), cfg.qa, { attempts = 10,
+      wait = function()
+        assert(cdc.watch(ctx:dms(), { group(ctx) }, tasks, watch))
+        ctx:sleep(cfg.dms.catch_up.poll)
+      end }))
+    ctx:report_table("QA (primary vs target)", qa.report_columns(), qa.report_rows(r))
+    if r.differences > 0 then
+      ctx:say("%s", qa.format(r))
+      return nil, ("%d difference(s) between the primary and the target persist after catch-up"):format(r.differences)
+    end
+    ctx:say("%s has caught up: lag %s, %d QA checks equal", slot(ctx), cdc.human_bytes(st.max_lag), #r.checks)
+    return { caught_up = true, max_lag = st.max_lag }
+  end }
+
+-- Each partial restart of a slot has its own journal section (see the header).
+local parsed = P:parse({ table.unpack(arg) })
+if parsed and not parsed.help then
+  if #parsed.args ~= 1 and not (parsed.list and #parsed.args == 0) then
+    io.stderr:write("migrun: partial_restart.lua needs one slot, e.g. dms_slot_02 (see --help)\n")
+    os.exit(playbook.EXIT.usage)
+  end
+  if parsed.args[1] then P.name = restart.section(P, arg, "partial_restart-" .. parsed.args[1], "catch_up") end
+end
+os.exit(P:main(arg))
