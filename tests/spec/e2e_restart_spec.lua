@@ -186,4 +186,24 @@ describe("restart playbooks", function()
     for _, g in ipairs(plan()) do assert.equal("running", task_of(g).Status) end
     ends_equal()
   end)
+  it("full_restart.lua with restart.target = \"drop_schema\" drops the schemas, restores them, ends equal", function()
+    R:start_workload{ rate = RATE, seed = 3 }
+    local cfg = {}
+    for k, v in pairs(R.config) do cfg[k] = v end
+    cfg.restart = { target = "drop_schema" }
+    local path = R.dir .. "/drop-schema.lua"
+    assert(require("migrun.host").write_file(path, "return " .. require("migrun.demo").literal(cfg) .. "\n"))
+    local variant = setmetatable({ config_path = path }, { __index = R })
+    local before = H.journal(R)
+    local r = H.run(variant, "full_restart.lua", { "--yes" })
+    assert.is_true(r.ok, r.output)
+    assert.truthy(r.output:find("READY FOR CUTOVER", 1, true), r.output)
+    assert.truthy(io.open(R.config.state_dir .. "/attempt-2/journal.json"))
+    -- the schema was restored again rather than carried over
+    local J = H.journal(R)
+    assert.is_nil(J.playbooks.full.steps.schema.facts.carried_from)
+    assert.are_not.equal(before.playbooks.full.steps.pause_replica.facts.lsn, J.playbooks.full.steps.pause_replica.facts.lsn)
+    assert.equal(#plan(), #assert(client:describe_replication_tasks()))
+    ends_equal()
+  end)
 end)
