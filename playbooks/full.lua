@@ -37,13 +37,7 @@ local function captured_lsn(ctx) return lsn(ctx.facts.pause_replica.lsn) end
 local function say(ctx) return function(line) ctx:say("%s", line) end end
 
 -- Through the whole run: WAL retained by our slots, disk on the paused replica.
-P:watch{ "wal_guard", interval = function(ctx) return ctx.config.wal_guard.interval end,
-  run = function(ctx)
-    local g = assert(walguard.check(ctx.source, ctx.replica, ctx.config.wal_guard,
-      { prefix = ctx.config.slots.prefix }))
-    if g.level == "stop" then error(g.message, 0) end
-    if g.level == "warn" then ctx:warn("%s", g.message) end
-  end }
+P:watch(walguard.watcher())
 
 -- Phase I: full load ---------------------------------------------------------
 

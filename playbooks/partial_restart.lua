@@ -45,13 +45,7 @@ local function tables(ctx) return ctx.facts.refuse_foreign.tables end
 local function new_lsn(ctx) return lsn(ctx.facts.pause_replica.lsn) end
 local function say(ctx) return function(line) ctx:say("%s", line) end end
 
-P:watch{ "wal_guard", interval = function(ctx) return ctx.config.wal_guard.interval end,
-  run = function(ctx)
-    local g = assert(walguard.check(ctx.source, ctx.replica, ctx.config.wal_guard,
-      { prefix = ctx.config.slots.prefix }))
-    if g.level == "stop" then error(g.message, 0) end
-    if g.level == "warn" then ctx:warn("%s", g.message) end
-  end }
+P:watch(walguard.watcher())
 
 P:step{ "refuse_foreign", "Only a slot of this migration, after full.lua set up DMS", always = true,
   run = function(ctx)

@@ -124,4 +124,17 @@ function walguard.check(source, replica, guard, opts)
   return report
 end
 
+--[[ walguard.watcher() -> the watcher spec playbooks register with P:watch:
+     every wal_guard.interval seconds, a check; "warn" is said, "stop" ends
+     the run with the advice. ]]
+function walguard.watcher()
+  return { "wal_guard", interval = function(ctx) return ctx.config.wal_guard.interval end,
+    run = function(ctx)
+      local g = assert(walguard.check(ctx.source, ctx.replica, ctx.config.wal_guard,
+        { prefix = ctx.config.slots.prefix }))
+      if g.level == "stop" then error(g.message, 0) end
+      if g.level == "warn" then ctx:warn("%s", g.message) end
+    end }
+end
+
 return walguard
