@@ -16,6 +16,7 @@ run, confirmation, progress, report) is in migrun.playbook and the work in the
 migrun.* modules, so each step here is only what the runbook says to do.
 ]]
 local playbook = require "migrun.playbook"
+local steps = require "migrun.steps"
 local preflight = require "migrun.preflight"
 local schema = require "migrun.schema"
 local catalog = require "migrun.catalog"
@@ -168,29 +169,12 @@ P:step{ "indexes", "Restore the indexes and constraints; verify every one of the
                    tools = assert(schema.tools(ctx.target.conn:server_version())) }
     assert(schema.restore_missing(ctx.config.target.conninfo, dump, ctx.replica, ctx.target, tables(ctx),
       { jobs = ctx.config.full_load.jobs, dry_run = ctx.dry_run, echo = say(ctx) }))
-    local missing = catalog.missing_on_target(
-      assert(catalog.constraints_and_indexes(ctx.replica, tables(ctx))),
-      assert(catalog.constraints_and_indexes(ctx.target, tables(ctx))))
-    if #missing > 0 and not ctx.dry_run then
-      for _, m in ipairs(missing) do ctx:warn("missing on the target: %s %s", m.table, m.definition) end
-      return nil, ("%d index(es) or constraint(s) of the source are missing on the target"):format(#missing)
-    end
-    return { verified = true }
+    return steps.verify_indexes(ctx, tables(ctx))
   end }
 
 P:step{ "qa", "Quick QA: per-month and exact counts, replica against target",
   run = function(ctx)
-    if ctx.dry_run then
-      ctx:say("would compare the replica and the target")
-      return {}
-    end
-    local r = assert(qa.compare(ctx.replica, ctx.target, tables(ctx), ctx.config.qa, { mode = "quick" }))
-    ctx:report_table("Quick QA (replica vs target)", qa.report_columns(), qa.report_rows(r))
-    if r.differences > 0 then
-      ctx:say("%s", qa.format(r))
-      return nil, ("%d QA difference(s) between the replica and the target"):format(r.differences)
-    end
-    return { checks = #r.checks, seed = r.seed }
+    return steps.quick_qa(ctx, tables(ctx))
   end }
 
 P:step{ "resume_replica", "Resume the maintenance replica",
