@@ -481,7 +481,10 @@ end
      with pg_restore (in parallel, opts.jobs). When some do (a run killed in
      the middle of that restore), pg_restore would stop at the first "already
      exists", so only the missing ones are created, from the source's own
-     definitions, constraints before foreign keys. opts as schema.restore. ]]
+     definitions, constraints before foreign keys (triggers and rules of the
+     section are not among them). "Begun" is judged by indexes and key,
+     unique, foreign and exclusion constraints only: CHECK constraints come
+     with the tables. opts as schema.restore. ]]
 function schema.restore_missing(target_conninfo, dump, source_db, target_db, tables, opts)
   local catalog = require "migrun.catalog"
   opts = opts or {}
@@ -492,7 +495,19 @@ function schema.restore_missing(target_conninfo, dump, source_db, target_db, tab
   if not tgt then return nil, err end
   local missing = catalog.missing_on_target(src, tgt)
   if #missing == 0 and not opts.dry_run then return { restored = 0, how = "nothing missing" } end
-  if #tgt == 0 or opts.dry_run then
+  -- CHECK constraints come with the tables (pre-data): only indexes and
+  -- key/unique/foreign/exclusion constraints tell that post-data has begun.
+  local function post_data(item)
+    return item.kind == "index" or item.definition:match("^PRIMARY KEY") or item.definition:match("^UNIQUE")
+      or item.definition:match("^FOREIGN KEY") or item.definition:match("^EXCLUDE")
+  end
+  local begun = false
+  local missing_set = {}
+  for _, m in ipairs(missing) do missing_set[m] = true end
+  for _, item in ipairs(src) do
+    if post_data(item) and not missing_set[item] then begun = true end
+  end
+  if not begun or opts.dry_run then
     local r
     r, err = schema.restore("post-data", target_conninfo, dump, opts)
     if not r then return nil, err end
@@ -505,11 +520,7 @@ function schema.restore_missing(target_conninfo, dump, source_db, target_db, tab
     return a.table .. a.name < b.table .. b.name
   end)
   for _, m in ipairs(missing) do
-    local sql = m.definition
-    if m.kind == "constraint" then
-      local sch, name = m.table:match("^(.-)%.(.*)$")
-      sql = ("ALTER TABLE %s ADD CONSTRAINT %s %s"):format(pg.qualify(sch, name), pg.quote_ident(m.name), m.definition)
-    end
+    local sql = catalog.create_sql(m)
     if opts.echo then opts.echo(sql) end
     local ok, werr = target_db:write(sql)
     if not ok then return nil, werr end

@@ -108,6 +108,39 @@ describe("migrun.schema", function()
       .. "and tgrelid = '%s.child'::regclass"):format(s)))
   end)
 
+  it("restore_missing: pg_restore on a bare target, only the missing statements after a half-done restore", function()
+    local catalog = require "migrun.catalog"
+    local s = fresh("half")
+    make_source_schema(s)
+    local dump = assert(schema.dump(L.source.conninfo, state_dir(), { tools = tools, schemas = { s } }))
+    assert(schema.restore("pre-data", L.target.conninfo, dump, {}))
+    local source_db = db.wrap(assert(pg.connect(L.source.conninfo, { name = "source" })))
+    local target_db = db.wrap(target_conn)
+    local tables = { { schema = s, name = "parent" }, { schema = s, name = "child" }, { schema = s, name = "nopk" } }
+    -- a post-data restore killed halfway: the primary key of parent and one index exist
+    assert(L.target:psql(("alter table %s.parent add constraint parent_pkey primary key (id); "
+      .. "create index child_parent on %s.child (parent_id)"):format(s, s)))
+    local r = assert(schema.restore_missing(L.target.conninfo, dump, source_db, target_db, tables, {}))
+    assert.equal("statements", r.how)
+    assert.is_true(r.restored >= 4)
+    assert.same({}, catalog.missing_on_target(assert(catalog.constraints_and_indexes(source_db, tables)),
+      assert(catalog.constraints_and_indexes(target_db, tables))))
+    assert.equal(constraints(L.source, s), constraints(L.target, s))
+    -- nothing missing: nothing done
+    r = assert(schema.restore_missing(L.target.conninfo, dump, source_db, target_db, tables, {}))
+    assert.equal("nothing missing", r.how)
+    -- a bare target: the archive's post-data section, with pg_restore
+    local s2 = fresh("bare")
+    make_source_schema(s2)
+    local dump2 = assert(schema.dump(L.source.conninfo, state_dir(), { tools = tools, schemas = { s2 } }))
+    assert(schema.restore("pre-data", L.target.conninfo, dump2, {}))
+    local tables2 = { { schema = s2, name = "parent" }, { schema = s2, name = "child" }, { schema = s2, name = "nopk" } }
+    r = assert(schema.restore_missing(L.target.conninfo, dump2, source_db, target_db, tables2, { jobs = 2 }))
+    assert.equal("pg_restore", r.how)
+    assert.equal(indexes(L.source, s2), indexes(L.target, s2))
+    source_db:close()
+  end)
+
   it("leaves pglogical out of the target and says so", function()
     -- A database of its own on both sides: a whole-database dump, pglogical included.
     local dbname = fresh("whole")
