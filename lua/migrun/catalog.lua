@@ -497,6 +497,13 @@ local function constraint_sql(t, name, definition)
          ("ALTER TABLE %s ADD CONSTRAINT %s %s"):format(tq, pg.quote_ident(name), definition)
 end
 
+-- The statement that creates an item of catalog.constraints_and_indexes.
+function catalog.create_sql(item)
+  if item.kind == "index" then return item.definition end
+  local schema, name = item.table:match("^(.-)%.(.*)$")
+  return select(2, constraint_sql({ schema = schema, name = name }, item.name, item.definition))
+end
+
 function catalog.separate_unique_indexes(db, tables)
   assert(db and db.query, "catalog.separate_unique_indexes: a Db expected")
   local all, index_by_oid = load(db)

@@ -155,15 +155,7 @@ end
 -- The servers
 ---------------------------------------------------------------------------
 
--- Removes what could be a password from a message about a conninfo.
-local function mask(message, conninfo)
-  message = journal.mask_string(tostring(message))
-  local parsed = conninfo and pg.conninfo_parse(conninfo)
-  if parsed and parsed.password and parsed.password ~= "" then
-    message = message:gsub(parsed.password:gsub("%p", "%%%0"), "****")
-  end
-  return message
-end
+local mask = journal.mask
 
 -- A server global: the Db once connected (its fields through __index, so
 -- `source:query(...)` and tab completion work), callable for a status.

@@ -64,6 +64,17 @@ local function mask_string(s)
 end
 journal.mask_string = mask_string
 
+-- journal.mask(message, conninfo): mask_string, and the conninfo's own
+-- password wherever it appears (a message about that connection).
+function journal.mask(message, conninfo)
+  message = mask_string(tostring(message))
+  local parsed = conninfo and require("migrun.pg").conninfo_parse(conninfo)
+  if parsed and parsed.password and parsed.password ~= "" then
+    message = message:gsub(parsed.password:gsub("%p", "%%%0"), "****")
+  end
+  return message
+end
+
 local function scrub(v, seen)
   local t = type(v)
   if t == "string" then return mask_string(v) end

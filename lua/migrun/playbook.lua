@@ -227,15 +227,7 @@ function Ctx:warn(fmt, ...)
   self:_emit("WARNING: " .. (select("#", ...) > 0 and fmt:format(...) or tostring(fmt)), true)
 end
 
--- Masks what could be a password in a message about server `name`.
-local function mask(message, conninfo)
-  message = journal.mask_string(tostring(message))
-  local parsed = conninfo and pg.conninfo_parse(conninfo)
-  if parsed and parsed.password and parsed.password ~= "" then
-    message = message:gsub(parsed.password:gsub("%p", "%%%0"), "****")
-  end
-  return message
-end
+local mask = journal.mask
 
 function Ctx:connect(name)
   assert(SERVERS[name], "ctx:connect: source, replica or target expected")
