@@ -17,6 +17,7 @@ Copy this file to adapt the procedure; the work is in migrun.cutover, migrun.cdc
 and migrun.qa, the machinery in migrun.playbook.
 ]]
 local playbook = require "migrun.playbook"
+local steps = require "migrun.steps"
 local cutover = require "migrun.cutover"
 local cdc = require "migrun.cdc"
 local qa = require "migrun.qa"
@@ -45,10 +46,7 @@ P:step{ "ready", "Every task of this migration runs and has caught up (full.lua 
     if not ctx:done("catch_up", "full") then
       return nil, "playbooks/full.lua has not finished (its catch_up step is not done): run it to the end first"
     end
-    local cfg = ctx.config
-    local st = assert(cdc.watch(ctx:dms(), plan(ctx), tasks(ctx), { name = cfg.name, source = ctx.source,
-      target = ctx.target, lag_bytes = cfg.dms.catch_up.lag_bytes, timeout = cfg.dms.catch_up.timeout,
-      poll = cfg.dms.catch_up.poll, sleep = function(t) ctx:sleep(t) end }))
+    local st = assert(cdc.watch(ctx:dms(), plan(ctx), tasks(ctx), steps.watch_options(ctx)))
     ctx:report_table("DMS tasks before the cutover", cdc.status_table(st))
     if st.exceptions > 0 then ctx:warn("%d row(s) in awsdms_apply_exceptions: the final QA will tell", st.exceptions) end
     return { tasks = #st.rows, max_lag = st.max_lag }

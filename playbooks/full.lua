@@ -23,8 +23,6 @@ local catalog = require "migrun.catalog"
 local groups = require "migrun.groups"
 local pglogical = require "migrun.pglogical"
 local replica = require "migrun.replica"
-local fullload = require "migrun.fullload"
-local qa = require "migrun.qa"
 local cdc = require "migrun.cdc"
 local walguard = require "migrun.walguard"
 local lsn = require "migrun.lsn"
@@ -141,35 +139,12 @@ P:step{ "full_load", "Full load from the paused replica, in parallel",
     return ("truncate and load %d tables on the target"):format(#tables(ctx))
   end,
   run = function(ctx)
-    local loaded = ctx.facts.full_load.loaded or {}
-    local total = 0
-    for _, t in ipairs(tables(ctx)) do total = total + (t.bytes or 0) end
-    local bar = ctx:progress{ label = "full load", total = total, unit = "bytes" }
-    local result = assert(fullload.run{
-      replica = ctx.config.replica.conninfo, target = ctx.config.target.conninfo,
-      tables = tables(ctx), jobs = ctx.config.full_load.jobs, done = loaded,
-      expect_replay_lsn = captured_lsn(ctx), dry_run = ctx.dry_run, echo = say(ctx),
-      on_progress = function(done, _, rows, detail)
-        bar:update(done, ("%s, %d rows"):format(detail and detail.table or "", rows or 0))
-      end,
-      on_table = function(r)
-        loaded[r.table] = r
-        ctx:record("loaded", loaded)   -- journal first: a table said loaded is never loaded again
-        ctx:say("loaded %s: %d rows, %s in %.1fs", r.table, r.rows, catalog.human_bytes(r.bytes), r.seconds)
-      end })
-    bar:finish(("%d tables, %s"):format(#result.tables, catalog.human_bytes(result.bytes or 0)))
-    ctx:report_table("Full load", { "table", "rows", "bytes", "started", "ended", "seconds", "stream" },
-      fullload.report_rows(loaded))
-    return { loaded = loaded, seconds = result.seconds }
+    return steps.load(ctx, tables(ctx), captured_lsn(ctx), "Full load")
   end }
 
 P:step{ "indexes", "Restore the indexes and constraints; verify every one of the source's exists",
   run = function(ctx)
-    local dump = { file = ctx.facts.schema.dump, list = ctx.facts.schema.list,
-                   tools = assert(schema.tools(ctx.target.conn:server_version())) }
-    assert(schema.restore_missing(ctx.config.target.conninfo, dump, ctx.replica, ctx.target, tables(ctx),
-      { jobs = ctx.config.full_load.jobs, dry_run = ctx.dry_run, echo = say(ctx) }))
-    return steps.verify_indexes(ctx, tables(ctx))
+    return steps.restore_indexes(ctx, ctx.facts.schema, tables(ctx))
   end }
 
 P:step{ "qa", "Quick QA: per-month and exact counts, replica against target",
@@ -206,10 +181,7 @@ P:step{ "dms_start", "Start the tasks one by one",
 
 P:step{ "catch_up", "Watch the tasks catch up; final QA against the primary", always = true,
   run = function(ctx)
-    local cfg = ctx.config
-    local watch = { name = cfg.name, source = ctx.source, target = ctx.target,
-      lag_bytes = cfg.dms.catch_up.lag_bytes, timeout = cfg.dms.catch_up.timeout,
-      poll = cfg.dms.catch_up.poll, sleep = function(t) ctx:sleep(t) end }
+    local watch = steps.watch_options(ctx)
     local bar = ctx:progress{ label = "tasks caught up", total = #plan(ctx), unit = "tasks" }
     watch.on_status = function(st)
       bar:update(cdc.caught_up(st, watch.lag_bytes),
@@ -221,21 +193,8 @@ P:step{ "catch_up", "Watch the tasks catch up; final QA against the primary", al
     ctx:report_table("DMS tasks", cdc.status_table(st))
     if st.exceptions > 0 then ctx:warn("%d row(s) in awsdms_apply_exceptions: look at them before cutover", st.exceptions) end
     if ctx.dry_run then return {} end
-    -- CDC is live: rows newer than a minute ago may still be in flight, and a
-    -- difference is checked again once the tasks have applied what is written now.
-    local slots = {}
-    for _, g in ipairs(plan(ctx)) do slots[#slots + 1] = g.slot end
-    local before = assert(ctx.source:query("select (now() - interval '1 minute')::text as t"))[1].t
-    local r = assert(qa.settled(ctx.source, ctx.target, tables(ctx), cfg.qa, { before = before,
-      wait = function()
-        assert(cdc.wait_applied(ctx.source, slots, { timeout = cfg.dms.catch_up.timeout,
-          poll = 0.2, sleep = function(t) ctx:sleep(t) end }))
-      end }))
-    ctx:report_table("Final QA (primary vs target)", qa.report_columns(), qa.report_rows(r))
-    if r.differences > 0 then
-      ctx:say("%s", qa.format(r))
-      return nil, ("%d difference(s) between the primary and the target persist after catch-up"):format(r.differences)
-    end
+    local r, why = steps.live_qa(ctx, plan(ctx), tables(ctx), "Final QA (primary vs target)")
+    if not r then return nil, why end
     ctx:say("READY FOR CUTOVER: %d tasks running, largest lag %s, %d QA checks equal",
       #st.rows, cdc.human_bytes(st.max_lag), #r.checks)
     return { ready = true, max_lag = st.max_lag, exceptions = st.exceptions }

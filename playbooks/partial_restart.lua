@@ -25,12 +25,8 @@ new task's ARN replaces the old one in full.lua's dms_setup facts, so
 local playbook = require "migrun.playbook"
 local steps = require "migrun.steps"
 local restart = require "migrun.restart"
-local schema = require "migrun.schema"
-local catalog = require "migrun.catalog"
 local pglogical = require "migrun.pglogical"
 local replica = require "migrun.replica"
-local fullload = require "migrun.fullload"
-local qa = require "migrun.qa"
 local cdc = require "migrun.cdc"
 local walguard = require "migrun.walguard"
 local lsn = require "migrun.lsn"
@@ -132,31 +128,12 @@ P:step{ "verify_lsn", "Verify the new LSN on the primary for the new slot (bound
 
 P:step{ "reload", "Reload the group's tables from the paused replica (their indexes are in place)",
   run = function(ctx)
-    local loaded = ctx.facts.reload.loaded or {}
-    local result = assert(fullload.run{
-      replica = ctx.config.replica.conninfo, target = ctx.config.target.conninfo,
-      tables = tables(ctx), jobs = ctx.config.full_load.jobs, done = loaded,
-      expect_replay_lsn = new_lsn(ctx), dry_run = ctx.dry_run, echo = say(ctx),
-      on_table = function(r)
-        loaded[r.table] = r
-        ctx:record("loaded", loaded)
-        ctx:say("loaded %s: %d rows, %s in %.1fs", r.table, r.rows, catalog.human_bytes(r.bytes), r.seconds)
-      end })
-    ctx:report_table("Reload", { "table", "rows", "bytes", "started", "ended", "seconds", "stream" },
-      fullload.report_rows(loaded))
-    return { loaded = loaded, seconds = result.seconds }
+    return steps.load(ctx, tables(ctx), new_lsn(ctx), "Reload")
   end }
 
 P:step{ "indexes", "Restore any missing index or constraint of the group's tables; verify every one",
   run = function(ctx)
-    if not ctx.dry_run then
-      local f = full(ctx)
-      local dump = { file = f.schema.dump, list = f.schema.list,
-                     tools = assert(schema.tools(ctx.target.conn:server_version())) }
-      assert(schema.restore_missing(ctx.config.target.conninfo, dump, ctx.replica, ctx.target, tables(ctx),
-        { jobs = ctx.config.full_load.jobs, echo = say(ctx) }))
-    end
-    return steps.verify_indexes(ctx, tables(ctx))
+    return steps.restore_indexes(ctx, full(ctx).schema, tables(ctx))
   end }
 
 P:step{ "qa", "Quick QA of the group's tables, replica against target",
@@ -191,26 +168,12 @@ P:step{ "start_task", "Start the new task",
 
 P:step{ "catch_up", "Watch the new task catch up; QA the group's tables against the primary", always = true,
   run = function(ctx)
-    local cfg = ctx.config
     local tasks = { [slot(ctx)] = ctx.facts.replace_task.arn }
-    local watch = { name = cfg.name, source = ctx.source, target = ctx.target,
-      lag_bytes = cfg.dms.catch_up.lag_bytes, timeout = cfg.dms.catch_up.timeout,
-      poll = cfg.dms.catch_up.poll, sleep = function(t) ctx:sleep(t) end }
-    local st = assert(cdc.watch(ctx:dms(), { group(ctx) }, tasks, watch))
+    local st = assert(cdc.watch(ctx:dms(), { group(ctx) }, tasks, steps.watch_options(ctx)))
     ctx:report_table("DMS task", cdc.status_table(st))
     if ctx.dry_run then return {} end
-    -- under live writes a count can be off by what is in flight: compare again
-    -- after the task has caught up and a poll has passed; only what persists fails
-    local r = assert(qa.settled(ctx.source, ctx.target, tables(ctx), cfg.qa, { attempts = 10,
-      wait = function()
-        assert(cdc.watch(ctx:dms(), { group(ctx) }, tasks, watch))
-        ctx:sleep(cfg.dms.catch_up.poll)
-      end }))
-    ctx:report_table("QA (primary vs target)", qa.report_columns(), qa.report_rows(r))
-    if r.differences > 0 then
-      ctx:say("%s", qa.format(r))
-      return nil, ("%d difference(s) between the primary and the target persist after catch-up"):format(r.differences)
-    end
+    local r, why = steps.live_qa(ctx, { group(ctx) }, tables(ctx), "QA (primary vs target)")
+    if not r then return nil, why end
     ctx:say("%s has caught up: lag %s, %d QA checks equal", slot(ctx), cdc.human_bytes(st.max_lag), #r.checks)
     return { caught_up = true, max_lag = st.max_lag }
   end }

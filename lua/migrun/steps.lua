@@ -5,17 +5,65 @@ playbook keeps only the line that says which tables.
 
   P:step{ "qa", "Quick QA ...", run = function(ctx) return steps.quick_qa(ctx, tables(ctx)) end }
 
+  steps.load(ctx, tables, at, title) -> { loaded =, seconds = }
+      fullload.run from the paused replica (which must still be at `at`),
+      with a progress bar; each table is recorded in the journal (fact
+      "loaded") the moment it commits, so a rerun loads only the rest.
+  steps.restore_indexes(ctx, schema_facts, tables) -> { verified = true } | nil, why
+      the post-data section (or just what is missing of it) restored from the
+      dump of full.lua's schema step, then verify_indexes.
   steps.verify_indexes(ctx, tables) -> { verified = true } | nil, why
       every index and constraint of the (paused) replica's tables exists on
       the target; each missing one is named.
   steps.quick_qa(ctx, tables) -> facts | nil, why
       per-month and exact counts, replica against target, into the report;
       a difference fails the step with the table of them.
+  steps.watch_options(ctx) -> the cdc.watch options from config.dms.catch_up
+  steps.live_qa(ctx, groups, tables, title) -> result | nil, why
+      primary against target while CDC runs: per-month counts of rows older
+      than a minute (newer ones may be in flight), and a difference compared
+      again once every slot has confirmed what the primary had written.
 ]]
 local catalog = require "migrun.catalog"
 local qa = require "migrun.qa"
+local fullload = require "migrun.fullload"
+local schema = require "migrun.schema"
+local cdc = require "migrun.cdc"
 
 local steps = {}
+
+local function say(ctx) return function(line) ctx:say("%s", line) end end
+
+function steps.load(ctx, tables, at, title)
+  local loaded = ctx.facts[ctx.step].loaded or {}
+  local total = 0
+  for _, t in ipairs(tables) do total = total + (t.bytes or 0) end
+  local bar = ctx:progress{ label = title, total = total, unit = "bytes" }
+  local result = assert(fullload.run{
+    replica = ctx.config.replica.conninfo, target = ctx.config.target.conninfo,
+    tables = tables, jobs = ctx.config.full_load.jobs, done = loaded,
+    expect_replay_lsn = at, dry_run = ctx.dry_run, echo = say(ctx),
+    on_progress = function(done, _, rows, detail)
+      bar:update(done, ("%s, %d rows"):format(detail and detail.table or "", rows or 0))
+    end,
+    on_table = function(r)
+      loaded[r.table] = r
+      ctx:record("loaded", loaded)   -- journal first: a table said loaded is never loaded again
+      ctx:say("loaded %s: %d rows, %s in %.1fs", r.table, r.rows, catalog.human_bytes(r.bytes), r.seconds)
+    end })
+  bar:finish(("%d tables, %s"):format(#result.tables, catalog.human_bytes(result.bytes or 0)))
+  ctx:report_table(title, { "table", "rows", "bytes", "started", "ended", "seconds", "stream" },
+    fullload.report_rows(loaded))
+  return { loaded = loaded, seconds = result.seconds }
+end
+
+function steps.restore_indexes(ctx, schema_facts, tables)
+  local dump = { file = schema_facts.dump, list = schema_facts.list,
+                 tools = assert(schema.tools(ctx.target.conn:server_version())) }
+  assert(schema.restore_missing(ctx.config.target.conninfo, dump, ctx.replica, ctx.target, tables,
+    { jobs = ctx.config.full_load.jobs, dry_run = ctx.dry_run, echo = say(ctx) }))
+  return steps.verify_indexes(ctx, tables)
+end
 
 function steps.verify_indexes(ctx, tables)
   local missing = catalog.missing_on_target(
@@ -40,6 +88,29 @@ function steps.quick_qa(ctx, tables)
     return nil, ("%d QA difference(s) between the replica and the target"):format(r.differences)
   end
   return { checks = #r.checks, seed = r.seed }
+end
+
+function steps.watch_options(ctx)
+  local c = ctx.config.dms.catch_up
+  return { name = ctx.config.name, source = ctx.source, target = ctx.target, lag_bytes = c.lag_bytes,
+           timeout = c.timeout, poll = c.poll, sleep = function(t) ctx:sleep(t) end }
+end
+
+function steps.live_qa(ctx, groups, tables, title)
+  local slots = {}
+  for _, g in ipairs(groups) do slots[#slots + 1] = g.slot end
+  local before = assert(ctx.source:query("select (now() - interval '1 minute')::text as t"))[1].t
+  local r = assert(qa.settled(ctx.source, ctx.target, tables, ctx.config.qa, { before = before,
+    wait = function()
+      assert(cdc.wait_applied(ctx.source, slots, { timeout = ctx.config.dms.catch_up.timeout,
+        poll = 0.2, sleep = function(t) ctx:sleep(t) end }))
+    end }))
+  ctx:report_table(title, qa.report_columns(), qa.report_rows(r))
+  if r.differences > 0 then
+    ctx:say("%s", qa.format(r))
+    return nil, ("%d difference(s) between the primary and the target persist after catch-up"):format(r.differences)
+  end
+  return r
 end
 
 return steps

@@ -11,9 +11,7 @@ local aws = require "migrun.aws"
 local cjson = require "cjson"
 
 local NAME = "e2e-restart"
--- full.lua's final QA compares counts under the writes; the slower ASan build
--- needs a lighter workload for the in-flight rows to settle
-local RATE = H.SANITIZE and 10 or 30
+local RATE = 30
 
 describe("restart playbooks", function()
   local R, client
