@@ -18,7 +18,7 @@ Each method runs in a child `migrun bench/fullload.lua --method NAME` under
 /usr/bin/time, which gives wall seconds and the peak RSS of the largest client
 process of the method (servers not counted). Row counts are checked after each.
 ]]
-local lab = require "migrun.lab"
+local lab = require "migrun.rehearsal.lab"
 local proc = require "migrun.proc"
 local host = require "migrun.host"
 local pg = require "migrun.pg"

@@ -26,6 +26,7 @@ local replica = require "migrun.replica"
 local cdc = require "migrun.cdc"
 local walguard = require "migrun.walguard"
 local lsn = require "migrun.lsn"
+local text = require "migrun.text"
 
 local P = playbook.new{ name = "full", title = "Full migration: full load from the paused replica, then DMS CDC" }
 
@@ -185,7 +186,7 @@ P:step{ "catch_up", "Watch the tasks catch up; final QA against the primary", al
     local bar = ctx:progress{ label = "tasks caught up", total = #plan(ctx), unit = "tasks" }
     watch.on_status = function(st)
       bar:update(cdc.caught_up(st, watch.lag_bytes),
-        ("largest lag %s, %d apply exception(s)"):format(cdc.human_bytes(st.max_lag), st.exceptions))
+        ("largest lag %s, %d apply exception(s)"):format(text.bytes(st.max_lag), st.exceptions))
     end
     local st = assert(cdc.watch(ctx:dms(), plan(ctx), ctx.facts.dms_setup.tasks, watch))
     bar:finish("every task has caught up")
@@ -196,7 +197,7 @@ P:step{ "catch_up", "Watch the tasks catch up; final QA against the primary", al
     local r, why = steps.live_qa(ctx, plan(ctx), tables(ctx), "Final QA (primary vs target)")
     if not r then return nil, why end
     ctx:say("READY FOR CUTOVER: %d tasks running, largest lag %s, %d QA checks equal",
-      #st.rows, cdc.human_bytes(st.max_lag), #r.checks)
+      #st.rows, text.bytes(st.max_lag), #r.checks)
     return { ready = true, max_lag = st.max_lag, exceptions = st.exceptions }
   end }
 

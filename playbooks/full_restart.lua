@@ -124,7 +124,7 @@ P:step{ "begin_again", "Set this attempt's journal aside; full.lua runs again fr
 local code = P:main(arg)
 local parsed = P:parse({ table.unpack(arg) })
 if code == playbook.EXIT.ok and parsed and not (parsed.dry_run or parsed.help or parsed.list or parsed.only) then
-  local cfg = require("migrun.config").load(parsed.config)
+  local cfg = require("migrun.playbook.config").load(parsed.config)
   code = restart.begin_again{ P = P, argv = arg, keep_schema = cfg and cfg.restart.target == "truncate",
     full = (arg[0] or "playbooks/full_restart.lua"):gsub("full_restart%.lua$", "full.lua"),
     say = function(line) io.stdout:write(os.date("%H:%M:%S "), line, "\n") io.stdout:flush() end }

@@ -4,7 +4,7 @@
 -- --config FILE), then edit. It is Lua: it runs with os.getenv, string, math
 -- and table only, and returns one table. Every key is checked before anything
 -- runs; a typo is reported with the key's path and the nearest known key.
--- Keys left out take the default shown here. `migrun -e 'print(require("migrun.config").describe())'`
+-- Keys left out take the default shown here. `migrun -e 'print(require("migrun.playbook.config").describe())'`
 -- prints them all.
 --
 -- Never write a password here: read it from the environment (os.getenv) or

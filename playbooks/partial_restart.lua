@@ -30,6 +30,7 @@ local replica = require "migrun.replica"
 local cdc = require "migrun.cdc"
 local walguard = require "migrun.walguard"
 local lsn = require "migrun.lsn"
+local text = require "migrun.text"
 
 local P = playbook.new{ name = "partial_restart", args = "<slot>",
   title = "Partial restart: one group's slot, tables and DMS task again, the others untouched" }
@@ -53,11 +54,11 @@ P:step{ "refuse_foreign", "Only a slot of this migration, after full.lua set up 
     local g = assert(restart.group_of(f.groups.groups, slot(ctx), ctx.source, ctx.config.slots.prefix))
     -- the group's tables with what know_data measured (sizes order the load and the QA)
     local known = {}
-    for _, t in ipairs(f.know_data.tables) do known[t.schema .. "." .. t.name] = t end
+    for _, t in ipairs(f.know_data.tables) do known[text.key(t)] = t end
     local list = {}
-    for _, t in ipairs(g.tables) do list[#list + 1] = known[t.schema .. "." .. t.name] or t end
+    for _, t in ipairs(g.tables) do list[#list + 1] = known[text.key(t)] or t end
     local names = {}
-    for i, t in ipairs(list) do names[i] = t.schema .. "." .. t.name end
+    for i, t in ipairs(list) do names[i] = text.key(t) end
     ctx:say("%s: %d table(s): %s", g.slot, #list, table.concat(names, ", "))
     return { group = g, tables = list }
   end }
@@ -83,7 +84,7 @@ P:step{ "stop_task", "Stop the group's DMS task (if it runs)",
 P:step{ "truncate", "Truncate the group's tables on the target",
   destructive = function(ctx)
     local names = {}
-    for i, t in ipairs(tables(ctx)) do names[i] = t.schema .. "." .. t.name end
+    for i, t in ipairs(tables(ctx)) do names[i] = text.key(t) end
     return ("truncate %d table(s) of %s on the target (%s)"):format(#names, slot(ctx), table.concat(names, ", "))
   end,
   run = function(ctx)
@@ -174,7 +175,7 @@ P:step{ "catch_up", "Watch the new task catch up; QA the group's tables against 
     if ctx.dry_run then return {} end
     local r, why = steps.live_qa(ctx, { group(ctx) }, tables(ctx), "QA (primary vs target)")
     if not r then return nil, why end
-    ctx:say("%s has caught up: lag %s, %d QA checks equal", slot(ctx), cdc.human_bytes(st.max_lag), #r.checks)
+    ctx:say("%s has caught up: lag %s, %d QA checks equal", slot(ctx), text.bytes(st.max_lag), #r.checks)
     return { caught_up = true, max_lag = st.max_lag }
   end }
 

@@ -1,2 +1,2 @@
 -- A tour of the migrun modules: `migrun playbooks/tour.lua [--quick]`.
-require("migrun.tour").run{ quick = arg[1] == "--quick" }
+require("migrun.rehearsal.tour").run{ quick = arg[1] == "--quick" }

@@ -157,7 +157,7 @@ static int dostring(lua_State *L, const char *s, const char *name) {
 }
 
 /* -l [g=]mod: for a dotted module with no g=, the global is its last part
- * (-l migrun.lab gives `lab`). */
+ * (-l migrun.rehearsal.lab gives `lab`). */
 static int dolibrary(lua_State *L, char *spec) {
     char *modname = strchr(spec, '=');
     const char *globname;
@@ -177,13 +177,13 @@ static int dolibrary(lua_State *L, char *spec) {
     return report(L, status);
 }
 
-/* --config FILE: the slot-inspection console (lua/migrun/console.lua) as the
+/* --config FILE: the slot-inspection console (lua/migrun/repl/console.lua) as the
  * global `console`, opened on FILE. The option wins over MIGRUN_CONFIG, which
  * is removed so that requiring the module does not open that one first. */
 static int doconsole(lua_State *L, const char *path) {
     unsetenv("MIGRUN_CONFIG");
     lua_getglobal(L, "require");
-    lua_pushliteral(L, "migrun.console");
+    lua_pushliteral(L, "migrun.repl.console");
     int status = migrun_docall(L, 1, 1); /* console | msg */
     if (status != LUA_OK)
         return report(L, status);

@@ -15,8 +15,8 @@
 
 /* Every lua/ source file, compiled in by cmake/embed_lua.cmake; terminated by a NULL module. */
 struct migrun_embedded {
-    const char *module;    /* "migrun.lab" */
-    const char *chunkname; /* "@/path/to/lua/migrun/lab.lua" */
+    const char *module;    /* "migrun.rehearsal.lab" */
+    const char *chunkname; /* "@/path/to/lua/migrun/rehearsal/lab.lua" */
     const char *source;
     size_t len;
 };

@@ -3,12 +3,12 @@
  * reading input and printing results: on a terminal, lines come from libedit
  * (readline API) with persistent history (~/.migrun_history or
  * $MIGRUN_HISTORY, created 0600) and tab completion of globals and fields
- * (candidates come from the Lua module migrun.complete); otherwise lines are
+ * (candidates come from the Lua module migrun.repl.complete); otherwise lines are
  * read plainly from stdin with no prompts, so piped sessions give
  * deterministic output. As in lua.c, a line is first tried as an expression
  * ("return " .. line) so values print without typing return, then as a
  * statement, and while the parse error ends in <eof> more lines are read.
- * Results print through migrun.pretty; errors print (honouring __tostring)
+ * Results print through migrun.repl.pretty; errors print (honouring __tostring)
  * and the loop goes on. Ctrl-C while a command runs interrupts it (the hook
  * installed by migrun_docall); Ctrl-C at the prompt drops the line.
  */
@@ -103,11 +103,11 @@ static void history_close(void) {
 /* Candidates of the current completion: a Lua array in the registry. */
 static int candidates_ref = LUA_NOREF;
 
-/* Under lua_pcall: the word (a light userdata char *) -> migrun.complete.complete(word). */
+/* Under lua_pcall: the word (a light userdata char *) -> migrun.repl.complete.complete(word). */
 static int complete_call(lua_State *L) {
     const char *word = lua_touserdata(L, 1);
     lua_getglobal(L, "require");
-    lua_pushliteral(L, "migrun.complete");
+    lua_pushliteral(L, "migrun.repl.complete");
     lua_call(L, 1, 1);                    /* complete */
     lua_getfield(L, -1, "complete");      /* complete fn */
     lua_pushstring(L, word);              /* complete fn word */
@@ -299,14 +299,14 @@ static void print_error(lua_State *L, const char *progname) {
     lua_settop(L, 0);
 }
 
-/* Prints the results on the stack with migrun.pretty.print. */
+/* Prints the results on the stack with migrun.repl.pretty.print. */
 static void print_results(lua_State *L, const char *progname) {
     int n = lua_gettop(L);
     if (n == 0)
         return;
     luaL_checkstack(L, LUA_MINSTACK, "too many results to print");
     lua_getglobal(L, "require");
-    lua_pushliteral(L, "migrun.pretty");
+    lua_pushliteral(L, "migrun.repl.pretty");
     int status = migrun_docall(L, 1, 1); /* results... pretty|msg */
     prompt_signal(1);
     if (status != LUA_OK) {

@@ -8,7 +8,7 @@
 -- running on the primary, runs playbooks/full.lua to "ready for cutover" and
 -- prints its report. Everything stops when the demo ends; the state directory
 -- (journal, report, log, the generated migration.lua) is kept in DIR.
-local demo = require "migrun.demo"
+local demo = require "migrun.rehearsal.demo"
 local proc = require "migrun.proc"
 local host = require "migrun.host"
 

@@ -3,8 +3,8 @@
 -- The secret key is read from the environment variable named by --secret-env
 -- (default MIGRUN_DMS_EMULATOR_SECRET), never from the command line. Prints
 -- the endpoint URL on stdout once listening, then serves until killed.
-local emulator = require "migrun.dms.emulator"
-local json = require "migrun.dms.json"
+local emulator = require "migrun.rehearsal.emulator"
+local json = require "migrun.json"
 
 local options = {
   { "--port", "N", "port on 127.0.0.1 (0 = any free port; the URL printed tells which)", "0" },
@@ -62,7 +62,7 @@ local function doc(name)
   return d
 end
 
-local cdc -- nil: the default engine (migrun.dms.emulator_cdc)
+local cdc -- nil: the default engine (migrun.rehearsal.emulator_cdc)
 if args["--no-cdc"] then cdc = false end
 local emu, err = emulator.start{ port = port, access_key = args["--access-key"], secret_key = secret,
   region = args["--region"], cdc = cdc, faults = doc("--faults"), delays = doc("--delays"),

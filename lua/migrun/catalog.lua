@@ -64,13 +64,13 @@ catalog.separate_unique_indexes(db, tables) -> { {table = "s.t", schema, table_n
     INDEX. referenced_by lists the foreign keys that need it: they must be
     dropped first and added back after it.
 
-catalog.human_bytes(n) -> "12.3 MB" (1024-based), shared by the printed plans.
 
 All definitions are read with search_path emptied, so every name in them is
 schema-qualified and two servers print them alike.
 ]]
 local pg = require "migrun.pg"
 local errors = require "migrun.error"
+local text = require "migrun.text"
 
 local catalog = {}
 
@@ -84,7 +84,7 @@ end
 local LOB_BASE_TYPES = { text = true, json = true, jsonb = true, bytea = true, xml = true,
                          tsvector = true, hstore = true }
 
-local function key_of(schema, name) return schema .. "." .. name end
+local key_of = text.key
 
 local function query(db, ...)
   local res, err = db:query(...)
@@ -536,21 +536,12 @@ function catalog.separate_unique_indexes(db, tables)
   return list
 end
 
-function catalog.human_bytes(n)
-  if n == nil then return "?" end
-  local units = { "B", "kB", "MB", "GB", "TB", "PB" }
-  local i = 1
-  while n >= 1024 and i < #units do n, i = n / 1024, i + 1 end
-  if i == 1 then return ("%d B"):format(n) end
-  return (n < 10 and "%.1f %s" or "%.0f %s"):format(n, units[i])
-end
-
 -- Rows for the report's table of tables.
 function catalog.summary_rows(tables)
   local rows = {}
   for _, t in ipairs(tables) do
     local rate = t.write_rate and t.write_rate.total
-    rows[#rows + 1] = { t.key or (t.schema .. "." .. t.name), catalog.human_bytes(t.bytes or 0),
+    rows[#rows + 1] = { text.key(t), text.bytes(t.bytes or 0),
       tostring(math.floor(t.rows_estimate or 0)), t.has_pk and "yes" or "NO",
       t.separate_unique and "yes" or "", t.lob_max_kb and (t.lob_max_kb .. " KB") or "",
       rate and ("%.1f"):format(rate) or "" }

@@ -28,6 +28,7 @@ local lsn = require "migrun.lsn"
 local host = require "migrun.host"
 local errors = require "migrun.error"
 local builders = require "migrun.dms.builders"
+local text = require "migrun.text"
 
 local cdc = {}
 
@@ -423,21 +424,11 @@ function cdc.caught_up(st, lag_bytes)
   return n
 end
 
--- Human units for bytes.
-function cdc.human_bytes(n)
-  if n == nil then return "?" end
-  if n == math.huge then return "inf" end
-  local units = { "B", "kB", "MB", "GB", "TB" }
-  local i = 1
-  while n >= 1024 and i < #units do n, i = n / 1024, i + 1 end
-  return i == 1 and ("%d %s"):format(n, units[i]) or ("%.1f %s"):format(n, units[i])
-end
-
 -- Rows for a printed table of a status.
 function cdc.status_table(st)
   local rows = {}
   for _, r in ipairs(st.rows) do
-    rows[#rows + 1] = { r.slot, r.task, r.status, cdc.human_bytes(r.lag_bytes), r.confirmed_flush_lsn,
+    rows[#rows + 1] = { r.slot, r.task, r.status, text.bytes(r.lag_bytes), r.confirmed_flush_lsn,
       r.applied_at and tostring(r.applied_at) or "-", tostring(r.exceptions) }
   end
   return { "slot", "task", "status", "lag", "confirmed flush", "applied up to", "apply exceptions" }, rows
@@ -468,7 +459,7 @@ function cdc.watch(client, groups, tasks, opts)
     if host.monotonic() > deadline then
       return nil, errors.new{ kind = "timeout", where = "dms catch-up", status = st,
         message = ("the tasks did not catch up within %gs (largest lag %s)"):format(opts.timeout or 3600,
-          cdc.human_bytes(st.max_lag)),
+          text.bytes(st.max_lag)),
         hint = "raise dms.catch_up.timeout, or look at the tasks' CDC latency and the apply exceptions" }
     end
     opts.sleep(opts.poll or 5)

@@ -65,6 +65,7 @@ cutover.format_checklist(cl) -> text; cutover.format_rollback(cl) -> its "To rol
 local pg = require "migrun.pg"
 local lsn = require "migrun.lsn"
 local errors = require "migrun.error"
+local text = require "migrun.text"
 
 local cutover = {}
 
@@ -231,7 +232,7 @@ function cutover.sequences(db, opts)
   local schemas = opts.schemas and in_list(opts.schemas)
   local out = {}
   for r in res:rows() do
-    local owner = not rawequal(r.owner_table, pg.null) and (r.owner_schema .. "." .. r.owner_table) or nil
+    local owner = not rawequal(r.owner_table, pg.null) and text.key(r.owner_schema, r.owner_table) or nil
     if not (owner and excluded[owner]) and (not schemas or schemas[r.schema]) then
       out[#out + 1] = { schema = r.schema, name = r.name,
         last_value = not rawequal(r.last_value, pg.null) and r.last_value or nil,
@@ -267,10 +268,10 @@ function cutover.sync_sequences(source, target, opts)
   local there, terr = cutover.sequences(target, { schemas = opts.schemas })
   if not there then return nil, terr end
   local on_target = {}
-  for _, s in ipairs(there) do on_target[s.schema .. "." .. s.name] = s end
+  for _, s in ipairs(there) do on_target[text.key(s)] = s end
   local out = { rows = {}, set = 0, missing = {} }
   for _, seq in ipairs(list) do
-    local key = seq.schema .. "." .. seq.name
+    local key = text.key(seq)
     local t = on_target[key]
     if not t then
       out.missing[#out.missing + 1] = key

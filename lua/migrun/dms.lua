@@ -19,7 +19,7 @@
 local aws = require "migrun.aws"
 local credentials = require "migrun.aws.credentials"
 local errors = require "migrun.error"
-local json = require "migrun.dms.json"
+local json = require "migrun.json"
 
 local M = {}
 

@@ -57,10 +57,11 @@ local proc = require "migrun.proc"
 local errors = require "migrun.error"
 local host = require "migrun.host"
 local lsn = require "migrun.lsn"
+local text = require "migrun.text"
 
 local fullload = {}
 
-local function key(t) return t.schema .. "." .. t.name end
+local key = text.key
 
 local function copy_sql(t)
   local name = pg.qualify(t.schema, t.name)

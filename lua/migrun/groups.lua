@@ -44,11 +44,10 @@ groups.plan(tables, opts) -> plan | nil, err
 groups.format(plan) -> text: one aligned line per group (slot, tables, size,
     reason), then the warnings (tables without a primary key, whose updates and
     deletes will not replicate; LOB limits below the measured size).
-groups.aligned(rows) -> lines: rows of string cells as aligned text lines
-    (also what qa.format prints with).
 ]]
 local errors = require "migrun.error"
 local catalog = require "migrun.catalog"
+local text = require "migrun.text"
 
 local groups = {}
 
@@ -57,7 +56,7 @@ groups.DEFAULT_LARGEST_ALONE = 5
 groups.DEFAULT_LOB_MAX_KB = 32
 local MAX_SLOT_NAME = 63 -- NAMEDATALEN - 1
 
-local function key_of(t) return t.key or (t.schema .. "." .. t.name) end
+local key_of = text.key
 
 local function slot_name(prefix, i)
   local name = prefix .. ("%02d"):format(i)
@@ -205,23 +204,6 @@ function groups.plan(tables, opts)
   return plan
 end
 
--- Lines of cells as an aligned table (the last column is not padded).
-local function aligned(rows)
-  local widths = {}
-  for _, row in ipairs(rows) do
-    for i, cell in ipairs(row) do widths[i] = math.max(widths[i] or 0, utf8.len(cell) or #cell) end
-  end
-  local out = {}
-  for _, row in ipairs(rows) do
-    local cells = {}
-    for i, cell in ipairs(row) do
-      cells[i] = i < #row and cell .. (" "):rep(widths[i] - (utf8.len(cell) or #cell)) or cell
-    end
-    out[#out + 1] = table.concat(cells, "  ")
-  end
-  return out
-end
-groups.aligned = aligned
 
 local function table_list(g, limit)
   local names = {}
@@ -230,7 +212,7 @@ local function table_list(g, limit)
       names[#names + 1] = ("(+%d more)"):format(#g.tables - limit)
       break
     end
-    names[i] = t.schema .. "." .. t.name
+    names[i] = text.key(t)
   end
   return table.concat(names, ", ")
 end
@@ -241,12 +223,12 @@ function groups.format(plan)
   local total, ntables = 0, 0
   for _, g in ipairs(plan) do
     local reason = g.label and ("%s (%s)"):format(g.reason, g.label) or g.reason
-    rows[#rows + 1] = { g.slot, catalog.human_bytes(g.bytes), reason,
+    rows[#rows + 1] = { g.slot, text.bytes(g.bytes), reason,
                         ("%d: %s"):format(#g.tables, table_list(g, 6)) }
     total, ntables = total + (g.bytes or 0), ntables + #g.tables
   end
-  local lines = aligned(rows)
-  lines[#lines + 1] = ("%d groups, %d tables, %s"):format(#plan, ntables, catalog.human_bytes(total))
+  local lines = text.aligned(rows)
+  lines[#lines + 1] = ("%d groups, %d tables, %s"):format(#plan, ntables, text.bytes(total))
   local warnings = {}
   for _, g in ipairs(plan) do
     for _, w in ipairs(g.warnings or {}) do warnings[#warnings + 1] = ("  %s: %s"):format(g.slot, w) end

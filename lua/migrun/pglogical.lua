@@ -54,6 +54,7 @@ the setting, 'pglogical' in output_plugin_libraries.
 local lsn = require "migrun.lsn"
 local errors = require "migrun.error"
 local pg = require "migrun.pg"
+local text = require "migrun.text"
 
 local pgl = {}
 
@@ -350,7 +351,7 @@ function pgl.add_tables(db, slot, tables, opts)
   for _, t in ipairs(tables) do
     local schema, name = table_ref(t)
     local qualified = pg.qualify(schema, name)
-    local label = schema .. "." .. name
+    local label = text.key(schema, name)
     local res, err = db:query("select c.oid::int8 as oid,"
       .. " exists (select 1 from pg_index i where i.indrelid = c.oid and i.indisprimary) as has_pk,"
       .. " array_to_string(array(select rs.set_name::text from pglogical.replication_set_table rst"

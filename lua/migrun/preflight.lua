@@ -28,6 +28,7 @@ local proc = require "migrun.proc"
 local host = require "migrun.host"
 local pgl = require "migrun.pglogical"
 local replica_ = require "migrun.replica"
+local text = require "migrun.text"
 
 local preflight = {}
 
@@ -40,7 +41,7 @@ local function opt(v)
 end
 
 local function human(n)
-  return lsn.format_bytes(math.tointeger(n) or n)
+  return text.bytes(n)
 end
 
 local function version_text(v)
@@ -121,7 +122,7 @@ local function local_free(db)
 end
 
 local function table_label(t)
-  if type(t) == "table" then return t.schema .. "." .. t.name end
+  if type(t) == "table" then return text.key(t) end
   return t
 end
 
@@ -142,7 +143,7 @@ local function source_tables(db, config)
   for _, t in ipairs(config.exclude_tables or {}) do excluded[t] = true end
   local out = {}
   for row in res:rows() do
-    local label = row.schema .. "." .. row.name
+    local label = text.key(row)
     if (not schemas or schemas[row.schema]) and not excluded[label] then out[#out + 1] = label end
   end
   return out

@@ -46,6 +46,7 @@ qa.format(result) -> text: a summary line, then an aligned table of the
 ]]
 local pg = require "migrun.pg"
 local catalog = require "migrun.catalog"
+local text = require "migrun.text"
 
 local qa = {}
 
@@ -369,7 +370,7 @@ function qa.format(result)
       rows[#rows + 1] = { c.table, c.method, summary(c.a), summary(c.b), c.detail or "" }
     end
   end
-  for _, line in ipairs(require("migrun.groups").aligned(rows)) do lines[#lines + 1] = line end
+  for _, line in ipairs(text.aligned(rows)) do lines[#lines + 1] = line end
   return table.concat(lines, "\n")
 end
 

@@ -30,12 +30,13 @@ local errors = require "migrun.error"
 local cdc = require "migrun.cdc"
 local pglogical = require "migrun.pglogical"
 local host = require "migrun.host"
+local text = require "migrun.text"
 
 local restart = {}
 
 local function key(t)
   if type(t) == "string" then return t end
-  return t.schema .. "." .. t.name
+  return text.key(t)
 end
 
 local function qualified(t)
@@ -166,7 +167,7 @@ function restart.report_tables(state)
   end
   for _, s in ipairs(state.slots) do
     slots[#slots + 1] = { s.name, tostring(s.active), s.restart_lsn or "-", s.confirmed_flush_lsn or "-",
-      cdc.human_bytes(s.retained_bytes) }
+      text.bytes(s.retained_bytes) }
   end
   return {
     { title = "Failure state: tasks", columns = { "slot", "task", "status", "last failure", "stop reason",
@@ -328,7 +329,7 @@ function restart.replace_task(client, group, opts)
   return { arn = tasks[group.slot], deleted = deleted, endpoints = eps }
 end
 
---[[ restart.record_task(journal, slot, arn)   (journal: migrun.journal, saved)
+--[[ restart.record_task(journal, slot, arn)   (journal: migrun.playbook.journal, saved)
      full.lua's dms_setup facts name each group's task by ARN; after a
      replacement they name the new one, so full.lua (catch_up) and the
      playbooks after it watch the task that runs. ]]
@@ -395,7 +396,7 @@ end
 
 -- The state directory the runner will use for argv (as migrun.playbook resolves it).
 local function state_dir_of(P, argv)
-  local config = require "migrun.config"
+  local config = require "migrun.playbook.config"
   local plain = {}
   for i = 1, #argv do plain[i] = argv[i] end
   local opts = P:parse(plain)
@@ -417,7 +418,7 @@ restart.state_dir_of = state_dir_of
      finished one, the next starts afresh. Read before P:main takes the
      state directory (the journal is only read). ]]
 function restart.section(P, argv, base, last_step)
-  local journal = require "migrun.journal"
+  local journal = require "migrun.playbook.journal"
   local dir = state_dir_of(P, argv)
   local J = dir and journal.open(dir, { read_only = true })
   local n = 1
@@ -468,7 +469,7 @@ end
      of the same migrun binary with the same --config, --state-dir and
      --yes, its output passed through, and returns its exit code. ]]
 function restart.begin_again(opts)
-  local journal = require "migrun.journal"
+  local journal = require "migrun.playbook.journal"
   local proc = require "migrun.proc"
   local say = opts.say or print
   local dir, popts = state_dir_of(opts.P, opts.argv)

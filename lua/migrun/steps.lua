@@ -29,6 +29,7 @@ local qa = require "migrun.qa"
 local fullload = require "migrun.fullload"
 local schema = require "migrun.schema"
 local cdc = require "migrun.cdc"
+local text = require "migrun.text"
 
 local steps = {}
 
@@ -49,9 +50,9 @@ function steps.load(ctx, tables, at, title)
     on_table = function(r)
       loaded[r.table] = r
       ctx:record("loaded", loaded)   -- journal first: a table said loaded is never loaded again
-      ctx:say("loaded %s: %d rows, %s in %.1fs", r.table, r.rows, catalog.human_bytes(r.bytes), r.seconds)
+      ctx:say("loaded %s: %d rows, %s in %.1fs", r.table, r.rows, text.bytes(r.bytes), r.seconds)
     end })
-  bar:finish(("%d tables, %s"):format(#result.tables, catalog.human_bytes(result.bytes or 0)))
+  bar:finish(("%d tables, %s"):format(#result.tables, text.bytes(result.bytes or 0)))
   ctx:report_table(title, { "table", "rows", "bytes", "started", "ended", "seconds", "stream" },
     fullload.report_rows(loaded))
   return { loaded = loaded, seconds = result.seconds }

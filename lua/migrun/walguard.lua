@@ -23,13 +23,14 @@ slots. walguard.check measures both and says ok, warn or stop. Reads only.
 local lsn = require "migrun.lsn"
 local host = require "migrun.host"
 local pgl = require "migrun.pglogical"
+local text = require "migrun.text"
 
 local walguard = {}
 
 local GiB = 2 ^ 30
 
 local function human(n)
-  return lsn.format_bytes(math.tointeger(n) or n)
+  return text.bytes(n)
 end
 
 function walguard.sql(version)

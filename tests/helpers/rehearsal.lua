@@ -1,7 +1,7 @@
 -- Driving playbooks end to end: a rehearsal (lab + emulator + sample data +
--- config, from migrun.demo), the playbook run as a separate migrun exactly as
+-- config, from migrun.rehearsal.demo), the playbook run as a separate migrun exactly as
 -- a team runs it, killed on cue, and the comparisons the tests assert on.
-local demo = require "migrun.demo"
+local demo = require "migrun.rehearsal.demo"
 local proc = require "migrun.proc"
 local pg = require "migrun.pg"
 local qa = require "migrun.qa"

@@ -2,7 +2,7 @@
 -- found by name (a second run creates nothing), the CDC task replays what
 -- changed after the start LSN, and status() reports lag, control tables and
 -- apply exceptions.
-local lab = require "migrun.lab"
+local lab = require "migrun.rehearsal.lab"
 local cdc = require "migrun.cdc"
 local db = require "migrun.db"
 local pg = require "migrun.pg"

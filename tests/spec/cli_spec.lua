@@ -227,12 +227,12 @@ error(E.new{ kind = "sql", where = "target 4711", code = "23505",
     end)
 
     describe("MIGRUN_LUA_PATH", function()
-        local probe = "print(require('migrun.pretty').shadowed)"
+        local probe = "print(require('migrun.repl.pretty').shadowed)"
         local dev
         setup(function()
             dev = tmp .. "/lua"
-            assert(require("migrun.proc").run{ "mkdir", "-p", dev .. "/migrun" })
-            cli.write(dev .. "/migrun/pretty.lua", "return { shadowed = 'from the tree' }\n")
+            assert(require("migrun.proc").run{ "mkdir", "-p", dev .. "/migrun/repl" })
+            cli.write(dev .. "/migrun/repl/pretty.lua", "return { shadowed = 'from the tree' }\n")
             cli.write(dev .. "/migrun/extra.lua", "return 'extra module'\n")
         end)
 

@@ -1,6 +1,6 @@
--- migrun.config: the migration's config file, checked up front with messages
+-- migrun.playbook.config: the migration's config file, checked up front with messages
 -- that name the key, what was expected and what was found.
-local config = require "migrun.config"
+local config = require "migrun.playbook.config"
 local proc = require "migrun.proc"
 
 local SOURCE = os.getenv("MIGRUN_SOURCE_DIR") or os.getenv("PWD")
@@ -30,7 +30,7 @@ local function load_with(extra, name)
   return cfg, err and tostring(err)
 end
 
-describe("migrun.config", function()
+describe("migrun.playbook.config", function()
   setup(function()
     local _, _, _, out = proc.run{ "mktemp", "-d" }
     dir = out:match("%S+")
@@ -77,7 +77,7 @@ describe("migrun.config", function()
     local name = "rel.lua"
     load_with(nil, name)
     local out = select(4, proc.run{ os.getenv("MIGRUN_BIN") or "build/migrun", "-e",
-      "print(require('migrun.config').load('" .. name .. "').state_dir)", cwd = dir })
+      "print(require('migrun.playbook.config').load('" .. name .. "').state_dir)", cwd = dir })
     assert.equal(dir .. "/migrun-state\n", out)
   end)
 

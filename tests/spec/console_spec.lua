@@ -1,4 +1,4 @@
--- The slot-inspection console (migrun.console, `migrun -i --config FILE`):
+-- The slot-inspection console (migrun.repl.console, `migrun -i --config FILE`):
 -- its tables in process, then piped REPL sessions of the migrun binary on a
 -- rehearsal that full.lua has migrated (slots, tasks, a paused-then-resumed
 -- replica), compared with tests/golden/console/*.txt once LSNs, ports, pids,
@@ -6,9 +6,9 @@
 -- holds pending changes for peek().
 local H = require "helpers.rehearsal"
 local cli = require "helpers.cli"
-local demo = require "migrun.demo"
+local demo = require "migrun.rehearsal.demo"
 local host = require "migrun.host"
-local console = require "migrun.console"
+local console = require "migrun.repl.console"
 
 -- What varies from run to run, made constant; then runs of spaces and rules
 -- shortened, so the goldens hold the tables' columns and cells, not widths
@@ -25,7 +25,7 @@ local function normalize(text, R)
   text = text:gsub("%d%d%d%d%-%d%d%-%d%d[ T]%d%d:%d%d:%d%d[%.%d]*[%+%-Z]?%d*", "TIME")
   text = text:gsub("%f[%w]%x+/%x+%f[%W]", "X/X")
   text = text:gsub("port=%d+", "port=P"):gsub("pid=%d+", "pid=N"):gsub("127%.0%.0%.1:%d+", "127.0.0.1:P")
-  text = text:gsub("%d+%.?%d* [kMGT]?B%f[%W]", "SIZE")
+  text = text:gsub("%d+%.?%d* [KMGT]?i?B%f[%W]", "SIZE")
   text = text:gsub("(version%s+)[^\n]+", "%1V"):gsub("%[(%a+) %d+%]", "[%1 N]")
   text = text:gsub("(running%s+)[%d-]+\n", "%1S\n") -- seconds behind: 0, or - before anything was applied
   text = text:gsub("(dms_slot_%d+%s+pglogical%s+)%a+", "%1A") -- active while a task polls its slot
@@ -59,8 +59,8 @@ describe("console.rows", function()
     assert.equal("s2", t[2].name)
     cli.golden("console/rows", tostring(t) .. "\n")
     assert.equal("nothing", tostring(console.rows({ { "a" } }, {}, { empty = "nothing" })))
-    -- the REPL prints it through migrun.pretty, which honours __tostring
-    assert.equal(tostring(t), require("migrun.pretty").format(t))
+    -- the REPL prints it through migrun.repl.pretty, which honours __tostring
+    assert.equal(tostring(t), require("migrun.repl.pretty").format(t))
   end)
 
   it("refuses a config that does not load, setting nothing", function()
@@ -130,16 +130,16 @@ describe("the console on a migrated rehearsal", function()
     -- every slot of the plan, the extra one too (migrun's by its prefix)
     local slot_rows = table_after(out, "^slot%s+plugin")
     assert.is_true(#slot_rows >= 2, out)
-    assert.matches("^" .. PEEKED .. "%s+pglogical%s+no%s+%x+/%x+%s+%x+/%x+%s+[%d.]+ [kMG]?B%s+yes$",
+    assert.matches("^" .. PEEKED .. "%s+pglogical%s+no%s+%x+/%x+%s+%x+/%x+%s+[%d.]+ [KMG]?i?B%s+yes$",
       slot_rows[#slot_rows])
     -- lag(): every slot of the plan has its running task; seconds are a number or -
     local lag_rows = table_after(out, "^slot%s+bytes behind")
     assert.equal(#slot_rows, #lag_rows)
     for i = 1, #lag_rows - 1 do
-      assert.matches("^dms_slot_%d+%s+%d+%s+[%d.]+ [kMG]?B%s+console%-dms%-slot%-%d+%-cdc%s+running%s+[%d-]+$",
+      assert.matches("^dms_slot_%d+%s+%d+%s+[%d.]+ [KMG]?i?B%s+console%-dms%-slot%-%d+%-cdc%s+running%s+[%d-]+$",
         lag_rows[i])
     end
-    assert.matches("^" .. PEEKED .. "%s+%d+%s+[%d.]+ [kMG]?B%s+console%-dms%-slot%-90%-cdc%s+no task%s+[%d-]+$",
+    assert.matches("^" .. PEEKED .. "%s+%d+%s+[%d.]+ [KMG]?i?B%s+console%-dms%-slot%-90%-cdc%s+no task%s+[%d-]+$",
       lag_rows[#lag_rows])
     assert.equal(#slot_rows - 1, #table_after(out, "^task%s+slot%s+status"))
     -- nothing was created on the source
@@ -193,8 +193,8 @@ describe("the console on a migrated rehearsal", function()
     cli.golden("console/unreachable", normalize(out, R))
   end)
 
-  it("opens the same from MIGRUN_CONFIG with -l migrun.console, and with --config=FILE -e", function()
-    local out, code = session("slots()[1].name\n", { "-l", "migrun.console", "-i" },
+  it("opens the same from MIGRUN_CONFIG with -l migrun.repl.console, and with --config=FILE -e", function()
+    local out, code = session("slots()[1].name\n", { "-l", "migrun.repl.console", "-i" },
       { MIGRUN_CONFIG = R.config_path })
     assert.equal(0, code, out)
     assert.matches('\n"dms_slot_01"\n$', out)

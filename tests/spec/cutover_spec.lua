@@ -2,7 +2,7 @@
 -- sessions opened before waited for or terminated, the team's command),
 -- waiting for slots to confirm the final LSN, sequences set ahead on the
 -- target, and the checklist. Dry runs change nothing.
-local lab = require "migrun.lab"
+local lab = require "migrun.rehearsal.lab"
 local pg = require "migrun.pg"
 local db = require "migrun.db"
 local aws = require "migrun.aws"

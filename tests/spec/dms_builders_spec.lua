@@ -1,6 +1,6 @@
 -- migrun.dms.builders against the runbook's example documents (Phase II steps 2-3).
 local builders = require "migrun.dms.builders"
-local json = require "migrun.dms.json"
+local json = require "migrun.json"
 
 local root = os.getenv("MIGRUN_SOURCE_DIR") or "."
 local function fixture(name)

@@ -3,7 +3,7 @@
 -- retries, structured faults, pagination, waiters, timeouts, masking.
 local aws = require "migrun.aws"
 local dms = require "migrun.dms"
-local json = require "migrun.dms.json"
+local json = require "migrun.json"
 local stub = require "helpers.http_stub"
 
 local AKID, SECRET, TOKEN = "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "SESSIONTOKEN"

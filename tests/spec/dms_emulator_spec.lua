@@ -1,13 +1,13 @@
--- The DMS emulator (tools/dms-emulator.lua, migrun.dms.emulator) driven by the
+-- The DMS emulator (tools/dms-emulator.lua, migrun.rehearsal.emulator) driven by the
 -- real client, migrun.dms, over loopback: the emulator runs as a child migrun
 -- process, as users run it. Protocol and SigV4 checks, every operation, the
 -- status lifecycle, error paths, pagination, fault injection and retries.
 local proc = require "migrun.proc"
 local socket = require "socket"
 local dms = require "migrun.dms"
-local json = require "migrun.dms.json"
+local json = require "migrun.json"
 local aws = require "migrun.aws"
-local emulator = require "migrun.dms.emulator"
+local emulator = require "migrun.rehearsal.emulator"
 
 local root = os.getenv("MIGRUN_SOURCE_DIR") or "."
 local bin = os.getenv("MIGRUN_BIN") or (root .. "/build/migrun")
@@ -445,11 +445,11 @@ describe("dms emulator", function()
   end)
 end)
 
--- A real CDC run on migrun.lab clusters: a pglogical slot, node and the two
+-- A real CDC run on migrun.rehearsal.lab clusters: a pglogical slot, node and the two
 -- replication sets as the runbook makes them, changes before and after a
 -- captured LSN, a CDC task started at that LSN.
 describe("dms emulator CDC", function()
-  local lab = require "migrun.lab"
+  local lab = require "migrun.rehearsal.lab"
   local L, e, c
 
   setup(function()

@@ -2,10 +2,10 @@
 -- config key) stops the run before any write, with a message saying what is
 -- wrong and what to do.
 local H = require "helpers.rehearsal"
-local demo = require "migrun.demo"
+local demo = require "migrun.rehearsal.demo"
 local host = require "migrun.host"
 local proc = require "migrun.proc"
-local lab = require "migrun.lab"
+local lab = require "migrun.rehearsal.lab"
 
 describe("playbooks/full.lua preflight", function()
   local R, pristine

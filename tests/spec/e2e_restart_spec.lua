@@ -5,7 +5,7 @@
 -- with nothing changed; a failed run is scrapped by a full restart that ends
 -- equal with the previous journal kept in attempt-1/.
 local H = require "helpers.rehearsal"
-local emulator = require "migrun.dms.emulator"
+local emulator = require "migrun.rehearsal.emulator"
 local cdc = require "migrun.cdc"
 local aws = require "migrun.aws"
 local cjson = require "cjson"
@@ -190,7 +190,7 @@ describe("restart playbooks", function()
     for k, v in pairs(R.config) do cfg[k] = v end
     cfg.restart = { target = "drop_schema" }
     local path = R.dir .. "/drop-schema.lua"
-    assert(require("migrun.host").write_file(path, "return " .. require("migrun.demo").literal(cfg) .. "\n"))
+    assert(require("migrun.host").write_file(path, "return " .. require("migrun.rehearsal.demo").literal(cfg) .. "\n"))
     local variant = setmetatable({ config_path = path }, { __index = R })
     local before = H.journal(R)
     local r = H.run(variant, "full_restart.lua", { "--yes" })

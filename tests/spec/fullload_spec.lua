@@ -1,5 +1,5 @@
 -- migrun.fullload: parallel full load from the paused replica, on a real lab.
-local lab = require "migrun.lab"
+local lab = require "migrun.rehearsal.lab"
 local fullload = require "migrun.fullload"
 local proc = require "migrun.proc"
 

@@ -144,12 +144,12 @@ describe("migrun.groups", function()
     local lines = {}
     for line in text:gmatch("[^\n]+") do lines[#lines + 1] = line end
     assert.matches("^slot%s+size%s+reason%s+tables$", lines[1])
-    assert.matches("^dms_slot_01  1%.0 MB%s+explicit %(billing%)  1: public%.small1$", lines[2])
-    assert.matches("^dms_slot_02  4%.9 GB%s+largest%s+1: public%.events$", lines[3])
-    assert.matches("^dms_slot_05  752 MB%s+rest%s+3: public%.items, public%.log, public%.small2$", lines[6])
+    assert.matches("^dms_slot_01  1%.0 MiB%s+explicit %(billing%)  1: public%.small1$", lines[2])
+    assert.matches("^dms_slot_02  4%.9 GiB%s+largest%s+1: public%.events$", lines[3])
+    assert.matches("^dms_slot_05  752%.0 MiB%s+rest%s+3: public%.items, public%.log, public%.small2$", lines[6])
     -- columns line up
-    assert.equal(lines[2]:find("1%.0 MB"), lines[3]:find("4%.9 GB"))
-    assert.equal("5 groups, 8 tables, 6.8 GB", lines[7])
+    assert.equal(lines[2]:find("1%.0 MiB"), lines[3]:find("4%.9 GiB"))
+    assert.equal("5 groups, 8 tables, 6.8 GiB", lines[7])
     assert.equal("warnings:", lines[8])
     assert.matches("dms_slot_05: public.log has no primary key: only its inserts replicate, its updates and deletes will not",
       lines[9], 1, true)

@@ -62,9 +62,9 @@ describe("the host", function()
   end)
 
   it("gives embedded modules chunk names that point at the real files", function()
-    local ok, _, _, out = proc.run{ MIGRUN, "-e", "print(debug.getinfo(require('migrun.tour').run, 'S').source)" }
+    local ok, _, _, out = proc.run{ MIGRUN, "-e", "print(debug.getinfo(require('migrun.rehearsal.tour').run, 'S').source)" }
     assert(ok)
-    assert.equal("@" .. SOURCE .. "/lua/migrun/tour.lua\n", out)
+    assert.equal("@" .. SOURCE .. "/lua/migrun/rehearsal/tour.lua\n", out)
   end)
 
   it("leaks nothing under valgrind", function()

@@ -1,6 +1,6 @@
--- migrun.lab: real clusters on loopback — a pglogical-ready source, its
+-- migrun.rehearsal.lab: real clusters on loopback — a pglogical-ready source, its
 -- streaming maintenance replica and a target standing in for RDS.
-local lab = require "migrun.lab"
+local lab = require "migrun.rehearsal.lab"
 local proc = require "migrun.proc"
 local MIGRUN = os.getenv("MIGRUN_BIN") or "build/migrun"
 if MIGRUN:sub(1, 1) ~= "/" then MIGRUN = os.getenv("PWD") .. "/" .. MIGRUN end
@@ -31,7 +31,7 @@ local function is_root()
   return out == "0\n"
 end
 
-describe("migrun.lab", function()
+describe("migrun.rehearsal.lab", function()
   local L, seconds
 
   setup(function()
@@ -171,7 +171,7 @@ describe("migrun.lab", function()
   end)
 end)
 
-describe("migrun.lab failures and cleanup", function()
+describe("migrun.rehearsal.lab failures and cleanup", function()
   it("names the cluster that failed and shows the tail of its log", function()
     local dir = os.tmpname()
     os.remove(dir)
@@ -227,7 +227,7 @@ describe("migrun.lab failures and cleanup", function()
 
   it("lab.shell() prints connection strings, and stops at end of input or Ctrl-C", function()
     -- end of input
-    local ok, how, code, out, err = proc.run{ MIGRUN, "-l", "migrun.lab", "-e", 'lab.shell{password="shell-secret"}',
+    local ok, how, code, out, err = proc.run{ MIGRUN, "-l", "migrun.rehearsal.lab", "-e", 'lab.shell{password="shell-secret"}',
       stdin = "", timeout = 120 }
     assert.is_true(ok, tostring(how) .. " " .. tostring(code) .. "\n" .. tostring(out) .. tostring(err))
     assert.truthy(out:find("psql 'host=127.0.0.1 port=%d+ dbname=app user=postgres'"), out)
@@ -242,7 +242,7 @@ describe("migrun.lab failures and cleanup", function()
     assert.is_true(proc.run{ "mkfifo", fifo })
     local writer = assert(io.open(fifo, "r+")) -- keeps the fifo open: no EOF
     local lines = {}
-    local h = assert(proc.spawn{ MIGRUN, "-l", "migrun.lab", "-e", "lab.shell()", stdin = { file = fifo },
+    local h = assert(proc.spawn{ MIGRUN, "-l", "migrun.rehearsal.lab", "-e", "lab.shell()", stdin = { file = fifo },
       stdout = function(line) lines[#lines + 1] = line end, stderr = "stdout" })
     finally(function()
       -- whatever failed above, let the shell stop its lab (a SIGKILL could not)
@@ -269,7 +269,7 @@ describe("migrun.lab failures and cleanup", function()
       return
     end
     local script = [[
-      local L = assert(require("migrun.lab").start{})
+      local L = assert(require("migrun.rehearsal.lab").start{})
       print(L.runas == nil, L.source:psql("select current_user"), L.replica:in_recovery(), L.dir)
       assert(L:stop())
     ]]

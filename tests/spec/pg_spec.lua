@@ -1,5 +1,5 @@
 -- migrun.pg against real PostgreSQL 15 servers: the lab's source (a primary),
--- its streaming replica and the target (migrun.lab).
+-- its streaming replica and the target (migrun.rehearsal.lab).
 local pg = require "migrun.pg"
 local lsn = require "migrun.lsn"
 local proc = require "migrun.proc"
@@ -19,7 +19,7 @@ describe("migrun.pg", function()
   local L, c, other -- the lab, a connection to its target, one to its source
 
   setup(function()
-    L = assert(require("migrun.lab").start {})
+    L = assert(require("migrun.rehearsal.lab").start {})
     c = assert(pg.connect(L.target.conninfo, { name = "target" }))
     other = assert(pg.connect(L.source.conninfo, { name = "source" }))
   end)

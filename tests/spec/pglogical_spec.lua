@@ -31,7 +31,7 @@ describe("migrun.pglogical", function()
   end
 
   setup(function()
-    L = assert(require("migrun.lab").start {})
+    L = assert(require("migrun.rehearsal.lab").start {})
     src = db.wrap(assert(pg.connect(L.source.conninfo, { name = "source" })))
     rep = db.wrap(assert(pg.connect(L.replica.conninfo, { name = "replica" })))
     assert(src:write([[

@@ -1,10 +1,10 @@
 -- migrun.playbook: the machinery under every playbook, driven as users drive
 -- it: the fixture playbook tests/fixtures/playbooks/steps.lua run as a child
 -- migrun against a real lab, with a fresh state directory and schema per test.
-local lab = require "migrun.lab"
+local lab = require "migrun.rehearsal.lab"
 local proc = require "migrun.proc"
 local pg = require "migrun.pg"
-local json = require "migrun.dms.json"
+local json = require "migrun.json"
 
 local MIGRUN = os.getenv("MIGRUN_BIN") or "build/migrun"
 local SOURCE = os.getenv("MIGRUN_SOURCE_DIR") or os.getenv("PWD")
@@ -289,8 +289,8 @@ describe("migrun.playbook", function()
   end)
 end)
 
-describe("migrun.progress", function()
-  local progress = require "migrun.progress"
+describe("migrun.playbook.progress", function()
+  local progress = require "migrun.playbook.progress"
 
   local function output(f)
     f:seek("set")
@@ -322,27 +322,12 @@ describe("migrun.progress", function()
     for line in output(f):gmatch("[^\n]+") do lines[#lines + 1] = line end
     assert.equal(2, #lines)
     assert.matches("^%d%d:%d%d:%d%d rows: 1 rows of 3 rows %(33%%%)$", lines[1])
-    assert.matches("^%d%d:%d%d:%d%d rows: done, 3 rows in 0 s$", lines[2])
+    assert.matches("^%d%d:%d%d:%d%d rows: done, 3 rows in 0%.%d s$", lines[2])
   end)
 end)
 
-describe("migrun.report", function()
-  local report = require "migrun.report"
-
-  it("aligns Markdown tables, numbers to the right, and escapes pipes", function()
-    local md = report.table({ "table", { "n", "rows" } },
-      { { "public.a|b", 5 }, { table = "public.longer_name", n = 12345 } })
-    assert.equal(table.concat({
-      "| table              |  rows |",
-      "| ------------------ | ----: |",
-      "| public.a\\|b        |     5 |",
-      "| public.longer_name | 12345 |",
-    }, "\n") .. "\n", md)
-  end)
-end)
-
-describe("migrun.journal", function()
-  local journal = require "migrun.journal"
+describe("migrun.playbook.journal", function()
+  local journal = require "migrun.playbook.journal"
   local lsn = require "migrun.lsn"
 
   it("keeps secrets and values JSON cannot hold out of the facts", function()

@@ -43,7 +43,7 @@ describe("migrun.preflight", function()
   end
 
   setup(function()
-    L = assert(require("migrun.lab").start {})
+    L = assert(require("migrun.rehearsal.lab").start {})
     src, rep, tgt = wrap(L.source, "source"), wrap(L.replica, "replica"), wrap(L.target, "target")
   end)
 
@@ -184,7 +184,7 @@ describe("migrun.preflight", function()
   end)
 
   it("finds pglogical missing on a server without it", function()
-    local P = assert(require("migrun.lab").start { pglogical = false,
+    local P = assert(require("migrun.rehearsal.lab").start { pglogical = false,
       settings = { source = { shared_preload_libraries = "" } } })
     local ok, err = pcall(function()
       local r = run { source = wrap(P.source, "source"), replica = wrap(P.replica, "replica"),

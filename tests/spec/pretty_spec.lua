@@ -1,9 +1,9 @@
--- migrun.pretty: the printer the REPL uses for results.
-local pretty = require "migrun.pretty"
+-- migrun.repl.pretty: the printer the REPL uses for results.
+local pretty = require "migrun.repl.pretty"
 local lsn = require "migrun.lsn"
 local fmt = pretty.format
 
-describe("migrun.pretty", function()
+describe("migrun.repl.pretty", function()
     it("prints scalars like Lua, strings quoted", function()
         assert.equal("nil", fmt(nil))
         assert.equal("true", fmt(true))

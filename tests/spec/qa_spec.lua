@@ -1,7 +1,7 @@
 -- migrun.qa on a real lab: tables copied from the source to the target compare
 -- equal (source, and the replica that follows it, against the target); a
 -- changed row, a missing row and a row moved to another month are each found.
-local lab = require "migrun.lab"
+local lab = require "migrun.rehearsal.lab"
 local pg = require "migrun.pg"
 local db = require "migrun.db"
 local catalog = require "migrun.catalog"

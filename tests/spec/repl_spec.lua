@@ -1,12 +1,12 @@
--- The REPL: completion candidates (migrun.complete), sessions piped through
+-- The REPL: completion candidates (migrun.repl.complete), sessions piped through
 -- stdin (compared with tests/golden/repl_*.txt), and sessions on a
 -- pseudo-terminal made by script(1) from util-linux, for line editing,
 -- completion, history and Ctrl-C.
 local cli = require "helpers.cli"
-local complete = require("migrun.complete").complete
+local complete = require("migrun.repl.complete").complete
 local lsn = require "migrun.lsn"
 
-describe("migrun.complete", function()
+describe("migrun.repl.complete", function()
     it("completes globals and keywords", function()
         assert.same({ "string" }, complete("stri"))
         assert.same({ "function" }, complete("functio"))

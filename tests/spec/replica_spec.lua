@@ -13,7 +13,7 @@ describe("migrun.replica", function()
   end
 
   setup(function()
-    L = assert(require("migrun.lab").start {})
+    L = assert(require("migrun.rehearsal.lab").start {})
     src = db.wrap(assert(pg.connect(L.source.conninfo, { name = "source" })))
     rep = db.wrap(assert(pg.connect(L.replica.conninfo, { name = "replica" })))
     assert(src:write("create table replica_t (id int primary key)"))

@@ -1,5 +1,5 @@
 -- migrun.schema: pre-data / post-data copy with the target's tools, roles, on a real lab.
-local lab = require "migrun.lab"
+local lab = require "migrun.rehearsal.lab"
 local schema = require "migrun.schema"
 local db = require "migrun.db"
 local pg = require "migrun.pg"

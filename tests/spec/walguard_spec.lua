@@ -10,7 +10,7 @@ describe("migrun.walguard", function()
   local BIG = 2 ^ 50
 
   setup(function()
-    L = assert(require("migrun.lab").start {})
+    L = assert(require("migrun.rehearsal.lab").start {})
     src = db.wrap(assert(pg.connect(L.source.conninfo, { name = "source" })))
     rep = db.wrap(assert(pg.connect(L.replica.conninfo, { name = "replica" })))
     assert(pgl.ensure_node(src, "migrun_provider", L.source.conninfo))

@@ -18,7 +18,7 @@
 -- environment of their own.
 local aws = require "migrun.aws"
 local errors = require "migrun.error"
-local json = require "migrun.dms.json"
+local json = require "migrun.json"
 
 local M = {}
 

@@ -3,7 +3,7 @@
 -- slot, the target endpoint, the table mappings and the CDC-only task
 -- settings, and the CreateReplicationTask parameters that tie them together.
 -- Every builder is a pure function of its input; documents are encoded with
--- migrun.dms.json (sorted keys), so the same group always gives the same bytes.
+-- migrun.json (sorted keys), so the same group always gives the same bytes.
 --
 -- A slot group, as migrun sees it:
 --   {
@@ -23,7 +23,8 @@
 --     batch_apply = nil,              -- force BatchApplyEnabled; default: off when a
 --                                     -- table has a PK and a separate unique constraint
 --   }
-local json = require "migrun.dms.json"
+local json = require "migrun.json"
+local text = require "migrun.text"
 
 local M = {}
 
@@ -131,7 +132,7 @@ function M.table_mappings(group, opts)
   local rules = json.array()
   local seen_names = {}
   for _, t in ipairs(group.tables) do
-    local key = t.schema .. "." .. t.name
+    local key = text.key(t)
     assert(not seen_names[key], "slot group " .. group.name .. ": table " .. key .. " listed twice")
     seen_names[key] = true
     rules[#rules + 1] = {

@@ -1,5 +1,5 @@
 --[[
-migrun.report: the Markdown report of a playbook run, written to
+migrun.playbook.report: the Markdown report of a playbook run, written to
 state_dir/report.md at the end of a run and when it fails. Everything comes
 from the journal (so a resumed run reports what earlier runs did too):
 
@@ -10,65 +10,17 @@ from the journal (so a resumed run reports what earlier runs did too):
   ## <step>: <title>      each step's report tables (ctx:report_table) and facts
 
   report.render{ playbook = P, journal = J, run = run_record, config_path = } -> markdown
-  report.table(columns, rows) -> markdown table with aligned columns
-      columns: { "name", ... } or { {key, "Title"}, ... }; rows: arrays
-      (positional) or tables keyed by column key. Numbers are right-aligned.
+  (tables are migrun.text.markdown's)
 ]]
+local text = require "migrun.text"
+
 local report = {}
 
+-- A value inside a Markdown paragraph: one line, pipes escaped.
 local function cell(v)
   if v == nil then return "" end
-  local s = tostring(v)
-  return (s:gsub("|", "\\|"):gsub("\n", " "))
+  return (tostring(v):gsub("|", "\\|"):gsub("\n", " "))
 end
-
-local function column_key(c) return type(c) == "table" and c[1] or c end
-local function column_title(c) return type(c) == "table" and (c[2] or c[1]) or c end
-
-function report.table(columns, rows)
-  local n = #columns
-  local text, right, width = {}, {}, {}
-  for j = 1, n do
-    width[j] = math.max(3, #cell(column_title(columns[j])))
-    right[j] = #rows > 0
-  end
-  for i, row in ipairs(rows) do
-    text[i] = {}
-    for j = 1, n do
-      local v = row[j]
-      if v == nil then v = row[column_key(columns[j])] end
-      if type(v) ~= "number" and v ~= nil and v ~= "" then right[j] = false end
-      text[i][j] = cell(v)
-      width[j] = math.max(width[j], utf8.len(text[i][j]) or #text[i][j])
-    end
-  end
-  local function pad(s, j)
-    local fill = string.rep(" ", width[j] - (utf8.len(s) or #s))
-    return right[j] and fill .. s or s .. fill
-  end
-  local lines = {}
-  local head, rule = {}, {}
-  for j = 1, n do
-    head[j] = pad(cell(column_title(columns[j])), j)
-    rule[j] = right[j] and string.rep("-", width[j] - 1) .. ":" or string.rep("-", width[j])
-  end
-  lines[1] = "| " .. table.concat(head, " | ") .. " |"
-  lines[2] = "| " .. table.concat(rule, " | ") .. " |"
-  for i = 1, #rows do
-    local r = {}
-    for j = 1, n do r[j] = pad(text[i][j], j) end
-    lines[#lines + 1] = "| " .. table.concat(r, " | ") .. " |"
-  end
-  return table.concat(lines, "\n") .. "\n"
-end
-
-local function duration(seconds)
-  if not seconds then return "" end
-  if seconds < 60 then return ("%.1f s"):format(seconds) end
-  if seconds < 3600 then return ("%d min %02d s"):format(seconds // 60, math.floor(seconds % 60)) end
-  return ("%d h %02d min"):format(seconds // 3600, math.floor(seconds % 3600 // 60))
-end
-report.duration = duration
 
 local function short(v, limit)
   local s
@@ -94,7 +46,7 @@ local function facts_lines(facts)
     if v == nil then v = facts[tonumber(k)] end
     rows[#rows + 1] = { k, short(v, 80) }
   end
-  return report.table({ "fact", "value" }, rows)
+  return text.markdown({ "fact", "value" }, rows)
 end
 
 function report.render(opts)
@@ -116,9 +68,9 @@ function report.render(opts)
   for i, step in ipairs(P.steps) do
     local s = steps[step.name] or {}
     rows[#rows + 1] = { i, step.name, s.status or "pending", s.started_at or "", s.ended_at or "",
-                        duration(s.duration), step.title }
+                        text.duration(s.duration), step.title }
   end
-  add(report.table({ "#", "step", "outcome", "started", "ended", "duration", "what" }, rows))
+  add(text.markdown({ "#", "step", "outcome", "started", "ended", "duration", "what" }, rows))
   if run.error then
     add(("\n**Error:** %s\n"):format(cell(run.error)))
   end
@@ -129,7 +81,7 @@ function report.render(opts)
       if s.error then add(("\n**%s:** %s\n"):format(s.status == "failed" and "Failed" or "Last error", cell(s.error))) end
       for _, t in ipairs(s.tables or {}) do
         add(("\n### %s\n\n"):format(t.title))
-        add(report.table(t.columns, t.rows))
+        add(text.markdown(t.columns, t.rows))
       end
       local facts = facts_lines(s.facts)
       if facts then

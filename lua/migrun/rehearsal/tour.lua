@@ -2,6 +2,7 @@
 -- end-to-end migration demo exists. Each stop prints what it does, then does it.
 local lsn = require "migrun.lsn"
 local proc = require "migrun.proc"
+local text = require "migrun.text"
 
 local tour = {}
 
@@ -24,7 +25,7 @@ function tour.run(opts)
   local primary_now = lsn("35FE4/1A2B0000")
   show('lsn("35FE3/B63D4718")', paused_at)
   show("primary_now - paused_at (bytes)", primary_now - paused_at)
-  show("lsn.format_bytes(primary_now - paused_at)", lsn.format_bytes(primary_now - paused_at))
+  show("text.bytes(primary_now - paused_at)", text.bytes(primary_now - paused_at))
   show("paused_at < primary_now", paused_at < primary_now)
   show('lsn.parse("35FE3/ B63D4718")', lsn.parse("35FE3/ B63D4718"))
   show("lsn.names(90600).last_wal_replay_lsn", lsn.names(90600).last_wal_replay_lsn)
@@ -43,7 +44,7 @@ function tour.run(opts)
   if not opts.quick then
     stop("the REPL, fed from stdin")
     local self = arg and arg[-1] or "migrun"
-    local session = 'x = lsn"16/B374D848"\nx + 1024\n{ slot = "dms_slot_01", lag = lsn.format_bytes(3 * 2^30) }\n'
+    local session = 'x = lsn"16/B374D848"\nx + 1024\n{ slot = "dms_slot_01", lag = require(\"migrun.text\").bytes(3 * 2^30) }\n'
     local r = proc.spawn{ self, "-l", "migrun.lsn", "-i", stdin = session, stdout = "capture", stderr = "stdout" }
     r:wait(10)
     io.write((r.stdout:gsub("[^\n]+", "  %0")))
@@ -58,8 +59,8 @@ end
 -- The runbook's Phase I anchor on real clusters: pause the maintenance
 -- replica, capture its replay LSN, and see the primary move on without it.
 function tour.lab()
-  local lab, pg = require "migrun.lab", require "migrun.pg"
-  stop("migrun.lab + migrun.pg: a primary, a paused maintenance replica, a target")
+  local lab, pg = require "migrun.rehearsal.lab", require "migrun.pg"
+  stop("migrun.rehearsal.lab + migrun.pg: a primary, a paused maintenance replica, a target")
   local t0 = os.time()
   local L <close> = assert(lab.start{})
   show("lab started (s)", os.time() - t0)
@@ -83,7 +84,7 @@ function tour.lab()
   show("replica paused; replay LSN captured", anchor)
   assert(source:exec("insert into calls (id) select generate_series(1001, 5000)"))
   local now = assert(source:exec(("select %s() as l"):format(names.current_wal_lsn)))[1].l
-  show("primary moved on to", now, lsn.format_bytes(now - anchor) .. " ahead")
+  show("primary moved on to", now, text.bytes(now - anchor) .. " ahead")
   show("rows: source / paused replica", source:exec("select count(*) n from calls")[1].n,
     replica:exec("select count(*) n from calls")[1].n)
   assert(replica:exec(("select %s()"):format(names.wal_replay_resume)))

@@ -1,10 +1,10 @@
 --[[
-migrun.config: the migration's configuration file. One Lua file per migration
+migrun.playbook.config: the migration's configuration file. One Lua file per migration
 (default ./migration.lua) returns a table; this module runs it in a small
 sandbox, checks it against one declared schema (config.SCHEMA: every key with
 its type, default and documentation), fills the defaults and resolves paths.
 
-  local config = require "migrun.config"
+  local config = require "migrun.playbook.config"
   local cfg, err = config.load("migration.lua")
   if not cfg then io.stderr:write(tostring(err), "\n") os.exit(2) end
   print(cfg.name, cfg.state_dir, cfg.wal_guard.stop_bytes)

@@ -1,4 +1,4 @@
---[[ CDC for the DMS emulator (migrun.dms.emulator): a running CDC task reads
+--[[ CDC for the DMS emulator (migrun.rehearsal.emulator): a running CDC task reads
 the pglogical slot of its source endpoint with pg_logical_slot_peek_changes
 (JSON protocol, replication sets <slot> and i<slot>), skips transactions that
 committed before its CdcStartPosition, applies the others to the target in
@@ -24,7 +24,8 @@ Start position: a transaction is skipped when its commit record starts
 before the start LSN (PostgreSQL's own rule for a logical start point). ]]
 local pg = require "migrun.pg"
 local lsn = require "migrun.lsn"
-local json = require "migrun.dms.json"
+local json = require "migrun.json"
+local text = require "migrun.text"
 
 local M = {}
 
@@ -92,7 +93,7 @@ function M.new(o)
   e.fail_on_truncation = pgs.FailTasksOnLobTruncation == true
   e.selected = selector(o.task.TableMappings)
   e.task_name = o.task.ReplicationTaskArn:match(":task:(.+)$")
-  e.server_name = require("migrun.dms.emulator").INSTANCE_ID
+  e.server_name = o.server_name -- the replication instance, as awsdms_status names it
 
   local err
   e.src, err = connect(o.source, "source")
@@ -181,7 +182,7 @@ end
 
 -- Source and target facts about one table (cached).
 function Engine:table(schema, name)
-  local key = schema .. "." .. name
+  local key = text.key(schema, name)
   local t = self.tables[key]
   if t then return t end
   t = { schema = schema, name = name, key = key, selected = self.selected(schema, name),

@@ -1,4 +1,4 @@
--- migrun.lab: the local rehearsal lab. lab.start{} builds, under one temporary
+-- migrun.rehearsal.lab: the local rehearsal lab. lab.start{} builds, under one temporary
 -- directory, three real PostgreSQL clusters on 127.0.0.1 that stand in for the
 -- runbook's machines: a source primary configured for pglogical, a streaming hot
 -- standby of it (the maintenance replica) and a separate target (RDS). Every
@@ -6,7 +6,7 @@
 -- `postgres` user when migrun runs as root. The lab owns its servers and its
 -- directory: L:stop(), <close> or garbage collection stops them and removes it.
 --
---   local lab = require "migrun.lab"
+--   local lab = require "migrun.rehearsal.lab"
 --   local L <close> = assert(lab.start{})
 --   print(L.source.conninfo)       --> host=127.0.0.1 port=41234 dbname=app user=postgres
 local proc = require "migrun.proc"
@@ -151,7 +151,7 @@ local function free_port(taken)
       return port
     end
   end
-  error("migrun.lab: no free port found")
+  error("migrun.rehearsal.lab: no free port found")
 end
 
 -- The directory holding initdb, pg_ctl, postgres, psql, pg_basebackup of the
@@ -209,10 +209,10 @@ end
 
 local Cluster = {}
 Cluster.__index = Cluster
-Cluster.__name = "migrun.lab.Cluster"
+Cluster.__name = "migrun.rehearsal.lab.Cluster"
 
 function Cluster.__tostring(c)
-  return ("migrun.lab %s %s (%s)"):format(c.name, c.conninfo, c:pid() and "running" or "stopped")
+  return ("migrun.rehearsal.lab %s %s (%s)"):format(c.name, c.conninfo, c:pid() and "running" or "stopped")
 end
 
 local function new_cluster(L, name)
@@ -372,12 +372,12 @@ end
 
 local Lab = {}
 Lab.__index = Lab
-Lab.__name = "migrun.lab.Lab"
+Lab.__name = "migrun.rehearsal.lab.Lab"
 
 function Lab.__tostring(L)
   local parts = {}
   for _, c in ipairs(L.clusters) do parts[#parts + 1] = ("%s %s:%s"):format(c.name, HOST, tostring(c.port)) end
-  return ("migrun.lab %s (%s)%s"):format(L.dir, table.concat(parts, ", "), L.stopped and " (stopped)" or "")
+  return ("migrun.rehearsal.lab %s (%s)%s"):format(L.dir, table.concat(parts, ", "), L.stopped and " (stopped)" or "")
 end
 
 -- Stopping never raises: it runs from __gc and __close too.
@@ -690,7 +690,7 @@ function Lab:_start_dms(dms_opts)
     faults = dms_opts.faults, delays = dms_opts.delays } or "{}"
   local script = ([[
     local o = require("cjson").decode(os.getenv("MIGRUN_DMS_EMULATOR_OPTS"))
-    local emu = assert(require("migrun.dms.emulator").start{ port = 0, access_key = %q,
+    local emu = assert(require("migrun.rehearsal.emulator").start{ port = 0, access_key = %q,
       secret_key = os.getenv("MIGRUN_DMS_EMULATOR_SECRET"), region = %q,
       faults = o.faults, delays = o.delays })
     io.stdout:write(emu.url, "\n") io.stdout:flush()
@@ -748,7 +748,7 @@ function lab.start(opts)
 end
 
 -- Starts a lab, prints how to connect, and waits for Ctrl-C or end of input,
--- then stops it:  migrun -l migrun.lab -e 'lab.shell()'
+-- then stops it:  migrun -l migrun.rehearsal.lab -e 'lab.shell()'
 function lab.shell(opts)
   local L <close>, err = lab.start(opts)
   if not L then error(err, 0) end

@@ -1,11 +1,11 @@
 --[[
-migrun.console: the slot-inspection console. The REPL with the migration's
+migrun.repl.console: the slot-inspection console. The REPL with the migration's
 three servers connected and a few helpers for looking at replication slots,
 DMS tasks and the paused replica by hand, e.g. while a playbook runs or after
 one failed. It only looks: the connections refuse writes (see below).
 
     migrun -i --config migration.lua
-    MIGRUN_CONFIG=migration.lua migrun -l migrun.console -i
+    MIGRUN_CONFIG=migration.lua migrun -l migrun.repl.console -i
     > console.open("migration.lua")            -- from any REPL
 
   Globals it sets (help() lists them):
@@ -46,12 +46,13 @@ local pg = require "migrun.pg"
 local db = require "migrun.db"
 local lsn = require "migrun.lsn"
 local errors = require "migrun.error"
-local config = require "migrun.config"
-local journal = require "migrun.journal"
+local config = require "migrun.playbook.config"
+local journal = require "migrun.playbook.journal"
 local pglogical = require "migrun.pglogical"
 local replica_status = require("migrun.replica").status
 local cdc = require "migrun.cdc"
 local builders = require "migrun.dms.builders"
+local text = require "migrun.text"
 
 local console = {}
 
@@ -70,85 +71,17 @@ local function opt(v)
   return v
 end
 
----------------------------------------------------------------------------
--- Printing: a list of records as an aligned table
----------------------------------------------------------------------------
-
-local Rows = { __name = "migrun.console.Rows" }
-Rows.__index = Rows
-
-local function cell(v, format)
-  if format then v = format(v) end
-  if v == nil then return "-" end
-  if v == true then return "yes" end
-  if v == false then return "no" end
-  if math.type(v) == "float" then
-    if v == math.floor(v) and math.abs(v) < 2 ^ 53 then return ("%d"):format(v) end
-    return ("%.1f"):format(v)
-  end
-  return (tostring(v):gsub("[%c]", " "))
-end
-
-local function pad(s, width, right)
-  local fill = (" "):rep(width - (utf8.len(s) or #s))
-  return right and fill .. s or s .. fill
-end
-
-function Rows:__tostring()
-  local columns, out = self.columns, {}
-  if #self == 0 then
-    out[1] = self.empty or "(none)"
-  else
-    local widths, cells = {}, {}
-    for c, col in ipairs(columns) do widths[c] = utf8.len(col.title) or #col.title end
-    for r, record in ipairs(self) do
-      cells[r] = {}
-      for c, col in ipairs(columns) do
-        local s = cell(record[col.key], col.format)
-        cells[r][c] = s
-        widths[c] = math.max(widths[c], utf8.len(s) or #s)
-      end
-    end
-    local function line(values)
-      local parts = {}
-      for c, col in ipairs(columns) do
-        parts[c] = pad(values[c], widths[c], col.align == "right")
-      end
-      return (table.concat(parts, "  "):gsub("%s+$", ""))
-    end
-    local titles, rules = {}, {}
-    for c, col in ipairs(columns) do titles[c], rules[c] = col.title, ("-"):rep(widths[c]) end
-    out[#out + 1] = line(titles)
-    out[#out + 1] = line(rules)
-    for r = 1, #cells do out[#out + 1] = line(cells[r]) end
-    if self.noun then
-      out[#out + 1] = ("(%d %s)"):format(#self, #self == 1 and self.noun[1] or self.noun[2])
-    end
-  end
-  for _, note in ipairs(self.notes or {}) do out[#out + 1] = note end
-  return table.concat(out, "\n")
-end
-
-function console.rows(columns, records, opts)
-  assert(type(columns) == "table", "console.rows: columns expected")
-  opts = opts or {}
-  local cols = {}
-  for i, c in ipairs(columns) do
-    cols[i] = { key = c.key or c[1], title = c.title or c[2] or c[1], align = c.align, format = c.format }
-  end
-  local t = { columns = cols, notes = opts.notes or {}, noun = opts.noun, empty = opts.empty }
-  for i, r in ipairs(records or {}) do t[i] = r end
-  return setmetatable(t, Rows)
-end
+-- Printing: a list of records as an aligned table (migrun.text.columns).
+console.rows = text.columns
 
 -- A text that prints as itself (help(), short messages), not as a quoted string.
-local Text = { __name = "migrun.console.Text", __tostring = function(t) return t.text end }
-local function text(s) return setmetatable({ text = s }, Text) end
+local Text = { __name = "migrun.repl.console.Text", __tostring = function(t) return t.text end }
+local function plain(s) return setmetatable({ text = s }, Text) end
 
 -- Human units for bytes.
 local function human(n)
   if n == nil then return nil end
-  return cdc.human_bytes(n)
+  return text.bytes(n)
 end
 
 ---------------------------------------------------------------------------
@@ -162,7 +95,7 @@ local mask = journal.mask
 -- Until it connects, any use tries to connect and raises if it cannot.
 local function new_server(session, name)
   local server = {}
-  local mt = { __name = "migrun.console.Server" }
+  local mt = { __name = "migrun.repl.console.Server" }
   function mt.__tostring()
     local d = session.dbs[name]
     if d then return name .. ": " .. tostring(d.conn) end
@@ -467,7 +400,7 @@ function Session:lag()
 end
 
 function Session:tasks()
-  if not self:dms_configured() then return text(NO_DMS) end
+  if not self:dms_configured() then return plain(NO_DMS) end
   local client = self:dms()
   local rec = self:recorded()
   local by_arn, slot_of = {}, {}
@@ -606,7 +539,7 @@ function console.main(path)
   return session
 end
 
--- `migrun -l migrun.console -i` with MIGRUN_CONFIG set opens it.
+-- `migrun -l migrun.repl.console -i` with MIGRUN_CONFIG set opens it.
 if os.getenv("MIGRUN_CONFIG") then console.main(os.getenv("MIGRUN_CONFIG")) end
 
 return console

@@ -3,9 +3,9 @@ X-Amz-Target AmazonDMSv20160101.<Op>), every request's SigV4 signature checked
 against the credentials it was started with, state that moves through DMS's
 status lifecycle over time, fault injection, and (when the source is a real
 PostgreSQL with a pglogical slot) CDC applied to the target by
-migrun.dms.emulator_cdc.
+migrun.rehearsal.emulator_cdc.
 
-  local emulator = require "migrun.dms.emulator"
+  local emulator = require "migrun.rehearsal.emulator"
   local emu = assert(emulator.start{ port = 0, access_key = "AK", secret_key = "SK",
     region = "us-east-1", delays = { task_start = 0.2 }, faults = { seed = 1, throttle = 0.2 } })
   print(emu.url)              -- http://127.0.0.1:<port>
@@ -20,8 +20,9 @@ full-load tasks load nothing (they finish at once). docs/dms-emulator.md lists
 what is modelled and the choices made where the reference is UNCONFIRMED. ]]
 local socket = require "socket"
 local aws = require "migrun.aws"
-local json = require "migrun.dms.json"
+local json = require "migrun.json"
 local dms = require "migrun.dms"
+local text = require "migrun.text"
 
 local M = {}
 
@@ -253,13 +254,13 @@ function M.new(opts)
     scheduled = {}, seq = 0,
     request_count = 0,
     ids = prng(opts.id_seed or 20160101),
-    cdc = opts.cdc, -- engine module (default: migrun.dms.emulator_cdc when it loads)
+    cdc = opts.cdc, -- engine module (default: migrun.rehearsal.emulator_cdc when it loads)
   }, Emu)
   for k, v in pairs(M.DEFAULT_DELAYS) do e.delays[k] = v end
   for k, v in pairs(opts.delays or {}) do e.delays[k] = v end
   e:set_faults(opts.faults or {})
   if e.cdc == nil then
-    local ok, mod = pcall(require, "migrun.dms.emulator_cdc")
+    local ok, mod = pcall(require, "migrun.rehearsal.emulator_cdc")
     e.cdc = ok and mod or false
   end
   -- the one replication instance, available from the start
@@ -1099,7 +1100,7 @@ function Emu:_begin_run(t, resume)
   t.Status = "running"
   self:task_log(t, "Task started (" .. t.MigrationType .. ")", "TASK_MANAGER", "I")
   if self.cdc and slot then
-    local engine, err = self.cdc.new{ emulator = self, task = t, source = sep, target = tep, slot = slot,
+    local engine, err = self.cdc.new{ emulator = self, server_name = M.INSTANCE_ID, task = t, source = sep, target = tep, slot = slot,
       settings = settings, resume = resume, start_lsn = M.start_lsn(t.CdcStartPosition) }
     if not engine then return self:_fail_task(t, tostring(err)) end
     t._engine = engine
@@ -1216,7 +1217,7 @@ end
 
 -- Statistics of one table (created at first use, in first-seen order).
 function Emu:table_stats(t, schema, name)
-  local key = schema .. "." .. name
+  local key = text.key(schema, name)
   local s = t._tables[key]
   if not s then
     s = { SchemaName = schema, TableName = name, Inserts = 0, Deletes = 0, Updates = 0, Ddls = 0,

@@ -43,7 +43,7 @@ The step context (one per run; passed to run, check and watchers)
   ctx:record(key, value)   into the running step's facts, journal saved at once
   ctx:done(step [, playbook]) -> whether the journal has that step done
   ctx:say(fmt, ...), ctx:warn(fmt, ...)   timestamped lines, also in state_dir/migrun.log
-  ctx:progress{ label =, total =, unit =, interval = } -> migrun.progress bar
+  ctx:progress{ label =, total =, unit =, interval = } -> migrun.playbook.progress bar
   ctx:confirm(what) -> true | false
   ctx:command(argv, opts) -> ok, how, code, stdout, stderr (proc.run);
       opts.writes = true: in a dry run printed, not run
@@ -55,10 +55,11 @@ local proc = require "migrun.proc"
 local pg = require "migrun.pg"
 local db = require "migrun.db"
 local errors = require "migrun.error"
-local config = require "migrun.config"
-local journal = require "migrun.journal"
-local progress = require "migrun.progress"
-local report = require "migrun.report"
+local config = require "migrun.playbook.config"
+local journal = require "migrun.playbook.journal"
+local progress = require "migrun.playbook.progress"
+local report = require "migrun.playbook.report"
+local text = require "migrun.text"
 local aws = require "migrun.aws"
 
 local playbook = {}
@@ -656,7 +657,7 @@ function Playbook:_run_step(ctx, s, run)
   ctx.step, ctx._record = nil, nil
   if ctx.dry_run then
     if failure then return EXIT.failed, failure end
-    ctx:say("%s: dry run done (%s)", s.name, report.duration(now - t0))
+    ctx:say("%s: dry run done (%s)", s.name, text.duration(now - t0))
     return EXIT.ok
   end
   rec.facts = ctx.facts[s.name]
@@ -664,7 +665,7 @@ function Playbook:_run_step(ctx, s, run)
   local saved, serr = J:save()
   if failure then return EXIT.failed, ("%s failed: %s"):format(s.name, tostring(failure)) end
   if not saved then return EXIT.failed, serr end
-  ctx:say("%s: done in %s", s.name, report.duration(rec.duration))
+  ctx:say("%s: done in %s", s.name, text.duration(rec.duration))
   return EXIT.ok
 end
 

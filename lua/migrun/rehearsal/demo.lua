@@ -1,5 +1,5 @@
 --[[
-migrun.demo: a sample database shaped like the runbook's, and a write
+migrun.rehearsal.demo: a sample database shaped like the runbook's, and a write
 workload to keep it busy, for `make demo` and the end-to-end tests.
 
   demo.load_sample(conn, { scale = 1 })     -- on the source primary
@@ -248,7 +248,7 @@ Rehearsal.__index = Rehearsal
      name the lab's passfile (no password in the file). R.env holds what the
      playbook's process needs in its environment (the emulator's keys). ]]
 function demo.rehearsal(opts)
-  local lab = require "migrun.lab"
+  local lab = require "migrun.rehearsal.lab"
   local host = require "migrun.host"
   assert(opts and opts.dir, "demo.rehearsal: dir expected")
   assert(host.mkdir(opts.dir, 0700))
@@ -282,7 +282,7 @@ function demo.rehearsal(opts)
     },
   }, opts.config)
   local path = opts.dir .. "/migration.lua"
-  assert(host.write_file(path, "-- written by migrun.demo for the local lab\nreturn " .. literal(cfg) .. "\n", 0600))
+  assert(host.write_file(path, "-- written by migrun.rehearsal.demo for the local lab\nreturn " .. literal(cfg) .. "\n", 0600))
   return setmetatable({ lab = L, config = cfg, config_path = path, dir = opts.dir,
     env = { AWS_ACCESS_KEY_ID = L.dms.access_key, AWS_SECRET_ACCESS_KEY = L.dms.secret_key,
             AWS_REGION = L.dms.region } }, Rehearsal)
@@ -296,7 +296,7 @@ function Rehearsal:start_workload(opts)
   self.stop_file = self.dir .. "/workload.stop"
   os.remove(self.stop_file)
   self.workload_output = {}
-  self.workload = assert(proc.spawn{ host.exe, "-e", "require('migrun.demo').workload_main()",
+  self.workload = assert(proc.spawn{ host.exe, "-e", "require('migrun.rehearsal.demo').workload_main()",
     env = { MIGRUN_WORKLOAD_CONNINFO = self.lab.source.conninfo, MIGRUN_WORKLOAD_RATE = tostring(opts.rate or 20),
             MIGRUN_WORKLOAD_SEED = tostring(opts.seed or 1), MIGRUN_WORKLOAD_STOP_FILE = self.stop_file,
             MIGRUN_WORKLOAD_NO_PK_CHANGES = opts.no_pk_changes == false and "0" or "1" },

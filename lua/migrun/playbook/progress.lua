@@ -1,10 +1,10 @@
 --[[
-migrun.progress: how a long operation shows it is moving. On a terminal, one
+migrun.playbook.progress: how a long operation shows it is moving. On a terminal, one
 live line redrawn in place; anywhere else (a pipe, a log file, CI), plain
 timestamped lines at most every `interval` seconds plus the final one, so a
 log stays readable.
 
-  local progress = require "migrun.progress"
+  local progress = require "migrun.playbook.progress"
   local bar = progress.new{ label = "copy public.orders", total = 1e9, unit = "bytes" }
   bar:update(5e8, "3.2M rows")     -- 12:01:03 copy public.orders: 476.8 MiB of 953.7 MiB (50%) 3.2M rows
   bar:finish("953.7 MiB in 12 s")  -- 12:01:15 copy public.orders: done, 953.7 MiB in 12 s
@@ -19,26 +19,19 @@ log stays readable.
   progress.amount(n, unit) -> "1.5 GiB" | "1,234 rows" | "1234"
 ]]
 local host = require "migrun.host"
-local lsn = require "migrun.lsn"
+local text = require "migrun.text"
 
 local progress = {}
 
 local Bar = {}
 Bar.__index = Bar
-Bar.__name = "migrun.progress.Bar"
-
-local function thousands(n)
-  local s = tostring(math.floor(n))
-  local sign, digits = s:match("^(-?)(%d+)$")
-  if not digits then return s end
-  return sign .. digits:reverse():gsub("(%d%d%d)", "%1,"):reverse():gsub("^,", "")
-end
+Bar.__name = "migrun.playbook.progress.Bar"
 
 function progress.amount(n, unit)
   if n == nil then return "?" end
-  if unit == "bytes" then return lsn.format_bytes(math.floor(n)) end
-  if unit then return thousands(n) .. " " .. unit end
-  return thousands(n)
+  if unit == "bytes" then return text.bytes(n) end
+  if unit then return text.thousands(n) .. " " .. unit end
+  return text.thousands(n)
 end
 
 function progress.new(opts)
@@ -69,18 +62,12 @@ function Bar:line(detail)
   local elapsed = host.monotonic() - self.started
   if self.total and self.done > 0 and self.done < self.total and elapsed > 2 then
     local left = elapsed * (self.total - self.done) / self.done
-    parts[#parts + 1] = (", %s left"):format(progress.duration(left))
+    parts[#parts + 1] = (", %s left"):format(text.duration(left))
   end
   if detail and detail ~= "" then parts[#parts + 1] = "  " .. detail end
   return table.concat(parts)
 end
 
-function progress.duration(seconds)
-  seconds = math.floor(seconds + 0.5)
-  if seconds < 60 then return ("%d s"):format(seconds) end
-  if seconds < 3600 then return ("%d min %02d s"):format(seconds // 60, seconds % 60) end
-  return ("%d h %02d min"):format(seconds // 3600, seconds % 3600 // 60)
-end
 
 function Bar:update(done, detail)
   assert(not self.finished, "progress: update after finish")
@@ -118,7 +105,7 @@ function Bar:finish(summary)
     line = line .. ", " .. summary
   else
     line = line .. ", " .. progress.amount(self.done, self.unit) .. " in " ..
-           progress.duration(host.monotonic() - self.started)
+           text.duration(host.monotonic() - self.started)
   end
   self.say(line)
 end

@@ -1,11 +1,11 @@
 --[[
-migrun.journal: what a migration has done so far, in state_dir/journal.json.
+migrun.playbook.journal: what a migration has done so far, in state_dir/journal.json.
 Pretty-printed JSON with sorted keys (a person can read and diff it), written
 with host.write_file (atomic and fsynced, mode 0600) after every change that
 matters, so a SIGKILL leaves the previous or the new journal, never a torn
 one. It never holds a secret: facts are scrubbed before they are stored.
 
-  local journal = require "migrun.journal"
+  local journal = require "migrun.playbook.journal"
   local J = assert(journal.open("/srv/migrun-state"))     -- reads it if it exists
   local S = J:step("full", "preflight")   -- the step's record (created empty)
   S.status = "done"; assert(J:save())
@@ -33,14 +33,14 @@ one. It never holds a secret: facts are scrubbed before they are stored.
   journal.timestamp([t]) -> "2026-11-21T12:01:03Z" (UTC)
 ]]
 local host = require "migrun.host"
-local json = require "migrun.dms.json"
+local json = require "migrun.json"
 local errors = require "migrun.error"
 
 local journal = {}
 
 local Journal = {}
 Journal.__index = Journal
-Journal.__name = "migrun.journal.Journal"
+Journal.__name = "migrun.playbook.journal.Journal"
 
 function journal.timestamp(t)
   return os.date("!%Y-%m-%dT%H:%M:%SZ", math.floor(t or host.now()))
