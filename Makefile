@@ -3,9 +3,12 @@
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
 JOBS       ?= $(shell nproc)
+# Specs run in parallel: most of their time is spent waiting on servers.
+TEST_JOBS  ?= 4
 MIGRUN      = $(BUILD)/migrun
+CTEST       = ctest --output-on-failure --timeout 1200
 
-.PHONY: all deps build build-asan test test-fast test-asan demo install clean
+.PHONY: all deps build build-asan test test-unit test-fast test-asan demo install clean
 
 all: build
 
@@ -22,14 +25,18 @@ build-asan: deps
 
 # The whole suite, then again under AddressSanitizer/UBSan.
 test: build build-asan
-	ctest --test-dir $(BUILD) --output-on-failure
-	ASAN_OPTIONS=detect_leaks=1 ctest --test-dir $(ASAN_BUILD) --output-on-failure
+	$(CTEST) --test-dir $(BUILD) -j$(TEST_JOBS)
+	ASAN_OPTIONS=detect_leaks=1 $(CTEST) --test-dir $(ASAN_BUILD) -j$(TEST_JOBS)
+
+# The specs that need no server, and the static checks: seconds.
+test-unit: build
+	$(CTEST) --test-dir $(BUILD) -j$(TEST_JOBS) -L unit
 
 test-fast: build
-	ctest --test-dir $(BUILD) --output-on-failure
+	$(CTEST) --test-dir $(BUILD) -j$(TEST_JOBS)
 
 test-asan: build-asan
-	ASAN_OPTIONS=detect_leaks=1 ctest --test-dir $(ASAN_BUILD) --output-on-failure
+	ASAN_OPTIONS=detect_leaks=1 $(CTEST) --test-dir $(ASAN_BUILD) -j$(TEST_JOBS)
 
 demo: build
 	$(MIGRUN) tools/demo.lua

@@ -88,7 +88,7 @@ function methods.runbook(job)
 end
 
 function methods.pgcopydb(job)
-  local ok, how, code, out, err = proc.run{ "pgcopydb", "clone", "--source", job.copydb_source,
+  local ok, how, code, _, err = proc.run{ "pgcopydb", "clone", "--source", job.copydb_source,
     "--target", job.target, "--table-jobs", "2", "--index-jobs", "2", "--skip-extensions",
     "--dir", job.dir, stdout = "capture", stderr = "capture" }
   if not ok then die("pgcopydb:", how, code, (err or ""):sub(-3000)) end
@@ -176,7 +176,7 @@ local function measure(name, job)
   job.dir = L.dir .. "/bench-" .. name
   job.target = target_db("bench_" .. name)
   io.stdout:write(("%-9s ... "):format(name)) io.stdout:flush()
-  local ok, how, code, out, err = proc.run{ "/usr/bin/time", "-f", "BENCH %e %M", host.exe, arg[0], "--method", name,
+  local ok, how, code, _, err = proc.run{ "/usr/bin/time", "-f", "BENCH %e %M", host.exe, arg[0], "--method", name,
     stdin = cjson.encode(job), stdout = "capture", stderr = "capture" }
   local secs, rss = (err or ""):match("BENCH ([%d.]+) (%d+)")
   if not ok or not secs then

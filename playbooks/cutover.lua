@@ -25,12 +25,16 @@ local proc = require "migrun.proc"
 
 local P = playbook.new{ name = "cutover", title = "Cutover: stop writes, last changes, sequences, final QA, stop the tasks" }
 
--- What playbooks/full.lua found out and created.
-local function full(ctx) return ctx:facts_of("full") end
+-- What the migration's main playbook (playbooks/full.lua) found out and created.
+local function full(ctx) return ctx:main_facts() end
 local function plan(ctx) return full(ctx).groups.groups end
 local function tasks(ctx) return full(ctx).dms_setup.tasks end
 local function tables(ctx) return full(ctx).know_data.tables end
-local function say(ctx) return function(line) ctx:say("%s", line) end end
+local function slots_of(ctx)
+  local slots = {}
+  for _, g in ipairs(plan(ctx)) do slots[#slots + 1] = g.slot end
+  return slots
+end
 local function checklist(ctx)
   local list = {}
   for _, g in ipairs(plan(ctx)) do
@@ -43,8 +47,9 @@ end
 
 P:step{ "ready", "Every task of this migration runs and has caught up (full.lua is done)",
   run = function(ctx)
-    if not ctx:done("catch_up", "full") then
-      return nil, "playbooks/full.lua has not finished (its catch_up step is not done): run it to the end first"
+    if not ctx:main_done("catch_up") then
+      return nil, ("%s has not finished (its catch_up step is not done): run it to the end first")
+        :format(ctx.main and ("the main playbook " .. ctx.main) or "playbooks/full.lua")
     end
     local st = assert(cdc.watch(ctx:dms(), plan(ctx), tasks(ctx), steps.watch_options(ctx)))
     ctx:report_table("DMS tasks before the cutover", cdc.status_table(st))
@@ -64,7 +69,7 @@ P:step{ "stop_writes", "Stop writes on the source (cutover.stop_writes)",
     local c = ctx.config.cutover
     local s = assert(cutover.stop_writes(ctx.source, { stop_writes = c.stop_writes,
       existing_sessions = c.existing_sessions, sessions_timeout = c.sessions_timeout,
-      sleep = function(t) ctx:sleep(t) end, say = say(ctx),
+      sleep = function(t) ctx:sleep(t) end, say = ctx.print,
       run_command = function(argv) return ctx:command(argv, { writes = true }) end }))
     if s.mode == "none" then ctx:warn("cutover.stop_writes is \"none\": the application must have stopped writing") end
     return { mode = s.mode, database = s.database, terminated = s.terminated }
@@ -78,21 +83,18 @@ P:step{ "stop_writes", "Stop writes on the source (cutover.stop_writes)",
 
 P:step{ "wait_applied", "Wait until every slot has confirmed the primary's final LSN",
   run = function(ctx)
-    local slots = {}
-    for _, g in ipairs(plan(ctx)) do slots[#slots + 1] = g.slot end
-    if ctx.dry_run then
-      ctx:say("would wait until %s have confirmed %s", table.concat(slots, ", "),
-        tostring(assert(cutover.final_lsn(ctx.source))))
-      return {}
-    end
+    local slots = slots_of(ctx)
     local bar = ctx:progress{ label = "slots at the final LSN", total = #slots, unit = "slots" }
     local w = assert(cutover.wait_applied(ctx.source, slots, { timeout = ctx.config.cutover.apply_timeout,
       sleep = function(t) ctx:sleep(t) end, on_progress = function(done) bar:update(done) end }))
     bar:finish(("every slot has confirmed %s"):format(tostring(w.lsn)))
-    local rows = {}
-    for _, r in ipairs(w.slots) do rows[#rows + 1] = { r.slot, r.confirmed_flush_lsn } end
-    ctx:report_table(("Slots at the final LSN %s"):format(tostring(w.lsn)), { "slot", "confirmed flush" }, rows)
+    ctx:report_table(("Slots at the final LSN %s"):format(tostring(w.lsn)),
+      { { "slot" }, { "confirmed_flush_lsn", "confirmed flush" } }, w.slots)
     return { lsn = tostring(w.lsn) }
+  end,
+  dry_run = function(ctx)
+    return ("would wait until %s have confirmed %s"):format(table.concat(slots_of(ctx), ", "),
+      tostring(assert(cutover.final_lsn(ctx.source))))
   end }
 
 P:step{ "sequences", "Set every sequence on the target ahead of the source's last value",
@@ -100,12 +102,7 @@ P:step{ "sequences", "Set every sequence on the target ahead of the source's las
     local cfg = ctx.config
     local r = assert(cutover.sync_sequences(ctx.source, ctx.target, { schemas = cfg.schemas,
       exclude_tables = cfg.exclude_tables, margin = cfg.cutover.sequence_margin }))
-    local rows = {}
-    for _, s in ipairs(r.rows) do
-      rows[#rows + 1] = { s.sequence, s.owned_by or "-", tostring(s.source or "never used"),
-        tostring(s.target_before or "never used"), tostring(s.set_to), s.action }
-    end
-    ctx:report_table("Sequences", { "sequence", "owned by", "source last", "target before", "target now", "" }, rows)
+    ctx:report_table("Sequences", cutover.SEQUENCE_COLUMNS, r.rows)
     if #r.missing > 0 then
       return nil, ("%d sequence(s) of the source are missing on the target: %s"):format(#r.missing,
         table.concat(r.missing, ", "))
@@ -116,10 +113,6 @@ P:step{ "sequences", "Set every sequence on the target ahead of the source's las
 
 P:step{ "final_qa", "Final full QA: row counts and row hashes of every table, primary vs target",
   run = function(ctx)
-    if ctx.dry_run then
-      ctx:say("would compare every table of the primary and the target (counts and row hashes)")
-      return {}
-    end
     local r = assert(qa.compare(ctx.source, ctx.target, tables(ctx), ctx.config.qa, { mode = "full" }))
     cutover.count_only(r, ctx.config.cutover.count_only)
     ctx:report_table("Final full QA (primary vs target)", qa.report_columns(), qa.report_rows(r))
@@ -130,12 +123,13 @@ P:step{ "final_qa", "Final full QA: row counts and row hashes of every table, pr
         .. "the tasks still run, nothing else was done"):format(r.differences)
     end
     return { checks = #r.checks }
-  end }
+  end,
+  dry_run = "would compare every table of the primary and the target (counts and row hashes)" }
 
 P:step{ "stop_tasks", "Stop the DMS tasks",
   run = function(ctx)
     local s = assert(cutover.stop_tasks(ctx:dms(), plan(ctx), tasks(ctx), { name = ctx.config.name,
-      timeout = ctx.config.cutover.stop_timeout, say = say(ctx) }))
+      timeout = ctx.config.cutover.stop_timeout, say = ctx.print }))
     return { stopped = s.stopped, already = s.already }
   end }
 
@@ -143,9 +137,9 @@ P:step{ "checklist", "The cutover checklist and the commands to roll back",
   run = function(ctx)
     local cl = checklist(ctx)
     ctx:say("%s", cutover.format_checklist(cl))
-    local steps = {}
-    for i, s in ipairs(cl.steps) do steps[i] = { tostring(i), s } end
-    ctx:report_table("Cutover checklist", { "#", "do" }, steps)
+    local numbered = {}
+    for i, line in ipairs(cl.steps) do numbered[i] = { i, line } end
+    ctx:report_table("Cutover checklist", { "#", "do" }, numbered)
     ctx:report_table("Roll back", { "what", "how" }, cl.rollback)
     return { rollback = cl.rollback }
   end }

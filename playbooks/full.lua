@@ -28,13 +28,13 @@ local walguard = require "migrun.walguard"
 local lsn = require "migrun.lsn"
 local text = require "migrun.text"
 
-local P = playbook.new{ name = "full", title = "Full migration: full load from the paused replica, then DMS CDC" }
+local P = playbook.new{ name = "full", main = true,
+  title = "Full migration: full load from the paused replica, then DMS CDC" }
 
 -- What earlier steps found out, as later steps need it.
 local function tables(ctx) return ctx.facts.know_data.tables end
 local function plan(ctx) return ctx.facts.groups.groups end
 local function captured_lsn(ctx) return lsn(ctx.facts.pause_replica.lsn) end
-local function say(ctx) return function(line) ctx:say("%s", line) end end
 
 -- Through the whole run: WAL retained by our slots, disk on the paused replica.
 P:watch(walguard.watcher())
@@ -54,10 +54,10 @@ P:step{ "schema", "Schema (pre-data) and roles from the source to the target",
   run = function(ctx)
     local tools = assert(schema.tools(ctx.target.conn:server_version()))
     local dump = assert(schema.dump(ctx.config.source.conninfo, ctx.state_dir, { tools = tools,
-      schemas = ctx.config.schemas, exclude_tables = ctx.config.exclude_tables, echo = say(ctx) }))
-    local roles = assert(schema.copy_roles(ctx.config.source.conninfo, ctx.target, { tools = tools, say = say(ctx) }))
+      schemas = ctx.config.schemas, exclude_tables = ctx.config.exclude_tables, echo = ctx.print }))
+    local roles = assert(schema.copy_roles(ctx.config.source.conninfo, ctx.target, { tools = tools, say = ctx.print }))
     assert(schema.restore("pre-data", ctx.config.target.conninfo, dump,
-      { dry_run = ctx.dry_run, echo = say(ctx) }))
+      { dry_run = ctx.dry_run, echo = ctx.print }))
     return { dump = dump.file, list = dump.list, notes = dump.notes, roles_created = roles.created }
   end }
 
@@ -102,7 +102,7 @@ P:step{ "slots", "Replication slots, the pglogical node and two sets per slot on
 P:step{ "pause_replica", "Pause the maintenance replica and capture its replay LSN",
   run = function(ctx)
     local after = pglogical.newest_slot_lsn(ctx.facts.slots.slots)
-    local at = assert(replica.pause(ctx.replica, { after = after, say = say(ctx) }))
+    local at = assert(replica.pause(ctx.replica, { after = after, say = ctx.print }))
     ctx:say("replica paused; replay LSN %s is where CDC will start", tostring(at))
     return { lsn = tostring(at) }
   end,
@@ -115,15 +115,12 @@ P:step{ "verify_lsn", "Verify the captured LSN on the primary for every slot (bo
   run = function(ctx)
     local verified = {}
     for _, g in ipairs(plan(ctx)) do
-      if ctx.dry_run then
-        ctx:say("would verify %s at %s", g.slot, tostring(captured_lsn(ctx)))
-      else
-        local v = assert(pglogical.verify_lsn(ctx.source, g.slot, captured_lsn(ctx)))
-        verified[g.slot] = { confirmed_flush_lsn = tostring(v.confirmed_flush_lsn), peeked = v.peeked }
-      end
+      local v = assert(pglogical.verify_lsn(ctx.source, g.slot, captured_lsn(ctx)))
+      verified[g.slot] = { confirmed_flush_lsn = tostring(v.confirmed_flush_lsn), peeked = v.peeked }
     end
     return { verified = verified }
-  end }
+  end,
+  dry_run = function(ctx) return ("would verify every slot at the captured LSN %s"):format(captured_lsn(ctx)) end }
 
 P:step{ "hold_indexes", "Hold back the separate unique indexes (they come back with the post-data)",
   run = function(ctx)
@@ -131,7 +128,7 @@ P:step{ "hold_indexes", "Hold back the separate unique indexes (they come back w
     for _, ix in ipairs(held) do ctx:say("held back until after the load: %s %s", ix.table, ix.definition) end
     -- The target got the pre-data section only: nothing to drop unless a team
     -- restored a full schema there itself.
-    assert(catalog.drop_present(ctx.target, held, say(ctx)))
+    assert(catalog.drop_present(ctx.target, held, ctx.print))
     return { held = held }
   end }
 
@@ -176,7 +173,7 @@ P:step{ "dms_setup", "DMS endpoints, connection tests, a CDC-only task per slot 
 P:step{ "dms_start", "Start the tasks one by one",
   run = function(ctx)
     local s = assert(cdc.start_tasks(ctx:dms(), plan(ctx), ctx.facts.dms_setup.tasks, { name = ctx.config.name,
-      pause = ctx.config.dms.start_pause, sleep = function(t) ctx:sleep(t) end, say = say(ctx) }))
+      pause = ctx.config.dms.start_pause, sleep = function(t) ctx:sleep(t) end, say = ctx.print }))
     return { started = s.started }
   end }
 
@@ -193,12 +190,12 @@ P:step{ "catch_up", "Watch the tasks catch up; final QA against the primary", al
     watch.on_status = nil
     ctx:report_table("DMS tasks", cdc.status_table(st))
     if st.exceptions > 0 then ctx:warn("%d row(s) in awsdms_apply_exceptions: look at them before cutover", st.exceptions) end
-    if ctx.dry_run then return {} end
     local r, why = steps.live_qa(ctx, plan(ctx), tables(ctx), "Final QA (primary vs target)")
     if not r then return nil, why end
     ctx:say("READY FOR CUTOVER: %d tasks running, largest lag %s, %d QA checks equal",
       #st.rows, text.bytes(st.max_lag), #r.checks)
     return { ready = true, max_lag = st.max_lag, exceptions = st.exceptions }
-  end }
+  end,
+  dry_run = "would watch every task catch up, then compare every table of the primary and the target" }
 
 os.exit(P:main(arg))

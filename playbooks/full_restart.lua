@@ -12,14 +12,15 @@ empties the target as restart.target in the config says: "truncate" (the
 default: the migrated tables are emptied, their schema stays) or
 "drop_schema" (the migrated schemas are dropped and restored again).
 
-Then the journal, report and log move to state_dir/attempt-<n>/, and
-full.lua runs from its first step with a fresh journal: spawned as a child of
-this same migrun binary with the same --config, --state-dir and --yes, its
-output shown as it comes; its exit status is this playbook's. With
-"truncate", the new journal starts with full.lua's schema step done (copied
-from the old one): the target still has the tables, indexes and roles.
-If full.lua stops, run full.lua again to resume it: running full_restart.lua
-again tears down the new attempt and starts another one.
+Then the journal, report and log move to state_dir/attempt-<n>/, and the
+migration's main playbook (full.lua, or the team's copy of it: the journal
+names it) runs from its first step with a fresh journal, as a child of this
+migrun that dies with it, with the same --config, --state-dir and --yes; its
+exit status is this playbook's (migrun.playbook's then_run). With
+"truncate", the new journal starts with the main playbook's schema step done
+(copied from the old one): the target still has the tables, indexes and
+roles. If full.lua stops, run full.lua again to resume it: running
+full_restart.lua again tears down the new attempt and starts another one.
 ]]
 local playbook = require "migrun.playbook"
 local restart = require "migrun.restart"
@@ -30,7 +31,8 @@ local replica = require "migrun.replica"
 local P = playbook.new{ name = "full_restart",
   title = "Full restart: take this migration's DMS and pglogical objects down, empty the target, start again" }
 
-local function full(ctx) return ctx:facts_of("full") end
+-- What the main playbook (full.lua) found out and created.
+local function full(ctx) return ctx:main_facts() end
 
 -- The groups of the attempt: full.lua's plan, or (a run that failed before
 -- planning) migrun's slots found on the primary.
@@ -114,19 +116,10 @@ P:step{ "empty_target", "Empty the target (restart.target: truncate or drop_sche
     return r
   end }
 
-P:step{ "begin_again", "Set this attempt's journal aside; full.lua runs again from the beginning",
-  run = function(ctx)
-    ctx:say("%s the journal, report and log into %s/attempt-<n>/, then run full.lua from its first step",
-      ctx.dry_run and "would move" or "moving", ctx.state_dir)
-    return { keep_schema = ctx.config.restart.target == "truncate" }
-  end }
+-- Then the attempt's journal is set aside and the main playbook runs again
+-- from its first step; with "truncate" the target kept its schema, indexes
+-- and roles, so its schema step is carried over as done.
+P:then_run{ "main", fresh_journal = true,
+  carry = function(ctx) return ctx.config.restart.target == "truncate" and { "schema" } or {} end }
 
-local code = P:main(arg)
-local parsed = P:parse({ table.unpack(arg) })
-if code == playbook.EXIT.ok and parsed and not (parsed.dry_run or parsed.help or parsed.list or parsed.only) then
-  local cfg = require("migrun.playbook.config").load(parsed.config)
-  code = restart.begin_again{ P = P, argv = arg, keep_schema = cfg and cfg.restart.target == "truncate",
-    full = (arg[0] or "playbooks/full_restart.lua"):gsub("full_restart%.lua$", "full.lua"),
-    say = function(line) io.stdout:write(os.date("%H:%M:%S "), line, "\n") io.stdout:flush() end }
-end
-os.exit(code)
+os.exit(P:main(arg))

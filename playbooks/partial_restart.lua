@@ -32,23 +32,25 @@ local walguard = require "migrun.walguard"
 local lsn = require "migrun.lsn"
 local text = require "migrun.text"
 
-local P = playbook.new{ name = "partial_restart", args = "<slot>",
-  title = "Partial restart: one group's slot, tables and DMS task again, the others untouched" }
+local P = playbook.new{ name = "partial_restart",
+  title = "Partial restart: one group's slot, tables and DMS task again, the others untouched",
+  args = { { "slot", "the slot of the group to migrate again, e.g. dms_slot_02" } },
+  -- each partial restart of a slot has its own journal section (see the header)
+  section = function(args) return "partial_restart-" .. args.slot end, new_section_after = "catch_up" }
 
--- What full.lua and earlier steps found out.
-local function full(ctx) return ctx:facts_of("full") end
-local function slot(ctx) return ctx.args[1] end
+-- What the main playbook (full.lua) and earlier steps found out.
+local function full(ctx) return ctx:main_facts() end
+local function slot(ctx) return ctx.args.slot end
 local function group(ctx) return ctx.facts.refuse_foreign.group end
 local function tables(ctx) return ctx.facts.refuse_foreign.tables end
 local function new_lsn(ctx) return lsn(ctx.facts.pause_replica.lsn) end
-local function say(ctx) return function(line) ctx:say("%s", line) end end
 
 P:watch(walguard.watcher())
 
 P:step{ "refuse_foreign", "Only a slot of this migration, after full.lua set up DMS", always = true,
   run = function(ctx)
     local f = full(ctx)
-    if not (f.groups and f.groups.groups and ctx:done("dms_setup", "full")) then
+    if not (f.groups and f.groups.groups and ctx:main_done("dms_setup")) then
       return nil, "full.lua has not set up DMS yet: resume it (`migrun playbooks/full.lua`); nothing was changed"
     end
     local g = assert(restart.group_of(f.groups.groups, slot(ctx), ctx.source, ctx.config.slots.prefix))
@@ -108,7 +110,7 @@ P:step{ "slot", "Drop and recreate the slot and its two replication sets; add th
 
 P:step{ "pause_replica", "Pause the maintenance replica after the new slot; capture its LSN",
   run = function(ctx)
-    local at = assert(replica.pause(ctx.replica, { after = ctx.facts.slot.lsn, say = say(ctx) }))
+    local at = assert(replica.pause(ctx.replica, { after = ctx.facts.slot.lsn, say = ctx.print }))
     ctx:say("replica paused; replay LSN %s is where the new task will start", tostring(at))
     return { lsn = tostring(at) }
   end,
@@ -119,13 +121,10 @@ P:step{ "pause_replica", "Pause the maintenance replica after the new slot; capt
 
 P:step{ "verify_lsn", "Verify the new LSN on the primary for the new slot (bounded peek)",
   run = function(ctx)
-    if ctx.dry_run then
-      ctx:say("would verify %s at %s", slot(ctx), tostring(new_lsn(ctx)))
-      return {}
-    end
     local v = assert(pglogical.verify_lsn(ctx.source, slot(ctx), new_lsn(ctx)))
     return { confirmed_flush_lsn = tostring(v.confirmed_flush_lsn), peeked = v.peeked }
-  end }
+  end,
+  dry_run = function(ctx) return ("would verify %s at %s"):format(slot(ctx), tostring(new_lsn(ctx))) end }
 
 P:step{ "reload", "Reload the group's tables from the paused replica (their indexes are in place)",
   run = function(ctx)
@@ -156,14 +155,17 @@ P:step{ "replace_task", "Replace the group's DMS task with one starting at the n
       start_lsn = new_lsn(ctx), task = cfg.dms.task, source = cfg.source.conninfo, target = cfg.target.conninfo,
       source_overrides = cfg.dms.source_endpoint, target_overrides = cfg.dms.target_endpoint }))
     ctx:say("old task: %s; new task %s at %s", r.deleted, tostring(r.arn), tostring(new_lsn(ctx)))
-    if not ctx.dry_run then assert(restart.record_task(ctx.journal, slot(ctx), r.arn)) end
+    -- the main playbook's facts name the task that runs now
+    local tasks = full(ctx).dms_setup.tasks
+    tasks[slot(ctx)] = r.arn
+    ctx:record_main("dms_setup", "tasks", tasks)
     return { arn = r.arn, old = r.deleted }
   end }
 
 P:step{ "start_task", "Start the new task",
   run = function(ctx)
     local s = assert(cdc.start_tasks(ctx:dms(), { group(ctx) }, { [slot(ctx)] = ctx.facts.replace_task.arn },
-      { name = ctx.config.name, say = say(ctx) }))
+      { name = ctx.config.name, say = ctx.print }))
     return { started = s.started }
   end }
 
@@ -172,20 +174,11 @@ P:step{ "catch_up", "Watch the new task catch up; QA the group's tables against 
     local tasks = { [slot(ctx)] = ctx.facts.replace_task.arn }
     local st = assert(cdc.watch(ctx:dms(), { group(ctx) }, tasks, steps.watch_options(ctx)))
     ctx:report_table("DMS task", cdc.status_table(st))
-    if ctx.dry_run then return {} end
     local r, why = steps.live_qa(ctx, { group(ctx) }, tables(ctx), "QA (primary vs target)")
     if not r then return nil, why end
     ctx:say("%s has caught up: lag %s, %d QA checks equal", slot(ctx), text.bytes(st.max_lag), #r.checks)
     return { caught_up = true, max_lag = st.max_lag }
-  end }
+  end,
+  dry_run = function(ctx) return ("would watch the task of %s catch up, then compare its tables"):format(slot(ctx)) end }
 
--- Each partial restart of a slot has its own journal section (see the header).
-local parsed = P:parse({ table.unpack(arg) })
-if parsed and not parsed.help then
-  if #parsed.args ~= 1 and not (parsed.list and #parsed.args == 0) then
-    io.stderr:write("migrun: partial_restart.lua needs one slot, e.g. dms_slot_02 (see --help)\n")
-    os.exit(playbook.EXIT.usage)
-  end
-  if parsed.args[1] then P.name = restart.section(P, arg, "partial_restart-" .. parsed.args[1], "catch_up") end
-end
 os.exit(P:main(arg))

@@ -1,14 +1,45 @@
 # Every tests/spec/*_spec.lua is one ctest test, run by busted *inside* migrun so
-# the modules are tested in the runtime users get.
+# the modules are tested in the runtime users get. Labels:
+#   unit  no server: pure Lua and pure C (make test-unit, seconds)
+#   lab   starts its own PostgreSQL lab (and maybe the DMS emulator)
+#   e2e   a whole rehearsal: lab, emulator, workload, playbooks run as a team runs them
+# Each lab picks free ports and its own directory, so specs run in parallel
+# (ctest -j); an e2e spec counts as two processors so that two of them at most
+# share a 2-core machine with the lighter ones; the longest start first (COST,
+# until ctest has timings of its own).
 find_program(BUSTED_RUNNER busted PATHS /usr/bin REQUIRED)
 file(GLOB MIGRUN_SPECS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/spec/*_spec.lua)
+set(MIGRUN_UNIT_SPECS aws_credentials cli config dms_builders dms_client groups host_os host layers
+    lsn playbook_cli pretty proc repl sigv4 text)
+set(MIGRUN_TEST_ENV
+  "MIGRUN_BIN=$<TARGET_FILE:migrun>;MIGRUN_SOURCE_DIR=${CMAKE_SOURCE_DIR};MIGRUN_SANITIZE=$<IF:$<BOOL:${MIGRUN_SANITIZE}>,1,0>")
 foreach(spec IN LISTS MIGRUN_SPECS)
   get_filename_component(name ${spec} NAME_WE)
+  string(REGEX REPLACE "_spec$" "" short ${name})
+  if(short IN_LIST MIGRUN_UNIT_SPECS)
+    set(label unit)
+    set(processors 1)
+    set(cost 1)
+  elseif(name MATCHES "^e2e_")
+    set(label e2e)
+    set(processors 2)
+    set(cost 100)
+  else()
+    set(label lab)
+    set(processors 1)
+    set(cost 10)
+  endif()
   add_test(NAME ${name}
     COMMAND migrun ${BUSTED_RUNNER} --output=plainTerminal
             --lpath=${CMAKE_SOURCE_DIR}/tests/?.lua ${spec}
     WORKING_DIRECTORY ${CMAKE_SOURCE_DIR})
-  set_tests_properties(${name} PROPERTIES
-    TIMEOUT 1200
-    ENVIRONMENT "MIGRUN_BIN=$<TARGET_FILE:migrun>;MIGRUN_SOURCE_DIR=${CMAKE_SOURCE_DIR};MIGRUN_SANITIZE=$<IF:$<BOOL:${MIGRUN_SANITIZE}>,1,0>")
+  set_tests_properties(${name} PROPERTIES TIMEOUT 1200 LABELS ${label} PROCESSORS ${processors} COST ${cost}
+    ENVIRONMENT "${MIGRUN_TEST_ENV}")
 endforeach()
+
+# Static checks, in the unit label: luacheck over every Lua file of the tree.
+find_program(LUACHECK luacheck PATHS /usr/bin REQUIRED)
+add_test(NAME luacheck
+  COMMAND ${LUACHECK} --no-color --codes lua playbooks tools bench tests
+  WORKING_DIRECTORY ${CMAKE_SOURCE_DIR})
+set_tests_properties(luacheck PROPERTIES LABELS unit)

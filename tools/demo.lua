@@ -1,6 +1,6 @@
 -- `make demo`: the whole two-phase migration on the local lab.
 --
---   migrun tools/demo.lua [--scale N] [--dir DIR] [--rate TPS]
+--   migrun tools/demo.lua [--scale N] [--dir DIR] [--rate TPS]   (--help)
 --
 -- Starts three real PostgreSQL clusters (a primary with pglogical, its
 -- streaming maintenance replica, a target) and the DMS emulator on loopback,
@@ -11,20 +11,15 @@
 local demo = require "migrun.rehearsal.demo"
 local proc = require "migrun.proc"
 local host = require "migrun.host"
+local cli = require "migrun.playbook.cli"
 
-local opts = { scale = 1, rate = 20 }
-local i = 1
-while i <= #arg do
-  local a = arg[i]
-  if a == "--scale" then opts.scale = assert(tonumber(arg[i + 1]), "--scale needs a number") i = i + 1
-  elseif a == "--rate" then opts.rate = assert(tonumber(arg[i + 1]), "--rate needs a number") i = i + 1
-  elseif a == "--dir" then opts.dir = arg[i + 1] i = i + 1
-  else
-    io.stderr:write("usage: migrun tools/demo.lua [--scale N] [--dir DIR] [--rate TPS]\n")
-    os.exit(2)
-  end
-  i = i + 1
-end
+local opts = cli.run({ usage = "migrun tools/demo.lua",
+  about = "The whole two-phase migration on the local lab (make demo)",
+  options = {
+    { "--scale", "N", "size of the sample database (1 = about 1 GB)", default = 1, number = true },
+    { "--rate", "TPS", "transactions per second of the write workload", default = 20, number = true },
+    { "--dir", "DIR", "where the lab and the state directory live (default ./migrun-demo-<time>)" },
+  } }, arg)
 opts.dir = opts.dir or ("migrun-demo-" .. os.date("%Y%m%d-%H%M%S"))
 if opts.dir:sub(1, 1) ~= "/" then opts.dir = os.getenv("PWD") .. "/" .. opts.dir end
 

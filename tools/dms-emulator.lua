@@ -5,68 +5,45 @@
 -- the endpoint URL on stdout once listening, then serves until killed.
 local emulator = require "migrun.rehearsal.emulator"
 local json = require "migrun.json"
+local cli = require "migrun.playbook.cli"
 
-local options = {
-  { "--port", "N", "port on 127.0.0.1 (0 = any free port; the URL printed tells which)", "0" },
-  { "--access-key", "KEY", "access key id the clients must sign with (required)" },
-  { "--secret-env", "NAME", "environment variable holding the secret key", "MIGRUN_DMS_EMULATOR_SECRET" },
-  { "--region", "NAME", "signing region", "us-east-1" },
-  { "--faults", "JSON", 'faults at start, e.g. {"seed":1,"throttle":0.2,"fail_tasks":{"t1":"boom"}}' },
-  { "--delays", "JSON", 'transition times in seconds, e.g. {"task_start":0.2}' },
-  { "--no-cdc", nil, "lifecycle only: running CDC tasks read no slot and apply nothing" },
-  { "--verbose", nil, "log each request and task log line to stderr" },
-}
+local spec = { usage = "migrun tools/dms-emulator.lua", about = "The DMS emulator on loopback (docs/dms-emulator.md)",
+  options = {
+    { "--port", "N", "port on 127.0.0.1 (0 = any free port; the URL printed tells which)", default = 0, number = true },
+    { "--access-key", "KEY", "access key id the clients must sign with (required)" },
+    { "--secret-env", "NAME", "environment variable holding the secret key", default = "MIGRUN_DMS_EMULATOR_SECRET" },
+    { "--region", "NAME", "signing region", default = "us-east-1" },
+    { "--faults", "JSON", 'faults at start, e.g. {"seed":1,"throttle":0.2,"fail_tasks":{"t1":"boom"}}' },
+    { "--delays", "JSON", 'transition times in seconds, e.g. {"task_start":0.2}' },
+    { "--no-cdc", nil, "lifecycle only: running CDC tasks read no slot and apply nothing" },
+    { "--verbose", nil, "log each request and task log line to stderr" },
+  } }
+local opts = cli.run(spec, arg)
 
 local function usage(msg)
-  local out = { msg and ("dms-emulator: " .. msg .. "\n") or "",
-    "usage: migrun tools/dms-emulator.lua --access-key KEY [options]\n" }
-  for _, o in ipairs(options) do
-    out[#out + 1] = ("  %-22s %s%s\n"):format(o[1] .. (o[2] and (" " .. o[2]) or ""), o[3],
-      o[4] and (" (default " .. o[4] .. ")") or "")
-  end
-  io.stderr:write(table.concat(out))
-  os.exit(msg and 2 or 0)
+  io.stderr:write("dms-emulator: ", msg, " (see --help)\n")
+  os.exit(2)
 end
 
-local args = {}
-for _, o in ipairs(options) do args[o[1]] = o[4] end
-local i = 1
-while i <= #arg do
-  local a = arg[i]
-  if a == "--help" or a == "-h" then usage() end
-  local known
-  for _, o in ipairs(options) do
-    if o[1] == a then known = o end
-  end
-  if not known then usage("unknown option " .. a) end
-  if known[2] then
-    if arg[i + 1] == nil then usage(a .. " needs a value") end
-    args[a] = arg[i + 1]
-    i = i + 2
-  else
-    args[a] = true
-    i = i + 1
-  end
-end
-
-if not args["--access-key"] then usage("--access-key is required") end
-local secret = os.getenv(args["--secret-env"])
-if not secret or secret == "" then usage("the secret key must be in $" .. args["--secret-env"]) end
-local port = math.tointeger(tonumber(args["--port"]))
+if not opts.access_key then usage("--access-key is required") end
+local secret = os.getenv(opts.secret_env)
+if not secret or secret == "" then usage("the secret key must be in $" .. opts.secret_env) end
+local port = math.tointeger(tonumber(opts.port))
 if not port or port < 0 or port > 65535 then usage("--port takes a number from 0 to 65535") end
 
 local function doc(name)
-  if not args[name] then return nil end
-  local d = json.decode(args[name])
+  local value = opts[name:sub(3)]
+  if not value then return nil end
+  local d = json.decode(value)
   if type(d) ~= "table" then usage(name .. " takes a JSON object") end
   return d
 end
 
 local cdc -- nil: the default engine (migrun.rehearsal.emulator_cdc)
-if args["--no-cdc"] then cdc = false end
-local emu, err = emulator.start{ port = port, access_key = args["--access-key"], secret_key = secret,
-  region = args["--region"], cdc = cdc, faults = doc("--faults"), delays = doc("--delays"),
-  log = args["--verbose"] and function(line) io.stderr:write("dms-emulator: ", line, "\n") end or nil }
+if opts.no_cdc then cdc = false end
+local emu, err = emulator.start{ port = port, access_key = opts.access_key, secret_key = secret,
+  region = opts.region, cdc = cdc, faults = doc("--faults"), delays = doc("--delays"),
+  log = opts.verbose and function(line) io.stderr:write("dms-emulator: ", line, "\n") end or nil }
 if not emu then
   io.stderr:write(tostring(err), "\n")
   os.exit(1)

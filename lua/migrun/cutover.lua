@@ -43,8 +43,9 @@ cutover.sequences(db, { schemas =, exclude_tables = }) -> { {schema, name,
     max_value, owned_by ("s.t.column" | nil), identity = bool} } | nil, err
     From pg_sequences; identity columns' sequences included; sequences owned
     by an excluded table left out (pg_dump leaves them out too).
-cutover.sync_sequences(source, target, opts) -> { rows = { {sequence, source,
+cutover.sync_sequences(source, target, opts) -> { rows = { {sequence, owned_by, source,
     target_before, set_to, action} }, set = n, missing = {names} } | nil, err
+    (cutover.SEQUENCE_COLUMNS: the report's columns for those rows)
     For every sequence of the source: setval on the target to the source's
     last value plus opts.margin (default 1000) increments' worth in the
     sequence's direction, within its bounds; never moves a target sequence
@@ -242,6 +243,11 @@ function cutover.sequences(db, opts)
   end
   return out
 end
+
+local function or_never_used(v) return v == nil and "never used" or tostring(v) end
+cutover.SEQUENCE_COLUMNS = { { "sequence" }, { "owned_by", "owned by", format = function(v) return v or "-" end },
+  { "source", "source last", format = or_never_used }, { "target_before", "target before", format = or_never_used },
+  { "set_to", "target now", format = tostring }, { "action", "" } }
 
 -- The value the target's sequence is set to: margin increments past the
 -- source's last value (its start when never used), within the bounds.

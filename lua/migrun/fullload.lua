@@ -281,7 +281,7 @@ function fullload.run(opts)
     handles[#handles + 1] = h
   end
 
-  local results, by_table = {}, {}
+  local results = {}
   local moving = {}               -- table -> {bytes, rows} of the COPY under way
   local bytes_done, rows_done = 0, 0
   local failure
@@ -308,7 +308,6 @@ function fullload.run(opts)
         local r = { table = ev.table, rows = int(ev.rows), bytes = int(ev.bytes), started = ev.started,
           ended = ev.ended, seconds = ev.seconds, stream = ev.stream }
         results[#results + 1] = r
-        by_table[r.table] = r
         bytes_done, rows_done = bytes_done + r.bytes, rows_done + r.rows
         if opts.on_table then opts.on_table(r) end
       elseif ev.event == "error" then

@@ -46,7 +46,6 @@ groups.format(plan) -> text: one aligned line per group (slot, tables, size,
     deletes will not replicate; LOB limits below the measured size).
 ]]
 local errors = require "migrun.error"
-local catalog = require "migrun.catalog"
 local text = require "migrun.text"
 
 local groups = {}

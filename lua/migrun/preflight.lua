@@ -22,7 +22,6 @@ set up as the runbook requires. Reads only: it never writes to any server.
       last line with the counts.
   preflight.estimate_slots(config) -> n     largest_alone + explicit groups + 2
 ]]
-local lsn = require "migrun.lsn"
 local pg = require "migrun.pg"
 local proc = require "migrun.proc"
 local host = require "migrun.host"
@@ -276,9 +275,8 @@ function preflight.run(args)
             foreign[#foreign + 1] = sl
           end
         end
-        local senders
-        res, err = source:query("select count(*) as n from pg_stat_replication")
-        senders = res and res[1].n or 0
+        local sres = source:query("select count(*) as n from pg_stat_replication")
+        local senders = sres and sres[1].n or 0
         local max_slots = tonumber(s.max_replication_slots.setting)
         add("source", "max_replication_slots", max_slots >= needed + #foreign, "error",
           ("%d; needed: %d for migrun + %d other slots"):format(max_slots, needed, #foreign),

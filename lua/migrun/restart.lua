@@ -14,12 +14,9 @@ position, and set a finished attempt's journal aside.
   assert(restart.truncate(target_db, g.tables))
   local r = assert(restart.replace_task(client, g, { name=, old_arn=, instance_arn=, start_lsn=,
     task=, source=, target=, source_overrides=, target_overrides= }))   -- { arn=, deleted=, endpoints= }
-  restart.record_task(journal, slot, arn)    -- full.lua's dms_setup facts follow the new task
   local down = assert(restart.teardown_dms(client, plan, { name = }))   -- { tasks = {...}, endpoints = {...} }
   local gone = assert(restart.teardown_source(source_db, plan, node))   -- { slots =, sets =, node = }
   assert(restart.empty_target(target_db, tables, { how = "truncate" | "drop_schema", schemas = }))
-  local name = restart.section(P, argv, base, last_step)                -- see below
-  local code = restart.begin_again{ ... }                               -- see below
 
 Every function that changes a server writes through Db:write or the DMS
 client, so a dry run shows each change and makes none. Failures of the world
@@ -29,15 +26,10 @@ local pg = require "migrun.pg"
 local errors = require "migrun.error"
 local cdc = require "migrun.cdc"
 local pglogical = require "migrun.pglogical"
-local host = require "migrun.host"
 local text = require "migrun.text"
 
 local restart = {}
 
-local function key(t)
-  if type(t) == "string" then return t end
-  return text.key(t)
-end
 
 local function qualified(t)
   if type(t) == "string" then
@@ -329,18 +321,6 @@ function restart.replace_task(client, group, opts)
   return { arn = tasks[group.slot], deleted = deleted, endpoints = eps }
 end
 
---[[ restart.record_task(journal, slot, arn)   (journal: migrun.playbook.journal, saved)
-     full.lua's dms_setup facts name each group's task by ARN; after a
-     replacement they name the new one, so full.lua (catch_up) and the
-     playbooks after it watch the task that runs. ]]
-function restart.record_task(J, slot, arn)
-  local rec = J:step("full", "dms_setup")
-  rec.facts = rec.facts or {}
-  rec.facts.tasks = rec.facts.tasks or {}
-  rec.facts.tasks[slot] = arn
-  return J:save()
-end
-
 --[[ restart.teardown_dms(client, plan, opts) -> { tasks = {[id] = result}, endpoints = {[id] = result} } | nil, err
      Every task of the migration (by cdc.task_id) stopped and deleted, then
      every source endpoint and the target endpoint, each waited for. ]]
@@ -388,139 +368,6 @@ function restart.teardown_source(db, plan, node)
   if not r then return nil, err end
   out.node = r
   return out
-end
-
----------------------------------------------------------------------------
--- Journal sections and attempts
----------------------------------------------------------------------------
-
--- The state directory the runner will use for argv (as migrun.playbook resolves it).
-local function state_dir_of(P, argv)
-  local config = require "migrun.playbook.config"
-  local plain = {}
-  for i = 1, #argv do plain[i] = argv[i] end
-  local opts = P:parse(plain)
-  if not opts then return nil end
-  local cfg = config.load(opts.config)
-  if not cfg then return nil end
-  if opts.state_dir then
-    return opts.state_dir:sub(1, 1) == "/" and opts.state_dir or assert(host.cwd()) .. "/" .. opts.state_dir, opts, cfg
-  end
-  return cfg.state_dir, opts, cfg
-end
-restart.state_dir_of = state_dir_of
-
---[[ restart.section(P, argv, base, last_step) -> journal section name
-     A playbook that may run more than once for the same thing (a second
-     partial restart of one slot) keeps each attempt in its own section:
-     base, then base-2, base-3, ... The first section whose last_step is not
-     done is the one to run (an interrupted attempt resumes); after a
-     finished one, the next starts afresh. Read before P:main takes the
-     state directory (the journal is only read). ]]
-function restart.section(P, argv, base, last_step)
-  local journal = require "migrun.playbook.journal"
-  local dir = state_dir_of(P, argv)
-  local J = dir and journal.open(dir, { read_only = true })
-  local n = 1
-  while true do
-    local name = n == 1 and base or ("%s-%d"):format(base, n)
-    local section = J and J.data.playbooks[name]
-    local last = section and section.steps and section.steps[last_step]
-    if not (last and last.status == "done") then return name end
-    n = n + 1
-  end
-end
-
-local function exists(path)
-  local f = io.open(path, "r")
-  if f then f:close() return true end
-  return false
-end
-
---[[ restart.set_aside(state_dir) -> dir | false (nothing to set aside) | nil, err
-     Moves journal.json, report.md and migrun.log into state_dir/attempt-<n>/
-     (n: the first unused number). The caller holds the state directory. ]]
-function restart.set_aside(state_dir)
-  local n = 1
-  while exists(("%s/attempt-%d/journal.json"):format(state_dir, n)) do n = n + 1 end
-  if not exists(state_dir .. "/journal.json") then return false end
-  local dir = ("%s/attempt-%d"):format(state_dir, n)
-  local ok, err = host.mkdir(dir, 448)
-  if not ok and not tostring(err):find("exist", 1, true) then return nil, err end
-  for _, f in ipairs{ "journal.json", "report.md", "migrun.log" } do
-    if exists(state_dir .. "/" .. f) then
-      local moved, merr = os.rename(state_dir .. "/" .. f, dir .. "/" .. f)
-      if not moved then
-        return nil, errors.new{ kind = "state", where = state_dir, message = "cannot move " .. f .. ": " .. tostring(merr) }
-      end
-    end
-  end
-  return dir
-end
-
---[[ restart.begin_again{ P =, argv =, full = path of full.lua, keep_schema = bool, say = fn }
-       -> exit code
-     After full_restart's steps: takes the state directory, sets the
-     journal, report and log aside (restart.set_aside), and when the
-     target kept its schema (restart.target = "truncate") starts the new
-     journal with full.lua's schema step done, copied from the old one (the
-     tables, indexes and roles are still there; the dump it names stays in
-     the state directory). Then runs full.lua from the beginning as a child
-     of the same migrun binary with the same --config, --state-dir and
-     --yes, its output passed through, and returns its exit code. ]]
-function restart.begin_again(opts)
-  local journal = require "migrun.playbook.journal"
-  local proc = require "migrun.proc"
-  local say = opts.say or print
-  local dir, popts = state_dir_of(opts.P, opts.argv)
-  if not dir then return 2 end
-  local lock, lerr = host.lock(dir .. "/lock")
-  if not lock then
-    io.stderr:write(("migrun: %s is in use: %s\n"):format(dir, tostring(lerr)))
-    return 4
-  end
-  local old = journal.open(dir, { read_only = true })
-  local aside, err = restart.set_aside(dir)
-  if aside == nil then
-    lock:unlock()
-    io.stderr:write("migrun: " .. tostring(err) .. "\n")
-    return 1
-  end
-  if aside then
-    say(("the previous attempt's journal, report and log are in %s"):format(aside))
-    local carried = old and old.data.playbooks.full and old.data.playbooks.full.steps
-      and old.data.playbooks.full.steps.schema
-    if opts.keep_schema and carried and carried.status == "done" then
-      local J = assert(journal.open(dir))
-      J.data.migration = old.data.migration
-      local rec = J:step("full", "schema")
-      for k, v in pairs(carried) do rec[k] = v end
-      rec.facts = rec.facts or {}
-      rec.facts.carried_from = aside
-      local ok, serr = J:save()
-      if not ok then
-        lock:unlock()
-        io.stderr:write("migrun: " .. tostring(serr) .. "\n")
-        return 1
-      end
-      say("the target kept its schema: the new journal starts with full.lua's schema step done")
-    end
-  end
-  lock:unlock()
-  local argv = { host.exe, opts.full, "--config", popts.config }
-  if popts.state_dir then argv[#argv + 1], argv[#argv + 2] = "--state-dir", popts.state_dir end
-  if popts.yes then argv[#argv + 1] = "--yes" end
-  say("starting again from the beginning: " .. proc.quote(argv))
-  io.stdout:flush()
-  local h, serr = proc.spawn(argv)
-  if not h then
-    io.stderr:write("migrun: cannot start full.lua: " .. tostring(serr) .. "\n")
-    return 1
-  end
-  local _, how, code = h:wait()
-  h:close()
-  if how == "exit" then return code end
-  return 1
 end
 
 return restart

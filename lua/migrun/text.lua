@@ -20,7 +20,7 @@ the report.
       notes = { lines after the table }. The records stay readable by index.
   text.markdown(columns, rows) -> a Markdown table (numbers right-aligned);
       rows are arrays (positional) or tables keyed by column key; columns are
-      titles or { key, title }.
+      titles or { key, title, format = fn } (fn(value) -> text, nil included).
 ]]
 local text = {}
 
@@ -166,6 +166,8 @@ function text.markdown(columns, rows)
     for j = 1, n do
       local v = row[j]
       if v == nil then v = row[column_key(columns[j])] end
+      local format = type(columns[j]) == "table" and columns[j].format
+      if format then v = format(v) end
       if type(v) ~= "number" and v ~= nil and v ~= "" then right[j] = false end
       cells[i][j] = md_cell(v)
       widths[j] = math.max(widths[j], width(cells[i][j]))

@@ -20,7 +20,6 @@ slots. walguard.check measures both and says ok, warn or stop. Reads only.
       warn: retained >= warn_bytes, or replica free < 2 x replica_min_free_bytes.
   walguard.sql(server_version_num) -> { wal_dir_bytes = ... } (9.6: pg_xlog via pg_ls_dir)
 ]]
-local lsn = require "migrun.lsn"
 local host = require "migrun.host"
 local pgl = require "migrun.pglogical"
 local text = require "migrun.text"

@@ -21,11 +21,13 @@ function M.tmpdir(tag)
 end
 
 --[[ M.run(R, playbook, args, opts) -> { ok, how, code, output, killed }
+     playbook: a stock playbook's file name, or an absolute path.
      opts.kill_when: a Lua pattern; the run is SIGKILLed on the first output
      line matching it. opts.env: added to R.env. ]]
 function M.run(R, playbook, args, opts)
   opts = opts or {}
-  local argv = { M.MIGRUN, M.ROOT .. "/playbooks/" .. playbook, "--config", R.config_path }
+  local script = playbook:sub(1, 1) == "/" and playbook or M.ROOT .. "/playbooks/" .. playbook
+  local argv = { M.MIGRUN, script, "--config", R.config_path }
   for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
   local env = {}
   for k, v in pairs(R.env) do env[k] = v end
@@ -135,6 +137,19 @@ function M.describe_diffs(diffs)
       d.source.hash, d.target.rows, d.target.hash)
   end
   return table.concat(out, "\n")
+end
+
+-- A team's copy of playbooks/full.lua under another file and playbook name
+-- (e.g. "billing"), in the rehearsal's directory -> its path.
+function M.copy_main(R, name)
+  local f = assert(io.open(M.ROOT .. "/playbooks/full.lua"))
+  local src = f:read("a")
+  f:close()
+  local copy, n = src:gsub('playbook%.new{ name = "full"', 'playbook.new{ name = "' .. name .. '"')
+  assert(n == 1, "full.lua no longer declares its name as expected")
+  local path = R.dir .. "/" .. name .. ".lua"
+  assert(require("migrun.host").write_file(path, copy))
+  return path
 end
 
 function M.rehearsal(tag, opts)

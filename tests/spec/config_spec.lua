@@ -123,18 +123,20 @@ describe("migrun.playbook.config", function()
   end)
 
   it("requires the three servers", function()
-    local cfg, err = config.load(file([[return { source = { conninfo = "host=a" },
+    local _, cfg, err
+    cfg, err = config.load(file([[return { source = { conninfo = "host=a" },
       target = { conninfo = "host=b" } }]]))
     assert.is_nil(cfg)
     assert.matches(": replica: missing: maintenance streaming replica", tostring(err))
-    cfg, err = config.load(file([[return { source = { conninfo = "host=a" }, replica = {},
+    _, err = config.load(file([[return { source = { conninfo = "host=a" }, replica = {},
       target = { conninfo = "host=b" } }]]))
     assert.matches(": replica.conninfo: missing: connection string of the maintenance", tostring(err))
     assert.equal("config", err.kind)
   end)
 
   it("checks connection strings with libpq's parser without showing them", function()
-    local cfg, err = config.load(file([[return { source = { conninfo = "host=a hots=b password=s3cret" },
+    local _, cfg, err
+    cfg, err = config.load(file([[return { source = { conninfo = "host=a hots=b password=s3cret" },
       replica = { conninfo = "host=a" }, target = { conninfo = "host=b" } }]]))
     assert.is_nil(cfg)
     err = tostring(err)

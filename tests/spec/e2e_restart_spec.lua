@@ -3,7 +3,9 @@
 -- run and only that group is migrated again under writes (twice), with the
 -- healthy groups' tasks never stopped; a slot that is not migrun's is refused
 -- with nothing changed; a failed run is scrapped by a full restart that ends
--- equal with the previous journal kept in attempt-1/.
+-- equal with the previous journal kept in attempt-1/. The migration's main
+-- playbook is a team's copy of full.lua under another name (billing.lua,
+-- playbook "billing"): the restarts and cutover.lua follow it.
 local H = require "helpers.rehearsal"
 local emulator = require "migrun.rehearsal.emulator"
 local cdc = require "migrun.cdc"
@@ -14,11 +16,12 @@ local NAME = "e2e-restart"
 local RATE = 30
 
 describe("restart playbooks", function()
-  local R, client
+  local R, client, MAIN
 
   setup(function()
     R = H.rehearsal(NAME)
     client = assert(R.lab:dms_client())
+    MAIN = H.copy_main(R, "billing")
   end)
   teardown(function()
     if R then
@@ -27,7 +30,7 @@ describe("restart playbooks", function()
     end
   end)
 
-  local function plan() return H.journal(R).playbooks.full.steps.groups.facts.groups end
+  local function plan() return H.journal(R).playbooks.billing.steps.groups.facts.groups end
   local function group_with(table_name)
     for _, g in ipairs(plan()) do
       for _, t in ipairs(g.tables) do
@@ -55,13 +58,13 @@ describe("restart playbooks", function()
 
   it("partial_restart.lua migrates one failed group again under writes; the others are never touched", function()
     R:start_workload{ rate = RATE }
-    local r1 = H.run(R, "full.lua", { "--yes" })
+    local r1 = H.run(R, MAIN, { "--yes" })
     assert.is_true(r1.ok, r1.output)
     assert.truthy(r1.output:find("READY FOR CUTOVER", 1, true), r1.output)
 
     local bad = assert(group_with("public.events"))
     fail_task(bad, "injected: the task of events failed")
-    local r2 = H.run(R, "full.lua", { "--yes" })
+    local r2 = H.run(R, MAIN, { "--yes" })
     assert.is_falsy(r2.ok, r2.output)
     assert.truthy(r2.output:find("catch_up failed", 1, true), r2.output)
     assert.truthy(r2.output:find("partial_restart.lua " .. bad.slot, 1, true), r2.output)
@@ -90,8 +93,8 @@ describe("restart playbooks", function()
     assert.equal("running", t.Status)
     assert.are_not.equal(old_arn, t.ReplicationTaskArn)
     assert.equal(new_lsn, t.CdcStartPosition)
-    -- full.lua's facts follow the new task
-    assert.equal(t.ReplicationTaskArn, J.playbooks.full.steps.dms_setup.facts.tasks[bad.slot])
+    -- the main playbook's facts follow the new task
+    assert.equal(t.ReplicationTaskArn, J.playbooks.billing.steps.dms_setup.facts.tasks[bad.slot])
     -- the failure state is in the report
     local report = assert(io.open(R.config.state_dir .. "/report.md")):read("a")
     assert.truthy(report:find("Failure state: tasks", 1, true), report)
@@ -105,7 +108,7 @@ describe("restart playbooks", function()
     assert.are_not.equal(t.ReplicationTaskArn, task_of(bad).ReplicationTaskArn)
 
     -- full.lua watches the new task and is ready again
-    local r5 = H.run(R, "full.lua", { "--yes" })
+    local r5 = H.run(R, MAIN, { "--yes" })
     assert.is_true(r5.ok, r5.output)
     assert.truthy(r5.output:find("READY FOR CUTOVER", 1, true), r5.output)
 
@@ -156,7 +159,7 @@ describe("restart playbooks", function()
     R:start_workload{ rate = RATE, seed = 2 }
     local bad = assert(group_with("public.calls"))
     fail_task(bad, "injected: the task of calls failed")
-    local r1 = H.run(R, "full.lua", { "--yes" })
+    local r1 = H.run(R, MAIN, { "--yes" })
     assert.is_falsy(r1.ok, r1.output)
     local old = H.journal(R)
 
@@ -168,15 +171,15 @@ describe("restart playbooks", function()
     local f = assert(io.open(R.config.state_dir .. "/attempt-1/journal.json"))
     local aside = cjson.decode(f:read("a"))
     f:close()
-    assert.equal(cjson.encode(old.playbooks.full.steps.pause_replica), cjson.encode(aside.playbooks.full.steps.pause_replica))
+    assert.equal(cjson.encode(old.playbooks.billing.steps.pause_replica), cjson.encode(aside.playbooks.billing.steps.pause_replica))
     assert.equal("done", aside.playbooks.full_restart.steps.empty_target.status)
     assert.truthy(io.open(R.config.state_dir .. "/attempt-1/report.md"))
     -- the new journal: full.lua from the top, the schema step carried over (truncate)
     local J = H.journal(R)
     assert.is_nil(J.playbooks.full_restart)
-    assert.equal("done", J.playbooks.full.steps.catch_up.status)
-    assert.are_not.equal(old.playbooks.full.steps.pause_replica.facts.lsn, J.playbooks.full.steps.pause_replica.facts.lsn)
-    assert.truthy(J.playbooks.full.steps.schema.facts.carried_from:find("attempt%-1$"))
+    assert.equal("done", J.playbooks.billing.steps.catch_up.status)
+    assert.are_not.equal(old.playbooks.billing.steps.pause_replica.facts.lsn, J.playbooks.billing.steps.pause_replica.facts.lsn)
+    assert.truthy(J.playbooks.billing.steps.schema.facts.carried_from:find("attempt%-1$"))
 
     -- nothing twice: one task per group, one endpoint per group plus the target
     assert.equal(#plan(), #assert(client:describe_replication_tasks()))
@@ -199,9 +202,18 @@ describe("restart playbooks", function()
     assert.truthy(io.open(R.config.state_dir .. "/attempt-2/journal.json"))
     -- the schema was restored again rather than carried over
     local J = H.journal(R)
-    assert.is_nil(J.playbooks.full.steps.schema.facts.carried_from)
-    assert.are_not.equal(before.playbooks.full.steps.pause_replica.facts.lsn, J.playbooks.full.steps.pause_replica.facts.lsn)
+    assert.is_nil(J.playbooks.billing.steps.schema.facts.carried_from)
+    assert.are_not.equal(before.playbooks.billing.steps.pause_replica.facts.lsn, J.playbooks.billing.steps.pause_replica.facts.lsn)
     assert.equal(#plan(), #assert(client:describe_replication_tasks()))
+    ends_equal()
+  end)
+
+  it("cutover.lua ends the migration whose main playbook is the copy", function()
+    -- cutover.stop_writes is "none" here: the application has stopped writing
+    local r = H.run(R, "cutover.lua", { "--yes" })
+    assert.is_true(r.ok, r.output)
+    assert.truthy(r.output:find("cutover: done", 1, true), r.output)
+    assert.equal("done", H.step_status(R, "checklist", "cutover"))
     ends_equal()
   end)
 end)

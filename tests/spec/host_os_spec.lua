@@ -141,7 +141,7 @@ describe("migrun.host", function()
     assert.equal("migrun.host.Lock (released)", tostring(mine))
     assert.has_error(function() mine:unlock() end)
     do
-      local scoped <close> = assert(host.lock(path))
+      local scoped <close> = assert(host.lock(path)) -- luacheck: ignore 211 (held until the end of the block)
     end
     assert.truthy(host.lock(path))
   end)

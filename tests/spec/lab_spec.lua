@@ -213,7 +213,7 @@ describe("migrun.rehearsal.lab failures and cleanup", function()
   end)
 
   it("is stopped by the garbage collector when forgotten", function()
-    local pids, dir = {}, nil
+    local pids, dir = {}
     do
       local L = assert(lab.start{ pglogical = false })
       dir = L.dir

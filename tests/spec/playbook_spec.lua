@@ -30,8 +30,6 @@ local function mode_of(path)
   return out and out:match("%d+")
 end
 
-local function sleep(s) proc.run{ "sleep", tostring(s) } end
-
 describe("migrun.playbook", function()
   local L, target, dir, config_path
   local counter = 0
@@ -183,7 +181,8 @@ describe("migrun.playbook", function()
 
   it("runs one step with --only and the rest from a step with --from", function()
     local schema, state = fresh()
-    local code, out, err = run(schema, state, { "--only", "prepare" })
+    local _, code, out, err
+    code, out, err = run(schema, state, { "--only", "prepare" })
     assert.equal(0, code, out .. err)
     assert.equal(0, rows(schema))
     assert.falsy(out:find("summary", 1, true))
@@ -207,7 +206,8 @@ describe("migrun.playbook", function()
       :format(pg.quote_ident(schema), pg.qualify(schema, "t"))))
     local code, out, err = run(schema, state, { "--dry-run" })
     assert.equal(0, code, out .. err)
-    assert.matches("dry run: target: insert into \"" .. schema .. "\"%.\"t\" select g, %$1 from generate_series%(%$2::int, %$3::int%) g  %-%- %$1=1, %$2=1, %$3=100", out)
+    assert.matches("dry run: target: insert into \"" .. schema .. "\"%.\"t\" select g, %$1 from "
+      .. "generate_series%(%$2::int, %$3::int%) g  %-%- %$1=1, %$2=1, %$3=100", out)
     assert.matches("dry run: would ask: insert rows into", out)
     assert.matches("dry run: touch " .. state:gsub("%p", "%%%0") .. "/touched\n", out)
     assert.falsy(out:find("hidden", 1, true))

@@ -49,8 +49,7 @@ function M.parse_ini(path)
     line = line:gsub("\r$", "")
     local indented = line:match("^%s+%S") ~= nil
     local s = line:match("^%s*(.-)%s*$")
-    if s == "" or s:match("^[#;]") then
-      -- comment or blank
+    if s == "" or s:match("^[#;]") then -- luacheck: ignore 542 (a comment or a blank line)
     elseif s:match("^%[.*%]$") then
       local name = s:match("^%[%s*(.-)%s*%]$")
       sections[name] = sections[name] or {}

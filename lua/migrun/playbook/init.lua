@@ -6,18 +6,33 @@ and the report.
 
   local playbook = require "migrun.playbook"
   local P = playbook.new{ name = "full", title = "The whole two-phase migration",
-                          args = "[<slot>]" }          -- positional args, for --help
+    main = true,                 -- the migration's main playbook (see below)
+    args = { { "slot", "a slot of this migration, e.g. dms_slot_02" } }, -- positional
+    section = function(args) return "partial_restart-" .. args.slot end,
+    new_section_after = "catch_up", -- once that step is done, the next run gets "<section>-2"
+  }
   P:step{ "preflight", "Preflight on all three servers",
     always = true,                                    -- reruns even when done
     destructive = function(ctx) return "truncate 12 tables on the target" end, -- or nil
     run = function(ctx) ... return facts end,         -- or nil, err: the step fails
+    dry_run = function(ctx) return "would verify ..." end, -- optional: what a dry run
+                                  -- prints instead of running (a line, or a list of them)
     check = function(ctx, facts) return true end,     -- or nil, "what no longer matches"
   }
   P:watch{ "wal_guard", interval = 30,                -- seconds, or function(ctx) -> seconds
            run = function(ctx) ... end }              -- raising or nil, err stops the run
+  P:then_run{ "main", fresh_journal = true,           -- after a successful run: the main
+    carry = function(ctx) return { "schema" } end }   -- playbook again (see below)
   os.exit(P:main(arg))
 
-Command line (P:main(argv) -> exit code, see playbook.EXIT)
+The main playbook. One playbook of a migration is its main one (the stock
+full.lua): the others (cutover, the restarts, the console) read what it found
+out by ctx.main, never by a file or playbook name, so a team can copy full.lua
+to billing.lua, name it "billing", and everything follows it. Its run records
+its name and script path in the journal.
+
+Command line (P:main(argv) -> exit code, see playbook.EXIT), parsed by
+migrun.playbook.cli from one declaration (and --help generated from it):
   --config FILE (default ./migration.lua)  --state-dir DIR (default: the config's)
   --dry-run  --from STEP  --only STEP  --yes  --list  --help   and positional args.
   Exit codes: 0 ok, 1 a step (or a check, or a watcher) failed, 2 usage or
@@ -30,44 +45,56 @@ stops the run. running/failed steps rerun, and see what they recorded before
 (ctx.facts[ctx.step]); `always` steps rerun with fresh facts. --from S reruns S
 and everything after it (the steps before must be done); --only S runs just S.
 
-The step context (one per run; passed to run, check and watchers)
-  ctx.config, ctx.dry_run, ctx.yes, ctx.args, ctx.state_dir, ctx.resuming,
-  ctx.playbook, ctx.step (name of the running step), ctx.journal
+then_run: after every step succeeded (not for --dry-run, --only, --list), the
+journal, report and log are set aside into state_dir/attempt-<n>/, a fresh
+journal starts with the main playbook's steps named by carry(ctx) done as
+they were, and the main playbook's script runs as a child of this migrun
+(with the same --config, --state-dir and --yes; it dies with its parent); its
+exit status is this playbook's.
+
+The step context (migrun.playbook.context; one per run; passed to run, check
+and watchers)
+  ctx.config, ctx.dry_run, ctx.yes, ctx.args (ctx.args.slot: by declared name),
+  ctx.state_dir, ctx.resuming, ctx.playbook, ctx.step (the running step),
+  ctx.journal, ctx.main (the main playbook's name, or nil before it ran)
   ctx.source / ctx.replica / ctx.target   migrun.db wrappers, connected on first
       use; an unreachable server raises an error naming it and its config key.
   ctx:connect(name) -> Db | nil, err      the same, without raising
   ctx:dms() -> migrun.dms client (config.dms; dry run and call echo)
-  ctx.facts[step] -> facts of that step (this playbook); ctx:facts_of(playbook)
+  ctx.facts[step] -> facts of that step (this playbook); ctx:facts_of(playbook);
+      ctx:main_facts() -> the main playbook's facts by step ({} before it ran)
       Facts come back from the journal as JSON values: LSNs and other
       values JSON cannot hold as their tostring, secrets masked.
   ctx:record(key, value)   into the running step's facts, journal saved at once
-  ctx:done(step [, playbook]) -> whether the journal has that step done
+  ctx:record_main(step, key, value)  into a step of the main playbook (a task
+      replaced by a partial restart); nothing is written in a dry run
+  ctx:done(step [, playbook]) -> whether the journal has that step done;
+      ctx:main_done(step) -> the same for the main playbook
   ctx:say(fmt, ...), ctx:warn(fmt, ...)   timestamped lines, also in state_dir/migrun.log
+  ctx.print                a line printer (function(line)) to hand to library calls
   ctx:progress{ label =, total =, unit =, interval = } -> migrun.playbook.progress bar
   ctx:confirm(what) -> true | false
   ctx:command(argv, opts) -> ok, how, code, stdout, stderr (proc.run);
       opts.writes = true: in a dry run printed, not run
-  ctx:report_table(title, columns, rows)   shown under the step in the report
+  ctx:report_table(title, columns, rows)   shown under the step in the report;
+      columns { key, title } and rows of records keyed by column key, or
+      positional rows (migrun.text.markdown)
   ctx:sleep(seconds)        runs due watchers while waiting
 ]]
 local host = require "migrun.host"
 local proc = require "migrun.proc"
-local pg = require "migrun.pg"
-local db = require "migrun.db"
 local errors = require "migrun.error"
-local config = require "migrun.playbook.config"
-local journal = require "migrun.playbook.journal"
-local progress = require "migrun.playbook.progress"
-local report = require "migrun.playbook.report"
 local text = require "migrun.text"
-local aws = require "migrun.aws"
+local cli = require "migrun.playbook.cli"
+local config = require "migrun.playbook.config"
+local context = require "migrun.playbook.context"
+local journal = require "migrun.playbook.journal"
+local report = require "migrun.playbook.report"
 
 local playbook = {}
 
 playbook.EXIT = { ok = 0, failed = 1, usage = 2, aborted = 3, locked = 4 }
 local EXIT = playbook.EXIT
-
-local SERVERS = { source = true, replica = true, target = true }
 
 ---------------------------------------------------------------------------
 -- Declaring a playbook
@@ -79,7 +106,11 @@ Playbook.__name = "migrun.playbook.Playbook"
 
 function playbook.new(opts)
   assert(type(opts) == "table" and type(opts.name) == "string", "playbook.new{ name = ..., title = ... }")
-  return setmetatable({ name = opts.name, title = opts.title or opts.name, usage_args = opts.args,
+  assert(opts.args == nil or type(opts.args) == "table", "playbook.new: args = { {name, help}, ... } expected")
+  return setmetatable({ name = opts.name, declared_name = opts.name, title = opts.title or opts.name,
+                        is_main = opts.main and true or false, arg_specs = opts.args or {},
+                        min_args = opts.min_args, section = opts.section,
+                        new_section_after = opts.new_section_after,
                         steps = {}, by_name = {}, watchers = {}, args = {} }, Playbook)
 end
 
@@ -88,8 +119,11 @@ function Playbook:step(spec)
   assert(type(name) == "string" and name:match("^[%w_%-]+$"), "step: a name of letters, digits, _ and - expected")
   assert(not self.by_name[name], "step: " .. name .. " declared twice")
   assert(type(spec.run) == "function", "step " .. name .. ": run = function(ctx) expected")
+  assert(spec.dry_run == nil or type(spec.dry_run) == "function" or type(spec.dry_run) == "string",
+    "step " .. name .. ": dry_run = function(ctx) or a string expected")
   local step = { name = name, title = title or name, run = spec.run, check = spec.check,
-                 always = spec.always and true or false, destructive = spec.destructive }
+                 always = spec.always and true or false, destructive = spec.destructive,
+                 dry_run = spec.dry_run }
   self.steps[#self.steps + 1] = step
   self.by_name[name] = step
   return step
@@ -104,25 +138,33 @@ function Playbook:watch(spec)
   return w
 end
 
+function Playbook:then_run(spec)
+  assert(type(spec) == "table" and spec[1] == "main", 'then_run{ "main", ... } expected')
+  assert(spec.carry == nil or type(spec.carry) == "function", "then_run: carry = function(ctx) expected")
+  self.after = { fresh_journal = spec.fresh_journal and true or false, carry = spec.carry }
+end
+
 ---------------------------------------------------------------------------
 -- The command line
 ---------------------------------------------------------------------------
 
 local OPTIONS = {
-  { "--config", "FILE", "the migration's configuration (default: ./migration.lua)" },
+  { "--config", "FILE", "the migration's configuration", default = "migration.lua" },
   { "--state-dir", "DIR", "journal, report and log (default: state_dir of the config)" },
   { "--dry-run", nil, "run the reads, print every write, change nothing" },
   { "--from", "STEP", "rerun STEP and every step after it" },
   { "--only", "STEP", "run STEP only" },
   { "--yes", nil, "do destructive steps without asking" },
   { "--list", nil, "list the steps with their status in the journal" },
-  { "--help", nil, "this help" },
 }
 
+function Playbook:cli_spec()
+  return { usage = "migrun " .. (self.script or (self.name .. ".lua")), about = self.title,
+           options = OPTIONS, args = self.arg_specs, min_args = self.min_args }
+end
+
 function Playbook:help()
-  local lines = { ("usage: migrun %s [options]%s"):format(self.script or (self.name .. ".lua"),
-                                                        self.usage_args and " " .. self.usage_args or ""),
-                  "", self.title, "", "steps:" }
+  local lines = { "steps:" }
   for i, s in ipairs(self.steps) do
     local notes = {}
     if s.always then notes[#notes + 1] = "always runs" end
@@ -131,14 +173,9 @@ function Playbook:help()
       #notes > 0 and " (" .. table.concat(notes, ", ") .. ")" or "")
   end
   lines[#lines + 1] = ""
-  lines[#lines + 1] = "options:"
-  for _, o in ipairs(OPTIONS) do
-    lines[#lines + 1] = ("  %-20s %s"):format(o[1] .. (o[2] and " " .. o[2] or ""), o[3])
-  end
-  lines[#lines + 1] = ""
   lines[#lines + 1] = "exit status: 0 done, 1 a step failed, 2 usage or configuration error, " ..
                       "3 not confirmed, 4 state directory in use"
-  return table.concat(lines, "\n") .. "\n"
+  return cli.help(self:cli_spec(), table.concat(lines, "\n"))
 end
 
 local function usage_error(message)
@@ -153,38 +190,13 @@ end
 
 -- argv -> opts | nil, err
 function Playbook:parse(argv)
-  local opts = { config = "migration.lua", args = {} }
-  local takes = {}
-  for _, o in ipairs(OPTIONS) do takes[o[1]] = o[2] ~= nil end
-  local i = 1
-  while i <= #argv do
-    local a = argv[i]
-    local name, value = a:match("^(%-%-[%w-]+)=(.*)$")
-    name = name or a
-    if a == "--" then
-      for j = i + 1, #argv do opts.args[#opts.args + 1] = argv[j] end
-      break
-    elseif name:sub(1, 2) == "--" then
-      if takes[name] == nil then
-        return nil, usage_error(("unknown option %s (see --help)"):format(name))
-      end
-      local key = name:sub(3):gsub("-", "_")
-      if takes[name] then
-        if value == nil then
-          i = i + 1
-          value = argv[i]
-          if value == nil then return nil, usage_error(name .. " needs a value") end
-        end
-        opts[key] = value
-      else
-        if value then return nil, usage_error(name .. " takes no value") end
-        opts[key] = true
-      end
-    else
-      opts.args[#opts.args + 1] = a
-    end
-    i = i + 1
+  local spec = self:cli_spec()
+  -- --list and --help need no positional argument
+  for _, a in ipairs(argv) do
+    if a == "--list" or a == "--help" or a == "-h" then spec.min_args = 0 end
   end
+  local opts, err = cli.parse(spec, argv)
+  if not opts then return nil, err end
   for _, key in ipairs{ "from", "only" } do
     if opts[key] and not self.by_name[opts[key]] then
       return nil, usage_error(("--%s %s: no such step; the steps are: %s"):format(
@@ -193,208 +205,6 @@ function Playbook:parse(argv)
   end
   if opts.from and opts.only then return nil, usage_error("--from and --only cannot be combined") end
   return opts
-end
-
----------------------------------------------------------------------------
--- The step context
----------------------------------------------------------------------------
-
-local Ctx = {}
-Ctx.__name = "migrun.playbook.Context"
-
-local function clock() return os.date("%H:%M:%S") end
-
-function Ctx:_emit(line, is_warning)
-  if self._bar then self._bar:clear() end
-  local out = is_warning and io.stderr or io.stdout
-  io.stdout:flush()
-  out:write(clock(), " ", line, "\n")
-  out:flush()
-  self:_log(line)
-end
-
-function Ctx:_log(line)
-  if self._logfile then
-    self._logfile:write(os.date("%Y-%m-%d %H:%M:%S "), line, "\n")
-    self._logfile:flush()
-  end
-end
-
-function Ctx:say(fmt, ...)
-  self:_emit(select("#", ...) > 0 and fmt:format(...) or tostring(fmt))
-end
-
-function Ctx:warn(fmt, ...)
-  self:_emit("WARNING: " .. (select("#", ...) > 0 and fmt:format(...) or tostring(fmt)), true)
-end
-
-local mask = journal.mask
-
-function Ctx:connect(name)
-  assert(SERVERS[name], "ctx:connect: source, replica or target expected")
-  if self._dbs[name] then return self._dbs[name] end
-  local conninfo = self.config[name].conninfo
-  local conn, err = pg.connect(conninfo, { name = name })
-  if not conn then
-    return nil, errors.new{ kind = "connection", where = name, code = err and err.code,
-      message = ("cannot connect to the %s (%s.conninfo): %s"):format(name, name,
-        mask(err and err.message or err, conninfo)),
-      hint = ("check %s.conninfo in %s and that the server is up"):format(name,
-        self.config.config_path or "the config") }
-  end
-  local ctx = self
-  local wrapped = db.wrap(conn, {
-    dry_run = self.dry_run, echo_writes = true,
-    echo = function(line)
-      if ctx.dry_run then ctx:say("dry run: %s", mask(line, conninfo)) else ctx:_log("write " .. mask(line, conninfo)) end
-    end,
-  })
-  self._dbs[name] = wrapped
-  return wrapped
-end
-
-function Ctx:dms()
-  if self._dms then return self._dms end
-  local dms = require "migrun.dms"
-  local c = self.config.dms
-  local ctx = self
-  local client, err = dms.client{ region = c.region, endpoint_url = c.endpoint_url, dry_run = self.dry_run,
-    on_call = function(line)
-      if ctx.dry_run then ctx:say("dry run: %s", line) else ctx:_log(line) end
-    end }
-  if not client then error(err, 0) end
-  self._dms = client
-  return client
-end
-
-function Ctx:facts_of(playbook_name)
-  local out = {}
-  for name, s in pairs(self.journal:steps(playbook_name)) do out[name] = s.facts or {} end
-  return out
-end
-
--- Whether a step of this playbook (or of another one) is done in the journal.
-function Ctx:done(step, playbook_name)
-  local rec = self.journal:steps(playbook_name or self.playbook.name)[step]
-  return rec ~= nil and rec.status == "done"
-end
-
-function Ctx:record(key, value)
-  assert(self.step, "ctx:record outside a step")
-  local facts = self.facts[self.step]
-  facts[key] = value
-  self._record.facts = facts
-  if not self.dry_run then
-    local ok, err = self.journal:save()
-    if not ok then error(err, 0) end
-  end
-end
-
-function Ctx:progress(opts)
-  local ctx = self
-  local bar = progress.new{ label = opts.label, total = opts.total, unit = opts.unit,
-    interval = opts.interval, tty = opts.tty,
-    say = function(line) ctx:_emit(line) end,
-    on_tick = function() ctx:run_watchers() end }
-  self._bar = bar
-  return bar
-end
-
-function Ctx:confirm(what)
-  if self.yes then
-    self:_log("confirmed by --yes: " .. what)
-    return true
-  end
-  if self.dry_run then
-    self:say("dry run: would ask: %s. Go ahead?", what)
-    return true
-  end
-  if not host.isatty(io.stdin) then
-    error(errors.new{ kind = "aborted", message = ("not confirmed: %s"):format(what),
-      hint = "no terminal to ask on: run again with --yes to confirm" }, 0)
-  end
-  io.stdout:write(clock(), " ", what, ". Go ahead? [y/N] ")
-  io.stdout:flush()
-  local answer = io.read("l") or ""
-  local yes = answer:match("^%s*[yY]") ~= nil
-  self:_log(("asked: %s -> %s"):format(what, yes and "yes" or "no"))
-  return yes
-end
-
-function Ctx:command(argv, opts)
-  opts = opts or {}
-  local spec = {}
-  for i, a in ipairs(argv) do spec[i] = a end
-  for k, v in pairs(argv) do if type(k) ~= "number" then spec[k] = v end end
-  for k, v in pairs(opts) do if k ~= "writes" then spec[k] = v end end
-  local shown = proc.quote(spec)
-  if opts.writes and self.dry_run then
-    self:say("dry run: %s", mask(shown))
-    return true, "dry-run", 0, "", ""
-  end
-  self:_log("run " .. mask(shown))
-  return proc.run(spec)
-end
-
-function Ctx:report_table(title, columns, rows)
-  assert(self.step, "ctx:report_table outside a step")
-  local rec = self._record
-  rec.tables = rec.tables or {}
-  local t = { title = title, columns = columns, rows = rows }
-  for i, old in ipairs(rec.tables) do
-    if old.title == title then rec.tables[i] = t return end
-  end
-  rec.tables[#rec.tables + 1] = t
-end
-
-function Ctx:run_watchers(force)
-  if self._in_watch then return end
-  local now = host.monotonic()
-  for _, w in ipairs(self.playbook.watchers) do
-    if force or now >= w.next_due then
-      self._in_watch = true
-      local ok, res, err = pcall(w.run, self)
-      self._in_watch = false
-      local interval = type(w.interval) == "function" and w.interval(self) or w.interval
-      w.next_due = host.monotonic() + interval
-      if not ok or (res == nil and err ~= nil) then
-        local e = ok and err or res
-        error(errors.new{ kind = "watch", where = w.name,
-          message = ("watcher %s stopped the run: %s"):format(w.name, tostring(e)) }, 0)
-      end
-    end
-  end
-end
-
-function Ctx:sleep(seconds)
-  local deadline = host.monotonic() + seconds
-  while true do
-    self:run_watchers()
-    local now = host.monotonic()
-    if now >= deadline then return end
-    local wait = deadline - now
-    for _, w in ipairs(self.playbook.watchers) do
-      wait = math.min(wait, math.max(0.01, w.next_due - now))
-    end
-    aws.sleep(wait)
-  end
-end
-
-local function new_ctx(P, fields)
-  local ctx = fields
-  ctx._dbs = {}
-  ctx.playbook = P
-  return setmetatable(ctx, {
-    __name = Ctx.__name,
-    __index = function(t, k)
-      if SERVERS[k] then
-        local d, err = Ctx.connect(t, k)
-        if not d then error(err, 2) end
-        return d
-      end
-      return Ctx[k]
-    end,
-  })
 end
 
 ---------------------------------------------------------------------------
@@ -418,14 +228,14 @@ local function protect(fn, ...)
 end
 
 function Playbook:_finish_report(ctx, run)
-  local text = report.render{ playbook = self, journal = ctx.journal, run = run,
+  local md = report.render{ playbook = self, journal = ctx.journal, run = run,
                               config_path = ctx.config.config_path, state_dir = ctx.state_dir }
   if ctx.dry_run then
-    io.stdout:write("\n", text)
+    io.stdout:write("\n", md)
     return
   end
   local path = ctx.state_dir .. "/report.md"
-  local ok, err = host.write_file(path, text, 384)
+  local ok, err = host.write_file(path, md, journal.FILE_MODE)
   if ok then ctx:say("report: %s", path) else ctx:warn("could not write the report: %s", tostring(err)) end
 end
 
@@ -450,6 +260,25 @@ local function set_status(rec, status, t0, now, err)
   rec.error = err and one_line(err) or nil
 end
 
+-- The journal section of this run: the declared name, or section(args) and,
+-- once its new_section_after step is done there, "<section>-2", "-3", ...
+function Playbook:_section(J, args)
+  if not self.section then return self.declared_name end
+  local base = self.section(args)
+  local n = 1
+  while true do
+    local name = n == 1 and base or ("%s-%d"):format(base, n)
+    local rec = self.new_section_after and J:steps(name)[self.new_section_after]
+    if not (rec and rec.status == "done") then return name end
+    n = n + 1
+  end
+end
+
+local function absolute(path)
+  if path:sub(1, 1) == "/" then return path end
+  return assert(host.cwd()) .. "/" .. path
+end
+
 function Playbook:main(argv)
   argv = argv or {}
   local plain = {}
@@ -462,15 +291,12 @@ function Playbook:main(argv)
 
   local cfg, cerr = config.load(opts.config)
   if not cfg then stderr("migrun: " .. tostring(cerr)) return EXIT.usage end
-  local state_dir = cfg.state_dir
-  if opts.state_dir then
-    state_dir = opts.state_dir:sub(1, 1) == "/" and opts.state_dir
-                or assert(host.cwd()) .. "/" .. opts.state_dir
-  end
+  local state_dir = opts.state_dir and absolute(opts.state_dir) or cfg.state_dir
 
   if opts.list then
     local J, jerr = journal.open(state_dir, { read_only = true })
     if not J then stderr("migrun: " .. tostring(jerr)) return EXIT.usage end
+    self.name = self.section and #opts.args > 0 and self:_section(J, opts.args) or self.declared_name
     io.stdout:write(self:list(J))
     return EXIT.ok
   end
@@ -478,13 +304,7 @@ function Playbook:main(argv)
   local dry_run = opts.dry_run and true or false
   local lock
   if not dry_run then
-    local ok, err = true, nil
-    local prefix = ""
-    for part in state_dir:gmatch("[^/]+") do -- the parents too, like mkdir -p
-      prefix = prefix .. "/" .. part
-      ok, err = host.mkdir(prefix, 448) -- 0700
-      if not ok then break end
-    end
+    local ok, err = journal.make_dir(state_dir)
     if not ok then stderr("migrun: state directory: " .. tostring(err)) return EXIT.usage end
     lock, err = host.lock(state_dir .. "/lock")
     if not lock then
@@ -500,15 +320,27 @@ function Playbook:main(argv)
     return EXIT.usage
   end
   J.data.migration = cfg.name
+  self.name = self:_section(J, opts.args)
+  if self.is_main then
+    local recorded = J.data.main
+    if recorded and recorded.playbook ~= self.name then
+      stderr(("migrun: the main playbook of %s is %q (%s), this one is %q: use another state_dir, "
+        .. "or name this playbook %q"):format(state_dir, recorded.playbook, tostring(recorded.script),
+        self.name, recorded.playbook))
+      return EXIT.usage
+    end
+    J.data.main = { playbook = self.name, script = self.script and absolute(self.script) or nil }
+  end
 
-  local ctx = new_ctx(self, {
+  local ctx = context.new(self, {
     config = cfg, dry_run = dry_run, yes = opts.yes and true or false, args = opts.args,
     state_dir = state_dir, journal = J, resuming = J:done_count(self.name) > 0, facts = {},
+    main = J.data.main and J.data.main.playbook or nil,
   })
   if not dry_run then
     local logpath = state_dir .. "/migrun.log"
     local f = io.open(logpath, "r")
-    if f then f:close() else host.write_file(logpath, "", 384) end
+    if f then f:close() else host.write_file(logpath, "", journal.FILE_MODE) end
     ctx._logfile = io.open(logpath, "a")
   end
   local steps = J:steps(self.name)
@@ -535,10 +367,100 @@ function Playbook:main(argv)
   if not dry_run then J:save() end
   self:_finish_report(ctx, run)
   if code == EXIT.ok then ctx:say("%s: done", self.name) end
+  local after = code == EXIT.ok and self.after and not opts.only
+  local next_run
+  if after then
+    local okp, planned = protect(self._plan_next, self, ctx, opts)
+    if not okp or not planned then
+      ctx:_emit("FAILED: " .. one_line(okp and "no main playbook to run" or planned), true)
+      code = EXIT.failed
+    else
+      next_run = planned
+    end
+  end
   for _, d in pairs(ctx._dbs) do d:close() end
   if ctx._logfile then ctx._logfile:close() ctx._logfile = nil end
+  if next_run and not dry_run then
+    local okn, nerr = self:_begin_next(ctx, next_run)
+    if not okn then
+      stderr("migrun: " .. tostring(nerr))
+      if lock then lock:unlock() end
+      return EXIT.failed
+    end
+  end
   if lock then lock:unlock() end
+  if next_run then return self:_run_next(ctx, next_run) end
   return code
+end
+
+-- then_run: what comes next -> { argv =, carry = { step names } }
+function Playbook:_plan_next(ctx, opts)
+  local main = ctx.journal.data.main
+  if not (main and main.script) then
+    error(errors.new{ kind = "usage", message = "the journal names no main playbook to run again",
+      hint = "run the migration's main playbook (playbooks/full.lua) itself" }, 0)
+  end
+  local argv = { host.exe, main.script, "--config", absolute(ctx.config.config_path or opts.config) }
+  if opts.state_dir then argv[#argv + 1], argv[#argv + 2] = "--state-dir", ctx.state_dir end
+  if opts.yes then argv[#argv + 1] = "--yes" end
+  if ctx.dry_run then argv[#argv + 1] = "--dry-run" end
+  local carry = self.after.carry and self.after.carry(ctx) or {}
+  if ctx.dry_run then
+    ctx:say("dry run: would set the journal, report and log aside into %s/attempt-<n>/%s, then run %s",
+      ctx.state_dir, #carry > 0 and (", carrying " .. table.concat(carry, ", ") .. " of " .. main.playbook) or "",
+      proc.quote(argv))
+  end
+  return { argv = argv, carry = carry, main = main }
+end
+
+-- then_run, with the state directory still locked: the attempt set aside, a
+-- fresh journal with the carried steps.
+function Playbook:_begin_next(ctx, next_run)
+  if not self.after.fresh_journal then return true end
+  local old = ctx.journal
+  local aside, err = journal.set_aside(ctx.state_dir)
+  if aside == nil then return nil, err end
+  if not aside then return true end
+  ctx:say("the previous attempt's journal, report and log are in %s", aside)
+  local J, jerr = journal.open(ctx.state_dir)
+  if not J then return nil, jerr end
+  J.data.migration, J.data.main = old.data.migration, old.data.main
+  local from = old:steps(next_run.main.playbook)
+  local carried = {}
+  for _, name in ipairs(next_run.carry) do
+    local rec = from[name]
+    if rec and rec.status == "done" then
+      local copy = J:step(next_run.main.playbook, name)
+      for k, v in pairs(rec) do copy[k] = v end
+      copy.facts = copy.facts or {}
+      copy.facts.carried_from = aside
+      carried[#carried + 1] = name
+    end
+  end
+  local ok, serr = J:save()
+  if not ok then return nil, serr end
+  if #carried > 0 then
+    ctx:say("the new journal starts with %s's %s done", next_run.main.playbook, table.concat(carried, ", "))
+  end
+  return true
+end
+
+-- then_run: the main playbook as a child that dies with this migrun; its exit code.
+function Playbook:_run_next(ctx, next_run)
+  if ctx.dry_run then return EXIT.ok end
+  io.stdout:write(os.date("%H:%M:%S "), "starting again from the beginning: ", proc.quote(next_run.argv), "\n")
+  io.stdout:flush()
+  local spec = { die_with_parent = true }
+  for i, a in ipairs(next_run.argv) do spec[i] = a end
+  local h, err = proc.spawn(spec)
+  if not h then
+    stderr("migrun: " .. tostring(err))
+    return EXIT.failed
+  end
+  local ok, how, code = h:wait()
+  h:close()
+  if ok then return EXIT.ok end
+  return how == "exit" and code or EXIT.failed
 end
 
 -- Decides and runs; -> exit code, failure (message or error value) | nil
@@ -643,7 +565,16 @@ function Playbook:_run_step(ctx, s, run)
     if not ok then return EXIT.failed, err end
   end
   run.ran[#run.ran + 1] = s.name
-  local ok, res, err = protect(s.run, ctx)
+  local body = s.run
+  if ctx.dry_run and s.dry_run then
+    body = function(c)
+      local said = s.dry_run
+      if type(said) == "function" then said = said(c) end
+      for _, line in ipairs(type(said) == "table" and said or { said }) do c:say("dry run: %s", line) end
+      return {}
+    end
+  end
+  local ok, res, err = protect(body, ctx)
   if ctx._bar then ctx._bar:finish() ctx._bar = nil end
   local failure
   if not ok then
@@ -669,6 +600,7 @@ function Playbook:_run_step(ctx, s, run)
   return EXIT.ok
 end
 
+
 playbook.Playbook = Playbook
-playbook.Context = Ctx
+playbook.Context = context.Context
 return playbook

@@ -15,6 +15,7 @@ one. It never holds a secret: facts are scrubbed before they are stored.
       does not parse is an error (never silently replaced).
   J.data: {
     migration = cfg.name, format = 1,
+    main = { playbook = "full", script = "/abs/path/full.lua" }, -- the main playbook
     playbooks = { [playbook] = { steps = { [step] = {
         status = "running" | "done" | "failed",
         started_at = "2026-11-21T12:01:03Z", ended_at =, duration = seconds,
@@ -31,6 +32,8 @@ one. It never holds a secret: facts are scrubbed before they are stored.
       in strings and user:password@ in URIs are masked, values JSON cannot
       hold (LSNs, functions) become their tostring.
   journal.timestamp([t]) -> "2026-11-21T12:01:03Z" (UTC)
+  journal.make_dir(path), journal.set_aside(state_dir), journal.FILE_MODE (0600),
+  journal.DIR_MODE (0700): the state directory (see each below)
 ]]
 local host = require "migrun.host"
 local json = require "migrun.json"
@@ -104,6 +107,50 @@ end
 
 function journal.scrub(v)
   return scrub(v, {})
+end
+
+-- Modes of everything migrun writes under the state directory: it may hold
+-- data and configuration, so only its owner reads it.
+journal.FILE_MODE = tonumber("600", 8)
+journal.DIR_MODE = tonumber("700", 8)
+
+-- journal.make_dir(path) -> true | nil, err: path and its missing parents, 0700.
+function journal.make_dir(path)
+  local prefix = path:sub(1, 1) == "/" and "" or "."
+  for part in path:gmatch("[^/]+") do
+    prefix = prefix .. "/" .. part
+    local ok, err = host.mkdir(prefix, journal.DIR_MODE)
+    if not ok then return nil, err end
+  end
+  return true
+end
+
+local function exists(path)
+  local f = io.open(path, "r")
+  if f then f:close() return true end
+  return false
+end
+
+--[[ journal.set_aside(state_dir) -> dir | false (nothing to set aside) | nil, err
+     Moves journal.json, report.md, reports/ and migrun.log into
+     state_dir/attempt-<n>/ (n: the first unused number). The caller holds the
+     state directory. ]]
+function journal.set_aside(state_dir)
+  local n = 1
+  while exists(("%s/attempt-%d/journal.json"):format(state_dir, n)) do n = n + 1 end
+  if not exists(state_dir .. "/journal.json") then return false end
+  local dir = ("%s/attempt-%d"):format(state_dir, n)
+  local ok, err = host.mkdir(dir, journal.DIR_MODE)
+  if not ok then return nil, err end
+  for _, f in ipairs{ "journal.json", "report.md", "reports", "migrun.log" } do
+    if exists(state_dir .. "/" .. f) then
+      local moved, merr = os.rename(state_dir .. "/" .. f, dir .. "/" .. f)
+      if not moved then
+        return nil, errors.new{ kind = "state", where = state_dir, message = "cannot move " .. f .. ": " .. tostring(merr) }
+      end
+    end
+  end
+  return dir
 end
 
 function journal.path(state_dir)
@@ -185,7 +232,7 @@ end
 
 function Journal:save()
   if self.read_only then return true end
-  local ok, err = host.write_file(self.path, self:encode(), 384) -- 0600
+  local ok, err = host.write_file(self.path, self:encode(), journal.FILE_MODE)
   if not ok then return nil, err end
   self.existed = true
   return true

@@ -482,14 +482,13 @@ local function parse_amz_date(s)
   local y, mo, d, h, mi, se = tostring(s):match("^(%d%d%d%d)(%d%d)(%d%d)T(%d%d)(%d%d)(%d%d)Z$")
   if not y then return nil end
   -- seconds since the epoch of a UTC date, without the local time zone
-  local days = 0
   y, mo, d = tonumber(y), tonumber(mo), tonumber(d)
   local yy = mo <= 2 and y - 1 or y
   local era = yy // 400
   local yoe = yy - era * 400
   local doy = (153 * (mo + (mo > 2 and -3 or 9)) + 2) // 5 + d - 1
   local doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
-  days = era * 146097 + doe - 719468
+  local days = era * 146097 + doe - 719468
   return days * 86400 + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(se)
 end
 M.parse_amz_date = parse_amz_date

@@ -74,8 +74,6 @@ local function selector(mappings)
   end
 end
 
-local function lsn_text(v) return v and tostring(v) or nil end
-
 function M.new(o)
   local e = setmetatable({ emu = o.emulator, task = o.task, slot = o.slot, source_ep = o.source,
     target_ep = o.target, tables = {} }, Engine)

@@ -166,16 +166,17 @@ end
 ---------------------------------------------------------------------------
 
 -- { slots = { slot, ... }, tasks = { [slot] = arn } } from the journal (empty
--- when there is none yet). full.lua records them; later playbooks (a partial
--- restart replacing a task) override what full recorded.
+-- when there is none yet). The main playbook (full.lua) records them; later
+-- playbooks (a partial restart replacing a task) override what it recorded.
 function Session:recorded()
   local J, err = journal.open(self.config.state_dir, { read_only = true })
   if not J then error(err, 0) end
   local out = { slots = {}, tasks = {} }
+  local main = J.data.main and J.data.main.playbook
   local names = {}
-  for p in pairs(J.data.playbooks) do if p ~= "full" then names[#names + 1] = p end end
+  for p in pairs(J.data.playbooks) do if p ~= main then names[#names + 1] = p end end
   table.sort(names)
-  table.insert(names, 1, "full")
+  if main then table.insert(names, 1, main) end
   local seen = {}
   for _, p in ipairs(names) do
     for _, step in pairs(J:steps(p)) do

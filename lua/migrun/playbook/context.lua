@@ -1,0 +1,246 @@
+--[[
+migrun.playbook.context: the step context, the one value a step, a check and
+a watcher are given (see migrun.playbook for the whole list). It owns the
+connections, the DMS client, the log, progress bars, confirmation, commands,
+report tables and the cooperative sleep that runs watchers while it waits.
+
+  context.new(P, fields) -> ctx      (the runner's; fields: config, dry_run,
+      yes, args, state_dir, journal, resuming, facts, main)
+]]
+local host = require "migrun.host"
+local proc = require "migrun.proc"
+local pg = require "migrun.pg"
+local db = require "migrun.db"
+local errors = require "migrun.error"
+local journal = require "migrun.playbook.journal"
+local progress = require "migrun.playbook.progress"
+
+local context = {}
+
+local SERVERS = { source = true, replica = true, target = true }
+
+local Ctx = {}
+Ctx.__name = "migrun.playbook.Context"
+
+local function clock() return os.date("%H:%M:%S") end
+
+function Ctx:_emit(line, is_warning)
+  if self._bar then self._bar:clear() end
+  local out = is_warning and io.stderr or io.stdout
+  io.stdout:flush()
+  out:write(clock(), " ", line, "\n")
+  out:flush()
+  self:_log(line)
+end
+
+function Ctx:_log(line)
+  if self._logfile then
+    self._logfile:write(os.date("%Y-%m-%d %H:%M:%S "), line, "\n")
+    self._logfile:flush()
+  end
+end
+
+function Ctx:say(fmt, ...)
+  self:_emit(select("#", ...) > 0 and fmt:format(...) or tostring(fmt))
+end
+
+function Ctx:warn(fmt, ...)
+  self:_emit("WARNING: " .. (select("#", ...) > 0 and fmt:format(...) or tostring(fmt)), true)
+end
+
+local mask = journal.mask
+
+function Ctx:connect(name)
+  assert(SERVERS[name], "ctx:connect: source, replica or target expected")
+  if self._dbs[name] then return self._dbs[name] end
+  local conninfo = self.config[name].conninfo
+  local conn, err = pg.connect(conninfo, { name = name })
+  if not conn then
+    return nil, errors.new{ kind = "connection", where = name, code = err and err.code,
+      message = ("cannot connect to the %s (%s.conninfo): %s"):format(name, name,
+        mask(err and err.message or err, conninfo)),
+      hint = ("check %s.conninfo in %s and that the server is up"):format(name,
+        self.config.config_path or "the config") }
+  end
+  local ctx = self
+  local wrapped = db.wrap(conn, {
+    dry_run = self.dry_run, echo_writes = true,
+    echo = function(line)
+      if ctx.dry_run then ctx:say("dry run: %s", mask(line, conninfo)) else ctx:_log("write " .. mask(line, conninfo)) end
+    end,
+  })
+  self._dbs[name] = wrapped
+  return wrapped
+end
+
+function Ctx:dms()
+  if self._dms then return self._dms end
+  local dms = require "migrun.dms"
+  local c = self.config.dms
+  local ctx = self
+  local client, err = dms.client{ region = c.region, endpoint_url = c.endpoint_url, dry_run = self.dry_run,
+    on_call = function(line)
+      if ctx.dry_run then ctx:say("dry run: %s", line) else ctx:_log(line) end
+    end }
+  if not client then error(err, 0) end
+  self._dms = client
+  return client
+end
+
+function Ctx:facts_of(playbook_name)
+  local out = {}
+  for name, s in pairs(self.journal:steps(playbook_name)) do out[name] = s.facts or {} end
+  return out
+end
+
+-- Whether a step of this playbook (or of another one) is done in the journal.
+function Ctx:done(step, playbook_name)
+  local rec = self.journal:steps(playbook_name or self.playbook.name)[step]
+  return rec ~= nil and rec.status == "done"
+end
+
+function Ctx:main_facts()
+  if not self.main then return {} end
+  return self:facts_of(self.main)
+end
+
+function Ctx:main_done(step)
+  return self.main ~= nil and self:done(step, self.main)
+end
+
+-- A fact of a step of the main playbook, changed by another playbook (a task
+-- replaced by a partial restart): the main playbook and the ones after it
+-- follow it. Nothing is written in a dry run.
+function Ctx:record_main(step, key, value)
+  assert(self.main, "ctx:record_main: no main playbook in the journal")
+  if self.dry_run then return true end
+  local rec = self.journal:step(self.main, step)
+  rec.facts = rec.facts or {}
+  rec.facts[key] = value
+  local ok, err = self.journal:save()
+  if not ok then error(err, 0) end
+  return true
+end
+
+function Ctx:record(key, value)
+  assert(self.step, "ctx:record outside a step")
+  local facts = self.facts[self.step]
+  facts[key] = value
+  self._record.facts = facts
+  if not self.dry_run then
+    local ok, err = self.journal:save()
+    if not ok then error(err, 0) end
+  end
+end
+
+function Ctx:progress(opts)
+  local ctx = self
+  local bar = progress.new{ label = opts.label, total = opts.total, unit = opts.unit,
+    interval = opts.interval, tty = opts.tty,
+    say = function(line) ctx:_emit(line) end,
+    on_tick = function() ctx:run_watchers() end }
+  self._bar = bar
+  return bar
+end
+
+function Ctx:confirm(what)
+  if self.yes then
+    self:_log("confirmed by --yes: " .. what)
+    return true
+  end
+  if self.dry_run then
+    self:say("dry run: would ask: %s. Go ahead?", what)
+    return true
+  end
+  if not host.isatty(io.stdin) then
+    error(errors.new{ kind = "aborted", message = ("not confirmed: %s"):format(what),
+      hint = "no terminal to ask on: run again with --yes to confirm" }, 0)
+  end
+  io.stdout:write(clock(), " ", what, ". Go ahead? [y/N] ")
+  io.stdout:flush()
+  local answer = io.read("l") or ""
+  local yes = answer:match("^%s*[yY]") ~= nil
+  self:_log(("asked: %s -> %s"):format(what, yes and "yes" or "no"))
+  return yes
+end
+
+function Ctx:command(argv, opts)
+  opts = opts or {}
+  local spec = {}
+  for i, a in ipairs(argv) do spec[i] = a end
+  for k, v in pairs(argv) do if type(k) ~= "number" then spec[k] = v end end
+  for k, v in pairs(opts) do if k ~= "writes" then spec[k] = v end end
+  local shown = proc.quote(spec)
+  if opts.writes and self.dry_run then
+    self:say("dry run: %s", mask(shown))
+    return true, "dry-run", 0, "", ""
+  end
+  self:_log("run " .. mask(shown))
+  return proc.run(spec)
+end
+
+function Ctx:report_table(title, columns, rows)
+  assert(self.step, "ctx:report_table outside a step")
+  local rec = self._record
+  rec.tables = rec.tables or {}
+  local t = { title = title, columns = columns, rows = rows }
+  for i, old in ipairs(rec.tables) do
+    if old.title == title then rec.tables[i] = t return end
+  end
+  rec.tables[#rec.tables + 1] = t
+end
+
+function Ctx:run_watchers(force)
+  if self._in_watch then return end
+  local now = host.monotonic()
+  for _, w in ipairs(self.playbook.watchers) do
+    if force or now >= w.next_due then
+      self._in_watch = true
+      local ok, res, err = pcall(w.run, self)
+      self._in_watch = false
+      local interval = type(w.interval) == "function" and w.interval(self) or w.interval
+      w.next_due = host.monotonic() + interval
+      if not ok or (res == nil and err ~= nil) then
+        local e = ok and err or res
+        error(errors.new{ kind = "watch", where = w.name,
+          message = ("watcher %s stopped the run: %s"):format(w.name, tostring(e)) }, 0)
+      end
+    end
+  end
+end
+
+function Ctx:sleep(seconds)
+  local deadline = host.monotonic() + seconds
+  while true do
+    self:run_watchers()
+    local now = host.monotonic()
+    if now >= deadline then return end
+    local wait = deadline - now
+    for _, w in ipairs(self.playbook.watchers) do
+      wait = math.min(wait, math.max(0.01, w.next_due - now))
+    end
+    require("migrun.aws").sleep(wait) -- TODO(host.sleep)
+  end
+end
+
+function context.new(P, fields)
+  local ctx = fields
+  ctx._dbs = {}
+  ctx.playbook = P
+  -- ctx.print: a line printer to hand to library calls (say = ctx.print)
+  ctx.print = function(line) Ctx.say(ctx, "%s", line) end
+  return setmetatable(ctx, {
+    __name = Ctx.__name,
+    __index = function(t, k)
+      if SERVERS[k] then
+        local d, err = Ctx.connect(t, k)
+        if not d then error(err, 2) end
+        return d
+      end
+      return Ctx[k]
+    end,
+  })
+end
+
+context.Context = Ctx
+return context
