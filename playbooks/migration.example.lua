@@ -113,6 +113,9 @@ return {
     task = { batch_apply = false, lob_max_kb = nil },
     -- Seconds between task starts.
     start_pause = 5,
+    -- Tries per DMS API call (throttling, 5xx, a dropped connection) before a
+    -- step fails; each retry is logged. Default: AWS_MAX_ATTEMPTS, else 10.
+    max_attempts = 10,
     -- Catch-up: a task has caught up when its slot lags less than lag_bytes;
     -- give up after timeout seconds; poll every poll seconds.
     catch_up = { lag_bytes = 1024 * 1024, timeout = 6 * 3600, poll = 5 },

@@ -82,6 +82,38 @@ describe("dms client", function()
     for _, req in ipairs(s:requests()) do verify(s, req) end
   end)
 
+  it("logs every retry with the operation, the error code and the attempt", function()
+    local s = serve[[ return function(req, n)
+      if n <= 2 then return { status = 400, body = '{"__type":"ThrottlingException","message":"Rate exceeded"}' } end
+      return { status = 200, body = '{"Endpoints":[]}' }
+    end ]]
+    local lines, infos = {}, {}
+    local c = client(s, { random = function() return 0.5 end,
+      on_retry = function(line, info) lines[#lines + 1] = line infos[#infos + 1] = info end })
+    assert(c:call("DescribeEndpoints", {}))
+    assert.are.same({ "dms DescribeEndpoints: ThrottlingException (attempt 1 of 10), retrying in 0.0 s",
+                      "dms DescribeEndpoints: ThrottlingException (attempt 2 of 10), retrying in 0.0 s" }, lines)
+    assert.are.equal(2, infos[2].attempt)
+    assert.are.equal("DescribeEndpoints", infos[1].op)
+  end)
+
+  it("rides out a 20% fault rate over many calls with the default attempts", function()
+    local s = serve[[ local r = 7
+      return function(req, n)
+        r = (r * 1103515245 + 12345) % 2147483648
+        if r % 10 == 0 then return { status = 503, body = "" } end
+        if r % 10 == 1 then return { status = 400, body = '{"__type":"ThrottlingException","message":"slow down"}' } end
+        return { status = 200, body = '{"Endpoints":[]}' }
+      end ]]
+    local c = client(s)
+    for _ = 1, 300 do assert(c:call("DescribeEndpoints", {})) end
+    assert.is_true(#s:requests() > 300 * 1.15, "the stub did inject faults")
+    -- the SDKs' 3 tries would not have: the same faults make one call fail
+    local sdk, failed = client(s, { max_attempts = 3 }), false
+    for _ = 1, 300 do failed = failed or not sdk:call("DescribeEndpoints", {}) end
+    assert.is_true(failed)
+  end)
+
   it("gives up after max_attempts with the last fault", function()
     local s = serve[[ return function() return { status = 500, headers = { ["x-amzn-RequestId"] = "r-500" },
       body = '{"__type":"InternalFailure","message":"boom"}' } end ]]
@@ -92,6 +124,7 @@ describe("dms client", function()
     assert.are.equal(500, err.status)
     assert.is_true(err.retryable)
     assert.are.equal(4, err.attempts)
+    assert.matches("boom %(gave up after 4 attempts%)$", tostring(err))
     assert.are.equal(4, #s:requests())
     assert.are.equal(3, #sleeps)
     for i, t in ipairs(sleeps) do assert.is_true(t >= 0 and t <= 0.001 * 2 ^ (i - 1)) end
@@ -236,7 +269,8 @@ describe("dms client", function()
     local _, err = c:call("DescribeEndpoints", {})
     assert.are.equal("connection", err.kind)
     assert.are.equal("connect_failed", err.code)
-    assert.are.equal(3, err.attempts)
+    assert.are.equal(dms.MAX_ATTEMPTS, err.attempts)
+    assert.matches("gave up after 10 attempts", tostring(err))
     assert.is_nil(tostring(err):find(SECRET, 1, true))
   end)
 

@@ -187,6 +187,8 @@ config.SCHEMA = record({
         expected = "a whole number of KB >= 1", doc = "LobMaxSize for every task (default: from lobs)" } },
     }, { doc = "task settings" }) },
     { "start_pause", seconds(5, "seconds between task starts") },
+    { "max_attempts", int{ check = at_least(1, "a whole number >= 1"), expected = "a whole number >= 1",
+      doc = "tries per DMS API call before giving up (default: AWS_MAX_ATTEMPTS, else 10)" } },
     { "catch_up", record({
       { "lag_bytes", bytes(1024 * 1024, "a task has caught up when its slot lags less than this") },
       { "timeout", seconds(6 * 3600, "give up waiting for catch-up after this many seconds") },

@@ -79,9 +79,11 @@ function Ctx:dms()
   local c = self.config.dms
   local ctx = self
   local client, err = dms.client{ region = c.region, endpoint_url = c.endpoint_url, dry_run = self.dry_run,
+    max_attempts = c.max_attempts,
     on_call = function(line)
       if ctx.dry_run then ctx:say("dry run: %s", line) else ctx:_log(line) end
-    end }
+    end,
+    on_retry = function(line) ctx:warn("%s", line) end }
   if not client then error(err, 0) end
   self._dms = client
   return client
