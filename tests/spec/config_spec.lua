@@ -173,6 +173,20 @@ describe("migrun.playbook.config", function()
     assert.equal("number.lua: expected the file to return a table, found 42", tostring(err))
   end)
 
+  it("never echoes the source text of a broken file, which may hold a password", function()
+    for name, src in pairs{
+      ["string.lua"] = 'return { source = { conninfo = "host=a"\n "password=S3cr3t" } }',
+      ["long.lua"] = "return { x = [[a]] [[password S3cr3t]] }",
+      ["runs.lua"] = 'local pw = "S3cr3t"\nerror("cannot use password=" .. pw)',
+      ["uri.lua"] = 'error("postgresql://u:S3cr3t@h/db")',
+    } do
+      local cfg, err = config.load(file(src, name))
+      assert.is_nil(cfg)
+      assert.matches(name:gsub("%p", "%%%0") .. ":%d", tostring(err))
+      assert.falsy(tostring(err):find("S3cr3t", 1, true), tostring(err))
+    end
+  end)
+
   it("loads and validates the shipped example", function()
     local cfg, err = config.load(SOURCE .. "/playbooks/migration.example.lua")
     assert(cfg, tostring(err))

@@ -468,6 +468,17 @@ local function sandbox()
   }
 end
 
+-- Lua's messages about a config file quote its source ("'}' expected near
+-- '"password=S3cr3t"'"): a quoted token, or a password=... anywhere, may be a
+-- secret, so the message keeps the line number and the kind of token only.
+local function without_source_text(message)
+  message = message:gsub("near '([\"'%[].-)'", "near a string (not shown: it may hold a secret)")
+  message = message:gsub("near (%b[])", "near a string (not shown: it may hold a secret)")
+  message = message:gsub("([Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd]%s*[=:]%s*)[^%s'\"]+", "%1****")
+  message = message:gsub("(://[^:/@%s]+:)[^@%s]+@", "%1****@")
+  return message
+end
+
 function config.load(path)
   assert(type(path) == "string", "config.load: a path expected")
   local label = path:match("[^/]+$") or path
@@ -481,12 +492,13 @@ function config.load(path)
   f:close()
   local chunk, err = loadfile(path, "t", sandbox())
   if not chunk then
-    return nil, errors.new{ kind = "config", message = tostring(err) }
+    return nil, errors.new{ kind = "config", message = without_source_text(tostring(err)),
+      hint = "fix the syntax of " .. path .. " (check it with: luac5.4 -p FILE)" }
   end
   local ok, raw = pcall(chunk)
   if not ok then
     return nil, errors.new{ kind = "config", message = ("%s: error while running it: %s"):format(
-      label, tostring(raw)) }
+      label, without_source_text(tostring(raw))) }
   end
   local cfg, cerr = config.check(raw, label, dirname(path))
   if not cfg then return nil, cerr end
