@@ -56,7 +56,9 @@ P:step{ "schema", "Schema (pre-data) and roles from the source to the target",
     local dump = assert(schema.dump(ctx.config.source.conninfo, ctx.state_dir, { tools = tools,
       schemas = ctx.config.schemas, exclude_tables = ctx.config.exclude_tables, echo = ctx.print }))
     local roles = assert(schema.copy_roles(ctx.config.source.conninfo, ctx.target, { tools = tools, say = ctx.print }))
-    assert(schema.restore("pre-data", ctx.config.target.conninfo, dump,
+    local source_tables = assert(catalog.tables(ctx.source, { schemas = ctx.config.schemas,
+      exclude = ctx.config.exclude_tables }))
+    assert(schema.restore_pre_data(ctx.config.target.conninfo, dump, ctx.target, source_tables,
       { dry_run = ctx.dry_run, echo = ctx.print }))
     return { dump = dump.file, list = dump.list, notes = dump.notes, roles_created = roles.created }
   end }
@@ -107,7 +109,8 @@ P:step{ "pause_replica", "Pause the maintenance replica and capture its replay L
     return { lsn = tostring(at) }
   end,
   check = function(ctx, facts)
-    if ctx:done("resume_replica") then return true end
+    -- once resume_replica has begun (even if killed in it), not paused is expected
+    if ctx:began("resume_replica") then return true end
     return replica.check_paused(ctx.replica, facts.lsn)
   end }
 

@@ -115,7 +115,8 @@ P:step{ "pause_replica", "Pause the maintenance replica after the new slot; capt
     return { lsn = tostring(at) }
   end,
   check = function(ctx, facts)
-    if ctx:done("resume_replica") then return true end
+    -- once resume_replica has begun (even if killed in it), not paused is expected
+    if ctx:began("resume_replica") then return true end
     return replica.check_paused(ctx.replica, facts.lsn)
   end }
 

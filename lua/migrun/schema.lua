@@ -55,7 +55,18 @@ travels in PGPASSWORD; every command is printed with proc.quote.
   schema.target_has_tables(target_db, tables) -> { present = {"s.t"}, nonempty = {"s.t"} } | nil, err
       tables: { {schema=, name=} | "s.t" }. Empty `present`: a fresh target;
       present but all empty: a load that can resume.
+  schema.restore_pre_data(target_conninfo, dump, target_db, tables, opts)
+      -> { how = "restored" | "already there", seconds = } | nil, err
+      Step 2 made safe to run again: the pre-data section is restored in one
+      transaction, so a killed attempt left either none of the source's tables
+      on the target or all of them (the restore may have committed just
+      after the kill). None: restore; all of them: nothing to do; some: an
+      error that names them, nothing done. tables: the source's tables
+      (catalog.tables). opts as schema.restore.
   schema.split_conninfo(conninfo) -> conninfo without password, password | nil
+
+Every tool runs as a child that dies with migrun (a killed migrun leaves no
+pg_dump or pg_restore running on behind its back).
 ]]
 local pg = require "migrun.pg"
 local proc = require "migrun.proc"
@@ -179,6 +190,7 @@ local function run_tool(spec, echo)
   spec.stdin = spec.stdin or false
   spec.stdout = spec.stdout or "capture"
   spec.stderr = "capture"
+  spec.die_with_parent = true
   local ok, how, code, out, errout = proc.run(spec)
   if not ok then
     local name = spec[1]:match("[^/]+$")
@@ -288,6 +300,35 @@ function schema.restore(section, target_conninfo, dump, opts)
   local r, err = run_tool(spec, opts.echo)
   if not r then return nil, err end
   return { command = r.command, seconds = r.seconds }
+end
+
+function schema.restore_pre_data(target_conninfo, dump, target_db, tables, opts)
+  opts = opts or {}
+  local there, err = schema.target_has_tables(target_db, tables)
+  if not there then return nil, err end
+  if #there.present == 0 or #tables == 0 then
+    local r
+    r, err = schema.restore("pre-data", target_conninfo, dump, opts)
+    if not r then return nil, err end
+    return { how = "restored", seconds = type(r) == "table" and r.seconds or 0 }
+  end
+  if #there.present == #tables then
+    if opts.echo then
+      opts.echo(("the pre-data section is on the target already (all %d tables: restored by an earlier attempt)")
+        :format(#tables))
+    end
+    return { how = "already there", seconds = 0 }
+  end
+  local missing, present = {}, {}
+  for _, k in ipairs(there.present) do present[k] = true end
+  for _, t in ipairs(tables) do
+    local key = type(t) == "string" and t or (t.schema .. "." .. t.name)
+    if not present[key] then missing[#missing + 1] = key end
+  end
+  return fail("target", ("the target holds %d of the %d tables to migrate (missing: %s)"):format(#there.present,
+    #tables, table.concat(missing, ", ", 1, math.min(#missing, 10)) .. (#missing > 10 and ", ..." or "")),
+    nil, "the pre-data restore is all or nothing, so these were made by something else: drop them, or empty "
+    .. "the target (restart.target = \"drop_schema\" and playbooks/full_restart.lua), then run again")
 end
 
 ---------------------------------------------------------------------------

@@ -108,6 +108,33 @@ describe("migrun.schema", function()
       .. "and tgrelid = '%s.child'::regclass"):format(s)))
   end)
 
+  it("restore_pre_data: restores on a bare target, leaves a finished earlier restore, refuses a partial one", function()
+    local catalog = require "migrun.catalog"
+    local s = fresh("pre")
+    make_source_schema(s)
+    local dump = assert(schema.dump(L.source.conninfo, state_dir(), { tools = tools, schemas = { s } }))
+    local source_db = db.wrap(assert(pg.connect(L.source.conninfo, { name = "source" })))
+    local target_db = db.wrap(assert(pg.connect(L.target.conninfo, { name = "target" })))
+    local tables = assert(catalog.tables(source_db, { schemas = { s } }))
+    assert.equal(3, #tables)
+    local r = assert(schema.restore_pre_data(L.target.conninfo, dump, target_db, tables, {}))
+    assert.equal("restored", r.how)
+    -- as after a migrun killed while pg_restore committed: a rerun goes on
+    local said = {}
+    r = assert(schema.restore_pre_data(L.target.conninfo, dump, target_db, tables,
+      { echo = function(l) said[#said + 1] = l end }))
+    assert.equal("already there", r.how)
+    assert.matches("already %(all 3 tables", table.concat(said, "\n"))
+    -- a table made by someone else: nothing done, the tables named
+    assert(target_db:write(("drop table %s.nopk"):format(pg.quote_ident(s))))
+    local before = L.target:psql(("select count(*) from pg_tables where schemaname = '%s'"):format(s))
+    local ok, err = schema.restore_pre_data(L.target.conninfo, dump, target_db, tables, {})
+    assert.is_nil(ok)
+    assert.matches("the target holds 2 of the 3 tables to migrate %(missing: " .. s .. "%.nopk%)", tostring(err))
+    assert.equal(before, L.target:psql(("select count(*) from pg_tables where schemaname = '%s'"):format(s)))
+    source_db:close() target_db:close()
+  end)
+
   it("restore_missing: pg_restore on a bare target, only the missing statements after a half-done restore", function()
     local catalog = require "migrun.catalog"
     local s = fresh("half")

@@ -101,6 +101,12 @@ function Ctx:done(step, playbook_name)
   return rec ~= nil and rec.status == "done"
 end
 
+-- Whether a step has begun in the journal (running, failed or done).
+function Ctx:began(step, playbook_name)
+  local rec = self.journal:steps(playbook_name or self.playbook.name)[step]
+  return rec ~= nil and rec.status ~= nil
+end
+
 function Ctx:main_facts()
   if not self.main then return {} end
   return self:facts_of(self.main)

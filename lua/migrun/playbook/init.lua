@@ -68,6 +68,7 @@ and watchers)
   ctx:record(key, value)   into the running step's facts, journal saved at once
   ctx:record_main(step, key, value)  into a step of the main playbook (a task
       replaced by a partial restart); nothing is written in a dry run
+  ctx:began(step [, playbook]) -> whether it has begun (running, failed or done)
   ctx:done(step [, playbook]) -> whether the journal has that step done;
       ctx:main_done(step) -> the same for the main playbook
   ctx:say(fmt, ...), ctx:warn(fmt, ...)   timestamped lines, also in state_dir/migrun.log
