@@ -44,7 +44,7 @@ P:watch(walguard.watcher())
 P:step{ "preflight", "Preflight on the primary, the maintenance replica and the target", always = true,
   run = function(ctx)
     local r = preflight.run{ source = ctx.source, replica = ctx.replica, target = ctx.target,
-      config = ctx.config, resuming = ctx.resuming }
+      config = ctx.config, resuming = ctx.resuming, dms = function() return ctx:dms() end }
     ctx:say("%s", preflight.format(r))
     if r.errors > 0 then return nil, ("preflight found %d problem(s); nothing was changed"):format(r.errors) end
     return { errors = r.errors, warnings = r.warnings }
@@ -87,6 +87,7 @@ P:step{ "groups", "Group the tables into slots (printed before anything is creat
 P:step{ "slots", "Replication slots, the pglogical node and two sets per slot on the primary",
   run = function(ctx)
     local src = ctx.source
+    if assert(pglogical.ensure_extension(src)).created then ctx:say("created the pglogical extension") end
     assert(pglogical.ensure_node(src, ctx.config.slots.node, pglogical.node_dsn(ctx.config.source.conninfo)))
     local created = {}
     for _, g in ipairs(plan(ctx)) do

@@ -22,6 +22,7 @@ the setting, 'pglogical' in output_plugin_libraries.
       connects with its own endpoint credentials), so no password is needed and
       none is stored: pglogical keeps the dsn in plain text in
       pglogical.node_interface, readable by anyone who can read that table.
+  pgl.ensure_extension(db) -> { created = bool } | nil, err   CREATE EXTENSION pglogical if missing
   pgl.ensure_node(db, node_name, dsn) -> { node =, created = bool } | nil, err
       A local node of another name is an error (a database has one local node;
       it may belong to other replication: never replaced here).
@@ -127,6 +128,18 @@ local function extension_installed(db)
   return true
 end
 
+-- The extension in this database (pglogical must be preloaded): created
+-- when missing, through db:write (a dry run prints it).
+function pgl.ensure_extension(db)
+  check_db(db, "ensure_extension")
+  local res, err = db:query("select extversion from pg_extension where extname = 'pglogical'")
+  if not res then return nil, err end
+  if #res > 0 then return { created = false, version = res[1].extversion } end
+  res, err = db:write("create extension if not exists pglogical")
+  if not res then return nil, err end
+  return { created = true }
+end
+
 ---------------------------------------------------------------------------
 -- Node
 ---------------------------------------------------------------------------
@@ -159,7 +172,10 @@ function pgl.ensure_node(db, node_name, dsn)
   assert(type(node_name) == "string" and node_name ~= "", "pglogical.ensure_node: node name expected")
   assert(type(dsn) == "string", "pglogical.ensure_node: dsn expected")
   local ok, err = extension_installed(db)
-  if not ok then return nil, err end
+  if not ok then
+    if db.dry_run then return { node = node_name, created = "would create" } end -- its extension too
+    return nil, err
+  end
   local existing
   existing, err = local_node(db)
   if existing == nil then return nil, err end

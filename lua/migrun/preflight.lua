@@ -14,7 +14,10 @@ set up as the runbook requires. Reads only: it never writes to any server.
       tables = { "schema.name" | {schema=, name=} } (default: the source's
       tables in config.schemas minus config.exclude_tables),
       tools = function(name, major) -> path | nil, why (default: look in
-      /usr/lib/postgresql/<major>/bin, then PATH, asking --version) }
+      /usr/lib/postgresql/<major>/bin, then PATH, asking --version),
+      dms = function() -> a migrun.dms client (raising when none can be made):
+      phase II is checked too: credentials, DMS reachable and accepting them
+      (a read-only call), the replication instance there and available }
     -> { findings = { { server, check, ok, severity = "error" | "warning",
          message, hint } }, errors = n, warnings = n }
       A finding with ok = true passed; severity says what it would have been.
@@ -181,6 +184,75 @@ local function nonempty_on_target(db, labels)
   return found
 end
 
+-- Every table an explicit group names exists among the tables to migrate.
+local function check_explicit_groups(add, explicit, labels)
+  local known = {}
+  for _, l in ipairs(labels) do known[l] = true end
+  local missing = {}
+  for _, g in ipairs(explicit) do
+    for _, t in ipairs(g.tables or {}) do
+      if not known[t] then missing[#missing + 1] = ("%s (group %s)"):format(t, tostring(g.name)) end
+    end
+  end
+  add("source", "explicit groups", #missing == 0, "error",
+    #missing == 0 and ("%d explicit group(s), every table found"):format(#explicit)
+      or ("not among the tables to migrate: %s"):format(table.concat(missing, ", ")),
+    "name existing tables as \"schema.table\" in groups.explicit (and not in exclude_tables)")
+end
+
+local CREDENTIAL_CODES = { InvalidClientTokenId = true, UnrecognizedClientException = true,
+  InvalidSignatureException = true, SignatureDoesNotMatch = true, AccessDeniedException = true,
+  AccessDenied = true, ExpiredTokenException = true, AuthFailure = true }
+
+local function flat(message)
+  return (tostring(message):gsub(":%s*\n%s*%-?%s*", ": "):gsub("%s*\n%s*%-?%s*", "; "))
+end
+
+-- DMS reachable, the credentials accepted (a read-only call), the
+-- replication instance there and available. make_client() -> client (raises
+-- on a configuration it cannot use: no credentials, no region).
+local function check_dms(add, make_client, dms_config)
+  local ok, client = pcall(make_client)
+  if not ok then
+    add("dms", "credentials", false, "error", flat(client),
+      "give AWS credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role")
+    return
+  end
+  add("dms", "credentials", true, "error", ("from %s"):format(tostring(client.config.credential_source)))
+  local arn = dms_config.replication_instance_arn
+  if not arn then
+    add("dms", "replication instance", false, "error", "dms.replication_instance_arn is not set",
+      "set dms.replication_instance_arn in the config")
+    return
+  end
+  if client.dry_run and client.config.credential_source == "none (dry run)" then return end
+  local list, err = client:describe_replication_instances{ Filters = { ["replication-instance-arn"] = arn } }
+  if not list then
+    if err.kind == "connection" then
+      add("dms", "reachable", false, "error", ("%s: %s"):format(tostring(client.config.endpoint_url), flat(err)),
+        "check dms.endpoint_url and region, and the network path from here to DMS")
+    elseif CREDENTIAL_CODES[err.code] then
+      add("dms", "reachable", true, "error", tostring(client.config.endpoint_url))
+      add("dms", "credentials accepted", false, "error", flat(err),
+        "the access key or its secret is wrong, expired or not allowed dms:Describe*: fix the credentials")
+    else
+      add("dms", "replication instance", false, "error", flat(err), "check dms.replication_instance_arn")
+    end
+    return
+  end
+  add("dms", "reachable", true, "error", tostring(client.config.endpoint_url))
+  local inst = list[1]
+  if not inst then
+    add("dms", "replication instance", false, "error", ("no replication instance %s"):format(arn),
+      "check dms.replication_instance_arn and dms.region")
+  else
+    local status = tostring(inst.ReplicationInstanceStatus)
+    add("dms", "replication instance", status == "available", "error",
+      ("%s is %s"):format(tostring(inst.ReplicationInstanceIdentifier or arn), status),
+      "wait until the replication instance is available (or fix it) before the run")
+  end
+end
+
 function preflight.run(args)
   assert(type(args) == "table", "preflight.run: table of arguments expected")
   for _, k in ipairs{ "source", "replica", "target" } do
@@ -239,10 +311,10 @@ function preflight.run(args)
         local installed, available = opt(res[1].installed), opt(res[1].available)
         if installed then
           add("source", "pglogical extension", true, "error", "pglogical " .. installed .. " installed")
-        elseif available then
+        elseif available and preloaded then
           add("source", "pglogical extension", false, "warning",
-            "pglogical " .. available .. " is available but not installed in this database",
-            "CREATE EXTENSION pglogical on the source (needs it preloaded)")
+            "pglogical " .. available .. " is preloaded but not created in this database: "
+            .. "the slots step will CREATE EXTENSION pglogical", "or create it yourself before the run")
         else
           add("source", "pglogical extension", false, "error", "pglogical is not installed on the server",
             ("install the package postgresql-%s-pglogical, preload it, then CREATE EXTENSION pglogical"):format(
@@ -421,6 +493,17 @@ function preflight.run(args)
         ("install the client of the target's version: apt-get install postgresql-client-%s"):format(m))
     end
   end
+
+  ---------------------------------------------------------------- the plan
+  if source_ok and #((config.groups or {}).explicit or {}) > 0 then
+    local labels = source_tables(source, config)
+    if labels then check_explicit_groups(add, config.groups.explicit, labels) end
+  end
+
+  ---------------------------------------------------------------- DMS (phase II)
+  -- Everything phase II needs is checked before phase I writes anything: a
+  -- wrong secret found at dms_setup would come after slots and a full load.
+  if args.dms then check_dms(add, args.dms, config.dms or {}) end
   return result
 end
 

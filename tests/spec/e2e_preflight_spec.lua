@@ -45,8 +45,8 @@ describe("playbooks/full.lua preflight", function()
     refused(v, "in recovery")
   end)
 
-  it("refuses a source without pglogical", function()
-    local plain = assert(lab.start{ pglogical = false })
+  it("refuses a source without pglogical preloaded; one with it preloaded only gets the extension", function()
+    local plain = assert(lab.start{ pglogical = false, settings = { source = { shared_preload_libraries = "" } } })
     local ok, err = pcall(function()
       local v = with_config(function(c)
         c.source = { conninfo = plain.source.migrun_conninfo .. " passfile=" .. plain.passfile }
@@ -61,6 +61,22 @@ describe("playbooks/full.lua preflight", function()
       assert.matches("^%s*0%s*$", slots)
     end)
     plain:stop()
+    assert(ok, err)
+    -- preloaded, the extension not created: preflight says the slots step creates it; a dry run shows it
+    local bare = assert(lab.start{ pglogical = false })
+    ok, err = pcall(function()
+      local v = with_config(function(c)
+        c.source = { conninfo = bare.source.migrun_conninfo .. " passfile=" .. bare.passfile }
+        c.replica = { conninfo = bare.replica.migrun_conninfo .. " passfile=" .. bare.passfile }
+        c.state_dir = R.dir .. "/s3b"
+      end, "pglogical-not-created")
+      local r = H.run(v, "full.lua", { "--dry-run" })
+      assert.is_true(r.ok, r.output)
+      assert.truthy(r.output:find("the slots step will CREATE EXTENSION pglogical", 1, true), r.output)
+      assert.truthy(r.output:find("dry run: source: create extension if not exists pglogical", 1, true), r.output)
+      assert.matches("^%s*$", assert(bare.source:psql("select extname from pg_extension where extname = 'pglogical'")))
+    end)
+    bare:stop()
     assert(ok, err)
   end)
 
@@ -95,6 +111,59 @@ describe("playbooks/full.lua preflight", function()
     end
     psql("select pg_drop_replication_slot('other_tool')")
     assert(ok, err)
+  end)
+
+  it("refuses an explicit group that names a table the source does not have", function()
+    local v = with_config(function(c)
+      c.groups = { explicit = { { name = "billing", tables = { "public.documents", "public.no_such_table" } } } }
+      c.state_dir = R.dir .. "/s7"
+    end, "explicit-missing")
+    refused(v, "public%.no_such_table %(group billing%)")
+  end)
+
+  -- Phase II is checked before phase I writes anything.
+  local function refused_with_env(variant, env, pattern)
+    local r = H.run(variant, "full.lua", { "--yes" }, { env = env })
+    assert.is_nil(r.ok, r.output)
+    assert.equal(1, r.code, r.output)
+    assert.truthy(r.output:find(pattern), "expected /" .. pattern .. "/ in:\n" .. r.output)
+    assert.same(pristine, H.world(R))
+    assert.falsy(r.output:find(R.lab.dms.secret_key, 1, true))
+    return r
+  end
+
+  it("refuses an unreachable DMS, a wrong secret, no credentials, an unknown instance", function()
+    local dead = with_config(function(c)
+      c.dms = {}
+      for k, v in pairs(R.config.dms) do c.dms[k] = v end
+      c.dms.endpoint_url = "http://127.0.0.1:9" -- discard: nothing listens
+      c.dms.max_attempts = 2
+      c.state_dir = R.dir .. "/s8"
+    end, "dms-unreachable")
+    refused_with_env(dead, {}, "dms%s+reachable%s+ERROR%s+http://127%.0%.0%.1:9")
+
+    local same = with_config(function(c) c.state_dir = R.dir .. "/s9" end, "dms-secret")
+    local r = refused_with_env(same, { AWS_SECRET_ACCESS_KEY = "not-the-secret" },
+      "credentials accepted%s+ERROR%s+.*InvalidSignatureException")
+    assert.truthy(r.output:find("access key or its secret is wrong", 1, true), r.output)
+
+    local empty = R.dir .. "/no-home"
+    assert(host.mkdir(empty))
+    r = refused_with_env(same, { AWS_ACCESS_KEY_ID = "", AWS_SECRET_ACCESS_KEY = "", HOME = empty,
+      AWS_EC2_METADATA_DISABLED = "true", AWS_CONFIG_FILE = empty .. "/config",
+      AWS_SHARED_CREDENTIALS_FILE = empty .. "/credentials", AWS_PROFILE = "" },
+      "credentials%s+ERROR%s+.*no AWS credentials found")
+    -- the whole message: every place the chain looked, not its first line only
+    assert.truthy(r.output:find("AWS_EC2_METADATA_DISABLED", 1, true) or r.output:find("instance metadata", 1, true),
+      r.output)
+
+    local wrong = with_config(function(c)
+      c.dms = {}
+      for k, v in pairs(R.config.dms) do c.dms[k] = v end
+      c.dms.replication_instance_arn = "arn:aws:dms:us-east-1:123456789012:rep:NOSUCHINSTANCE"
+      c.state_dir = R.dir .. "/s10"
+    end, "dms-no-instance")
+    refused_with_env(wrong, {}, "no replication instance arn:aws:dms:us%-east%-1:123456789012:rep:NOSUCHINSTANCE")
   end)
 
   it("refuses a wrong config key before connecting anywhere", function()

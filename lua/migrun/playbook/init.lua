@@ -217,9 +217,15 @@ local function traceback(e)
   return debug.traceback(tostring(e), 2)
 end
 
+-- An error as one line for the terminal and the journal: without the
+-- traceback a raised string carries (that goes to the log), and with the
+-- lines of a multi-line message (the places the AWS credential chain looked)
+-- joined rather than cut.
 local function one_line(e)
   local s = tostring(e)
-  if type(e) == "string" then s = s:match("^[^\n]*") end
+  s = s:gsub("\nstack traceback:.*$", "")
+  s = s:gsub(":%s*\n%s*%-?%s*", ": ")
+  s = s:gsub("%s*\n%s*%-?%s*", "; ")
   return s
 end
 
