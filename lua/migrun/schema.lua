@@ -229,6 +229,10 @@ function schema.dump(source_conninfo, dir, opts)
   if not ok then return fail("schema", "cannot create " .. dir, tostring(err)) end
 
   local file, list = dir .. "/schema.dump", dir .. "/schema.list"
+  -- pg_dump creates its file with the umask's mode (0644); one that exists
+  -- keeps its own: the schema is the team's, readable by its owner only
+  ok, err = host.write_file(file, "", tonumber("600", 8))
+  if not ok then return fail("schema", "cannot create " .. file, tostring(err)) end
   local argv = { tools.pg_dump, "--format=custom", "--schema-only", "--no-subscriptions",
     "--exclude-schema=pglogical", "--file=" .. file }
   for _, s in ipairs(opts.schemas or {}) do argv[#argv + 1] = "--schema=" .. pg.quote_ident(s) end

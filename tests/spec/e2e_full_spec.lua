@@ -96,5 +96,17 @@ describe("playbooks/full.lua", function()
       assert.falsy(report:find(secret, 1, true))
       assert.falsy(journal_text:find(secret, 1, true))
     end
+
+    -- what holds data or configuration is its owner's only: 0600 files in 0700 directories
+    local function mode(path)
+      local _, _, _, out = require("migrun.proc").run{ "stat", "-c", "%a", path }
+      return (out:gsub("%s+$", ""))
+    end
+    local state = R.config.state_dir
+    for path, want in pairs{ [R.dir] = "700", [R.config_path] = "600", [state] = "700",
+        [state .. "/journal.json"] = "600", [state .. "/report.md"] = "600", [state .. "/migrun.log"] = "600",
+        [state .. "/schema.dump"] = "600", [state .. "/schema.list"] = "600" } do
+      assert.equal(want, mode(path), path)
+    end
   end)
 end)

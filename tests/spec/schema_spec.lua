@@ -89,6 +89,10 @@ describe("migrun.schema", function()
     make_source_schema(s)
     local dump = assert(schema.dump(L.source.conninfo, state_dir(), { tools = tools, schemas = { s } }))
     assert.truthy(io.open(dump.file)):close()
+    for _, f in ipairs{ dump.file, dump.list } do
+      local _, _, _, mode = require("migrun.proc").run{ "stat", "-c", "%a", f }
+      assert.equal("600\n", mode, f)
+    end
     assert(schema.restore("pre-data", L.target.conninfo, dump, {}))
     assert.equal("3", L.target:psql(("select count(*) from pg_tables where schemaname = '%s'"):format(s)))
     assert.equal("", indexes(L.target, s))

@@ -251,7 +251,7 @@ function demo.rehearsal(opts)
   local lab = require "migrun.rehearsal.lab"
   local host = require "migrun.host"
   assert(opts and opts.dir, "demo.rehearsal: dir expected")
-  assert(host.mkdir(opts.dir, 0700))
+  assert(host.mkdir(opts.dir, tonumber("700", 8)))
   local lab_opts = merge({ dms = opts.dms or true }, opts.lab)
   local L, err = lab.start(lab_opts)
   if not L then return nil, err end
@@ -282,7 +282,7 @@ function demo.rehearsal(opts)
     },
   }, opts.config)
   local path = opts.dir .. "/migration.lua"
-  assert(host.write_file(path, "-- written by migrun.rehearsal.demo for the local lab\nreturn " .. literal(cfg) .. "\n", 0600))
+  assert(host.write_file(path, "-- written by migrun.rehearsal.demo for the local lab\nreturn " .. literal(cfg) .. "\n", tonumber("600", 8)))
   return setmetatable({ lab = L, config = cfg, config_path = path, dir = opts.dir,
     env = { AWS_ACCESS_KEY_ID = L.dms.access_key, AWS_SECRET_ACCESS_KEY = L.dms.secret_key,
             AWS_REGION = L.dms.region } }, Rehearsal)
