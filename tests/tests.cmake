@@ -3,6 +3,7 @@
 #   unit  no server: pure Lua and pure C (make test-unit, seconds)
 #   lab   starts its own PostgreSQL lab (and maybe the DMS emulator)
 #   e2e   a whole rehearsal: lab, emulator, workload, playbooks run as a team runs them
+#   faults  the fault campaign (kills at every step, DMS faults): make test-faults
 # Each lab picks free ports and its own directory, so specs run in parallel
 # (ctest -j); an e2e spec counts as two processors so that two of them at most
 # share a 2-core machine with the lighter ones; the longest start first (COST,
@@ -20,6 +21,10 @@ foreach(spec IN LISTS MIGRUN_SPECS)
     set(label unit)
     set(processors 1)
     set(cost 1)
+  elseif(name MATCHES "^faults_")
+    set(label faults)
+    set(processors 2)
+    set(cost 1000)
   elseif(name MATCHES "^e2e_")
     set(label e2e)
     set(processors 2)

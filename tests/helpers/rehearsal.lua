@@ -20,10 +20,11 @@ function M.tmpdir(tag)
   return (out:gsub("%s+$", ""))
 end
 
---[[ M.run(R, playbook, args, opts) -> { ok, how, code, output, killed }
+--[[ M.run(R, playbook, args, opts) -> { ok, how, code, output, killed, pid }
      playbook: a stock playbook's file name, or an absolute path.
      opts.kill_when: a Lua pattern; the run is SIGKILLed on the first output
-     line matching it. opts.env: added to R.env. ]]
+     line matching it (opts.kill_delay seconds later, if given). opts.env:
+     added to R.env. ]]
 function M.run(R, playbook, args, opts)
   opts = opts or {}
   local script = playbook:sub(1, 1) == "/" and playbook or M.ROOT .. "/playbooks/" .. playbook
@@ -33,21 +34,45 @@ function M.run(R, playbook, args, opts)
   for k, v in pairs(R.env) do env[k] = v end
   for k, v in pairs(opts.env or {}) do env[k] = v end
   argv.env, argv.stdin, argv.stderr = env, false, "stdout"
-  local lines, killed = {}, false
+  local lines, killed, kill_at = {}, false, nil
   local h
   argv.stdout = function(line)
     lines[#lines + 1] = line
     if os.getenv("MIGRUN_E2E_VERBOSE") then io.stderr:write(line, "\n") end
-    if opts.kill_when and not killed and line:match(opts.kill_when) then
-      killed = true
-      h:kill("KILL")
+    if opts.kill_when and not kill_at and line:match(opts.kill_when) then
+      kill_at = aws.monotonic() + (opts.kill_delay or 0)
+      if not opts.kill_delay then killed = true h:kill("KILL") end
     end
   end
   h = assert(proc.spawn(argv))
-  local ok, how, code = h:wait(opts.timeout or 900)
+  local deadline = aws.monotonic() + (opts.timeout or 900)
+  local ok, how, code
+  repeat
+    ok, how, code = h:wait(0.2)
+    if how == "timeout" and kill_at and not killed and aws.monotonic() >= kill_at then
+      killed = true
+      h:kill("KILL")
+    end
+  until how ~= "timeout" or aws.monotonic() > deadline
   if how == "timeout" then h:kill("KILL") h:wait() end
+  local pid = h.pid
   h:close()
-  return { ok = ok, how = how, code = code, output = table.concat(lines, "\n"), killed = killed }
+  return { ok = ok, how = how, code = code, output = table.concat(lines, "\n"), killed = killed, pid = pid }
+end
+
+-- Processes a killed migrun may have left behind: children re-parented to
+-- init (pg_dump, pg_restore, psql, load workers, a playbook) -> { "pid args" }.
+function M.orphans()
+  local _, _, _, out = proc.run{ "ps", "-eo", "pid=,ppid=,args=" }
+  local found = {}
+  for line in out:gmatch("[^\n]+") do
+    local pid, ppid, args = line:match("^%s*(%d+)%s+(%d+)%s+(.*)$")
+    if ppid == "1" and (args:match("^%S*pg_dump ") or args:match("^%S*pg_restore ") or args:match("^%S*psql ")
+        or args:match("migrun%.fullload'%)%.worker") or args:match("playbooks/%S+%.lua")) then
+      found[#found + 1] = pid .. " " .. args
+    end
+  end
+  return found
 end
 
 function M.journal(R)
