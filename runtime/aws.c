@@ -46,9 +46,11 @@ typedef struct {
 static int growbuf_add(struct growbuf *g, const char *p, size_t n) {
     if (g->len + n + 1 > g->cap) {
         size_t cap = g->cap ? g->cap : 1024;
-        while (cap < g->len + n + 1) cap *= 2;
+        while (cap < g->len + n + 1)
+            cap *= 2;
         char *d = realloc(g->data, cap);
-        if (d == NULL) return 0;
+        if (d == NULL)
+            return 0;
         g->data = d;
         g->cap = cap;
     }
@@ -68,7 +70,8 @@ static void growbuf_free(struct growbuf *g) {
 static void request_close(aws_request *r) {
     CURL *c = r->curl;
     r->curl = NULL; /* closed before released */
-    if (c) curl_easy_cleanup(c);
+    if (c)
+        curl_easy_cleanup(c);
     curl_slist_free_all(r->headers);
     r->headers = NULL;
     growbuf_free(&r->body);
@@ -82,8 +85,10 @@ static int request_gc(lua_State *L) {
 
 static int request_tostring(lua_State *L) {
     aws_request *r = luaL_checkudata(L, 1, REQUEST_MT);
-    if (r->curl == NULL) lua_pushliteral(L, "migrun.aws.Request (closed)");
-    else lua_pushfstring(L, "migrun.aws.Request (%p)", (void *)r);
+    if (r->curl == NULL)
+        lua_pushliteral(L, "migrun.aws.Request (closed)");
+    else
+        lua_pushfstring(L, "migrun.aws.Request (%p)", (void *)r);
     return 1;
 }
 
@@ -101,12 +106,16 @@ static size_t on_header(char *p, size_t size, size_t n, void *ud) {
     aws_request *r = ud;
     size_t len = size * n;
     /* a new status line (100 Continue, a second response) starts afresh */
-    if (len >= 5 && memcmp(p, "HTTP/", 5) == 0) r->head.len = 0;
+    if (len >= 5 && memcmp(p, "HTTP/", 5) == 0)
+        r->head.len = 0;
     return growbuf_add(&r->head, p, len) ? len : 0;
 }
 
 static int on_progress(void *ud, curl_off_t dlt, curl_off_t dln, curl_off_t ult, curl_off_t uln) {
-    (void)dlt; (void)dln; (void)ult; (void)uln;
+    (void)dlt;
+    (void)dln;
+    (void)ult;
+    (void)uln;
     aws_request *r = ud;
     if (migrun_interrupt_pending) {
         r->interrupted = 1;
@@ -117,7 +126,8 @@ static int on_progress(void *ud, curl_off_t dlt, curl_off_t dln, curl_off_t ult,
 
 static void append_line(lua_State *L, aws_request *r, const char *line) {
     struct curl_slist *l = curl_slist_append(r->headers, line);
-    if (l == NULL) luaL_error(L, "aws.request: out of memory");
+    if (l == NULL)
+        luaL_error(L, "aws.request: out of memory");
     r->headers = l;
 }
 
@@ -128,8 +138,8 @@ static void add_header(lua_State *L, aws_request *r, const char *name, const cha
     if (strpbrk(value, "\r\n") != NULL)
         luaL_error(L, "aws.request: header '%s' has a line break in its value", name);
     /* "Name;" is curl's way to send an empty value ("Name:" would remove it) */
-    append_line(L, r, *value ? lua_pushfstring(L, "%s: %s", name, value)
-                             : lua_pushfstring(L, "%s;", name));
+    append_line(
+        L, r, *value ? lua_pushfstring(L, "%s: %s", name, value) : lua_pushfstring(L, "%s;", name));
     lua_pop(L, 1);
 }
 
@@ -148,25 +158,38 @@ static long ms_field(lua_State *L, int t, const char *key, double dflt) {
     lua_getfield(L, t, key);
     double s = luaL_optnumber(L, -1, dflt);
     lua_pop(L, 1);
-    if (s < 0) luaL_error(L, "aws.request: %s must not be negative", key);
+    if (s < 0)
+        luaL_error(L, "aws.request: %s must not be negative", key);
     long ms = (long)(s * 1000.0);
     return (s > 0 && ms == 0) ? 1 : ms;
 }
 
 static const char *curl_code_name(CURLcode rc) {
     switch (rc) {
-    case CURLE_COULDNT_CONNECT: return "connect_failed";
-    case CURLE_COULDNT_RESOLVE_HOST: return "resolve_failed";
-    case CURLE_OPERATION_TIMEDOUT: return "timeout";
-    case CURLE_SEND_ERROR: return "send_failed";
-    case CURLE_RECV_ERROR: return "recv_failed";
-    case CURLE_GOT_NOTHING: return "empty_reply";
-    case CURLE_PARTIAL_FILE: return "partial_reply";
-    case CURLE_SSL_CONNECT_ERROR: return "tls_failed";
-    case CURLE_PEER_FAILED_VERIFICATION: return "tls_verify_failed";
-    case CURLE_UNSUPPORTED_PROTOCOL: return "unsupported_protocol";
-    case CURLE_URL_MALFORMAT: return "bad_url";
-    default: return "transfer_failed";
+    case CURLE_COULDNT_CONNECT:
+        return "connect_failed";
+    case CURLE_COULDNT_RESOLVE_HOST:
+        return "resolve_failed";
+    case CURLE_OPERATION_TIMEDOUT:
+        return "timeout";
+    case CURLE_SEND_ERROR:
+        return "send_failed";
+    case CURLE_RECV_ERROR:
+        return "recv_failed";
+    case CURLE_GOT_NOTHING:
+        return "empty_reply";
+    case CURLE_PARTIAL_FILE:
+        return "partial_reply";
+    case CURLE_SSL_CONNECT_ERROR:
+        return "tls_failed";
+    case CURLE_PEER_FAILED_VERIFICATION:
+        return "tls_verify_failed";
+    case CURLE_UNSUPPORTED_PROTOCOL:
+        return "unsupported_protocol";
+    case CURLE_URL_MALFORMAT:
+        return "bad_url";
+    default:
+        return "transfer_failed";
     }
 }
 
@@ -177,16 +200,20 @@ static void push_response_headers(lua_State *L, const struct growbuf *g) {
     const char *p = g->data, *end = g->data ? g->data + g->len : NULL;
     while (p && p < end) {
         const char *eol = memchr(p, '\n', (size_t)(end - p));
-        if (eol == NULL) eol = end;
+        if (eol == NULL)
+            eol = end;
         const char *colon = memchr(p, ':', (size_t)(eol - p));
         if (colon && !(eol - p >= 5 && memcmp(p, "HTTP/", 5) == 0)) {
             luaL_Buffer b;
             luaL_buffinit(L, &b);
-            for (const char *q = p; q < colon; q++) luaL_addchar(&b, (char)(*q >= 'A' && *q <= 'Z' ? *q + 32 : *q));
+            for (const char *q = p; q < colon; q++)
+                luaL_addchar(&b, (char)(*q >= 'A' && *q <= 'Z' ? *q + 32 : *q));
             luaL_pushresult(&b); /* hdrs name */
             const char *v = colon + 1, *ve = eol;
-            while (v < ve && (*v == ' ' || *v == '\t')) v++;
-            while (ve > v && (ve[-1] == '\r' || ve[-1] == ' ' || ve[-1] == '\t')) ve--;
+            while (v < ve && (*v == ' ' || *v == '\t'))
+                v++;
+            while (ve > v && (ve[-1] == '\r' || ve[-1] == ' ' || ve[-1] == '\t'))
+                ve--;
             lua_pushvalue(L, -1);
             if (lua_gettable(L, t) == LUA_TSTRING) { /* hdrs name old */
                 lua_pushliteral(L, ", ");
@@ -233,7 +260,8 @@ static int aws_request_call(lua_State *L) {
     lua_pop(L, 1);
     luaL_argcheck(L, max_body > 0, 1, "max_body must be positive");
     lua_getfield(L, 1, "headers"); /* 2 */
-    if (!lua_isnil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
+    if (!lua_isnil(L, 2))
+        luaL_checktype(L, 2, LUA_TTABLE);
 
     /* born closed: metatable first, then the resource */
     aws_request *r = lua_newuserdatauv(L, sizeof *r, 0); /* 3 */
@@ -241,7 +269,8 @@ static int aws_request_call(lua_State *L) {
     luaL_setmetatable(L, REQUEST_MT);
     r->max_body = (size_t)max_body;
     r->curl = curl_easy_init();
-    if (r->curl == NULL) return luaL_error(L, "aws.request: curl_easy_init failed");
+    if (r->curl == NULL)
+        return luaL_error(L, "aws.request: curl_easy_init failed");
     CURL *c = r->curl;
 
     if (lua_istable(L, 2)) {
@@ -262,8 +291,10 @@ static int aws_request_call(lua_State *L) {
         }
     }
     /* no "Expect: 100-continue" round trip, no invented content type */
-    if (!lua_istable(L, 2) || !has_header(L, 2, "Expect")) append_line(L, r, "Expect:");
-    if (!lua_istable(L, 2) || !has_header(L, 2, "Content-Type")) append_line(L, r, "Content-Type:");
+    if (!lua_istable(L, 2) || !has_header(L, 2, "Expect"))
+        append_line(L, r, "Expect:");
+    if (!lua_istable(L, 2) || !has_header(L, 2, "Content-Type"))
+        append_line(L, r, "Content-Type:");
 
     curl_easy_setopt(c, CURLOPT_URL, url);
     curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
@@ -284,7 +315,8 @@ static int aws_request_call(lua_State *L) {
     } else if (strcmp(method, "HEAD") == 0) {
         curl_easy_setopt(c, CURLOPT_NOBODY, 1L);
     } else {
-        if (strcmp(method, "POST") != 0) curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, method);
+        if (strcmp(method, "POST") != 0)
+            curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, method);
         if (body != NULL || strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0) {
             curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)bodylen);
             curl_easy_setopt(c, CURLOPT_COPYPOSTFIELDS, body ? body : "");
@@ -300,8 +332,9 @@ static int aws_request_call(lua_State *L) {
     }
     if (rc != CURLE_OK) {
         const char *code = r->too_large ? "response_too_large" : curl_code_name(rc);
-        const char *msg = r->too_large ? "response body larger than max_body"
-                          : r->errbuf[0] ? r->errbuf : curl_easy_strerror(rc);
+        const char *msg = r->too_large   ? "response body larger than max_body"
+                          : r->errbuf[0] ? r->errbuf
+                                         : curl_easy_strerror(rc);
         lua_pushnil(L);
         migrun_error_push(L, "connection", where, code, msg); /* ... req nil err */
         lua_pushinteger(L, (lua_Integer)rc);

@@ -11,8 +11,8 @@
 
 #define ERROR_MT "migrun.Error"
 
-static void add_field(luaL_Buffer *b, lua_State *L, int err, const char *key,
-                      const char *prefix, const char *suffix) {
+static void add_field(luaL_Buffer *b, lua_State *L, int err, const char *key, const char *prefix,
+                      const char *suffix) {
     if (lua_getfield(L, err, key) == LUA_TNIL) {
         lua_pop(L, 1);
         return;
@@ -57,8 +57,8 @@ void migrun_setfield(lua_State *L, int idx, const char *key, const char *value) 
     lua_setfield(L, idx, key);
 }
 
-void migrun_error_push(lua_State *L, const char *kind, const char *where,
-                       const char *code, const char *message) {
+void migrun_error_push(lua_State *L, const char *kind, const char *where, const char *code,
+                       const char *message) {
     lua_createtable(L, 0, 6);
     migrun_setfield(L, -1, "kind", kind);
     migrun_setfield(L, -1, "where", where);
@@ -68,8 +68,8 @@ void migrun_error_push(lua_State *L, const char *kind, const char *where,
     lua_setmetatable(L, -2);
 }
 
-int migrun_error_return(lua_State *L, const char *kind, const char *where,
-                        const char *code, const char *message) {
+int migrun_error_return(lua_State *L, const char *kind, const char *where, const char *code,
+                        const char *message) {
     lua_pushnil(L);
     migrun_error_push(L, kind, where, code, message);
     return 2;

@@ -51,7 +51,8 @@ static int host_isatty(lua_State *L) {
 static int host_statvfs(lua_State *L) {
     const char *path = luaL_checkstring(L, 1);
     struct statvfs st;
-    if (statvfs(path, &st) != 0) return os_error(L, path, errno);
+    if (statvfs(path, &st) != 0)
+        return os_error(L, path, errno);
     lua_createtable(L, 0, 2);
     lua_pushinteger(L, (lua_Integer)st.f_bavail * (lua_Integer)st.f_frsize);
     lua_setfield(L, -2, "free");
@@ -67,8 +68,10 @@ static int host_mkdir(lua_State *L) {
     mode_t mode = (mode_t)luaL_optinteger(L, 2, 0700);
     if (mkdir(path, mode) != 0) {
         struct stat st;
-        if (errno != EEXIST) return os_error(L, path, errno);
-        if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode)) return os_error(L, path, ENOTDIR);
+        if (errno != EEXIST)
+            return os_error(L, path, errno);
+        if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))
+            return os_error(L, path, ENOTDIR);
     }
     lua_pushboolean(L, 1);
     return 1;
@@ -83,12 +86,14 @@ static int fsync_dir_of(const char *path) {
         strcpy(dir, "/");
     } else {
         size_t n = (size_t)(slash - path);
-        if (n >= sizeof dir) return ENAMETOOLONG;
+        if (n >= sizeof dir)
+            return ENAMETOOLONG;
         memcpy(dir, path, n);
         dir[n] = '\0';
     }
     int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0) return errno;
+    if (fd < 0)
+        return errno;
     int rc = fsync(fd) == 0 ? 0 : errno;
     close(fd);
     return rc;
@@ -107,25 +112,32 @@ static int host_write_file(lua_State *L) {
     if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp)
         return os_error(L, path, ENAMETOOLONG);
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
-    if (fd < 0) return os_error(L, tmp, errno);
+    if (fd < 0)
+        return os_error(L, tmp, errno);
     int err = 0;
-    if (fchmod(fd, mode) != 0) err = errno;
+    if (fchmod(fd, mode) != 0)
+        err = errno;
     for (size_t off = 0; err == 0 && off < len;) {
         ssize_t n = write(fd, data + off, len - off);
         if (n < 0) {
-            if (errno != EINTR) err = errno;
+            if (errno != EINTR)
+                err = errno;
         } else {
             off += (size_t)n;
         }
     }
-    if (err == 0 && fsync(fd) != 0) err = errno;
-    if (close(fd) != 0 && err == 0) err = errno;
-    if (err == 0 && rename(tmp, path) != 0) err = errno;
+    if (err == 0 && fsync(fd) != 0)
+        err = errno;
+    if (close(fd) != 0 && err == 0)
+        err = errno;
+    if (err == 0 && rename(tmp, path) != 0)
+        err = errno;
     if (err != 0) {
         unlink(tmp);
         return os_error(L, path, err);
     }
-    if ((err = fsync_dir_of(path)) != 0) return os_error(L, path, err);
+    if ((err = fsync_dir_of(path)) != 0)
+        return os_error(L, path, err);
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -133,7 +145,8 @@ static int host_write_file(lua_State *L) {
 /* host.cwd() -> the current directory | nil, err (unlike $PWD, always true) */
 static int host_cwd(lua_State *L) {
     char buf[PATH_MAX];
-    if (getcwd(buf, sizeof buf) == NULL) return os_error(L, ".", errno);
+    if (getcwd(buf, sizeof buf) == NULL)
+        return os_error(L, ".", errno);
     lua_pushstring(L, buf);
     return 1;
 }
@@ -196,7 +209,8 @@ static int host_lock(lua_State *L) {
     lk->fd = -1; /* born released: __gc is harmless whatever happens next */
     luaL_setmetatable(L, LOCK_MT);
     int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-    if (fd < 0) return os_error(L, path, errno);
+    if (fd < 0)
+        return os_error(L, path, errno);
     if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
         int err = errno;
         if (err != EWOULDBLOCK) {

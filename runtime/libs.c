@@ -16,8 +16,8 @@ static int load_embedded(lua_State *L) {
     const struct migrun_embedded *e = &migrun_embedded[lua_tointeger(L, lua_upvalueindex(1))];
     if (luaL_loadbufferx(L, e->source, e->len, e->chunkname, "t") != LUA_OK)
         return lua_error(L);
-    lua_pushstring(L, e->module);          /* chunk name */
-    lua_pushstring(L, e->chunkname + 1);   /* chunk name file, as the file loader passes */
+    lua_pushstring(L, e->module);        /* chunk name */
+    lua_pushstring(L, e->chunkname + 1); /* chunk name file, as the file loader passes */
     lua_call(L, 2, 1);
     return 1;
 }
@@ -34,8 +34,8 @@ static int search_dev_tree(lua_State *L) {
         return 1; /* the message says where it looked */
     const char *filename = lua_tostring(L, -2);
     if (luaL_loadfile(L, filename) != LUA_OK)
-        return luaL_error(L, "error loading module '%s' from file '%s':\n\t%s", name,
-                          filename, lua_tostring(L, -1));
+        return luaL_error(L, "error loading module '%s' from file '%s':\n\t%s", name, filename,
+                          lua_tostring(L, -1));
     lua_pushstring(L, filename);
     return 2;
 }
@@ -58,8 +58,8 @@ static void install_dev_searcher(lua_State *L, const char *root) {
 void migrun_openlibs(lua_State *L) {
     luaL_openlibs(L);
     luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE); /* preload */
-#define MIGRUN_MODULE(name, fn) \
-    lua_pushcfunction(L, fn);   \
+#define MIGRUN_MODULE(name, fn)                                                                    \
+    lua_pushcfunction(L, fn);                                                                      \
     lua_setfield(L, -2, name);
 #include "modules.h"
 #undef MIGRUN_MODULE

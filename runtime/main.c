@@ -188,10 +188,10 @@ static int doconsole(lua_State *L, const char *path) {
     if (status != LUA_OK)
         return report(L, status);
     lua_pushvalue(L, -1);
-    lua_setglobal(L, "console");  /* console */
-    lua_getfield(L, -1, "main");  /* console main */
-    lua_remove(L, -2);            /* main */
-    lua_pushstring(L, path);      /* main path */
+    lua_setglobal(L, "console"); /* console */
+    lua_getfield(L, -1, "main"); /* console main */
+    lua_remove(L, -2);           /* main */
+    lua_pushstring(L, path);     /* main path */
     return report(L, migrun_docall(L, 1, 0));
 }
 
@@ -339,8 +339,8 @@ static int runargs(lua_State *L, char **argv, int n) {
             char *extra = argv[i] + 2;
             if (*extra == '\0')
                 extra = argv[++i];
-            int status = (option == 'e') ? dostring(L, extra, "=(command line)")
-                                         : dolibrary(L, extra);
+            int status =
+                (option == 'e') ? dostring(L, extra, "=(command line)") : dolibrary(L, extra);
             if (status != LUA_OK)
                 return 0;
             break;

@@ -58,12 +58,12 @@ void migrun_check_interrupt(lua_State *L);
  * tostring(err) gives one line: "[where] code message DETAIL: ... HINT: ...".
  */
 /* Pushes a new error; NULL arguments leave the field unset. */
-void migrun_error_push(lua_State *L, const char *kind, const char *where,
-                       const char *code, const char *message);
+void migrun_error_push(lua_State *L, const char *kind, const char *where, const char *code,
+                       const char *message);
 /* Sets err[key] = value on the error (or any table) at idx, if value != NULL. */
 void migrun_setfield(lua_State *L, int idx, const char *key, const char *value);
 /* Pushes nil and a new error; returns 2, for "return migrun_error_return(...)". */
-int migrun_error_return(lua_State *L, const char *kind, const char *where,
-                        const char *code, const char *message);
+int migrun_error_return(lua_State *L, const char *kind, const char *where, const char *code,
+                        const char *message);
 
 #endif

@@ -62,12 +62,12 @@ static const int notice_codes[6] = {PG_DIAG_SEVERITY_NONLOCALIZED, PG_DIAG_SQLST
                                     PG_DIAG_MESSAGE_HINT,          PG_DIAG_CONTEXT};
 
 typedef struct {
-    PGconn *conn;      /* NULL when closed */
-    int pid;           /* backend pid, for "where" */
-    double timeout;    /* client-side statement timeout in seconds; 0 = none */
-    int has_handler;   /* a Lua notice handler is set (user value 1) */
+    PGconn *conn;    /* NULL when closed */
+    int pid;         /* backend pid, for "where" */
+    double timeout;  /* client-side statement timeout in seconds; 0 = none */
+    int has_handler; /* a Lua notice handler is set (user value 1) */
     notice_rec *nhead, *ntail;
-    void *scratch;     /* libpq buffer in flight while Lua may raise; freed by the closer */
+    void *scratch; /* libpq buffer in flight while Lua may raise; freed by the closer */
     char name[64];
 } pg_Conn;
 
@@ -477,10 +477,11 @@ static int pg_connect(lua_State *L) {
     if (is_table) {
         lua_pushnil(L);
         while (lua_next(L, 1)) { /* ... keep arrays key value */
-            luaL_argcheck(L, lua_type(L, -2) == LUA_TSTRING, 1, "connection keywords must be strings");
+            luaL_argcheck(L, lua_type(L, -2) == LUA_TSTRING, 1,
+                          "connection keywords must be strings");
             const char *k = lua_tostring(L, -2);
             const char *v = luaL_tolstring(L, -1, NULL); /* ... key value vstr */
-            lua_rawseti(L, keep, i * 2 + 1); /* keep the value string */
+            lua_rawseti(L, keep, i * 2 + 1);             /* keep the value string */
             lua_pushvalue(L, -2);
             lua_rawseti(L, keep, i * 2 + 2); /* and the key */
             kw[i] = k;
@@ -645,8 +646,9 @@ static int run_command(pg_Conn *c, pg_Result *r, double deadline, const char **c
         if (st == PGRES_COPY_IN || st == PGRES_COPY_OUT || st == PGRES_COPY_BOTH) {
             PQclear(res);
             *copy_state = st == PGRES_COPY_IN ? "in" : "out";
-            return conn_drain(c, "use conn:copy_in for COPY FROM STDIN") ? (cancelled ? cancelled : W_READY)
-                                                                          : W_ERR;
+            return conn_drain(c, "use conn:copy_in for COPY FROM STDIN")
+                       ? (cancelled ? cancelled : W_READY)
+                       : W_ERR;
         }
         /* the last result wins; after an error the server runs nothing more */
         result_set(r, res);
@@ -1056,7 +1058,8 @@ static int pg_conninfo_parse(lua_State *L) {
         /* libpq's message never echoes the value of a password */
         const char *m = errmsg ? errmsg : "out of memory";
         size_t len = strlen(m);
-        while (len > 0 && (m[len - 1] == '\n' || m[len - 1] == ' ')) len--;
+        while (len > 0 && (m[len - 1] == '\n' || m[len - 1] == ' '))
+            len--;
         lua_pushlstring(L, m, len);
         PQfreemem(errmsg);
         const char *msg = lua_tostring(L, -1);
@@ -1064,7 +1067,8 @@ static int pg_conninfo_parse(lua_State *L) {
     }
     lua_newtable(L);
     for (PQconninfoOption *o = opts; o->keyword != NULL; o++)
-        if (o->val != NULL) migrun_setfield(L, -1, o->keyword, o->val);
+        if (o->val != NULL)
+            migrun_setfield(L, -1, o->keyword, o->val);
     PQconninfoFree(opts);
     return 1;
 }
@@ -1220,7 +1224,7 @@ static int conn_copy_out(lua_State *L) {
         char *buf = NULL;
         int n = PQgetCopyData(c->conn, &buf, 1);
         if (n > 0) {
-            c->scratch = buf; /* freed by the closer if the push raises */
+            c->scratch = buf;                   /* freed by the closer if the push raises */
             lua_pushlstring(L, buf, (size_t)n); /* ... pieces */
             c->scratch = NULL;
             PQfreemem(buf);
@@ -1418,8 +1422,8 @@ static int pg_copy(lua_State *L) {
 
     lua_Integer bytes = 0, rows = 0;
     size_t since_flush = 0;
-    int dst_pending = 0; /* the target has unsent data */
-    const char *failed = NULL;      /* "from" | "to" */
+    int dst_pending = 0;       /* the target has unsent data */
+    const char *failed = NULL; /* "from" | "to" */
     int interrupted = 0;
     double next_progress = now() + interval;
     for (;;) {
@@ -1564,6 +1568,7 @@ int luaopen_migrun_pg_core(lua_State *L) {
         {"copy_in", conn_copy_in},
         {NULL, NULL},
     };
+    /* clang-format off */
     static const luaL_Reg result_meta[] = {
         {"__gc", result_gc},
         {"__close", result_gc},
@@ -1572,11 +1577,13 @@ int luaopen_migrun_pg_core(lua_State *L) {
         {"__tostring", result_tostring},
         {NULL, NULL},
     };
+    /* clang-format on */
     static const luaL_Reg result_methods[] = {
         {"rows", result_rows},
         {"columns", result_columns},
         {NULL, NULL},
     };
+    /* clang-format off */
     static const luaL_Reg funcs[] = {
         {"connect", pg_connect},
         {"conninfo_parse", pg_conninfo_parse},
@@ -1585,6 +1592,7 @@ int luaopen_migrun_pg_core(lua_State *L) {
         {"quote_ident", pg_quote_ident},
         {NULL, NULL},
     };
+    /* clang-format on */
 
     /* lsn.parse, for pg_lsn columns */
     luaL_requiref(L, "migrun.lsn", luaopen_migrun_lsn, 0);

@@ -33,12 +33,20 @@ extern char **environ;
 enum { OUT_INHERIT, OUT_NULL, OUT_FILE, OUT_CAPTURE, OUT_LINES, OUT_MERGE };
 
 /* user value slots of a Process userdata */
-enum { UV_STDOUT_FN = 1, UV_STDERR_FN, UV_STDIN_DATA, UV_COMMAND, UV_STDOUT, UV_STDERR, UV_COUNT = UV_STDERR };
+enum {
+    UV_STDOUT_FN = 1,
+    UV_STDERR_FN,
+    UV_STDIN_DATA,
+    UV_COMMAND,
+    UV_STDOUT,
+    UV_STDERR,
+    UV_COUNT = UV_STDERR
+};
 
 typedef struct {
     int mode;
-    int fd;       /* parent's read end of the pipe, -1 once at EOF or closed */
-    char *buf;    /* captured bytes, or the partial line for OUT_LINES */
+    int fd;    /* parent's read end of the pipe, -1 once at EOF or closed */
+    char *buf; /* captured bytes, or the partial line for OUT_LINES */
     size_t len, cap;
 } Stream;
 
@@ -46,7 +54,7 @@ typedef struct {
     pid_t pid;
     int pidfd;
     int reaped;
-    int status;      /* as from waitpid */
+    int status;          /* as from waitpid */
     int pipefail_killed; /* still running when another stage failed: we sent TERM */
 } Stage;
 
@@ -63,16 +71,16 @@ typedef struct {
 
 typedef struct Process {
     int closed;
-    int finished;       /* every stage reaped and the streams drained */
+    int finished; /* every stage reaped and the streams drained */
     int nstages;
     Stage *stages;
     pid_t pgid;
     Stream out, err;
-    int in_fd;          /* write end of the child's stdin, -1 when done */
+    int in_fd; /* write end of the child's stdin, -1 when done */
     const char *in_data;
     size_t in_len, in_off;
-    int failed_stage;   /* the first stage seen failing, -1 if none */
-    Stdio io;           /* what start() opened and has not handed over or closed */
+    int failed_stage; /* the first stage seen failing, -1 if none */
+    Stdio io;         /* what start() opened and has not handed over or closed */
     struct Process *next, *prev;
 } Process;
 
@@ -126,8 +134,8 @@ static void stdio_init(Stdio *io) {
 
 /* Closes every descriptor the Stdio still holds. Idempotent. */
 static void stdio_close(Stdio *io) {
-    int *fds[] = {&io->out_child,   &io->err_child,   &io->in_child,     &io->out_pipe[0],
-                  &io->out_pipe[1], &io->err_pipe[0], &io->err_pipe[1],  &io->in_pipe[0],
+    int *fds[] = {&io->out_child,   &io->err_child,    &io->in_child,     &io->out_pipe[0],
+                  &io->out_pipe[1], &io->err_pipe[0],  &io->err_pipe[1],  &io->in_pipe[0],
                   &io->in_pipe[1],  &io->exec_pipe[0], &io->exec_pipe[1], &io->link[0],
                   &io->link[1],     &io->prev_read};
     for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++)
@@ -180,7 +188,10 @@ static int proc_quote(lua_State *L) {
     return 1;
 }
 
-static const struct { const char *name; int sig; } signames[] = {
+static const struct {
+    const char *name;
+    int sig;
+} signames[] = {
     {"TERM", SIGTERM}, {"KILL", SIGKILL}, {"INT", SIGINT},   {"HUP", SIGHUP},
     {"QUIT", SIGQUIT}, {"USR1", SIGUSR1}, {"USR2", SIGUSR2}, {"STOP", SIGSTOP},
     {"CONT", SIGCONT}, {"PIPE", SIGPIPE}, {"ALRM", SIGALRM}, {NULL, 0},
@@ -624,7 +635,7 @@ typedef struct {
     int mode;         /* OUT_* */
     const char *path; /* OUT_FILE from {file = path}; anchored on the Lua stack */
     int append;
-    FILE *file;       /* OUT_FILE from an io file; the file is anchored on the Lua stack */
+    FILE *file; /* OUT_FILE from an io file; the file is anchored on the Lua stack */
 } OutSpec;
 
 /* The whole spec, checked. Every pointer is anchored on the Lua stack of start(). */
@@ -662,8 +673,10 @@ static void parse_output(lua_State *L, int spec, const char *key, OutSpec *o, in
         else if (allow_merge && strcmp(m, "stdout") == 0)
             o->mode = OUT_MERGE;
         else
-            luaL_error(L, "bad %s: expected \"capture\", \"null\", \"inherit\"%s, a function or "
-                          "{file=path}, got \"%s\"", key, allow_merge ? ", \"stdout\"" : "", m);
+            luaL_error(L,
+                       "bad %s: expected \"capture\", \"null\", \"inherit\"%s, a function or "
+                       "{file=path}, got \"%s\"",
+                       key, allow_merge ? ", \"stdout\"" : "", m);
     } else if (t == LUA_TFUNCTION) {
         o->mode = OUT_LINES;
         lua_pushvalue(L, -1);
@@ -938,7 +951,7 @@ static void exec_stage(Process *p, const Spec *s, int i, pid_t parent_pid) {
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
     int fd_in = i == 0 ? (s->in_mode == IN_DATA ? io->in_pipe[0] : io->in_child) : io->prev_read;
-    int fd_out = i < s->nstages - 1    ? io->link[1]
+    int fd_out = i < s->nstages - 1        ? io->link[1]
                  : wants_pipe(s->out.mode) ? io->out_pipe[1]
                                            : io->out_child;
     int fd_err = wants_pipe(s->err.mode) ? io->err_pipe[1] : io->err_child;
@@ -957,6 +970,14 @@ static void exec_stage(Process *p, const Spec *s, int i, pid_t parent_pid) {
     environ = s->envp;
     execvp(s->argvs[i][0], s->argvs[i]);
     child_fail(io->exec_pipe[1], i, "exec");
+}
+
+/* fork or pipe2 failed with err: stops what was started, pushes nil, err. */
+static int spawn_failed(lua_State *L, Process *p, const Spec *s, int err) {
+    process_release(NULL, p); /* kills the stages already started, closes p->io */
+    const char *prog = s->argvs[0][0];
+    const char *msg = lua_pushfstring(L, "cannot start %s: %s", prog, strerror(err));
+    return migrun_error_return(L, "spawn", prog, NULL, msg);
 }
 
 /* Step 3: forks and execs every stage. Leaves the handle (returns 1) or nil,
@@ -1010,10 +1031,11 @@ static int fork_exec(lua_State *L, Process *p, const Spec *s, int ud) {
     if (got == (ssize_t)sizeof f) {
         process_release(NULL, p);
         const char *prog = s->argvs[f.stage][0];
-        const char *msg = strcmp(f.what, "chdir") == 0
-            ? lua_pushfstring(L, "cannot run %s: cannot change directory to %s: %s", prog, s->cwd,
-                              strerror(f.err))
-            : lua_pushfstring(L, "cannot run %s: %s", prog, strerror(f.err));
+        const char *msg =
+            strcmp(f.what, "chdir") == 0
+                ? lua_pushfstring(L, "cannot run %s: cannot change directory to %s: %s", prog,
+                                  s->cwd, strerror(f.err))
+                : lua_pushfstring(L, "cannot run %s: %s", prog, strerror(f.err));
         migrun_error_return(L, "spawn", NULL, NULL, msg);
         migrun_setfield(L, -1, "program", prog);
         lua_pushinteger(L, f.err);
@@ -1026,12 +1048,8 @@ static int fork_exec(lua_State *L, Process *p, const Spec *s, int ud) {
     active_add(L, p, ud);
     return 1;
 
-spawn_fail_errno: {
-    int e = errno;
-    process_release(NULL, p); /* kills the stages already started, closes p->io */
-    return migrun_error_return(L, "spawn", s->argvs[0][0], NULL,
-                               lua_pushfstring(L, "cannot start %s: %s", s->argvs[0][0], strerror(e)));
-}
+spawn_fail_errno:
+    return spawn_failed(L, p, s, errno);
 }
 
 /*
@@ -1283,6 +1301,7 @@ static int proc_run(lua_State *L) {
 }
 
 int luaopen_migrun_proc(lua_State *L) {
+    /* clang-format off */
     static const luaL_Reg methods[] = {
         {"wait", proc_wait},
         {"kill", proc_kill},
@@ -1306,6 +1325,7 @@ int luaopen_migrun_proc(lua_State *L) {
         {"quote", proc_quote},
         {NULL, NULL},
     };
+    /* clang-format on */
     /* a child that exits before reading its stdin must not kill migrun */
     signal(SIGPIPE, SIG_IGN);
     luaL_newmetatable(L, PROC_MT);
