@@ -33,17 +33,25 @@ void migrun_openlibs(lua_State *L);
 /* The REPL (repl.c). Returns when the user ends input. */
 void migrun_repl(lua_State *L, const char *progname);
 
-/* Runs the function on top of the stack (with narg arguments below it) under
- * lua_pcall with the traceback handler and the Ctrl-C hook. Returns the
- * lua_pcall status; on error the message is left on the stack. */
+/* call.c: runs the function below narg arguments on top of the stack under
+ * lua_pcall with the traceback message handler and Ctrl-C routed to L.
+ * Returns the lua_pcall status; on error the message is left on the stack. */
 int migrun_docall(lua_State *L, int narg, int nres);
 
 /*
- * Ctrl-C. The signal handler only sets this flag and a count hook; Lua code is
- * interrupted by the hook, and C code blocked in poll()/waitpid() must check
- * the flag (poll returns EINTR) and call migrun_check_interrupt().
+ * Ctrl-C (call.c). The signal handler only sets this flag and a count hook on
+ * the state being run; Lua code is interrupted by the hook, and C code blocked
+ * in poll()/waitpid() must check the flag (poll returns EINTR) and call
+ * migrun_check_interrupt().
  */
 extern volatile sig_atomic_t migrun_interrupt_pending;
+/* Routes SIGINT to L until the matching migrun_remove_interrupt (calls nest;
+ * the outermost remove puts back the disposition the first install found). */
+void migrun_install_interrupt(lua_State *L);
+void migrun_remove_interrupt(void);
+/* What the SIGINT handler does: sets the flag and the hook on L (may be
+ * NULL). Async-signal-safe, for hosts with signal handling of their own. */
+void migrun_interrupt(lua_State *L);
 /* Raises "interrupted!" (and clears the flag) when Ctrl-C was pressed. */
 void migrun_check_interrupt(lua_State *L);
 
