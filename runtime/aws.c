@@ -6,11 +6,12 @@
  * the header list and the response buffers are released by its one closer
  * even when building the Lua result raises. Transfers are interruptible: the
  * progress callback aborts as soon as Ctrl-C is pending and the call then
- * raises "interrupted!". It also keeps the two clock helpers the retry and
- * wait loops need (aws.sleep, aws.monotonic). Transport failures come back as nil plus a structured
- * error of kind "connection"; request headers (which carry signatures and
- * session tokens) never appear in an error. HTTP statuses, 4xx/5xx included,
- * are results, not errors: the Lua layer decides what they mean.
+ * raises the interrupted error (kind "interrupted"). It also keeps the two
+ * clock helpers the retry and wait loops need (aws.sleep, aws.monotonic).
+ * Transport failures come back as nil plus a structured error of kind
+ * "connection"; request headers (which carry signatures and session tokens)
+ * never appear in an error. HTTP statuses, 4xx/5xx included, are results, not
+ * errors: the Lua layer decides what they mean.
  */
 #include <errno.h>
 #include <math.h>
@@ -327,8 +328,7 @@ static int aws_request_call(lua_State *L) {
     CURLcode rc = curl_easy_perform(c);
     if (r->interrupted) {
         request_close(r);
-        migrun_check_interrupt(L);
-        return luaL_error(L, "interrupted!"); /* the flag was consumed elsewhere */
+        return migrun_raise_interrupted(L, NULL);
     }
     if (rc != CURLE_OK) {
         const char *code = r->too_large ? "response_too_large" : curl_code_name(rc);
@@ -357,7 +357,7 @@ static int aws_request_call(lua_State *L) {
     return 1;
 }
 
-/* aws.sleep(seconds): for retry backoff and polling; Ctrl-C raises "interrupted!". */
+/* aws.sleep(seconds): for retry backoff and polling; Ctrl-C raises the interrupted error. */
 static int aws_sleep(lua_State *L) {
     double s = luaL_checknumber(L, 1);
     luaL_argcheck(L, s >= 0 && s < 1e9, 1, "seconds out of range");

@@ -5,7 +5,8 @@
  * lua.c, the SIGINT handler never touches the Lua state beyond lua_sethook: it
  * sets a flag that C code blocked in poll()/waitpid()/nanosleep() checks when
  * the call returns EINTR (migrun_check_interrupt), and a hook that stops Lua
- * code at its next instruction. A second Ctrl-C kills the process.
+ * code at its next instruction. A second Ctrl-C kills the process. Either
+ * way the code sees one error value: a migrun error of kind "interrupted".
  */
 #include <signal.h>
 #include <stddef.h>
@@ -25,12 +26,13 @@ static lua_State *nested[MAX_NESTING];
 static int nesting = 0;
 static struct sigaction saved_action;
 
-/* The hook set by a Ctrl-C: stops the Lua code at its next instruction. */
+/* The hook set by a Ctrl-C: stops the Lua code at its next instruction
+ * (unless C code already raised the interrupt and consumed the flag). */
 static void lstop(lua_State *L, lua_Debug *ar) {
     (void)ar;
     lua_sethook(L, NULL, 0, 0);
-    migrun_interrupt_pending = 0;
-    luaL_error(L, "interrupted!");
+    if (migrun_interrupt_pending)
+        migrun_raise_interrupted(L, NULL);
 }
 
 static void set_handler(void (*handler)(int)) {
@@ -76,21 +78,40 @@ void migrun_remove_interrupt(void) {
     set_handler(laction);
 }
 
-void migrun_check_interrupt(lua_State *L) {
-    if (migrun_interrupt_pending) {
-        migrun_interrupt_pending = 0;
+/* Clears the flag and removes the hook from L and from the state the signal
+ * handler set it on (not someone else's hook, such as a debugger's). */
+void migrun_interrupt_consume(lua_State *L) {
+    migrun_interrupt_pending = 0;
+    if (lua_gethook(L) == lstop)
         lua_sethook(L, NULL, 0, 0);
-        luaL_error(L, "interrupted!");
-    }
+    lua_State *target = interrupt_L;
+    if (target != NULL && target != L && lua_gethook(target) == lstop)
+        lua_sethook(target, NULL, 0, 0);
 }
 
-/* Message handler: error objects with __tostring print through it. */
+int migrun_raise_interrupted(lua_State *L, const char *where) {
+    migrun_interrupt_consume(L);
+    migrun_push_interrupted(L, where);
+    return lua_error(L);
+}
+
+void migrun_check_interrupt(lua_State *L) {
+    if (migrun_interrupt_pending)
+        migrun_raise_interrupted(L, NULL);
+}
+
+/* Message handler: error objects with __tostring print through it, without
+ * a traceback, except a Ctrl-C's, where the traceback says where it stopped. */
 static int msghandler(lua_State *L) {
     const char *msg = lua_tostring(L, 1);
     if (msg == NULL) {
-        if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
-            return 1; /* the object's own text, no traceback added */
-        msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+        if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) {
+            if (!migrun_error_is_interrupted(L, 1))
+                return 1; /* the object's own text, no traceback added */
+            msg = lua_tostring(L, -1);
+        } else {
+            msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+        }
     }
     luaL_traceback(L, L, msg, 1);
     return 1;

@@ -75,6 +75,24 @@ int migrun_error_return(lua_State *L, const char *kind, const char *where, const
     return 2;
 }
 
+void migrun_push_interrupted(lua_State *L, const char *where) {
+    migrun_error_push(L, "interrupted", where, NULL, "interrupted!");
+}
+
+/* Is the value at idx a migrun error of kind "interrupted"? */
+int migrun_error_is_interrupted(lua_State *L, int idx) {
+    int is = 0;
+    idx = lua_absindex(L, idx);
+    if (lua_type(L, idx) == LUA_TTABLE && lua_getmetatable(L, idx)) { /* ... mt */
+        luaL_getmetatable(L, ERROR_MT);                               /* ... mt Error */
+        lua_getfield(L, idx, "kind");                                 /* ... mt Error kind */
+        is = lua_rawequal(L, -2, -3) && lua_type(L, -1) == LUA_TSTRING &&
+             strcmp(lua_tostring(L, -1), "interrupted") == 0;
+        lua_pop(L, 3);
+    }
+    return is;
+}
+
 /* error.new{ kind=..., message=..., ... } -> the table, now an error */
 static int error_new(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);

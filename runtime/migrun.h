@@ -52,8 +52,12 @@ void migrun_remove_interrupt(void);
 /* What the SIGINT handler does: sets the flag and the hook on L (may be
  * NULL). Async-signal-safe, for hosts with signal handling of their own. */
 void migrun_interrupt(lua_State *L);
-/* Raises "interrupted!" (and clears the flag) when Ctrl-C was pressed. */
+/* When Ctrl-C was pressed: clears the flag and raises the interrupted error. */
 void migrun_check_interrupt(lua_State *L);
+/* Clears the flag and the hook (for C code that raises the error itself). */
+void migrun_interrupt_consume(lua_State *L);
+/* Consumes the interrupt and raises migrun_push_interrupted(L, where). */
+int migrun_raise_interrupted(lua_State *L, const char *where);
 
 /*
  * Structured errors: a table with metatable "migrun.Error". Common fields:
@@ -70,6 +74,12 @@ void migrun_error_push(lua_State *L, const char *kind, const char *where, const 
                        const char *message);
 /* Sets err[key] = value on the error (or any table) at idx, if value != NULL. */
 void migrun_setfield(lua_State *L, int idx, const char *key, const char *value);
+/* The one Ctrl-C error, whoever notices the interrupt: kind "interrupted",
+ * message "interrupted!", where (may be NULL). tostring gives "interrupted!"
+ * (or "[where] interrupted!"). */
+void migrun_push_interrupted(lua_State *L, const char *where);
+/* Is the value at idx an error pushed by migrun_push_interrupted? */
+int migrun_error_is_interrupted(lua_State *L, int idx);
 /* Pushes nil and a new error; returns 2, for "return migrun_error_return(...)". */
 int migrun_error_return(lua_State *L, const char *kind, const char *where, const char *code,
                         const char *message);

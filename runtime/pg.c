@@ -356,12 +356,11 @@ static void push_result_error(lua_State *L, pg_Conn *c, const PGresult *res, con
     migrun_setfield(L, -1, "conn", c->name);
 }
 
-/* Ctrl-C: the connection has been brought back to idle; raise a structured error. */
+/* Ctrl-C: the connection has been brought back to idle; raises the interrupted error. */
 static int raise_interrupted(lua_State *L, pg_Conn *c) {
     char where[96];
-    migrun_interrupt_pending = 0;
-    lua_sethook(L, NULL, 0, 0);
-    migrun_error_push(L, "interrupted", conn_where(c, where, sizeof where), NULL, "interrupted!");
+    migrun_interrupt_consume(L);
+    migrun_push_interrupted(L, conn_where(c, where, sizeof where));
     migrun_setfield(L, -1, "conn", c->name);
     return lua_error(L);
 }
