@@ -22,13 +22,10 @@
 #include <curl/curl.h>
 
 #include "migrun.h"
+#include "aws_sigv4.h"
 
 #define REQUEST_MT "migrun.aws.Request"
 #define DEFAULT_MAX_BODY (64u * 1024u * 1024u)
-
-int migrun_aws_sign(lua_State *L);
-int migrun_aws_sha256_hex(lua_State *L);
-int migrun_aws_hmac_sha256_hex(lua_State *L);
 
 struct growbuf {
     char *data;

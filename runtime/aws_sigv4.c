@@ -21,10 +21,7 @@
 #include <openssl/sha.h>
 
 #include "migrun.h"
-
-int migrun_aws_sign(lua_State *L);
-int migrun_aws_sha256_hex(lua_State *L);
-int migrun_aws_hmac_sha256_hex(lua_State *L);
+#include "aws_sigv4.h"
 
 static const char HEX_LOWER[] = "0123456789abcdef";
 static const char HEX_UPPER[] = "0123456789ABCDEF";
