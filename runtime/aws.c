@@ -6,18 +6,16 @@
  * the header list and the response buffers are released by its one closer
  * even when building the Lua result raises. Transfers are interruptible: the
  * progress callback aborts as soon as Ctrl-C is pending and the call then
- * raises the interrupted error (kind "interrupted"). It also keeps the two
- * clock helpers the retry and wait loops need (aws.sleep, aws.monotonic).
+ * raises the interrupted error (kind "interrupted"). aws.sleep and
+ * aws.monotonic are host.sleep and host.monotonic (host.c), kept under the old
+ * names while the Lua library moves to the host's.
  * Transport failures come back as nil plus a structured error of kind
  * "connection"; request headers (which carry signatures and session tokens)
  * never appear in an error. HTTP statuses, 4xx/5xx included, are results, not
  * errors: the Lua layer decides what they mean.
  */
-#include <errno.h>
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include <curl/curl.h>
 
@@ -354,28 +352,10 @@ static int aws_request_call(lua_State *L) {
     return 1;
 }
 
-/* aws.sleep(seconds): for retry backoff and polling; Ctrl-C raises the interrupted error. */
-static int aws_sleep(lua_State *L) {
-    double s = luaL_checknumber(L, 1);
-    luaL_argcheck(L, s >= 0 && s < 1e9, 1, "seconds out of range");
-    struct timespec ts = {(time_t)s, (long)((s - floor(s)) * 1e9)};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
-        migrun_check_interrupt(L);
-    migrun_check_interrupt(L);
-    return 0;
-}
-
-/* aws.monotonic() -> seconds (float) on a clock that never jumps, for deadlines. */
-static int aws_monotonic(lua_State *L) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    lua_pushnumber(L, (lua_Number)ts.tv_sec + (lua_Number)ts.tv_nsec / 1e9);
-    return 1;
-}
-
 static const luaL_Reg aws_funcs[] = {
-    {"sleep", aws_sleep},
-    {"monotonic", aws_monotonic},
+    /* aliases of host.sleep and host.monotonic, while the Lua library moves to those */
+    {"sleep", migrun_host_sleep},
+    {"monotonic", migrun_host_monotonic},
     {"request", aws_request_call},
     {"sign", migrun_aws_sign},
     {"sha256_hex", migrun_aws_sha256_hex},

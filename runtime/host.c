@@ -7,12 +7,15 @@
  * system, private directories, and crash-safe file replacement for journals
  * (written to a temporary file, fsynced, renamed over the old one, the
  * directory fsynced, so a SIGKILL or power loss leaves the old or the new
- * file, never a torn one), and an exclusive lock on a file so two migruns
- * never drive one state directory.
+ * file, never a torn one), an exclusive lock on a file so two migruns
+ * never drive one state directory, and the one monotonic clock and the one
+ * interruptible sleep of migrun (migrun_monotonic, migrun_sleep: C code uses
+ * them too).
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -159,12 +162,36 @@ static int host_now(lua_State *L) {
     return 1;
 }
 
-/* host.monotonic() -> seconds on a clock that never jumps */
-static int host_monotonic(lua_State *L) {
+/* ---- the clock and the sleep ----------------------------------------------
+ * One monotonic clock for every deadline in migrun (pg timeouts, proc waits,
+ * retry loops) and one sleep that Ctrl-C interrupts. */
+
+double migrun_monotonic(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    lua_pushnumber(L, (lua_Number)ts.tv_sec + (lua_Number)ts.tv_nsec / 1e9);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+void migrun_sleep(lua_State *L, double seconds) {
+    struct timespec ts = {(time_t)seconds, (long)((seconds - floor(seconds)) * 1e9)};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        migrun_check_interrupt(L);
+    migrun_check_interrupt(L);
+}
+
+/* host.monotonic() -> seconds on a clock that never jumps, for deadlines */
+int migrun_host_monotonic(lua_State *L) {
+    lua_pushnumber(L, (lua_Number)migrun_monotonic());
     return 1;
+}
+
+/* host.sleep(seconds): for polling and retry backoff; Ctrl-C raises the
+ * interrupted error (kind "interrupted"). */
+int migrun_host_sleep(lua_State *L) {
+    double s = (double)luaL_checknumber(L, 1);
+    luaL_argcheck(L, s >= 0 && s < 1e9, 1, "seconds out of range");
+    migrun_sleep(L, s);
+    return 0;
 }
 
 /* ---- locks ---------------------------------------------------------------
@@ -258,7 +285,8 @@ int luaopen_migrun_host(lua_State *L) {
         {"mkdir", host_mkdir},
         {"write_file", host_write_file},
         {"now", host_now},
-        {"monotonic", host_monotonic},
+        {"monotonic", migrun_host_monotonic},
+        {"sleep", migrun_host_sleep},
         {"lock", host_lock},
         {"cwd", host_cwd},
         {NULL, NULL},

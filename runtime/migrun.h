@@ -59,6 +59,14 @@ void migrun_interrupt_consume(lua_State *L);
 /* Consumes the interrupt and raises migrun_push_interrupted(L, where). */
 int migrun_raise_interrupted(lua_State *L, const char *where);
 
+/* host.c: the one monotonic clock (seconds) for every deadline, and the one
+ * sleep, which raises the interrupted error on Ctrl-C. */
+double migrun_monotonic(void);
+void migrun_sleep(lua_State *L, double seconds);
+/* host.monotonic and host.sleep, also registered as aws.monotonic, aws.sleep */
+int migrun_host_monotonic(lua_State *L);
+int migrun_host_sleep(lua_State *L);
+
 /*
  * Structured errors: a table with metatable "migrun.Error". Common fields:
  *   kind     what went wrong, for code to branch on ("sql", "connection",

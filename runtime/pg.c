@@ -19,7 +19,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include <libpq-fe.h>
 
@@ -75,13 +74,7 @@ typedef struct {
     PGresult *res; /* NULL once freed, or while a command is still running */
 } pg_Result;
 
-/* ---- time and waiting --------------------------------------------------- */
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
+/* ---- waiting --------------------------------------------------- */
 
 enum { W_READY, W_TIMEOUT, W_INTR, W_ERR };
 
@@ -96,7 +89,7 @@ static int wait_fds(struct pollfd *fds, int nfds, double deadline, int interrupt
             return W_INTR;
         int ms = POLL_SLICE_MS;
         if (deadline >= 0) {
-            double left = deadline - now();
+            double left = deadline - migrun_monotonic();
             if (left <= 0)
                 return W_TIMEOUT;
             if (left * 1000 < ms)
@@ -374,7 +367,7 @@ static int raise_interrupted(lua_State *L, pg_Conn *c) {
  */
 static int conn_drain(pg_Conn *c, const char *abort_msg) {
     PGconn *conn = c->conn;
-    double deadline = now() + DRAIN_TIMEOUT;
+    double deadline = migrun_monotonic() + DRAIN_TIMEOUT;
     int cancelled = 0;
     for (;;) {
         if (conn_wait_result(conn, deadline, 0) != W_READY)
@@ -516,7 +509,7 @@ static int pg_connect(lua_State *L) {
         lua_insert(L, -2);
         return 2;
     }
-    double deadline = connect_timeout > 0 ? now() + connect_timeout : -1;
+    double deadline = connect_timeout > 0 ? migrun_monotonic() + connect_timeout : -1;
     PostgresPollingStatusType st = PGRES_POLLING_WRITING;
     while (st != PGRES_POLLING_OK) {
         if (st == PGRES_POLLING_FAILED) {
@@ -633,7 +626,7 @@ static int run_command(pg_Conn *c, pg_Result *r, double deadline, const char **c
             }
             conn_cancel(conn);
             cancelled = w;
-            deadline = now() + DRAIN_TIMEOUT;
+            deadline = migrun_monotonic() + DRAIN_TIMEOUT;
             continue;
         }
         if (w == W_ERR)
@@ -714,7 +707,7 @@ static int conn_exec(lua_State *L) {
         lua_insert(L, -2);
         return 2;
     }
-    double deadline = timeout > 0 ? now() + timeout : -1;
+    double deadline = timeout > 0 ? migrun_monotonic() + timeout : -1;
     const char *copy_state = NULL;
     int w = run_command(c, r, deadline, &copy_state);
     if (w == W_INTR)
@@ -1424,7 +1417,7 @@ static int pg_copy(lua_State *L) {
     int dst_pending = 0;       /* the target has unsent data */
     const char *failed = NULL; /* "from" | "to" */
     int interrupted = 0;
-    double next_progress = now() + interval;
+    double next_progress = migrun_monotonic() + interval;
     for (;;) {
         char *buf = NULL;
         int n = PQgetCopyData(src->conn, &buf, 1);
@@ -1456,7 +1449,7 @@ static int pg_copy(lua_State *L) {
                 }
                 dst_pending = 0;
             }
-            if (fn && (rows & 255) == 0 && now() >= next_progress) {
+            if (fn && (rows & 255) == 0 && migrun_monotonic() >= next_progress) {
                 if (call_progress(L, fn, bytes, rows)) { /* ... msg */
                     conn_cancel(src->conn);
                     conn_drain(src, NULL);
@@ -1464,7 +1457,7 @@ static int pg_copy(lua_State *L) {
                     conn_drain(dst, "aborted");
                     return lua_error(L);
                 }
-                next_progress = now() + interval;
+                next_progress = migrun_monotonic() + interval;
             }
             continue;
         }

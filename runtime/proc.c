@@ -20,7 +20,6 @@
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "migrun.h"
@@ -88,12 +87,6 @@ static Process *active_head = NULL; /* started and not yet finalized */
 static int in_callback = 0;         /* a line callback is running */
 
 /* ---- small helpers ------------------------------------------------------ */
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 /* -1 where the kernel (or valgrind) has no pidfd_open: exits are then found
  * by polling waitpid every POLL_EXIT_MS. */
@@ -537,13 +530,13 @@ static int push_result(lua_State *L, Process *p) {
 /* ---- closing -------------------------------------------------------------- */
 
 static int wait_pidfds(Process *p, int timeout_ms) {
-    double deadline = now_s() + timeout_ms / 1000.0;
+    double deadline = migrun_monotonic() + timeout_ms / 1000.0;
     for (;;) {
         for (int i = 0; i < p->nstages; i++)
             reap_stage(p, i);
         if (all_reaped(p))
             return 1;
-        int left = (int)((deadline - now_s()) * 1000);
+        int left = (int)((deadline - migrun_monotonic()) * 1000);
         if (left <= 0)
             return 0;
         struct pollfd fds[64];
@@ -1109,7 +1102,7 @@ static int proc_pipeline(lua_State *L) {
 static int wait_for(lua_State *L, Process **ps, int n, double timeout, int *which) {
     if (in_callback)
         luaL_error(L, "cannot wait from inside an output callback");
-    double deadline = timeout >= 0 ? now_s() + timeout : -1;
+    double deadline = timeout >= 0 ? migrun_monotonic() + timeout : -1;
     for (;;) {
         for (int i = 0; i < n; i++)
             if (ps[i]->finished) {
@@ -1118,7 +1111,7 @@ static int wait_for(lua_State *L, Process **ps, int n, double timeout, int *whic
             }
         int ms = -1;
         if (deadline >= 0) {
-            double left = deadline - now_s();
+            double left = deadline - migrun_monotonic();
             if (left <= 0)
                 return 0;
             ms = (int)(left * 1000) + 1;

@@ -37,6 +37,7 @@ describe("Ctrl-C", function()
     ["proc:wait"] = "require('migrun.proc').spawn{ 'sleep', '60' }:wait()",
     ["proc.run"] = "require('migrun.proc').run{ 'sleep', '60' }",
     ["aws.sleep"] = "require('migrun.aws').sleep(60)",
+    ["host.sleep"] = "require('migrun.host').sleep(60)",
   }
   for what, code in pairs(blockers) do
     it("raises the interrupted error from " .. what, function()
