@@ -19,7 +19,7 @@
 
 #include <curl/curl.h>
 
-#include "migrun.h"
+#include "migrun_internal.h"
 #include "aws_sigv4.h"
 
 #define REQUEST_MT "migrun.aws.Request"

@@ -20,7 +20,7 @@
 #include <openssl/hmac.h>
 #include <openssl/sha.h>
 
-#include "migrun.h"
+#include "migrun_internal.h"
 #include "aws_sigv4.h"
 
 static const char HEX_LOWER[] = "0123456789abcdef";

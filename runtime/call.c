@@ -11,7 +11,7 @@
 #include <signal.h>
 #include <stddef.h>
 
-#include "migrun.h"
+#include "migrun_internal.h"
 
 volatile sig_atomic_t migrun_interrupt_pending = 0;
 

@@ -7,7 +7,7 @@
  */
 #include <string.h>
 
-#include "migrun.h"
+#include "migrun_internal.h"
 
 #define ERROR_MT "migrun.Error"
 

@@ -25,7 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "migrun.h"
+#include "migrun_internal.h"
 
 static int os_error(lua_State *L, const char *where, int err) {
     lua_pushnil(L);

@@ -11,7 +11,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "migrun.h"
+#include "migrun_internal.h"
 
 #define LSN_MT "migrun.lsn.LSN"
 #define HEXDIGITS "0123456789abcdefABCDEF"

@@ -16,7 +16,7 @@
 #include <libpq-fe.h>
 #include <openssl/crypto.h>
 
-#include "migrun.h"
+#include "migrun_internal.h"
 
 static const char *progname = "migrun";
 
@@ -335,6 +335,7 @@ static int pmain(lua_State *L) {
         lua_setfield(L, LUA_REGISTRYINDEX, "LUA_NOENV");
         unsetenv("MIGRUN_LUA_PATH"); /* -E: the embedded library only */
     }
+    luaL_openlibs(L);
     migrun_openlibs(L);
     createargtable(L, argv, argc, script);
     lua_gc(L, LUA_GCRESTART);

@@ -22,7 +22,7 @@
 
 #include <libpq-fe.h>
 
-#include "migrun.h"
+#include "migrun_internal.h"
 #include "pg_internal.h"
 
 #define RESULT_MT "migrun.pg.Result"

@@ -13,7 +13,7 @@
 
 #include <libpq-fe.h>
 
-#include "migrun.h"
+#include "migrun_internal.h"
 #include "pg_internal.h"
 
 #define COPY_FLUSH_BYTES (64 * 1024) /* pg.copy: flush the target after this much */

@@ -11,7 +11,7 @@
 
 #include <libpq-fe.h>
 
-#include "migrun.h"
+#include "migrun_internal.h"
 
 #define CONN_MT "migrun.pg.Conn"
 

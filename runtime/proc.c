@@ -22,7 +22,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "migrun.h"
+#include "migrun_internal.h"
 
 #define PROC_MT "migrun.proc.Process"
 #define ACTIVE_KEY "migrun.proc.active"

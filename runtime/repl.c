@@ -23,7 +23,7 @@
 
 #include <editline/readline.h>
 
-#include "migrun.h"
+#include "migrun_internal.h"
 
 #define EOFMARK "<eof>"
 #define HISTORY_MAX 1000
