@@ -1,6 +1,17 @@
 # Every tests/spec/*_spec.lua is one ctest test, run by busted *inside* migrun so
 # the modules are tested in the runtime users get.
 find_program(BUSTED_RUNNER busted PATHS /usr/bin REQUIRED)
+# The sanitizer build's migrun.so needs the sanitizer runtimes preloaded into
+# a stock interpreter (tests/spec/lua_module_spec.lua passes them as LD_PRELOAD).
+set(MIGRUN_SANITIZE_PRELOAD "")
+if(MIGRUN_SANITIZE)
+  foreach(lib IN ITEMS libasan.so libubsan.so)
+    execute_process(COMMAND ${CMAKE_C_COMPILER} -print-file-name=${lib}
+      OUTPUT_VARIABLE path OUTPUT_STRIP_TRAILING_WHITESPACE)
+    list(APPEND MIGRUN_SANITIZE_PRELOAD ${path})
+  endforeach()
+  string(REPLACE ";" ":" MIGRUN_SANITIZE_PRELOAD "${MIGRUN_SANITIZE_PRELOAD}")
+endif()
 file(GLOB MIGRUN_SPECS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/spec/*_spec.lua)
 foreach(spec IN LISTS MIGRUN_SPECS)
   get_filename_component(name ${spec} NAME_WE)
@@ -10,7 +21,7 @@ foreach(spec IN LISTS MIGRUN_SPECS)
     WORKING_DIRECTORY ${CMAKE_SOURCE_DIR})
   set_tests_properties(${name} PROPERTIES
     TIMEOUT 1200
-    ENVIRONMENT "MIGRUN_BIN=$<TARGET_FILE:migrun>;MIGRUN_SOURCE_DIR=${CMAKE_SOURCE_DIR};MIGRUN_SANITIZE=$<IF:$<BOOL:${MIGRUN_SANITIZE}>,1,0>")
+    ENVIRONMENT "MIGRUN_BIN=$<TARGET_FILE:migrun>;MIGRUN_SOURCE_DIR=${CMAKE_SOURCE_DIR};MIGRUN_SANITIZE=$<IF:$<BOOL:${MIGRUN_SANITIZE}>,1,0>;MIGRUN_MODULE=$<TARGET_FILE:migrun_module>;MIGRUN_SANITIZE_PRELOAD=${MIGRUN_SANITIZE_PRELOAD}")
 endforeach()
 
 # The C follows .clang-format: clang-format reports every line that differs.
