@@ -97,7 +97,8 @@ MIGRUN_API int migrun_error_return(lua_State *L, const char *kind, const char *w
 /* The one Ctrl-C error: kind "interrupted", message "interrupted!", where
  * (may be NULL); tostring gives "interrupted!" or "[where] interrupted!". */
 MIGRUN_API void migrun_push_interrupted(lua_State *L, const char *where);
-/* 1 when the value at idx is such an error (so a host can exit with 130). */
+/* 1 when the value at idx is such an error (for a host's own message
+ * handler, or after a plain lua_pcall; migrun_docall leaves text). */
 MIGRUN_API int migrun_error_is_interrupted(lua_State *L, int idx);
 
 #ifdef __cplusplus
