@@ -8,6 +8,8 @@
  * deadlock on a full pipe whichever handle the script is waiting for. Child
  * exit is watched through pidfds; every child is reaped, and a handle that is
  * closed or collected while its process runs kills the process group first.
+ * Every descriptor spawning opens belongs to the handle from the moment it is
+ * open, so a spawn that fails half-way leaks none (see "spawning" below).
  */
 #include <errno.h>
 #include <fcntl.h>
