@@ -772,7 +772,8 @@ static char **build_env(lua_State *L, int spec) {
  * Raises on misuse; opens nothing; leaves its anchors on the stack. */
 static void parse_spec(lua_State *L, int spec, int pipeline, int ud, Spec *s) {
     Process *p = lua_touserdata(L, ud);
-    luaL_checkstack(L, 3 * s->nstages + LUA_MINSTACK, "too many pipeline stages");
+    /* per stage: its table, argv array and anchor, its printed part and a " | " */
+    luaL_checkstack(L, 5 * s->nstages + LUA_MINSTACK, "too many pipeline stages");
     parse_output(L, spec, "stdout", &s->out, UV_STDOUT_FN, ud, 0);
     parse_output(L, spec, "stderr", &s->err, UV_STDERR_FN, ud, 1);
     p->out.mode = s->out.mode;
@@ -1059,7 +1060,7 @@ static int start(lua_State *L, int spec, int pipeline) {
         lua_Integer n = luaL_len(L, spec);
         if (n < 1)
             return luaL_error(L, "pipeline needs at least one stage");
-        if (n > INT_MAX / 4) /* parse_spec checks the stack has room for them all */
+        if (n > INT_MAX / 8) /* parse_spec checks the stack has room for them all */
             return luaL_error(L, "too many pipeline stages");
         s.nstages = (int)n;
         for (int i = 1; i <= s.nstages; i++)
