@@ -900,6 +900,18 @@ static int conn_tostring(lua_State *L) {
     return 1;
 }
 
+/* conn:password() -> the password libpq used to log in (from the conninfo,
+ * PGPASSWORD or the passfile, by libpq's own rules) | nil. For handing to a
+ * service that must log in the same way (a DMS endpoint); never to print. */
+static int conn_password(lua_State *L) {
+    const char *pw = PQpass(check_conn(L, 1)->conn);
+    if (pw != NULL && *pw != '\0')
+        lua_pushstring(L, pw);
+    else
+        lua_pushnil(L);
+    return 1;
+}
+
 /* conn:info() -> {name=, host=, port=, dbname=, user=, pid=, server_version=} (never a password) */
 static int conn_info(lua_State *L) {
     pg_Conn *c = check_conn(L, 1);
@@ -1089,6 +1101,7 @@ int luaopen_migrun_pg_core(lua_State *L) {
         {"is_closed", conn_is_closed},
         {"name", conn_name},
         {"info", conn_info},
+        {"password", conn_password},
         {"server_version", conn_server_version},
         {"backend_pid", conn_backend_pid},
         {"transaction_status", conn_transaction_status},

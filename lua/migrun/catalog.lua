@@ -41,7 +41,7 @@ catalog.measure_lobs(db, tables, { on_progress = fn(done, total, "s.t") }) -> ta
 
 catalog.write_rates(db, tables, seconds, sleep_fn) -> tables | nil, err
     Two samples of pg_stat_user_tables `seconds` apart (default 10; sleep_fn
-    default migrun.aws.sleep); each table gets write_rate = { inserts, updates,
+    default host.sleep); each table gets write_rate = { inserts, updates,
     deletes, total } per second. On the primary: a standby has no such counters.
 
 catalog.constraints_and_indexes(db, tables) -> { {table = "s.t", kind = "index" |
@@ -409,7 +409,7 @@ function catalog.write_rates(db, tables, seconds, sleep_fn)
   assert(db and db.query, "catalog.write_rates: a Db expected")
   seconds = seconds or 10
   assert(type(seconds) == "number" and seconds > 0, "catalog.write_rates: seconds > 0 expected")
-  sleep_fn = sleep_fn or require("migrun.aws").sleep
+  sleep_fn = sleep_fn or require("migrun.host").sleep
   local clock = require("migrun.host").monotonic
   local first, err = stat_sample(db)
   if not first then return nil, err end

@@ -19,9 +19,9 @@ tasks carry identifiers derived from the migration's name and the slot
   cdc.find_task(client, id), cdc.stop_task(client, arn), cdc.delete_task(client, arn),
   cdc.delete_endpoint(client, id): what a restart takes down (see each below).
 
-Endpoint passwords come from the conninfo, PGPASSWORD or the passfile libpq
-would use (the conninfo's passfile, PGPASSFILE, ~/.pgpass), in that order; they
-travel only in the CreateEndpoint body, which the DMS client masks in its log.
+Endpoint settings are what libpq resolved when migrun logged in (conninfo,
+PG* variables, passfile); passwords travel only in the CreateEndpoint body,
+which the DMS client masks in its log.
 ]]
 local pg = require "migrun.pg"
 local lsn = require "migrun.lsn"
@@ -36,75 +36,23 @@ local cdc = {}
 -- Endpoint connection settings from a conninfo
 ---------------------------------------------------------------------------
 
--- One field of a .pgpass line: ':' separates, '\' escapes.
-local function pgpass_fields(line)
-  local fields, cur, i = {}, {}, 1
-  while i <= #line do
-    local c = line:sub(i, i)
-    if c == "\\" and i < #line then
-      cur[#cur + 1] = line:sub(i + 1, i + 1)
-      i = i + 1
-    elseif c == ":" and #fields < 4 then
-      fields[#fields + 1] = table.concat(cur)
-      cur = {}
-    else
-      cur[#cur + 1] = c
-    end
-    i = i + 1
-  end
-  fields[#fields + 1] = table.concat(cur)
-  return fields
-end
-
--- The password libpq would take from a passfile for host/port/dbname/user.
-function cdc.passfile_lookup(path, host, port, dbname, user)
-  local f = path and io.open(path, "r")
-  if not f then return nil end
-  local want = { host, tostring(port), dbname, user }
-  for line in f:lines() do
-    if not line:match("^%s*#") and line:match("%S") then
-      local fl = pgpass_fields(line)
-      local match = #fl == 5
-      for k = 1, 4 do
-        if match and fl[k] ~= "*" and fl[k] ~= want[k] then match = false end
-      end
-      if match then
-        f:close()
-        return fl[5]
-      end
-    end
-  end
-  f:close()
-  return nil
-end
-
---[[ cdc.endpoint_settings(conninfo, overrides, env) -> { host, port, dbname,
+--[[ cdc.endpoint_settings(conninfo, overrides) -> { host, port, dbname,
      user, password, ssl_mode } | nil, err
-     env: a getenv function (default os.getenv). The error never holds the
-     password. ]]
-function cdc.endpoint_settings(conninfo, overrides, getenv)
-  getenv = getenv or os.getenv
+     What libpq itself resolved for that conninfo (its defaults, PG*
+     variables and passfile, by its own rules): a short connection is made and
+     asked (PQhost, PQport, PQdb, PQuser, PQpass), so DMS logs in exactly as
+     migrun does. The error never holds the password. ]]
+function cdc.endpoint_settings(conninfo, overrides)
   local p, err = pg.conninfo_parse(conninfo)
   if not p then return nil, err end
-  local s = {
-    host = p.host or p.hostaddr or getenv("PGHOST") or "localhost",
-    port = tonumber(p.port or getenv("PGPORT") or 5432),
-    dbname = p.dbname or getenv("PGDATABASE"),
-    user = p.user or getenv("PGUSER"),
-    ssl_mode = p.sslmode,
-  }
-  s.dbname = s.dbname or s.user
-  s.password = p.password or getenv("PGPASSWORD")
-  if not s.password then
-    local home = getenv("HOME")
-    local passfile = p.passfile or getenv("PGPASSFILE") or (home and home .. "/.pgpass")
-    s.password = cdc.passfile_lookup(passfile, s.host, s.port, s.dbname, s.user)
-  end
+  local conn
+  conn, err = pg.connect(conninfo, { name = "endpoint check" })
+  if not conn then return nil, err end
+  local info = conn:info()
+  local s = { host = info.host, port = tonumber(info.port), dbname = info.dbname, user = info.user,
+              password = conn:password(), ssl_mode = p.sslmode }
+  conn:close()
   for k, v in pairs(overrides or {}) do s[k] = v end
-  if not s.user then
-    return nil, errors.new{ kind = "config", where = "dms endpoint",
-      message = "no user name for the DMS endpoint", hint = "give user= in the conninfo" }
-  end
   if s.host:sub(1, 1) == "/" then
     return nil, errors.new{ kind = "config", where = "dms endpoint",
       message = ("host %s is a Unix socket directory; DMS connects over TCP"):format(s.host),

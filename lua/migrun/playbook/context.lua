@@ -251,7 +251,7 @@ function Ctx:sleep(seconds)
     for _, w in ipairs(self.playbook.watchers) do
       wait = math.min(wait, math.max(0.01, w.next_due - now))
     end
-    require("migrun.aws").sleep(wait) -- TODO(host.sleep)
+    host.sleep(wait)
   end
 end
 
