@@ -28,6 +28,7 @@
 
 #define PROC_MT "migrun.proc.Process"
 #define ACTIVE_KEY "migrun.proc.active"
+#define WITHHELD_KEY "migrun.proc.withheld"
 
 extern char **environ;
 
@@ -719,9 +720,15 @@ static char **build_argv(lua_State *L, int idx, int stage) {
 
 /* envp: the inherited environment with spec.env applied (false removes). */
 static char **build_env(lua_State *L, int spec) {
-    if (lua_getfield(L, spec, "env") == LUA_TNIL) {
-        lua_pop(L, 1);
+    lua_getfield(L, LUA_REGISTRYINDEX, WITHHELD_KEY); /* withheld|nil */
+    int withheld = lua_gettop(L);
+    if (lua_getfield(L, spec, "env") == LUA_TNIL && lua_isnil(L, withheld)) {
+        lua_pop(L, 2);
         return environ;
+    }
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        lua_newtable(L); /* withheld envt (empty) */
     }
     luaL_checktype(L, -1, LUA_TTABLE);
     int envt = lua_gettop(L);
@@ -741,9 +748,12 @@ static char **build_env(lua_State *L, int spec) {
         const char *eq = strchr(*e, '=');
         if (eq) {
             lua_pushlstring(L, *e, (size_t)(eq - *e));
+            lua_pushvalue(L, -1);
             int overridden = lua_rawget(L, envt) != LUA_TNIL;
             lua_pop(L, 1);
-            if (overridden)
+            int held = !lua_isnil(L, withheld) && lua_rawget(L, withheld) != LUA_TNIL;
+            lua_pop(L, 1);
+            if (overridden || held)
                 continue;
         }
         envp[k++] = *e;
@@ -763,7 +773,8 @@ static char **build_env(lua_State *L, int spec) {
     }
     envp[k] = NULL;
     /* leave envp userdata and keep table on the stack, under the env table */
-    lua_remove(L, envt); /* envp keep */
+    lua_remove(L, envt);     /* withheld envp keep */
+    lua_remove(L, withheld); /* envp keep */
     return envp;
 }
 
@@ -1296,6 +1307,52 @@ static int proc_run(lua_State *L) {
     return 5;
 }
 
+/* proc.withhold{ "NAME", ... }: from now on no child inherits these
+ * environment variables (a secret the run holds, such as the AWS secret key,
+ * stays out of pg_dump's environment); a spec's env = { NAME = value } still
+ * passes one on purpose. proc.withheld() -> the sorted names. */
+static int proc_withhold(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    if (lua_getfield(L, LUA_REGISTRYINDEX, WITHHELD_KEY) == LUA_TNIL) {
+        lua_pop(L, 1);
+        lua_newtable(L);
+        lua_pushvalue(L, -1);
+        lua_setfield(L, LUA_REGISTRYINDEX, WITHHELD_KEY);
+    } /* names withheld */
+    lua_Integer n = luaL_len(L, 1);
+    for (lua_Integer i = 1; i <= n; i++) {
+        lua_geti(L, 1, i);
+        const char *name = luaL_checkstring(L, -1);
+        luaL_argcheck(L, *name != '\0' && strchr(name, '=') == NULL, 1,
+                      "environment variable names expected");
+        lua_pushboolean(L, 1);
+        lua_rawset(L, -3);
+    }
+    return 0;
+}
+
+static int proc_withheld(lua_State *L) {
+    lua_newtable(L); /* list */
+    if (lua_getfield(L, LUA_REGISTRYINDEX, WITHHELD_KEY) == LUA_TNIL) {
+        lua_pop(L, 1);
+        return 1;
+    }
+    lua_Integer k = 0;
+    lua_pushnil(L);
+    while (lua_next(L, -2)) { /* list withheld name true */
+        lua_pop(L, 1);
+        lua_pushvalue(L, -1);
+        lua_rawseti(L, -4, ++k);
+    }
+    lua_pop(L, 1);
+    lua_getglobal(L, "table");
+    lua_getfield(L, -1, "sort");
+    lua_pushvalue(L, -3);
+    lua_call(L, 1, 0);
+    lua_pop(L, 1);
+    return 1;
+}
+
 int luaopen_migrun_proc(lua_State *L) {
     /* clang-format off */
     static const luaL_Reg methods[] = {
@@ -1319,6 +1376,8 @@ int luaopen_migrun_proc(lua_State *L) {
         {"run", proc_run},
         {"wait_any", proc_wait_any},
         {"quote", proc_quote},
+        {"withhold", proc_withhold},
+        {"withheld", proc_withheld},
         {NULL, NULL},
     };
     /* clang-format on */

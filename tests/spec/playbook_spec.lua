@@ -271,6 +271,28 @@ describe("migrun.playbook", function()
     assert.falsy(all:find("s3cretpw", 1, true))
   end)
 
+  it("keeps the AWS secrets and the variables the config reads out of its children's environment", function()
+    local schema, state = fresh()
+    local cfg = dir .. "/env-config.lua"
+    write(cfg, ([[
+      return {
+        name = "fixture",
+        source = { conninfo = %q .. (os.getenv("FIXTURE_SOURCE_OPTS") or "") },
+        replica = { conninfo = %q },
+        target = { conninfo = %q },
+      }
+    ]]):format(L.source.conninfo, L.replica.conninfo, L.target.conninfo))
+    local argv = { MIGRUN, FIXTURE, "--config", cfg, "--state-dir", state, schema, "--yes",
+      env = { FIXTURE_SHOW_ENV = "1", FIXTURE_SOURCE_OPTS = " application_name=s3cret-by-env",
+        AWS_SECRET_ACCESS_KEY = "aws-s3cret", AWS_ACCESS_KEY_ID = "AKIDVISIBLE", UNRELATED = "kept" } }
+    local _, _, code, out, err = proc.run(argv)
+    assert.equal(0, code, out .. err)
+    assert.matches("child env: UNRELATED=kept", out)
+    assert.matches("child env: AWS_ACCESS_KEY_ID=AKIDVISIBLE", out)
+    assert.falsy(out:find("aws-s3cret", 1, true), out)
+    assert.falsy(out:find("FIXTURE_SOURCE_OPTS", 1, true), out)
+  end)
+
   it("lists the steps with their status and explains itself with --help", function()
     local schema, state = fresh()
     assert.equal(0, (run(schema, state, { "--only", "prepare" })))

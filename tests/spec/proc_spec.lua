@@ -338,3 +338,23 @@ describe("migrun.proc descriptors", function()
     assert.equal(before, open_fds(true))
   end)
 end)
+
+describe("migrun.proc.withhold", function()
+  it("keeps withheld variables from every child, unless a spec passes one on purpose", function()
+    local script = [[
+      local proc = require "migrun.proc"
+      local function env(spec) spec = spec or {} spec[1] = "env" spec.stdout = "capture"
+        local _, _, _, out = proc.run(spec) return out end
+      assert(env():find("HELD_X=1", 1, true))
+      proc.withhold{ "HELD_X" }
+      assert(not env():find("HELD_X", 1, true))
+      assert(not env{ env = { OTHER = "y" } }:find("HELD_X", 1, true))
+      assert(env{ env = { HELD_X = "2" } }:find("HELD_X=2", 1, true))
+      print(table.concat(proc.withheld(), ","))
+    ]]
+    local ok, _, _, out, err = proc.run{ os.getenv("MIGRUN_BIN") or "build/migrun", "-e", script,
+      env = { HELD_X = "1" } }
+    assert.is_true(ok, err)
+    assert.equal("HELD_X\n", out)
+  end)
+end)

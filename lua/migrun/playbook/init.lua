@@ -299,6 +299,9 @@ function Playbook:main(argv)
   local cfg, cerr = config.load(opts.config)
   if not cfg then stderr("migrun: " .. tostring(cerr)) return EXIT.usage end
   local state_dir = opts.state_dir and absolute(opts.state_dir) or cfg.state_dir
+  -- Children (pg_dump, psql, workers) get what they need passed explicitly;
+  -- the secrets this run holds are never inherited.
+  proc.withhold(playbook.withheld_env(cfg))
 
   if opts.list then
     local J, jerr = journal.open(state_dir, { read_only = true })
@@ -400,6 +403,16 @@ function Playbook:main(argv)
   return code
 end
 
+-- The environment variables no child of a playbook inherits: the AWS
+-- secrets and the variables the configuration read.
+playbook.SECRET_ENV = { "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+  "MIGRUN_DMS_EMULATOR_SECRET" }
+function playbook.withheld_env(cfg)
+  local names = { table.unpack(playbook.SECRET_ENV) }
+  for _, n in ipairs(cfg.env_read or {}) do names[#names + 1] = n end
+  return names
+end
+
 -- then_run: what comes next -> { argv =, carry = { step names } }
 function Playbook:_plan_next(ctx, opts)
   local main = ctx.journal.data.main
@@ -457,7 +470,10 @@ function Playbook:_run_next(ctx, next_run)
   if ctx.dry_run then return EXIT.ok end
   io.stdout:write(os.date("%H:%M:%S "), "starting again from the beginning: ", proc.quote(next_run.argv), "\n")
   io.stdout:flush()
-  local spec = { die_with_parent = true }
+  -- the next playbook is migrun again: it needs the secrets the children don't
+  local env = {}
+  for _, name in ipairs(proc.withheld()) do env[name] = os.getenv(name) or false end
+  local spec = { die_with_parent = true, env = env }
   for i, a in ipairs(next_run.argv) do spec[i] = a end
   local h, err = proc.spawn(spec)
   if not h then
