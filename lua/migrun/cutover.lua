@@ -373,7 +373,8 @@ function cutover.checklist(info)
     "Writes on the target: make sure the application's role may write there (nothing on the target is read-only).",
     "Verify: the application's smoke tests, its error rate, and a few known rows on the target.",
     "Keep the source as it is (read-only, tasks stopped, slots kept) until the team decides there is no way back.",
-    "Then: drop migrun's slots and pglogical node on the source (they retain WAL), and delete the DMS tasks and endpoints.",
+    "Then: drop migrun's slots and pglogical node on the source (they retain WAL), migrun's fence table "
+      .. "(schema migrun) on both sides, and delete the DMS tasks and endpoints.",
   }
   if mode == "none" then
     table.insert(steps, 1, "Writes were NOT stopped by migrun: the application must have stopped writing before this cutover.")
