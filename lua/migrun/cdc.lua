@@ -444,8 +444,9 @@ end
 --[[ cdc.watch(client, groups, tasks, opts) -> status | nil, err
      Polls cdc.status until every task runs and has caught up: its slot lags
      less than opts.lag_bytes, or it has applied a fence (migrun.fence)
-     written once every task runs and some still lag. The lag alone never
-     ends on an idle source whose WAL grows with what no slot decodes (another
+     written at most three polls ago (one is written every poll while every
+     task runs and some have not caught up). The lag alone never ends on an
+     idle source whose WAL grows with what no slot decodes (another
      database's autovacuum): the fence does, within a few polls. A failed or
      stopped task ends the watch with an error naming the slot and what DMS
      said; opts.timeout bounds it. opts: the cdc.status options (source and
@@ -460,21 +461,29 @@ function cdc.watch(client, groups, tasks, opts)
   -- a migration set up before fences existed is watched by the lag alone
   local fences = not client.dry_run and opts.fence ~= false and opts.target and #slots > 0
     and fence.check(opts.source, opts.target, slots)
-  local pending, fenced = nil, {}
+  -- Fences written during the watch, { seq, at } oldest first. A task has
+  -- caught up by fence when it has applied one written within the last
+  -- `recent` seconds: it is at most that far behind in time, whatever the WAL.
+  local written, poll = {}, opts.poll or 5
+  local recent = math.max(3 * poll, 3)
   while true do
     local st, err = cdc.status(client, groups, tasks, opts)
     if not st then return nil, err end
     if fences then
-      if pending then
+      local now = host.monotonic()
+      while written[1] and now - written[1].at > recent do table.remove(written, 1) end
+      if written[1] then
         local seen, ferr = fence.seen(opts.target, slots)
         if not seen then return nil, ferr end
-        for _, s in ipairs(slots) do if seen[s] >= pending then fenced[s] = true end end
+        for _, r in ipairs(st.rows) do r.fenced = seen[r.slot] >= written[1].seq or nil end
       end
-      for _, r in ipairs(st.rows) do r.fenced = fenced[r.slot] end
-      if not pending and st.all_running and cdc.caught_up(st, opts.lag_bytes or 1024 * 1024) < #st.rows then
+      -- one more fence per poll while a running task has not caught up either way
+      local newest = written[#written]
+      if st.all_running and cdc.caught_up(st, opts.lag_bytes or 1024 * 1024) < #st.rows
+          and (not newest or now - newest.at >= poll) then
         local w, werr = fence.write(opts.source, slots)
         if not w then return nil, werr end
-        pending = w.seq
+        written[#written + 1] = { seq = w.seq, at = now }
       end
     end
     if opts.on_status then opts.on_status(st) end
