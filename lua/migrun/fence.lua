@@ -48,7 +48,8 @@ fence.wait(source, target, slots, opts) -> { seq, lsn, written_at, seconds,
     hint (added to the timeout error). A slot that no longer exists on the
     source is an error at once. In a dry run: the writes shown, { dry_run = true }.
 fence.drop(db) -> "dropped" | "absent" | nil, err
-    The table, and the schema when nothing else is in it (full_restart.lua).
+    The table (out of any replication set first), and the schema when
+    nothing else is in it (full_restart.lua).
 ]]
 local pg = require "migrun.pg"
 local errors = require "migrun.error"
@@ -278,6 +279,18 @@ function fence.drop(db)
   local present, err = exists(db)
   if present == nil then return nil, err end
   if present then
+    -- pglogical refuses to drop a table that a replication set still carries
+    local res
+    res, err = db:query([[select rs.set_name::text as set_name
+        from pg_extension e, pglogical.replication_set_table rst
+        join pglogical.replication_set rs on rs.set_id = rst.set_id
+       where e.extname = 'pglogical' and rst.set_reloid = to_regclass($1) order by 1]], QUALIFIED)
+    if not res and err.sqlstate ~= "42P01" and err.sqlstate ~= "3F000" then return nil, err end
+    for r in (res and res:rows() or function() end) do
+      local ok, werr = db:write("select pglogical.replication_set_remove_table(set_name := $1, relation := $2::regclass)",
+        r.set_name, QUALIFIED)
+      if not ok then return nil, werr end
+    end
     local ok, werr = db:write("drop table " .. QUALIFIED)
     if not ok then return nil, werr end
   end

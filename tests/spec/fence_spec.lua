@@ -306,4 +306,27 @@ describe("migrun.fence", function()
       assert.equal(0, r.differences, qa.format(r))
     end
   end)
+
+  -- last: it takes the fence down
+  it("full_restart's teardown drops the fence on both sides (shown first in a dry run), the schema only when empty", function()
+    local restart = require "migrun.restart"
+    local lines = {}
+    local dry = wrap(L.target, "target", { dry_run = true, echo = function(l) lines[#lines + 1] = l end })
+    local r = assert(restart.empty_target(dry, {}, { how = "truncate" }))
+    dry:close()
+    assert.equal("dropped", r.fence)
+    local all = table.concat(lines, "\n")
+    assert.truthy(all:find('drop table "migrun"."fence"', 1, true), all)
+    assert.truthy(all:find('drop schema if exists "migrun"', 1, true), all)
+    assert.is_true(one(target, "select to_regclass('migrun.fence') is not null as p").p)
+
+    assert.equal("dropped", assert(restart.empty_target(target, {}, { how = "truncate" })).fence)
+    assert.is_false(one(target, "select exists (select 1 from pg_namespace where nspname = 'migrun') as p").p)
+    -- something else of the team's in schema migrun: the schema stays
+    assert(source:write("create table migrun.keep (id int)"))
+    assert.equal("dropped", assert(fence.drop(source)))
+    assert.is_true(one(source, "select to_regclass('migrun.keep') is not null as p").p)
+    assert.is_false(one(source, "select to_regclass('migrun.fence') is not null as p").p)
+    assert.equal("absent", assert(fence.drop(source)))
+  end)
 end)
