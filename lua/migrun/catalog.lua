@@ -9,8 +9,8 @@ catalog queries and SELECTs, never a write. Works on PostgreSQL 9.6 and later.
 
 catalog.tables(db, { schemas = {...} | nil, exclude = {"s.t", ...} }) -> list | nil, err
     The tables to migrate, largest first (bytes, then "s.t"). schemas nil: every
-    schema except the system ones; pglogical, information_schema and pg_* are
-    never listed. A listed schema that does not exist is an error (a typo would
+    schema except the system ones; pglogical, information_schema, pg_* and
+    migrun (migrun.fence) are never listed. A listed schema that does not exist is an error (a typo would
     otherwise migrate nothing). Each table:
       schema, name, qualified ('"s"."t"'), key ("s.t", the config spelling),
       bytes (pg_total_relation_size: heap, TOAST and indexes), table_bytes
@@ -74,7 +74,8 @@ local text = require "migrun.text"
 
 local catalog = {}
 
-local SYSTEM_SCHEMAS = { pg_catalog = true, information_schema = true, pglogical = true }
+-- migrun: migrun's own (migrun.fence), on the source and the target alike
+local SYSTEM_SCHEMAS = { pg_catalog = true, information_schema = true, pglogical = true, migrun = true }
 
 local function is_system_schema(s)
   return SYSTEM_SCHEMAS[s] or s:match("^pg_") ~= nil

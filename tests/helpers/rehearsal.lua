@@ -118,21 +118,30 @@ function M.world(R)
   return w
 end
 
--- Waits until every slot of the source has confirmed what the source had
--- written when called (the tasks have applied everything).
+-- Waits until every running DMS task has applied what the source had written
+-- when called: a fence (migrun.fence) seen on the target for each of their
+-- slots, as migrun waits itself. No slot's confirmed_flush_lsn is waited for:
+-- on a quiet source WAL that no slot decodes (a standby snapshot, another
+-- database's work) may keep it behind for good. Tasks that do not run (after
+-- a cutover) have nothing left to apply.
 function M.wait_applied(R, timeout)
-  local src = M.connect(R.lab.source, "source")
-  local upto = assert(src:exec("select pg_current_wal_lsn() as l"))[1].l
-  local deadline = aws.monotonic() + (timeout or 120)
-  local behind
-  repeat
-    behind = assert(src:exec([[select count(*) as n from pg_replication_slots
-      where slot_type = 'logical' and (confirmed_flush_lsn is null or confirmed_flush_lsn < $1)]], upto))[1].n
-    if behind > 0 then aws.sleep(0.3) end
-  until behind == 0 or aws.monotonic() > deadline
-  src:close()
-  aws.sleep(0.5) -- the emulator confirms after its commit; give the last status write time
-  return behind == 0
+  local client = assert(R.lab:dms_client())
+  local slot_of = {}
+  for _, e in ipairs(client:describe_endpoints() or {}) do
+    slot_of[e.EndpointArn] = e.PostgreSQLSettings and e.PostgreSQLSettings.SlotName
+  end
+  local slots = {}
+  for _, t in ipairs(client:describe_replication_tasks() or {}) do
+    if t.Status == "running" and slot_of[t.SourceEndpointArn] then slots[#slots + 1] = slot_of[t.SourceEndpointArn] end
+  end
+  if #slots == 0 then return true end
+  table.sort(slots)
+  local src, tgt = reader(R.lab.source, "source"), reader(R.lab.target, "target")
+  local ok, err = require("migrun.cdc").wait_applied(src, tgt, slots,
+    { timeout = timeout or 120, poll = 0.2, sleep = aws.sleep })
+  src:close() tgt:close()
+  if not ok then io.stderr:write("wait_applied: ", tostring(err), "\n") end
+  return ok ~= nil
 end
 
 --[[ Every sample table: source vs target by row count and order-independent

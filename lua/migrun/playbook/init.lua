@@ -2,7 +2,8 @@
 migrun.playbook: the machinery every playbook stands on, so that a playbook is
 only named steps calling the library. It owns the command line, the journal
 (resume), --dry-run, --from/--only, confirmation, watchers, progress, the log
-and the report.
+and the report (state_dir/report.md, the latest run's; every run's kept as
+state_dir/reports/<started>-<playbook>.md).
 
   local playbook = require "migrun.playbook"
   local P = playbook.new{ name = "full", title = "The whole two-phase migration",
@@ -234,6 +235,12 @@ local function protect(fn, ...)
   return xpcall(fn, traceback, ...)
 end
 
+local function is_file(path)
+  local f = io.open(path, "r")
+  if f then f:close() end
+  return f ~= nil
+end
+
 function Playbook:_finish_report(ctx, run)
   local md = report.render{ playbook = self, journal = ctx.journal, run = run,
                               config_path = ctx.config.config_path, state_dir = ctx.state_dir }
@@ -241,9 +248,26 @@ function Playbook:_finish_report(ctx, run)
     io.stdout:write("\n", md)
     return
   end
+  -- Every run keeps its own report (a failure's is not replaced by the next
+  -- playbook's refusal): reports/<started>-<playbook>.md; report.md is the latest.
+  local dir = ctx.state_dir .. "/reports"
+  local stamp = tostring(run.started_at or journal.timestamp()):gsub("[-:]", "")
+  local kept = ("%s/%s-%s.md"):format(dir, stamp, self.name)
+  local n = 1
+  while is_file(kept) do
+    n = n + 1
+    kept = ("%s/%s-%s-%d.md"):format(dir, stamp, self.name, n)
+  end
+  local ok, err = journal.make_dir(dir)
+  if ok then ok, err = host.write_file(kept, md, journal.FILE_MODE) end
+  if not ok then ctx:warn("could not keep this run's report in %s: %s", dir, tostring(err)) end
   local path = ctx.state_dir .. "/report.md"
-  local ok, err = host.write_file(path, md, journal.FILE_MODE)
-  if ok then ctx:say("report: %s", path) else ctx:warn("could not write the report: %s", tostring(err)) end
+  local latest, lerr = host.write_file(path, md, journal.FILE_MODE)
+  if latest then
+    ctx:say("report: %s%s", path, ok and (" (this run's: reports/" .. kept:match("[^/]+$") .. ")") or "")
+  else
+    ctx:warn("could not write the report: %s", tostring(lerr))
+  end
 end
 
 function Playbook:list(J)
