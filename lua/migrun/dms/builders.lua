@@ -111,8 +111,9 @@ function M.tags(t)
   end
   local keys = {}
   for k in pairs(map) do
-    assert(type(k) == "string" and #k >= 1 and #k <= 128 and not k:lower():match("^aws:"),
-      ("tag key %q: 1 to 128 characters, not starting with aws:"):format(tostring(k)))
+    assert(type(k) == "string" and #k >= 1 and #k <= 128 and not k:lower():match("^aws:")
+      and not k:lower():match("^dms:"),
+      ("tag key %q: 1 to 128 characters, not starting with aws: or dms: (DMS's Tag)"):format(tostring(k)))
     keys[#keys + 1] = k
   end
   table.sort(keys)

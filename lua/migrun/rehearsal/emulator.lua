@@ -565,7 +565,7 @@ function Emu:handle(req)
     if req.method ~= "POST" then fault("UnknownOperationException", "Only POST / is served.", 404) end
     self:verify_signature(req)
     local target = req.headers["x-amz-target"] or ""
-    local prefix, op = target:match("^([%w]+)%.(%w+)$")
+    local prefix, op = target:match("^([%w_]+)%.(%w+)$")
     local fn
     if prefix == M.TARGET_PREFIX then fn = OPS[op]
     elseif prefix == M.CONTROL_PREFIX then fn = CONTROL[op]
@@ -647,7 +647,7 @@ end
 
 ------------------------------------------------------------------------------
 -- tags (dms-api.md §2.1, DMS API Tag: Key 1-128 characters, Value 0-256, no
--- "aws:" prefix; kept in order, a key given again replaces its value)
+-- "aws:" or "dms:" prefix; kept in order, a key given again replaces its value)
 
 local function check_tags(tags, list)
   list = list or {}
@@ -658,7 +658,9 @@ local function check_tags(tags, list)
     if #key < 1 or #key > 128 or #value > 256 then
       invalid(("Tag key must be 1 to 128 characters and its value at most 256: %s"):format(key))
     end
-    if key:lower():match("^aws:") then invalid("Tag keys may not begin with aws: " .. key) end
+    if key:lower():match("^aws:") or key:lower():match("^dms:") then
+      invalid("Tag keys may not begin with aws: or dms: " .. key)
+    end
     local found = false
     for _, t in ipairs(list) do
       if t.Key == key then t.Value, found = value, true end
