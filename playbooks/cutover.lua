@@ -113,7 +113,8 @@ P:step{ "sequences", "Set every sequence on the target ahead of the source's las
 
 P:step{ "no_truncation", "No LOB value truncated by DMS: the task logs, LOB lengths primary vs target",
   run = function(ctx)
-    local r, why = steps.no_truncation(ctx, plan(ctx), tables(ctx), tasks(ctx), "LOB values at the cutover")
+    local r, why = steps.no_truncation(ctx, plan(ctx), tables(ctx), tasks(ctx), "LOB values at the cutover",
+      { settled = true })
     if not r then
       ctx:say("%s", cutover.format_rollback(checklist(ctx)))
       return nil, "refusing to cut over: " .. why .. "; the tasks still run, nothing else was done"

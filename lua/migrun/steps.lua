@@ -19,12 +19,13 @@ playbook keeps only the line that says which tables.
       per-month and exact counts, replica against target, into the report;
       a difference fails the step with the table of them.
   steps.watch_options(ctx) -> the cdc.watch options from config.dms.catch_up
-  steps.no_truncation(ctx, groups, tables, tasks, title) -> facts | nil, why
+  steps.no_truncation(ctx, groups, tables, tasks, title, opts) -> facts | nil, why
       no LOB value was cut by DMS (migrun.lobs): the tasks' CloudWatch logs
       hold no truncation warning and every LOB column in limited LOB mode has
       the same long values on the primary and the target (compared again
-      once every slot has confirmed what the primary had written); anything
-      truncated is named (table, column, key) and fails the step.
+      once every slot has confirmed what the primary had written, unless
+      opts.settled); anything truncated is named (table, column, key) and
+      fails the step.
   steps.live_qa(ctx, groups, tables, title) -> result | nil, why
       primary against target while CDC runs: per-month counts of rows older
       than a minute (newer ones may be in flight), and a difference compared
@@ -115,7 +116,8 @@ local function logs_client(ctx)
   return client
 end
 
-function steps.no_truncation(ctx, groups, tables, tasks, title)
+function steps.no_truncation(ctx, groups, tables, tasks, title, opts)
+  opts = opts or {}
   local c = ctx.config
   local columns = lobs.columns(groups, tables, { lob_max_kb = c.dms.task.lob_max_kb })
   if ctx.dry_run then
@@ -128,10 +130,15 @@ function steps.no_truncation(ctx, groups, tables, tasks, title)
   local r = assert(lobs.check{ source = ctx.source, target = ctx.target, columns = columns,
     dms = ctx:dms(), logs = logs_client(ctx), instance_arn = c.dms.replication_instance_arn,
     tasks = tasks,
-    settle = function()
-      return cdc.wait_applied(ctx.source, slots, { timeout = c.dms.catch_up.timeout, poll = 0.2,
+    -- While the source writes, a long value may be on its way: wait (a
+    -- bounded time: an idle source may never let the slots confirm its last
+    -- LSN) and compare again. At the cutover writes have stopped and every
+    -- slot has confirmed the final LSN already (opts.settled).
+    settle = not opts.settled and function()
+      cdc.wait_applied(ctx.source, slots, { timeout = math.min(c.dms.catch_up.timeout, 60), poll = 0.2,
         sleep = function(t) ctx:sleep(t) end })
-    end })
+      return true
+    end or nil })
   ctx:report_table(title, lobs.report_rows(r))
   if #r.truncated > 0 or #r.log > 0 then
     ctx:say("LOB values truncated by DMS:\n%s", lobs.format(r))
