@@ -144,8 +144,8 @@ function steps.no_truncation(ctx, groups, tables, tasks, title, opts)
     ctx:say("LOB values truncated by DMS:\n%s", lobs.format(r))
     local first = r.truncated[1] or r.log[1]
     return nil, ("%d LOB value(s) truncated and %d truncation warning(s) in the task logs (first: %s%s); "
-      .. "raise lobs.default.max_kb or set truncation_ok = false for the table, then restart its group "
-      .. "(playbooks/partial_restart.lua)"):format(#r.truncated, #r.log,
+      .. "raise the table's LOB limit (lobs.tables[...].max_kb, or lobs.default) or set its truncation_ok "
+      .. "= false, then restart its group (playbooks/partial_restart.lua)"):format(#r.truncated, #r.log,
       first.table and (first.table .. (first.column and ("." .. first.column) or "")) or "?",
       first.key and (" " .. first.key) or "")
   end

@@ -50,6 +50,20 @@ local function group()
     { schema = "public", name = "plain", has_pk = true } } }
 end
 
+describe("the emulator's CDC engine", function()
+  it("takes each table's LOB limit from its table-settings rule", function()
+    local cdc_engine = require "migrun.rehearsal.emulator_cdc"
+    local g = group()
+    local rules = cdc_engine.lob_rules(builders.replication_task(g, { source_endpoint_arn = "a",
+      target_endpoint_arn = "b", replication_instance_arn = "c" }).TableMappings)
+    assert.same({ ["public.docs"] = false }, rules) -- full LOB mode: never cut; the others: the task's limit
+    local m = { rules = { { ["rule-type"] = "table-settings", ["rule-id"] = "9", ["rule-name"] = "9",
+      ["object-locator"] = { ["schema-name"] = "s", ["table-name"] = "t" },
+      ["lob-settings"] = { mode = "limited", ["bulk-max-size"] = "100" } } } }
+    assert.same({ ["s.t"] = 100 * 1024 }, cdc_engine.lob_rules(json.encode(m)))
+  end)
+end)
+
 describe("DMS rules at the emulator", function()
   local e, c, src, dst, rep
 
