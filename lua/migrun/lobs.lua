@@ -90,14 +90,25 @@ local function length_expr(c)
   return c.bytea and ("octet_length(%s)"):format(col) or ("octet_length(%s::text)"):format(col)
 end
 
--- count, sum and max of the lengths over the threshold, on one side
-local function totals(db, c)
-  local len = length_expr(c)
-  local res, err = db:query(("select count(*)::bigint as n, coalesce(sum(%s), 0)::bigint as s, "
-    .. "coalesce(max(%s), 0)::bigint as m from %s where %s > $1"):format(len, len,
-    pg.qualify(c.schema, c.name), len), c.threshold)
+-- Count, sum and max of the lengths over the threshold of every column of one
+-- table, on one side, in one scan: { [column] = {n, s, m} }.
+local function totals(db, cols)
+  local exprs = {}
+  for i, c in ipairs(cols) do
+    local len = length_expr(c)
+    local over = ("%s > %d"):format(len, c.threshold)
+    exprs[#exprs + 1] = ("count(*) filter (where %s)::bigint as n%d, coalesce(sum(%s) filter (where %s), 0)::bigint "
+      .. "as s%d, coalesce(max(%s) filter (where %s), 0)::bigint as m%d"):format(over, i, len, over, i, len, over, i)
+  end
+  local res, err = db:query(("select %s from %s"):format(table.concat(exprs, ", "),
+    pg.qualify(cols[1].schema, cols[1].name)))
   if not res then return nil, err end
-  return res[1]
+  local out = {}
+  for i, c in ipairs(cols) do
+    local r = res[1]
+    out[c.column] = { n = r["n" .. i], s = r["s" .. i], m = r["m" .. i] }
+  end
+  return out
 end
 
 local function key_text(c, row)
@@ -158,19 +169,29 @@ function lobs.compare(source, target, columns, opts)
   opts = opts or {}
   local max_rows = opts.max_rows or lobs.MAX_ROWS
   local out = { rows = {}, truncated = {} }
+  -- the columns by table, in the order given
+  local by_table, order = {}, {}
+  for _, c in ipairs(columns) do
+    if not by_table[c.table] then by_table[c.table] = {}; order[#order + 1] = c.table end
+    table.insert(by_table[c.table], c)
+  end
   local function measure()
     local rows, differ = {}, {}
-    for _, c in ipairs(columns) do
-      local a, err = totals(source, c)
-      if not a then return nil, err end
-      local b
-      b, err = totals(target, c)
-      if not b then return nil, err end
-      local row = { table = c.table, column = c.column, limit = text.bytes(c.limit_bytes),
-        source_rows = a.n, source_bytes = a.s, target_rows = b.n, target_bytes = b.s,
-        source_max = a.m, target_max = b.m, same = a.n == b.n and a.s == b.s and a.m == b.m }
-      rows[#rows + 1] = row
-      if not row.same then differ[#differ + 1] = c end
+    for _, key in ipairs(order) do
+      local cols = by_table[key]
+      local sa, err = totals(source, cols)
+      if not sa then return nil, err end
+      local sb
+      sb, err = totals(target, cols)
+      if not sb then return nil, err end
+      for _, c in ipairs(cols) do
+        local a, b = sa[c.column], sb[c.column]
+        local row = { table = c.table, column = c.column, limit = text.bytes(c.limit_bytes),
+          source_rows = a.n, source_bytes = a.s, target_rows = b.n, target_bytes = b.s,
+          source_max = a.m, target_max = b.m, same = a.n == b.n and a.s == b.s and a.m == b.m }
+        rows[#rows + 1] = row
+        if not row.same then differ[#differ + 1] = c end
+      end
     end
     return rows, differ
   end
