@@ -75,9 +75,9 @@ function M.mask(v, key)
 end
 
 -- "dms <Op> <params>" as the log line shows it.
-function M.summary(op, params)
+function M.summary(op, params, service)
   local masked = M.mask(params or {})
-  return "dms " .. op .. " " .. json.encode(masked)
+  return (service or "dms") .. " " .. op .. " " .. json.encode(masked)
 end
 
 -- error codes from a JSON 1.1 error response (botocore's rules, dms-api.md §1.4)
@@ -193,7 +193,7 @@ function Client:call(op, params)
   -- A dry run still reads (Describe*) when it has credentials, so that what
   -- it prints is what a real run would do; every other call is only shown.
   local reads = (op:match("^Describe") or op:match("^List")) and self.config.credential_source ~= M.DRY_RUN_CREDENTIALS
-  if self.on_call then self.on_call(M.summary(op, params), op, M.mask(params)) end
+  if self.on_call then self.on_call(M.summary(op, params, self.service), op, M.mask(params)) end
   if self.dry_run and not reads then return { dry_run = true } end
   self:_refresh()
   local attempt, taken = 0, 0
