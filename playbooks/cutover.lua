@@ -115,6 +115,17 @@ P:step{ "sequences", "Set every sequence on the target ahead of the source's las
     return { sequences = #r.rows, set = r.set }
   end }
 
+P:step{ "no_truncation", "No LOB value truncated by DMS: the task logs, LOB lengths primary vs target",
+  run = function(ctx)
+    local r, why = steps.no_truncation(ctx, plan(ctx), tables(ctx), tasks(ctx), "LOB values at the cutover",
+      { settled = true })
+    if not r then
+      ctx:say("%s", cutover.format_rollback(checklist(ctx)))
+      return nil, "refusing to cut over: " .. why .. "; the tasks still run, nothing else was done"
+    end
+    return r
+  end }
+
 P:step{ "final_qa", "Final full QA: row counts and row hashes of every table, primary vs target",
   run = function(ctx)
     local r = assert(qa.compare(ctx.source, ctx.target, tables(ctx), ctx.config.qa, { mode = "full" }))

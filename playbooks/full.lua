@@ -80,7 +80,8 @@ P:step{ "groups", "Group the tables into slots (printed before anything is creat
   run = function(ctx)
     local cfg = ctx.config
     local g = assert(groups.plan(tables(ctx), { largest_alone = cfg.groups.largest_alone,
-      explicit = cfg.groups.explicit, prefix = cfg.slots.prefix, lobs = cfg.lobs }))
+      explicit = cfg.groups.explicit, prefix = cfg.slots.prefix, lobs = cfg.lobs,
+      batch_apply = cfg.dms.task.batch_apply }))
     ctx:say("%s", groups.format(g))
     return { groups = g }
   end }
@@ -202,11 +203,15 @@ P:step{ "catch_up", "Watch the tasks catch up; final QA against the primary", al
     if st.exceptions > 0 then ctx:warn("%d row(s) in awsdms_apply_exceptions: look at them before cutover", st.exceptions) end
     local r, why = steps.live_qa(ctx, plan(ctx), tables(ctx), "Final QA (primary vs target)")
     if not r then return nil, why end
+    local lob, lwhy = steps.no_truncation(ctx, plan(ctx), tables(ctx), ctx.facts.dms_setup.tasks,
+      "LOB values (primary vs target)")
+    if not lob then return nil, lwhy end
     ctx:say("READY FOR CUTOVER: %d tasks running, largest lag %s, %d QA checks equal",
       #st.rows, text.bytes(st.max_lag), #r.checks)
     return { ready = true, max_lag = st.max_lag, exceptions = st.exceptions }
   end,
   dry_run = "would watch every task catch up (writing a fence row into " .. fence.KEY .. " on the primary "
-    .. "and seeing it on the target), then compare every table of the primary and the target" }
+    .. "and seeing it on the target), then compare every table of the primary and the target, "
+    .. "and look for truncated LOB values (task logs, LOB lengths)" }
 
 os.exit(P:main(arg))

@@ -50,9 +50,23 @@ return {
 
   -- LOB policy (DMS limited LOB mode): the largest value DMS copies whole
   -- (KB), and whether larger values may be truncated. truncation_ok = false
-  -- gives the table a table-settings rule in full LOB mode, so nothing of it
-  -- is cut (slower, for that table only). Without a per-table entry the limit
-  -- is raised to the largest value measured while getting to know the data.
+  -- gives the table a table-settings rule in full LOB mode (for a PostgreSQL
+  -- source: mode "unlimited", bulk-max-size 0), so nothing of it is cut; it
+  -- is slower, and DMS batch-applies LOBs only in limited LOB mode, so that
+  -- table's whole group runs with batch apply off (the printed plan says so;
+  -- give the table an explicit group of its own to keep batch apply for the
+  -- others). Without a per-table entry the limit is raised above the largest
+  -- value measured while getting to know the data, with a margin: DMS sizes
+  -- LobMaxSize by the largest LOB, and a value that grows during CDC past a
+  -- limit set to exactly that would be cut. The rule: max(2 x largest,
+  -- largest + 1 MiB), in whole KB (largest 200,012 bytes -> 1220 KB; 20 MB ->
+  -- 40 MB), at most DMS's 102400 KB. Twice covers a value that doubles and
+  -- text, which DMS holds as NCLOB at two bytes a character; 1 MiB covers
+  -- small values that grow a lot. A team that knows its data better sets
+  -- max_kb per table (taken as is). Whatever the limit, migrun checks after
+  -- the catch-up and again before the cutover that nothing was truncated (the
+  -- tasks' logs and the LOB lengths, source against target) and stops,
+  -- naming table, column and key, if anything was.
   lobs = {
     default = { max_kb = 32, truncation_ok = true },
     tables = {
@@ -108,8 +122,14 @@ return {
     -- reaches the servers under other names than migrun does.
     source_endpoint = { server_name = "10.0.0.5", port = 5432 },
     target_endpoint = {},
-    -- Task settings: batch apply (left out: DMS's default) and LobMaxSize
-    -- (left out: from lobs).
+    -- CloudWatch Logs endpoint, where migrun reads the tasks' logs for LOB
+    -- truncation warnings (needs logs:FilterLogEvents). Left out:
+    -- endpoint_url when given (the emulator serves both), else AWS.
+    logs_endpoint_url = nil,
+    -- Task settings: batch apply (left out: on, except for the groups DMS
+    -- cannot batch-apply: a table with a primary key and a separate unique
+    -- constraint, or one in full LOB mode; true on such a group is refused)
+    -- and LobMaxSize (left out: from lobs).
     task = { batch_apply = false, lob_max_kb = nil },
     -- Seconds between task starts.
     start_pause = 5,

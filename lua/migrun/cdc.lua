@@ -81,10 +81,32 @@ local function find_endpoint(client, id)
   return list[1] or false
 end
 
-local function ensure_endpoint(client, params)
+-- A resource found by identifier is this migration's unless its
+-- migrun:migration tag names another one (identifiers derive from names, so
+-- two migrations can meet on one: "app" + slot "dms_slot_01" and "app-dms" +
+-- slot "slot_01"). An untagged one (made before migrun tagged) is reused.
+local function owned(client, arn, id, name)
+  if not name then return true end
+  local tags, err = client:list_tags({ arn })
+  if not tags then return nil, err end
+  local owner = (tags[arn] or {})[builders.MIGRATION_TAG]
+  if owner ~= nil and owner ~= name then
+    return nil, errors.new{ kind = "config", where = "dms " .. id, code = "NotThisMigration",
+      message = ("%s exists but belongs to migration %q (tag %s), not %q: nothing was changed")
+        :format(id, owner, builders.MIGRATION_TAG, name),
+      hint = "give this migration another name (config name), or delete what the other one left" }
+  end
+  return true
+end
+
+local function ensure_endpoint(client, params, name)
   local found, err = find_endpoint(client, params.EndpointIdentifier)
   if found == nil then return nil, err end
-  if found then return found.EndpointArn, "reused" end
+  if found then
+    local ok, oerr = owned(client, found.EndpointArn, params.EndpointIdentifier, name)
+    if not ok then return nil, oerr end
+    return found.EndpointArn, "reused"
+  end
   local ep, cerr = client:create_endpoint(params)
   if not ep then return nil, cerr end
   if ep.dry_run then return "arn:dry-run:endpoint:" .. params.EndpointIdentifier, "created" end
@@ -104,8 +126,10 @@ function cdc.ensure_endpoints(client, groups, opts)
   local out = { source = {}, created = {}, reused = {} }
   local function note(id, how) table.insert(how == "created" and out.created or out.reused, id) end
 
+  local tags = opts.name and { [builders.MIGRATION_TAG] = opts.name } or nil
   tgt.identifier = cdc.target_endpoint_id(opts.name)
-  local arn, how = ensure_endpoint(client, builders.target_endpoint(tgt))
+  tgt.tags = tags
+  local arn, how = ensure_endpoint(client, builders.target_endpoint(tgt), opts.name)
   if not arn then return nil, how end
   out.target = arn
   note(tgt.identifier, how)
@@ -113,7 +137,8 @@ function cdc.ensure_endpoints(client, groups, opts)
     local conn = {}
     for k, v in pairs(src) do conn[k] = v end
     conn.identifier = cdc.source_endpoint_id(opts.name, g)
-    arn, how = ensure_endpoint(client, builders.source_endpoint(g, conn))
+    conn.tags = tags
+    arn, how = ensure_endpoint(client, builders.source_endpoint(g, conn), opts.name)
     if not arn then return nil, how end
     out.source[g.slot] = arn
     note(conn.identifier, how)
@@ -157,24 +182,39 @@ end
      ({ batch_apply =, lob_max_kb =, control_schema = }), ready_timeout.
      A task that exists is reused as it is: DMS cannot move a task's start
      position, and a task already running must not be disturbed. Every task's
-     table mappings select migrun.fence too (migrun.fence: how waits end). ]]
+     table mappings select migrun.fence too (migrun.fence: how waits end). A
+     task of another migration (its migrun:migration tag) is refused. A group
+     whose documents would break a DMS rule (builders.check) is a config error
+     before any task is created. ]]
 function cdc.ensure_tasks(client, groups, endpoints, opts)
   local out = { created = {}, reused = {} }
   local created_arns = {}
   local task_opts = opts.task or {}
+  local function configured(g)
+    return setmetatable({ batch_apply = task_opts.batch_apply, lob_max_kb = task_opts.lob_max_kb },
+      { __index = g })
+  end
+  for _, g in ipairs(groups) do
+    local problem = builders.check(configured(g))
+    if problem then
+      return nil, errors.new{ kind = "config", where = "dms " .. g.slot, message = problem .. "; no task was created",
+        hint = "leave dms.task.batch_apply out: batch apply is then off only for the groups that need it" }
+    end
+  end
   for _, g in ipairs(groups) do
     local id = cdc.task_id(opts.name, g)
     local found, err = find_task(client, id)
     if found == nil then return nil, err end
     if found then
+      local ok, oerr = owned(client, found.ReplicationTaskArn, id, opts.name)
+      if not ok then return nil, oerr end
       out[g.slot] = found.ReplicationTaskArn
       out.reused[#out.reused + 1] = id
     else
       -- the task applies its slot's fence rows into the target's migrun.fence
       local with_fence = table.move(g.tables, 1, #g.tables, 1, {})
       with_fence[#with_fence + 1] = fence.table_entry()
-      local group = setmetatable({ batch_apply = task_opts.batch_apply, lob_max_kb = task_opts.lob_max_kb,
-        tables = with_fence }, { __index = g })
+      local group = setmetatable({ tables = with_fence }, { __index = configured(g) })
       local params = builders.replication_task(group, {
         identifier = id,
         source_endpoint_arn = endpoints.source[g.slot],
@@ -182,7 +222,7 @@ function cdc.ensure_tasks(client, groups, endpoints, opts)
         replication_instance_arn = opts.instance_arn,
         cdc_start_position = tostring(opts.start_lsn),
         control_schema = task_opts.control_schema,
-        tags = { { Key = "migrun:migration", Value = opts.name } },
+        tags = { [builders.MIGRATION_TAG] = opts.name },
       })
       local task, cerr = client:create_replication_task(params)
       if not task then return nil, cerr end
@@ -248,6 +288,27 @@ end
      A task by its identifier (cdc.task_id). ]]
 function cdc.find_task(client, id)
   return find_task(client, id)
+end
+
+--[[ cdc.tagged_tasks(client, name) -> { tasks } | nil, err
+     Every task tagged migrun:migration = name, whatever its identifier:
+     DescribeReplicationTasks cannot filter by tag, so every task is listed
+     (without settings) and ListTagsForResource reads the tags of all of them
+     at once (ResourceArnList). ]]
+function cdc.tagged_tasks(client, name)
+  assert(type(name) == "string", "cdc.tagged_tasks: a migration name expected")
+  local all, err = client:describe_replication_tasks{ WithoutSettings = true }
+  if not all then return nil, err end
+  local arns = {}
+  for i, t in ipairs(all) do arns[i] = t.ReplicationTaskArn end
+  local tags
+  tags, err = client:list_tags(arns)
+  if not tags then return nil, err end
+  local out = {}
+  for _, t in ipairs(all) do
+    if (tags[t.ReplicationTaskArn] or {})[builders.MIGRATION_TAG] == name then out[#out + 1] = t end
+  end
+  return out
 end
 
 --[[ cdc.stop_task(client, arn, opts) -> "stopped" | "not running" | "absent" | nil, err

@@ -30,6 +30,12 @@ local json = require "migrun.json"
 local M = {}
 
 M.TARGET_PREFIX = "AmazonDMSv20160101"
+-- CloudWatch Logs speaks the same JSON 1.1 protocol; DMS writes its task logs
+-- there (group dms-tasks-<replication instance id>, stream dms-task-<task
+-- resource id>), and that is where LOB truncation warnings are found.
+M.LOGS_TARGET_PREFIX = "Logs_20140328"
+M.LOGS = { service = "logs", target_prefix = M.LOGS_TARGET_PREFIX, service_env = "CLOUDWATCH_LOGS",
+           service_key = "cloudwatch_logs", endpoint_prefix = "logs" }
 M.DRY_RUN_CREDENTIALS = "none (dry run)"
 M.CONTENT_TYPE = "application/x-amz-json-1.1"
 
@@ -76,9 +82,9 @@ function M.mask(v, key)
 end
 
 -- "dms <Op> <params>" as the log line shows it.
-function M.summary(op, params)
+function M.summary(op, params, service)
   local masked = M.mask(params or {})
-  return "dms " .. op .. " " .. json.encode(masked)
+  return (service or "dms") .. " " .. op .. " " .. json.encode(masked)
 end
 
 -- error codes from a JSON 1.1 error response (botocore's rules, dms-api.md §1.4)
@@ -114,7 +120,7 @@ function M.client(opts)
   if not cfg then
     if not opts.dry_run then return nil, err end
     cfg = { region = opts.region or "us-east-1", credential_source = M.DRY_RUN_CREDENTIALS }
-    cfg.endpoint_url = opts.endpoint_url or credentials.default_endpoint("dms", cfg.region)
+    cfg.endpoint_url = opts.endpoint_url or credentials.default_endpoint(opts.endpoint_prefix or "dms", cfg.region)
   end
   local getenv = os.getenv
   if type(opts.env) == "table" then getenv = function(k) return opts.env[k] end
@@ -124,6 +130,8 @@ function M.client(opts)
   local c = setmetatable({
     config = cfg,
     opts = opts,
+    service = opts.service or "dms",
+    target_prefix = opts.target_prefix or M.TARGET_PREFIX,
     max_attempts = max_attempts,
     timeout = opts.timeout or 60,
     connect_timeout = opts.connect_timeout or 10,
@@ -152,17 +160,17 @@ function Client:_send(op, body)
   local url = cfg.endpoint_url
   if not url:match("^%a[%w+.-]*://[^/]+/") then url = url .. "/" end
   local signed = aws.sign{
-    method = "POST", url = url, body = body, region = cfg.region, service = "dms",
+    method = "POST", url = url, body = body, region = cfg.region, service = self.service,
     access_key = cfg.access_key, secret_key = cfg.secret_key, session_token = cfg.session_token,
-    headers = { ["Content-Type"] = M.CONTENT_TYPE, ["X-Amz-Target"] = M.TARGET_PREFIX .. "." .. op },
+    headers = { ["Content-Type"] = M.CONTENT_TYPE, ["X-Amz-Target"] = self.target_prefix .. "." .. op },
   }
   return aws.request{ url = url, method = "POST", headers = signed.headers, body = body,
-    connect_timeout = self.connect_timeout, timeout = self.timeout, where = "dms " .. op }
+    connect_timeout = self.connect_timeout, timeout = self.timeout, where = self.service .. " " .. op }
 end
 
 -- One attempt: the decoded result, or nil, err (err.retryable decides a retry).
 function Client:_attempt(op, body)
-  local where = "dms " .. op
+  local where = self.service .. " " .. op
   local res, err = self:_send(op, body)
   if not res then
     err.where = where
@@ -194,8 +202,8 @@ function Client:call(op, params)
   local body = json.encode(params)
   -- A dry run still reads (Describe*) when it has credentials, so that what
   -- it prints is what a real run would do; every other call is only shown.
-  local reads = op:match("^Describe") and self.config.credential_source ~= M.DRY_RUN_CREDENTIALS
-  if self.on_call then self.on_call(M.summary(op, params), op, M.mask(params)) end
+  local reads = (op:match("^Describe") or op:match("^List")) and self.config.credential_source ~= M.DRY_RUN_CREDENTIALS
+  if self.on_call then self.on_call(M.summary(op, params, self.service), op, M.mask(params)) end
   if self.dry_run and not reads then return { dry_run = true } end
   self:_refresh()
   local attempt, taken = 0, 0
@@ -319,6 +327,25 @@ function Client:describe_replication_instances(params)
   return self:paginate("DescribeReplicationInstances", params, "ReplicationInstances")
 end
 
+-- The tags of resources: {[arn] = {key = value}} (ListTagsForResource with
+-- ResourceArnList, at most 100 ARNs a call here).
+function Client:list_tags(arns)
+  assert(type(arns) == "table", "list_tags: a list of ARNs expected")
+  local out = {}
+  for i = 1, #arns, 100 do
+    local chunk = json.array()
+    for j = i, math.min(i + 99, #arns) do chunk[#chunk + 1] = arns[j]; out[arns[j]] = {} end
+    local doc, err = self:call("ListTagsForResource", { ResourceArnList = chunk })
+    if not doc then return nil, err end
+    if doc.dry_run then return out end
+    for _, tag in ipairs(doc.TagList or {}) do
+      local arn = tag.ResourceArn or (#chunk == 1 and chunk[1])
+      if out[arn] then out[arn][tag.Key] = tag.Value or "" end
+    end
+  end
+  return out
+end
+
 -- One task by ARN, or nil (no error) when DMS no longer knows it.
 function Client:describe_task(arn)
   local tasks, err = self:describe_replication_tasks{ Filters = { ["replication-task-arn"] = arn } }
@@ -429,4 +456,34 @@ function Client:wait_for_replication_instance(arn, timeout, poll)
 end
 
 M.Client = Client
+--[[ dms.logs_client(opts) -> client | nil, err
+     A CloudWatch Logs client (same options as dms.client; the endpoint from
+     endpoint_url, AWS_ENDPOINT_URL_CLOUDWATCH_LOGS, ... as the AWS CLI finds
+     it). client:filter_log_events{ logGroupName=, logStreamNames=,
+     filterPattern=, startTime= } -> every matching event, following nextToken. ]]
+function M.logs_client(opts)
+  local o = {}
+  for k, v in pairs(opts or {}) do o[k] = v end
+  for k, v in pairs(M.LOGS) do o[k] = v end
+  return M.client(o)
+end
+
+function Client:filter_log_events(params)
+  local p, all, seen = {}, json.array(), {}
+  for k, v in pairs(params) do p[k] = v end
+  while true do
+    local doc, err = self:call("FilterLogEvents", p)
+    if not doc then return nil, err end
+    for _, e in ipairs(doc.events or {}) do all[#all + 1] = e end
+    local token = doc.nextToken
+    if token == nil or token == "" or doc.dry_run then return all end
+    if seen[token] then
+      return nil, errors.new{ kind = "aws", where = "logs FilterLogEvents", code = "PaginationLoop",
+        message = "the service returned the same nextToken twice", retryable = false }
+    end
+    seen[token] = true
+    p.nextToken = token
+  end
+end
+
 return M

@@ -31,22 +31,36 @@ groups.plan(tables, opts) -> plan | nil, err
     names then follow one scheme; the team's name is kept as label).
     LOB policy per table with LOB columns: lobs.tables["s.t"] when given, taken
     as is (a measured value above it is a warning when truncation is not
-    acceptable); otherwise lobs.default with max_kb raised to the measured
-    largest LOB of the table, so that the default never truncates what is
-    there today (truncation_ok still says what happens to bigger values later).
-    Without measurement, the configured max_kb. Defaults: max_kb 32 (DMS's),
-    truncation_ok true.
+    acceptable); otherwise lobs.default with max_kb raised to
+    groups.lob_limit_kb(measured largest LOB): a margin over what is there
+    today, since a value that grows during CDC past a limit set to the
+    largest measured one would be cut (truncation_ok still says what happens
+    to values beyond the margin). Without measurement, the configured max_kb.
+    Defaults: max_kb 32 (DMS's), truncation_ok true.
+      batch_apply    config dms.task.batch_apply: true forced on a group that
+                     DMS cannot batch-apply (builders.check) is a config error
+    Each group gets batch_apply (false, or nil: builders decide) and
+    batch_note: why batch apply is off for it (a table with a primary key and
+    a separate unique constraint, or one in full LOB mode: DMS batch-applies
+    LOB columns only in limited LOB mode), printed with the plan.
     Errors (nil, err of kind "config"): an explicit group naming a table that
     is not among the tables, a table in two explicit groups, an explicit group
     without tables. A prefix that cannot make a PostgreSQL slot name (lowercase
     letters, digits, underscore; the name at most 63 bytes) raises.
 
+groups.lob_limit_kb(bytes) -> KB: the LobMaxSize that leaves a margin over a
+    largest LOB of `bytes`: max(2 x largest, largest + 1 MiB), rounded up to
+    a whole KB, at most builders.MAX_LOB_MAX_KB. DMS sizes by the largest
+    LOB; twice it covers a value that doubles (and NCLOB's two bytes per
+    character), 1 MiB covers small values that grow a lot.
+
 groups.format(plan) -> text: one aligned line per group (slot, tables, size,
-    reason), then the warnings (tables without a primary key, whose updates and
+    reason, batch apply), then the warnings (tables without a primary key, whose updates and
     deletes will not replicate; LOB limits below the measured size).
 ]]
 local errors = require "migrun.error"
 local text = require "migrun.text"
+local builders = require "migrun.dms.builders"
 
 local groups = {}
 
@@ -56,6 +70,12 @@ groups.DEFAULT_LOB_MAX_KB = 32
 local MAX_SLOT_NAME = 63 -- NAMEDATALEN - 1
 
 local key_of = text.key
+
+function groups.lob_limit_kb(largest_bytes)
+  assert(type(largest_bytes) == "number" and largest_bytes >= 0, "groups.lob_limit_kb: a number of bytes expected")
+  local limit = math.max(2 * largest_bytes, largest_bytes + 1024 * 1024)
+  return math.min(math.tointeger(math.ceil(limit / 1024)), builders.MAX_LOB_MAX_KB)
+end
 
 local function slot_name(prefix, i)
   local name = prefix .. ("%02d"):format(i)
@@ -86,7 +106,8 @@ local function lob_policy(t, lobs, warnings)
     end
   else
     max_kb = default.max_kb or groups.DEFAULT_LOB_MAX_KB
-    if t.lob_max_kb and t.lob_max_kb > max_kb then max_kb = t.lob_max_kb end
+    local measured = t.lob_max_bytes or (t.lob_max_kb and t.lob_max_kb * 1024)
+    if measured then max_kb = math.max(max_kb, groups.lob_limit_kb(measured)) end
     ok = default.truncation_ok
     if ok == nil then ok = true end
   end
@@ -114,6 +135,7 @@ function groups.plan(tables, opts)
   assert(math.type(largest_alone) == "integer" and largest_alone >= 0,
     "groups.plan: largest_alone must be an integer >= 0")
   local lobs = opts.lobs or {}
+  assert(opts.batch_apply == nil or type(opts.batch_apply) == "boolean", "groups.plan: batch_apply must be a boolean")
 
   local by_key, ordered = {}, {}
   for _, t in ipairs(tables) do
@@ -198,6 +220,15 @@ function groups.plan(tables, opts)
           .. "its updates and deletes will not"):format(key_of(t))
       end
     end
+    if opts.batch_apply ~= nil then g.batch_apply = opts.batch_apply end
+    local problem = builders.check(g)
+    if problem then
+      return nil, errors.new{ kind = "config", where = "groups", message = problem,
+        hint = "leave dms.task.batch_apply out (batch apply is then off only for the groups that need it), "
+          .. "or accept truncation for the full-LOB-mode tables (lobs.tables[...].truncation_ok = true)" }
+    end
+    local on, why = builders.batch_apply(g)
+    g.batch_note = (not on) and why or nil
     plan[i] = g
   end
   return plan
@@ -218,16 +249,27 @@ end
 
 function groups.format(plan)
   assert(type(plan) == "table", "groups.format: a plan expected")
-  local rows = { { "slot", "size", "reason", "tables" } }
+  local rows = { { "slot", "size", "reason", "batch apply", "tables" } }
   local total, ntables = 0, 0
   for _, g in ipairs(plan) do
     local reason = g.label and ("%s (%s)"):format(g.reason, g.label) or g.reason
-    rows[#rows + 1] = { g.slot, text.bytes(g.bytes), reason,
+    rows[#rows + 1] = { g.slot, text.bytes(g.bytes), reason, g.batch_note and "off" or "on",
                         ("%d: %s"):format(#g.tables, table_list(g, 6)) }
     total, ntables = total + (g.bytes or 0), ntables + #g.tables
   end
   local lines = text.aligned(rows)
   lines[#lines + 1] = ("%d groups, %d tables, %s"):format(#plan, ntables, text.bytes(total))
+  local notes = {}
+  for _, g in ipairs(plan) do
+    if g.batch_note then notes[#notes + 1] = ("  %s: %s"):format(g.slot, g.batch_note) end
+  end
+  if #notes > 0 then
+    -- DMS refuses batch apply for these (builders.transactional_reason): the
+    -- whole group applies one transaction at a time, which is slower
+    lines[#lines + 1] = "batch apply off (DMS allows it neither with full LOB mode nor on tables with "
+      .. "a primary key and a separate unique constraint):"
+    table.move(notes, 1, #notes, #lines + 1, lines)
+  end
   local warnings = {}
   for _, g in ipairs(plan) do
     for _, w in ipairs(g.warnings or {}) do warnings[#warnings + 1] = ("  %s: %s"):format(g.slot, w) end

@@ -19,6 +19,13 @@ playbook keeps only the line that says which tables.
       per-month and exact counts, replica against target, into the report;
       a difference fails the step with the table of them.
   steps.watch_options(ctx) -> the cdc.watch options from config.dms.catch_up
+  steps.no_truncation(ctx, groups, tables, tasks, title, opts) -> facts | nil, why
+      no LOB value was cut by DMS (migrun.lobs): the tasks' CloudWatch logs
+      hold no truncation warning and every LOB column in limited LOB mode has
+      the same long values on the primary and the target (compared again
+      once every slot has confirmed what the primary had written, unless
+      opts.settled); anything truncated is named (table, column, key) and
+      fails the step.
   steps.live_qa(ctx, groups, tables, title) -> result | nil, why
       primary against target while CDC runs (qa.settled): compared once the
       groups' tasks have applied a fence (cdc.wait_applied), per-month counts
@@ -31,6 +38,7 @@ local qa = require "migrun.qa"
 local fullload = require "migrun.fullload"
 local schema = require "migrun.schema"
 local cdc = require "migrun.cdc"
+local lobs = require "migrun.lobs"
 local text = require "migrun.text"
 
 local steps = {}
@@ -97,6 +105,54 @@ function steps.watch_options(ctx)
   local c = ctx.config.dms.catch_up
   return { name = ctx.config.name, source = ctx.source, target = ctx.target, lag_bytes = c.lag_bytes,
            timeout = c.timeout, poll = c.poll, sleep = function(t) ctx:sleep(t) end }
+end
+
+-- The CloudWatch Logs client for the task logs: dms.logs_endpoint_url, else
+-- dms.endpoint_url (the emulator serves both in a rehearsal), else AWS's.
+local function logs_client(ctx)
+  local dms = require "migrun.dms"
+  local c = ctx.config.dms
+  local client, err = dms.logs_client{ region = c.region, endpoint_url = c.logs_endpoint_url or c.endpoint_url,
+    dry_run = ctx.dry_run, on_call = function(line) ctx:_log(line) end }
+  if not client then error(err, 0) end
+  return client
+end
+
+function steps.no_truncation(ctx, groups, tables, tasks, title, opts)
+  opts = opts or {}
+  local c = ctx.config
+  local columns = lobs.columns(groups, tables, { lob_max_kb = c.dms.task.lob_max_kb })
+  if ctx.dry_run then
+    ctx:say("would read the tasks' logs for LOB truncation warnings and compare %d LOB column(s) "
+      .. "of the primary and the target", #columns)
+    return {}
+  end
+  local slots = {}
+  for _, g in ipairs(groups) do slots[#slots + 1] = g.slot end
+  local r = assert(lobs.check{ source = ctx.source, target = ctx.target, columns = columns,
+    dms = ctx:dms(), logs = logs_client(ctx), instance_arn = c.dms.replication_instance_arn,
+    tasks = tasks,
+    -- While the source writes, a long value may be on its way: wait (a
+    -- bounded time: an idle source may never let the slots confirm its last
+    -- LSN) and compare again. At the cutover writes have stopped and every
+    -- slot has confirmed the final LSN already (opts.settled).
+    settle = not opts.settled and function()
+      cdc.wait_applied(ctx.source, slots, { timeout = math.min(c.dms.catch_up.timeout, 60), poll = 0.2,
+        sleep = function(t) ctx:sleep(t) end })
+      return true
+    end or nil })
+  ctx:report_table(title, lobs.report_rows(r))
+  if #r.truncated > 0 or #r.log > 0 then
+    ctx:say("LOB values truncated by DMS:\n%s", lobs.format(r))
+    local first = r.truncated[1] or r.log[1]
+    return nil, ("%d LOB value(s) truncated and %d truncation warning(s) in the task logs (first: %s%s); "
+      .. "raise the table's LOB limit (lobs.tables[...].max_kb, or lobs.default) or set its truncation_ok "
+      .. "= false, then restart its group (playbooks/partial_restart.lua)"):format(#r.truncated, #r.log,
+      first.table and (first.table .. (first.column and ("." .. first.column) or "")) or "?",
+      first.key and (" " .. first.key) or "")
+  end
+  ctx:say("no LOB value truncated: %d LOB column(s) compared, no truncation warning in the task logs", #columns)
+  return { lob_columns = #columns }
 end
 
 function steps.live_qa(ctx, groups, tables, title)

@@ -85,10 +85,14 @@ describe("dms builders", function()
     assert.is_nil(s.Logging.CloudWatchLogGroup)
   end)
 
-  it("turns batch apply on only for groups without PK + separate unique tables", function()
+  it("turns batch apply on only for groups without PK + separate unique tables nor full LOB mode", function()
     local g = runbook_group()
     g.tables[2].has_separate_unique = false
     g.lob_max_kb = nil
+    -- some_table_001 is in full LOB mode: DMS batch-applies LOBs only in limited LOB mode
+    assert.is_false(builders.task_settings(g).TargetMetadata.BatchApplyEnabled)
+    assert.equal("full LOB mode: public.some_table_001", builders.transactional_reason(g))
+    g.tables[1].lob_truncation_ok = true
     local s = builders.task_settings(g)
     assert.is_true(s.TargetMetadata.BatchApplyEnabled)
     assert.are.equal(1200, s.TargetMetadata.LobMaxSize) -- largest table LOB
@@ -114,6 +118,72 @@ describe("dms builders", function()
     -- compared with the golden document byte for byte
     assert.are.equal(fixture("runbook_group_task_settings.json"),
       builders.encode(json.decode(p.ReplicationTaskSettings), "  ") .. "\n")
+  end)
+end)
+
+describe("dms builders obey DMS's rules", function()
+  local opts = { source_endpoint_arn = "arn:src", target_endpoint_arn = "arn:tgt",
+    replication_instance_arn = "arn:rep", cdc_start_position = "4AF/B00000D0" }
+
+  it("never sends batch apply with a full-LOB-mode table", function()
+    -- only a full-LOB-mode table: batch apply would otherwise be on
+    local g = { name = "g", slot = "g", tables = {
+      { schema = "public", name = "docs", has_pk = true, lob_columns = { "body" }, lob_max_kb = 10,
+        lob_truncation_ok = false },
+      { schema = "public", name = "plain", has_pk = true } } }
+    local p = builders.replication_task(g, opts)
+    local settings = json.decode(p.ReplicationTaskSettings)
+    local rules = json.decode(p.TableMappings).rules
+    assert.equal("unlimited", rules[3]["lob-settings"].mode)
+    assert.is_false(settings.TargetMetadata.BatchApplyEnabled)
+    local on, why = builders.batch_apply(g)
+    assert.is_false(on)
+    assert.equal("full LOB mode: public.docs", why)
+    -- forced on: the builders refuse to write the document DMS would refuse
+    g.batch_apply = true
+    assert.matches("batch apply was asked for.*full LOB mode: public%.docs", builders.check(g))
+    assert.error_matches(function() builders.task_settings(g) end, "full LOB mode: public%.docs")
+    -- and on a target table with a primary key and a separate unique constraint
+    local u = { name = "u", slot = "u", batch_apply = true,
+      tables = { { schema = "public", name = "acc", has_pk = true, has_separate_unique = true } } }
+    assert.matches("primary key and separate unique constraint: public%.acc", builders.check(u))
+    u.batch_apply = nil
+    assert.is_nil(builders.check(u))
+  end)
+
+  it("puts a PostgreSQL table in full LOB mode with bulk-max-size 0, not combination mode", function()
+    local rules = builders.table_mappings(runbook_group()).rules
+    local lob = rules[4]["lob-settings"]
+    assert.same({ mode = "unlimited", ["bulk-max-size"] = "0" }, lob)
+    assert.equal("table-settings", rules[4]["rule-type"])
+  end)
+
+  it("names an exact schema and table in table-settings rules, and refuses %", function()
+    local g = { name = "g", slot = "g", tables = {
+      { schema = "public", name = "odd%name", has_pk = true, lob_max_kb = 1, lob_truncation_ok = false } } }
+    assert.error_matches(function() builders.table_mappings(g) end,
+      "table public%.odd%%name: DMS table%-settings rules need an exact schema and table name and refuse %%")
+    for _, r in ipairs(builders.table_mappings(runbook_group()).rules) do
+      if r["rule-type"] == "table-settings" then
+        assert.falsy((r["object-locator"]["schema-name"] .. r["object-locator"]["table-name"]):find("%", 1, true))
+      end
+    end
+  end)
+
+  it("sends Tags on CreateReplicationTask and CreateEndpoint", function()
+    local o = {}
+    for k, v in pairs(opts) do o[k] = v end
+    o.tags = { [builders.MIGRATION_TAG] = "app", team = "billing" }
+    local p = builders.replication_task(runbook_group(), o)
+    assert.same({ { Key = "migrun:migration", Value = "app" }, { Key = "team", Value = "billing" } }, p.Tags)
+    -- a list of {Key, Value} too
+    o.tags = { { Key = "migrun:migration", Value = "app" } }
+    assert.same({ { Key = "migrun:migration", Value = "app" } }, builders.replication_task(runbook_group(), o).Tags)
+    assert.is_nil(builders.replication_task(runbook_group(), opts).Tags)
+    local e = builders.source_endpoint(runbook_group(), { host = "h", user = "u", tags = { [builders.MIGRATION_TAG] = "app" } })
+    assert.same({ { Key = "migrun:migration", Value = "app" } }, e.Tags)
+    assert.truthy(builders.encode(e.Tags):find('^%[')) -- a JSON list, also for one tag
+    assert.error_matches(function() builders.tags{ ["aws:x"] = "1" } end, "not starting with aws:")
   end)
 end)
 

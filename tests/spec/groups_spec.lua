@@ -105,7 +105,8 @@ describe("migrun.groups", function()
     assert.same({ "payload" }, by["public.events"].lob_columns)
     assert.equal(128, by["public.events"].lob_max_kb)      -- configured, though 300 KB measured
     assert.is_false(by["public.events"].lob_truncation_ok)
-    assert.equal(32, by["public.small2"].lob_max_kb)       -- default, measured 3 KB is smaller
+    -- default: a margin over the measured 3 KB, max(2 x 3 KB, 3 KB + 1 MiB)
+    assert.equal(1027, by["public.small2"].lob_max_kb)
     assert.is_true(by["public.small2"].lob_truncation_ok)
     assert.is_nil(by["public.orders"].lob_max_kb)          -- no LOB columns
     assert.same({}, by["public.orders"].lob_columns)
@@ -118,7 +119,7 @@ describe("migrun.groups", function()
     assert.is_true(warned)
 
     plan = assert(groups.plan(sample_tables(), { largest_alone = 1, lobs = { default = { max_kb = 64 } } }))
-    assert.equal(300, plan[1].tables[1].lob_max_kb)         -- raised to the measured largest LOB
+    assert.equal(300 + 1024, plan[1].tables[1].lob_max_kb)  -- raised above the measured largest LOB
     assert.is_true(plan[1].tables[1].lob_truncation_ok)
     plan = assert(groups.plan({ T("a.x", 1, { lobs = { "d" } }) }, {}))
     assert.equal(32, plan[1].tables[1].lob_max_kb)          -- unmeasured: DMS's default
@@ -143,15 +144,54 @@ describe("migrun.groups", function()
     local text = groups.format(plan)
     local lines = {}
     for line in text:gmatch("[^\n]+") do lines[#lines + 1] = line end
-    assert.matches("^slot%s+size%s+reason%s+tables$", lines[1])
-    assert.matches("^dms_slot_01  1%.0 MiB%s+explicit %(billing%)  1: public%.small1$", lines[2])
-    assert.matches("^dms_slot_02  4%.9 GiB%s+largest%s+1: public%.events$", lines[3])
-    assert.matches("^dms_slot_05  752%.0 MiB%s+rest%s+3: public%.items, public%.log, public%.small2$", lines[6])
+    assert.matches("^slot%s+size%s+reason%s+batch apply%s+tables$", lines[1])
+    assert.matches("^dms_slot_01  1%.0 MiB%s+explicit %(billing%)  on%s+1: public%.small1$", lines[2])
+    assert.matches("^dms_slot_02  4%.9 GiB%s+largest%s+on%s+1: public%.events$", lines[3])
+    assert.matches("^dms_slot_04  320%.0 MiB%s+pk%+unique%s+off%s+2: public%.users, public%.accounts$", lines[5])
+    assert.matches("^dms_slot_05  752%.0 MiB%s+rest%s+on%s+3: public%.items, public%.log, public%.small2$", lines[6])
     -- columns line up
     assert.equal(lines[2]:find("1%.0 MiB"), lines[3]:find("4%.9 GiB"))
     assert.equal("5 groups, 8 tables, 6.8 GiB", lines[7])
-    assert.equal("warnings:", lines[8])
+    assert.matches("^batch apply off", lines[8])
+    assert.equal("  dms_slot_04: primary key and separate unique constraint: public.users, public.accounts", lines[9])
+    assert.equal("warnings:", lines[10])
     assert.matches("dms_slot_05: public.log has no primary key: only its inserts replicate, its updates and deletes will not",
-      lines[9], 1, true)
+      lines[11], 1, true)
+  end)
+
+  it("leaves a margin over the largest LOB measured: max(2 x largest, largest + 1 MiB), in whole KB", function()
+    -- the issue's case: 200,012 bytes measured; the old limit (196 KB, 200,704 bytes) cut a value
+    -- that grew by 1 KB during CDC
+    local kb = groups.lob_limit_kb(200012)
+    assert.equal(math.ceil((200012 + 1048576) / 1024), kb)
+    assert.is_true(kb * 1024 >= 200012 + 1024)
+    assert.equal(4 * 1024, groups.lob_limit_kb(2 * 1048576))     -- 2 MiB: twice it
+    assert.equal(1024, groups.lob_limit_kb(0))
+    assert.equal(builders.MAX_LOB_MAX_KB, groups.lob_limit_kb(80 * 1048576)) -- DMS's largest
+    local t = T("a.doc", 1, { lobs = { "body" }, lob_kb = 196 })
+    t.lob_max_bytes = 200012
+    local plan = assert(groups.plan({ t }, {}))
+    assert.equal(kb, plan[1].tables[1].lob_max_kb)
+  end)
+
+  it("switches batch apply off for a group with a full-LOB-mode table, and says so", function()
+    local lobs = { tables = { ["public.events"] = { max_kb = 128, truncation_ok = false } } }
+    local plan = assert(groups.plan(sample_tables(), { largest_alone = 1, lobs = lobs }))
+    assert.same({ "public.events" }, keys(plan[1]))
+    assert.equal("full LOB mode: public.events", plan[1].batch_note)
+    local on = builders.batch_apply(plan[1])
+    assert.is_false(on)
+    assert.is_false(builders.task_settings(plan[1]).TargetMetadata.BatchApplyEnabled)
+    assert.is_nil(plan[#plan].batch_note)                   -- the rest: batch apply on
+    assert.truthy(groups.format(plan):find("dms_slot_01: full LOB mode: public.events", 1, true))
+    -- forced on by the config: refused before anything exists, naming the table
+    local p2, err = groups.plan(sample_tables(), { largest_alone = 1, lobs = lobs, batch_apply = true })
+    assert.is_nil(p2)
+    assert.equal("config", err.kind)
+    assert.matches("batch apply was asked for %(dms%.task%.batch_apply = true%).*full LOB mode: public%.events",
+      tostring(err))
+    -- forced off is always allowed
+    plan = assert(groups.plan(sample_tables(), { largest_alone = 1, lobs = lobs, batch_apply = false }))
+    assert.equal("configured", plan[#plan].batch_note)
   end)
 end)

@@ -21,8 +21,28 @@
 --     lob_max_kb = 64,                -- LobMaxSize for the task (KB); default: the
 --                                     -- largest lob_max_kb of the tables, else 32
 --     batch_apply = nil,              -- force BatchApplyEnabled; default: off when a
---                                     -- table has a PK and a separate unique constraint
+--                                     -- table has a PK and a separate unique constraint,
+--                                     -- or a table is in full LOB mode (M.batch_apply)
 --   }
+--
+-- The DMS rules these documents obey (AWS DMS User Guide; docs/dms-emulator.md
+-- lists them with the emulator's refusals):
+--   * batch apply with LOB columns only in limited LOB mode ("Target metadata
+--     task settings", BatchApplyEnabled:
+--     https://docs.aws.amazon.com/dms/latest/userguide/CHAP_Tasks.CustomizingTasks.TaskSettings.TargetMetadata.html),
+--     and never on a target table with a primary key and another unique
+--     constraint (same page);
+--   * a table-settings rule in full LOB mode for a PostgreSQL source is mode
+--     "unlimited" with bulk-max-size 0: a nonzero bulk-max-size there is
+--     "combination" mode, for Db2 and SAP ASE sources only; "limited" needs a
+--     nonzero bulk-max-size ("Table and collection settings rules and
+--     operations", lob-settings:
+--     https://docs.aws.amazon.com/dms/latest/userguide/CHAP_Tasks.CustomizingTasks.TableMapping.SelectionTransformation.Tablesettings.html);
+--   * a table-settings rule names an exact schema and table: no % (same page);
+--   * Tags ([{Key, Value}]) are given to CreateEndpoint and CreateReplicationTask
+--     and read back with ListTagsForResource (ResourceArnList: many at once;
+--     https://docs.aws.amazon.com/dms/latest/APIReference/API_ListTagsForResource.html),
+--     since DescribeReplicationTasks cannot filter by tag.
 local json = require "migrun.json"
 local text = require "migrun.text"
 
@@ -37,13 +57,13 @@ M.LOG_COMPONENTS = {
 
 M.DEFAULT_LOB_MAX_KB = 32       -- DMS's own LobMaxSize default
 M.MAX_LOB_MAX_KB = 102400       -- the largest LobMaxSize DMS recommends (100 MB)
--- lob-settings for tables whose LOBs must not be truncated: the runbook's form
--- (mode "unlimited" = full LOB mode for that table only, bulk-max-size "64").
--- dms-api.md §3.2 notes that a nonzero bulk-max-size with "unlimited" is
--- documented as "combination mode" for Db2/SAP ASE sources only, and that 0
--- means plain full LOB mode; pass strict_lob = {mode = "unlimited",
--- bulk_max_kb = 0} to table_mappings/replication_task to choose that instead.
-M.STRICT_LOB_SETTINGS = { mode = "unlimited", bulk_max_kb = 64 }
+-- lob-settings for tables whose LOBs must not be truncated: full LOB mode for
+-- that table only. The runbook wrote bulk-max-size "64", which DMS documents as
+-- "combination" LOB mode, available for Db2 and SAP ASE sources only; for a
+-- PostgreSQL source full LOB mode is bulk-max-size 0.
+M.FULL_LOB_SETTINGS = { mode = "unlimited", ["bulk-max-size"] = "0" }
+-- The tag every endpoint and task of a migration carries: its name.
+M.MIGRATION_TAG = "migrun:migration"
 
 local function check_group(g)
   assert(type(g) == "table", "slot group expected")
@@ -72,6 +92,36 @@ local function strict(t)
   return has_lobs(t) and t.lob_truncation_ok == false
 end
 
+-- True when the table gets a table-settings rule in full LOB mode.
+function M.full_lob_mode(t) return strict(t) end
+
+-- Tags as DMS takes them, [{Key, Value}] sorted by key, from a {key = value}
+-- map or a list of {Key=, Value=} (nil stays nil).
+function M.tags(t)
+  if t == nil then return nil end
+  assert(type(t) == "table", "tags: a {key = value} map or a list of {Key =, Value =} expected")
+  local map = {}
+  if #t > 0 then
+    for _, tag in ipairs(t) do
+      assert(type(tag) == "table" and type(tag.Key) == "string", "tags: {Key =, Value =} expected")
+      map[tag.Key] = tag.Value
+    end
+  else
+    for k, v in pairs(t) do map[k] = v end
+  end
+  local keys = {}
+  for k in pairs(map) do
+    assert(type(k) == "string" and #k >= 1 and #k <= 128 and not k:lower():match("^aws:")
+      and not k:lower():match("^dms:"),
+      ("tag key %q: 1 to 128 characters, not starting with aws: or dms: (DMS's Tag)"):format(tostring(k)))
+    keys[#keys + 1] = k
+  end
+  table.sort(keys)
+  local out = json.array()
+  for _, k in ipairs(keys) do out[#out + 1] = { Key = k, Value = tostring(map[k] == nil and "" or map[k]) } end
+  return out
+end
+
 -- The ExtraConnectionAttributes of a source endpoint reading slot (runbook step 2).
 function M.extra_connection_attributes(slot)
   return "PluginName=PGLOGICAL;slotName=" .. slot
@@ -90,14 +140,7 @@ local function endpoint(kind, conn, id)
     Password = conn.password,
     SslMode = conn.ssl_mode or conn.sslmode,
   }
-  if conn.tags then
-    local tags = json.array()
-    local keys = {}
-    for k in pairs(conn.tags) do keys[#keys + 1] = k end
-    table.sort(keys)
-    for _, k in ipairs(keys) do tags[#tags + 1] = { Key = k, Value = tostring(conn.tags[k]) } end
-    p.Tags = tags
-  end
+  p.Tags = M.tags(conn.tags)
   return p
 end
 
@@ -124,7 +167,8 @@ end
 
 -- The table mappings document (a table; encode with M.encode): one selection
 -- rule per table in group order, then one table-settings rule per table whose
--- LOBs must not be truncated. opts: first_rule_id (default 1), strict_lob.
+-- LOBs must not be truncated (full LOB mode, M.FULL_LOB_SETTINGS). opts:
+-- first_rule_id (default 1).
 function M.table_mappings(group, opts)
   check_group(group)
   opts = opts or {}
@@ -147,15 +191,19 @@ function M.table_mappings(group, opts)
   end
   local by_name = {}
   for _, t in ipairs(group.tables) do by_name[t.name] = (by_name[t.name] or 0) + 1 end
-  local lob = opts.strict_lob or M.STRICT_LOB_SETTINGS
   for _, t in ipairs(group.tables) do
     if strict(t) then
+      -- DMS wants exact names in a table-settings rule and takes % as a wildcard
+      assert(not (t.schema .. t.name):find("%", 1, true), ("slot group %s: table %s: DMS "
+        .. "table-settings rules need an exact schema and table name and refuse %%; rename the "
+        .. "table or accept truncation for it (lobs.tables[%q].truncation_ok = true)"):format(
+        group.name, text.key(t), text.key(t)))
       rules[#rules + 1] = {
         ["rule-type"] = "table-settings",
         ["rule-id"] = tostring(id),
         ["rule-name"] = (by_name[t.name] > 1 and (t.schema .. "-") or "") .. t.name .. "-lob",
         ["object-locator"] = { ["schema-name"] = t.schema, ["table-name"] = t.name },
-        ["lob-settings"] = { mode = lob.mode, ["bulk-max-size"] = tostring(math.tointeger(lob.bulk_max_kb) or lob.bulk_max_kb) },
+        ["lob-settings"] = { mode = M.FULL_LOB_SETTINGS.mode, ["bulk-max-size"] = M.FULL_LOB_SETTINGS["bulk-max-size"] },
       }
       id = id + 1
     end
@@ -163,13 +211,48 @@ function M.table_mappings(group, opts)
   return { rules = rules }
 end
 
--- True when batch apply must stay off: a table with a PK and a separate unique
--- constraint (DMS batch apply does not support both, dms-api.md §8).
-function M.needs_transactional_apply(group)
+-- Why batch apply must stay off for the group, or nil: a table with a PK and a
+-- separate unique constraint (DMS refuses such target tables in batch apply),
+-- or a table in full LOB mode (DMS batch-applies LOB columns only in limited
+-- LOB mode). -> reason text, the tables concerned
+function M.transactional_reason(group)
+  local both, full = {}, {}
   for _, t in ipairs(group.tables) do
-    if t.has_pk and t.has_separate_unique then return true end
+    if t.has_pk and t.has_separate_unique then both[#both + 1] = text.key(t) end
+    if strict(t) then full[#full + 1] = text.key(t) end
   end
-  return false
+  local why = {}
+  if #both > 0 then why[#why + 1] = "primary key and separate unique constraint: " .. table.concat(both, ", ") end
+  if #full > 0 then why[#why + 1] = "full LOB mode: " .. table.concat(full, ", ") end
+  if #why == 0 then return nil end
+  return table.concat(why, "; ")
+end
+
+-- True when batch apply must stay off (M.transactional_reason).
+function M.needs_transactional_apply(group)
+  return M.transactional_reason(group) ~= nil
+end
+
+-- BatchApplyEnabled for the group: group.batch_apply when given, else on
+-- unless M.transactional_reason. -> enabled, reason (why it is off)
+function M.batch_apply(group)
+  local why = M.transactional_reason(group)
+  if group.batch_apply ~= nil then return group.batch_apply, (not group.batch_apply) and "configured" or nil end
+  return why == nil, why
+end
+
+-- The DMS rules a group's documents would break, as configured: nil when
+-- none, else a sentence naming the tables and what to change. Forcing
+-- batch_apply = true on a group that needs transactional apply is the one a
+-- configuration can cause.
+function M.check(group)
+  check_group(group)
+  local why = M.transactional_reason(group)
+  if group.batch_apply == true and why then
+    return ("slot group %s: batch apply was asked for (dms.task.batch_apply = true), but DMS "
+      .. "refuses it for %s"):format(group.name, why)
+  end
+  return nil
 end
 
 -- LobMaxSize (KB) for the group's task.
@@ -205,8 +288,9 @@ end
 function M.task_settings(group, opts)
   check_group(group)
   opts = opts or {}
-  local batch = group.batch_apply
-  if batch == nil then batch = not M.needs_transactional_apply(group) end
+  local problem = M.check(group)
+  assert(not problem, problem)
+  local batch = M.batch_apply(group)
   local components = json.array()
   for _, id in ipairs(M.LOG_COMPONENTS) do
     components[#components + 1] = { Id = id, Severity = opts.log_severity or "LOGGER_SEVERITY_DEFAULT" }
@@ -240,8 +324,8 @@ end
 -- CreateReplicationTask parameters for the group's CDC-only task.
 -- opts: source_endpoint_arn, target_endpoint_arn, replication_instance_arn,
 --       cdc_start_position (an LSN value or text like "4AF/B00000D0"),
---       identifier (default "<group>-cdc"), tags, plus the task_settings and
---       table_mappings options.
+--       identifier (default "<group>-cdc"), tags (M.tags: a map or a list),
+--       plus the task_settings and table_mappings options.
 function M.replication_task(group, opts)
   check_group(group)
   assert(type(opts) == "table", "task options expected")
@@ -258,6 +342,7 @@ function M.replication_task(group, opts)
     ReplicationTaskSettings = M.encode(M.task_settings(group, opts)),
   }
   if opts.cdc_start_position ~= nil then p.CdcStartPosition = tostring(opts.cdc_start_position) end
+  p.Tags = M.tags(opts.tags)
   return p
 end
 

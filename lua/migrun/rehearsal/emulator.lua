@@ -30,6 +30,7 @@ local M = {}
 M.ACCOUNT = "123456789012"
 M.TARGET_PREFIX = dms.TARGET_PREFIX -- the wire protocol is the client's, not a copy of it
 M.CONTROL_PREFIX = "MigrunEmulator"
+M.LOGS_PREFIX = dms.LOGS_TARGET_PREFIX
 M.CONTENT_TYPE = dms.CONTENT_TYPE
 M.INSTANCE_ID = "migrun-emulator"
 
@@ -526,8 +527,10 @@ function Emu:verify_signature(req)
   if region ~= self.region then
     fault("InvalidSignatureException", ("Credential should be scoped to a valid region, not '%s'."):format(region), 403)
   end
-  if service ~= "dms" then
-    fault("InvalidSignatureException", ("Credential should be scoped to correct service: 'dms'."), 403)
+  -- CloudWatch Logs (the task logs) is served on the same port, signed for "logs"
+  local want = (h["x-amz-target"] or ""):match("^" .. M.LOGS_PREFIX .. "%.") and "logs" or "dms"
+  if service ~= want then
+    fault("InvalidSignatureException", ("Credential should be scoped to correct service: '%s'."):format(want), 403)
   end
   local list = {}
   for name in (signed .. ";"):gmatch("([^;]*);") do list[name] = true end
@@ -554,6 +557,7 @@ end
 
 local OPS = {}        -- AmazonDMSv20160101.<Op> -> function(self, params)
 local CONTROL = {}    -- MigrunEmulator.<Op>
+local LOGS = {}       -- Logs_20140328.<Op> (CloudWatch Logs: the task logs)
 
 -- handle(req) -> { status=, headers=, body=, delay= }
 function Emu:handle(req)
@@ -562,13 +566,14 @@ function Emu:handle(req)
     if req.method ~= "POST" then fault("UnknownOperationException", "Only POST / is served.", 404) end
     self:verify_signature(req)
     local target = req.headers["x-amz-target"] or ""
-    local prefix, op = target:match("^([%w]+)%.(%w+)$")
+    local prefix, op = target:match("^([%w_]+)%.(%w+)$")
     local fn
     if prefix == M.TARGET_PREFIX then fn = OPS[op]
-    elseif prefix == M.CONTROL_PREFIX then fn = CONTROL[op] end
+    elseif prefix == M.CONTROL_PREFIX then fn = CONTROL[op]
+    elseif prefix == M.LOGS_PREFIX then fn = LOGS[op] end
     if not fn then fault("UnknownOperationException", "", 400) end
     local ctype = req.headers["content-type"] or ""
-    if prefix == M.TARGET_PREFIX and not ctype:find("application/x-amz-json-1.1", 1, true) then
+    if prefix ~= M.CONTROL_PREFIX and not ctype:find("application/x-amz-json-1.1", 1, true) then
       fault("UnknownOperationException", "Content-Type must be application/x-amz-json-1.1", 400)
     end
     local params = {}
@@ -642,6 +647,81 @@ function Emu:_instance(arn)
 end
 
 ------------------------------------------------------------------------------
+-- tags (dms-api.md §2.1, DMS API Tag: Key 1-128 characters, Value 0-256, no
+-- "aws:" or "dms:" prefix; kept in order, a key given again replaces its value)
+
+local function check_tags(tags, list)
+  list = list or {}
+  for _, tag in ipairs(tags or {}) do
+    if type(tag) ~= "table" or json.is_array(tag) then fault("SerializationException", "Tags must be a list of {Key, Value}") end
+    local key = req_string(tag, "Key")
+    local value = typed(tag, "Value", "string") or ""
+    if #key < 1 or #key > 128 or #value > 256 then
+      invalid(("Tag key must be 1 to 128 characters and its value at most 256: %s"):format(key))
+    end
+    if key:lower():match("^aws:") or key:lower():match("^dms:") then
+      invalid("Tag keys may not begin with aws: or dms: " .. key)
+    end
+    local found = false
+    for _, t in ipairs(list) do
+      if t.Key == key then t.Value, found = value, true end
+    end
+    if not found then list[#list + 1] = { Key = key, Value = value } end
+  end
+  return list
+end
+
+-- The resource (endpoint, task or the replication instance) of an ARN.
+function Emu:_tagged(arn)
+  local r = self.endpoints[arn] or self.tasks[arn] or self.instances[arn]
+  if not r then not_found(("Resource %s not found"):format(tostring(arn))) end
+  r._tags = r._tags or {}
+  return r
+end
+
+-- ListTagsForResource: ResourceArn or ResourceArnList; every tag comes back
+-- with the ARN it belongs to (API_ListTagsForResource, API_Tag).
+function OPS.ListTagsForResource(self, p)
+  typed(p, "ResourceArn", "string")
+  local arns = typed(p, "ResourceArnList", "array")
+  local list = {}
+  if p.ResourceArn then list[1] = p.ResourceArn end
+  for _, a in ipairs(arns or {}) do
+    if type(a) ~= "string" then fault("SerializationException", "ResourceArnList must be a list of strings") end
+    list[#list + 1] = a
+  end
+  if #list == 0 then invalid("Either ResourceArn or ResourceArnList must be specified.") end
+  local out = json.array()
+  for _, arn in ipairs(list) do
+    for _, t in ipairs(self:_tagged(arn)._tags) do
+      out[#out + 1] = { Key = t.Key, Value = t.Value, ResourceArn = arn }
+    end
+  end
+  return { TagList = out }
+end
+
+function OPS.AddTagsToResource(self, p)
+  local r = self:_tagged(req_string(p, "ResourceArn"))
+  required(p, "Tags")
+  typed(p, "Tags", "array")
+  check_tags(p.Tags, r._tags)
+  return {}
+end
+
+function OPS.RemoveTagsFromResource(self, p)
+  local r = self:_tagged(req_string(p, "ResourceArn"))
+  required(p, "TagKeys")
+  local gone = {}
+  for _, k in ipairs(typed(p, "TagKeys", "array")) do gone[tostring(k)] = true end
+  local keep = {}
+  for _, t in ipairs(r._tags) do
+    if not gone[t.Key] then keep[#keep + 1] = t end
+  end
+  r._tags = keep
+  return {}
+end
+
+------------------------------------------------------------------------------
 -- endpoints
 
 local ENGINES = { postgres = "PostgreSQL", ["aurora-postgresql"] = "Amazon Aurora PostgreSQL" }
@@ -710,7 +790,7 @@ function OPS.CreateEndpoint(self, p)
     ServiceAccessRoleArn = p.ServiceAccessRoleArn,
     PostgreSQLSettings = settings,
     _password = p.Password or pg.Password,
-    _tags = p.Tags,
+    _tags = check_tags(p.Tags),
   }
   self.endpoints[arn] = ep
   self.endpoint_order[#self.endpoint_order + 1] = arn
@@ -898,6 +978,69 @@ local function check_mappings(s)
   return doc
 end
 
+--[[ The DMS rules that concern migrun's documents together (mappings, task
+settings, the source engine), each refused with InvalidParameterValueException
+as DMS answers invalid mappings and settings (docs/dms-emulator.md, "Rules"):
+  * a table-settings rule names an exact schema and table (no %): DMS's own
+    text, "Error in mapping rules. Rule with ruleId = x failed validation. Exact
+    schema and table name required when using table settings rule.";
+  * lob-settings "unlimited" with a nonzero bulk-max-size is combination LOB
+    mode, for Db2 and SAP ASE sources only; "limited" needs a nonzero one;
+  * BatchApplyEnabled with LOB columns only in limited LOB mode: not with
+    TargetMetadata.FullLobMode, nor with a table-settings rule in full LOB mode
+    (TargetMetadata task settings, BatchApplyEnabled). ]]
+local COMBINATION_ENGINES = { db2 = true, ["db2-zos"] = true, sybase = true }
+
+local function rule_error(r, why)
+  invalid(("Error in mapping rules. Rule with ruleId = %s failed validation. %s"):format(
+    tostring(r["rule-id"]), why))
+end
+
+local function check_rules(mappings, settings, source_engine)
+  local doc = json.decode(mappings) or {}
+  local tm = (type(settings) == "table" and settings.TargetMetadata) or {}
+  local batch = tm.BatchApplyEnabled == true
+  if batch and tm.SupportLobs ~= false and tm.FullLobMode == true then
+    invalid("Batch apply (TargetMetadata.BatchApplyEnabled) supports LOB columns only in limited LOB mode; "
+      .. "FullLobMode is set.")
+  end
+  for _, r in ipairs(doc.rules or {}) do
+    if type(r) == "table" and r["rule-type"] == "table-settings" then
+      local loc = r["object-locator"]
+      if type(loc) ~= "table" or type(loc["schema-name"]) ~= "string" or type(loc["table-name"]) ~= "string"
+         or loc["schema-name"]:find("%", 1, true) or loc["table-name"]:find("%", 1, true) then
+        rule_error(r, "Exact schema and table name required when using table settings rule.")
+      end
+      local lob = r["lob-settings"]
+      if lob ~= nil then
+        if type(lob) ~= "table" then rule_error(r, "lob-settings must be an object.") end
+        local mode = lob.mode or "limited"
+        local size = lob["bulk-max-size"]
+        local kb = tonumber(size)
+        if size ~= nil and (not kb or kb < 0 or kb ~= math.floor(kb)) then
+          rule_error(r, ("bulk-max-size '%s' is not a whole number of KB."):format(tostring(size)))
+        end
+        if mode == "unlimited" then
+          if kb and kb ~= 0 and not COMBINATION_ENGINES[source_engine] then
+            rule_error(r, ("lob-settings mode 'unlimited' with a nonzero bulk-max-size is combination LOB mode, "
+              .. "supported only for Db2 and SAP ASE sources, not %s: use bulk-max-size 0 for full LOB mode.")
+              :format(tostring(source_engine)))
+          end
+          if batch then
+            invalid(("Batch apply (TargetMetadata.BatchApplyEnabled) supports LOB columns only in limited LOB "
+              .. "mode; table-settings rule %s sets full LOB mode for %s.%s."):format(tostring(r["rule-id"]),
+              loc["schema-name"], loc["table-name"]))
+          end
+        elseif mode == "limited" then
+          if not kb or kb == 0 then rule_error(r, "lob-settings mode 'limited' needs a nonzero bulk-max-size.") end
+        elseif mode ~= "none" then
+          rule_error(r, ("lob-settings mode '%s' is not one of limited, unlimited, none."):format(tostring(mode)))
+        end
+      end
+    end
+  end
+end
+
 local function check_settings(s, on_create)
   if s == nil then return {} end
   local doc = decode_doc(s, "Invalid task settings JSON")
@@ -946,9 +1089,11 @@ function OPS.CreateReplicationTask(self, p)
   check_identifier(id, "ReplicationTaskIdentifier")
   if not MIGRATION_TYPES[mtype] then invalid("Invalid value for MigrationType: " .. mtype) end
   check_mappings(mappings)
-  check_settings(p.ReplicationTaskSettings, true)
+  local settings = check_settings(p.ReplicationTaskSettings, true)
   check_positions(p)
+  local tags = check_tags(p.Tags)
   local sep, tep = self:_endpoint(src), self:_endpoint(dst)
+  check_rules(mappings, settings, sep.EngineName)
   self:_instance(iarn)
   if sep.EndpointType ~= "SOURCE" then invalid("Endpoint " .. src .. " is not a source endpoint") end
   if tep.EndpointType ~= "TARGET" then invalid("Endpoint " .. dst .. " is not a target endpoint") end
@@ -981,7 +1126,8 @@ function OPS.CreateReplicationTask(self, p)
       TablesLoading = 0, TablesQueued = 0, TablesErrored = 0 },
     _has_run = false,
     _tables = {}, _table_order = {},
-    _log = {},
+    _log = {}, _log_times = {},
+    _tags = tags,
   }
   self.tasks[arn] = t
   self.task_order[#self.task_order + 1] = arn
@@ -1003,6 +1149,7 @@ end
 function Emu:task_log(t, line, component, level)
   if component then line = ("[%-15s]%s: %s"):format(component, level or "I", line) end
   t._log[#t._log + 1] = line
+  t._log_times[#t._log] = math.floor(self.clock() * 1000)
   self.log(t.ReplicationTaskIdentifier .. ": " .. line)
 end
 
@@ -1150,6 +1297,8 @@ function OPS.ModifyReplicationTask(self, p)
   end
   if p.TableMappings then check_mappings(p.TableMappings) end
   if p.ReplicationTaskSettings then check_settings(p.ReplicationTaskSettings, false) end
+  check_rules(p.TableMappings or t.TableMappings, json.decode(p.ReplicationTaskSettings or t.ReplicationTaskSettings),
+    self:_endpoint(t.SourceEndpointArn).EngineName)
   if p.ReplicationTaskIdentifier then
     check_identifier(p.ReplicationTaskIdentifier, "ReplicationTaskIdentifier")
     for _, other in ipairs(self.task_order) do
@@ -1272,6 +1421,75 @@ function CONTROL.GetTaskLog(self, p)
   return { Lines = json.array(t._log) }
 end
 
+------------------------------------------------------------------------------
+-- CloudWatch Logs: DMS sends a task's log to the group dms-tasks-<replication
+-- instance id>, stream dms-task-<task resource id> (the ARN's last part).
+-- FilterLogEvents with logGroupName, logStreamNames, filterPattern (terms that
+-- must all appear, or a "quoted phrase"), startTime/endTime (ms), limit and
+-- nextToken; errors as CloudWatch Logs answers them.
+
+function M.log_group(instance_id) return "dms-tasks-" .. instance_id end
+function M.log_stream(task_arn) return "dms-task-" .. tostring(task_arn):match("([^:]+)$") end
+
+local function pattern_terms(pat)
+  local terms = {}
+  if pat == nil or pat == "" then return terms end
+  local phrase = pat:match('^%s*"(.*)"%s*$')
+  if phrase then return { phrase } end
+  for w in pat:gmatch("%S+") do terms[#terms + 1] = w end
+  return terms
+end
+
+function LOGS.FilterLogEvents(self, p)
+  local group = req_string(p, "logGroupName")
+  local streams = typed(p, "logStreamNames", "array")
+  local pat = typed(p, "filterPattern", "string")
+  local from = typed(p, "startTime", "integer")
+  local to = typed(p, "endTime", "integer")
+  local limit = typed(p, "limit", "integer") or 10000
+  local token = typed(p, "nextToken", "string")
+  if group ~= M.log_group(M.INSTANCE_ID) then
+    fault("ResourceNotFoundException", "The specified log group does not exist.")
+  end
+  local wanted
+  if streams then
+    wanted = {}
+    for _, s in ipairs(streams) do wanted[tostring(s)] = true end
+  end
+  local terms = pattern_terms(pat)
+  local events = {}
+  for _, arn in ipairs(self.task_order) do
+    local t = self.tasks[arn]
+    local stream = M.log_stream(arn)
+    if not wanted or wanted[stream] then
+      for i, line in ipairs(t._log) do
+        local at = t._log_times[i] or 0
+        local keep = (not from or at >= from) and (not to or at <= to)
+        for _, term in ipairs(terms) do
+          if keep and not line:find(term, 1, true) then keep = false end
+        end
+        if keep then
+          events[#events + 1] = { logStreamName = stream, timestamp = at, ingestionTime = at, message = line,
+            eventId = ("%s-%d"):format(stream, i) }
+        end
+      end
+    end
+  end
+  table.sort(events, function(a, b)
+    if a.timestamp ~= b.timestamp then return a.timestamp < b.timestamp end
+    return a.eventId < b.eventId
+  end)
+  local start = 1
+  if token then
+    start = math.tointeger(tonumber(token:match("^emu%-token%-(%d+)$")))
+    if not start then fault("InvalidParameterException", "The specified nextToken is invalid.") end
+  end
+  local out = json.array()
+  for i = start, math.min(#events, start + limit - 1) do out[#out + 1] = events[i] end
+  local next_token = (start + limit <= #events) and ("emu-token-" .. (start + limit)) or nil
+  return { events = out, nextToken = next_token, searchedLogStreams = json.array() }
+end
+
 --[[ emulator.control(client, op, params) -> doc | nil, err
      Calls a MigrunEmulator.<op> through a migrun.dms client's endpoint and
      credentials (signed, no retries). ]]
@@ -1296,5 +1514,6 @@ end
 
 M.OPS = OPS
 M.CONTROL = CONTROL
+M.LOGS = LOGS
 M.Emulator = Emu
 return M

@@ -12,7 +12,9 @@ confirms them with pg_replication_slot_advance. What DMS does that is modelled:
   * limited LOB mode: a LOB column value longer than LobMaxSize KB is cut
     (on a UTF-8 boundary) and "[SOURCE_CAPTURE ]W: Value of column ..." is
     logged; FailTasksOnLobTruncation on the source endpoint fails the task;
-    SupportLobs=false leaves LOB columns out;
+    SupportLobs=false leaves LOB columns out; a table-settings rule's
+    lob-settings override that per table (unlimited: nothing is cut; limited:
+    cut at its bulk-max-size KB; none: the task's settings);
   * a change the target rejects goes to awsdms_apply_exceptions (LOG_ERROR);
     an UPDATE that finds no row too; a DELETE that finds none is ignored;
   * BatchApplyEnabled on a table whose target has a primary key and another
@@ -74,6 +76,24 @@ local function selector(mappings)
   end
 end
 
+-- Per-table LOB limits from the table-settings rules: {["s.t"] = bytes | false
+-- (full LOB mode)}; tables without a rule (or mode "none") keep the task's.
+function M.lob_rules(mappings)
+  local doc = json.decode(mappings) or {}
+  local out = {}
+  for _, r in ipairs(doc.rules or {}) do
+    local loc, lob = r["object-locator"], r["lob-settings"]
+    if r["rule-type"] == "table-settings" and type(loc) == "table" and type(lob) == "table" then
+      local key = text.key(tostring(loc["schema-name"]), tostring(loc["table-name"]))
+      if lob.mode == "unlimited" then out[key] = false
+      elseif lob.mode == nil or lob.mode == "limited" then
+        out[key] = math.floor((tonumber(lob["bulk-max-size"]) or 0) * 1024)
+      end
+    end
+  end
+  return out
+end
+
 function M.new(o)
   local e = setmetatable({ emu = o.emulator, task = o.task, slot = o.slot, source_ep = o.source,
     target_ep = o.target, tables = {} }, Engine)
@@ -90,6 +110,7 @@ function M.new(o)
   local pgs = o.source.PostgreSQLSettings or {}
   e.fail_on_truncation = pgs.FailTasksOnLobTruncation == true
   e.selected = selector(o.task.TableMappings)
+  e.lob_rules = M.lob_rules(o.task.TableMappings)
   e.task_name = o.task.ReplicationTaskArn:match(":task:(.+)$")
   e.server_name = o.server_name -- the replication instance, as awsdms_status names it
 
@@ -297,14 +318,16 @@ function Engine:_value(t, col, v)
   local value = v.value
   local ctype = t.cols[col] or ""
   local is_lob = LOB_TYPES[ctype] or ctype:sub(-2) == "[]"
-  if is_lob and self.limited_lobs and #value > self.lob_max then
+  local limit = self.lob_rules[text.key(t.schema, t.name)]
+  if limit == nil then limit = self.limited_lobs and self.lob_max end
+  if is_lob and limit and #value > limit then
     self:log("SOURCE_CAPTURE", "W", ("Value of column '%s' in table '%s.%s' was truncated to %d bytes, "
-      .. "actual length: %d bytes"):format(col, t.schema, t.name, self.lob_max, #value))
+      .. "actual length: %d bytes"):format(col, t.schema, t.name, limit, #value))
     if self.fail_on_truncation then
       error({ fatal = ("LOB value of column '%s' in table '%s.%s' exceeds LobMaxSize and "
         .. "FailTasksOnLobTruncation is set"):format(col, t.schema, t.name) })
     end
-    value = cut(value, self.lob_max)
+    value = cut(value, limit)
   end
   return value
 end
