@@ -132,12 +132,12 @@ function steps.no_truncation(ctx, groups, tables, tasks, title, opts)
   local r = assert(lobs.check{ source = ctx.source, target = ctx.target, columns = columns,
     dms = ctx:dms(), logs = logs_client(ctx), instance_arn = c.dms.replication_instance_arn,
     tasks = tasks,
-    -- While the source writes, a long value may be on its way: wait (a
-    -- bounded time: an idle source may never let the slots confirm its last
-    -- LSN) and compare again. At the cutover writes have stopped and every
-    -- slot has confirmed the final LSN already (opts.settled).
+    -- While the source writes, a long value may be on its way: wait until
+    -- every task has applied a fence written now, and compare again. At the
+    -- cutover writes have stopped and every slot has applied already
+    -- (opts.settled).
     settle = not opts.settled and function()
-      cdc.wait_applied(ctx.source, slots, { timeout = math.min(c.dms.catch_up.timeout, 60), poll = 0.2,
+      cdc.wait_applied(ctx.source, ctx.target, slots, { timeout = math.min(c.dms.catch_up.timeout, 60), poll = 0.2,
         sleep = function(t) ctx:sleep(t) end })
       return true
     end or nil })
