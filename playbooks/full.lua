@@ -55,7 +55,8 @@ P:step{ "schema", "Schema (pre-data) and roles from the source to the target",
     local tools = assert(schema.tools(ctx.target.conn:server_version()))
     local dump = assert(schema.dump(ctx.config.source.conninfo, ctx.state_dir, { tools = tools,
       schemas = ctx.config.schemas, exclude_tables = ctx.config.exclude_tables, echo = ctx.print }))
-    local roles = assert(schema.copy_roles(ctx.config.source.conninfo, ctx.target, { tools = tools, say = ctx.print }))
+    local roles = assert(schema.copy_roles(ctx.config.source.conninfo, ctx.target, { tools = tools, say = ctx.print,
+      schemas = ctx.config.schemas }))
     assert(schema.restore("pre-data", ctx.config.target.conninfo, dump,
       { dry_run = ctx.dry_run, echo = ctx.print }))
     return { dump = dump.file, list = dump.list, notes = dump.notes, roles_created = roles.created }

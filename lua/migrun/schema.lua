@@ -48,10 +48,15 @@ travels in PGPASSWORD; every command is printed with proc.quote.
       pg_dumpall --globals-only --no-role-passwords from the source; creates on
       the target (through target_db:write, so a dry run prints) the roles it
       lacks, without SUPERUSER, REPLICATION or BYPASSRLS (RDS refuses them),
-      with their settings, comments and memberships. Tablespaces are not
+      with their settings, comments and memberships. When the target role is
+      not a superuser (RDS), it is made a member of each role it creates, so
+      that the restore can give objects to them (report.joined), and a role
+      created without SUPERUSER gets CREATE on the database and on the
+      schema public (opts.schemas: the migrated schemas, default all), which
+      owning its objects requires. Tablespaces are not
       created (RDS manages its own). opts.tools (required), opts.say(line).
       report = { created = {names}, existing = {names}, stripped = { name = {attrs} },
-                 skipped = {statements}, statements = {run or printed} }
+                 skipped = {statements}, statements = {run or printed}, joined = {names} }
   schema.target_has_tables(target_db, tables) -> { present = {"s.t"}, nonempty = {"s.t"} } | nil, err
       tables: { {schema=, name=} | "s.t" }. Empty `present`: a fresh target;
       present but all empty: a load that can resume.
@@ -395,7 +400,18 @@ function schema.copy_roles(source_conninfo, target_db, opts)
   local exists = {}
   for row in res:rows() do exists[row.rolname] = true end
 
-  local report = { created = {}, existing = {}, stripped = {}, skipped = {}, statements = {} }
+  -- A role that is not a superuser (the RDS master user) may give objects to
+  -- a role only as a member of it: the restore's ALTER ... OWNER TO needs that.
+  res, err = target_db:query("select rolsuper, current_database() as db from pg_roles where rolname = current_user")
+  if not res then return nil, err end
+  local join_created = not (res[1] and res[1].rolsuper)
+  local database = res[1] and res[1].db
+  local public_migrated = opts.schemas == nil
+  for _, sname in ipairs(opts.schemas or {}) do
+    if sname == "public" then public_migrated = true end
+  end
+
+  local report = { created = {}, existing = {}, stripped = {}, skipped = {}, statements = {}, joined = {} }
   local created = {}
   local function write(sql)
     report.statements[#report.statements + 1] = sql
@@ -416,6 +432,25 @@ function schema.copy_roles(source_conninfo, target_db, opts)
       for _, sql in ipairs(role.statements) do
         ok, werr = write(sql)
         if not ok then return nil, werr end
+      end
+      if join_created then
+        ok, werr = write(("GRANT %s TO CURRENT_USER;"):format(pg.quote_ident(name)))
+        if not ok then return nil, werr end
+        report.joined[#report.joined + 1] = name
+        -- A superuser of the source owned its objects without any grant; as an
+        -- ordinary role here it needs what ownership requires of it: CREATE
+        -- on the database (its schemas) and on the schema public, which
+        -- exists before the restore.
+        for _, stripped in ipairs(role.stripped) do
+          if stripped == "SUPERUSER" then
+            ok, werr = write(("GRANT CREATE ON DATABASE %s TO %s;"):format(pg.quote_ident(database),
+              pg.quote_ident(name)))
+            if ok and public_migrated then
+              ok, werr = write(("GRANT CREATE ON SCHEMA public TO %s;"):format(pg.quote_ident(name)))
+            end
+            if not ok then return nil, werr end
+          end
+        end
       end
       created[name] = true
       report.created[#report.created + 1] = name

@@ -19,7 +19,9 @@ describe("migrun.schema", function()
 
   setup(function()
     local err
-    L, err = lab.start{ password = "schema-spec-s3cret" }
+    -- a superuser on the target: this spec restores without copying roles first;
+    -- the e2e specs run as an RDS-like role
+    L, err = lab.start{ password = "schema-spec-s3cret", target_superuser = true }
     assert(L, tostring(err))
     target_conn = assert(pg.connect(L.target.conninfo, { name = "target" }))
     tools = assert(schema.tools(target_conn:server_version()))
