@@ -610,7 +610,6 @@ describe("dms emulator CDC", function()
       create function fid.note() returns trigger language plpgsql as $$
         begin insert into fid.audit (msg) values ('fired for ' || new.id); return new; end $$;
       create trigger watched_note after insert on fid.watched for each row execute function fid.note();]])
-    local inst = instance_arn(c)
     local function endpoint(id, kind, settings, user)
       local p = { EndpointIdentifier = id, EndpointType = kind, EngineName = "postgres", ServerName = "127.0.0.1",
         Port = kind == "source" and L.source.port or L.target.port, DatabaseName = "app",
