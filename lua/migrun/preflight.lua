@@ -16,8 +16,14 @@ set up as the runbook requires. Reads only: it never writes to any server.
       tools = function(name, major) -> path | nil, why (default: look in
       /usr/lib/postgresql/<major>/bin, then PATH, asking --version) }
     -> { findings = { { server, check, ok, severity = "error" | "warning",
-         message, hint } }, errors = n, warnings = n }
+         message, hint, handled, note, action, table, column } }, errors = n,
+         warnings = n, handled = n, fidelity = plan (migrun.fidelity.inspect) }
       A finding with ok = true passed; severity says what it would have been.
+      The DMS boundary (migrun.fidelity): each table and column DMS would
+      break, with what migrun does about it (handled = true, action) or an
+      error where nothing can be done safely; notes for what DMS never
+      carries (TRUNCATE, DDL); and the target role's privileges for the run
+      (no superuser needed). Skipped when args.tables is given.
   preflight.format(result) -> an aligned table, hints under failed rows, and a
       last line with the counts.
   preflight.estimate_slots(config) -> n     largest_alone + explicit groups + 2
@@ -28,6 +34,7 @@ local host = require "migrun.host"
 local pgl = require "migrun.pglogical"
 local replica_ = require "migrun.replica"
 local text = require "migrun.text"
+local fidelity = require "migrun.fidelity"
 
 local preflight = {}
 
@@ -191,7 +198,7 @@ function preflight.run(args)
   local prefix = (config.slots or {}).prefix or "dms_slot_"
   local tools = args.tools or default_tools
   local source, replica, target = args.source, args.replica, args.target
-  local result = { findings = {}, errors = 0, warnings = 0 }
+  local result = { findings = {}, errors = 0, warnings = 0, handled = 0 }
 
   local function add(server, check, ok, severity, message, hint)
     result.findings[#result.findings + 1] = { server = server, check = check, ok = ok and true or false,
@@ -421,14 +428,44 @@ function preflight.run(args)
         ("install the client of the target's version: apt-get install postgresql-client-%s"):format(m))
     end
   end
+
+  ---------------------------------------------------------------- the DMS boundary
+  -- What DMS CDC into PostgreSQL breaks in this schema (docs/dms-boundary.md),
+  -- each table and column with what migrun will do, and what the run needs of
+  -- the target role without superuser.
+  if source_ok and not args.tables then
+    local plan
+    plan, err = fidelity.inspect(source, { schemas = config.schemas, exclude = config.exclude_tables })
+    if not plan then failed("source", "DMS boundary", err) else
+      result.fidelity = plan
+      for _, f in ipairs(plan.findings) do
+        if f.severity == "handled" or f.severity == "note" then
+          result.findings[#result.findings + 1] = { server = "source", check = f.feature, ok = true,
+            severity = "warning", handled = f.severity == "handled", note = f.severity == "note",
+            message = f.message, action = f.action, table = f.table, column = f.column }
+          if f.severity == "handled" then result.handled = result.handled + 1 end
+        else
+          add("source", f.feature, false, f.severity, f.message, f.action)
+          result.findings[#result.findings].table = f.table
+          result.findings[#result.findings].column = f.column
+        end
+      end
+      local checks
+      checks, err = fidelity.check_target(target, plan)
+      if not checks then failed("target", "privileges", err) else
+        for _, c in ipairs(checks) do add("target", c.check, c.ok, "error", c.message, c.hint) end
+      end
+    end
+  end
   return result
 end
 
 function preflight.format(result)
   local rows = { { "server", "check", "result", "details" } }
   for _, f in ipairs(result.findings) do
-    rows[#rows + 1] = { f.server, f.check, f.ok and "ok" or (f.severity == "error" and "ERROR" or "warning"),
-      f.message, hint = f.hint }
+    rows[#rows + 1] = { f.server, f.check,
+      f.handled and "handled" or f.note and "note" or f.ok and "ok" or (f.severity == "error" and "ERROR" or "warning"),
+      f.message, hint = f.hint, action = f.ok and f.action or nil }
   end
   local width = { 0, 0, 0 }
   for _, r in ipairs(rows) do
@@ -451,9 +488,13 @@ function preflight.format(result)
     if rows[i].hint then
       lines[#lines + 1] = (" "):rep(width[1] + width[2] + width[3] + 6) .. "hint: " .. rows[i].hint
     end
+    if rows[i].action then
+      lines[#lines + 1] = (" "):rep(width[1] + width[2] + width[3] + 6) .. "migrun: " .. rows[i].action
+    end
   end
   lines[#lines + 1] = ("%d error%s, %d warning%s"):format(result.errors, result.errors == 1 and "" or "s",
     result.warnings, result.warnings == 1 and "" or "s")
+    .. ((result.handled or 0) > 0 and (", %d handled by migrun"):format(result.handled) or "")
   return table.concat(lines, "\n")
 end
 

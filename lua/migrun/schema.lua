@@ -318,6 +318,10 @@ end
 
 -- Attributes RDS refuses to a non-rdsadmin role.
 local REFUSED = { SUPERUSER = true, REPLICATION = true, BYPASSRLS = true }
+-- Their negations are what a new role has anyway, and a role that is not a
+-- superuser may not even name them (PostgreSQL 15: "must be superuser to
+-- alter superuser roles or change superuser attribute"): left out.
+local DEFAULTS = { NOSUPERUSER = true, NOREPLICATION = true, NOBYPASSRLS = true }
 
 -- Parses pg_dumpall --globals-only output into roles and statements.
 local function parse_globals(text)
@@ -346,7 +350,8 @@ local function parse_globals(text)
           for word in attrs:gmatch("%S+") do
             -- PASSWORD never comes (--no-role-passwords); a quoted value after
             -- VALID UNTIL is kept whole by rejoining below.
-            if REFUSED[word] then r.stripped[#r.stripped + 1] = word else keep[#keep + 1] = word end
+            if REFUSED[word] then r.stripped[#r.stripped + 1] = word
+            elseif not DEFAULTS[word] then keep[#keep + 1] = word end
           end
           r.statements[#r.statements + 1] = ("ALTER ROLE %s WITH %s;"):format(pg.quote_ident(name),
             table.concat(keep, " "))
