@@ -232,6 +232,11 @@ function preflight.run(args)
     s, err = settings(source, { "wal_level", "shared_preload_libraries", "max_replication_slots",
       "max_wal_senders", "max_worker_processes", "track_commit_timestamp", "wal_sender_timeout",
       "output_plugin_libraries" })
+    if s and not s.shared_preload_libraries then
+      -- pg_settings hides some settings from a role that is not a superuser (nor pg_read_all_settings)
+      s, err = nil, "shared_preload_libraries is not visible to the role migrun connects as: DMS CDC on a "
+        .. "self-managed source needs a superuser (AWS DMS user guide), give one in source.conninfo"
+    end
     if not s then failed("source", "settings", err) else
       add("source", "wal_level", s.wal_level.setting == "logical", "error",
         "wal_level = " .. s.wal_level.setting, "set wal_level = logical and restart the server")
