@@ -400,17 +400,18 @@ function schema.copy_roles(source_conninfo, target_db, opts)
   local roles, order, others = parse_globals(r.output)
 
   local res
-  res, err = target_db:query("select rolname from pg_roles")
+  res, err = target_db:query("select rolname, rolsuper from pg_roles")
   if not res then return nil, err end
-  local exists = {}
-  for row in res:rows() do exists[row.rolname] = true end
+  local exists, super_there = {}, {}
+  for row in res:rows() do exists[row.rolname] = true super_there[row.rolname] = row.rolsuper end
 
   -- A role that is not a superuser (the RDS master user) may give objects to
   -- a role only as a member of it: the restore's ALTER ... OWNER TO needs that.
-  res, err = target_db:query("select rolsuper, current_database() as db from pg_roles where rolname = current_user")
+  res, err = target_db:query("select rolsuper, current_database() as db, current_user as me from pg_roles "
+    .. "where rolname = current_user")
   if not res then return nil, err end
   local join_created = not (res[1] and res[1].rolsuper)
-  local database = res[1] and res[1].db
+  local database, me = res[1] and res[1].db, res[1] and res[1].me
   local public_migrated = opts.schemas == nil
   for _, sname in ipairs(opts.schemas or {}) do
     if sname == "public" then public_migrated = true end
@@ -442,20 +443,6 @@ function schema.copy_roles(source_conninfo, target_db, opts)
         ok, werr = write(("GRANT %s TO CURRENT_USER;"):format(pg.quote_ident(name)))
         if not ok then return nil, werr end
         report.joined[#report.joined + 1] = name
-        -- A superuser of the source owned its objects without any grant; as an
-        -- ordinary role here it needs what ownership requires of it: CREATE
-        -- on the database (its schemas) and on the schema public, which
-        -- exists before the restore.
-        for _, stripped in ipairs(role.stripped) do
-          if stripped == "SUPERUSER" then
-            ok, werr = write(("GRANT CREATE ON DATABASE %s TO %s;"):format(pg.quote_ident(database),
-              pg.quote_ident(name)))
-            if ok and public_migrated then
-              ok, werr = write(("GRANT CREATE ON SCHEMA public TO %s;"):format(pg.quote_ident(name)))
-            end
-            if not ok then return nil, werr end
-          end
-        end
       end
       created[name] = true
       report.created[#report.created + 1] = name
@@ -469,6 +456,26 @@ function schema.copy_roles(source_conninfo, target_db, opts)
   end
   if #report.existing > 0 then
     say("roles already on the target, left as they are: " .. table.concat(report.existing, ", "))
+  end
+  -- A superuser of the source owned its objects without any grant; as an
+  -- ordinary role here (created now, or by an earlier run whose schema public
+  -- a restart has made again) it needs what ownership requires of it:
+  -- CREATE on the database (its schemas) and on the schema public.
+  if join_created then
+    for _, name in ipairs(order) do
+      local role = roles[name]
+      local was_super = false
+      for _, a in ipairs(role.stripped) do was_super = was_super or a == "SUPERUSER" end
+      if was_super and role.create and name ~= me and not name:match("^pg_")
+          and (created[name] or (exists[name] and not super_there[name])) then
+        local ok, werr = write(("GRANT CREATE ON DATABASE %s TO %s;"):format(pg.quote_ident(database),
+          pg.quote_ident(name)))
+        if ok and public_migrated then
+          ok, werr = write(("GRANT CREATE ON SCHEMA public TO %s;"):format(pg.quote_ident(name)))
+        end
+        if not ok then return nil, werr end
+      end
+    end
   end
   for _, o in ipairs(others) do
     if o.kind == "grant" then
