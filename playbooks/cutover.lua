@@ -11,8 +11,10 @@ with the sessions opened before waited for or terminated); wait until every
 task has applied the primary's last write (a fence row written on the primary,
 read-only or not, and seen on the target: migrun.fence); set the target's sequences ahead
 of the source's (DMS never migrates sequences); a final full QA, counts and
-row hashes of every table; stop the tasks; the checklist and the commands to
-roll back. Any difference stops it before the tasks are stopped.
+row hashes of every table; stop the tasks; the target's definitions as on
+the source again (identity columns, triggers, row-level security full.lua
+changed for DMS); the checklist and the commands to roll back. Any difference
+stops it before the tasks are stopped.
 
 Copy this file to adapt the procedure; the work is in migrun.cutover, migrun.cdc
 and migrun.qa, the machinery in migrun.playbook.
@@ -32,6 +34,7 @@ local function full(ctx) return ctx:main_facts() end
 local function plan(ctx) return full(ctx).groups.groups end
 local function tasks(ctx) return full(ctx).dms_setup.tasks end
 local function tables(ctx) return full(ctx).know_data.tables end
+local function target_changes(ctx) return (full(ctx).fidelity or {}).changes or {} end
 local function slots_of(ctx)
   local slots = {}
   for _, g in ipairs(plan(ctx)) do slots[#slots + 1] = g.slot end
@@ -43,7 +46,7 @@ local function checklist(ctx)
     list[#list + 1] = { slot = g.slot, task = cdc.task_id(ctx.config.name, g), arn = tasks(ctx)[g.slot] }
   end
   return cutover.checklist{ database = (ctx.facts.stop_writes or {}).database,
-    stop_writes = ctx.config.cutover.stop_writes, tasks = list,
+    stop_writes = ctx.config.cutover.stop_writes, tasks = list, target_changes = target_changes(ctx),
     region = ctx.config.dms.region, endpoint_url = ctx.config.dms.endpoint_url }
 end
 
@@ -146,6 +149,15 @@ P:step{ "stop_tasks", "Stop the DMS tasks",
     local s = assert(cutover.stop_tasks(ctx:dms(), plan(ctx), tasks(ctx), { name = ctx.config.name,
       timeout = ctx.config.cutover.stop_timeout, say = ctx.print }))
     return { stopped = s.stopped, already = s.already }
+  end }
+
+P:step{ "restore_target", "The target's definitions as on the source again (what full.lua changed for DMS)",
+  run = function(ctx)
+    local r = assert(cutover.restore_target(ctx.target, target_changes(ctx), { say = ctx.print }))
+    ctx:report_table("Target definitions restored", { { "table" }, { "kind", "what" },
+      { "object", "column / trigger" }, { "state", "now, as on the source" } }, r.rows)
+    ctx:say("%d target change(s) undone, %d already as on the source", r.restored, r.already)
+    return { restored = r.restored, already = r.already }
   end }
 
 P:step{ "checklist", "The cutover checklist and the commands to roll back",

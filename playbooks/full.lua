@@ -7,9 +7,12 @@ playbooks/full.lua: the whole two-phase migration of the runbook, as steps.
 Phase I (full load): preflight, schema, know the data, groups, slots and sets,
 pause the maintenance replica and capture its LSN, verify it on the primary,
 hold back the indexes, load in parallel from the frozen replica, restore and
-verify the indexes, QA, resume the replica. Phase II (CDC): DMS endpoints and
-CDC-only tasks at the captured LSN, started one by one, watched until they
-have caught up. Running it again resumes where it stopped.
+verify the indexes, the target as DMS needs it (identity columns BY DEFAULT,
+ALWAYS triggers off, FORCE row-level security lifted: migrun.fidelity, undone
+by cutover.lua), QA, resume the replica. Phase II (CDC): DMS endpoints and
+CDC-only tasks at the captured LSN (with the DMS boundary's settings and
+rules), started one by one, watched until they have caught up. Running it
+again resumes where it stopped.
 
 Copy this file to adapt the procedure. The machinery (journal, resume, dry
 run, confirmation, progress, report) is in migrun.playbook and the work in the
@@ -28,6 +31,7 @@ local fence = require "migrun.fence"
 local walguard = require "migrun.walguard"
 local lsn = require "migrun.lsn"
 local text = require "migrun.text"
+local fidelity = require "migrun.fidelity"
 
 local P = playbook.new{ name = "full", main = true,
   title = "Full migration: full load from the paused replica, then DMS CDC" }
@@ -56,7 +60,8 @@ P:step{ "schema", "Schema (pre-data) and roles from the source to the target",
     local tools = assert(schema.tools(ctx.target.conn:server_version()))
     local dump = assert(schema.dump(ctx.config.source.conninfo, ctx.state_dir, { tools = tools,
       schemas = ctx.config.schemas, exclude_tables = ctx.config.exclude_tables, echo = ctx.print }))
-    local roles = assert(schema.copy_roles(ctx.config.source.conninfo, ctx.target, { tools = tools, say = ctx.print }))
+    local roles = assert(schema.copy_roles(ctx.config.source.conninfo, ctx.target, { tools = tools, say = ctx.print,
+      schemas = ctx.config.schemas }))
     local source_tables = assert(catalog.tables(ctx.source, { schemas = ctx.config.schemas,
       exclude = ctx.config.exclude_tables }))
     assert(schema.restore_pre_data(ctx.config.target.conninfo, dump, ctx.target, source_tables,
@@ -156,6 +161,19 @@ P:step{ "indexes", "Restore the indexes and constraints; verify every one of the
     return steps.restore_indexes(ctx, ctx.facts.schema, tables(ctx))
   end }
 
+P:step{ "fidelity", "The DMS boundary: the target as DMS needs it while it applies (undone at cutover)",
+  run = function(ctx)
+    local bounds = assert(fidelity.inspect(ctx.source, { tables = tables(ctx) }))
+    ctx:report_table("The DMS boundary", fidelity.REPORT_COLUMNS, fidelity.report_rows(bounds))
+    if bounds.errors > 0 then
+      return nil, ("%d feature(s) of the schema DMS cannot carry safely (the DMS boundary table says which and "
+        .. "what to do); nothing was changed on the target"):format(bounds.errors)
+    end
+    local a = assert(fidelity.adapt(ctx.target, bounds, { say = ctx.print }))
+    ctx:report_table("Target changes while DMS applies (undone at cutover)", fidelity.CHANGE_COLUMNS, a.changes)
+    return { changes = a.changes, dms = fidelity.dms(bounds) }
+  end }
+
 P:step{ "qa", "Quick QA: per-month and exact counts, replica against target",
   run = function(ctx)
     return steps.quick_qa(ctx, tables(ctx))
@@ -172,11 +190,13 @@ P:step{ "resume_replica", "Resume the maintenance replica",
 P:step{ "dms_setup", "DMS endpoints, connection tests, a CDC-only task per slot at the captured LSN",
   run = function(ctx)
     local client, cfg = ctx:dms(), ctx.config
+    local boundary = (ctx.facts.fidelity or {}).dms
     local eps = assert(cdc.ensure_endpoints(client, plan(ctx), { name = cfg.name,
       source = cfg.source.conninfo, target = cfg.target.conninfo,
-      source_overrides = cfg.dms.source_endpoint, target_overrides = cfg.dms.target_endpoint }))
+      source_overrides = fidelity.endpoint_overrides("source", cfg.dms.source_endpoint, boundary),
+      target_overrides = fidelity.endpoint_overrides("target", cfg.dms.target_endpoint, boundary) }))
     assert(cdc.test_connections(client, cfg.dms.replication_instance_arn, eps))
-    local tasks = assert(cdc.ensure_tasks(client, plan(ctx), eps, { name = cfg.name,
+    local tasks = assert(cdc.ensure_tasks(client, fidelity.task_groups(plan(ctx), boundary), eps, { name = cfg.name,
       instance_arn = cfg.dms.replication_instance_arn, start_lsn = captured_lsn(ctx), task = cfg.dms.task }))
     return { endpoints = eps, tasks = tasks }
   end }

@@ -119,7 +119,12 @@ return {
     -- The replication instance the tasks run on.
     replication_instance_arn = "arn:aws:dms:us-east-1:123456789012:rep:EXAMPLE",
     -- Overrides of the endpoint definitions (as DMS names them), e.g. when DMS
-    -- reaches the servers under other names than migrun does.
+    -- reaches the servers under other names than migrun does. The DMS
+    -- boundary's settings (docs/dms-boundary.md) are added unless given here:
+    -- after_connect_script (target: "SET session_replication_role = replica"
+    -- when the tables have triggers, foreign keys or rules),
+    -- map_unbounded_numeric (both: numeric without precision), capture_ddls
+    -- (source: false).
     source_endpoint = { server_name = "10.0.0.5", port = 5432 },
     target_endpoint = {},
     -- CloudWatch Logs endpoint, where migrun reads the tasks' logs for LOB

@@ -25,6 +25,7 @@ new task's ARN replaces the old one in full.lua's dms_setup facts, so
 local playbook = require "migrun.playbook"
 local steps = require "migrun.steps"
 local restart = require "migrun.restart"
+local fidelity = require "migrun.fidelity"
 local pglogical = require "migrun.pglogical"
 local replica = require "migrun.replica"
 local cdc = require "migrun.cdc"
@@ -156,10 +157,12 @@ P:step{ "resume_replica", "Resume the maintenance replica",
 P:step{ "replace_task", "Replace the group's DMS task with one starting at the new LSN",
   run = function(ctx)
     local cfg = ctx.config
-    local r = assert(restart.replace_task(ctx:dms(), group(ctx), { name = cfg.name,
+    local boundary = (full(ctx).fidelity or {}).dms -- the DMS boundary full.lua found (migrun.fidelity)
+    local r = assert(restart.replace_task(ctx:dms(), fidelity.task_groups({ group(ctx) }, boundary)[1], { name = cfg.name,
       old_arn = ctx.facts.preserve_failure.old_arn, instance_arn = cfg.dms.replication_instance_arn,
       start_lsn = new_lsn(ctx), task = cfg.dms.task, source = cfg.source.conninfo, target = cfg.target.conninfo,
-      source_overrides = cfg.dms.source_endpoint, target_overrides = cfg.dms.target_endpoint }))
+      source_overrides = fidelity.endpoint_overrides("source", cfg.dms.source_endpoint, boundary),
+      target_overrides = fidelity.endpoint_overrides("target", cfg.dms.target_endpoint, boundary) }))
     ctx:say("old task: %s; new task %s at %s", r.deleted, tostring(r.arn), tostring(new_lsn(ctx)))
     -- the main playbook's facts name the task that runs now
     local tasks = full(ctx).dms_setup.tasks

@@ -61,16 +61,26 @@ cutover.count_only(qa_result, {"s.t", ...}) -> qa_result
 cutover.stop_tasks(client, groups, tasks, opts) -> { stopped = {slots}, already = {slots} } | nil, err
     StopReplicationTask for every running task, then waits until each is
     stopped (opts.timeout, default 600; opts.poll). opts.say(line).
+cutover.restore_target(target, changes, opts) -> { restored = n, already = n, rows } | nil, err
+    The target changes full.lua made for DMS (migrun.fidelity: identity
+    columns BY DEFAULT, ALWAYS/REPLICA triggers disabled, FORCE row-level
+    security lifted) undone, so the target's definitions are the source's
+    again; each one the target still has (a rerun skips the rest). Once the
+    tasks are stopped: no DMS session then writes a GENERATED ALWAYS column.
+    opts.say(line). rows: { {table, kind, object, state} } for the report.
 cutover.checklist(info) -> { steps = { text }, rollback = { {what, command} } }
     info: database, stop_writes (the config value), tasks = { {slot, task
-    (identifier), arn} }, region and endpoint_url (or nil). The steps of the switch and the
-    exact commands that undo the cutover on the source side.
+    (identifier), arn} }, region and endpoint_url (or nil), target_changes
+    (fidelity changes). The steps of the switch and the exact commands that
+    undo the cutover on the source side (and redo the target changes DMS
+    needs before its tasks resume).
 cutover.format_checklist(cl) -> text; cutover.format_rollback(cl) -> its "To roll back:" part
 ]]
 local pg = require "migrun.pg"
 local lsn = require "migrun.lsn"
 local errors = require "migrun.error"
 local text = require "migrun.text"
+local fidelity = require "migrun.fidelity"
 
 local cutover = {}
 
@@ -361,6 +371,22 @@ function cutover.stop_tasks(client, groups, tasks, opts)
 end
 
 ---------------------------------------------------------------------------
+-- The target's definitions, as on the source again
+---------------------------------------------------------------------------
+
+function cutover.restore_target(target, changes, opts)
+  assert(target and target.write, "cutover.restore_target: a target Db expected")
+  assert(type(changes) == "table", "cutover.restore_target: the changes full.lua recorded expected")
+  local r, err = fidelity.restore(target, changes, opts)
+  if not r then return nil, err end
+  r.rows = {}
+  for _, c in ipairs(changes) do
+    r.rows[#r.rows + 1] = { table = c.table, kind = c.kind, object = c.object, state = c.from }
+  end
+  return r
+end
+
+---------------------------------------------------------------------------
 -- The checklist and the way back
 ---------------------------------------------------------------------------
 
@@ -379,6 +405,12 @@ function cutover.checklist(info)
   if mode == "none" then
     table.insert(steps, 1, "Writes were NOT stopped by migrun: the application must have stopped writing before this cutover.")
   end
+  local changes = info.target_changes or {}
+  if #changes > 0 then
+    table.insert(steps, 2, ("The target's definitions are the source's again (%d change made for DMS undone: "
+      .. "identity columns GENERATED ALWAYS, triggers, row-level security): check them before the application "
+      .. "writes there."):format(#changes))
+  end
   local rollback = {}
   if mode == "read_only" then
     rollback[#rollback + 1] = { "re-enable writes on the source (psql on the primary)",
@@ -390,6 +422,10 @@ function cutover.checklist(info)
       .. require("migrun.proc").quote(mode) }
   end
   rollback[#rollback + 1] = { "point the application back at the source", "(the connection strings, pooler or DNS changed above)" }
+  if #changes > 0 then
+    rollback[#rollback + 1] = { "before resuming CDC, the target as DMS needs it again (psql on the target)",
+      table.concat(fidelity.redo_lines(changes), " ") }
+  end
   for _, t in ipairs(info.tasks or {}) do
     rollback[#rollback + 1] = { ("resume CDC of %s (only while nothing has written to the target)"):format(t.slot),
       ("aws dms start-replication-task%s%s --replication-task-arn %s --start-replication-task-type resume-processing")

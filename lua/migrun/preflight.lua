@@ -19,8 +19,14 @@ set up as the runbook requires. Reads only: it never writes to any server.
       phase II is checked too: credentials, DMS reachable and accepting them
       (a read-only call), the replication instance there and available }
     -> { findings = { { server, check, ok, severity = "error" | "warning",
-         message, hint } }, errors = n, warnings = n }
+         message, hint, handled, note, action, table, column } }, errors = n,
+         warnings = n, handled = n, fidelity = plan (migrun.fidelity.inspect) }
       A finding with ok = true passed; severity says what it would have been.
+      The DMS boundary (migrun.fidelity): each table and column DMS would
+      break, with what migrun does about it (handled = true, action) or an
+      error where nothing can be done safely; notes for what DMS never
+      carries (TRUNCATE, DDL); and the target role's privileges for the run
+      (no superuser needed). Skipped when args.tables is given.
   preflight.format(result) -> an aligned table, hints under failed rows, and a
       last line with the counts.
   preflight.estimate_slots(config) -> n     largest_alone + explicit groups + 2
@@ -31,6 +37,7 @@ local host = require "migrun.host"
 local pgl = require "migrun.pglogical"
 local replica_ = require "migrun.replica"
 local text = require "migrun.text"
+local fidelity = require "migrun.fidelity"
 
 local preflight = {}
 
@@ -263,7 +270,7 @@ function preflight.run(args)
   local prefix = (config.slots or {}).prefix or "dms_slot_"
   local tools = args.tools or default_tools
   local source, replica, target = args.source, args.replica, args.target
-  local result = { findings = {}, errors = 0, warnings = 0 }
+  local result = { findings = {}, errors = 0, warnings = 0, handled = 0 }
 
   local function add(server, check, ok, severity, message, hint)
     result.findings[#result.findings + 1] = { server = server, check = check, ok = ok and true or false,
@@ -297,6 +304,11 @@ function preflight.run(args)
     s, err = settings(source, { "wal_level", "shared_preload_libraries", "max_replication_slots",
       "max_wal_senders", "max_worker_processes", "track_commit_timestamp", "wal_sender_timeout",
       "output_plugin_libraries" })
+    if s and not s.shared_preload_libraries then
+      -- pg_settings hides some settings from a role that is not a superuser (nor pg_read_all_settings)
+      s, err = nil, "shared_preload_libraries is not visible to the role migrun connects as: DMS CDC on a "
+        .. "self-managed source needs a superuser (AWS DMS user guide), give one in source.conninfo"
+    end
     if not s then failed("source", "settings", err) else
       add("source", "wal_level", s.wal_level.setting == "logical", "error",
         "wal_level = " .. s.wal_level.setting, "set wal_level = logical and restart the server")
@@ -494,6 +506,35 @@ function preflight.run(args)
     end
   end
 
+  ---------------------------------------------------------------- the DMS boundary
+  -- What DMS CDC into PostgreSQL breaks in this schema (docs/dms-boundary.md),
+  -- each table and column with what migrun will do, and what the run needs of
+  -- the target role without superuser.
+  if source_ok and not args.tables then
+    local plan
+    plan, err = fidelity.inspect(source, { schemas = config.schemas, exclude = config.exclude_tables })
+    if not plan then failed("source", "DMS boundary", err) else
+      result.fidelity = plan
+      for _, f in ipairs(plan.findings) do
+        if f.severity == "handled" or f.severity == "note" then
+          result.findings[#result.findings + 1] = { server = "source", check = f.feature, ok = true,
+            severity = "warning", handled = f.severity == "handled", note = f.severity == "note",
+            message = f.message, action = f.action, table = f.table, column = f.column }
+          if f.severity == "handled" then result.handled = result.handled + 1 end
+        else
+          add("source", f.feature, false, f.severity, f.message, f.action)
+          result.findings[#result.findings].table = f.table
+          result.findings[#result.findings].column = f.column
+        end
+      end
+      local checks
+      checks, err = fidelity.check_target(target, plan)
+      if not checks then failed("target", "privileges", err) else
+        for _, c in ipairs(checks) do add("target", c.check, c.ok, "error", c.message, c.hint) end
+      end
+    end
+  end
+
   ---------------------------------------------------------------- the plan
   if source_ok and #((config.groups or {}).explicit or {}) > 0 then
     local labels = source_tables(source, config)
@@ -510,8 +551,9 @@ end
 function preflight.format(result)
   local rows = { { "server", "check", "result", "details" } }
   for _, f in ipairs(result.findings) do
-    rows[#rows + 1] = { f.server, f.check, f.ok and "ok" or (f.severity == "error" and "ERROR" or "warning"),
-      f.message, hint = f.hint }
+    rows[#rows + 1] = { f.server, f.check,
+      f.handled and "handled" or f.note and "note" or f.ok and "ok" or (f.severity == "error" and "ERROR" or "warning"),
+      f.message, hint = f.hint, action = f.ok and f.action or nil }
   end
   local width = { 0, 0, 0 }
   for _, r in ipairs(rows) do
@@ -534,9 +576,13 @@ function preflight.format(result)
     if rows[i].hint then
       lines[#lines + 1] = (" "):rep(width[1] + width[2] + width[3] + 6) .. "hint: " .. rows[i].hint
     end
+    if rows[i].action then
+      lines[#lines + 1] = (" "):rep(width[1] + width[2] + width[3] + 6) .. "migrun: " .. rows[i].action
+    end
   end
   lines[#lines + 1] = ("%d error%s, %d warning%s"):format(result.errors, result.errors == 1 and "" or "s",
     result.warnings, result.warnings == 1 and "" or "s")
+    .. ((result.handled or 0) > 0 and (", %d handled by migrun"):format(result.handled) or "")
   return table.concat(lines, "\n")
 end
 

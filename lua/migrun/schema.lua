@@ -48,10 +48,15 @@ travels in PGPASSWORD; every command is printed with proc.quote.
       pg_dumpall --globals-only --no-role-passwords from the source; creates on
       the target (through target_db:write, so a dry run prints) the roles it
       lacks, without SUPERUSER, REPLICATION or BYPASSRLS (RDS refuses them),
-      with their settings, comments and memberships. Tablespaces are not
+      with their settings, comments and memberships. When the target role is
+      not a superuser (RDS), it is made a member of each role it creates, so
+      that the restore can give objects to them (report.joined), and a role
+      created without SUPERUSER gets CREATE on the database and on the
+      schema public (opts.schemas: the migrated schemas, default all), which
+      owning its objects requires. Tablespaces are not
       created (RDS manages its own). opts.tools (required), opts.say(line).
       report = { created = {names}, existing = {names}, stripped = { name = {attrs} },
-                 skipped = {statements}, statements = {run or printed} }
+                 skipped = {statements}, statements = {run or printed}, joined = {names} }
   schema.target_has_tables(target_db, tables) -> { present = {"s.t"}, nonempty = {"s.t"} } | nil, err
       tables: { {schema=, name=} | "s.t" }. Empty `present`: a fresh target;
       present but all empty: a load that can resume.
@@ -358,6 +363,10 @@ end
 
 -- Attributes RDS refuses to a non-rdsadmin role.
 local REFUSED = { SUPERUSER = true, REPLICATION = true, BYPASSRLS = true }
+-- Their negations are what a new role has anyway, and a role that is not a
+-- superuser may not even name them (PostgreSQL 15: "must be superuser to
+-- alter superuser roles or change superuser attribute"): left out.
+local DEFAULTS = { NOSUPERUSER = true, NOREPLICATION = true, NOBYPASSRLS = true }
 
 -- Parses pg_dumpall --globals-only output into roles and statements.
 local function parse_globals(text)
@@ -386,7 +395,8 @@ local function parse_globals(text)
           for word in attrs:gmatch("%S+") do
             -- PASSWORD never comes (--no-role-passwords); a quoted value after
             -- VALID UNTIL is kept whole by rejoining below.
-            if REFUSED[word] then r.stripped[#r.stripped + 1] = word else keep[#keep + 1] = word end
+            if REFUSED[word] then r.stripped[#r.stripped + 1] = word
+            elseif not DEFAULTS[word] then keep[#keep + 1] = word end
           end
           r.statements[#r.statements + 1] = ("ALTER ROLE %s WITH %s;"):format(pg.quote_ident(name),
             table.concat(keep, " "))
@@ -435,12 +445,24 @@ function schema.copy_roles(source_conninfo, target_db, opts)
   local roles, order, others = parse_globals(r.output)
 
   local res
-  res, err = target_db:query("select rolname from pg_roles")
+  res, err = target_db:query("select rolname, rolsuper from pg_roles")
   if not res then return nil, err end
-  local exists = {}
-  for row in res:rows() do exists[row.rolname] = true end
+  local exists, super_there = {}, {}
+  for row in res:rows() do exists[row.rolname] = true super_there[row.rolname] = row.rolsuper end
 
-  local report = { created = {}, existing = {}, stripped = {}, skipped = {}, statements = {} }
+  -- A role that is not a superuser (the RDS master user) may give objects to
+  -- a role only as a member of it: the restore's ALTER ... OWNER TO needs that.
+  res, err = target_db:query("select rolsuper, current_database() as db, current_user as me from pg_roles "
+    .. "where rolname = current_user")
+  if not res then return nil, err end
+  local join_created = not (res[1] and res[1].rolsuper)
+  local database, me = res[1] and res[1].db, res[1] and res[1].me
+  local public_migrated = opts.schemas == nil
+  for _, sname in ipairs(opts.schemas or {}) do
+    if sname == "public" then public_migrated = true end
+  end
+
+  local report = { created = {}, existing = {}, stripped = {}, skipped = {}, statements = {}, joined = {} }
   local created = {}
   local function write(sql)
     report.statements[#report.statements + 1] = sql
@@ -462,6 +484,11 @@ function schema.copy_roles(source_conninfo, target_db, opts)
         ok, werr = write(sql)
         if not ok then return nil, werr end
       end
+      if join_created then
+        ok, werr = write(("GRANT %s TO CURRENT_USER;"):format(pg.quote_ident(name)))
+        if not ok then return nil, werr end
+        report.joined[#report.joined + 1] = name
+      end
       created[name] = true
       report.created[#report.created + 1] = name
       if #role.stripped > 0 then
@@ -474,6 +501,26 @@ function schema.copy_roles(source_conninfo, target_db, opts)
   end
   if #report.existing > 0 then
     say("roles already on the target, left as they are: " .. table.concat(report.existing, ", "))
+  end
+  -- A superuser of the source owned its objects without any grant; as an
+  -- ordinary role here (created now, or by an earlier run whose schema public
+  -- a restart has made again) it needs what ownership requires of it:
+  -- CREATE on the database (its schemas) and on the schema public.
+  if join_created then
+    for _, name in ipairs(order) do
+      local role = roles[name]
+      local was_super = false
+      for _, a in ipairs(role.stripped) do was_super = was_super or a == "SUPERUSER" end
+      if was_super and role.create and name ~= me and not name:match("^pg_")
+          and (created[name] or (exists[name] and not super_there[name])) then
+        local ok, werr = write(("GRANT CREATE ON DATABASE %s TO %s;"):format(pg.quote_ident(database),
+          pg.quote_ident(name)))
+        if ok and public_migrated then
+          ok, werr = write(("GRANT CREATE ON SCHEMA public TO %s;"):format(pg.quote_ident(name)))
+        end
+        if not ok then return nil, werr end
+      end
+    end
   end
   for _, o in ipairs(others) do
     if o.kind == "grant" then

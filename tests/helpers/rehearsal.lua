@@ -190,7 +190,7 @@ function M.rehearsal(tag, opts)
   opts = opts or {}
   local dir = M.tmpdir(tag)
   local R = assert(demo.rehearsal{ dir = dir, scale = opts.scale or (M.SANITIZE and 0.05 or 0.2),
-    name = opts.name or tag, config = opts.config, dms = opts.dms or { delays = { task_create = 0.1,
+    name = opts.name or tag, config = opts.config, sample = opts.sample, dms = opts.dms or { delays = { task_create = 0.1,
       task_start = 0.1, task_stop = 0.1, connection = 0.1, cdc_poll = 0.1, endpoint_delete = 0.1,
       task_delete = 0.1, task_modify = 0.1 } } })
   return R

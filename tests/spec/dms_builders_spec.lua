@@ -187,6 +187,71 @@ describe("dms builders obey DMS's rules", function()
   end)
 end)
 
+-- The DMS boundary (docs/dms-boundary.md): what migrun.fidelity asks of the DMS documents.
+describe("dms builders at the DMS boundary", function()
+  local fidelity = require "migrun.fidelity"
+
+  it("removes each generated column with a transformation rule that names only it", function()
+    local g = { name = "g", slot = "s", tables = {
+      { schema = "Sales Ops", name = "line_item", remove_columns = { "total_cents", "50%_off" } },
+      { schema = "public", name = "plain" },
+    } }
+    local rules = builders.table_mappings(g).rules
+    assert.are.equal(4, #rules)
+    assert.are.same({ ["rule-type"] = "transformation", ["rule-id"] = "3", ["rule-name"] = "3",
+      ["rule-target"] = "column", ["rule-action"] = "remove-column",
+      ["object-locator"] = { ["schema-name"] = "Sales Ops", ["table-name"] = "line[_]item",
+        ["column-name"] = "total[_]cents" } }, rules[3])
+    assert.are.equal("50[%][_]off", rules[4]["object-locator"]["column-name"])
+    -- the emulator reads the locators as DMS does: each matches its own name only
+    local like = require("migrun.rehearsal.emulator_cdc").like
+    assert.is_true(like("total[_]cents", "total_cents"))
+    assert.is_false(like("total[_]cents", "totalXcents"))
+    assert.is_true(like("50[%][_]off", "50%_off"))
+    assert.is_false(like("50[%][_]off", "50x_off"))
+    -- no remove_columns: no transformation rule
+    for _, r in ipairs(builders.table_mappings{ name = "g", slot = "s", tables = { { schema = "a", name = "b" } } }.rules) do
+      assert.are_not.equal("transformation", r["rule-type"])
+    end
+  end)
+
+  it("sets the endpoints as the fidelity plan says, and nothing when it says nothing", function()
+    local dms = { remove_columns = {}, after_connect_script = fidelity.SESSION_REPLICATION_ROLE,
+      map_unbounded_numeric = true, capture_ddls = false }
+    local conn = { host = "h", dbname = "d", user = "u", password = "p" }
+    local function with(kind, overrides)
+      local o = fidelity.endpoint_overrides(kind, overrides, dms)
+      for k, v in pairs(conn) do o[k] = o[k] or v end
+      return o
+    end
+    local src = builders.source_endpoint({ name = "g", slot = "s", tables = { { schema = "a", name = "b" } } },
+      with("source", {}))
+    assert.are.same({ PluginName = "pglogical", SlotName = "s", MapUnboundedNumericAsString = true,
+      CaptureDdls = false }, src.PostgreSQLSettings)
+    local dst = builders.target_endpoint(with("target", {}))
+    assert.are.same({ AfterConnectScript = "SET session_replication_role = replica",
+      MapUnboundedNumericAsString = true }, dst.PostgreSQLSettings)
+    -- the team's own settings in dms.target_endpoint win
+    dst = builders.target_endpoint(with("target", { after_connect_script = "SET search_path = app" }))
+    assert.are.equal("SET search_path = app", dst.PostgreSQLSettings.AfterConnectScript)
+    -- a plan that needs nothing: the documents stay as they were
+    local none = { remove_columns = {}, map_unbounded_numeric = false, capture_ddls = false }
+    local plain = builders.target_endpoint(fidelity.endpoint_overrides("target", conn, none))
+    assert.is_nil(plain.PostgreSQLSettings)
+  end)
+
+  it("carries the plan's removed columns into the groups' tables, leaving the groups as they were", function()
+    local groups = { { name = "g", slot = "s", tables = { { schema = "a", name = "t" }, { schema = "a", name = "u" } } } }
+    local out = fidelity.task_groups(groups, { remove_columns = { ["a.u"] = { "total" } } })
+    assert.are.same({ "total" }, out[1].tables[2].remove_columns)
+    assert.is_nil(out[1].tables[1].remove_columns)
+    assert.are.equal("s", out[1].slot)
+    assert.is_nil(groups[1].tables[2].remove_columns, "the plan's groups were changed")
+    local doc = builders.table_mappings(out[1])
+    assert.are.equal("remove-column", doc.rules[#doc.rules]["rule-action"])
+  end)
+end)
+
 describe("dms json", function()
   it("encodes canonically", function()
     assert.are.equal('{"a":[1,2.5,"x/y"],"b":{},"c":[],"d":null,"e":"q\\"\\n\\u0001"}',

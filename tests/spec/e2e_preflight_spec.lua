@@ -166,6 +166,25 @@ describe("playbooks/full.lua preflight", function()
     refused_with_env(wrong, {}, "no replication instance arn:aws:dms:us%-east%-1:123456789012:rep:NOSUCHINSTANCE")
   end)
 
+  -- The DMS boundary (docs/dms-boundary.md): a table neither the replica nor DMS can read stops the run
+  -- before any write, named, with what to do.
+  it("refuses an unlogged table and a large object column, writing nothing", function()
+    local psql = function(sql) return assert(R.lab.source:psql(sql)) end
+    psql("create unlogged table public.scratch (id int primary key); "
+      .. "create table public.scans (id int primary key, image oid)")
+    local ok, err = pcall(function()
+      local v = with_config(function(c) c.state_dir = R.dir .. "/s7" end, "boundary")
+      local r = refused(v, "UNLOGGED")
+      assert.truthy(r.output:find('"public"."scratch" is UNLOGGED', 1, true), r.output)
+      assert.truthy(r.output:find('"public"."scans"."image" is of type oid', 1, true), r.output)
+      assert.truthy(r.output:find("SET LOGGED", 1, true), r.output)
+      assert.truthy(r.output:find("2 errors", 1, true), r.output)
+      assert.equal("0", psql("select count(*) from pg_replication_slots"))
+    end)
+    psql("drop table public.scratch, public.scans")
+    assert(ok, err)
+  end)
+
   it("refuses a wrong config key before connecting anywhere", function()
     local v = with_config(function(c) c.grups = { largest_alone = 2 } c.state_dir = R.dir .. "/s6" end, "bad-key")
     local r = refused(v, "grups", 2)

@@ -38,7 +38,8 @@ describe("migrun.fullload", function()
 
   setup(function()
     local err
-    L, err = lab.start{ password = "fullload-spec-s3cret" }
+    -- a superuser on the target: this spec is about loading, the e2e specs run as an RDS-like role
+    L, err = lab.start{ password = "fullload-spec-s3cret", target_superuser = true }
     assert(L, tostring(err))
     local ddl = ([[
       create schema %s;

@@ -58,8 +58,10 @@ describe("migrun.rehearsal.lab", function()
       local c = L[name]
       assert.equal(name, c.name)
       assert.is_number(c.port)
-      assert.equal(("host=127.0.0.1 port=%d dbname=app user=postgres"):format(c.port), c.conninfo)
-      assert.equal(("postgresql://postgres@127.0.0.1:%d/app"):format(c.port), c.url)
+      -- the target's own superuser is named as RDS's is
+      local super = name == "target" and "rdsadmin" or "postgres"
+      assert.equal(("host=127.0.0.1 port=%d dbname=app user=%s"):format(c.port, super), c.conninfo)
+      assert.equal(("postgresql://%s@127.0.0.1:%d/app"):format(super, c.port), c.url)
       assert.truthy(exists(c.datadir .. "/PG_VERSION"))
       assert.truthy(exists(c.logfile))
       assert.is_number(c:pid())
@@ -109,6 +111,19 @@ describe("migrun.rehearsal.lab", function()
     local upto = assert(L:wait_replica_caught_up(30))
     assert.truthy(tostring(upto):match("^%x+/%x+$"))
     assert.equal("1|one", L.replica:psql("select id, v from lab_spec_t"))
+  end)
+
+  it("gives the role migrun on the target what RDS gives its master user, no superuser", function()
+    assert.equal("f|f|t|t|t", L.target:psql([[select rolsuper, rolreplication, rolcreaterole, rolcreatedb,
+      pg_has_role('migrun', 'rds_superuser', 'member') from pg_roles where rolname = 'migrun']]))
+    assert.equal("migrun", L.target:psql("select pg_get_userbyid(datdba) from pg_database where datname = 'app'"))
+    assert.equal("replica", L.target:psql("set session_replication_role = replica; show session_replication_role",
+      { user = "migrun" }))
+    local _, err = L.target:psql("alter system set work_mem = '8MB'", { user = "migrun" })
+    assert.truthy(tostring(err):find("must be superuser", 1, true) or tostring(err):find("permission denied", 1, true),
+      tostring(err))
+    -- the source's role stays a superuser (DMS needs one on a self-managed source)
+    assert.equal("t", L.source:psql("select rolsuper from pg_roles where rolname = 'migrun'"))
   end)
 
   it("has a role migrun that must give its password", function()

@@ -202,6 +202,102 @@ describe("migrun.preflight", function()
     assert(ok, err)
   end)
 
+  -- The DMS boundary (docs/dms-boundary.md): what nothing can carry safely stops the run, each table and
+  -- column named with what to do; what migrun handles is said too; the target role's privileges.
+  it("stops at what DMS cannot carry and at missing privileges on the target, writing nothing", function()
+    local admin = assert(pg.connect(L.source.conninfo, { name = "admin" }))
+    admin:on_notice(function() end)
+    assert(admin:exec([[
+      create role boundary_owner nologin;
+      create role pf_reader login;
+      create schema boundary authorization boundary_owner;
+      set role boundary_owner;
+      create unlogged table boundary.scratch (id int primary key);
+      create table boundary.blobs (id int primary key, doc oid);
+      create table boundary.secret (id int primary key, author text);
+      alter table boundary.secret enable row level security;
+      create policy mine on boundary.secret using (author = current_user);
+      create table boundary.ri_full (id int primary key, v text);
+      alter table boundary.ri_full replica identity full;
+      create table boundary.odd (id int primary key, a int, "a-b" int generated always as (a * 2) stored);
+      create table boundary.genkey (a int, k int generated always as (a + 1) stored primary key);
+      create table boundary.fine (id int generated always as identity primary key, total numeric,
+        twice int generated always as (id * 2) stored);
+      create table boundary.child (id int primary key, fine_id int references boundary.fine);
+      reset role;
+      grant usage on schema boundary to pf_reader;
+      grant select on all tables in schema boundary to pf_reader;]]))
+    -- on the target the owner exists already, and the roles preflight connects as are not members of it
+    local tadmin = assert(pg.connect(L.target.conninfo, { name = "tadmin" }))
+    assert(tadmin:exec("create role boundary_owner nologin; create role pf_plain login createrole"))
+    local function as(cluster, user, name)
+      local info = user == "migrun" and (cluster.migrun_conninfo .. " password=" .. L.password)
+        or (cluster.conninfo:gsub("user=%S+", "user=" .. user))
+      local c = assert(pg.connect(info, { name = name }))
+      conns[#conns + 1] = c
+      return db.wrap(c, { dry_run = true, echo = function(line) writes[#writes + 1] = line end })
+    end
+    local cfg = { slots = CONFIG.slots, preflight = CONFIG.preflight, schemas = { "boundary" } }
+    local ok, err = pcall(function()
+      local r = run { config = cfg, target = as(L.target, "migrun", "target") }
+      local function finding(check, pattern)
+        for _, f in ipairs(r.findings) do
+          if f.check == check and f.message:find(pattern, 1, true) then return f end
+        end
+        error(("no %s finding with %q in:\n%s"):format(check, pattern, preflight.format(r)))
+      end
+      local f = finding("unlogged table", '"boundary"."scratch" is UNLOGGED')
+      assert.is_false(f.ok)
+      assert.equal("error", f.severity)
+      assert.truthy(f.hint:find("SET LOGGED", 1, true))
+      f = finding("large object", '"boundary"."blobs"."doc" is of type oid')
+      assert.equal("error", f.severity)
+      assert.truthy(f.hint:find("bytea", 1, true))
+      f = finding("replica identity full", '"boundary"."ri_full" has REPLICA IDENTITY FULL')
+      assert.truthy(f.hint:find("REPLICA IDENTITY DEFAULT", 1, true))
+      f = finding("generated column", '"boundary"."odd"."a-b" is a stored generated column')
+      assert.equal("error", f.severity)
+      assert.truthy(f.hint:find("#, \\, / or -", 1, true))
+      f = finding("generated column", '"boundary"."genkey"."k" is a stored generated column in the primary key')
+      assert.equal("error", f.severity)
+      -- what migrun handles is said, with what it does
+      f = finding("generated column", '"boundary"."fine"."twice" is a stored generated column')
+      assert.is_true(f.ok and f.handled)
+      assert.truthy(f.action:find("remove-column", 1, true))
+      assert.is_true(finding("identity column", '"boundary"."fine"."id" is GENERATED ALWAYS').handled)
+      assert.is_true(finding("unbounded numeric", '"boundary"."fine"."total"').handled)
+      -- the target role migrun (RDS-like) may set session_replication_role, but owns nothing of boundary_owner's
+      f = finding("privilege: owner boundary_owner", "migrun is not a member")
+      assert.is_false(f.ok)
+      assert.truthy(f.hint:find('GRANT "boundary_owner" TO "migrun"', 1, true), f.hint)
+      assert.is_true(find(r, "target", "privilege: superuser").message:find("not a superuser", 1, true) ~= nil)
+      assert.equal(6, r.errors)
+      assert.truthy(preflight.format(r):find("hint: it is not in the WAL", 1, true))
+
+      -- a target role without SET on session_replication_role (a plain CREATEROLE role)
+      local plain = run { config = cfg, target = as(L.target, "pf_plain", "target") }
+      local g
+      for _, x in ipairs(plain.findings) do if x.check == "privilege: session_replication_role" then g = x end end
+      assert.is_false(g.ok)
+      assert.truthy(g.message:find("may not SET session_replication_role", 1, true), g.message)
+      assert.truthy(g.hint:find('GRANT SET ON PARAMETER session_replication_role TO "pf_plain"', 1, true), g.hint)
+
+      -- the source read as a role that row-level security applies to: the rows it hides would be missed
+      local hidden = run { config = cfg, source = as(L.source, "pf_reader", "source") }
+      local h
+      for _, x in ipairs(hidden.findings) do if x.check == "row-level security" then h = x end end
+      assert.truthy(h, preflight.format(hidden))
+      assert.equal("error", h.severity)
+      assert.truthy(h.message:find('"boundary"."secret" has row-level security (1 policy) and the role pf_reader', 1, true))
+      assert.truthy(h.hint:find("BYPASSRLS", 1, true))
+    end)
+    assert(admin:exec("drop schema boundary cascade; drop role pf_reader; drop role boundary_owner"))
+    assert(tadmin:exec("drop role boundary_owner; drop role pf_plain"))
+    admin:close()
+    tadmin:close()
+    assert(ok, err)
+  end)
+
   it("raises on misuse", function()
     assert.has_error(function() preflight.run{ source = src, replica = rep } end,
       "preflight.run: target (a migrun.db Db) expected")

@@ -19,7 +19,9 @@ describe("migrun.schema", function()
 
   setup(function()
     local err
-    L, err = lab.start{ password = "schema-spec-s3cret" }
+    -- a superuser on the target: this spec restores without copying roles first;
+    -- the e2e specs run as an RDS-like role
+    L, err = lab.start{ password = "schema-spec-s3cret", target_superuser = true }
     assert(L, tostring(err))
     target_conn = assert(pg.connect(L.target.conninfo, { name = "target" }))
     tools = assert(schema.tools(target_conn:server_version()))
@@ -217,6 +219,34 @@ describe("migrun.schema", function()
     -- a second run creates nothing
     report = assert(schema.copy_roles(L.source.conninfo, db.wrap(target_conn), { tools = tools }))
     assert.same({}, report.created)
+  end)
+
+  it("copies roles as a target role that is not a superuser (the RDS master user) and can give them objects", function()
+    local boss, plain, master = fresh("exboss"), fresh("plain"), fresh("master")
+    assert(L.source:psql(([[
+      create role %s login superuser;
+      create role %s nologin;]]):format(boss, plain)))
+    -- like the RDS master user: no superuser, CREATEROLE, the owner of its database; trusted on loopback
+    assert(L.target:psql(("create role %s login createrole createdb; create database %s owner %s")
+      :format(master, master, master)))
+    local conn = assert(pg.connect((L.target.conninfo:gsub("user=%S+", "user=" .. master):gsub("dbname=%S+",
+      "dbname=" .. master)), { name = "target" }))
+    local report = assert(schema.copy_roles(L.source.conninfo, db.wrap(conn), { tools = tools, schemas = { "public" } }))
+    local joined = table.concat(report.joined, ",")
+    assert.truthy(joined:find(boss, 1, true), joined)
+    assert.truthy(joined:find(plain, 1, true), joined)
+    assert.same({ "SUPERUSER" }, report.stripped[boss])
+    assert.is_nil(report.stripped[plain], "NOSUPERUSER and the like are defaults, not stripped")
+    local function q(sql)
+      return assert(L.target:psql((sql:gsub("<(%w+)>", { boss = boss, plain = plain, master = master })),
+        { dbname = master }))
+    end
+    assert.equal("t|t", q("select pg_has_role('<master>', '<boss>', 'member'), pg_has_role('<master>', '<plain>', 'member')"))
+    -- the former superuser may own what it owned on the source: schemas, tables in public
+    assert.equal("t|t|f", q("select has_database_privilege('<boss>', current_database(), 'CREATE'), "
+      .. "has_schema_privilege('<boss>', 'public', 'CREATE'), has_database_privilege('<plain>', current_database(), 'CREATE')"))
+    assert(conn:exec(("create table public.%s_t (id int); alter table public.%s_t owner to %s"):format(boss, boss, boss)))
+    conn:close()
   end)
 
   it("runs nothing on the target in a dry run, printing what it would do", function()

@@ -15,7 +15,8 @@
 --         has_separate_unique = false, -- a unique constraint besides the PK
 --         lob_columns = { "doc" },     -- columns DMS treats as LOBs (text, json, bytea, ...)
 --         lob_max_kb = 325,            -- estimated largest LOB in the table, KB
---         lob_truncation_ok = true },  -- false: a table-settings rule lifts the limit
+--         lob_truncation_ok = true,    -- false: a table-settings rule lifts the limit
+--         remove_columns = { "total" } },  -- DMS must not write them: a transformation rule each
 --       ...
 --     },
 --     lob_max_kb = 64,                -- LobMaxSize for the task (KB); default: the
@@ -146,6 +147,7 @@ end
 
 -- CreateEndpoint parameters for the source endpoint of a group.
 -- conn: { host=, port=, dbname=, user=, password=, ssl_mode=, tags={k=v},
+--         map_unbounded_numeric= (MapUnboundedNumericAsString), capture_ddls= (CaptureDdls),
 --         identifier= (default "<group>-source"), heartbeat=true|minutes }
 function M.source_endpoint(group, conn)
   check_group(group)
@@ -156,19 +158,60 @@ function M.source_endpoint(group, conn)
     p.PostgreSQLSettings.HeartbeatEnable = true
     p.PostgreSQLSettings.HeartbeatFrequency = math.tointeger(conn.heartbeat) or 5
   end
+  -- The DMS boundary (docs/dms-boundary.md, migrun.fidelity).
+  if conn.map_unbounded_numeric then p.PostgreSQLSettings.MapUnboundedNumericAsString = true end
+  if conn.capture_ddls ~= nil then p.PostgreSQLSettings.CaptureDdls = conn.capture_ddls end
   return p
 end
 
 -- CreateEndpoint parameters for the target (RDS) endpoint; conn as above,
--- identifier default "migrun-target".
+-- identifier default "migrun-target", plus after_connect_script (run by DMS
+-- on each of its target sessions: "SET session_replication_role = replica"
+-- keeps triggers and foreign keys from firing again there) and
+-- map_unbounded_numeric (MapUnboundedNumericAsString, set on the source
+-- endpoint too: DMS wants both).
 function M.target_endpoint(conn)
-  return endpoint("target", conn, conn.identifier or "migrun-target")
+  local p = endpoint("target", conn, conn.identifier or "migrun-target")
+  if conn.after_connect_script or conn.map_unbounded_numeric then
+    p.PostgreSQLSettings = { AfterConnectScript = conn.after_connect_script,
+      MapUnboundedNumericAsString = conn.map_unbounded_numeric and true or nil }
+  end
+  return p
+end
+
+-- A name as a DMS object locator matches only itself: "_" is a one-character
+-- wildcard there and "[_]" a literal underscore (user guide, Wildcards in
+-- table mapping); "%" and "[" are escaped the same way.
+function M.literal_pattern(name)
+  return (name:gsub("[%[_%%]", "[%0]"))
+end
+
+-- Transformation rules removing columns DMS must not write (stored generated
+-- columns: PostgreSQL refuses a value for them, 428C9), from each table's
+-- remove_columns. -> the next rule id
+local function remove_column_rules(rules, group, id)
+  for _, t in ipairs(group.tables) do
+    for _, col in ipairs(t.remove_columns or {}) do
+      rules[#rules + 1] = {
+        ["rule-type"] = "transformation",
+        ["rule-id"] = tostring(id),
+        ["rule-name"] = tostring(id),
+        ["rule-target"] = "column",
+        ["rule-action"] = "remove-column",
+        ["object-locator"] = { ["schema-name"] = M.literal_pattern(t.schema),
+          ["table-name"] = M.literal_pattern(t.name), ["column-name"] = M.literal_pattern(col) },
+      }
+      id = id + 1
+    end
+  end
+  return id
 end
 
 -- The table mappings document (a table; encode with M.encode): one selection
 -- rule per table in group order, then one table-settings rule per table whose
--- LOBs must not be truncated (full LOB mode, M.FULL_LOB_SETTINGS). opts:
--- first_rule_id (default 1).
+-- LOBs must not be truncated (full LOB mode, M.FULL_LOB_SETTINGS), then one
+-- remove-column transformation rule per column in a table's remove_columns.
+-- opts: first_rule_id (default 1).
 function M.table_mappings(group, opts)
   check_group(group)
   opts = opts or {}
@@ -208,6 +251,7 @@ function M.table_mappings(group, opts)
       id = id + 1
     end
   end
+  remove_column_rules(rules, group, id)
   return { rules = rules }
 end
 

@@ -90,13 +90,14 @@ function demo.load_sample(conn, opts)
   return true
 end
 
---[[ demo.workload(conn, opts): inserts, updates and deletes on the sample
-tables until opts.seconds pass or opts.stop_file exists; opts.rate is the
-number of transactions per second (default 20), opts.seed makes it
-repeatable, opts.no_pk_changes = false skips updates/deletes of page_views.
-Returns the counts of what it did; done.refused (the error) when it stopped
+--[[ demo.drive(conn, opts, transaction): a write workload's loop, for any
+sample: transaction(run, done) runs inside BEGIN/COMMIT, run(sql, ...)
+returning the rows affected, until opts.seconds pass or opts.stop_file
+exists; opts.rate transactions per second (default 20), opts.seed makes it
+repeatable. Returns done = { transactions, inserts, updates, deletes } as
+the transactions counted them; done.refused (the error) when it stopped
 because the source refused its writes (read-only, or its session terminated). ]]
-function demo.workload(conn, opts)
+function demo.drive(conn, opts, transaction)
   opts = opts or {}
   local host = require "migrun.host"
   math.randomseed(opts.seed or 1)
@@ -125,8 +126,32 @@ function demo.workload(conn, opts)
     return exec(sql, ...).affected or 0
   end
   local function one_transaction()
-    local r = math.random(100)
     exec("begin")
+    transaction(run, done)
+    exec("commit")
+  end
+  while not stop_requested() do
+    local ok, err = pcall(one_transaction)
+    if not ok then
+      if type(err) == "table" and err.refused then
+        done.refused = tostring(err.refused)
+        break
+      end
+      error(err, 0)
+    end
+    done.transactions = done.transactions + 1
+    host.sleep(1 / rate)
+  end
+  return done
+end
+
+--[[ demo.workload(conn, opts): inserts, updates and deletes on the sample
+tables (demo.drive's loop and options); opts.no_pk_changes = false skips
+updates/deletes of page_views. ]]
+function demo.workload(conn, opts)
+  opts = opts or {}
+  return demo.drive(conn, opts, function(run, done)
+    local r = math.random(100)
     if r <= 40 then
       done.inserts = done.inserts + run([[insert into events (account_id, kind, payload)
         values ($1, 'click', jsonb_build_object('live', true, 'n', $2::int))]], math.random(5000), math.random(1000))
@@ -168,21 +193,7 @@ function demo.workload(conn, opts)
       done.updates = done.updates + run(("update %s set label = 'changed' where id = $1"):format(t),
         math.random(50))
     end
-    exec("commit")
-  end
-  while not stop_requested() do
-    local ok, err = pcall(one_transaction)
-    if not ok then
-      if type(err) == "table" and err.refused then
-        done.refused = tostring(err.refused)
-        break
-      end
-      error(err, 0)
-    end
-    done.transactions = done.transactions + 1
-    host.sleep(1 / rate)
-  end
-  return done
+  end)
 end
 
 -- Entry point for a workload child process: connection from MIGRUN_WORKLOAD_CONNINFO
@@ -190,7 +201,9 @@ end
 function demo.workload_main()
   local conn = assert(pg.connect(assert(os.getenv("MIGRUN_WORKLOAD_CONNINFO"), "MIGRUN_WORKLOAD_CONNINFO"),
     { name = "workload" }))
-  local done = demo.workload(conn, {
+  -- the sample's own workload (MIGRUN_WORKLOAD_SAMPLE names its module)
+  local sample = require(os.getenv("MIGRUN_WORKLOAD_SAMPLE") or "migrun.rehearsal.demo")
+  local done = sample.workload(conn, {
     rate = tonumber(os.getenv("MIGRUN_WORKLOAD_RATE")),
     seconds = tonumber(os.getenv("MIGRUN_WORKLOAD_SECONDS")),
     seed = tonumber(os.getenv("MIGRUN_WORKLOAD_SEED")),
@@ -240,13 +253,28 @@ end
 local Rehearsal = {}
 Rehearsal.__index = Rehearsal
 
+-- The config of a rehearsal of this sample, before the caller's overrides.
+function demo.config_defaults()
+  return {
+    schemas = { "public" },
+    groups = { largest_alone = 3 },
+    lobs = { tables = { ["public.documents"] = { max_kb = 64, truncation_ok = false } } },
+    qa = { timestamp_column = "created_at", large_tables = 3, small_sample = 5 },
+  }
+end
+
 --[[ demo.rehearsal{ dir = (state and config live here; required), scale = 1,
        name = "demo", config = { overrides }, dms = { delays=, faults= },
-       lab = { lab.start options } } -> R | nil, err
+       lab = { lab.start options }, sample = "migrun.rehearsal.demo" } -> R | nil, err
      Starts a lab with the DMS emulator, loads the sample on the source, and
      writes R.config_path: a migration config for it whose connection strings
      name the lab's passfile (no password in the file). R.env holds what the
-     playbook's process needs in its environment (the emulator's keys). ]]
+     playbook's process needs in its environment (the emulator's keys).
+     opts.sample names another sample's module: one with load_sample(conn,
+     {scale}), workload(conn, opts) (usually on demo.drive) and
+     config_defaults() (schemas, lobs, qa ... for its tables), such as
+     migrun.rehearsal.awkward. The lab's target role is RDS-like (no
+     superuser: migrun.rehearsal.lab). ]]
 function demo.rehearsal(opts)
   local lab = require "migrun.rehearsal.lab"
   local host = require "migrun.host"
@@ -255,8 +283,10 @@ function demo.rehearsal(opts)
   local lab_opts = merge({ dms = opts.dms or true }, opts.lab)
   local L, err = lab.start(lab_opts)
   if not L then return nil, err end
+  local sample_name = opts.sample or "migrun.rehearsal.demo"
+  local sample = require(sample_name)
   local conn = assert(pg.connect(L.source.conninfo, { name = "source" }))
-  demo.load_sample(conn, { scale = opts.scale or 1 })
+  sample.load_sample(conn, { scale = opts.scale or 1 })
   conn:close()
   local client = assert(L:dms_client())
   local instance = assert(client:describe_replication_instances())[1]
@@ -267,11 +297,7 @@ function demo.rehearsal(opts)
     source = { conninfo = conninfo(L.source) },
     replica = { conninfo = conninfo(L.replica) },
     target = { conninfo = conninfo(L.target) },
-    schemas = { "public" },
-    groups = { largest_alone = 3 },
-    lobs = { tables = { ["public.documents"] = { max_kb = 64, truncation_ok = false } } },
     full_load = { jobs = 2 },
-    qa = { timestamp_column = "created_at", large_tables = 3, small_sample = 5 },
     wal_guard = { interval = 5 },
     preflight = { min_free_bytes = 64 * 1024 * 1024 },
     dms = {
@@ -280,10 +306,11 @@ function demo.rehearsal(opts)
       start_pause = 1,
       catch_up = { lag_bytes = 4 * 1024 * 1024, poll = 1, timeout = 600 },
     },
-  }, opts.config)
+  }, sample.config_defaults())
+  merge(cfg, opts.config)
   local path = opts.dir .. "/migration.lua"
   assert(host.write_file(path, "-- written by migrun.rehearsal.demo for the local lab\nreturn " .. literal(cfg) .. "\n", tonumber("600", 8)))
-  return setmetatable({ lab = L, config = cfg, config_path = path, dir = opts.dir,
+  return setmetatable({ lab = L, config = cfg, config_path = path, dir = opts.dir, sample = sample_name,
     env = { AWS_ACCESS_KEY_ID = L.dms.access_key, AWS_SECRET_ACCESS_KEY = L.dms.secret_key,
             AWS_REGION = L.dms.region } }, Rehearsal)
 end
@@ -299,7 +326,8 @@ function Rehearsal:start_workload(opts)
   self.workload = assert(proc.spawn{ host.exe, "-e", "require('migrun.rehearsal.demo').workload_main()",
     env = { MIGRUN_WORKLOAD_CONNINFO = self.lab.source.conninfo, MIGRUN_WORKLOAD_RATE = tostring(opts.rate or 20),
             MIGRUN_WORKLOAD_SEED = tostring(opts.seed or 1), MIGRUN_WORKLOAD_STOP_FILE = self.stop_file,
-            MIGRUN_WORKLOAD_NO_PK_CHANGES = opts.no_pk_changes == false and "0" or "1" },
+            MIGRUN_WORKLOAD_NO_PK_CHANGES = opts.no_pk_changes == false and "0" or "1",
+            MIGRUN_WORKLOAD_SAMPLE = self.sample },
     stdin = false, die_with_parent = true,
     stdout = function(line) self.workload_output[#self.workload_output + 1] = line end,
     stderr = "stdout" })

@@ -972,6 +972,17 @@ local function check_mappings(s)
       if action ~= "include" and action ~= "exclude" and action ~= "explicit" then
         invalid("Invalid Table Mappings document")
       end
+    elseif r["rule-type"] == "transformation" then
+      local loc = r["object-locator"]
+      if type(loc) ~= "table" or type(loc["schema-name"]) ~= "string" or type(r["rule-action"]) ~= "string"
+          or type(r["rule-target"]) ~= "string" then
+        invalid("Invalid Table Mappings document")
+      end
+      if r["rule-action"] == "remove-column" and (r["rule-target"] ~= "column" or type(loc["table-name"]) ~= "string"
+          or type(loc["column-name"]) ~= "string") then
+        invalid(("Error in mapping rules. Rule with ruleId = %s failed validation: remove-column needs rule-target "
+          .. "column and a column-name"):format(tostring(r["rule-id"])))
+      end
     end
   end
   if not selection then invalid("Invalid Table Mappings document: at least one selection rule is required") end

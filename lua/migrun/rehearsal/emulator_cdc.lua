@@ -4,11 +4,27 @@ the pglogical slot of its source endpoint with pg_logical_slot_peek_changes
 committed before its CdcStartPosition, applies the others to the target in
 commit order (one target transaction each, a savepoint per change), then
 confirms them with pg_replication_slot_advance. What DMS does that is modelled:
-  * selection rules of the table mappings (include/exclude, % wildcards);
-    TargetMetadata.TargetSchema; other rule types are ignored;
+  * selection rules of the table mappings (include/exclude; wildcards %, _,
+    [_], [ab], [a-d]); TargetMetadata.TargetSchema; remove-column
+    transformation rules (the column is left out of every statement);
+    other rule types are ignored;
+  * the target endpoint's AfterConnectScript (PostgreSQLSettings, or
+    afterConnectScript= in its extra connection attributes) runs on the
+    target session once connected (SET session_replication_role = replica:
+    the target's triggers and foreign keys then do not fire); a script the
+    target refuses fails the task. Without it, triggers fire as they would;
+  * every column pglogical sends is written, generated and identity columns
+    included: PostgreSQL refuses a value for a stored generated column or a
+    GENERATED ALWAYS identity (428C9) and the change lands in
+    awsdms_apply_exceptions, as with DMS;
+  * numeric without precision travels as DMS's NUMERIC(28,6) (rounded to 6
+    decimals; more than 22 integer digits is refused) unless
+    MapUnboundedNumericAsString is set on the source and the target
+    endpoints, which carry it as text cut at 1,000 characters;
   * UPDATE/DELETE of tables without a primary key are ignored (pglogical only
     sends their inserts anyway); updates that change the key are ignored;
-  * TRUNCATE (pglogical's queue message) truncates the target table;
+  * TRUNCATE (pglogical's queue message) is not applied and is logged: DMS
+    does not process TRUNCATE from a PostgreSQL source;
   * limited LOB mode: a LOB column value longer than LobMaxSize KB is cut
     (on a UTF-8 boundary) and "[SOURCE_CAPTURE ]W: Value of column ..." is
     logged; FailTasksOnLobTruncation on the source endpoint fails the task;
@@ -47,14 +63,61 @@ local function connect(ep, name)
   return conn, err
 end
 
--- DMS object locators: % matches any run of characters, everything else itself.
+-- DMS object locators (user guide, "Wildcards in table mapping"): % matches
+-- any run of characters, _ one character, [_] a literal underscore, [ab] a
+-- set, [a-d] a range; everything else itself.
 local function like(pattern, s)
-  local parts = {}
-  for piece in (pattern .. "%"):gmatch("([^%%]*)%%") do
-    parts[#parts + 1] = piece:gsub("[%^%$%(%)%.%[%]%*%+%-%?]", "%%%0")
+  local out, i = { "^" }, 1
+  while i <= #pattern do
+    local c = pattern:sub(i, i)
+    if c == "%" then out[#out + 1] = ".*"
+    elseif c == "_" then out[#out + 1] = "."
+    elseif c == "[" and pattern:find("]", i + 2, true) then
+      local close = pattern:find("]", i + 2, true)
+      local set = pattern:sub(i + 1, close - 1)
+      local lo, hi = set:match("^(.)%-(.)$")
+      if lo then
+        out[#out + 1] = "[" .. lo:gsub("%W", "%%%0") .. "-" .. hi:gsub("%W", "%%%0") .. "]"
+      else
+        out[#out + 1] = "[" .. set:gsub("%W", "%%%0") .. "]"
+      end
+      i = close
+    else
+      out[#out + 1] = (c:gsub("%W", "%%%0"))
+    end
+    i = i + 1
   end
-  local p = "^" .. table.concat(parts, ".*") .. "$"
-  return s:match(p) ~= nil
+  out[#out + 1] = "$"
+  return s:match(table.concat(out)) ~= nil
+end
+
+-- remove-column transformation rules -> function(schema, table, column) -> removed?
+local function removed_columns(mappings)
+  local doc = json.decode(mappings) or {}
+  local rules = {}
+  for _, r in ipairs(doc.rules or {}) do
+    if r["rule-type"] == "transformation" and r["rule-action"] == "remove-column"
+        and r["rule-target"] == "column" and type(r["object-locator"]) == "table" then
+      rules[#rules + 1] = r["object-locator"]
+    end
+  end
+  return function(schema, name, column)
+    for _, loc in ipairs(rules) do
+      if like(loc["schema-name"] or "%", schema) and like(loc["table-name"] or "%", name)
+          and like(loc["column-name"] or "%", column) then
+        return true
+      end
+    end
+    return false
+  end
+end
+
+-- An extra connection attribute (name=value;...), by name, any case.
+local function eca(s, name)
+  for part in tostring(s or ""):gmatch("[^;]+") do
+    local k, v = part:match("^%s*([^=]-)%s*=%s*(.-)%s*$")
+    if k and k:lower() == name:lower() then return v end
+  end
 end
 
 local function selector(mappings)
@@ -108,9 +171,19 @@ function M.new(o)
   e.control_schema = (cts.ControlSchema ~= nil and cts.ControlSchema ~= "") and cts.ControlSchema or "public"
   e.status_table = cts.StatusTableEnabled == true
   local pgs = o.source.PostgreSQLSettings or {}
+  local tgs = o.target.PostgreSQLSettings or {}
   e.fail_on_truncation = pgs.FailTasksOnLobTruncation == true
+  e.after_connect = tgs.AfterConnectScript or eca(o.target.ExtraConnectionAttributes, "afterConnectScript")
+  -- DMS wants MapUnboundedNumericAsString on both endpoints together
+  local function maps(settings, ep)
+    return settings.MapUnboundedNumericAsString == true
+      or (eca(ep.ExtraConnectionAttributes, "MapUnboundedNumericAsString") or ""):lower() == "true"
+  end
+  e.numeric_as_string = maps(pgs, o.source) and maps(tgs, o.target)
+  e.numeric_half_set = not e.numeric_as_string and (maps(pgs, o.source) or maps(tgs, o.target))
   e.selected = selector(o.task.TableMappings)
   e.lob_rules = M.lob_rules(o.task.TableMappings)
+  e.removed = removed_columns(o.task.TableMappings)
   e.task_name = o.task.ReplicationTaskArn:match(":task:(.+)$")
   e.server_name = o.server_name -- the replication instance, as awsdms_status names it
 
@@ -119,6 +192,17 @@ function M.new(o)
   if not e.src then return nil, "Failed to connect to the source endpoint: " .. tostring(err) end
   e.dst, err = connect(o.target, "target")
   if not e.dst then e.src:close() return nil, "Failed to connect to the target endpoint: " .. tostring(err) end
+  if e.after_connect and e.after_connect ~= "" then
+    local ok, aerr = e.dst:exec(e.after_connect)
+    if not ok then
+      e:close()
+      return nil, ("The target endpoint's after connect script failed: %s"):format(tostring(aerr.message or aerr))
+    end
+  end
+  if e.numeric_half_set then
+    e:log("SOURCE_CAPTURE", "W", "MapUnboundedNumericAsString is set on one endpoint only: it must be set on the "
+      .. "source and the target endpoints together; unbounded NUMERIC is carried as NUMERIC(28,6)")
+  end
 
   local res = e.src:exec("select plugin, active, confirmed_flush_lsn from pg_replication_slots "
     .. "where slot_name = $1 and database = current_database()", o.slot)
@@ -329,6 +413,11 @@ function Engine:_value(t, col, v)
     end
     value = cut(value, limit)
   end
+  if ctype == "numeric" and self.numeric_as_string and #value > 1000 then
+    self:log("SOURCE_CAPTURE", "W", ("Unbounded NUMERIC value of column '%s' in table '%s.%s' was truncated to "
+      .. "1000 characters"):format(col, t.schema, t.name))
+    value = value:sub(1, 1000)
+  end
   return value
 end
 
@@ -341,10 +430,15 @@ local function inline(conn, sql, params)
   end))
 end
 
-local function placeholder(t, col, i)
+-- The SQL of parameter i for column col: arrays from their JSON form; an
+-- unbounded numeric through DMS's NUMERIC(28,6) unless carried as a string.
+function Engine:_placeholder(t, col, i)
   local ttype = t.target_cols[col]
   if ttype and ttype:sub(-2) == "[]" then
     return ("(select array_agg(x) from json_array_elements_text($%d::json) x)::%s"):format(i, ttype)
+  end
+  if t.cols[col] == "numeric" and not self.numeric_as_string then
+    return ("$%d::numeric(28,6)"):format(i)
   end
   return "$" .. i
 end
@@ -355,6 +449,7 @@ function Engine:_statement(t, ch)
   local function add(v) params[#params + 1] = v return #params end
   local function included(col)
     local ctype = t.cols[col] or ""
+    if self.removed(t.schema, t.name, col) then return false end
     return self.support_lobs or not (LOB_TYPES[ctype] or ctype:sub(-2) == "[]")
   end
   if ch.action == "I" then
@@ -362,7 +457,7 @@ function Engine:_statement(t, ch)
       if included(col) then
         local i = add(self:_value(t, col, ch.new[col]))
         cols[#cols + 1] = pg.quote_ident(col)
-        vals[#vals + 1] = placeholder(t, col, i)
+        vals[#vals + 1] = self:_placeholder(t, col, i)
       end
     end
     return ("insert into %s (%s) values (%s)"):format(t.qualified, table.concat(cols, ", "),
@@ -382,7 +477,7 @@ function Engine:_statement(t, ch)
   for _, k in ipairs(t.pk) do
     local v = key[k]
     if not v or v.value == nil then return nil end
-    where[#where + 1] = pg.quote_ident(k) .. " = $" .. add(v.value)
+    where[#where + 1] = pg.quote_ident(k) .. " = " .. self:_placeholder(t, k, add(v.value))
   end
   if ch.action == "D" then
     return ("delete from %s where %s"):format(t.qualified, table.concat(where, " and ")), params
@@ -391,7 +486,7 @@ function Engine:_statement(t, ch)
   for _, col in ipairs(ch.order) do
     if included(col) then
       local i = add(self:_value(t, col, ch.new[col]))
-      sets[#sets + 1] = pg.quote_ident(col) .. " = " .. placeholder(t, col, i)
+      sets[#sets + 1] = pg.quote_ident(col) .. " = " .. self:_placeholder(t, col, i)
     end
   end
   if #sets == 0 then return nil end
@@ -422,13 +517,9 @@ function Engine:_apply(ch)
     if not t.selected or t.suspended then return end
     stats = self.emu:table_stats(self.task, t.schema, t.name)
     stats.Ddls = stats.Ddls + 1
-    local ok, err = self.dst:exec("savepoint emu_change; truncate " .. t.qualified .. "; release savepoint emu_change")
-    if ok then stats.AppliedDdls = stats.AppliedDdls + 1
-    else
-      self.dst:exec("rollback to savepoint emu_change; release savepoint emu_change")
-      self:_exception(t, "truncate " .. t.qualified, {}, error_text(err))
-    end
     stats.LastUpdateTime = self.emu.clock()
+    self:log("SOURCE_CAPTURE", "W", ("TRUNCATE of table '%s.%s' is not applied: change processing of TRUNCATE "
+      .. "is not supported"):format(t.schema, t.name))
     return
   end
   local t = self:table(ch.schema, ch.name)

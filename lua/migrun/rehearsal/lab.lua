@@ -211,6 +211,10 @@ end
 local function new_cluster(L, name)
   local c = setmetatable({
     lab = L, name = name, dbname = L.dbname,
+    -- RDS keeps its superuser (rdsadmin) to itself; the lab's target names its
+    -- bootstrap superuser the same, so a source role named postgres is an
+    -- ordinary role there, as it would be on RDS.
+    superuser = (name == "target" and L.rds_target) and lab.RDS_ADMIN or SUPERUSER,
     datadir = L.dir .. "/" .. name, logfile = L.dir .. "/" .. name .. ".log",
   }, Cluster)
   return c
@@ -218,8 +222,8 @@ end
 
 function Cluster:_set_port(port)
   self.port = port
-  self.conninfo = ("host=%s port=%d dbname=%s user=%s"):format(HOST, port, self.dbname, SUPERUSER)
-  self.url = ("postgresql://%s@%s:%d/%s"):format(SUPERUSER, HOST, port, self.dbname)
+  self.conninfo = ("host=%s port=%d dbname=%s user=%s"):format(HOST, port, self.dbname, self.superuser)
+  self.url = ("postgresql://%s@%s:%d/%s"):format(self.superuser, HOST, port, self.dbname)
   -- The password-authenticated role: the password is in L.password / L.passfile, never here.
   self.migrun_conninfo = ("host=%s port=%d dbname=%s user=%s"):format(HOST, port, self.dbname, ROLE)
 end
@@ -242,7 +246,7 @@ end
 -- final newline, or nil, err. opts: dbname, user, timeout.
 function Cluster:psql(sql, opts)
   opts = opts or {}
-  local user = opts.user or SUPERUSER
+  local user = opts.user or self.superuser
   local env = psql_env(user == ROLE and self.lab.password or nil)
   local r = run1{ self.lab.bin .. "/psql", "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1",
     "-h", HOST, "-p", tostring(self.port), "-U", user, "-d", opts.dbname or self.dbname,
@@ -453,7 +457,8 @@ end
 function Lab:describe()
   local lines = { ("migrun lab in %s (%s)"):format(self.dir, self.version or "PostgreSQL") }
   local roles = { source = "primary, pglogical", replica = "streaming hot standby (maintenance replica)",
-                  target = "stands in for RDS" }
+                  target = self.rds_target and ("stands in for RDS (role %s: no superuser, in %s)"):format(ROLE,
+                    lab.RDS_SUPERUSER) or "stands in for RDS" }
   for _, c in ipairs(self.clusters) do
     lines[#lines + 1] = ("  %-8s %s   -- %s"):format(c.name, c.conninfo, roles[c.name] or "")
     lines[#lines + 1] = "           " .. proc.quote{ self.bin .. "/psql", c.conninfo }
@@ -552,14 +557,49 @@ function Lab:_settings(c, opts)
   return s
 end
 
-function Lab:_setup_sql(c, opts)
-  local sql = {
-    "set client_min_messages = warning;",
-    ("create role %s login superuser replication password %s;"):format(
-      sql_identifier(ROLE), sql_literal(self.password)),
+-- The role migrun on the target, as RDS gives its master user: no SUPERUSER
+-- and no REPLICATION, but CREATEROLE, CREATEDB, the owner of the database, and
+-- member of a group role standing in for rds_superuser (a few predefined pg_*
+-- roles, and SET on session_replication_role, which RDS lets rds_superuser set
+-- and DMS's afterConnectScript needs). Whatever migrun does on the target is
+-- then proven to work without superuser. opts.target_superuser = true gives
+-- the old superuser role instead (for tests of something else).
+lab.RDS_SUPERUSER = "rds_superuser"
+lab.RDS_ADMIN = "rdsadmin"
+
+local function target_role_sql(password, dbname, superuser)
+  local sql
+  if superuser then
+    sql = { ("create role %s login superuser replication password %s;"):format(sql_identifier(ROLE), sql_literal(password)) }
+    if dbname ~= "postgres" then sql[2] = ("create database %s;"):format(sql_identifier(dbname)) end
+    return sql
+  end
+  local group = sql_identifier(lab.RDS_SUPERUSER)
+  sql = {
+    ("create role %s nologin;"):format(group),
+    ("grant pg_monitor, pg_signal_backend, pg_read_all_settings, pg_checkpoint to %s;"):format(group),
+    ("grant set on parameter session_replication_role to %s;"):format(group),
+    ("create role %s login nosuperuser noreplication createdb createrole password %s in role %s;"):format(
+      sql_identifier(ROLE), sql_literal(password), group),
   }
+  if dbname ~= "postgres" then
+    sql[#sql + 1] = ("create database %s owner %s;"):format(sql_identifier(dbname), sql_identifier(ROLE))
+  end
+  return sql
+end
+
+function Lab:_setup_sql(c, opts)
+  local sql = { "set client_min_messages = warning;" }
+  if c.name == "target" then
+    for _, line in ipairs(target_role_sql(self.password, self.dbname, opts.target_superuser)) do sql[#sql + 1] = line end
+  else
+    sql[#sql + 1] = ("create role %s login superuser replication password %s;"):format(
+      sql_identifier(ROLE), sql_literal(self.password))
+    if self.dbname ~= "postgres" then
+      sql[#sql + 1] = ("create database %s;"):format(sql_identifier(self.dbname))
+    end
+  end
   if self.dbname ~= "postgres" then
-    sql[#sql + 1] = ("create database %s;"):format(sql_identifier(self.dbname))
     sql[#sql + 1] = ("\\connect %s"):format(sql_identifier(self.dbname))
   end
   if c.name == "source" and opts.pglogical ~= false then
@@ -570,7 +610,7 @@ end
 
 function Lab:_psql_job(c, sql)
   return { self.bin .. "/psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", HOST,
-    "-p", tostring(c.port), "-U", SUPERUSER, "-d", "postgres", stdin = sql, env = psql_env(), timeout = 60 }
+    "-p", tostring(c.port), "-U", c.superuser, "-d", "postgres", stdin = sql, env = psql_env(), timeout = 60 }
 end
 
 -- Waits until the source has a streaming walsender for the replica.
@@ -618,7 +658,7 @@ function Lab:_build(opts)
 
   -- initdb of source and target at once, and whether this server knows output_plugin_libraries.
   local function initdb(c)
-    return self:_as_owner{ bin .. "/initdb", "-D", c.datadir, "-U", SUPERUSER, "-A", "trust",
+    return self:_as_owner{ bin .. "/initdb", "-D", c.datadir, "-U", c.superuser, "-A", "trust",
       "-E", "UTF8", "--locale=" .. (opts.locale or "C"), "--no-sync", "--no-instructions", timeout = 120 }
   end
   local results = run_all{ initdb(source), initdb(target),
@@ -722,6 +762,8 @@ end
 --   settings  { all = {...}, source = {...}, replica = {...}, target = {...} } extra postgresql.conf
 --   bindir    PostgreSQL binaries (default: pg_config --bindir, else /usr/lib/postgresql/<max>/bin)
 --   locale    initdb locale (default "C");  timeout  seconds to wait for streaming (default 60)
+--   target_superuser  true: the role migrun is a superuser on the target too (default: an
+--             RDS-like master user, and the target's own superuser is named rdsadmin)
 --   dms       true to also start the DMS emulator (L.dms.url, L:dms_client()), or a
 --             table of emulator options: { faults = {...}, delays = {...} }
 function lab.start(opts)
@@ -729,6 +771,7 @@ function lab.start(opts)
   local L = setmetatable({
     dbname = opts.dbname or "app", keep = opts.keep and true or false,
     password = opts.password or random_password(), clusters = {}, _ports = {},
+    rds_target = not opts.target_superuser,
   }, Lab)
   -- Anything raised half-way (Ctrl-C included) still stops what was started.
   local ok, built, err = pcall(L._build, L, opts)
