@@ -331,7 +331,7 @@ function status.format(s)
       s.step.seconds and (" (" .. text.duration(s.step.seconds) .. ")") or "")
   end
   local p = s.progress
-  if p and (p.current or not s.lock.held) then
+  if p and (p.current or (not s.lock.held and not p.finished)) then
     local parts = { ("%s: %s"):format(p.label or "progress", progress.amount(p.done, p.unit)) }
     if p.total then parts[#parts + 1] = (" of %s (%d%%)"):format(progress.amount(p.total, p.unit), math.floor(p.percent or 0)) end
     if p.current then

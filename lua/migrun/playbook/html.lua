@@ -73,6 +73,8 @@ ol.checklist { list-style: none; padding-left: 0; counter-reset: item; }
 ol.checklist li { counter-increment: item; padding: 6px 0 6px 36px; position: relative; border-bottom: 1px solid #eaeef2; }
 ol.checklist li::before { content: "\2610  " counter(item) "."; position: absolute; left: 0; color: #57606a; }
 svg { display: block; max-width: 100%; height: auto; }
+.charts { display: flex; flex-wrap: wrap; gap: 8px 24px; }
+.charts > div { flex: 1 1 500px; min-width: 0; }
 svg text { font: 11px system-ui, sans-serif; fill: #1f2328; }
 svg .axis text { fill: #57606a; }
 details summary { cursor: pointer; color: #0969da; margin: 6px 0; }
@@ -86,7 +88,7 @@ details summary { cursor: pointer; color: #0969da; margin: 6px 0; }
 ---------------------------------------------------------------------------
 
 -- "Nice" tick steps for a span of seconds.
-local TIME_STEPS = { 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400,
+local TIME_STEPS = { 0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400,
                      172800, 604800 }
 local function time_step(span, ticks)
   for _, s in ipairs(TIME_STEPS) do if span / s <= ticks then return s end end
@@ -118,6 +120,7 @@ local function clock_label(t, span)
 end
 
 local function elapsed_label(s)
+  if s > 0 and s < 10 and s ~= math.floor(s) then return ("+%.1fs"):format(s) end
   s = math.floor(s + 0.5)
   if s >= 3600 then return ("+%dh%02d"):format(s // 3600, s % 3600 // 60) end
   if s >= 60 then return ("+%dm%02d"):format(s // 60, s % 60) end
@@ -141,9 +144,20 @@ local function sections(J, P)
         steps[#steps + 1] = { name = d.name, title = d.title, rec = rec }
       end
     else
+      -- the order the runs ran them in (the journal keeps each run's list), then by start
+      local rank, n = {}, 0
+      for _, r in ipairs(data.runs or {}) do
+        if r.playbook == name then
+          for _, sname in ipairs(r.ran or {}) do
+            if not rank[sname] then n = n + 1 rank[sname] = n end
+          end
+        end
+      end
       for sname, rec in pairs(p.steps or {}) do steps[#steps + 1] = { name = sname, title = sname, rec = rec } end
       table.sort(steps, function(a, b)
-        local x, y = a.rec.started_at or "~", b.rec.started_at or "~"
+        local x, y = rank[a.name] or math.huge, rank[b.name] or math.huge
+        if x ~= y then return x < y end
+        x, y = a.rec.started_at or "~", b.rec.started_at or "~"
         if x ~= y then return x < y end
         return a.name < b.name
       end)
@@ -382,7 +396,7 @@ local function numeric(s)
 end
 
 -- A report table (ctx:report_table): columns of titles or { key, title }, rows
--- positional or keyed. A row with a cell "NO" (the QA's "equal" column) is a difference.
+-- positional or keyed. A row whose "equal" column (the QA's) says NO is a difference.
 local function report_table(t)
   local cols = {}
   for i, c in ipairs(t.columns or {}) do
@@ -399,7 +413,7 @@ local function report_table(t)
       local v = row[i]
       if v == nil and type(c.key) == "string" then v = row[c.key] end
       local s = cell_text(v)
-      if s == "NO" or (tostring(c.title):lower() == "equal" and (v == false or s == "no")) then diff = true end
+      if tostring(c.title):lower() == "equal" and (v == false or s:lower() == "no") then diff = true end
       cells[#cells + 1] = ("<td%s>%s</td>"):format(numeric(s) and ' class="num"' or "", esc(s))
     end
     if diff then diffs = diffs + 1 end
@@ -466,7 +480,8 @@ function html.render(opts)
   if run then
     local cls = run.outcome == "ok" and "ok" or (run.outcome == "running" and "warn" or "bad")
     cards[#cards + 1] = card("last run", ("%s: %s"):format(run.playbook or "?", run.outcome or "?"),
-      ("%s → %s UTC"):format(run.started_at or "?", run.ended_at or "…"), cls)
+      ("%s → %s UTC"):format(utc(live.epoch(run.started_at), "%m-%d %H:%M"),
+        run.ended_at and utc(live.epoch(run.ended_at), "%m-%d %H:%M") or "now"), cls)
   end
   if fl then
     local n, bytes, rows = 0, 0, 0
@@ -515,8 +530,9 @@ function html.render(opts)
       n = n + 1
       if s.rec.status == "done" then done = done + 1 end
     end
+    local ended = live.epoch(cut.steps[#cut.steps].rec.ended_at)
     cards[#cards + 1] = card("cutover", done == n and "done" or ("%d/%d steps"):format(done, n),
-      cut.steps[#cut.steps].rec.ended_at or "", done == n and "ok" or "warn")
+      ended and (utc(ended, "%Y-%m-%d %H:%M") .. " UTC") or "", done == n and "ok" or "warn")
   end
   add('<section id="summary"><h2>Summary</h2><div class="cards">' .. table.concat(cards) .. "</div></section>")
 
@@ -590,17 +606,18 @@ function html.render(opts)
     local catch = (cfg.dms or {}).catch_up or {}
     local parts = { '<section id="cdc"><h2>Slots: lag and retained WAL</h2><p class="note">Sampled by the WAL guard and '
       .. ("while the tasks were watched (%d readings, UTC).</p>"):format(#samples) }
+    parts[#parts + 1] = '<div class="charts">'
     local lag_chart = line_chart(lag_series, { title = "lag per slot (bytes)", bytes = true,
       lines = catch.lag_bytes and { { value = catch.lag_bytes, label = "caught up below", color = "#2e7d32" } } })
-    if lag_chart then parts[#parts + 1] = "<h3>Lag per slot</h3>" .. lag_chart end
+    if lag_chart then parts[#parts + 1] = '<div id="chart-lag"><h3>Lag per slot</h3>' .. lag_chart .. "</div>" end
     local sec_chart = #secs_series > 0 and line_chart(secs_series, { title = "lag per slot (time)", seconds = true })
-    if sec_chart then parts[#parts + 1] = "<h3>Lag per slot, in time</h3>" .. sec_chart end
+    if sec_chart then parts[#parts + 1] = '<div id="chart-lag-time"><h3>Lag per slot, in time</h3>' .. sec_chart .. "</div>" end
     local lines = {}
     if guard.warn_bytes then lines[#lines + 1] = { value = guard.warn_bytes, label = "WAL guard: warn", color = "#b26a00" } end
     if guard.stop_bytes then lines[#lines + 1] = { value = guard.stop_bytes, label = "WAL guard: stop", color = "#c62828" } end
-    parts[#parts + 1] = "<h3>WAL retained on the primary</h3>" .. (line_chart({ retained }, { title = "retained WAL",
-      bytes = true, lines = lines }) or "")
-    parts[#parts + 1] = "</section>"
+    parts[#parts + 1] = '<div id="chart-wal"><h3>WAL retained on the primary</h3>' .. (line_chart({ retained },
+      { title = "retained WAL", bytes = true, lines = lines }) or "") .. "</div>"
+    parts[#parts + 1] = "</div></section>"
     add(table.concat(parts))
   end
 
