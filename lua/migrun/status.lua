@@ -123,7 +123,9 @@ function status.collect(o)
   local now = o.now or host.now()
   local s = { status_version = status.VERSION, migration = cfg.name, state_dir = state_dir,
               generated_at = journal.timestamp(now), problems = json.array() }
-  local function problem(fmt, ...) s.problems[#s.problems + 1] = fmt:format(...) end
+  local function problem(fmt, ...)
+    s.problems[#s.problems + 1] = (fmt:format(...):gsub("%s*\n%s*", "; "):gsub("[;%s]+$", ""))
+  end
 
   s.lock = live.lock_state(state_dir)
   local Jh, jerr = journal.open(state_dir, { read_only = true })
@@ -265,16 +267,17 @@ function status.collect(o)
       s.apply_exceptions = s.apply_exceptions + (tonumber(t.exceptions) or 0)
     end
   end
-  if not s.slots[1] and #samples > 0 and o.offline then
-    -- offline: the slots as last sampled
+  if not s.slots[1] and not s.wal.lsn and #samples > 0 then
+    -- offline, or the primary out of reach: the slots as the run last sampled them
     local last = samples[#samples]
+    local at = last.at or journal.timestamp(last.t)
     for _, sl in ipairs(type(last.slots) == "table" and last.slots or {}) do
       s.slots[#s.slots + 1] = { slot = sl.slot, lag_bytes = sl.lag_bytes, lag_seconds = sl.lag_seconds,
         retained_bytes = sl.retained_bytes, active = sl.active, confirmed_flush_lsn = sl.confirmed_flush_lsn,
-        seen_at = last.at }
+        seen_at = at }
     end
     s.wal.retained_bytes = last.retained_bytes
-    s.wal.seen_at = last.at
+    s.wal.seen_at = at
   end
   if src then src:close() end
   if tgt then tgt:close() end
@@ -384,7 +387,8 @@ function status.format(s)
   local w = s.wal
   add("WAL guard: warn at %s, stop at %s retained, replica free >= %s, every %s%s", text.bytes(w.warn_bytes),
     text.bytes(w.stop_bytes), text.bytes(w.replica_min_free_bytes), text.duration(w.interval),
-    w.retained_bytes and ("; migrun's slots retain %s now%s"):format(text.bytes(w.retained_bytes),
+    w.retained_bytes and ("; migrun's slots retain %s %s%s"):format(text.bytes(w.retained_bytes),
+      w.seen_at and ("(as sampled " .. clock(w.seen_at) .. ")") or "now",
       w.level and w.level ~= "ok" and (" (" .. w.level:upper() .. ")") or "") or "")
   if s.tasks and #s.tasks > 0 then
     local rows = {}
