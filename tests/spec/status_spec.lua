@@ -30,7 +30,7 @@ end
 local function status(config_path, ...)
   local argv = { MIGRUN, ROOT .. "/playbooks/status.lua", "--config", config_path, ... }
   argv.stdin = false
-  local ok, how, code, out, err = proc.run(argv)
+  local ok, _, code, out, err = proc.run(argv)
   return ok, code, out, err
 end
 
