@@ -62,9 +62,10 @@ end)
 
 describe("progress bar", function()
   it("shows a rate and an expected end, and snapshots its parts", function()
-    local said, records = {}, 0
+    local said, records = {}, {}
     local bar = progress.new{ label = "Full load", total = 1000, unit = "bytes", tty = false, interval = 0,
-      say = function(line) said[#said + 1] = line end, on_record = function() records = records + 1 end }
+      say = function(line) said[#said + 1] = line end,
+      on_record = function(_, now) records[#records + 1] = now and "now" or "when due" end }
     -- the bar's clock is the real one: its window starts at creation
     bar.rate = rate.new{ window = 30 }
     local t0 = host.monotonic() - 10
@@ -90,9 +91,11 @@ describe("progress bar", function()
     assert.equal(1, #snap.parts)
     assert.equal("public.calls", snap.parts[1].name)
     assert.is_nil(snap.parts[1].per_second)
+    bar:update(700, nil, { part = { key = "stream 1", name = "public.calls", done = 200, total = 200 } })
     bar:finish()
     assert.is_true(bar:snapshot().finished)
-    assert.equal(3, records)
+    -- saved at once: a new table in a stream, and the end; the rest when due
+    assert.same({ "now", "now", "when due", "now" }, records)
   end)
 end)
 

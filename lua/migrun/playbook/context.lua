@@ -155,20 +155,20 @@ function Ctx:progress(opts)
   local bar = progress.new{ label = opts.label, total = opts.total, unit = opts.unit,
     interval = opts.interval, tty = opts.tty,
     say = function(line) ctx:_emit(line) end,
-    on_record = function(b) ctx:_save_progress(b) end,
+    on_record = function(b, now) ctx:_save_progress(b, now) end,
     on_tick = function() ctx:run_watchers() end }
   self._bar = bar
   return bar
 end
 
 -- progress.json: the bar's snapshot with who and where, for `status` and the metrics
-function Ctx:_save_progress(bar)
+function Ctx:_save_progress(bar, now)
   if self.dry_run then return end
   self._progress_writer = self._progress_writer or live.progress_writer(self.state_dir)
   local rec = self._record or {}
   local ok, err = self._progress_writer:save({ pid = host.pid, migration = self.config.name,
     playbook = self.playbook.name, step = self.step, step_started_at = rec.started_at,
-    progress = bar:snapshot() }, bar.finished)
+    progress = bar:snapshot() }, now or bar.finished)
   if not ok and not self._progress_warned then
     self._progress_warned = true
     self:warn("could not save the progress for `status`: %s", tostring(err))

@@ -15,10 +15,11 @@ log stays readable.
                 say = function(line) (plain mode: where lines go; default: a
                       timestamped line on out), interval = seconds (default 10),
                 on_tick = function() (called on every update: the playbook runs
-                      its due watchers there), on_record = function(bar) (called on
-                      every update and at the finish: the playbook saves
+                      its due watchers there), on_record = function(bar, now) (called
+                      on every update and at the finish: the playbook saves
                       bar:snapshot() for `status` and the metrics, at most every
-                      few seconds), window = seconds of the rate (default 30) } -> bar
+                      few seconds, or at once when `now`: a new part, the finish),
+                      window = seconds of the rate (default 30) } -> bar
   bar:update(done [, detail] [, extra])   bar:finish([summary])   (finish is idempotent)
       extra.rows: rows done so far (a rows/s rate besides the unit's);
       extra.part = { key =, name =, done =, total =, rows = }: one of several
@@ -118,7 +119,7 @@ function Bar:update(done, detail, extra)
   local now = host.monotonic()
   if extra and extra.rows then self.rows = extra.rows end
   self.rate:add(now, self.done, self.rows)
-  if extra and extra.part then self:_part(extra.part, now) end
+  local new_part = extra and extra.part and self:_part(extra.part, now)
   if self.tty then
     -- redrawn in place: carriage return, the line, clear to the end of line
     self.out:write("\r", self:line(detail):sub(1, 200), "\27[K")
@@ -128,7 +129,8 @@ function Bar:update(done, detail, extra)
     self.last_shown = now
     self.say(self:line(detail))
   end
-  if self.on_record then self.on_record(self) end
+  -- a new table in a stream is worth saving at once (it may then wait long)
+  if self.on_record then self.on_record(self, new_part) end
   if self.on_tick then self.on_tick() end
 end
 
@@ -136,7 +138,8 @@ function Bar:_part(p, now)
   assert(p.key ~= nil, "progress: extra.part.key expected")
   local key = tostring(p.key)
   local part = self.parts[key]
-  if not part or part.name ~= p.name then
+  local new = not part or part.name ~= p.name
+  if new then
     -- a new thing in this place (the stream's next table): its own rate
     part = { key = key, rate = rate.new{ window = self.window } }
     if not self.parts[key] then self.part_order[#self.part_order + 1] = key end
@@ -145,6 +148,7 @@ function Bar:_part(p, now)
   part.name, part.done, part.total, part.rows = p.name, p.done or 0, p.total, p.rows
   part.updated_at = host.now()
   part.rate:add(now, part.done, part.rows)
+  return new
 end
 
 function Bar:snapshot()
@@ -184,7 +188,7 @@ function Bar:finish(summary)
            text.duration(host.monotonic() - self.started)
   end
   self.say(line)
-  if self.on_record then self.on_record(self) end
+  if self.on_record then self.on_record(self, true) end
 end
 
 progress.Bar = Bar
