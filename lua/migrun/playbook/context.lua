@@ -178,12 +178,14 @@ end
 --[[ ctx:sample_slots(kind, extra) -> sample | nil
      One reading of the primary's WAL position and migrun's slots (lag, retained
      WAL, lag in time) appended to samples.jsonl with extra's fields (tasks,
-     exceptions, level...); at most one a second. A failed reading is logged and
+     exceptions, level...); at most one a second of each kind. A failed reading is logged and
      skipped: sampling never stops a run. ]]
 function Ctx:sample_slots(kind, extra)
   if self.dry_run then return nil end
   local now = host.now()
-  if self._last_sample and now - self._last_sample < 1 then return nil end
+  -- at most one a second of each kind: one kind never hides another's reading
+  self._last_sample = self._last_sample or {}
+  if self._last_sample[kind] and now - self._last_sample[kind] < 1 then return nil end
   local src, cerr = self:connect("source")
   local r, err = nil, cerr
   if src then r, err = live.slots(src, { prefix = self.config.slots.prefix }) end
@@ -191,7 +193,7 @@ function Ctx:sample_slots(kind, extra)
     self:_log("sample: could not read the slots: " .. tostring(err))
     return nil
   end
-  self._last_sample = now
+  self._last_sample[kind] = now
   if not self._history then
     self._history = {}
     for _, s in ipairs(live.read_samples(self.state_dir, { limit = 500 })) do
