@@ -61,6 +61,24 @@ describe("notify", function()
     assert.equal(1, #lines.log)
   end)
 
+  it("keeps migrun's secrets out of the command's environment", function()
+    local out = dir .. "/env.txt"
+    -- a migrun whose environment holds secrets sends an event to `env`
+    local ok, _, _, _, err = proc.run{ host.exe, "-e", ([[
+      local notify = require "migrun.playbook.notify"
+      local r = notify.send({ command = { "sh", "-c", "env > %s" }, timeout = 5 }, notify.body{ event = "run_failed" })
+      assert(r.command)]]):format(out),
+      env = { AWS_SECRET_ACCESS_KEY = "aws-s3cret", PGPASSWORD = "pg-s3cret", MIGRATION_WEBHOOK_TOKEN = "tok-s3cret",
+              MIGRUN_TEST_PLAIN = "plain-value" } }
+    assert.is_true(ok, err)
+    local env = assert(io.open(out)):read("a")
+    assert.truthy(env:find("MIGRUN_EVENT=run_failed", 1, true))
+    assert.truthy(env:find("MIGRUN_TEST_PLAIN=plain-value", 1, true))
+    for _, secret in ipairs{ "aws-s3cret", "pg-s3cret", "tok-s3cret" } do
+      assert.falsy(env:find(secret, 1, true), secret .. " reached the command")
+    end
+  end)
+
   it("warns about a failing or hanging command, and goes on", function()
     local lines, o = collect()
     local r = notify.send({ command = { "sh", "-c", "echo 'no route to chat' >&2; exit 3" }, timeout = 5 }, body(), o)

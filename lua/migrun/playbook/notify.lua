@@ -13,6 +13,10 @@ Events (notify.EVENTS): the runner sends step_failed and run_failed; the
 rest come from ctx:notify(event, message, details) in the library and the
 playbooks (the WAL guard, cdc watching, full.lua, cutover.lua).
 
+The command runs with migrun's environment less every variable whose name
+names a secret (AWS_SECRET_ACCESS_KEY, PGPASSWORD, ..._TOKEN): it is the
+team's program, not migrun's.
+
 A notification never stops or slows the migration for long: each channel
 has a short timeout (notify.timeout seconds), and a failure is logged as a
 warning and otherwise ignored. Nothing secret goes out: the body is
@@ -98,9 +102,26 @@ local function short(s, n)
   return s
 end
 
+-- The command is the team's (a chat poster): it gets migrun's environment
+-- without what names a secret (AWS keys, PGPASSWORD, tokens), read from
+-- /proc/self/environ since Lua cannot list the environment.
+local SECRET_NAME = { "PASSWORD", "PASSWD", "SECRET", "TOKEN", "CREDENTIAL", "PRIVATE_KEY", "ACCESS_KEY", "PGPASS" }
+function notify.command_env(event)
+  local env = { MIGRUN_EVENT = event }
+  local f = io.open("/proc/self/environ", "rb")
+  local all = f and f:read("a") or ""
+  if f then f:close() end
+  for name in all:gmatch("([^%z=]+)=[^%z]*") do
+    local upper = name:upper()
+    for _, word in ipairs(SECRET_NAME) do
+      if upper:find(word, 1, true) then env[name] = false break end
+    end
+  end
+  return env
+end
+
 local function run_command(cfg, payload, event, o)
-  local spec = { stdin = payload .. "\n", timeout = cfg.timeout or 5,
-                 env = { MIGRUN_EVENT = event } }
+  local spec = { stdin = payload .. "\n", timeout = cfg.timeout or 5, env = notify.command_env(event) }
   for i, a in ipairs(cfg.command) do spec[i] = a end
   if o.dry_run then
     o.say(("dry run: would notify %s: %s (the event's JSON on its stdin)"):format(event, proc.quote(cfg.command)))
