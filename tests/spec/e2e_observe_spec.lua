@@ -388,6 +388,7 @@ describe("watching a migration", function()
     local items = dom:match('<ol class="checklist">(.-)</ol>')
     assert.equal(#checklist.rows, select(2, items:gsub("<li>", "")))
     assert.truthy(dom:find("cutover: ok", 1, true))
+    assert.truthy(dom:find(#j.playbooks.full.steps.groups.facts.groups .. " stopped", 1, true))
     assert.truthy(dom:find("Final full QA (primary vs target)", 1, true))
     assert.is_nil(dom:find('<tr class="diff">', 1, true))
     assert.truthy(dom:find('data-series="dms_slot_01"', 1, true))
@@ -399,6 +400,9 @@ describe("watching a migration", function()
     local w, h = string.unpack(">I4>I4", png, 17)
     assert.same({ 1280, 2000 }, { w, h })
     assert.is_true(#png > 60 * 1024, ("the screenshot is %d bytes: blank?"):format(#png))
+    -- MIGRUN_E2E_KEEP=DIR keeps the page and its picture to look at
+    local keep = os.getenv("MIGRUN_E2E_KEEP")
+    if keep then proc.run{ "cp", page, shot .. "/report.png", keep } end
     proc.run{ "rm", "-rf", shot }
   end)
 

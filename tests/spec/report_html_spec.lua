@@ -109,6 +109,17 @@ describe("report.html", function()
     assert.truthy(page:find('<tr class="diff"><td>public.calls</td>', 1, true))
     local list = page:match('<ol class="checklist">(.-)</ol>')
     assert.equal(2, count(list, "<li>"))
+    -- the tasks as last watched: one running, an apply exception
+    assert.truthy(page:find("1/1 running", 1, true))
+    assert.truthy(page:find("1 apply exception(s)", 1, true))
+  end)
+
+  it("says the tasks are stopped once the cutover stopped them after the last look", function()
+    local J = journal_of(dir)
+    J:steps("cutover").stop_tasks = { status = "done", started_at = "2026-11-22T08:59:00Z", ended_at = "2026-11-22T08:59:30Z" }
+    local p = html.render{ journal = J, state_dir = dir, samples = SAMPLES }
+    assert.truthy(p:find("1 stopped", 1, true))
+    assert.is_nil(p:find("1/1 running", 1, true))
   end)
 
   it("is written at the end of a run (from the journal alone when there are no samples)", function()

@@ -497,7 +497,17 @@ function html.render(opts)
   for i = #samples, 1, -1 do
     if type(samples[i].tasks) == "table" then last_tasks = samples[i] break end
   end
-  if last_tasks then
+  -- tasks the cutover stopped after the last look: that is what they are now
+  local stopped_at
+  for _, sec in ipairs(secs) do
+    for _, st in ipairs(sec.steps) do
+      if st.name == "stop_tasks" and st.rec.status == "done" then stopped_at = live.epoch(st.rec.ended_at) end
+    end
+  end
+  if last_tasks and stopped_at and stopped_at >= last_tasks.t then
+    cards[#cards + 1] = card("DMS tasks", ("%d stopped"):format(#last_tasks.tasks),
+      ("by the cutover, %s UTC"):format(utc(stopped_at, "%m-%d %H:%M")), "ok")
+  elseif last_tasks then
     local running, exc = 0, 0
     for _, t in ipairs(last_tasks.tasks) do
       if tostring(t.status):lower() == "running" then running = running + 1 end
