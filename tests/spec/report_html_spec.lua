@@ -12,6 +12,9 @@ local function tmpdir()
   return (out:gsub("%s+$", ""))
 end
 
+-- 2026-11-21T10:00:05Z, when the journal below says the full load began
+local T0 = 1795255205
+
 local function count(s, pattern)
   return select(2, s:gsub(pattern, ""))
 end
@@ -24,13 +27,13 @@ local function journal_of(dir)
     duration = 5, facts = { tables = { {}, {}, {}, {} } } }
   full.full_load = { status = "done", started_at = "2026-11-21T10:00:05Z", ended_at = "2026-11-21T11:00:05Z",
     duration = 3600, facts = { loaded = {
-      ["public.events"] = { table = "public.events", rows = 1000000, bytes = 2 ^ 30, started = 1795860005,
-                            ended = 1795863000, seconds = 2995, stream = 1 },
-      ["public.calls"] = { table = "public.calls", rows = 500, bytes = 4096, started = 1795860005,
-                           ended = 1795860100, seconds = 95, stream = 2 },
-      ["public.<script>x"] = { table = "public.<script>x", rows = 1, bytes = 1, started = 1795860100,
-                               ended = 1795860200, seconds = 100, stream = 2 },
-      ["public.ref"] = { table = "public.ref", rows = 1, bytes = 1, started = 1795860200, ended = 1795863605,
+      ["public.events"] = { table = "public.events", rows = 1000000, bytes = 2 ^ 30, started = T0 + 0,
+                            ended = T0 + 2995, seconds = 2995, stream = 1 },
+      ["public.calls"] = { table = "public.calls", rows = 500, bytes = 4096, started = T0 + 0,
+                           ended = T0 + 95, seconds = 95, stream = 2 },
+      ["public.<script>x"] = { table = "public.<script>x", rows = 1, bytes = 1, started = T0 + 95,
+                               ended = T0 + 195, seconds = 100, stream = 2 },
+      ["public.ref"] = { table = "public.ref", rows = 1, bytes = 1, started = T0 + 195, ended = T0 + 3600,
                          seconds = 3400, stream = 2 } } } }
   full.qa = { status = "done", started_at = "2026-11-21T11:00:05Z", ended_at = "2026-11-21T11:00:10Z", duration = 5,
     tables = { { title = "Quick QA (replica vs target)", columns = { "table", "method", "a", "b", "equal", "detail" },
@@ -49,10 +52,10 @@ local function journal_of(dir)
 end
 
 local SAMPLES = {
-  { t = 1795863660, wal_lsn = "0/5000000", retained_bytes = 3 * 2 ^ 20,
+  { t = T0 + 3655, wal_lsn = "0/5000000", retained_bytes = 3 * 2 ^ 20,
     slots = { { slot = "dms_slot_01", lag_bytes = 2 * 2 ^ 20, lag_seconds = 30 }, { slot = "dms_slot_02", lag_bytes = 2 ^ 20 } },
     tasks = { { slot = "dms_slot_01", task = "t1", status = "running", exceptions = 0 } }, max_lag = 2 * 2 ^ 20 },
-  { t = 1795863720, wal_lsn = "0/5100000", retained_bytes = 2 ^ 20,
+  { t = T0 + 3715, wal_lsn = "0/5100000", retained_bytes = 2 ^ 20,
     slots = { { slot = "dms_slot_01", lag_bytes = 1000, lag_seconds = 1 }, { slot = "dms_slot_02", lag_bytes = 2000 } },
     tasks = { { slot = "dms_slot_01", task = "t1", status = "running", exceptions = 1 } }, max_lag = 2000 },
 }
