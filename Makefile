@@ -8,7 +8,7 @@ TEST_JOBS  ?= 4
 MIGRUN      = $(BUILD)/migrun
 CTEST       = ctest --output-on-failure --timeout 1200
 
-.PHONY: all deps build build-asan test test-unit test-fast test-asan demo install clean
+.PHONY: all deps build build-asan test test-unit test-faults test-fast test-asan demo install clean
 
 all: build
 
@@ -25,18 +25,22 @@ build-asan: deps
 
 # The whole suite, then again under AddressSanitizer/UBSan.
 test: build build-asan
-	$(CTEST) --test-dir $(BUILD) -j$(TEST_JOBS)
-	ASAN_OPTIONS=detect_leaks=1 $(CTEST) --test-dir $(ASAN_BUILD) -j$(TEST_JOBS)
+	$(CTEST) --test-dir $(BUILD) -j$(TEST_JOBS) -LE faults
+	ASAN_OPTIONS=detect_leaks=1 $(CTEST) --test-dir $(ASAN_BUILD) -j$(TEST_JOBS) -LE faults
+
+# The fault campaign: SIGKILL at every step of every playbook, DMS faults at 20%.
+test-faults: build
+	$(CTEST) --test-dir $(BUILD) -j$(TEST_JOBS) -L faults
 
 # The specs that need no server, and the static checks: seconds.
 test-unit: build
 	$(CTEST) --test-dir $(BUILD) -j$(TEST_JOBS) -L unit
 
 test-fast: build
-	$(CTEST) --test-dir $(BUILD) -j$(TEST_JOBS)
+	$(CTEST) --test-dir $(BUILD) -j$(TEST_JOBS) -LE faults
 
 test-asan: build-asan
-	ASAN_OPTIONS=detect_leaks=1 $(CTEST) --test-dir $(ASAN_BUILD) -j$(TEST_JOBS)
+	ASAN_OPTIONS=detect_leaks=1 $(CTEST) --test-dir $(ASAN_BUILD) -j$(TEST_JOBS) -LE faults
 
 demo: build
 	$(MIGRUN) tools/demo.lua

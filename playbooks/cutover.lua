@@ -8,7 +8,8 @@ READY FOR CUTOVER. What DMS leaves undone, as steps:
 Check every task runs and has caught up; stop writes on the source (as
 cutover.stop_writes says: the team's command, or the database made read-only
 with the sessions opened before waited for or terminated); wait until every
-slot has confirmed the primary's final LSN; set the target's sequences ahead
+task has applied the primary's last write (a fence row written on the primary,
+read-only or not, and seen on the target: migrun.fence); set the target's sequences ahead
 of the source's (DMS never migrates sequences); a final full QA, counts and
 row hashes of every table; stop the tasks; the checklist and the commands to
 roll back. Any difference stops it before the tasks are stopped.
@@ -22,6 +23,7 @@ local cutover = require "migrun.cutover"
 local cdc = require "migrun.cdc"
 local qa = require "migrun.qa"
 local proc = require "migrun.proc"
+local text = require "migrun.text"
 
 local P = playbook.new{ name = "cutover", title = "Cutover: stop writes, last changes, sequences, final QA, stop the tasks" }
 
@@ -81,20 +83,22 @@ P:step{ "stop_writes", "Stop writes on the source (cutover.stop_writes)",
     return ro or nil, "the source database is no longer read-only"
   end }
 
-P:step{ "wait_applied", "Wait until every slot has confirmed the primary's final LSN",
+P:step{ "wait_applied", "Wait until every task has applied the primary's last write (a fence row seen on the target)",
   run = function(ctx)
     local slots = slots_of(ctx)
-    local bar = ctx:progress{ label = "slots at the final LSN", total = #slots, unit = "slots" }
-    local w = assert(cutover.wait_applied(ctx.source, slots, { timeout = ctx.config.cutover.apply_timeout,
+    local bar = ctx:progress{ label = "tasks past the fence", total = #slots, unit = "tasks" }
+    local w = assert(cutover.wait_applied(ctx.source, ctx.target, slots, { timeout = ctx.config.cutover.apply_timeout,
       sleep = function(t) ctx:sleep(t) end, on_progress = function(done) bar:update(done) end }))
-    bar:finish(("every slot has confirmed %s"):format(tostring(w.lsn)))
-    ctx:report_table(("Slots at the final LSN %s"):format(tostring(w.lsn)),
-      { { "slot" }, { "confirmed_flush_lsn", "confirmed flush" } }, w.slots)
-    return { lsn = tostring(w.lsn) }
-  end,
-  dry_run = function(ctx)
-    return ("would wait until %s have confirmed %s"):format(table.concat(slots_of(ctx), ", "),
-      tostring(assert(cutover.final_lsn(ctx.source))))
+    if w.dry_run then
+      ctx:say("dry run: would wait until the target shows that fence row for %s", table.concat(slots, ", "))
+      return {}
+    end
+    bar:finish(("every task has applied the fence written at %s (LSN %s) in %s"):format(w.written_at,
+      tostring(w.lsn), text.duration(w.seconds)))
+    ctx:report_table(("Tasks past the fence written at %s (LSN %s)"):format(w.written_at, tostring(w.lsn)),
+      { { "slot" }, { "seconds", "seen after", format = text.duration },
+        { "confirmed_flush_lsn", "confirmed flush" } }, w.slots)
+    return { lsn = tostring(w.lsn), fence = w.seq, seconds = w.seconds }
   end }
 
 P:step{ "sequences", "Set every sequence on the target ahead of the source's last value",

@@ -24,6 +24,7 @@ local groups = require "migrun.groups"
 local pglogical = require "migrun.pglogical"
 local replica = require "migrun.replica"
 local cdc = require "migrun.cdc"
+local fence = require "migrun.fence"
 local walguard = require "migrun.walguard"
 local lsn = require "migrun.lsn"
 local text = require "migrun.text"
@@ -84,19 +85,24 @@ P:step{ "groups", "Group the tables into slots (printed before anything is creat
     return { groups = g }
   end }
 
-P:step{ "slots", "Replication slots, the pglogical node and two sets per slot on the primary",
+P:step{ "slots", "Replication slots, the pglogical node and two sets per slot on the primary; the fence table",
   run = function(ctx)
     local src = ctx.source
     if assert(pglogical.ensure_extension(src)).created then ctx:say("created the pglogical extension") end
     assert(pglogical.ensure_node(src, ctx.config.slots.node, pglogical.node_dsn(ctx.config.source.conninfo)))
+    -- migrun.fence on both sides: every slot carries it, so waiting for the
+    -- tasks to apply ends on a row seen on the target, never on an LSN
+    assert(fence.create(src))
+    assert(fence.create(ctx.target))
     local created = {}
     for _, g in ipairs(plan(ctx)) do
       local s = assert(pglogical.create_slot(src, g.slot))
       assert(pglogical.create_sets(src, g.slot))
       assert(pglogical.add_tables(src, g.slot, g.tables, { say = function(l) ctx:warn("%s", l) end }))
+      assert(fence.add_slot(src, g.slot))
       created[g.slot] = s.lsn and tostring(s.lsn) or "dry run"
     end
-    return { slots = created }
+    return { slots = created, fence = fence.KEY }
   end,
   check = function(ctx, facts)
     return pglogical.check_slots(ctx.source, facts.slots)
@@ -200,6 +206,7 @@ P:step{ "catch_up", "Watch the tasks catch up; final QA against the primary", al
       text.bytes(st.max_lag), #r.checks), { tasks = #st.rows, max_lag = st.max_lag, exceptions = st.exceptions })
     return { ready = true, max_lag = st.max_lag, exceptions = st.exceptions }
   end,
-  dry_run = "would watch every task catch up, then compare every table of the primary and the target" }
+  dry_run = "would watch every task catch up (writing a fence row into " .. fence.KEY .. " on the primary "
+    .. "and seeing it on the target), then compare every table of the primary and the target" }
 
 os.exit(P:main(arg))

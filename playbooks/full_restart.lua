@@ -6,13 +6,14 @@ scrapped and the migration starts again from the beginning of full.lua.
 
 Keeps the failure state of every task for the report, stops and deletes
 every DMS task and endpoint of this migration (found by the identifiers
-migrun.cdc gives them), drops its replication sets, slots and pglogical node
-on the primary, resumes the maintenance replica if a run left it paused, and
-empties the target as restart.target in the config says: "truncate" (the
-default: the migrated tables are emptied, their schema stays) or
-"drop_schema" (the migrated schemas are dropped and restored again).
+migrun.cdc gives them), drops its replication sets, slots, pglogical node and
+fence table (migrun.fence) on the primary, resumes the maintenance replica if
+a run left it paused, and empties the target as restart.target in the config
+says: "truncate" (the default: the migrated tables are emptied, their schema
+stays) or "drop_schema" (the migrated schemas are dropped and restored
+again); the fence table goes there too.
 
-Then the journal, report and log move to state_dir/attempt-<n>/, and the
+Then the journal, the reports and the log move to state_dir/attempt-<n>/, and the
 migration's main playbook (full.lua, or the team's copy of it: the journal
 names it) runs from its first step with a fresh journal, as a child of this
 migrun that dies with it, with the same --config, --state-dir and --yes; its
@@ -27,6 +28,7 @@ local restart = require "migrun.restart"
 local catalog = require "migrun.catalog"
 local pglogical = require "migrun.pglogical"
 local replica = require "migrun.replica"
+local fence = require "migrun.fence"
 
 local P = playbook.new{ name = "full_restart",
   title = "Full restart: take this migration's DMS and pglogical objects down, empty the target, start again" }
@@ -86,12 +88,13 @@ P:step{ "dms_teardown", "Stop and delete every DMS task and endpoint of this mig
 
 P:step{ "source_teardown", "Drop the replication sets, slots and pglogical node on the primary",
   destructive = function(ctx)
-    return ("drop the slots %s, their sets and the node %s on the primary"):format(slots_of(plan(ctx)),
-      ctx.config.slots.node)
+    return ("drop the slots %s, their sets, the node %s and the fence table %s on the primary")
+      :format(slots_of(plan(ctx)), ctx.config.slots.node, fence.KEY)
   end,
   run = function(ctx)
     local r = assert(restart.teardown_source(ctx.source, plan(ctx), ctx.config.slots.node))
-    ctx:say("slots: %s; %d set(s) dropped; node %s: %s", slots_of(plan(ctx)), r.sets, ctx.config.slots.node, r.node)
+    ctx:say("slots: %s; %d set(s) dropped; node %s: %s; %s: %s", slots_of(plan(ctx)), r.sets,
+      ctx.config.slots.node, r.node, fence.KEY, r.fence)
     return r
   end }
 
@@ -104,10 +107,10 @@ P:step{ "resume_replica", "Resume the maintenance replica if a run left it pause
 P:step{ "empty_target", "Empty the target (restart.target: truncate or drop_schema)",
   destructive = function(ctx)
     if ctx.config.restart.target == "drop_schema" then
-      return ("drop and recreate the migrated schemas on the target (%s)"):format(
-        table.concat(ctx.config.schemas or { "every migrated schema" }, ", "))
+      return ("drop and recreate the migrated schemas on the target (%s), drop %s there"):format(
+        table.concat(ctx.config.schemas or { "every migrated schema" }, ", "), fence.KEY)
     end
-    return ("truncate the %d migrated tables on the target"):format(#tables(ctx))
+    return ("truncate the %d migrated tables on the target, drop %s there"):format(#tables(ctx), fence.KEY)
   end,
   run = function(ctx)
     local r = assert(restart.empty_target(ctx.target, tables(ctx),

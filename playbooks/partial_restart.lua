@@ -28,6 +28,7 @@ local restart = require "migrun.restart"
 local pglogical = require "migrun.pglogical"
 local replica = require "migrun.replica"
 local cdc = require "migrun.cdc"
+local fence = require "migrun.fence"
 local walguard = require "migrun.walguard"
 local lsn = require "migrun.lsn"
 local text = require "migrun.text"
@@ -102,6 +103,10 @@ P:step{ "slot", "Drop and recreate the slot and its two replication sets; add th
     local created = assert(pglogical.create_slot(src, s))
     assert(pglogical.create_sets(src, s))
     assert(pglogical.add_tables(src, s, tables(ctx), { say = function(l) ctx:warn("%s", l) end }))
+    -- the new sets carry the fence too (created here if full.lua predates it)
+    assert(fence.create(src))
+    assert(fence.create(ctx.target))
+    assert(fence.add_slot(src, s))
     return { lsn = created.lsn and tostring(created.lsn) or nil }
   end,
   check = function(ctx, facts)

@@ -6,28 +6,24 @@
  * the header list and the response buffers are released by its one closer
  * even when building the Lua result raises. Transfers are interruptible: the
  * progress callback aborts as soon as Ctrl-C is pending and the call then
- * raises "interrupted!". It also keeps the two clock helpers the retry and
- * wait loops need (aws.sleep, aws.monotonic). Transport failures come back as nil plus a structured
- * error of kind "connection"; request headers (which carry signatures and
- * session tokens) never appear in an error. HTTP statuses, 4xx/5xx included,
- * are results, not errors: the Lua layer decides what they mean.
+ * raises the interrupted error (kind "interrupted"). aws.sleep and
+ * aws.monotonic are host.sleep and host.monotonic (host.c), kept under the old
+ * names while the Lua library moves to the host's.
+ * Transport failures come back as nil plus a structured error of kind
+ * "connection"; request headers (which carry signatures and session tokens)
+ * never appear in an error. HTTP statuses, 4xx/5xx included, are results, not
+ * errors: the Lua layer decides what they mean.
  */
-#include <errno.h>
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include <curl/curl.h>
 
-#include "migrun.h"
+#include "migrun_internal.h"
+#include "aws_sigv4.h"
 
 #define REQUEST_MT "migrun.aws.Request"
 #define DEFAULT_MAX_BODY (64u * 1024u * 1024u)
-
-int migrun_aws_sign(lua_State *L);
-int migrun_aws_sha256_hex(lua_State *L);
-int migrun_aws_hmac_sha256_hex(lua_State *L);
 
 struct growbuf {
     char *data;
@@ -46,9 +42,11 @@ typedef struct {
 static int growbuf_add(struct growbuf *g, const char *p, size_t n) {
     if (g->len + n + 1 > g->cap) {
         size_t cap = g->cap ? g->cap : 1024;
-        while (cap < g->len + n + 1) cap *= 2;
+        while (cap < g->len + n + 1)
+            cap *= 2;
         char *d = realloc(g->data, cap);
-        if (d == NULL) return 0;
+        if (d == NULL)
+            return 0;
         g->data = d;
         g->cap = cap;
     }
@@ -68,7 +66,8 @@ static void growbuf_free(struct growbuf *g) {
 static void request_close(aws_request *r) {
     CURL *c = r->curl;
     r->curl = NULL; /* closed before released */
-    if (c) curl_easy_cleanup(c);
+    if (c)
+        curl_easy_cleanup(c);
     curl_slist_free_all(r->headers);
     r->headers = NULL;
     growbuf_free(&r->body);
@@ -82,8 +81,10 @@ static int request_gc(lua_State *L) {
 
 static int request_tostring(lua_State *L) {
     aws_request *r = luaL_checkudata(L, 1, REQUEST_MT);
-    if (r->curl == NULL) lua_pushliteral(L, "migrun.aws.Request (closed)");
-    else lua_pushfstring(L, "migrun.aws.Request (%p)", (void *)r);
+    if (r->curl == NULL)
+        lua_pushliteral(L, "migrun.aws.Request (closed)");
+    else
+        lua_pushfstring(L, "migrun.aws.Request (%p)", (void *)r);
     return 1;
 }
 
@@ -101,12 +102,16 @@ static size_t on_header(char *p, size_t size, size_t n, void *ud) {
     aws_request *r = ud;
     size_t len = size * n;
     /* a new status line (100 Continue, a second response) starts afresh */
-    if (len >= 5 && memcmp(p, "HTTP/", 5) == 0) r->head.len = 0;
+    if (len >= 5 && memcmp(p, "HTTP/", 5) == 0)
+        r->head.len = 0;
     return growbuf_add(&r->head, p, len) ? len : 0;
 }
 
 static int on_progress(void *ud, curl_off_t dlt, curl_off_t dln, curl_off_t ult, curl_off_t uln) {
-    (void)dlt; (void)dln; (void)ult; (void)uln;
+    (void)dlt;
+    (void)dln;
+    (void)ult;
+    (void)uln;
     aws_request *r = ud;
     if (migrun_interrupt_pending) {
         r->interrupted = 1;
@@ -117,7 +122,8 @@ static int on_progress(void *ud, curl_off_t dlt, curl_off_t dln, curl_off_t ult,
 
 static void append_line(lua_State *L, aws_request *r, const char *line) {
     struct curl_slist *l = curl_slist_append(r->headers, line);
-    if (l == NULL) luaL_error(L, "aws.request: out of memory");
+    if (l == NULL)
+        luaL_error(L, "aws.request: out of memory");
     r->headers = l;
 }
 
@@ -128,8 +134,8 @@ static void add_header(lua_State *L, aws_request *r, const char *name, const cha
     if (strpbrk(value, "\r\n") != NULL)
         luaL_error(L, "aws.request: header '%s' has a line break in its value", name);
     /* "Name;" is curl's way to send an empty value ("Name:" would remove it) */
-    append_line(L, r, *value ? lua_pushfstring(L, "%s: %s", name, value)
-                             : lua_pushfstring(L, "%s;", name));
+    append_line(
+        L, r, *value ? lua_pushfstring(L, "%s: %s", name, value) : lua_pushfstring(L, "%s;", name));
     lua_pop(L, 1);
 }
 
@@ -148,25 +154,38 @@ static long ms_field(lua_State *L, int t, const char *key, double dflt) {
     lua_getfield(L, t, key);
     double s = luaL_optnumber(L, -1, dflt);
     lua_pop(L, 1);
-    if (s < 0) luaL_error(L, "aws.request: %s must not be negative", key);
+    if (s < 0)
+        luaL_error(L, "aws.request: %s must not be negative", key);
     long ms = (long)(s * 1000.0);
     return (s > 0 && ms == 0) ? 1 : ms;
 }
 
 static const char *curl_code_name(CURLcode rc) {
     switch (rc) {
-    case CURLE_COULDNT_CONNECT: return "connect_failed";
-    case CURLE_COULDNT_RESOLVE_HOST: return "resolve_failed";
-    case CURLE_OPERATION_TIMEDOUT: return "timeout";
-    case CURLE_SEND_ERROR: return "send_failed";
-    case CURLE_RECV_ERROR: return "recv_failed";
-    case CURLE_GOT_NOTHING: return "empty_reply";
-    case CURLE_PARTIAL_FILE: return "partial_reply";
-    case CURLE_SSL_CONNECT_ERROR: return "tls_failed";
-    case CURLE_PEER_FAILED_VERIFICATION: return "tls_verify_failed";
-    case CURLE_UNSUPPORTED_PROTOCOL: return "unsupported_protocol";
-    case CURLE_URL_MALFORMAT: return "bad_url";
-    default: return "transfer_failed";
+    case CURLE_COULDNT_CONNECT:
+        return "connect_failed";
+    case CURLE_COULDNT_RESOLVE_HOST:
+        return "resolve_failed";
+    case CURLE_OPERATION_TIMEDOUT:
+        return "timeout";
+    case CURLE_SEND_ERROR:
+        return "send_failed";
+    case CURLE_RECV_ERROR:
+        return "recv_failed";
+    case CURLE_GOT_NOTHING:
+        return "empty_reply";
+    case CURLE_PARTIAL_FILE:
+        return "partial_reply";
+    case CURLE_SSL_CONNECT_ERROR:
+        return "tls_failed";
+    case CURLE_PEER_FAILED_VERIFICATION:
+        return "tls_verify_failed";
+    case CURLE_UNSUPPORTED_PROTOCOL:
+        return "unsupported_protocol";
+    case CURLE_URL_MALFORMAT:
+        return "bad_url";
+    default:
+        return "transfer_failed";
     }
 }
 
@@ -177,16 +196,20 @@ static void push_response_headers(lua_State *L, const struct growbuf *g) {
     const char *p = g->data, *end = g->data ? g->data + g->len : NULL;
     while (p && p < end) {
         const char *eol = memchr(p, '\n', (size_t)(end - p));
-        if (eol == NULL) eol = end;
+        if (eol == NULL)
+            eol = end;
         const char *colon = memchr(p, ':', (size_t)(eol - p));
         if (colon && !(eol - p >= 5 && memcmp(p, "HTTP/", 5) == 0)) {
             luaL_Buffer b;
             luaL_buffinit(L, &b);
-            for (const char *q = p; q < colon; q++) luaL_addchar(&b, (char)(*q >= 'A' && *q <= 'Z' ? *q + 32 : *q));
+            for (const char *q = p; q < colon; q++)
+                luaL_addchar(&b, (char)(*q >= 'A' && *q <= 'Z' ? *q + 32 : *q));
             luaL_pushresult(&b); /* hdrs name */
             const char *v = colon + 1, *ve = eol;
-            while (v < ve && (*v == ' ' || *v == '\t')) v++;
-            while (ve > v && (ve[-1] == '\r' || ve[-1] == ' ' || ve[-1] == '\t')) ve--;
+            while (v < ve && (*v == ' ' || *v == '\t'))
+                v++;
+            while (ve > v && (ve[-1] == '\r' || ve[-1] == ' ' || ve[-1] == '\t'))
+                ve--;
             lua_pushvalue(L, -1);
             if (lua_gettable(L, t) == LUA_TSTRING) { /* hdrs name old */
                 lua_pushliteral(L, ", ");
@@ -233,7 +256,8 @@ static int aws_request_call(lua_State *L) {
     lua_pop(L, 1);
     luaL_argcheck(L, max_body > 0, 1, "max_body must be positive");
     lua_getfield(L, 1, "headers"); /* 2 */
-    if (!lua_isnil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
+    if (!lua_isnil(L, 2))
+        luaL_checktype(L, 2, LUA_TTABLE);
 
     /* born closed: metatable first, then the resource */
     aws_request *r = lua_newuserdatauv(L, sizeof *r, 0); /* 3 */
@@ -241,7 +265,8 @@ static int aws_request_call(lua_State *L) {
     luaL_setmetatable(L, REQUEST_MT);
     r->max_body = (size_t)max_body;
     r->curl = curl_easy_init();
-    if (r->curl == NULL) return luaL_error(L, "aws.request: curl_easy_init failed");
+    if (r->curl == NULL)
+        return luaL_error(L, "aws.request: curl_easy_init failed");
     CURL *c = r->curl;
 
     if (lua_istable(L, 2)) {
@@ -262,8 +287,10 @@ static int aws_request_call(lua_State *L) {
         }
     }
     /* no "Expect: 100-continue" round trip, no invented content type */
-    if (!lua_istable(L, 2) || !has_header(L, 2, "Expect")) append_line(L, r, "Expect:");
-    if (!lua_istable(L, 2) || !has_header(L, 2, "Content-Type")) append_line(L, r, "Content-Type:");
+    if (!lua_istable(L, 2) || !has_header(L, 2, "Expect"))
+        append_line(L, r, "Expect:");
+    if (!lua_istable(L, 2) || !has_header(L, 2, "Content-Type"))
+        append_line(L, r, "Content-Type:");
 
     curl_easy_setopt(c, CURLOPT_URL, url);
     curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
@@ -284,7 +311,8 @@ static int aws_request_call(lua_State *L) {
     } else if (strcmp(method, "HEAD") == 0) {
         curl_easy_setopt(c, CURLOPT_NOBODY, 1L);
     } else {
-        if (strcmp(method, "POST") != 0) curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, method);
+        if (strcmp(method, "POST") != 0)
+            curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, method);
         if (body != NULL || strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0) {
             curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)bodylen);
             curl_easy_setopt(c, CURLOPT_COPYPOSTFIELDS, body ? body : "");
@@ -295,13 +323,13 @@ static int aws_request_call(lua_State *L) {
     CURLcode rc = curl_easy_perform(c);
     if (r->interrupted) {
         request_close(r);
-        migrun_check_interrupt(L);
-        return luaL_error(L, "interrupted!"); /* the flag was consumed elsewhere */
+        return migrun_raise_interrupted(L, NULL);
     }
     if (rc != CURLE_OK) {
         const char *code = r->too_large ? "response_too_large" : curl_code_name(rc);
-        const char *msg = r->too_large ? "response body larger than max_body"
-                          : r->errbuf[0] ? r->errbuf : curl_easy_strerror(rc);
+        const char *msg = r->too_large   ? "response body larger than max_body"
+                          : r->errbuf[0] ? r->errbuf
+                                         : curl_easy_strerror(rc);
         lua_pushnil(L);
         migrun_error_push(L, "connection", where, code, msg); /* ... req nil err */
         lua_pushinteger(L, (lua_Integer)rc);
@@ -324,28 +352,10 @@ static int aws_request_call(lua_State *L) {
     return 1;
 }
 
-/* aws.sleep(seconds): for retry backoff and polling; Ctrl-C raises "interrupted!". */
-static int aws_sleep(lua_State *L) {
-    double s = luaL_checknumber(L, 1);
-    luaL_argcheck(L, s >= 0 && s < 1e9, 1, "seconds out of range");
-    struct timespec ts = {(time_t)s, (long)((s - floor(s)) * 1e9)};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
-        migrun_check_interrupt(L);
-    migrun_check_interrupt(L);
-    return 0;
-}
-
-/* aws.monotonic() -> seconds (float) on a clock that never jumps, for deadlines. */
-static int aws_monotonic(lua_State *L) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    lua_pushnumber(L, (lua_Number)ts.tv_sec + (lua_Number)ts.tv_nsec / 1e9);
-    return 1;
-}
-
 static const luaL_Reg aws_funcs[] = {
-    {"sleep", aws_sleep},
-    {"monotonic", aws_monotonic},
+    /* aliases of host.sleep and host.monotonic, while the Lua library moves to those */
+    {"sleep", migrun_host_sleep},
+    {"monotonic", migrun_host_monotonic},
     {"request", aws_request_call},
     {"sign", migrun_aws_sign},
     {"sha256_hex", migrun_aws_sha256_hex},

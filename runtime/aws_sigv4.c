@@ -20,11 +20,8 @@
 #include <openssl/hmac.h>
 #include <openssl/sha.h>
 
-#include "migrun.h"
-
-int migrun_aws_sign(lua_State *L);
-int migrun_aws_sha256_hex(lua_State *L);
-int migrun_aws_hmac_sha256_hex(lua_State *L);
+#include "migrun_internal.h"
+#include "aws_sigv4.h"
 
 static const char HEX_LOWER[] = "0123456789abcdef";
 static const char HEX_UPPER[] = "0123456789ABCDEF";
@@ -43,8 +40,8 @@ static void sha256_hex(const char *data, size_t len, char out[65]) {
     hex_encode(md, sizeof md, out);
 }
 
-static void hmac_sha256(const unsigned char *key, size_t keylen, const char *data,
-                        size_t len, unsigned char out[32]) {
+static void hmac_sha256(const unsigned char *key, size_t keylen, const char *data, size_t len,
+                        unsigned char out[32]) {
     unsigned int outlen = 32;
     HMAC(EVP_sha256(), key, (int)keylen, (const unsigned char *)data, len, out, &outlen);
 }
@@ -68,9 +65,12 @@ static void add_encoded(luaL_Buffer *b, const char *s, size_t len, int keep_slas
 }
 
 static int hexval(int c) {
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
     return -1;
 }
 
@@ -81,8 +81,7 @@ static void push_decoded(lua_State *L, const char *s, size_t len) {
     for (size_t i = 0; i < len; i++) {
         if (s[i] == '+') {
             luaL_addchar(&b, ' ');
-        } else if (s[i] == '%' && i + 2 < len && hexval(s[i + 1]) >= 0 &&
-                   hexval(s[i + 2]) >= 0) {
+        } else if (s[i] == '%' && i + 2 < len && hexval(s[i + 1]) >= 0 && hexval(s[i + 2]) >= 0) {
             luaL_addchar(&b, (char)(hexval(s[i + 1]) * 16 + hexval(s[i + 2])));
             i += 2;
         } else {
@@ -100,18 +99,21 @@ static void push_decoded(lua_State *L, const char *s, size_t len) {
 static void push_canonical_uri(lua_State *L, const char *path) {
     size_t len = strlen(path);
     /* segment start offsets kept on a Lua-owned buffer so errors cannot leak */
-    size_t *seg = lua_newuserdatauv(L, (len + 1) * sizeof *seg, 0); /* segs */
+    size_t *seg = lua_newuserdatauv(L, (len + 1) * sizeof *seg, 0);       /* segs */
     size_t *seglen = lua_newuserdatauv(L, (len + 1) * sizeof *seglen, 0); /* segs lens */
     size_t nseg = 0;
     for (size_t i = 0; i < len;) {
-        while (i < len && path[i] == '/') i++;
+        while (i < len && path[i] == '/')
+            i++;
         size_t start = i;
-        while (i < len && path[i] != '/') i++;
+        while (i < len && path[i] != '/')
+            i++;
         size_t n = i - start;
         if (n == 0 || (n == 1 && path[start] == '.'))
             continue;
         if (n == 2 && path[start] == '.' && path[start + 1] == '.') {
-            if (nseg > 0) nseg--;
+            if (nseg > 0)
+                nseg--;
             continue;
         }
         seg[nseg] = start;
@@ -122,7 +124,8 @@ static void push_canonical_uri(lua_State *L, const char *path) {
     luaL_buffinit(L, &b);
     luaL_addchar(&b, '/');
     for (size_t k = 0; k < nseg; k++) {
-        if (k > 0) luaL_addchar(&b, '/');
+        if (k > 0)
+            luaL_addchar(&b, '/');
         add_encoded(&b, path + seg[k], seglen[k], 0);
     }
     if (nseg > 0 && len > 0 && path[len - 1] == '/')
@@ -169,17 +172,21 @@ static void push_canonical_query(lua_State *L, int q) {
         size_t i = 0;
         while (i < len) {
             size_t start = i;
-            while (i < len && s[i] != '&') i++;
+            while (i < len && s[i] != '&')
+                i++;
             size_t n = i - start;
             i++;
-            if (n == 0) continue;
+            if (n == 0)
+                continue;
             const char *eq = memchr(s + start, '=', n);
             size_t klen = eq ? (size_t)(eq - (s + start)) : n;
             push_decoded(L, s + start, klen);
             push_encoded_value(L, -1);
             lua_remove(L, -2); /* list key */
-            if (eq) push_decoded(L, eq + 1, n - klen - 1);
-            else lua_pushliteral(L, "");
+            if (eq)
+                push_decoded(L, eq + 1, n - klen - 1);
+            else
+                lua_pushliteral(L, "");
             push_encoded_value(L, -1);
             lua_remove(L, -2); /* list key value */
             list_append_pair(L, list);
@@ -223,12 +230,13 @@ static void push_canonical_query(lua_State *L, int q) {
     luaL_Buffer b;
     luaL_buffinit(L, &b);
     for (size_t k = 0; k < npairs; k++) {
-        if (k > 0) luaL_addchar(&b, '&');
+        if (k > 0)
+            luaL_addchar(&b, '&');
         luaL_addstring(&b, pairs[2 * k]);
         luaL_addchar(&b, '=');
         luaL_addstring(&b, pairs[2 * k + 1]);
     }
-    luaL_pushresult(&b); /* list pairs query */
+    luaL_pushresult(&b);  /* list pairs query */
     lua_replace(L, list); /* query pairs */
     lua_pop(L, 1);        /* query */
 }
@@ -243,7 +251,8 @@ static void push_header_value(lua_State *L, const char *s, size_t len) {
         if (c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f') {
             pending = any;
         } else {
-            if (pending) luaL_addchar(&b, ' ');
+            if (pending)
+                luaL_addchar(&b, ' ');
             pending = 0;
             any = 1;
             luaL_addchar(&b, (char)c);
@@ -255,18 +264,31 @@ static void push_header_value(lua_State *L, const char *s, size_t len) {
 static void push_lower(lua_State *L, const char *s) {
     luaL_Buffer b;
     luaL_buffinit(L, &b);
-    for (; *s; s++) luaL_addchar(&b, (char)tolower((unsigned char)*s));
+    for (; *s; s++)
+        luaL_addchar(&b, (char)tolower((unsigned char)*s));
     luaL_pushresult(&b);
 }
 
 /* Headers botocore never signs. */
 static int unsigned_header(const char *lname) {
     static const char *const skip[] = {
-        "connection", "expect", "keep-alive", "proxy-authenticate", "proxy-authorization",
-        "te", "trailer", "transfer-encoding", "upgrade", "user-agent", "x-amzn-trace-id",
-        "authorization", NULL};
+        "connection",
+        "expect",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "user-agent",
+        "x-amzn-trace-id",
+        "authorization",
+        NULL,
+    };
     for (int i = 0; skip[i]; i++)
-        if (strcmp(lname, skip[i]) == 0) return 1;
+        if (strcmp(lname, skip[i]) == 0)
+            return 1;
     return 0;
 }
 
@@ -293,7 +315,8 @@ static void set_header(lua_State *L, int out, const char *name, const char *valu
 static const char *opt_field(lua_State *L, int t, const char *key) {
     lua_getfield(L, t, key);
     const char *s = NULL;
-    if (lua_type(L, -1) == LUA_TSTRING) s = lua_tostring(L, -1);
+    if (lua_type(L, -1) == LUA_TSTRING)
+        s = lua_tostring(L, -1);
     else if (!lua_isnil(L, -1))
         luaL_error(L, "aws.sign: field '%s' must be a string", key);
     lua_pop(L, 1); /* the string stays reachable through the argument table */
@@ -302,35 +325,42 @@ static const char *opt_field(lua_State *L, int t, const char *key) {
 
 static const char *req_field(lua_State *L, int t, const char *key) {
     const char *s = opt_field(L, t, key);
-    if (s == NULL || *s == '\0') luaL_error(L, "aws.sign: field '%s' is required", key);
+    if (s == NULL || *s == '\0')
+        luaL_error(L, "aws.sign: field '%s' is required", key);
     return s;
 }
 
 /* Splits url into host (with port unless default for the scheme), path and query. */
 static void split_url(lua_State *L, const char *url) {
     const char *p = strstr(url, "://");
-    if (p == NULL) luaL_error(L, "aws.sign: url must look like https://host/path");
+    if (p == NULL)
+        luaL_error(L, "aws.sign: url must look like https://host/path");
     int https = (p - url == 5 && strncasecmp(url, "https", 5) == 0);
     const char *h = p + 3;
     size_t hl = strcspn(h, "/?#");
     const char *at = memchr(h, '@', hl);
-    if (at) luaL_error(L, "aws.sign: url must not carry user information");
+    if (at)
+        luaL_error(L, "aws.sign: url must not carry user information");
     const char *colon = NULL;
     if (h[0] == '[') {
         const char *rb = memchr(h, ']', hl);
-        if (rb && (size_t)(rb - h) + 1 < hl && rb[1] == ':') colon = rb + 1;
+        if (rb && (size_t)(rb - h) + 1 < hl && rb[1] == ':')
+            colon = rb + 1;
     } else {
         colon = memchr(h, ':', hl);
     }
-    if (colon && ((https && (size_t)(h + hl - colon - 1) == 3 && strncmp(colon + 1, "443", 3) == 0) ||
-                  (!https && (size_t)(h + hl - colon - 1) == 2 && strncmp(colon + 1, "80", 2) == 0)))
+    if (colon &&
+        ((https && (size_t)(h + hl - colon - 1) == 3 && strncmp(colon + 1, "443", 3) == 0) ||
+         (!https && (size_t)(h + hl - colon - 1) == 2 && strncmp(colon + 1, "80", 2) == 0)))
         lua_pushlstring(L, h, (size_t)(colon - h));
     else
         lua_pushlstring(L, h, hl); /* host */
     const char *rest = h + hl;
     size_t pl = strcspn(rest, "?#");
-    if (pl == 0) lua_pushliteral(L, "/");
-    else lua_pushlstring(L, rest, pl); /* host path */
+    if (pl == 0)
+        lua_pushliteral(L, "/");
+    else
+        lua_pushlstring(L, rest, pl); /* host path */
     if (rest[pl] == '?') {
         const char *q = rest + pl + 1;
         lua_pushlstring(L, q, strcspn(q, "#"));
@@ -356,13 +386,15 @@ int migrun_aws_sign(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
     const char *method = opt_field(L, 1, "method");
-    if (method == NULL) method = "GET";
+    if (method == NULL)
+        method = "GET";
     const char *region = req_field(L, 1, "region");
     const char *service = req_field(L, 1, "service");
     const char *akid = req_field(L, 1, "access_key");
     const char *secret = req_field(L, 1, "secret_key");
     const char *token = opt_field(L, 1, "session_token");
-    if (token && *token == '\0') token = NULL;
+    if (token && *token == '\0')
+        token = NULL;
     const char *only = opt_field(L, 1, "signed_headers");
     const char *amzdate = opt_field(L, 1, "time");
     char datebuf[17];
@@ -412,15 +444,18 @@ int migrun_aws_sign(lua_State *L) {
     lua_pushnil(L);
     while (lua_next(L, out)) {
         lua_pop(L, 1);
-        if (strcasecmp(lua_tostring(L, -1), "host") == 0) have_host = 1;
+        if (strcasecmp(lua_tostring(L, -1), "host") == 0)
+            have_host = 1;
     }
     if (!have_host) {
-        if (lua_isnil(L, 2)) luaL_error(L, "aws.sign: url, host or a Host header is required");
+        if (lua_isnil(L, 2))
+            luaL_error(L, "aws.sign: url, host or a Host header is required");
         lua_pushvalue(L, 2);
         lua_setfield(L, out, "Host");
     }
     set_header(L, out, "X-Amz-Date", amzdate);
-    if (token) set_header(L, out, "X-Amz-Security-Token", token);
+    if (token)
+        set_header(L, out, "X-Amz-Security-Token", token);
     set_header(L, out, "Authorization", ""); /* drop an old one; set again at the end */
     lua_pushnil(L);
     lua_setfield(L, out, "Authorization");
@@ -429,7 +464,7 @@ int migrun_aws_sign(lua_State *L) {
     lua_newtable(L);
     int canon = 6;
     lua_pushnil(L);
-    while (lua_next(L, out)) { /* ... name value */
+    while (lua_next(L, out)) {              /* ... name value */
         push_lower(L, lua_tostring(L, -2)); /* ... name value lname */
         const char *lname = lua_tostring(L, -1);
         if (unsigned_header(lname) && only == NULL) {
@@ -448,7 +483,8 @@ int migrun_aws_sign(lua_State *L) {
                 push_header_value(L, v, len);
                 lua_remove(L, -2);
                 lua_remove(L, -2);
-                if (j > 1) luaL_addchar(&b, ',');
+                if (j > 1)
+                    luaL_addchar(&b, ',');
                 luaL_addvalue(&b);
             }
             luaL_pushresult(&b);
@@ -470,7 +506,8 @@ int migrun_aws_sign(lua_State *L) {
         lua_settable(L, canon); /* ... name value */
         lua_pop(L, 1);
     }
-    if (only) { /* keep exactly the listed headers (verification side) */
+    if (only) {
+        /* keep exactly the listed headers (verification side) */
         lua_newtable(L); /* 7 */
         const char *s = only;
         while (*s) {
@@ -483,24 +520,32 @@ int migrun_aws_sign(lua_State *L) {
             }
             lua_settable(L, 7);
             s += n;
-            if (*s == ';') s++;
+            if (*s == ';')
+                s++;
         }
         lua_replace(L, canon);
     }
     size_t nh = 0;
     lua_pushnil(L);
-    while (lua_next(L, canon)) { lua_pop(L, 1); nh++; }
+    while (lua_next(L, canon)) {
+        lua_pop(L, 1);
+        nh++;
+    }
     const char **names = lua_newuserdatauv(L, (nh + 1) * sizeof *names, 0); /* 7 */
     nh = 0;
     lua_pushnil(L);
-    while (lua_next(L, canon)) { lua_pop(L, 1); names[nh++] = lua_tostring(L, -1); }
+    while (lua_next(L, canon)) {
+        lua_pop(L, 1);
+        names[nh++] = lua_tostring(L, -1);
+    }
     qsort(names, nh, sizeof *names, cmp_str);
 
     /* 8: signed headers */
     luaL_Buffer b;
     luaL_buffinit(L, &b);
     for (size_t i = 0; i < nh; i++) {
-        if (i > 0) luaL_addchar(&b, ';');
+        if (i > 0)
+            luaL_addchar(&b, ';');
         luaL_addstring(&b, names[i]);
     }
     luaL_pushresult(&b);

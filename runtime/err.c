@@ -7,12 +7,12 @@
  */
 #include <string.h>
 
-#include "migrun.h"
+#include "migrun_internal.h"
 
 #define ERROR_MT "migrun.Error"
 
-static void add_field(luaL_Buffer *b, lua_State *L, int err, const char *key,
-                      const char *prefix, const char *suffix) {
+static void add_field(luaL_Buffer *b, lua_State *L, int err, const char *key, const char *prefix,
+                      const char *suffix) {
     if (lua_getfield(L, err, key) == LUA_TNIL) {
         lua_pop(L, 1);
         return;
@@ -57,8 +57,8 @@ void migrun_setfield(lua_State *L, int idx, const char *key, const char *value) 
     lua_setfield(L, idx, key);
 }
 
-void migrun_error_push(lua_State *L, const char *kind, const char *where,
-                       const char *code, const char *message) {
+void migrun_error_push(lua_State *L, const char *kind, const char *where, const char *code,
+                       const char *message) {
     lua_createtable(L, 0, 6);
     migrun_setfield(L, -1, "kind", kind);
     migrun_setfield(L, -1, "where", where);
@@ -68,11 +68,29 @@ void migrun_error_push(lua_State *L, const char *kind, const char *where,
     lua_setmetatable(L, -2);
 }
 
-int migrun_error_return(lua_State *L, const char *kind, const char *where,
-                        const char *code, const char *message) {
+int migrun_error_return(lua_State *L, const char *kind, const char *where, const char *code,
+                        const char *message) {
     lua_pushnil(L);
     migrun_error_push(L, kind, where, code, message);
     return 2;
+}
+
+void migrun_push_interrupted(lua_State *L, const char *where) {
+    migrun_error_push(L, "interrupted", where, NULL, "interrupted!");
+}
+
+/* Is the value at idx a migrun error of kind "interrupted"? */
+int migrun_error_is_interrupted(lua_State *L, int idx) {
+    int is = 0;
+    idx = lua_absindex(L, idx);
+    if (lua_type(L, idx) == LUA_TTABLE && lua_getmetatable(L, idx)) { /* ... mt */
+        luaL_getmetatable(L, ERROR_MT);                               /* ... mt Error */
+        lua_getfield(L, idx, "kind");                                 /* ... mt Error kind */
+        is = lua_rawequal(L, -2, -3) && lua_type(L, -1) == LUA_TSTRING &&
+             strcmp(lua_tostring(L, -1), "interrupted") == 0;
+        lua_pop(L, 3);
+    }
+    return is;
 }
 
 /* error.new{ kind=..., message=..., ... } -> the table, now an error */

@@ -7,12 +7,15 @@
  * system, private directories, and crash-safe file replacement for journals
  * (written to a temporary file, fsynced, renamed over the old one, the
  * directory fsynced, so a SIGKILL or power loss leaves the old or the new
- * file, never a torn one), and an exclusive lock on a file so two migruns
- * never drive one state directory.
+ * file, never a torn one), an exclusive lock on a file so two migruns
+ * never drive one state directory, and the one monotonic clock and the one
+ * interruptible sleep of migrun (migrun_monotonic, migrun_sleep: C code uses
+ * them too).
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,7 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "migrun.h"
+#include "migrun_internal.h"
 
 static int os_error(lua_State *L, const char *where, int err) {
     lua_pushnil(L);
@@ -51,7 +54,8 @@ static int host_isatty(lua_State *L) {
 static int host_statvfs(lua_State *L) {
     const char *path = luaL_checkstring(L, 1);
     struct statvfs st;
-    if (statvfs(path, &st) != 0) return os_error(L, path, errno);
+    if (statvfs(path, &st) != 0)
+        return os_error(L, path, errno);
     lua_createtable(L, 0, 2);
     lua_pushinteger(L, (lua_Integer)st.f_bavail * (lua_Integer)st.f_frsize);
     lua_setfield(L, -2, "free");
@@ -67,8 +71,10 @@ static int host_mkdir(lua_State *L) {
     mode_t mode = (mode_t)luaL_optinteger(L, 2, 0700);
     if (mkdir(path, mode) != 0) {
         struct stat st;
-        if (errno != EEXIST) return os_error(L, path, errno);
-        if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode)) return os_error(L, path, ENOTDIR);
+        if (errno != EEXIST)
+            return os_error(L, path, errno);
+        if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))
+            return os_error(L, path, ENOTDIR);
     }
     lua_pushboolean(L, 1);
     return 1;
@@ -83,12 +89,14 @@ static int fsync_dir_of(const char *path) {
         strcpy(dir, "/");
     } else {
         size_t n = (size_t)(slash - path);
-        if (n >= sizeof dir) return ENAMETOOLONG;
+        if (n >= sizeof dir)
+            return ENAMETOOLONG;
         memcpy(dir, path, n);
         dir[n] = '\0';
     }
     int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0) return errno;
+    if (fd < 0)
+        return errno;
     int rc = fsync(fd) == 0 ? 0 : errno;
     close(fd);
     return rc;
@@ -107,25 +115,32 @@ static int host_write_file(lua_State *L) {
     if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp)
         return os_error(L, path, ENAMETOOLONG);
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
-    if (fd < 0) return os_error(L, tmp, errno);
+    if (fd < 0)
+        return os_error(L, tmp, errno);
     int err = 0;
-    if (fchmod(fd, mode) != 0) err = errno;
+    if (fchmod(fd, mode) != 0)
+        err = errno;
     for (size_t off = 0; err == 0 && off < len;) {
         ssize_t n = write(fd, data + off, len - off);
         if (n < 0) {
-            if (errno != EINTR) err = errno;
+            if (errno != EINTR)
+                err = errno;
         } else {
             off += (size_t)n;
         }
     }
-    if (err == 0 && fsync(fd) != 0) err = errno;
-    if (close(fd) != 0 && err == 0) err = errno;
-    if (err == 0 && rename(tmp, path) != 0) err = errno;
+    if (err == 0 && fsync(fd) != 0)
+        err = errno;
+    if (close(fd) != 0 && err == 0)
+        err = errno;
+    if (err == 0 && rename(tmp, path) != 0)
+        err = errno;
     if (err != 0) {
         unlink(tmp);
         return os_error(L, path, err);
     }
-    if ((err = fsync_dir_of(path)) != 0) return os_error(L, path, err);
+    if ((err = fsync_dir_of(path)) != 0)
+        return os_error(L, path, err);
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -133,7 +148,8 @@ static int host_write_file(lua_State *L) {
 /* host.cwd() -> the current directory | nil, err (unlike $PWD, always true) */
 static int host_cwd(lua_State *L) {
     char buf[PATH_MAX];
-    if (getcwd(buf, sizeof buf) == NULL) return os_error(L, ".", errno);
+    if (getcwd(buf, sizeof buf) == NULL)
+        return os_error(L, ".", errno);
     lua_pushstring(L, buf);
     return 1;
 }
@@ -146,12 +162,36 @@ static int host_now(lua_State *L) {
     return 1;
 }
 
-/* host.monotonic() -> seconds on a clock that never jumps */
-static int host_monotonic(lua_State *L) {
+/* ---- the clock and the sleep ----------------------------------------------
+ * One monotonic clock for every deadline in migrun (pg timeouts, proc waits,
+ * retry loops) and one sleep that Ctrl-C interrupts. */
+
+double migrun_monotonic(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    lua_pushnumber(L, (lua_Number)ts.tv_sec + (lua_Number)ts.tv_nsec / 1e9);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+void migrun_sleep(lua_State *L, double seconds) {
+    struct timespec ts = {(time_t)seconds, (long)((seconds - floor(seconds)) * 1e9)};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        migrun_check_interrupt(L);
+    migrun_check_interrupt(L);
+}
+
+/* host.monotonic() -> seconds on a clock that never jumps, for deadlines */
+int migrun_host_monotonic(lua_State *L) {
+    lua_pushnumber(L, (lua_Number)migrun_monotonic());
     return 1;
+}
+
+/* host.sleep(seconds): for polling and retry backoff; Ctrl-C raises the
+ * interrupted error (kind "interrupted"). */
+int migrun_host_sleep(lua_State *L) {
+    double s = (double)luaL_checknumber(L, 1);
+    luaL_argcheck(L, s >= 0 && s < 1e9, 1, "seconds out of range");
+    migrun_sleep(L, s);
+    return 0;
 }
 
 /* ---- locks ---------------------------------------------------------------
@@ -196,7 +236,8 @@ static int host_lock(lua_State *L) {
     lk->fd = -1; /* born released: __gc is harmless whatever happens next */
     luaL_setmetatable(L, LOCK_MT);
     int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-    if (fd < 0) return os_error(L, path, errno);
+    if (fd < 0)
+        return os_error(L, path, errno);
     if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
         int err = errno;
         if (err != EWOULDBLOCK) {
@@ -244,7 +285,8 @@ int luaopen_migrun_host(lua_State *L) {
         {"mkdir", host_mkdir},
         {"write_file", host_write_file},
         {"now", host_now},
-        {"monotonic", host_monotonic},
+        {"monotonic", migrun_host_monotonic},
+        {"sleep", migrun_host_sleep},
         {"lock", host_lock},
         {"cwd", host_cwd},
         {NULL, NULL},

@@ -1,23 +1,25 @@
 /*
  * How migrun modules are found: the C modules listed in modules.h and the Lua
- * library compiled into the binary are registered in package.preload; when
- * MIGRUN_LUA_PATH names an on-disk lua/ tree, a searcher placed before the
- * preload searcher loads from there first, so developers edit without
- * rebuilding. package.path and package.cpath are left as the Lua library set
- * them, so Debian's Lua modules (lua-cjson, busted) are still found.
+ * library compiled into libmigrun are registered in package.preload
+ * (migrun_openlibs, for any host; luaopen_migrun, for require "migrun" from a
+ * stock lua5.4); when MIGRUN_LUA_PATH names an on-disk lua/ tree, a searcher
+ * placed before the preload searcher loads from there first, so developers
+ * edit without rebuilding. package.path and package.cpath are left as the Lua
+ * library set them, so Debian's Lua modules (lua-cjson, busted) are still
+ * found.
  */
 #include <stdlib.h>
 #include <string.h>
 
-#include "migrun.h"
+#include "migrun_internal.h"
 
 /* preload loader for an embedded source: upvalue 1 is the index in migrun_embedded. */
 static int load_embedded(lua_State *L) {
     const struct migrun_embedded *e = &migrun_embedded[lua_tointeger(L, lua_upvalueindex(1))];
     if (luaL_loadbufferx(L, e->source, e->len, e->chunkname, "t") != LUA_OK)
         return lua_error(L);
-    lua_pushstring(L, e->module);          /* chunk name */
-    lua_pushstring(L, e->chunkname + 1);   /* chunk name file, as the file loader passes */
+    lua_pushstring(L, e->module);        /* chunk name */
+    lua_pushstring(L, e->chunkname + 1); /* chunk name file, as the file loader passes */
     lua_call(L, 2, 1);
     return 1;
 }
@@ -34,15 +36,18 @@ static int search_dev_tree(lua_State *L) {
         return 1; /* the message says where it looked */
     const char *filename = lua_tostring(L, -2);
     if (luaL_loadfile(L, filename) != LUA_OK)
-        return luaL_error(L, "error loading module '%s' from file '%s':\n\t%s", name,
-                          filename, lua_tostring(L, -1));
+        return luaL_error(L, "error loading module '%s' from file '%s':\n\t%s", name, filename,
+                          lua_tostring(L, -1));
     lua_pushstring(L, filename);
     return 2;
 }
 
 static void install_dev_searcher(lua_State *L, const char *root) {
-    lua_getglobal(L, "package");
-    lua_getfield(L, -1, "searchers"); /* package searchers */
+    if (lua_getglobal(L, "package") != LUA_TTABLE ||
+        lua_getfield(L, -1, "searchers") != LUA_TTABLE) { /* package searchers */
+        lua_pop(L, 2); /* no package library: nothing to search with */
+        return;
+    }
     lua_pushfstring(L, "%s/?.lua;%s/?/init.lua", root, root);
     lua_pushcclosure(L, search_dev_tree, 1);
     /* insert at position 1, shifting the others up */
@@ -55,11 +60,14 @@ static void install_dev_searcher(lua_State *L, const char *root) {
     lua_pop(L, 2);
 }
 
+const char *migrun_version(void) {
+    return MIGRUN_VERSION;
+}
+
 void migrun_openlibs(lua_State *L) {
-    luaL_openlibs(L);
     luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE); /* preload */
-#define MIGRUN_MODULE(name, fn) \
-    lua_pushcfunction(L, fn);   \
+#define MIGRUN_MODULE(name, fn)                                                                    \
+    lua_pushcfunction(L, fn);                                                                      \
     lua_setfield(L, -2, name);
 #include "modules.h"
 #undef MIGRUN_MODULE
@@ -70,7 +78,43 @@ void migrun_openlibs(lua_State *L) {
     }
     lua_pop(L, 1);
 
-    const char *dev = getenv("MIGRUN_LUA_PATH");
+    lua_getfield(L, LUA_REGISTRYINDEX, "LUA_NOENV");
+    int noenv = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    const char *dev = noenv ? NULL : getenv("MIGRUN_LUA_PATH");
     if (dev != NULL && *dev != '\0')
         install_dev_searcher(L, dev);
+}
+
+static int cmp_names(const void *a, const void *b) {
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+int luaopen_migrun(lua_State *L) {
+    static const char *const c_modules[] = {
+#define MIGRUN_MODULE(name, fn) name,
+#include "modules.h"
+#undef MIGRUN_MODULE
+    };
+    size_t nc = sizeof c_modules / sizeof c_modules[0], n = nc;
+    luaL_checkversion(L); /* the interpreter's Lua is the one this was built for */
+    migrun_openlibs(L);
+    for (size_t i = 0; migrun_embedded[i].module != NULL; i++)
+        n++;
+    const char **names = lua_newuserdatauv(L, n * sizeof *names, 0); /* names */
+    for (size_t i = 0; i < n; i++)
+        names[i] = i < nc ? c_modules[i] : migrun_embedded[i - nc].module;
+    qsort(names, n, sizeof *names, cmp_names);
+    lua_createtable(L, 0, 3); /* names migrun */
+    lua_pushstring(L, migrun_version());
+    lua_setfield(L, -2, "version");
+    lua_pushliteral(L, LUA_RELEASE);
+    lua_setfield(L, -2, "lua");
+    lua_createtable(L, (int)n, 0); /* names migrun modules */
+    for (size_t i = 0; i < n; i++) {
+        lua_pushstring(L, names[i]);
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+    lua_setfield(L, -2, "modules"); /* names migrun */
+    return 1;
 }

@@ -11,7 +11,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "migrun.h"
+#include "migrun_internal.h"
 
 #define LSN_MT "migrun.lsn.LSN"
 #define HEXDIGITS "0123456789abcdefABCDEF"
@@ -229,7 +229,9 @@ static int lsn_names(lua_State *L) {
     lua_Integer v = luaL_checkinteger(L, 1);
     luaL_argcheck(L, v >= 90400, 1, "server versions before 9.4 have no logical decoding");
     int pg10 = v >= 100000;
-    static const struct { const char *key, *v96, *v10; } names[] = {
+    static const struct {
+        const char *key, *v96, *v10;
+    } names[] = {
         {"wal_replay_pause", "pg_xlog_replay_pause", "pg_wal_replay_pause"},
         {"wal_replay_resume", "pg_xlog_replay_resume", "pg_wal_replay_resume"},
         {"is_wal_replay_paused", "pg_is_xlog_replay_paused", "pg_is_wal_replay_paused"},

@@ -1,14 +1,12 @@
 /*
  * The migrun host: a drop-in for the lua interpreter (same options, same
  * `arg` table, LUA_INIT, REPL) with the migrun modules built in. Modelled on
- * Lua 5.4's lua.c: everything runs under one protected call whose message
- * handler adds a traceback and honours __tostring on error objects, and
- * Ctrl-C only sets a hook (and a flag C modules poll), never touching the
- * Lua state from the signal handler.
+ * Lua 5.4's lua.c: everything runs under migrun_docall (call.c: one protected
+ * call whose message handler adds a traceback and honours __tostring on error
+ * objects, with Ctrl-C routed to the running code); this file owns only the
+ * command line, the messages and finding the script.
  */
-#include <errno.h>
 #include <limits.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,45 +16,11 @@
 #include <libpq-fe.h>
 #include <openssl/crypto.h>
 
-#include "migrun.h"
+#include "migrun_internal.h"
 
 static const char *progname = "migrun";
-static lua_State *globalL = NULL;
-volatile sig_atomic_t migrun_interrupt_pending = 0;
 
-/* ---- Ctrl-C ------------------------------------------------------------ */
-
-static void lstop(lua_State *L, lua_Debug *ar) {
-    (void)ar;
-    lua_sethook(L, NULL, 0, 0);
-    migrun_interrupt_pending = 0;
-    luaL_error(L, "interrupted!");
-}
-
-static void setsignal(int sig, void (*handler)(int)) {
-    struct sigaction sa;
-    sa.sa_handler = handler;
-    sa.sa_flags = 0; /* no SA_RESTART: blocking calls return EINTR and C modules notice */
-    sigemptyset(&sa.sa_mask);
-    sigaction(sig, &sa, NULL);
-}
-
-static void laction(int sig) {
-    int flag = LUA_MASKCALL | LUA_MASKRET | LUA_MASKLINE | LUA_MASKCOUNT;
-    setsignal(sig, SIG_DFL); /* a second Ctrl-C kills the process */
-    migrun_interrupt_pending = 1;
-    lua_sethook(globalL, lstop, flag, 1);
-}
-
-void migrun_check_interrupt(lua_State *L) {
-    if (migrun_interrupt_pending) {
-        migrun_interrupt_pending = 0;
-        lua_sethook(L, NULL, 0, 0);
-        luaL_error(L, "interrupted!");
-    }
-}
-
-/* ---- messages and protected calls -------------------------------------- */
+/* ---- messages ---------------------------------------------------------- */
 
 static void print_usage(const char *badoption) {
     if (badoption[1] == 'e' || badoption[1] == 'l' || strcmp(badoption, "--config") == 0)
@@ -92,30 +56,6 @@ static int report(lua_State *L, int status) {
         l_message(progname, msg ? msg : "(error object is not a string)");
         lua_pop(L, 1);
     }
-    return status;
-}
-
-/* Message handler: error objects with __tostring print through it. */
-static int msghandler(lua_State *L) {
-    const char *msg = lua_tostring(L, 1);
-    if (msg == NULL) {
-        if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
-            return 1; /* the object's own text, no traceback added */
-        msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
-    }
-    luaL_traceback(L, L, msg, 1);
-    return 1;
-}
-
-int migrun_docall(lua_State *L, int narg, int nres) {
-    int base = lua_gettop(L) - narg;
-    lua_pushcfunction(L, msghandler);
-    lua_insert(L, base);
-    globalL = L;
-    setsignal(SIGINT, laction);
-    int status = lua_pcall(L, narg, nres, base);
-    setsignal(SIGINT, SIG_DFL);
-    lua_remove(L, base);
     return status;
 }
 
@@ -188,10 +128,10 @@ static int doconsole(lua_State *L, const char *path) {
     if (status != LUA_OK)
         return report(L, status);
     lua_pushvalue(L, -1);
-    lua_setglobal(L, "console");  /* console */
-    lua_getfield(L, -1, "main");  /* console main */
-    lua_remove(L, -2);            /* main */
-    lua_pushstring(L, path);      /* main path */
+    lua_setglobal(L, "console"); /* console */
+    lua_getfield(L, -1, "main"); /* console main */
+    lua_remove(L, -2);           /* main */
+    lua_pushstring(L, path);     /* main path */
     return report(L, migrun_docall(L, 1, 0));
 }
 
@@ -339,8 +279,8 @@ static int runargs(lua_State *L, char **argv, int n) {
             char *extra = argv[i] + 2;
             if (*extra == '\0')
                 extra = argv[++i];
-            int status = (option == 'e') ? dostring(L, extra, "=(command line)")
-                                         : dolibrary(L, extra);
+            int status =
+                (option == 'e') ? dostring(L, extra, "=(command line)") : dolibrary(L, extra);
             if (status != LUA_OK)
                 return 0;
             break;
@@ -395,6 +335,7 @@ static int pmain(lua_State *L) {
         lua_setfield(L, LUA_REGISTRYINDEX, "LUA_NOENV");
         unsetenv("MIGRUN_LUA_PATH"); /* -E: the embedded library only */
     }
+    luaL_openlibs(L);
     migrun_openlibs(L);
     createargtable(L, argv, argc, script);
     lua_gc(L, LUA_GCRESTART);

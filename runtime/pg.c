@@ -4,13 +4,13 @@
  * reach it, its notices, its client-side statement timeout), the result handle
  * (migrun.pg.Result: a PGresult freed by __gc, holding its connection through
  * a user value, turning rows into Lua tables with lossless type conversion),
- * the pg.null sentinel, quoting, the structured errors built from server
- * error fields, and COPY: copy_out/copy_in with Lua callbacks, and pg.copy,
- * which streams COPY OUT from one server into COPY IN on another entirely in
- * C with both sockets non-blocking and bounded buffering. Every wait polls the
- * socket, so a statement can be cancelled (PQcancel) on timeout or Ctrl-C and
- * the connection brought back to idle before the error reaches Lua.
- * lua/migrun/pg.lua wraps this module (transaction(), file sinks/sources).
+ * the pg.null sentinel, quoting, and the structured errors built from server
+ * error fields. Every wait polls the socket, so a statement can be cancelled
+ * (PQcancel) on timeout or Ctrl-C and the connection brought back to idle
+ * before the error reaches Lua. COPY (conn:copy_out, conn:copy_in, pg.copy)
+ * lives in pg_copy.c, which shares this file's helpers through
+ * pg_internal.h. lua/migrun/pg.lua wraps this module (transaction(), file
+ * sinks/sources).
  */
 #include <errno.h>
 #include <math.h>
@@ -19,13 +19,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include <libpq-fe.h>
 
-#include "migrun.h"
+#include "migrun_internal.h"
+#include "pg_internal.h"
 
-#define CONN_MT "migrun.pg.Conn"
 #define RESULT_MT "migrun.pg.Result"
 #define NULL_MT "migrun.pg.Null"
 #define NULL_KEY "migrun.pg.null"
@@ -34,8 +33,6 @@
 #define CONNECT_TIMEOUT 10.0 /* seconds, when opts.connect_timeout is not given */
 #define DRAIN_TIMEOUT 15.0   /* seconds to bring a connection back to idle after a cancel */
 #define POLL_SLICE_MS 250    /* poll at most this long so a missed EINTR is noticed anyway */
-#define COPY_FLUSH_BYTES (64 * 1024) /* pg.copy: flush the target after this much */
-#define COPY_CHUNK_BYTES (64 * 1024) /* copy_out: hand the sink chunks of about this size */
 
 /* Type OIDs (pg_type.dat) of the types converted to something other than text. */
 #define BOOLOID 16
@@ -61,42 +58,20 @@ static const int notice_codes[6] = {PG_DIAG_SEVERITY_NONLOCALIZED, PG_DIAG_SQLST
                                     PG_DIAG_MESSAGE_PRIMARY,       PG_DIAG_MESSAGE_DETAIL,
                                     PG_DIAG_MESSAGE_HINT,          PG_DIAG_CONTEXT};
 
-typedef struct {
-    PGconn *conn;      /* NULL when closed */
-    int pid;           /* backend pid, for "where" */
-    double timeout;    /* client-side statement timeout in seconds; 0 = none */
-    int has_handler;   /* a Lua notice handler is set (user value 1) */
-    notice_rec *nhead, *ntail;
-    void *scratch;     /* libpq buffer in flight while Lua may raise; freed by the closer */
-    char name[64];
-} pg_Conn;
-
-typedef struct {
-    PGresult *res; /* NULL once freed, or while a command is still running */
-} pg_Result;
-
-/* ---- time and waiting --------------------------------------------------- */
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-enum { W_READY, W_TIMEOUT, W_INTR, W_ERR };
+/* ---- waiting ------------------------------------------------------------ */
 
 /*
  * poll() the fds until one is ready, the deadline (<0: none) passes, or Ctrl-C
  * is pressed (only when interruptible). Polls in slices so a signal that
  * arrives just before poll() is still noticed.
  */
-static int wait_fds(struct pollfd *fds, int nfds, double deadline, int interruptible) {
+int pg_wait_fds(struct pollfd *fds, int nfds, double deadline, int interruptible) {
     for (;;) {
         if (interruptible && migrun_interrupt_pending)
             return W_INTR;
         int ms = POLL_SLICE_MS;
         if (deadline >= 0) {
-            double left = deadline - now();
+            double left = deadline - migrun_monotonic();
             if (left <= 0)
                 return W_TIMEOUT;
             if (left * 1000 < ms)
@@ -110,22 +85,22 @@ static int wait_fds(struct pollfd *fds, int nfds, double deadline, int interrupt
     }
 }
 
-static int wait_sock(PGconn *conn, short events, double deadline, int interruptible) {
+int pg_wait_sock(PGconn *conn, short events, double deadline, int interruptible) {
     struct pollfd p = {.fd = PQsocket(conn), .events = events, .revents = 0};
     if (p.fd < 0)
         return W_ERR;
-    return wait_fds(&p, 1, deadline, interruptible);
+    return pg_wait_fds(&p, 1, deadline, interruptible);
 }
 
 /* Sends everything libpq has queued, reading input meanwhile (so the server never blocks on us). */
-static int conn_flush(PGconn *conn, double deadline, int interruptible) {
+int pg_conn_flush(PGconn *conn, double deadline, int interruptible) {
     for (;;) {
         int r = PQflush(conn);
         if (r == 0)
             return W_READY;
         if (r < 0)
             return W_ERR;
-        int w = wait_sock(conn, POLLIN | POLLOUT, deadline, interruptible);
+        int w = pg_wait_sock(conn, POLLIN | POLLOUT, deadline, interruptible);
         if (w != W_READY)
             return w;
         if (!PQconsumeInput(conn))
@@ -134,12 +109,12 @@ static int conn_flush(PGconn *conn, double deadline, int interruptible) {
 }
 
 /* Waits until PQgetResult will not block. */
-static int conn_wait_result(PGconn *conn, double deadline, int interruptible) {
-    int w = conn_flush(conn, deadline, interruptible);
+int pg_conn_wait_result(PGconn *conn, double deadline, int interruptible) {
+    int w = pg_conn_flush(conn, deadline, interruptible);
     if (w != W_READY)
         return w;
     while (PQisBusy(conn)) {
-        w = wait_sock(conn, POLLIN, deadline, interruptible);
+        w = pg_wait_sock(conn, POLLIN, deadline, interruptible);
         if (w != W_READY)
             return w;
         if (!PQconsumeInput(conn))
@@ -149,7 +124,7 @@ static int conn_wait_result(PGconn *conn, double deadline, int interruptible) {
 }
 
 /* Asks the server to cancel the running command (a separate, short connection). */
-static void conn_cancel(PGconn *conn) {
+void pg_conn_cancel(PGconn *conn) {
     PGcancel *k = PQgetCancel(conn);
     if (k != NULL) {
         char errbuf[256];
@@ -208,7 +183,7 @@ static void free_notices(pg_Conn *c) {
     c->ntail = NULL;
 }
 
-static const char *conn_where(pg_Conn *c, char *buf, size_t size) {
+const char *pg_conn_where(pg_Conn *c, char *buf, size_t size) {
     if (c->pid > 0)
         snprintf(buf, size, "%s %d", c->name, c->pid);
     else
@@ -217,13 +192,13 @@ static const char *conn_where(pg_Conn *c, char *buf, size_t size) {
 }
 
 /* Hands queued notices to the handler (user value 1 of the Conn at idx). Stack balanced. */
-static void dispatch_notices(lua_State *L, int idx, pg_Conn *c) {
+void pg_dispatch_notices(lua_State *L, int idx, pg_Conn *c) {
     idx = lua_absindex(L, idx);
     char where[96];
     while (c->nhead) {
         notice_rec *n = c->nhead;
         lua_getiuservalue(L, idx, 1); /* handler */
-        migrun_error_push(L, "notice", conn_where(c, where, sizeof where), n->field[1],
+        migrun_error_push(L, "notice", pg_conn_where(c, where, sizeof where), n->field[1],
                           n->field[2] ? n->field[2] : n->field[6]); /* handler notice */
         for (int i = 0; i < 7; i++)
             if (i != 2)
@@ -272,7 +247,7 @@ static pg_Conn *check_conn(lua_State *L, int idx) {
 }
 
 /* A connection must be idle to start a command (a callback may try to reuse one mid-COPY). */
-static pg_Conn *check_idle(lua_State *L, int idx) {
+pg_Conn *pg_check_idle(lua_State *L, int idx) {
     pg_Conn *c = check_conn(L, idx);
     if (PQtransactionStatus(c->conn) == PQTRANS_ACTIVE)
         luaL_error(L, "connection %s is busy (a command or COPY is in progress on it)", c->name);
@@ -280,7 +255,7 @@ static pg_Conn *check_idle(lua_State *L, int idx) {
 }
 
 /* Pushes a Result holding nothing yet, keeping the Conn at conn_idx alive. */
-static pg_Result *result_new(lua_State *L, int conn_idx) {
+pg_Result *pg_result_new(lua_State *L, int conn_idx) {
     conn_idx = lua_absindex(L, conn_idx);
     pg_Result *r = lua_newuserdatauv(L, sizeof *r, 1);
     r->res = NULL;
@@ -290,7 +265,7 @@ static pg_Result *result_new(lua_State *L, int conn_idx) {
     return r;
 }
 
-static void result_set(pg_Result *r, PGresult *res) {
+void pg_result_set(pg_Result *r, PGresult *res) {
     if (r->res)
         PQclear(r->res);
     r->res = res;
@@ -298,7 +273,7 @@ static void result_set(pg_Result *r, PGresult *res) {
 
 static int result_gc(lua_State *L) {
     pg_Result *r = luaL_checkudata(L, 1, RESULT_MT);
-    result_set(r, NULL);
+    pg_result_set(r, NULL);
     return 0;
 }
 
@@ -324,19 +299,19 @@ static const char *one_line(const char *s, char *buf, size_t size) {
 }
 
 /* Pushes an error of the given kind made from the connection's error message. */
-static void push_conn_error(lua_State *L, pg_Conn *c, PGconn *conn, const char *kind,
-                            const char *code, const char *fallback) {
+void pg_push_conn_error(lua_State *L, pg_Conn *c, PGconn *conn, const char *kind, const char *code,
+                        const char *fallback) {
     char where[96], msg[1024];
     const char *m = conn ? PQerrorMessage(conn) : "";
     if (m == NULL || *m == '\0')
         m = fallback ? fallback : "connection failed";
-    migrun_error_push(L, kind, conn_where(c, where, sizeof where), code,
+    migrun_error_push(L, kind, pg_conn_where(c, where, sizeof where), code,
                       one_line(m, msg, sizeof msg));
     migrun_setfield(L, -1, "conn", c->name);
 }
 
 /* Pushes the error carried by a PGresult (server fields when it has them). */
-static void push_result_error(lua_State *L, pg_Conn *c, const PGresult *res, const char *kind) {
+void pg_push_result_error(lua_State *L, pg_Conn *c, const PGresult *res, const char *kind) {
     char where[96], msg[1024];
     const char *primary = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
     const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
@@ -346,7 +321,7 @@ static void push_result_error(lua_State *L, pg_Conn *c, const PGresult *res, con
             m = c->conn ? PQerrorMessage(c->conn) : "unknown error";
         primary = one_line(m, msg, sizeof msg);
     }
-    migrun_error_push(L, kind, conn_where(c, where, sizeof where), state, primary);
+    migrun_error_push(L, kind, pg_conn_where(c, where, sizeof where), state, primary);
     migrun_setfield(L, -1, "sqlstate", state);
     const char *sev = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED);
     migrun_setfield(L, -1, "severity", sev ? sev : PQresultErrorField(res, PG_DIAG_SEVERITY));
@@ -356,12 +331,11 @@ static void push_result_error(lua_State *L, pg_Conn *c, const PGresult *res, con
     migrun_setfield(L, -1, "conn", c->name);
 }
 
-/* Ctrl-C: the connection has been brought back to idle; raise a structured error. */
-static int raise_interrupted(lua_State *L, pg_Conn *c) {
+/* Ctrl-C: the connection has been brought back to idle; raises the interrupted error. */
+int pg_raise_interrupted(lua_State *L, pg_Conn *c) {
     char where[96];
-    migrun_interrupt_pending = 0;
-    lua_sethook(L, NULL, 0, 0);
-    migrun_error_push(L, "interrupted", conn_where(c, where, sizeof where), NULL, "interrupted!");
+    migrun_interrupt_consume(L);
+    migrun_push_interrupted(L, pg_conn_where(c, where, sizeof where));
     migrun_setfield(L, -1, "conn", c->name);
     return lua_error(L);
 }
@@ -373,12 +347,12 @@ static int raise_interrupted(lua_State *L, pg_Conn *c) {
  * when idle; 0 when that failed, and then the connection is closed so that
  * nothing uses it half-way through a protocol exchange.
  */
-static int conn_drain(pg_Conn *c, const char *abort_msg) {
+int pg_conn_drain(pg_Conn *c, const char *abort_msg) {
     PGconn *conn = c->conn;
-    double deadline = now() + DRAIN_TIMEOUT;
+    double deadline = migrun_monotonic() + DRAIN_TIMEOUT;
     int cancelled = 0;
     for (;;) {
-        if (conn_wait_result(conn, deadline, 0) != W_READY)
+        if (pg_conn_wait_result(conn, deadline, 0) != W_READY)
             break;
         PGresult *res = PQgetResult(conn);
         if (res == NULL)
@@ -388,13 +362,13 @@ static int conn_drain(pg_Conn *c, const char *abort_msg) {
         if (st == PGRES_COPY_IN) {
             int r;
             while ((r = PQputCopyEnd(conn, abort_msg ? abort_msg : "aborted by migrun")) == 0)
-                if (wait_sock(conn, POLLOUT, deadline, 0) != W_READY)
+                if (pg_wait_sock(conn, POLLOUT, deadline, 0) != W_READY)
                     goto fail;
             if (r < 0)
                 break;
         } else if (st == PGRES_COPY_OUT) {
             if (!cancelled) {
-                conn_cancel(conn);
+                pg_conn_cancel(conn);
                 cancelled = 1;
             }
             for (;;) {
@@ -406,7 +380,7 @@ static int conn_drain(pg_Conn *c, const char *abort_msg) {
                     continue;
                 if (n < 0)
                     break;
-                if (wait_sock(conn, POLLIN, deadline, 0) != W_READY || !PQconsumeInput(conn))
+                if (pg_wait_sock(conn, POLLIN, deadline, 0) != W_READY || !PQconsumeInput(conn))
                     goto fail;
             }
         } else if (st == PGRES_COPY_BOTH) {
@@ -422,7 +396,7 @@ fail:
 /* ---- connect ------------------------------------------------------------ */
 
 /* Reads a number of seconds from opts[key]; def when absent. */
-static double opt_seconds(lua_State *L, int opts, const char *key, double def) {
+double pg_opt_seconds(lua_State *L, int opts, const char *key, double def) {
     if (opts == 0)
         return def;
     int t = lua_getfield(L, opts, key);
@@ -457,8 +431,8 @@ static int pg_connect(lua_State *L) {
         luaL_argcheck(L, lua_type(L, -1) == LUA_TSTRING, 2, "opts.name must be a string");
         name = lua_tostring(L, -1);
     }
-    double connect_timeout = opt_seconds(L, opts, "connect_timeout", CONNECT_TIMEOUT);
-    double stmt_timeout = opt_seconds(L, opts, "statement_timeout", 0);
+    double connect_timeout = pg_opt_seconds(L, opts, "connect_timeout", CONNECT_TIMEOUT);
+    double stmt_timeout = pg_opt_seconds(L, opts, "statement_timeout", 0);
 
     /* keywords and values, kept alive by a scratch table (strings) and a userdata (arrays) */
     lua_newtable(L); /* ... keep */
@@ -477,10 +451,11 @@ static int pg_connect(lua_State *L) {
     if (is_table) {
         lua_pushnil(L);
         while (lua_next(L, 1)) { /* ... keep arrays key value */
-            luaL_argcheck(L, lua_type(L, -2) == LUA_TSTRING, 1, "connection keywords must be strings");
+            luaL_argcheck(L, lua_type(L, -2) == LUA_TSTRING, 1,
+                          "connection keywords must be strings");
             const char *k = lua_tostring(L, -2);
             const char *v = luaL_tolstring(L, -1, NULL); /* ... key value vstr */
-            lua_rawseti(L, keep, i * 2 + 1); /* keep the value string */
+            lua_rawseti(L, keep, i * 2 + 1);             /* keep the value string */
             lua_pushvalue(L, -2);
             lua_rawseti(L, keep, i * 2 + 2); /* and the key */
             kw[i] = k;
@@ -510,32 +485,32 @@ static int pg_connect(lua_State *L) {
     if (c->conn == NULL)
         return luaL_error(L, "out of memory starting a connection");
     if (PQstatus(c->conn) == CONNECTION_BAD) {
-        push_conn_error(L, c, c->conn, "connection", "08001", NULL);
+        pg_push_conn_error(L, c, c->conn, "connection", "08001", NULL);
         conn_release(c);
         lua_pushnil(L);
         lua_insert(L, -2);
         return 2;
     }
-    double deadline = connect_timeout > 0 ? now() + connect_timeout : -1;
+    double deadline = connect_timeout > 0 ? migrun_monotonic() + connect_timeout : -1;
     PostgresPollingStatusType st = PGRES_POLLING_WRITING;
     while (st != PGRES_POLLING_OK) {
         if (st == PGRES_POLLING_FAILED) {
-            push_conn_error(L, c, c->conn, "connection", "08001", NULL);
+            pg_push_conn_error(L, c, c->conn, "connection", "08001", NULL);
             conn_release(c);
             lua_pushnil(L);
             lua_insert(L, -2);
             return 2;
         }
-        int w = wait_sock(c->conn, st == PGRES_POLLING_READING ? POLLIN : POLLOUT, deadline, 1);
+        int w = pg_wait_sock(c->conn, st == PGRES_POLLING_READING ? POLLIN : POLLOUT, deadline, 1);
         if (w == W_INTR) {
             conn_release(c);
-            return raise_interrupted(L, c);
+            return pg_raise_interrupted(L, c);
         }
         if (w == W_TIMEOUT) {
             conn_release(c);
             char where[96];
             lua_pushnil(L);
-            migrun_error_push(L, "timeout", conn_where(c, where, sizeof where), "08001", NULL);
+            migrun_error_push(L, "timeout", pg_conn_where(c, where, sizeof where), "08001", NULL);
             lua_pushfstring(L, "timeout expired after %f s while connecting", connect_timeout);
             lua_setfield(L, -2, "message");
             migrun_setfield(L, -1, "conn", c->name);
@@ -546,7 +521,7 @@ static int pg_connect(lua_State *L) {
     c->pid = PQbackendPID(c->conn);
     PQsetNoticeReceiver(c->conn, notice_receiver, c);
     if (PQsetnonblocking(c->conn, 1) != 0) {
-        push_conn_error(L, c, c->conn, "connection", "08001", "could not set non-blocking mode");
+        pg_push_conn_error(L, c, c->conn, "connection", "08001", "could not set non-blocking mode");
         conn_release(c);
         lua_pushnil(L);
         lua_insert(L, -2);
@@ -625,15 +600,15 @@ static int run_command(pg_Conn *c, pg_Result *r, double deadline, const char **c
     PGconn *conn = c->conn;
     int cancelled = 0; /* W_TIMEOUT or W_INTR once the cancel was sent */
     for (;;) {
-        int w = conn_wait_result(conn, deadline, !cancelled);
+        int w = pg_conn_wait_result(conn, deadline, !cancelled);
         if (w == W_TIMEOUT || w == W_INTR) {
             if (cancelled) { /* the server did not answer the cancel in time */
                 conn_release(c);
                 return W_ERR;
             }
-            conn_cancel(conn);
+            pg_conn_cancel(conn);
             cancelled = w;
-            deadline = now() + DRAIN_TIMEOUT;
+            deadline = migrun_monotonic() + DRAIN_TIMEOUT;
             continue;
         }
         if (w == W_ERR)
@@ -645,11 +620,12 @@ static int run_command(pg_Conn *c, pg_Result *r, double deadline, const char **c
         if (st == PGRES_COPY_IN || st == PGRES_COPY_OUT || st == PGRES_COPY_BOTH) {
             PQclear(res);
             *copy_state = st == PGRES_COPY_IN ? "in" : "out";
-            return conn_drain(c, "use conn:copy_in for COPY FROM STDIN") ? (cancelled ? cancelled : W_READY)
-                                                                          : W_ERR;
+            return pg_conn_drain(c, "use conn:copy_in for COPY FROM STDIN")
+                       ? (cancelled ? cancelled : W_READY)
+                       : W_ERR;
         }
         /* the last result wins; after an error the server runs nothing more */
-        result_set(r, res);
+        pg_result_set(r, res);
     }
     if (cancelled == W_INTR)
         return W_INTR;
@@ -668,7 +644,7 @@ static int run_command(pg_Conn *c, pg_Result *r, double deadline, const char **c
  * given and the last result is returned. With parameters only one statement.
  */
 static int conn_exec(lua_State *L) {
-    pg_Conn *c = check_idle(L, 1);
+    pg_Conn *c = pg_check_idle(L, 1);
     int first, nparams;
     double timeout = c->timeout;
     if (lua_istable(L, 2)) { /* the table's items go on the stack, like the vararg form */
@@ -680,7 +656,7 @@ static int conn_exec(lua_State *L) {
             n = (lua_Integer)luaL_len(L, 2);
         lua_pop(L, 1);
         luaL_argcheck(L, n >= 1 && n <= 65536, 2, "expected {sql, parameters...}");
-        timeout = opt_seconds(L, 2, "timeout", timeout);
+        timeout = pg_opt_seconds(L, 2, "timeout", timeout);
         luaL_checkstack(L, (int)n + 10, "too many parameters");
         for (lua_Integer i = 1; i <= n; i++)
             lua_geti(L, 2, i);
@@ -702,33 +678,33 @@ static int conn_exec(lua_State *L) {
         for (int i = 0; i < nparams; i++)
             param_value(L, first + 1 + i, &vals[i], &lens[i], &fmts[i]); /* ... arrays keepers */
     }
-    pg_Result *r = result_new(L, 1); /* ... res */
+    pg_Result *r = pg_result_new(L, 1); /* ... res */
     int res_idx = lua_gettop(L);
 
     int sent = nparams > 0 ? PQsendQueryParams(c->conn, sql, nparams, NULL, vals, lens, fmts, 0)
                            : PQsendQuery(c->conn, sql);
     if (!sent) {
-        push_conn_error(L, c, c->conn, "connection", "08006", NULL);
+        pg_push_conn_error(L, c, c->conn, "connection", "08006", NULL);
         lua_pushnil(L);
         lua_insert(L, -2);
         return 2;
     }
-    double deadline = timeout > 0 ? now() + timeout : -1;
+    double deadline = timeout > 0 ? migrun_monotonic() + timeout : -1;
     const char *copy_state = NULL;
     int w = run_command(c, r, deadline, &copy_state);
     if (w == W_INTR)
-        return raise_interrupted(L, c);
+        return pg_raise_interrupted(L, c);
     if (w == W_ERR) {
-        push_conn_error(L, c, c->conn, "connection", "08006", "connection lost");
+        pg_push_conn_error(L, c, c->conn, "connection", "08006", "connection lost");
         lua_pushnil(L);
         lua_insert(L, -2);
         return 2;
     }
-    dispatch_notices(L, 1, c);
+    pg_dispatch_notices(L, 1, c);
     if (w == W_TIMEOUT) {
         char where[96];
         lua_pushnil(L);
-        migrun_error_push(L, "timeout", conn_where(c, where, sizeof where), "57014", NULL);
+        migrun_error_push(L, "timeout", pg_conn_where(c, where, sizeof where), "57014", NULL);
         lua_pushfstring(L, "statement cancelled after the timeout of %f s", timeout);
         lua_setfield(L, -2, "message");
         migrun_setfield(L, -1, "sqlstate", "57014");
@@ -740,7 +716,7 @@ static int conn_exec(lua_State *L) {
     if (copy_state != NULL) {
         char where[96];
         lua_pushnil(L);
-        migrun_error_push(L, "copy", conn_where(c, where, sizeof where), NULL,
+        migrun_error_push(L, "copy", pg_conn_where(c, where, sizeof where), NULL,
                           strcmp(copy_state, "in") == 0
                               ? "COPY FROM STDIN needs conn:copy_in (or pg.copy), not exec"
                               : "COPY TO STDOUT needs conn:copy_out (or pg.copy), not exec");
@@ -757,7 +733,7 @@ static int conn_exec(lua_State *L) {
         return 1;
     }
     lua_pushnil(L);
-    push_result_error(L, c, r->res, st == PGRES_FATAL_ERROR ? "sql" : "connection");
+    pg_push_result_error(L, c, r->res, st == PGRES_FATAL_ERROR ? "sql" : "connection");
     return 2;
 }
 
@@ -924,6 +900,18 @@ static int conn_tostring(lua_State *L) {
     return 1;
 }
 
+/* conn:password() -> the password libpq used to log in (from the conninfo,
+ * PGPASSWORD or the passfile, by libpq's own rules) | nil. For handing to a
+ * service that must log in the same way (a DMS endpoint); never to print. */
+static int conn_password(lua_State *L) {
+    const char *pw = PQpass(check_conn(L, 1)->conn);
+    if (pw != NULL && *pw != '\0')
+        lua_pushstring(L, pw);
+    else
+        lua_pushnil(L);
+    return 1;
+}
+
 /* conn:info() -> {name=, host=, port=, dbname=, user=, pid=, server_version=} (never a password) */
 static int conn_info(lua_State *L) {
     pg_Conn *c = check_conn(L, 1);
@@ -1056,7 +1044,8 @@ static int pg_conninfo_parse(lua_State *L) {
         /* libpq's message never echoes the value of a password */
         const char *m = errmsg ? errmsg : "out of memory";
         size_t len = strlen(m);
-        while (len > 0 && (m[len - 1] == '\n' || m[len - 1] == ' ')) len--;
+        while (len > 0 && (m[len - 1] == '\n' || m[len - 1] == ' '))
+            len--;
         lua_pushlstring(L, m, len);
         PQfreemem(errmsg);
         const char *msg = lua_tostring(L, -1);
@@ -1064,7 +1053,8 @@ static int pg_conninfo_parse(lua_State *L) {
     }
     lua_newtable(L);
     for (PQconninfoOption *o = opts; o->keyword != NULL; o++)
-        if (o->val != NULL) migrun_setfield(L, -1, o->keyword, o->val);
+        if (o->val != NULL)
+            migrun_setfield(L, -1, o->keyword, o->val);
     PQconninfoFree(opts);
     return 1;
 }
@@ -1096,448 +1086,6 @@ static int null_tostring(lua_State *L) {
     return 1;
 }
 
-/* ---- COPY with Lua callbacks ----------------------------------------------- */
-
-/*
- * Sends sql (a COPY) and waits until the server is in the expected COPY state.
- * Returns 1 when it is; else pushes nil, err and returns 0 (connection idle);
- * on Ctrl-C returns -1 with the command cancelled and nothing pushed (the
- * caller cleans up its other side, then raises). r holds the results so their
- * memory is GC-managed.
- */
-static int start_copy(lua_State *L, pg_Conn *c, int conn_idx, pg_Result *r, const char *sql,
-                      ExecStatusType want, const char *side) {
-    char where[96];
-    if (!PQsendQuery(c->conn, sql)) {
-        lua_pushnil(L);
-        push_conn_error(L, c, c->conn, "connection", "08006", NULL);
-        migrun_setfield(L, -1, "side", side);
-        return 0;
-    }
-    int w = conn_wait_result(c->conn, -1, 1);
-    if (w == W_INTR) {
-        conn_cancel(c->conn);
-        conn_drain(c, "interrupted");
-        return -1;
-    }
-    if (w != W_READY) {
-        lua_pushnil(L);
-        push_conn_error(L, c, c->conn, "connection", "08006", "connection lost");
-        migrun_setfield(L, -1, "side", side);
-        return 0;
-    }
-    result_set(r, PQgetResult(c->conn));
-    ExecStatusType st = r->res ? PQresultStatus(r->res) : PGRES_FATAL_ERROR;
-    if (st == want)
-        return 1;
-    int failed = st == PGRES_FATAL_ERROR;
-    if (failed && r->res != NULL) { /* keep the error result; drain the rest */
-        PGresult *keep = r->res;
-        r->res = NULL;
-        conn_drain(c, "unexpected COPY");
-        r->res = keep;
-    } else {
-        result_set(r, NULL);
-        conn_drain(c, "unexpected COPY");
-    }
-    dispatch_notices(L, conn_idx, c);
-    lua_pushnil(L);
-    if (failed && r->res != NULL) {
-        push_result_error(L, c, r->res, "sql");
-    } else {
-        migrun_error_push(L, "copy", conn_where(c, where, sizeof where), NULL,
-                          want == PGRES_COPY_OUT ? "not a COPY ... TO STDOUT statement"
-                                                 : "not a COPY ... FROM STDIN statement");
-        migrun_setfield(L, -1, "conn", c->name);
-    }
-    migrun_setfield(L, -1, "side", side);
-    return 0;
-}
-
-/* Collects the final result of a COPY into r; returns 1 on success or pushes nil, err. */
-static int finish_copy(lua_State *L, pg_Conn *c, pg_Result *r, const char *side) {
-    int w;
-    PGresult *last = NULL;
-    for (;;) {
-        w = conn_wait_result(c->conn, -1, 0);
-        if (w != W_READY)
-            break;
-        PGresult *res = PQgetResult(c->conn);
-        if (res == NULL)
-            break;
-        if (last == NULL || PQresultStatus(res) == PGRES_FATAL_ERROR) {
-            result_set(r, res);
-            last = res;
-        } else {
-            PQclear(res);
-        }
-    }
-    if (w != W_READY) {
-        lua_pushnil(L);
-        push_conn_error(L, c, c->conn, "connection", "08006", "connection lost");
-        migrun_setfield(L, -1, "side", side);
-        return 0;
-    }
-    if (last == NULL || PQresultStatus(last) != PGRES_COMMAND_OK) {
-        lua_pushnil(L);
-        if (last)
-            push_result_error(L, c, last, "copy");
-        else
-            push_conn_error(L, c, c->conn, "copy", NULL, "COPY ended without a result");
-        migrun_setfield(L, -1, "side", side);
-        return 0;
-    }
-    return 1;
-}
-
-static void push_copy_totals(lua_State *L, lua_Integer bytes, PGresult *res) {
-    lua_createtable(L, 0, 2);
-    lua_pushinteger(L, bytes);
-    lua_setfield(L, -2, "bytes");
-    const char *t = res ? PQcmdTuples(res) : NULL;
-    if (t && *t) {
-        lua_pushinteger(L, (lua_Integer)strtoll(t, NULL, 10));
-        lua_setfield(L, -2, "rows");
-    }
-}
-
-/* conn:copy_out(sql, fn) -> {bytes=, rows=} | nil, err; fn(chunk) gets ~64 KiB chunks */
-static int conn_copy_out(lua_State *L) {
-    pg_Conn *c = check_idle(L, 1);
-    const char *sql = luaL_checkstring(L, 2);
-    luaL_checktype(L, 3, LUA_TFUNCTION);
-    lua_settop(L, 3);
-    pg_Result *r = result_new(L, 1); /* conn sql fn res */
-    int started = start_copy(L, c, 1, r, sql, PGRES_COPY_OUT, "from");
-    if (started < 0)
-        return raise_interrupted(L, c);
-    if (started == 0)
-        return 2;
-    lua_Integer bytes = 0;
-    int pieces = 0;
-    size_t pending = 0;
-    for (;;) {
-        char *buf = NULL;
-        int n = PQgetCopyData(c->conn, &buf, 1);
-        if (n > 0) {
-            c->scratch = buf; /* freed by the closer if the push raises */
-            lua_pushlstring(L, buf, (size_t)n); /* ... pieces */
-            c->scratch = NULL;
-            PQfreemem(buf);
-            bytes += n;
-            pending += (size_t)n;
-            if (++pieces == 32) {
-                lua_concat(L, pieces);
-                pieces = 1;
-            }
-        }
-        if (pieces > 0 && (n <= 0 || pending >= COPY_CHUNK_BYTES)) {
-            lua_concat(L, pieces); /* conn sql fn res chunk */
-            lua_pushvalue(L, 3);
-            lua_insert(L, -2); /* conn sql fn res fn chunk */
-            pieces = 0;
-            pending = 0;
-            if (lua_pcall(L, 1, 0, 0) != LUA_OK) { /* conn sql fn res msg */
-                conn_drain(c, "aborted");
-                return lua_error(L);
-            }
-        }
-        if (n > 0)
-            continue;
-        if (n == 0) {
-            int w = wait_sock(c->conn, POLLIN, -1, 1);
-            if (w == W_INTR) {
-                conn_drain(c, "interrupted");
-                return raise_interrupted(L, c);
-            }
-            if (w == W_READY && PQconsumeInput(c->conn))
-                continue;
-        }
-        break; /* -1 done, -2 failed: the result says which */
-    }
-    if (!finish_copy(L, c, r, "from"))
-        return 2;
-    dispatch_notices(L, 1, c);
-    push_copy_totals(L, bytes, r->res);
-    return 1;
-}
-
-/* Queues data for COPY IN, waiting for room; W_READY or W_ERR / W_INTR. */
-static int put_copy(PGconn *conn, const char *data, int n, int interruptible) {
-    for (;;) {
-        int r = PQputCopyData(conn, data, n);
-        if (r > 0)
-            return W_READY;
-        if (r < 0)
-            return W_ERR;
-        int w = wait_sock(conn, POLLOUT, -1, interruptible);
-        if (w != W_READY)
-            return w;
-    }
-}
-
-static int end_copy(PGconn *conn, const char *errmsg) {
-    for (;;) {
-        int r = PQputCopyEnd(conn, errmsg);
-        if (r > 0)
-            return conn_flush(conn, -1, 0);
-        if (r < 0)
-            return W_ERR;
-        if (wait_sock(conn, POLLOUT, -1, 0) != W_READY)
-            return W_ERR;
-    }
-}
-
-/* conn:copy_in(sql, fn) -> {bytes=, rows=} | nil, err; fn() returns chunks, nil at the end */
-static int conn_copy_in(lua_State *L) {
-    pg_Conn *c = check_idle(L, 1);
-    const char *sql = luaL_checkstring(L, 2);
-    luaL_checktype(L, 3, LUA_TFUNCTION);
-    lua_settop(L, 3);
-    pg_Result *r = result_new(L, 1); /* conn sql fn res */
-    int started = start_copy(L, c, 1, r, sql, PGRES_COPY_IN, "to");
-    if (started < 0)
-        return raise_interrupted(L, c);
-    if (started == 0)
-        return 2;
-    lua_Integer bytes = 0;
-    size_t since_flush = 0;
-    for (;;) {
-        lua_pushvalue(L, 3);
-        if (lua_pcall(L, 0, 1, 0) != LUA_OK) { /* conn sql fn res msg */
-            conn_drain(c, "aborted: the source raised an error");
-            return lua_error(L);
-        }
-        if (lua_isnil(L, -1)) {
-            lua_pop(L, 1);
-            break;
-        }
-        if (lua_type(L, -1) != LUA_TSTRING) {
-            conn_drain(c, "aborted: the source returned a non-string");
-            return luaL_error(L, "copy_in source must return strings (or nil at the end), got %s",
-                              luaL_typename(L, -1));
-        }
-        size_t len;
-        const char *s = lua_tolstring(L, -1, &len);
-        while (len > 0) { /* PQputCopyData takes an int */
-            int n = len > (1 << 20) ? (1 << 20) : (int)len;
-            int w = put_copy(c->conn, s, n, 1);
-            if (w == W_INTR) {
-                conn_drain(c, "interrupted");
-                return raise_interrupted(L, c);
-            }
-            if (w != W_READY)
-                break;
-            s += n;
-            len -= (size_t)n;
-            bytes += n;
-            since_flush += (size_t)n;
-        }
-        lua_pop(L, 1);
-        if (len > 0)
-            break; /* the connection failed: finish_copy reports it */
-        if (since_flush >= COPY_FLUSH_BYTES) {
-            since_flush = 0;
-            int w = conn_flush(c->conn, -1, 1);
-            if (w == W_INTR) {
-                conn_drain(c, "interrupted");
-                return raise_interrupted(L, c);
-            }
-            if (w != W_READY)
-                break;
-        }
-    }
-    end_copy(c->conn, NULL);
-    if (!finish_copy(L, c, r, "to"))
-        return 2;
-    dispatch_notices(L, 1, c);
-    push_copy_totals(L, bytes, r->res);
-    return 1;
-}
-
-/* ---- pg.copy: server to server, in C ------------------------------------------- */
-
-/* Calls on_progress(bytes, rows) at stack index fn; 0 on success, else leaves the error. */
-static int call_progress(lua_State *L, int fn, lua_Integer bytes, lua_Integer rows) {
-    if (fn == 0)
-        return 0;
-    lua_pushvalue(L, fn);
-    lua_pushinteger(L, bytes);
-    lua_pushinteger(L, rows);
-    return lua_pcall(L, 2, 0, 0) != LUA_OK;
-}
-
-/*
- * pg.copy{ from = c1, from_sql = "COPY t TO STDOUT", to = c2, to_sql = "COPY t FROM STDIN",
- *          on_progress = function(bytes, rows) end, progress_interval = 1.0 }
- * -> {bytes=, rows=} | nil, err (err.side = "from" | "to")
- * rows in the result come from the target's command tag; the progress rows
- * count the COPY data messages read (one per row).
- */
-static int pg_copy(lua_State *L) {
-    luaL_checktype(L, 1, LUA_TTABLE);
-    lua_settop(L, 1);
-    lua_getfield(L, 1, "from"); /* 2 */
-    lua_getfield(L, 1, "to");   /* 3 */
-    pg_Conn *src = luaL_testudata(L, 2, CONN_MT);
-    pg_Conn *dst = luaL_testudata(L, 3, CONN_MT);
-    luaL_argcheck(L, src != NULL, 1, "'from' must be a migrun.pg.Conn");
-    luaL_argcheck(L, dst != NULL, 1, "'to' must be a migrun.pg.Conn");
-    luaL_argcheck(L, src != dst, 1, "'from' and 'to' must be different connections");
-    check_idle(L, 2);
-    check_idle(L, 3);
-    lua_getfield(L, 1, "from_sql"); /* 4 */
-    lua_getfield(L, 1, "to_sql");   /* 5 */
-    const char *from_sql = lua_tostring(L, 4), *to_sql = lua_tostring(L, 5);
-    luaL_argcheck(L, from_sql != NULL, 1, "'from_sql' must be a COPY ... TO STDOUT statement");
-    luaL_argcheck(L, to_sql != NULL, 1, "'to_sql' must be a COPY ... FROM STDIN statement");
-    int fn = 0;
-    if (lua_getfield(L, 1, "on_progress") != LUA_TNIL) { /* 6 */
-        luaL_argcheck(L, lua_isfunction(L, 6), 1, "'on_progress' must be a function");
-        fn = 6;
-    }
-    double interval = opt_seconds(L, 1, "progress_interval", 1.0);
-    pg_Result *rs = result_new(L, 2); /* 7 */
-    pg_Result *rd = result_new(L, 3); /* 8 */
-
-    /* the target first: if it refuses, nothing has been read from the source */
-    int started = start_copy(L, dst, 3, rd, to_sql, PGRES_COPY_IN, "to");
-    if (started < 0)
-        return raise_interrupted(L, dst);
-    if (started == 0)
-        return 2;
-    started = start_copy(L, src, 2, rs, from_sql, PGRES_COPY_OUT, "from"); /* ... nil err? */
-    if (started <= 0) {
-        end_copy(dst->conn, started < 0 ? "aborted by migrun: interrupted"
-                                        : "aborted by migrun: the source COPY failed");
-        conn_drain(dst, "aborted");
-        if (started < 0)
-            return raise_interrupted(L, src);
-        return 2;
-    }
-
-    lua_Integer bytes = 0, rows = 0;
-    size_t since_flush = 0;
-    int dst_pending = 0; /* the target has unsent data */
-    const char *failed = NULL;      /* "from" | "to" */
-    int interrupted = 0;
-    double next_progress = now() + interval;
-    for (;;) {
-        char *buf = NULL;
-        int n = PQgetCopyData(src->conn, &buf, 1);
-        if (n > 0) {
-            int w = put_copy(dst->conn, buf, n, 1);
-            PQfreemem(buf);
-            if (w == W_INTR) {
-                interrupted = 1;
-                break;
-            }
-            if (w != W_READY) {
-                failed = "to";
-                break;
-            }
-            bytes += n;
-            rows++;
-            since_flush += (size_t)n;
-            if (since_flush >= COPY_FLUSH_BYTES) {
-                /* bounded buffering: nothing more is read until the target took this */
-                since_flush = 0;
-                w = conn_flush(dst->conn, -1, 1);
-                if (w == W_INTR) {
-                    interrupted = 1;
-                    break;
-                }
-                if (w != W_READY) {
-                    failed = "to";
-                    break;
-                }
-                dst_pending = 0;
-            }
-            if (fn && (rows & 255) == 0 && now() >= next_progress) {
-                if (call_progress(L, fn, bytes, rows)) { /* ... msg */
-                    conn_cancel(src->conn);
-                    conn_drain(src, NULL);
-                    end_copy(dst->conn, "aborted by migrun: on_progress raised an error");
-                    conn_drain(dst, "aborted");
-                    return lua_error(L);
-                }
-                next_progress = now() + interval;
-            }
-            continue;
-        }
-        if (n < 0)
-            break; /* -1: the source is done; -2: it failed (finish_copy tells) */
-        /* nothing to read: push out what the target has, then wait for either side */
-        int f = PQflush(dst->conn);
-        if (f < 0) {
-            failed = "to";
-            break;
-        }
-        dst_pending = f == 1;
-        struct pollfd p[2] = {{.fd = PQsocket(src->conn), .events = POLLIN, .revents = 0},
-                              {.fd = PQsocket(dst->conn), .events = POLLOUT, .revents = 0}};
-        int w = wait_fds(p, dst_pending ? 2 : 1, -1, 1);
-        if (w == W_INTR) {
-            interrupted = 1;
-            break;
-        }
-        if (w != W_READY) {
-            failed = "from";
-            break;
-        }
-        if ((p[0].revents & (POLLIN | POLLERR | POLLHUP)) && !PQconsumeInput(src->conn)) {
-            failed = "from";
-            break;
-        }
-        if (dst_pending && (p[1].revents & (POLLERR | POLLHUP))) {
-            failed = "to";
-            break;
-        }
-    }
-
-    if (interrupted || failed) {
-        /* abort both: cancel the source, fail the target's COPY */
-        int src_ok = src->conn != NULL;
-        if (src_ok) {
-            conn_cancel(src->conn);
-            conn_drain(src, NULL);
-        }
-        if (dst->conn != NULL) {
-            end_copy(dst->conn, interrupted ? "aborted by migrun: interrupted"
-                                            : "aborted by migrun: the source COPY failed");
-            conn_drain(dst, "aborted");
-        }
-        if (interrupted)
-            return raise_interrupted(L, src);
-        pg_Conn *c = strcmp(failed, "to") == 0 ? dst : src;
-        lua_pushnil(L);
-        push_conn_error(L, c, c->conn, "connection", "08006", "connection lost during COPY");
-        migrun_setfield(L, -1, "side", failed);
-        return 2;
-    }
-    /* the source ended: its result says whether it finished or failed */
-    if (!finish_copy(L, src, rs, "from")) { /* ... nil err */
-        end_copy(dst->conn, "aborted by migrun: the source COPY failed");
-        conn_drain(dst, "aborted");
-        return 2;
-    }
-    if (end_copy(dst->conn, NULL) != W_READY) {
-        lua_pushnil(L);
-        push_conn_error(L, dst, dst->conn, "connection", "08006", "connection lost ending COPY");
-        migrun_setfield(L, -1, "side", "to");
-        conn_drain(dst, "aborted");
-        return 2;
-    }
-    if (!finish_copy(L, dst, rd, "to"))
-        return 2;
-    dispatch_notices(L, 2, src);
-    dispatch_notices(L, 3, dst);
-    if (call_progress(L, fn, bytes, rows))
-        return lua_error(L);
-    push_copy_totals(L, bytes, rd->res);
-    return 1;
-}
-
 /* ---- module -------------------------------------------------------------------- */
 
 int luaopen_migrun_pg_core(lua_State *L) {
@@ -1553,6 +1101,7 @@ int luaopen_migrun_pg_core(lua_State *L) {
         {"is_closed", conn_is_closed},
         {"name", conn_name},
         {"info", conn_info},
+        {"password", conn_password},
         {"server_version", conn_server_version},
         {"backend_pid", conn_backend_pid},
         {"transaction_status", conn_transaction_status},
@@ -1560,10 +1109,11 @@ int luaopen_migrun_pg_core(lua_State *L) {
         {"on_notice", conn_on_notice},
         {"escape_identifier", conn_escape_identifier},
         {"escape_literal", conn_escape_literal},
-        {"copy_out", conn_copy_out},
-        {"copy_in", conn_copy_in},
+        {"copy_out", pg_conn_copy_out},
+        {"copy_in", pg_conn_copy_in},
         {NULL, NULL},
     };
+    /* clang-format off */
     static const luaL_Reg result_meta[] = {
         {"__gc", result_gc},
         {"__close", result_gc},
@@ -1572,11 +1122,13 @@ int luaopen_migrun_pg_core(lua_State *L) {
         {"__tostring", result_tostring},
         {NULL, NULL},
     };
+    /* clang-format on */
     static const luaL_Reg result_methods[] = {
         {"rows", result_rows},
         {"columns", result_columns},
         {NULL, NULL},
     };
+    /* clang-format off */
     static const luaL_Reg funcs[] = {
         {"connect", pg_connect},
         {"conninfo_parse", pg_conninfo_parse},
@@ -1585,6 +1137,7 @@ int luaopen_migrun_pg_core(lua_State *L) {
         {"quote_ident", pg_quote_ident},
         {NULL, NULL},
     };
+    /* clang-format on */
 
     /* lsn.parse, for pg_lsn columns */
     luaL_requiref(L, "migrun.lsn", luaopen_migrun_lsn, 0);

@@ -8,9 +8,12 @@
  * deadlock on a full pipe whichever handle the script is waiting for. Child
  * exit is watched through pidfds; every child is reaped, and a handle that is
  * closed or collected while its process runs kills the process group first.
+ * Every descriptor spawning opens belongs to the handle from the moment it is
+ * open, so a spawn that fails half-way leaks none (see "spawning" below).
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdint.h>
@@ -19,26 +22,33 @@
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
-#include "migrun.h"
+#include "migrun_internal.h"
 
 #define PROC_MT "migrun.proc.Process"
 #define ACTIVE_KEY "migrun.proc.active"
+#define WITHHELD_KEY "migrun.proc.withheld"
 
 extern char **environ;
 
 enum { OUT_INHERIT, OUT_NULL, OUT_FILE, OUT_CAPTURE, OUT_LINES, OUT_MERGE };
 
 /* user value slots of a Process userdata */
-enum { UV_STDOUT_FN = 1, UV_STDERR_FN, UV_STDIN_DATA, UV_COMMAND, UV_STDOUT, UV_STDERR, UV_COUNT = UV_STDERR };
+enum {
+    UV_STDOUT_FN = 1,
+    UV_STDERR_FN,
+    UV_STDIN_DATA,
+    UV_COMMAND,
+    UV_STDOUT,
+    UV_STDERR,
+    UV_COUNT = UV_STDERR
+};
 
 typedef struct {
     int mode;
-    int fd;       /* parent's read end of the pipe, -1 once at EOF or closed */
-    int child_fd; /* for OUT_FILE/OUT_NULL: what the child gets; closed after spawn */
-    char *buf;    /* captured bytes, or the partial line for OUT_LINES */
+    int fd;    /* parent's read end of the pipe, -1 once at EOF or closed */
+    char *buf; /* captured bytes, or the partial line for OUT_LINES */
     size_t len, cap;
 } Stream;
 
@@ -46,21 +56,33 @@ typedef struct {
     pid_t pid;
     int pidfd;
     int reaped;
-    int status;      /* as from waitpid */
+    int status;          /* as from waitpid */
     int pipefail_killed; /* still running when another stage failed: we sent TERM */
 } Stage;
 
+/* Every descriptor start() opens, recorded the moment it is open (-1 when
+ * not): the children's ends of the stdio pipes and files, the parent's ends
+ * until they are handed to the handle, the exec error pipe and the links
+ * between pipeline stages. The closer closes whatever is left. */
+typedef struct {
+    int out_child, err_child, in_child; /* a file or /dev/null the child gets as 1, 2, 0 */
+    int out_pipe[2], err_pipe[2], in_pipe[2];
+    int exec_pipe[2]; /* closes on exec, or carries the errno of a failed one */
+    int link[2], prev_read;
+} Stdio;
+
 typedef struct Process {
     int closed;
-    int finished;       /* every stage reaped and the streams drained */
+    int finished; /* every stage reaped and the streams drained */
     int nstages;
     Stage *stages;
     pid_t pgid;
     Stream out, err;
-    int in_fd;          /* write end of the child's stdin, -1 when done */
+    int in_fd; /* write end of the child's stdin, -1 when done */
     const char *in_data;
     size_t in_len, in_off;
-    int failed_stage;   /* the first stage seen failing, -1 if none */
+    int failed_stage; /* the first stage seen failing, -1 if none */
+    Stdio io;         /* what start() opened and has not handed over or closed */
     struct Process *next, *prev;
 } Process;
 
@@ -68,12 +90,6 @@ static Process *active_head = NULL; /* started and not yet finalized */
 static int in_callback = 0;         /* a line callback is running */
 
 /* ---- small helpers ------------------------------------------------------ */
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 /* -1 where the kernel (or valgrind) has no pidfd_open: exits are then found
  * by polling waitpid every POLL_EXIT_MS. */
@@ -105,6 +121,23 @@ static void close_fd(int *fd) {
     }
 }
 
+static void stdio_init(Stdio *io) {
+    io->out_child = io->err_child = io->in_child = -1;
+    io->out_pipe[0] = io->out_pipe[1] = io->err_pipe[0] = io->err_pipe[1] = -1;
+    io->in_pipe[0] = io->in_pipe[1] = io->exec_pipe[0] = io->exec_pipe[1] = -1;
+    io->link[0] = io->link[1] = io->prev_read = -1;
+}
+
+/* Closes every descriptor the Stdio still holds. Idempotent. */
+static void stdio_close(Stdio *io) {
+    int *fds[] = {&io->out_child,   &io->err_child,    &io->in_child,     &io->out_pipe[0],
+                  &io->out_pipe[1], &io->err_pipe[0],  &io->err_pipe[1],  &io->in_pipe[0],
+                  &io->in_pipe[1],  &io->exec_pipe[0], &io->exec_pipe[1], &io->link[0],
+                  &io->link[1],     &io->prev_read};
+    for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++)
+        close_fd(fds[i]);
+}
+
 static int is_safe_word(const char *s) {
     if (*s == '\0')
         return 0;
@@ -114,19 +147,22 @@ static int is_safe_word(const char *s) {
     return 1;
 }
 
-/* Appends argv (a table at idx) to b in shell-quoted, printable form. */
+/* Appends argv (a table at idx) to b in shell-quoted, printable form; raises
+ * on an element that is not a string or a number. */
 static void quote_argv(lua_State *L, luaL_Buffer *b, int idx) {
     lua_Integer n = luaL_len(L, idx);
     for (lua_Integer i = 1; i <= n; i++) {
-        lua_geti(L, idx, i);
-        const char *a = lua_tostring(L, -1);
-        lua_pop(L, 1); /* the argv table keeps the string alive */
         if (i > 1)
             luaL_addchar(b, ' ');
-        if (is_safe_word(a)) {
-            luaL_addstring(b, a);
+        int t = lua_geti(L, idx, i); /* ... arg */
+        if (t != LUA_TSTRING && t != LUA_TNUMBER)
+            luaL_error(L, "argv[%d] is a %s, expected a string", (int)i, lua_typename(L, t));
+        const char *a = lua_tostring(L, -1);
+        if (t == LUA_TNUMBER || is_safe_word(a)) {
+            luaL_addvalue(b); /* numbers never need quotes */
             continue;
         }
+        lua_pop(L, 1); /* the argv table keeps the string alive */
         luaL_addchar(b, '\'');
         for (; *a; a++) {
             if (*a == '\'')
@@ -148,7 +184,10 @@ static int proc_quote(lua_State *L) {
     return 1;
 }
 
-static const struct { const char *name; int sig; } signames[] = {
+static const struct {
+    const char *name;
+    int sig;
+} signames[] = {
     {"TERM", SIGTERM}, {"KILL", SIGKILL}, {"INT", SIGINT},   {"HUP", SIGHUP},
     {"QUIT", SIGQUIT}, {"USR1", SIGUSR1}, {"USR2", SIGUSR2}, {"STOP", SIGSTOP},
     {"CONT", SIGCONT}, {"PIPE", SIGPIPE}, {"ALRM", SIGALRM}, {NULL, 0},
@@ -494,13 +533,13 @@ static int push_result(lua_State *L, Process *p) {
 /* ---- closing -------------------------------------------------------------- */
 
 static int wait_pidfds(Process *p, int timeout_ms) {
-    double deadline = now_s() + timeout_ms / 1000.0;
+    double deadline = migrun_monotonic() + timeout_ms / 1000.0;
     for (;;) {
         for (int i = 0; i < p->nstages; i++)
             reap_stage(p, i);
         if (all_reaped(p))
             return 1;
-        int left = (int)((deadline - now_s()) * 1000);
+        int left = (int)((deadline - migrun_monotonic()) * 1000);
         if (left <= 0)
             return 0;
         struct pollfd fds[64];
@@ -512,35 +551,39 @@ static int wait_pidfds(Process *p, int timeout_ms) {
     }
 }
 
-/* Kills what still runs (TERM, then KILL after a grace period), reaps, frees. */
+/* The one closer: kills what still runs (TERM, then KILL after a grace
+ * period), reaps, closes and frees. Idempotent; also releases what a start()
+ * that did not finish had opened (the handle is closed until it started). */
 static void process_release(lua_State *L, Process *p) {
-    if (p->closed)
-        return;
-    p->closed = 1; /* marked closed before anything is released */
-    if (!all_reaped(p)) {
-        kill(-p->pgid, SIGTERM);
-        if (!wait_pidfds(p, 2000)) {
-            kill(-p->pgid, SIGKILL);
-            for (int i = 0; i < p->nstages; i++)
-                if (!p->stages[i].reaped) {
-                    while (waitpid(p->stages[i].pid, &p->stages[i].status, 0) < 0 && errno == EINTR)
-                        ;
-                    p->stages[i].reaped = 1;
-                }
+    if (!p->closed) {
+        p->closed = 1; /* marked closed before anything is released */
+        if (!all_reaped(p)) {
+            kill(-p->pgid, SIGTERM);
+            if (!wait_pidfds(p, 2000)) {
+                kill(-p->pgid, SIGKILL);
+                for (int i = 0; i < p->nstages; i++)
+                    if (!p->stages[i].reaped) {
+                        while (waitpid(p->stages[i].pid, &p->stages[i].status, 0) < 0 &&
+                               errno == EINTR)
+                            ;
+                        p->stages[i].reaped = 1;
+                    }
+            }
         }
+        for (int i = 0; i < p->nstages; i++)
+            close_fd(&p->stages[i].pidfd);
+        close_fd(&p->out.fd);
+        close_fd(&p->err.fd);
+        close_fd(&p->in_fd);
+        active_remove(L, p);
     }
-    for (int i = 0; i < p->nstages; i++)
-        close_fd(&p->stages[i].pidfd);
-    close_fd(&p->out.fd);
-    close_fd(&p->err.fd);
-    close_fd(&p->in_fd);
+    stdio_close(&p->io);
     free(p->out.buf);
     free(p->err.buf);
     p->out.buf = p->err.buf = NULL;
     free(p->stages);
     p->stages = NULL;
     p->nstages = 0;
-    active_remove(L, p);
 }
 
 static Process *check_process(lua_State *L, int idx) {
@@ -566,64 +609,92 @@ static int proc_close(lua_State *L) {
     return 0;
 }
 
-/* ---- spawning ------------------------------------------------------------- */
+/* ---- spawning -------------------------------------------------------------
+ * start() runs in three steps. parse_spec reads and checks the whole spec and
+ * raises on misuse, but opens nothing. open_stdio opens every descriptor the
+ * children will need and records each in the handle's Stdio the moment it is
+ * open; if one cannot be opened it closes the others before reporting.
+ * fork_exec starts the stages and hands the parent's ends of the pipes to the
+ * handle. stdio_close, which the handle's closer also calls, closes whatever
+ * the Stdio still holds, so no way out of start() leaves a descriptor open. */
 
 typedef struct {
-    int err;   /* errno */
+    int err; /* errno */
     int stage;
     char what[32];
 } ExecFailure;
 
-/* Parses spec[key] (an output spec) into s, parent side; raises on a bad spec. */
-static void parse_output(lua_State *L, int spec, const char *key, Stream *s, int uv, int ud,
+enum { IN_INHERIT, IN_NULL, IN_DATA, IN_FILE };
+
+/* One output stream as the spec asks for it; nothing is open yet. */
+typedef struct {
+    int mode;         /* OUT_* */
+    const char *path; /* OUT_FILE from {file = path}; anchored on the Lua stack */
+    int append;
+    FILE *file; /* OUT_FILE from an io file; the file is anchored on the Lua stack */
+} OutSpec;
+
+/* The whole spec, checked. Every pointer is anchored on the Lua stack of start(). */
+typedef struct {
+    int nstages;
+    OutSpec out, err;
+    int in_mode;         /* IN_* */
+    const char *in_path; /* IN_FILE */
+    const char *cwd;
+    int die_with_parent;
+    char **envp;
+    char ***argvs;
+} Spec;
+
+/* Parses spec[key] (an output spec) into o; a function goes to user value uv
+ * of the handle at ud. Leaves one value on the stack (the anchor of a path or
+ * file). Raises on a bad spec. */
+static void parse_output(lua_State *L, int spec, const char *key, OutSpec *o, int uv, int ud,
                          int allow_merge) {
-    s->fd = s->child_fd = -1;
-    s->mode = OUT_INHERIT;
-    int t = lua_getfield(L, spec, key);
+    o->mode = OUT_INHERIT;
+    o->path = NULL;
+    o->append = 0;
+    o->file = NULL;
+    int t = lua_getfield(L, spec, key); /* ... value */
     if (t == LUA_TNIL) {
         /* inherit */
     } else if (t == LUA_TSTRING) {
         const char *m = lua_tostring(L, -1);
         if (strcmp(m, "capture") == 0)
-            s->mode = OUT_CAPTURE;
+            o->mode = OUT_CAPTURE;
         else if (strcmp(m, "null") == 0)
-            s->mode = OUT_NULL;
+            o->mode = OUT_NULL;
         else if (strcmp(m, "inherit") == 0)
-            s->mode = OUT_INHERIT;
+            o->mode = OUT_INHERIT;
         else if (allow_merge && strcmp(m, "stdout") == 0)
-            s->mode = OUT_MERGE;
+            o->mode = OUT_MERGE;
         else
-            luaL_error(L, "bad %s: expected \"capture\", \"null\", \"inherit\"%s, a function or "
-                          "{file=path}, got \"%s\"", key, allow_merge ? ", \"stdout\"" : "", m);
+            luaL_error(L,
+                       "bad %s: expected \"capture\", \"null\", \"inherit\"%s, a function or "
+                       "{file=path}, got \"%s\"",
+                       key, allow_merge ? ", \"stdout\"" : "", m);
     } else if (t == LUA_TFUNCTION) {
-        s->mode = OUT_LINES;
+        o->mode = OUT_LINES;
         lua_pushvalue(L, -1);
         lua_setiuservalue(L, ud, uv);
     } else if (t == LUA_TTABLE) {
-        s->mode = OUT_FILE;
-        if (lua_getfield(L, -1, "file") != LUA_TSTRING)
+        o->mode = OUT_FILE;
+        lua_getfield(L, -1, "append");
+        o->append = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+        if (lua_getfield(L, -1, "file") != LUA_TSTRING) /* ... value path */
             luaL_error(L, "bad %s: {file = path} needs a path string", key);
-        lua_getfield(L, -2, "append");
-        int append = lua_toboolean(L, -1);
-        lua_pop(L, 1);
-        const char *path = lua_tostring(L, -1);
-        s->child_fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC | (append ? O_APPEND : O_TRUNC), 0640);
-        if (s->child_fd < 0)
-            luaL_error(L, "cannot open %s for %s: %s", path, key, strerror(errno));
-        lua_pop(L, 1);
+        o->path = lua_tostring(L, -1);
+        lua_remove(L, -2); /* ... path */
     } else if (t == LUA_TUSERDATA && luaL_testudata(L, -1, LUA_FILEHANDLE)) {
         luaL_Stream *fh = lua_touserdata(L, -1);
         if (fh->closef == NULL)
             luaL_error(L, "bad %s: the file is closed", key);
-        fflush(fh->f);
-        s->mode = OUT_FILE;
-        s->child_fd = fcntl(fileno(fh->f), F_DUPFD_CLOEXEC, 3);
+        o->mode = OUT_FILE;
+        o->file = fh->f;
     } else {
         luaL_error(L, "bad %s: %s not supported", key, luaL_typename(L, -1));
     }
-    lua_pop(L, 1);
-    if (s->mode == OUT_NULL && (s->child_fd = open("/dev/null", O_WRONLY | O_CLOEXEC)) < 0)
-        luaL_error(L, "cannot open /dev/null: %s", strerror(errno));
 }
 
 /* Builds a NULL-terminated char* array from the argv table at idx. Leaves two
@@ -649,9 +720,15 @@ static char **build_argv(lua_State *L, int idx, int stage) {
 
 /* envp: the inherited environment with spec.env applied (false removes). */
 static char **build_env(lua_State *L, int spec) {
-    if (lua_getfield(L, spec, "env") == LUA_TNIL) {
-        lua_pop(L, 1);
+    lua_getfield(L, LUA_REGISTRYINDEX, WITHHELD_KEY); /* withheld|nil */
+    int withheld = lua_gettop(L);
+    if (lua_getfield(L, spec, "env") == LUA_TNIL && lua_isnil(L, withheld)) {
+        lua_pop(L, 2);
         return environ;
+    }
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        lua_newtable(L); /* withheld envt (empty) */
     }
     luaL_checktype(L, -1, LUA_TTABLE);
     int envt = lua_gettop(L);
@@ -671,9 +748,12 @@ static char **build_env(lua_State *L, int spec) {
         const char *eq = strchr(*e, '=');
         if (eq) {
             lua_pushlstring(L, *e, (size_t)(eq - *e));
+            lua_pushvalue(L, -1);
             int overridden = lua_rawget(L, envt) != LUA_TNIL;
             lua_pop(L, 1);
-            if (overridden)
+            int held = !lua_isnil(L, withheld) && lua_rawget(L, withheld) != LUA_TNIL;
+            lua_pop(L, 1);
+            if (overridden || held)
                 continue;
         }
         envp[k++] = *e;
@@ -693,53 +773,73 @@ static char **build_env(lua_State *L, int spec) {
     }
     envp[k] = NULL;
     /* leave envp userdata and keep table on the stack, under the env table */
-    lua_remove(L, envt); /* envp keep */
+    lua_remove(L, envt);     /* withheld envp keep */
+    lua_remove(L, withheld); /* envp keep */
     return envp;
 }
 
-static void child_fail(int errfd, int stage, const char *what) {
-    ExecFailure f = {errno, stage, {0}};
-    strncpy(f.what, what, sizeof f.what - 1);
-    ssize_t w = write(errfd, &f, sizeof f);
-    (void)w;
-    _exit(127);
-}
+/* Step 1: reads and checks the spec at index spec into s, for the handle at
+ * ud (callbacks, stdin data and the printable command go to its user values).
+ * Raises on misuse; opens nothing; leaves its anchors on the stack. */
+static void parse_spec(lua_State *L, int spec, int pipeline, int ud, Spec *s) {
+    Process *p = lua_touserdata(L, ud);
+    /* per stage: its table, argv array and anchor, its printed part and a " | " */
+    luaL_checkstack(L, 5 * s->nstages + LUA_MINSTACK, "too many pipeline stages");
+    parse_output(L, spec, "stdout", &s->out, UV_STDOUT_FN, ud, 0);
+    parse_output(L, spec, "stderr", &s->err, UV_STDERR_FN, ud, 1);
+    p->out.mode = s->out.mode;
+    p->err.mode = s->err.mode;
 
-/*
- * Starts a Process from spec at idx: either one argv (spec[1] is a string) or
- * a pipeline (spec[1] is a table). Pushes the handle or nil, err.
- */
-static int start(lua_State *L, int spec, int pipeline) {
-    luaL_checktype(L, spec, LUA_TTABLE);
-    int nstages = 1;
-    if (pipeline) {
-        nstages = (int)luaL_len(L, spec);
-        if (nstages < 1)
-            return luaL_error(L, "pipeline needs at least one stage");
-        for (int i = 1; i <= nstages; i++)
-            if (lua_geti(L, spec, i) != LUA_TTABLE)
-                return luaL_error(L, "pipeline stage %d is not an argv table", i);
-            else
-                lua_pop(L, 1);
-    } else if (lua_geti(L, spec, 1) != LUA_TSTRING) {
-        return luaL_error(L, "spawn expects {\"program\", args..., options}, got %s as the program",
-                          luaL_typename(L, -1));
-    } else {
-        lua_pop(L, 1);
+    s->in_mode = IN_INHERIT;
+    s->in_path = NULL;
+    switch (lua_getfield(L, spec, "stdin")) { /* ... stdin */
+    case LUA_TNIL:
+        break;
+    case LUA_TBOOLEAN:
+        if (lua_toboolean(L, -1))
+            luaL_error(L, "bad stdin: expected a string (data), false (/dev/null) or {file=path}");
+        s->in_mode = IN_NULL;
+        break;
+    case LUA_TSTRING:
+        s->in_mode = IN_DATA;
+        lua_pushvalue(L, -1);
+        lua_setiuservalue(L, ud, UV_STDIN_DATA);
+        p->in_data = lua_tolstring(L, -1, &p->in_len);
+        break;
+    case LUA_TTABLE:
+        if (lua_getfield(L, -1, "file") != LUA_TSTRING) /* ... stdin path */
+            luaL_error(L, "bad stdin: {file = path} needs a path string");
+        s->in_mode = IN_FILE;
+        s->in_path = lua_tostring(L, -1);
+        break;
+    default:
+        luaL_error(L, "bad stdin: %s not supported", luaL_typename(L, -1));
     }
 
-    /* the handle is born closed, with its metatable, before anything is opened */
-    Process *p = lua_newuserdatauv(L, sizeof *p, UV_COUNT); /* ud */
-    memset(p, 0, sizeof *p);
-    p->closed = 1;
-    p->in_fd = p->out.fd = p->err.fd = p->out.child_fd = p->err.child_fd = -1;
-    p->failed_stage = -1;
-    luaL_setmetatable(L, PROC_MT);
-    int ud = lua_gettop(L);
+    /* die_with_parent: the kernel kills the child when migrun dies, even by
+     * SIGKILL, so workers never outlive the run that owns their work */
+    lua_getfield(L, spec, "die_with_parent");
+    s->die_with_parent = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+
+    s->cwd = NULL;
+    if (lua_getfield(L, spec, "cwd") != LUA_TNIL)
+        s->cwd = luaL_checkstring(L, -1); /* stays on the stack */
+    s->envp = build_env(L, spec);         /* leaves its storage on the stack */
+
+    s->argvs = lua_newuserdatauv(L, sizeof(char **) * (size_t)s->nstages, 0);
+    for (int i = 0; i < s->nstages; i++) {
+        if (pipeline) {
+            lua_geti(L, spec, i + 1);
+            s->argvs[i] = build_argv(L, -1, i + 1); /* stage array anchor stay on the stack */
+        } else {
+            s->argvs[i] = build_argv(L, spec, 1);
+        }
+    }
 
     /* printable command line, never the environment */
     int parts = 0;
-    for (int i = 1; i <= nstages; i++) {
+    for (int i = 1; i <= s->nstages; i++) {
         if (i > 1) {
             lua_pushliteral(L, " | ");
             parts++;
@@ -759,155 +859,176 @@ static int start(lua_State *L, int spec, int pipeline) {
     lua_concat(L, parts);
     lua_setiuservalue(L, ud, UV_COMMAND);
 
-    parse_output(L, spec, "stdout", &p->out, UV_STDOUT_FN, ud, 0);
-    parse_output(L, spec, "stderr", &p->err, UV_STDERR_FN, ud, 1);
-
-    int in_child = -1, in_mode = 0; /* 0 inherit, 1 null, 2 data */
-    switch (lua_getfield(L, spec, "stdin")) {
-    case LUA_TNIL:
-        break;
-    case LUA_TBOOLEAN:
-        if (lua_toboolean(L, -1))
-            luaL_error(L, "bad stdin: expected a string (data), false (/dev/null) or {file=path}");
-        in_mode = 1;
-        break;
-    case LUA_TSTRING:
-        in_mode = 2;
-        lua_pushvalue(L, -1);
-        lua_setiuservalue(L, ud, UV_STDIN_DATA);
-        p->in_data = lua_tolstring(L, -1, &p->in_len);
-        break;
-    case LUA_TTABLE:
-        if (lua_getfield(L, -1, "file") != LUA_TSTRING)
-            luaL_error(L, "bad stdin: {file = path} needs a path string");
-        in_child = open(lua_tostring(L, -1), O_RDONLY | O_CLOEXEC);
-        if (in_child < 0)
-            luaL_error(L, "cannot open %s for stdin: %s", lua_tostring(L, -1), strerror(errno));
-        lua_pop(L, 1);
-        break;
-    default:
-        luaL_error(L, "bad stdin: %s not supported", luaL_typename(L, -1));
-    }
-    lua_pop(L, 1);
-    if (in_mode == 1 && (in_child = open("/dev/null", O_RDONLY | O_CLOEXEC)) < 0)
-        luaL_error(L, "cannot open /dev/null: %s", strerror(errno));
-
-    /* die_with_parent: the kernel kills the child when migrun dies, even by
-     * SIGKILL, so workers never outlive the run that owns their work */
-    lua_getfield(L, spec, "die_with_parent");
-    int die_with_parent = lua_toboolean(L, -1);
-    lua_pop(L, 1);
-    pid_t parent_pid = getpid();
-
-    const char *cwd = NULL;
-    if (lua_getfield(L, spec, "cwd") != LUA_TNIL)
-        cwd = luaL_checkstring(L, -1); /* stays on the stack */
-    char **envp = build_env(L, spec);  /* leaves its storage on the stack */
-
-    char ***argvs = lua_newuserdatauv(L, sizeof(char **) * (size_t)nstages, 0);
-    for (int i = 0; i < nstages; i++) {
-        if (pipeline) {
-            lua_geti(L, spec, i + 1);
-            argvs[i] = build_argv(L, -1, i + 1); /* stage array anchor stay on the stack */
-        } else {
-            argvs[i] = build_argv(L, spec, 1);
-        }
-    }
-
-    /* pipes: the parent's ends are non-blocking and close-on-exec */
-    int out_pipe[2] = {-1, -1}, err_pipe[2] = {-1, -1}, in_pipe[2] = {-1, -1}, errp[2];
-    if ((p->out.mode == OUT_CAPTURE || p->out.mode == OUT_LINES) && pipe2(out_pipe, O_CLOEXEC) < 0)
-        goto sys_fail;
-    if ((p->err.mode == OUT_CAPTURE || p->err.mode == OUT_LINES) && pipe2(err_pipe, O_CLOEXEC) < 0)
-        goto sys_fail;
-    if (in_mode == 2 && pipe2(in_pipe, O_CLOEXEC) < 0)
-        goto sys_fail;
-    if (pipe2(errp, O_CLOEXEC) < 0)
-        goto sys_fail;
-
-    p->stages = calloc((size_t)nstages, sizeof(Stage));
+    /* allocated before any descriptor is opened: running out of memory here leaks nothing */
+    p->stages = calloc((size_t)s->nstages, sizeof(Stage));
     if (p->stages == NULL)
-        return luaL_error(L, "out of memory");
-    p->nstages = 0;
-    p->closed = 0; /* from here on the closer owns what was opened */
-    p->out.fd = out_pipe[0];
-    p->err.fd = err_pipe[0];
-    p->in_fd = in_pipe[1];
+        luaL_error(L, "out of memory");
+}
 
-    int prev_read = -1;
-    for (int i = 0; i < nstages; i++) {
-        int link[2] = {-1, -1};
-        if (i < nstages - 1 && pipe2(link, O_CLOEXEC) < 0) {
-            close_fd(&prev_read);
-            goto spawn_fail_errno;
+/* Opens what one output stream gives the child (a file, /dev/null, a dup of an
+ * io file) into *child. Returns 0, or -1 with errno set. */
+static int open_output(const OutSpec *o, int *child) {
+    if (o->mode == OUT_FILE && o->path != NULL) {
+        int flags = O_WRONLY | O_CREAT | O_CLOEXEC | (o->append ? O_APPEND : O_TRUNC);
+        *child = open(o->path, flags, 0640);
+    } else if (o->mode == OUT_FILE) {
+        fflush(o->file);
+        *child = fcntl(fileno(o->file), F_DUPFD_CLOEXEC, 3);
+    } else if (o->mode == OUT_NULL) {
+        *child = open("/dev/null", O_WRONLY | O_CLOEXEC);
+    } else {
+        return 0;
+    }
+    return *child < 0 ? -1 : 0;
+}
+
+/* Raises the error of an output stream that could not be opened. */
+static int output_error(lua_State *L, const OutSpec *o, const char *key, int err) {
+    if (o->path != NULL)
+        return luaL_error(L, "cannot open %s for %s: %s", o->path, key, strerror(err));
+    if (o->mode == OUT_NULL)
+        return luaL_error(L, "cannot open /dev/null: %s", strerror(err));
+    return luaL_error(L, "cannot duplicate the file given as %s: %s", key, strerror(err));
+}
+
+static int wants_pipe(int mode) {
+    return mode == OUT_CAPTURE || mode == OUT_LINES;
+}
+
+/* Step 2: opens every descriptor the children need into p->io. When one
+ * cannot be opened, everything opened so far is closed first; then a file the
+ * spec names raises (as a bad spec does) and a failing pipe2 pushes nil, err
+ * and returns 2. Returns 0 when all is open. */
+static int open_stdio(lua_State *L, Process *p, const Spec *s) {
+    Stdio *io = &p->io;
+    if (open_output(&s->out, &io->out_child) < 0) {
+        int e = errno;
+        stdio_close(io);
+        return output_error(L, &s->out, "stdout", e);
+    }
+    if (open_output(&s->err, &io->err_child) < 0) {
+        int e = errno;
+        stdio_close(io);
+        return output_error(L, &s->err, "stderr", e);
+    }
+    if (s->in_mode == IN_FILE || s->in_mode == IN_NULL) {
+        io->in_child = open(s->in_path ? s->in_path : "/dev/null", O_RDONLY | O_CLOEXEC);
+        if (io->in_child < 0) {
+            int e = errno;
+            stdio_close(io);
+            if (s->in_path == NULL)
+                return luaL_error(L, "cannot open /dev/null: %s", strerror(e));
+            return luaL_error(L, "cannot open %s for stdin: %s", s->in_path, strerror(e));
         }
+    }
+    /* pipes: the parent's ends are close-on-exec (and made non-blocking later) */
+    if ((wants_pipe(s->out.mode) && pipe2(io->out_pipe, O_CLOEXEC) < 0) ||
+        (wants_pipe(s->err.mode) && pipe2(io->err_pipe, O_CLOEXEC) < 0) ||
+        (s->in_mode == IN_DATA && pipe2(io->in_pipe, O_CLOEXEC) < 0) ||
+        pipe2(io->exec_pipe, O_CLOEXEC) < 0) {
+        int e = errno;
+        stdio_close(io);
+        return migrun_error_return(L, "spawn", NULL, NULL,
+                                   lua_pushfstring(L, "cannot create pipes: %s", strerror(e)));
+    }
+    return 0;
+}
+
+static void child_fail(int errfd, int stage, const char *what) {
+    ExecFailure f = {errno, stage, {0}};
+    strncpy(f.what, what, sizeof f.what - 1);
+    ssize_t w = write(errfd, &f, sizeof f);
+    (void)w;
+    _exit(127);
+}
+
+/* In the child of stage i: wires up the descriptors and execs; never returns. */
+static void exec_stage(Process *p, const Spec *s, int i, pid_t parent_pid) {
+    /* only async-signal-safe calls from here */
+    Stdio *io = &p->io;
+    setpgid(0, i == 0 ? 0 : p->pgid);
+    if (s->die_with_parent) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (getppid() != parent_pid) /* the parent died before prctl */
+            _exit(127);
+    }
+    signal(SIGPIPE, SIG_DFL);
+    signal(SIGINT, SIG_DFL);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    int fd_in = i == 0 ? (s->in_mode == IN_DATA ? io->in_pipe[0] : io->in_child) : io->prev_read;
+    int fd_out = i < s->nstages - 1        ? io->link[1]
+                 : wants_pipe(s->out.mode) ? io->out_pipe[1]
+                                           : io->out_child;
+    int fd_err = wants_pipe(s->err.mode) ? io->err_pipe[1] : io->err_child;
+    if (fd_in >= 0 && dup2(fd_in, 0) < 0)
+        child_fail(io->exec_pipe[1], i, "dup2");
+    if (fd_out >= 0 && dup2(fd_out, 1) < 0)
+        child_fail(io->exec_pipe[1], i, "dup2");
+    if (s->err.mode == OUT_MERGE) {
+        if (dup2(1, 2) < 0)
+            child_fail(io->exec_pipe[1], i, "dup2");
+    } else if (fd_err >= 0 && dup2(fd_err, 2) < 0) {
+        child_fail(io->exec_pipe[1], i, "dup2");
+    }
+    if (s->cwd && chdir(s->cwd) < 0)
+        child_fail(io->exec_pipe[1], i, "chdir");
+    environ = s->envp;
+    execvp(s->argvs[i][0], s->argvs[i]);
+    child_fail(io->exec_pipe[1], i, "exec");
+}
+
+/* fork or pipe2 failed with err: stops what was started, pushes nil, err. */
+static int spawn_failed(lua_State *L, Process *p, const Spec *s, int err) {
+    process_release(NULL, p); /* kills the stages already started, closes p->io */
+    const char *prog = s->argvs[0][0];
+    const char *msg = lua_pushfstring(L, "cannot start %s: %s", prog, strerror(err));
+    return migrun_error_return(L, "spawn", prog, NULL, msg);
+}
+
+/* Step 3: forks and execs every stage. Leaves the handle (returns 1) or nil,
+ * err (returns 2) on top of the stack. */
+static int fork_exec(lua_State *L, Process *p, const Spec *s, int ud) {
+    Stdio *io = &p->io;
+    pid_t parent_pid = getpid();
+    p->closed = 0; /* from here on the closer also kills and reaps what was started */
+    p->nstages = 0;
+    for (int i = 0; i < s->nstages; i++) {
+        if (i < s->nstages - 1 && pipe2(io->link, O_CLOEXEC) < 0)
+            goto spawn_fail_errno;
         pid_t pid = fork();
-        if (pid < 0) {
-            close_fd(&prev_read);
-            close_fd(&link[0]);
-            close_fd(&link[1]);
+        if (pid < 0)
             goto spawn_fail_errno;
-        }
-        if (pid == 0) {
-            /* child: only async-signal-safe calls from here */
-            setpgid(0, i == 0 ? 0 : p->pgid);
-            if (die_with_parent) {
-                prctl(PR_SET_PDEATHSIG, SIGKILL);
-                if (getppid() != parent_pid) /* the parent died before prctl */
-                    _exit(127);
-            }
-            signal(SIGPIPE, SIG_DFL);
-            signal(SIGINT, SIG_DFL);
-            sigset_t none;
-            sigemptyset(&none);
-            sigprocmask(SIG_SETMASK, &none, NULL);
-            int fd_in = i == 0 ? (in_mode == 2 ? in_pipe[0] : in_child) : prev_read;
-            int fd_out = i < nstages - 1 ? link[1]
-                         : p->out.mode == OUT_CAPTURE || p->out.mode == OUT_LINES ? out_pipe[1]
-                                                                                  : p->out.child_fd;
-            int fd_err = p->err.mode == OUT_CAPTURE || p->err.mode == OUT_LINES ? err_pipe[1]
-                                                                                : p->err.child_fd;
-            if (fd_in >= 0 && dup2(fd_in, 0) < 0)
-                child_fail(errp[1], i, "dup2");
-            if (fd_out >= 0 && dup2(fd_out, 1) < 0)
-                child_fail(errp[1], i, "dup2");
-            if (p->err.mode == OUT_MERGE) {
-                if (dup2(1, 2) < 0)
-                    child_fail(errp[1], i, "dup2");
-            } else if (fd_err >= 0 && dup2(fd_err, 2) < 0) {
-                child_fail(errp[1], i, "dup2");
-            }
-            if (cwd && chdir(cwd) < 0)
-                child_fail(errp[1], i, "chdir");
-            environ = envp;
-            execvp(argvs[i][0], argvs[i]);
-            child_fail(errp[1], i, "exec");
-        }
+        if (pid == 0)
+            exec_stage(p, s, i, parent_pid);
         if (i == 0)
             p->pgid = pid;
         setpgid(pid, p->pgid); /* also in the parent: no race with kill(-pgid) */
         p->stages[i].pid = pid;
         p->stages[i].pidfd = pidfd_open(pid);
         p->nstages = i + 1;
-        close_fd(&prev_read);
-        close_fd(&link[1]);
-        prev_read = link[0];
+        close_fd(&io->prev_read);
+        close_fd(&io->link[1]);
+        io->prev_read = io->link[0];
+        io->link[0] = -1;
     }
-    close_fd(&out_pipe[1]);
-    close_fd(&err_pipe[1]);
-    close_fd(&in_pipe[0]);
-    close_fd(&in_child);
-    close_fd(&p->out.child_fd);
-    close_fd(&p->err.child_fd);
-    close_fd(&errp[1]);
+    /* the parent's ends go to the handle; the children's ends are closed */
+    p->out.fd = io->out_pipe[0];
+    p->err.fd = io->err_pipe[0];
+    p->in_fd = io->in_pipe[1];
+    io->out_pipe[0] = io->err_pipe[0] = io->in_pipe[1] = -1;
+    int exec_read = io->exec_pipe[0];
+    io->exec_pipe[0] = -1;
+    stdio_close(io);
 
     /* did every exec succeed? the error pipe closes on exec, or carries errno */
     ExecFailure f;
     ssize_t got;
     do
-        got = read(errp[0], &f, sizeof f);
+        got = read(exec_read, &f, sizeof f);
     while (got < 0 && errno == EINTR);
-    close(errp[0]);
+    close(exec_read);
     if (p->out.fd >= 0)
         fcntl(p->out.fd, F_SETFL, O_NONBLOCK);
     if (p->err.fd >= 0)
@@ -916,11 +1037,12 @@ static int start(lua_State *L, int spec, int pipeline) {
         fcntl(p->in_fd, F_SETFL, O_NONBLOCK);
     if (got == (ssize_t)sizeof f) {
         process_release(NULL, p);
-        const char *prog = argvs[f.stage][0];
-        const char *msg = strcmp(f.what, "chdir") == 0
-            ? lua_pushfstring(L, "cannot run %s: cannot change directory to %s: %s", prog, cwd,
-                              strerror(f.err))
-            : lua_pushfstring(L, "cannot run %s: %s", prog, strerror(f.err));
+        const char *prog = s->argvs[f.stage][0];
+        const char *msg =
+            strcmp(f.what, "chdir") == 0
+                ? lua_pushfstring(L, "cannot run %s: cannot change directory to %s: %s", prog,
+                                  s->cwd, strerror(f.err))
+                : lua_pushfstring(L, "cannot run %s: %s", prog, strerror(f.err));
         migrun_error_return(L, "spawn", NULL, NULL, msg);
         migrun_setfield(L, -1, "program", prog);
         lua_pushinteger(L, f.err);
@@ -933,32 +1055,51 @@ static int start(lua_State *L, int spec, int pipeline) {
     active_add(L, p, ud);
     return 1;
 
-spawn_fail_errno: {
-    int e = errno;
-    close_fd(&out_pipe[1]);
-    close_fd(&err_pipe[1]);
-    close_fd(&in_pipe[0]);
-    close_fd(&in_child);
-    close_fd(&errp[0]);
-    close_fd(&errp[1]);
-    process_release(NULL, p);
-    return migrun_error_return(L, "spawn", argvs[0][0], NULL,
-                               lua_pushfstring(L, "cannot start %s: %s", argvs[0][0], strerror(e)));
+spawn_fail_errno:
+    return spawn_failed(L, p, s, errno);
 }
-sys_fail: {
-    int e = errno;
-    close_fd(&out_pipe[0]);
-    close_fd(&out_pipe[1]);
-    close_fd(&err_pipe[0]);
-    close_fd(&err_pipe[1]);
-    close_fd(&in_pipe[0]);
-    close_fd(&in_pipe[1]);
-    close_fd(&in_child);
-    close_fd(&p->out.child_fd);
-    close_fd(&p->err.child_fd);
-    return migrun_error_return(L, "spawn", NULL, NULL,
-                               lua_pushfstring(L, "cannot create pipes: %s", strerror(e)));
-}
+
+/*
+ * Starts a Process from spec at idx: either one argv (spec[1] is a string) or
+ * a pipeline (spec[1] is a table). Pushes the handle or nil, err.
+ */
+static int start(lua_State *L, int spec, int pipeline) {
+    luaL_checktype(L, spec, LUA_TTABLE);
+    Spec s;
+    s.nstages = 1;
+    if (pipeline) {
+        lua_Integer n = luaL_len(L, spec);
+        if (n < 1)
+            return luaL_error(L, "pipeline needs at least one stage");
+        if (n > INT_MAX / 8) /* parse_spec checks the stack has room for them all */
+            return luaL_error(L, "too many pipeline stages");
+        s.nstages = (int)n;
+        for (int i = 1; i <= s.nstages; i++)
+            if (lua_geti(L, spec, i) != LUA_TTABLE)
+                return luaL_error(L, "pipeline stage %d is not an argv table", i);
+            else
+                lua_pop(L, 1);
+    } else if (lua_geti(L, spec, 1) != LUA_TSTRING) {
+        return luaL_error(L, "spawn expects {\"program\", args..., options}, got %s as the program",
+                          luaL_typename(L, -1));
+    } else {
+        lua_pop(L, 1);
+    }
+
+    /* the handle is born closed, with its metatable, before anything is opened */
+    Process *p = lua_newuserdatauv(L, sizeof *p, UV_COUNT); /* ud */
+    memset(p, 0, sizeof *p);
+    p->closed = 1;
+    p->in_fd = p->out.fd = p->err.fd = -1;
+    stdio_init(&p->io);
+    p->failed_stage = -1;
+    luaL_setmetatable(L, PROC_MT);
+    int ud = lua_gettop(L);
+
+    parse_spec(L, spec, pipeline, ud, &s);
+    if (open_stdio(L, p, &s) != 0)
+        return 2; /* nil, err */
+    return fork_exec(L, p, &s, ud);
 }
 
 /* proc.spawn{ argv..., env=, cwd=, stdin=, stdout=, stderr= } -> handle | nil, err */
@@ -975,7 +1116,7 @@ static int proc_pipeline(lua_State *L) {
 static int wait_for(lua_State *L, Process **ps, int n, double timeout, int *which) {
     if (in_callback)
         luaL_error(L, "cannot wait from inside an output callback");
-    double deadline = timeout >= 0 ? now_s() + timeout : -1;
+    double deadline = timeout >= 0 ? migrun_monotonic() + timeout : -1;
     for (;;) {
         for (int i = 0; i < n; i++)
             if (ps[i]->finished) {
@@ -984,7 +1125,7 @@ static int wait_for(lua_State *L, Process **ps, int n, double timeout, int *whic
             }
         int ms = -1;
         if (deadline >= 0) {
-            double left = deadline - now_s();
+            double left = deadline - migrun_monotonic();
             if (left <= 0)
                 return 0;
             ms = (int)(left * 1000) + 1;
@@ -1166,7 +1307,54 @@ static int proc_run(lua_State *L) {
     return 5;
 }
 
+/* proc.withhold{ "NAME", ... }: from now on no child inherits these
+ * environment variables (a secret the run holds, such as the AWS secret key,
+ * stays out of pg_dump's environment); a spec's env = { NAME = value } still
+ * passes one on purpose. proc.withheld() -> the sorted names. */
+static int proc_withhold(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    if (lua_getfield(L, LUA_REGISTRYINDEX, WITHHELD_KEY) == LUA_TNIL) {
+        lua_pop(L, 1);
+        lua_newtable(L);
+        lua_pushvalue(L, -1);
+        lua_setfield(L, LUA_REGISTRYINDEX, WITHHELD_KEY);
+    } /* names withheld */
+    lua_Integer n = luaL_len(L, 1);
+    for (lua_Integer i = 1; i <= n; i++) {
+        lua_geti(L, 1, i);
+        const char *name = luaL_checkstring(L, -1);
+        luaL_argcheck(L, *name != '\0' && strchr(name, '=') == NULL, 1,
+                      "environment variable names expected");
+        lua_pushboolean(L, 1);
+        lua_rawset(L, -3);
+    }
+    return 0;
+}
+
+static int proc_withheld(lua_State *L) {
+    lua_newtable(L); /* list */
+    if (lua_getfield(L, LUA_REGISTRYINDEX, WITHHELD_KEY) == LUA_TNIL) {
+        lua_pop(L, 1);
+        return 1;
+    }
+    lua_Integer k = 0;
+    lua_pushnil(L);
+    while (lua_next(L, -2)) { /* list withheld name true */
+        lua_pop(L, 1);
+        lua_pushvalue(L, -1);
+        lua_rawseti(L, -4, ++k);
+    }
+    lua_pop(L, 1);
+    lua_getglobal(L, "table");
+    lua_getfield(L, -1, "sort");
+    lua_pushvalue(L, -3);
+    lua_call(L, 1, 0);
+    lua_pop(L, 1);
+    return 1;
+}
+
 int luaopen_migrun_proc(lua_State *L) {
+    /* clang-format off */
     static const luaL_Reg methods[] = {
         {"wait", proc_wait},
         {"kill", proc_kill},
@@ -1188,8 +1376,11 @@ int luaopen_migrun_proc(lua_State *L) {
         {"run", proc_run},
         {"wait_any", proc_wait_any},
         {"quote", proc_quote},
+        {"withhold", proc_withhold},
+        {"withheld", proc_withheld},
         {NULL, NULL},
     };
+    /* clang-format on */
     /* a child that exits before reading its stdin must not kill migrun */
     signal(SIGPIPE, SIG_IGN);
     luaL_newmetatable(L, PROC_MT);

@@ -23,7 +23,7 @@
 
 #include <editline/readline.h>
 
-#include "migrun.h"
+#include "migrun_internal.h"
 
 #define EOFMARK "<eof>"
 #define HISTORY_MAX 1000
@@ -108,10 +108,10 @@ static int complete_call(lua_State *L) {
     const char *word = lua_touserdata(L, 1);
     lua_getglobal(L, "require");
     lua_pushliteral(L, "migrun.repl.complete");
-    lua_call(L, 1, 1);                    /* complete */
-    lua_getfield(L, -1, "complete");      /* complete fn */
-    lua_pushstring(L, word);              /* complete fn word */
-    lua_call(L, 1, 1);                    /* complete list */
+    lua_call(L, 1, 1);               /* complete */
+    lua_getfield(L, -1, "complete"); /* complete fn */
+    lua_pushstring(L, word);         /* complete fn word */
+    lua_call(L, 1, 1);               /* complete list */
     return 1;
 }
 
@@ -254,7 +254,8 @@ static int try_statements(lua_State *L) {
             return status;
         }
         int r = read_line(L, 0); /* chunk line */
-        if (r == LINE_EOF) { /* as lua.c: report the unfinished chunk */
+        if (r == LINE_EOF) {
+            /* as lua.c: report the unfinished chunk */
             chunk = lua_tolstring(L, 1, &len);
             status = luaL_loadbuffer(L, chunk, len, "=stdin"); /* chunk msg */
             lua_remove(L, 1);

@@ -3,18 +3,30 @@
 #   unit  no server: pure Lua and pure C (make test-unit, seconds)
 #   lab   starts its own PostgreSQL lab (and maybe the DMS emulator)
 #   e2e   a whole rehearsal: lab, emulator, workload, playbooks run as a team runs them
+#   faults  the fault campaign (kills at every step, DMS faults): make test-faults
 # Each lab picks free ports and its own directory, so specs run in parallel
 # (ctest -j); an e2e spec counts as two processors so that two of them at most
 # share a 2-core machine with the lighter ones; the longest start first (COST,
 # until ctest has timings of its own).
 find_program(BUSTED_RUNNER busted PATHS /usr/bin REQUIRED)
+# The sanitizer build's migrun.so needs the sanitizer runtimes preloaded into
+# a stock interpreter (tests/spec/lua_module_spec.lua passes them as LD_PRELOAD).
+set(MIGRUN_SANITIZE_PRELOAD "")
+if(MIGRUN_SANITIZE)
+  foreach(lib IN ITEMS libasan.so libubsan.so)
+    execute_process(COMMAND ${CMAKE_C_COMPILER} -print-file-name=${lib}
+      OUTPUT_VARIABLE path OUTPUT_STRIP_TRAILING_WHITESPACE)
+    list(APPEND MIGRUN_SANITIZE_PRELOAD ${path})
+  endforeach()
+  string(REPLACE ";" ":" MIGRUN_SANITIZE_PRELOAD "${MIGRUN_SANITIZE_PRELOAD}")
+endif()
 file(GLOB MIGRUN_SPECS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/spec/*_spec.lua)
-set(MIGRUN_UNIT_SPECS aws_credentials cli config dms_builders dms_client groups host_os host layers
-    lsn playbook_cli pretty proc repl sigv4 text)
+set(MIGRUN_UNIT_SPECS aws_credentials cli config dms_builders dms_client embed groups host_os host
+    host_sleep interrupt layers lsn lua_module playbook_cli pretty proc repl sigv4 text)
 # watching a migration (issue 13): no server either
 list(APPEND MIGRUN_UNIT_SPECS live metrics notify report_html status)
 set(MIGRUN_TEST_ENV
-  "MIGRUN_BIN=$<TARGET_FILE:migrun>;MIGRUN_SOURCE_DIR=${CMAKE_SOURCE_DIR};MIGRUN_SANITIZE=$<IF:$<BOOL:${MIGRUN_SANITIZE}>,1,0>")
+  "MIGRUN_BIN=$<TARGET_FILE:migrun>;MIGRUN_SOURCE_DIR=${CMAKE_SOURCE_DIR};MIGRUN_SANITIZE=$<IF:$<BOOL:${MIGRUN_SANITIZE}>,1,0>;MIGRUN_MODULE=$<TARGET_FILE:migrun_module>;MIGRUN_EXAMPLE=$<TARGET_FILE:migrun_embed>;MIGRUN_SANITIZE_PRELOAD=${MIGRUN_SANITIZE_PRELOAD}")
 foreach(spec IN LISTS MIGRUN_SPECS)
   get_filename_component(name ${spec} NAME_WE)
   string(REGEX REPLACE "_spec$" "" short ${name})
@@ -22,6 +34,10 @@ foreach(spec IN LISTS MIGRUN_SPECS)
     set(label unit)
     set(processors 1)
     set(cost 1)
+  elseif(name MATCHES "^faults_")
+    set(label faults)
+    set(processors 2)
+    set(cost 1000)
   elseif(name MATCHES "^e2e_")
     set(label e2e)
     set(processors 2)
@@ -45,3 +61,21 @@ add_test(NAME luacheck
   COMMAND ${LUACHECK} --no-color --codes lua playbooks tools bench tests
   WORKING_DIRECTORY ${CMAKE_SOURCE_DIR})
 set_tests_properties(luacheck PROPERTIES LABELS unit)
+
+# The C follows .clang-format: clang-format reports every line that differs.
+# Debian 12's clang-format is version 14; other versions lay some lines out
+# differently, so the versioned name is preferred.
+find_program(CLANG_FORMAT NAMES clang-format-14 clang-format)
+file(GLOB MIGRUN_C_FORMATTED CONFIGURE_DEPENDS
+  ${CMAKE_SOURCE_DIR}/runtime/*.c ${CMAKE_SOURCE_DIR}/runtime/*.h
+  ${CMAKE_SOURCE_DIR}/runtime/include/*.h ${CMAKE_SOURCE_DIR}/examples/*.c)
+if(CLANG_FORMAT)
+  add_test(NAME clang_format
+    COMMAND ${CLANG_FORMAT} --dry-run --Werror ${MIGRUN_C_FORMATTED}
+    WORKING_DIRECTORY ${CMAKE_SOURCE_DIR})
+else()
+  add_test(NAME clang_format
+    COMMAND ${CMAKE_COMMAND} -E echo "clang-format is not installed (tools/install-deps installs it)")
+  set_tests_properties(clang_format PROPERTIES WILL_FAIL ON)
+endif()
+set_tests_properties(clang_format PROPERTIES LABELS unit)

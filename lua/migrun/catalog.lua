@@ -9,8 +9,8 @@ catalog queries and SELECTs, never a write. Works on PostgreSQL 9.6 and later.
 
 catalog.tables(db, { schemas = {...} | nil, exclude = {"s.t", ...} }) -> list | nil, err
     The tables to migrate, largest first (bytes, then "s.t"). schemas nil: every
-    schema except the system ones; pglogical, information_schema and pg_* are
-    never listed. A listed schema that does not exist is an error (a typo would
+    schema except the system ones; pglogical, information_schema, pg_* and
+    migrun (migrun.fence) are never listed. A listed schema that does not exist is an error (a typo would
     otherwise migrate nothing). Each table:
       schema, name, qualified ('"s"."t"'), key ("s.t", the config spelling),
       bytes (pg_total_relation_size: heap, TOAST and indexes), table_bytes
@@ -41,7 +41,7 @@ catalog.measure_lobs(db, tables, { on_progress = fn(done, total, "s.t") }) -> ta
 
 catalog.write_rates(db, tables, seconds, sleep_fn) -> tables | nil, err
     Two samples of pg_stat_user_tables `seconds` apart (default 10; sleep_fn
-    default migrun.aws.sleep); each table gets write_rate = { inserts, updates,
+    default host.sleep); each table gets write_rate = { inserts, updates,
     deletes, total } per second. On the primary: a standby has no such counters.
 
 catalog.constraints_and_indexes(db, tables) -> { {table = "s.t", kind = "index" |
@@ -74,7 +74,8 @@ local text = require "migrun.text"
 
 local catalog = {}
 
-local SYSTEM_SCHEMAS = { pg_catalog = true, information_schema = true, pglogical = true }
+-- migrun: migrun's own (migrun.fence), on the source and the target alike
+local SYSTEM_SCHEMAS = { pg_catalog = true, information_schema = true, pglogical = true, migrun = true }
 
 local function is_system_schema(s)
   return SYSTEM_SCHEMAS[s] or s:match("^pg_") ~= nil
@@ -409,7 +410,7 @@ function catalog.write_rates(db, tables, seconds, sleep_fn)
   assert(db and db.query, "catalog.write_rates: a Db expected")
   seconds = seconds or 10
   assert(type(seconds) == "number" and seconds > 0, "catalog.write_rates: seconds > 0 expected")
-  sleep_fn = sleep_fn or require("migrun.aws").sleep
+  sleep_fn = sleep_fn or require("migrun.host").sleep
   local clock = require("migrun.host").monotonic
   local first, err = stat_sample(db)
   if not first then return nil, err end

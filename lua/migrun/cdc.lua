@@ -16,19 +16,21 @@ tasks carry identifiers derived from the migration's name and the slot
   local tasks = assert(cdc.ensure_tasks(client, groups, eps, { name=, instance_arn=, start_lsn=, task= }))
   assert(cdc.start_tasks(client, groups, tasks, { pause = 5, sleep = fn, say = fn }))
   local st = assert(cdc.status(client, groups, tasks, { source = Db, target = Db, control_schema = }))
+  local st = assert(cdc.watch(client, groups, tasks, { source =, target =, lag_bytes =, ... }))
+  local w = assert(cdc.wait_applied(source, target, { "dms_slot_01", ... }, { timeout =, sleep = }))
   cdc.find_task(client, id), cdc.stop_task(client, arn), cdc.delete_task(client, arn),
   cdc.delete_endpoint(client, id): what a restart takes down (see each below).
 
-Endpoint passwords come from the conninfo, PGPASSWORD or the passfile libpq
-would use (the conninfo's passfile, PGPASSFILE, ~/.pgpass), in that order; they
-travel only in the CreateEndpoint body, which the DMS client masks in its log.
+Endpoint settings are what libpq resolved when migrun logged in (conninfo,
+PG* variables, passfile); passwords travel only in the CreateEndpoint body,
+which the DMS client masks in its log.
 ]]
 local pg = require "migrun.pg"
-local lsn = require "migrun.lsn"
 local host = require "migrun.host"
 local errors = require "migrun.error"
 local builders = require "migrun.dms.builders"
 local text = require "migrun.text"
+local fence = require "migrun.fence"
 
 local cdc = {}
 
@@ -36,75 +38,23 @@ local cdc = {}
 -- Endpoint connection settings from a conninfo
 ---------------------------------------------------------------------------
 
--- One field of a .pgpass line: ':' separates, '\' escapes.
-local function pgpass_fields(line)
-  local fields, cur, i = {}, {}, 1
-  while i <= #line do
-    local c = line:sub(i, i)
-    if c == "\\" and i < #line then
-      cur[#cur + 1] = line:sub(i + 1, i + 1)
-      i = i + 1
-    elseif c == ":" and #fields < 4 then
-      fields[#fields + 1] = table.concat(cur)
-      cur = {}
-    else
-      cur[#cur + 1] = c
-    end
-    i = i + 1
-  end
-  fields[#fields + 1] = table.concat(cur)
-  return fields
-end
-
--- The password libpq would take from a passfile for host/port/dbname/user.
-function cdc.passfile_lookup(path, host, port, dbname, user)
-  local f = path and io.open(path, "r")
-  if not f then return nil end
-  local want = { host, tostring(port), dbname, user }
-  for line in f:lines() do
-    if not line:match("^%s*#") and line:match("%S") then
-      local fl = pgpass_fields(line)
-      local match = #fl == 5
-      for k = 1, 4 do
-        if match and fl[k] ~= "*" and fl[k] ~= want[k] then match = false end
-      end
-      if match then
-        f:close()
-        return fl[5]
-      end
-    end
-  end
-  f:close()
-  return nil
-end
-
---[[ cdc.endpoint_settings(conninfo, overrides, env) -> { host, port, dbname,
+--[[ cdc.endpoint_settings(conninfo, overrides) -> { host, port, dbname,
      user, password, ssl_mode } | nil, err
-     env: a getenv function (default os.getenv). The error never holds the
-     password. ]]
-function cdc.endpoint_settings(conninfo, overrides, getenv)
-  getenv = getenv or os.getenv
+     What libpq itself resolved for that conninfo (its defaults, PG*
+     variables and passfile, by its own rules): a short connection is made and
+     asked (PQhost, PQport, PQdb, PQuser, PQpass), so DMS logs in exactly as
+     migrun does. The error never holds the password. ]]
+function cdc.endpoint_settings(conninfo, overrides)
   local p, err = pg.conninfo_parse(conninfo)
   if not p then return nil, err end
-  local s = {
-    host = p.host or p.hostaddr or getenv("PGHOST") or "localhost",
-    port = tonumber(p.port or getenv("PGPORT") or 5432),
-    dbname = p.dbname or getenv("PGDATABASE"),
-    user = p.user or getenv("PGUSER"),
-    ssl_mode = p.sslmode,
-  }
-  s.dbname = s.dbname or s.user
-  s.password = p.password or getenv("PGPASSWORD")
-  if not s.password then
-    local home = getenv("HOME")
-    local passfile = p.passfile or getenv("PGPASSFILE") or (home and home .. "/.pgpass")
-    s.password = cdc.passfile_lookup(passfile, s.host, s.port, s.dbname, s.user)
-  end
+  local conn
+  conn, err = pg.connect(conninfo, { name = "endpoint check" })
+  if not conn then return nil, err end
+  local info = conn:info()
+  local s = { host = info.host, port = tonumber(info.port), dbname = info.dbname, user = info.user,
+              password = conn:password(), ssl_mode = p.sslmode }
+  conn:close()
   for k, v in pairs(overrides or {}) do s[k] = v end
-  if not s.user then
-    return nil, errors.new{ kind = "config", where = "dms endpoint",
-      message = "no user name for the DMS endpoint", hint = "give user= in the conninfo" }
-  end
   if s.host:sub(1, 1) == "/" then
     return nil, errors.new{ kind = "config", where = "dms endpoint",
       message = ("host %s is a Unix socket directory; DMS connects over TCP"):format(s.host),
@@ -206,7 +156,8 @@ end
      opts: name, instance_arn, start_lsn (migrun.lsn or text), task = config.dms.task
      ({ batch_apply =, lob_max_kb =, control_schema = }), ready_timeout.
      A task that exists is reused as it is: DMS cannot move a task's start
-     position, and a task already running must not be disturbed. ]]
+     position, and a task already running must not be disturbed. Every task's
+     table mappings select migrun.fence too (migrun.fence: how waits end). ]]
 function cdc.ensure_tasks(client, groups, endpoints, opts)
   local out = { created = {}, reused = {} }
   local created_arns = {}
@@ -219,8 +170,11 @@ function cdc.ensure_tasks(client, groups, endpoints, opts)
       out[g.slot] = found.ReplicationTaskArn
       out.reused[#out.reused + 1] = id
     else
-      local group = setmetatable({ batch_apply = task_opts.batch_apply, lob_max_kb = task_opts.lob_max_kb },
-        { __index = g })
+      -- the task applies its slot's fence rows into the target's migrun.fence
+      local with_fence = table.move(g.tables, 1, #g.tables, 1, {})
+      with_fence[#with_fence + 1] = fence.table_entry()
+      local group = setmetatable({ batch_apply = task_opts.batch_apply, lob_max_kb = task_opts.lob_max_kb,
+        tables = with_fence }, { __index = g })
       local params = builders.replication_task(group, {
         identifier = id,
         source_endpoint_arn = endpoints.source[g.slot],
@@ -415,11 +369,12 @@ function cdc.status(client, groups, tasks, opts)
   return out
 end
 
--- How many tasks of a status run with their slot less than lag_bytes behind.
+-- How many tasks of a status run and have caught up: their slot is less than
+-- lag_bytes behind, or (cdc.watch) they have applied a fence written during the watch.
 function cdc.caught_up(st, lag_bytes)
   local n = 0
   for _, r in ipairs(st.rows) do
-    if r.status == "running" and r.lag_bytes and r.lag_bytes < lag_bytes then n = n + 1 end
+    if r.status == "running" and (r.fenced or (r.lag_bytes and r.lag_bytes < lag_bytes)) then n = n + 1 end
   end
   return n
 end
@@ -429,22 +384,56 @@ function cdc.status_table(st)
   local rows = {}
   for _, r in ipairs(st.rows) do
     rows[#rows + 1] = { r.slot, r.task, r.status, text.bytes(r.lag_bytes), r.confirmed_flush_lsn,
-      r.applied_at and tostring(r.applied_at) or "-", tostring(r.exceptions) }
+      r.applied_at and tostring(r.applied_at) or "-", tostring(r.exceptions), r.fenced and "applied" or "-" }
   end
-  return { "slot", "task", "status", "lag", "confirmed flush", "applied up to", "apply exceptions" }, rows
+  return { "slot", "task", "status", "lag", "confirmed flush", "applied up to", "apply exceptions", "fence" }, rows
 end
 
 --[[ cdc.watch(client, groups, tasks, opts) -> status | nil, err
-     Polls cdc.status until every task runs and every slot lags less than
-     opts.lag_bytes. A failed or stopped task ends the watch with an error
-     naming the slot and what DMS said; opts.timeout bounds it. opts: the
-     cdc.status options plus lag_bytes, timeout, poll, sleep(seconds),
-     on_status(status) after every poll. ]]
+     Polls cdc.status until every task runs and has caught up: its slot lags
+     less than opts.lag_bytes, or it has applied a fence (migrun.fence)
+     written at most three polls ago (one is written every poll while every
+     task runs and some have not caught up). The lag alone never ends on an
+     idle source whose WAL grows with what no slot decodes (another
+     database's autovacuum): the fence does, within a few polls. A failed or
+     stopped task ends the watch with an error naming the slot and what DMS
+     said; opts.timeout bounds it. opts: the cdc.status options (source and
+     target: the fence is written on the one and seen on the other) plus
+     lag_bytes, timeout, poll, sleep(seconds), on_status(status) after every
+     poll; fence = false leaves fences out (the lag only). Rows of the status
+     get fenced = true once their task applied the fence. ]]
 function cdc.watch(client, groups, tasks, opts)
   local deadline = host.monotonic() + (opts.timeout or 3600)
+  local slots = {}
+  for i, g in ipairs(groups) do slots[i] = g.slot end
+  -- a migration set up before fences existed is watched by the lag alone
+  local fences = not client.dry_run and opts.fence ~= false and opts.target and #slots > 0
+    and fence.check(opts.source, opts.target, slots)
+  -- Fences written during the watch, { seq, at } oldest first. A task has
+  -- caught up by fence when it has applied one written within the last
+  -- `recent` seconds: it is at most that far behind in time, whatever the WAL.
+  local written, poll = {}, opts.poll or 5
+  local recent = math.max(3 * poll, 3)
   while true do
     local st, err = cdc.status(client, groups, tasks, opts)
     if not st then return nil, err end
+    if fences then
+      local now = host.monotonic()
+      while written[1] and now - written[1].at > recent do table.remove(written, 1) end
+      if written[1] then
+        local seen, ferr = fence.seen(opts.target, slots)
+        if not seen then return nil, ferr end
+        for _, r in ipairs(st.rows) do r.fenced = seen[r.slot] >= written[1].seq or nil end
+      end
+      -- one more fence per poll while a running task has not caught up either way
+      local newest = written[#written]
+      if st.all_running and cdc.caught_up(st, opts.lag_bytes or 1024 * 1024) < #st.rows
+          and (not newest or now - newest.at >= poll) then
+        local w, werr = fence.write(opts.source, slots)
+        if not w then return nil, werr end
+        written[#written + 1] = { seq = w.seq, at = now }
+      end
+    end
     if opts.on_status then opts.on_status(st) end
     for _, r in ipairs(st.rows) do
       local s = r.status:lower()
@@ -455,7 +444,9 @@ function cdc.watch(client, groups, tasks, opts)
           status = st }
       end
     end
-    if client.dry_run or (st.all_running and st.max_lag < (opts.lag_bytes or 1024 * 1024)) then return st end
+    if client.dry_run or (st.all_running and cdc.caught_up(st, opts.lag_bytes or 1024 * 1024) == #st.rows) then
+      return st
+    end
     if host.monotonic() > deadline then
       return nil, errors.new{ kind = "timeout", where = "dms catch-up", status = st,
         message = ("the tasks did not catch up within %gs (largest lag %s)"):format(opts.timeout or 3600,
@@ -466,52 +457,36 @@ function cdc.watch(client, groups, tasks, opts)
   end
 end
 
---[[ cdc.wait_applied(source, slots, opts) -> { lsn, slots = { {slot, confirmed_flush_lsn} } } | nil, err
-     Waits until every named slot has confirmed opts.upto (default: the
-     primary's current WAL position now): the tasks have applied everything
-     written up to there. opts: timeout (600), poll (1), sleep(seconds),
-     on_progress(done, total). A vanished slot is an error at once. ]]
-local function applied_error(message, extra)
-  local e = { kind = "cdc", where = "wait applied", message = message }
-  for k, v in pairs(extra or {}) do e[k] = v end
-  return errors.new(e)
-end
-
-function cdc.wait_applied(source, slots, opts)
-  assert(source and source.query, "cdc.wait_applied: a Db expected")
+--[[ cdc.wait_applied(source, target, slots, opts) -> { seq, lsn, written_at, seconds,
+     slots = { {slot, seen, seconds, confirmed_flush_lsn} } } | nil, err
+     The tasks of the named slots have applied everything the source committed
+     before this call: a fence (migrun.fence) is written on the source and
+     waited for on the target, never an LSN (on an idle source a slot's
+     confirmed_flush_lsn may never reach the WAL position: see migrun.fence).
+     The source may be read-only (the fence is written in BEGIN READ WRITE).
+     opts: timeout (600), poll (1), sleep(seconds), on_progress(done, total),
+     hint. A vanished slot is an error at once. In a dry run the fence's
+     statements are shown and { dry_run = true } comes back. ]]
+function cdc.wait_applied(source, target, slots, opts)
+  assert(source and source.query, "cdc.wait_applied: a source Db expected")
+  assert(target and target.query, "cdc.wait_applied: a target Db expected (the fence is seen there)")
   assert(type(slots) == "table", "cdc.wait_applied: a list of slot names expected")
   opts = opts or {}
-  local upto = opts.upto and lsn(tostring(opts.upto))
-  if not upto then
-    local res, err = source:query(("select %s() as l"):format(lsn.names(source.conn:server_version()).current_wal_lsn))
-    if not res then return nil, err end
-    upto = res[1].l
+  local w, err = fence.wait(source, target, slots, { timeout = opts.timeout, poll = opts.poll, sleep = opts.sleep,
+    on_progress = opts.on_progress,
+    hint = opts.hint or "are the tasks running? are writes still going on (cutover.stop_writes)?" })
+  if not w or w.dry_run then return w, err end
+  -- where the slots stand once the fence is seen: for the report only
+  local res
+  res, err = source:query("select slot_name, confirmed_flush_lsn from pg_replication_slots")
+  if not res then return nil, err end
+  local at = {}
+  for r in res:rows() do at[r.slot_name] = r.confirmed_flush_lsn end
+  for _, row in ipairs(w.slots) do
+    local l = at[row.slot]
+    row.confirmed_flush_lsn = (l == nil or rawequal(l, pg.null)) and "none" or tostring(l)
   end
-  local deadline = host.monotonic() + (opts.timeout or 600)
-  while true do
-    local res, err = source:query("select slot_name, confirmed_flush_lsn from pg_replication_slots")
-    if not res then return nil, err end
-    local found = {}
-    for r in res:rows() do found[r.slot_name] = r.confirmed_flush_lsn end
-    local rows, done, behind = {}, 0, {}
-    for _, name in ipairs(slots) do
-      local at = found[name]
-      if at == nil then
-        return nil, applied_error(("replication slot %s no longer exists on the source"):format(name))
-      end
-      local ok = not rawequal(at, pg.null) and at >= upto
-      rows[#rows + 1] = { slot = name, confirmed_flush_lsn = rawequal(at, pg.null) and "none" or tostring(at) }
-      if ok then done = done + 1 else behind[#behind + 1] = name .. " at " .. rows[#rows].confirmed_flush_lsn end
-    end
-    if opts.on_progress then opts.on_progress(done, #slots) end
-    if done == #slots then return { lsn = upto, slots = rows } end
-    if host.monotonic() > deadline then
-      return nil, applied_error(("the tasks have not confirmed %s within %gs: %s")
-        :format(tostring(upto), opts.timeout or 600, table.concat(behind, ", ")),
-        { hint = "are the tasks running? are writes still going on (cutover.stop_writes)?" })
-    end
-    assert(opts.sleep, "cdc.wait_applied: sleep expected")(opts.poll or 1)
-  end
+  return w
 end
 
 

@@ -10,7 +10,7 @@ and changes nothing.
 
   local cutover = require "migrun.cutover"
   local s = assert(cutover.stop_writes(source, cfg.cutover, { sleep =, say =, run_command = }))
-  local w = assert(cutover.wait_applied(source, { "dms_slot_01", ... }, { timeout =, sleep = }))
+  local w = assert(cutover.wait_applied(source, target, { "dms_slot_01", ... }, { timeout =, sleep = }))
   local q = assert(cutover.sync_sequences(source, target, { schemas =, exclude_tables =, margin = 1000 }))
   local t = assert(cutover.stop_tasks(client, groups, tasks, { name =, timeout = }))
   local cl = cutover.checklist{ database =, stop_writes =, tasks =, region = }
@@ -33,11 +33,14 @@ cutover.stop_writes(source, opts) -> { mode, database, terminated = {pids}, wait
     opts: sleep(seconds), poll (default 1), say(line), run_command(argv) ->
     ok, how, code, stdout, stderr.
 cutover.final_lsn(source) -> lsn | nil, err   the primary's current WAL position
-cutover.wait_applied(source, slots, opts) -> { lsn, slots = { {slot, confirmed_flush_lsn} } } | nil, err
-    Waits until every named slot's confirmed_flush_lsn >= opts.upto (default:
-    cutover.final_lsn now): the tasks have applied and confirmed everything
-    the primary wrote up to then. opts: timeout (default 600), poll (1),
-    sleep, on_progress(done, total). A missing slot is an error at once.
+cutover.wait_applied(source, target, slots, opts) -> { seq, lsn, written_at, seconds,
+    slots = { {slot, seen, seconds, confirmed_flush_lsn} } } | nil, err
+    migrun.cdc's: a fence row written on the source (in BEGIN READ WRITE, so
+    a read-only source takes it) and waited for on the target for every
+    named slot: the tasks have applied everything the primary committed
+    before, whether or not anything moves the slots afterwards. opts:
+    timeout (default 600), poll (1), sleep, on_progress(done, total). A
+    missing slot is an error at once; a dry run shows the fence's statements.
 cutover.sequences(db, { schemas =, exclude_tables = }) -> { {schema, name,
     last_value (nil: never used), start_value, increment, min_value,
     max_value, owned_by ("s.t.column" | nil), identity = bool} } | nil, err
@@ -53,7 +56,8 @@ cutover.sync_sequences(source, target, opts) -> { rows = { {sequence, owned_by, 
     caller decides; the playbook stops).
 cutover.count_only(qa_result, {"s.t", ...}) -> qa_result
     In a full qa.compare result, the hash checks of the named tables are
-    judged by their row counts only; differences recounted.
+    judged by their row counts only; differences recounted. A partitioned
+    table named stands for its partitions.
 cutover.stop_tasks(client, groups, tasks, opts) -> { stopped = {slots}, already = {slots} } | nil, err
     StopReplicationTask for every running task, then waits until each is
     stopped (opts.timeout, default 600; opts.poll). opts.say(line).
@@ -192,7 +196,7 @@ function cutover.final_lsn(source)
   return res[1].l
 end
 
--- The slots' confirmation of an LSN is CDC's business: see migrun.cdc.
+-- Proving the tasks have applied everything is CDC's business (a fence): see migrun.cdc.
 cutover.wait_applied = require("migrun.cdc").wait_applied
 
 ---------------------------------------------------------------------------
@@ -310,7 +314,8 @@ function cutover.count_only(result, tables)
   local only = in_list(tables)
   result.differences = 0
   for _, c in ipairs(result.checks) do
-    if only[c.table] and c.method == "hash" and not c.error and type(c.a) == "table" and type(c.b) == "table" then
+    local named = only[c.table] or (c.partition_of and only[c.partition_of])
+    if named and c.method == "hash" and not c.error and type(c.a) == "table" and type(c.b) == "table" then
       c.equal = c.a.rows == c.b.rows
       c.detail = "rows only (cutover.count_only)" .. (c.equal and "" or ": the counts differ")
     end
@@ -368,7 +373,8 @@ function cutover.checklist(info)
     "Writes on the target: make sure the application's role may write there (nothing on the target is read-only).",
     "Verify: the application's smoke tests, its error rate, and a few known rows on the target.",
     "Keep the source as it is (read-only, tasks stopped, slots kept) until the team decides there is no way back.",
-    "Then: drop migrun's slots and pglogical node on the source (they retain WAL), and delete the DMS tasks and endpoints.",
+    "Then: drop migrun's slots and pglogical node on the source (they retain WAL), migrun's fence table "
+      .. "(schema migrun) on both sides, and delete the DMS tasks and endpoints.",
   }
   if mode == "none" then
     table.insert(steps, 1, "Writes were NOT stopped by migrun: the application must have stopped writing before this cutover.")

@@ -22,6 +22,7 @@
 -- DMS answers ResourceNotFoundFault (its way of saying "no match") they return
 -- an empty list. Filters may be given as DMS lists or as a {name = value(s)} map.
 local aws = require "migrun.aws"
+local host = require "migrun.host"
 local credentials = require "migrun.aws.credentials"
 local errors = require "migrun.error"
 local json = require "migrun.json"
@@ -132,7 +133,7 @@ function M.client(opts)
     dry_run = opts.dry_run or false,
     quota = M.RETRY_QUOTA,
     random = opts.random or math.random,
-    sleep = opts.sleep or aws.sleep,
+    sleep = opts.sleep or host.sleep,
   }, Client)
   return c
 end
@@ -340,14 +341,14 @@ end
 -- Polls describe until done(item) says yes or no; generic waiter.
 function Client:_wait(where, what, timeout, poll, probe)
   timeout, poll = timeout or 900, poll or 15
-  local deadline = aws.monotonic() + timeout
+  local deadline = host.monotonic() + timeout
   local last = "nothing"
   while true do
     local done, result, seen = probe()
     if done == true then return result end
     if done == false then return nil, result end
     last = seen or last
-    local left = deadline - aws.monotonic()
+    local left = deadline - host.monotonic()
     if left <= 0 then return nil, timeout_error(where, what, timeout, last) end
     self.sleep(math.min(poll, left))
   end

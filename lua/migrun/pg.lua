@@ -18,6 +18,7 @@ Connections
       application_name defaults to "migrun".
   conn:close()                    idempotent; also <close> and __gc
   tostring(conn)                  name, host, port, dbname, user, pid; never a password
+  conn:password() (what libpq logged in with, for a DMS endpoint; never print it),
   conn:info(), conn:name(), conn:server_version() (150020), conn:backend_pid(),
   conn:in_recovery() -> boolean | nil, err, conn:transaction_status() -> "idle"...
   conn:set_timeout(seconds | nil) -> old   the client-side statement timeout

@@ -37,8 +37,18 @@ qa.compare(a_db, b_db, tables, cfg_qa, { mode = "quick" | "full", seed = n }) ->
       every other table. Then every cfg_qa.queries entry ({name =, sql =})
       runs on both and the results (all rows, all columns, as text) must be
       equal ("query").
+      Partitions (tables with partition_of, as catalog.tables gives them):
+      the partitioned table is what the config names and what is ranked and
+      sampled, as large as its partitions together; timestamp_columns of
+      the parent holds for every partition (a partition's own entry first).
+      Each partition is still checked on its own (its check has partition_of).
     full: count and row_hash for every table ("hash"; a and b are row_hash
       results).
+    opts.before: see monthly_counts. opts.between: a function; when given,
+      every check reads a first, then between() runs once, then every check
+      reads b (qa.settled waits for a fence there). opts.kinds: { ["s.t"] =
+      "monthly" | "count" } forces a table's method (a second comparison
+      keeps the first one's).
     A check that fails to run (a table missing on one side) is a difference
     with the error in `error` and its message in `detail`.
 qa.format(result) -> text: a summary line, then an aligned table of the
@@ -189,54 +199,60 @@ local function months_detail(a, b)
   return table.concat(diffs, "; ")
 end
 
-local function run_both(a_db, b_db, fn)
-  local a, aerr = fn(a_db)
-  if a == nil then return nil, nil, aerr end
-  local b, berr = fn(b_db)
-  if b == nil then return a, nil, berr end
-  return a, b
-end
-
 local function failed_check(check, err)
   check.equal, check.error, check.detail = false, err, tostring(err)
   return check
 end
 
-local function monthly_check(a_db, b_db, t, column, before)
-  local check = { table = key_of(t), method = "monthly:" .. column .. (before and (" < " .. before) or "") }
-  local a, b, err = run_both(a_db, b_db, function(db) return qa.monthly_counts(db, t, column, before) end)
-  check.a, check.b = a, b
-  if err then return failed_check(check, err) end
-  check.detail = months_detail(a, b)
-  check.equal = check.detail == ""
-  return check
+local function parent_of(t)
+  return type(t) == "table" and t.partition_of or nil
 end
 
-local function count_check(a_db, b_db, t, note)
-  local check = { table = key_of(t), method = "count" }
-  local a, b, err = run_both(a_db, b_db, function(db) return count(db, t) end)
-  check.a, check.b = a, b
-  if err then return failed_check(check, err) end
-  check.equal = a == b
-  check.detail = check.equal and (note or "") or ("%d vs %d rows"):format(a, b)
-  if not check.equal and note then check.detail = check.detail .. "; " .. note end
-  return check
-end
-
-local function hash_check(a_db, b_db, t)
-  local check = { table = key_of(t), method = "hash" }
-  local a, b, err = run_both(a_db, b_db, function(db) return qa.row_hash(db, t) end)
-  check.a, check.b = a, b
-  if err then return failed_check(check, err) end
-  check.equal = a.rows == b.rows and a.hash == b.hash
-  if a.rows ~= b.rows then
-    check.detail = ("%d vs %d rows"):format(a.rows, b.rows)
-  elseif a.hash ~= b.hash then
-    check.detail = ("same row count (%d), different contents"):format(a.rows)
+--[[ A probe: one check, read on each side by read(db) -> value | nil, err,
+then judged by judge(check) once check.a and check.b are there. Reading both
+sides of every probe one after the other, or every a side, then between(),
+then every b side, is compare's choice (see opts.between). ]]
+local function probe(t, method, read, judge)
+  local check = { method = method }
+  if type(t) == "table" and t.query then
+    check.table = "query:" .. t.query
   else
-    check.detail = ""
+    check.table, check.partition_of = key_of(t), parent_of(t)
   end
-  return check
+  return { check = check, read = read, judge = judge }
+end
+
+local function monthly_probe(t, column, before)
+  return probe(t, "monthly:" .. column .. (before and (" < " .. before) or ""),
+    function(db) return qa.monthly_counts(db, t, column, before) end,
+    function(c)
+      c.detail = months_detail(c.a, c.b)
+      c.equal = c.detail == ""
+    end)
+end
+
+local function count_probe(t, note)
+  return probe(t, "count", function(db) return count(db, t) end,
+    function(c)
+      c.equal = c.a == c.b
+      c.detail = c.equal and (note or "") or ("%d vs %d rows"):format(c.a, c.b)
+      if not c.equal and note then c.detail = c.detail .. "; " .. note end
+    end)
+end
+
+local function hash_probe(t)
+  return probe(t, "hash", function(db) return qa.row_hash(db, t) end,
+    function(c)
+      local a, b = c.a, c.b
+      c.equal = a.rows == b.rows and a.hash == b.hash
+      if a.rows ~= b.rows then
+        c.detail = ("%d vs %d rows"):format(a.rows, b.rows)
+      elseif a.hash ~= b.hash then
+        c.detail = ("same row count (%d), different contents"):format(a.rows)
+      else
+        c.detail = ""
+      end
+    end)
 end
 
 local function query_text(db, sql)
@@ -254,25 +270,36 @@ local function query_text(db, sql)
   return lines
 end
 
-local function query_check(a_db, b_db, q)
+local function query_probe(q)
   assert(type(q) == "table" and type(q.sql) == "string", "qa: queries entries need sql")
-  local check = { table = "query:" .. (q.name or q.sql), method = "query" }
-  local a, b, err = run_both(a_db, b_db, function(db)
-    return catalog._with_settings(db, STABLE_TEXT, function() return query_text(db, q.sql) end)
-  end)
-  if err then return failed_check(check, err) end
-  check.a, check.b = table.concat(a, "\n"), table.concat(b, "\n")
-  check.equal = check.a == check.b
-  check.detail = ""
-  if not check.equal then
-    for i = 1, math.max(#a, #b) do
-      if a[i] ~= b[i] then
-        check.detail = ("row %d: %s vs %s"):format(i, a[i] or "(none)", b[i] or "(none)")
-        break
+  return probe({ query = q.name or q.sql }, "query",
+    function(db) return catalog._with_settings(db, STABLE_TEXT, function() return query_text(db, q.sql) end) end,
+    function(c)
+      local a, b = c.a, c.b
+      c.a, c.b = table.concat(a, "\n"), table.concat(b, "\n")
+      c.equal = c.a == c.b
+      c.detail = ""
+      if not c.equal then
+        for i = 1, math.max(#a, #b) do
+          if a[i] ~= b[i] then
+            c.detail = ("row %d: %s vs %s"):format(i, a[i] or "(none)", b[i] or "(none)")
+            break
+          end
+        end
       end
-    end
-  end
-  return check
+    end)
+end
+
+-- The b side of a probe whose a side was read (or failed): the finished check.
+local function finish(p, a, aerr, b_db)
+  local c = p.check
+  if a == nil then return failed_check(c, aerr) end
+  c.a = a
+  local b, berr = p.read(b_db)
+  if b == nil then return failed_check(c, berr) end
+  c.b = b
+  p.judge(c)
+  return c
 end
 
 local function db_name(db)
@@ -301,47 +328,86 @@ function qa.compare(a_db, b_db, tables, cfg_qa, opts)
       if xb ~= yb then return xb > yb end
       return key_of(x) < key_of(y)
     end)
+    -- A partitioned table is one unit, by its own name: as large as its
+    -- partitions together, and chosen (largest or sampled) with all of them.
+    local units, by_unit = {}, {}
+    for _, t in ipairs(tables) do
+      local u = parent_of(t) or key_of(t)
+      if not by_unit[u] then
+        by_unit[u] = { key = u, bytes = 0 }
+        units[#units + 1] = by_unit[u]
+      end
+      by_unit[u].bytes = by_unit[u].bytes + (type(t) == "table" and t.bytes or 0)
+    end
+    table.sort(units, function(x, y)
+      if x.bytes ~= y.bytes then return x.bytes > y.bytes end
+      return x.key < y.key
+    end)
     local large = cfg_qa.large_tables or 5
     local monthly, others = {}, {}
-    for i, t in ipairs(ordered) do
-      if i <= large then monthly[key_of(t)] = true else others[#others + 1] = t end
+    for i, u in ipairs(units) do
+      if i <= large then monthly[u.key] = true else others[#others + 1] = u.key end
     end
-    table.sort(others, function(x, y) return key_of(x) < key_of(y) end)
-    for _, t in ipairs(sample(others, cfg_qa.small_sample or 10, seed)) do monthly[key_of(t)] = true end
+    table.sort(others)
+    for _, u in ipairs(sample(others, cfg_qa.small_sample or 10, seed)) do monthly[u] = true end
     for _, t in ipairs(ordered) do
-      plan[#plan + 1] = { t = t, kind = monthly[key_of(t)] and "monthly" or "count" }
+      local kind = (opts.kinds or {})[key_of(t)] or (monthly[parent_of(t) or key_of(t)] and "monthly" or "count")
+      plan[#plan + 1] = { t = t, kind = kind }
     end
   end
 
-  local total = #plan + #(cfg_qa.queries or {})
+  local probes = {}
+  local columns = cfg_qa.timestamp_columns or {}
+  for _, p in ipairs(plan) do
+    if p.kind == "hash" then
+      probes[#probes + 1] = hash_probe(p.t)
+    elseif p.kind == "count" then
+      probes[#probes + 1] = count_probe(p.t)
+    else
+      local k, parent = key_of(p.t), parent_of(p.t)
+      -- the table's own entry, else its partitioned table's: config names the parent
+      local named = columns[k] or (parent and columns[parent])
+      local column = named or cfg_qa.timestamp_column
+      local has, err = false, nil
+      if column then has, err = has_column(a_db, p.t, column) end
+      if err then
+        local failed = probe(p.t, "monthly:" .. column)
+        failed.error = err
+        probes[#probes + 1] = failed
+      elseif has then
+        probes[#probes + 1] = monthly_probe(p.t, column, opts.before)
+      else
+        probes[#probes + 1] = count_probe(p.t,
+          named and ("configured timestamp column %s not in the table"):format(named) or nil)
+      end
+    end
+  end
+  if mode == "quick" then
+    for _, q in ipairs(cfg_qa.queries or {}) do probes[#probes + 1] = query_probe(q) end
+  end
+
+  local total = #probes
   local function add(check)
     result.checks[#result.checks + 1] = check
     if not check.equal then result.differences = result.differences + 1 end
     if on_progress then on_progress(#result.checks, total, check.table) end
   end
-  for _, p in ipairs(plan) do
-    if p.kind == "hash" then
-      add(hash_check(a_db, b_db, p.t))
-    elseif p.kind == "count" then
-      add(count_check(a_db, b_db, p.t))
-    else
-      local k = key_of(p.t)
-      local column = (cfg_qa.timestamp_columns or {})[k] or cfg_qa.timestamp_column
-      local has, err = false, nil
-      if column then has, err = has_column(a_db, p.t, column) end
-      if err then
-        add(failed_check({ table = k, method = "monthly:" .. column }, err))
-      elseif has then
-        add(monthly_check(a_db, b_db, p.t, column, opts.before))
-      else
-        local named = (cfg_qa.timestamp_columns or {})[k]
-        add(count_check(a_db, b_db, p.t,
-          named and ("configured timestamp column %s not in the table"):format(named) or nil))
-      end
-    end
+  local function read_a(p)
+    if p.error then return nil, p.error end
+    return p.read(a_db)
   end
-  if mode == "quick" then
-    for _, q in ipairs(cfg_qa.queries or {}) do add(query_check(a_db, b_db, q)) end
+  if opts.between then
+    -- every a side first, then between() (a fence waited for), then every b
+    -- side: b then holds at least everything a showed
+    local firsts = {}
+    for i, p in ipairs(probes) do firsts[i] = table.pack(read_a(p)) end
+    opts.between()
+    for i, p in ipairs(probes) do add(finish(p, firsts[i][1], firsts[i][2], b_db)) end
+  else
+    for _, p in ipairs(probes) do
+      local a, aerr = read_a(p)
+      add(finish(p, a, aerr, b_db))
+    end
   end
   return result
 end
@@ -385,15 +451,18 @@ function qa.report_rows(result)
 end
 
 --[[ qa.settled(a_db, b_db, tables, cfg_qa, opts) -> result | nil, err
-     qa.compare while b is still receiving a's changes (CDC): a table that
-     differs is compared again after opts.wait() (which waits for the
-     replication to catch up), up to opts.attempts times (default 5); only
-     differences that persist remain. Under a steady trickle of writes a count
-     can be off by the transactions in flight at that instant; a real
-     difference stays. opts.before (a timestamp text) leaves rows newer than
-     it out of the per-month counts. ]]
+     qa.compare while b is still receiving a's changes (CDC), so that no
+     difference is reported that b applying what is in flight would close:
+     opts.wait() (which returns once b has applied everything a committed
+     before the call: a fence, cdc.wait_applied) runs first, then the
+     comparison; a table that differs is compared again, by the same method,
+     up to opts.attempts times (default 5), each time read on a first, then
+     opts.wait(), then read on b, so that b holds at least what a showed. Only
+     differences that persist remain. opts.before (a timestamp text) leaves
+     rows newer than it out of the per-month counts; opts.mode, opts.seed. ]]
 function qa.settled(a_db, b_db, tables, cfg_qa, opts)
   opts = opts or {}
+  if opts.wait then opts.wait() end
   local result, err = qa.compare(a_db, b_db, tables, cfg_qa,
     { mode = opts.mode or "quick", seed = opts.seed, before = opts.before })
   if not result then return nil, err end
@@ -401,14 +470,17 @@ function qa.settled(a_db, b_db, tables, cfg_qa, opts)
   for _, t in ipairs(tables) do by_key[key_of(t)] = t end
   for _ = 1, opts.attempts or 5 do
     if result.differences == 0 then break end
-    if opts.wait then opts.wait() end
-    local again = {}
+    local again, kinds = {}, {}
     for _, c in ipairs(result.checks) do
-      if not c.equal and by_key[c.table] then again[#again + 1] = by_key[c.table] end
+      if not c.equal and by_key[c.table] then
+        again[#again + 1] = by_key[c.table]
+        kinds[c.table] = c.method:match("^(%a+)")
+      end
     end
+    if #again == 0 then break end
     local redo, rerr = qa.compare(a_db, b_db, again, { timestamp_column = (cfg_qa or {}).timestamp_column,
-      timestamp_columns = (cfg_qa or {}).timestamp_columns, large_tables = #again, small_sample = 0 },
-      { mode = result.mode, seed = result.seed, before = opts.before })
+      timestamp_columns = (cfg_qa or {}).timestamp_columns },
+      { mode = result.mode, seed = result.seed, before = opts.before, kinds = kinds, between = opts.wait })
     if not redo then return nil, rerr end
     local fresh = {}
     for _, c in ipairs(redo.checks) do fresh[c.table] = c end

@@ -32,15 +32,6 @@ local pg = require "migrun.pg"
 
 local replica = {}
 
-local has_socket, socket = pcall(require, "socket")
-
-local function sleep(db, seconds)
-  if has_socket then
-    socket.sleep(seconds)
-  else
-    db:query("select pg_sleep($1)", seconds)
-  end
-end
 
 local function failure(db, message, fields)
   local e = { kind = "replica", where = db:name(), message = message }
@@ -149,7 +140,7 @@ function replica.pause(db, opts)
           tostring(st.replay_lsn)),
         hint = "the replica lags behind the primary; check its WAL receiver and try again" }
     end
-    sleep(db, poll)
+    host.sleep(poll)
     st, err = replica.status(db)
     if not st then return nil, err end
   end
@@ -179,7 +170,7 @@ function replica.pause(db, opts)
         message = ("replay did not stop within %gs (pause state: %s)"):format(timeout, tostring(st.pause_state)),
         hint = "replay may be waiting on a long record or a conflict; try again or raise the timeout" }
     end
-    sleep(db, poll)
+    host.sleep(poll)
   end
 end
 

@@ -15,8 +15,8 @@ position, and set a finished attempt's journal aside.
   local r = assert(restart.replace_task(client, g, { name=, old_arn=, instance_arn=, start_lsn=,
     task=, source=, target=, source_overrides=, target_overrides= }))   -- { arn=, deleted=, endpoints= }
   local down = assert(restart.teardown_dms(client, plan, { name = }))   -- { tasks = {...}, endpoints = {...} }
-  local gone = assert(restart.teardown_source(source_db, plan, node))   -- { slots =, sets =, node = }
-  assert(restart.empty_target(target_db, tables, { how = "truncate" | "drop_schema", schemas = }))
+  local gone = assert(restart.teardown_source(source_db, plan, node))   -- { slots =, sets =, node =, fence = }
+  assert(restart.empty_target(target_db, tables, { how = "truncate" | "drop_schema", schemas = }))  -- fence too
 
 Every function that changes a server writes through Db:write or the DMS
 client, so a dry run shows each change and makes none. Failures of the world
@@ -26,6 +26,7 @@ local pg = require "migrun.pg"
 local errors = require "migrun.error"
 local cdc = require "migrun.cdc"
 local pglogical = require "migrun.pglogical"
+local fence = require "migrun.fence"
 local text = require "migrun.text"
 
 local restart = {}
@@ -115,8 +116,11 @@ function restart.preserve_failure(client, groups, tasks, opts)
       local stats, serr = client:describe_table_statistics(task.ReplicationTaskArn)
       if stats then
         for _, s in ipairs(stats) do
-          row.stats[#row.stats + 1] = { table = s.SchemaName .. "." .. s.TableName, inserts = s.Inserts,
-            updates = s.Updates, deletes = s.Deletes, ddls = s.Ddls, state = s.TableState }
+          -- migrun's fence is in every task's mappings: not a migrated table
+          if not fence.is_fence(s.SchemaName, s.TableName) then
+            row.stats[#row.stats + 1] = { table = s.SchemaName .. "." .. s.TableName, inserts = s.Inserts,
+              updates = s.Updates, deletes = s.Deletes, ddls = s.Ddls, state = s.TableState }
+          end
         end
       else
         row.stats_error = tostring(serr)
@@ -230,7 +234,9 @@ end
      truncated; the schema (tables, indexes, roles) stays. "drop_schema":
      each of opts.schemas (default: the tables' schemas) is dropped with
      CASCADE, and public is created again with its owner (pg_dump never
-     creates public; the other schemas come back with the pre-data restore). ]]
+     creates public; the other schemas come back with the pre-data restore).
+     Either way migrun's fence table is dropped (result.fence): full.lua's
+     slots step creates it again. ]]
 function restart.empty_target(db, tables, opts)
   opts = opts or {}
   local how = opts.how or "truncate"
@@ -252,7 +258,9 @@ function restart.empty_target(db, tables, opts)
       local ok, err = db:write("TRUNCATE " .. table.concat(present, ", "))
       if not ok then return nil, err end
     end
-    return { how = how, tables = #present }
+    local dropped, ferr = fence.drop(db)
+    if not dropped then return nil, ferr end
+    return { how = how, tables = #present, fence = dropped }
   end
   local schemas, seen = {}, {}
   for _, s in ipairs(opts.schemas or {}) do
@@ -276,7 +284,9 @@ function restart.empty_target(db, tables, opts)
       end
     end
   end
-  return { how = how, schemas = schemas }
+  local dropped, ferr = fence.drop(db)
+  if not dropped then return nil, ferr end
+  return { how = how, schemas = schemas, fence = dropped }
 end
 
 ---------------------------------------------------------------------------
@@ -351,8 +361,10 @@ function restart.teardown_dms(client, plan, opts)
   return out
 end
 
---[[ restart.teardown_source(db, plan, node) -> { slots = {[slot] = result}, sets = n, node = result } | nil, err
-     The groups' replication sets and slots, then the pglogical node. ]]
+--[[ restart.teardown_source(db, plan, node) -> { slots = {[slot] = result}, sets = n, node = result,
+     fence = result } | nil, err
+     The groups' replication sets and slots, then the pglogical node, then
+     migrun's fence table (full.lua's slots step creates it again). ]]
 function restart.teardown_source(db, plan, node)
   local out = { slots = {}, sets = 0 }
   for _, g in ipairs(plan) do
@@ -367,6 +379,9 @@ function restart.teardown_source(db, plan, node)
   local r, err = pglogical.drop_node(db, node)
   if not r then return nil, err end
   out.node = r
+  r, err = fence.drop(db)
+  if not r then return nil, err end
+  out.fence = r
   return out
 end
 

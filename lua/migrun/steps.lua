@@ -25,9 +25,11 @@ playbook keeps only the line that says which tables.
       samples.jsonl (for `status`, the metrics and report.html), and a
       task_failed notification the first time a task is seen failed or stopped
   steps.live_qa(ctx, groups, tables, title) -> result | nil, why
-      primary against target while CDC runs: per-month counts of rows older
-      than a minute (newer ones may be in flight), and a difference compared
-      again once every slot has confirmed what the primary had written.
+      primary against target while CDC runs (qa.settled): compared once the
+      groups' tasks have applied a fence (cdc.wait_applied), per-month counts
+      of rows older than a minute (newer ones may be in flight), and a table
+      that differs compared again, primary first, then another fence, then
+      the target, before it is called a difference.
 ]]
 local catalog = require "migrun.catalog"
 local qa = require "migrun.qa"
@@ -135,7 +137,7 @@ function steps.live_qa(ctx, groups, tables, title)
   local before = assert(ctx.source:query("select (now() - interval '1 minute')::text as t"))[1].t
   local r = assert(qa.settled(ctx.source, ctx.target, tables, ctx.config.qa, { before = before,
     wait = function()
-      assert(cdc.wait_applied(ctx.source, slots, { timeout = ctx.config.dms.catch_up.timeout,
+      assert(cdc.wait_applied(ctx.source, ctx.target, slots, { timeout = ctx.config.dms.catch_up.timeout,
         poll = 0.2, sleep = function(t) ctx:sleep(t) end }))
     end }))
   ctx:report_table(title, qa.report_columns(), qa.report_rows(r))

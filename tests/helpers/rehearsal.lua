@@ -20,10 +20,11 @@ function M.tmpdir(tag)
   return (out:gsub("%s+$", ""))
 end
 
---[[ M.run(R, playbook, args, opts) -> { ok, how, code, output, killed }
+--[[ M.run(R, playbook, args, opts) -> { ok, how, code, output, killed, pid }
      playbook: a stock playbook's file name, or an absolute path.
      opts.kill_when: a Lua pattern; the run is SIGKILLed on the first output
-     line matching it. opts.env: added to R.env. ]]
+     line matching it (opts.kill_delay seconds later, if given). opts.env:
+     added to R.env. ]]
 function M.run(R, playbook, args, opts)
   opts = opts or {}
   local script = playbook:sub(1, 1) == "/" and playbook or M.ROOT .. "/playbooks/" .. playbook
@@ -33,21 +34,45 @@ function M.run(R, playbook, args, opts)
   for k, v in pairs(R.env) do env[k] = v end
   for k, v in pairs(opts.env or {}) do env[k] = v end
   argv.env, argv.stdin, argv.stderr = env, false, "stdout"
-  local lines, killed = {}, false
+  local lines, killed, kill_at = {}, false, nil
   local h
   argv.stdout = function(line)
     lines[#lines + 1] = line
     if os.getenv("MIGRUN_E2E_VERBOSE") then io.stderr:write(line, "\n") end
-    if opts.kill_when and not killed and line:match(opts.kill_when) then
-      killed = true
-      h:kill("KILL")
+    if opts.kill_when and not kill_at and line:match(opts.kill_when) then
+      kill_at = aws.monotonic() + (opts.kill_delay or 0)
+      if not opts.kill_delay then killed = true h:kill("KILL") end
     end
   end
   h = assert(proc.spawn(argv))
-  local ok, how, code = h:wait(opts.timeout or 900)
+  local deadline = aws.monotonic() + (opts.timeout or 900)
+  local ok, how, code
+  repeat
+    ok, how, code = h:wait(0.2)
+    if how == "timeout" and kill_at and not killed and aws.monotonic() >= kill_at then
+      killed = true
+      h:kill("KILL")
+    end
+  until how ~= "timeout" or aws.monotonic() > deadline
   if how == "timeout" then h:kill("KILL") h:wait() end
+  local pid = h.pid
   h:close()
-  return { ok = ok, how = how, code = code, output = table.concat(lines, "\n"), killed = killed }
+  return { ok = ok, how = how, code = code, output = table.concat(lines, "\n"), killed = killed, pid = pid }
+end
+
+-- Processes a killed migrun may have left behind: children re-parented to
+-- init (pg_dump, pg_restore, psql, load workers, a playbook) -> { "pid args" }.
+function M.orphans()
+  local _, _, _, out = proc.run{ "ps", "-eo", "pid=,ppid=,args=" }
+  local found = {}
+  for line in out:gmatch("[^\n]+") do
+    local pid, ppid, args = line:match("^%s*(%d+)%s+(%d+)%s+(.*)$")
+    if ppid == "1" and (args:match("^%S*pg_dump ") or args:match("^%S*pg_restore ") or args:match("^%S*psql ")
+        or args:match("migrun%.fullload'%)%.worker") or args:match("playbooks/%S+%.lua")) then
+      found[#found + 1] = pid .. " " .. args
+    end
+  end
+  return found
 end
 
 function M.journal(R)
@@ -93,21 +118,30 @@ function M.world(R)
   return w
 end
 
--- Waits until every slot of the source has confirmed what the source had
--- written when called (the tasks have applied everything).
+-- Waits until every running DMS task has applied what the source had written
+-- when called: a fence (migrun.fence) seen on the target for each of their
+-- slots, as migrun waits itself. No slot's confirmed_flush_lsn is waited for:
+-- on a quiet source WAL that no slot decodes (a standby snapshot, another
+-- database's work) may keep it behind for good. Tasks that do not run (after
+-- a cutover) have nothing left to apply.
 function M.wait_applied(R, timeout)
-  local src = M.connect(R.lab.source, "source")
-  local upto = assert(src:exec("select pg_current_wal_lsn() as l"))[1].l
-  local deadline = aws.monotonic() + (timeout or 120)
-  local behind
-  repeat
-    behind = assert(src:exec([[select count(*) as n from pg_replication_slots
-      where slot_type = 'logical' and (confirmed_flush_lsn is null or confirmed_flush_lsn < $1)]], upto))[1].n
-    if behind > 0 then aws.sleep(0.3) end
-  until behind == 0 or aws.monotonic() > deadline
-  src:close()
-  aws.sleep(0.5) -- the emulator confirms after its commit; give the last status write time
-  return behind == 0
+  local client = assert(R.lab:dms_client())
+  local slot_of = {}
+  for _, e in ipairs(client:describe_endpoints() or {}) do
+    slot_of[e.EndpointArn] = e.PostgreSQLSettings and e.PostgreSQLSettings.SlotName
+  end
+  local slots = {}
+  for _, t in ipairs(client:describe_replication_tasks() or {}) do
+    if t.Status == "running" and slot_of[t.SourceEndpointArn] then slots[#slots + 1] = slot_of[t.SourceEndpointArn] end
+  end
+  if #slots == 0 then return true end
+  table.sort(slots)
+  local src, tgt = reader(R.lab.source, "source"), reader(R.lab.target, "target")
+  local ok, err = require("migrun.cdc").wait_applied(src, tgt, slots,
+    { timeout = timeout or 120, poll = 0.2, sleep = aws.sleep })
+  src:close() tgt:close()
+  if not ok then io.stderr:write("wait_applied: ", tostring(err), "\n") end
+  return ok ~= nil
 end
 
 --[[ Every sample table: source vs target by row count and order-independent

@@ -1,7 +1,7 @@
 -- migrun.cutover on a real lab: stopping writes (read-only database, the
 -- sessions opened before waited for or terminated, the team's command),
--- waiting for slots to confirm the final LSN, sequences set ahead on the
--- target, and the checklist. Dry runs change nothing.
+-- sequences set ahead on the target, and the checklist. Dry runs change
+-- nothing. (Waiting for the tasks to apply: fence_spec.lua.)
 local lab = require "migrun.rehearsal.lab"
 local pg = require "migrun.pg"
 local db = require "migrun.db"
@@ -136,39 +136,11 @@ describe("migrun.cutover", function()
   end)
 
   describe("wait_applied", function()
-    local SLOT = "cutover_test_slot"
-    setup(function()
-      assert(source.conn:exec("select pg_create_logical_replication_slot($1, 'test_decoding')", SLOT))
-    end)
-    teardown(function() source.conn:exec("select pg_drop_replication_slot($1)", SLOT) end)
-
-    it("waits until every slot has confirmed the final LSN", function()
-      assert(source.conn:exec("create table if not exists public.cut_w (id int); insert into public.cut_w values (1)"))
-      local final = assert(cutover.final_lsn(source))
-      -- not confirmed: times out naming the slot
-      local w, err = cutover.wait_applied(source, { SLOT }, { upto = final, timeout = 0.3, poll = 0.1, sleep = aws.sleep })
-      assert.is_nil(w)
-      assert.truthy(tostring(err):find(SLOT, 1, true), tostring(err))
-      -- confirmed while waiting
-      local advanced = false
-      local progress = {}
-      w = assert(cutover.wait_applied(source, { SLOT }, { upto = final, timeout = 10, poll = 0.1,
-        on_progress = function(done, total) progress[#progress + 1] = done .. "/" .. total end,
-        sleep = function(t)
-          if not advanced then
-            assert(source.conn:exec("select pg_replication_slot_advance($1, $2)", SLOT, final))
-            advanced = true
-          end
-          aws.sleep(t)
-        end }))
-      assert.is_true(advanced)
-      assert.equal(tostring(final), tostring(w.lsn))
-      assert.equal(SLOT, w.slots[1].slot)
-      assert.equal("1/1", progress[#progress])
-    end)
-
-    it("a missing slot is an error at once", function()
-      local w, err = cutover.wait_applied(source, { "no_such_slot" }, { timeout = 10, sleep = function() error("waited") end })
+    -- the fence itself, with DMS tasks applying it: tests/spec/fence_spec.lua
+    it("is migrun.cdc's fence wait; a missing slot is an error at once", function()
+      assert.equal(require("migrun.cdc").wait_applied, cutover.wait_applied)
+      local w, err = cutover.wait_applied(source, target, { "no_such_slot" },
+        { timeout = 10, sleep = function() error("waited") end })
       assert.is_nil(w)
       assert.truthy(tostring(err):find("no_such_slot", 1, true))
     end)

@@ -72,7 +72,8 @@ describe("playbooks/cutover.lua", function()
     local d = H.run(R, "cutover.lua", { "--dry-run" })
     assert.is_true(d.ok, d.output)
     for _, expected in ipairs{ "would ask: make the source database read-only", "default_transaction_read_only = on",
-        "pg_terminate_backend", "setval", "StopReplicationTask", "Cutover checklist", "RESET default_transaction_read_only" } do
+        "pg_terminate_backend", "setval", "StopReplicationTask", "Cutover checklist", "RESET default_transaction_read_only",
+        "begin read write", 'insert into "migrun"."fence"' } do
       assert.truthy(d.output:find(expected, 1, true), "the dry run did not show " .. expected .. "\n" .. d.output)
     end
     assert.is_false(read_only())

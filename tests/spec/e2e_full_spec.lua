@@ -21,7 +21,8 @@ describe("playbooks/full.lua", function()
     -- the writes were shown: SQL on the source and the replica, the commands, the DMS calls
     for _, expected in ipairs{ "pglogical.create_node", "pg_create_logical_replication_slot",
         "pglogical.create_replication_set", "pg_wal_replay_pause", "--section=pre-data",
-        "--section=post-data", "COPY ", "CreateEndpoint", "CreateReplicationTask", "StartReplicationTask" } do
+        "--section=post-data", "COPY ", "CreateEndpoint", "CreateReplicationTask", "StartReplicationTask",
+        'create table if not exists "migrun"."fence"', "row_filter", "would watch every task catch up (writing a fence row" } do
       assert.truthy(r.output:find(expected, 1, true), "dry run did not show " .. expected .. "\n" .. r.output)
     end
     assert.is_nil(io.open(R.config.state_dir .. "/journal.json"), "a dry run wrote the journal")

@@ -137,6 +137,39 @@ describe("migrun.playbook", function()
     assert.matches('| "' .. schema .. '"."t" |  200 |', md, 1, true)
   end)
 
+  it("keeps every run's report in reports/, report.md being the latest", function()
+    local schema, state = fresh()
+    local function reports()
+      local _, _, _, out = proc.run{ "ls", "-1", state .. "/reports" }
+      local names = {}
+      for name in (out or ""):gmatch("[^\n]+") do names[#names + 1] = name end
+      return names
+    end
+    -- a refusal (not confirmed), then the run to the end, then a dry run (which writes nothing)
+    local code = run(schema, state, {})
+    assert.equal(3, code)
+    code = run(schema, state, { "--yes" })
+    assert.equal(0, code)
+    assert.equal(0, (run(schema, state, { "--dry-run" })))
+    local names = reports()
+    assert.equal(2, #names, table.concat(names, " "))
+    assert.equal("700", mode_of(state .. "/reports"))
+    local j = journal(state)
+    local md = {}
+    for i, name in ipairs(names) do
+      -- <run start, UTC>-<playbook>[-n].md; two runs in the same second get -2
+      assert.matches("^%d%d%d%d%d%d%d%dT%d%d%d%d%d%dZ%-steps%.md$", name:gsub("%-2%.md$", ".md"))
+      assert.equal(j.runs[1].started_at:gsub("[-:]", ""):sub(1, 9), name:sub(1, 9))
+      assert.equal("600", mode_of(state .. "/reports/" .. name))
+      md[i] = read(state .. "/reports/" .. name)
+    end
+    local by_outcome = {}
+    for _, text in ipairs(md) do by_outcome[text:match("outcome: %*%*(%a+)%*%*")] = text end
+    assert.truthy(by_outcome.aborted, "the refused run's report was not kept")
+    assert.truthy(by_outcome.ok)
+    assert.equal(by_outcome.ok, read(state .. "/report.md"))
+  end)
+
   it("skips done steps on a second run, says so, and reruns the `always` ones", function()
     local schema, state = fresh()
     assert.equal(0, (run(schema, state, { "--yes" })))
@@ -269,6 +302,28 @@ describe("migrun.playbook", function()
     local all = out .. err .. read(state .. "/journal.json") .. read(state .. "/report.md")
       .. read(state .. "/migrun.log")
     assert.falsy(all:find("s3cretpw", 1, true))
+  end)
+
+  it("keeps the AWS secrets and the variables the config reads out of its children's environment", function()
+    local schema, state = fresh()
+    local cfg = dir .. "/env-config.lua"
+    write(cfg, ([[
+      return {
+        name = "fixture",
+        source = { conninfo = %q .. (os.getenv("FIXTURE_SOURCE_OPTS") or "") },
+        replica = { conninfo = %q },
+        target = { conninfo = %q },
+      }
+    ]]):format(L.source.conninfo, L.replica.conninfo, L.target.conninfo))
+    local argv = { MIGRUN, FIXTURE, "--config", cfg, "--state-dir", state, schema, "--yes",
+      env = { FIXTURE_SHOW_ENV = "1", FIXTURE_SOURCE_OPTS = " application_name=s3cret-by-env",
+        AWS_SECRET_ACCESS_KEY = "aws-s3cret", AWS_ACCESS_KEY_ID = "AKIDVISIBLE", UNRELATED = "kept" } }
+    local _, _, code, out, err = proc.run(argv)
+    assert.equal(0, code, out .. err)
+    assert.matches("child env: UNRELATED=kept", out)
+    assert.matches("child env: AWS_ACCESS_KEY_ID=AKIDVISIBLE", out)
+    assert.falsy(out:find("aws-s3cret", 1, true), out)
+    assert.falsy(out:find("FIXTURE_SOURCE_OPTS", 1, true), out)
   end)
 
   it("lists the steps with their status and explains itself with --help", function()

@@ -251,3 +251,110 @@ describe("migrun.proc", function()
     assert.is_false(alive(pid))
   end)
 end)
+
+-- Every descriptor spawn opens (files for stdin/stdout/stderr, /dev/null, dups
+-- of io handles, pipes) belongs to the handle from the moment it is opened, so
+-- a spec that turns out to be bad after some of them were opened leaks none.
+describe("migrun.proc descriptors", function()
+  -- counted in this process (a child listing /proc/<pid>/fd would race with
+  -- the parent closing its ends of the child's pipes)
+  local lfs = require "lfs"
+  local function open_fds(no_collect)
+    -- handles dropped by earlier tests hold descriptors until they are collected
+    if not no_collect then collectgarbage() end
+    local n = 0
+    for name in lfs.dir("/proc/self/fd") do
+      if name ~= "." and name ~= ".." then n = n + 1 end
+    end
+    return n
+  end
+
+  -- processes left running by the tests above finish (and close their pipes
+  -- and pidfds) whenever a later wait pumps: close them all before counting
+  setup(function()
+    for _, h in pairs(debug.getregistry()["migrun.proc.active"] or {}) do h:close() end
+  end)
+
+  local tmp = os.tmpname()
+  local file = io.open(tmp, "w")
+  teardown(function()
+    file:close()
+    os.remove(tmp)
+  end)
+
+  local bad = {
+    { "bad env after a stdout file", { "true", stdout = { file = tmp }, env = { [1] = "x" } },
+      "bad env: keys must be strings" },
+    { "bad env value after a stdin file and /dev/null",
+      { "true", stdin = { file = "/dev/null" }, stderr = "null", env = { X = {} } }, "bad env.X" },
+    { "bad stderr after a stdout file", { "true", stdout = { file = tmp }, stderr = "bogus" },
+      "bad stderr" },
+    { "bad stderr after an io file stdout", { "true", stdout = file, stderr = 42 },
+      "bad stderr: number not supported" },
+    { "unopenable stderr after stdout/stdin files",
+      { "true", stdout = { file = tmp }, stdin = false, stderr = { file = "/no/such/dir/x" } },
+      "cannot open /no/such/dir/x for stderr" },
+    { "bad argv after the stdio files", { "true", {}, stdout = "null", stdin = false },
+      "argv%[2%] is a table" },
+    { "bad cwd after the stdio files", { "true", stdout = { file = tmp }, cwd = {} }, "string expected" },
+    { "bad pipeline stage argv after the stdio files",
+      { { "true" }, { "cat", false }, stdout = { file = tmp }, stderr = "null" }, "argv%[2%] is a boolean",
+      true },
+  }
+  for _, case in ipairs(bad) do
+    local what, spec, message, pipeline = case[1], case[2], case[3], case[4]
+    it("closes them when spawn raises on a " .. what, function()
+      local before = open_fds()
+      for _ = 1, 20 do
+        local ok, err = pcall(pipeline and proc.pipeline or proc.spawn, spec)
+        assert.is_false(ok)
+        assert.matches(message, tostring(err))
+      end
+      -- the descriptors were closed before the error was raised, not by a later collection
+      assert.equal(before, open_fds(true))
+    end)
+  end
+
+  it("raises on an argv element that is not a string, in quote too", function()
+    assert.has_error(function() proc.quote{ "ls", {} } end, "argv[2] is a table, expected a string")
+    assert.equal("echo 1 2.5", proc.quote{ "echo", 1, 2.5 })
+  end)
+
+  it("closes them when the program cannot be run", function()
+    local before = open_fds()
+    for _ = 1, 20 do
+      assert.is_nil(proc.spawn{ "/no/such/program", stdout = "capture", stderr = { file = tmp }, stdin = "x" })
+      assert.is_nil(proc.pipeline{ { "true" }, { "/no/such/program" }, stdout = "capture", stdin = false })
+    end
+    assert.equal(before, open_fds(true))
+  end)
+
+  it("keeps none after spawns that ran", function()
+    local before = open_fds()
+    for _ = 1, 20 do
+      assert.is_true(proc.spawn{ "true", stdout = { file = tmp }, stderr = "capture", stdin = "data" }:wait())
+      assert.is_true(proc.pipeline{ { "echo", "x" }, { "cat" }, stdout = file, stderr = "null" }:wait())
+    end
+    assert.equal(before, open_fds(true))
+  end)
+end)
+
+describe("migrun.proc.withhold", function()
+  it("keeps withheld variables from every child, unless a spec passes one on purpose", function()
+    local script = [[
+      local proc = require "migrun.proc"
+      local function env(spec) spec = spec or {} spec[1] = "env" spec.stdout = "capture"
+        local _, _, _, out = proc.run(spec) return out end
+      assert(env():find("HELD_X=1", 1, true))
+      proc.withhold{ "HELD_X" }
+      assert(not env():find("HELD_X", 1, true))
+      assert(not env{ env = { OTHER = "y" } }:find("HELD_X", 1, true))
+      assert(env{ env = { HELD_X = "2" } }:find("HELD_X=2", 1, true))
+      print(table.concat(proc.withheld(), ","))
+    ]]
+    local ok, _, _, out, err = proc.run{ os.getenv("MIGRUN_BIN") or "build/migrun", "-e", script,
+      env = { HELD_X = "1" } }
+    assert.is_true(ok, err)
+    assert.equal("HELD_X\n", out)
+  end)
+end)

@@ -17,5 +17,12 @@ local s <close> = proc.spawn{ "sleep", "10" }
 assert(select(2, s:wait(0.01)) == "timeout")
 assert(not proc.spawn{ "/no/such/program" })
 assert(not pcall(proc.spawn, {}))
+-- a spec found bad after files were opened: the handle frees and closes what it had
+assert(not pcall(proc.spawn, { "true", stdout = { file = "/dev/null" }, stdin = false, env = { [1] = "x" } }))
+assert(not pcall(proc.pipeline, { { "true" }, { "cat", {} }, stdout = "null" }))
+assert(not proc.pipeline{ { "true" }, { "/no/such/program" }, stdout = "capture" })
+local host = require "migrun.host"
+host.sleep(0.01)
+assert(host.monotonic() > 0 and require("migrun.aws").sleep == host.sleep)
 assert(tostring(err.new{ message = "m", code = "C" }) == "C m")
 print("valgrind smoke ok")

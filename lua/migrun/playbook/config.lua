@@ -493,9 +493,14 @@ function config.check(raw, label, base_dir)
   return result
 end
 
-local function sandbox()
+-- read: the names of the environment variables the file reads (they hold the
+-- passwords of the conninfos, usually), which migrun keeps from its children.
+local function sandbox(read)
   return {
-    os = { getenv = os.getenv },
+    os = { getenv = function(name)
+      if type(name) == "string" then read[#read + 1] = name end
+      return os.getenv(name)
+    end },
     string = string, math = math, table = table,
     assert = assert, error = error, ipairs = ipairs, pairs = pairs, next = next,
     select = select, tonumber = tonumber, tostring = tostring, type = type,
@@ -526,7 +531,8 @@ function config.load(path)
              "playbooks/migration.example.lua)" }
   end
   f:close()
-  local chunk, err = loadfile(path, "t", sandbox())
+  local env_read = {}
+  local chunk, err = loadfile(path, "t", sandbox(env_read))
   if not chunk then
     return nil, errors.new{ kind = "config", message = without_source_text(tostring(err)),
       hint = "fix the syntax of " .. path .. " (check it with: luac5.4 -p FILE)" }
@@ -539,6 +545,7 @@ function config.load(path)
   local cfg, cerr = config.check(raw, label, dirname(path))
   if not cfg then return nil, cerr end
   cfg.config_path = absolute(path, ".")
+  cfg.env_read = env_read
   return cfg
 end
 

@@ -283,10 +283,34 @@ function Ctx:command(argv, opts)
   return proc.run(spec)
 end
 
+-- Report tables live in the journal (JSON), so columns with a format
+-- function are rendered here, into plain cells, while the functions exist.
+local function plain_table(columns, rows)
+  local formatted = false
+  for _, c in ipairs(columns) do
+    if type(c) == "table" and c.format then formatted = true end
+  end
+  if not formatted then return columns, rows end
+  local titles, cells = {}, {}
+  for j, c in ipairs(columns) do titles[j] = type(c) == "table" and (c[2] or c[1]) or c end
+  for i, row in ipairs(rows) do
+    cells[i] = {}
+    for j, c in ipairs(columns) do
+      local key = type(c) == "table" and c[1] or c
+      local v = row[j]
+      if v == nil then v = row[key] end
+      if type(c) == "table" and c.format then v = c.format(v) end
+      cells[i][j] = v
+    end
+  end
+  return titles, cells
+end
+
 function Ctx:report_table(title, columns, rows)
   assert(self.step, "ctx:report_table outside a step")
   local rec = self._record
   rec.tables = rec.tables or {}
+  columns, rows = plain_table(columns, rows)
   local t = { title = title, columns = columns, rows = rows }
   for i, old in ipairs(rec.tables) do
     if old.title == title then rec.tables[i] = t return end
@@ -323,7 +347,7 @@ function Ctx:sleep(seconds)
     for _, w in ipairs(self.playbook.watchers) do
       wait = math.min(wait, math.max(0.01, w.next_due - now))
     end
-    require("migrun.aws").sleep(wait) -- TODO(host.sleep)
+    host.sleep(wait)
   end
 end
 

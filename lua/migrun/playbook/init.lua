@@ -2,7 +2,8 @@
 migrun.playbook: the machinery every playbook stands on, so that a playbook is
 only named steps calling the library. It owns the command line, the journal
 (resume), --dry-run, --from/--only, confirmation, watchers, progress, the log
-and the report.
+and the report (state_dir/report.md, the latest run's; every run's kept as
+state_dir/reports/<started>-<playbook>.md).
 
   local playbook = require "migrun.playbook"
   local P = playbook.new{ name = "full", title = "The whole two-phase migration",
@@ -245,6 +246,12 @@ local function protect(fn, ...)
   return xpcall(fn, traceback, ...)
 end
 
+local function is_file(path)
+  local f = io.open(path, "r")
+  if f then f:close() end
+  return f ~= nil
+end
+
 function Playbook:_finish_report(ctx, run)
   local md = report.render{ playbook = self, journal = ctx.journal, run = run,
                               config_path = ctx.config.config_path, state_dir = ctx.state_dir }
@@ -252,9 +259,26 @@ function Playbook:_finish_report(ctx, run)
     io.stdout:write("\n", md)
     return
   end
+  -- Every run keeps its own report (a failure's is not replaced by the next
+  -- playbook's refusal): reports/<started>-<playbook>.md; report.md is the latest.
+  local dir = ctx.state_dir .. "/reports"
+  local stamp = tostring(run.started_at or journal.timestamp()):gsub("[-:]", "")
+  local kept = ("%s/%s-%s.md"):format(dir, stamp, self.name)
+  local n = 1
+  while is_file(kept) do
+    n = n + 1
+    kept = ("%s/%s-%s-%d.md"):format(dir, stamp, self.name, n)
+  end
+  local ok, err = journal.make_dir(dir)
+  if ok then ok, err = host.write_file(kept, md, journal.FILE_MODE) end
+  if not ok then ctx:warn("could not keep this run's report in %s: %s", dir, tostring(err)) end
   local path = ctx.state_dir .. "/report.md"
-  local ok, err = host.write_file(path, md, journal.FILE_MODE)
-  if ok then ctx:say("report: %s", path) else ctx:warn("could not write the report: %s", tostring(err)) end
+  local latest, lerr = host.write_file(path, md, journal.FILE_MODE)
+  if latest then
+    ctx:say("report: %s%s", path, ok and (" (this run's: reports/" .. kept:match("[^/]+$") .. ")") or "")
+  else
+    ctx:warn("could not write the report: %s", tostring(lerr))
+  end
 end
 
 -- report.html: the whole migration from the journal and samples.jsonl, for a browser
@@ -345,6 +369,9 @@ function Playbook:main(argv)
   local cfg, cerr = config.load(opts.config)
   if not cfg then stderr("migrun: " .. tostring(cerr)) return EXIT.usage end
   local state_dir = opts.state_dir and absolute(opts.state_dir) or cfg.state_dir
+  -- Children (pg_dump, psql, workers) get what they need passed explicitly;
+  -- the secrets this run holds are never inherited.
+  proc.withhold(playbook.withheld_env(cfg))
 
   if opts.list then
     local J, jerr = journal.open(state_dir, { read_only = true })
@@ -450,6 +477,16 @@ function Playbook:main(argv)
   return code
 end
 
+-- The environment variables no child of a playbook inherits: the AWS
+-- secrets and the variables the configuration read.
+playbook.SECRET_ENV = { "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+  "MIGRUN_DMS_EMULATOR_SECRET" }
+function playbook.withheld_env(cfg)
+  local names = { table.unpack(playbook.SECRET_ENV) }
+  for _, n in ipairs(cfg.env_read or {}) do names[#names + 1] = n end
+  return names
+end
+
 -- then_run: what comes next -> { argv =, carry = { step names } }
 function Playbook:_plan_next(ctx, opts)
   local main = ctx.journal.data.main
@@ -507,7 +544,10 @@ function Playbook:_run_next(ctx, next_run)
   if ctx.dry_run then return EXIT.ok end
   io.stdout:write(os.date("%H:%M:%S "), "starting again from the beginning: ", proc.quote(next_run.argv), "\n")
   io.stdout:flush()
-  local spec = { die_with_parent = true }
+  -- the next playbook is migrun again: it needs the secrets the children don't
+  local env = {}
+  for _, name in ipairs(proc.withheld()) do env[name] = os.getenv(name) or false end
+  local spec = { die_with_parent = true, env = env }
   for i, a in ipairs(next_run.argv) do spec[i] = a end
   local h, err = proc.spawn(spec)
   if not h then

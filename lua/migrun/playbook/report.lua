@@ -1,6 +1,7 @@
 --[[
-migrun.playbook.report: the Markdown report of a playbook run, written to
-state_dir/report.md at the end of a run and when it fails. Everything comes
+migrun.playbook.report: the Markdown report of a playbook run, written at
+the end of a run and when it fails to state_dir/reports/<started>-<playbook>.md
+(one per run, never overwritten) and to state_dir/report.md (the latest). Everything comes
 from the journal (so a resumed run reports what earlier runs did too):
 
   # <title>: <migration>

@@ -98,13 +98,13 @@ Returns the counts of what it did; done.refused (the error) when it stopped
 because the source refused its writes (read-only, or its session terminated). ]]
 function demo.workload(conn, opts)
   opts = opts or {}
-  local aws = require "migrun.aws"
+  local host = require "migrun.host"
   math.randomseed(opts.seed or 1)
   local rate = opts.rate or 20
-  local deadline = opts.seconds and (aws.monotonic() + opts.seconds) or math.huge
+  local deadline = opts.seconds and (host.monotonic() + opts.seconds) or math.huge
   local done = { transactions = 0, inserts = 0, updates = 0, deletes = 0 }
   local function stop_requested()
-    if aws.monotonic() >= deadline then return true end
+    if host.monotonic() >= deadline then return true end
     if opts.stop_file then
       local f = io.open(opts.stop_file, "r")
       if f then f:close() return true end
@@ -180,7 +180,7 @@ function demo.workload(conn, opts)
       error(err, 0)
     end
     done.transactions = done.transactions + 1
-    aws.sleep(1 / rate)
+    host.sleep(1 / rate)
   end
   return done
 end

@@ -20,6 +20,7 @@ full-load tasks load nothing (they finish at once). docs/dms-emulator.md lists
 what is modelled and the choices made where the reference is UNCONFIRMED. ]]
 local socket = require "socket"
 local aws = require "migrun.aws"
+local host = require "migrun.host"
 local json = require "migrun.json"
 local dms = require "migrun.dms"
 local text = require "migrun.text"
@@ -430,7 +431,7 @@ function Emu:step(timeout)
     else
       res = self:handle(req)
     end
-    if res.delay and res.delay > 0 then socket.sleep(res.delay) end
+    if res.delay and res.delay > 0 then host.sleep(res.delay) end
     write_response(conn, res)
   end
   conn:close()

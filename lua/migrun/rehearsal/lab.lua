@@ -10,6 +10,7 @@
 --   local L <close> = assert(lab.start{})
 --   print(L.source.conninfo)       --> host=127.0.0.1 port=41234 dbname=app user=postgres
 local proc = require "migrun.proc"
+local host = require "migrun.host"
 local errors = require "migrun.error"
 local lsn = require "migrun.lsn"
 
@@ -35,17 +36,9 @@ local function trim(s)
   return (s:gsub("^%s+", ""):gsub("%s+$", ""))
 end
 
-local function sleep(seconds)
-  if has_socket then
-    socket.sleep(seconds)
-  else
-    proc.run{ "sleep", tostring(seconds) }
-  end
-end
+local sleep = host.sleep
 
-local function now()
-  return has_socket and socket.gettime() or os.time()
-end
+local now = host.monotonic
 
 local function read_file(path)
   local f = io.open(path, "rb")

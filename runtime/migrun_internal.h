@@ -1,0 +1,61 @@
+/*
+ * Declarations shared by the files of libmigrun and the migrun executable,
+ * beyond the public API of include/migrun.h (which this includes): the table
+ * of embedded Lua sources, the list of C modules, the REPL, the interrupt
+ * flag that long-running C calls poll so Ctrl-C reaches them, the clock and
+ * the sleep, and error helpers. Not installed.
+ */
+#ifndef MIGRUN_INTERNAL_H
+#define MIGRUN_INTERNAL_H
+
+#include <signal.h>
+#include <stddef.h>
+
+#include <lua.h>
+#include <lauxlib.h>
+#include <lualib.h>
+
+#include "migrun.h"
+
+/* Every lua/ source file, compiled in by cmake/embed_lua.cmake; terminated by a NULL module. */
+struct migrun_embedded {
+    const char *module;    /* "migrun.rehearsal.lab" */
+    const char *chunkname; /* "@/path/to/lua/migrun/rehearsal/lab.lua" */
+    const char *source;
+    size_t len;
+};
+extern const struct migrun_embedded migrun_embedded[];
+
+/* Every C module's luaopen_* function, declared from the list in modules.h. */
+#define MIGRUN_MODULE(name, fn) int fn(lua_State *L);
+#include "modules.h"
+#undef MIGRUN_MODULE
+
+/* The REPL (repl.c, in libmigrun but not in the Lua module migrun.so).
+ * Returns when the user ends input. */
+void migrun_repl(lua_State *L, const char *progname);
+
+/*
+ * Ctrl-C (call.c; the public part is in migrun.h). The signal handler only
+ * sets this flag and a count hook on the state being run; Lua code is
+ * interrupted by the hook, and C code blocked in poll()/waitpid() must check
+ * the flag (poll returns EINTR) and call migrun_check_interrupt().
+ */
+extern volatile sig_atomic_t migrun_interrupt_pending;
+/* Clears the flag and the hook (for C code that raises the error itself). */
+void migrun_interrupt_consume(lua_State *L);
+/* Consumes the interrupt and raises migrun_push_interrupted(L, where). */
+int migrun_raise_interrupted(lua_State *L, const char *where);
+
+/* host.c: the one monotonic clock (seconds) for every deadline, and the one
+ * sleep, which raises the interrupted error on Ctrl-C. */
+double migrun_monotonic(void);
+void migrun_sleep(lua_State *L, double seconds);
+/* host.monotonic and host.sleep, also registered as aws.monotonic, aws.sleep */
+int migrun_host_monotonic(lua_State *L);
+int migrun_host_sleep(lua_State *L);
+
+/* err.c: sets t[key] = value on the error (or any table) at idx, if value != NULL. */
+void migrun_setfield(lua_State *L, int idx, const char *key, const char *value);
+
+#endif

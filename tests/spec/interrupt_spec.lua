@@ -1,0 +1,77 @@
+-- Ctrl-C raises one error value whoever notices it: the hook that stops Lua
+-- code, a C call blocked in poll/waitpid/nanosleep (migrun.proc, the sleeps),
+-- a transfer in flight (migrun.aws) or a statement (migrun.pg, in pg_spec):
+-- a migrun error of kind "interrupted", message "interrupted!", that prints
+-- as "interrupted!" (or "[where] interrupted!") and, uncaught, with a traceback.
+local proc = require "migrun.proc"
+local stub = require "helpers.http_stub"
+local MIGRUN = os.getenv("MIGRUN_BIN") or "build/migrun"
+
+-- Runs code (after `ready` is printed, it blocks) in a child migrun, sends
+-- one SIGINT once it is ready; -> stdout, stderr, exit code
+local function interrupt(code)
+  local h = assert(proc.spawn{ MIGRUN, "-e", code, stdout = "capture", stderr = "capture" })
+  for _ = 1, 400 do
+    if h.stdout:find("ready\n", 1, true) then break end
+    h:wait(0.05)
+  end
+  h:wait(0.2) -- blocked by now
+  h:kill("INT")
+  local ok, how, status = h:wait(30)
+  assert(how ~= "timeout", "the child did not stop: " .. h.stdout .. h.stderr)
+  local out, err = h.stdout, h.stderr
+  h:close()
+  return out, err, status, ok
+end
+
+-- what a caught interrupt looks like from Lua
+local CAUGHT = [[
+  local ok, e = pcall(function() io.stdout:write("ready\n") io.stdout:flush() %s end)
+  print(ok, type(e), e.kind, e.message, tostring(e), require("migrun.error").is(e))
+]]
+local EXPECTED = "ready\nfalse\ttable\tinterrupted\tinterrupted!\tinterrupted!\ttrue\n"
+
+describe("Ctrl-C", function()
+  local blockers = {
+    ["Lua code (the hook)"] = "while true do end",
+    ["proc:wait"] = "require('migrun.proc').spawn{ 'sleep', '60' }:wait()",
+    ["proc.run"] = "require('migrun.proc').run{ 'sleep', '60' }",
+    ["aws.sleep"] = "require('migrun.aws').sleep(60)",
+    ["host.sleep"] = "require('migrun.host').sleep(60)",
+  }
+  for what, code in pairs(blockers) do
+    it("raises the interrupted error from " .. what, function()
+      local out, err, status = interrupt(CAUGHT:format(code))
+      assert.equal(EXPECTED, out, err)
+      assert.equal(0, status, err)
+    end)
+  end
+
+  it("raises the interrupted error from an AWS request in flight", function()
+    local s = stub.start[[ return function() return { delay = 30, status = 200, body = "{}" } end ]]
+    local out, err = interrupt(CAUGHT:format(
+      ("require('migrun.aws').request{ url = %q, timeout = 60 }"):format(s.url)))
+    s:close()
+    assert.equal(EXPECTED, out, err)
+  end)
+
+  it("prints the uncaught error as before, with a traceback, exit status 1", function()
+    for _, code in ipairs{ "while true do end", "require('migrun.proc').spawn{ 'sleep', '60' }:wait()" } do
+      local out, err, status = interrupt("io.stdout:write('ready\\n') io.stdout:flush() " .. code)
+      assert.equal("ready\n", out)
+      assert.equal(1, status)
+      assert.matches("^[^\n]*migrun: interrupted!\nstack traceback:\n", err)
+      assert.matches("(command line):1: in main chunk", err, 1, true)
+    end
+  end)
+
+  it("is consumed once: code that catches it runs on, and a later C call is not interrupted", function()
+    local out, err, status = interrupt([[
+      local ok, e = pcall(function() io.stdout:write("ready\n") io.stdout:flush() while true do end end)
+      print(e.kind)
+      print(require("migrun.proc").run{ "sh", "-c", "sleep 0.3; echo slept" })
+    ]])
+    assert.equal(0, status, err)
+    assert.equal("ready\ninterrupted\ntrue\texit\t0\tslept\n\t\n", out)
+  end)
+end)
