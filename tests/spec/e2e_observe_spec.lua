@@ -14,7 +14,6 @@ local cdc = require "migrun.cdc"
 local live = require "migrun.playbook.live"
 local host = require "migrun.host"
 local proc = require "migrun.proc"
-local aws = require "migrun.aws"
 local socket = require "socket"
 local cjson = require "cjson"
 
@@ -46,12 +45,12 @@ describe("watching a migration", function()
 
   -- Waits for a process while serving the webhook; -> ok, how, code
   local function pump(h, seconds)
-    local deadline = aws.monotonic() + (seconds or 600)
+    local deadline = host.monotonic() + (seconds or 600)
     while true do
       local ok, how, code = h:wait(0.02)
       serve_hooks(0.02)
       if how ~= "timeout" then return ok, how, code end
-      if aws.monotonic() > deadline then h:kill("KILL") h:wait() return nil, "timeout" end
+      if host.monotonic() > deadline then h:kill("KILL") h:wait() return nil, "timeout" end
     end
   end
 
@@ -72,12 +71,12 @@ describe("watching a migration", function()
     end
     -- serves the webhook until cond() or the process ends
     function r.wait_for(cond, seconds)
-      local deadline = aws.monotonic() + (seconds or 300)
+      local deadline = host.monotonic() + (seconds or 300)
       while not cond() do
         local _, how = r.h:wait(0.02)
         serve_hooks(0.02)
         if how ~= "timeout" then error("the playbook ended first:\n" .. r.output()) end
-        if aws.monotonic() > deadline then error("timed out waiting:\n" .. r.output()) end
+        if host.monotonic() > deadline then error("timed out waiting:\n" .. r.output()) end
       end
     end
     function r.finish()

@@ -190,7 +190,7 @@ describe("the lock, looked at without taking it", function()
     -- another process holds it: seen held, and looking did not take it
     local h = assert(proc.spawn{ MIGRUN, "-e", ([[
       local l = assert(require("migrun.host").lock(%q))
-      while true do require("migrun.aws").sleep(1) end]]):format(dir .. "/lock"), stdin = false, stdout = "capture" })
+      while true do require("migrun.host").sleep(1) end]]):format(dir .. "/lock"), stdin = false, stdout = "capture" })
     local deadline = host.monotonic() + 10
     while not live.lock_state(dir).held and host.monotonic() < deadline do h:wait(0.05) end
     st = live.lock_state(dir)

@@ -83,7 +83,7 @@ describe("playbooks/status.lua", function()
     -- another migrun holds the state directory, as a running playbook does
     holder = assert(proc.spawn{ MIGRUN, "-e", ([[
       local l = assert(require("migrun.host").lock(%q))
-      while true do require("migrun.aws").sleep(1) end]]):format(state .. "/lock"), stdin = false })
+      while true do require("migrun.host").sleep(1) end]]):format(state .. "/lock"), stdin = false })
     local deadline = host.monotonic() + 10
     while not live.lock_state(state).held and host.monotonic() < deadline do holder:wait(0.05) end
     assert(live.progress_writer(state):save({ pid = holder.pid, playbook = "full", step = "full_load",
