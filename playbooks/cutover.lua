@@ -168,6 +168,8 @@ P:step{ "checklist", "The cutover checklist and the commands to roll back",
     for i, line in ipairs(cl.steps) do numbered[i] = { i, line } end
     ctx:report_table("Cutover checklist", { "#", "do" }, numbered)
     ctx:report_table("Roll back", { "what", "how" }, cl.rollback)
+    ctx:notify("cutover_done", "the cutover is done: the tasks are stopped; the checklist is in the report",
+      { checklist = cl.steps })
     return { rollback = cl.rollback }
   end }
 

@@ -210,15 +210,13 @@ P:step{ "dms_start", "Start the tasks one by one",
 
 P:step{ "catch_up", "Watch the tasks catch up; final QA against the primary", always = true,
   run = function(ctx)
-    local watch = steps.watch_options(ctx)
     local bar = ctx:progress{ label = "tasks caught up", total = #plan(ctx), unit = "tasks" }
-    watch.on_status = function(st)
-      bar:update(cdc.caught_up(st, watch.lag_bytes),
+    local watch = steps.watch_options(ctx, function(st)
+      bar:update(cdc.caught_up(st, ctx.config.dms.catch_up.lag_bytes),
         ("largest lag %s, %d apply exception(s)"):format(text.bytes(st.max_lag), st.exceptions))
-    end
+    end)
     local st = assert(cdc.watch(ctx:dms(), plan(ctx), ctx.facts.dms_setup.tasks, watch))
     bar:finish("every task has caught up")
-    watch.on_status = nil
     ctx:report_table("DMS tasks", cdc.status_table(st))
     if st.exceptions > 0 then ctx:warn("%d row(s) in awsdms_apply_exceptions: look at them before cutover", st.exceptions) end
     local r, why = steps.live_qa(ctx, plan(ctx), tables(ctx), "Final QA (primary vs target)")
@@ -228,6 +226,8 @@ P:step{ "catch_up", "Watch the tasks catch up; final QA against the primary", al
     if not lob then return nil, lwhy end
     ctx:say("READY FOR CUTOVER: %d tasks running, largest lag %s, %d QA checks equal",
       #st.rows, text.bytes(st.max_lag), #r.checks)
+    ctx:notify("ready_for_cutover", ("%d tasks running, largest lag %s, %d QA checks equal"):format(#st.rows,
+      text.bytes(st.max_lag), #r.checks), { tasks = #st.rows, max_lag = st.max_lag, exceptions = st.exceptions })
     return { ready = true, max_lag = st.max_lag, exceptions = st.exceptions }
   end,
   dry_run = "would watch every task catch up (writing a fence row into " .. fence.KEY .. " on the primary "

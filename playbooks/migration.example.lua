@@ -177,4 +177,32 @@ return {
   -- attempt skips the schema step); "drop_schema" drops the migrated schemas
   -- and restores them from a fresh dump (when the schema itself was wrong).
   restart = { target = "truncate" },
+
+  -- Notifications: a migration runs for days and nobody watches the terminal.
+  -- Each event goes to a command and/or a webhook as JSON: { event, migration,
+  -- playbook, step, message, time, host, details }, secrets masked. Events:
+  -- step_failed, run_failed, wal_guard_warn, wal_guard_stop (once when reached),
+  -- task_failed, ready_for_cutover, cutover_done. A channel that fails or
+  -- takes longer than timeout seconds is a warning in the log, never a reason
+  -- to stop the migration.
+  notify = {
+    -- An argv list, run without a shell; the JSON comes on its stdin and
+    -- MIGRUN_EVENT names the event. Left out: no command.
+    command = { "/usr/local/bin/post-to-chat", "--channel", "#db-migration" },
+    -- POSTed the JSON (Content-Type: application/json). The URL is never
+    -- logged (a chat webhook's URL is its secret): keep it in the environment.
+    webhook = os.getenv("MIGRATION_WEBHOOK_URL"),
+    -- Extra headers of the webhook, e.g. a token; never logged.
+    headers = { Authorization = os.getenv("MIGRATION_WEBHOOK_TOKEN") },
+    -- Only these events (left out: all of them).
+    events = nil,
+    timeout = 5,
+  },
+
+  -- Metrics: OpenMetrics/Prometheus on http://<listen>/metrics while a
+  -- playbook runs (docs/metrics.md: every metric, alerts, Grafana queries).
+  -- Served by a child process that reads the state directory and the
+  -- primary over its own read-only connection: scraping never slows the run.
+  -- Left out: no metrics. Watching without Prometheus: playbooks/status.lua.
+  metrics = { listen = "127.0.0.1:9187", interval = 5 },
 }

@@ -294,6 +294,13 @@ function fullload.run(opts)
       local w = workers[ev.stream]
       if ev.event == "start" then
         w.current = ev.table
+        -- a table under way shows at once, before its first bytes (its TRUNCATE may wait for a lock)
+        moving[ev.table] = { bytes = 0, rows = 0 }
+        if opts.on_progress then
+          local b, r = bytes_done, rows_done
+          for _, m in pairs(moving) do b, r = b + m.bytes, r + m.rows end
+          opts.on_progress(b, bytes_total, r, { table = ev.table, stream = ev.stream, pid = w.pid, bytes = 0, rows = 0 })
+        end
       elseif ev.event == "progress" then
         moving[ev.table] = { bytes = int(ev.bytes), rows = int(ev.rows) }
         if opts.on_progress then

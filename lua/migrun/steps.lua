@@ -18,7 +18,12 @@ playbook keeps only the line that says which tables.
   steps.quick_qa(ctx, tables) -> facts | nil, why
       per-month and exact counts, replica against target, into the report;
       a difference fails the step with the table of them.
-  steps.watch_options(ctx) -> the cdc.watch options from config.dms.catch_up
+  steps.watch_options(ctx [, on_status]) -> the cdc.watch options from
+      config.dms.catch_up; every poll is also observed (steps.observe), then
+      given to on_status(st)
+  steps.observe(ctx, st) -> a cdc status seen by people: the slots' lag into
+      samples.jsonl (for `status`, the metrics and report.html), and a
+      task_failed notification the first time a task is seen failed or stopped
   steps.no_truncation(ctx, groups, tables, tasks, title, opts) -> facts | nil, why
       no LOB value was cut by DMS (migrun.lobs): the tasks' CloudWatch logs
       hold no truncation warning and every LOB column in limited LOB mode has
@@ -47,15 +52,20 @@ local function say(ctx) return function(line) ctx:say("%s", line) end end
 
 function steps.load(ctx, tables, at, title)
   local loaded = ctx.facts[ctx.step].loaded or {}
-  local total = 0
-  for _, t in ipairs(tables) do total = total + (t.bytes or 0) end
+  local total, size = 0, {}
+  for _, t in ipairs(tables) do
+    total = total + (t.bytes or 0)
+    size[text.key(t)] = t.bytes
+  end
   local bar = ctx:progress{ label = title, total = total, unit = "bytes" }
   local result = assert(fullload.run{
     replica = ctx.config.replica.conninfo, target = ctx.config.target.conninfo,
     tables = tables, jobs = ctx.config.full_load.jobs, done = loaded,
     expect_replay_lsn = at, dry_run = ctx.dry_run, echo = say(ctx),
     on_progress = function(done, _, rows, detail)
-      bar:update(done, ("%s, %d rows"):format(detail and detail.table or "", rows or 0))
+      bar:update(done, ("%s, %d rows"):format(detail and detail.table or "", rows or 0), { rows = rows,
+        part = detail and { key = "stream " .. detail.stream, name = detail.table, done = detail.bytes,
+                            total = size[detail.table], rows = detail.rows } })
     end,
     on_table = function(r)
       loaded[r.table] = r
@@ -101,10 +111,32 @@ function steps.quick_qa(ctx, tables)
   return { checks = #r.checks, seed = r.seed }
 end
 
-function steps.watch_options(ctx)
+function steps.watch_options(ctx, on_status)
   local c = ctx.config.dms.catch_up
   return { name = ctx.config.name, source = ctx.source, target = ctx.target, lag_bytes = c.lag_bytes,
-           timeout = c.timeout, poll = c.poll, sleep = function(t) ctx:sleep(t) end }
+           timeout = c.timeout, poll = c.poll, sleep = function(t) ctx:sleep(t) end,
+           on_status = function(st)
+             steps.observe(ctx, st)
+             if on_status then on_status(st) end
+           end }
+end
+
+function steps.observe(ctx, st)
+  local tasks = {}
+  for _, r in ipairs(st.rows) do
+    tasks[#tasks + 1] = { slot = r.slot, task = r.task, status = r.status, exceptions = r.exceptions,
+                          lag_bytes = r.lag_bytes ~= math.huge and r.lag_bytes or nil }
+    local s = tostring(r.status):lower()
+    ctx._seen_failed = ctx._seen_failed or {}
+    if (s == "failed" or s == "stopped") and not ctx._seen_failed[r.task] then
+      ctx._seen_failed[r.task] = true
+      ctx:notify("task_failed", ("the DMS task %s (%s) is %s%s"):format(r.task, r.slot, s,
+        r.failure and (": " .. tostring(r.failure)) or ""),
+        { task = r.task, slot = r.slot, status = r.status, failure = r.failure })
+    end
+  end
+  ctx:sample_slots("cdc", { tasks = tasks, exceptions = st.exceptions,
+    max_lag = st.max_lag ~= math.huge and st.max_lag or nil })
 end
 
 -- The CloudWatch Logs client for the task logs: dms.logs_endpoint_url, else

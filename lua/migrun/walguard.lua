@@ -126,12 +126,22 @@ end
 
 --[[ walguard.watcher() -> the watcher spec playbooks register with P:watch:
      every wal_guard.interval seconds, a check; "warn" is said, "stop" ends
-     the run with the advice. ]]
+     the run with the advice. Each check is also a reading of the slots for
+     samples.jsonl, and a level reached (warn, stop) is a notification: once
+     when it is reached, not every interval while it lasts. ]]
 function walguard.watcher()
+  local notified
   return { "wal_guard", interval = function(ctx) return ctx.config.wal_guard.interval end,
     run = function(ctx)
       local g = assert(walguard.check(ctx.source, ctx.replica, ctx.config.wal_guard,
         { prefix = ctx.config.slots.prefix }))
+      ctx:sample_slots("wal_guard", { level = g.level, replica_free_bytes = g.replica_free_bytes })
+      if g.level ~= "ok" and notified ~= g.level then
+        ctx:notify("wal_guard_" .. g.level, g.message, { retained_bytes = g.retained_bytes,
+          replica_free_bytes = g.replica_free_bytes, warn_bytes = ctx.config.wal_guard.warn_bytes,
+          stop_bytes = ctx.config.wal_guard.stop_bytes })
+      end
+      notified = g.level ~= "ok" and g.level or nil
       if g.level == "stop" then error(g.message, 0) end
       if g.level == "warn" then ctx:warn("%s", g.message) end
     end }

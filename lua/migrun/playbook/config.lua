@@ -28,6 +28,7 @@ its type, default and documentation), fills the defaults and resolves paths.
 local pg = require "migrun.pg"
 local host = require "migrun.host"
 local errors = require "migrun.error"
+local notify = require "migrun.playbook.notify"
 
 local config = {}
 
@@ -234,6 +235,41 @@ config.SCHEMA = record({
       doc = "how full_restart.lua empties the target: truncate the migrated tables (the schema, "
         .. "indexes and roles stay) or drop_schema (drop the migrated schemas and restore them again)" } },
   }, { doc = "restarts (playbooks/partial_restart.lua, playbooks/full_restart.lua)" }) },
+  { "notify", record({
+    { "command", list(str{}, { expected = "a command as an argv list { \"prog\", \"arg\", ... }",
+      doc = "run on each event, without a shell, with the event's JSON on its stdin and MIGRUN_EVENT "
+        .. "set (e.g. a script that posts to the team's chat)" }) },
+    { "webhook", str{ secret = true, expected = "an http:// or https:// URL",
+      check = function(v) if not v:match("^https?://[^%s]+$") then return "an http:// or https:// URL" end end,
+      doc = "POSTed the event's JSON (Content-Type: application/json); the URL is never logged" } },
+    { "headers", map(str{}, str{ secret = true }, { default = {},
+      doc = "extra headers of the webhook, e.g. Authorization (from os.getenv); never logged" }) },
+    { "events", list(str{ expected = "an event name",
+      check = function(v)
+        if not notify.KNOWN[v] then
+          local names = {}
+          for _, e in ipairs(notify.EVENTS) do names[#names + 1] = e[1] end
+          return "one of " .. table.concat(names, ", ")
+        end
+      end }, { doc = "the events sent (default: all of them)" }) },
+    { "timeout", seconds(5, "seconds each channel may take before it is given up (the migration goes on)", 0.1) },
+  }, { doc = "notifications (command and/or webhook) on failures, WAL guard warnings, ready for cutover, "
+         .. "cutover done",
+       check = function(v)
+         if v.command and #v.command == 0 then return "command = { \"prog\", ... } with at least the program" end
+       end }) },
+  { "metrics", record({
+    { "listen", str{ expected = 'an address "host:port", e.g. "127.0.0.1:9187"',
+      check = function(v)
+        local h, p = v:match("^%[([%x:]+)%]:(%d+)$")
+        if not h then h, p = v:match("^([%w.-]+):(%d+)$") end
+        if not h or tonumber(p) > 65535 then return 'an address "host:port", e.g. "127.0.0.1:9187"' end
+      end,
+      doc = "serve OpenMetrics (Prometheus) on http://<listen>/metrics while a playbook runs (default: "
+        .. "no metrics); port 0 picks a free one, said when the run starts" } },
+    { "interval", seconds(5, "seconds between the metrics server's own readings of the primary "
+        .. "(for the lag in time)", 1) },
+  }, { doc = "metrics (docs/metrics.md)" }) },
 })
 
 ---------------------------------------------------------------------------

@@ -6,6 +6,13 @@ report tables and the cooperative sleep that runs watchers while it waits.
 
   context.new(P, fields) -> ctx      (the runner's; fields: config, dry_run,
       yes, args, state_dir, journal, resuming, facts, main)
+
+What other processes see of a run (migrun.playbook.live): every progress bar
+saves its snapshot to state_dir/progress.json at most every 2 seconds;
+ctx:sample_slots(kind, extra) appends the primary's WAL position and the
+slots' lag to state_dir/samples.jsonl; ctx:notify(event, message, details)
+sends a notification (migrun.playbook.notify). None of them writes in a dry
+run, and none of them can stop the run.
 ]]
 local host = require "migrun.host"
 local proc = require "migrun.proc"
@@ -14,6 +21,8 @@ local db = require "migrun.db"
 local errors = require "migrun.error"
 local journal = require "migrun.playbook.journal"
 local progress = require "migrun.playbook.progress"
+local live = require "migrun.playbook.live"
+local notify = require "migrun.playbook.notify"
 
 local context = {}
 
@@ -146,9 +155,96 @@ function Ctx:progress(opts)
   local bar = progress.new{ label = opts.label, total = opts.total, unit = opts.unit,
     interval = opts.interval, tty = opts.tty,
     say = function(line) ctx:_emit(line) end,
+    on_record = function(b, now) ctx:_save_progress(b, now) end,
     on_tick = function() ctx:run_watchers() end }
   self._bar = bar
   return bar
+end
+
+-- progress.json: the bar's snapshot with who and where, for `status` and the metrics
+function Ctx:_save_progress(bar, now)
+  if self.dry_run then return end
+  self._progress_writer = self._progress_writer or live.progress_writer(self.state_dir)
+  local rec = self._record or {}
+  local ok, err = self._progress_writer:save({ pid = host.pid, migration = self.config.name,
+    playbook = self.playbook.name, step = self.step, step_started_at = rec.started_at,
+    progress = bar:snapshot() }, now or bar.finished)
+  if not ok and not self._progress_warned then
+    self._progress_warned = true
+    self:warn("could not save the progress for `status`: %s", tostring(err))
+  end
+end
+
+--[[ ctx:sample_slots(kind, extra) -> sample | nil
+     One reading of the primary's WAL position and migrun's slots (lag, retained
+     WAL, lag in time) appended to samples.jsonl with extra's fields (tasks,
+     exceptions, level...); at most one a second of each kind. A failed reading is logged and
+     skipped: sampling never stops a run. ]]
+function Ctx:sample_slots(kind, extra)
+  if self.dry_run then return nil end
+  local now = host.now()
+  -- at most one a second of each kind: one kind never hides another's reading
+  self._last_sample = self._last_sample or {}
+  if self._last_sample[kind] and now - self._last_sample[kind] < 1 then return nil end
+  local src, cerr = self:connect("source")
+  local r, err = nil, cerr
+  if src then r, err = live.slots(src, { prefix = self.config.slots.prefix }) end
+  if not r then
+    self:_log("sample: could not read the slots: " .. tostring(err))
+    return nil
+  end
+  self._last_sample[kind] = now
+  if not self._history then
+    self._history = {}
+    for _, s in ipairs(live.read_samples(self.state_dir, { limit = 500 })) do
+      self._history[#self._history + 1] = { t = s.t, wal_lsn = s.wal_lsn }
+    end
+  end
+  local sample = { t = r.at or now, at = journal.timestamp(r.at or now), kind = kind, playbook = self.playbook.name,
+                   step = self.step, wal_lsn = tostring(r.wal_lsn), retained_bytes = 0, slots = {} }
+  for _, sl in ipairs(r.slots) do
+    if sl.owned then
+      local secs = sl.replay_lag_seconds
+      if secs == nil and sl.confirmed_flush_lsn then
+        local exact
+        secs, exact = live.lag_seconds(self._history, sl.confirmed_flush_lsn, sample.t, r.wal_lsn)
+        if not exact then secs = nil end
+      end
+      sample.slots[#sample.slots + 1] = { slot = sl.name, lag_bytes = sl.lag_bytes, lag_seconds = secs,
+        retained_bytes = sl.retained_bytes, active = sl.active,
+        confirmed_flush_lsn = sl.confirmed_flush_lsn and tostring(sl.confirmed_flush_lsn) or nil }
+      sample.retained_bytes = sample.retained_bytes + (sl.retained_bytes or 0)
+    end
+  end
+  for k, v in pairs(extra or {}) do sample[k] = v end
+  self._history[#self._history + 1] = { t = sample.t, wal_lsn = sample.wal_lsn }
+  if #self._history > 1000 then table.remove(self._history, 1) end
+  local ok, werr = live.append_sample(self.state_dir, sample)
+  if not ok then self:_log("sample: " .. tostring(werr)) end
+  return sample
+end
+
+--[[ ctx:notify(event, message [, details]) -> what notify.send did
+     An event of notify.EVENTS for the people watching: logged, and sent as
+     the config's notify section says. Never raises for the world failing. ]]
+function Ctx:notify(event, message, details)
+  assert(notify.KNOWN[event], "ctx:notify: unknown event " .. tostring(event))
+  self:_log(("event %s: %s"):format(event, mask(message)))
+  self._events = self._events or {}
+  self._events[event] = (self._events[event] or 0) + 1
+  local cfg = self.config.notify
+  if not notify.wanted(cfg, event) then return {} end
+  local secrets = {}
+  for _, name in ipairs{ "source", "replica", "target" } do
+    if self.config[name] then secrets[#secrets + 1] = self.config[name].conninfo end
+  end
+  local body = notify.body{ event = event, migration = self.config.name, playbook = self.playbook.name,
+    step = self.step, message = message, details = details, secrets = secrets }
+  local ctx = self
+  return notify.send(cfg, body, { dry_run = self.dry_run,
+    say = function(line) ctx:say("%s", line) end,
+    warn = function(line) ctx:warn("%s", line) end,
+    log = function(line) ctx:_log(line) end })
 end
 
 function Ctx:confirm(what)

@@ -82,6 +82,15 @@ and watchers)
       columns { key, title } and rows of records keyed by column key, or
       positional rows (migrun.text.markdown)
   ctx:sleep(seconds)        runs due watchers while waiting
+  ctx:notify(event, message [, details])   a notification (config notify;
+      migrun.playbook.notify): the runner sends step_failed and run_failed
+  ctx:sample_slots(kind [, extra])   the slots' lag into samples.jsonl
+
+Watching a run from elsewhere (migrun.playbook.live): the progress bars save
+state_dir/progress.json, playbooks/status.lua reads it with the journal and
+the lock; with config metrics.listen a child serves OpenMetrics for the
+run's length (migrun.playbook.metrics); state_dir/report.html is written
+beside report.md (migrun.playbook.html).
 ]]
 local host = require "migrun.host"
 local proc = require "migrun.proc"
@@ -92,6 +101,8 @@ local config = require "migrun.playbook.config"
 local context = require "migrun.playbook.context"
 local journal = require "migrun.playbook.journal"
 local report = require "migrun.playbook.report"
+local html = require "migrun.playbook.html"
+local metrics = require "migrun.playbook.metrics"
 
 local playbook = {}
 
@@ -270,6 +281,41 @@ function Playbook:_finish_report(ctx, run)
   end
 end
 
+-- report.html: the whole migration from the journal and samples.jsonl, for a browser
+function Playbook:_finish_html(ctx)
+  if ctx.dry_run then return end
+  local okr, page = pcall(html.render, { journal = ctx.journal, playbook = self, state_dir = ctx.state_dir,
+                                         config = ctx.config })
+  local path = ctx.state_dir .. "/report.html"
+  local ok, err = okr, page
+  if okr then ok, err = host.write_file(path, page, journal.FILE_MODE) end
+  if ok then ctx:say("report: %s", path) else ctx:warn("could not write the HTML report: %s", one_line(err)) end
+end
+
+-- The notification of a run that failed: the failed step's, or the run's.
+function Playbook:_notify_failure(ctx, run, failure)
+  ctx.step = run.failed_step
+  pcall(ctx.notify, ctx, run.failed_step and "step_failed" or "run_failed", one_line(failure),
+    { step = run.failed_step, run_started_at = run.started_at })
+  ctx.step = nil
+end
+
+-- config metrics.listen: the OpenMetrics server, a child for this run's length
+function Playbook:_start_metrics(ctx, run)
+  local m = ctx.config.metrics
+  if ctx.dry_run or not (m and m.listen) then return nil end
+  local server, err = metrics.start{ listen = m.listen, interval = m.interval, state_dir = ctx.state_dir,
+    source = ctx.config.source.conninfo, prefix = ctx.config.slots.prefix, migration = ctx.config.name,
+    guard = ctx.config.wal_guard }
+  if not server then
+    ctx:warn("metrics: %s; the run goes on without them", one_line(err))
+    return nil
+  end
+  run.metrics = server.url
+  ctx:say("metrics: %s", server.url)
+  return server
+end
+
 function Playbook:list(J)
   local steps = J:steps(self.name)
   local lines = {}
@@ -388,6 +434,7 @@ function Playbook:main(argv)
     if not ok then stderr("migrun: " .. tostring(err)) return EXIT.failed end
   end
   ctx:say("%s: %s (migration %s)%s", self.name, self.title, cfg.name, dry_run and ", DRY RUN" or "")
+  local metrics_server = self:_start_metrics(ctx, run)
 
   local code, failure = self:_run(ctx, opts, run)
 
@@ -399,7 +446,10 @@ function Playbook:main(argv)
     if type(failure) == "string" and failure:find("\n") then ctx:_log(failure) end
   end
   if not dry_run then J:save() end
+  if failure and code == EXIT.failed then self:_notify_failure(ctx, run, failure) end
   self:_finish_report(ctx, run)
+  self:_finish_html(ctx)
+  if metrics_server then metrics_server:close() end
   if code == EXIT.ok then ctx:say("%s: done", self.name) end
   local after = code == EXIT.ok and self.after and not opts.only
   local next_run
@@ -634,12 +684,13 @@ function Playbook:_run_step(ctx, s, run)
   local now = host.now()
   ctx.step, ctx._record = nil, nil
   if ctx.dry_run then
-    if failure then return EXIT.failed, failure end
+    if failure then run.failed_step = s.name return EXIT.failed, failure end
     ctx:say("%s: dry run done (%s)", s.name, text.duration(now - t0))
     return EXIT.ok
   end
   rec.facts = ctx.facts[s.name]
   set_status(rec, failure and "failed" or "done", t0, now, failure)
+  if failure then run.failed_step = s.name end
   local saved, serr = J:save()
   if failure then return EXIT.failed, ("%s failed: %s"):format(s.name, tostring(failure)) end
   if not saved then return EXIT.failed, serr end

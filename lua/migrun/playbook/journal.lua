@@ -132,7 +132,8 @@ local function exists(path)
 end
 
 --[[ journal.set_aside(state_dir) -> dir | false (nothing to set aside) | nil, err
-     Moves journal.json, report.md, reports/ and migrun.log into
+     Moves journal.json, report.md, reports/, migrun.log, report.html,
+     samples.jsonl and progress.json into
      state_dir/attempt-<n>/ (n: the first unused number). The caller holds the
      state directory. ]]
 function journal.set_aside(state_dir)
@@ -142,7 +143,8 @@ function journal.set_aside(state_dir)
   local dir = ("%s/attempt-%d"):format(state_dir, n)
   local ok, err = host.mkdir(dir, journal.DIR_MODE)
   if not ok then return nil, err end
-  for _, f in ipairs{ "journal.json", "report.md", "reports", "migrun.log" } do
+  for _, f in ipairs{ "journal.json", "report.md", "reports", "migrun.log", "report.html", "samples.jsonl",
+                      "progress.json" } do
     if exists(state_dir .. "/" .. f) then
       local moved, merr = os.rename(state_dir .. "/" .. f, dir .. "/" .. f)
       if not moved then
