@@ -327,6 +327,10 @@ function preflight.run(args)
           add("source", "pglogical extension", false, "warning",
             "pglogical " .. available .. " is preloaded but not created in this database: "
             .. "the slots step will CREATE EXTENSION pglogical", "or create it yourself before the run")
+        elseif available then
+          add("source", "pglogical extension", false, "error",
+            "pglogical " .. available .. " is available but not installed in this database, nor preloaded",
+            "add pglogical to shared_preload_libraries and restart; the slots step then creates the extension")
         else
           add("source", "pglogical extension", false, "error", "pglogical is not installed on the server",
             ("install the package postgresql-%s-pglogical, preload it, then CREATE EXTENSION pglogical"):format(

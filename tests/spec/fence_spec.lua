@@ -39,7 +39,8 @@ describe("migrun.fence", function()
   end
 
   setup(function()
-    L = assert(lab.start{ dms = { delays = { task_create = 0.1, task_start = 0.1, task_stop = 0.1,
+    -- the specs make tables on the target by hand: its superuser, not the RDS-like role
+    L = assert(lab.start{ target_superuser = true, dms = { delays = { task_create = 0.1, task_start = 0.1, task_stop = 0.1,
       connection = 0.1, cdc_poll = 0.1 } } })
     client = assert(L:dms_client())
     instance_arn = assert(client:describe_replication_instances())[1].ReplicationInstanceArn

@@ -57,7 +57,7 @@ describe("migrun.pg", function()
       assert.matches("host=127.0.0.1", s, 1, true)
       assert.matches("port=" .. L.target.port, s, 1, true)
       assert.matches("dbname=app", s, 1, true)
-      assert.matches("user=postgres", s, 1, true)
+      assert.matches("user=" .. L.target.conninfo:match("user=(%S+)"), s, 1, true)
       local a = assert(pg.connect(L.target.migrun_conninfo .. " password=" .. L.password,
         { name = "target" }))
       assert.is_nil(tostring(a):find(L.password, 1, true))
