@@ -19,7 +19,8 @@ describe("restart playbooks", function()
   local R, client, MAIN
 
   setup(function()
-    R = H.rehearsal(NAME)
+    -- page_views has no primary key: its updates cannot replicate, the cutover counts its rows
+    R = H.rehearsal(NAME, { config = { cutover = { count_only = { "public.page_views" } } } })
     client = assert(R.lab:dms_client())
     MAIN = H.copy_main(R, "billing")
   end)
