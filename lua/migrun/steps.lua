@@ -48,7 +48,6 @@ local text = require "migrun.text"
 
 local steps = {}
 
-local function say(ctx) return function(line) ctx:say("%s", line) end end
 
 function steps.load(ctx, tables, at, title)
   local loaded = ctx.facts[ctx.step].loaded or {}
@@ -61,7 +60,7 @@ function steps.load(ctx, tables, at, title)
   local result = assert(fullload.run{
     replica = ctx.config.replica.conninfo, target = ctx.config.target.conninfo,
     tables = tables, jobs = ctx.config.full_load.jobs, done = loaded,
-    expect_replay_lsn = at, dry_run = ctx.dry_run, echo = say(ctx),
+    expect_replay_lsn = at, dry_run = ctx.dry_run, echo = ctx.print,
     on_progress = function(done, _, rows, detail)
       bar:update(done, ("%s, %d rows"):format(detail and detail.table or "", rows or 0), { rows = rows,
         part = detail and { key = "stream " .. detail.stream, name = detail.table, done = detail.bytes,
@@ -82,7 +81,7 @@ function steps.restore_indexes(ctx, schema_facts, tables)
   local dump = { file = schema_facts.dump, list = schema_facts.list,
                  tools = assert(schema.tools(ctx.target.conn:server_version())) }
   assert(schema.restore_missing(ctx.config.target.conninfo, dump, ctx.replica, ctx.target, tables,
-    { jobs = ctx.config.full_load.jobs, dry_run = ctx.dry_run, echo = say(ctx) }))
+    { jobs = ctx.config.full_load.jobs, dry_run = ctx.dry_run, echo = ctx.print }))
   return steps.verify_indexes(ctx, tables)
 end
 
