@@ -16,6 +16,8 @@ log stays readable.
                 on_tick = function() (called on every update: the playbook runs
                       its due watchers there) } -> bar
   bar:update(done [, detail])   bar:finish([summary])   (finish is idempotent)
+  bar:abandon()   work that did not finish (the step failed or was stopped):
+                  "copy public.orders: stopped at 476.8 MiB of 953.7 MiB (50%)"
   progress.amount(n, unit) -> "1.5 GiB" | "1,234 rows" | "1234"
 ]]
 local host = require "migrun.host"
@@ -108,6 +110,15 @@ function Bar:finish(summary)
            text.duration(host.monotonic() - self.started)
   end
   self.say(line)
+end
+
+function Bar:abandon()
+  if self.finished then return end
+  self.finished = true
+  self:clear()
+  self.live = false
+  local line = self:line()
+  self.say(self.label .. ": stopped at " .. line:sub(#self.label + 3):gsub(", [^,]* left$", ""))
 end
 
 progress.Bar = Bar
