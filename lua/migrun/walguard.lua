@@ -306,9 +306,13 @@ function walguard.check(source, replica, guard, opts)
     detail[#detail + 1] = ("from %s's restart_lsn %s to %s"):format(oldest.name, tostring(oldest.restart_lsn),
       tostring(current))
   end
-  if r.wal_dir_bytes then detail[#detail + 1] = "pg_wal holds " .. human(r.wal_dir_bytes) end
+  -- what could not be measured is said, never left out silently
+  detail[#detail + 1] = r.wal_dir_bytes and ("pg_wal holds " .. human(r.wal_dir_bytes)) or r.wal_dir_note
   if r.source.free then
     detail[#detail + 1] = human(r.source.free) .. " free" .. (r.source.total and (" of " .. human(r.source.total)) or "")
+  else
+    detail[#detail + 1] = "free disk not measured: " .. tostring(r.source.note)
+      .. " (wal_guard.source_free_command measures it)"
   end
   if #detail > 0 then held_line = held_line .. " (" .. table.concat(detail, "; ") .. ")" end
 

@@ -112,6 +112,9 @@ describe("the guard in playbooks/full.lua", function()
     assert.truthy(n, warning)
     assert.is_true(math.abs(bytes_of(n, unit) - hand) <= 16 * MiB, ("%s %s vs %d"):format(n, unit, hand))
     assert.truthy(warning:find("above the warning threshold 16.0 MiB (the run stops at 56.0 MiB)", 1, true), warning)
+    -- the child's warning is in the log too (the parent was blocked in the index build)
+    local log = assert(io.open(R.config.state_dir .. "/migrun.log")):read("a")
+    assert.truthy(log:find("WARNING: WAL guard warning: migrun's 5 slots hold back", 1, true))
     -- the prediction from the rate
     assert.truthy(warning:find("at this rate %([%d.]+ %a+/min held back more, over the last [%d.]+ s%) the stop"
       .. " threshold 56%.0 MiB is reached in about [^;]- and the primary's disk is full in about "), warning)

@@ -191,6 +191,9 @@ describe("migrun.walguard", function()
     assert.is_nil(r.wal_dir_bytes)
     assert.equal("the size of pg_wal cannot be read: pg_ls_waldir() needs pg_monitor or superuser"
       .. " (GRANT pg_monitor TO wg_reader)", r.wal_dir_note)
+    assert.truthy(r.message:find(r.wal_dir_note, 1, true), r.message)
+    -- data_directory is not visible to it either: said, with the way out
+    assert.truthy(r.message:find("free disk not measured: data_directory is not visible to this role", 1, true), r.message)
     assert.is_true(r.held_bytes > 0)
   end)
 
