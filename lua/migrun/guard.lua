@@ -123,7 +123,7 @@ function Guard:round()
   local job = self.job
   local src, err = self:db("source")
   if not src then return { level = "warn", message = "WAL guard warning: " .. err .. "; it tries again" } end
-  local rep = self:db("replica") -- the replica's disk is watched when it can be reached
+  local rep, rerr = self:db("replica") -- the replica's disk is watched when it can be reached
   local j = self:journal()
   local function step(name) return j.steps[name] or {} end
   local tasks = step("dms_setup").status == "done"
@@ -136,6 +136,12 @@ function Guard:round()
     return { level = "warn", message = "WAL guard warning: the check failed: " .. tostring(err) .. "; it tries again" }
   end
   local out = { level = r.level, message = r.message, wal = r }
+  if not rep then
+    -- never silently unwatched: the paused replica's disk is what fills during the load
+    out.level = out.level == "ok" and "warn" or out.level
+    out.message = out.message:gsub("^WAL guard ok", "WAL guard warning") .. "; " .. rerr
+      .. ": its disk is not watched until it can be"
+  end
 
   -- schema drift against know_data's fingerprint
   local kd = step("know_data")

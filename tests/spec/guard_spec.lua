@@ -149,5 +149,14 @@ describe("migrun.drift and the guard's rounds", function()
     assert.equal("warn", r.level)
     assert.truthy(r.message:find("^WAL guard warning: the guard cannot reach the source: "), r.message)
     assert.falsy(r.message:find("s3cr3t", 1, true))
+    -- the replica out of reach: a warning that its disk is not watched
+    job = world(dir .. "/s4", nil)
+    job.replica = "host=127.0.0.1 port=1 dbname=app user=x password=s3cr3t connect_timeout=2"
+    r = guard.new(job):round()
+    assert.equal("warn", r.level)
+    assert.truthy(r.message:find("^WAL guard warning: migrun's 0 slots"), r.message)
+    assert.truthy(r.message:find("the guard cannot reach the replica: .*: its disk is not watched until it can be$"),
+      r.message)
+    assert.falsy(r.message:find("s3cr3t", 1, true))
   end)
 end)
