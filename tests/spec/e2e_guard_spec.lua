@@ -1,5 +1,7 @@
 -- The guard through a real run of playbooks/full.lua on the lab and the DMS
 -- emulator (5 slots, a workload of 50 tx/s, a bulk writer on the primary):
+--  - during the full load (a table held by a lock on the target) the stop
+--    ends the workers, the progress says where it stopped, never "done";
 --  - during the index step (an index build held up by a lock on the target,
 --    as a long one would be) the warning's figure is the WAL held back as a
 --    DBA computes it by hand, with the rate's prediction; the stop comes
@@ -15,6 +17,7 @@ local H = require "helpers.rehearsal"
 local proc = require "migrun.proc"
 local host = require "migrun.host"
 local demo = require "migrun.rehearsal.demo"
+local text = require "migrun.text"
 
 local MiB = 1024 * 1024
 local INTERVAL = 2
@@ -90,12 +93,61 @@ describe("the guard in playbooks/full.lua", function()
     if R then R:close() end
   end)
 
+  -- Sessions on the target running what the load or the index build sent.
+  local function busy_on_target()
+    return assert(tgt:exec([[select count(*) as n from pg_stat_activity where pid <> pg_backend_pid()
+      and state = 'active' and (query ilike 'create%index%' or query ilike 'truncate%' or query ilike 'copy%')]]))[1].n
+  end
+  local function settles(fn)
+    for _ = 1, 100 do
+      if fn() == 0 then return 0 end
+      host.sleep(0.1)
+    end
+    return fn()
+  end
+  local function workers()
+    local _, _, _, out = proc.run{ "ps", "-eo", "args=" }
+    return select(2, out:gsub("migrun%.fullload'%)%.worker", ""))
+  end
+
+  it("stops the full load mid-way: the workers end, the progress says where it stopped, never done", function()
+    local locker = H.connect(R.lab.target, "target")
+    local written_at
+    local r = run("full.lua", function(line)
+      if line:find("^%S+ hold_indexes: ") then
+        -- the last table of the second stream will wait for it
+        assert(locker:exec("begin; lock table public.ref_20 in access exclusive mode"))
+      elseif line:find("loaded public%.events") and not written_at then
+        bulk(64)
+        written_at = host.monotonic()
+      end
+    end)
+    assert.equal(1, r.code, r.output)
+    local failed, i = line_matching(r, "FAILED: full_load failed: WAL guard STOP: migrun's 5 slots hold back")
+    assert.truthy(failed, r.output)
+    assert.is_true(r.at[i] - written_at <= INTERVAL + 2, ("stopped %.1f s after the write"):format(r.at[i] - written_at))
+    assert.truthy(r.output:find("Full load: stopped at [%d.]+ %a+ of [%d.]+ %a+ %(%d+%%%)"), r.output)
+    assert.falsy(r.output:find("Full load: done", 1, true), r.output)
+    local status, rec = H.step_status(R, "full_load")
+    assert.equal("failed", status)
+    assert.truthy(rec.facts.loaded["public.events"])
+    assert.is_nil(rec.facts.loaded["public.ref_20"])
+    assert.equal(0, workers())
+    assert.same({}, H.orphans())
+    assert(locker:exec("rollback"))
+    locker:close()
+    assert.equal(0, settles(busy_on_target))
+  end)
+
   it("warns with the true figure, stops within an interval during the index step and DMS setup, resumes", function()
-    -- 1. the index step, held up by a lock taken once public.events is loaded
+    -- 1. the index step, held up by a lock on a table the first run loaded
+    local base = held_by_hand()
+    local warn_at, stop_at = base + 16 * MiB, base + 56 * MiB
+    set_guard{ warn_bytes = warn_at, stop_bytes = stop_at }
     local locker = H.connect(R.lab.target, "target")
     local warning, stop_written_at, hand
     local r1 = run("full.lua", function(line)
-      if line:find("loaded public%.events") then
+      if line:find("^%S+ full_load: ") then
         assert(locker:exec("begin; lock table public.events in access exclusive mode"))
       elseif line:find("^%S+ indexes: Restore") then
         bulk(28)                        -- over warn_bytes, under stop_bytes
@@ -111,13 +163,15 @@ describe("the guard in playbooks/full.lua", function()
     local n, unit = warning:match("migrun's 5 slots hold back ([%d.]+) (%a+) of WAL on the primary")
     assert.truthy(n, warning)
     assert.is_true(math.abs(bytes_of(n, unit) - hand) <= 16 * MiB, ("%s %s vs %d"):format(n, unit, hand))
-    assert.truthy(warning:find("above the warning threshold 16.0 MiB (the run stops at 56.0 MiB)", 1, true), warning)
+    assert.truthy(warning:find(("above the warning threshold %s (the run stops at %s)"):format(text.bytes(warn_at),
+      text.bytes(stop_at)), 1, true), warning)
     -- the child's warning is in the log too (the parent was blocked in the index build)
     local log = assert(io.open(R.config.state_dir .. "/migrun.log")):read("a")
     assert.truthy(log:find("WARNING: WAL guard warning: migrun's 5 slots hold back", 1, true))
     -- the prediction from the rate
     assert.truthy(warning:find("at this rate %([%d.]+ %a+/min held back more, over the last [%d.]+ s%) the stop"
-      .. " threshold 56%.0 MiB is reached in about [^;]- and the primary's disk is full in about "), warning)
+      .. " threshold " .. text.bytes(stop_at):gsub("%p", "%%%0") .. " is reached in about [^;]- and the primary's disk"
+      .. " is full in about "), warning)
     -- the stop: within one interval of the write (plus the check itself), in the index step
     local failed, i = line_matching(r1, "FAILED: indexes failed: WAL guard STOP: migrun's 5 slots hold back")
     assert.truthy(failed, r1.output)
@@ -125,31 +179,27 @@ describe("the guard in playbooks/full.lua", function()
       r1.at[i] - stop_written_at))
     -- advice for the phase: no task yet; the threshold to raise and the rerun; the full restart
     assert.truthy(failed:find("no DMS task reads the slots before phase II", 1, true), failed)
-    assert.truthy(failed:find("raise wal_guard.stop_bytes (now 56.0 MiB) in " .. R.config_path, 1, true), failed)
+    assert.truthy(failed:find("raise wal_guard.stop_bytes (now " .. text.bytes(stop_at) .. ") in " .. R.config_path, 1,
+      true), failed)
     assert.truthy(failed:find("then run `migrun " .. H.ROOT .. "/playbooks/full.lua --config " .. R.config_path
       .. "`: it resumes at the step that stopped", 1, true), failed)
     assert.truthy(failed:find("playbooks/full_restart.lua --config", 1, true), failed)
     assert.falsy(failed:find("partial_restart", 1, true), failed)
     assert.falsy(failed:find("replica", 1, true), failed)
     assert.equal("done", (H.step_status(R, "full_load")))
+    assert.truthy(r1.output:find("loaded public.ref_20", 1, true), r1.output)   -- the rest of the load
+    assert.falsy(r1.output:find("loaded public.events", 1, true), r1.output)    -- not loaded twice
     assert.equal("failed", (H.step_status(R, "indexes")))
     assert.falsy(r1.output:find("Full load: stopped", 1, true))
     -- the interrupted build left nothing running on the target
-    local left
-    for _ = 1, 50 do
-      left = assert(tgt:exec("select count(*) as n from pg_stat_activity where query ilike 'create%index%'"
-        .. " and state = 'active' and pid <> pg_backend_pid()"))[1].n
-      if left == 0 then break end
-      host.sleep(0.1)
-    end
-    assert.equal(0, left)
+    assert.equal(0, settles(busy_on_target))
     assert.same({}, H.orphans())
     assert(locker:exec("rollback"))
     locker:close()
 
     -- 2. a raised threshold: the run resumes at the index step; stopped again in DMS setup
-    local base = held_by_hand()
-    set_guard{ warn_bytes = base + 16 * MiB, stop_bytes = base + 40 * MiB }
+    local base2 = held_by_hand()
+    set_guard{ warn_bytes = base2 + 16 * MiB, stop_bytes = base2 + 40 * MiB }
     local setup_written_at
     local r2 = run("full.lua", function(line)
       if line:find("^%S+ dms_setup: DMS endpoints") then
