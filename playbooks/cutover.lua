@@ -26,6 +26,8 @@ local cdc = require "migrun.cdc"
 local qa = require "migrun.qa"
 local proc = require "migrun.proc"
 local text = require "migrun.text"
+local guard = require "migrun.guard"
+local drift = require "migrun.drift"
 
 local P = playbook.new{ name = "cutover", title = "Cutover: stop writes, last changes, sequences, final QA, stop the tasks" }
 
@@ -40,6 +42,9 @@ local function slots_of(ctx)
   for _, g in ipairs(plan(ctx)) do slots[#slots + 1] = g.slot end
   return slots
 end
+-- Through every step, in a process of its own: WAL, disks, schema drift.
+P:watch(guard.watcher())
+
 local function checklist(ctx)
   local list = {}
   for _, g in ipairs(plan(ctx)) do
@@ -50,11 +55,21 @@ local function checklist(ctx)
     region = ctx.config.dms.region, endpoint_url = ctx.config.dms.endpoint_url }
 end
 
-P:step{ "ready", "Every task of this migration runs and has caught up (full.lua is done)",
+P:step{ "ready", "Every task of this migration runs and has caught up (full.lua is done); the schema is unchanged",
   run = function(ctx)
     if not ctx:main_done("catch_up") then
       return nil, ("%s has not finished (its catch_up step is not done): run it to the end first")
         :format(ctx.main and ("the main playbook " .. ctx.main) or "playbooks/full.lua")
+    end
+    local fp, cfg = full(ctx).know_data.schema_fingerprint, ctx.config
+    if fp then
+      local changes = assert(drift.check(ctx.source, fp, { schemas = cfg.schemas, exclude = cfg.exclude_tables }))
+      if #changes > 0 then
+        local msg = drift.message(changes, { level = cfg.schema_drift.on_change, taken_at = fp.taken_at,
+          config = cfg.config_path })
+        if cfg.schema_drift.on_change == "stop" then return nil, msg end
+        ctx:warn("%s", msg)
+      end
     end
     local st = assert(cdc.watch(ctx:dms(), plan(ctx), tasks(ctx), steps.watch_options(ctx)))
     ctx:report_table("DMS tasks before the cutover", cdc.status_table(st))

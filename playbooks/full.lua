@@ -28,7 +28,8 @@ local pglogical = require "migrun.pglogical"
 local replica = require "migrun.replica"
 local cdc = require "migrun.cdc"
 local fence = require "migrun.fence"
-local walguard = require "migrun.walguard"
+local guard = require "migrun.guard"
+local drift = require "migrun.drift"
 local lsn = require "migrun.lsn"
 local text = require "migrun.text"
 local fidelity = require "migrun.fidelity"
@@ -41,8 +42,9 @@ local function tables(ctx) return ctx.facts.know_data.tables end
 local function plan(ctx) return ctx.facts.groups.groups end
 local function captured_lsn(ctx) return lsn(ctx.facts.pause_replica.lsn) end
 
--- Through the whole run: WAL retained by our slots, disk on the paused replica.
-P:watch(walguard.watcher())
+-- Through every step, in a process of its own: WAL held back by our slots,
+-- the disks, the source's schema against know_data's fingerprint.
+P:watch(guard.watcher())
 
 -- Phase I: full load ---------------------------------------------------------
 
@@ -69,16 +71,19 @@ P:step{ "schema", "Schema (pre-data) and roles from the source to the target",
     return { dump = dump.file, list = dump.list, notes = dump.notes, roles_created = roles.created }
   end }
 
-P:step{ "know_data", "Know the data: keys, unique constraints, LOB columns, sizes, write rates",
+P:step{ "know_data", "Know the data: keys, unique constraints, LOB columns, sizes, write rates; the schema's fingerprint",
   run = function(ctx)
     local list = assert(catalog.tables(ctx.source, { schemas = ctx.config.schemas,
+      exclude = ctx.config.exclude_tables }))
+    -- what the guard compares the source with until the cutover (DDL is not replicated)
+    local fingerprint = assert(drift.fingerprint(ctx.source, { schemas = ctx.config.schemas,
       exclude = ctx.config.exclude_tables }))
     assert(catalog.measure_lobs(ctx.replica, list))
     assert(catalog.write_rates(ctx.source, list, ctx.config.know_data.write_rate_seconds,
       function(s) ctx:sleep(s) end))
     ctx:report_table("Tables", { "table", "size", "rows (est.)", "primary key", "separate unique",
       "largest LOB", "writes/s" }, catalog.summary_rows(list))
-    return { tables = list }
+    return { tables = list, schema_fingerprint = fingerprint }
   end }
 
 P:step{ "groups", "Group the tables into slots (printed before anything is created)",

@@ -29,12 +29,17 @@ local catalog = require "migrun.catalog"
 local pglogical = require "migrun.pglogical"
 local replica = require "migrun.replica"
 local fence = require "migrun.fence"
+local guard = require "migrun.guard"
 
 local P = playbook.new{ name = "full_restart",
   title = "Full restart: take this migration's DMS and pglogical objects down, empty the target, start again" }
 
 -- What the main playbook (full.lua) found out and created.
 local function full(ctx) return ctx:main_facts() end
+
+-- WAL and disks are watched while the attempt is taken down; the schema is
+-- not (a changed schema is a reason to start again).
+P:watch(guard.watcher{ drift = false })
 
 -- The groups of the attempt: full.lua's plan, or (a run that failed before
 -- planning) migrun's slots found on the primary.

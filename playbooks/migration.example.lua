@@ -95,11 +95,39 @@ return {
     },
   },
 
-  -- Watches the WAL retained by migrun's slots on the source during the whole
-  -- run (and free disk on the paused replica): warns, then stops the run
-  -- before a disk fills. interval: seconds between checks.
-  wal_guard = { warn_bytes = 50 * GiB, stop_bytes = 200 * GiB,
-                replica_min_free_bytes = 20 * GiB, interval = 30 },
+  -- The guard: a process of its own that checks through every step (index
+  -- builds, QA, DMS setup, catch-up, restarts, cutover) every `interval`
+  -- seconds, warns, then stops the run (the step is left resumable) before a
+  -- disk fills. It counts the WAL migrun's slots hold back as a DBA does:
+  -- the current LSN minus their oldest restart_lsn (shared WAL counted once).
+  wal_guard = {
+    warn_bytes = 50 * GiB, stop_bytes = 200 * GiB,
+    -- The same as free space left on the primary's WAL disk, in percent
+    -- (when its free space can be measured: on this machine, or by
+    -- source_free_command). Left out: not used.
+    warn_free_percent = 20, stop_free_percent = 10,
+    -- Warn when, at the rate of the last rate_window seconds, the stop or a
+    -- full disk is less than warn_ahead seconds away ("at this rate the
+    -- primary's disk is full in about 3 h 10 min").
+    warn_ahead = 3600, rate_window = 600,
+    -- The paused replica keeps every WAL segment it receives: stop when its
+    -- disk has less free space than this (bytes, or percent).
+    replica_min_free_bytes = 20 * GiB, replica_min_free_percent = nil,
+    -- A server on another machine: migrun cannot see its disk. Give a command
+    -- of your own (argv list, no shell) that prints its free bytes, then
+    -- optionally the disk's size, e.g. df's last line:
+    source_free_command = { "ssh", "db-primary", "df", "-B1", "--output=avail,size", "/var/lib/postgresql" },
+    replica_free_command = { "ssh", "db-replica", "df", "-B1", "--output=avail,size", "/var/lib/postgresql" },
+    -- ... or say you accept that the replica's disk is not watched (preflight
+    -- stops otherwise: never silently unwatched).
+    replica_disk_unwatched = false,
+    interval = 30,
+  },
+
+  -- DDL on the source during the migration: DMS does not carry it through
+  -- pglogical. The guard compares the migrated schemas (tables, columns,
+  -- types, constraints) with what know_data saw: "stop" (the default) or "warn".
+  schema_drift = { on_change = "stop" },
 
   preflight = {
     -- Replication slots not created by migrun that may exist on the source

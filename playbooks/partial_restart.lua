@@ -30,7 +30,7 @@ local pglogical = require "migrun.pglogical"
 local replica = require "migrun.replica"
 local cdc = require "migrun.cdc"
 local fence = require "migrun.fence"
-local walguard = require "migrun.walguard"
+local guard = require "migrun.guard"
 local lsn = require "migrun.lsn"
 local text = require "migrun.text"
 
@@ -47,7 +47,8 @@ local function group(ctx) return ctx.facts.refuse_foreign.group end
 local function tables(ctx) return ctx.facts.refuse_foreign.tables end
 local function new_lsn(ctx) return lsn(ctx.facts.pause_replica.lsn) end
 
-P:watch(walguard.watcher())
+-- Through every step, in a process of its own: WAL, disks, schema drift.
+P:watch(guard.watcher())
 
 P:step{ "refuse_foreign", "Only a slot of this migration, after full.lua set up DMS", always = true,
   run = function(ctx)

@@ -15,6 +15,17 @@
 
 volatile sig_atomic_t migrun_interrupt_pending = 0;
 
+/* Why the pending interrupt was raised, and why the one just consumed was
+ * (read by migrun_push_interrupted after migrun_interrupt_consume). */
+static volatile sig_atomic_t pending_cause = MIGRUN_CAUSE_CTRL_C;
+static int consumed_cause = MIGRUN_CAUSE_CTRL_C;
+
+/* Stop requests (SIGUSR1): installed, armed, and whether one has arrived. */
+static volatile sig_atomic_t stop_armed = 0;
+static volatile sig_atomic_t stop_requested = 0;
+static int stop_listening = 0;
+static struct sigaction saved_usr1;
+
 /* The state a SIGINT interrupts: the one of the innermost migrun_docall (or
  * migrun_install_interrupt). Read by the signal handler. */
 static lua_State *volatile interrupt_L = NULL;
@@ -35,18 +46,64 @@ static void lstop(lua_State *L, lua_Debug *ar) {
         migrun_raise_interrupted(L, NULL);
 }
 
-static void set_handler(void (*handler)(int)) {
+static void set_signal(int sig, void (*handler)(int)) {
     struct sigaction sa;
     sa.sa_handler = handler;
     sa.sa_flags = 0; /* no SA_RESTART: blocking calls return EINTR and C modules notice */
     sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
+    /* the two handlers never interleave: each sets the cause, then the flag */
+    sigaddset(&sa.sa_mask, SIGINT);
+    sigaddset(&sa.sa_mask, SIGUSR1);
+    sigaction(sig, &sa, NULL);
+}
+
+static void set_handler(void (*handler)(int)) {
+    set_signal(SIGINT, handler);
 }
 
 static void laction(int sig) {
     (void)sig;
-    set_handler(SIG_DFL); /* a second Ctrl-C kills the process */
+    set_handler(SIG_DFL);                /* a second Ctrl-C kills the process */
+    pending_cause = MIGRUN_CAUSE_CTRL_C; /* Ctrl-C wins over a stop request */
     migrun_interrupt(interrupt_L);
+}
+
+/* SIGUSR1: a stop request. Interrupts only armed code, and never replaces a
+ * Ctrl-C already pending. */
+static void lrequest(int sig) {
+    (void)sig;
+    stop_requested = 1;
+    if (stop_armed && !migrun_interrupt_pending) {
+        pending_cause = MIGRUN_CAUSE_STOP;
+        migrun_interrupt(interrupt_L);
+    }
+}
+
+void migrun_listen_stop(int on) {
+    if (on && !stop_listening) {
+        sigaction(SIGUSR1, NULL, &saved_usr1);
+        set_signal(SIGUSR1, lrequest);
+        stop_listening = 1;
+    } else if (!on && stop_listening) {
+        stop_armed = 0;
+        sigaction(SIGUSR1, &saved_usr1, NULL);
+        stop_listening = 0;
+        stop_requested = 0;
+    }
+}
+
+int migrun_arm_stop(int on) {
+    stop_armed = on ? 1 : 0;
+    if (on && stop_requested && !migrun_interrupt_pending) {
+        /* a request that came while disarmed stops the armed code at once */
+        pending_cause = MIGRUN_CAUSE_STOP;
+        migrun_interrupt(interrupt_L);
+    }
+    return stop_requested ? 1 : 0;
+}
+
+int migrun_interrupt_cause(void) {
+    return consumed_cause;
 }
 
 void migrun_interrupt(lua_State *L) {
@@ -81,6 +138,8 @@ void migrun_remove_interrupt(void) {
 /* Clears the flag and removes the hook from L and from the state the signal
  * handler set it on (not someone else's hook, such as a debugger's). */
 void migrun_interrupt_consume(lua_State *L) {
+    consumed_cause = pending_cause;
+    pending_cause = MIGRUN_CAUSE_CTRL_C;
     migrun_interrupt_pending = 0;
     if (lua_gethook(L) == lstop)
         lua_sethook(L, NULL, 0, 0);
@@ -107,7 +166,7 @@ static int msghandler(lua_State *L) {
     if (msg == NULL) {
         if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) {
             if (!migrun_error_is_interrupted(L, 1))
-                return 1; /* the object's own text, no traceback added */
+                return 1; /* the object's own text, no traceback added (a guard's stop too) */
             msg = lua_tostring(L, -1);
         } else {
             msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));

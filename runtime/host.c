@@ -8,14 +8,15 @@
  * (written to a temporary file, fsynced, renamed over the old one, the
  * directory fsynced, so a SIGKILL or power loss leaves the old or the new
  * file, never a torn one), an exclusive lock on a file so two migruns
- * never drive one state directory, and the one monotonic clock and the one
+ * never drive one state directory, the one monotonic clock and the one
  * interruptible sleep of migrun (migrun_monotonic, migrun_sleep: C code uses
- * them too).
+ * them too), and stop requests between a migrun and its guard process.
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -194,6 +195,43 @@ int migrun_host_sleep(lua_State *L) {
     return 0;
 }
 
+/* ---- stop requests ---------------------------------------------------------
+ * migrun's guard (a child process) stops the playbook that started it with
+ * SIGUSR1; call.c turns the signal into an interrupt of kind "guard".
+ *
+ * host.listen_stop(on): true installs the handler (requests are remembered),
+ *     false puts back the disposition found and forgets them.
+ * host.arm_stop(on) -> whether a request has arrived: while armed, a request
+ *     interrupts what runs (Lua code, a query, a wait, a sleep) with an error
+ *     of kind "guard"; arming with a request already in stops at once.
+ * host.request_stop(pid) -> true | nil, err: sends the request to pid (the
+ *     guard's parent; refused for any pid but the caller's parent, so a
+ *     stale pid can never hit another process). */
+static int host_listen_stop(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TBOOLEAN);
+    migrun_listen_stop(lua_toboolean(L, 1));
+    return 0;
+}
+
+static int host_arm_stop(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TBOOLEAN);
+    lua_pushboolean(L, migrun_arm_stop(lua_toboolean(L, 1)));
+    return 1;
+}
+
+static int host_request_stop(lua_State *L) {
+    lua_Integer pid = luaL_checkinteger(L, 1);
+    luaL_argcheck(L, pid > 1, 1, "a process id expected");
+    if ((pid_t)pid != getppid())
+        return migrun_error_return(
+            L, "os", "request_stop", "ESRCH",
+            "the process to stop is not this process's parent (it has exited)");
+    if (kill((pid_t)pid, SIGUSR1) != 0)
+        return os_error(L, "request_stop", errno);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 /* ---- locks ---------------------------------------------------------------
  * host.lock(path) -> Lock | nil, err
  * Takes an exclusive flock on path (created 0600) without waiting, and writes
@@ -289,6 +327,9 @@ int luaopen_migrun_host(lua_State *L) {
         {"sleep", migrun_host_sleep},
         {"lock", host_lock},
         {"cwd", host_cwd},
+        {"listen_stop", host_listen_stop},
+        {"arm_stop", host_arm_stop},
+        {"request_stop", host_request_stop},
         {NULL, NULL},
     };
     static const luaL_Reg lock_meta[] = {

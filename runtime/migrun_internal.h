@@ -47,6 +47,20 @@ void migrun_interrupt_consume(lua_State *L);
 /* Consumes the interrupt and raises migrun_push_interrupted(L, where). */
 int migrun_raise_interrupted(lua_State *L, const char *where);
 
+/*
+ * Stop requests (call.c): SIGUSR1 from migrun's guard process. While listening
+ * and armed, a request interrupts like Ctrl-C (same flag, same hook), and
+ * migrun_push_interrupted then pushes an error of kind "guard" instead of
+ * "interrupted". migrun_listen_stop(1) installs the handler, (0) puts back the
+ * disposition it found and forgets requests; migrun_arm_stop(on) returns
+ * whether a request has arrived (arming with one pending interrupts at once).
+ */
+enum { MIGRUN_CAUSE_CTRL_C = 0, MIGRUN_CAUSE_STOP = 1 };
+void migrun_listen_stop(int on);
+int migrun_arm_stop(int on);
+/* The cause of the interrupt consumed last (MIGRUN_CAUSE_*). */
+int migrun_interrupt_cause(void);
+
 /* host.c: the one monotonic clock (seconds) for every deadline, and the one
  * sleep, which raises the interrupted error on Ctrl-C. */
 double migrun_monotonic(void);

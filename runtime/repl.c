@@ -10,8 +10,11 @@
  * statement, and while the parse error ends in <eof> more lines are read.
  * Results print through migrun.repl.pretty; errors print (honouring __tostring)
  * and the loop goes on. Ctrl-C while a command runs interrupts it (the hook
- * installed by migrun_docall); Ctrl-C at the prompt drops the line.
+ * installed by migrun_docall); Ctrl-C at the prompt drops the line. `exit`
+ * and `quit` (bare or called, as people type them) end the loop like end of
+ * input, unless a global of that name exists.
  */
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -271,13 +274,47 @@ static int try_statements(lua_State *L) {
     }
 }
 
+/* Is line "exit" or "quit" (optionally "()" and ";"), with no global of that
+ * name to call instead? */
+static int is_exit(lua_State *L, const char *line) {
+    char word[8];
+    size_t n = 0;
+    while (isspace((unsigned char)*line))
+        line++;
+    while (isalpha((unsigned char)*line) && n < sizeof word - 1)
+        word[n++] = *line++;
+    word[n] = '\0';
+    if (strcmp(word, "exit") != 0 && strcmp(word, "quit") != 0)
+        return 0;
+    while (isspace((unsigned char)*line))
+        line++;
+    if (*line == '(') {
+        line++;
+        while (isspace((unsigned char)*line))
+            line++;
+        if (*line++ != ')')
+            return 0;
+    }
+    while (isspace((unsigned char)*line) || *line == ';')
+        line++;
+    if (*line != '\0')
+        return 0;
+    int defined = lua_getglobal(L, word) != LUA_TNIL;
+    lua_pop(L, 1);
+    return !defined;
+}
+
 /* Leaves a compiled function (LUA_OK) or an error message on an empty stack;
- * -1 at end of input, -2 when Ctrl-C dropped the input. */
+ * -1 at end of input (or exit/quit), -2 when Ctrl-C dropped the input. */
 static int load_input(lua_State *L) {
     lua_settop(L, 0);
     int r = read_line(L, 1);
     if (r != LINE_OK)
         return r == LINE_EOF ? -1 : -2;
+    if (is_exit(L, lua_tostring(L, 1))) {
+        lua_settop(L, 0);
+        return -1;
+    }
     if (try_expression(L) == LUA_OK)
         return LUA_OK;
     return try_statements(L);

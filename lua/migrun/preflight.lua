@@ -33,9 +33,9 @@ set up as the runbook requires. Reads only: it never writes to any server.
 ]]
 local pg = require "migrun.pg"
 local proc = require "migrun.proc"
-local host = require "migrun.host"
 local pgl = require "migrun.pglogical"
 local replica_ = require "migrun.replica"
+local walguard = require "migrun.walguard"
 local text = require "migrun.text"
 local fidelity = require "migrun.fidelity"
 
@@ -118,17 +118,6 @@ local function list_has(csv, item)
   return false
 end
 
-
--- Free bytes under the server's data directory, when the server runs here.
-local function local_free(db)
-  if not db:is_local() then return nil, "the server is not on this machine" end
-  local res, err = db:query("select setting from pg_settings where name = 'data_directory'")
-  if not res then return nil, tostring(err) end
-  if not res[1] then return nil, "data_directory is not visible to this role" end
-  local st, serr = host.statvfs(res[1].setting)
-  if not st then return nil, tostring(serr) end
-  return st.free, res[1].setting
-end
 
 local function table_label(t)
   if type(t) == "table" then return text.key(t) end
@@ -267,6 +256,7 @@ function preflight.run(args)
   end
   local config = args.config or {}
   local pf = config.preflight or {}
+  local wg = config.wal_guard or {}
   local prefix = (config.slots or {}).prefix or "dms_slot_"
   local tools = args.tools or default_tools
   local source, replica, target = args.source, args.replica, args.target
@@ -407,16 +397,18 @@ function preflight.run(args)
         end
       end
 
-      -- Free disk under the data directory.
+      -- Free disk where the WAL goes (the guard watches it through the run).
       local min_free = pf.min_free_bytes or 10 * GiB
-      local free, dir = local_free(source)
-      if free then
-        add("source", "free disk", free >= min_free, "error",
-          ("%s free under %s (minimum %s)"):format(human(free), dir, human(min_free)),
+      local disk, why = walguard.free_space(source, wg.source_free_command, "primary")
+      if disk then
+        add("source", "free disk", disk.free >= min_free, "error",
+          ("%s free %s (minimum %s)"):format(human(disk.free),
+            disk.dir and ("under " .. disk.dir) or ("by " .. proc.quote(wg.source_free_command)), human(min_free)),
           "slots retain WAL until DMS reads it: free space or raise the disk before starting")
       else
-        add("source", "free disk", false, "warning", "could not be measured: " .. tostring(dir),
-          ("make sure the primary has at least %s free for WAL the slots retain"):format(human(min_free)))
+        add("source", "free disk", false, "warning", "could not be measured: " .. tostring(why),
+          ("make sure the primary has at least %s free for WAL the slots retain; to have the guard watch it,"
+            .. " set wal_guard.source_free_command (an argv list printing its free bytes)"):format(human(min_free)))
       end
     end
   end
@@ -450,6 +442,20 @@ function preflight.run(args)
           ("streams from %s:%s; source is %s:%s"):format(tostring(up.host), tostring(up.port),
             tostring(si.host), tostring(si.port)),
           "a cascading standby or another address of the primary: make sure it replays the source's WAL directly")
+      end
+      -- The paused replica keeps every WAL segment it receives: its disk must
+      -- be watched, or the team must say it accepts that it is not.
+      local watch = walguard.disk_watch(replica, wg.replica_free_command, wg.replica_disk_unwatched, "replica")
+      if watch.watched then
+        add("replica", "disk watched", true, "error", watch.message)
+      elseif watch.how == "acknowledged" then
+        add("replica", "disk watched", false, "warning", watch.message,
+          "the paused replica piles WAL up during the full load: watch its disk yourself")
+      else
+        add("replica", "disk watched", false, "error", watch.message .. "; the guard cannot see it fill during the"
+          .. " full load", "set wal_guard.replica_free_command to a command printing its free bytes (an argv list,"
+          .. " e.g. { \"ssh\", \"replica-host\", \"df\", \"-B1\", \"--output=avail,size\", \"/var/lib/postgresql\" }),"
+          .. " or wal_guard.replica_disk_unwatched = true to go on without it")
       end
       if rst.pause_state ~= "not paused" and not args.resuming then
         add("replica", "replay", false, "warning", "replay is " .. tostring(rst.pause_state),

@@ -1,150 +1,402 @@
 --[[
-migrun.walguard: the WAL guard. Through the whole run migrun's slots hold WAL
-back on the primary (until DMS reads it), and the paused maintenance replica
-keeps every WAL segment it receives without replaying it. Either can fill a
-disk; the runbook's advice is to watch free space and, in a disaster, drop the
-slots. walguard.check measures both and says ok, warn or stop. Reads only.
+migrun.walguard: the WAL guard's measurements and verdict. Through the whole
+run migrun's slots hold WAL back on the primary (until DMS reads it), and the
+paused maintenance replica keeps every WAL segment it receives without
+replaying it. Either can fill a disk; the runbook's advice is to watch free
+space and, in a disaster, drop the slots. walguard.check measures both, says
+ok, warn or stop, and what to do. Reads only. migrun.guard runs it in a
+process of its own through every step.
+
+How WAL held back is counted, as a DBA counts it by hand: the slots share one
+WAL stream, so what they keep is the distance from the oldest restart_lsn
+among migrun's slots to the current LSN (not the sum over slots, which counts
+the shared WAL once per slot). Each slot's own figures (retained from its
+restart_lsn, behind from its confirmed_flush_lsn) are the per-slot view.
 
   local walguard = require "migrun.walguard"
-  local g = assert(walguard.check(source_db, replica_db, cfg.wal_guard, { prefix = "dms_slot_" }))
-  if g.level == "stop" then error(g.message) elseif g.level == "warn" then say(g.message) end
+  local tracker = walguard.tracker(600)
+  local r = assert(walguard.check(source_db, replica_db, cfg.wal_guard,
+    { prefix = "dms_slot_", tracker = tracker, tasks = true, advice = { config =, rerun =, playbooks = } }))
+  if r.level == "stop" then ... r.message ... end
 
-  walguard.check(source_db, replica_db | nil, guard, { prefix = }) -> report | nil, err
-      guard = { warn_bytes, stop_bytes, replica_min_free_bytes } (config.wal_guard)
-      report = { slots = { { name, retained_bytes, active } }, retained_bytes (total of
-        migrun's slots), replica_wal_bytes (the replica's WAL directory, or nil when
-        it cannot be listed), replica_free_bytes (free disk under the replica's data
-        directory when it runs on this machine, else nil), level = "ok" | "warn" |
-        "stop", message (human units, and what to do) }
-      stop: retained >= stop_bytes, or replica free < replica_min_free_bytes;
-      warn: retained >= warn_bytes, or replica free < 2 x replica_min_free_bytes.
-  walguard.sql(server_version_num) -> { wal_dir_bytes = ... } (9.6: pg_xlog via pg_ls_dir)
+  walguard.check(source, replica | nil, guard, opts) -> report | nil, err
+      guard: config.wal_guard (warn_bytes, stop_bytes, warn_free_percent,
+        stop_free_percent, replica_min_free_bytes, replica_min_free_percent,
+        warn_ahead, source_free_command, replica_free_command).
+      opts.prefix: migrun's slots; opts.tracker: a walguard.tracker (rates
+        and stalled slots need samples over time); opts.tasks: DMS tasks read
+        the slots (phase II) or not yet; opts.advice = { config = path, rerun =
+        "migrun playbooks/full.lua --config ...", playbooks = "playbooks" }
+        for the commands the messages name; opts.now (seconds, monotonic).
+      report = { current_lsn, held_bytes, holder (the slot with the oldest
+        restart_lsn), slots = { { name, restart_lsn, confirmed_flush_lsn,
+        retained_bytes, behind_bytes, active, stalled_seconds } },
+        wal_dir_bytes | nil (+ wal_dir_note: why not), source = disk,
+        replica = disk | nil, replica_wal_bytes, replica_paused,
+        rate (bytes/s of WAL held back, over the tracker's window),
+        eta_stop, eta_full (seconds), level = "ok"|"warn"|"stop", problems, message }
+      disk = { free, total, how ("statvfs <dir>" | "command"), dir } or { note = why not }
+  walguard.free_space(db, command, label) -> { free, total, how } | nil, why
+      command (an argv list printing free bytes, then optionally the disk's
+      size) when given; else statvfs of the server's WAL directory when the
+      server runs on this machine; else nil and why not.
+  walguard.disk_watch(db, command, acknowledged, label) -> { watched = bool, how, message }
+      what preflight says about watching a server's disk.
+  walguard.tracker(window_seconds) -> tracker (tracker:add(now, report))
+  walguard.sql(server_version_num) -> { wal_dir_bytes, current_lsn }
 ]]
 local host = require "migrun.host"
+local proc = require "migrun.proc"
+local lsn = require "migrun.lsn"
 local pgl = require "migrun.pglogical"
+local replica_ = require "migrun.replica"
 local text = require "migrun.text"
 
 local walguard = {}
 
 local GiB = 2 ^ 30
-
-local function human(n)
-  return text.bytes(n)
-end
+local human = text.bytes
 
 function walguard.sql(version)
+  local n = lsn.names(version)
+  local current = ("select %s() as lsn"):format(n.current_wal_lsn)
   if version >= 100000 then
-    return { wal_dir_bytes = "select coalesce(sum(size), 0)::int8 as bytes from pg_ls_waldir()" }
+    return { wal_dir_bytes = "select coalesce(sum(size), 0)::int8 as bytes from pg_ls_waldir()",
+             current_lsn = current, wal_dir = "pg_wal" }
   end
   -- 9.6 has no pg_ls_waldir: list pg_xlog and stat each file (superuser only).
   return { wal_dir_bytes = "select coalesce(sum((pg_stat_file('pg_xlog/' || f)).size), 0)::int8 as bytes"
-    .. " from pg_ls_dir('pg_xlog') as f" }
+    .. " from pg_ls_dir('pg_xlog') as f", current_lsn = current, wal_dir = "pg_xlog" }
 end
 
+-- The size of the server's WAL directory -> bytes | nil, why
+local function wal_dir_bytes(db)
+  local res, err = db:query(walguard.sql(db.conn:server_version()).wal_dir_bytes)
+  if res and res[1] then return res[1].bytes end
+  if err and err.sqlstate == "42501" then
+    return nil, ("the size of pg_wal cannot be read: pg_ls_waldir() needs pg_monitor or superuser"
+      .. " (GRANT pg_monitor TO %s)"):format(tostring(db.conn:info().user))
+  end
+  return nil, "the size of pg_wal cannot be read: " .. tostring(err)
+end
 
-local function replica_disk(db)
-  local wal, free
-  local res = db:query(walguard.sql(db.conn:server_version()).wal_dir_bytes)
-  if res and res[1] then wal = res[1].bytes end
-  if db:is_local() then
-    res = db:query("select setting from pg_settings where name = 'data_directory'")
-    if res and res[1] then
-      local st = host.statvfs(res[1].setting)
-      if st then free = st.free end
+---------------------------------------------------------------------------
+-- Free space
+---------------------------------------------------------------------------
+
+-- "free [total]" from the last line of a command's output that holds a number.
+local function parse_free(out)
+  local free, total
+  for line in tostring(out):gmatch("[^\n]+") do
+    local a, b = line:match("^%s*(%d+)%s+(%d+)")
+    if a then free, total = a, b else
+      a = line:match("^%s*(%d+)%s*$")
+      if a then free, total = a, nil end
     end
   end
-  return wal, free
+  return math.tointeger(tonumber(free)), total and math.tointeger(tonumber(total)) or nil
+end
+
+function walguard.free_space(db, command, label)
+  label = label or db:name()
+  if command then
+    local spec = { timeout = 60 }
+    for i, a in ipairs(command) do spec[i] = a end
+    local ok, how, code, out, errout = proc.run(spec)
+    if not ok then
+      return nil, ("the %s's free-space command %s failed (%s %s): %s"):format(label, proc.quote(command),
+        tostring(how), tostring(code), (tostring(errout or ""):gsub("%s+$", "")):sub(1, 200))
+    end
+    local free, total = parse_free(out)
+    if not free then
+      return nil, ("the %s's free-space command %s printed no number of bytes (it printed %q)"):format(label,
+        proc.quote(command), (tostring(out):gsub("%s+$", "")):sub(1, 80))
+    end
+    return { free = free, total = total, how = "command" }
+  end
+  if not db:is_local() then
+    return nil, ("the %s (%s) is not on this machine: its free disk cannot be measured"):format(label,
+      tostring(db.conn:info().host))
+  end
+  local res, err = db:query("select setting from pg_settings where name = 'data_directory'")
+  if not res then return nil, tostring(err) end
+  if not res[1] then return nil, "data_directory is not visible to this role (pg_read_all_settings)" end
+  -- the WAL directory: where WAL piles up, often a disk of its own (a symlink)
+  local dir = res[1].setting .. "/" .. walguard.sql(db.conn:server_version()).wal_dir
+  local st, serr = host.statvfs(dir)
+  if not st then return nil, tostring(serr) end
+  return { free = st.free, total = st.total, how = "statvfs " .. dir, dir = dir }
+end
+
+function walguard.disk_watch(db, command, acknowledged, label)
+  local d, why = walguard.free_space(db, command, label)
+  if d then
+    return { watched = true, how = d.how, message = ("free disk watched (%s): %s free%s"):format(
+      d.how == "command" and "by " .. proc.quote(command) or d.how, human(d.free),
+      d.total and (" of " .. human(d.total)) or "") }
+  end
+  if acknowledged then
+    return { watched = false, how = "acknowledged", message = "free disk NOT watched (" .. why
+      .. "); acknowledged by the configuration" }
+  end
+  return { watched = false, message = "free disk NOT watched: " .. why }
+end
+
+---------------------------------------------------------------------------
+-- Rates over time
+---------------------------------------------------------------------------
+
+local Tracker = {}
+Tracker.__index = Tracker
+
+function walguard.tracker(window)
+  return setmetatable({ window = window or 600, samples = {}, flushed = {} }, Tracker)
+end
+
+-- Records a check: the WAL held back, and when each slot's confirmed position last moved.
+function Tracker:add(now, report)
+  local s = self.samples
+  s[#s + 1] = { t = now, held = report.held_bytes, current = report.current_lsn }
+  while #s > 2 and now - s[2].t >= self.window do table.remove(s, 1) end
+  for _, slot in ipairs(report.slots) do
+    local seen = self.flushed[slot.name]
+    local at = slot.confirmed_flush_lsn and tostring(slot.confirmed_flush_lsn)
+    if not seen or seen.lsn ~= at then self.flushed[slot.name] = { lsn = at, since = now } end
+  end
+end
+
+-- Bytes per second by which the WAL held back grew over the window, or nil
+-- before two samples some seconds apart.
+function Tracker:rate()
+  local s = self.samples
+  if #s < 2 then return nil end
+  local a, b = s[1], s[#s]
+  if b.t - a.t < 1 then return nil end
+  return (b.held - a.held) / (b.t - a.t)
+end
+
+-- Seconds since the slot's confirmed position last moved (nil: never seen).
+function Tracker:stalled(name, now)
+  local seen = self.flushed[name]
+  return seen and (now - seen.since) or nil
+end
+
+---------------------------------------------------------------------------
+-- The check
+---------------------------------------------------------------------------
+
+local function command_line(parts)
+  return "`" .. table.concat(parts, " ") .. "`"
+end
+
+local function percent(d)
+  if d and d.free and d.total and d.total > 0 then return 100 * d.free / d.total end
+end
+
+-- What to do about WAL held back on the primary (stop or warn).
+local function wal_advice(r, guard, opts, stopping)
+  local a = opts.advice or {}
+  local cfg = a.config or "migration.lua"
+  local dir = a.playbooks or "playbooks"
+  local rerun = a.rerun and command_line{ a.rerun } or "the same playbook again"
+  local out = {}
+  local raise = ("raise wal_guard.stop_bytes (now %s) in %s to what the primary's disk can take%s, then run %s: "
+    .. "it resumes at the step that stopped"):format(human(guard.stop_bytes), cfg,
+    r.source.free and (" (it has " .. human(r.source.free) .. " free)") or "", rerun)
+  if not opts.tasks then
+    out[#out + 1] = "no DMS task reads the slots before phase II (the tasks are created after the full load"
+      .. " and its QA), so nothing frees this WAL until they run"
+    out[#out + 1] = (stopping and "to go on, " or "before the stop, either free space on the primary or ") .. raise
+  else
+    local holder = r.holder_slot
+    local stalled = holder and holder.stalled_seconds
+    if holder and stalled and stalled >= math.max(3 * (guard.interval or 30), 60) then
+      out[#out + 1] = ("%s holds back the most (%s) and has confirmed nothing for %s: its DMS task stopped"
+        .. " reading it. Look at it (`migrun -i --config %s`, then tasks() and lag()), then redo that group"
+        .. " alone: %s (drops and recreates its slot, which frees the WAL)"):format(holder.name,
+        human(holder.retained_bytes), text.duration(stalled), cfg,
+        command_line{ "migrun", dir .. "/partial_restart.lua", holder.name, "--config", cfg })
+    elseif holder then
+      out[#out + 1] = ("the tasks read their slots but fall behind (%s the most: %s behind); if its task is"
+        .. " stuck, %s redoes that group alone"):format(holder.name, human(holder.behind_bytes),
+        command_line{ "migrun", dir .. "/partial_restart.lua", holder.name, "--config", cfg })
+    end
+    out[#out + 1] = "to let the tasks catch up, " .. raise
+  end
+  out[#out + 1] = ("to give this attempt up and free the WAL at once: %s (drops every slot, starts again)")
+    :format(command_line{ "migrun", dir .. "/full_restart.lua", "--config", cfg })
+  return table.concat(out, "; ")
+end
+
+local function replica_advice(r, cfg)
+  if r.replica_paused then
+    return ("the paused replica keeps every WAL segment it receives until the resume_replica step (after QA)%s:"
+      .. " free space on its WAL disk, or move its pg_wal to a bigger disk (runbook step 5), then run the"
+      .. " playbook again; or lower wal_guard.replica_min_free_bytes in %s if the disk can take it"):format(
+      r.replica_wal_bytes and (" (its pg_wal holds " .. human(r.replica_wal_bytes) .. ")") or "", cfg)
+  end
+  return ("the replica is not paused, so migrun is not what fills its disk: free space on it, or lower"
+    .. " wal_guard.replica_min_free_bytes in %s"):format(cfg)
 end
 
 function walguard.check(source, replica, guard, opts)
   assert(type(source) == "table" and source.query, "walguard.check: source (a migrun.db Db) expected")
   guard = guard or {}
   opts = opts or {}
-  local warn_bytes = guard.warn_bytes or 50 * GiB
-  local stop_bytes = guard.stop_bytes or 200 * GiB
-  local min_free = guard.replica_min_free_bytes or 20 * GiB
-  assert(warn_bytes <= stop_bytes, "walguard.check: warn_bytes must not exceed stop_bytes")
+  local g = {
+    warn_bytes = guard.warn_bytes or 50 * GiB, stop_bytes = guard.stop_bytes or 200 * GiB,
+    warn_free_percent = guard.warn_free_percent, stop_free_percent = guard.stop_free_percent,
+    replica_min_free_bytes = guard.replica_min_free_bytes or 20 * GiB,
+    replica_min_free_percent = guard.replica_min_free_percent,
+    warn_ahead = guard.warn_ahead or 3600, interval = guard.interval or 30,
+  }
+  assert(g.warn_bytes <= g.stop_bytes, "walguard.check: warn_bytes must not exceed stop_bytes")
+  local now = opts.now or host.monotonic()
 
-  local all, err = pgl.slots(source, { prefix = opts.prefix })
+  local cur, err = source:query(walguard.sql(source.conn:server_version()).current_lsn)
+  if not cur then return nil, err end
+  local all
+  all, err = pgl.slots(source, { prefix = opts.prefix })
   if not all then return nil, err end
-  local report = { slots = {}, retained_bytes = 0, level = "ok" }
-  local biggest
+  local current = cur[1].lsn
+  local r = { current_lsn = current, slots = {}, held_bytes = 0, level = "ok", problems = {} }
+  local oldest
   for _, s in ipairs(all) do
     if s.owned then
-      report.slots[#report.slots + 1] = { name = s.name, retained_bytes = s.retained_bytes, active = s.active }
-      report.retained_bytes = report.retained_bytes + (s.retained_bytes or 0)
-      if s.retained_bytes and (not biggest or s.retained_bytes > biggest.retained_bytes) then biggest = s end
+      local slot = { name = s.name, restart_lsn = s.restart_lsn, confirmed_flush_lsn = s.confirmed_flush_lsn,
+        active = s.active,
+        retained_bytes = s.restart_lsn and math.max(0, current - s.restart_lsn) or nil,
+        behind_bytes = s.confirmed_flush_lsn and math.max(0, current - s.confirmed_flush_lsn) or nil }
+      r.slots[#r.slots + 1] = slot
+      if s.restart_lsn and (not oldest or s.restart_lsn < oldest.restart_lsn) then oldest = slot end
     end
   end
-  if replica then report.replica_wal_bytes, report.replica_free_bytes = replica_disk(replica) end
+  if oldest then r.held_bytes, r.holder, r.holder_slot = oldest.retained_bytes, oldest.name, oldest end
+  r.wal_dir_bytes, r.wal_dir_note = wal_dir_bytes(source)
+  local d, why = walguard.free_space(source, guard.source_free_command, "primary")
+  r.source = d or { note = why }
 
-  local problems, advice = {}, {}
-  local retained = report.retained_bytes
-  local slot_line = ("migrun's %d slot%s retain %s of WAL on the primary"):format(#report.slots,
-    #report.slots == 1 and "" or "s", human(retained))
-  if biggest then slot_line = slot_line .. (" (most: %s, %s)"):format(biggest.name, human(biggest.retained_bytes)) end
-  if retained >= stop_bytes then
-    report.level = "stop"
-    problems[#problems + 1] = slot_line .. ", at or above the stop threshold " .. human(stop_bytes)
-  elseif retained >= warn_bytes then
-    report.level = "warn"
-    problems[#problems + 1] = slot_line .. ", above the warning threshold " .. human(warn_bytes)
-  end
-  if #problems > 0 then
-    advice[#advice + 1] = "monitor free space on the primary; the WAL is freed as the DMS tasks read their slots:"
-      .. " let the load finish and start CDC, and look for a task that stopped reading its slot"
-    advice[#advice + 1] = "if the disk is about to fill, drop the stuck slot and redo its tables"
-      .. " (a partial restart: migrun restart from the slots step for that group)"
+  if replica then
+    local st = replica_.status(replica)
+    if st then r.replica_paused = st.pause_state ~= nil and st.pause_state ~= "not paused" end
+    r.replica_wal_bytes = wal_dir_bytes(replica)
+    d, why = walguard.free_space(replica, guard.replica_free_command, "replica")
+    r.replica = d or { note = why }
   end
 
-  local free = report.replica_free_bytes
-  if free and free < min_free then
-    report.level = "stop"
-    problems[#problems + 1] = ("the paused replica has %s free (minimum %s)"):format(human(free), human(min_free))
-  elseif free and free < 2 * min_free then
-    if report.level == "ok" then report.level = "warn" end
-    problems[#problems + 1] = ("the paused replica has %s free, near the minimum %s"):format(
-      human(free), human(min_free))
+  if opts.tracker then
+    opts.tracker:add(now, r)
+    r.rate = opts.tracker:rate()
+    for _, slot in ipairs(r.slots) do slot.stalled_seconds = opts.tracker:stalled(slot.name, now) end
   end
-  if free and free < 2 * min_free then
-    advice[#advice + 1] = ("the paused replica accumulates WAL it does not replay%s: finish the full load and resume"
-      .. " the replica, or move its WAL to a bigger disk (runbook step 5)"):format(
-      report.replica_wal_bytes and (" (" .. human(report.replica_wal_bytes) .. " now)") or "")
+  if r.rate and r.rate > 0 then
+    r.eta_stop = math.max(0, (g.stop_bytes - r.held_bytes) / r.rate)
+    if r.source.free then r.eta_full = r.source.free / r.rate end
   end
 
-  if report.level == "ok" then
-    local parts = { slot_line }
-    if report.replica_wal_bytes then parts[#parts + 1] = "replica WAL " .. human(report.replica_wal_bytes) end
-    if free then parts[#parts + 1] = "replica free " .. human(free) end
-    report.message = "WAL guard ok: " .. table.concat(parts, "; ")
+  local function raise_level(level)
+    if level == "stop" or (level == "warn" and r.level == "ok") then r.level = level end
+  end
+  local problems, advice = r.problems, {}
+  local n = #r.slots
+  local held_line = ("migrun's %d slot%s hold%s back %s of WAL on the primary"):format(n, n == 1 and "" or "s",
+    n == 1 and "s" or "", human(r.held_bytes))
+  local detail = {}
+  if oldest then
+    detail[#detail + 1] = ("from %s's restart_lsn %s to %s"):format(oldest.name, tostring(oldest.restart_lsn),
+      tostring(current))
+  end
+  -- what could not be measured is said, never left out silently
+  detail[#detail + 1] = r.wal_dir_bytes and ("pg_wal holds " .. human(r.wal_dir_bytes)) or r.wal_dir_note
+  if r.source.free then
+    detail[#detail + 1] = human(r.source.free) .. " free" .. (r.source.total and (" of " .. human(r.source.total)) or "")
   else
-    report.message = ("WAL guard %s: %s. What to do: %s."):format(report.level == "stop" and "STOP" or "warning",
+    detail[#detail + 1] = "free disk not measured: " .. tostring(r.source.note)
+      .. " (wal_guard.source_free_command measures it)"
+  end
+  if #detail > 0 then held_line = held_line .. " (" .. table.concat(detail, "; ") .. ")" end
+
+  -- the WAL held back, and the primary's free space in percent
+  local wal_level
+  if r.held_bytes >= g.stop_bytes then
+    wal_level = "stop"
+    problems[#problems + 1] = held_line .. ", at or above the stop threshold " .. human(g.stop_bytes)
+  elseif r.held_bytes >= g.warn_bytes then
+    wal_level = "warn"
+    problems[#problems + 1] = held_line .. ", above the warning threshold " .. human(g.warn_bytes)
+      .. " (the run stops at " .. human(g.stop_bytes) .. ")"
+  end
+  local pct = percent(r.source)
+  if pct and g.stop_free_percent and pct < g.stop_free_percent then
+    wal_level = "stop"
+    problems[#problems + 1] = ("the primary's WAL disk is %.1f%% free, below wal_guard.stop_free_percent %g%%")
+      :format(pct, g.stop_free_percent)
+  elseif pct and g.warn_free_percent and pct < g.warn_free_percent then
+    wal_level = wal_level or "warn"
+    problems[#problems + 1] = ("the primary's WAL disk is %.1f%% free, below wal_guard.warn_free_percent %g%%")
+      :format(pct, g.warn_free_percent)
+  end
+  -- predicted: the stop threshold or a full disk within warn_ahead
+  local soon = {}
+  if r.eta_stop and r.eta_stop > 0 and r.eta_stop <= g.warn_ahead then soon[#soon + 1] = "stop" end
+  if r.eta_full and r.eta_full <= g.warn_ahead then soon[#soon + 1] = "full" end
+  if not wal_level and #soon > 0 then
+    wal_level = "warn"
+    problems[#problems + 1] = held_line
+  end
+  if r.rate and r.rate > 0 then
+    -- beyond a week a rate says nothing worth reading
+    local parts, WEEK = {}, 7 * 86400
+    if r.eta_stop and r.eta_stop > 0 and r.eta_stop < WEEK then
+      parts[#parts + 1] = "the stop threshold " .. human(g.stop_bytes) .. " is reached in about " .. text.duration(r.eta_stop)
+    end
+    if r.eta_full and r.eta_full < WEEK then
+      parts[#parts + 1] = "the primary's disk is full in about " .. text.duration(r.eta_full)
+    end
+    if #parts > 0 then
+      r.prediction = ("at this rate (%s/min held back more, over the last %s) %s"):format(human(r.rate * 60),
+        text.duration(opts.tracker.samples[#opts.tracker.samples].t - opts.tracker.samples[1].t),
+        table.concat(parts, " and "))
+    end
+  end
+  if wal_level then
+    raise_level(wal_level)
+    if r.prediction then problems[#problems] = problems[#problems] .. "; " .. r.prediction end
+    advice[#advice + 1] = wal_advice(r, g, opts, wal_level == "stop")
+  end
+
+  -- the replica's disk
+  if replica and r.replica then
+    local rfree, rpct = r.replica.free, percent(r.replica)
+    local low, near
+    if rfree and rfree < g.replica_min_free_bytes then
+      low = ("the replica has %s free (minimum %s)"):format(human(rfree), human(g.replica_min_free_bytes))
+    elseif rpct and g.replica_min_free_percent and rpct < g.replica_min_free_percent then
+      low = ("the replica's WAL disk is %.1f%% free (minimum %g%%)"):format(rpct, g.replica_min_free_percent)
+    elseif rfree and rfree < 2 * g.replica_min_free_bytes then
+      near = ("the replica has %s free, near the minimum %s"):format(human(rfree), human(g.replica_min_free_bytes))
+    elseif rpct and g.replica_min_free_percent and rpct < 2 * g.replica_min_free_percent then
+      near = ("the replica's WAL disk is %.1f%% free, near the minimum %g%%"):format(rpct, g.replica_min_free_percent)
+    end
+    if low or near then
+      -- only a paused replica piles WAL up because of migrun: a stop is for that
+      raise_level((low and r.replica_paused) and "stop" or "warn")
+      problems[#problems + 1] = (low or near) .. (r.replica_paused and " while paused" or " (not paused)")
+      advice[#advice + 1] = replica_advice(r, (opts.advice or {}).config or "migration.lua")
+    end
+  end
+
+  if r.level == "ok" then
+    local parts = { held_line }
+    if r.prediction then parts[#parts + 1] = r.prediction end
+    if r.replica_wal_bytes then parts[#parts + 1] = "replica pg_wal " .. human(r.replica_wal_bytes) end
+    if r.replica and r.replica.free then parts[#parts + 1] = "replica free " .. human(r.replica.free) end
+    r.message = "WAL guard ok: " .. table.concat(parts, "; ")
+  else
+    r.message = ("WAL guard %s: %s. What to do: %s."):format(r.level == "stop" and "STOP" or "warning",
       table.concat(problems, "; "), table.concat(advice, "; "))
   end
-  return report
-end
-
---[[ walguard.watcher() -> the watcher spec playbooks register with P:watch:
-     every wal_guard.interval seconds, a check; "warn" is said, "stop" ends
-     the run with the advice. Each check is also a reading of the slots for
-     samples.jsonl, and a level reached (warn, stop) is a notification: once
-     when it is reached, not every interval while it lasts. ]]
-function walguard.watcher()
-  local notified
-  return { "wal_guard", interval = function(ctx) return ctx.config.wal_guard.interval end,
-    run = function(ctx)
-      local g = assert(walguard.check(ctx.source, ctx.replica, ctx.config.wal_guard,
-        { prefix = ctx.config.slots.prefix }))
-      ctx:sample_slots("wal_guard", { level = g.level, replica_free_bytes = g.replica_free_bytes })
-      if g.level ~= "ok" and notified ~= g.level then
-        ctx:notify("wal_guard_" .. g.level, g.message, { retained_bytes = g.retained_bytes,
-          replica_free_bytes = g.replica_free_bytes, warn_bytes = ctx.config.wal_guard.warn_bytes,
-          stop_bytes = ctx.config.wal_guard.stop_bytes })
-      end
-      notified = g.level ~= "ok" and g.level or nil
-      if g.level == "stop" then error(g.message, 0) end
-      if g.level == "warn" then ctx:warn("%s", g.message) end
-    end }
+  return r
 end
 
 return walguard

@@ -95,7 +95,9 @@ MIGRUN_API void migrun_error_push(lua_State *L, const char *kind, const char *wh
 MIGRUN_API int migrun_error_return(lua_State *L, const char *kind, const char *where,
                                    const char *code, const char *message);
 /* The one Ctrl-C error: kind "interrupted", message "interrupted!", where
- * (may be NULL); tostring gives "interrupted!" or "[where] interrupted!". */
+ * (may be NULL); tostring gives "interrupted!" or "[where] interrupted!".
+ * When the interrupt consumed last was a stop request of migrun's guard
+ * (SIGUSR1, host.arm_stop), the error has kind "guard" instead. */
 MIGRUN_API void migrun_push_interrupted(lua_State *L, const char *where);
 /* 1 when the value at idx is such an error (for a host's own message
  * handler, or after a plain lua_pcall; migrun_docall leaves text). */

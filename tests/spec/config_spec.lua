@@ -53,8 +53,10 @@ describe("migrun.playbook.config", function()
     assert.same({ jobs = 2 }, cfg.full_load)
     assert.same({ timestamp_column = "created_at", timestamp_columns = {}, large_tables = 5,
                   small_sample = 10, queries = {} }, cfg.qa)
-    assert.same({ warn_bytes = 50 * 2 ^ 30, stop_bytes = 200 * 2 ^ 30,
-                  replica_min_free_bytes = 20 * 2 ^ 30, interval = 30 }, cfg.wal_guard)
+    assert.same({ warn_bytes = 50 * 2 ^ 30, stop_bytes = 200 * 2 ^ 30, warn_ahead = 3600, rate_window = 600,
+                  replica_min_free_bytes = 20 * 2 ^ 30, replica_disk_unwatched = false, interval = 30 },
+      cfg.wal_guard)
+    assert.same({ on_change = "stop" }, cfg.schema_drift)
     assert.same({ allow_slots = {}, min_free_bytes = 10 * 2 ^ 30 }, cfg.preflight)
     assert.same({ source_endpoint = {}, target_endpoint = {}, task = {}, start_pause = 5,
                   catch_up = { lag_bytes = 1024 * 1024, timeout = 6 * 3600, poll = 5 } }, cfg.dms)
@@ -104,6 +106,19 @@ describe("migrun.playbook.config", function()
     assert.matches(': lobs.tables%["public.e"%].truncation_ok: expected true or false, found "no"$', err)
     _, err = load_with("wal_guard = { warn_bytes = 300 * 2^30 },")
     assert.matches(": wal_guard: expected warn_bytes <= stop_bytes$", err)
+    _, err = load_with("wal_guard = { stop_free_percent = 120 },")
+    assert.matches(": wal_guard.stop_free_percent: expected a percentage from 0 to 100, found 120$", err)
+    _, err = load_with("wal_guard = { warn_free_percent = 5, stop_free_percent = 10 },")
+    assert.matches(": wal_guard: expected warn_free_percent >= stop_free_percent", err)
+    _, err = load_with("wal_guard = { replica_free_command = 'df -B1 /srv' },")
+    assert.matches(': wal_guard.replica_free_command: expected a command as an argv list { "prog", "arg", ... }, '
+      .. 'found "df %-B1 /srv"$', err)
+    _, err = load_with("wal_guard = { source_free_command = { 'df', 2 } },")
+    assert.matches(": wal_guard.source_free_command: expected an argv list of strings, found a table$", err)
+    _, err = load_with("schema_drift = { on_change = 'ignore' },")
+    assert.matches(': schema_drift.on_change: expected "stop" or "warn", found "ignore"$', err)
+    assert(load_with("wal_guard = { replica_free_command = { 'df', '-B1', '/srv' }, warn_free_percent = 20,"
+      .. " stop_free_percent = 10 }, schema_drift = { on_change = 'warn' },"))
     _, err = load_with("schemas = 'public',")
     assert.matches(': schemas: expected a list { ... }, found "public"$', err)
     _, err = load_with("name = 'my_app',")
@@ -204,6 +219,8 @@ describe("migrun.playbook.config", function()
         "wal_guard.stop_bytes", "preflight.allow_slots", "dms.catch_up.poll", "dms.task.batch_apply" } do
       assert.matches("\n" .. key .. " ", "\n" .. text)
     end
-    assert.matches("wal_guard.stop_bytes%s+stop the run when they retain this much %(a number of bytes >= 0; default 200 GiB%)", text)
+    assert.matches("wal_guard.stop_bytes%s+stop the run when they hold back this much %(a number of bytes >= 0; default 200 GiB%)", text)
+    assert.matches("wal_guard.replica_free_command%s+prints the replica's free disk in bytes", text)
+    assert.matches("schema_drift.on_change%s+what the guard does", text)
   end)
 end)

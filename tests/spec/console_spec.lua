@@ -3,7 +3,10 @@
 -- rehearsal that full.lua has migrated (slots, tasks, a paused-then-resumed
 -- replica), compared with tests/golden/console/*.txt once LSNs, ports, pids,
 -- sizes and times are normalised. One more slot of migrun's, read by no task,
--- holds pending changes for peek().
+-- holds pending changes for peek(), with transactions between them that
+-- touch none of its tables. The console cannot hurt: what would consume,
+-- advance or drop a slot, and any write, is refused (and shown to run
+-- otherwise, read-only session or not), unless a write session is opened.
 local H = require "helpers.rehearsal"
 local cli = require "helpers.cli"
 local demo = require "migrun.rehearsal.demo"
@@ -90,6 +93,9 @@ describe("the console on a migrated rehearsal", function()
       select pg_create_logical_replication_slot(']] .. PEEKED .. [[', 'pglogical');
       insert into public.peeked select g, 'row ' || g from generate_series(1, 20) g;]]))
     extra_slot_lsn = assert(R.lab.source:psql("select pg_current_wal_lsn()"))
+    -- transactions in none of the slot's sets: empty for it
+    assert(R.lab.source:psql([[create table public.unpeeked (id int);
+      insert into public.unpeeked values (1); insert into public.unpeeked values (2);]]))
     assert(R.lab.source:psql([[update public.peeked set v = 'changed' where id = 1;
       delete from public.peeked where id = 2;]]))
   end)
@@ -115,12 +121,19 @@ describe("the console on a migrated rehearsal", function()
   it("shows slots, pending changes, lag, tasks and the replica as tables, and writes nothing", function()
     local out, code = session(table.concat({
       "slots()",
-      ("peek(%q, { upto = 3 })"):format(PEEKED),
+      ("peek(%q, 3)"):format(PEEKED),
       "lag()",
       "tasks()",
       "replica()",
       "source:write('create table public.never (id int)')",
       "source:query('create table public.never (id int)')",
+      [[source:query("select g as n, 'row ' || g as label, null::text as nothing, repeat('x', 70) as long]]
+        .. [[ from generate_series(1, 3) g")]],
+      "r = source:query('select g from generate_series(1, 60) g')",
+      "r",
+      "#r, r[60].g, r:columns()[1], r.command",
+      "source:query('select 1 where false')",
+      "source.conn:exec('set statement_timeout = 0')",
       "config.source.conninfo",
       "#slots(), slots()[1].owned, lsn'0/10' < lsn'0/20'",
     }, "\n") .. "\n")
@@ -153,27 +166,117 @@ describe("the console on a migrated rehearsal", function()
     local out = session(table.concat({
       "function count(rows) local n = {} for _, r in ipairs(rows) do n[r.action] = (n[r.action] or 0) + 1 end "
         .. "return n end",
-      ("p = peek(%q, { upto = 3 })"):format(PEEKED),
-      "#p, p[1].action, p[2].action, p[2].relation, p[2].data, p[3].data",
+      ("p = peek(%q, 3)"):format(PEEKED),
+      "#p, p[1].action, p[2].action, p[2].relation, p[2].data, p[22].action",
       ("#peek(%q)"):format(PEEKED),
       ("q = peek(%q, { upto = %q }) n = count(q)"):format(PEEKED, extra_slot_lsn),
       ("n.insert, n.update, n.delete, q[#q].lsn <= lsn%q"):format(extra_slot_lsn),
-      ("u = peek(%q, { upto = 1000 }) n = count(u)"):format(PEEKED),
-      "n.insert, n.update, n.delete, u[1].lsn == p[1].lsn",
+      ("u = peek(%q, 1000) n = count(u)"):format(PEEKED),
+      "#u, n.insert, n.update, n.delete, n.begin, n.commit, u[1].lsn == p[1].lsn",
+      "u.notes[1]",
+      ("#peek(%q, lsn%q)"):format(PEEKED, extra_slot_lsn),
       "peek('dms_slot_01', { upto = 'not an lsn' })",
       "peek('no_such_slot')",
+      ("peek(%q, 3, 4)"):format(PEEKED),
+      ("peek(%q, true)"):format(PEEKED),
     }, "\n") .. "\n")
-    -- upto = 3 shows 3 rows even though the first transaction holds 20 inserts
-    assert.truthy(out:find('\n3\t"begin"\t"insert"\t"public.peeked"\t"id=1 v=\\"row 1\\""\t"id=2 v=\\"row 2\\""\n',
+    -- a count of 3 shows the whole first transaction: begin, its 20 inserts, commit
+    assert.truthy(out:find('\n22\t"begin"\t"insert"\t"public.peeked"\t"id=1 v=\\"row 1\\""\t"commit"\n',
       1, true), out)
-    assert.truthy(out:find("\n10\n", 1, true), out)                  -- the default bound
+    assert.truthy(out:find("\n22\n", 1, true), out)                  -- the default bound (10): the same transaction
     assert.truthy(out:find("\n20\tnil\tnil\ttrue\n", 1, true), out) -- up to an LSN: the first transaction only
-    assert.truthy(out:find("\n20\t1\t1\ttrue\n", 1, true), out)     -- everything pending, from the same start
+    -- everything pending from the same start, in whole transactions; the
+    -- ones that touch none of the slot's tables are not shown
+    assert.truthy(out:find("\n28\t20\t1\t1\t3\t3\ttrue\n", 1, true), out)
+    assert.matches('"3 transactions, 22 changes %(at least 1000 changes, whole transactions%); %d+ empty transactions hidden',
+      out)
     assert.matches("upto: a count or an LSN", out)
     assert.matches("no replication slot no_such_slot on the source", out)
+    assert.matches("peek takes a slot and one bound", out)
+    assert.matches("peek%(slot %[, n | lsn | { upto = n | lsn }%]%)", out)
+    assert.falsy(out:find("stack traceback", 1, true), out)
     local after = assert(R.lab.source:psql(("select confirmed_flush_lsn from pg_replication_slots where slot_name = '%s'")
       :format(PEEKED)))
     assert.equal(before, after)
+  end)
+
+  it("refuses what would consume, advance or drop a slot, and any write, on every connection", function()
+    local function slot_state()
+      return assert(R.lab.source:psql(("select slot_name || ' ' || restart_lsn || ' ' || confirmed_flush_lsn"
+        .. " from pg_replication_slots where slot_name = '%s'"):format(PEEKED)))
+    end
+    local before = slot_state()
+    local statements = {
+      ([[source:query("select pg_drop_replication_slot('%s')")]]):format(PEEKED),
+      ([[source.conn:exec("select pg_replication_slot_advance('%s', pg_current_wal_lsn())")]]):format(PEEKED),
+      ([[source:query("select count(*) from pg_logical_slot_get_changes('%s', null, null)")]]):format(PEEKED),
+      ([[source:query("select count(*) from pg_logical_slot_get_binary_changes('%s', null, null)")]]):format(PEEKED),
+      ([[source:query("select pglogical.drop_replication_set('%s')")]]):format(PEEKED),
+      ([[source:query("select query_to_xml('select pg_drop_replication_slot(''%s'')', true, true, '')")]]):format(PEEKED),
+      [[source:query("select pg_create_logical_replication_slot('console_made', 'pglogical')")]],
+      [[source:query('set default_transaction_read_only = off')]],
+      [[source.conn:exec('begin read write')]],
+      [[replica:query('select pg_wal_replay_pause()')]],
+      [[target:query('drop table public.ref_01')]],
+    }
+    local out, code = session(table.concat(statements, "\n") .. "\n")
+    assert.equal(0, code, out)
+    local refusals = select(2, out:gsub("migrun: %[%a+%] refused: ", ""))
+    assert.equal(#statements, refusals, out)
+    assert.truthy(out:find([[refused: pg_drop_replication_slot drops a replication slot (on a dms_slot_* that silently]]
+      .. [[ loses CDC data). The console is read-only; write_session("source") opens a write session on the source]],
+      1, true), out)
+    -- nothing changed
+    assert.equal(before, slot_state())
+    assert.equal(PEEKED, assert(R.lab.source:psql(("select set_name from pglogical.replication_set where set_name = '%s'")
+      :format(PEEKED))))
+    assert.equal("", assert(R.lab.source:psql("select slot_name from pg_replication_slots where slot_name = 'console_made'")))
+    assert.equal("f", assert(R.lab.replica:psql("select pg_is_wal_replay_paused()")))
+    assert.equal("ref_01", assert(R.lab.target:psql("select to_regclass('public.ref_01')")))
+  end)
+
+  it("knows why: a read-only session alone lets pg_drop_replication_slot run", function()
+    assert(R.lab.source:psql("select pg_create_logical_replication_slot('ro_probe', 'test_decoding')"))
+    local c = assert(require("migrun.pg").connect(R.lab.source.conninfo))
+    assert(c:exec("set default_transaction_read_only = on"))
+    local res, err = c:exec("select pg_drop_replication_slot('ro_probe')")
+    c:close()
+    assert(res, tostring(err))
+    assert.equal("", assert(R.lab.source:psql("select slot_name from pg_replication_slots where slot_name = 'ro_probe'")))
+  end)
+
+  it("opens a write session only when asked and confirmed, saying what it allows; read_only() ends it", function()
+    local out, code = session(table.concat({
+      [[write_session("source")]], "no",
+      [[source:query('create table public.ws_probe (id int)')]],
+      [[write_session("source")]], "source",
+      [[source:query('create table public.ws_probe (id int)')]],
+      "source",
+      "read_only()",
+      [[source:query('drop table public.ws_probe')]],
+      [[write_session("elsewhere")]],
+    }, "\n") .. "\n")
+    assert.equal(0, code, out)
+    assert.truthy(out:find("pg_drop_replication_slot drops one", 1, true), out)
+    assert.truthy(out:find("On dms_slot_* (each read by a DMS task) consuming, advancing or dropping loses CDC data", 1,
+      true), out)
+    assert.truthy(out:find("not opened: the source stays read-only", 1, true), out)
+    assert.truthy(out:find("write session open on the source", 1, true), out)
+    assert.truthy(out:find("\nCREATE TABLE\n", 1, true), out)
+    assert.truthy(out:find("(WRITE SESSION)", 1, true), out)
+    assert.truthy(out:find("read-only again: source", 1, true), out)
+    assert.equal(1, select(2, out:gsub("refused: CREATE", "")), out)
+    assert.equal(1, select(2, out:gsub("refused: DROP", "")), out)
+    assert.truthy(out:find("write_session(name): a server expected", 1, true), out)
+    assert.equal("ws_probe", assert(R.lab.source:psql("select to_regclass('public.ws_probe')")))
+  end)
+
+  it("leaves on exit and quit", function()
+    for _, word in ipairs{ "exit", "quit", "exit()", "quit();" } do
+      local out, code = session("slots()[1].name\n" .. word .. "\nprint('after')\n")
+      assert.equal(0, code, out)
+      assert.matches('\n"dms_slot_01"\n$', out)
+    end
   end)
 
   it("opens with a message when a server cannot be reached, and never prints a password", function()

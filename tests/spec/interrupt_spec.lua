@@ -8,15 +8,15 @@ local stub = require "helpers.http_stub"
 local MIGRUN = os.getenv("MIGRUN_BIN") or "build/migrun"
 
 -- Runs code (after `ready` is printed, it blocks) in a child migrun, sends
--- one SIGINT once it is ready; -> stdout, stderr, exit code
-local function interrupt(code)
+-- one SIGINT (or sig) once it is ready; -> stdout, stderr, exit code
+local function interrupt(code, sig)
   local h = assert(proc.spawn{ MIGRUN, "-e", code, stdout = "capture", stderr = "capture" })
   for _ = 1, 400 do
     if h.stdout:find("ready\n", 1, true) then break end
     h:wait(0.05)
   end
   h:wait(0.2) -- blocked by now
-  h:kill("INT")
+  h:kill(sig or "INT")
   local ok, how, status = h:wait(30)
   assert(how ~= "timeout", "the child did not stop: " .. h.stdout .. h.stderr)
   local out, err = h.stdout, h.stderr
@@ -73,5 +73,50 @@ describe("Ctrl-C", function()
     ]])
     assert.equal(0, status, err)
     assert.equal("ready\ninterrupted\ntrue\texit\t0\tslept\n\t\n", out)
+  end)
+end)
+
+-- The guard (a child of a running playbook) asks migrun to stop with SIGUSR1:
+-- the same machinery, an error of its own kind, and only while armed.
+describe("A stop request (SIGUSR1, host.listen_stop / arm_stop)", function()
+  local ARMED = [[
+    local host = require "migrun.host"
+    host.listen_stop(true)
+    local ok, e = pcall(function() host.arm_stop(true) io.stdout:write("ready\n") io.stdout:flush() %s end)
+    host.arm_stop(false)
+    print(ok, e.kind, e.message, tostring(e), require("migrun.error").is(e))
+  ]]
+  local STOPPED = "ready\nfalse\tguard\tstopped by migrun's guard\tstopped by migrun's guard\ttrue\n"
+  for what, code in pairs{ ["Lua code (the hook)"] = "while true do end",
+      ["proc:wait"] = "require('migrun.proc').spawn{ 'sleep', '60' }:wait()",
+      ["host.sleep"] = "require('migrun.host').sleep(60)" } do
+    it("raises an error of kind guard from " .. what, function()
+      local out, err, status = interrupt(ARMED:format(code), "USR1")
+      assert.equal(STOPPED, out, err)
+      assert.equal(0, status, err)
+    end)
+  end
+
+  it("is only remembered while disarmed, and stops the armed code at once", function()
+    local out, err, status = interrupt([[
+      local host = require "migrun.host"
+      host.listen_stop(true)
+      io.stdout:write("ready\n") io.stdout:flush()
+      host.sleep(1)
+      print("slept")
+      local ok, e = pcall(function() host.arm_stop(true) while true do end end)
+      print(ok, e.kind, host.arm_stop(false))
+      host.listen_stop(false)
+      print(host.arm_stop(false))
+    ]], "USR1")
+    assert.equal(0, status, err)
+    assert.equal("ready\nslept\nfalse\tguard\ttrue\nfalse\n", out)
+  end)
+
+  it("is sent to the parent only", function()
+    local host = require "migrun.host"
+    local ok, err = host.request_stop(host.pid)
+    assert.is_nil(ok)
+    assert.matches("not this process's parent", tostring(err))
   end)
 end)

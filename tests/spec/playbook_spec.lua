@@ -287,6 +287,15 @@ describe("migrun.playbook", function()
     assert.falsy(out:find("prepare: Create", 1, true))
   end)
 
+  it("says where a step's progress stopped, never done, when the step fails", function()
+    local schema, state = fresh()
+    local code, out, err = run(schema, state, { "--yes" }, { FIXTURE_LOAD_FAIL = "1" })
+    assert.equal(1, code, out .. err)
+    assert.truthy(out:find(("load \"%s\".\"t\": stopped at 100 rows of 200 rows (50%%)\n"):format(schema), 1, true), out)
+    assert.falsy(out:find(": done, ", 1, true), out)
+    assert.matches("FAILED: load failed: the load broke", err)
+  end)
+
   it("names the unreachable server and its config key, never its password", function()
     local schema, state = fresh()
     local bad = dir .. "/bad.lua"

@@ -183,6 +183,41 @@ describe("migrun.preflight", function()
     assert.truthy(f.message:find("free under .*minimum 4%.0 EiB"))
   end)
 
+  it("says the replica's disk is watched here, and NOT watched on another machine until the config says how", function()
+    assert.truthy(find(run {}, "replica", "disk watched").message:find("^free disk watched %(statvfs .*/pg_wal%)"))
+    -- the lab's replica under a name that is not this machine's (libpq connects to hostaddr)
+    local remote = wrap({ conninfo = L.replica.conninfo:gsub("host=127%.0%.0%.1",
+      "host=replica.example.internal hostaddr=127.0.0.1") }, "replica")
+    local r = run { replica = remote }
+    local f = find(r, "replica", "disk watched")
+    assert.is_false(f.ok)
+    assert.equal("error", f.severity)
+    assert.truthy(f.message:find("NOT watched: the replica (replica.example.internal) is not on this machine", 1, true),
+      f.message)
+    assert.truthy(f.hint:find("wal_guard.replica_free_command", 1, true))
+    assert.truthy(f.hint:find("wal_guard.replica_disk_unwatched = true", 1, true))
+    assert.equal(1, r.errors, preflight.format(r))
+    -- a command of the team's that prints the free bytes (and the size): watched
+    local cfg = { slots = CONFIG.slots, preflight = CONFIG.preflight,
+      wal_guard = { replica_free_command = { "echo", "123456789", "987654321" } } }
+    f = find(run { replica = remote, config = cfg }, "replica", "disk watched")
+    assert.is_true(f.ok)
+    assert.equal("free disk watched (by echo 123456789 987654321): 117.7 MiB free of 941.9 MiB", f.message)
+    -- one that prints no number is said as such
+    cfg.wal_guard.replica_free_command = { "echo", "n/a" }
+    f = find(run { replica = remote, config = cfg }, "replica", "disk watched")
+    assert.is_false(f.ok)
+    assert.truthy(f.message:find('printed no number of bytes (it printed "n/a")', 1, true), f.message)
+    -- acknowledged: a warning, never silence
+    cfg.wal_guard = { replica_disk_unwatched = true }
+    r = run { replica = remote, config = cfg }
+    f = find(r, "replica", "disk watched")
+    assert.is_false(f.ok)
+    assert.equal("warning", f.severity)
+    assert.truthy(f.message:find("acknowledged by the configuration", 1, true))
+    assert.equal(0, r.errors)
+  end)
+
   it("finds pglogical missing on a server without it", function()
     local P = assert(require("migrun.rehearsal.lab").start { pglogical = false,
       settings = { source = { shared_preload_libraries = "" } } })

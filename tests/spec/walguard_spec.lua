@@ -1,24 +1,43 @@
--- migrun.walguard against the lab: WAL retained by migrun's slots on the real
--- source grows with writes; thresholds give warn and stop with the runbook's advice.
+-- migrun.walguard against the lab: the WAL migrun's slots hold back, counted
+-- as a DBA does (the current LSN minus their oldest restart_lsn, not once per
+-- slot), against pg_wal and free disk; thresholds in bytes and percent; the
+-- rate and what it predicts; advice that depends on the phase; the replica's
+-- disk, a stop only while it is paused.
 local pg = require "migrun.pg"
 local db = require "migrun.db"
 local pgl = require "migrun.pglogical"
+local text = require "migrun.text"
 local walguard = require "migrun.walguard"
 
 describe("migrun.walguard", function()
   local L, src, rep
   local BIG = 2 ^ 50
+  local MiB = 1024 * 1024
+
+  -- what a DBA types: the oldest restart_lsn of migrun's slots against the current LSN
+  local function by_hand()
+    return assert(src:query([[select (pg_current_wal_lsn() - min(restart_lsn))::int8 as held,
+      sum(pg_current_wal_lsn() - restart_lsn)::int8 as per_slot_sum
+      from pg_replication_slots where slot_name like 'dms\_slot\_%' and plugin = 'pglogical']]))[1]
+  end
+
+  local function write_wal(mib)
+    assert(src:write(("insert into wg select g, repeat('x', 1000) from generate_series(1, %d) g"):format(mib * 900)))
+  end
 
   setup(function()
     L = assert(require("migrun.rehearsal.lab").start {})
     src = db.wrap(assert(pg.connect(L.source.conninfo, { name = "source" })))
     rep = db.wrap(assert(pg.connect(L.replica.conninfo, { name = "replica" })))
+    assert(src:write("create table wg (id int, pad text)"))
     assert(pgl.ensure_node(src, "migrun_provider", L.source.conninfo))
-    assert(pgl.create_slot(src, "dms_slot_01"))
-    assert(pgl.create_slot(src, "dms_slot_02"))
+    -- three slots created apart: each holds back a different amount of the same WAL
+    for i = 1, 3 do
+      assert(pgl.create_slot(src, "dms_slot_0" .. i))
+      write_wal(4)
+    end
     -- not migrun's: never counted
     assert(src:write("select pg_create_logical_replication_slot('someone_else', 'test_decoding')"))
-    assert(src:write("create table wg (id int, pad text)"))
   end)
 
   teardown(function()
@@ -27,63 +46,160 @@ describe("migrun.walguard", function()
     if L then assert(L:stop()) end
   end)
 
-  local function guard(warn, stop, min_free)
-    return { warn_bytes = warn or BIG, stop_bytes = stop or BIG, replica_min_free_bytes = min_free or 1 }
+  local function guard(t)
+    t = t or {}
+    return { warn_bytes = t.warn or math.min(BIG, t.stop or BIG), stop_bytes = t.stop or BIG, replica_min_free_bytes = t.min_free or 1,
+      warn_free_percent = t.warn_pct, stop_free_percent = t.stop_pct, replica_min_free_percent = t.replica_pct,
+      warn_ahead = t.ahead, interval = 1, replica_free_command = t.replica_command }
   end
 
-  it("measures WAL retained by migrun's slots, growing with writes", function()
-    local g1 = assert(walguard.check(src, rep, guard(), { prefix = "dms_slot_" }))
-    assert.equal("ok", g1.level)
-    assert.equal(2, #g1.slots)
-    assert.same({ "dms_slot_01", "dms_slot_02" }, { g1.slots[1].name, g1.slots[2].name })
-    assert.equal(g1.slots[1].retained_bytes + g1.slots[2].retained_bytes, g1.retained_bytes)
-    assert.is_true(g1.replica_wal_bytes > 0)
-    assert.is_true(g1.replica_free_bytes > 0)
-    assert.truthy(g1.message:find("^WAL guard ok: migrun's 2 slots retain "))
-
-    assert(src:write("insert into wg select g, repeat('x', 200) from generate_series(1, 20000) g"))
-    local g2 = assert(walguard.check(src, rep, guard(), { prefix = "dms_slot_" }))
-    -- two slots each hold back the ~5 MB just written
-    assert.is_true(g2.retained_bytes - g1.retained_bytes > 2 * 4 * 1024 * 1024,
-      ("%d -> %d"):format(g1.retained_bytes, g2.retained_bytes))
+  it("counts the shared WAL once: from the oldest restart_lsn of migrun's slots, as by hand", function()
+    local r = assert(walguard.check(src, rep, guard(), { prefix = "dms_slot_" }))
+    local hand = by_hand()
+    assert.equal("ok", r.level)
+    assert.equal(3, #r.slots)
+    assert.equal("dms_slot_01", r.holder)
+    -- nothing is written meanwhile: the same figure to the byte (a checkpoint record at most)
+    assert.is_true(math.abs(r.held_bytes - hand.held) < 64 * 1024, ("%d vs %d"):format(r.held_bytes, hand.held))
+    -- the old figure (every slot's retained WAL added up) is about twice as much here
+    assert.is_true(hand.per_slot_sum > 1.5 * hand.held, ("%d %d"):format(hand.per_slot_sum, hand.held))
+    assert.is_true(r.held_bytes > 10 * MiB, tostring(r.held_bytes))
+    -- the per-slot view: each slot's own retained and behind figures
+    assert.equal(r.held_bytes, r.slots[1].retained_bytes)
+    assert.is_true(r.slots[1].retained_bytes > r.slots[2].retained_bytes)
+    assert.is_true(r.slots[2].retained_bytes > r.slots[3].retained_bytes)
+    assert.is_true(r.slots[3].behind_bytes > 0)
+    -- against the real pg_wal, and free disk (the lab runs here)
+    assert.is_true(r.wal_dir_bytes >= r.held_bytes, ("%d %d"):format(r.wal_dir_bytes, r.held_bytes))
+    assert.truthy(r.source.how:find("^statvfs .*/pg_wal$"))
+    assert.is_true(r.source.free > 0 and r.source.total >= r.source.free)
+    assert.is_true(r.replica.free > 0)
+    assert.equal(false, r.replica_paused)
+    assert.truthy(r.message:find("^WAL guard ok: migrun's 3 slots hold back " .. text.bytes(r.held_bytes)
+      :gsub("%p", "%%%0") .. " of WAL on the primary %(from dms_slot_01's restart_lsn %x+/%x+ to %x+/%x+; "
+      .. "pg_wal holds [%d.]+ MiB; [%d.]+ %a+ free of [%d.]+ %a+%)"), r.message)
   end)
 
-  it("warns above warn_bytes and stops above stop_bytes, with the advice and human units", function()
-    local now = assert(walguard.check(src, nil, guard(), { prefix = "dms_slot_" })).retained_bytes
-    local w = assert(walguard.check(src, nil, guard(now // 2, BIG), { prefix = "dms_slot_" }))
+  it("warns and stops on the WAL held back, naming the commands that fit the phase", function()
+    local held = assert(walguard.check(src, nil, guard(), { prefix = "dms_slot_" })).held_bytes
+    local advice = { config = "/srv/m/migration.lua", rerun = "migrun playbooks/full.lua --config /srv/m/migration.lua",
+      playbooks = "playbooks" }
+    local w = assert(walguard.check(src, nil, guard{ warn = held // 2 }, { prefix = "dms_slot_", advice = advice }))
     assert.equal("warn", w.level)
-    assert.truthy(w.message:find("^WAL guard warning: migrun's 2 slots retain [%d.]+ MiB of WAL on the primary"))
+    assert.truthy(w.message:find("^WAL guard warning: migrun's 3 slots hold back [%d.]+ MiB of WAL"))
     assert.truthy(w.message:find("above the warning threshold", 1, true))
-    assert.truthy(w.message:find("monitor free space on the primary", 1, true))
-    assert.truthy(w.message:find("drop the stuck slot and redo its tables", 1, true))
-    assert.truthy(w.message:find("partial restart", 1, true))
-    assert.is_nil(w.replica_free_bytes)
+    -- before phase II: no task to blame, the threshold to raise, the real commands
+    assert.truthy(w.message:find("no DMS task reads the slots before phase II", 1, true))
+    assert.truthy(w.message:find("raise wal_guard.stop_bytes (now 1.0 PiB) in /srv/m/migration.lua", 1, true))
+    assert.truthy(w.message:find("then run `migrun playbooks/full.lua --config /srv/m/migration.lua`: it resumes", 1, true))
+    assert.truthy(w.message:find("`migrun playbooks/full_restart.lua --config /srv/m/migration.lua`", 1, true))
+    assert.falsy(w.message:find("partial_restart", 1, true))
+    assert.falsy(w.message:find("replica", 1, true))
 
-    local s = assert(walguard.check(src, nil, guard(now // 4, now // 2), { prefix = "dms_slot_" }))
+    local s = assert(walguard.check(src, nil, guard{ warn = held // 4, stop = held // 2 },
+      { prefix = "dms_slot_", advice = advice }))
     assert.equal("stop", s.level)
     assert.truthy(s.message:find("^WAL guard STOP: "))
     assert.truthy(s.message:find("at or above the stop threshold", 1, true))
 
-    -- another prefix: nothing of migrun's, nothing retained
-    local none = assert(walguard.check(src, nil, guard(1, 1), { prefix = "nobody_" }))
+    -- phase II: the slot that holds the most and has confirmed nothing for long is named,
+    -- with the partial restart that redoes its group
+    local tracker = walguard.tracker(600)
+    assert(walguard.check(src, nil, guard(), { prefix = "dms_slot_", tracker = tracker, now = 0 }))
+    local t = assert(walguard.check(src, nil, guard{ warn = held // 4, stop = held // 2 },
+      { prefix = "dms_slot_", tracker = tracker, now = 1200, tasks = true, advice = advice }))
+    assert.equal(1200, t.slots[1].stalled_seconds)
+    assert.truthy(t.message:find("dms_slot_01 holds back the most", 1, true), t.message)
+    assert.truthy(t.message:find("has confirmed nothing for 20 min 00 s: its DMS task stopped reading it", 1, true))
+    assert.truthy(t.message:find("`migrun playbooks/partial_restart.lua dms_slot_01 --config /srv/m/migration.lua`",
+      1, true))
+    assert.falsy(t.message:find("no DMS task", 1, true))
+
+    -- another prefix: nothing of migrun's, nothing held
+    local none = assert(walguard.check(src, nil, guard{ warn = 1, stop = 1 }, { prefix = "nobody_" }))
     assert.equal(0, #none.slots)
-    assert.equal(0, none.retained_bytes)
-    assert.equal("ok", none.level) -- 0 < 1
+    assert.equal(0, none.held_bytes)
+    assert.equal("ok", none.level)
   end)
 
-  it("stops when the paused replica's disk is below its minimum", function()
-    local r = assert(walguard.check(src, rep, guard(BIG, BIG, 2 ^ 61), { prefix = "dms_slot_" }))
-    assert.equal("stop", r.level)
-    assert.truthy(r.message:find("the paused replica has [%d.]+ %a+ free %(minimum 2%.0 EiB%)"))
-    assert.truthy(r.message:find("finish the full load and resume the replica", 1, true))
-    local near = assert(walguard.check(src, rep, guard(BIG, BIG, r.replica_free_bytes // 3 * 2),
-      { prefix = "dms_slot_" }))
-    assert.equal("warn", near.level)
-    assert.truthy(near.message:find("near the minimum", 1, true))
+  it("measures the rate and says when the stop and a full disk come; warns ahead of them", function()
+    local tracker = walguard.tracker(600)
+    local a = assert(walguard.check(src, nil, guard(), { prefix = "dms_slot_", tracker = tracker, now = 100 }))
+    assert.is_nil(a.rate)
+    write_wal(8)
+    local stop = a.held_bytes + 1024 * MiB
+    local b = assert(walguard.check(src, nil, guard{ stop = stop, ahead = 3600 },
+      { prefix = "dms_slot_", tracker = tracker, now = 110 }))
+    assert.near((b.held_bytes - a.held_bytes) / 10, b.rate, 1)
+    assert.is_true(b.rate > 0.5 * MiB, tostring(b.rate))
+    assert.near((stop - b.held_bytes) / b.rate, b.eta_stop, 1)
+    assert.near(b.source.free / b.rate, b.eta_full, 1)
+    -- about a thousand seconds to the stop: within warn_ahead, so a warning before any threshold
+    assert.equal("warn", b.level)
+    local line = ("at this rate (%s/min held back more, over the last 10.0 s) the stop threshold %s is reached in about %s"
+      .. " and the primary's disk is full in about %s"):format(text.bytes(b.rate * 60), text.bytes(stop),
+      text.duration(b.eta_stop), text.duration(b.eta_full))
+    assert.truthy(b.message:find(line, 1, true), b.message .. "\n" .. line)
+    -- far away: the same line in the ok message, no warning
+    local c = assert(walguard.check(src, nil, guard{ stop = stop, ahead = 60 },
+      { prefix = "dms_slot_", tracker = tracker, now = 111 }))
+    assert.equal("ok", c.level)
+    assert.truthy(c.message:find("at this rate", 1, true))
   end)
 
-  it("reads the WAL directory of 9.6 through pg_ls_dir('pg_xlog')", function()
+  it("stops on the primary's free space in percent", function()
+    local r = assert(walguard.check(src, nil, guard(), { prefix = "dms_slot_" }))
+    local pct = 100 * r.source.free / r.source.total
+    local w = assert(walguard.check(src, nil, guard{ warn_pct = pct + 1 }, { prefix = "dms_slot_" }))
+    assert.equal("warn", w.level)
+    assert.truthy(w.message:find("the primary's WAL disk is [%d.]+%% free, below wal_guard.warn_free_percent"))
+    local s = assert(walguard.check(src, nil, guard{ warn_pct = 100, stop_pct = pct + 1 }, { prefix = "dms_slot_" }))
+    assert.equal("stop", s.level)
+    assert.truthy(s.message:find("below wal_guard.stop_free_percent", 1, true))
+  end)
+
+  it("stops on the replica's disk only while it is paused, and says so", function()
+    local r = assert(walguard.check(src, rep, guard{ min_free = 2 ^ 61 }, { prefix = "dms_slot_" }))
+    assert.equal("warn", r.level)
+    assert.truthy(r.message:find("the replica has [%d.]+ %a+ free %(minimum 2%.0 EiB%) %(not paused%)"), r.message)
+    assert.truthy(r.message:find("the replica is not paused, so migrun is not what fills its disk", 1, true))
+    assert.falsy(r.message:find("resume", 1, true))
+    assert(rep:write("select pg_wal_replay_pause()"))
+    local ok, err = pcall(function()
+      local p = assert(walguard.check(src, rep, guard{ min_free = 2 ^ 61 }, { prefix = "dms_slot_" }))
+      assert.equal("stop", p.level)
+      assert.is_true(p.replica_paused)
+      assert.truthy(p.message:find("free (minimum 2.0 EiB) while paused", 1, true))
+      assert.truthy(p.message:find("the paused replica keeps every WAL segment it receives", 1, true))
+      -- a command of the team's measures it (a replica elsewhere); percent minimum
+      local c = assert(walguard.check(src, rep, guard{ replica_command = { "echo", "100", "1000" }, replica_pct = 20 },
+        { prefix = "dms_slot_" }))
+      assert.same({ free = 100, total = 1000, how = "command" }, c.replica)
+      assert.equal("stop", c.level)
+      assert.truthy(c.message:find("the replica's WAL disk is 10.0% free (minimum 20%) while paused", 1, true))
+    end)
+    assert(rep:write("select pg_wal_replay_resume()"))
+    assert(ok, err)
+  end)
+
+  it("says why pg_wal cannot be read without pg_monitor, and checks on", function()
+    assert(src:write("create role wg_reader login"))
+    local conninfo = L.source.conninfo:gsub("user=%S+", "user=wg_reader")
+    local weak = db.wrap(assert(pg.connect(conninfo, { name = "source" })))
+    local r = assert(walguard.check(weak, nil, guard(), { prefix = "dms_slot_" }))
+    weak:close()
+    assert.is_nil(r.wal_dir_bytes)
+    assert.equal("the size of pg_wal cannot be read: pg_ls_waldir() needs pg_monitor or superuser"
+      .. " (GRANT pg_monitor TO wg_reader)", r.wal_dir_note)
+    assert.truthy(r.message:find(r.wal_dir_note, 1, true), r.message)
+    -- data_directory is not visible to it either: said, with the way out
+    assert.truthy(r.message:find("free disk not measured: data_directory is not visible to this role", 1, true), r.message)
+    assert.is_true(r.held_bytes > 0)
+  end)
+
+  it("reads the WAL directory of 9.6 through pg_ls_dir('pg_xlog'), and raises on misuse", function()
     assert.truthy(walguard.sql(90624).wal_dir_bytes:find("pg_ls_dir('pg_xlog')", 1, true))
+    assert.truthy(walguard.sql(90624).current_lsn:find("pg_current_xlog_location", 1, true))
     assert.truthy(walguard.sql(150020).wal_dir_bytes:find("pg_ls_waldir()", 1, true))
     assert.has_error(function() walguard.check(src, nil, { warn_bytes = 2, stop_bytes = 1 }) end,
       "walguard.check: warn_bytes must not exceed stop_bytes")

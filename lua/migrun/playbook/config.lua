@@ -100,6 +100,22 @@ local function seconds(default, doc, min)
   return num{ default = default, check = at_least(min, what), expected = what, doc = doc }
 end
 
+local function percent(doc)
+  return num{ check = function(v) if v < 0 or v > 100 then return "a percentage from 0 to 100" end end,
+              expected = "a percentage from 0 to 100", doc = doc }
+end
+
+-- A command of the team's as an argv list, run as is (no shell).
+local function argv_list(doc)
+  return any{ expected = 'a command as an argv list { "prog", "arg", ... }',
+    check = function(v)
+      if type(v) ~= "table" or #v < 1 then return 'a command as an argv list { "prog", "arg", ... }' end
+      for k, a in pairs(v) do
+        if math.type(k) ~= "integer" or type(a) ~= "string" then return "an argv list of strings" end
+      end
+    end, doc = doc }
+end
+
 local function count(default, doc, min)
   min = min or 0
   local what = ("a whole number >= %d"):format(min)
@@ -159,14 +175,38 @@ config.SCHEMA = record({
       }), { default = {}, doc = "extra queries compared between source and target" }) },
   }, { doc = "quality checks" }) },
   { "wal_guard", record({
-    { "warn_bytes", bytes(50 * GiB, "warn when migrun's slots retain this much WAL") },
-    { "stop_bytes", bytes(200 * GiB, "stop the run when they retain this much") },
+    { "warn_bytes", bytes(50 * GiB, "warn when migrun's slots hold back this much WAL (current LSN minus " ..
+      "their oldest restart_lsn)") },
+    { "stop_bytes", bytes(200 * GiB, "stop the run when they hold back this much") },
+    { "warn_free_percent", percent("warn when the primary's WAL disk has less free space, in percent " ..
+      "(needs its free space: on this machine, or source_free_command)") },
+    { "stop_free_percent", percent("stop when the primary's WAL disk has less free space, in percent") },
+    { "warn_ahead", seconds(3600, "warn when, at the rate of the last rate_window seconds, the stop " ..
+      "threshold or a full disk on the primary comes within this many seconds") },
+    { "rate_window", seconds(600, "seconds of history the WAL rate is measured over", 1) },
     { "replica_min_free_bytes", bytes(20 * GiB, "stop when the paused replica has less free disk") },
+    { "replica_min_free_percent", percent("stop when the paused replica's WAL disk has less free space, in percent") },
+    { "source_free_command", argv_list("prints the primary's free disk in bytes (then, optionally, the " ..
+      "disk's size), for a primary on another machine") },
+    { "replica_free_command", argv_list("prints the replica's free disk in bytes (then, optionally, the " ..
+      "disk's size), for a replica on another machine") },
+    { "replica_disk_unwatched", bool{ default = false,
+      doc = "go on without watching the replica's disk when it cannot be measured (another machine " ..
+            "and no replica_free_command): preflight stops otherwise" } },
     { "interval", seconds(30, "seconds between checks", 1) },
-  }, { doc = "watches WAL retained on the primary during the whole run",
+  }, { doc = "the guard: WAL held back on the primary and disks, checked through every step",
        check = function(v)
          if v.warn_bytes > v.stop_bytes then return "warn_bytes <= stop_bytes" end
+         if v.warn_free_percent and v.stop_free_percent and v.warn_free_percent < v.stop_free_percent then
+           return "warn_free_percent >= stop_free_percent (warned with more free space than the stop)"
+         end
        end }) },
+  { "schema_drift", record({
+    { "on_change", str{ default = "stop", expected = '"stop" or "warn"',
+      check = function(v) if v ~= "stop" and v ~= "warn" then return '"stop" or "warn"' end end,
+      doc = "what the guard does when the source's schema (tables, columns, types, constraints) changes " ..
+            "after know_data: DMS does not carry DDL through pglogical" } },
+  }, { doc = "schema drift on the source during the migration" }) },
   { "preflight", record({
     { "allow_slots", list(str{}, { default = {},
       doc = "replication slots not created by migrun that may exist on the source" }) },

@@ -320,9 +320,10 @@ end
 
 function Ctx:run_watchers(force)
   if self._in_watch then return end
+  for _, d in ipairs(self._watchdogs or {}) do d:drain(self) end
   local now = host.monotonic()
   for _, w in ipairs(self.playbook.watchers) do
-    if force or now >= w.next_due then
+    if not w.process and (force or now >= w.next_due) then
       self._in_watch = true
       local ok, res, err = pcall(w.run, self)
       self._in_watch = false
@@ -345,7 +346,7 @@ function Ctx:sleep(seconds)
     if now >= deadline then return end
     local wait = deadline - now
     for _, w in ipairs(self.playbook.watchers) do
-      wait = math.min(wait, math.max(0.01, w.next_due - now))
+      if not w.process then wait = math.min(wait, math.max(0.01, w.next_due - now)) end
     end
     host.sleep(wait)
   end

@@ -22,6 +22,9 @@ state_dir/reports/<started>-<playbook>.md).
   }
   P:watch{ "wal_guard", interval = 30,                -- seconds, or function(ctx) -> seconds
            run = function(ctx) ... end }              -- raising or nil, err stops the run
+  P:watch{ "guard", process = { module = "migrun.guard", job = function(ctx) ... end } }
+      -- a watcher in a process of its own, checking while any step runs and
+      -- stopping it (interrupted, left resumable): migrun.playbook.watchdog
   P:then_run{ "main", fresh_journal = true,           -- after a successful run: the main
     carry = function(ctx) return { "schema" } end }   -- playbook again (see below)
   os.exit(P:main(arg))
@@ -57,6 +60,7 @@ The step context (migrun.playbook.context; one per run; passed to run, check
 and watchers)
   ctx.config, ctx.dry_run, ctx.yes, ctx.args (ctx.args.slot: by declared name),
   ctx.state_dir, ctx.resuming, ctx.playbook, ctx.step (the running step),
+  ctx.plan (the names of the steps this run runs),
   ctx.journal, ctx.main (the main playbook's name, or nil before it ran)
   ctx.source / ctx.replica / ctx.target   migrun.db wrappers, connected on first
       use; an unreachable server raises an error naming it and its config key.
@@ -103,6 +107,7 @@ local journal = require "migrun.playbook.journal"
 local report = require "migrun.playbook.report"
 local html = require "migrun.playbook.html"
 local metrics = require "migrun.playbook.metrics"
+local watchdog = require "migrun.playbook.watchdog"
 
 local playbook = {}
 
@@ -145,8 +150,11 @@ end
 function Playbook:watch(spec)
   local name = spec[1] or spec.name
   assert(type(name) == "string", "watch: a name expected")
-  assert(type(spec.run) == "function", "watch " .. name .. ": run = function(ctx) expected")
-  local w = { name = name, interval = spec.interval or 30, run = spec.run, next_due = 0 }
+  assert(type(spec.run) == "function" or (type(spec.process) == "table" and type(spec.process.module) == "string"
+    and type(spec.process.job) == "function"),
+    "watch " .. name .. ": run = function(ctx) or process = { module =, job = function(ctx) } expected")
+  local w = { name = name, interval = spec.interval or 30, run = spec.run, process = spec.process, next_due = 0,
+              notify_as = spec.notify_as }
   self.watchers[#self.watchers + 1] = w
   return w
 end
@@ -437,6 +445,7 @@ function Playbook:main(argv)
   local metrics_server = self:_start_metrics(ctx, run)
 
   local code, failure = self:_run(ctx, opts, run)
+  for _, w in ipairs(ctx._watchdogs or {}) do w:drain(ctx) w:close() end
 
   run.ended_at = journal.timestamp()
   run.outcome = code == EXIT.ok and "ok" or code == EXIT.aborted and "aborted" or "failed"
@@ -586,6 +595,20 @@ function Playbook:_run(ctx, opts, run)
     end
     if action then plan[#plan + 1] = { step = s, action = action } end
   end
+  ctx.plan = {}
+  for _, p in ipairs(plan) do if p.action == "run" then ctx.plan[#ctx.plan + 1] = p.step.name end end
+
+  -- Watchers in a process of their own start first; their first check
+  -- (before any step) may stop the run.
+  ctx._watchdogs = {}
+  for _, w in ipairs(self.watchers) do
+    if w.process then
+      local d, derr = watchdog.start(ctx, w)
+      if not d then return EXIT.failed, derr end
+      ctx._watchdogs[#ctx._watchdogs + 1] = d
+      if d:stopped() then return EXIT.failed, d:stopped() .. " Nothing was run." end
+    end
+  end
 
   -- Every check first: nothing runs when the world no longer matches.
   local ok, err = protect(function() ctx:run_watchers(true) end)
@@ -614,9 +637,20 @@ function Playbook:_run(ctx, opts, run)
       if code ~= EXIT.ok then return code, failure end
       local okw, werr = protect(function() ctx:run_watchers() end)
       if not okw then return EXIT.failed, werr end
+      local stop = self:_guard_stop(ctx, 0)
+      if stop then return EXIT.failed, stop end
     end
   end
   return EXIT.ok
+end
+
+-- A process watcher's stop message, if one stopped (waiting up to timeout s for its line).
+function Playbook:_guard_stop(ctx, timeout)
+  for _, d in ipairs(ctx._watchdogs or {}) do
+    local m = d:stopped(timeout)
+    d:drain(ctx)
+    if m then return m end
+  end
 end
 
 function Playbook:_index(name)
@@ -671,8 +705,14 @@ function Playbook:_run_step(ctx, s, run)
       return {}
     end
   end
-  local ok, res, err = protect(body, ctx)
-  if ctx._bar then ctx._bar:finish() ctx._bar = nil end
+  -- A process watcher's stop interrupts the body only (armed): the runner's
+  -- bookkeeping around it is never cut in half.
+  local armed = #(ctx._watchdogs or {}) > 0
+  local ok, res, err = protect(function(c)
+    if armed then host.arm_stop(true) end
+    return body(c)
+  end, ctx)
+  if armed then host.arm_stop(false) end
   local failure
   if not ok then
     failure = res
@@ -680,6 +720,18 @@ function Playbook:_run_step(ctx, s, run)
     failure = err
   elseif type(res) == "table" and getmetatable(res) == nil then
     for k, v in pairs(res) do ctx.facts[s.name][k] = v end
+  end
+  if failure and errors.is(failure) and failure.kind == "guard" then
+    -- the guard's own words; handles the interrupted body left behind (a
+    -- pg_restore, a worker) are collected now, which ends their processes
+    failure = self:_guard_stop(ctx, 10) or failure
+    collectgarbage()
+    collectgarbage()
+  end
+  -- a bar of work that did not finish says where it stopped, never "done"
+  if ctx._bar then
+    if failure then ctx._bar:abandon() else ctx._bar:finish() end
+    ctx._bar = nil
   end
   local now = host.now()
   ctx.step, ctx._record = nil, nil

@@ -43,8 +43,8 @@ local notify = {}
 notify.EVENTS = {
   { "step_failed", "a step failed (the run stopped)" },
   { "run_failed", "the run stopped for another reason: a check, a watcher, Ctrl-C" },
-  { "wal_guard_warn", "the WAL guard crossed its warning threshold" },
-  { "wal_guard_stop", "the WAL guard stopped the run" },
+  { "wal_guard_warn", "the guard warns: WAL or a disk near its threshold, or the schema changed (schema_drift = warn)" },
+  { "wal_guard_stop", "the guard stopped the run: WAL or a disk past its threshold, or the schema changed" },
   { "task_failed", "a DMS task failed or stopped while migrun watched it" },
   { "ready_for_cutover", "every task has caught up and the final QA is equal" },
   { "cutover_done", "the cutover is done (cutover.lua finished)" },

@@ -30,6 +30,8 @@ log stays readable.
   bar:snapshot() -> { label, unit, done, total, rows, per_second, rows_per_second,
       eta_seconds, started_at, updated_at, finished, detail, parts = { {key, name,
       done, total, rows, per_second, eta_seconds, updated_at} } }  (times: epoch)
+  bar:abandon()   work that did not finish (the step failed or was stopped):
+                  "copy public.orders: stopped at 476.8 MiB of 953.7 MiB (50%)"
   progress.amount(n, unit) -> "1.5 GiB" | "1,234 rows" | "1234"
 
 The rate and the ETA come from the last `window` seconds (migrun.playbook.rate),
@@ -188,6 +190,16 @@ function Bar:finish(summary)
            text.duration(host.monotonic() - self.started)
   end
   self.say(line)
+  if self.on_record then self.on_record(self, true) end
+end
+
+function Bar:abandon()
+  if self.finished then return end
+  self.finished = true
+  self:clear()
+  self.live = false
+  local line = self:line()
+  self.say(self.label .. ": stopped at " .. line:sub(#self.label + 3):gsub(", [^,]* left$", ""))
   if self.on_record then self.on_record(self, true) end
 end
 

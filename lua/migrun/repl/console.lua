@@ -2,7 +2,8 @@
 migrun.repl.console: the slot-inspection console. The REPL with the migration's
 three servers connected and a few helpers for looking at replication slots,
 DMS tasks and the paused replica by hand, e.g. while a playbook runs or after
-one failed. It only looks: the connections refuse writes (see below).
+one failed. It cannot hurt: it only looks, unless the operator opens a write
+session on a server on purpose (see below).
 
     migrun -i --config migration.lua
     MIGRUN_CONFIG=migration.lua migrun -l migrun.repl.console -i
@@ -11,23 +12,32 @@ one failed. It only looks: the connections refuse writes (see below).
   Globals it sets (help() lists them):
     source, replica, target   the servers (a migrun.db Db each: source:query(...)).
         Connected at open; one that cannot be reached is reported and tried
-        again on its next use, so the console opens anyway. Writes through
-        Db:write are echoed and not run, and each session runs with
-        default_transaction_read_only (the brave can
-        source.conn:exec("set default_transaction_read_only = off")).
-        Calling one prints its status: replica() its pause state and replay LSN.
+        again on its next use, so the console opens anyway. Results print
+        their rows as a table (the first 50; res[i] holds them all).
+        Read-only: every statement (through query, write or conn:exec) is
+        checked first by migrun.repl.sqlcheck, which refuses what consumes,
+        advances or drops a slot, touches pglogical's setup, pauses or
+        resumes a server, and any write; the sessions also run with
+        default_transaction_read_only, so the server refuses what remains.
+        Db:write is echoed, not run. Calling one prints its status:
+        replica() its pause state and replay LSN.
+    write_session("source")   asks, says what it allows, then lets that
+                              server's statements run as typed; read_only()
+                              ends every write session
     slots()                   the primary's replication slots
-    peek(slot, {upto = n | lsn})   pending changes of a pglogical slot, bounded
+    peek(slot [, n | lsn | {upto = n | lsn}])   pending changes of a pglogical
+                              slot: whole transactions, empty ones hidden
     lag()                     per slot and task: bytes and seconds behind
     tasks()                   the migration's DMS tasks with their status
     lsn"0/16B3748"            migrun.lsn
     config                    the configuration, passwords masked
-    help()
+    help()                    exit or quit leaves
 
   console.open(path [, opts]) -> session | nil, err
       Loads the config (a bad one is an error: nothing is set), connects and
       sets the globals in opts.env (default _G); opts.say(line) prints the
-      banner (default: stdout); opts.connect_timeout (seconds, default 5).
+      banner (default: stdout); opts.ask(question) -> the answer line
+      (default: reads a line of stdin); opts.connect_timeout (seconds, default 5).
       Opening again closes the previous session's connections.
   console.main(path) -> session     the same, raising on failure (migrun --config)
   console.close()                   closes the current session's connections
@@ -53,6 +63,7 @@ local replica_status = require("migrun.replica").status
 local cdc = require "migrun.cdc"
 local builders = require "migrun.dms.builders"
 local text = require "migrun.text"
+local sqlcheck = require "migrun.repl.sqlcheck"
 
 local console = {}
 
@@ -60,6 +71,8 @@ local SERVERS = { "source", "replica", "target" }
 local DEFAULT_PEEK = 10
 local MAX_PEEK = 10000
 local DATA_WIDTH = 60
+local SHOWN_ROWS = 50      -- rows a result prints (all stay in it)
+local CELL_WIDTH = 60
 
 -- Raises a one-line error (no traceback at the REPL) about the world as found.
 local function fail(where, message, hint)
@@ -98,7 +111,9 @@ local function new_server(session, name)
   local mt = { __name = "migrun.repl.console.Server" }
   function mt.__tostring()
     local d = session.dbs[name]
-    if d then return name .. ": " .. tostring(d.conn) end
+    if d then
+      return name .. ": " .. tostring(d.conn) .. (session.writable[name] and " (WRITE SESSION)" or " (read-only)")
+    end
     return ("%s: not connected (%s)"):format(name, tostring(session.failures[name] or "not tried"))
   end
   mt.__index = function(_, k)
@@ -108,6 +123,80 @@ local function new_server(session, name)
   mt.__call = function() return session:status(name) end
   session.server_mts[name] = mt
   return setmetatable(server, mt)
+end
+
+-- A result as the console gives it: the rows as plain records (res[i],
+-- #res, res:rows(), res:columns(), res.affected, res.command, as a
+-- migrun.pg Result), printing as a table of its first rows.
+local Result = { __name = "migrun.repl.console.Result" }
+local result_methods = {
+  rows = function(self)
+    local i = 0
+    return function() i = i + 1 return self[i] end
+  end,
+  columns = function(self) return self._columns end,
+}
+Result.__index = function(self, k)
+  if result_methods[k] then return result_methods[k] end
+  return rawget(self, "_fields")[k]
+end
+function Result.__tostring(self)
+  local names = self._columns
+  if #names == 0 then return tostring(self.command or "(no result)") end
+  local cols = {}
+  local function format(v)
+    if rawequal(v, pg.null) then return "NULL" end
+    if type(v) == "string" and #v > CELL_WIDTH then return v:sub(1, CELL_WIDTH - 3) .. "..." end
+    return v
+  end
+  for i, n in ipairs(names) do cols[i] = { n, n, format = format } end
+  local shown, notes = {}, {}
+  for i = 1, math.min(#self, SHOWN_ROWS) do shown[i] = self[i] end
+  if #self > SHOWN_ROWS then
+    notes[1] = ("(%d rows, the first %d shown; all are in the result: r = source:query(...); r[%d])")
+      :format(#self, SHOWN_ROWS, #self)
+  end
+  local t = text.columns(cols, shown, { noun = #self <= SHOWN_ROWS and { "row", "rows" } or nil, notes = notes,
+    empty = ("(no rows: %s)"):format(tostring(self.command)) })
+  return tostring(t)
+end
+
+local function printable(res)
+  if type(res) ~= "userdata" then return res end -- db.DRY and the like
+  local out = { _columns = res:columns(), _fields = { affected = res.affected, command = res.command } }
+  for i = 1, #res do out[i] = res[i] end
+  return setmetatable(out, Result)
+end
+
+-- A connection that checks every statement before it runs (see
+-- migrun.repl.sqlcheck), unless the server is in a write session. Only
+-- the methods that read are offered (no COPY, no transaction(fn) that would
+-- hand the raw connection out).
+local function guarded(session, name, conn)
+  local function check(sql)
+    if session.writable[name] then return end
+    local why = sqlcheck.refusal(type(sql) == "table" and tostring(sql[1]) or tostring(sql))
+    if why then
+      fail(name, ("refused: %s %s. The console is read-only; write_session(%q) opens a write"
+        .. " session on the %s (it asks first)"):format(why.what, why.reason, name, name))
+    end
+  end
+  local proxy = {}
+  local methods = {
+    exec = function(_, sql, ...)
+      check(sql)
+      local res, err = conn:exec(sql, ...)
+      if not res then return nil, err end
+      return printable(res)
+    end,
+  }
+  for _, m in ipairs{ "server_version", "info", "name", "backend_pid", "in_recovery", "transaction_status",
+      "escape_identifier", "escape_literal", "set_timeout", "on_notice", "close", "password" } do
+    methods[m] = function(_, ...) return conn[m](conn, ...) end
+  end
+  methods.password = nil -- never handed out at the console
+  return setmetatable(proxy, { __name = "migrun.repl.console.Conn", __index = methods,
+    __tostring = function() return tostring(conn) end })
 end
 
 local Session = {}
@@ -122,20 +211,86 @@ function Session:connect(name)
         mask(err and err.message or err, conninfo)),
       hint = "the console opened without it; it is tried again when next used" }
   end
-  -- Read-only-minded: the session refuses writes, and Db:write only echoes.
+  -- Read-only: statements are checked, the session refuses writes, and Db:write only echoes.
   local ok, serr = conn:exec("set default_transaction_read_only = on")
   if not ok then
     conn:close()
     return nil, serr
   end
-  local d = db.wrap(conn, { dry_run = true, echo = function(line)
-    self.say("not run (the console is read-only): " .. mask(line, conninfo))
+  local d = db.wrap(guarded(self, name, conn), { dry_run = true, echo = function(line)
+    self.say(("not run (the console is read-only; write_session(%q) to write): %s"):format(name, mask(line, conninfo)))
   end })
+  self.raw[name] = conn
   self.dbs[name], self.failures[name] = d, nil
   -- From now on the global's fields come straight from the Db (a table
   -- __index: completion follows it, no connection attempt per access).
   self.server_mts[name].__index = d
   return d
+end
+
+-- What a write session lets through, said before it opens.
+local function write_warning(name, prefix)
+  local lines = {
+    ("A write session on the %s runs its statements as typed: writes and DDL, and the functions the"
+      .. " console refuses otherwise:"):format(name),
+    "  pg_logical_slot_get_changes and pg_replication_slot_advance consume or advance a slot,",
+    "  pg_drop_replication_slot drops one, pglogical.drop_* and pglogical.alter_* change the sets and",
+    "  the node, pg_wal_replay_resume/pause move the paused replica, pg_terminate_backend ends a session.",
+  }
+  if name == "source" then
+    lines[#lines + 1] = ("On %s* (each read by a DMS task) consuming, advancing or dropping loses CDC data"
+      .. " that nothing brings back."):format(prefix)
+  elseif name == "replica" then
+    lines[#lines + 1] = "Resuming the paused replica during the full load breaks the snapshot the load reads."
+  end
+  return table.concat(lines, "\n")
+end
+
+function Session:write_session(name)
+  if name == nil or name == false then return self:read_only() end
+  if not self.config[name] or type(self.config[name]) ~= "table" or not self.config[name].conninfo then
+    fail("write_session", ("write_session(name): a server expected (\"source\", \"replica\" or \"target\"), got %s")
+      :format(tostring(name)))
+  end
+  if self.writable[name] then return plain(("the %s is already in a write session; read_only() ends it"):format(name)) end
+  self:db(name)
+  self.say(write_warning(name, self.config.slots.prefix))
+  local answer = self.ask(("Type %s to open a write session on it (anything else keeps it read-only): "):format(name))
+  if (answer or ""):match("^%s*(.-)%s*$") ~= name then
+    return plain(("not opened: the %s stays read-only"):format(name))
+  end
+  local ok, err = self.raw[name]:exec("set default_transaction_read_only = off")
+  if not ok then error(err, 0) end
+  self.writable[name] = true
+  self.dbs[name].dry_run = false
+  self:prompt()
+  return plain(("write session open on the %s: its statements run as typed. read_only() ends it."):format(name))
+end
+
+function Session:read_only()
+  local closed = {}
+  for _, name in ipairs(SERVERS) do
+    if self.writable[name] then
+      self.writable[name] = nil
+      local d = self.dbs[name]
+      if d then
+        d.dry_run = true
+        local ok, err = self.raw[name]:exec("set default_transaction_read_only = on")
+        if not ok then error(err, 0) end
+      end
+      closed[#closed + 1] = name
+    end
+  end
+  self:prompt()
+  if #closed == 0 then return plain("every server is read-only") end
+  return plain(("read-only again: %s"):format(table.concat(closed, ", ")))
+end
+
+-- The prompt says which servers are open for writes.
+function Session:prompt()
+  local open = {}
+  for _, name in ipairs(SERVERS) do if self.writable[name] then open[#open + 1] = name end end
+  self.env._PROMPT = #open > 0 and ("[WRITE: %s]> "):format(table.concat(open, ", ")) or nil
 end
 
 -- The Db of a server, connecting if needed; raises when it cannot be reached.
@@ -155,7 +310,7 @@ function Session:close()
   for _, name in ipairs(SERVERS) do
     local d = self.dbs[name]
     if d then
-      self.dbs[name] = nil
+      self.dbs[name], self.raw[name], self.writable[name] = nil, nil, nil
       d:close()
     end
   end
@@ -269,20 +424,33 @@ local function shorten(s, width)
   return s:sub(1, width - 3) .. "..."
 end
 
-function Session:peek(slot, opts)
-  assert(type(slot) == "string" and slot ~= "", "peek: a slot name expected: peek(\"dms_slot_01\", { upto = 10 })")
-  opts = opts or {}
-  assert(type(opts) == "table", "peek: options { upto = count | lsn } expected")
-  local upto_lsn, upto_n = nil, DEFAULT_PEEK
+-- peek's second argument: a count, an LSN, or { upto = count | lsn, max = rows, sets = "a,b" }.
+local PEEK_USAGE = 'peek(slot [, n | lsn | { upto = n | lsn }]): e.g. peek("dms_slot_01", 10) or'
+  .. ' peek("dms_slot_01", lsn"0/16B3748")'
+
+local function peek_bound(arg)
+  local opts = {}
+  if type(arg) == "table" and not lsn.is(arg) then opts = arg
+  elseif arg ~= nil then opts = { upto = arg } end
   local upto = opts.upto
+  if upto == nil then return nil, DEFAULT_PEEK, opts end
   if math.type(upto) == "integer" then
-    assert(upto > 0 and upto <= MAX_PEEK, ("peek: upto: a count from 1 to %d expected"):format(MAX_PEEK))
-    upto_n = upto
-  elseif upto ~= nil then
-    local at = lsn.is(upto) and upto or lsn.parse(tostring(upto))
-    assert(at, "peek: upto: a count or an LSN (lsn\"0/16B3748\" or \"0/16B3748\") expected, got " .. tostring(upto))
-    upto_lsn, upto_n = at, opts.max or 1000
+    if upto < 1 or upto > MAX_PEEK then
+      fail("peek", ("peek: a count from 1 to %d expected, got %d"):format(MAX_PEEK, upto), PEEK_USAGE)
+    end
+    return nil, upto, opts
   end
+  local at = lsn.is(upto) and upto or (type(upto) == "string" and lsn.parse(upto))
+  if not at then
+    fail("peek", "peek: upto: a count or an LSN (lsn\"0/16B3748\" or \"0/16B3748\") expected, got " .. tostring(upto),
+      PEEK_USAGE)
+  end
+  return at, nil, opts
+end
+
+function Session:peek(slot, arg)
+  if type(slot) ~= "string" or slot == "" then fail("peek", "peek: a slot name expected first", PEEK_USAGE) end
+  local upto_lsn, want, opts = peek_bound(arg)
   local d = self:db("source")
   local row
   for _, s in ipairs(assert(pglogical.slots(d, { prefix = self.config.slots.prefix }))) do
@@ -299,10 +467,12 @@ function Session:peek(slot, opts)
   end
   local sets = opts.sets or table.concat({ pglogical.set_names(slot) }, ",")
   local names = lsn.names(d.conn:server_version())
-  -- Bounded on the server: decoding stops at upto_lsn or at the end of the
-  -- transaction that reaches upto_nchanges rows (+1: pglogical's startup
-  -- message counts as one), and LIMIT cuts what comes back to the bound. The
-  -- tuple summary is made in SQL so the columns keep their order.
+  -- Decoding stops at upto_lsn, or at the end of the transaction in which it
+  -- has produced `budget` rows (every transaction, even one with no change in
+  -- these sets, yields a begin and a commit row: the budget leaves room for
+  -- them). Rows come back whole transactions at a time; at most max_rows.
+  local max_rows = opts.max or MAX_PEEK
+  local budget = upto_lsn and pg.null or math.min(100000, want * 20 + 200)
   local sql = ([[
 select lsn, xid, d->>'action' as action,
        case when d->'relation' is not null then (d->'relation'->>0) || '.' || (d->'relation'->>1) end as relation,
@@ -315,21 +485,54 @@ select lsn, xid, d->>'action' as action,
             'proto_format', 'json', 'pglogical.replication_set_names', $4)) p
  where d->>'action' <> 'S'
  limit $5]]):format(names.peek_lsn_column)
-  local res, err = d:query{ sql, slot, upto_lsn and tostring(upto_lsn) or pg.null, upto_n + 1, sets, upto_n, n = 6 }
+  local res, err = d:query{ sql, slot, upto_lsn and tostring(upto_lsn) or pg.null, budget, sets, max_rows + 1, n = 6 }
   if not res then error(err, 0) end
-  local out = {}
-  for r in res:rows() do
+  -- whole transactions, the empty ones (begin and commit only) hidden
+  local out, changes, txns, empty, cut = {}, 0, 0, 0, false
+  local current
+  local function close_txn()
+    if not current then return end
+    if current.changes == 0 then
+      empty = empty + 1
+    else
+      txns = txns + 1
+      changes = changes + current.changes
+      for _, r in ipairs(current.rows) do out[#out + 1] = r end
+    end
+    current = nil
+  end
+  for i = 1, math.min(#res, max_rows) do
+    local r = res[i]
     local action = opt(r.action)
     local data = opt(r.tuple)
     if action == "B" then data = opt(r.commit_time) and ("committed " .. r.commit_time)
     elseif action == "C" then data = opt(r.end_lsn) and ("end " .. r.end_lsn) end
-    out[#out + 1] = { lsn = r.lsn, xid = opt(r.xid), action = ACTIONS[action] or action,
+    local rec = { lsn = r.lsn, xid = opt(r.xid), action = ACTIONS[action] or action,
       relation = opt(r.relation), data = shorten(data, DATA_WIDTH) }
+    if action == "B" then
+      close_txn()
+      if not upto_lsn and changes >= want then break end
+      current = { rows = { rec }, changes = 0 }
+    elseif current then
+      current.rows[#current.rows + 1] = rec
+      if action == "C" then close_txn()
+      else current.changes = current.changes + 1 end
+    end
   end
-  local bound = upto_lsn and ("up to " .. tostring(upto_lsn)) or ("at most " .. upto_n)
+  if current then
+    -- decoding returned more rows than max: the last transaction is shown cut
+    cut = current.changes > 0
+    close_txn()
+  end
+  local bound = upto_lsn and ("up to " .. tostring(upto_lsn)) or ("at least " .. want .. " change" .. (want == 1 and "" or "s"))
+  local notes = { ("%d transaction%s, %d change%s (%s, whole transactions); %d empty transaction%s hidden;"
+    .. " sets %s; the slot is not consumed"):format(txns, txns == 1 and "" or "s", changes, changes == 1 and "" or "s",
+    bound, empty, empty == 1 and "" or "s", sets) }
+  if cut then notes[#notes + 1] = ("the last transaction is cut at %d rows (peek(slot, { upto = ..., max = n }))")
+    :format(max_rows) end
   return console.rows({ { "lsn" }, { "xid", align = "right" }, { "action" }, { "relation" }, { "data" } }, out,
-    { noun = { "change", "changes" }, empty = ("no pending changes in %s (%s)"):format(slot, bound),
-      notes = { ("peeked %s, sets %s; the slot is not consumed"):format(bound, sets) } })
+    { noun = { "row", "rows" }, empty = ("no pending changes in %s (%s; %d empty transaction%s hidden)"):format(slot,
+      bound, empty, empty == 1 and "" or "s"), notes = notes })
 end
 
 -- Seconds behind per task_name of awsdms_status on the target (the time since
@@ -465,17 +668,19 @@ function Session:status(name)
 end
 
 local HELP = {
-  { "source, replica, target", "the servers (migrun.db Db: source:query(sql, ...)); writes are not run" },
+  { "source, replica, target", "the servers (migrun.db Db: source:query(sql, ...)); read-only" },
   { "source(), target()", "version, database, size; the source's current WAL LSN" },
   { "replica()", "the maintenance replica: pause state, replay and receive LSN, upstream" },
   { "slots()", "the primary's replication slots: plugin, LSNs, WAL retained, migrun's or not" },
-  { "peek(slot, {upto = n|lsn})", "pending changes of a pglogical slot, at most n (default 10) or up to lsn" },
+  { "peek(slot [, n | lsn])", "pending changes of a slot, whole transactions: n changes (10) or up to lsn" },
   { "lag()", "per slot and DMS task: bytes and seconds behind, task status" },
   { "tasks()", "this migration's DMS tasks: status, CDC start position, last failure" },
   { "lsn\"0/16B3748\"", "an LSN value: compare them, subtract them for bytes" },
   { "config", "the migration's configuration (passwords masked)" },
+  { "write_session(\"source\")", "asks, then lets that server's statements run as typed (slots can be lost)" },
+  { "read_only()", "ends every write session" },
   { "console.open(path)", "open another migration's configuration" },
-  { "help()", "this list" },
+  { "help()", "this list; exit or quit leaves" },
 }
 
 function Session:help()
@@ -506,8 +711,13 @@ function console.open(path, opts)
   if not cfg then return nil, err end
   console.close()
   local say = opts.say or function(line) io.stdout:write(line, "\n") io.stdout:flush() end
-  local session = setmetatable({ config = cfg, dbs = {}, failures = {}, server_mts = {}, say = say,
-    connect_timeout = opts.connect_timeout or 5 }, Session)
+  local ask = opts.ask or function(question)
+    io.stdout:write(question)
+    io.stdout:flush()
+    return io.read("l")
+  end
+  local session = setmetatable({ config = cfg, dbs = {}, raw = {}, writable = {}, failures = {}, server_mts = {},
+    say = say, ask = ask, env = opts.env or _G, connect_timeout = opts.connect_timeout or 5 }, Session)
   current = session
   local env = opts.env or _G
   say(("migrun console: migration %s (%s)"):format(cfg.name, cfg.config_path))
@@ -523,14 +733,19 @@ function console.open(path, opts)
   end
   -- replica is both the server and replica(): the call goes through the global's __call.
   env.slots = function() return session:slots() end
-  env.peek = function(slot, o) return session:peek(slot, o) end
+  env.peek = function(slot, o, extra)
+    if extra ~= nil then fail("peek", "peek takes a slot and one bound", PEEK_USAGE) end
+    return session:peek(slot, o)
+  end
+  env.write_session = function(name) return session:write_session(name) end
+  env.read_only = function() return session:read_only() end
   env.lag = function() return session:lag() end
   env.tasks = function() return session:tasks() end
   env.help = function() return session:help() end
   env.lsn = lsn
   env.config = journal.scrub(cfg)
   env.console = console
-  say("read-only; help() lists the helpers")
+  say("read-only (write_session(\"source\") to write); help() lists the helpers")
   return session
 end
 
