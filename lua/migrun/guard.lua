@@ -200,7 +200,8 @@ function guard.main()
     local r = g:round()
     local w = r.wal or {}
     io.stdout:write(cjson.encode{ level = r.level, message = r.message, held_bytes = w.held_bytes,
-      rate = w.rate, eta_stop = w.eta_stop, eta_full = w.eta_full }, "\n")
+      rate = w.rate, eta_stop = w.eta_stop, eta_full = w.eta_full,
+      warn_bytes = job.wal_guard.warn_bytes, stop_bytes = job.wal_guard.stop_bytes }, "\n")
     io.stdout:flush()
     if r.level == "stop" then
       -- the parent prints and journals the message; it only has to be told

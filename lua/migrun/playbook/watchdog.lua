@@ -51,7 +51,8 @@ function watchdog.start(ctx, w)
         -- sent later, at a safe point (Watchdog:drain), not from inside a wait
         if v.level ~= "ok" and v.level ~= self.notified then
           self.events[#self.events + 1] = { event = (w.notify_as or w.name) .. "_" .. v.level, message = v.message,
-            details = { held_bytes = v.held_bytes, rate = v.rate, eta_stop = v.eta_stop, eta_full = v.eta_full } }
+            details = { held_bytes = v.held_bytes, rate = v.rate, eta_stop = v.eta_stop, eta_full = v.eta_full,
+              warn_bytes = v.warn_bytes, stop_bytes = v.stop_bytes } }
         end
         self.notified = v.level ~= "ok" and v.level or nil
       end
