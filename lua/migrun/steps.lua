@@ -7,11 +7,19 @@ playbook keeps only the line that says which tables.
 
   steps.load(ctx, tables, at, title) -> { loaded =, seconds = }
       fullload.run from the paused replica (which must still be at `at`),
-      with a progress bar; each table is recorded in the journal (fact
-      "loaded") the moment it commits, so a rerun loads only the rest.
+      with a progress bar, config.full_load's jobs, chunk_bytes, split_bytes
+      and analyze. The journal follows it as it goes (facts of the step):
+      "loaded" (each table the moment it is complete, as before), "chunks"
+      (each split table's plan, its chunks loaded, and the transaction of a
+      chunk about to commit), "indexed" and "analyzed" (per table, with their
+      times); a rerun loads only the chunks and tables not committed, then
+      builds and analyzes what is left. Each table's indexes are those the
+      target lacks (schema.table_post_data), built as soon as it is complete.
   steps.restore_indexes(ctx, schema_facts, tables) -> { verified = true } | nil, why
-      the post-data section (or just what is missing of it) restored from the
-      dump of full.lua's schema step, then verify_indexes.
+      the post-data section restored from the dump of full.lua's schema
+      step: whole on a bare target, else what is not on the target yet
+      (foreign keys, triggers, rules...: the indexes came with the load);
+      then verify_indexes.
   steps.verify_indexes(ctx, tables) -> { verified = true } | nil, why
       every index and constraint of the (paused) replica's tables exists on
       the target; each missing one is named.
@@ -36,26 +44,44 @@ local steps = {}
 local function say(ctx) return function(line) ctx:say("%s", line) end end
 
 function steps.load(ctx, tables, at, title)
-  local loaded = ctx.facts[ctx.step].loaded or {}
+  local facts = ctx.facts[ctx.step]
+  local state = { loaded = facts.loaded or {}, chunks = facts.chunks or {}, indexed = facts.indexed or {},
+                  analyzed = facts.analyzed or {} }
+  local cfg = ctx.config.full_load
   local total = 0
   for _, t in ipairs(tables) do total = total + (t.bytes or 0) end
+  local post = assert(schema.table_post_data(ctx.replica, ctx.target, tables))
   local bar = ctx:progress{ label = title, total = total, unit = "bytes" }
   local result = assert(fullload.run{
     replica = ctx.config.replica.conninfo, target = ctx.config.target.conninfo,
-    tables = tables, jobs = ctx.config.full_load.jobs, done = loaded,
-    expect_replay_lsn = at, dry_run = ctx.dry_run, echo = say(ctx),
+    tables = tables, jobs = cfg.jobs, chunk_bytes = cfg.chunk_bytes, split_bytes = cfg.split_bytes,
+    analyze = cfg.analyze, post = post, expect_replay_lsn = at, dry_run = ctx.dry_run, echo = say(ctx),
+    -- journal first: a table or a chunk said loaded is never loaded again
+    state = state, save = function(field) ctx:record(field, state[field]) end,
     on_progress = function(done, _, rows, detail)
       bar:update(done, ("%s, %d rows"):format(detail and detail.table or "", rows or 0))
     end,
+    on_chunk = function(c)
+      ctx:say("chunk %d/%d of %s (%s) loaded: %d rows, %s in %s", c.chunk, c.of, c.table, c.range, c.rows,
+        text.bytes(c.bytes), text.duration(c.seconds))
+    end,
     on_table = function(r)
-      loaded[r.table] = r
-      ctx:record("loaded", loaded)   -- journal first: a table said loaded is never loaded again
-      ctx:say("loaded %s: %d rows, %s in %.1fs", r.table, r.rows, text.bytes(r.bytes), r.seconds)
+      ctx:say("loaded %s: %d rows, %s in %s%s", r.table, r.rows, text.bytes(r.bytes), text.duration(r.seconds or 0),
+        r.chunks and (" (%d chunks)"):format(r.chunks) or "")
+    end,
+    on_post = function(what, r)
+      if what == "indexed" then
+        ctx:say("indexes of %s built: %d in %s", r.table, r.indexes, text.duration(r.seconds))
+      else
+        ctx:say("analyzed %s in %s", r.table, text.duration(r.seconds))
+      end
     end })
   bar:finish(("%d tables, %s"):format(#result.tables, text.bytes(result.bytes or 0)))
   ctx:report_table(title, { "table", "rows", "bytes", "started", "ended", "seconds", "stream" },
-    fullload.report_rows(loaded))
-  return { loaded = loaded, seconds = result.seconds }
+    fullload.report_rows(state.loaded))
+  ctx:report_table(title .. ": split tables", { "table", "chunks", "by", "rows", "bytes", "seconds" },
+    fullload.split_rows(state.chunks))
+  return { loaded = state.loaded, seconds = result.seconds }
 end
 
 function steps.restore_indexes(ctx, schema_facts, tables)
