@@ -534,7 +534,7 @@ function schema.target_has_tables(target_db, tables)
 end
 
 --[[ schema.restore_missing(target_conninfo, dump, source_db, target_db, tables, opts)
-       -> { restored = n, how = "pg_restore" | "pg_restore (rest)" | "nothing missing", already = n } | nil, err
+       -> { restored = n, how = "pg_restore" | "pg_restore (rest)", already = n } | nil, err
      Step 10 made safe to run again, and the end of a full load that built
      each table's indexes as soon as the table was complete. When none of the
      source's indexes and constraints exist on the target yet, the post-data
