@@ -10,7 +10,8 @@ cutover.stop_writes says: the team's command, or the database made read-only
 with the sessions opened before waited for or terminated); wait until every
 slot has confirmed the primary's final LSN; set the target's sequences ahead
 of the source's (DMS never migrates sequences); a final full QA, counts and
-row hashes of every table; stop the tasks; the checklist and the commands to
+row hashes of every table (by key ranges, both sides at once); ANALYZE what
+CDC changed a lot (the load analyzed every table); stop the tasks; the checklist and the commands to
 roll back. Any difference stops it before the tasks are stopped.
 
 Copy this file to adapt the procedure; the work is in migrun.cutover, migrun.cdc
@@ -113,7 +114,7 @@ P:step{ "sequences", "Set every sequence on the target ahead of the source's las
 
 P:step{ "final_qa", "Final full QA: row counts and row hashes of every table, primary vs target",
   run = function(ctx)
-    local r = assert(qa.compare(ctx.source, ctx.target, tables(ctx), ctx.config.qa, { mode = "full" }))
+    local r = assert(qa.compare(ctx.source, ctx.target, tables(ctx), ctx.config.qa, steps.full_qa_options(ctx)))
     cutover.count_only(r, ctx.config.cutover.count_only)
     ctx:report_table("Final full QA (primary vs target)", qa.report_columns(), qa.report_rows(r))
     if r.differences > 0 then
@@ -125,6 +126,9 @@ P:step{ "final_qa", "Final full QA: row counts and row hashes of every table, pr
     return { checks = #r.checks }
   end,
   dry_run = "would compare every table of the primary and the target (counts and row hashes)" }
+
+P:step{ "analyze", "ANALYZE on the target the tables CDC changed a lot since the load analyzed them",
+  run = function(ctx) return steps.analyze_changed(ctx, tables(ctx)) end }
 
 P:step{ "stop_tasks", "Stop the DMS tasks",
   run = function(ctx)

@@ -13,18 +13,28 @@ qa.monthly_counts(db, table, column) -> { ["2026-01"] = n, ..., ["(null)"] = n }
     Rows per calendar month of column (date, timestamp or timestamptz; months
     of timestamptz are taken in UTC, so two servers with different TimeZone
     settings agree).
-qa.row_hash(db, table) -> { rows = n, hash = "<decimal string>" } | nil, err
-    An order-independent digest of the table's contents: the sum over all rows
-    of the first 60 bits of md5(row text), as numeric, and the row count.
-    Equal contents give equal results on any two servers, whatever the physical
-    order: the columns are taken by name (not position), the session settings
-    that change text forms are fixed for the query (TimeZone UTC, DateStyle
-    ISO, IntervalStyle postgres, bytea_output hex, extra_float_digits 3), and
-    float4/float8 columns are hashed by their binary form (float8send), which
-    does not change between PostgreSQL versions the way their text does.
+qa.row_hash(db, table [, opts]) -> { rows = n, hash = "<decimal string>" } | nil, err
+    An order-independent digest of the table's contents (of the rows matching
+    opts.where, an SQL condition, when given): the sum over all rows of a
+    64-bit hash of the row, as numeric, and the row count. Equal contents
+    give equal results on any two servers, whatever the physical order: the
+    columns are taken by name (not position) and the session settings that
+    change text forms are fixed for the query (TimeZone UTC, DateStyle ISO,
+    IntervalStyle postgres, bytea_output hex, extra_float_digits 3).
+    opts.method: "typed" (default on PostgreSQL 11 and later): each column
+    hashed by its type's own 64-bit hash function (hashint8extended,
+    jsonb_hash_extended, timestamp_hash_extended, ...: the functions hash
+    partitioning relies on, stable across versions), without printing it,
+    the text of other types hashed with hashtextextended, the column hashes
+    combined with a seed per column; about five times cheaper than printing
+    the row. Values that PostgreSQL holds equal hash equal (1.0 and 1.00,
+    -0 and +0). "md5": the first 60 bits of md5(row text), float4/float8 by
+    their binary form (what servers before 11 can do). Both sides of a
+    comparison must use the same method: qa.compare picks one for both.
     A sum can in principle hide two differences that cancel out; with 60-bit
     terms that is a chance of about 2^-60 per comparison.
-qa.compare(a_db, b_db, tables, cfg_qa, { mode = "quick" | "full", seed = n }) ->
+qa.compare(a_db, b_db, tables, cfg_qa, { mode = "quick" | "full", seed = n, method =, chunk_bytes =,
+            jobs =, a_conninfo =, b_conninfo = }) ->
     { checks = { {table = "s.t" | "query:<name>", method, a, b, equal, detail, error} },
       differences = n, seed = n, mode = "quick" | "full", a_name, b_name }
     quick (default): per-month counts ("monthly:<column>") on the timestamp
@@ -38,7 +48,16 @@ qa.compare(a_db, b_db, tables, cfg_qa, { mode = "quick" | "full", seed = n }) ->
       runs on both and the results (all rows, all columns, as text) must be
       equal ("query").
     full: count and row_hash for every table ("hash"; a and b are row_hash
-      results).
+      results). With opts.chunk_bytes, a table larger than that with an
+      integer primary key is hashed by key ranges (migrun.chunks, planned on
+      a), each range on both sides; with opts.jobs > 1 and opts.a_conninfo,
+      opts.b_conninfo, the ranges and the tables are hashed by `jobs` worker
+      processes on each side at once, largest first, so verifying a big table
+      costs about one parallel scan of each side. A range that differs is
+      narrowed down (sub-ranges hashed on both sides through the key's index,
+      then the rows of the last small range compared key by key), and the
+      check's detail names the chunk, its range and the keys that differ
+      (check.chunks = { {chunk =, of =, range =, keys = {...}, a =, b = } }).
     A check that fails to run (a table missing on one side) is a difference
     with the error in `error` and its message in `detail`.
 qa.format(result) -> text: a summary line, then an aligned table of the
@@ -47,6 +66,10 @@ qa.format(result) -> text: a summary line, then an aligned table of the
 local pg = require "migrun.pg"
 local catalog = require "migrun.catalog"
 local text = require "migrun.text"
+local chunks = require "migrun.chunks"
+local pool = require "migrun.pool"
+local errors = require "migrun.error"
+local db = require "migrun.db"
 
 local qa = {}
 
@@ -92,34 +115,97 @@ function qa.monthly_counts(db, t, column, before)
   end)
 end
 
-function qa.row_hash(db, t)
-  assert(db and db.query, "qa.row_hash: a Db expected")
-  local schema, name = split(t)
-  local qualified = pg.qualify(schema, name)
+-- The 64-bit hash function of a column's (base) type, where it has one that
+-- does not depend on the server (enums, for one, hash their oids).
+local TYPED = {
+  smallint = "hashint2extended(%s, %d)", integer = "hashint4extended(%s, %d)",
+  bigint = "hashint8extended(%s, %d)", oid = "hashoidextended(%s, %d)",
+  boolean = "hashint4extended(%s::int, %d)",
+  text = 'hashtextextended(%s::text COLLATE "C", %d)', ["character varying"] = 'hashtextextended(%s::text COLLATE "C", %d)',
+  character = 'hashtextextended(%s::text COLLATE "C", %d)', name = 'hashtextextended(%s::text COLLATE "C", %d)',
+  ["timestamp without time zone"] = "timestamp_hash_extended(%s, %d)",
+  -- under TimeZone UTC (fixed for the query) the cast keeps the instant's value
+  ["timestamp with time zone"] = "timestamp_hash_extended(%s::timestamp, %d)",
+  ["time without time zone"] = "time_hash_extended(%s, %d)", ["time with time zone"] = "timetz_hash_extended(%s, %d)",
+  interval = "interval_hash_extended(%s, %d)", numeric = "hash_numeric_extended(%s, %d)",
+  real = "hashfloat4extended(%s, %d)", ["double precision"] = "hashfloat8extended(%s, %d)",
+  uuid = "uuid_hash_extended(%s, %d)", jsonb = "jsonb_hash_extended(%s, %d)",
+  inet = "hashinetextended(%s, %d)", cidr = "hashinetextended(%s, %d)", macaddr = "hashmacaddrextended(%s, %d)",
+}
+
+local function columns_of(db, qualified)
   local res, err = db:query([[
-    select a.attname as name, format_type(a.atttypid, null) as type
-      from pg_attribute a
+    select a.attname as name, format_type(a.atttypid, null) as type,
+           format_type(case when t.typtype = 'd' then t.typbasetype else t.oid end, null) as base
+      from pg_attribute a join pg_type t on t.oid = a.atttypid
      where a.attrelid = $1::regclass and a.attnum > 0 and not a.attisdropped
      order by a.attname]], qualified)
   if not res then return nil, err end
-  local exprs = {}
-  for row in res:rows() do
-    local col = pg.quote_ident(row.name)
-    if row.type == "double precision" then
-      exprs[#exprs + 1] = "float8send(" .. col .. ")"
-    elseif row.type == "real" then
-      exprs[#exprs + 1] = "float4send(" .. col .. ")"
-    else
-      exprs[#exprs + 1] = col
+  local cols = {}
+  for row in res:rows() do cols[#cols + 1] = row end
+  return cols
+end
+
+-- The SQL of one row's hash (a bigint) for the method.
+local function row_expr(cols, method)
+  if method == "md5" then
+    local exprs = {}
+    for _, c in ipairs(cols) do
+      local col = pg.quote_ident(c.name)
+      if c.type == "double precision" then
+        exprs[#exprs + 1] = "float8send(" .. col .. ")"
+      elseif c.type == "real" then
+        exprs[#exprs + 1] = "float4send(" .. col .. ")"
+      else
+        exprs[#exprs + 1] = col
+      end
     end
+    -- row(...) of a single column is still a row; of none, the empty row "()".
+    return ("('x' || substr(md5(row(%s)::text), 1, 15))::bit(60)::bigint"):format(table.concat(exprs, ", "))
   end
-  -- row(...) of a single column is still a row; of none, the empty row "()".
-  local row_text = ("row(%s)::text"):format(table.concat(exprs, ", "))
+  if #cols == 0 then return "0::bigint" end
+  local parts = {}
+  for i, c in ipairs(cols) do
+    local fn = TYPED[c.base] or 'hashtextextended(%s::text COLLATE "C", %d)'
+    -- NULL: a constant of the column's own, so that NULL in a and NULL in b differ
+    parts[i] = ("coalesce(%s, %d)"):format(fn:format(pg.quote_ident(c.name), i), 0x5851F42D4C957F2D + i)
+  end
+  return "(" .. table.concat(parts, " # ") .. ")"
+end
+
+-- The method both sides can use: "typed" when every server is 11 or later.
+local function method_for(...)
+  for _, db in ipairs{ ... } do
+    local res, err = db:query("select current_setting('server_version_num')::int as v")
+    if not res then return nil, err end
+    if res[1].v < 110000 then return "md5" end
+  end
+  return "typed"
+end
+qa._method_for = method_for
+
+function qa.row_hash(db, t, opts)
+  assert(db and db.query, "qa.row_hash: a Db expected")
+  opts = opts or {}
+  local schema, name = split(t)
+  local qualified = pg.qualify(schema, name)
+  local method = opts.method
+  if not method then
+    local err
+    method, err = method_for(db)
+    if not method then return nil, err end
+  end
+  assert(method == "typed" or method == "md5", "qa.row_hash: method must be \"typed\" or \"md5\"")
+  local cols, err = columns_of(db, qualified)
+  if not cols then return nil, err end
+  local expr = row_expr(cols, method)
   return catalog._with_settings(db, STABLE_TEXT, function()
-    local r, qerr = db:query(([[
-      select count(*)::bigint as rows,
-             coalesce(sum(('x' || substr(md5(%s), 1, 15))::bit(60)::bigint), 0)::text as hash
-        from %s]]):format(row_text, qualified))
+    -- typed terms are signed: count * 2^63 added once keeps the text a plain number
+    local sql = method == "md5" and ([[
+      select count(*)::bigint as rows, coalesce(sum(%s), 0)::text as hash from %s%s]])
+      or ([[select count(*)::bigint as rows,
+             (coalesce(sum(%s), 0) + count(*) * 9223372036854775808::numeric)::text as hash from %s%s]])
+    local r, qerr = db:query(sql:format(expr, qualified, opts.where and (" where " .. opts.where) or ""))
     if not r then return nil, qerr end
     return { rows = r[1].rows, hash = r[1].hash }
   end)
@@ -223,20 +309,239 @@ local function count_check(a_db, b_db, t, note)
   return check
 end
 
-local function hash_check(a_db, b_db, t)
-  local check = { table = key_of(t), method = "hash" }
-  local a, b, err = run_both(a_db, b_db, function(db) return qa.row_hash(db, t) end)
-  check.a, check.b = a, b
-  if err then return failed_check(check, err) end
-  check.equal = a.rows == b.rows and a.hash == b.hash
-  if a.rows ~= b.rows then
-    check.detail = ("%d vs %d rows"):format(a.rows, b.rows)
-  elseif a.hash ~= b.hash then
-    check.detail = ("same row count (%d), different contents"):format(a.rows)
-  else
-    check.detail = ""
+---------------------------------------------------------------------------
+-- The full comparison: row hashes, by key range where a table is large,
+-- both sides at once in worker processes, differences narrowed down.
+---------------------------------------------------------------------------
+
+local function result_name(d, default)
+  local ok, name = pcall(function() return d:name() end)
+  return ok and name or default
+end
+
+local MAX_KEYS = 10        -- keys named in a difference
+local FANOUT, LEAF = 16, 64 -- sub-ranges per step of the narrowing; keys compared one by one below this
+
+-- The rows of a small range, key -> row hash, on one side.
+local function keyed_hashes(db, t, plan, i, lo, hi, method)
+  local qualified = pg.qualify(split(t))
+  local cols, err = columns_of(db, qualified)
+  if not cols then return nil, err end
+  return catalog._with_settings(db, STABLE_TEXT, function()
+    local res, qerr = db:query(("select %s::text as k, %s::text as h from %s where %s"):format(
+      pg.quote_ident(plan.column), row_expr(cols, method), qualified, chunks.where(plan, i, lo, hi)))
+    if not res then return nil, qerr end
+    local out = {}
+    for row in res:rows() do out[row.k] = row.h end
+    return out
+  end)
+end
+
+-- The keys of chunk i that differ between a and b: ranges hashed on both
+-- sides (through the key's index), the differing ones cut again, until a
+-- range is small enough to compare row by row. -> { "id 1234 differs", ... }
+local function narrow(a_db, b_db, t, plan, i, method)
+  local col = pg.quote_ident(plan.column)
+  local qualified = pg.qualify(split(t))
+  local lo, hi
+  for _, db in ipairs{ a_db, b_db } do
+    local res, err = db:query(("select min(%s)::text as lo, max(%s)::text as hi from %s where %s"):format(col, col,
+      qualified, chunks.where(plan, i)))
+    if not res then return nil, err end
+    local l, h = math.tointeger(tonumber(res[1].lo)), math.tointeger(tonumber(res[1].hi))
+    if l and (not lo or l < lo) then lo = l end
+    if h and (not hi or h + 1 > hi) then hi = h + 1 end
   end
-  return check
+  local found = {}
+  if not lo then return found end
+  local function hashes_differ(l, h)
+    local a, err = qa.row_hash(a_db, t, { where = chunks.where(plan, i, l, h), method = method })
+    if not a then return nil, err end
+    local b
+    b, err = qa.row_hash(b_db, t, { where = chunks.where(plan, i, l, h), method = method })
+    if not b then return nil, err end
+    return a.rows ~= b.rows or a.hash ~= b.hash
+  end
+  local function walk(l, h)
+    if #found >= MAX_KEYS then return true end
+    if h - l <= LEAF then
+      local a, err = keyed_hashes(a_db, t, plan, i, l, h, method)
+      if not a then return nil, err end
+      local b
+      b, err = keyed_hashes(b_db, t, plan, i, l, h, method)
+      if not b then return nil, err end
+      local keys = {}
+      for k in pairs(a) do keys[#keys + 1] = k end
+      for k in pairs(b) do if not a[k] then keys[#keys + 1] = k end end
+      table.sort(keys, function(x, y) return tonumber(x) < tonumber(y) end)
+      for _, k in ipairs(keys) do
+        if #found >= MAX_KEYS then break end
+        local what = not b[k] and "only in a" or not a[k] and "only in b" or a[k] ~= b[k] and "differs" or nil
+        if what then found[#found + 1] = ("%s %s %s"):format(plan.column, k, what) end
+      end
+      return true
+    end
+    local step = math.max(1, (h - l + FANOUT - 1) // FANOUT)
+    for sl = l, h - 1, step do
+      local sh = math.min(h, sl + step)
+      local differ, err = hashes_differ(sl, sh)
+      if differ == nil then return nil, err end
+      if differ then
+        local ok, werr = walk(sl, sh)
+        if not ok then return nil, werr end
+      end
+    end
+    return true
+  end
+  local ok, err = walk(lo, hi)
+  if not ok then return nil, err end
+  return found
+end
+
+-- A worker's task: row hashes of units on one side.
+function qa.task(job, emit)
+  local conn, err = pg.connect(job.conninfo, { name = job.name })
+  if not conn then return nil, err end
+  local d = db.wrap(conn)
+  for _, u in ipairs(job.units) do
+    local r, herr = qa.row_hash(d, { schema = u.schema, name = u.name }, { where = u.where, method = job.method })
+    local e = herr and { kind = type(herr) == "table" and herr.kind or "sql", message = type(herr) == "table"
+      and herr.message or tostring(herr), where = type(herr) == "table" and herr.where or nil,
+      code = type(herr) == "table" and herr.code or nil }
+    emit{ event = "hashed", unit = u.unit, side = job.side, rows = r and r.rows, hash = r and r.hash, error = e }
+  end
+  conn:close()
+  return true
+end
+
+local function full_compare(a_db, b_db, tables, opts, add)
+  local method = opts.method
+  if not method then
+    local err
+    method, err = method_for(a_db, b_db)
+    if not method then return nil, err end
+  end
+  -- the units: a table whole, or one key range of it
+  local entries, units = {}, {}
+  for _, t in ipairs(tables) do
+    local schema, name = split(t)
+    local e = { t = t, k = key_of(t), schema = schema, name = name, units = {},
+                bytes = type(t) == "table" and t.bytes or 0 }
+    entries[#entries + 1] = e
+    local plan
+    if opts.chunk_bytes then
+      local why
+      plan, why = chunks.plan(a_db, { schema = schema, name = name },
+        { chunk_bytes = opts.chunk_bytes, split_bytes = opts.chunk_bytes })
+      if plan == nil then e.error = why end
+      if plan and plan.method ~= "key" then plan = nil end -- block ranges mean other rows on b
+    end
+    if not e.error then
+      e.plan = plan or nil
+      for i = 1, plan and plan.count or 1 do
+        local u = { entry = e, chunk = plan and i or nil, where = plan and chunks.where(plan, i) or nil,
+                    cost = plan and plan.bytes / plan.count or e.bytes or 0 }
+        units[#units + 1] = u
+        u.id = #units
+        e.units[#e.units + 1] = u
+      end
+    end
+  end
+
+  if (opts.jobs or 1) > 1 and opts.a_conninfo and opts.b_conninfo then
+    local p = pool.new{ jobs = opts.jobs, entry = "migrun.qa",
+      on_event = function(_, ev)
+        if ev.event == "hashed" then
+          local u = units[math.tointeger(ev.unit)]
+          if ev.error then
+            u.err = u.err or errors.new(ev.error)
+          else
+            u[ev.side] = { rows = math.tointeger(ev.rows) or ev.rows, hash = ev.hash }
+          end
+        end
+        return true
+      end }
+    -- largest first; small units share a task (a process start costs more than they do)
+    local sorted = table.move(units, 1, #units, 1, {})
+    table.sort(sorted, function(x, y) return x.cost > y.cost end)
+    for _, side in ipairs{ { "a", opts.a_conninfo, result_name(a_db, "a") }, { "b", opts.b_conninfo, result_name(b_db, "b") } } do
+      local batch, batch_cost = {}, 0
+      local function flush()
+        if #batch > 0 then
+          p:add{ job = { conninfo = side[2], name = side[3], side = side[1], method = method, units = batch },
+                 cost = batch_cost, label = "hashing " .. batch[1].schema .. "." .. batch[1].name }
+          batch, batch_cost = {}, 0
+        end
+      end
+      for _, u in ipairs(sorted) do
+        batch[#batch + 1] = { unit = u.id, schema = u.entry.schema, name = u.entry.name, where = u.where }
+        batch_cost = batch_cost + u.cost
+        if batch_cost >= 8 * 1024 * 1024 or #batch >= 25 then flush() end
+      end
+      flush()
+    end
+    local ok, failure = p:run()
+    if not ok then
+      return nil, errors.new{ kind = "qa", where = failure.where or ("stream " .. tostring(failure.stream)),
+        message = failure.message, detail = failure.detail }
+    end
+  else
+    for _, u in ipairs(units) do
+      local t = { schema = u.entry.schema, name = u.entry.name }
+      local a, b, err = run_both(a_db, b_db, function(d) return qa.row_hash(d, t, { where = u.where, method = method }) end)
+      u.a, u.b, u.err = a, b, err
+    end
+  end
+
+  for _, e in ipairs(entries) do
+    local check = { table = e.k, method = "hash" }
+    local err = e.error
+    for _, u in ipairs(e.units) do err = err or u.err end
+    if err then
+      add(failed_check(check, err))
+    else
+      local a, b = { rows = 0 }, { rows = 0 }
+      local differing = {}
+      for _, u in ipairs(e.units) do
+        a.rows, b.rows = a.rows + u.a.rows, b.rows + u.b.rows
+        if u.a.rows ~= u.b.rows or u.a.hash ~= u.b.hash then differing[#differing + 1] = u end
+      end
+      if #e.units == 1 and not e.plan then
+        a.hash, b.hash = e.units[1].a.hash, e.units[1].b.hash
+      else
+        a.chunks, b.chunks = #e.units, #e.units
+      end
+      check.a, check.b = a, b
+      check.equal = #differing == 0
+      if a.rows ~= b.rows then
+        check.detail = ("%d vs %d rows"):format(a.rows, b.rows)
+      elseif not check.equal then
+        check.detail = ("same row count (%d), different contents"):format(a.rows)
+      else
+        check.detail = ""
+      end
+      if e.plan and #differing > 0 then
+        check.chunks = {}
+        local parts = {}
+        for _, u in ipairs(differing) do
+          local keys, nerr = narrow(a_db, b_db, e.t, e.plan, u.chunk, method)
+          local c = { chunk = u.chunk, of = e.plan.count, range = chunks.label(e.plan, u.chunk),
+                      a = u.a, b = u.b, keys = keys or {} }
+          check.chunks[#check.chunks + 1] = c
+          local what = ("chunk %d/%d (%s)"):format(c.chunk, c.of, c.range)
+          if keys and #keys > 0 then
+            what = what .. ": " .. table.concat(keys, ", ") .. (#keys >= MAX_KEYS and ", ..." or "")
+          elseif nerr then
+            what = what .. " (not narrowed: " .. tostring(nerr) .. ")"
+          end
+          parts[#parts + 1] = what
+        end
+        check.detail = check.detail .. " in " .. table.concat(parts, "; ")
+      end
+      add(check)
+    end
+  end
+  return true
 end
 
 local function query_text(db, sql)
@@ -291,9 +596,9 @@ function qa.compare(a_db, b_db, tables, cfg_qa, opts)
   local result = { checks = {}, differences = 0, seed = seed, mode = mode,
                    a_name = db_name(a_db) or "a", b_name = db_name(b_db) or "b" }
 
-  local plan = {} -- { {table, kind = "monthly" | "count" | "hash"} }
+  local plan = {} -- { {table, kind = "monthly" | "count"} }
   if mode == "full" then
-    for _, t in ipairs(tables) do plan[#plan + 1] = { t = t, kind = "hash" } end
+    plan = nil
   else
     local ordered = table.move(tables, 1, #tables, 1, {})
     table.sort(ordered, function(x, y)
@@ -313,16 +618,18 @@ function qa.compare(a_db, b_db, tables, cfg_qa, opts)
     end
   end
 
-  local total = #plan + #(cfg_qa.queries or {})
+  local total = (plan and #plan or #tables) + #(cfg_qa.queries or {})
   local function add(check)
     result.checks[#result.checks + 1] = check
     if not check.equal then result.differences = result.differences + 1 end
     if on_progress then on_progress(#result.checks, total, check.table) end
   end
-  for _, p in ipairs(plan) do
-    if p.kind == "hash" then
-      add(hash_check(a_db, b_db, p.t))
-    elseif p.kind == "count" then
+  if mode == "full" then
+    local ok, err = full_compare(a_db, b_db, tables, opts, add)
+    if not ok then return nil, err end
+  end
+  for _, p in ipairs(plan or {}) do
+    if p.kind == "count" then
       add(count_check(a_db, b_db, p.t))
     else
       local k = key_of(p.t)

@@ -20,6 +20,14 @@ playbook keeps only the line that says which tables.
       step: whole on a bare target, else what is not on the target yet
       (foreign keys, triggers, rules...: the indexes came with the load);
       then verify_indexes.
+  steps.full_qa_options(ctx) -> the qa.compare options of a full comparison:
+      row hashes by key ranges, on both sides at once, over full_load.jobs
+      worker processes
+  steps.analyze_changed(ctx, tables) -> { analyzed = {"s.t"} }
+      ANALYZE on the target of the tables CDC changed enough since their
+      last ANALYZE that autovacuum would analyze them next
+      (pg_stat_user_tables.n_mod_since_analyze above the server's
+      autovacuum_analyze_threshold + autovacuum_analyze_scale_factor x rows).
   steps.verify_indexes(ctx, tables) -> { verified = true } | nil, why
       every index and constraint of the (paused) replica's tables exists on
       the target; each missing one is named.
@@ -38,6 +46,7 @@ local fullload = require "migrun.fullload"
 local schema = require "migrun.schema"
 local cdc = require "migrun.cdc"
 local text = require "migrun.text"
+local pg = require "migrun.pg"
 
 local steps = {}
 
@@ -115,6 +124,39 @@ function steps.quick_qa(ctx, tables)
     return nil, ("%d QA difference(s) between the replica and the target"):format(r.differences)
   end
   return { checks = #r.checks, seed = r.seed }
+end
+
+function steps.full_qa_options(ctx)
+  local cfg = ctx.config.full_load
+  local total = 0
+  for _, t in ipairs(ctx:main_facts().know_data and ctx:main_facts().know_data.tables or {}) do
+    total = total + (t.bytes or 0)
+  end
+  return { mode = "full", jobs = cfg.jobs, chunk_bytes = cfg.chunk_bytes or fullload.chunk_size(total, cfg.jobs),
+           a_conninfo = ctx.config.source.conninfo, b_conninfo = ctx.config.target.conninfo }
+end
+
+function steps.analyze_changed(ctx, tables)
+  local wanted = {}
+  for _, t in ipairs(tables) do wanted[text.key(t)] = t end
+  local res = assert(ctx.target:query([[
+    select schemaname as schema, relname as name, n_mod_since_analyze as changed, n_live_tup as live
+      from pg_stat_user_tables
+     where n_mod_since_analyze > current_setting('autovacuum_analyze_threshold')::float8
+             + current_setting('autovacuum_analyze_scale_factor')::float8 * greatest(n_live_tup, 0)
+     order by 1, 2]]))
+  local analyzed, rows = {}, {}
+  for row in res:rows() do
+    local k = text.key(row.schema, row.name)
+    if wanted[k] then
+      assert(ctx.target:write("ANALYZE " .. pg.qualify(row.schema, row.name)))
+      analyzed[#analyzed + 1] = k
+      rows[#rows + 1] = { k, tostring(row.changed), tostring(row.live) }
+    end
+  end
+  ctx:say("%d table(s) analyzed on the target (changed by CDC since their last ANALYZE)", #analyzed)
+  ctx:report_table("ANALYZE after CDC", { "table", "rows changed", "rows" }, rows)
+  return { analyzed = analyzed }
 end
 
 function steps.watch_options(ctx)
