@@ -98,11 +98,25 @@ function methods.migrun(job)
       end
     end
   end
+  local t_start = host.now()
   local post = assert(schema.table_post_data(replica, target, job.tables))
   assert(fullload.run{ replica = job.replica, target = job.target, tables = job.tables,
     jobs = math.tointeger(job.jobs), chunk_bytes = job.chunk_bytes, split_bytes = job.split_bytes,
     expect_replay_lsn = job.lsn, post = post, state = state, save = save })
+  local t_rest = host.now()
   assert(schema.restore_missing(job.target, dump, replica, target, job.tables, { jobs = math.tointeger(job.jobs) }))
+  if job.profile then
+    -- where the time went, from the journal's own per-table and per-chunk times
+    local p = { start = t_start, rest = t_rest, done = host.now(), tables = {} }
+    for k, r in pairs(state.loaded or {}) do
+      if type(r) == "table" then
+        local ix, an = (state.indexed or {})[k], (state.analyzed or {})[k]
+        p.tables[k] = { load = { r.started, r.ended }, chunks = r.chunks, index = ix and { ix.started, ix.ended },
+                        analyze = an and { an.started, an.ended }, bytes = r.bytes }
+      end
+    end
+    assert(host.write_file(job.profile, json.encode(p)))
+  end
 end
 
 local function analyze_all(job)
@@ -414,7 +428,30 @@ end
 
 local function skip(m) return opt.skip[m] end
 
-local mig = not skip("migrun") and measure("migrun", "migrun", {}) or nil
+-- Where migrun's time went (job.profile): the largest table's load, index
+-- builds and ANALYZE, everything else, the rest of post-data.
+local function profile_of(r)
+  local f = r and r.job.profile and io.open(r.job.profile)
+  if not f then return end
+  local p = json.decode(f:read("a"))
+  f:close()
+  local big = p.tables[tables[1].schema .. "." .. tables[1].name]
+  local last_load, sum_index, sum_analyze = p.start, 0, 0
+  for _, t in pairs(p.tables) do
+    if t.load[2] > last_load then last_load = t.load[2] end
+    if t.index then sum_index = sum_index + (t.index[2] - t.index[1]) end
+    if t.analyze then sum_analyze = sum_analyze + (t.analyze[2] - t.analyze[1]) end
+  end
+  local function span(x) return x and ("%.1f-%.1fs"):format(x[1] - p.start, x[2] - p.start) or "-" end
+  print(("  profile %s: %s load %s (%s chunks), its indexes %s, its ANALYZE %s; last table loaded at %.1fs; "
+    .. "index builds %.1fs and ANALYZE %.1fs of worker time in all; rest of post-data %.1fs; total %.1fs")
+    :format(r.name, tables[1].name, big and span(big.load) or "(earlier run)", big and tostring(big.chunks or 1) or "-",
+      big and span(big.index) or "-", big and span(big.analyze) or "-", last_load - p.start, sum_index, sum_analyze,
+      p.done - p.rest, p.done - p.start))
+end
+
+local mig = not skip("migrun") and measure("migrun", "migrun", { profile = L.dir .. "/profile-migrun.json" }) or nil
+profile_of(mig)
 if not skip("floor") then
   local files, parts = floor_files(opt.jobs)
   io.stdout:write(("(floor: %d files, the largest table in %d parts)\n"):format(#files, parts))
@@ -446,7 +483,8 @@ if not skip("resume") then
   local journal = L.dir .. "/bench-resume-journal.json"
   local killed = measure("migrun killed at 80%", "migrun", { journal = journal, die_at = 0.8, expect_kill = true })
   local rerun = measure("migrun rerun", "migrun", { journal = journal, target = killed.job.target,
-    dir = killed.job.dir })
+    dir = killed.job.dir, profile = L.dir .. "/profile-rerun.json" })
+  profile_of(rerun)
   resume = { killed = killed, rerun = rerun }
 end
 local verify
