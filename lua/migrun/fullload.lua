@@ -488,6 +488,7 @@ function fullload.run(opts)
     return { op = "analyze", table = k, schema = t.schema, name = t.name }
   end
   local function needs_analyze(k) return analyze and not state.analyzed[k] end
+  local parallel_post = {}
 
   -- Tasks added for a table just completed (or found complete on a rerun):
   -- each index item alone for a split table (they build side by side), then
@@ -503,6 +504,7 @@ function fullload.run(opts)
       return
     end
     if parallel then
+      parallel_post[k] = true -- ANALYZE once the last of them is built
       for _, it in ipairs(items) do
         p:add{ job = job{ it }, cost = bytes * INDEX_WEIGHT, label = ("building %s of %s"):format(it.index, k) }
       end
@@ -728,7 +730,7 @@ function fullload.run(opts)
         save("indexed")
         if opts.on_post then opts.on_post("indexed", r) end
         -- a split table's index builds ran as tasks of their own: ANALYZE now
-        if split[k] and needs_analyze(k) then
+        if parallel_post[k] and needs_analyze(k) then
           p:add{ job = job{ analyze_item(k) }, cost = (by_key[k].bytes or 0) * ANALYZE_WEIGHT,
                  label = "analyzing " .. k }
         end

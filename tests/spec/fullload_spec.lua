@@ -466,6 +466,24 @@ describe("migrun.fullload", function()
     all_equal()
   end)
 
+  it("builds and analyzes on a rerun what a stopped run left undone of complete tables", function()
+    truncate_target()
+    drop_target_indexes()
+    local state = {}
+    assert(run{ chunk_bytes = MiB, split_bytes = MiB, state = state, analyze = false }) -- as if stopped there
+    assert.truthy(state.loaded["fl.big"].chunks)
+    assert.equal("", indexes(L.target))
+    local post = assert(schema.table_post_data(replica_db, target_db, tables))
+    local r = assert(run{ state = state, post = post })
+    assert.same({}, r.tables) -- nothing loaded again
+    assert.equal(#NAMES, #r.skipped)
+    assert.equal(indexes(L.replica), indexes(L.target))
+    for _, n in ipairs(NAMES) do assert.truthy(state.analyzed[S .. "." .. n], n) end
+    -- the split table's indexes built side by side, then its ANALYZE
+    assert.is_true(state.analyzed["fl.big"].started >= state.indexed["fl.big"].ended)
+    all_equal()
+  end)
+
   it("skips the tables already done and loads a table again cleanly", function()
     truncate_target()
     q(L.target, "insert into fl.small2 values (-1, 'stale')") -- a previous partial attempt
