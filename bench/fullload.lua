@@ -1,32 +1,57 @@
 --[[
-bench/fullload.lua: the full load three ways, on one lab, in one run.
+bench/fullload.lua: the full load several ways, on one lab, in one run, with
+ANALYZE included in every method (a target that serves needs statistics).
 
-  migrun bench/fullload.lua [scale]        (make bench [BENCH_SCALE=0.2])
+  migrun bench/fullload.lua [--scale S] [--shape standard|dominant] [--jobs N]
+                            [--more-jobs N] [--skip m1,m2] [--wait-idle SECONDS]
+  (make bench [BENCH_SCALE=0.2] [BENCH_SHAPE=dominant])
 
-Builds a lab, loads the skewed dataset of postgres-notes.md on the source
-(scale 1 is about 1 GB: one table with ~60% of the data, 2M rows, a primary
-key, a separate unique column and jsonb; 4 tables of 300k rows; 100 small
-tables; one table without a primary key), pauses the replica, then measures
-into fresh databases on the target:
-  migrun    schema.dump + pre-data restore, fullload.run jobs=2 from the paused
-            replica, post-data restore -j 2
-  runbook   the whole schema restored, separate unique constraints of primary-key
-            tables dropped, `pg_dump -a -t` | psql for the 5 largest tables each
-            alone plus one pipeline for the rest, all at once, constraints re-added
-  pgcopydb  pgcopydb clone --table-jobs 2 --index-jobs 2 (skipped when absent)
-Each method runs in a child `migrun bench/fullload.lua --method NAME` under
-/usr/bin/time, which gives wall seconds and the peak RSS of the largest client
-process of the method (servers not counted). Row counts are checked after each.
+Datasets (scale 1 is about 1 GB; row counts scale):
+  standard  one table with ~60% of the data (2M rows, bigint key, a separate
+            unique column, jsonb); 4 tables of 300k rows; 100 small tables; one
+            table without a primary key.
+  dominant  one table with ~90% of the bytes (bigint key, a separate unique
+            column); 4 mid-sized tables; 100 small ones; a small table without a
+            primary key and a large one without (split by block ranges).
+The replica is paused, then each method fills a fresh database on the target:
+  migrun    schema.dump + pre-data, fullload.run (chunks, indexes and ANALYZE per
+            table as each completes), then the rest of post-data
+  floor     the target alone: pre-data, binary files of the same data (written by
+            the replica before the clock starts; the largest table cut in as many
+            equal parts as migrun cuts it) loaded by server-side COPY FROM over the
+            same number of streams (TRUNCATE + FREEZE for whole tables), then
+            pg_restore -j N post-data, vacuumdb --analyze-only -j N
+  runbook   whole schema, separate unique constraints dropped, pg_dump -a | psql
+            for the 5 largest tables each alone plus one for the rest, constraints
+            re-added, vacuumdb --analyze-only -j N
+  pgcopydb  Debian's 0.10 (clone --table-jobs N --index-jobs N), and 0.18 from
+            shared/peers (--use-copy-binary --split-tables-larger-than), both
+            reading the primary (nothing writes to it) and running their VACUUM
+            ANALYZE
+Then, on the migrun database:
+  resume    migrun killed (SIGKILL) once ~80% of the largest table's chunks are
+            journaled, then run again: the rerun's time against a full migrun run
+  verify    the final QA's full comparison (typed row hashes by key ranges, both
+            sides at once over N workers) against count(*) of every table on both
+            sides at once
+  --more-jobs N: migrun and the floor again with N streams.
+Each method runs as a child `migrun bench/fullload.lua --method NAME` under
+/usr/bin/time: wall seconds, and the peak RSS of the largest process of the
+method's tree (servers not counted). Row counts are checked after each.
 ]]
 local lab = require "migrun.rehearsal.lab"
 local proc = require "migrun.proc"
 local host = require "migrun.host"
 local pg = require "migrun.pg"
-local cjson = require "cjson"
+local json = require "migrun.json"
 
 local function die(...) io.stderr:write(table.concat({ ... }, " "), "\n") os.exit(1) end
 local function q(conn, sql, ...) local r = assert(conn:exec(sql, ...)) return r end
 local function bin(name) return assert(require("migrun.schema").tools(150000)).bindir .. "/" .. name end
+local function now() return host.monotonic() end
+
+local PGCOPYDB_018 = (os.getenv("MIGRUN_SOURCE_DIR") or ".") .. "/../shared/peers/pgcopydb-0.18/pgcopydb"
+if not io.open(PGCOPYDB_018) then PGCOPYDB_018 = "/work/shared/peers/pgcopydb-0.18/pgcopydb" end
 
 ---------------------------------------------------------------------------
 -- The methods (each runs in its own child process)
@@ -34,15 +59,100 @@ local function bin(name) return assert(require("migrun.schema").tools(150000)).b
 
 local methods = {}
 
+-- migrun: the library calls full.lua's steps make, journaled to a file when
+-- job.journal is set (and killed on cue: job.die_at, a share of the largest
+-- table's chunks).
 function methods.migrun(job)
+  local schema = require "migrun.schema"
+  local fullload = require "migrun.fullload"
+  local db = require "migrun.db"
+  local tools = assert(schema.tools(job.target_version))
+  -- a rerun (job.journal) finds the dump of its first run, as full.lua's schema step is done then
+  local dump
+  if job.journal and io.open(job.dir .. "/schema.list") then
+    dump = { file = job.dir .. "/schema.dump", list = job.dir .. "/schema.list", tools = tools }
+  else
+    dump = assert(schema.dump(job.source, job.dir, { tools = tools }))
+  end
+  local target = db.wrap(assert(pg.connect(job.target, { name = "target" })))
+  local replica = db.wrap(assert(pg.connect(job.replica, { name = "replica" })))
+  assert(schema.restore_pre_data(job.target, dump, target, job.tables, {}))
+  local state = {}
+  if job.journal then
+    local f = io.open(job.journal)
+    if f then state = json.decode(f:read("a")) f:close() end
+  end
+  local largest = job.tables[1].schema .. "." .. job.tables[1].name
+  local function save()
+    if not job.journal then return end
+    assert(host.write_file(job.journal, json.encode(state), tonumber("600", 8)))
+    local cs = state.chunks and state.chunks[largest]
+    if job.die_at and cs then
+      local n = 0
+      for _ in pairs(cs.done) do n = n + 1 end
+      if n >= job.die_at * cs.plan.count then
+        local f = assert(io.open("/proc/self/stat"))
+        local pid = f:read("a"):match("^(%d+)")
+        f:close()
+        proc.run{ "kill", "-KILL", pid }
+      end
+    end
+  end
+  local t_start = host.now()
+  local post = assert(schema.table_post_data(replica, target, job.tables))
+  assert(fullload.run{ replica = job.replica, target = job.target, tables = job.tables,
+    jobs = math.tointeger(job.jobs), chunk_bytes = job.chunk_bytes, split_bytes = job.split_bytes,
+    expect_replay_lsn = job.lsn, post = post, state = state, save = save })
+  local t_rest = host.now()
+  assert(schema.restore_missing(job.target, dump, replica, target, job.tables, { jobs = math.tointeger(job.jobs) }))
+  if job.profile then
+    -- where the time went, from the journal's own per-table and per-chunk times
+    local p = { start = t_start, rest = t_rest, done = host.now(), tables = {} }
+    for k, r in pairs(state.loaded or {}) do
+      if type(r) == "table" then
+        local ix, an = (state.indexed or {})[k], (state.analyzed or {})[k]
+        p.tables[k] = { load = { r.started, r.ended }, chunks = r.chunks, index = ix and { ix.started, ix.ended },
+                        analyze = an and { an.started, an.ended }, bytes = r.bytes }
+      end
+    end
+    assert(host.write_file(job.profile, json.encode(p)))
+  end
+end
+
+local function analyze_all(job)
+  local ok, how, code, _, err = proc.run{ bin("vacuumdb"), "--analyze-only", "--jobs=" .. math.tointeger(job.jobs),
+    "--dbname=" .. job.target, stdout = "null", stderr = "capture" }
+  if not ok then die("vacuumdb:", how, code, err) end
+end
+
+function methods.floor(job)
   local schema = require "migrun.schema"
   local fullload = require "migrun.fullload"
   local tools = assert(schema.tools(job.target_version))
   local dump = assert(schema.dump(job.source, job.dir, { tools = tools }))
   assert(schema.restore("pre-data", job.target, dump, {}))
-  assert(fullload.run{ replica = job.replica, target = job.target, tables = job.tables, jobs = 2,
-    expect_replay_lsn = job.lsn })
-  assert(schema.restore("post-data", job.target, dump, { jobs = 2 }))
+  -- the files, over the streams (largest first, each to the least loaded)
+  local streams = fullload.plan(job.files, math.tointeger(job.jobs))
+  local handles = {}
+  for _, s in ipairs(streams) do
+    local sql = { "\\set ON_ERROR_STOP 1" }
+    for _, f in ipairs(s.tables) do
+      local name = pg.qualify(f.schema, f.name)
+      if f.whole then
+        sql[#sql + 1] = ("begin; truncate %s; copy %s from '%s' (format binary, freeze); commit;"):format(name, name, f.path)
+      else
+        sql[#sql + 1] = ("copy %s from '%s' (format binary);"):format(name, f.path)
+      end
+    end
+    handles[#handles + 1] = assert(proc.spawn{ bin("psql"), "-X", "-q", "--dbname=" .. job.target_super,
+      stdin = table.concat(sql, "\n") .. "\n", stdout = "null", stderr = "capture" })
+  end
+  for _, h in ipairs(handles) do
+    local ok, how, code = h:wait()
+    if not ok then die("floor load:", how, code, h.stderr) end
+  end
+  assert(schema.restore("post-data", job.target, dump, { jobs = math.tointeger(job.jobs) }))
+  analyze_all(job)
 end
 
 function methods.runbook(job)
@@ -77,25 +187,51 @@ function methods.runbook(job)
       { bin("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--dbname=" .. job.target },
       stdout = "null", stderr = "capture" })
   end
-  for _, h in ipairs(handles) do
-    local hok, hhow, hcode = h:wait()
-    if not hok then die("runbook load:", hhow, hcode, h.stderr) end
+  for _, hd in ipairs(handles) do
+    local hok, hhow, hcode = hd:wait()
+    if not hok then die("runbook load:", hhow, hcode, hd.stderr) end
   end
   for _, u in ipairs(uniques) do
     q(t, ("alter table %s add constraint %s %s"):format(u.tbl, pg.quote_ident(u.conname), u.def))
   end
   t:close()
+  analyze_all(job)
 end
 
-function methods.pgcopydb(job)
-  local ok, how, code, _, err = proc.run{ "pgcopydb", "clone", "--source", job.copydb_source,
-    "--target", job.target, "--table-jobs", "2", "--index-jobs", "2", "--skip-extensions",
-    "--dir", job.dir, stdout = "capture", stderr = "capture" }
-  if not ok then die("pgcopydb:", how, code, (err or ""):sub(-3000)) end
+local function pgcopydb(exe, extra)
+  return function(job)
+    local argv = { exe, "clone", "--source", job.copydb_source, "--target", job.target,
+      "--table-jobs", tostring(math.tointeger(job.jobs)), "--index-jobs", tostring(math.tointeger(job.jobs)),
+      "--skip-extensions", "--dir", job.dir, stdout = "capture", stderr = "capture" }
+    for _, a in ipairs(extra(job)) do argv[#argv + 1] = a end
+    local ok, how, code, _, err = proc.run(argv)
+    if not ok then die("pgcopydb:", how, code, (err or ""):sub(-3000)) end
+  end
+end
+methods["pgcopydb-0.10"] = pgcopydb("pgcopydb", function() return {} end)
+methods["pgcopydb-0.18"] = pgcopydb(PGCOPYDB_018, function(job)
+  return { "--use-copy-binary", "--split-tables-larger-than", ("%dMB"):format(math.floor(job.chunk_bytes / 2 ^ 20)) }
+end)
+
+-- count(*) of every table, on one side (a process per side, both at once)
+function methods.count(job)
+  local c = assert(pg.connect(job.conninfo, { name = "count" }))
+  for _, t in ipairs(job.tables) do q(c, "select count(*) from " .. pg.qualify(t.schema, t.name)) end
+  c:close()
+end
+
+function methods.verify(job)
+  local qa = require "migrun.qa"
+  local db = require "migrun.db"
+  local a = db.wrap(assert(pg.connect(job.replica, { name = "replica" })))
+  local b = db.wrap(assert(pg.connect(job.target, { name = "target" })))
+  local r = assert(qa.compare(a, b, job.tables, {}, { mode = "full", jobs = math.tointeger(job.jobs),
+    chunk_bytes = job.chunk_bytes, a_conninfo = job.replica, b_conninfo = job.target }))
+  if r.differences > 0 then die(qa.format(r)) end
 end
 
 if arg[1] == "--method" then
-  local job = cjson.decode(io.read("a"))
+  local job = json.decode(io.read("a"))
   methods[arg[2]](job)
   os.exit(0)
 end
@@ -104,24 +240,55 @@ end
 -- The orchestration
 ---------------------------------------------------------------------------
 
-local scale = tonumber(arg[1] or os.getenv("BENCH_SCALE") or "1") or die("scale must be a number")
+local opt = { scale = 1, shape = "standard", jobs = 2, skip = {} }
+do
+  local i = 1
+  while i <= #arg do
+    local a, v = arg[i], arg[i + 1]
+    if a == "--scale" then opt.scale = tonumber(v) or die("--scale: a number") i = i + 2
+    elseif a == "--shape" then opt.shape = v i = i + 2
+    elseif a == "--jobs" then opt.jobs = math.tointeger(tonumber(v)) or die("--jobs: a whole number") i = i + 2
+    elseif a == "--more-jobs" then opt.more_jobs = math.tointeger(tonumber(v)) or die("--more-jobs: a whole number") i = i + 2
+    elseif a == "--skip" then for m in v:gmatch("[^,]+") do opt.skip[m] = true end i = i + 2
+    elseif a == "--wait-idle" then opt.wait_idle = tonumber(v) or die("--wait-idle: seconds") i = i + 2
+    elseif tonumber(a) then opt.scale = tonumber(a) i = i + 1
+    else die("bench/fullload.lua: unknown argument " .. a) end
+  end
+end
+if opt.shape ~= "standard" and opt.shape ~= "dominant" then die("--shape: standard or dominant") end
+local scale = opt.scale
 local function rows(n) return math.max(1, math.floor(n * scale)) end
 
-print(("bench/fullload: scale %g (about %d MB of data), 2 parallel streams"):format(scale, math.floor(1000 * scale)))
+local function loadavg()
+  local f = io.open("/proc/loadavg")
+  local s = f and f:read("a") or ""
+  if f then f:close() end
+  return tonumber(s:match("^(%S+)")) or 0
+end
+if opt.wait_idle then
+  local deadline = now() + opt.wait_idle
+  while loadavg() >= 0.5 and now() < deadline do host.sleep(10) end
+end
+local load_start = loadavg()
+
+print(("bench/fullload: shape %s, scale %g (about %d MB of data), %d streams, 1-minute load %.2f at start")
+  :format(opt.shape, scale, math.floor(1000 * scale), opt.jobs, load_start))
 local L <close> = assert(lab.start{ settings = { all = { max_wal_size = "8GB", checkpoint_timeout = "30min" } } })
 local src = assert(pg.connect(L.source.conninfo, { name = "source" }))
 
-local t0 = host.monotonic()
+local t0 = now()
+local big_rows = opt.shape == "dominant" and 3000000 or 2000000
 q(src, [[create table big (id bigint primary key, email text not null unique, body jsonb, pad text,
   created_at timestamptz not null default now())]])
 q(src, ([[insert into big select g, 'user' || g || '@example.com',
   jsonb_build_object('n', g, 'tags', jsonb_build_array('a' || (g %% 97), 'b' || (g %% 13)), 'note', md5(g::text)),
   repeat(md5((g * 7)::text), 3), timestamptz '2020-01-01' + g * interval '13 seconds'
-  from generate_series(1, %d) g]]):format(rows(2000000)))
+  from generate_series(1, %d) g]]):format(rows(big_rows)))
+local mid_rows = opt.shape == "dominant" and 50000 or 300000
 for i = 1, 4 do
   q(src, ("create table mid%d (id bigint primary key, account int, amount numeric(12,2), note text, at timestamptz)"):format(i))
   q(src, ([[insert into mid%d select g, g %% 5000, (g * 31 %% 100000) / 100.0, repeat(md5(g::text), 2),
-    timestamptz '2021-01-01' + g * interval '1 minute' from generate_series(1, %d) g]]):format(i, rows(300000)))
+    timestamptz '2021-01-01' + g * interval '1 minute' from generate_series(1, %d) g]]):format(i, rows(mid_rows)))
 end
 for i = 1, 100 do
   q(src, ("create table small%03d (id int primary key, name text, v int)"):format(i))
@@ -130,17 +297,25 @@ end
 q(src, "create table events_nopk (at timestamptz, kind text, payload text)")
 q(src, ([[insert into events_nopk select timestamptz '2022-01-01' + g * interval '1 second', 'k' || (g %% 10),
   md5(g::text) from generate_series(1, %d) g]]):format(rows(100000)))
+if opt.shape == "dominant" then
+  -- large and without a key: cut by block ranges
+  q(src, "create table log_nopk (at timestamptz, level text, message text)")
+  q(src, ([[insert into log_nopk select timestamptz '2023-01-01' + g * interval '1 second', 'l' || (g %% 5),
+    repeat(md5(g::text), 2) from generate_series(1, %d) g]]):format(rows(400000)))
+end
 q(src, "vacuum analyze")
 local total = q(src, "select pg_database_size(current_database()) as b")[1].b
-print(("dataset generated in %.1fs: database %.0f MB"):format(host.monotonic() - t0, tonumber(total) / 2^20))
+print(("dataset generated in %.1fs: database %.0f MB"):format(now() - t0, tonumber(total) / 2^20))
 
 -- The tables, largest first, with their sizes.
-local tables = {}
+local tables, data_bytes = {}, 0
 for row in q(src, [[select n.nspname, c.relname, pg_table_size(c.oid) as bytes, c.reltuples::bigint as est
     from pg_class c join pg_namespace n on n.oid = c.relnamespace
     where c.relkind = 'r' and n.nspname = 'public' order by 3 desc, 2]]):rows() do
   tables[#tables + 1] = { schema = row.nspname, name = row.relname, bytes = row.bytes, rows_estimate = row.est }
+  data_bytes = data_bytes + row.bytes
 end
+print(("largest table: %s, %.0f%% of the data"):format(tables[1].name, 100 * tables[1].bytes / data_bytes))
 
 -- Pause the replica where it has everything.
 assert(L:wait_replica_caught_up(600))
@@ -150,9 +325,19 @@ while q(rep, "select pg_get_wal_replay_pause_state() as s")[1].s ~= "paused" do 
 local at = tostring(q(rep, "select pg_last_wal_replay_lsn() as l")[1].l)
 local tgt = assert(pg.connect(L.target.conninfo:gsub("dbname=%S+", "dbname=postgres"), { name = "target" }))
 
+local fullload = require "migrun.fullload"
+local chunks = require "migrun.chunks"
+local function sizes(jobs)
+  local chunk_bytes = fullload.chunk_size(data_bytes, jobs)
+  return chunk_bytes, 2 * chunk_bytes
+end
+
+local n_db = 0
 local function target_db(name)
-  q(tgt, "create database " .. name)
-  return (L.target.conninfo:gsub("dbname=%S+", "dbname=" .. name))
+  n_db = n_db + 1
+  local dbname = ("bench_%s_%d"):format(name:gsub("%W", "_"), n_db)
+  q(tgt, "create database " .. dbname)
+  return (L.target.conninfo:gsub("dbname=%S+", "dbname=" .. dbname)), dbname
 end
 
 local function check_counts(conninfo)
@@ -164,53 +349,184 @@ local function check_counts(conninfo)
     if a ~= b then c:close() return false, ("%s: %d rows on the replica, %d on the target"):format(name, a, b) end
   end
   local idx = q(c, "select count(*) as n from pg_indexes where schemaname = 'public'")[1].n
+  local unanalyzed = q(c, [[select count(*) as n from pg_stat_user_tables where schemaname = 'public'
+    and last_analyze is null and last_autoanalyze is null]])[1].n
   c:close()
-  return true, idx
+  return true, ("%d indexes, %d tables without statistics"):format(idx, unanalyzed)
 end
 
-local have_pgcopydb = proc.run{ "sh", "-c", "command -v pgcopydb" }
+-- The floor's files: written by the replica (server side) before the clock.
+local files_dir = L.dir .. "/floor-files"
+proc.run{ "mkdir", "-p", files_dir }
+proc.run{ "chown", "postgres", files_dir }
+local function floor_files(jobs)
+  local chunk_bytes, split_bytes = sizes(jobs)
+  local rdb = require("migrun.db").wrap(rep)
+  local plan = chunks.plan(rdb, tables[1], { chunk_bytes = chunk_bytes, split_bytes = split_bytes })
+  local parts = plan and plan.count or 1
+  local files = {}
+  for i, t in ipairs(tables) do
+    local name = pg.qualify(t.schema, t.name)
+    if i == 1 and parts > 1 then
+      -- equal parts of the largest table (by key: every part the same number of keys)
+      local mm = q(rep, ("select min(id) as lo, max(id) as hi from %s"):format(name))[1]
+      local width = (mm.hi - mm.lo + parts) // parts
+      for p = 1, parts do
+        local path = ("%s/%s.%d.bin"):format(files_dir, t.name, p)
+        local lo = mm.lo + (p - 1) * width
+        q(rep, ("copy (select * from %s where id >= %d and id < %d) to '%s' (format binary)"):format(name, lo,
+          lo + width, path))
+        files[#files + 1] = { schema = t.schema, name = t.name, path = path, bytes = t.bytes / parts }
+      end
+    else
+      local path = ("%s/%s.bin"):format(files_dir, t.name)
+      q(rep, ("copy %s to '%s' (format binary)"):format(name, path))
+      files[#files + 1] = { schema = t.schema, name = t.name, path = path, bytes = t.bytes, whole = true }
+    end
+  end
+  return files, parts
+end
+
 local results = {}
-local function measure(name, job)
+local function measure(label, method, job)
   job.source, job.replica, job.tables, job.lsn = L.source.conninfo, L.replica.conninfo, tables, at
+  job.jobs = job.jobs or opt.jobs
+  job.chunk_bytes, job.split_bytes = sizes(job.jobs)
   job.target_version = tgt:server_version()
-  job.dir = L.dir .. "/bench-" .. name
-  job.target = target_db("bench_" .. name)
-  io.stdout:write(("%-9s ... "):format(name)) io.stdout:flush()
-  local ok, how, code, _, err = proc.run{ "/usr/bin/time", "-f", "BENCH %e %M", host.exe, arg[0], "--method", name,
-    stdin = cjson.encode(job), stdout = "capture", stderr = "capture" }
+  job.dir = job.dir or (L.dir .. "/bench-" .. label:gsub("%W", "_") .. "-" .. n_db)
+  if not job.target then job.target, job.dbname = target_db(label) end
+  job.target_super = job.target
+  io.stdout:write(("%-22s ... "):format(label)) io.stdout:flush()
+  local load_before = loadavg()
+  local ok, how, code, _, err = proc.run{ "/usr/bin/time", "-f", "BENCH %e %M", host.exe, arg[0], "--method", method,
+    stdin = json.encode(job), stdout = "capture", stderr = "capture" }
   local secs, rss = (err or ""):match("BENCH ([%d.]+) (%d+)")
+  local r = { name = label, method = method, seconds = tonumber(secs), rss_mb = rss and tonumber(rss) / 1024,
+              load = load_before, job = job }
+  results[#results + 1] = r
+  if job.expect_kill then
+    r.killed = not ok
+    print(("killed after %.1fs (%s %s), peak RSS %.0f MB"):format(r.seconds or 0, tostring(how), tostring(code),
+      r.rss_mb or 0))
+    return r
+  end
   if not ok or not secs then
     print("FAILED: " .. tostring(how) .. " " .. tostring(code) .. "\n" .. (err or ""):sub(-2000))
-    results[#results + 1] = { name = name, failed = true }
-    return
+    r.failed = true
+    return r
+  end
+  if job.no_check then
+    print(("%.1fs, peak RSS %.0f MB"):format(r.seconds, r.rss_mb))
+    return r
   end
   local good, info = check_counts(job.target)
-  print(("%.1fs, peak RSS %.0f MB, %s"):format(tonumber(secs), tonumber(rss) / 1024,
-    good and ("counts equal, " .. info .. " indexes") or ("COUNTS DIFFER: " .. info)))
-  results[#results + 1] = { name = name, seconds = tonumber(secs), rss_mb = tonumber(rss) / 1024, ok = good }
+  r.ok = good
+  print(("%.1fs, peak RSS %.0f MB, %s (load %.2f)"):format(r.seconds, r.rss_mb,
+    good and ("counts equal, " .. info) or ("COUNTS DIFFER: " .. info), load_before))
+  return r
 end
 
-measure("migrun", {})
-measure("runbook", {})
-if have_pgcopydb then
-  -- pgcopydb 0.10 cannot read a standby (it asks for a SERIALIZABLE DEFERRABLE snapshot), so it
-  -- reads the primary, which takes no writes during the benchmark: the same data.
-  measure("pgcopydb", { copydb_source = L.source.conninfo })
-else
-  print("pgcopydb  skipped: not installed (apt-get install pgcopydb)")
+local function skip(m) return opt.skip[m] end
+
+-- Where migrun's time went (job.profile): the largest table's load, index
+-- builds and ANALYZE, everything else, the rest of post-data.
+local function profile_of(r)
+  local f = r and r.job.profile and io.open(r.job.profile)
+  if not f then return end
+  local p = json.decode(f:read("a"))
+  f:close()
+  local big = p.tables[tables[1].schema .. "." .. tables[1].name]
+  local last_load, sum_index, sum_analyze = p.start, 0, 0
+  for _, t in pairs(p.tables) do
+    if t.load[2] > last_load then last_load = t.load[2] end
+    if t.index then sum_index = sum_index + (t.index[2] - t.index[1]) end
+    if t.analyze then sum_analyze = sum_analyze + (t.analyze[2] - t.analyze[1]) end
+  end
+  local function span(x) return x and ("%.1f-%.1fs"):format(x[1] - p.start, x[2] - p.start) or "-" end
+  print(("  profile %s: %s load %s (%s chunks), its indexes %s, its ANALYZE %s; last table loaded at %.1fs; "
+    .. "index builds %.1fs and ANALYZE %.1fs of worker time in all; rest of post-data %.1fs; total %.1fs")
+    :format(r.name, tables[1].name, big and span(big.load) or "(earlier run)", big and tostring(big.chunks or 1) or "-",
+      big and span(big.index) or "-", big and span(big.analyze) or "-", last_load - p.start, sum_index, sum_analyze,
+      p.done - p.rest, p.done - p.start))
 end
 
-local base = results[1].seconds
-print()
-print(("| method | seconds | vs migrun | peak RSS (MB) |"))
-print("|---|---|---|---|")
-for _, r in ipairs(results) do
-  if r.failed then
-    print(("| %s | failed | | |"):format(r.name))
+local mig = not skip("migrun") and measure("migrun", "migrun", { profile = L.dir .. "/profile-migrun.json" }) or nil
+profile_of(mig)
+if not skip("floor") then
+  local files, parts = floor_files(opt.jobs)
+  io.stdout:write(("(floor: %d files, the largest table in %d parts)\n"):format(#files, parts))
+  measure("floor", "floor", { files = files })
+end
+if not skip("runbook") then measure("runbook", "runbook", {}) end
+if not skip("pgcopydb") then
+  if proc.run{ "sh", "-c", "command -v pgcopydb" } then
+    -- pgcopydb 0.10 cannot read a standby (it asks for a SERIALIZABLE DEFERRABLE snapshot);
+    -- it reads the primary, which takes no writes during the benchmark: the same data.
+    measure("pgcopydb 0.10", "pgcopydb-0.10", { copydb_source = L.source.conninfo })
   else
-    print(("| %s | %.1f | %s | %.0f |"):format(r.name, r.seconds,
-      base and ("%.2f×"):format(r.seconds / base) or "", r.rss_mb))
+    print("pgcopydb 0.10          skipped: not installed (apt-get install pgcopydb)")
+  end
+  if io.open(PGCOPYDB_018) then
+    -- 0.18 skips its split when it reads a standby: it reads the primary too
+    measure("pgcopydb 0.18", "pgcopydb-0.18", { copydb_source = L.source.conninfo })
+  else
+    print("pgcopydb 0.18          skipped: not found at " .. PGCOPYDB_018)
   end
 end
-print(("\nscale %g, lab %s, %s"):format(scale, L.version or "", os.date("!%Y-%m-%d %H:%M UTC")))
+if opt.more_jobs and not skip("jobs") then
+  measure(("migrun, %d streams"):format(opt.more_jobs), "migrun", { jobs = opt.more_jobs })
+  local files = floor_files(opt.more_jobs)
+  measure(("floor, %d streams"):format(opt.more_jobs), "floor", { files = files, jobs = opt.more_jobs })
+end
+local resume
+if not skip("resume") then
+  local journal = L.dir .. "/bench-resume-journal.json"
+  local killed = measure("migrun killed at 80%", "migrun", { journal = journal, die_at = 0.8, expect_kill = true })
+  local rerun = measure("migrun rerun", "migrun", { journal = journal, target = killed.job.target,
+    dir = killed.job.dir, profile = L.dir .. "/profile-rerun.json" })
+  profile_of(rerun)
+  resume = { killed = killed, rerun = rerun }
+end
+local verify
+if mig and not mig.failed and not skip("verify") then
+  local v = measure("verify (row hashes)", "verify", { target = mig.job.target, no_check = true })
+  -- count(*) of every table on both sides at once: a process per side
+  io.stdout:write(("%-22s ... "):format("count(*) both sides")) io.stdout:flush()
+  local c0 = now()
+  local hs = {}
+  for _, conninfo in ipairs{ L.replica.conninfo, mig.job.target } do
+    hs[#hs + 1] = assert(proc.spawn{ host.exe, arg[0], "--method", "count", stdout = "null", stderr = "capture",
+      stdin = json.encode{ conninfo = conninfo, tables = tables } })
+  end
+  for _, h in ipairs(hs) do local ok = h:wait() if not ok then die("count failed: " .. tostring(h.stderr)) end end
+  local cs = now() - c0
+  print(("%.1fs"):format(cs))
+  verify = { hash = v.seconds, count = cs }
+end
+
+local base
+for _, r in ipairs(results) do if r.name == "floor" then base = r.seconds end end
+print()
+print(("| method | seconds | vs floor | peak RSS (MB) | 1-min load before |"))
+print("|---|---|---|---|---|")
+for _, r in ipairs(results) do
+  if r.failed then
+    print(("| %s | failed | | | |"):format(r.name))
+  elseif r.seconds then
+    print(("| %s | %.1f | %s | %.0f | %.2f |"):format(r.name, r.seconds,
+      base and ("%.2f×"):format(r.seconds / base) or "", r.rss_mb or 0, r.load))
+  end
+end
+print()
+if mig and base then print(("migrun / floor: %.2f"):format(mig.seconds / base)) end
+if resume and mig and resume.rerun.seconds then
+  print(("rerun after a kill at 80%% of %s / full migrun: %.2f (%.1fs / %.1fs)"):format(tables[1].name,
+    resume.rerun.seconds / mig.seconds, resume.rerun.seconds, mig.seconds))
+end
+if verify then
+  print(("full row-hash verification / count(*) of both sides: %.2f (%.1fs / %.1fs)"):format(verify.hash / verify.count,
+    verify.hash, verify.count))
+end
+print(("\nshape %s, scale %g, %d streams, lab %s, %s, 1-minute load %.2f at start, %.2f at the end"):format(opt.shape,
+  scale, opt.jobs, L.version or "", os.date("!%Y-%m-%d %H:%M UTC"), load_start, loadavg()))
 rep:close() tgt:close() src:close()

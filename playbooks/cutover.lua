@@ -11,10 +11,11 @@ with the sessions opened before waited for or terminated); wait until every
 task has applied the primary's last write (a fence row written on the primary,
 read-only or not, and seen on the target: migrun.fence); set the target's sequences ahead
 of the source's (DMS never migrates sequences); a final full QA, counts and
-row hashes of every table; stop the tasks; the target's definitions as on
-the source again (identity columns, triggers, row-level security full.lua
-changed for DMS); the checklist and the commands to roll back. Any difference
-stops it before the tasks are stopped.
+row hashes of every table (by key ranges, both sides at once); ANALYZE what
+CDC changed a lot (the load analyzed every table); stop the tasks; the
+target's definitions as on the source again (identity columns, triggers,
+row-level security full.lua changed for DMS); the checklist and the commands
+to roll back. Any difference stops it before the tasks are stopped.
 
 Copy this file to adapt the procedure; the work is in migrun.cutover, migrun.cdc
 and migrun.qa, the machinery in migrun.playbook.
@@ -146,7 +147,7 @@ P:step{ "no_truncation", "No LOB value truncated by DMS: the task logs, LOB leng
 
 P:step{ "final_qa", "Final full QA: row counts and row hashes of every table, primary vs target",
   run = function(ctx)
-    local r = assert(qa.compare(ctx.source, ctx.target, tables(ctx), ctx.config.qa, { mode = "full" }))
+    local r = assert(qa.compare(ctx.source, ctx.target, tables(ctx), ctx.config.qa, steps.full_qa_options(ctx)))
     cutover.count_only(r, ctx.config.cutover.count_only)
     ctx:report_table("Final full QA (primary vs target)", qa.report_columns(), qa.report_rows(r))
     if r.differences > 0 then
@@ -158,6 +159,9 @@ P:step{ "final_qa", "Final full QA: row counts and row hashes of every table, pr
     return { checks = #r.checks }
   end,
   dry_run = "would compare every table of the primary and the target (counts and row hashes)" }
+
+P:step{ "analyze", "ANALYZE on the target the tables CDC changed a lot since the load analyzed them",
+  run = function(ctx) return steps.analyze_changed(ctx, tables(ctx)) end }
 
 P:step{ "stop_tasks", "Stop the DMS tasks",
   run = function(ctx)

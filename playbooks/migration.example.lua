@@ -77,8 +77,19 @@ return {
   -- Getting to know the data: write rates are sampled on the primary.
   know_data = { write_rate_seconds = 5 },
 
-  -- The full load from the paused replica: parallel streams.
-  full_load = { jobs = 2 },
+  -- The full load from the paused replica: parallel streams (they also
+  -- compute the final QA's row hashes). Tables larger than split_bytes are
+  -- cut into chunks of chunk_bytes (by ranges of an integer primary key, else
+  -- of blocks) that load side by side and resume one by one after a kill;
+  -- each table is indexed and analyzed as soon as it is complete. Leave the
+  -- sizes out to take them from the data (chunks of the data / (4 x jobs),
+  -- between 64 MiB and 1 GiB; split above twice that).
+  full_load = {
+    jobs = 2,
+    -- chunk_bytes = 1024 * 1024 * 1024,
+    -- split_bytes = 2 * 1024 * 1024 * 1024,
+    analyze = true,
+  },
 
   qa = {
     -- Per-month row counts use this column where a table has it ...

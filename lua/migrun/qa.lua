@@ -43,7 +43,16 @@ qa.compare(a_db, b_db, tables, cfg_qa, { mode = "quick" | "full", seed = n }) ->
       the parent holds for every partition (a partition's own entry first).
       Each partition is still checked on its own (its check has partition_of).
     full: count and row_hash for every table ("hash"; a and b are row_hash
-      results).
+      results). With opts.chunk_bytes, a table larger than that with an
+      integer primary key is hashed by key ranges (migrun.chunks, planned on
+      a), each range on both sides; with opts.jobs > 1 and opts.a_conninfo,
+      opts.b_conninfo, the ranges and the tables are hashed by `jobs` worker
+      processes on each side at once, largest first, so verifying a big table
+      costs about one parallel scan of each side. A range that differs is
+      narrowed down (sub-ranges hashed on both sides through the key's index,
+      then the rows of the last small range compared key by key), and the
+      check's detail names the chunk, its range and the keys that differ
+      (check.chunks = { {chunk =, of =, range =, keys = {...}, a =, b = } }).
     opts.before: see monthly_counts. opts.between: a function; when given,
       every check reads a first, then between() runs once, then every check
       reads b (qa.settled waits for a fence there). opts.kinds: { ["s.t"] =
@@ -57,6 +66,10 @@ qa.format(result) -> text: a summary line, then an aligned table of the
 local pg = require "migrun.pg"
 local catalog = require "migrun.catalog"
 local text = require "migrun.text"
+local chunks = require "migrun.chunks"
+local pool = require "migrun.pool"
+local errors = require "migrun.error"
+local db = require "migrun.db"
 
 local qa = {}
 
@@ -102,34 +115,97 @@ function qa.monthly_counts(db, t, column, before)
   end)
 end
 
-function qa.row_hash(db, t)
-  assert(db and db.query, "qa.row_hash: a Db expected")
-  local schema, name = split(t)
-  local qualified = pg.qualify(schema, name)
+-- The 64-bit hash function of a column's (base) type, where it has one that
+-- does not depend on the server (enums, for one, hash their oids).
+local TYPED = {
+  smallint = "hashint2extended(%s, %d)", integer = "hashint4extended(%s, %d)",
+  bigint = "hashint8extended(%s, %d)", oid = "hashoidextended(%s, %d)",
+  boolean = "hashint4extended(%s::int, %d)",
+  text = 'hashtextextended(%s::text COLLATE "C", %d)', ["character varying"] = 'hashtextextended(%s::text COLLATE "C", %d)',
+  character = 'hashtextextended(%s::text COLLATE "C", %d)', name = 'hashtextextended(%s::text COLLATE "C", %d)',
+  ["timestamp without time zone"] = "timestamp_hash_extended(%s, %d)",
+  -- under TimeZone UTC (fixed for the query) the cast keeps the instant's value
+  ["timestamp with time zone"] = "timestamp_hash_extended(%s::timestamp, %d)",
+  ["time without time zone"] = "time_hash_extended(%s, %d)", ["time with time zone"] = "timetz_hash_extended(%s, %d)",
+  interval = "interval_hash_extended(%s, %d)", numeric = "hash_numeric_extended(%s, %d)",
+  real = "hashfloat4extended(%s, %d)", ["double precision"] = "hashfloat8extended(%s, %d)",
+  uuid = "uuid_hash_extended(%s, %d)", jsonb = "jsonb_hash_extended(%s, %d)",
+  inet = "hashinetextended(%s, %d)", cidr = "hashinetextended(%s, %d)", macaddr = "hashmacaddrextended(%s, %d)",
+}
+
+local function columns_of(db, qualified)
   local res, err = db:query([[
-    select a.attname as name, format_type(a.atttypid, null) as type
-      from pg_attribute a
+    select a.attname as name, format_type(a.atttypid, null) as type,
+           format_type(case when t.typtype = 'd' then t.typbasetype else t.oid end, null) as base
+      from pg_attribute a join pg_type t on t.oid = a.atttypid
      where a.attrelid = $1::regclass and a.attnum > 0 and not a.attisdropped
      order by a.attname]], qualified)
   if not res then return nil, err end
-  local exprs = {}
-  for row in res:rows() do
-    local col = pg.quote_ident(row.name)
-    if row.type == "double precision" then
-      exprs[#exprs + 1] = "float8send(" .. col .. ")"
-    elseif row.type == "real" then
-      exprs[#exprs + 1] = "float4send(" .. col .. ")"
-    else
-      exprs[#exprs + 1] = col
+  local cols = {}
+  for row in res:rows() do cols[#cols + 1] = row end
+  return cols
+end
+
+-- The SQL of one row's hash (a bigint) for the method.
+local function row_expr(cols, method)
+  if method == "md5" then
+    local exprs = {}
+    for _, c in ipairs(cols) do
+      local col = pg.quote_ident(c.name)
+      if c.type == "double precision" then
+        exprs[#exprs + 1] = "float8send(" .. col .. ")"
+      elseif c.type == "real" then
+        exprs[#exprs + 1] = "float4send(" .. col .. ")"
+      else
+        exprs[#exprs + 1] = col
+      end
     end
+    -- row(...) of a single column is still a row; of none, the empty row "()".
+    return ("('x' || substr(md5(row(%s)::text), 1, 15))::bit(60)::bigint"):format(table.concat(exprs, ", "))
   end
-  -- row(...) of a single column is still a row; of none, the empty row "()".
-  local row_text = ("row(%s)::text"):format(table.concat(exprs, ", "))
+  if #cols == 0 then return "0::bigint" end
+  local parts = {}
+  for i, c in ipairs(cols) do
+    local fn = TYPED[c.base] or 'hashtextextended(%s::text COLLATE "C", %d)'
+    -- NULL: a constant of the column's own, so that NULL in a and NULL in b differ
+    parts[i] = ("coalesce(%s, %d)"):format(fn:format(pg.quote_ident(c.name), i), 0x5851F42D4C957F2D + i)
+  end
+  return "(" .. table.concat(parts, " # ") .. ")"
+end
+
+-- The method both sides can use: "typed" when every server is 11 or later.
+local function method_for(...)
+  for _, db in ipairs{ ... } do
+    local res, err = db:query("select current_setting('server_version_num')::int as v")
+    if not res then return nil, err end
+    if res[1].v < 110000 then return "md5" end
+  end
+  return "typed"
+end
+qa._method_for = method_for
+
+function qa.row_hash(db, t, opts)
+  assert(db and db.query, "qa.row_hash: a Db expected")
+  opts = opts or {}
+  local schema, name = split(t)
+  local qualified = pg.qualify(schema, name)
+  local method = opts.method
+  if not method then
+    local err
+    method, err = method_for(db)
+    if not method then return nil, err end
+  end
+  assert(method == "typed" or method == "md5", "qa.row_hash: method must be \"typed\" or \"md5\"")
+  local cols, err = columns_of(db, qualified)
+  if not cols then return nil, err end
+  local expr = row_expr(cols, method)
   return catalog._with_settings(db, STABLE_TEXT, function()
-    local r, qerr = db:query(([[
-      select count(*)::bigint as rows,
-             coalesce(sum(('x' || substr(md5(%s), 1, 15))::bit(60)::bigint), 0)::text as hash
-        from %s]]):format(row_text, qualified))
+    -- typed terms are signed: count * 2^63 added once keeps the text a plain number
+    local sql = method == "md5" and ([[
+      select count(*)::bigint as rows, coalesce(sum(%s), 0)::text as hash from %s%s]])
+      or ([[select count(*)::bigint as rows,
+             (coalesce(sum(%s), 0) + count(*) * 9223372036854775808::numeric)::text as hash from %s%s]])
+    local r, qerr = db:query(sql:format(expr, qualified, opts.where and (" where " .. opts.where) or ""))
     if not r then return nil, qerr end
     return { rows = r[1].rows, hash = r[1].hash }
   end)
@@ -255,6 +331,244 @@ local function hash_probe(t)
     end)
 end
 
+local function run_both(a_db, b_db, fn)
+  local a, aerr = fn(a_db)
+  if a == nil then return nil, nil, aerr end
+  local b, berr = fn(b_db)
+  if b == nil then return a, nil, berr end
+  return a, b
+end
+
+local function result_name(d, default)
+  local ok, name = pcall(function() return d:name() end)
+  return ok and name or default
+end
+
+local MAX_KEYS = 10        -- keys named in a difference
+local FANOUT, LEAF = 16, 64 -- sub-ranges per step of the narrowing; keys compared one by one below this
+
+-- The rows of a small range, key -> row hash, on one side.
+local function keyed_hashes(db, t, plan, i, lo, hi, method)
+  local qualified = pg.qualify(split(t))
+  local cols, err = columns_of(db, qualified)
+  if not cols then return nil, err end
+  return catalog._with_settings(db, STABLE_TEXT, function()
+    local res, qerr = db:query(("select %s::text as k, %s::text as h from %s where %s"):format(
+      pg.quote_ident(plan.column), row_expr(cols, method), qualified, chunks.where(plan, i, lo, hi)))
+    if not res then return nil, qerr end
+    local out = {}
+    for row in res:rows() do out[row.k] = row.h end
+    return out
+  end)
+end
+
+-- The keys of chunk i that differ between a and b: ranges hashed on both
+-- sides (through the key's index), the differing ones cut again, until a
+-- range is small enough to compare row by row. -> { "id 1234 differs", ... }
+local function narrow(a_db, b_db, t, plan, i, method)
+  local col = pg.quote_ident(plan.column)
+  local qualified = pg.qualify(split(t))
+  local lo, hi
+  for _, db in ipairs{ a_db, b_db } do
+    local res, err = db:query(("select min(%s)::text as lo, max(%s)::text as hi from %s where %s"):format(col, col,
+      qualified, chunks.where(plan, i)))
+    if not res then return nil, err end
+    local l, h = math.tointeger(tonumber(res[1].lo)), math.tointeger(tonumber(res[1].hi))
+    if l and (not lo or l < lo) then lo = l end
+    if h and (not hi or h + 1 > hi) then hi = h + 1 end
+  end
+  local found = {}
+  if not lo then return found end
+  local function hashes_differ(l, h)
+    local a, err = qa.row_hash(a_db, t, { where = chunks.where(plan, i, l, h), method = method })
+    if not a then return nil, err end
+    local b
+    b, err = qa.row_hash(b_db, t, { where = chunks.where(plan, i, l, h), method = method })
+    if not b then return nil, err end
+    return a.rows ~= b.rows or a.hash ~= b.hash
+  end
+  local function walk(l, h)
+    if #found >= MAX_KEYS then return true end
+    if h - l <= LEAF then
+      local a, err = keyed_hashes(a_db, t, plan, i, l, h, method)
+      if not a then return nil, err end
+      local b
+      b, err = keyed_hashes(b_db, t, plan, i, l, h, method)
+      if not b then return nil, err end
+      local keys = {}
+      for k in pairs(a) do keys[#keys + 1] = k end
+      for k in pairs(b) do if not a[k] then keys[#keys + 1] = k end end
+      table.sort(keys, function(x, y) return tonumber(x) < tonumber(y) end)
+      for _, k in ipairs(keys) do
+        if #found >= MAX_KEYS then break end
+        local what = not b[k] and "only in a" or not a[k] and "only in b" or a[k] ~= b[k] and "differs" or nil
+        if what then found[#found + 1] = ("%s %s %s"):format(plan.column, k, what) end
+      end
+      return true
+    end
+    local step = math.max(1, (h - l + FANOUT - 1) // FANOUT)
+    for sl = l, h - 1, step do
+      local sh = math.min(h, sl + step)
+      local differ, err = hashes_differ(sl, sh)
+      if differ == nil then return nil, err end
+      if differ then
+        local ok, werr = walk(sl, sh)
+        if not ok then return nil, werr end
+      end
+    end
+    return true
+  end
+  local ok, err = walk(lo, hi)
+  if not ok then return nil, err end
+  return found
+end
+
+-- A worker's task: row hashes of units on one side.
+function qa.task(job, emit)
+  local conn, err = pg.connect(job.conninfo, { name = job.name })
+  if not conn then return nil, err end
+  local d = db.wrap(conn)
+  for _, u in ipairs(job.units) do
+    local r, herr = qa.row_hash(d, { schema = u.schema, name = u.name }, { where = u.where, method = job.method })
+    local e = herr and { kind = type(herr) == "table" and herr.kind or "sql", message = type(herr) == "table"
+      and herr.message or tostring(herr), where = type(herr) == "table" and herr.where or nil,
+      code = type(herr) == "table" and herr.code or nil }
+    emit{ event = "hashed", unit = u.unit, side = job.side, rows = r and r.rows, hash = r and r.hash, error = e }
+  end
+  conn:close()
+  return true
+end
+
+local function full_compare(a_db, b_db, tables, opts, add)
+  local method = opts.method
+  if not method then
+    local err
+    method, err = method_for(a_db, b_db)
+    if not method then return nil, err end
+  end
+  -- the units: a table whole, or one key range of it
+  local entries, units = {}, {}
+  for _, t in ipairs(tables) do
+    local schema, name = split(t)
+    local e = { t = t, k = key_of(t), schema = schema, name = name, units = {},
+                bytes = type(t) == "table" and t.bytes or 0 }
+    entries[#entries + 1] = e
+    local plan
+    if opts.chunk_bytes then
+      local why
+      plan, why = chunks.plan(a_db, { schema = schema, name = name },
+        { chunk_bytes = opts.chunk_bytes, split_bytes = opts.chunk_bytes })
+      if plan == nil then e.error = why end
+      if plan and plan.method ~= "key" then plan = nil end -- block ranges mean other rows on b
+    end
+    if not e.error then
+      e.plan = plan or nil
+      for i = 1, plan and plan.count or 1 do
+        local u = { entry = e, chunk = plan and i or nil, where = plan and chunks.where(plan, i) or nil,
+                    cost = plan and plan.bytes / plan.count or e.bytes or 0 }
+        units[#units + 1] = u
+        u.id = #units
+        e.units[#e.units + 1] = u
+      end
+    end
+  end
+
+  if (opts.jobs or 1) > 1 and opts.a_conninfo and opts.b_conninfo then
+    local p = pool.new{ jobs = opts.jobs, entry = "migrun.qa",
+      on_event = function(_, ev)
+        if ev.event == "hashed" then
+          local u = units[math.tointeger(ev.unit)]
+          if ev.error then
+            u.err = u.err or errors.new(ev.error)
+          else
+            u[ev.side] = { rows = math.tointeger(ev.rows) or ev.rows, hash = ev.hash }
+          end
+        end
+        return true
+      end }
+    -- largest first; small units share a task (a process start costs more than they do)
+    local sorted = table.move(units, 1, #units, 1, {})
+    table.sort(sorted, function(x, y) return x.cost > y.cost end)
+    for _, side in ipairs{ { "a", opts.a_conninfo, result_name(a_db, "a") }, { "b", opts.b_conninfo, result_name(b_db, "b") } } do
+      local batch, batch_cost = {}, 0
+      local function flush()
+        if #batch > 0 then
+          p:add{ job = { conninfo = side[2], name = side[3], side = side[1], method = method, units = batch },
+                 cost = batch_cost, label = "hashing " .. batch[1].schema .. "." .. batch[1].name }
+          batch, batch_cost = {}, 0
+        end
+      end
+      for _, u in ipairs(sorted) do
+        batch[#batch + 1] = { unit = u.id, schema = u.entry.schema, name = u.entry.name, where = u.where }
+        batch_cost = batch_cost + u.cost
+        if batch_cost >= 8 * 1024 * 1024 or #batch >= 25 then flush() end
+      end
+      flush()
+    end
+    local ok, failure = p:run()
+    if not ok then
+      return nil, errors.new{ kind = "qa", where = failure.where or ("stream " .. tostring(failure.stream)),
+        message = failure.message, detail = failure.detail }
+    end
+  else
+    for _, u in ipairs(units) do
+      local t = { schema = u.entry.schema, name = u.entry.name }
+      local a, b, err = run_both(a_db, b_db, function(d) return qa.row_hash(d, t, { where = u.where, method = method }) end)
+      u.a, u.b, u.err = a, b, err
+    end
+  end
+
+  for _, e in ipairs(entries) do
+    local check = { table = e.k, method = "hash" }
+    local err = e.error
+    for _, u in ipairs(e.units) do err = err or u.err end
+    if err then
+      add(failed_check(check, err))
+    else
+      local a, b = { rows = 0 }, { rows = 0 }
+      local differing = {}
+      for _, u in ipairs(e.units) do
+        a.rows, b.rows = a.rows + u.a.rows, b.rows + u.b.rows
+        if u.a.rows ~= u.b.rows or u.a.hash ~= u.b.hash then differing[#differing + 1] = u end
+      end
+      if #e.units == 1 and not e.plan then
+        a.hash, b.hash = e.units[1].a.hash, e.units[1].b.hash
+      else
+        a.chunks, b.chunks = #e.units, #e.units
+      end
+      check.a, check.b = a, b
+      check.equal = #differing == 0
+      if a.rows ~= b.rows then
+        check.detail = ("%d vs %d rows"):format(a.rows, b.rows)
+      elseif not check.equal then
+        check.detail = ("same row count (%d), different contents"):format(a.rows)
+      else
+        check.detail = ""
+      end
+      if e.plan and #differing > 0 then
+        check.chunks = {}
+        local parts = {}
+        for _, u in ipairs(differing) do
+          local keys, nerr = narrow(a_db, b_db, e.t, e.plan, u.chunk, method)
+          local c = { chunk = u.chunk, of = e.plan.count, range = chunks.label(e.plan, u.chunk),
+                      a = u.a, b = u.b, keys = keys or {} }
+          check.chunks[#check.chunks + 1] = c
+          local what = ("chunk %d/%d (%s)"):format(c.chunk, c.of, c.range)
+          if keys and #keys > 0 then
+            what = what .. ": " .. table.concat(keys, ", ") .. (#keys >= MAX_KEYS and ", ..." or "")
+          elseif nerr then
+            what = what .. " (not narrowed: " .. tostring(nerr) .. ")"
+          end
+          parts[#parts + 1] = what
+        end
+        check.detail = check.detail .. " in " .. table.concat(parts, "; ")
+      end
+      add(check)
+    end
+  end
+  return true
+end
+
 local function query_text(db, sql)
   local res, err = db:query(sql)
   if not res then return nil, err end
@@ -318,10 +632,8 @@ function qa.compare(a_db, b_db, tables, cfg_qa, opts)
   local result = { checks = {}, differences = 0, seed = seed, mode = mode,
                    a_name = db_name(a_db) or "a", b_name = db_name(b_db) or "b" }
 
-  local plan = {} -- { {table, kind = "monthly" | "count" | "hash"} }
-  if mode == "full" then
-    for _, t in ipairs(tables) do plan[#plan + 1] = { t = t, kind = "hash" } end
-  else
+  local plan = {} -- { {table, kind = "monthly" | "count"} }; full mode: full_compare
+  if mode ~= "full" then
     local ordered = table.move(tables, 1, #tables, 1, {})
     table.sort(ordered, function(x, y)
       local xb, yb = type(x) == "table" and x.bytes or 0, type(y) == "table" and y.bytes or 0
@@ -391,6 +703,12 @@ function qa.compare(a_db, b_db, tables, cfg_qa, opts)
     result.checks[#result.checks + 1] = check
     if not check.equal then result.differences = result.differences + 1 end
     if on_progress then on_progress(#result.checks, total, check.table) end
+  end
+  if mode == "full" then
+    total = #tables
+    local ok, err = full_compare(a_db, b_db, tables, opts, add)
+    if not ok then return nil, err end
+    return result
   end
   local function read_a(p)
     if p.error then return nil, p.error end

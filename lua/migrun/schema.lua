@@ -69,6 +69,20 @@ travels in PGPASSWORD; every command is printed with proc.quote.
       error that names them, nothing done. tables: the source's tables
       (catalog.tables). opts as schema.restore.
   schema.split_conninfo(conninfo) -> conninfo without password, password | nil
+  schema.table_post_data(source_db, target_db, tables) -> { ["s.t"] = { item... } } | nil, err
+      The indexes and the primary key, unique and exclusion constraints of
+      each table as they are on the source (the paused replica), that the
+      target lacks, each item = { table = "s.t", name =, kind = "index" |
+      "primary key" | "unique" | "exclusion", sql = { statements } }: what the
+      full load builds as soon as a table is complete (foreign keys wait for
+      the post-data restore: they need the referenced table too). A key or
+      unique constraint is built as CREATE UNIQUE INDEX IF NOT EXISTS, then
+      ALTER TABLE ... ADD CONSTRAINT ... USING INDEX: the index build takes a
+      SHARE lock, so the indexes of one table build side by side, and the
+      ALTER is then a catalog change. Running an item again after a kill is
+      safe (IF NOT EXISTS; the ALTER comes only once the index is there). A
+      table missing on the target (a dry run, before the pre-data restore)
+      lacks everything.
 
 Every tool runs as a child that dies with migrun (a killed migrun leaves no
 pg_dump or pg_restore running on behind its back).
@@ -567,16 +581,116 @@ function schema.target_has_tables(target_db, tables)
 end
 
 --[[ schema.restore_missing(target_conninfo, dump, source_db, target_db, tables, opts)
-       -> { restored = n, how = "pg_restore" | "statements" | "nothing missing" } | nil, err
-     Step 10 made safe to run again. When none of the source's indexes and
-     constraints exist on the target yet, the post-data section is restored
-     with pg_restore (in parallel, opts.jobs). When some do (a run killed in
-     the middle of that restore), pg_restore would stop at the first "already
-     exists", so only the missing ones are created, from the source's own
-     definitions, constraints before foreign keys (triggers and rules of the
-     section are not among them). "Begun" is judged by indexes and key,
-     unique, foreign and exclusion constraints only: CHECK constraints come
-     with the tables. opts as schema.restore. ]]
+       -> { restored = n, how = "pg_restore" | "pg_restore (rest)", already = n } | nil, err
+     Step 10 made safe to run again, and the end of a full load that built
+     each table's indexes as soon as the table was complete. When none of the
+     source's indexes and constraints exist on the target yet, the post-data
+     section is restored whole with pg_restore (in parallel, opts.jobs). When
+     some do (built during the load, or a run killed in the middle of the
+     restore), the section is restored with the entries already on the
+     target left out of its list (`already` counts them): foreign keys,
+     triggers, rules, policies, statistics and comments still come from the
+     archive, and pg_restore never stops at an "already exists". An entry is
+     matched by the catalog oid the archive records, looked up on source_db
+     (the dump's server or its physical replica: same oids), then by name
+     on the target. "Begun" is judged by indexes and key, unique, foreign and
+     exclusion constraints only: CHECK constraints come with the tables.
+     opts as schema.restore. ]]
+
+-- A text[] literal.
+local function array_literal(list)
+  local out = {}
+  for i, v in ipairs(list) do out[i] = '"' .. tostring(v):gsub('[\\"]', "\\%0") .. '"' end
+  return "{" .. table.concat(out, ",") .. "}"
+end
+
+-- What the archive's list entries of these catalogs name (on source_db), and
+-- whether the target has it: { [oid] = present }.
+local PRESENCE = {
+  [1259] = { -- pg_class: indexes
+    source = [[select c.oid::bigint as oid, n.nspname || '.' || c.relname as k from pg_class c
+                 join pg_namespace n on n.oid = c.relnamespace where c.oid = any($1::oid[])]],
+    target = [[select n.nspname || '.' || c.relname as k from pg_class c
+                 join pg_namespace n on n.oid = c.relnamespace where c.relkind in ('i', 'I')]] },
+  [2606] = { -- pg_constraint: keys, unique, exclusion, foreign keys, checks
+    source = [[select con.oid::bigint as oid, n.nspname || '.' || t.relname || '.' || con.conname as k
+                 from pg_constraint con join pg_class t on t.oid = con.conrelid
+                 join pg_namespace n on n.oid = t.relnamespace where con.oid = any($1::oid[])]],
+    target = [[select n.nspname || '.' || t.relname || '.' || con.conname as k
+                 from pg_constraint con join pg_class t on t.oid = con.conrelid
+                 join pg_namespace n on n.oid = t.relnamespace]] },
+  [2620] = { -- pg_trigger
+    source = [[select g.oid::bigint as oid, n.nspname || '.' || t.relname || '.' || g.tgname as k
+                 from pg_trigger g join pg_class t on t.oid = g.tgrelid
+                 join pg_namespace n on n.oid = t.relnamespace where g.oid = any($1::oid[])]],
+    target = [[select n.nspname || '.' || t.relname || '.' || g.tgname as k
+                 from pg_trigger g join pg_class t on t.oid = g.tgrelid
+                 join pg_namespace n on n.oid = t.relnamespace]] },
+  [2618] = { -- pg_rewrite: rules
+    source = [[select r.oid::bigint as oid, n.nspname || '.' || t.relname || '.' || r.rulename as k
+                 from pg_rewrite r join pg_class t on t.oid = r.ev_class
+                 join pg_namespace n on n.oid = t.relnamespace where r.oid = any($1::oid[])]],
+    target = [[select n.nspname || '.' || t.relname || '.' || r.rulename as k
+                 from pg_rewrite r join pg_class t on t.oid = r.ev_class
+                 join pg_namespace n on n.oid = t.relnamespace]] },
+  [3256] = { -- pg_policy
+    source = [[select p.oid::bigint as oid, n.nspname || '.' || t.relname || '.' || p.polname as k
+                 from pg_policy p join pg_class t on t.oid = p.polrelid
+                 join pg_namespace n on n.oid = t.relnamespace where p.oid = any($1::oid[])]],
+    target = [[select n.nspname || '.' || t.relname || '.' || p.polname as k
+                 from pg_policy p join pg_class t on t.oid = p.polrelid
+                 join pg_namespace n on n.oid = t.relnamespace]] },
+  [3381] = { -- pg_statistic_ext
+    source = [[select s.oid::bigint as oid, n.nspname || '.' || s.stxname as k from pg_statistic_ext s
+                 join pg_namespace n on n.oid = s.stxnamespace where s.oid = any($1::oid[])]],
+    target = [[select n.nspname || '.' || s.stxname as k from pg_statistic_ext s
+                 join pg_namespace n on n.oid = s.stxnamespace]] },
+}
+
+-- The archive's list with the entries already on the target commented out.
+-- -> list text, count left out | nil, err
+local function list_without_present(dump, source_db, target_db)
+  local f, ferr = io.open(dump.list, "rb")
+  if not f then return fail("schema", "cannot read " .. dump.list, tostring(ferr)) end
+  local lines = {}
+  for line in f:lines() do lines[#lines + 1] = line end
+  f:close()
+  local wanted = {} -- catalog -> { oids }
+  for _, line in ipairs(lines) do
+    local cls, oid = line:match("^%s*%d+;%s+(%d+)%s+(%d+)%s")
+    cls = tonumber(cls)
+    if cls and PRESENCE[cls] then
+      wanted[cls] = wanted[cls] or {}
+      table.insert(wanted[cls], oid)
+    end
+  end
+  local present = {} -- catalog -> { [oid] = true }
+  for cls, oids in pairs(wanted) do
+    local res, err = source_db:query(PRESENCE[cls].source, array_literal(oids))
+    if not res then return nil, err end
+    local name_of = {}
+    for row in res:rows() do name_of[math.tointeger(row.oid)] = row.k end
+    res, err = target_db:query(PRESENCE[cls].target)
+    if not res then return nil, err end
+    local have = {}
+    for row in res:rows() do have[row.k] = true end
+    present[cls] = {}
+    for oid, k in pairs(name_of) do present[cls][oid] = have[k] or nil end
+  end
+  local out, left_out = {}, 0
+  for _, line in ipairs(lines) do
+    local cls, oid = line:match("^%s*%d+;%s+(%d+)%s+(%d+)%s")
+    cls, oid = tonumber(cls), math.tointeger(tonumber(oid))
+    if cls and present[cls] and present[cls][oid] then
+      out[#out + 1] = ";" .. line
+      left_out = left_out + 1
+    else
+      out[#out + 1] = line
+    end
+  end
+  return table.concat(out, "\n") .. "\n", left_out
+end
+
 function schema.restore_missing(target_conninfo, dump, source_db, target_db, tables, opts)
   local catalog = require "migrun.catalog"
   opts = opts or {}
@@ -586,7 +700,6 @@ function schema.restore_missing(target_conninfo, dump, source_db, target_db, tab
   tgt, err = catalog.constraints_and_indexes(target_db, tables)
   if not tgt then return nil, err end
   local missing = catalog.missing_on_target(src, tgt)
-  if #missing == 0 and not opts.dry_run then return { restored = 0, how = "nothing missing" } end
   -- CHECK constraints come with the tables (pre-data): only indexes and
   -- key/unique/foreign/exclusion constraints tell that post-data has begun.
   local function post_data(item)
@@ -603,21 +716,111 @@ function schema.restore_missing(target_conninfo, dump, source_db, target_db, tab
     local r
     r, err = schema.restore("post-data", target_conninfo, dump, opts)
     if not r then return nil, err end
-    return { restored = #missing, how = "pg_restore" }
+    return { restored = #missing, how = "pg_restore", already = 0 }
   end
-  table.sort(missing, function(a, b)
-    local fa = a.definition:match("^FOREIGN KEY") and 1 or 0
-    local fb = b.definition:match("^FOREIGN KEY") and 1 or 0
-    if fa ~= fb then return fa < fb end
-    return a.table .. a.name < b.table .. b.name
+  local list, left_out = list_without_present(dump, source_db, target_db)
+  if not list then return nil, left_out end
+  local rest = dump.list:gsub("%.list$", "") .. ".rest.list"
+  local ok, werr = host.write_file(rest, list, tonumber("600", 8))
+  if not ok then return fail("schema", "cannot write " .. rest, tostring(werr)) end
+  if opts.echo then
+    opts.echo(("post-data: %d entr%s already on the target left out of the list (%s)"):format(left_out,
+      left_out == 1 and "y" or "ies", rest))
+  end
+  local r
+  r, err = schema.restore("post-data", target_conninfo, { file = dump.file, list = rest, tools = dump.tools }, opts)
+  if not r then return nil, err end
+  return { restored = #missing, how = "pg_restore (rest)", already = left_out }
+end
+
+---------------------------------------------------------------------------
+-- Post-data per table (built during the full load)
+---------------------------------------------------------------------------
+
+local function if_not_exists(indexdef)
+  for _, head in ipairs{ "CREATE UNIQUE INDEX ", "CREATE INDEX " } do
+    if indexdef:sub(1, #head) == head then return head .. "IF NOT EXISTS " .. indexdef:sub(#head + 1) end
+  end
+  error("schema: not an index definition: " .. indexdef)
+end
+
+function schema.table_post_data(source_db, target_db, tables)
+  assert(source_db and source_db.query and target_db and target_db.query,
+    "schema.table_post_data: two migrun.db Dbs expected")
+  assert(type(tables) == "table", "schema.table_post_data: a list of tables expected")
+  local catalog = require "migrun.catalog"
+  local schemas, names = {}, {}
+  for _, t in ipairs(tables) do
+    local s, n
+    if type(t) == "string" then s, n = t:match("^([^.]+)%.(.+)$") else s, n = t.schema, t.name end
+    assert(s and n, "schema.table_post_data: tables are {schema=, name=} or \"schema.table\"")
+    schemas[#schemas + 1], names[#names + 1] = s, n
+  end
+  local out = {}
+  if #names == 0 then return out end
+  -- Definitions with search_path emptied: every name in them is qualified.
+  local res, err = catalog._with_settings(source_db, { { "search_path", "" } }, function()
+    return source_db:query([[
+      select n.nspname as schema, c.relname as tbl, ic.relname as index_name,
+             pg_get_indexdef(i.indexrelid) as indexdef, coalesce(con.conname, '') as conname,
+             coalesce(con.contype::text, '') as contype, coalesce(pg_get_constraintdef(con.oid), '') as condef,
+             coalesce(con.condeferrable, false) as deferrable, coalesce(con.condeferred, false) as deferred
+        from pg_index i
+        join pg_class c on c.oid = i.indrelid
+        join pg_namespace n on n.oid = c.relnamespace
+        join pg_class ic on ic.oid = i.indexrelid
+        join unnest($1::text[], $2::text[]) as w(s, t) on w.s = n.nspname and w.t = c.relname
+        left join pg_constraint con on con.conindid = i.indexrelid and con.conrelid = i.indrelid
+                                   and con.contype in ('p', 'u', 'x')
+       order by n.nspname, c.relname, (con.contype = 'p') is not true, ic.relname]],
+      array_literal(schemas), array_literal(names))
   end)
-  for _, m in ipairs(missing) do
-    local sql = catalog.create_sql(m)
-    if opts.echo then opts.echo(sql) end
-    local ok, werr = target_db:write(sql)
-    if not ok then return nil, werr end
+  if not res then return nil, err end
+  local have_index, have_con = {}, {}
+  local tres
+  tres, err = target_db:query([[
+    select n.nspname || '.' || ic.relname as k from pg_index i
+      join pg_class ic on ic.oid = i.indexrelid join pg_namespace n on n.oid = ic.relnamespace
+      join pg_class c on c.oid = i.indrelid join pg_namespace cn on cn.oid = c.relnamespace
+      join unnest($1::text[], $2::text[]) as w(s, t) on w.s = cn.nspname and w.t = c.relname]],
+    array_literal(schemas), array_literal(names))
+  if not tres then return nil, err end
+  for row in tres:rows() do have_index[row.k] = true end
+  tres, err = target_db:query([[
+    select n.nspname || '.' || c.relname || '.' || con.conname as k from pg_constraint con
+      join pg_class c on c.oid = con.conrelid join pg_namespace n on n.oid = c.relnamespace
+      join unnest($1::text[], $2::text[]) as w(s, t) on w.s = n.nspname and w.t = c.relname]],
+    array_literal(schemas), array_literal(names))
+  if not tres then return nil, err end
+  for row in tres:rows() do have_con[row.k] = true end
+
+  local KIND = { p = "primary key", u = "unique", x = "exclusion" }
+  for row in res:rows() do
+    local k = row.schema .. "." .. row.tbl
+    local qualified = pg.qualify(row.schema, row.tbl)
+    local item
+    if row.contype == "" then
+      if not have_index[row.schema .. "." .. row.index_name] then
+        item = { name = row.index_name, kind = "index", sql = { if_not_exists(row.indexdef) } }
+      end
+    elseif not have_con[k .. "." .. row.conname] then
+      item = { name = row.conname, kind = KIND[row.contype] }
+      if row.contype == "x" then
+        item.sql = { ("ALTER TABLE %s ADD CONSTRAINT %s %s"):format(qualified, pg.quote_ident(row.conname), row.condef) }
+      else
+        local flags = row.deferrable and (" DEFERRABLE" .. (row.deferred and " INITIALLY DEFERRED" or "")) or ""
+        item.sql = { if_not_exists(row.indexdef),
+          ("ALTER TABLE %s ADD CONSTRAINT %s %s USING INDEX %s%s"):format(qualified, pg.quote_ident(row.conname),
+            row.contype == "p" and "PRIMARY KEY" or "UNIQUE", pg.quote_ident(row.index_name), flags) }
+      end
+    end
+    if item then
+      item.table = k
+      out[k] = out[k] or {}
+      table.insert(out[k], item)
+    end
   end
-  return { restored = #missing, how = "statements" }
+  return out
 end
 
 return schema

@@ -7,11 +7,27 @@ playbook keeps only the line that says which tables.
 
   steps.load(ctx, tables, at, title) -> { loaded =, seconds = }
       fullload.run from the paused replica (which must still be at `at`),
-      with a progress bar; each table is recorded in the journal (fact
-      "loaded") the moment it commits, so a rerun loads only the rest.
+      with a progress bar, config.full_load's jobs, chunk_bytes, split_bytes
+      and analyze. The journal follows it as it goes (facts of the step):
+      "loaded" (each table the moment it is complete, as before), "chunks"
+      (each split table's plan, its chunks loaded, and the transaction of a
+      chunk about to commit), "indexed" and "analyzed" (per table, with their
+      times); a rerun loads only the chunks and tables not committed, then
+      builds and analyzes what is left. Each table's indexes are those the
+      target lacks (schema.table_post_data), built as soon as it is complete.
   steps.restore_indexes(ctx, schema_facts, tables) -> { verified = true } | nil, why
-      the post-data section (or just what is missing of it) restored from the
-      dump of full.lua's schema step, then verify_indexes.
+      the post-data section restored from the dump of full.lua's schema
+      step: whole on a bare target, else what is not on the target yet
+      (foreign keys, triggers, rules...: the indexes came with the load);
+      then verify_indexes.
+  steps.full_qa_options(ctx) -> the qa.compare options of a full comparison:
+      row hashes by key ranges, on both sides at once, over full_load.jobs
+      worker processes
+  steps.analyze_changed(ctx, tables) -> { analyzed = {"s.t"} }
+      ANALYZE on the target of the tables CDC changed enough since their
+      last ANALYZE that autovacuum would analyze them next
+      (pg_stat_user_tables.n_mod_since_analyze above the server's
+      autovacuum_analyze_threshold + autovacuum_analyze_scale_factor x rows).
   steps.verify_indexes(ctx, tables) -> { verified = true } | nil, why
       every index and constraint of the (paused) replica's tables exists on
       the target; each missing one is named.
@@ -45,36 +61,55 @@ local schema = require "migrun.schema"
 local cdc = require "migrun.cdc"
 local lobs = require "migrun.lobs"
 local text = require "migrun.text"
+local pg = require "migrun.pg"
 
 local steps = {}
 
 
 function steps.load(ctx, tables, at, title)
-  local loaded = ctx.facts[ctx.step].loaded or {}
+  local facts = ctx.facts[ctx.step]
+  local state = { loaded = facts.loaded or {}, chunks = facts.chunks or {}, indexed = facts.indexed or {},
+                  analyzed = facts.analyzed or {} }
+  local cfg = ctx.config.full_load
   local total, size = 0, {}
   for _, t in ipairs(tables) do
     total = total + (t.bytes or 0)
     size[text.key(t)] = t.bytes
   end
+  local post = assert(schema.table_post_data(ctx.replica, ctx.target, tables))
   local bar = ctx:progress{ label = title, total = total, unit = "bytes" }
   local result = assert(fullload.run{
     replica = ctx.config.replica.conninfo, target = ctx.config.target.conninfo,
-    tables = tables, jobs = ctx.config.full_load.jobs, done = loaded,
-    expect_replay_lsn = at, dry_run = ctx.dry_run, echo = ctx.print,
+    tables = tables, jobs = cfg.jobs, chunk_bytes = cfg.chunk_bytes, split_bytes = cfg.split_bytes,
+    analyze = cfg.analyze, post = post, expect_replay_lsn = at, dry_run = ctx.dry_run, echo = ctx.print,
+    -- journal first: a table or a chunk said loaded is never loaded again
+    state = state, save = function(field) ctx:record(field, state[field]) end,
     on_progress = function(done, _, rows, detail)
       bar:update(done, ("%s, %d rows"):format(detail and detail.table or "", rows or 0), { rows = rows,
         part = detail and { key = "stream " .. detail.stream, name = detail.table, done = detail.bytes,
                             total = size[detail.table], rows = detail.rows } })
     end,
+    on_chunk = function(c)
+      ctx:say("chunk %d/%d of %s (%s) loaded: %d rows, %s in %s", c.chunk, c.of, c.table, c.range, c.rows,
+        text.bytes(c.bytes), text.duration(c.seconds))
+    end,
     on_table = function(r)
-      loaded[r.table] = r
-      ctx:record("loaded", loaded)   -- journal first: a table said loaded is never loaded again
-      ctx:say("loaded %s: %d rows, %s in %.1fs", r.table, r.rows, text.bytes(r.bytes), r.seconds)
+      ctx:say("loaded %s: %d rows, %s in %s%s", r.table, r.rows, text.bytes(r.bytes), text.duration(r.seconds or 0),
+        r.chunks and (" (%d chunks)"):format(r.chunks) or "")
+    end,
+    on_post = function(what, r)
+      if what == "indexed" then
+        ctx:say("indexes of %s built: %d in %s", r.table, r.indexes, text.duration(r.seconds))
+      else
+        ctx:say("analyzed %s in %s", r.table, text.duration(r.seconds))
+      end
     end })
   bar:finish(("%d tables, %s"):format(#result.tables, text.bytes(result.bytes or 0)))
   ctx:report_table(title, { "table", "rows", "bytes", "started", "ended", "seconds", "stream" },
-    fullload.report_rows(loaded))
-  return { loaded = loaded, seconds = result.seconds }
+    fullload.report_rows(state.loaded))
+  ctx:report_table(title .. ": split tables", { "table", "chunks", "by", "rows", "bytes", "seconds" },
+    fullload.split_rows(state.chunks))
+  return { loaded = state.loaded, seconds = result.seconds }
 end
 
 function steps.restore_indexes(ctx, schema_facts, tables)
@@ -108,6 +143,39 @@ function steps.quick_qa(ctx, tables)
     return nil, ("%d QA difference(s) between the replica and the target"):format(r.differences)
   end
   return { checks = #r.checks, seed = r.seed }
+end
+
+function steps.full_qa_options(ctx)
+  local cfg = ctx.config.full_load
+  local total = 0
+  for _, t in ipairs(ctx:main_facts().know_data and ctx:main_facts().know_data.tables or {}) do
+    total = total + (t.bytes or 0)
+  end
+  return { mode = "full", jobs = cfg.jobs, chunk_bytes = cfg.chunk_bytes or fullload.chunk_size(total, cfg.jobs),
+           a_conninfo = ctx.config.source.conninfo, b_conninfo = ctx.config.target.conninfo }
+end
+
+function steps.analyze_changed(ctx, tables)
+  local wanted = {}
+  for _, t in ipairs(tables) do wanted[text.key(t)] = t end
+  local res = assert(ctx.target:query([[
+    select schemaname as schema, relname as name, n_mod_since_analyze as changed, n_live_tup as live
+      from pg_stat_user_tables
+     where n_mod_since_analyze > current_setting('autovacuum_analyze_threshold')::float8
+             + current_setting('autovacuum_analyze_scale_factor')::float8 * greatest(n_live_tup, 0)
+     order by 1, 2]]))
+  local analyzed, rows = {}, {}
+  for row in res:rows() do
+    local k = text.key(row.schema, row.name)
+    if wanted[k] then
+      assert(ctx.target:write("ANALYZE " .. pg.qualify(row.schema, row.name)))
+      analyzed[#analyzed + 1] = k
+      rows[#rows + 1] = { k, tostring(row.changed), tostring(row.live) }
+    end
+  end
+  ctx:say("%d table(s) analyzed on the target (changed by CDC since their last ANALYZE)", #analyzed)
+  ctx:report_table("ANALYZE after CDC", { "table", "rows changed", "rows" }, rows)
+  return { analyzed = analyzed }
 end
 
 function steps.watch_options(ctx, on_status)

@@ -68,7 +68,7 @@ function M.orphans()
   for line in out:gmatch("[^\n]+") do
     local pid, ppid, args = line:match("^%s*(%d+)%s+(%d+)%s+(.*)$")
     if ppid == "1" and (args:match("^%S*pg_dump ") or args:match("^%S*pg_restore ") or args:match("^%S*psql ")
-        or args:match("migrun%.fullload'%)%.worker") or args:match("playbooks/%S+%.lua")) then
+        or args:match("migrun%.pool'%)%.child") or args:match("playbooks/%S+%.lua")) then
       found[#found + 1] = pid .. " " .. args
     end
   end

@@ -50,7 +50,7 @@ describe("migrun.playbook.config", function()
     assert.same({ prefix = "dms_slot_", node = "migrun_provider" }, cfg.slots)
     assert.same({ largest_alone = 5, explicit = {} }, cfg.groups)
     assert.same({ default = { max_kb = 32, truncation_ok = true }, tables = {} }, cfg.lobs)
-    assert.same({ jobs = 2 }, cfg.full_load)
+    assert.same({ jobs = 2, analyze = true }, cfg.full_load) -- chunk_bytes, split_bytes: from the data
     assert.same({ timestamp_column = "created_at", timestamp_columns = {}, large_tables = 5,
                   small_sample = 10, queries = {} }, cfg.qa)
     assert.same({ warn_bytes = 50 * 2 ^ 30, stop_bytes = 200 * 2 ^ 30, warn_ahead = 3600, rate_window = 600,
@@ -100,6 +100,8 @@ describe("migrun.playbook.config", function()
     assert.matches(": dms.start_pause: expected a number of seconds >= 0, found %-1$", err)
     _, err = load_with("full_load = { jobs = 1.5 },")
     assert.matches(": full_load.jobs: expected a whole number >= 1, found 1.5$", err)
+    _, err = load_with("full_load = { chunk_bytes = 1000 },")
+    assert.matches(": full_load.chunk_bytes: expected a number of bytes >= 1 MiB, found 1000$", err)
     _, err = load_with("groups = { explicit = { { name = 'a', tables = { 'orders' } } } },")
     assert.matches(': groups.explicit%[1%].tables%[1%]: expected a table name "schema.name", found "orders"$', err)
     _, err = load_with("lobs = { tables = { ['public.e'] = { truncation_ok = 'no' } } },")

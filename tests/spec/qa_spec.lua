@@ -167,6 +167,50 @@ describe("migrun.qa", function()
     assert.equal(1, qa.compare(source, target, tables, {}, { mode = "full" }).differences)
   end)
 
+  it("hashes large tables by key ranges on both sides at once and names the chunk and the keys that differ", function()
+    local function opts(extra)
+      local o = { mode = "full", chunk_bytes = 64 * 1024, jobs = 2, a_conninfo = L.source.conninfo,
+                  b_conninfo = L.target.conninfo }
+      for k, v in pairs(extra or {}) do o[k] = v end
+      return o
+    end
+    local equal = assert(qa.compare(source, target, tables, {}, opts()))
+    assert.equal(0, equal.differences, qa.format(equal))
+    local big = check_of(equal, "qa.big", "hash")
+    assert.is_true(big.a.chunks >= 3, "qa.big was not cut into key ranges")
+    assert.equal(2001, big.a.rows)
+    assert.is_string(check_of(equal, "qa.s01", "hash").a.hash) -- small tables whole
+
+    -- one changed row: found in its chunk, narrowed to its key, whichever way it runs
+    assert(target:write("update qa.big set note = 'changed' where id = 1234"))
+    for _, o in ipairs{ opts(), opts{ jobs = 1 } } do
+      local r = assert(qa.compare(source, target, tables, {}, o))
+      assert.equal(1, r.differences)
+      local c = check_of(r, "qa.big", "hash")
+      assert.equal(1, #c.chunks)
+      local chunk = c.chunks[1]
+      assert.same({ "id 1234 differs" }, chunk.keys)
+      assert.matches(("^same row count %%(2001%%), different contents in chunk %d/%d %%(id [^)]+%%): id 1234 differs$")
+        :format(chunk.chunk, chunk.of), c.detail)
+      -- the range named holds the key
+      local lo, hi = chunk.range:match("^id (%d+)%.%.(%d+)$")
+      if not lo then lo, hi = chunk.range:match("^id >= (%d+)$"), math.maxinteger end
+      if not lo then lo, hi = 0, chunk.range:match("^id < (%d+)$") - 1 end
+      assert.is_true(tonumber(lo) <= 1234 and 1234 <= tonumber(hi), chunk.range)
+    end
+    -- a row missing and a row too many, in other chunks
+    assert(target:write("update qa.big set note = 'note 1234' where id = 1234"))
+    assert(target:write("delete from qa.big where id = 7"))
+    assert(target:write("insert into qa.big (id, created_at) values (1999999, now())"))
+    local r = assert(qa.compare(source, target, tables, {}, opts()))
+    local c = check_of(r, "qa.big", "hash")
+    assert.matches("^same row count %(2001%), different contents in chunk ", c.detail)
+    local keys = {}
+    for _, ch in ipairs(c.chunks) do for _, k in ipairs(ch.keys) do keys[#keys + 1] = k end end
+    table.sort(keys)
+    assert.same({ "id 1999999 only in b", "id 7 only in a" }, keys)
+  end)
+
   it("detects a missing row (monthly, count and hash)", function()
     assert(target:write("delete from qa.big where id = 500"))   -- 2026-03-03 12:00 UTC
     assert(target:write("delete from qa.s05 where id = 1"))

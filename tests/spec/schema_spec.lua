@@ -141,7 +141,7 @@ describe("migrun.schema", function()
     source_db:close() target_db:close()
   end)
 
-  it("restore_missing: pg_restore on a bare target, only the missing statements after a half-done restore", function()
+  it("restore_missing: pg_restore on a bare target, the rest of the section after a half-done restore", function()
     local catalog = require "migrun.catalog"
     local s = fresh("half")
     make_source_schema(s)
@@ -153,15 +153,27 @@ describe("migrun.schema", function()
     -- a post-data restore killed halfway: the primary key of parent and one index exist
     assert(L.target:psql(("alter table %s.parent add constraint parent_pkey primary key (id); "
       .. "create index child_parent on %s.child (parent_id)"):format(s, s)))
-    local r = assert(schema.restore_missing(L.target.conninfo, dump, source_db, target_db, tables, {}))
-    assert.equal("statements", r.how)
+    local said = {}
+    local r = assert(schema.restore_missing(L.target.conninfo, dump, source_db, target_db, tables,
+      { echo = function(l) said[#said + 1] = l end }))
+    assert.equal("pg_restore (rest)", r.how)
     assert.is_true(r.restored >= 4)
+    assert.equal(2, r.already) -- the primary key of parent and child_parent: left out of the list
+    assert.matches("post%-data: 2 entries already on the target left out of the list", table.concat(said, "\n"))
     assert.same({}, catalog.missing_on_target(assert(catalog.constraints_and_indexes(source_db, tables)),
       assert(catalog.constraints_and_indexes(target_db, tables))))
     assert.equal(constraints(L.source, s), constraints(L.target, s))
-    -- nothing missing: nothing done
+    assert.equal(indexes(L.source, s), indexes(L.target, s))
+    -- and what is not an index or a constraint came too (statements from the
+    -- catalog would have left the trigger out)
+    assert.equal("1", L.target:psql(("select count(*) from pg_trigger where tgname = 'child_touch' "
+      .. "and tgrelid = '%s.child'::regclass"):format(s)))
+    -- nothing missing: every entry that names an object is left out, the
+    -- restore runs without an "already exists"
     r = assert(schema.restore_missing(L.target.conninfo, dump, source_db, target_db, tables, {}))
-    assert.equal("nothing missing", r.how)
+    assert.equal("pg_restore (rest)", r.how)
+    assert.equal(0, r.restored)
+    assert.equal(constraints(L.source, s), constraints(L.target, s))
     -- a bare target: the archive's post-data section, with pg_restore
     local s2 = fresh("bare")
     make_source_schema(s2)
@@ -172,6 +184,63 @@ describe("migrun.schema", function()
     assert.equal("pg_restore", r.how)
     assert.equal(indexes(L.source, s2), indexes(L.target, s2))
     source_db:close()
+  end)
+
+  it("table_post_data: each table's indexes and keys the target lacks, built side by side, again safely", function()
+    local s = fresh("per")
+    make_source_schema(s)
+    local dump = assert(schema.dump(L.source.conninfo, state_dir(), { tools = tools, schemas = { s } }))
+    assert(schema.restore("pre-data", L.target.conninfo, dump, {}))
+    local source_db = db.wrap(assert(pg.connect(L.source.conninfo, { name = "source" })))
+    local target_db = db.wrap(assert(pg.connect(L.target.conninfo, { name = "target" })))
+    local tables = { { schema = s, name = "parent" }, { schema = s, name = "child" }, { schema = s, name = "nopk" } }
+    local post = assert(schema.table_post_data(source_db, target_db, tables))
+    local function names(k)
+      local out = {}
+      for _, it in ipairs(post[k] or {}) do out[#out + 1] = it.name .. ":" .. it.kind end
+      table.sort(out)
+      return table.concat(out, " ")
+    end
+    assert.equal("parent_body:index parent_email_key:unique parent_lower_email:index parent_pkey:primary key",
+      names(s .. ".parent"))
+    -- the foreign key waits for the post-data restore; nopk has nothing
+    assert.equal("child_parent:index child_pkey:primary key", names(s .. ".child"))
+    assert.is_nil(post[s .. ".nopk"])
+    local pk
+    for _, it in ipairs(post[s .. ".parent"]) do if it.name == "parent_pkey" then pk = it end end
+    assert.same({ ("CREATE UNIQUE INDEX IF NOT EXISTS parent_pkey ON %s.parent USING btree (id)"):format(s),
+      ('ALTER TABLE "%s"."parent" ADD CONSTRAINT "parent_pkey" PRIMARY KEY USING INDEX "parent_pkey"'):format(s) },
+      pk.sql)
+    -- the items of one table build at the same time (SHARE locks), one of
+    -- them killed after its index: its statements run again
+    assert(target_db:write(pk.sql[1]))
+    local conns = {}
+    for i, it in ipairs(post[s .. ".parent"]) do
+      conns[i] = assert(pg.connect(L.target.conninfo, { name = "target" }))
+      assert(conns[i]:exec("begin"))
+      assert(conns[i]:exec(it.sql[1]))
+    end
+    for i in ipairs(post[s .. ".parent"]) do assert(conns[i]:exec("commit")) end
+    for i, it in ipairs(post[s .. ".parent"]) do
+      for j = 2, #it.sql do assert(conns[i]:exec(it.sql[j])) end
+      conns[i]:close()
+    end
+    for _, it in ipairs(post[s .. ".child"]) do
+      for _, sql in ipairs(it.sql) do assert(target_db:write(sql)) end
+    end
+    assert.same({}, assert(schema.table_post_data(source_db, target_db, tables)))
+    -- then the post-data restore brings the rest: the foreign key, the trigger
+    local r = assert(schema.restore_missing(L.target.conninfo, dump, source_db, target_db, tables, { jobs = 2 }))
+    assert.equal("pg_restore (rest)", r.how)
+    assert.equal(indexes(L.source, s), indexes(L.target, s))
+    assert.equal(constraints(L.source, s), constraints(L.target, s))
+    assert.equal("1", L.target:psql(("select count(*) from pg_trigger where tgname = 'child_touch' "
+      .. "and tgrelid = '%s.child'::regclass"):format(s)))
+    -- a table the target does not have yet (a dry run) lacks everything
+    assert(L.source:psql(("create table %s.later (id int primary key)"):format(s)))
+    local later = assert(schema.table_post_data(source_db, target_db, { { schema = s, name = "later" } }))
+    assert.equal("later_pkey", later[s .. ".later"][1].name)
+    source_db:close() target_db:close()
   end)
 
   it("leaves pglogical out of the target and says so", function()

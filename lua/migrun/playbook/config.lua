@@ -160,7 +160,15 @@ config.SCHEMA = record({
     { "write_rate_seconds", seconds(5, "seconds over which write rates are sampled on the primary", 0) },
   }, { doc = "knowing the data" }) },
   { "full_load", record({
-    { "jobs", count(2, "parallel streams for the full load", 1) },
+    { "jobs", count(2, "parallel streams for the full load (and for the final QA's row hashes)", 1) },
+    { "chunk_bytes", num{ check = at_least(1024 * 1024, "a number of bytes >= 1 MiB"),
+      expected = "a number of bytes >= 1 MiB",
+      doc = "size of the chunks a large table is cut into (default: the data to load / (4 x jobs), "
+        .. "between 64 MiB and 1 GiB)" } },
+    { "split_bytes", bytes(nil, "tables larger than this are cut into chunks that load in parallel and "
+      .. "resume one by one (default: 2 x chunk_bytes)") },
+    { "analyze", bool{ default = true,
+      doc = "ANALYZE each table on the target as soon as it is loaded and indexed" } },
   }, { doc = "the full load from the paused replica" }) },
   { "qa", record({
     { "timestamp_column", str{ default = "created_at",

@@ -1,0 +1,215 @@
+--[[
+migrun.pool: a queue of tasks run over `jobs` child processes of this same
+migrun binary, the largest task first, each task in a process of its own.
+
+Why processes, one per task: a task is a COPY of a chunk, an index build or
+a hash of a key range, all of which wait on a server; real parallelism needs
+several client processes, and a process per task lets the parent decide, as
+tasks finish, what runs next (the indexes of a table whose last chunk has just
+committed, before the rest of the load). Starting migrun and connecting costs
+some tens of milliseconds, so callers put small things together in one task.
+
+  local pool = require "migrun.pool"
+  local p = pool.new{ jobs = 2, entry = "migrun.fullload",
+    on_event = function(task, ev) end,  -- a JSON line the task's process emitted, decoded
+    on_done = function(task) end }      -- the task's process exited 0 (its events came first)
+  p:add{ job = { ... }, cost = 1e9, label = "public.big #3" }
+  local ok, failure = p:run()
+
+  pool.new(opts) -> Pool
+      opts.jobs (>= 1), opts.entry: a module name; the child runs
+      require(entry).task(job, emit) with the task's job (a JSON value: never
+      in argv, it may hold connection strings) and emit(table), which writes
+      a JSON line the parent's on_event gets. A task that raises or returns
+      nil, err fails. opts.interval: seconds between dispatches (default 0.02).
+  p:add(task) -> task      task.job (required), task.cost (number, default 0),
+      task.label (for messages). Tasks may be added at any time, also from
+      on_event and on_done; the queue is served highest cost first, then in
+      the order added. task.stream is set when it starts (1..jobs: the slot
+      it runs in), task.pid too.
+  p:run() -> true | nil, failure
+      Runs until the queue is empty and nothing runs. On the first failure
+      (a task's error event, a process killed or exiting non-zero, a callback
+      returning nil, err) the other processes are stopped (TERM, then KILL)
+      and failure = { task =, stream =, message =, where =, detail = } is
+      returned. A raised error (Ctrl-C) stops them too and is raised again.
+  p:pending() -> n (queued), p:running() -> n
+  pool.child()   the child's main (internal)
+]]
+local proc = require "migrun.proc"
+local host = require "migrun.host"
+local json = require "migrun.json"
+
+local pool = {}
+
+local Pool = {}
+Pool.__index = Pool
+Pool.__name = "migrun.pool.Pool"
+
+function pool.new(opts)
+  assert(type(opts) == "table", "pool.new: options table expected")
+  assert(math.type(opts.jobs) == "integer" and opts.jobs >= 1, "pool.new: jobs must be a positive integer")
+  assert(type(opts.entry) == "string", "pool.new: entry (a module name) is required")
+  for _, f in ipairs{ "on_event", "on_done" } do
+    assert(opts[f] == nil or type(opts[f]) == "function", "pool.new: " .. f .. " must be a function")
+  end
+  return setmetatable({ jobs = opts.jobs, entry = opts.entry, on_event = opts.on_event, on_done = opts.on_done,
+    interval = opts.interval or 0.02, queue = {}, seq = 0, slots = {}, handles = {}, events = {} }, Pool)
+end
+
+function Pool:add(task)
+  assert(type(task) == "table" and task.job ~= nil, "pool:add: a task { job = ..., cost = n } expected")
+  self.seq = self.seq + 1
+  task.seq, task.cost = self.seq, task.cost or 0
+  self.queue[#self.queue + 1] = task
+  return task
+end
+
+function Pool:pending() return #self.queue end
+function Pool:running()
+  local n = 0
+  for _ in pairs(self.slots) do n = n + 1 end
+  return n
+end
+
+-- The next task: highest cost, then first added.
+local function take(queue)
+  local best, at = nil, nil
+  for i, t in ipairs(queue) do
+    if not best or t.cost > best.cost or (t.cost == best.cost and t.seq < best.seq) then best, at = t, i end
+  end
+  if at then table.remove(queue, at) end
+  return best
+end
+
+function Pool:_start(task, slot)
+  local pool_ = self
+  task.stream = slot
+  task.stderr = {}
+  local h, err = proc.spawn{ host.exe, "-e", "require('migrun.pool').child()",
+    stdin = json.encode{ entry = self.entry, job = task.job }, die_with_parent = true,
+    stdout = function(line)
+      local ok, ev = pcall(json.decode, line)
+      if ok and type(ev) == "table" then
+        local events = pool_.events -- replaced at each dispatch
+        events[#events + 1] = { task = task, ev = ev }
+      else
+        task.stderr[#task.stderr + 1] = line
+      end
+    end,
+    stderr = function(line)
+      task.stderr[#task.stderr + 1] = line
+      if #task.stderr > 20 then table.remove(task.stderr, 1) end
+    end }
+  if not h then return nil, err end
+  task.handle, task.pid = h, h.pid
+  self.slots[slot] = task
+  self.handles[h] = task
+  return true
+end
+
+function Pool:_stop_all()
+  for _, task in pairs(self.slots) do
+    if task.handle.running then task.handle:kill("TERM") end
+  end
+  for slot, task in pairs(self.slots) do
+    local _, how = task.handle:wait(10)
+    if how == "timeout" then task.handle:kill("KILL") task.handle:wait(5) end
+    task.handle:close()
+    self.handles[task.handle] = nil
+    self.slots[slot] = nil
+  end
+end
+
+-- Decoded lines, handed to on_event outside the output callbacks (which may
+-- not start or wait for processes). -> true | nil, failure
+function Pool:_dispatch()
+  while #self.events > 0 do
+    local batch = self.events
+    self.events = {}
+    for _, e in ipairs(batch) do
+      if e.ev.event == "error" then
+        return nil, { task = e.task, stream = e.task.stream, message = e.ev.message, where = e.ev.where,
+          detail = e.ev.detail, table = e.ev.table }
+      end
+      if self.on_event then
+        local ok, err = self.on_event(e.task, e.ev)
+        if ok == nil and err ~= nil then
+          return nil, { task = e.task, stream = e.task.stream, message = tostring(err), error = err }
+        end
+      end
+    end
+  end
+  return true
+end
+
+function Pool:_loop()
+  while true do
+    for slot = 1, self.jobs do
+      if not self.slots[slot] and #self.queue > 0 then
+        local task = take(self.queue)
+        local ok, err = self:_start(task, slot)
+        if not ok then
+          return nil, { task = task, stream = slot, message = "cannot start a worker process: " .. tostring(err) }
+        end
+      end
+    end
+    local list = {}
+    for h in pairs(self.handles) do list[#list + 1] = h end
+    if #list == 0 then return true end
+    local h, ok, how, code = proc.wait_any(list, self.interval)
+    local dok, failure = self:_dispatch()
+    if not dok then return nil, failure end
+    if h then
+      local task = self.handles[h]
+      self.handles[h] = nil
+      self.slots[task.stream] = nil
+      h:close()
+      if not ok then
+        local what = how == "signal" and ("was killed by signal " .. tostring(code))
+          or ("exited with " .. tostring(how) .. " " .. tostring(code))
+        return nil, { task = task, stream = task.stream,
+          message = ("the worker of stream %d %s%s"):format(task.stream, what,
+            task.label and (" while " .. task.label) or ""),
+          detail = table.concat(task.stderr, "\n") }
+      end
+      if self.on_done then
+        local dres, derr = self.on_done(task)
+        if dres == nil and derr ~= nil then
+          return nil, { task = task, stream = task.stream, message = tostring(derr), error = derr }
+        end
+      end
+    end
+  end
+end
+
+function Pool:run()
+  local ok, res, failure = pcall(self._loop, self)
+  if not ok then
+    self:_stop_all()
+    error(res, 0)
+  end
+  if not res then
+    self:_stop_all()
+    self.queue = {}
+    return nil, failure
+  end
+  return true
+end
+
+-- The child: one task, events as JSON lines on stdout.
+function pool.child()
+  local job = json.decode(io.read("a"))
+  local function emit(t)
+    io.stdout:write(json.encode(t), "\n")
+    io.stdout:flush()
+  end
+  local ok, res, err = pcall(function() return require(job.entry).task(job.job, emit) end)
+  if ok and (res ~= nil or err == nil) then os.exit(0) end
+  local e = ok and err or res
+  emit{ event = "error", message = tostring(e), where = type(e) == "table" and e.where or nil,
+        table = type(e) == "table" and e.table or nil }
+  os.exit(1)
+end
+
+return pool
