@@ -519,7 +519,7 @@ local function full_compare(a_db, b_db, tables, opts, add)
   end
 
   for _, e in ipairs(entries) do
-    local check = { table = e.k, method = "hash" }
+    local check = { table = e.k, method = "hash", partition_of = parent_of(e.t) }
     local err = e.error
     for _, u in ipairs(e.units) do err = err or u.err end
     if err then
