@@ -23,10 +23,10 @@ build-asan: deps
 	@cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DMIGRUN_SANITIZE=ON >/dev/null
 	@cmake --build $(ASAN_BUILD) -j$(JOBS)
 
-# The whole suite, then again under AddressSanitizer/UBSan.
+# The whole suite, and at the same time again under AddressSanitizer/UBSan
+# (tools/test-builds prints the second run after the first).
 test: build build-asan
-	$(CTEST) --test-dir $(BUILD) -j$(TEST_JOBS) -LE faults
-	ASAN_OPTIONS=detect_leaks=1 $(CTEST) --test-dir $(ASAN_BUILD) -j$(TEST_JOBS) -LE faults
+	@tools/test-builds $(BUILD) $(ASAN_BUILD) $(TEST_JOBS) -LE faults
 
 # The fault campaign: SIGKILL at every step of every playbook, DMS faults at 20%.
 test-faults: build

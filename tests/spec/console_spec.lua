@@ -24,7 +24,7 @@ local function normalize(text, R)
       text = text:gsub(p[1]:gsub("%p", "%%%0"), p[2])
     end
   end
-  text = text:gsub("/tmp/migrun%-[%w%-]+%.%w+", "$TMP")
+  text = text:gsub("[%w%._/%-]*/migrun%-[%w%-]+%.%w+", "$TMP") -- under $TMPDIR, whatever it is
   text = text:gsub("%d%d%d%d%-%d%d%-%d%d[ T]%d%d:%d%d:%d%d[%.%d]*[%+%-Z]?%d*", "TIME")
   text = text:gsub("%f[%w]%x+/%x+%f[%W]", "X/X")
   text = text:gsub("port=%d+", "port=P"):gsub("pid=%d+", "pid=N"):gsub("127%.0%.0%.1:%d+", "127.0.0.1:P")
