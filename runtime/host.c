@@ -146,6 +146,36 @@ static int host_write_file(lua_State *L) {
     return 1;
 }
 
+/* host.read_file(path) -> the whole file | nil, err (err.errno says why:
+ * ENOENT for a file that is not there) */
+static int host_read_file(lua_State *L) {
+    const char *path = luaL_checkstring(L, 1);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return os_error(L, path, errno);
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    int err = 0;
+    for (;;) {
+        char *dst = luaL_prepbuffer(&b);
+        ssize_t n = read(fd, dst, LUAL_BUFFERSIZE);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            err = errno;
+            break;
+        }
+        if (n == 0)
+            break;
+        luaL_addsize(&b, (size_t)n);
+    }
+    close(fd);
+    if (err != 0)
+        return os_error(L, path, err);
+    luaL_pushresult(&b);
+    return 1;
+}
+
 /* host.cwd() -> the current directory | nil, err (unlike $PWD, always true) */
 static int host_cwd(lua_State *L) {
     char buf[PATH_MAX];
@@ -321,6 +351,7 @@ int luaopen_migrun_host(lua_State *L) {
         {"isatty", host_isatty},
         {"statvfs", host_statvfs},
         {"mkdir", host_mkdir},
+        {"read_file", host_read_file},
         {"write_file", host_write_file},
         {"now", host_now},
         {"monotonic", migrun_host_monotonic},

@@ -288,7 +288,7 @@ describe("the console on a migrated rehearsal", function()
     cfg.target = { conninfo = "host=127.0.0.1 port=1 dbname=app user=migrun password=" .. R.lab.password }
     cfg.dms = nil
     local path = R.dir .. "/unreachable.lua"
-    assert(host.write_file(path, "return " .. demo.literal(cfg) .. "\n", 0600))
+    assert(host.write_file(path, "return " .. demo.literal(cfg) .. "\n", tonumber("600", 8)))
     local out, code = session("#slots() > 0\ntarget:query('select 1')\nlag()\ntasks()\nconfig.target.conninfo\n",
       { "--config", path, "-i" })
     assert.equal(0, code, out)

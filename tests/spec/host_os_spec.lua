@@ -35,6 +35,23 @@ describe("migrun.host", function()
     if dir then proc.run{ "rm", "-rf", dir } end
   end)
 
+  it("reads a whole file, larger than one buffer, and says why it cannot", function()
+    local path = dir .. "/big.bin"
+    local data = {}
+    for i = 0, 70000 do data[#data + 1] = string.char(i % 256) end
+    data = table.concat(data)
+    assert(host.write_file(path, data))
+    assert.equal(data, host.read_file(path))
+    assert(host.write_file(path, ""))
+    assert.equal("", host.read_file(path))
+    local none, err = host.read_file(dir .. "/none")
+    assert.is_nil(none)
+    assert.equal(2, err.errno) -- ENOENT
+    assert.truthy(tostring(err):find(dir .. "/none", 1, true))
+    local _, derr = host.read_file(dir)
+    assert.equal(21, derr.errno) -- EISDIR
+  end)
+
   it("writes files atomically, 0600 even under umask 0", function()
     local path = dir .. "/journal.json"
     local ok, out, err = child(("assert(require('migrun.host').write_file(%q, 'one')) print('ok')"):format(path))

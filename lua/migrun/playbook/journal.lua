@@ -159,13 +159,7 @@ function journal.path(state_dir)
   return state_dir .. "/journal.json"
 end
 
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local text = f:read("a")
-  f:close()
-  return text
-end
+local read_file = host.read_file
 
 function journal.open(state_dir, opts)
   assert(type(state_dir) == "string", "journal.open: state_dir expected")

@@ -59,13 +59,7 @@ local FILE_MODE = tonumber("600", 8)
 live.PROGRESS = "progress.json"
 live.SAMPLES = "samples.jsonl"
 
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local read_file = host.read_file
 
 -- JSON without the values it cannot hold (NaN, inf), keys sorted
 local function clean(v)

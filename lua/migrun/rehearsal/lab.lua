@@ -40,13 +40,7 @@ local sleep = host.sleep
 
 local now = host.monotonic
 
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local text = f:read("a")
-  f:close()
-  return text
-end
+local read_file = host.read_file
 
 local function is_file(path)
   local f = io.open(path, "rb")
