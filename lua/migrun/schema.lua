@@ -604,6 +604,17 @@ local function array_literal(list)
   return "{" .. table.concat(out, ",") .. "}"
 end
 
+-- The two queries of an object that belongs to a table (a constraint, a
+-- trigger, ...): on the source by the archive's oids, on the target all, both
+-- keyed "schema.table.name".
+local function on_table(catalog, alias, table_column, name_column)
+  local from = ([[%s %s join pg_class t on t.oid = %s.%s
+                 join pg_namespace n on n.oid = t.relnamespace]]):format(catalog, alias, alias, table_column)
+  local key = ("n.nspname || '.' || t.relname || '.' || %s.%s as k"):format(alias, name_column)
+  return { source = ("select %s.oid::bigint as oid, %s from %s where %s.oid = any($1::oid[])"):format(alias, key, from, alias),
+           target = ("select %s from %s"):format(key, from) }
+end
+
 -- What the archive's list entries of these catalogs name (on source_db), and
 -- whether the target has it: { [oid] = present }.
 local PRESENCE = {
@@ -612,34 +623,10 @@ local PRESENCE = {
                  join pg_namespace n on n.oid = c.relnamespace where c.oid = any($1::oid[])]],
     target = [[select n.nspname || '.' || c.relname as k from pg_class c
                  join pg_namespace n on n.oid = c.relnamespace where c.relkind in ('i', 'I')]] },
-  [2606] = { -- pg_constraint: keys, unique, exclusion, foreign keys, checks
-    source = [[select con.oid::bigint as oid, n.nspname || '.' || t.relname || '.' || con.conname as k
-                 from pg_constraint con join pg_class t on t.oid = con.conrelid
-                 join pg_namespace n on n.oid = t.relnamespace where con.oid = any($1::oid[])]],
-    target = [[select n.nspname || '.' || t.relname || '.' || con.conname as k
-                 from pg_constraint con join pg_class t on t.oid = con.conrelid
-                 join pg_namespace n on n.oid = t.relnamespace]] },
-  [2620] = { -- pg_trigger
-    source = [[select g.oid::bigint as oid, n.nspname || '.' || t.relname || '.' || g.tgname as k
-                 from pg_trigger g join pg_class t on t.oid = g.tgrelid
-                 join pg_namespace n on n.oid = t.relnamespace where g.oid = any($1::oid[])]],
-    target = [[select n.nspname || '.' || t.relname || '.' || g.tgname as k
-                 from pg_trigger g join pg_class t on t.oid = g.tgrelid
-                 join pg_namespace n on n.oid = t.relnamespace]] },
-  [2618] = { -- pg_rewrite: rules
-    source = [[select r.oid::bigint as oid, n.nspname || '.' || t.relname || '.' || r.rulename as k
-                 from pg_rewrite r join pg_class t on t.oid = r.ev_class
-                 join pg_namespace n on n.oid = t.relnamespace where r.oid = any($1::oid[])]],
-    target = [[select n.nspname || '.' || t.relname || '.' || r.rulename as k
-                 from pg_rewrite r join pg_class t on t.oid = r.ev_class
-                 join pg_namespace n on n.oid = t.relnamespace]] },
-  [3256] = { -- pg_policy
-    source = [[select p.oid::bigint as oid, n.nspname || '.' || t.relname || '.' || p.polname as k
-                 from pg_policy p join pg_class t on t.oid = p.polrelid
-                 join pg_namespace n on n.oid = t.relnamespace where p.oid = any($1::oid[])]],
-    target = [[select n.nspname || '.' || t.relname || '.' || p.polname as k
-                 from pg_policy p join pg_class t on t.oid = p.polrelid
-                 join pg_namespace n on n.oid = t.relnamespace]] },
+  [2606] = on_table("pg_constraint", "con", "conrelid", "conname"), -- keys, unique, exclusion, foreign keys, checks
+  [2620] = on_table("pg_trigger", "g", "tgrelid", "tgname"),
+  [2618] = on_table("pg_rewrite", "r", "ev_class", "rulename"), -- rules
+  [3256] = on_table("pg_policy", "p", "polrelid", "polname"),
   [3381] = { -- pg_statistic_ext
     source = [[select s.oid::bigint as oid, n.nspname || '.' || s.stxname as k from pg_statistic_ext s
                  join pg_namespace n on n.oid = s.stxnamespace where s.oid = any($1::oid[])]],
