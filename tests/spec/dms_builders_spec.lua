@@ -48,6 +48,17 @@ describe("dms builders", function()
     -- the runbook's table-settings rule-id is an arbitrary number; ours continues the sequence
     assert.are.equal("348698104", got.rules[4]["rule-id"])
     got.rules[4]["rule-id"] = expected.rules[4]["rule-id"]
+    -- where migrun differs from the runbook on purpose: its selection rules name
+    -- "some_table_001", a pattern that also selects "someXtable_001"; ours
+    -- escape DMS's wildcards so that each rule selects its own table only
+    for _, r in ipairs(expected.rules) do
+      if r["rule-type"] == "selection" then
+        local loc = r["object-locator"]
+        loc["schema-name"], loc["table-name"] = builders.literal_pattern(loc["schema-name"]),
+          builders.literal_pattern(loc["table-name"])
+      end
+    end
+    assert.are.equal("some[_]table[_]001", got.rules[1]["object-locator"]["table-name"])
     assert.are.same(expected, got)
     -- empty filters stay arrays
     assert.truthy(builders.encode(doc):find('"filters":[]', 1, true))
@@ -209,6 +220,14 @@ describe("dms builders at the DMS boundary", function()
     assert.is_false(like("total[_]cents", "totalXcents"))
     assert.is_true(like("50[%][_]off", "50%_off"))
     assert.is_false(like("50[%][_]off", "50x_off"))
+    -- selection rules too: a group's "t_1" does not select another group's "t11"
+    local sel = builders.table_mappings{ name = "g", slot = "s", tables = {
+      { schema = "my_app", name = "t_1" }, { schema = "public", name = "a%b" } } }.rules
+    assert.is_true(like(sel[1]["object-locator"]["table-name"], "t_1"))
+    assert.is_false(like(sel[1]["object-locator"]["table-name"], "t11"))
+    assert.is_false(like(sel[1]["object-locator"]["schema-name"], "myXapp"))
+    assert.is_true(like(sel[2]["object-locator"]["table-name"], "a%b"))
+    assert.is_false(like(sel[2]["object-locator"]["table-name"], "axyzb"))
     -- no remove_columns: no transformation rule
     for _, r in ipairs(builders.table_mappings{ name = "g", slot = "s", tables = { { schema = "a", name = "b" } } }.rules) do
       assert.are_not.equal("transformation", r["rule-type"])

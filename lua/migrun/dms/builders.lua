@@ -226,7 +226,10 @@ function M.table_mappings(group, opts)
       ["rule-type"] = "selection",
       ["rule-id"] = tostring(id),
       ["rule-name"] = tostring(id),
-      ["object-locator"] = { ["schema-name"] = t.schema, ["table-name"] = t.name },
+      -- the names as patterns that match only themselves: "_" is DMS's
+      -- one-character wildcard, so "t_1" alone would also select "t11"
+      -- (another group's table, replicated by two tasks)
+      ["object-locator"] = { ["schema-name"] = M.literal_pattern(t.schema), ["table-name"] = M.literal_pattern(t.name) },
       ["rule-action"] = "include",
       filters = json.array(),
     }
