@@ -23,6 +23,8 @@ assert(not pcall(proc.pipeline, { { "true" }, { "cat", {} }, stdout = "null" }))
 assert(not proc.pipeline{ { "true" }, { "/no/such/program" }, stdout = "capture" })
 local host = require "migrun.host"
 host.sleep(0.01)
+assert(#host.read_file("/proc/self/maps") > 0)
+assert(select(2, host.read_file("/no/such/file")).errno == 2)
 assert(host.monotonic() > 0 and require("migrun.aws").sleep == host.sleep)
 assert(tostring(err.new{ message = "m", code = "C" }) == "C m")
 print("valgrind smoke ok")
