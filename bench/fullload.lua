@@ -230,9 +230,23 @@ function methods.verify(job)
   if r.differences > 0 then die(qa.format(r)) end
 end
 
-if arg[1] == "--method" then
+local cli = require "migrun.playbook.cli"
+local opt = cli.run({ usage = "migrun bench/fullload.lua",
+  about = "The full load several ways on one lab (docs/benchmarks.md)",
+  options = {
+    { "--scale", "S", "size of the dataset (1 = about 1 GB)", default = 1, number = true },
+    { "--shape", "NAME", "standard or dominant", default = "standard" },
+    { "--jobs", "N", "parallel streams of every method", default = 2, number = true },
+    { "--more-jobs", "N", "migrun and the floor again with N streams" },
+    { "--skip", "M1,M2", "methods left out (migrun, floor, runbook, pgcopydb, jobs, resume, verify)" },
+    { "--wait-idle", "SECONDS", "wait up to this long for a 1-minute load under 0.5", number = true },
+    { "--method", "NAME", "(internal) run one method on the job read from stdin" },
+  },
+  args = { { "scale", "the same as --scale" } }, min_args = 0 }, arg)
+
+if opt.method then
   local job = json.decode(io.read("a"))
-  methods[arg[2]](job)
+  methods[opt.method](job)
   os.exit(0)
 end
 
@@ -240,21 +254,12 @@ end
 -- The orchestration
 ---------------------------------------------------------------------------
 
-local opt = { scale = 1, shape = "standard", jobs = 2, skip = {} }
-do
-  local i = 1
-  while i <= #arg do
-    local a, v = arg[i], arg[i + 1]
-    if a == "--scale" then opt.scale = tonumber(v) or die("--scale: a number") i = i + 2
-    elseif a == "--shape" then opt.shape = v i = i + 2
-    elseif a == "--jobs" then opt.jobs = math.tointeger(tonumber(v)) or die("--jobs: a whole number") i = i + 2
-    elseif a == "--more-jobs" then opt.more_jobs = math.tointeger(tonumber(v)) or die("--more-jobs: a whole number") i = i + 2
-    elseif a == "--skip" then for m in v:gmatch("[^,]+") do opt.skip[m] = true end i = i + 2
-    elseif a == "--wait-idle" then opt.wait_idle = tonumber(v) or die("--wait-idle: seconds") i = i + 2
-    elseif tonumber(a) then opt.scale = tonumber(a) i = i + 1
-    else die("bench/fullload.lua: unknown argument " .. a) end
-  end
-end
+if opt.args.scale then opt.scale = tonumber(opt.args.scale) or die("<scale>: a number") end
+opt.jobs = math.tointeger(opt.jobs) or die("--jobs: a whole number")
+if opt.more_jobs then opt.more_jobs = math.tointeger(tonumber(opt.more_jobs)) or die("--more-jobs: a whole number") end
+local skipped = {}
+for m in (opt.skip or ""):gmatch("[^,]+") do skipped[m] = true end
+opt.skip = skipped
 if opt.shape ~= "standard" and opt.shape ~= "dominant" then die("--shape: standard or dominant") end
 local scale = opt.scale
 local function rows(n) return math.max(1, math.floor(n * scale)) end
