@@ -14,6 +14,7 @@
 --    a query on the target's control table) stops it with what changed and
 --    what to do; cutover.lua then refuses before any step.
 local H = require "helpers.rehearsal"
+local procs = require "helpers.procs"
 local proc = require "migrun.proc"
 local host = require "migrun.host"
 local demo = require "migrun.rehearsal.demo"
@@ -49,9 +50,11 @@ describe("the guard in playbooks/full.lua", function()
 
   -- Runs a playbook; on_line(line, state) is called for every line of its
   -- output (stdout and stderr) as it comes, with the time it came.
+  local running_pid -- of the playbook run() runs
   local function run(playbook, on_line)
     local argv = { H.MIGRUN, H.ROOT .. "/playbooks/" .. playbook, "--config", R.config_path, "--yes" }
-    argv.env, argv.stdin, argv.stderr = R.env, false, "stdout"
+    argv.env, argv.stdin, argv.stderr = { [procs.MARK] = R.dir }, false, "stdout"
+    for k, v in pairs(R.env) do argv.env[k] = v end
     local lines, at = {}, {}
     argv.stdout = function(line)
       lines[#lines + 1] = line
@@ -60,6 +63,7 @@ describe("the guard in playbooks/full.lua", function()
       if on_line then on_line(line, #lines) end
     end
     local h = assert(proc.spawn(argv))
+    running_pid = h.pid
     local ok, how, code = h:wait(300)
     if how == "timeout" then h:kill("KILL") h:wait() end
     h:close()
@@ -105,23 +109,25 @@ describe("the guard in playbooks/full.lua", function()
     end
     return fn()
   end
-  local function workers()
-    local _, _, _, out = proc.run{ "ps", "-eo", "args=" }
-    return select(2, out:gsub("migrun%.fullload'%)%.worker", ""))
+  local function workers() -- the load workers of this spec's runs (tests/helpers/procs.lua)
+    return #procs.marked(R.dir, "migrun.pool")
   end
 
   it("stops the full load mid-way: the workers end, the progress says where it stopped, never done", function()
     local locker = H.connect(R.lab.target, "target")
-    local written_at
+    local written_at, workers_during
     local r = run("full.lua", function(line)
       if line:find("^%S+ hold_indexes: ") then
         -- the last table of the second stream will wait for it
         assert(locker:exec("begin; lock table public.ref_20 in access exclusive mode"))
       elseif line:find("loaded public%.events") and not written_at then
+        -- (the one waiting on ref_20's lock at least)
+        workers_during = #procs.descendants(running_pid, "migrun.pool")
         bulk(64)
         written_at = host.monotonic()
       end
     end)
+    assert.is_true(workers_during > 0, "no load worker seen during the load")
     assert.equal(1, r.code, r.output)
     local failed, i = line_matching(r, "FAILED: full_load failed: WAL guard STOP: migrun's 5 slots hold back")
     assert.truthy(failed, r.output)

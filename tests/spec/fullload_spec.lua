@@ -10,6 +10,7 @@ local db = require "migrun.db"
 local pg = require "migrun.pg"
 local proc = require "migrun.proc"
 local json = require "migrun.json"
+local procs = require "helpers.procs"
 
 local SANITIZE = os.getenv("MIGRUN_SANITIZE") == "1"
 local BIG_ROWS = SANITIZE and 20000 or 60000
@@ -80,7 +81,7 @@ describe("migrun.fullload", function()
       lsn = at, chunk_bytes = chunk_bytes, journal = path, die = die }
     local ok, how, code, out, err = proc.run{ MIGRUN, ROOT .. "/tests/fixtures/fullload/run.lua",
       stdin = json.encode(job), stdout = "capture", stderr = "capture", timeout = 300,
-      env = { MIGRUN_SPEC_MARK = L.dir } } -- inherited by its workers: they are told apart by it
+      env = { [procs.MARK] = L.dir } } -- inherited by its workers: they are told apart by it
     assert.is_false(ok == true, "the run was not killed:\n" .. tostring(out) .. tostring(err))
     assert.equal("signal", how, tostring(how) .. " " .. tostring(code) .. "\n" .. tostring(err))
     local f = assert(io.open(path))
@@ -88,21 +89,12 @@ describe("migrun.fullload", function()
     f:close()
     return state, path
   end
-  -- no worker of a killed parent may live on (they die with it). Its workers,
-  -- not another spec's (the suite runs in two builds at once): the processes
-  -- whose environment holds this lab's mark.
+  -- no worker of a killed parent may live on (they die with it): its workers,
+  -- not another spec's (tests/helpers/procs.lua)
   local function no_workers_left()
-    local mark = "\0MIGRUN_SPEC_MARK=" .. L.dir .. "\0"
     local deadline = os.time() + 10
     repeat
-      local _, _, _, out = proc.run{ "ls", "/proc" }
-      local left = {}
-      for pid in out:gmatch("%f[%w](%d+)%f[%W]") do
-        local env = require("migrun.host").read_file("/proc/" .. pid .. "/environ")
-        local stat = require("migrun.host").read_file("/proc/" .. pid .. "/stat") or ""
-        if env and ("\0" .. env):find(mark, 1, true) and not stat:match("^%d+ %b() Z") then left[#left + 1] = pid end
-      end
-      if #left == 0 then return true end
+      if #procs.marked(L.dir) == 0 then return true end
       proc.run{ "sleep", "0.2" }
     until os.time() > deadline
     return false
