@@ -106,6 +106,28 @@ local GUARDED_SETTINGS = { default_transaction_read_only = true, transaction_rea
 -- Reading SQL
 ---------------------------------------------------------------------------
 
+-- The body of a quoted token from j (just after the opening quote) -> text,
+-- the position after the closing quote. A doubled quote stands for one;
+-- with escapes (E'...'), a backslash takes the next character as it is.
+local function quoted(sql, j, quote, escapes)
+  local buf, n = {}, #sql
+  while j <= n do
+    local d = sql:sub(j, j)
+    if escapes and d == "\\" then
+      buf[#buf + 1] = sql:sub(j + 1, j + 1)
+      j = j + 2
+    elseif d == quote then
+      if sql:sub(j + 1, j + 1) ~= quote then return table.concat(buf), j + 1 end
+      buf[#buf + 1] = quote
+      j = j + 2
+    else
+      buf[#buf + 1] = d
+      j = j + 1
+    end
+  end
+  return table.concat(buf), j
+end
+
 function sqlcheck.tokens(sql)
   assert(type(sql) == "string", "sqlcheck.tokens: a string expected")
   local out, i, n = {}, 1, #sql
@@ -130,40 +152,18 @@ function sqlcheck.tokens(sql)
       i = j
     elseif c == "'" or ((c == "e" or c == "E") and sql:sub(i + 1, i + 1) == "'") then
       local escapes = c ~= "'"
-      local j = escapes and i + 2 or i + 1
-      local buf = {}
-      while j <= n do
-        local d = sql:sub(j, j)
-        if escapes and d == "\\" then
-          buf[#buf + 1] = sql:sub(j + 1, j + 1)
-          j = j + 2
-        elseif d == "'" then
-          if sql:sub(j + 1, j + 1) == "'" then buf[#buf + 1] = "'" j = j + 2 else j = j + 1 break end
-        else
-          buf[#buf + 1] = d
-          j = j + 1
-        end
-      end
-      add("string", table.concat(buf))
-      i = j
+      local body
+      body, i = quoted(sql, escapes and i + 2 or i + 1, "'", escapes)
+      add("string", body)
     elseif c == "$" and sql:match("^%$[%a_]*[%w_]*%$", i) then
       local tag = sql:match("^%$[%a_]*[%w_]*%$", i)
       local e = sql:find(tag, i + #tag, true)
       add("string", sql:sub(i + #tag, (e or n + 1) - 1))
       i = e and e + #tag or n + 1
     elseif c == '"' then
-      local j, buf = i + 1, {}
-      while j <= n do
-        local d = sql:sub(j, j)
-        if d == '"' then
-          if sql:sub(j + 1, j + 1) == '"' then buf[#buf + 1] = '"' j = j + 2 else j = j + 1 break end
-        else
-          buf[#buf + 1] = d
-          j = j + 1
-        end
-      end
-      add("quoted", table.concat(buf))
-      i = j
+      local body
+      body, i = quoted(sql, i + 1, '"', false)
+      add("quoted", body)
     elseif c:match("[%a_\128-\255]") then
       local w = sql:match("^[%w_$\128-\255]+", i)
       add("word", w:lower())
