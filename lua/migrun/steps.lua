@@ -235,10 +235,10 @@ function steps.no_truncation(ctx, groups, tables, tasks, title, opts)
     -- every task has applied a fence written now, and compare again. At the
     -- cutover writes have stopped and every slot has applied already
     -- (opts.settled).
+    -- (a fence that does not come through is the error, not a truncation)
     settle = not opts.settled and function()
-      cdc.wait_applied(ctx.source, ctx.target, slots, { timeout = math.min(c.dms.catch_up.timeout, 60), poll = 0.2,
-        sleep = function(t) ctx:sleep(t) end })
-      return true
+      return cdc.wait_applied(ctx.source, ctx.target, slots, { timeout = math.min(c.dms.catch_up.timeout, 60),
+        poll = 0.2, sleep = function(t) ctx:sleep(t) end })
     end or nil })
   ctx:report_table(title, lobs.report_rows(r))
   if #r.truncated > 0 or #r.log > 0 then
