@@ -3,6 +3,7 @@
 -- libmigrun.so); and the same file compiles against an installed prefix with
 -- nothing but `pkg-config --cflags --libs migrun`.
 local proc = require "migrun.proc"
+local tmp = require "helpers.tmp"
 local host = require "migrun.host"
 
 local MIGRUN = os.getenv("MIGRUN_BIN") or "build/migrun"
@@ -11,11 +12,7 @@ local EXAMPLE = os.getenv("MIGRUN_EXAMPLE") or BUILD .. "/examples/embed"
 local SOURCE = os.getenv("MIGRUN_SOURCE_DIR") or "."
 local SANITIZE = os.getenv("MIGRUN_SANITIZE") == "1"
 
-local function tmpdir()
-  local ok, _, _, out = proc.run{ "mktemp", "-d" }
-  assert(ok)
-  return out:match("%S+")
-end
+local function tmpdir() return tmp.dir("embed") end
 
 local function write(path, text)
   local f = assert(io.open(path, "w"))

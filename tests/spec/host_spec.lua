@@ -1,14 +1,11 @@
 -- The migrun host as a program: Ctrl-C, installation, leaks under valgrind.
 local proc = require "migrun.proc"
+local tmp = require "helpers.tmp"
 local MIGRUN = assert(os.getenv("MIGRUN_BIN"), "MIGRUN_BIN is set by ctest")
 local SOURCE = os.getenv("MIGRUN_SOURCE_DIR") or "."
 local SANITIZE = os.getenv("MIGRUN_SANITIZE") == "1"
 
-local function tmpdir()
-  local ok, _, _, out = proc.run{ "mktemp", "-d" }
-  assert(ok)
-  return out:match("%S+")
-end
+local function tmpdir() return tmp.dir("host") end
 
 describe("the host", function()
   it("interrupts a running Lua loop on Ctrl-C with a traceback, exit status 1", function()

@@ -2,6 +2,7 @@
 -- the windowed rate behind every ETA (migrun.playbook.rate) and the progress
 -- bar's rates and snapshot. No server.
 local rate = require "migrun.playbook.rate"
+local tmp = require "helpers.tmp"
 local progress = require "migrun.playbook.progress"
 local live = require "migrun.playbook.live"
 local journal = require "migrun.playbook.journal"
@@ -11,11 +12,7 @@ local lsn = require "migrun.lsn"
 
 local MIGRUN = os.getenv("MIGRUN_BIN") or "build/migrun"
 
-local function tmpdir()
-  local ok, _, _, out = proc.run{ "mktemp", "-d", "/tmp/migrun-live.XXXXXX" }
-  assert(ok)
-  return (out:gsub("%s+$", ""))
-end
+local function tmpdir() return tmp.dir("live") end
 
 local function mode(path)
   local _, _, _, out = proc.run{ "stat", "-c", "%a", path }

@@ -4,24 +4,16 @@
 -- primary unreachable: migrun_source_up 0). The e2e spec checks the values
 -- against a live run.
 local metrics = require "migrun.playbook.metrics"
+local tmp = require "helpers.tmp"
 local config = require "migrun.playbook.config"
 local journal = require "migrun.playbook.journal"
 local live = require "migrun.playbook.live"
 local proc = require "migrun.proc"
 local socket = require "socket"
 
-local function tmpdir()
-  local ok, _, _, out = proc.run{ "mktemp", "-d", "/tmp/migrun-metrics.XXXXXX" }
-  assert(ok)
-  return (out:gsub("%s+$", ""))
-end
+local function tmpdir() return tmp.dir("metrics") end
 
-local function free_port()
-  local s = assert(socket.bind("127.0.0.1", 0))
-  local _, port = s:getsockname()
-  s:close()
-  return tonumber(port)
-end
+local free_port = tmp.free_port
 
 -- GET url -> status, headers, body (plain luasocket: the test's own client)
 local function get(url, accept)

@@ -3,14 +3,11 @@
 -- checklist), that every text is escaped, and that it is self-contained (no
 -- script, nothing fetched). The e2e spec renders a real one in Chromium.
 local html = require "migrun.playbook.html"
+local tmp = require "helpers.tmp"
 local journal = require "migrun.playbook.journal"
 local proc = require "migrun.proc"
 
-local function tmpdir()
-  local ok, _, _, out = proc.run{ "mktemp", "-d", "/tmp/migrun-html.XXXXXX" }
-  assert(ok)
-  return (out:gsub("%s+$", ""))
-end
+local function tmpdir() return tmp.dir("html") end
 
 -- 2026-11-21T10:00:05Z, when the journal below says the full load began
 local T0 = 1795255205

@@ -5,27 +5,18 @@
 -- unreachable here (the e2e spec has live ones): that is reported, without
 -- the password. No server.
 local journal = require "migrun.playbook.journal"
+local tmp = require "helpers.tmp"
 local live = require "migrun.playbook.live"
 local host = require "migrun.host"
 local proc = require "migrun.proc"
-local socket = require "socket"
 local cjson = require "cjson"
 
 local MIGRUN = os.getenv("MIGRUN_BIN") or "build/migrun"
 local ROOT = os.getenv("MIGRUN_SOURCE_DIR") or "."
 
-local function tmpdir()
-  local ok, _, _, out = proc.run{ "mktemp", "-d", "/tmp/migrun-status.XXXXXX" }
-  assert(ok)
-  return (out:gsub("%s+$", ""))
-end
+local function tmpdir() return tmp.dir("status") end
 
-local function dead_port()
-  local s = assert(socket.bind("127.0.0.1", 0))
-  local _, port = s:getsockname()
-  s:close()
-  return tonumber(port)
-end
+local dead_port = tmp.free_port
 
 local function status(config_path, ...)
   local argv = { MIGRUN, ROOT .. "/playbooks/status.lua", "--config", config_path, ... }
