@@ -4,11 +4,25 @@ local lab = require "migrun.rehearsal.lab"
 local pg = require "migrun.pg"
 local db = require "migrun.db"
 local catalog = require "migrun.catalog"
+local host = require "migrun.host"
 
 local function by_key(list)
   local m = {}
   for _, t in ipairs(list) do m[t.schema .. "." .. t.name] = t end
   return m
+end
+
+-- A backend flushes its statistics as it exits, after its psql has returned:
+-- wait until the table's counter shows what psql did.
+local function await_stats(source, name, counter, at_least)
+  local deadline = host.monotonic() + 15
+  repeat
+    local res = assert(source:query(([[select %s as n from pg_stat_user_tables
+                                        where schemaname = 'cat' and relname = '%s']]):format(counter, name)))
+    for row in res:rows() do if row.n >= at_least then return end end
+    host.sleep(0.05)
+  until host.monotonic() > deadline
+  error(("the statistics of cat.%s never showed %s >= %d"):format(name, counter, at_least))
 end
 
 describe("migrun.catalog", function()
@@ -47,6 +61,7 @@ describe("migrun.catalog", function()
       insert into cat.parted select g, g % 200 from generate_series(1, 400) g;
       analyze cat.big;
     ]]))
+    await_stats(source, "nopk", "n_live_tup", 10)
   end)
 
   teardown(function()
@@ -155,11 +170,12 @@ describe("migrun.catalog", function()
     local slept
     assert(catalog.write_rates(source, list, 0.5, function(seconds)
       slept = seconds
-      -- the workload runs "while we sleep"; psql's backend flushes its stats when it exits
+      -- the workload runs "while we sleep"
       assert(L.source:psql([[
         insert into cat.plain select g, g from generate_series(1, 300) g;
         update cat.plain set n = n + 1 where id <= 100;
         delete from cat.plain where id <= 50;]]))
+      await_stats(source, "plain", "n_tup_del", 50)
     end))
     assert.equal(0.5, slept)
     local t = by_key(list)
