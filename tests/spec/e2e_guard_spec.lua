@@ -121,8 +121,13 @@ describe("the guard in playbooks/full.lua", function()
         -- the last table of the second stream will wait for it
         assert(locker:exec("begin; lock table public.ref_20 in access exclusive mode"))
       elseif line:find("loaded public%.events") and not written_at then
-        -- (the one waiting on ref_20's lock at least)
-        workers_during = #procs.descendants(running_pid, "migrun.pool")
+        -- (the one waiting on ref_20's lock at least, once the pool has started
+        -- it: a process per task, and events' last chunk may have just ended)
+        local deadline = host.monotonic() + 10
+        repeat
+          workers_during = #procs.descendants(running_pid, "migrun.pool")
+          if workers_during == 0 then host.sleep(0.05) end
+        until workers_during > 0 or host.monotonic() > deadline
         bulk(64)
         written_at = host.monotonic()
       end
