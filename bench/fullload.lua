@@ -396,6 +396,44 @@ local function floor_files(jobs)
   return files, parts
 end
 
+-- CPU seconds a cluster has used since it started: its postmaster, the
+-- children it has reaped (cutime, cstime: every backend that has exited) and
+-- the children alive (backends, the WAL receiver, the checkpointer...). The
+-- difference over a method is where the machine's cores went.
+local TICKS = tonumber((select(4, proc.run{ "getconf", "CLK_TCK" }) or ""):match("%d+")) or 100
+local function ticks_of(pid)
+  local stat = host.read_file("/proc/" .. pid .. "/stat")
+  local f = {}
+  for x in (stat and stat:match("%) (.*)") or ""):gmatch("%S+") do f[#f + 1] = x end
+  -- fields 14-17 of stat(5): utime stime cutime cstime; f[1] is field 3
+  return (tonumber(f[12]) or 0) + (tonumber(f[13]) or 0) + (tonumber(f[14]) or 0) + (tonumber(f[15]) or 0)
+end
+local function cluster_cpu(c)
+  local pm = c:pid()
+  if not pm then return 0 end
+  local ticks = ticks_of(pm)
+  for child in (host.read_file(("/proc/%d/task/%d/children"):format(pm, pm)) or ""):gmatch("%d+") do
+    ticks = ticks + ticks_of(child)
+  end
+  return ticks / TICKS
+end
+local CLUSTERS = { "source", "replica", "target" }
+local CORES = tonumber((select(4, proc.run{ "nproc" }) or ""):match("%d+")) or 1
+local function cpu_now()
+  local t = {}
+  for _, name in ipairs(CLUSTERS) do t[name] = cluster_cpu(L[name]) end
+  return t
+end
+local function cpu_since(before)
+  local t = cpu_now()
+  for _, name in ipairs(CLUSTERS) do t[name] = t[name] - before[name] end
+  return t
+end
+local function cpu_text(cpu, seconds)
+  return ("CPU s: replica %.1f, target %.1f, source %.1f, client %.1f (%d cores x %.1f s = %.1f)"):format(
+    cpu.replica, cpu.target, cpu.source, cpu.client or 0, CORES, seconds, CORES * seconds)
+end
+
 local results = {}
 local function measure(label, method, job)
   job.source, job.replica, job.tables, job.lsn = L.source.conninfo, L.replica.conninfo, tables, at
@@ -407,11 +445,14 @@ local function measure(label, method, job)
   job.target_super = job.target
   io.stdout:write(("%-22s ... "):format(label)) io.stdout:flush()
   local load_before = loadavg()
-  local ok, how, code, _, err = proc.run{ "/usr/bin/time", "-f", "BENCH %e %M", host.exe, arg[0], "--method", method,
-    stdin = json.encode(job), stdout = "capture", stderr = "capture" }
-  local secs, rss = (err or ""):match("BENCH ([%d.]+) (%d+)")
+  local cpu_before = cpu_now()
+  local ok, how, code, _, err = proc.run{ "/usr/bin/time", "-f", "BENCH %e %M %U %S", host.exe, arg[0], "--method",
+    method, stdin = json.encode(job), stdout = "capture", stderr = "capture" }
+  local cpu = cpu_since(cpu_before)
+  local secs, rss, user, sys = (err or ""):match("BENCH ([%d.]+) (%d+) ([%d.]+) ([%d.]+)")
+  cpu.client = (tonumber(user) or 0) + (tonumber(sys) or 0) -- migrun (or the peer) and every child it waited for
   local r = { name = label, method = method, seconds = tonumber(secs), rss_mb = rss and tonumber(rss) / 1024,
-              load = load_before, job = job }
+              load = load_before, job = job, cpu = cpu }
   results[#results + 1] = r
   if job.expect_kill then
     r.killed = (err or ""):find("terminated by signal 9", 1, true) ~= nil
@@ -431,13 +472,13 @@ local function measure(label, method, job)
     return r
   end
   if job.no_check then
-    print(("%.1fs, peak RSS %.0f MB"):format(r.seconds, r.rss_mb))
+    print(("%.1fs, peak RSS %.0f MB\n    %s"):format(r.seconds, r.rss_mb, cpu_text(cpu, r.seconds)))
     return r
   end
   local good, info = check_counts(job.target)
   r.ok = good
-  print(("%.1fs, peak RSS %.0f MB, %s (load %.2f)"):format(r.seconds, r.rss_mb,
-    good and ("counts equal, " .. info) or ("COUNTS DIFFER: " .. info), load_before))
+  print(("%.1fs, peak RSS %.0f MB, %s (load %.2f)\n    %s"):format(r.seconds, r.rss_mb,
+    good and ("counts equal, " .. info) or ("COUNTS DIFFER: " .. info), load_before, cpu_text(cpu, r.seconds)))
   return r
 end
 
@@ -507,7 +548,7 @@ if mig and not mig.failed and not skip("verify") then
   local v = measure("verify (row hashes)", "verify", { target = mig.job.target, no_check = true })
   -- count(*) of every table on both sides at once: a process per side
   io.stdout:write(("%-22s ... "):format("count(*) both sides")) io.stdout:flush()
-  local c0 = now()
+  local c0, cpu_before = now(), cpu_now()
   local hs = {}
   for _, conninfo in ipairs{ L.replica.conninfo, mig.job.target } do
     hs[#hs + 1] = assert(proc.spawn{ host.exe, arg[0], "--method", "count", stdout = "null", stderr = "capture",
@@ -515,21 +556,23 @@ if mig and not mig.failed and not skip("verify") then
   end
   for _, h in ipairs(hs) do local ok = h:wait() if not ok then die("count failed: " .. tostring(h.stderr)) end end
   local cs = now() - c0
-  print(("%.1fs"):format(cs))
-  verify = { hash = v.seconds, count = cs }
+  local cpu = cpu_since(cpu_before)
+  print(("%.1fs\n    %s"):format(cs, cpu_text(cpu, cs)))
+  verify = { hash = v.seconds, count = cs, hash_cpu = v.cpu, count_cpu = cpu }
 end
 
 local base
 for _, r in ipairs(results) do if r.name == "floor" and not r.failed then base = r.seconds end end
 print()
-print(("| method | seconds | vs floor | peak RSS (MB) | 1-min load before |"))
-print("|---|---|---|---|---|")
+print(("| method | seconds | vs floor | peak RSS (MB) | 1-min load before | CPU s: replica | target | source | client |"))
+print("|---|---|---|---|---|---|---|---|---|")
 for _, r in ipairs(results) do
   if r.failed then
-    print(("| %s | failed | | | |"):format(r.name))
+    print(("| %s | failed | | | | | | | |"):format(r.name))
   elseif r.seconds then
-    print(("| %s | %.1f | %s | %.0f | %.2f |"):format(r.name, r.seconds,
-      base and ("%.2f×"):format(r.seconds / base) or "", r.rss_mb or 0, r.load))
+    print(("| %s | %.1f | %s | %.0f | %.2f | %.1f | %.1f | %.1f | %.1f |"):format(r.name, r.seconds,
+      base and ("%.2f×"):format(r.seconds / base) or "", r.rss_mb or 0, r.load, r.cpu.replica, r.cpu.target,
+      r.cpu.source, r.cpu.client))
   end
 end
 print()
