@@ -506,7 +506,9 @@ local function profile_of(r)
       p.done - p.rest, p.done - p.start))
 end
 
-local mig = not skip("migrun") and measure("migrun", "migrun", { profile = L.dir .. "/profile-migrun.json" }) or nil
+-- every migrun run journals to a file, as a playbook does
+local mig = not skip("migrun") and measure("migrun", "migrun", { profile = L.dir .. "/profile-migrun.json",
+  journal = L.dir .. "/bench-migrun-journal.json" }) or nil
 profile_of(mig)
 if not skip("floor") then
   local files, parts = floor_files(opt.jobs)
@@ -530,7 +532,8 @@ if not skip("pgcopydb") then
   end
 end
 if opt.more_jobs and not skip("jobs") then
-  measure(("migrun, %d streams"):format(opt.more_jobs), "migrun", { jobs = opt.more_jobs })
+  measure(("migrun, %d streams"):format(opt.more_jobs), "migrun", { jobs = opt.more_jobs,
+    journal = L.dir .. "/bench-migrun-more-journal.json" })
   local files = floor_files(opt.more_jobs)
   measure(("floor, %d streams"):format(opt.more_jobs), "floor", { files = files, jobs = opt.more_jobs })
 end

@@ -74,9 +74,10 @@ Why it is shaped this way:
                           committing = { ["i"] = { xid =, rows =, bytes = } } },
         indexed["s.t"] = { started =, ended =, seconds =, indexes = n, stream = },
         analyzed["s.t"] = { started =, ended =, seconds =, stream = }
-      opts.save(field): called after state[field] changed and before the run
-      depends on it (a chunk is acknowledged only after save("chunks")
-      returned): persist it. opts.done: a set of "s.t" already loaded (as
+      opts.save(field): persist state[field]. Called before the run depends
+      on it (a chunk is acknowledged only after save("chunks") returned);
+      what only records work done is saved at most every opts.save_interval
+      seconds (default 1) and when the run ends, however it ends. opts.done: a set of "s.t" already loaded (as
       state.loaded). opts.post: { ["s.t"] = schema.table_post_data items }.
       opts.analyze (default true). opts.dry_run with opts.echo(line): print
       the split, the expected streams and every statement, run nothing;
@@ -103,6 +104,8 @@ local lsn = require "migrun.lsn"
 local text = require "migrun.text"
 
 local fullload = {}
+
+local STATE_FIELDS = { "loaded", "chunks", "indexed", "analyzed" }
 
 local key = text.key
 local MiB = 1024 * 1024
@@ -343,6 +346,8 @@ local function check_opts(opts)
     assert(opts[f] == nil or (type(opts[f]) == "number" and opts[f] > 0), "fullload.run: opts." .. f
       .. " must be a number of bytes > 0")
   end
+  assert(opts.save_interval == nil or (type(opts.save_interval) == "number" and opts.save_interval >= 0),
+    "fullload.run: opts.save_interval must be a number of seconds >= 0")
   return jobs, tostring(expected)
 end
 
@@ -371,9 +376,42 @@ function fullload.run(opts)
   local echo = opts.echo or function() end
   local dry = opts.dry_run
   local state = opts.state or {}
-  for _, f in ipairs{ "loaded", "chunks", "indexed", "analyzed" } do state[f] = state[f] or {} end
+  for _, f in ipairs(STATE_FIELDS) do state[f] = state[f] or {} end
   for k, v in pairs(opts.done or {}) do if v then state.loaded[k] = state.loaded[k] or v end end
-  local save = function(field) if not dry and opts.save then opts.save(field) end end
+  -- The journal: a chunk's transaction is saved before it may commit (a rerun
+  -- asks the target what became of it). Everything else that is done (a
+  -- table, a chunk, indexes, statistics) is saved at most every
+  -- opts.save_interval seconds and at the end: each save rewrites and fsyncs
+  -- the whole journal, which on a schema of thousands of small tables costs
+  -- more than their loads. A kill loses at most that interval's records, and
+  -- what they said is done again by the rerun, the same way: a whole table
+  -- truncated and loaded, a chunk's journaled transaction asked about, the
+  -- indexes listed from the target, ANALYZE run.
+  local dirty, saved_at = {}, host.monotonic()
+  local save_interval = opts.save_interval or 1
+  local function flush()
+    for _, f in ipairs(STATE_FIELDS) do
+      if dirty[f] then
+        dirty[f] = nil
+        opts.save(f)
+      end
+    end
+    saved_at = host.monotonic()
+  end
+  local function flush_due()
+    if next(dirty) and host.monotonic() - saved_at >= save_interval then flush() end
+    return true
+  end
+  local function save(field, now)
+    if dry or not opts.save then return end
+    if now then
+      dirty[field] = nil
+      opts.save(field)
+    else
+      dirty[field] = true
+      flush_due()
+    end
+  end
   local post = opts.post or {}
   local analyze = opts.analyze ~= false
   local t0 = host.monotonic()
@@ -433,7 +471,7 @@ function fullload.run(opts)
       end
     end
   end
-  if next(split) then save("chunks") end
+  if next(split) then save("chunks", true) end
 
   -- Chunks journaled as committing: what became of their transactions.
   for k, cs in pairs(split) do
@@ -454,7 +492,7 @@ function fullload.run(opts)
       cs.committing[i] = nil
     end
   end
-  if next(split) then save("chunks") end
+  if next(split) then save("chunks", true) end
 
   local results, chunk_results = {}, {}
   local bytes_done, rows_done, bytes_total = 0, 0, 0
@@ -687,14 +725,14 @@ function fullload.run(opts)
                   seconds = ev.seconds, stream = task.stream }
       bytes_done, rows_done = bytes_done + r.bytes, rows_done + r.rows
       state.loaded[k] = r
-      save("loaded")   -- journal first: a table said loaded is never loaded again
+      save("loaded")
       results[#results + 1] = r
       if opts.on_table then opts.on_table(r) end
     elseif ev.event == "commit" then
       local cs = split[k]
       cs.committing[tostring(int(ev.chunk))] = { xid = ev.xid, rows = int(ev.rows), bytes = int(ev.bytes),
         started = ev.started, stream = task.stream }
-      save("chunks")   -- the journal knows the transaction before it may commit
+      save("chunks", true) -- the journal knows the transaction before it may commit
       local ackkey = int(ev.ack)
       local res, lerr = target:exec("select pg_advisory_lock($1::int, $2::int)", job_base.ack_pid, ackkey)
       if not res then return nil, lerr end
@@ -749,7 +787,10 @@ function fullload.run(opts)
     return true
   end
 
-  local ok, failure = p:run()
+  p.on_tick = flush_due
+  local ran, ok, failure = pcall(p.run, p)
+  flush()
+  if not ran then error(ok, 0) end
   if not ok then
     close_all()
     local f = failure

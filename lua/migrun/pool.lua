@@ -12,7 +12,8 @@ some tens of milliseconds, so callers put small things together in one task.
   local pool = require "migrun.pool"
   local p = pool.new{ jobs = 2, entry = "migrun.fullload",
     on_event = function(task, ev) end,  -- a JSON line the task's process emitted, decoded
-    on_done = function(task) end }      -- the task's process exited 0 (its events came first)
+    on_done = function(task) end,       -- the task's process exited 0 (its events came first)
+    on_tick = function() end }          -- between waits, at least every `interval` seconds
   p:add{ job = { ... }, cost = 1e9, label = "public.big #3" }
   local ok, failure = p:run()
 
@@ -22,6 +23,7 @@ some tens of milliseconds, so callers put small things together in one task.
       in argv, it may hold connection strings) and emit(table), which writes
       a JSON line the parent's on_event gets. A task that raises or returns
       nil, err fails. opts.interval: seconds between dispatches (default 0.02).
+      on_event, on_done and on_tick fail the run by returning nil, err.
   p:add(task) -> task      task.job (required), task.cost (number, default 0),
       task.label (for messages). Tasks may be added at any time, also from
       on_event and on_done; the queue is served highest cost first, then in
@@ -50,10 +52,11 @@ function pool.new(opts)
   assert(type(opts) == "table", "pool.new: options table expected")
   assert(math.type(opts.jobs) == "integer" and opts.jobs >= 1, "pool.new: jobs must be a positive integer")
   assert(type(opts.entry) == "string", "pool.new: entry (a module name) is required")
-  for _, f in ipairs{ "on_event", "on_done" } do
+  for _, f in ipairs{ "on_event", "on_done", "on_tick" } do
     assert(opts[f] == nil or type(opts[f]) == "function", "pool.new: " .. f .. " must be a function")
   end
   return setmetatable({ jobs = opts.jobs, entry = opts.entry, on_event = opts.on_event, on_done = opts.on_done,
+    on_tick = opts.on_tick,
     interval = opts.interval or 0.02, queue = {}, seq = 0, slots = {}, handles = {}, events = {} }, Pool)
 end
 
@@ -160,6 +163,10 @@ function Pool:_loop()
     local h, ok, how, code = proc.wait_any(list, self.interval)
     local dok, failure = self:_dispatch()
     if not dok then return nil, failure end
+    if self.on_tick then
+      local tres, terr = self.on_tick()
+      if tres == nil and terr ~= nil then return nil, { message = tostring(terr), error = terr } end
+    end
     if h then
       local task = self.handles[h]
       self.handles[h] = nil
