@@ -77,7 +77,8 @@ Why it is shaped this way:
       opts.save(field): persist state[field]. Called before the run depends
       on it (a chunk is acknowledged only after save("chunks") returned);
       what only records work done is saved at most every opts.save_interval
-      seconds (default 1) and when the run ends, however it ends. opts.done: a set of "s.t" already loaded (as
+      seconds (default 1) and when the run ends, however it ends; on_table,
+      on_chunk and on_post are called once what they tell is saved. opts.done: a set of "s.t" already loaded (as
       state.loaded). opts.post: { ["s.t"] = schema.table_post_data items }.
       opts.analyze (default true). opts.dry_run with opts.echo(line): print
       the split, the expected streams and every statement, run nothing;
@@ -387,7 +388,9 @@ function fullload.run(opts)
   -- what they said is done again by the rerun, the same way: a whole table
   -- truncated and loaded, a chunk's journaled transaction asked about, the
   -- indexes listed from the target, ANALYZE run.
-  local dirty, saved_at = {}, host.monotonic()
+  -- What is done is said (on_table, on_chunk, on_post) once it is saved:
+  -- a table said loaded is never loaded again.
+  local dirty, saved_at, untold = {}, host.monotonic(), {}
   local save_interval = opts.save_interval or 1
   local function flush()
     for _, f in ipairs(STATE_FIELDS) do
@@ -397,6 +400,14 @@ function fullload.run(opts)
       end
     end
     saved_at = host.monotonic()
+    local list = untold
+    untold = {}
+    for _, t in ipairs(list) do t[1](table.unpack(t, 2, t.n)) end
+  end
+  local function tell(fn, ...)
+    if not fn then return end
+    if dry or not opts.save then return fn(...) end
+    untold[#untold + 1] = table.pack(fn, ...)
   end
   local function flush_due()
     if next(dirty) and host.monotonic() - saved_at >= save_interval then flush() end
@@ -404,13 +415,10 @@ function fullload.run(opts)
   end
   local function save(field, now)
     if dry or not opts.save then return end
-    if now then
-      dirty[field] = nil
-      opts.save(field)
-    else
-      dirty[field] = true
-      flush_due()
-    end
+    -- saved now, and again with the rest: what it holds may not be told yet
+    if now then opts.save(field) end
+    dirty[field] = true
+    if not now then flush_due() end
   end
   local post = opts.post or {}
   local analyze = opts.analyze ~= false
@@ -612,7 +620,7 @@ function fullload.run(opts)
     state.loaded[k] = r
     save("loaded")
     results[#results + 1] = r
-    if opts.on_table then opts.on_table(r) end
+    tell(opts.on_table, r)
     enqueue_post(k, true)
   end
 
@@ -727,7 +735,7 @@ function fullload.run(opts)
       state.loaded[k] = r
       save("loaded")
       results[#results + 1] = r
-      if opts.on_table then opts.on_table(r) end
+      tell(opts.on_table, r)
     elseif ev.event == "commit" then
       local cs = split[k]
       cs.committing[tostring(int(ev.chunk))] = { xid = ev.xid, rows = int(ev.rows), bytes = int(ev.bytes),
@@ -756,7 +764,7 @@ function fullload.run(opts)
       end
       bytes_done, rows_done = bytes_done + c.bytes, rows_done + c.rows
       chunk_results[#chunk_results + 1] = c
-      if opts.on_chunk then opts.on_chunk(c) end
+      tell(opts.on_chunk, c)
       local n = 0
       for _ in pairs(cs.done) do n = n + 1 end
       if n == cs.plan.count then table_complete(k) end
@@ -771,7 +779,7 @@ function fullload.run(opts)
                     indexes = #(post[k] or {}), stream = pt.stream }
         state.indexed[k] = r
         save("indexed")
-        if opts.on_post then opts.on_post("indexed", r) end
+        tell(opts.on_post, "indexed", r)
         -- a split table's index builds ran as tasks of their own: ANALYZE now
         if parallel_post[k] and needs_analyze(k) then
           p:add{ job = job{ analyze_item(k) }, cost = (by_key[k].bytes or 0) * ANALYZE_WEIGHT,
@@ -782,7 +790,7 @@ function fullload.run(opts)
       local r = { table = k, started = ev.started, ended = ev.ended, seconds = ev.seconds, stream = task.stream }
       state.analyzed[k] = r
       save("analyzed")
-      if opts.on_post then opts.on_post("analyzed", r) end
+      tell(opts.on_post, "analyzed", r)
     end
     return true
   end

@@ -338,9 +338,16 @@ describe("migrun.fullload", function()
     local post = assert(schema.table_post_data(replica_db, target_db, tables))
     assert.same({ "big_email_key", "big_pkey" }, (function()
       local n = {} for _, it in ipairs(post["fl.big"]) do n[#n + 1] = it.name end table.sort(n) return n end)())
+    -- what is said done was saved first (the journal is saved at most every second)
+    local saved_loaded, told_unsaved = {}, {}
     local r = assert(run{ chunk_bytes = CH, split_bytes = CH, post = post, state = state,
-      save = function(field) saves[field] = (saves[field] or 0) + 1 end,
+      save = function(field)
+        saves[field] = (saves[field] or 0) + 1
+        if field == "loaded" then for k in pairs(state.loaded) do saved_loaded[k] = true end end
+      end,
+      on_table = function(t) if not saved_loaded[t.table] then told_unsaved[#told_unsaved + 1] = t.table end end,
       on_chunk = function(c) loaded_chunks[#loaded_chunks + 1] = c end })
+    assert.same({}, told_unsaved)
     q(L.target, "drop trigger slow on fl.mid; drop function fl.slow()")
     local above = {}
     for _, t in ipairs(tables) do if t.bytes > CH then above[S .. "." .. t.name] = true end end
