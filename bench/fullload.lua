@@ -107,7 +107,11 @@ function methods.migrun(job)
   assert(schema.restore_missing(job.target, dump, replica, target, job.tables, { jobs = math.tointeger(job.jobs) }))
   if job.profile then
     -- where the time went, from the journal's own per-table and per-chunk times
-    local p = { start = t_start, rest = t_rest, done = host.now(), tables = {} }
+    local p = { start = t_start, rest = t_rest, done = host.now(), tables = {}, largest_chunk_ends = {} }
+    for _, c in pairs((state.chunks[largest] or {}).done or {}) do
+      if c.ended then p.largest_chunk_ends[#p.largest_chunk_ends + 1] = c.ended end
+    end
+    table.sort(p.largest_chunk_ends)
     for k, r in pairs(state.loaded or {}) do
       if type(r) == "table" then
         local ix, an = (state.indexed or {})[k], (state.analyzed or {})[k]
@@ -491,6 +495,7 @@ local function profile_of(r)
   if not f then return end
   local p = json.decode(f:read("a"))
   f:close()
+  r.profile = p
   local big = p.tables[tables[1].schema .. "." .. tables[1].name]
   local last_load, sum_index, sum_analyze = p.start, 0, 0
   for _, t in pairs(p.tables) do
@@ -583,6 +588,16 @@ if mig and not mig.failed and base then print(("migrun / floor: %.2f"):format(mi
 if resume and mig and not mig.failed and resume.killed.killed and not resume.rerun.failed then
   print(("rerun after a kill at 80%% of %s / full migrun: %.2f (%.1fs / %.1fs)"):format(tables[1].name,
     resume.rerun.seconds / mig.seconds, resume.rerun.seconds, mig.seconds))
+  -- what the full run still had to do once 80% of the largest table's chunks
+  -- had committed (the point the kill comes at), from its own profile
+  local ends = mig.profile and mig.profile.largest_chunk_ends or {}
+  local at80 = ends[math.ceil(0.8 * #ends)]
+  if at80 then
+    local left = mig.profile.done - at80
+    print(("  the full run's work after that point: %.1fs (%.2f of it): the rerun took %.2f× that "
+      .. "(the chunks in flight at the kill loaded again, and its start)"):format(left, left / mig.seconds,
+      resume.rerun.seconds / left))
+  end
 end
 if verify then
   print(("full row-hash verification / count(*) of both sides: %.2f (%.1fs / %.1fs)"):format(verify.hash / verify.count,
