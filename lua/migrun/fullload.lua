@@ -797,8 +797,13 @@ function fullload.run(opts)
 
   p.on_tick = flush_due
   local ran, ok, failure = pcall(p.run, p)
-  flush()
-  if not ran then error(ok, 0) end
+  if ran and ok then
+    flush()
+  else
+    -- what was done is saved if it can be; what stopped the run is what is reported
+    pcall(flush)
+    if not ran then error(ok, 0) end
+  end
   if not ok then
     close_all()
     local f = failure
