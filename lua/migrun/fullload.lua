@@ -78,8 +78,9 @@ Why it is shaped this way:
       on it (a chunk is acknowledged only after save("chunks") returned);
       what only records work done is saved at most every opts.save_interval
       seconds (default 1) and when the run ends, however it ends; on_table,
-      on_chunk and on_post are called once what they tell is saved. opts.done: a set of "s.t" already loaded (as
-      state.loaded). opts.post: { ["s.t"] = schema.table_post_data items }.
+      on_chunk and on_post are called once what they tell is saved.
+      opts.done: a set of "s.t" already loaded (as state.loaded).
+      opts.post: { ["s.t"] = schema.table_post_data items }.
       opts.analyze (default true). opts.dry_run with opts.echo(line): print
       the split, the expected streams and every statement, run nothing;
       opts.progress_interval (seconds between progress reports, default 1).
