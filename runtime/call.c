@@ -23,6 +23,10 @@ static int consumed_cause = MIGRUN_CAUSE_CTRL_C;
 /* Stop requests (SIGUSR1): installed, armed, and whether one has arrived. */
 static volatile sig_atomic_t stop_armed = 0;
 static volatile sig_atomic_t stop_requested = 0;
+/* While held (output lines being handed to their callbacks), a request waits
+ * (deferred) until the release, so that no callback is cut in half. */
+static volatile sig_atomic_t stop_held = 0;
+static volatile sig_atomic_t stop_deferred = 0;
 static int stop_listening = 0;
 static struct sigaction saved_usr1;
 
@@ -74,8 +78,28 @@ static void lrequest(int sig) {
     (void)sig;
     stop_requested = 1;
     if (stop_armed && !migrun_interrupt_pending) {
+        if (stop_held) {
+            stop_deferred = 1;
+            return;
+        }
         pending_cause = MIGRUN_CAUSE_STOP;
         migrun_interrupt(interrupt_L);
+    }
+}
+
+void migrun_hold_stop(void) {
+    stop_held = 1;
+}
+
+void migrun_release_stop(void) {
+    stop_held = 0;
+    /* a request that came in between has not interrupted: it does now */
+    if (stop_deferred) {
+        stop_deferred = 0;
+        if (stop_armed && !migrun_interrupt_pending) {
+            pending_cause = MIGRUN_CAUSE_STOP;
+            migrun_interrupt(interrupt_L);
+        }
     }
 }
 
@@ -89,6 +113,7 @@ void migrun_listen_stop(int on) {
         sigaction(SIGUSR1, &saved_usr1, NULL);
         stop_listening = 0;
         stop_requested = 0;
+        stop_deferred = 0;
     }
 }
 

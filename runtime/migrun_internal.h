@@ -58,6 +58,10 @@ int migrun_raise_interrupted(lua_State *L, const char *where);
 enum { MIGRUN_CAUSE_CTRL_C = 0, MIGRUN_CAUSE_STOP = 1 };
 void migrun_listen_stop(int on);
 int migrun_arm_stop(int on);
+/* Between hold and release a stop request does not interrupt; one that came
+ * meanwhile interrupts at the release (proc.c: a round of output callbacks). */
+void migrun_hold_stop(void);
+void migrun_release_stop(void);
 /* The cause of the interrupt consumed last (MIGRUN_CAUSE_*). */
 int migrun_interrupt_cause(void);
 

@@ -290,7 +290,8 @@ static void deliver_lines(lua_State *L, Process *p, Stream *s, int uv, int at_eo
         if (status != LUA_OK) {
             memmove(s->buf, s->buf + start, s->len - start);
             s->len -= start;
-            lua_error(L); /* the callback's error, after the buffer is consistent */
+            migrun_release_stop(); /* held by pump: it does not reach its release */
+            lua_error(L);          /* the callback's error, after the buffer is consistent */
         }
     }
     if (start > 0)
@@ -447,6 +448,7 @@ static void pump(lua_State *L, int timeout_ms) {
     }
     if (no_pidfd && (timeout_ms < 0 || timeout_ms > POLL_EXIT_MS))
         timeout_ms = POLL_EXIT_MS;
+    migrun_check_interrupt(L); /* one that came during the last round's callbacks */
     int r = poll(fds, (nfds_t)k, timeout_ms);
     if (no_pidfd)
         for (Process *p = active_head; p; p = p->next)
@@ -456,6 +458,9 @@ static void pump(lua_State *L, int timeout_ms) {
     if (r < 0 && errno != EINTR)
         luaL_error(L, "poll failed: %s", strerror(errno));
     migrun_check_interrupt(L);
+    /* A stop request (SIGUSR1) waits while this round hands lines to their
+     * callbacks: one cut in half would lose its line (the guard's reason). */
+    migrun_hold_stop();
     for (int j = 0; r > 0 && j < k; j++) {
         if (fds[j].revents == 0)
             continue;
@@ -483,6 +488,7 @@ static void pump(lua_State *L, int timeout_ms) {
             finish(L, p);
         p = next;
     }
+    migrun_release_stop();
 }
 
 /* ---- results ------------------------------------------------------------ */

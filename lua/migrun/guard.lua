@@ -204,11 +204,8 @@ function guard.main()
       warn_bytes = job.wal_guard.warn_bytes, stop_bytes = job.wal_guard.stop_bytes }, "\n")
     io.stdout:flush()
     if r.level == "stop" then
-      -- the parent prints and journals the message; it only has to be told.
-      -- The line has a moment to be read first: a stop arriving while the
-      -- parent is handling that very line would interrupt it, and the
-      -- message would be lost (the parent would say only that the guard stopped it).
-      host.sleep(0.3)
+      -- the parent prints and journals the message; it only has to be told
+      -- (a stop waits while the parent hands a line to its callback: migrun.proc)
       local ok, rerr = host.request_stop(job.parent)
       if not ok then tell(job, "WARNING: the guard could not stop migrun: " .. tostring(rerr)) end
       os.exit(0)

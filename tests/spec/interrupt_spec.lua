@@ -113,6 +113,29 @@ describe("A stop request (SIGUSR1, host.listen_stop / arm_stop)", function()
     assert.equal("ready\nslept\nfalse\tguard\ttrue\nfalse\n", out)
   end)
 
+  it("does not cut a line's callback in half: it stops the wait once the line is handled", function()
+    -- the guard writes its reason on a line, then asks for the stop: the line must not be lost
+    local out, err, status = interrupt([[
+      local host, proc = require "migrun.host", require "migrun.proc"
+      host.listen_stop(true)
+      local got
+      local ok, e = pcall(function()
+        host.arm_stop(true)
+        local h = proc.spawn{ "sh", "-c", "echo the reason; exec sleep 60", stdout = function(line)
+          io.stdout:write("ready\n") io.stdout:flush()
+          local t = host.monotonic()
+          while host.monotonic() - t < 1.5 do end -- the request comes meanwhile
+          got = line
+        end }
+        h:wait()
+      end)
+      host.arm_stop(false)
+      print(ok, e.kind, got)
+    ]], "USR1")
+    assert.equal(0, status, err)
+    assert.equal("ready\nfalse\tguard\tthe reason\n", out)
+  end)
+
   it("is sent to the parent only", function()
     local host = require "migrun.host"
     local ok, err = host.request_stop(host.pid)
