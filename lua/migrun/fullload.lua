@@ -411,15 +411,17 @@ function fullload.run(opts)
     untold[#untold + 1] = table.pack(fn, ...)
   end
   local function flush_due()
-    if next(dirty) and host.monotonic() - saved_at >= save_interval then flush() end
-    return true
+    if (next(dirty) or #untold > 0) and host.monotonic() - saved_at >= save_interval then flush() end
   end
   local function save(field, now)
     if dry or not opts.save then return end
-    -- saved now, and again with the rest: what it holds may not be told yet
-    if now then opts.save(field) end
-    dirty[field] = true
-    if not now then flush_due() end
+    if now then
+      dirty[field] = nil
+      opts.save(field)
+    else
+      dirty[field] = true
+      flush_due()
+    end
   end
   local post = opts.post or {}
   local analyze = opts.analyze ~= false

@@ -23,7 +23,6 @@ some tens of milliseconds, so callers put small things together in one task.
       in argv, it may hold connection strings) and emit(table), which writes
       a JSON line the parent's on_event gets. A task that raises or returns
       nil, err fails. opts.interval: seconds between dispatches (default 0.02).
-      on_event, on_done and on_tick fail the run by returning nil, err.
   p:add(task) -> task      task.job (required), task.cost (number, default 0),
       task.label (for messages). Tasks may be added at any time, also from
       on_event and on_done; the queue is served highest cost first, then in
@@ -163,10 +162,7 @@ function Pool:_loop()
     local h, ok, how, code = proc.wait_any(list, self.interval)
     local dok, failure = self:_dispatch()
     if not dok then return nil, failure end
-    if self.on_tick then
-      local tres, terr = self.on_tick()
-      if tres == nil and terr ~= nil then return nil, { message = tostring(terr), error = terr } end
-    end
+    if self.on_tick then self.on_tick() end
     if h then
       local task = self.handles[h]
       self.handles[h] = nil
