@@ -109,7 +109,7 @@ function chunks.key_ranges(lo, hi, n, bounds)
       local p = f * (#bounds - 1)
       local k = math.floor(p)
       local a, b = bounds[k + 1], bounds[math.min(k + 2, #bounds)]
-      v = a + (b - a) * (p - k)
+      v = a + ((b + 0.0) - a) * (p - k) -- in floating point: b - a may not fit in an integer
     else
       v = lo + span * f
     end

@@ -345,16 +345,16 @@ local function result_name(d, default)
 end
 
 local MAX_KEYS = 10        -- keys named in a difference
-local FANOUT, LEAF = 16, 64 -- sub-ranges per step of the narrowing; keys compared one by one below this
+local FANOUT_BITS, LEAF = 4, 64 -- 2^4 sub-ranges per step of the narrowing; keys compared one by one below this
 
 -- The rows of a small range, key -> row hash, on one side.
-local function keyed_hashes(db, t, plan, i, lo, hi, method)
+local function keyed_hashes(db, t, plan, condition, method)
   local qualified = pg.qualify(split(t))
   local cols, err = columns_of(db, qualified)
   if not cols then return nil, err end
   return catalog._with_settings(db, STABLE_TEXT, function()
     local res, qerr = db:query(("select %s::text as k, %s::text as h from %s where %s"):format(
-      pg.quote_ident(plan.column), row_expr(cols, method), qualified, chunks.where(plan, i, lo, hi)))
+      pg.quote_ident(plan.column), row_expr(cols, method), qualified, condition))
     if not res then return nil, qerr end
     local out = {}
     for row in res:rows() do out[row.k] = row.h end
@@ -365,40 +365,46 @@ end
 -- The keys of chunk i that differ between a and b: ranges hashed on both
 -- sides (through the key's index), the differing ones cut again, until a
 -- range is small enough to compare row by row. -> { "id 1234 differs", ... }
+-- Ranges are inclusive, first..last, and their widths unsigned: a bigint key
+-- may run from its least value to its greatest, where last + 1 and last -
+-- first do not fit in a signed 64-bit integer.
 local function narrow(a_db, b_db, t, plan, i, method)
   local col = pg.quote_ident(plan.column)
   local qualified = pg.qualify(split(t))
-  local lo, hi
+  local first, last
   for _, db in ipairs{ a_db, b_db } do
     local res, err = db:query(("select min(%s)::text as lo, max(%s)::text as hi from %s where %s"):format(col, col,
       qualified, chunks.where(plan, i)))
     if not res then return nil, err end
     local l, h = math.tointeger(tonumber(res[1].lo)), math.tointeger(tonumber(res[1].hi))
-    if l and (not lo or l < lo) then lo = l end
-    if h and (not hi or h + 1 > hi) then hi = h + 1 end
+    if l and (not first or l < first) then first = l end
+    if h and (not last or h > last) then last = h end
   end
   local found = {}
-  if not lo then return found end
+  if not first then return found end
+  -- the condition for first..last inside chunk i (no upper bound past the greatest key)
+  local function where(l, h) return chunks.where(plan, i, l, h < math.maxinteger and h + 1 or nil) end
   local function hashes_differ(l, h)
-    local a, err = qa.row_hash(a_db, t, { where = chunks.where(plan, i, l, h), method = method })
+    local a, err = qa.row_hash(a_db, t, { where = where(l, h), method = method })
     if not a then return nil, err end
     local b
-    b, err = qa.row_hash(b_db, t, { where = chunks.where(plan, i, l, h), method = method })
+    b, err = qa.row_hash(b_db, t, { where = where(l, h), method = method })
     if not b then return nil, err end
     return a.rows ~= b.rows or a.hash ~= b.hash
   end
   local function walk(l, h)
     if #found >= MAX_KEYS then return true end
-    if h - l <= LEAF then
-      local a, err = keyed_hashes(a_db, t, plan, i, l, h, method)
+    local width = h - l -- unsigned
+    if math.ult(width, LEAF) then
+      local a, err = keyed_hashes(a_db, t, plan, where(l, h), method)
       if not a then return nil, err end
       local b
-      b, err = keyed_hashes(b_db, t, plan, i, l, h, method)
+      b, err = keyed_hashes(b_db, t, plan, where(l, h), method)
       if not b then return nil, err end
       local keys = {}
       for k in pairs(a) do keys[#keys + 1] = k end
       for k in pairs(b) do if not a[k] then keys[#keys + 1] = k end end
-      table.sort(keys, function(x, y) return tonumber(x) < tonumber(y) end)
+      table.sort(keys, function(x, y) return math.tointeger(x) < math.tointeger(y) end)
       for _, k in ipairs(keys) do
         if #found >= MAX_KEYS then break end
         local what = not b[k] and "only in a" or not a[k] and "only in b" or a[k] ~= b[k] and "differs" or nil
@@ -406,19 +412,21 @@ local function narrow(a_db, b_db, t, plan, i, method)
       end
       return true
     end
-    local step = math.max(1, (h - l + FANOUT - 1) // FANOUT)
-    for sl = l, h - 1, step do
-      local sh = math.min(h, sl + step)
+    local step = (width >> FANOUT_BITS) + 1 -- 2^FANOUT_BITS parts (>> is unsigned)
+    local sl = l
+    while true do
+      local sh = math.ult(h - sl, step) and h or sl + step - 1
       local differ, err = hashes_differ(sl, sh)
       if differ == nil then return nil, err end
       if differ then
         local ok, werr = walk(sl, sh)
         if not ok then return nil, werr end
       end
+      if sh == h then return true end
+      sl = sh + 1
     end
-    return true
   end
-  local ok, err = walk(lo, hi)
+  local ok, err = walk(first, last)
   if not ok then return nil, err end
   return found
 end
