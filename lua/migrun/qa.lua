@@ -45,7 +45,10 @@ qa.compare(a_db, b_db, tables, cfg_qa, { mode = "quick" | "full", seed = n }) ->
     full: count and row_hash for every table ("hash"; a and b are row_hash
       results). With opts.chunk_bytes, a table larger than that with an
       integer primary key is hashed by key ranges (migrun.chunks, planned on
-      a), each range on both sides; with opts.jobs > 1 and opts.a_conninfo,
+      a), each range on both sides; any other such table by block ranges
+      (PostgreSQL 14 and later), each side its own, whose hashes add up to
+      the table's (a difference is not narrowed: a block range holds other
+      rows on each side); with opts.jobs > 1 and opts.a_conninfo,
       opts.b_conninfo, the ranges and the tables are hashed by `jobs` worker
       processes on each side at once, largest first, so verifying a big table
       costs about one parallel scan of each side. A range that differs is
@@ -447,6 +450,19 @@ function qa.task(job, emit)
   return true
 end
 
+-- The sum of two non-negative decimal strings (row hashes are numerics of
+-- up to ~30 digits: beyond a Lua integer).
+local function add_decimal(x, y)
+  local out, carry = {}, 0
+  for i = 1, math.max(#x, #y) do
+    local d = (tonumber(x:sub(-i, -i)) or 0) + (tonumber(y:sub(-i, -i)) or 0) + carry
+    out[#out + 1], carry = d % 10, d // 10
+  end
+  if carry > 0 then out[#out + 1] = carry end
+  return (table.concat(out):reverse():gsub("^0+(%d)", "%1"))
+end
+qa._add_decimal = add_decimal
+
 local function full_compare(a_db, b_db, tables, opts, add)
   local method = opts.method
   if not method then
@@ -454,30 +470,51 @@ local function full_compare(a_db, b_db, tables, opts, add)
     method, err = method_for(a_db, b_db)
     if not method then return nil, err end
   end
-  -- the units: a table whole, or one key range of it
+  -- the units: a table whole, one key range of it (the same rows on both
+  -- sides), or one block range of one side (other rows on each: those sums
+  -- are added up per side, which gives the whole table's hash)
   local entries, units = {}, {}
+  local function unit(e, u)
+    units[#units + 1] = u
+    u.id, u.entry = #units, e
+    e.units[#e.units + 1] = u
+  end
   for _, t in ipairs(tables) do
     local schema, name = split(t)
     local e = { t = t, k = key_of(t), schema = schema, name = name, units = {},
                 bytes = type(t) == "table" and t.bytes or 0 }
     entries[#entries + 1] = e
-    local plan
+    local plan, b_ranges
     if opts.chunk_bytes then
       local why
       plan, why = chunks.plan(a_db, { schema = schema, name = name },
         { chunk_bytes = opts.chunk_bytes, split_bytes = opts.chunk_bytes })
       if plan == nil then e.error = why end
-      if plan and plan.method ~= "key" then plan = nil end -- block ranges mean other rows on b
-    end
-    if not e.error then
-      e.plan = plan or nil
-      for i = 1, plan and plan.count or 1 do
-        local u = { entry = e, chunk = plan and i or nil, where = plan and chunks.where(plan, i) or nil,
-                    cost = plan and plan.bytes / plan.count or e.bytes or 0 }
-        units[#units + 1] = u
-        u.id = #units
-        e.units[#e.units + 1] = u
+      if plan and plan.method == "blocks" then
+        local d, derr = chunks.describe(b_db, { schema = schema, name = name })
+        if not d then
+          e.error = derr
+        elseif d.version >= 140000 then -- TID range scans
+          b_ranges = chunks.block_ranges(math.tointeger(d.blocks), plan.count)
+        end
       end
+    end
+    if e.error then
+      -- reported as the check's error
+    elseif plan and plan.method == "key" then
+      e.plan = plan
+      for i = 1, plan.count do unit(e, { chunk = i, where = chunks.where(plan, i), cost = plan.bytes / plan.count }) end
+    elseif plan and b_ranges then
+      e.sided = true
+      for i = 1, plan.count do
+        unit(e, { side = "a", where = chunks.where(plan, i), cost = plan.bytes / plan.count })
+      end
+      local b_plan = { table = plan.table, method = "blocks", ranges = b_ranges }
+      for i = 1, #b_ranges do
+        unit(e, { side = "b", where = chunks.where(b_plan, i), cost = plan.bytes / #b_ranges })
+      end
+    else
+      unit(e, { cost = e.bytes or 0 })
     end
   end
 
@@ -507,9 +544,11 @@ local function full_compare(a_db, b_db, tables, opts, add)
         end
       end
       for _, u in ipairs(sorted) do
-        batch[#batch + 1] = { unit = u.id, schema = u.entry.schema, name = u.entry.name, where = u.where }
-        batch_cost = batch_cost + u.cost
-        if batch_cost >= 8 * 1024 * 1024 or #batch >= 25 then flush() end
+        if not u.side or u.side == side[1] then
+          batch[#batch + 1] = { unit = u.id, schema = u.entry.schema, name = u.entry.name, where = u.where }
+          batch_cost = batch_cost + u.cost
+          if batch_cost >= 8 * 1024 * 1024 or #batch >= 25 then flush() end
+        end
       end
       flush()
     end
@@ -521,8 +560,13 @@ local function full_compare(a_db, b_db, tables, opts, add)
   else
     for _, u in ipairs(units) do
       local t = { schema = u.entry.schema, name = u.entry.name }
-      local a, b, err = run_both(a_db, b_db, function(d) return qa.row_hash(d, t, { where = u.where, method = method }) end)
-      u.a, u.b, u.err = a, b, err
+      local function hash(d) return qa.row_hash(d, t, { where = u.where, method = method }) end
+      if u.side then
+        local r, err = hash(u.side == "a" and a_db or b_db)
+        u[u.side], u.err = r, err
+      else
+        u.a, u.b, u.err = run_both(a_db, b_db, hash)
+      end
     end
   end
 
@@ -535,14 +579,23 @@ local function full_compare(a_db, b_db, tables, opts, add)
     else
       local a, b = { rows = 0 }, { rows = 0 }
       local differing = {}
-      for _, u in ipairs(e.units) do
-        a.rows, b.rows = a.rows + u.a.rows, b.rows + u.b.rows
-        if u.a.rows ~= u.b.rows or u.a.hash ~= u.b.hash then differing[#differing + 1] = u end
-      end
-      if #e.units == 1 and not e.plan then
-        a.hash, b.hash = e.units[1].a.hash, e.units[1].b.hash
+      if e.sided then
+        a.hash, b.hash, a.chunks, b.chunks = "0", "0", 0, 0
+        for _, u in ipairs(e.units) do
+          local side = u.side == "a" and a or b
+          side.rows, side.hash, side.chunks = side.rows + u[u.side].rows, add_decimal(side.hash, u[u.side].hash),
+            side.chunks + 1
+        end
+        if a.rows ~= b.rows or a.hash ~= b.hash then differing[1] = true end
       else
-        a.chunks, b.chunks = #e.units, #e.units
+        for _, u in ipairs(e.units) do
+          a.rows, b.rows = a.rows + u.a.rows, b.rows + u.b.rows
+          if u.a.rows ~= u.b.rows or u.a.hash ~= u.b.hash then differing[#differing + 1] = u end
+        end
+        if #e.units == 1 then
+          a.hash, b.hash = e.units[1].a.hash, e.units[1].b.hash
+        end
+        if e.plan then a.chunks, b.chunks = #e.units, #e.units end
       end
       check.a, check.b = a, b
       check.equal = #differing == 0
