@@ -500,7 +500,7 @@ local function full_compare(a_db, b_db, tables, opts, add)
       end
     end
     if e.error then
-      -- reported as the check's error
+      e.units = {} -- the check reports the error
     elseif plan and plan.method == "key" then
       e.plan = plan
       for i = 1, plan.count do unit(e, { chunk = i, where = chunks.where(plan, i), cost = plan.bytes / plan.count }) end
