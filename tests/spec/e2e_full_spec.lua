@@ -8,7 +8,10 @@ local cjson = require "cjson"
 describe("playbooks/full.lua", function()
   local R
 
-  setup(function() R = H.rehearsal("e2e-full") end)
+  -- chunks of 1 MiB: the larger sample tables are cut, so that the kill in
+  -- the full load lands between two chunks of one table
+  setup(function() R = H.rehearsal("e2e-full", { config = { full_load = { chunk_bytes = 1048576,
+    split_bytes = 1048576 } } }) end)
   teardown(function() if R then R:close() end end)
 
   it("--dry-run reads everything, prints every write, and changes nothing anywhere", function()
@@ -33,19 +36,41 @@ describe("playbooks/full.lua", function()
   it("migrates under writes, survives SIGKILL in the full load and in the DMS phase, ends equal", function()
     R:start_workload{ rate = 30 }
 
-    -- 1. killed as soon as the first table of the full load has committed
-    local r1 = H.run(R, "full.lua", { "--yes" }, { kill_when = "loaded public%." })
+    -- 1. killed at the start of the full load; then one row in the middle of
+    --    events holds its chunk on the target while the others commit, and
+    --    the run is killed once chunks are journaled loaded
+    local r0 = H.run(R, "full.lua", { "--yes" }, { kill_when = "^%d%d:%d%d:%d%d full_load: " })
+    assert.is_true(r0.killed, r0.output)
+    local middle = assert(R.lab.source:psql("select max(id) / 2 from public.events"))
+    assert(R.lab.target:psql(([[
+      create function public.hold() returns trigger language plpgsql as $$
+      begin if new.id = %s then perform pg_sleep(30); end if; return new; end $$;
+      create trigger hold before insert on public.events for each row execute function public.hold();]]):format(middle)))
+    local r1 = H.run(R, "full.lua", { "--yes" }, { kill_when = "^%d%d:%d%d:%d%d chunk %d+/%d+ of public%.events " })
+    -- the held backend sleeps on, its client gone: ended, as a dropped connection's would be
+    assert(R.lab.target:psql("select pg_terminate_backend(pid) from pg_stat_activity where wait_event = 'PgSleep'"))
+    assert(R.lab.target:psql("drop trigger hold on public.events; drop function public.hold()"))
     assert.is_true(r1.killed, r1.output)
     local status, rec = H.step_status(R, "full_load")
     assert.equal("running", status, "the kill came too late to test a resumed full load:\n" .. r1.output)
-    local loaded_before = 0
-    for _ in pairs(rec.facts.loaded or {}) do loaded_before = loaded_before + 1 end
-    assert.is_true(loaded_before >= 1)
+    local split = "public.events"
+    local cs = rec.facts.chunks[split]
+    local done, of = 0, cs.plan.count
+    for _ in pairs(cs.done) do done = done + 1 end
+    assert.is_true(done >= 1 and done < of, cjson.encode(cs) .. "\n" .. r1.output)
 
-    -- 2. resumed; killed once the first DMS task has started
+    -- 2. resumed (the chunks loaded are not loaded again); killed once the first DMS task has started
     local r2 = H.run(R, "full.lua", { "--yes" }, { kill_when = "started .*%-cdc" })
     assert.is_true(r2.killed, r2.output)
-    assert.truthy(r2.output:find("skipped", 1, true), r2.output)
+    local quoted = split:gsub("%p", "%%%0")
+    -- the journaled ones, and any whose transaction the target says committed
+    local already = tonumber(r2.output:match(("split %s %%(.-%%) into %d chunks by .-, (%%d+) already loaded"):format(
+      quoted, of)))
+    assert.truthy(already, r2.output)
+    assert.is_true(already >= done, r2.output)
+    local reloaded = 0
+    for _ in r2.output:gmatch("chunk %d+/%d+ of " .. quoted .. " ") do reloaded = reloaded + 1 end
+    assert.equal(of - already, reloaded, r2.output)
     assert.equal("done", (H.step_status(R, "full_load")))
     assert.equal("running", (H.step_status(R, "dms_start")))
 
@@ -88,7 +113,7 @@ describe("playbooks/full.lua", function()
 
     -- the report and the journal tell the story, with no secret in them
     local report = assert(io.open(R.config.state_dir .. "/report.md")):read("a")
-    for _, section in ipairs{ "Full load", "Quick QA", "DMS tasks", "Final QA" } do
+    for _, section in ipairs{ "Full load", "Full load: split tables", "Quick QA", "DMS tasks", "Final QA" } do
       assert.truthy(report:find(section, 1, true), "report lacks " .. section)
     end
     local journal_text = assert(io.open(R.config.state_dir .. "/journal.json")):read("a")
