@@ -564,6 +564,25 @@ describe("migrun.pg", function()
       end)
     end
 
+    it("carries rows larger than its batches, and rows across their edges, whole", function()
+      -- pg.copy gathers rows into messages of 64 KiB: rows of 0 to 150 KB, some larger than that
+      assert(other:exec("drop table if exists wide; create table wide(id int, pad text)"))
+      assert(c:exec("drop table if exists wide; create table wide(id int, pad text)"))
+      assert(other:exec([[insert into wide select g, left(repeat(md5(g::text), 5000), (g * 7919) % 150000)
+        from generate_series(1, 300) g]]))
+      local q = "select count(*) n, md5(string_agg(id || ':' || pad, ',' order by id)) h from wide"
+      for _, format in ipairs { "text", "binary" } do
+        assert(c:exec("truncate wide"))
+        local r = assert(pg.copy { from = other, from_sql = "copy wide to stdout (format " .. format .. ")",
+          to = c, to_sql = "copy wide from stdin (format " .. format .. ")" })
+        assert.equal(300, r.rows)
+        assert.same(other:exec(q)[1], c:exec(q)[1])
+      end
+      assert.is_true(other:exec("select count(*) n from wide where length(pad) > 65536")[1].n > 50)
+      assert(other:exec("drop table wide"))
+      assert(c:exec("drop table wide"))
+    end)
+
     it("aborts both sides when the target fails in the middle", function()
       assert(c:exec("alter table dst add constraint small check (id < 600)"))
       local r, err = pg.copy { from = other, from_sql = "copy src to stdout",
