@@ -4,6 +4,7 @@ ANALYZE included in every method (a target that serves needs statistics).
 
   migrun bench/fullload.lua [--scale S] [--shape standard|dominant] [--jobs N]
                             [--more-jobs N] [--skip m1,m2] [--wait-idle SECONDS]
+                            [--repeat N]
   (make bench [BENCH_SCALE=0.2] [BENCH_SHAPE=dominant])
 
 Datasets (scale 1 is about 1 GB; row counts scale):
@@ -35,6 +36,8 @@ Then, on the migrun database:
             sides at once over N workers) against count(*) of every table on both
             sides at once
   --more-jobs N: migrun and the floor again with N streams.
+  --repeat N: migrun and the floor N times in all, each pair one right after
+            the other; the ratio of each pair and their median.
 Each method runs as a child `migrun bench/fullload.lua --method NAME` under
 /usr/bin/time: wall seconds, and the peak RSS of the largest process of the
 method's tree (servers not counted). Row counts are checked after each.
@@ -244,6 +247,8 @@ local opt = cli.run({ usage = "migrun bench/fullload.lua",
     { "--more-jobs", "N", "migrun and the floor again with N streams" },
     { "--skip", "M1,M2", "methods left out (migrun, floor, runbook, pgcopydb, jobs, resume, verify)" },
     { "--wait-idle", "SECONDS", "wait up to this long for a 1-minute load under 0.5", number = true },
+    { "--repeat", "N", "migrun and the floor N times in all, one after the other: the median ratio", default = 1,
+      number = true },
     { "--method", "NAME", "(internal) run one method on the job read from stdin" },
   },
   args = { { "scale", "the same as --scale" } }, min_args = 0 }, arg)
@@ -261,6 +266,7 @@ end
 if opt.args.scale then opt.scale = tonumber(opt.args.scale) or die("<scale>: a number") end
 opt.jobs = math.tointeger(opt.jobs) or die("--jobs: a whole number")
 if opt.more_jobs then opt.more_jobs = math.tointeger(tonumber(opt.more_jobs)) or die("--more-jobs: a whole number") end
+opt["repeat"] = math.tointeger(opt["repeat"]) or die("--repeat: a whole number")
 local skipped = {}
 for m in (opt.skip or ""):gmatch("[^,]+") do skipped[m] = true end
 opt.skip = skipped
@@ -520,6 +526,19 @@ if not skip("floor") then
   io.stdout:write(("(floor: %d files, the largest table in %d parts)\n"):format(#files, parts))
   measure("floor", "floor", { files = files })
 end
+-- The same pair again, one right after the other: on a machine shared with
+-- other work, one pair is one sample of a ratio that moves by some 10%.
+local pairs_measured = {}
+if mig and not skip("floor") then
+  local floor1
+  for _, r in ipairs(results) do if r.name == "floor" then floor1 = r end end
+  pairs_measured[1] = { mig, floor1 }
+  for i = 2, opt["repeat"] do
+    local m = measure(("migrun #%d"):format(i), "migrun", { journal = ("%s/bench-migrun-journal-%d.json"):format(L.dir, i) })
+    local f = measure(("floor #%d"):format(i), "floor", { files = floor_files(opt.jobs) })
+    pairs_measured[#pairs_measured + 1] = { m, f }
+  end
+end
 if not skip("runbook") then measure("runbook", "runbook", {}) end
 if not skip("pgcopydb") then
   if proc.run{ "sh", "-c", "command -v pgcopydb" } then
@@ -585,6 +604,18 @@ for _, r in ipairs(results) do
 end
 print()
 if mig and not mig.failed and base then print(("migrun / floor: %.2f"):format(mig.seconds / base)) end
+if #pairs_measured > 1 then
+  local ratios = {}
+  for _, pr in ipairs(pairs_measured) do
+    if not pr[1].failed and not pr[2].failed then ratios[#ratios + 1] = pr[1].seconds / pr[2].seconds end
+  end
+  local listed = {}
+  for i, x in ipairs(ratios) do listed[i] = ("%.2f"):format(x) end
+  table.sort(ratios)
+  local median = #ratios % 2 == 1 and ratios[(#ratios + 1) // 2] or (ratios[#ratios // 2] + ratios[#ratios // 2 + 1]) / 2
+  print(("migrun / floor, %d pairs one after the other: %s; median %.2f"):format(#ratios, table.concat(listed, ", "),
+    median))
+end
 if resume and mig and not mig.failed and resume.killed.killed and not resume.rerun.failed then
   print(("rerun after a kill at 80%% of %s / full migrun: %.2f (%.1fs / %.1fs)"):format(tables[1].name,
     resume.rerun.seconds / mig.seconds, resume.rerun.seconds, mig.seconds))

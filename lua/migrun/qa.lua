@@ -461,7 +461,6 @@ local function add_decimal(x, y)
   if carry > 0 then out[#out + 1] = carry end
   return (table.concat(out):reverse():gsub("^0+(%d)", "%1"))
 end
-qa._add_decimal = add_decimal
 
 local function full_compare(a_db, b_db, tables, opts, add)
   local method = opts.method
@@ -478,6 +477,23 @@ local function full_compare(a_db, b_db, tables, opts, add)
     units[#units + 1] = u
     u.id, u.entry = #units, e
     e.units[#e.units + 1] = u
+  end
+  local function add_units(e, plan, b_ranges)
+    if plan and plan.method == "key" then
+      e.plan = plan
+      for i = 1, plan.count do unit(e, { chunk = i, where = chunks.where(plan, i), cost = plan.bytes / plan.count }) end
+    elseif plan and b_ranges then
+      e.sided = true
+      for i = 1, plan.count do
+        unit(e, { side = "a", where = chunks.where(plan, i), cost = plan.bytes / plan.count })
+      end
+      local b_plan = { table = plan.table, method = "blocks", ranges = b_ranges }
+      for i = 1, #b_ranges do
+        unit(e, { side = "b", where = chunks.where(b_plan, i), cost = plan.bytes / #b_ranges })
+      end
+    else
+      unit(e, { cost = e.bytes or 0 })
+    end
   end
   for _, t in ipairs(tables) do
     local schema, name = split(t)
@@ -499,23 +515,7 @@ local function full_compare(a_db, b_db, tables, opts, add)
         end
       end
     end
-    if e.error then
-      e.units = {} -- the check reports the error
-    elseif plan and plan.method == "key" then
-      e.plan = plan
-      for i = 1, plan.count do unit(e, { chunk = i, where = chunks.where(plan, i), cost = plan.bytes / plan.count }) end
-    elseif plan and b_ranges then
-      e.sided = true
-      for i = 1, plan.count do
-        unit(e, { side = "a", where = chunks.where(plan, i), cost = plan.bytes / plan.count })
-      end
-      local b_plan = { table = plan.table, method = "blocks", ranges = b_ranges }
-      for i = 1, #b_ranges do
-        unit(e, { side = "b", where = chunks.where(b_plan, i), cost = plan.bytes / #b_ranges })
-      end
-    else
-      unit(e, { cost = e.bytes or 0 })
-    end
+    if not e.error then add_units(e, plan, b_ranges) end -- else the check reports the error
   end
 
   if (opts.jobs or 1) > 1 and opts.a_conninfo and opts.b_conninfo then
