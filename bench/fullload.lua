@@ -453,6 +453,11 @@ local function measure(label, method, job)
   job.dir = job.dir or (L.dir .. "/bench-" .. label:gsub("%W", "_") .. "-" .. n_db)
   if not job.target then job.target, job.dbname = target_db(label) end
   job.target_super = job.target
+  -- Every method starts from the same state: what the earlier ones wrote is
+  -- on disk (a checkpoint of the target, then sync), so that none pays for
+  -- the kernel writing back another's gigabytes while its clock runs.
+  q(tgt, "checkpoint")
+  proc.run{ "sync" }
   io.stdout:write(("%-22s ... "):format(label)) io.stdout:flush()
   local load_before = loadavg()
   local cpu_before = cpu_now()
