@@ -109,13 +109,7 @@ describe("migrun.fullload on awkward tables, all of them split", function()
       for r in select conrelid::regclass as t, conname from pg_constraint
                where connamespace = '"Odd Load"'::regnamespace and contype = 'p' and conparentid = 0 loop
         execute format('alter table %s drop constraint %I', r.t, r.conname); end loop; end $$]])
-    assert(L:wait_replica_caught_up(60))
-    q(L.replica, "select pg_wal_replay_pause()")
-    local deadline = os.time() + 30
-    while q(L.replica, "select pg_get_wal_replay_pause_state()") ~= "paused" do
-      assert(os.time() < deadline, "the replica did not pause")
-    end
-    at = q(L.replica, "select pg_last_wal_replay_lsn()")
+    at = assert(L:pause_replica(60))
     replica_db = db.wrap(assert(pg.connect(L.replica.conninfo, { name = "replica" })))
     target_db = db.wrap(assert(pg.connect(L.target.conninfo, { name = "target" })))
     tables = assert(catalog.tables(replica_db, { schemas = { S } }))

@@ -134,13 +134,7 @@ describe("migrun.fullload", function()
     -- the target as the pre-data restore leaves it: no keys, no indexes
     q(L.target, (ddl:gsub(" primary key", ""):gsub(" unique", "")))
     q(L.target, "grant all on schema " .. S .. " to migrun")
-    assert(L:wait_replica_caught_up(60))
-    q(L.replica, "select pg_wal_replay_pause()")
-    local deadline = os.time() + 30
-    while q(L.replica, "select pg_get_wal_replay_pause_state()") ~= "paused" do
-      assert(os.time() < deadline, "the replica did not pause")
-    end
-    at = q(L.replica, "select pg_last_wal_replay_lsn()")
+    at = assert(L:pause_replica(60))
     -- a write on the primary after the pause: must not reach the load
     q(L.source, ("insert into %s.small1 values (1000, 'after the pause')"):format(S))
     tables = {}

@@ -447,6 +447,27 @@ function Lab:wait_replica_caught_up(timeout)
   end
 end
 
+-- For a spec of the full load: the replica caught up with the source, its
+-- replay paused (waited for: the pause is asynchronous), and its replay LSN
+-- as text, or nil, err.
+function Lab:pause_replica(timeout)
+  local ok, err = self:wait_replica_caught_up(timeout)
+  if not ok then return nil, err end
+  ok, err = self.replica:psql("select pg_wal_replay_pause()")
+  if not ok then return nil, err end
+  local deadline = now() + (timeout or 30)
+  while true do
+    local state
+    state, err = self.replica:psql("select pg_get_wal_replay_pause_state()")
+    if state == "paused" then return self.replica:psql("select pg_last_wal_replay_lsn()") end
+    if now() > deadline then
+      return nil, errors.new{ kind = "timeout", where = "replica",
+        message = ("replica did not pause within %gs (%s)"):format(timeout or 30, tostring(state or err)) }
+    end
+    sleep(0.05)
+  end
+end
+
 -- Human-readable connection strings and psql commands (no password).
 function Lab:describe()
   local lines = { ("migrun lab in %s (%s)"):format(self.dir, self.version or "PostgreSQL") }
