@@ -54,7 +54,7 @@ Why it is shaped this way:
     replica = replica_conninfo, target = target_conninfo,
     tables = { { schema = "public", name = "orders", bytes = 123456 }, ... },
     jobs = 2, expect_replay_lsn = "0/3000060",
-    state = state, save = function(field) journal(field, state[field]) end,
+    state = state, save = function(fields) journal(fields, state) end,
     post = assert(schema.table_post_data(replica_db, target_db, tables)),
     on_progress = function(bytes_done, bytes_total, rows_done, detail) end,
     on_table = function(r) end,          -- as each table is complete
@@ -74,10 +74,11 @@ Why it is shaped this way:
                           committing = { ["i"] = { xid =, rows =, bytes = } } },
         indexed["s.t"] = { started =, ended =, seconds =, indexes = n, stream = },
         analyzed["s.t"] = { started =, ended =, seconds =, stream = }
-      opts.save(field): persist state[field]. Called before the run depends
-      on it (a chunk is acknowledged only after save("chunks") returned);
-      what only records work done is saved at most every opts.save_interval
-      seconds (default 1) and when the run ends, however it ends; on_table,
+      opts.save(fields): persist state[f] for each name f in the list
+      fields (one call, one write). Called before the run depends on it (a
+      chunk is acknowledged only after save{"chunks"} returned); what only
+      records work done is saved at most every opts.save_interval seconds
+      (default 1) and when the run ends, however it ends; on_table,
       on_chunk and on_post are called once what they tell is saved.
       opts.done: a set of "s.t" already loaded (as state.loaded).
       opts.post: { ["s.t"] = schema.table_post_data items }.
@@ -394,12 +395,12 @@ function fullload.run(opts)
   local dirty, saved_at, untold = {}, host.monotonic(), {}
   local save_interval = opts.save_interval or 1
   local function flush()
+    local fields = {}
     for _, f in ipairs(STATE_FIELDS) do
-      if dirty[f] then
-        dirty[f] = nil
-        opts.save(f)
-      end
+      if dirty[f] then fields[#fields + 1] = f end
     end
+    dirty = {}
+    if #fields > 0 then opts.save(fields) end
     saved_at = host.monotonic()
     local list = untold
     untold = {}
@@ -417,7 +418,7 @@ function fullload.run(opts)
     if dry or not opts.save then return end
     if now then
       dirty[field] = nil
-      opts.save(field)
+      opts.save{ field }
     else
       dirty[field] = true
       flush_due()
@@ -508,7 +509,7 @@ function fullload.run(opts)
   local results, chunk_results = {}, {}
   local bytes_done, rows_done, bytes_total = 0, 0, 0
   local moving = {}
-  local p = pool.new{ jobs = jobs, entry = "migrun.fullload" }
+  local p = pool.new{ jobs = jobs, entry = "migrun.fullload", on_tick = flush_due }
   local job_base = { replica = opts.replica, target = opts.target, expect_replay_lsn = expected,
     progress_interval = opts.progress_interval or 1.0, ack_pid = target:backend_pid() }
   local function job(items)
@@ -798,7 +799,6 @@ function fullload.run(opts)
     return true
   end
 
-  p.on_tick = flush_due
   local ran, ok, failure = pcall(p.run, p)
   if ran and ok then
     flush()

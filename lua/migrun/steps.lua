@@ -83,7 +83,11 @@ function steps.load(ctx, tables, at, title)
     tables = tables, jobs = cfg.jobs, chunk_bytes = cfg.chunk_bytes, split_bytes = cfg.split_bytes,
     analyze = cfg.analyze, post = post, expect_replay_lsn = at, dry_run = ctx.dry_run, echo = ctx.print,
     -- journal first: a table or a chunk said loaded is never loaded again
-    state = state, save = function(field) ctx:record(field, state[field]) end,
+    state = state, save = function(fields)
+      local facts = {}
+      for _, f in ipairs(fields) do facts[f] = state[f] end
+      ctx:record(facts)
+    end,
     on_progress = function(done, _, rows, detail)
       bar:update(done, ("%s, %d rows"):format(detail and detail.table or "", rows or 0), { rows = rows,
         part = detail and { key = "stream " .. detail.stream, name = detail.table, done = detail.bytes,

@@ -142,7 +142,11 @@ end
 function Ctx:record(key, value)
   assert(self.step, "ctx:record outside a step")
   local facts = self.facts[self.step]
-  facts[key] = value
+  if type(key) == "table" then
+    for k, v in pairs(key) do facts[k] = v end
+  else
+    facts[key] = value
+  end
   self._record.facts = facts
   if not self.dry_run then
     local ok, err = self.journal:save()

@@ -71,6 +71,7 @@ and watchers)
       Facts come back from the journal as JSON values: LSNs and other
       values JSON cannot hold as their tostring, secrets masked.
   ctx:record(key, value)   into the running step's facts, journal saved at once
+  ctx:record{ key = value, ... }   several facts, one save
   ctx:record_main(step, key, value)  into a step of the main playbook (a task
       replaced by a partial restart); nothing is written in a dry run
   ctx:began(step [, playbook]) -> whether it has begun (running, failed or done)
