@@ -586,7 +586,7 @@ local function full_compare(a_db, b_db, tables, opts, add)
           side.rows, side.hash, side.chunks = side.rows + u[u.side].rows, add_decimal(side.hash, u[u.side].hash),
             side.chunks + 1
         end
-        if a.rows ~= b.rows or a.hash ~= b.hash then differing[1] = true end
+        check.equal = a.rows == b.rows and a.hash == b.hash
       else
         for _, u in ipairs(e.units) do
           a.rows, b.rows = a.rows + u.a.rows, b.rows + u.b.rows
@@ -596,9 +596,9 @@ local function full_compare(a_db, b_db, tables, opts, add)
           a.hash, b.hash = e.units[1].a.hash, e.units[1].b.hash
         end
         if e.plan then a.chunks, b.chunks = #e.units, #e.units end
+        check.equal = #differing == 0
       end
       check.a, check.b = a, b
-      check.equal = #differing == 0
       if a.rows ~= b.rows then
         check.detail = ("%d vs %d rows"):format(a.rows, b.rows)
       elseif not check.equal then
