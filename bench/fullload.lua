@@ -4,7 +4,7 @@ ANALYZE included in every method (a target that serves needs statistics).
 
   migrun bench/fullload.lua [--scale S] [--shape standard|dominant] [--jobs N]
                             [--more-jobs N] [--skip m1,m2] [--wait-idle SECONDS]
-                            [--repeat N]
+                            [--repeat N] [--apart]
   (make bench [BENCH_SCALE=0.2] [BENCH_SHAPE=dominant])
 
 Datasets (scale 1 is about 1 GB; row counts scale):
@@ -34,10 +34,21 @@ Then, on the migrun database:
             journaled, then run again: the rerun's time against a full migrun run
   verify    the final QA's full comparison (typed row hashes by key ranges, both
             sides at once over N workers) against count(*) of every table on both
-            sides at once
+            sides at once, and against every value read out by both servers
+            (COPY TO '/dev/null', binary): what any comparison of values costs
   --more-jobs N: migrun and the floor again with N streams.
   --repeat N: migrun and the floor N times in all, each pair one right after
             the other; the ratio of each pair and their median.
+  --apart:  the runbook's topology on one machine: in production the
+            maintenance replica, the target and the host migrun runs on are
+            three machines, so the replica's reading and the client's relaying
+            do not take the target's cores. The target's cluster is pinned
+            (taskset) to the first half of the cores, the source, the replica
+            and every method's client processes to the others, for every
+            method alike.
+  Every method's CPU seconds (each cluster and the client) are printed; on a
+  machine whose cores are all busy, a method's wall time cannot fall below
+  its CPU seconds over the cores, whatever it does.
 Each method runs as a child `migrun bench/fullload.lua --method NAME` under
 /usr/bin/time: wall seconds, and the peak RSS of the largest process of the
 method's tree (servers not counted). Row counts are checked after each.
@@ -227,6 +238,14 @@ function methods.count(job)
   c:close()
 end
 
+-- every value of every table read out by the server and thrown away, on one
+-- side: the least any comparison of the values can cost
+function methods.readout(job)
+  local c = assert(pg.connect(job.conninfo, { name = "readout" }))
+  for _, t in ipairs(job.tables) do q(c, ("copy %s to '/dev/null' (format binary)"):format(pg.qualify(t.schema, t.name))) end
+  c:close()
+end
+
 function methods.verify(job)
   local qa = require "migrun.qa"
   local db = require "migrun.db"
@@ -249,6 +268,8 @@ local opt = cli.run({ usage = "migrun bench/fullload.lua",
     { "--wait-idle", "SECONDS", "wait up to this long for a 1-minute load under 0.5", number = true },
     { "--repeat", "N", "migrun and the floor N times in all, one after the other: the median ratio", default = 1,
       number = true },
+    { "--apart", nil, "the runbook's topology: the target's cluster on half the cores, the replica, the source and "
+      .. "the client on the others" },
     { "--method", "NAME", "(internal) run one method on the job read from stdin" },
   },
   args = { { "scale", "the same as --scale" } }, min_args = 0 }, arg)
@@ -429,6 +450,41 @@ local function cluster_cpu(c)
 end
 local CLUSTERS = { "source", "replica", "target" }
 local CORES = tonumber((select(4, proc.run{ "nproc" }) or ""):match("%d+")) or 1
+
+-- --apart: the target's cluster on the first half of the cores, the other
+-- clusters and the client on the rest. A backend inherits its postmaster's
+-- affinity when it is forked; the processes already running are pinned too.
+local client_cpus
+if opt.apart then
+  if CORES < 2 then die("--apart: needs at least 2 cores") end
+  local half = CORES // 2
+  local target_cpus, other_cpus = ("0-%d"):format(half - 1), ("%d-%d"):format(half, CORES - 1)
+  for _, name in ipairs(CLUSTERS) do
+    local pm = L[name]:pid()
+    local cpus = name == "target" and target_cpus or other_cpus
+    local pids = { pm }
+    for child in (host.read_file(("/proc/%d/task/%d/children"):format(pm, pm)) or ""):gmatch("%d+") do
+      pids[#pids + 1] = child
+    end
+    for _, pid in ipairs(pids) do
+      local ok, how, code, _, err = proc.run{ "taskset", "-a", "-p", "-c", cpus, tostring(pid), stdout = "null",
+        stderr = "capture" }
+      if not ok then die("taskset:", how, code, err) end
+    end
+  end
+  client_cpus = other_cpus
+  print(("--apart: the target on cores %s; the source, the replica and the client on cores %s"):format(target_cpus,
+    other_cpus))
+end
+-- argv, run on the client's cores (with --apart)
+local function on_client_cpus(argv)
+  if not client_cpus then return argv end
+  local out = { "taskset", "-c", client_cpus }
+  for k, v in pairs(argv) do
+    if math.type(k) == "integer" then out[k + 3] = v else out[k] = v end
+  end
+  return out
+end
 local function cpu_now()
   local t = {}
   for _, name in ipairs(CLUSTERS) do t[name] = cluster_cpu(L[name]) end
@@ -461,8 +517,8 @@ local function measure(label, method, job)
   io.stdout:write(("%-22s ... "):format(label)) io.stdout:flush()
   local load_before = loadavg()
   local cpu_before = cpu_now()
-  local ok, how, code, _, err = proc.run{ "/usr/bin/time", "-f", "BENCH %e %M %U %S", host.exe, arg[0], "--method",
-    method, stdin = json.encode(job), stdout = "capture", stderr = "capture" }
+  local ok, how, code, _, err = proc.run(on_client_cpus{ "/usr/bin/time", "-f", "BENCH %e %M %U %S", host.exe, arg[0],
+    "--method", method, stdin = json.encode(job), stdout = "capture", stderr = "capture" })
   local cpu = cpu_since(cpu_before)
   local secs, rss, user, sys = (err or ""):match("BENCH ([%d.]+) (%d+) ([%d.]+) ([%d.]+)")
   cpu.client = (tonumber(user) or 0) + (tonumber(sys) or 0) -- migrun (or the peer) and every child it waited for
@@ -581,19 +637,24 @@ end
 local verify
 if mig and not mig.failed and not skip("verify") then
   local v = measure("verify (row hashes)", "verify", { target = mig.job.target, no_check = true })
-  -- count(*) of every table on both sides at once: a process per side
-  io.stdout:write(("%-22s ... "):format("count(*) both sides")) io.stdout:flush()
-  local c0, cpu_before = now(), cpu_now()
-  local hs = {}
-  for _, conninfo in ipairs{ L.replica.conninfo, mig.job.target } do
-    hs[#hs + 1] = assert(proc.spawn{ host.exe, arg[0], "--method", "count", stdout = "null", stderr = "capture",
-      stdin = json.encode{ conninfo = conninfo, tables = tables } })
+  -- a method on every table of both sides at once: a process per side
+  local function both_sides(label, method)
+    io.stdout:write(("%-22s ... "):format(label)) io.stdout:flush()
+    local c0, cpu_before = now(), cpu_now()
+    local hs = {}
+    for _, conninfo in ipairs{ L.replica.conninfo, mig.job.target } do
+      hs[#hs + 1] = assert(proc.spawn(on_client_cpus{ host.exe, arg[0], "--method", method, stdout = "null",
+        stderr = "capture", stdin = json.encode{ conninfo = conninfo, tables = tables } }))
+    end
+    for _, h in ipairs(hs) do local ok = h:wait() if not ok then die(method .. " failed: " .. tostring(h.stderr)) end end
+    local secs = now() - c0
+    local cpu = cpu_since(cpu_before)
+    print(("%.1fs\n    %s"):format(secs, cpu_text(cpu, secs)))
+    return secs, cpu
   end
-  for _, h in ipairs(hs) do local ok = h:wait() if not ok then die("count failed: " .. tostring(h.stderr)) end end
-  local cs = now() - c0
-  local cpu = cpu_since(cpu_before)
-  print(("%.1fs\n    %s"):format(cs, cpu_text(cpu, cs)))
-  verify = { hash = v.seconds, count = cs, hash_cpu = v.cpu, count_cpu = cpu }
+  local cs, cpu = both_sides("count(*) both sides", "count")
+  local rs = both_sides("read out both sides", "readout")
+  verify = { hash = v.seconds, count = cs, readout = rs, hash_cpu = v.cpu, count_cpu = cpu }
 end
 
 local base
@@ -623,6 +684,15 @@ if #pairs_measured > 1 then
   local median = #ratios % 2 == 1 and ratios[(#ratios + 1) // 2] or (ratios[#ratios // 2] + ratios[#ratios // 2 + 1]) / 2
   print(("migrun / floor, %d pairs one after the other: %s; median %.2f"):format(#ratios, table.concat(listed, ", "),
     median))
+  -- the CPU each of the pair used, servers and client: where the cores are
+  -- the limit, the wall-time ratio follows this one
+  local function total(r) return r.cpu.replica + r.cpu.target + r.cpu.source + r.cpu.client end
+  local cpu = {}
+  for _, pr in ipairs(pairs_measured) do
+    if not pr[1].failed and not pr[2].failed then cpu[#cpu + 1] = ("%.2f"):format(total(pr[1]) / total(pr[2])) end
+  end
+  print(("  CPU seconds of migrun / of the floor (every cluster and the client), pair by pair: %s"):format(
+    table.concat(cpu, ", ")))
 end
 if resume and mig and not mig.failed and resume.killed.killed and not resume.rerun.failed then
   print(("rerun after a kill at 80%% of %s / full migrun: %.2f (%.1fs / %.1fs)"):format(tables[1].name,
@@ -641,6 +711,8 @@ end
 if verify then
   print(("full row-hash verification / count(*) of both sides: %.2f (%.1fs / %.1fs)"):format(verify.hash / verify.count,
     verify.hash, verify.count))
+  print(("  every value read out by the servers (COPY TO /dev/null, no comparison) / count(*): %.2f (%.1fs): "
+    .. "the least a comparison of the values costs"):format(verify.readout / verify.count, verify.readout))
 end
 print(("\nshape %s, scale %g, %d streams, lab %s, %s, 1-minute load %.2f at start, %.2f at the end"):format(opt.shape,
   scale, opt.jobs, L.version or "", os.date("!%Y-%m-%d %H:%M UTC"), load_start, loadavg()))

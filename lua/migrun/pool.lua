@@ -13,8 +13,9 @@ some tens of milliseconds, so callers put small things together in one task.
   local p = pool.new{ jobs = 2, entry = "migrun.fullload",
     on_event = function(task, ev) end,  -- a JSON line the task's process emitted, decoded
     on_done = function(task) end,       -- the task's process exited 0 (its events came first)
-    on_tick = function() end }          -- between waits, at least every `interval` seconds
-  p:add{ job = { ... }, cost = 1e9, label = "public.big #3" }
+    on_tick = function() end,           -- between waits, at least every `interval` seconds
+    limits = { replica = 2 } }          -- at most 2 tasks of group "replica" at once
+  p:add{ job = { ... }, cost = 1e9, label = "public.big #3", group = "replica" }
   local ok, failure = p:run()
 
   pool.new(opts) -> Pool
@@ -23,11 +24,17 @@ some tens of milliseconds, so callers put small things together in one task.
       in argv, it may hold connection strings) and emit(table), which writes
       a JSON line the parent's on_event gets. A task that raises or returns
       nil, err fails. opts.interval: seconds between dispatches (default 0.02).
+      opts.limits: { [group] = n }: at most n tasks of that group run at once
+      (a group without a limit is bounded by jobs only). Two servers each
+      given their own share of the processes (the two sides of a comparison)
+      keep both busy, instead of the larger tasks of one going first while
+      the other waits.
   p:add(task) -> task      task.job (required), task.cost (number, default 0),
-      task.label (for messages). Tasks may be added at any time, also from
-      on_event and on_done; the queue is served highest cost first, then in
-      the order added. task.stream is set when it starts (1..jobs: the slot
-      it runs in), task.pid too.
+      task.label (for messages), task.group (a string, for opts.limits).
+      Tasks may be added at any time, also from on_event and on_done; the
+      queue is served highest cost first, then in the order added, passing
+      over tasks whose group is at its limit. task.stream is set when it
+      starts (1..jobs: the slot it runs in), task.pid too.
   p:run() -> true | nil, failure
       Runs until the queue is empty and nothing runs. On the first failure
       (a task's error event, a process killed or exiting non-zero, a callback
@@ -54,13 +61,19 @@ function pool.new(opts)
   for _, f in ipairs{ "on_event", "on_done", "on_tick" } do
     assert(opts[f] == nil or type(opts[f]) == "function", "pool.new: " .. f .. " must be a function")
   end
+  assert(opts.limits == nil or type(opts.limits) == "table", "pool.new: limits must be a table { [group] = n }")
+  for g, n in pairs(opts.limits or {}) do
+    assert(type(g) == "string" and math.type(n) == "integer" and n >= 1,
+      "pool.new: limits must map group names to positive integers")
+  end
   return setmetatable({ jobs = opts.jobs, entry = opts.entry, on_event = opts.on_event, on_done = opts.on_done,
-    on_tick = opts.on_tick,
+    on_tick = opts.on_tick, limits = opts.limits or {},
     interval = opts.interval or 0.02, queue = {}, seq = 0, slots = {}, handles = {}, events = {} }, Pool)
 end
 
 function Pool:add(task)
   assert(type(task) == "table" and task.job ~= nil, "pool:add: a task { job = ..., cost = n } expected")
+  assert(task.group == nil or type(task.group) == "string", "pool:add: task.group must be a string")
   self.seq = self.seq + 1
   task.seq, task.cost = self.seq, task.cost or 0
   self.queue[#self.queue + 1] = task
@@ -74,13 +87,21 @@ function Pool:running()
   return n
 end
 
--- The next task: highest cost, then first added.
-local function take(queue)
-  local best, at = nil, nil
-  for i, t in ipairs(queue) do
-    if not best or t.cost > best.cost or (t.cost == best.cost and t.seq < best.seq) then best, at = t, i end
+-- The next task: highest cost, then first added, of a group below its limit.
+function Pool:_take()
+  local running = {}
+  for _, t in pairs(self.slots) do
+    if t.group then running[t.group] = (running[t.group] or 0) + 1 end
   end
-  if at then table.remove(queue, at) end
+  local best, at = nil, nil
+  for i, t in ipairs(self.queue) do
+    local limit = t.group and self.limits[t.group]
+    if (not limit or (running[t.group] or 0) < limit)
+        and (not best or t.cost > best.cost or (t.cost == best.cost and t.seq < best.seq)) then
+      best, at = t, i
+    end
+  end
+  if at then table.remove(self.queue, at) end
   return best
 end
 
@@ -148,8 +169,8 @@ end
 function Pool:_loop()
   while true do
     for slot = 1, self.jobs do
-      if not self.slots[slot] and #self.queue > 0 then
-        local task = take(self.queue)
+      local task = not self.slots[slot] and #self.queue > 0 and self:_take()
+      if task then
         local ok, err = self:_start(task, slot)
         if not ok then
           return nil, { task = task, stream = slot, message = "cannot start a worker process: " .. tostring(err) }

@@ -519,7 +519,10 @@ local function full_compare(a_db, b_db, tables, opts, add)
   end
 
   if (opts.jobs or 1) > 1 and opts.a_conninfo and opts.b_conninfo then
-    local p = pool.new{ jobs = opts.jobs, entry = "migrun.qa",
+    -- `jobs` processes on each side: each side's largest units first, both
+    -- servers busy from the start (one queue ordered by cost alone would
+    -- hash most of a before the first of b)
+    local p = pool.new{ jobs = 2 * opts.jobs, limits = { a = opts.jobs, b = opts.jobs }, entry = "migrun.qa",
       on_event = function(_, ev)
         if ev.event == "hashed" then
           local u = units[math.tointeger(ev.unit)]
@@ -539,7 +542,7 @@ local function full_compare(a_db, b_db, tables, opts, add)
       local function flush()
         if #batch > 0 then
           p:add{ job = { conninfo = side[2], name = side[3], side = side[1], method = method, units = batch },
-                 cost = batch_cost, label = "hashing " .. batch[1].schema .. "." .. batch[1].name }
+                 cost = batch_cost, group = side[1], label = "hashing " .. batch[1].schema .. "." .. batch[1].name }
           batch, batch_cost = {}, 0
         end
       end

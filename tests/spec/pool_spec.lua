@@ -1,0 +1,96 @@
+-- migrun.pool: tasks over child processes, largest first, and at most
+-- limits[group] of a group at once (qa.compare's two sides each get their
+-- share of the processes). The pool runs in a migrun process of its own whose
+-- LUA_PATH finds tests/helpers/pool_probe.lua, as its worker processes do.
+local proc = require "migrun.proc"
+local json = require "migrun.json"
+local cli = require "helpers.cli"
+
+-- Runs a pool of `jobs` over `tasks` ({ group =, cost = } each, every task
+-- waiting `seconds`) -> the order tasks started in (their groups), the most
+-- of each group that ran at once, and the most at once in all.
+local function run_pool(jobs, limits, tasks, seconds)
+  local script = [[
+    local pool, json = require "migrun.pool", require "migrun.json"
+    local spec = json.decode(io.read("a"))
+    local limits = {}
+    for g, n in pairs(spec.limits or {}) do limits[g] = math.tointeger(n) end
+    local running, most, order, all, most_all = {}, {}, {}, 0, 0
+    local p = pool.new{ jobs = math.tointeger(spec.jobs), limits = limits, entry = "helpers.pool_probe",
+      on_event = function(task, ev)
+        if ev.event == "started" then
+          local g = task.group or "-"
+          running[g] = (running[g] or 0) + 1
+          most[g] = math.max(most[g] or 0, running[g])
+          all = all + 1
+          most_all = math.max(most_all, all)
+          order[#order + 1] = g
+        end
+        return true
+      end,
+      on_done = function(task)
+        local g = task.group or "-"
+        running[g] = running[g] - 1
+        all = all - 1
+        return true
+      end }
+    for i, t in ipairs(spec.tasks) do
+      p:add{ job = { n = i, group = t.group, seconds = spec.seconds }, cost = t.cost, group = t.group }
+    end
+    assert(p:run())
+    io.write(json.encode{ order = order, most = most, most_all = most_all })
+  ]]
+  local ok, how, code, out, err = proc.run{ cli.bin, "-e", script, timeout = cli.timeout,
+    stdin = json.encode{ jobs = jobs, limits = limits, tasks = tasks, seconds = seconds },
+    stdout = "capture", stderr = "capture",
+    env = { LUA_PATH = cli.source .. "/tests/?.lua;;", LUA_INIT = false, LUA_INIT_5_4 = false, MIGRUN_LUA_PATH = false } }
+  assert(ok, ("the pool process %s %s: %s"):format(tostring(how), tostring(code), tostring(err)))
+  return json.decode(out)
+end
+
+local function tasks_of(spec)
+  local t = {}
+  for _, s in ipairs(spec) do
+    for _ = 1, s[1] do t[#t + 1] = { group = s[2], cost = s[3] } end
+  end
+  return t
+end
+
+describe("migrun.pool", function()
+  it("runs the largest tasks first, as many at once as it has processes", function()
+    local r = run_pool(3, nil, tasks_of{ { 2, nil, 1 }, { 4, nil, 5 } }, 0.2)
+    assert.equal(3, r.most_all)
+    assert.equal(6, #r.order)
+  end)
+
+  it("runs at most limits[group] tasks of a group at once, and the other group alongside", function()
+    -- a's tasks are the larger: without limits all 4 processes would take a's
+    -- first, and b would wait for the last of them
+    local r = run_pool(4, { a = 2, b = 2 }, tasks_of{ { 6, "a", 10 }, { 6, "b", 1 } }, 0.3)
+    assert.same({ a = 2, b = 2 }, r.most)
+    assert.equal(4, r.most_all)
+    local first_b, last_a
+    for i, g in ipairs(r.order) do
+      if g == "b" and not first_b then first_b = i end
+      if g == "a" then last_a = i end
+    end
+    assert.is_true(first_b < last_a, "b started only once a had nearly finished: " .. table.concat(r.order, " "))
+  end)
+
+  it("bounds a group without a limit by the processes only", function()
+    local r = run_pool(3, { b = 1 }, tasks_of{ { 4, "a", 10 }, { 3, "b", 20 } }, 0.2)
+    assert.equal(1, r.most.b)
+    assert.equal(2, r.most.a) -- the third process: b is at its limit, a takes it
+    assert.equal(3, r.most_all)
+  end)
+
+  it("raises on misuse of limits and groups", function()
+    local pool = require "migrun.pool"
+    assert.has_error(function() pool.new{ jobs = 2, entry = "x", limits = { a = 0 } } end,
+      "pool.new: limits must map group names to positive integers")
+    assert.has_error(function() pool.new{ jobs = 2, entry = "x", limits = "a" } end,
+      "pool.new: limits must be a table { [group] = n }")
+    local p = pool.new{ jobs = 1, entry = "x" }
+    assert.has_error(function() p:add{ job = {}, group = 1 } end, "pool:add: task.group must be a string")
+  end)
+end)
