@@ -55,7 +55,7 @@ clean:
 # pg_dump|psql vs pgcopydb on one lab (docs/benchmarks.md). Scale 1 is ~1 GB.
 # Both datasets, 2 streams then 4; waits up to 10 minutes for an idle machine.
 BENCH_SCALE ?= 1
-BENCH_ARGS  ?= --jobs 2 --more-jobs 4 --wait-idle 600
+BENCH_ARGS  ?= --jobs 2 --more-jobs 4 --wait-idle 600 --repeat 3
 .PHONY: bench
 bench: build
 	@command -v pgcopydb >/dev/null || apt-get install -y pgcopydb || echo "pgcopydb not installed: measured without it"

@@ -160,7 +160,7 @@ config.SCHEMA = record({
     { "write_rate_seconds", seconds(5, "seconds over which write rates are sampled on the primary", 0) },
   }, { doc = "knowing the data" }) },
   { "full_load", record({
-    { "jobs", count(2, "parallel streams for the full load (and for the final QA's row hashes)", 1) },
+    { "jobs", count(2, "parallel streams for the full load (and the final QA's row-hash sessions on each side)", 1) },
     { "chunk_bytes", num{ check = at_least(1024 * 1024, "a number of bytes >= 1 MiB"),
       expected = "a number of bytes >= 1 MiB",
       doc = "size of the chunks a large table is cut into (default: the data to load / (4 x jobs), "
