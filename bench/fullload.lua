@@ -405,11 +405,15 @@ local function check_counts(conninfo)
     auto.v, auto.a)
 end
 
--- The floor's files: written by the replica (server side) before the clock.
-local files_dir = L.dir .. "/floor-files"
-proc.run{ "mkdir", "-p", files_dir }
-proc.run{ "chown", "postgres", files_dir }
+-- The floor's files: written by the replica (server side) before the clock,
+-- once for each number of streams (which sets how many parts the largest
+-- table is cut into), in a directory of their own.
+local files_of = {}
 local function floor_files(jobs)
+  if files_of[jobs] then return table.unpack(files_of[jobs]) end
+  local files_dir = ("%s/floor-files-%d"):format(L.dir, jobs)
+  proc.run{ "mkdir", "-p", files_dir }
+  proc.run{ "chown", "postgres", files_dir }
   local chunk_bytes, split_bytes = sizes(jobs)
   local rdb = require("migrun.db").wrap(rep)
   local plan = chunks.plan(rdb, tables[1], { chunk_bytes = chunk_bytes, split_bytes = split_bytes })
@@ -434,6 +438,7 @@ local function floor_files(jobs)
       files[#files + 1] = { schema = t.schema, name = t.name, path = path, bytes = t.bytes, whole = true }
     end
   end
+  files_of[jobs] = { files, parts }
   return files, parts
 end
 
@@ -608,18 +613,17 @@ end
 local mig = not skip("migrun") and measure("migrun", "migrun", { profile = L.dir .. "/profile-migrun.json",
   journal = L.dir .. "/bench-migrun-journal.json", keep = true }) or nil -- verified at the end
 profile_of(mig)
+local floor
 if not skip("floor") then
   local files, parts = floor_files(opt.jobs)
   io.stdout:write(("(floor: %d files, the largest table in %d parts)\n"):format(#files, parts))
-  measure("floor", "floor", { files = files })
+  floor = measure("floor", "floor", { files = files })
 end
 -- The same pair again, one right after the other: on a machine shared with
 -- other work, one pair is one sample of a ratio that moves by some 10%.
 local pairs_measured = {}
-if mig and not skip("floor") then
-  local floor1
-  for _, r in ipairs(results) do if r.name == "floor" then floor1 = r end end
-  pairs_measured[1] = { mig, floor1 }
+if mig and floor then
+  pairs_measured[1] = { mig, floor }
   for i = 2, opt["repeat"] do
     local m = measure(("migrun #%d"):format(i), "migrun", { journal = ("%s/bench-migrun-journal-%d.json"):format(L.dir, i) })
     local f = measure(("floor #%d"):format(i), "floor", { files = floor_files(opt.jobs) })
@@ -645,8 +649,8 @@ end
 if opt.more_jobs and not skip("jobs") then
   measure(("migrun, %d streams"):format(opt.more_jobs), "migrun", { jobs = opt.more_jobs,
     journal = L.dir .. "/bench-migrun-more-journal.json" })
-  local files = floor_files(opt.more_jobs)
-  measure(("floor, %d streams"):format(opt.more_jobs), "floor", { files = files, jobs = opt.more_jobs })
+  measure(("floor, %d streams"):format(opt.more_jobs), "floor", { files = floor_files(opt.more_jobs),
+    jobs = opt.more_jobs })
 end
 local resume
 if not skip("resume") then
@@ -671,17 +675,14 @@ if mig and not mig.failed and not skip("verify") then
     end
     for _, h in ipairs(hs) do local ok = h:wait() if not ok then die(method .. " failed: " .. tostring(h.stderr)) end end
     local secs = now() - c0
-    local cpu = cpu_since(cpu_before)
-    print(("%.1fs\n    %s"):format(secs, cpu_text(cpu, secs)))
-    return secs, cpu
+    print(("%.1fs\n    %s"):format(secs, cpu_text(cpu_since(cpu_before), secs)))
+    return secs
   end
-  local cs, cpu = both_sides("count(*) both sides", "count")
-  local rs = both_sides("read out both sides", "readout")
-  verify = { hash = v.seconds, count = cs, readout = rs, hash_cpu = v.cpu, count_cpu = cpu }
+  verify = { hash = v.seconds, count = both_sides("count(*) both sides", "count"),
+             readout = both_sides("read out both sides", "readout") }
 end
 
-local base
-for _, r in ipairs(results) do if r.name == "floor" and not r.failed then base = r.seconds end end
+local base = floor and not floor.failed and floor.seconds or nil
 print()
 print(("| method | seconds | vs floor | peak RSS (MB) | 1-min load before | CPU s: replica | target | source | client |"))
 print("|---|---|---|---|---|---|---|---|---|")
@@ -697,23 +698,21 @@ end
 print()
 if mig and not mig.failed and base then print(("migrun / floor: %.2f"):format(mig.seconds / base)) end
 if #pairs_measured > 1 then
-  local ratios = {}
+  -- and the CPU each of the pair used, servers and client: where the cores
+  -- are the limit, the wall-time ratio follows this one
+  local function total(r) return r.cpu.replica + r.cpu.target + r.cpu.source + r.cpu.client end
+  local ratios, listed, cpu = {}, {}, {}
   for _, pr in ipairs(pairs_measured) do
-    if not pr[1].failed and not pr[2].failed then ratios[#ratios + 1] = pr[1].seconds / pr[2].seconds end
+    if not pr[1].failed and not pr[2].failed then
+      ratios[#ratios + 1] = pr[1].seconds / pr[2].seconds
+      listed[#listed + 1] = ("%.2f"):format(ratios[#ratios])
+      cpu[#cpu + 1] = ("%.2f"):format(total(pr[1]) / total(pr[2]))
+    end
   end
-  local listed = {}
-  for i, x in ipairs(ratios) do listed[i] = ("%.2f"):format(x) end
   table.sort(ratios)
   local median = #ratios % 2 == 1 and ratios[(#ratios + 1) // 2] or (ratios[#ratios // 2] + ratios[#ratios // 2 + 1]) / 2
   print(("migrun / floor, %d pairs one after the other: %s; median %.2f"):format(#ratios, table.concat(listed, ", "),
     median))
-  -- the CPU each of the pair used, servers and client: where the cores are
-  -- the limit, the wall-time ratio follows this one
-  local function total(r) return r.cpu.replica + r.cpu.target + r.cpu.source + r.cpu.client end
-  local cpu = {}
-  for _, pr in ipairs(pairs_measured) do
-    if not pr[1].failed and not pr[2].failed then cpu[#cpu + 1] = ("%.2f"):format(total(pr[1]) / total(pr[2])) end
-  end
   print(("  CPU seconds of migrun / of the floor (every cluster and the client), pair by pair: %s"):format(
     table.concat(cpu, ", ")))
 end
