@@ -26,6 +26,16 @@ function procs.marked(mark, with)
   return found
 end
 
+-- Waits up to `seconds` for no live process to carry the mark -> whether none does.
+function procs.gone(mark, seconds)
+  local deadline = host.monotonic() + seconds
+  while #procs.marked(mark) > 0 do
+    if host.monotonic() > deadline then return false end
+    host.sleep(0.2)
+  end
+  return true
+end
+
 -- The live descendants of pid whose command line contains `with` -> { pid, ... }.
 -- Reads /proc only (no process started): usable inside an output callback.
 function procs.descendants(pid, with, found)

@@ -14,15 +14,11 @@ local catalog = require "migrun.catalog"
 local qa = require "migrun.qa"
 local db = require "migrun.db"
 local pg = require "migrun.pg"
-local proc = require "migrun.proc"
-local json = require "migrun.json"
-local procs = require "helpers.procs"
+local fullload_child = require "helpers.fullload_child"
 
 local SANITIZE = os.getenv("MIGRUN_SANITIZE") == "1"
 local N = SANITIZE and 1500 or 4000
 local CH = 48 * 1024 -- every table below is a few times this
-local ROOT = os.getenv("MIGRUN_SOURCE_DIR") or "."
-local MIGRUN = os.getenv("MIGRUN_BIN") or "build/migrun"
 local S = "Odd Load"
 
 local DDL = [[
@@ -183,20 +179,8 @@ describe("migrun.fullload on awkward tables, all of them split", function()
     truncate_target()
     n_journal = n_journal + 1
     local path = L.dir .. "/awkward-journal-" .. n_journal .. ".json"
-    local job = { replica = with_password(L.replica), target = with_password(L.target), tables = tables, jobs = 2,
-      lsn = at, chunk_bytes = CH, journal = path, die = { chunks_done = 7 } }
-    local ok, how = proc.run{ MIGRUN, ROOT .. "/tests/fixtures/fullload/run.lua", stdin = json.encode(job),
-      stdout = "capture", stderr = "capture", timeout = 300, env = { [procs.MARK] = L.dir } }
-    assert.is_false(ok == true)
-    assert.equal("signal", how)
-    local deadline = os.time() + 10
-    while #procs.marked(L.dir) > 0 do
-      assert(os.time() < deadline, "workers of the killed run live on")
-      proc.run{ "sleep", "0.2" }
-    end
-    local f = assert(io.open(path))
-    local state = json.decode(f:read("a"))
-    f:close()
+    local state = fullload_child.run_killed({ replica = with_password(L.replica), target = with_password(L.target),
+      tables = tables, jobs = 2, lsn = at, chunk_bytes = CH, journal = path, die = { chunks_done = 7 } }, L.dir)
     local left = 0
     for _, n in ipairs(LEAVES) do
       local cs = state.chunks[S .. "." .. n]

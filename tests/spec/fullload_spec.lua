@@ -9,16 +9,13 @@ local qa = require "migrun.qa"
 local db = require "migrun.db"
 local pg = require "migrun.pg"
 local proc = require "migrun.proc"
-local json = require "migrun.json"
-local procs = require "helpers.procs"
+local fullload_child = require "helpers.fullload_child"
 
 local SANITIZE = os.getenv("MIGRUN_SANITIZE") == "1"
 local BIG_ROWS = SANITIZE and 20000 or 60000
 local MiB = 1024 * 1024
 -- the chunk size of the split tests: several chunks of the largest tables at either scale
 local CH = SANITIZE and 256 * 1024 or MiB
-local ROOT = os.getenv("MIGRUN_SOURCE_DIR") or "."
-local MIGRUN = os.getenv("MIGRUN_BIN") or "build/migrun"
 
 describe("migrun.fullload", function()
   local L, at, tables, replica_db, target_db
@@ -72,32 +69,14 @@ describe("migrun.fullload", function()
   end
   local function keys(t) local out = {} for k in pairs(t or {}) do out[#out + 1] = k end table.sort(out) return out end
 
-  -- fullload.run in a child migrun (tests/fixtures/fullload/run.lua) that journals
-  -- to a file and kills itself on cue; -> the journal as it was left
+  -- fullload.run killed on cue in a child migrun, none of its workers left
+  -- (tests/helpers/fullload_child.lua); -> the journal as it was left, its path
   local function run_child(die, chunk_bytes, save_interval, post)
     n_journal = n_journal + 1
     local path = L.dir .. "/fl-journal-" .. n_journal .. ".json"
-    local job = { replica = with_password(L.replica), target = with_password(L.target), tables = tables, jobs = 2,
-      lsn = at, chunk_bytes = chunk_bytes, journal = path, die = die, save_interval = save_interval, post = post }
-    local ok, how, code, out, err = proc.run{ MIGRUN, ROOT .. "/tests/fixtures/fullload/run.lua",
-      stdin = json.encode(job), stdout = "capture", stderr = "capture", timeout = 300,
-      env = { [procs.MARK] = L.dir } } -- inherited by its workers: they are told apart by it
-    assert.is_false(ok == true, "the run was not killed:\n" .. tostring(out) .. tostring(err))
-    assert.equal("signal", how, tostring(how) .. " " .. tostring(code) .. "\n" .. tostring(err))
-    local f = assert(io.open(path))
-    local state = json.decode(f:read("a"))
-    f:close()
-    return state, path
-  end
-  -- no worker of a killed parent may live on (they die with it): its workers,
-  -- not another spec's (tests/helpers/procs.lua)
-  local function no_workers_left()
-    local deadline = os.time() + 10
-    repeat
-      if #procs.marked(L.dir) == 0 then return true end
-      proc.run{ "sleep", "0.2" }
-    until os.time() > deadline
-    return false
+    return fullload_child.run_killed({ replica = with_password(L.replica), target = with_password(L.target),
+      tables = tables, jobs = 2, lsn = at, chunk_bytes = chunk_bytes, journal = path, die = die,
+      save_interval = save_interval, post = post }, L.dir), path
   end
 
   setup(function()
@@ -401,7 +380,6 @@ describe("migrun.fullload", function()
   it("resumes after a kill: only the chunks not committed load again, and no row twice", function()
     truncate_target()
     local state, path = run_child({ chunks_done = 5 }, CH) -- chunks of every split table count
-    assert.is_true(no_workers_left(), "workers of the killed run live on")
     local done = keys(state.chunks["fl.big"].done)
     assert.is_true(#done >= 1, "the kill came too early")
     local plan = state.chunks["fl.big"].plan
@@ -443,7 +421,6 @@ describe("migrun.fullload", function()
     --    never got the go-ahead and died with the parent; nothing of it is there
     truncate_target()
     local state = run_child({ committing = 1 }, CH)
-    assert.is_true(no_workers_left())
     local pending = {}
     for k, cs in pairs(state.chunks) do
       for i, c in pairs(cs.committing) do pending[#pending + 1] = { table = k, chunk = i, xid = c.xid } end
@@ -461,7 +438,6 @@ describe("migrun.fullload", function()
     --    (loading it again would put its rows in twice)
     truncate_target()
     state = run_child({ before_done = 2 }, CH)
-    assert.is_true(no_workers_left())
     pending = {}
     for k, cs in pairs(state.chunks) do
       for i, c in pairs(cs.committing) do
@@ -494,7 +470,6 @@ describe("migrun.fullload", function()
     truncate_target()
     drop_target_indexes()
     local state = run_child({ loaded = #NAMES }, CH, 3600, assert(schema.table_post_data(replica_db, target_db, tables)))
-    assert.is_true(no_workers_left())
     assert.equal(indexes(L.replica), indexes(L.target)) -- built before the kill
     assert.same({}, state.loaded or {})
     assert.same({}, state.indexed or {})

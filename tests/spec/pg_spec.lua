@@ -565,7 +565,8 @@ describe("migrun.pg", function()
     end
 
     it("carries rows larger than its batches, and rows across their edges, whole", function()
-      -- pg.copy gathers rows into messages of 64 KiB: rows of 0 to 150 KB, some larger than that
+      -- rows of 0 to 150 KB, many larger than libpq's 8 KiB send buffer and the
+      -- server's 64 KiB socket reads, so that a row spans several of each
       assert(other:exec("drop table if exists wide; create table wide(id int, pad text)"))
       assert(c:exec("drop table if exists wide; create table wide(id int, pad text)"))
       assert(other:exec([[insert into wide select g, left(repeat(md5(g::text), 5000), (g * 7919) % 150000)

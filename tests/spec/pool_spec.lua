@@ -58,9 +58,11 @@ end
 
 describe("migrun.pool", function()
   it("runs the largest tasks first, as many at once as it has processes", function()
-    local r = run_pool(3, nil, tasks_of{ { 2, nil, 1 }, { 4, nil, 5 } }, 0.2)
-    assert.equal(3, r.most_all)
-    assert.equal(6, #r.order)
+    -- one process: the order they start in is the order they are taken in;
+    -- the small ones were added first, and still start last
+    local r = run_pool(1, nil, tasks_of{ { 2, "small", 1 }, { 3, "big", 5 } }, 0.05)
+    assert.same({ "big", "big", "big", "small", "small" }, r.order)
+    assert.equal(3, run_pool(3, nil, tasks_of{ { 6, nil, 1 } }, 0.2).most_all)
   end)
 
   it("runs at most limits[group] tasks of a group at once, and the other group alongside", function()
