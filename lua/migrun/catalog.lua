@@ -10,7 +10,8 @@ catalog queries and SELECTs, never a write. Works on PostgreSQL 9.6 and later.
 catalog.tables(db, { schemas = {...} | nil, exclude = {"s.t", ...} }) -> list | nil, err
     The tables to migrate, largest first (bytes, then "s.t"). schemas nil: every
     schema except the system ones; pglogical, information_schema, pg_* and
-    migrun (migrun.fence) are never listed. A listed schema that does not exist is an error (a typo would
+    migrun (migrun.fence) are never listed (catalog.is_system_schema(name) says
+    which schemas those are). A listed schema that does not exist is an error (a typo would
     otherwise migrate nothing). Each table:
       schema, name, qualified ('"s"."t"'), key ("s.t", the config spelling),
       bytes (pg_total_relation_size: heap, TOAST and indexes), table_bytes
@@ -80,6 +81,8 @@ local SYSTEM_SCHEMAS = { pg_catalog = true, information_schema = true, pglogical
 local function is_system_schema(s)
   return SYSTEM_SCHEMAS[s] or s:match("^pg_") ~= nil
 end
+-- the same selection for what else a module lists by schema (migrun.matviews)
+catalog.is_system_schema = is_system_schema
 
 -- Base types DMS reads as LOBs (dms-api.md §8). varchar only without a length.
 local LOB_BASE_TYPES = { text = true, json = true, jsonb = true, bytea = true, xml = true,
