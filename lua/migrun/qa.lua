@@ -67,20 +67,15 @@ qa.format(result) -> text: a summary line, then an aligned table of the
     differences (table, method, a, b, detail).
 ]]
 local pg = require "migrun.pg"
-local catalog = require "migrun.catalog"
 local text = require "migrun.text"
 local chunks = require "migrun.chunks"
 local pool = require "migrun.pool"
 local errors = require "migrun.error"
 local db = require "migrun.db"
+local rowhash = require "migrun.rowhash"
+local keydiff = require "migrun.keydiff"
 
 local qa = {}
-
--- The settings that change how values print; fixed while hashing and counting.
-local STABLE_TEXT = {
-  { "TimeZone", "UTC" }, { "DateStyle", "ISO, MDY" }, { "IntervalStyle", "postgres" },
-  { "bytea_output", "hex" }, { "extra_float_digits", "3" },
-}
 
 local function split(t)
   if type(t) == "string" then
@@ -103,7 +98,7 @@ function qa.monthly_counts(db, t, column, before)
   assert(db and db.query, "qa.monthly_counts: a Db expected")
   assert(type(column) == "string", "qa.monthly_counts: column name expected")
   local schema, name = split(t)
-  return catalog._with_settings(db, STABLE_TEXT, function()
+  return rowhash.with_stable(db, function()
     local sql = ([[
       select coalesce(to_char(date_trunc('month', %s), 'YYYY-MM'), '(null)') as month,
              count(*)::bigint as n
@@ -118,73 +113,7 @@ function qa.monthly_counts(db, t, column, before)
   end)
 end
 
--- The 64-bit hash function of a column's (base) type, where it has one that
--- does not depend on the server (enums, for one, hash their oids).
-local TYPED = {
-  smallint = "hashint2extended(%s, %d)", integer = "hashint4extended(%s, %d)",
-  bigint = "hashint8extended(%s, %d)", oid = "hashoidextended(%s, %d)",
-  boolean = "hashint4extended(%s::int, %d)",
-  text = 'hashtextextended(%s::text COLLATE "C", %d)', ["character varying"] = 'hashtextextended(%s::text COLLATE "C", %d)',
-  character = 'hashtextextended(%s::text COLLATE "C", %d)', name = 'hashtextextended(%s::text COLLATE "C", %d)',
-  ["timestamp without time zone"] = "timestamp_hash_extended(%s, %d)",
-  -- under TimeZone UTC (fixed for the query) the cast keeps the instant's value
-  ["timestamp with time zone"] = "timestamp_hash_extended(%s::timestamp, %d)",
-  ["time without time zone"] = "time_hash_extended(%s, %d)", ["time with time zone"] = "timetz_hash_extended(%s, %d)",
-  interval = "interval_hash_extended(%s, %d)", numeric = "hash_numeric_extended(%s, %d)",
-  real = "hashfloat4extended(%s, %d)", ["double precision"] = "hashfloat8extended(%s, %d)",
-  uuid = "uuid_hash_extended(%s, %d)", jsonb = "jsonb_hash_extended(%s, %d)",
-  inet = "hashinetextended(%s, %d)", cidr = "hashinetextended(%s, %d)", macaddr = "hashmacaddrextended(%s, %d)",
-}
-
-local function columns_of(db, qualified)
-  local res, err = db:query([[
-    select a.attname as name, format_type(a.atttypid, null) as type,
-           format_type(case when t.typtype = 'd' then t.typbasetype else t.oid end, null) as base
-      from pg_attribute a join pg_type t on t.oid = a.atttypid
-     where a.attrelid = $1::regclass and a.attnum > 0 and not a.attisdropped
-     order by a.attname]], qualified)
-  if not res then return nil, err end
-  local cols = {}
-  for row in res:rows() do cols[#cols + 1] = row end
-  return cols
-end
-
--- The SQL of one row's hash (a bigint) for the method.
-local function row_expr(cols, method)
-  if method == "md5" then
-    local exprs = {}
-    for _, c in ipairs(cols) do
-      local col = pg.quote_ident(c.name)
-      if c.type == "double precision" then
-        exprs[#exprs + 1] = "float8send(" .. col .. ")"
-      elseif c.type == "real" then
-        exprs[#exprs + 1] = "float4send(" .. col .. ")"
-      else
-        exprs[#exprs + 1] = col
-      end
-    end
-    -- row(...) of a single column is still a row; of none, the empty row "()".
-    return ("('x' || substr(md5(row(%s)::text), 1, 15))::bit(60)::bigint"):format(table.concat(exprs, ", "))
-  end
-  if #cols == 0 then return "0::bigint" end
-  local parts = {}
-  for i, c in ipairs(cols) do
-    local fn = TYPED[c.base] or 'hashtextextended(%s::text COLLATE "C", %d)'
-    -- NULL: a constant of the column's own, so that NULL in a and NULL in b differ
-    parts[i] = ("coalesce(%s, %d)"):format(fn:format(pg.quote_ident(c.name), i), 0x5851F42D4C957F2D + i)
-  end
-  return "(" .. table.concat(parts, " # ") .. ")"
-end
-
--- The method both sides can use: "typed" when every server is 11 or later.
-local function method_for(...)
-  for _, db in ipairs{ ... } do
-    local res, err = db:query("select current_setting('server_version_num')::int as v")
-    if not res then return nil, err end
-    if res[1].v < 110000 then return "md5" end
-  end
-  return "typed"
-end
+local method_for = rowhash.method
 qa._method_for = method_for
 
 function qa.row_hash(db, t, opts)
@@ -199,10 +128,10 @@ function qa.row_hash(db, t, opts)
     if not method then return nil, err end
   end
   assert(method == "typed" or method == "md5", "qa.row_hash: method must be \"typed\" or \"md5\"")
-  local cols, err = columns_of(db, qualified)
+  local cols, err = rowhash.columns(db, qualified)
   if not cols then return nil, err end
-  local expr = row_expr(cols, method)
-  return catalog._with_settings(db, STABLE_TEXT, function()
+  local expr = rowhash.expr(cols, method)
+  return rowhash.with_stable(db, function()
     -- typed terms are signed: count * 2^63 added once keeps the text a plain number
     local sql = method == "md5" and ([[
       select count(*)::bigint as rows, coalesce(sum(%s), 0)::text as hash from %s%s]])
@@ -347,92 +276,7 @@ local function result_name(d, default)
   return ok and name or default
 end
 
-local MAX_KEYS = 10        -- keys named in a difference
-local FANOUT_BITS, LEAF = 4, 64 -- 2^4 sub-ranges per step of the narrowing; keys compared one by one below this
-
--- The rows of a small range, key -> row hash, on one side.
-local function keyed_hashes(db, t, plan, condition, method)
-  local qualified = pg.qualify(split(t))
-  local cols, err = columns_of(db, qualified)
-  if not cols then return nil, err end
-  return catalog._with_settings(db, STABLE_TEXT, function()
-    local res, qerr = db:query(("select %s::text as k, %s::text as h from %s where %s"):format(
-      pg.quote_ident(plan.column), row_expr(cols, method), qualified, condition))
-    if not res then return nil, qerr end
-    local out = {}
-    for row in res:rows() do out[row.k] = row.h end
-    return out
-  end)
-end
-
--- The keys of chunk i that differ between a and b: ranges hashed on both
--- sides (through the key's index), the differing ones cut again, until a
--- range is small enough to compare row by row. -> { "id 1234 differs", ... }
--- Ranges are inclusive, first..last, and their widths unsigned: a bigint key
--- may run from its least value to its greatest, where last + 1 and last -
--- first do not fit in a signed 64-bit integer.
-local function narrow(a_db, b_db, t, plan, i, method)
-  local col = pg.quote_ident(plan.column)
-  local qualified = pg.qualify(split(t))
-  local first, last
-  for _, db in ipairs{ a_db, b_db } do
-    local res, err = db:query(("select min(%s)::text as lo, max(%s)::text as hi from %s where %s"):format(col, col,
-      qualified, chunks.where(plan, i)))
-    if not res then return nil, err end
-    local l, h = math.tointeger(tonumber(res[1].lo)), math.tointeger(tonumber(res[1].hi))
-    if l and (not first or l < first) then first = l end
-    if h and (not last or h > last) then last = h end
-  end
-  local found = {}
-  if not first then return found end
-  -- the condition for first..last inside chunk i (no upper bound past the greatest key)
-  local function where(l, h) return chunks.where(plan, i, l, h < math.maxinteger and h + 1 or nil) end
-  local function hashes_differ(l, h)
-    local a, err = qa.row_hash(a_db, t, { where = where(l, h), method = method })
-    if not a then return nil, err end
-    local b
-    b, err = qa.row_hash(b_db, t, { where = where(l, h), method = method })
-    if not b then return nil, err end
-    return a.rows ~= b.rows or a.hash ~= b.hash
-  end
-  local function walk(l, h)
-    if #found >= MAX_KEYS then return true end
-    local width = h - l -- unsigned
-    if math.ult(width, LEAF) then
-      local a, err = keyed_hashes(a_db, t, plan, where(l, h), method)
-      if not a then return nil, err end
-      local b
-      b, err = keyed_hashes(b_db, t, plan, where(l, h), method)
-      if not b then return nil, err end
-      local keys = {}
-      for k in pairs(a) do keys[#keys + 1] = k end
-      for k in pairs(b) do if not a[k] then keys[#keys + 1] = k end end
-      table.sort(keys, function(x, y) return math.tointeger(x) < math.tointeger(y) end)
-      for _, k in ipairs(keys) do
-        if #found >= MAX_KEYS then break end
-        local what = not b[k] and "only in a" or not a[k] and "only in b" or a[k] ~= b[k] and "differs" or nil
-        if what then found[#found + 1] = ("%s %s %s"):format(plan.column, k, what) end
-      end
-      return true
-    end
-    local step = (width >> FANOUT_BITS) + 1 -- 2^FANOUT_BITS parts (>> is unsigned)
-    local sl = l
-    while true do
-      local sh = math.ult(h - sl, step) and h or sl + step - 1
-      local differ, err = hashes_differ(sl, sh)
-      if differ == nil then return nil, err end
-      if differ then
-        local ok, werr = walk(sl, sh)
-        if not ok then return nil, werr end
-      end
-      if sh == h then return true end
-      sl = sh + 1
-    end
-  end
-  local ok, err = walk(first, last)
-  if not ok then return nil, err end
-  return found
-end
+local MAX_KEYS = 10 -- keys named in a difference's detail (check.keys holds up to opts.keys_limit)
 
 -- A worker's task: row hashes of units on one side.
 function qa.task(job, emit)
@@ -462,18 +306,15 @@ local function add_decimal(x, y)
   return (table.concat(out):reverse():gsub("^0+(%d)", "%1"))
 end
 
-local function full_compare(a_db, b_db, tables, opts, add)
-  local method = opts.method
-  if not method then
-    local err
-    method, err = method_for(a_db, b_db)
-    if not method then return nil, err end
-  end
-  -- the units: a table whole, one key range of it (the same rows on both
-  -- sides), or one block range of one side (other rows on each: those sums
-  -- are added up per side, which gives the whole table's hash)
+-- The units of a full comparison: a table whole, one key range of it (the
+-- same rows on both sides), or one block range of one side (other rows on
+-- each: those sums are added up per side, which gives the whole table's
+-- hash). Rows whose keys opts.exclude lists for the table are left out of
+-- every unit on both sides.
+local function plan_units(a_db, b_db, tables, opts)
   local entries, units = {}, {}
   local function unit(e, u)
+    if e.exclusion then u.where = u.where and ("(" .. u.where .. ") AND " .. e.exclusion) or e.exclusion end
     units[#units + 1] = u
     u.id, u.entry = #units, e
     e.units[#e.units + 1] = u
@@ -500,8 +341,14 @@ local function full_compare(a_db, b_db, tables, opts, add)
     local e = { t = t, k = key_of(t), schema = schema, name = name, units = {},
                 bytes = type(t) == "table" and t.bytes or 0 }
     entries[#entries + 1] = e
+    local excluded = (opts.exclude or {})[e.k]
+    if excluded and #excluded > 0 then
+      local key, kerr = keydiff.key(a_db, { schema = schema, name = name })
+      if key then e.exclusion, e.excluded = keydiff.exclusion({ schema = schema, name = name }, key, excluded), #excluded
+      else e.error = kerr or ("%s has no key: keys cannot be left out of its comparison"):format(e.k) end
+    end
     local plan, b_ranges
-    if opts.chunk_bytes then
+    if opts.chunk_bytes and not e.error then
       local why
       plan, why = chunks.plan(a_db, { schema = schema, name = name },
         { chunk_bytes = opts.chunk_bytes, split_bytes = opts.chunk_bytes })
@@ -517,118 +364,178 @@ local function full_compare(a_db, b_db, tables, opts, add)
     end
     if not e.error then add_units(e, plan, b_ranges) end -- else the check reports the error
   end
+  return entries, units
+end
 
-  if (opts.jobs or 1) > 1 and opts.a_conninfo and opts.b_conninfo then
-    -- `jobs` processes on each side: each side's largest units first, both
-    -- servers busy from the start (one queue ordered by cost alone would
-    -- hash most of a before the first of b)
-    local p = pool.new{ jobs = 2 * opts.jobs, limits = { a = opts.jobs, b = opts.jobs }, entry = "migrun.qa",
-      on_event = function(_, ev)
-        if ev.event == "hashed" then
-          local u = units[math.tointeger(ev.unit)]
-          if ev.error then
-            u.err = u.err or errors.new(ev.error)
-          else
-            u[ev.side] = { rows = math.tointeger(ev.rows) or ev.rows, hash = ev.hash }
-          end
-        end
-        return true
-      end }
-    -- largest first; small units share a task (a process start costs more than they do)
-    local sorted = table.move(units, 1, #units, 1, {})
-    table.sort(sorted, function(x, y) return x.cost > y.cost end)
-    for _, side in ipairs{ { "a", opts.a_conninfo, result_name(a_db, "a") }, { "b", opts.b_conninfo, result_name(b_db, "b") } } do
-      local batch, batch_cost = {}, 0
-      local function flush()
-        if #batch > 0 then
-          p:add{ job = { conninfo = side[2], name = side[3], side = side[1], method = method, units = batch },
-                 cost = batch_cost, group = side[1], label = "hashing " .. batch[1].schema .. "." .. batch[1].name }
-          batch, batch_cost = {}, 0
+-- Every unit hashed by `jobs` worker processes on each side at once.
+local function hash_in_pool(a_db, b_db, units, method, opts)
+  -- `jobs` processes on each side: each side's largest units first, both
+  -- servers busy from the start (one queue ordered by cost alone would
+  -- hash most of a before the first of b)
+  local p = pool.new{ jobs = 2 * opts.jobs, limits = { a = opts.jobs, b = opts.jobs }, entry = "migrun.qa",
+    on_event = function(_, ev)
+      if ev.event == "hashed" then
+        local u = units[math.tointeger(ev.unit)]
+        if ev.error then
+          u.err = u.err or errors.new(ev.error)
+        else
+          u[ev.side] = { rows = math.tointeger(ev.rows) or ev.rows, hash = ev.hash }
         end
       end
-      for _, u in ipairs(sorted) do
-        if not u.side or u.side == side[1] then
-          batch[#batch + 1] = { unit = u.id, schema = u.entry.schema, name = u.entry.name, where = u.where }
-          batch_cost = batch_cost + u.cost
-          if batch_cost >= 8 * 1024 * 1024 or #batch >= 25 then flush() end
-        end
+      return true
+    end }
+  -- largest first; small units share a task (a process start costs more than they do)
+  local sorted = table.move(units, 1, #units, 1, {})
+  table.sort(sorted, function(x, y) return x.cost > y.cost end)
+  for _, side in ipairs{ { "a", opts.a_conninfo, result_name(a_db, "a") }, { "b", opts.b_conninfo, result_name(b_db, "b") } } do
+    local batch, batch_cost = {}, 0
+    local function flush()
+      if #batch > 0 then
+        p:add{ job = { conninfo = side[2], name = side[3], side = side[1], method = method, units = batch },
+               cost = batch_cost, group = side[1], label = "hashing " .. batch[1].schema .. "." .. batch[1].name }
+        batch, batch_cost = {}, 0
       end
-      flush()
     end
-    local ok, failure = p:run()
-    if not ok then
-      return nil, errors.new{ kind = "qa", where = failure.where or ("stream " .. tostring(failure.stream)),
-        message = failure.message, detail = failure.detail }
+    for _, u in ipairs(sorted) do
+      if not u.side or u.side == side[1] then
+        batch[#batch + 1] = { unit = u.id, schema = u.entry.schema, name = u.entry.name, where = u.where }
+        batch_cost = batch_cost + u.cost
+        if batch_cost >= 8 * 1024 * 1024 or #batch >= 25 then flush() end
+      end
     end
-  else
-    for _, u in ipairs(units) do
-      local t = { schema = u.entry.schema, name = u.entry.name }
-      local function hash(d) return qa.row_hash(d, t, { where = u.where, method = method }) end
-      if u.side then
-        local r, err = hash(u.side == "a" and a_db or b_db)
-        u[u.side], u.err = r, err
-      else
-        u.a, u.b, u.err = run_both(a_db, b_db, hash)
+    flush()
+  end
+  local ok, failure = p:run()
+  if not ok then
+    return nil, errors.new{ kind = "qa", where = failure.where or ("stream " .. tostring(failure.stream)),
+      message = failure.message, detail = failure.detail }
+  end
+  return true
+end
+
+-- Every unit hashed here, one after the other.
+local function hash_here(a_db, b_db, units, method)
+  for _, u in ipairs(units) do
+    local t = { schema = u.entry.schema, name = u.entry.name }
+    local function hash(d) return qa.row_hash(d, t, { where = u.where, method = method }) end
+    if u.side then
+      local r, err = hash(u.side == "a" and a_db or b_db)
+      u[u.side], u.err = r, err
+    else
+      u.a, u.b, u.err = run_both(a_db, b_db, hash)
+    end
+  end
+  return true
+end
+
+-- The table's rows and hash on each side, added up over its units; the
+-- units that differ (key or whole units; block ranges cannot be paired).
+local function totals(e)
+  local a, b = { rows = 0 }, { rows = 0 }
+  local differing = {}
+  if e.sided then
+    a.hash, b.hash, a.chunks, b.chunks = "0", "0", 0, 0
+    for _, u in ipairs(e.units) do
+      local side = u.side == "a" and a or b
+      side.rows, side.hash, side.chunks = side.rows + u[u.side].rows, add_decimal(side.hash, u[u.side].hash),
+        side.chunks + 1
+    end
+    return a, b, differing, a.rows == b.rows and a.hash == b.hash
+  end
+  for _, u in ipairs(e.units) do
+    a.rows, b.rows = a.rows + u.a.rows, b.rows + u.b.rows
+    if u.a.rows ~= u.b.rows or u.a.hash ~= u.b.hash then differing[#differing + 1] = u end
+  end
+  if #e.units == 1 then a.hash, b.hash = e.units[1].a.hash, e.units[1].b.hash end
+  if e.plan then a.chunks, b.chunks = #e.units, #e.units end
+  return a, b, differing, #differing == 0
+end
+
+-- A table that differs, narrowed to the keys of the rows that differ: in
+-- each differing key range, or over the whole table.
+local function narrow_entry(a_db, b_db, e, differing, method, opts, check)
+  local t = { schema = e.schema, name = e.name }
+  local key, err = keydiff.key(a_db, t)
+  if key == nil then return nil, err end
+  if not key then
+    check.detail = check.detail .. " (no primary or unique key: the rows cannot be named)"
+    return true
+  end
+  check.key, check.keys, check.keys_complete = key, {}, true
+  local limit = opts.keys_limit or 1000
+  local scopes = (e.plan and #differing > 0) and differing or { { where = e.exclusion } }
+  local parts = {}
+  for _, u in ipairs(scopes) do
+    local found, nerr = keydiff.narrow(a_db, b_db, t, key, { where = u.where, method = method,
+      limit = math.max(1, limit - #check.keys) })
+    if not found then
+      parts[#parts + 1] = "not narrowed: " .. tostring(nerr)
+    else
+      table.move(found.keys, 1, #found.keys, #check.keys + 1, check.keys)
+      check.keys_complete = check.keys_complete and found.complete
+      if u.chunk then
+        local labels = {}
+        for i, d in ipairs(found.keys) do labels[i] = keydiff.label(key, d.key) .. " " .. d.what end
+        check.chunks = check.chunks or {}
+        check.chunks[#check.chunks + 1] = { chunk = u.chunk, of = e.plan.count, range = chunks.label(e.plan, u.chunk),
+          a = u.a, b = u.b, keys = labels }
+        parts[#parts + 1] = ("chunk %d/%d (%s): %s%s"):format(u.chunk, e.plan.count, chunks.label(e.plan, u.chunk),
+          table.concat(labels, ", ", 1, math.min(#labels, MAX_KEYS)), #labels > MAX_KEYS and ", ..." or "")
       end
     end
   end
+  if e.plan and #parts > 0 then
+    check.detail = check.detail .. " in " .. table.concat(parts, "; ")
+  elseif #check.keys > 0 then
+    check.detail = check.detail .. ": " .. keydiff.describe(key, check.keys,
+      { a = opts.a_name, b = opts.b_name, more = not check.keys_complete, show = MAX_KEYS })
+  elseif #parts > 0 then
+    check.detail = check.detail .. " (" .. table.concat(parts, "; ") .. ")"
+  end
+  return true
+end
 
+-- The check of one table of a full comparison.
+local function judge_entry(a_db, b_db, e, method, opts)
+  local check = { table = e.k, method = "hash", partition_of = parent_of(e.t), excluded = e.excluded }
+  local err = e.error
+  for _, u in ipairs(e.units) do err = err or u.err end
+  if err then return failed_check(check, err) end
+  local a, b, differing, equal = totals(e)
+  check.a, check.b, check.equal = a, b, equal
+  if a.rows ~= b.rows then
+    check.detail = ("%d vs %d rows"):format(a.rows, b.rows)
+  elseif not equal then
+    check.detail = ("same row count (%d), different contents"):format(a.rows)
+  else
+    check.detail = a.rows == 0 and "empty on both sides" or ""
+  end
+  if not equal and opts.narrow ~= false then
+    local ok, nerr = narrow_entry(a_db, b_db, e, differing, method, opts, check)
+    if not ok then return nil, nerr end
+  end
+  return check
+end
+
+local function full_compare(a_db, b_db, tables, opts, add)
+  local method = opts.method
+  if not method then
+    local err
+    method, err = method_for(a_db, b_db)
+    if not method then return nil, err end
+  end
+  local entries, units = plan_units(a_db, b_db, tables, opts)
+  local ok, err
+  if (opts.jobs or 1) > 1 and opts.a_conninfo and opts.b_conninfo then
+    ok, err = hash_in_pool(a_db, b_db, units, method, opts)
+  else
+    ok, err = hash_here(a_db, b_db, units, method)
+  end
+  if not ok then return nil, err end
   for _, e in ipairs(entries) do
-    local check = { table = e.k, method = "hash", partition_of = parent_of(e.t) }
-    local err = e.error
-    for _, u in ipairs(e.units) do err = err or u.err end
-    if err then
-      add(failed_check(check, err))
-    else
-      local a, b = { rows = 0 }, { rows = 0 }
-      local differing = {}
-      if e.sided then
-        a.hash, b.hash, a.chunks, b.chunks = "0", "0", 0, 0
-        for _, u in ipairs(e.units) do
-          local side = u.side == "a" and a or b
-          side.rows, side.hash, side.chunks = side.rows + u[u.side].rows, add_decimal(side.hash, u[u.side].hash),
-            side.chunks + 1
-        end
-        check.equal = a.rows == b.rows and a.hash == b.hash
-      else
-        for _, u in ipairs(e.units) do
-          a.rows, b.rows = a.rows + u.a.rows, b.rows + u.b.rows
-          if u.a.rows ~= u.b.rows or u.a.hash ~= u.b.hash then differing[#differing + 1] = u end
-        end
-        if #e.units == 1 then
-          a.hash, b.hash = e.units[1].a.hash, e.units[1].b.hash
-        end
-        if e.plan then a.chunks, b.chunks = #e.units, #e.units end
-        check.equal = #differing == 0
-      end
-      check.a, check.b = a, b
-      if a.rows ~= b.rows then
-        check.detail = ("%d vs %d rows"):format(a.rows, b.rows)
-      elseif not check.equal then
-        check.detail = ("same row count (%d), different contents"):format(a.rows)
-      else
-        check.detail = ""
-      end
-      if e.plan and #differing > 0 then
-        check.chunks = {}
-        local parts = {}
-        for _, u in ipairs(differing) do
-          local keys, nerr = narrow(a_db, b_db, e.t, e.plan, u.chunk, method)
-          local c = { chunk = u.chunk, of = e.plan.count, range = chunks.label(e.plan, u.chunk),
-                      a = u.a, b = u.b, keys = keys or {} }
-          check.chunks[#check.chunks + 1] = c
-          local what = ("chunk %d/%d (%s)"):format(c.chunk, c.of, c.range)
-          if keys and #keys > 0 then
-            what = what .. ": " .. table.concat(keys, ", ") .. (#keys >= MAX_KEYS and ", ..." or "")
-          elseif nerr then
-            what = what .. " (not narrowed: " .. tostring(nerr) .. ")"
-          end
-          parts[#parts + 1] = what
-        end
-        check.detail = check.detail .. " in " .. table.concat(parts, "; ")
-      end
-      add(check)
-    end
+    local check, cerr = judge_entry(a_db, b_db, e, method, opts)
+    if not check then return nil, cerr end
+    add(check)
   end
   return true
 end
@@ -651,7 +558,7 @@ end
 local function query_probe(q)
   assert(type(q) == "table" and type(q.sql) == "string", "qa: queries entries need sql")
   return probe({ query = q.name or q.sql }, "query",
-    function(db) return catalog._with_settings(db, STABLE_TEXT, function() return query_text(db, q.sql) end) end,
+    function(db) return rowhash.with_stable(db, function() return query_text(db, q.sql) end) end,
     function(c)
       local a, b = c.a, c.b
       c.a, c.b = table.concat(a, "\n"), table.concat(b, "\n")
@@ -770,7 +677,9 @@ function qa.compare(a_db, b_db, tables, cfg_qa, opts)
   end
   if mode == "full" then
     total = #tables
-    local ok, err = full_compare(a_db, b_db, tables, opts, add)
+    local named = setmetatable({ a_name = opts.a_name or result.a_name, b_name = opts.b_name or result.b_name },
+      { __index = opts })
+    local ok, err = full_compare(a_db, b_db, tables, named, add)
     if not ok then return nil, err end
     return result
   end

@@ -217,7 +217,8 @@ describe("migrun.fullload on awkward tables, all of them split", function()
                   update "Odd Load".dom set v = 'changed' where id = 77]])
     r = assert(qa.compare(replica_db, target_db, tables, {}, opts))
     assert.equal(4, r.differences, qa.format(r))
-    assert.matches("^same row count %(%d+%), different contents$", check_of(r, "dom").detail)
+    -- hashed by block ranges (a domain key), then narrowed over its whole key order
+    assert.matches("^same row count %(%d+%), different contents: id 77 differs %(1 key%)$", check_of(r, "dom").detail)
     local found = {}
     for _, c in ipairs(r.checks) do
       for _, ch in ipairs(c.chunks or {}) do
