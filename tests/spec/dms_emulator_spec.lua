@@ -703,6 +703,152 @@ describe("dms emulator CDC", function()
     assert.matches("session_replication_role", failed.LastFailureMessage, 1, true)
   end)
 
+  -- A CDC task over its own slot: the slot and its two sets on the tables of `schema`, endpoints as the
+  -- role migrun, `changes` made on the source after the start position; returns when the slot is
+  -- confirmed past them, the task stopped, with its log.
+  local function cdc_run(id, slot, schema, settings, changes)
+    q(L.source, ([[
+      select pg_create_logical_replication_slot('%s', 'pglogical');
+      select pglogical.create_replication_set('%s', false, true, true, false);
+      select pglogical.create_replication_set('i%s', true, false, false, true);
+      select pglogical.replication_set_add_all_tables('%s', array['%s']);
+      select pglogical.replication_set_add_all_tables('i%s', array['%s']);]]):format(slot, slot, slot, slot, schema,
+      slot, schema))
+    local start = q(L.source, "select pg_current_wal_lsn()"):gsub("%s+", "")
+    q(L.source, changes)
+    local want = q(L.source, "select pg_current_wal_lsn()"):gsub("%s+", "")
+    local function endpoint(kind, port)
+      return assert(c:create_endpoint{ EndpointIdentifier = id .. "-" .. kind, EndpointType = kind,
+        EngineName = "postgres", ServerName = "127.0.0.1", Port = port, DatabaseName = "app", Username = "migrun",
+        Password = L.password, PostgreSQLSettings = kind == "source" and { SlotName = slot } or nil })
+    end
+    local t = assert(create_task(c, id, endpoint("source", L.source.port), endpoint("target", L.target.port),
+      { MigrationType = "cdc", CdcStartPosition = start, ReplicationTaskSettings = settings and json.encode(settings),
+        TableMappings = json.encode{ rules = { { ["rule-type"] = "selection", ["rule-id"] = "1", ["rule-name"] = "1",
+          ["object-locator"] = { ["schema-name"] = schema, ["table-name"] = "%" }, ["rule-action"] = "include" } } } }))
+    assert(c:wait_for_task(t.ReplicationTaskArn, "ready", 10, 0.05))
+    assert(c:start_replication_task(t.ReplicationTaskArn))
+    assert(c:wait_for_task(t.ReplicationTaskArn, "running", 20, 0.05))
+    local deadline = socket.gettime() + 30
+    repeat
+      assert(c:describe_replication_tasks()) -- keeps the emulator's loop busy
+      socket.sleep(0.1)
+    until q(L.source, ("select confirmed_flush_lsn >= '%s' from pg_replication_slots where slot_name = '%s'")
+      :format(want, slot)):match("t") or socket.gettime() > deadline
+    assert(c:stop_replication_task(t.ReplicationTaskArn))
+    assert(c:wait_for_task(t.ReplicationTaskArn, "stopped", 10, 0.05))
+    return table.concat(assert(emulator.control(c, "GetTaskLog", { ReplicationTaskArn = t.ReplicationTaskArn })).Lines,
+      "\n")
+  end
+  local function exceptions_of(schema)
+    return q(L.target, ([[select coalesce(string_agg("TABLE_NAME" || ': ' || "ERROR", E'\n' order by "ERROR_TIME"), '')
+      from awsdms_apply_exceptions where "TABLE_OWNER" = '%s']]):format(schema))
+  end
+
+  -- docs/dms-boundary.md, "arrays": DMS carries an ARRAY as an NCLOB, the text PostgreSQL prints for it,
+  -- which the target's column reads back: nothing about it is lost, whatever its elements.
+  it("carries arrays whole: empty, NULL elements, several dimensions, lower bounds, every element type", function()
+    local ddl = [[
+      create schema shop;
+      create type shop.size as enum ('S', 'M', 'L', 'XL');
+      create domain shop.sku as text check (value ~ '^[A-Z0-9-]+$');
+      create type shop.box as (width_cm numeric, height_cm numeric);
+      create table shop.product (id int primary key, name text not null,
+        tags text[] not null default '{}', sizes shop.size[], skus shop.sku[], stock int[],
+        prices numeric(10,2)[], ratings numeric[], weights real[], attributes jsonb[], specs json[],
+        restock_at timestamptz[], launch_dates date[], supplier_ids uuid[], flags boolean[], shelf_grid int[][],
+        boxes shop.box[], thumbnails bytea[], aliases varchar(20)[], sale_windows tstzrange[], hosts inet[],
+        search_terms tsvector[], slots bigint[]);]]
+    q(L.source, ddl)
+    qt(ddl)
+    local log = cdc_run("arrays", "dms_slot_04", "shop", nil, [==[
+      insert into shop.product values
+        (1, 'kettle', '{kitchen,"steel & glass","comma, inside","quote \" inside","back\\slash","NULL","",NULL}',
+         '{S,XL}', '{KT-100,KT-101}', '{NULL}', '{19.99,NULL,0.50}', '{0.611111104488373,NaN,1e-20}',
+         '{1.5,NaN,Infinity,-0}', '{"{\"color\": \"red\", \"w\": [1, 2]}","[1, 2]","\"plain\"","null",NULL}',
+         '{"{\"a\" : 1}","[ ]"}', '{"2024-03-01 10:00:00.123456+00",infinity,-infinity}', '{2024-01-31,NULL}',
+         '{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}', '{t,f,NULL}', '{{1,2,3},{4,5,6}}',
+         '{"(12.5,30)","(,3)",NULL}', '{"\\x00ff",NULL,"\\x"}', '{"ünïcødé ✓","a b"}',
+         '{"[2024-01-01 00:00:00+00,2024-02-01 00:00:00+00)",empty}', '{10.0.0.1/8,::1}',
+         '{"''fast'':1 ''kettl'':2"}', '{9223372036854775807,-9223372036854775808}'),
+        (2, 'empty arrays', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}',
+         '{}', '{}', '{}', '{}', '{}'),
+        (3, 'bounds and depth', '{a}', NULL, NULL, '[3:4]={7,8}', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+         '{{{t}},{{f}}}', '[0:1][1:2]={{1,2},{3,4}}', NULL, NULL, NULL, NULL, NULL, NULL, '[-2:-1]={1,2}'),
+        (4, 'to delete', '{x}', NULL, NULL, '{1}', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+         NULL, NULL, NULL, NULL, NULL, NULL);
+      update shop.product set tags = '{}', stock = '{NULL,NULL}', shelf_grid = '{{9},{8},{7}}', sizes = NULL
+        where id = 1;
+      update shop.product set tags = '{{a,b},{c,NULL}}', attributes = '{"[[1]]"}', stock = '{}' where id = 2;
+      update shop.product set shelf_grid = '{}', stock = stock || 9 where id = 3;
+      delete from shop.product where id = 4;]==])
+    assert.equal("", exceptions_of("shop"), log)
+    local rows = "select id, p::text from shop.product p order by id"
+    assert.equal(q(L.source, rows), q(L.target, rows))
+    -- what the test is about, said outright
+    local target = q(L.target, [[select string_agg(id || ':' || coalesce(array_dims(tags), 'none') || ' '
+      || coalesce(array_dims(stock), 'none') || ' ' || coalesce(array_dims(shelf_grid), 'none'), ', ' order by id)
+      from shop.product]])
+    assert.equal("1:none [1:2] [1:3][1:1], 2:[1:2][1:2] none none, 3:[1:1] [3:5] none", target)
+    assert.equal("t|t", q(L.target, "select tags = '{}' and tags is not null, stock = '{NULL,NULL}' from shop.product where id = 1"))
+    assert.equal("3", q(L.target, "select count(*) from shop.product"))
+  end)
+
+  -- LOB sizes in bytes as DMS counts them (AWS DMS User Guide, "Working with LOB source data types for
+  -- PostgreSQL"): a bytea (BLOB) by its bytes, text and arrays (NCLOB) at two bytes a character and four beyond
+  -- the BMP, xml (CLOB) by its UTF-8 bytes. LobMaxSize 1 KB: just under and just over.
+  it("counts LOB sizes in bytes as DMS does, cuts a bytea to whole bytes and refuses a cut array", function()
+    local ddl = [[
+      create schema media;
+      create table media.asset (id int primary key, label text, image bytea, caption text, manifest xml,
+        frame_offsets int[]);]]
+    q(L.source, ddl)
+    qt(ddl)
+    local settings = { TargetMetadata = { SupportLobs = true, FullLobMode = false, LimitedSizeLobMode = true,
+      LobMaxSize = 1 } }
+    local function bytes(n) return ("decode(repeat('a5', %d), 'hex')"):format(n) end
+    local log = cdc_run("lobs", "dms_slot_05", "media", settings, ([[
+      insert into media.asset values
+        (1, 'at the limit', %s, repeat('c', 512), ('<m>' || repeat('x', 1017) || '</m>')::xml,
+         ('{' || repeat('1,', 254) || '1}')::int[]),
+        (2, 'one over', %s, repeat('c', 513), NULL, NULL),
+        (3, 'two-byte letters', NULL, repeat('é', 512), NULL, NULL),
+        (4, 'beyond the BMP', NULL, repeat('😀', 257), NULL, NULL),
+        (5, 'array over', NULL, NULL, NULL, ('{' || repeat('1,', 256) || '1}')::int[]);
+      update media.asset set image = %s where id = 3;]]):format(bytes(1024), bytes(1025),
+      bytes(1100)))
+    local function target(sql) return q(L.target, sql) end
+    -- at the limit: carried whole (the hex text of 1024 bytes is 2050 characters; the xml, a CLOB, is 1024
+    -- UTF-8 bytes; the array's 511 characters are 1022 bytes as an NCLOB)
+    assert.equal("1024|512|1024|t", target([[select octet_length(image), length(caption), octet_length(manifest::text),
+      frame_offsets = ('{' || repeat('1,', 254) || '1}')::int[] from media.asset where id = 1]]))
+    -- one byte / one character over: cut to 1024 bytes, a bytea to whole bytes, text to 512 characters
+    assert.equal("1024|t|512", target([[select octet_length(image), image = decode(repeat('a5', 1024), 'hex'),
+      length(caption) from media.asset where id = 2]]))
+    -- 512 two-byte letters are 1024 bytes as UTF-8 and as DMS's NCLOB: whole; the bytea update of 1100 bytes
+    -- is cut to its first 1024; 257 characters beyond the BMP are 1028 bytes, cut to 256 characters
+    assert.equal("t|1024|t", target([[select caption = repeat('é', 512), octet_length(image),
+      image = decode(repeat('a5', 1024), 'hex') from media.asset where id = 3]]))
+    assert.equal("t", target("select caption = repeat('😀', 256) from media.asset where id = 4"))
+    -- an array over the limit is cut, and the cut literal is refused: the row is not there
+    assert.equal("", target("select id from media.asset where id = 5"))
+    local exc = exceptions_of("media")
+    assert.matches("asset: RetCode: SQL_ERROR  SqlState: 22P02", exc, 1, true)
+    assert.matches("malformed array literal", exc, 1, true)
+    assert.equal("1", q(L.target, [[select count(*) from awsdms_apply_exceptions where "TABLE_OWNER" = 'media']]))
+    -- the warnings, with the byte counts DMS would log
+    for _, line in ipairs{
+      "Value of column 'image' in table 'media.asset' was truncated to 1024 bytes, actual length: 1025 bytes",
+      "Value of column 'caption' in table 'media.asset' was truncated to 1024 bytes, actual length: 1026 bytes",
+      "Value of column 'caption' in table 'media.asset' was truncated to 1024 bytes, actual length: 1028 bytes",
+      "Value of column 'frame_offsets' in table 'media.asset' was truncated to 1024 bytes, actual length: 1030 bytes",
+      "Value of column 'image' in table 'media.asset' was truncated to 1024 bytes, actual length: 1100 bytes" } do
+      assert.matches(line, log, 1, true)
+    end
+    local _, n = log:gsub("was truncated", "")
+    assert.equal(5, n, log)
+  end)
+
   it("suspends a table with a primary key and a unique constraint under batch apply", function()
     q(L.source, [[
       create table public.b1 (id int primary key, code text unique, v text);

@@ -1,9 +1,14 @@
 --[[ CDC for the DMS emulator (migrun.rehearsal.emulator): a running CDC task reads
-the pglogical slot of its source endpoint with pg_logical_slot_peek_changes
-(JSON protocol, replication sets <slot> and i<slot>), skips transactions that
-committed before its CdcStartPosition, applies the others to the target in
-commit order (one target transaction each, a savepoint per change), then
-confirms them with pg_replication_slot_advance. What DMS does that is modelled:
+the pglogical slot of its source endpoint with pg_logical_slot_peek_binary_changes
+(pglogical's native protocol, migrun.rehearsal.pglogical_native; replication
+sets <slot> and i<slot>), skips transactions that committed before its
+CdcStartPosition, applies the others to the target in commit order (one
+target transaction each, a savepoint per change), then confirms them with
+pg_replication_slot_advance. Every value travels as the text the source's
+output function gives and the target's input function reads, as DMS's
+strings and LOBs do: an array arrives whole ('{}', NULL elements, several
+dimensions, lower bounds), a jsonb string keeps its quotes. What DMS does
+that is modelled:
   * selection rules of the table mappings (include/exclude; wildcards %, _,
     [_], [ab], [a-d]); TargetMetadata.TargetSchema; remove-column
     transformation rules (the column is left out of every statement);
@@ -25,12 +30,22 @@ confirms them with pg_replication_slot_advance. What DMS does that is modelled:
     sends their inserts anyway); updates that change the key are ignored;
   * TRUNCATE (pglogical's queue message) is not applied and is logged: DMS
     does not process TRUNCATE from a PostgreSQL source;
-  * limited LOB mode: a LOB column value longer than LobMaxSize KB is cut
-    (on a UTF-8 boundary) and "[SOURCE_CAPTURE ]W: Value of column ..." is
-    logged; FailTasksOnLobTruncation on the source endpoint fails the task;
-    SupportLobs=false leaves LOB columns out; a table-settings rule's
-    lob-settings override that per table (unlimited: nothing is cut; limited:
-    cut at its bulk-max-size KB; none: the task's settings);
+  * LOBs as DMS types them (user guide, "Source data types for PostgreSQL"):
+    bytea is a BLOB; text, json, jsonb, arrays, composites, hstore (and
+    varchar without a length) are NCLOBs; xml, tsvector, tsquery, path and
+    polygon are CLOBs (domains count as their base type). Their size is
+    counted in bytes as DMS holds them: a BLOB's bytes (not its hex text), an
+    NCLOB's two bytes a character (four beyond the BMP: "each character as a
+    double-byte character"), a CLOB's UTF-8 bytes. In limited LOB mode a
+    value larger than LobMaxSize KB is cut to that many bytes (a bytea to
+    whole bytes, text to whole characters) and "[SOURCE_CAPTURE ]W: Value of
+    column ... was truncated to N bytes, actual length: M bytes" is logged;
+    a cut array or JSON is then refused by the target (22P02) and lands in
+    awsdms_apply_exceptions; FailTasksOnLobTruncation on the source endpoint
+    fails the task; SupportLobs=false leaves LOB columns out; a
+    table-settings rule's lob-settings override that per table (unlimited:
+    nothing is cut; limited: cut at its bulk-max-size KB; none: the task's
+    settings);
   * a change the target rejects goes to awsdms_apply_exceptions (LOG_ERROR);
     an UPDATE that finds no row too; a DELETE that finds none is ignored;
   * BatchApplyEnabled on a table whose target has a primary key and another
@@ -44,15 +59,27 @@ local pg = require "migrun.pg"
 local lsn = require "migrun.lsn"
 local json = require "migrun.json"
 local text = require "migrun.text"
+local native = require "migrun.rehearsal.pglogical_native"
 
 local M = {}
 
 local Engine = {}
 Engine.__index = Engine
 
--- PostgreSQL types DMS treats as LOBs (dms-api.md §8)
-local LOB_TYPES = { text = true, json = true, jsonb = true, xml = true, bytea = true, tsvector = true,
-  hstore = true, ["character varying"] = true }
+-- The DMS type of a PostgreSQL column that DMS treats as a LOB (AWS DMS User
+-- Guide, "Using a PostgreSQL database as an AWS DMS source", "Source data
+-- types for PostgreSQL": BYTEA -> BLOB; TEXT, JSON, JSONB, ARRAY, COMPOSITE,
+-- HSTORE -> NCLOB; XML, TSVECTOR, TSQUERY, PATH, POLYGON -> CLOB). A varchar
+-- without a length is held as text. r: base type name, kind, category, typmod.
+local NCLOB_TYPES = { text = true, json = true, jsonb = true, hstore = true }
+local CLOB_TYPES = { xml = true, tsvector = true, tsquery = true, path = true, polygon = true }
+local function lob_kind(r)
+  if r.base == "bytea" then return "blob" end
+  if r.category == "A" or r.kind == "c" or NCLOB_TYPES[r.base] or (r.base == "varchar" and r.typmod < 0) then
+    return "nclob"
+  end
+  if CLOB_TYPES[r.base] then return "clob" end
+end
 
 local function connect(ep, name)
   local ok, conn, err = pcall(pg.connect, { host = ep.ServerName, port = tostring(ep.Port or 5432),
@@ -159,7 +186,7 @@ end
 
 function M.new(o)
   local e = setmetatable({ emu = o.emulator, task = o.task, slot = o.slot, source_ep = o.source,
-    target_ep = o.target, tables = {} }, Engine)
+    target_ep = o.target, tables = {}, relations = {} }, Engine)
   local settings = o.settings or {}
   local tm = settings.TargetMetadata or {}
   e.target_schema = (tm.TargetSchema ~= nil and tm.TargetSchema ~= "") and tm.TargetSchema or nil
@@ -190,6 +217,9 @@ function M.new(o)
   local err
   e.src, err = connect(o.source, "source")
   if not e.src then return nil, "Failed to connect to the source endpoint: " .. tostring(err) end
+  -- the decoding runs in this session: bytea in hex, whatever the server's default
+  local bok, berr = e.src:exec("set bytea_output = 'hex'")
+  if not bok then e.src:close() return nil, "Failed to set up the source session: " .. tostring(berr) end
   e.dst, err = connect(o.target, "target")
   if not e.dst then e.src:close() return nil, "Failed to connect to the target endpoint: " .. tostring(err) end
   if e.after_connect and e.after_connect ~= "" then
@@ -289,25 +319,24 @@ function Engine:table(schema, name)
   local t = self.tables[key]
   if t then return t end
   t = { schema = schema, name = name, key = key, selected = self.selected(schema, name),
-    target_schema = self.target_schema or schema, cols = {}, pk = {} }
+    target_schema = self.target_schema or schema, cols = {}, lob = {}, pk = {} }
   self.tables[key] = t
   if not t.selected then return t end
   local res = self.src:exec([[select a.attname, format_type(a.atttypid, a.atttypmod) as type,
-      coalesce(a.attnum = any(i.indkey), false) as pk
+      coalesce(a.attnum = any(i.indkey), false) as pk, bt.typname as base, bt.typtype::text as kind,
+      bt.typcategory::text as category, case when ty.typtype = 'd' then ty.typtypmod else a.atttypmod end as typmod
     from pg_attribute a
+    join pg_type ty on ty.oid = a.atttypid
+    join pg_type bt on bt.oid = case when ty.typtype = 'd' then ty.typbasetype else ty.oid end
     left join pg_index i on i.indrelid = a.attrelid and i.indisprimary
     where a.attrelid = (quote_ident($1) || '.' || quote_ident($2))::regclass and a.attnum > 0 and not a.attisdropped
     order by a.attnum]], schema, name)
   for row in (res and res:rows() or function() end) do
     t.cols[row.attname] = row.type
+    t.lob[row.attname] = lob_kind(row)
     if row.pk then t.pk[#t.pk + 1] = row.attname end
   end
   t.qualified = pg.qualify(t.target_schema, name)
-  local tres = self.dst:exec([[select a.attname, format_type(a.atttypid, a.atttypmod) as type
-    from pg_attribute a where a.attrelid = to_regclass(quote_ident($1) || '.' || quote_ident($2))
-      and a.attnum > 0 and not a.attisdropped]], t.target_schema, name)
-  t.target_cols = {}
-  for row in (tres and tres:rows() or function() end) do t.target_cols[row.attname] = row.type end
   if self.batch_apply then
     local u = self.dst:exec([[select count(*) filter (where indisprimary) as pk,
         count(*) filter (where indisunique and not indisprimary) as uk
@@ -337,83 +366,103 @@ function Engine:_check_tables()
   end
 end
 
+-- pglogical's native protocol (the default proto_format), as DMS reads the slot.
 local CHANGES_SQL = [[
-select c.ord, c.lsn::text as lsn, c.d->>'action' as action, c.d->'relation'->>0 as nsp,
-  c.d->'relation'->>1 as rel, c.d->>'final_lsn' as final_lsn, c.d->>'end_lsn' as end_lsn,
-  c.d->>'commit_time' as commit_time, t.which, t.key, t.value, t.jtype
-from (select row_number() over () as ord, lsn, data::json as d
-      from pg_logical_slot_peek_changes($1, NULL, $2, 'min_proto_version', '1', 'max_proto_version', '1',
-        'startup_params_format', '1', 'proto_format', 'json', 'pglogical.replication_set_names', $3)) c
-left join lateral (
-  select 'n' as which, key, value #>> '{}' as value, json_typeof(value) as jtype, o from json_each(c.d->'newtuple') with ordinality as x(key, value, o)
-  union all
-  select 'o', key, value #>> '{}', json_typeof(value), o from json_each(c.d->'oldtuple') with ordinality as y(key, value, o)
-) t on true
-order by c.ord, t.which, t.o]]
+select lsn::text as lsn, data from pg_logical_slot_peek_binary_changes($1, NULL, $2, 'min_proto_version', '1',
+  'max_proto_version', '1', 'startup_params_format', '1', 'pglogical.replication_set_names', $3)]]
+
+-- A decoded tuple as the emulator's change side: {[column] = {value = text | nil}}
+-- and the columns in order (unchanged TOAST values are not there: left as they are).
+local function side(tuple, order)
+  local out = {}
+  if not tuple then return out end
+  for _, col in ipairs(tuple.order) do
+    local v = tuple.values[col]
+    out[col] = { value = v ~= native.NULL and v or nil }
+    if order then order[#order + 1] = col end
+  end
+  return out
+end
 
 -- Reads the slot: a list of transactions {final_lsn=, end_lsn=, commit_time=, changes={...}}.
 function Engine:_read()
   local res, err = self.src:exec(CHANGES_SQL, self.slot, 1000, self.slot .. ",i" .. self.slot)
   if not res then return nil, "Error reading replication slot '" .. self.slot .. "': " .. tostring(err.message or err) end
-  local txs, tx, change, last_ord = {}, nil, nil, nil
+  local txs, tx = {}, nil
   for row in res:rows() do
-    if row.ord ~= last_ord then
-      last_ord = row.ord
-      change = nil
-      local a = row.action
-      if a == "B" then
-        tx = { changes = {}, commit_time = row.commit_time ~= pg.null and row.commit_time or nil }
-      elseif a == "C" then
-        if tx then
-          tx.final_lsn, tx.end_lsn = lsn(row.final_lsn), lsn(row.end_lsn)
-          txs[#txs + 1] = tx
-        end
-        tx = nil
-      elseif (a == "I" or a == "U" or a == "D") and tx then
-        change = { action = a, schema = row.nsp, name = row.rel, lsn = row.lsn, new = {}, old = {}, order = {} }
-        tx.changes[#tx.changes + 1] = change
+    local ok, m = pcall(native.decode, row.data, self.relations)
+    if not ok then return nil, ("Error decoding replication slot '%s' at %s: %s"):format(self.slot, row.lsn, m) end
+    if m.type == "B" then
+      tx = { changes = {}, commit_time = m.commit_time }
+    elseif m.type == "C" then
+      if tx then
+        tx.final_lsn, tx.end_lsn = lsn(m.commit_lsn), lsn(m.end_lsn)
+        txs[#txs + 1] = tx
       end
-    end
-    if change and row.which ~= pg.null then
-      local side = row.which == "n" and change.new or change.old
-      side[row.key] = { value = row.value ~= pg.null and row.value or nil, jtype = row.jtype }
-      if row.which == "n" or change.action == "D" then
-        if not change.seen then change.seen = {} end
-        if not change.seen[row.key] then
-          change.seen[row.key] = true
-          change.order[#change.order + 1] = row.key
-        end
-      end
+      tx = nil
+    elseif (m.type == "I" or m.type == "U" or m.type == "D") and tx then
+      local order = {}
+      local ch = { action = m.type, schema = m.schema, name = m.name, lsn = row.lsn, order = order }
+      ch.new = side(m.new, m.type ~= "D" and order or nil)
+      ch.old = side(m.old, m.type == "D" and order or nil)
+      tx.changes[#tx.changes + 1] = ch
     end
   end
   return txs
 end
 
--- utf-8-safe cut to at most n bytes
-local function cut(s, n)
-  local i = n
-  while i > 0 and (s:byte(i + 1) or 0) >= 0x80 and (s:byte(i + 1) or 0) < 0xC0 do i = i - 1 end
-  return s:sub(1, i)
+-- The size in bytes DMS gives a LOB value, by its DMS type (user guide,
+-- "Working with LOB source data types for PostgreSQL"): a BLOB its bytes (the
+-- text is "\x" and two hex digits a byte); an NCLOB two bytes a character,
+-- four for one beyond the BMP (UTF-16); a CLOB its UTF-8 bytes.
+local function lob_bytes(kind, value)
+  if kind == "blob" and value:sub(1, 2) == "\\x" then return (#value - 2) // 2 end
+  if kind == "nclob" then
+    local chars = utf8.len(value)
+    if not chars then return 2 * #value end -- not UTF-8: a byte a character
+    local wide = select(2, value:gsub("[\xF0-\xF7]", ""))
+    return 2 * (chars + wide)
+  end
+  return #value
 end
 
--- A column value as a query parameter (text), with the LOB rules applied.
+-- A LOB value cut to at most n bytes as DMS counts them: a bytea to whole
+-- bytes (still a valid bytea), text to whole characters.
+local function lob_cut(kind, value, n)
+  if kind == "blob" and value:sub(1, 2) == "\\x" then return value:sub(1, 2 + 2 * n) end
+  if kind == "nclob" then
+    local chars = utf8.len(value)
+    if chars == #value or not chars then return value:sub(1, n // 2) end -- ASCII: one byte a character
+    local used = 0
+    for p, c in utf8.codes(value) do
+      used = used + (c > 0xFFFF and 4 or 2)
+      if used > n then return value:sub(1, p - 1) end
+    end
+    return value
+  end
+  local i = n -- UTF-8: back to the start of a character
+  while i > 0 and (value:byte(i + 1) or 0) >= 0x80 and (value:byte(i + 1) or 0) < 0xC0 do i = i - 1 end
+  return value:sub(1, i)
+end
+
+-- A column value as a query parameter (its text), with the LOB rules applied.
 function Engine:_value(t, col, v)
-  if v == nil or v.jtype == "null" or v.value == nil then return pg.null end
+  if v == nil or v.value == nil then return pg.null end
   local value = v.value
-  local ctype = t.cols[col] or ""
-  local is_lob = LOB_TYPES[ctype] or ctype:sub(-2) == "[]"
+  local kind = t.lob[col]
   local limit = self.lob_rules[text.key(t.schema, t.name)]
   if limit == nil then limit = self.limited_lobs and self.lob_max end
-  if is_lob and limit and #value > limit then
+  local size = kind and limit and lob_bytes(kind, value)
+  if size and size > limit then
     self:log("SOURCE_CAPTURE", "W", ("Value of column '%s' in table '%s.%s' was truncated to %d bytes, "
-      .. "actual length: %d bytes"):format(col, t.schema, t.name, limit, #value))
+      .. "actual length: %d bytes"):format(col, t.schema, t.name, limit, size))
     if self.fail_on_truncation then
       error({ fatal = ("LOB value of column '%s' in table '%s.%s' exceeds LobMaxSize and "
         .. "FailTasksOnLobTruncation is set"):format(col, t.schema, t.name) })
     end
-    value = cut(value, limit)
+    value = lob_cut(kind, value, limit)
   end
-  if ctype == "numeric" and self.numeric_as_string and #value > 1000 then
+  if t.cols[col] == "numeric" and self.numeric_as_string and #value > 1000 then
     self:log("SOURCE_CAPTURE", "W", ("Unbounded NUMERIC value of column '%s' in table '%s.%s' was truncated to "
       .. "1000 characters"):format(col, t.schema, t.name))
     value = value:sub(1, 1000)
@@ -430,13 +479,10 @@ local function inline(conn, sql, params)
   end))
 end
 
--- The SQL of parameter i for column col: arrays from their JSON form; an
--- unbounded numeric through DMS's NUMERIC(28,6) unless carried as a string.
+-- The SQL of parameter i for column col: the text as it is (the target's
+-- column type reads it: an array its array literal), an unbounded numeric
+-- through DMS's NUMERIC(28,6) unless carried as a string.
 function Engine:_placeholder(t, col, i)
-  local ttype = t.target_cols[col]
-  if ttype and ttype:sub(-2) == "[]" then
-    return ("(select array_agg(x) from json_array_elements_text($%d::json) x)::%s"):format(i, ttype)
-  end
   if t.cols[col] == "numeric" and not self.numeric_as_string then
     return ("$%d::numeric(28,6)"):format(i)
   end
@@ -448,9 +494,8 @@ function Engine:_statement(t, ch)
   local params, cols, vals = {}, {}, {}
   local function add(v) params[#params + 1] = v return #params end
   local function included(col)
-    local ctype = t.cols[col] or ""
     if self.removed(t.schema, t.name, col) then return false end
-    return self.support_lobs or not (LOB_TYPES[ctype] or ctype:sub(-2) == "[]")
+    return self.support_lobs or not t.lob[col]
   end
   if ch.action == "I" then
     for _, col in ipairs(ch.order) do
