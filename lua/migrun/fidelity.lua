@@ -70,6 +70,32 @@ local NO_TRANSFORM = "[#\\/%-]"
 
 local function is_null(v) return v == nil or v == pg.null end
 
+-- An array column (docs/dms-boundary.md, "arrays"). DMS types an ARRAY as an
+-- NCLOB: it carries the text PostgreSQL prints for it, which the column
+-- migrun restored reads back, whatever the elements, dimensions and bounds.
+-- What can go wrong is what goes wrong with LOBs, and a table without a key.
+local function array_finding(find, key, t, r, where)
+  local what = ("%s is an array (%s)"):format(where, r.type)
+  if r.in_pk then
+    find("array", "warning", key, r.column, what .. " in the primary key",
+      "DMS treats an ARRAY as a LOB, and its premigration assessment flags a primary key of a LOB type: DMS finds "
+      .. "rows by their key and looks LOBs up by it. Make an ordinary column the key on the source, or exclude "
+      .. "the table and copy it at cutover")
+  elseif not t.has_pk then
+    find("array", "warning", key, r.column, what .. " in a table without a primary key",
+      "DMS requires a primary key on a table with an ARRAY column (it suspends such a table in its full load and "
+      .. "its premigration assessment flags it); what its CDC does with the arrays of the inserts it carries is "
+      .. "not documented. Add a primary key on the source, or exclude the table and copy it at cutover")
+  else
+    find("array", "handled", key, r.column, what,
+      "DMS carries an ARRAY as an NCLOB, its text, which the target's column reads back whole ('{}', NULL "
+      .. "elements, several dimensions, lower bounds). It is a LOB: in limited LOB mode a value over LobMaxSize "
+      .. "(two bytes a character) would be cut and the target refuse the cut array (the change lost to "
+      .. "awsdms_apply_exceptions); migrun sets LobMaxSize above the largest value it measures and checks for "
+      .. "cut LOBs after catch-up and before cutover")
+  end
+end
+
 local function version_of(db)
   local res, err = db:query("select current_setting('server_version_num')::int as v")
   if not res then return nil, err end
@@ -195,6 +221,7 @@ function fidelity.inspect(db, opts)
   res, err = db:query(([[
     select n.nspname as schema, c.relname as name, a.attname as column, format_type(a.atttypid, a.atttypmod) as type,
            %s as generated, %s as identity, t.typtype::text as kind, bt.typname as base,
+           bt.typcategory::text as category,
            case when t.typtype = 'd' then t.typtypmod else a.atttypmod end as typmod,
            coalesce(a.attnum = any (i.indkey), false) as in_pk
       from pg_attribute a
@@ -245,6 +272,8 @@ function fidelity.inspect(db, opts)
         find("unbounded numeric", "handled", key, r.column, where .. " is numeric without precision",
           "DMS carries it as NUMERIC(28,6) (0.611111104488373 becomes 0.611111): MapUnboundedNumericAsString "
           .. "on the source and the target endpoints carries the digits as text (up to 1,000 characters)")
+      elseif r.category == "A" then
+        array_finding(find, key, t, r, where)
       elseif NOT_CARRIED_KIND[r.kind] or NOT_CARRIED[r.base] then
         find("type DMS does not carry", "warning", key, r.column, ("%s is %s"):format(where, r.type),
           ("DMS's PostgreSQL-to-PostgreSQL table says this type does not migrate; it sends the value as %s "

@@ -333,6 +333,51 @@ describe("migrun.preflight", function()
     assert(ok, err)
   end)
 
+  -- docs/dms-boundary.md, "arrays": DMS carries an array whole (an NCLOB, its text) when its table has a
+  -- primary key; without one, or with the array in the key, DMS may lose its values: a warning naming each.
+  it("says what DMS does with each array column, and warns where it may lose the values", function()
+    local admin = assert(pg.connect(L.source.conninfo, { name = "admin" }))
+    admin:on_notice(function() end)
+    assert(admin:exec([[
+      create schema catalogue;
+      create type catalogue.size as enum ('S', 'M', 'L');
+      create table catalogue.product (id bigint primary key, name text not null, tags text[] not null default '{}',
+        sizes catalogue.size[], shelf_grid int[][], attributes jsonb[]);
+      create table catalogue.price_history (product_id bigint, recorded_at timestamptz, prices numeric(10,2)[]);
+      create table catalogue.tag_set (tags text[] primary key, label text);]]))
+    local ok, err = pcall(function()
+      local r = run { config = { slots = CONFIG.slots, preflight = CONFIG.preflight, schemas = { "catalogue" } } }
+      local by = {}
+      for _, f in ipairs(r.findings) do
+        if f.check == "array" then by[f.table .. "." .. f.column] = f end
+      end
+      for _, col in ipairs{ "tags", "sizes", "shelf_grid", "attributes" } do
+        local f = by["catalogue.product." .. col]
+        assert.truthy(f, preflight.format(r))
+        assert.is_true(f.ok and f.handled)
+        assert.truthy(f.action:find("NCLOB", 1, true), f.action)
+        assert.truthy(f.action:find("LobMaxSize", 1, true), f.action)
+      end
+      assert.truthy(by["catalogue.product.shelf_grid"].message:find('"catalogue"."product"."shelf_grid" is an array '
+        .. "(integer[])", 1, true))
+      local f = by["catalogue.price_history.prices"]
+      assert.is_false(f.ok)
+      assert.equal("warning", f.severity)
+      assert.truthy(f.message:find('"catalogue"."price_history"."prices" is an array (numeric(10,2)[]) in a table '
+        .. "without a primary key", 1, true), f.message)
+      assert.truthy(f.hint:find("Add a primary key", 1, true), f.hint)
+      f = by["catalogue.tag_set.tags"]
+      assert.equal("warning", f.severity)
+      assert.truthy(f.message:find("in the primary key", 1, true), f.message)
+      assert.is_nil(by["catalogue.tag_set.label"])
+      assert.equal(0, r.errors)
+      assert.truthy(preflight.format(r):find("price_history", 1, true))
+    end)
+    assert(admin:exec("drop schema catalogue cascade"))
+    admin:close()
+    assert(ok, err)
+  end)
+
   it("raises on misuse", function()
     assert.has_error(function() preflight.run{ source = src, replica = rep } end,
       "preflight.run: target (a migrun.db Db) expected")
