@@ -1,0 +1,211 @@
+-- migrun.verify on a real lab and the DMS emulator, under a writer that never
+-- stops: inserts, updates and deletes on tables keyed by an integer, a uuid
+-- and a composite key, inserts into a table without any key, with the
+-- emulator lagging behind. The live verification reports no difference that
+-- is only changes in flight, names by key a row changed on the target behind
+-- DMS's back (and a keyless table's difference), converges to the keys still
+-- changing; at the cutover only what changed since is compared, and a source
+-- still written is refused.
+local lab = require "migrun.rehearsal.lab"
+local cdc = require "migrun.cdc"
+local fence = require "migrun.fence"
+local verify = require "migrun.verify"
+local watch = require "migrun.watch"
+local catalog = require "migrun.catalog"
+local db = require "migrun.db"
+local pg = require "migrun.pg"
+local aws = require "migrun.aws"
+local proc = require "migrun.proc"
+local host = require "migrun.host"
+local T = require "helpers.tmp"
+
+local SLOTS = { "vs_slot_01", "vs_slot_02" }
+
+local DDL = [[
+  create extension if not exists pgcrypto;
+  create schema shop;
+  create table shop.orders (id bigint primary key, customer int not null, status text not null, total numeric(12,2),
+    tags text[] not null default '{}', updated_at timestamptz not null default now());
+  create table shop.carts (id uuid primary key, items jsonb not null, seen int not null default 0);
+  create table shop.stock (warehouse text not null, sku text not null, qty int not null,
+    primary key (warehouse, sku));
+  create table shop.audit (happened timestamptz not null default clock_timestamp(), what text not null);
+]]
+
+local SEED = [[
+  insert into shop.orders (id, customer, status, total)
+    select g, g % 97, 'new', g * 1.25 from generate_series(1, 20000) g;
+  insert into shop.carts select gen_random_uuid(), jsonb_build_object('n', g) from generate_series(1, 3000) g;
+  insert into shop.stock select w, 'sku-' || g, g % 50 from unnest(array['eu', 'us', 'ap']) w,
+    generate_series(1, 1500) g;
+  insert into shop.audit (what) select 'seed ' || g from generate_series(1, 500) g;
+]]
+
+-- The writer: every table, all the time (the keyless one only gets inserts,
+-- the only change DMS carries for it).
+local WRITER = [[
+  local pg = require "migrun.pg"
+  local aws = require "migrun.aws"
+  local c = assert(pg.connect(os.getenv("W_CONNINFO")))
+  local stop, n = os.getenv("W_STOP"), 0
+  math.randomseed(7)
+  while not io.open(stop) do
+    n = n + 1
+    local i, a, b = n, math.random(20000), math.random(20000)
+    local ok, err = true, nil
+    for _, q in ipairs{
+      { "begin" },
+      { "insert into shop.orders (id, customer, status, total) values (100000 + $1::int, $1::int % 97, 'new', 9.99)", i },
+      { "update shop.orders set status = 'paid', updated_at = now() where id = $1::int", a },
+      { "delete from shop.orders where id = $1::int", b },
+      { "update shop.carts set seen = seen + 1 where id = (select id from shop.carts order by seen, id limit 1)" },
+      { "insert into shop.carts values (gen_random_uuid(), '{\"live\": true}')" },
+      { "update shop.stock set qty = qty - 1 where warehouse = 'eu' and sku = 'sku-' || ($1::int % 1500 + 1)", a },
+      { "insert into shop.audit (what) values ('live ' || $1::int)", i },
+      { "commit" } } do
+      if ok then ok, err = c:exec(table.unpack(q)) end
+    end
+    if not ok then io.stderr:write(tostring(err), "\n") break end
+    aws.sleep(0.01)
+  end
+  print(n)]]
+
+describe("migrun.verify", function()
+  local L, client, source, target, tables, groups, dir
+
+  local function conninfo(c) return c.migrun_conninfo .. " passfile=" .. L.passfile end
+  local function wrap(c, name) return db.wrap(assert(pg.connect(conninfo(c), { name = name }))) end
+  local function one(dbx, sql, ...) return assert(dbx:query(sql, ...))[1] end
+
+  local function verification(opts)
+    opts = opts or {}
+    return assert(verify.new{ source = source, target = target, tables = tables, groups = groups,
+      prefix = "vs_slot_", state_dir = dir, say = function() end, rounds = opts.rounds,
+      fence = function()
+        return cdc.wait_applied(source, target, SLOTS, { timeout = 60, poll = 0.1, sleep = aws.sleep })
+      end })
+  end
+
+  local function start_writer()
+    local stop = os.tmpname()
+    os.remove(stop)
+    local w = assert(proc.spawn{ host.exe, "-e", WRITER, env = { W_CONNINFO = conninfo(L.source), W_STOP = stop },
+      stdout = "capture", stderr = "capture", stdin = false, die_with_parent = true })
+    return function()
+      io.open(stop, "w"):close()
+      w:wait(20)
+      local out = (w.stdout or "") .. (w.stderr or "")
+      w:close()
+      os.remove(stop)
+      return tonumber(out:match("^(%d+)")), out
+    end
+  end
+
+  setup(function()
+    -- the emulator applies every 0.3 s: a reading always finds changes in flight
+    L = assert(lab.start{ target_superuser = true, dms = { delays = { task_create = 0.1, task_start = 0.1,
+      task_stop = 0.1, connection = 0.1, cdc_poll = 0.3 } } })
+    dir = T.dir("verify")
+    client = assert(L:dms_client())
+    local instance_arn = assert(client:describe_replication_instances())[1].ReplicationInstanceArn
+    source, target = wrap(L.source, "source"), wrap(L.target, "target")
+    assert(L.source:psql(DDL .. SEED .. "analyze;"))
+    assert(L.target:psql(DDL))
+    -- the target loaded as the full load would (another physical order)
+    for _, t in ipairs{ "orders", "carts", "stock", "audit" } do
+      assert(target:copy_to(source, ("COPY (select * from shop.%s order by 1 desc) TO STDOUT (FORMAT binary)"):format(t),
+        ("COPY shop.%s FROM STDIN (FORMAT binary)"):format(t)))
+    end
+    tables = assert(catalog.tables(source, { schemas = { "shop" } }))
+    assert(L.source:psql(([[select pglogical.create_node(node_name := 'verify_spec',
+      dsn := 'host=127.0.0.1 port=%d dbname=app')]]):format(L.source.port)))
+    assert(fence.create(source))
+    assert(fence.create(target))
+    groups = { { name = SLOTS[1], slot = SLOTS[1], tables = {} }, { name = SLOTS[2], slot = SLOTS[2], tables = {} } }
+    for i, t in ipairs(tables) do table.insert(groups[i % 2 + 1].tables, t) end
+    for _, g in ipairs(groups) do
+      assert(source:write("select pg_create_logical_replication_slot($1, 'pglogical')", g.slot))
+      assert(source:write("select pglogical.create_replication_set($1, false, true, true, false)", g.slot))
+      assert(source:write("select pglogical.create_replication_set($1, true, false, false, true)", "i" .. g.slot))
+      for _, t in ipairs(g.tables) do
+        local sets = t.has_pk and { g.slot, "i" .. g.slot } or { "i" .. g.slot }
+        for _, set in ipairs(sets) do
+          assert(source:write("select pglogical.replication_set_add_table($1, $2::regclass)", set, t.qualified))
+        end
+      end
+      assert(fence.add_slot(source, g.slot))
+    end
+    local start = one(source, "select pg_current_wal_lsn() as l").l
+    local opts = { name = "verify", source = conninfo(L.source), target = conninfo(L.target) }
+    local eps = assert(cdc.ensure_endpoints(client, groups, opts))
+    assert(cdc.test_connections(client, instance_arn, eps, { timeout = 30, poll = 0.2 }))
+    local tasks = assert(cdc.ensure_tasks(client, groups, eps, { name = "verify", instance_arn = instance_arn,
+      start_lsn = start }))
+    assert(cdc.start_tasks(client, groups, tasks, { name = "verify", pause = 0 }))
+  end)
+  teardown(function()
+    if source then source:close() end
+    if target then target:close() end
+    if L then L:stop() end
+  end)
+
+  it("under writes that never stop: no difference in flight, a row changed behind DMS's back named by key", function()
+    local stop_writer = start_writer()
+    local n_done
+    finally(function() if not n_done then stop_writer() end end)
+    aws.sleep(1)
+    -- behind DMS's back: rows the writer never touches
+    assert(target:write("update shop.orders set total = 0 where id = 19999"))
+    assert(target:write("delete from shop.stock where warehouse = 'ap' and sku = 'sku-7'"))
+    -- a plain comparison now sees changes in flight on every busy table
+    local plain = assert(require("migrun.qa").compare(source, target, tables, {}, { mode = "full", narrow = false }))
+    assert.is_true(plain.differences >= 3, "nothing in flight: the test proves nothing")
+    local r = assert(verification():live())
+    assert.equal(4, r.compared.whole)
+    local by = {}
+    for _, d in ipairs(r.differences) do by[d.table] = d end
+    assert.equal(2, #r.differences, verify.format(r))
+    assert.same({ { key = "[19999]", what = "differs" } }, { { key = by["shop.orders"].keys[1].key,
+      what = by["shop.orders"].keys[1].what } })
+    assert.equal("id 19999 differs (1 key)", by["shop.orders"].detail)
+    assert.equal('(warehouse, sku) (ap, sku-7) only in source (1 key)', by["shop.stock"].detail)
+    -- the writer touched every table meanwhile: what it changed last is left for the cutover
+    assert.is_true(r.rounds >= 2, verify.format(r))
+    assert.is_true(r.pending.keys < r.history[1].changes, verify.format(r))
+    -- the watch slot moved with the rounds
+    local pos = assert(watch.position(source, "vs_slot_watch"))
+    assert.equal(r.position, tostring(pos.confirmed_flush_lsn))
+
+    -- mended by hand: the next run finds nothing, still under writes
+    assert(target:write("update shop.orders set total = 19999 * 1.25 where id = 19999"))
+    assert(target:write("insert into shop.stock values ('ap', 'sku-7', 7)"))
+    r = assert(verification():live())
+    assert.equal(0, #r.differences, verify.format(r))
+    assert.equal(1, r.compared.whole) -- only the keyless table hashed whole again (it is written): the rest by key
+    assert.is_true(r.compared.keys > 0)
+
+    -- the cutover while the source still writes is refused
+    local c, err = verification():at_cutover()
+    assert.is_nil(c)
+    assert.matches("the source changed while it was compared", tostring(err))
+
+    -- writes stopped: only what changed since the last round is compared
+    n_done = stop_writer()
+    assert.is_true(n_done > 50, "the writer did not write")
+    c = assert(verification():at_cutover())
+    assert.equal(0, #c.differences, verify.format(c))
+    assert.same({ "shop.audit" }, c.whole) -- no key: hashed whole, as it changed
+    assert.is_true(c.compared.keys > 0 and c.compared.keys < 2000, verify.format(c))
+  end)
+
+  it("names a keyless table's difference, found when the table is still", function()
+    assert(target:write("delete from shop.audit where what = 'seed 7'"))
+    local v = verification()
+    assert(v:forget{ "shop.audit" })
+    local r = assert(v:live())
+    assert.equal(1, #r.differences, verify.format(r))
+    assert.equal("shop.audit", r.differences[1].table)
+    assert.is_nil(r.differences[1].keys)
+    assert.matches("^%d+ vs %d+ rows", r.differences[1].detail)
+  end)
+end)
