@@ -264,7 +264,7 @@ function fullload.task(job, emit)
   local function need_replica()
     if replica then return true end
     local err
-    replica, err = pg.connect(job.replica, { name = "replica" })
+    replica, err = pg.connect(job.replica, { name = "replica", application_name = job.application_name })
     if not replica then return nil, err end
     names, expected = lsn.names(replica:server_version()), lsn(job.expect_replay_lsn)
     return true
@@ -272,7 +272,7 @@ function fullload.task(job, emit)
   local function need_target()
     if target then return true end
     local err
-    target, err = pg.connect(job.target, { name = "target" })
+    target, err = pg.connect(job.target, { name = "target", application_name = job.application_name })
     return target ~= nil, err
   end
   for _, item in ipairs(job.items) do
@@ -511,7 +511,8 @@ function fullload.run(opts)
   local moving = {}
   local p = pool.new{ jobs = jobs, entry = "migrun.fullload", on_tick = flush_due }
   local job_base = { replica = opts.replica, target = opts.target, expect_replay_lsn = expected,
-    progress_interval = opts.progress_interval or 1.0, ack_pid = target:backend_pid() }
+    progress_interval = opts.progress_interval or 1.0, ack_pid = target:backend_pid(),
+    application_name = pg.application_name("fullload") } -- the run's identity (migrun.playbook.sessions)
   local function job(items)
     local j = {}
     for k, v in pairs(job_base) do j[k] = v end

@@ -15,7 +15,18 @@ Connections
       "replica", "target") labels the connection in errors and notices;
       opts.connect_timeout (seconds, default 10); opts.statement_timeout
       (seconds; client side: the statement is cancelled, see exec).
-      application_name defaults to "migrun".
+      application_name defaults to "migrun"; opts.application_name names
+      the session whatever the conninfo says.
+  pg.identity([name | false]) -> the previous one
+      The application_name of every session this process opens from now on
+      (false: none again), over one a conninfo string gives: a playbook run
+      names its sessions so that a rerun can find what a killed run left
+      working on the servers (migrun.playbook.sessions). A table conninfo
+      with its own application_name keeps it (code that names its sessions,
+      the DMS emulator's), and so does opts.application_name.
+  pg.application_name([role]) -> "<identity>/<role>" (at most 63 bytes, what
+      the server keeps) | the identity | nil without one: for the sessions of
+      another process working for this one (a pool worker, pg_dump).
   conn:close()                    idempotent; also <close> and __gc
   tostring(conn)                  name, host, port, dbname, user, pid; never a password
   conn:password() (what libpq logged in with, for a DMS endpoint; never print it),
@@ -88,6 +99,59 @@ local error_ = require "migrun.error"
 
 local pg = core
 local Conn = core.Conn
+
+---------------------------------------------------------------------------
+-- Connecting under a name
+---------------------------------------------------------------------------
+
+-- What the server keeps of an application_name (NAMEDATALEN - 1 bytes).
+pg.APPLICATION_NAME_MAX = 63
+
+local identity -- this process's application_name (pg.identity)
+
+function pg.identity(name)
+  assert(name == nil or name == false or (type(name) == "string" and name ~= ""),
+    "pg.identity: a name, or false for none, expected")
+  local previous = identity
+  if name ~= nil then identity = name and name:sub(1, pg.APPLICATION_NAME_MAX) or nil end
+  return previous
+end
+
+function pg.application_name(role)
+  if not identity then return nil end
+  if role == nil then return identity end
+  return (identity .. "/" .. tostring(role)):sub(1, pg.APPLICATION_NAME_MAX)
+end
+
+local core_connect = core.connect
+
+-- conninfo as keywords (a copy), so that application_name can be set over
+-- what it says; nil when it is not a conninfo libpq parses (then the core
+-- reports it, or takes it as a database name, as it does without a name).
+local function keywords(conninfo)
+  if type(conninfo) == "table" then
+    local kw = {}
+    for k, v in pairs(conninfo) do kw[k] = v end
+    return kw
+  end
+  if type(conninfo) ~= "string" then return nil end
+  local kw = pg.conninfo_parse(conninfo)
+  if kw then return kw end
+  -- libpq takes a bare word for a database name
+  if not conninfo:find("=", 1, true) and not conninfo:match("^postgres%a*://") then return { dbname = conninfo } end
+  return nil
+end
+
+function pg.connect(conninfo, opts)
+  local name = opts and opts.application_name
+  if name == nil and identity and not (type(conninfo) == "table" and conninfo.application_name) then
+    name = identity
+  end
+  local kw = name and keywords(conninfo)
+  if not kw then return core_connect(conninfo, opts) end
+  kw.application_name = name
+  return core_connect(kw, opts)
+end
 
 local savepoints = setmetatable({}, { __mode = "k" }) -- conn -> nesting depth
 

@@ -280,7 +280,7 @@ local MAX_KEYS = 10 -- keys named in a difference's detail (check.keys holds up 
 
 -- A worker's task: row hashes of units on one side.
 function qa.task(job, emit)
-  local conn, err = pg.connect(job.conninfo, { name = job.name })
+  local conn, err = pg.connect(job.conninfo, { name = job.name, application_name = job.application_name })
   if not conn then return nil, err end
   local d = db.wrap(conn)
   for _, u in ipairs(job.units) do
@@ -391,7 +391,8 @@ local function hash_in_pool(a_db, b_db, units, method, opts)
     local batch, batch_cost = {}, 0
     local function flush()
       if #batch > 0 then
-        p:add{ job = { conninfo = side[2], name = side[3], side = side[1], method = method, units = batch },
+        p:add{ job = { conninfo = side[2], name = side[3], side = side[1], method = method, units = batch,
+                       application_name = pg.application_name("qa") },
                cost = batch_cost, group = side[1], label = "hashing " .. batch[1].schema .. "." .. batch[1].name }
         batch, batch_cost = {}, 0
       end

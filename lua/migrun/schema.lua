@@ -69,6 +69,8 @@ travels in PGPASSWORD; every command is printed with proc.quote.
       error that names them, nothing done. tables: the source's tables
       (catalog.tables). opts as schema.restore.
   schema.split_conninfo(conninfo) -> conninfo without password, password | nil
+      (and without application_name when the process names its sessions,
+      pg.identity: the tools get PGAPPNAME = "<identity>/<tool>" instead)
   schema.table_post_data(source_db, target_db, tables) -> { ["s.t"] = { item... } } | nil, err
       The indexes and the primary key, unique and exclusion constraints of
       each table as they are on the source (the paused replica), that the
@@ -186,6 +188,8 @@ function schema.split_conninfo(conninfo)
   if not parts then return nil, err end
   local password = parts.password
   parts.password = nil
+  -- the run's identity (PGAPPNAME, below) goes over the user's name
+  if pg.application_name() then parts.application_name = nil end
   local out, seen = {}, {}
   for _, k in ipairs(FIRST_KEYS) do
     if parts[k] then out[#out + 1] = k .. "=" .. conninfo_value(parts[k]) seen[k] = true end
@@ -197,9 +201,14 @@ function schema.split_conninfo(conninfo)
   return table.concat(out, " "), password
 end
 
--- A child process spec: argv plus env carrying the password, if any.
+-- A child process spec: argv plus env carrying the password, if any, and
+-- the name of its session (migrun.playbook.sessions: a rerun finds a killed
+-- run's pg_restore by it).
 local function child(argv, password)
-  argv.env = password and { PGPASSWORD = password } or nil
+  local env = {}
+  env.PGPASSWORD = password
+  env.PGAPPNAME = pg.application_name(argv[1]:match("[^/]+$"))
+  argv.env = next(env) and env or nil
   return argv
 end
 

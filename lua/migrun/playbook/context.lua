@@ -5,7 +5,13 @@ connections, the DMS client, the log, progress bars, confirmation, commands,
 report tables and the cooperative sleep that runs watchers while it waits.
 
   context.new(P, fields) -> ctx      (the runner's; fields: config, dry_run,
-      yes, args, state_dir, journal, resuming, facts, main)
+      yes, args, state_dir, journal, resuming, facts, main, run_id, sessions)
+
+An earlier run's sessions (migrun.playbook.sessions): with fields.sessions =
+{ prefix =, own = [, timeout =] }, the first connection to each server ends
+what an earlier run of the migration left working there (a dry run says what
+it would end) before ctx:connect returns it; ctx:clear_earlier() does that on
+every server at once (the runner, before the first step).
 
 What other processes see of a run (migrun.playbook.live): every progress bar
 saves its snapshot to state_dir/progress.json at most every 2 seconds;
@@ -23,6 +29,7 @@ local journal = require "migrun.playbook.journal"
 local progress = require "migrun.playbook.progress"
 local live = require "migrun.playbook.live"
 local notify = require "migrun.playbook.notify"
+local sessions = require "migrun.playbook.sessions"
 
 local context = {}
 
@@ -78,8 +85,50 @@ function Ctx:connect(name)
       if ctx.dry_run then ctx:say("dry run: %s", mask(line, conninfo)) else ctx:_log("write " .. mask(line, conninfo)) end
     end,
   })
+  if self.sessions and not self._cleared[name] then
+    local ok, serr = self:_clear_earlier(name, wrapped)
+    if not ok then wrapped:close() return nil, serr end
+  end
   self._dbs[name] = wrapped
   return wrapped
+end
+
+-- What an earlier run left working on one server, ended before this run uses it.
+function Ctx:_clear_earlier(name, d)
+  local ctx, conninfo = self, self.config[name].conninfo
+  local ended, err = sessions.clear(d, { server = name, prefix = self.sessions.prefix, own = self.sessions.own,
+    dry_run = self.dry_run, timeout = self.sessions.timeout,
+    mask = function(s) return mask(s, conninfo) end,
+    say = function(line) ctx:say("%s", line) end })
+  if not ended then
+    if errors.is(err) and err.kind == "sessions" then return nil, err end
+    return nil, errors.new{ kind = "sessions", where = name, code = err and err.code,
+      message = ("cannot look for an earlier run's sessions on the %s: %s"):format(name,
+        mask(err and err.message or err, conninfo)),
+      hint = "the configured role must be able to read pg_stat_activity (it can, for its own sessions)" }
+  end
+  self._cleared[name] = true
+  return true
+end
+
+--[[ ctx:clear_earlier() -> true | nil, err
+     On each server, what an earlier run left working is ended before this
+     run does anything (connecting to each). A server that cannot be reached
+     now is warned about and cleared when the run first connects to it; one
+     where an earlier run's sessions cannot be ended fails the run. ]]
+function Ctx:clear_earlier()
+  if not self.sessions then return true end
+  for _, name in ipairs{ "source", "replica", "target" } do
+    if self.config[name] and not self._cleared[name] then
+      local d, err = self:connect(name)
+      if not d then
+        if errors.is(err) and err.kind == "sessions" then return nil, err end
+        self:warn("%s; an earlier run's sessions there are looked for when this run connects to it",
+          tostring(err and err.message or err))
+      end
+    end
+  end
+  return true
 end
 
 function Ctx:dms()
@@ -358,7 +407,7 @@ end
 
 function context.new(P, fields)
   local ctx = fields
-  ctx._dbs = {}
+  ctx._dbs, ctx._cleared = {}, {}
   ctx.playbook = P
   -- ctx.print: a line printer to hand to library calls (say = ctx.print)
   ctx.print = function(line) Ctx.say(ctx, "%s", line) end

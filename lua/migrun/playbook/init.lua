@@ -43,6 +43,19 @@ migrun.playbook.cli from one declaration (and --help generated from it):
   configuration error, 3 not confirmed / aborted, 4 another migrun holds the
   state directory.
 
+One run at a time, and never against a killed one (migrun.playbook.sessions):
+a run takes state_dir/lock (host.lock; another migrun holding it: exit 4),
+then, before its first step (before its watchers and checks too), ends on
+each server what an earlier run of the migration left working there: a
+killed run's backends go on with their CREATE INDEX, TRUNCATE or COPY after
+their client died. It finds them by application_name: every session of a
+run, its pool workers' and its pg_dump's included, is named
+migrun/<config name>/<run id>[/<role>] (the run id is also the journal's
+runs[i].id), and ends them with pg_terminate_backend, waiting until they are
+gone (sessions.TIMEOUT); each one is said (pid, what it ran, since when). One
+that cannot be ended fails the run before anything ran. A dry run says what
+it would end, and ends nothing.
+
 Resume: done steps are skipped after their check passes ("skipped preflight:
 done 12:01:03"); every check runs before any step does, and a failing one
 stops the run. running/failed steps rerun, and see what they recorded before
@@ -60,6 +73,7 @@ The step context (migrun.playbook.context; one per run; passed to run, check
 and watchers)
   ctx.config, ctx.dry_run, ctx.yes, ctx.args (ctx.args.slot: by declared name),
   ctx.state_dir, ctx.resuming, ctx.playbook, ctx.step (the running step),
+  ctx.run_id (this run's id: its sessions are named migrun/<name>/<run id>),
   ctx.plan (the names of the steps this run runs),
   ctx.journal, ctx.main (the main playbook's name, or nil before it ran)
   ctx.source / ctx.replica / ctx.target   migrun.db wrappers, connected on first
@@ -109,6 +123,9 @@ local report = require "migrun.playbook.report"
 local html = require "migrun.playbook.html"
 local metrics = require "migrun.playbook.metrics"
 local watchdog = require "migrun.playbook.watchdog"
+local sessions = require "migrun.playbook.sessions"
+local live = require "migrun.playbook.live"
+local pg = require "migrun.pg"
 
 local playbook = {}
 
@@ -365,7 +382,29 @@ local function absolute(path)
   return assert(host.cwd()) .. "/" .. path
 end
 
+-- The identity of this run's sessions (set for every connection this
+-- process makes from now on), and what ctx.sessions needs to end an earlier
+-- run's: -> ctx.sessions, or nil and the pid of the migrun holding the state
+-- directory (a dry run does not take the lock: the sessions of the run that
+-- holds it are that run's own).
+local function name_sessions(cfg, state_dir, dry_run, run_id)
+  local own = sessions.identity(cfg.name, run_id, dry_run)
+  pg.identity(own)
+  if dry_run then
+    local lock = live.lock_state(state_dir)
+    if lock.held and lock.alive ~= false then return nil, lock.pid or "?" end
+  end
+  return { prefix = sessions.prefix(cfg.name), own = own }
+end
+
 function Playbook:main(argv)
+  local previous = pg.identity()
+  local code = self:_main(argv)
+  pg.identity(previous or false)
+  return code
+end
+
+function Playbook:_main(argv)
   argv = argv or {}
   local plain = {}
   for i = 1, #argv do plain[i] = argv[i] end
@@ -421,10 +460,12 @@ function Playbook:main(argv)
     J.data.main = { playbook = self.name, script = self.script and absolute(self.script) or nil }
   end
 
+  local run_id = sessions.run_id()
+  local named, holder = name_sessions(cfg, state_dir, dry_run, run_id)
   local ctx = context.new(self, {
     config = cfg, dry_run = dry_run, yes = opts.yes and true or false, args = opts.args,
     state_dir = state_dir, journal = J, resuming = J:done_count(self.name) > 0, facts = {},
-    main = J.data.main and J.data.main.playbook or nil,
+    main = J.data.main and J.data.main.playbook or nil, run_id = run_id, sessions = named,
   })
   if not dry_run then
     local logpath = state_dir .. "/migrun.log"
@@ -435,7 +476,7 @@ function Playbook:main(argv)
   local steps = J:steps(self.name)
   for name, rec in pairs(steps) do ctx.facts[name] = rec.facts or {} end
 
-  local run = { playbook = self.name, started_at = journal.timestamp(), dry_run = dry_run or nil,
+  local run = { id = run_id, playbook = self.name, started_at = journal.timestamp(), dry_run = dry_run or nil,
                 argv = plain, outcome = "running", ran = {}, skipped = {} }
   if not dry_run then
     J.data.runs[#J.data.runs + 1] = run
@@ -443,6 +484,11 @@ function Playbook:main(argv)
     if not ok then stderr("migrun: " .. tostring(err)) return EXIT.failed end
   end
   ctx:say("%s: %s (migration %s)%s", self.name, self.title, cfg.name, dry_run and ", DRY RUN" or "")
+  ctx:_log(("this run's sessions are named %s"):format(pg.application_name()))
+  if holder then
+    ctx:say("dry run: migrun pid %s holds %s: the sessions of this migration are its own, none would be ended",
+      holder, state_dir)
+  end
   local metrics_server = self:_start_metrics(ctx, run)
 
   local code, failure = self:_run(ctx, opts, run)
@@ -598,6 +644,11 @@ function Playbook:_run(ctx, opts, run)
   end
   ctx.plan = {}
   for _, p in ipairs(plan) do if p.action == "run" then ctx.plan[#ctx.plan + 1] = p.step.name end end
+
+  -- What an earlier run left working on the servers ends before anything of
+  -- this one runs (its watchers included).
+  local cleared, cerr = ctx:clear_earlier()
+  if not cleared then return EXIT.failed, cerr end
 
   -- Watchers in a process of their own start first; their first check
   -- (before any step) may stop the run.
