@@ -113,15 +113,20 @@ end
 
 --[[ ctx:clear_earlier() -> true | nil, err
      On each server, what an earlier run left working is ended before this
-     run does anything (connecting to each). A server that cannot be reached
-     now is warned about and cleared when the run first connects to it; one
-     where an earlier run's sessions cannot be ended fails the run. ]]
+     run does anything. A server that cannot be reached now is warned about
+     and cleared when the run first connects to it; one where an earlier
+     run's sessions cannot be ended fails the run. The session that looked
+     is closed: the steps connect when they need a server, as before. ]]
 function Ctx:clear_earlier()
   if not self.sessions then return true end
   for _, name in ipairs{ "source", "replica", "target" } do
     if self.config[name] and not self._cleared[name] then
+      local had = self._dbs[name]
       local d, err = self:connect(name)
-      if not d then
+      if d and not had then
+        d:close()
+        self._dbs[name] = nil
+      elseif not d then
         if errors.is(err) and err.kind == "sessions" then return nil, err end
         self:warn("%s; an earlier run's sessions there are looked for when this run connects to it",
           tostring(err and err.message or err))
