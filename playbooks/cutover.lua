@@ -5,17 +5,20 @@ READY FOR CUTOVER. What DMS leaves undone, as steps:
     migrun playbooks/cutover.lua --config migration.lua [--dry-run] [--yes]
                                  [--from STEP | --only STEP] [--list]
 
-Check every task runs and has caught up; stop writes on the source (as
-cutover.stop_writes says: the team's command, or the database made read-only
-with the sessions opened before waited for or terminated); wait until every
-task has applied the primary's last write (a fence row written on the primary,
-read-only or not, and seen on the target: migrun.fence); set the target's sequences ahead
-of the source's (DMS never migrates sequences); a final full QA, counts and
-row hashes of every table (by key ranges, both sides at once); ANALYZE what
-CDC changed a lot (the load analyzed every table); stop the tasks; the
-target's definitions as on the source again (identity columns, triggers,
-row-level security full.lua changed for DMS); the checklist and the commands
-to roll back. Any difference stops it before the tasks are stopped.
+Before writes stop: every task runs and has caught up, the schema is as it
+was, and the live verification brought up to date (migrun.verify: every table
+was proven equal while the source wrote; what changed since is compared now,
+still under writes), then ANALYZE what CDC changed a lot. The cutover window,
+from the source made read-only to the target ready for writes, then costs
+what changed in the last seconds, not the size of the database: stop writes
+(cutover.stop_writes); wait until every task has applied the primary's last
+write (a fence row seen on the target); verify what changed since the live
+verification (the watch slot's last changes and the keys still pending,
+compared once on a source that no longer moves); set the target's sequences
+ahead; no LOB truncation in the task logs; stop the tasks; the target's
+definitions as on the source again. The report states the window and what
+it was spent on. Any difference stops it before the tasks are stopped, and
+the message says what was already done and how to undo it.
 
 Copy this file to adapt the procedure; the work is in migrun.cutover, migrun.cdc
 and migrun.qa, the machinery in migrun.playbook.
@@ -24,7 +27,9 @@ local playbook = require "migrun.playbook"
 local steps = require "migrun.steps"
 local cutover = require "migrun.cutover"
 local cdc = require "migrun.cdc"
-local qa = require "migrun.qa"
+local verify = require "migrun.verify"
+local sentinel = require "migrun.sentinel"
+local host = require "migrun.host"
 local proc = require "migrun.proc"
 local text = require "migrun.text"
 local guard = require "migrun.guard"
@@ -46,6 +51,9 @@ end
 -- Through every step, in a process of its own: WAL, disks, schema drift.
 P:watch(guard.watcher())
 
+-- The steps of the cutover window: the source read-only to the target ready.
+local WINDOW = { "stop_writes", "wait_applied", "verify", "sequences", "no_truncation", "stop_tasks", "restore_target" }
+
 local function checklist(ctx)
   local list = {}
   for _, g in ipairs(plan(ctx)) do
@@ -54,6 +62,14 @@ local function checklist(ctx)
   return cutover.checklist{ database = (ctx.facts.stop_writes or {}).database,
     stop_writes = ctx.config.cutover.stop_writes, tasks = list, target_changes = target_changes(ctx),
     region = ctx.config.dms.region, endpoint_url = ctx.config.dms.endpoint_url }
+end
+
+-- A refusal that says what the cutover had already done.
+local function refusal(ctx, why)
+  local sw = ctx:done("stop_writes") and (ctx.facts.stop_writes.mode == "command" and ctx.config.cutover.stop_writes
+    or ctx.facts.stop_writes.mode) or nil
+  return cutover.refusal(why, { stop_writes = sw, sequences = ctx:done("sequences"),
+    tasks_stopped = ctx:began("stop_tasks"), target_restored = ctx:done("restore_target") }, checklist(ctx))
 end
 
 P:step{ "ready", "Every task of this migration runs and has caught up (full.lua is done); the schema is unchanged",
@@ -74,9 +90,15 @@ P:step{ "ready", "Every task of this migration runs and has caught up (full.lua 
     end
     local st = assert(cdc.watch(ctx:dms(), plan(ctx), tasks(ctx), steps.watch_options(ctx)))
     ctx:report_table("DMS tasks before the cutover", cdc.status_table(st))
-    if st.exceptions > 0 then ctx:warn("%d row(s) in awsdms_apply_exceptions: the final QA will tell", st.exceptions) end
-    return { tasks = #st.rows, max_lag = st.max_lag }
+    if st.exceptions > 0 then ctx:warn("%d row(s) in awsdms_apply_exceptions: the verification will tell", st.exceptions) end
+    -- still under writes: what changed since full.lua's verification, so the window has little left
+    local r, why = steps.live_qa(ctx, "Live verification before the cutover (primary vs target)")
+    if not r then return nil, why end
+    return { tasks = #st.rows, max_lag = st.max_lag, pending_keys = r.pending.keys, pending_whole = r.pending.whole }
   end }
+
+P:step{ "analyze", "ANALYZE on the target the tables CDC changed a lot since the load analyzed them (before writes stop)",
+  run = function(ctx) return steps.analyze_changed(ctx, tables(ctx)) end }
 
 P:step{ "stop_writes", "Stop writes on the source (cutover.stop_writes)",
   destructive = function(ctx)
@@ -87,13 +109,14 @@ P:step{ "stop_writes", "Stop writes on the source (cutover.stop_writes)",
       (c.existing_sessions == "terminate" and " and terminate the application's sessions opened before" or "")
   end,
   run = function(ctx)
+    local t0 = host.now() -- the cutover window starts here
     local c = ctx.config.cutover
     local s = assert(cutover.stop_writes(ctx.source, { stop_writes = c.stop_writes,
       existing_sessions = c.existing_sessions, sessions_timeout = c.sessions_timeout,
       sleep = function(t) ctx:sleep(t) end, say = ctx.print,
       run_command = function(argv) return ctx:command(argv, { writes = true }) end }))
     if s.mode == "none" then ctx:warn("cutover.stop_writes is \"none\": the application must have stopped writing") end
-    return { mode = s.mode, database = s.database, terminated = s.terminated }
+    return { mode = s.mode, database = s.database, terminated = s.terminated, started = t0 }
   end,
   check = function(ctx, facts)
     if facts.mode ~= "read_only" then return true end
@@ -120,6 +143,24 @@ P:step{ "wait_applied", "Wait until every task has applied the primary's last wr
     return { lsn = tostring(w.lsn), fence = w.seq, seconds = w.seconds }
   end }
 
+P:step{ "verify", "Verify what changed since the live verification (the watch slot's last changes, the keys pending)",
+  run = function(ctx)
+    local v = assert(steps.verification(ctx))
+    local r = assert(v:at_cutover())
+    ctx:say("%s", verify.format(r))
+    ctx:report_table("Verification at the cutover (primary vs target)", verify.REPORT_COLUMNS, verify.report_rows(r))
+    if #r.whole > 0 then
+      ctx:say("hashed whole (no key, or too many keys changed): %s", table.concat(r.whole, ", "))
+    end
+    if #r.differences > 0 then
+      ctx:say("%s", cutover.format_rollback(checklist(ctx)))
+      return nil, refusal(ctx, ("%d table(s) differ between the primary and the target"):format(#r.differences))
+    end
+    return { keys = r.compared.keys, whole = r.whole, changes = r.changes, seconds = r.seconds }
+  end,
+  dry_run = "would compare the rows the source changed since the live verification (read from the watch slot), "
+    .. "and the keys still pending, on the primary and the target" }
+
 P:step{ "sequences", "Set every sequence on the target ahead of the source's last value",
   run = function(ctx)
     local cfg = ctx.config
@@ -127,41 +168,23 @@ P:step{ "sequences", "Set every sequence on the target ahead of the source's las
       exclude_tables = cfg.exclude_tables, margin = cfg.cutover.sequence_margin }))
     ctx:report_table("Sequences", cutover.SEQUENCE_COLUMNS, r.rows)
     if #r.missing > 0 then
-      return nil, ("%d sequence(s) of the source are missing on the target: %s"):format(#r.missing,
-        table.concat(r.missing, ", "))
+      return nil, refusal(ctx, ("%d sequence(s) of the source are missing on the target: %s"):format(#r.missing,
+        table.concat(r.missing, ", ")))
     end
     ctx:say("%d sequence(s) set %d ahead of the source", r.set, cfg.cutover.sequence_margin)
     return { sequences = #r.rows, set = r.set }
   end }
 
-P:step{ "no_truncation", "No LOB value truncated by DMS: the task logs, LOB lengths primary vs target",
+P:step{ "no_truncation", "No LOB value truncated by DMS: the task logs (the values were compared by the verification)",
   run = function(ctx)
-    local r, why = steps.no_truncation(ctx, plan(ctx), tables(ctx), tasks(ctx), "LOB values at the cutover",
-      { settled = true })
+    local r, why = steps.no_truncation(ctx, plan(ctx), tables(ctx), tasks(ctx), "LOB truncation warnings at the cutover",
+      { settled = true, logs_only = true })
     if not r then
       ctx:say("%s", cutover.format_rollback(checklist(ctx)))
-      return nil, "refusing to cut over: " .. why .. "; the tasks still run, nothing else was done"
+      return nil, refusal(ctx, why)
     end
     return r
   end }
-
-P:step{ "final_qa", "Final full QA: row counts and row hashes of every table, primary vs target",
-  run = function(ctx)
-    local r = assert(qa.compare(ctx.source, ctx.target, tables(ctx), ctx.config.qa, steps.full_qa_options(ctx)))
-    cutover.count_only(r, ctx.config.cutover.count_only)
-    ctx:report_table("Final full QA (primary vs target)", qa.report_columns(), qa.report_rows(r))
-    if r.differences > 0 then
-      ctx:say("%s", qa.format(r))
-      ctx:say("%s", cutover.format_rollback(checklist(ctx)))
-      return nil, ("refusing to cut over: %d difference(s) between the primary and the target; "
-        .. "the tasks still run, nothing else was done"):format(r.differences)
-    end
-    return { checks = #r.checks }
-  end,
-  dry_run = "would compare every table of the primary and the target (counts and row hashes)" }
-
-P:step{ "analyze", "ANALYZE on the target the tables CDC changed a lot since the load analyzed them",
-  run = function(ctx) return steps.analyze_changed(ctx, tables(ctx)) end }
 
 P:step{ "stop_tasks", "Stop the DMS tasks",
   run = function(ctx)
@@ -172,11 +195,12 @@ P:step{ "stop_tasks", "Stop the DMS tasks",
 
 P:step{ "restore_target", "The target's definitions as on the source again (what full.lua changed for DMS)",
   run = function(ctx)
+    assert(sentinel.remove(ctx.target)) -- the application writes there from now on
     local r = assert(cutover.restore_target(ctx.target, target_changes(ctx), { say = ctx.print }))
     ctx:report_table("Target definitions restored", { { "table" }, { "kind", "what" },
       { "object", "column / trigger" }, { "state", "now, as on the source" } }, r.rows)
     ctx:say("%d target change(s) undone, %d already as on the source", r.restored, r.already)
-    return { restored = r.restored, already = r.already }
+    return { restored = r.restored, already = r.already, ended = host.now() } -- the window ends here
   end }
 
 P:step{ "checklist", "The cutover checklist and the commands to roll back",
@@ -187,9 +211,14 @@ P:step{ "checklist", "The cutover checklist and the commands to roll back",
     for i, line in ipairs(cl.steps) do numbered[i] = { i, line } end
     ctx:report_table("Cutover checklist", { "#", "do" }, numbered)
     ctx:report_table("Roll back", { "what", "how" }, cl.rollback)
+    local w = cutover.window(ctx.journal:steps(P.name), WINDOW, ctx.facts.stop_writes.started,
+      ctx.facts.restore_target.ended)
+    ctx:say("%s", cutover.format_window(w))
+    ctx:report_table(("The cutover window: %s"):format(text.duration(w.seconds)),
+      { { "step" }, { "seconds", "time", format = text.duration } }, w.rows)
     ctx:notify("cutover_done", "the cutover is done: the tasks are stopped; the checklist is in the report",
       { checklist = cl.steps })
-    return { rollback = cl.rollback }
+    return { rollback = cl.rollback, window = w.seconds }
   end }
 
 os.exit(P:main(arg))

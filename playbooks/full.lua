@@ -166,7 +166,21 @@ P:step{ "indexes", "Restore the indexes and constraints; verify every one of the
     return steps.restore_indexes(ctx, ctx.facts.schema, tables(ctx))
   end }
 
-P:step{ "fidelity", "The DMS boundary: the target as DMS needs it while it applies (undone at cutover)",
+-- Materialized views: the schema-only restore creates them empty, nothing
+-- carries their rows; populated from the loaded tables (the paused replica
+-- says which the source has populated), so the application's reads work on
+-- the target from the start and the cutover's refresh can be CONCURRENTLY.
+local matviews = require "migrun.matviews"
+P:step{ "matviews", "Populate the target's materialized views from the loaded tables",
+  run = function(ctx)
+    local list = assert(matviews.list(ctx.replica, { schemas = ctx.config.schemas,
+      exclude = ctx.config.exclude_tables }))
+    local r = assert(matviews.refresh_all(ctx.target, list, { say = ctx.print }))
+    ctx:report_table("Materialized views populated", matviews.REFRESH_COLUMNS, r.rows)
+    return { refreshed = r.refreshed, unpopulated = r.unpopulated, seconds = r.seconds }
+  end }
+
+P:step{ "fidelity", "The DMS boundary: the target as DMS needs it while it applies, the sentinel (undone at cutover)",
   run = function(ctx)
     local bounds = assert(fidelity.inspect(ctx.source, { tables = tables(ctx) }))
     ctx:report_table("The DMS boundary", fidelity.REPORT_COLUMNS, fidelity.report_rows(bounds))
@@ -176,6 +190,8 @@ P:step{ "fidelity", "The DMS boundary: the target as DMS needs it while it appli
     end
     local a = assert(fidelity.adapt(ctx.target, bounds, { say = ctx.print }))
     ctx:report_table("Target changes while DMS applies (undone at cutover)", fidelity.CHANGE_COLUMNS, a.changes)
+    -- from here on, what anyone but DMS writes on the target is noted for the verification
+    assert(steps.install_sentinel(ctx, tables(ctx)))
     return { changes = a.changes, dms = fidelity.dms(bounds) }
   end }
 
@@ -213,7 +229,7 @@ P:step{ "dms_start", "Start the tasks one by one",
     return { started = s.started }
   end }
 
-P:step{ "catch_up", "Watch the tasks catch up; final QA against the primary", always = true,
+P:step{ "catch_up", "Watch the tasks catch up; verify every table against the primary, under writes", always = true,
   run = function(ctx)
     local bar = ctx:progress{ label = "tasks caught up", total = #plan(ctx), unit = "tasks" }
     local watch = steps.watch_options(ctx, function(st)
@@ -224,19 +240,21 @@ P:step{ "catch_up", "Watch the tasks catch up; final QA against the primary", al
     bar:finish("every task has caught up")
     ctx:report_table("DMS tasks", cdc.status_table(st))
     if st.exceptions > 0 then ctx:warn("%d row(s) in awsdms_apply_exceptions: look at them before cutover", st.exceptions) end
-    local r, why = steps.live_qa(ctx, plan(ctx), tables(ctx), "Final QA (primary vs target)")
+    local r, why = steps.live_qa(ctx, "Live verification (primary vs target, under writes)")
     if not r then return nil, why end
     local lob, lwhy = steps.no_truncation(ctx, plan(ctx), tables(ctx), ctx.facts.dms_setup.tasks,
       "LOB values (primary vs target)")
     if not lob then return nil, lwhy end
-    ctx:say("READY FOR CUTOVER: %d tasks running, largest lag %s, %d QA checks equal",
-      #st.rows, text.bytes(st.max_lag), #r.checks)
-    ctx:notify("ready_for_cutover", ("%d tasks running, largest lag %s, %d QA checks equal"):format(#st.rows,
-      text.bytes(st.max_lag), #r.checks), { tasks = #st.rows, max_lag = st.max_lag, exceptions = st.exceptions })
-    return { ready = true, max_lag = st.max_lag, exceptions = st.exceptions }
+    local verified = ("every table verified equal under writes (%d key(s) still changing, compared at cutover)")
+      :format(r.pending.keys)
+    ctx:say("READY FOR CUTOVER: %d tasks running, largest lag %s, %s", #st.rows, text.bytes(st.max_lag), verified)
+    ctx:notify("ready_for_cutover", ("%d tasks running, largest lag %s, %s"):format(#st.rows,
+      text.bytes(st.max_lag), verified), { tasks = #st.rows, max_lag = st.max_lag, exceptions = st.exceptions })
+    return { ready = true, max_lag = st.max_lag, exceptions = st.exceptions, pending_keys = r.pending.keys }
   end,
   dry_run = "would watch every task catch up (writing a fence row into " .. fence.KEY .. " on the primary "
-    .. "and seeing it on the target), then compare every table of the primary and the target, "
+    .. "and seeing it on the target), then verify every table of the primary and the target under writes "
+    .. "(the watch slot " .. "<slots.prefix>watch, row hashes, differences named by key), "
     .. "and look for truncated LOB values (task logs, LOB lengths)" }
 
 os.exit(P:main(arg))

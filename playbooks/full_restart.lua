@@ -29,6 +29,8 @@ local catalog = require "migrun.catalog"
 local pglogical = require "migrun.pglogical"
 local replica = require "migrun.replica"
 local fence = require "migrun.fence"
+local watch = require "migrun.watch"
+local verify = require "migrun.verify"
 local guard = require "migrun.guard"
 
 local P = playbook.new{ name = "full_restart",
@@ -93,11 +95,14 @@ P:step{ "dms_teardown", "Stop and delete every DMS task and endpoint of this mig
 
 P:step{ "source_teardown", "Drop the replication sets, slots and pglogical node on the primary",
   destructive = function(ctx)
-    return ("drop the slots %s, their sets, the node %s and the fence table %s on the primary")
-      :format(slots_of(plan(ctx)), ctx.config.slots.node, fence.KEY)
+    return ("drop the slots %s, their sets, the node %s, the fence table %s and the watch slot %s on the primary")
+      :format(slots_of(plan(ctx)), ctx.config.slots.node, fence.KEY, watch.slot_name(ctx.config.slots.prefix))
   end,
   run = function(ctx)
-    local r = assert(restart.teardown_source(ctx.source, plan(ctx), ctx.config.slots.node))
+    local r = assert(restart.teardown_source(ctx.source, plan(ctx), ctx.config.slots.node,
+      { watch_slot = watch.slot_name(ctx.config.slots.prefix) }))
+    -- the live verification starts afresh with the next full.lua
+    if not ctx.dry_run then verify.reset(ctx.state_dir) end
     ctx:say("slots: %s; %d set(s) dropped; node %s: %s; %s: %s", slots_of(plan(ctx)), r.sets,
       ctx.config.slots.node, r.node, fence.KEY, r.fence)
     return r

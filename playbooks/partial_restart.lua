@@ -30,6 +30,7 @@ local pglogical = require "migrun.pglogical"
 local replica = require "migrun.replica"
 local cdc = require "migrun.cdc"
 local fence = require "migrun.fence"
+local sentinel = require "migrun.sentinel"
 local guard = require "migrun.guard"
 local lsn = require "migrun.lsn"
 local text = require "migrun.text"
@@ -93,6 +94,12 @@ P:step{ "truncate", "Truncate the group's tables on the target",
     return ("truncate %d table(s) of %s on the target (%s)"):format(#names, slot(ctx), table.concat(names, ", "))
   end,
   run = function(ctx)
+    -- first, the live verification forgets these tables: they are hashed whole again once reloaded
+    local names = {}
+    for i, t in ipairs(tables(ctx)) do names[i] = text.key(t) end
+    assert(assert(steps.verification(ctx)):forget(names))
+    -- and its sentinel leaves them alone while they are emptied and reloaded
+    assert(sentinel.remove(ctx.target, tables(ctx)))
     assert(restart.truncate(ctx.target, tables(ctx)))
     return { truncated = #tables(ctx) }
   end }
@@ -184,9 +191,14 @@ P:step{ "catch_up", "Watch the new task catch up; QA the group's tables against 
     local tasks = { [slot(ctx)] = ctx.facts.replace_task.arn }
     local st = assert(cdc.watch(ctx:dms(), { group(ctx) }, tasks, steps.watch_options(ctx)))
     ctx:report_table("DMS task", cdc.status_table(st))
-    local r, why = steps.live_qa(ctx, { group(ctx) }, tables(ctx), "QA (primary vs target)")
+    -- the group's tables were reloaded: hashed whole again; the others by what changed
+    local reloaded = {}
+    for i, t in ipairs(tables(ctx)) do reloaded[i] = text.key(t) end
+    assert(steps.install_sentinel(ctx, tables(ctx)))
+    local r, why = steps.live_qa(ctx, "Live verification (primary vs target, under writes)", { whole = reloaded })
     if not r then return nil, why end
-    ctx:say("%s has caught up: lag %s, %d QA checks equal", slot(ctx), text.bytes(st.max_lag), #r.checks)
+    ctx:say("%s has caught up: lag %s; its %d table(s) verified equal again under writes", slot(ctx),
+      text.bytes(st.max_lag), #reloaded)
     return { caught_up = true, max_lag = st.max_lag }
   end,
   dry_run = function(ctx) return ("would watch the task of %s catch up, then compare its tables"):format(slot(ctx)) end }

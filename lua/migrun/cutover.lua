@@ -75,6 +75,13 @@ cutover.checklist(info) -> { steps = { text }, rollback = { {what, command} } }
     undo the cutover on the source side (and redo the target changes DMS
     needs before its tasks resume).
 cutover.format_checklist(cl) -> text; cutover.format_rollback(cl) -> its "To roll back:" part
+cutover.refusal(why, done, cl) -> the message of a refusal: why, what was done
+    already (the source read-only, sequences moved, tasks running or not),
+    and how to give the source back to the application
+cutover.window(records, names, first_mark, last_mark) -> { seconds, steps, rows }
+    the cutover window (source read-only to target ready for writes) and the
+    time of each of its steps, from the journal's step records;
+    cutover.format_window(w) -> one line
 ]]
 local pg = require "migrun.pg"
 local lsn = require "migrun.lsn"
@@ -434,6 +441,55 @@ function cutover.checklist(info)
   end
   rollback[#rollback + 1] = { "writes made on the target after the cutover", "are not on the source: DMS does not replicate back" }
   return { steps = steps, rollback = rollback }
+end
+
+-- What a refusal says: why, what the cutover had already done, what to do.
+-- done = { stop_writes = "read_only" | argv | "none" | nil, sequences = bool,
+--          tasks_stopped = bool, target_restored = bool }
+function cutover.refusal(why, done, cl)
+  assert(type(why) == "string" and type(done) == "table", "cutover.refusal(why, done [, checklist])")
+  local was = {}
+  if done.stop_writes == "read_only" then
+    was[#was + 1] = "the source database is read-only (default_transaction_read_only)"
+  elseif type(done.stop_writes) == "table" then
+    was[#was + 1] = "the team's stop-writes command ran (" .. require("migrun.proc").quote(done.stop_writes) .. ")"
+  end
+  if done.sequences then was[#was + 1] = "the target's sequences were set ahead of the source's (harmless)" end
+  if done.tasks_stopped then
+    was[#was + 1] = "the DMS tasks are stopped"
+  else
+    was[#was + 1] = "the DMS tasks still run"
+  end
+  if done.target_restored then was[#was + 1] = "the target's definitions are the source's again" end
+  local msg = "refusing to cut over: " .. why .. "; so far " .. table.concat(was, ", ")
+  if done.stop_writes and done.stop_writes ~= "none" and cl and cl.rollback[1] then
+    msg = msg .. ". To let the application write to the source again: " .. cl.rollback[1][2]
+  end
+  return msg
+end
+
+-- The cutover window: from the first step to the last of `names`, each
+-- step's own time, from the playbook's journal records (step name ->
+-- { duration, facts }). -> { seconds (wall, from the facts' clock marks when
+-- both are there, else the steps' sum), rows = { {step, seconds} } }
+function cutover.window(records, names, first_mark, last_mark)
+  local rows, sum = {}, 0
+  for _, name in ipairs(names) do
+    local rec = records[name]
+    local d = rec and rec.duration or 0
+    rows[#rows + 1] = { name, d }
+    sum = sum + d
+  end
+  local seconds = sum
+  if first_mark and last_mark and last_mark >= first_mark then seconds = last_mark - first_mark end
+  return { seconds = seconds, steps = sum, rows = rows }
+end
+
+function cutover.format_window(w)
+  local parts = {}
+  for _, r in ipairs(w.rows) do parts[#parts + 1] = ("%s %s"):format(r[1], text.duration(r[2])) end
+  return ("the cutover window: %s from the source made read-only to the target ready for writes (%s)")
+    :format(text.duration(w.seconds), table.concat(parts, ", "))
 end
 
 function cutover.format_rollback(cl)

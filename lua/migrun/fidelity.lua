@@ -22,8 +22,9 @@ fidelity.inspect(db, opts) -> plan | nil, err
       tables = { ["s.t"] = { schema, name, remove_columns = {names},
                  identity_always = {names}, always_triggers = { {name, enabled} },
                  force_rls = bool } }   (only the tables that need something)
-      session_replication_role = bool (user triggers, foreign keys or rules on
-          the migrated tables: DMS's target sessions must not fire them),
+      session_replication_role = true: DMS's target sessions must fire neither
+          the schema's triggers, foreign keys and rules nor migrun's own
+          sentinel (migrun.sentinel notes what others write on the target),
       unbounded_numeric = bool, owners = {role names}, extensions = {names} }
 fidelity.check_target(db, plan) -> { { check, ok, message, hint } } | nil, err
     What the run will need of the role migrun (and DMS) uses on the target,
@@ -133,7 +134,7 @@ function fidelity.inspect(db, opts)
   for _, t in ipairs(list) do wanted[text.key(t)] = t end
 
   local plan = { findings = {}, errors = 0, warnings = 0, handled = 0, notes = 0, tables = {},
-                 session_replication_role = false, unbounded_numeric = false, owners = {}, extensions = {},
+                 session_replication_role = true, unbounded_numeric = false, owners = {}, extensions = {},
                  schemas = {} }
   local function entry(key, t)
     local e = plan.tables[key]

@@ -47,18 +47,21 @@ qa.compare(a_db, b_db, tables, cfg_qa, { mode = "quick" | "full", seed = n }) ->
       integer primary key is hashed by key ranges (migrun.chunks, planned on
       a), each range on both sides; any other such table by block ranges
       (PostgreSQL 14 and later), each side its own, whose hashes add up to
-      the table's (a difference is not narrowed: a block range holds other
-      rows on each side); with opts.jobs > 1 and opts.a_conninfo,
+      the table's; with opts.jobs > 1 and opts.a_conninfo,
       opts.b_conninfo, the ranges and the tables are hashed by `jobs` worker
       processes on each side at once, largest first, so verifying a big table
-      costs about one parallel scan of each side. A range that differs is
-      narrowed down (sub-ranges hashed on both sides through the key's index,
-      then the rows of the last small range compared key by key), and the
-      check's detail names the chunk, its range and the keys that differ
-      (check.chunks = { {chunk =, of =, range =, keys = {...}, a =, b = } }).
-    opts.before: see monthly_counts. opts.between: a function; when given,
-      every check reads a first, then between() runs once, then every check
-      reads b (qa.settled waits for a fence there). opts.kinds: { ["s.t"] =
+      costs about one parallel scan of each side. A table that differs and
+      has a key (primary, or unique on NOT NULL columns) is narrowed to the
+      keys of the rows that differ (migrun.keydiff; in each differing key
+      range of a split table, else over the whole table): check.key (its
+      columns), check.keys = { {key, what, a, b} } (up to opts.keys_limit,
+      default 1000; check.keys_complete false when there were more), and the
+      detail names the first ten ("id 17 differs, id 20 only in target (2
+      keys)"); a split table's check.chunks = { {chunk =, of =, range =, keys
+      = {"id 17 differs"}, a =, b = } }. opts.narrow = false: not narrowed.
+      opts.exclude = { ["s.t"] = {canonical keys} }: those rows are left out
+      on both sides (rows known to be changing: migrun.verify).
+    opts.before: see monthly_counts. opts.kinds: { ["s.t"] =
       "monthly" | "count" } forces a table's method (a second comparison
       keeps the first one's).
     A check that fails to run (a table missing on one side) is a difference
@@ -217,9 +220,7 @@ local function parent_of(t)
 end
 
 --[[ A probe: one check, read on each side by read(db) -> value | nil, err,
-then judged by judge(check) once check.a and check.b are there. Reading both
-sides of every probe one after the other, or every a side, then between(),
-then every b side, is compare's choice (see opts.between). ]]
+then judged by judge(check) once check.a and check.b are there. ]]
 local function probe(t, method, read, judge)
   local check = { method = method }
   if type(t) == "table" and t.query then
@@ -688,18 +689,9 @@ function qa.compare(a_db, b_db, tables, cfg_qa, opts)
     if p.error then return nil, p.error end
     return p.read(a_db)
   end
-  if opts.between then
-    -- every a side first, then between() (a fence waited for), then every b
-    -- side: b then holds at least everything a showed
-    local firsts = {}
-    for i, p in ipairs(probes) do firsts[i] = table.pack(read_a(p)) end
-    opts.between()
-    for i, p in ipairs(probes) do add(finish(p, firsts[i][1], firsts[i][2], b_db)) end
-  else
-    for _, p in ipairs(probes) do
-      local a, aerr = read_a(p)
-      add(finish(p, a, aerr, b_db))
-    end
+  for _, p in ipairs(probes) do
+    local a, aerr = read_a(p)
+    add(finish(p, a, aerr, b_db))
   end
   return result
 end
@@ -740,49 +732,6 @@ function qa.report_rows(result)
     rows[#rows + 1] = { c.table, c.method, summary(c.a), summary(c.b), c.equal and "yes" or "NO", c.detail or "" }
   end
   return rows
-end
-
---[[ qa.settled(a_db, b_db, tables, cfg_qa, opts) -> result | nil, err
-     qa.compare while b is still receiving a's changes (CDC), so that no
-     difference is reported that b applying what is in flight would close:
-     opts.wait() (which returns once b has applied everything a committed
-     before the call: a fence, cdc.wait_applied) runs first, then the
-     comparison; a table that differs is compared again, by the same method,
-     up to opts.attempts times (default 5), each time read on a first, then
-     opts.wait(), then read on b, so that b holds at least what a showed. Only
-     differences that persist remain. opts.before (a timestamp text) leaves
-     rows newer than it out of the per-month counts; opts.mode, opts.seed. ]]
-function qa.settled(a_db, b_db, tables, cfg_qa, opts)
-  opts = opts or {}
-  if opts.wait then opts.wait() end
-  local result, err = qa.compare(a_db, b_db, tables, cfg_qa,
-    { mode = opts.mode or "quick", seed = opts.seed, before = opts.before })
-  if not result then return nil, err end
-  local by_key = {}
-  for _, t in ipairs(tables) do by_key[key_of(t)] = t end
-  for _ = 1, opts.attempts or 5 do
-    if result.differences == 0 then break end
-    local again, kinds = {}, {}
-    for _, c in ipairs(result.checks) do
-      if not c.equal and by_key[c.table] then
-        again[#again + 1] = by_key[c.table]
-        kinds[c.table] = c.method:match("^(%a+)")
-      end
-    end
-    if #again == 0 then break end
-    local redo, rerr = qa.compare(a_db, b_db, again, { timestamp_column = (cfg_qa or {}).timestamp_column,
-      timestamp_columns = (cfg_qa or {}).timestamp_columns },
-      { mode = result.mode, seed = result.seed, before = opts.before, kinds = kinds, between = opts.wait })
-    if not redo then return nil, rerr end
-    local fresh = {}
-    for _, c in ipairs(redo.checks) do fresh[c.table] = c end
-    result.differences = 0
-    for i, c in ipairs(result.checks) do
-      if not c.equal and fresh[c.table] then result.checks[i] = fresh[c.table] end
-      if not result.checks[i].equal then result.differences = result.differences + 1 end
-    end
-  end
-  return result
 end
 
 return qa

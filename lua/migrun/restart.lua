@@ -27,6 +27,7 @@ local errors = require "migrun.error"
 local cdc = require "migrun.cdc"
 local pglogical = require "migrun.pglogical"
 local fence = require "migrun.fence"
+local sentinel = require "migrun.sentinel"
 local text = require "migrun.text"
 
 local restart = {}
@@ -235,12 +236,15 @@ end
      each of opts.schemas (default: the tables' schemas) is dropped with
      CASCADE, and public is created again with its owner (pg_dump never
      creates public; the other schemas come back with the pre-data restore).
-     Either way migrun's fence table is dropped (result.fence): full.lua's
-     slots step creates it again. ]]
+     Either way migrun's fence table and its sentinel (migrun.sentinel) are
+     dropped (result.fence): full.lua creates them again. ]]
 function restart.empty_target(db, tables, opts)
   opts = opts or {}
   local how = opts.how or "truncate"
   assert(how == "truncate" or how == "drop_schema", "restart.empty_target: how must be truncate or drop_schema")
+  -- migrun's sentinel first: the truncate below is not a write to note
+  local gone, serr = sentinel.remove(db)
+  if not gone then return nil, serr end
   if how == "truncate" then
     local present = {}
     local control = opts.control_schema or "public"
@@ -361,12 +365,18 @@ function restart.teardown_dms(client, plan, opts)
   return out
 end
 
---[[ restart.teardown_source(db, plan, node) -> { slots = {[slot] = result}, sets = n, node = result,
-     fence = result } | nil, err
-     The groups' replication sets and slots, then the pglogical node, then
+--[[ restart.teardown_source(db, plan, node, { watch_slot = name }) -> { slots = {[slot] = result},
+     sets = n, node = result, fence = result, watch = result } | nil, err
+     The watch slot (migrun.watch: what the live verification follows),
+     the groups' replication sets and slots, then the pglogical node, then
      migrun's fence table (full.lua's slots step creates it again). ]]
-function restart.teardown_source(db, plan, node)
+function restart.teardown_source(db, plan, node, opts)
   local out = { slots = {}, sets = 0 }
+  if opts and opts.watch_slot then
+    local w, err = pglogical.drop_slot(db, opts.watch_slot)
+    if not w then return nil, err end
+    out.watch = w
+  end
   for _, g in ipairs(plan) do
     local n, err = pglogical.drop_sets(db, g.slot)
     if not n then return nil, err end

@@ -45,14 +45,19 @@ playbook keeps only the line that says which tables.
       hold no truncation warning and every LOB column in limited LOB mode has
       the same long values on the primary and the target (compared again
       once every slot has confirmed what the primary had written, unless
-      opts.settled); anything truncated is named (table, column, key) and
-      fails the step.
-  steps.live_qa(ctx, groups, tables, title) -> result | nil, why
-      primary against target while CDC runs (qa.settled): compared once the
-      groups' tasks have applied a fence (cdc.wait_applied), per-month counts
-      of rows older than a minute (newer ones may be in flight), and a table
-      that differs compared again, primary first, then another fence, then
-      the target, before it is called a difference.
+      opts.settled; none with opts.logs_only); anything truncated is named
+      (table, column, key) and fails the step.
+  steps.verification(ctx) -> a migrun.verify Verification of the whole
+      migration (full.lua's groups and tables; fences on every slot; whole
+      tables hashed as the final QA does, steps.full_qa_options)
+  steps.install_sentinel(ctx, tables) -> { installed = n } | nil, err
+      migrun.sentinel's triggers on those tables of the target (their keys
+      read there): what others write behind DMS's back is noted
+  steps.live_qa(ctx, title, { whole = {"s.t"} }) -> report | nil, why
+      the primary proven equal to the target while the source writes
+      (verify's rounds: whole tables the first time or where opts.whole
+      says, then the keys that changed); a difference is named by key and
+      fails the step; what still changes is left for the cutover.
 ]]
 local catalog = require "migrun.catalog"
 local qa = require "migrun.qa"
@@ -62,6 +67,9 @@ local cdc = require "migrun.cdc"
 local lobs = require "migrun.lobs"
 local text = require "migrun.text"
 local pg = require "migrun.pg"
+local verify = require "migrun.verify"
+local keydiff = require "migrun.keydiff"
+local sentinel = require "migrun.sentinel"
 
 local steps = {}
 
@@ -224,7 +232,8 @@ end
 function steps.no_truncation(ctx, groups, tables, tasks, title, opts)
   opts = opts or {}
   local c = ctx.config
-  local columns = lobs.columns(groups, tables, { lob_max_kb = c.dms.task.lob_max_kb })
+  -- logs_only: at the cutover the values were compared already (migrun.verify)
+  local columns = opts.logs_only and {} or lobs.columns(groups, tables, { lob_max_kb = c.dms.task.lob_max_kb })
   if ctx.dry_run then
     ctx:say("would read the tasks' logs for LOB truncation warnings and compare %d LOB column(s) "
       .. "of the primary and the target", #columns)
@@ -258,19 +267,55 @@ function steps.no_truncation(ctx, groups, tables, tasks, title, opts)
   return { lob_columns = #columns }
 end
 
-function steps.live_qa(ctx, groups, tables, title)
+-- Every group of the migration and every table, as full.lua planned them:
+-- the live verification always covers the whole migration.
+local function migration(ctx)
+  local f = ctx:main_facts()
+  return f.groups and f.groups.groups or {}, f.know_data and f.know_data.tables or {}
+end
+
+function steps.verification(ctx)
+  local groups, tables = migration(ctx)
   local slots = {}
   for _, g in ipairs(groups) do slots[#slots + 1] = g.slot end
-  local before = assert(ctx.source:query("select (now() - interval '1 minute')::text as t"))[1].t
-  local r = assert(qa.settled(ctx.source, ctx.target, tables, ctx.config.qa, { before = before,
-    wait = function()
-      assert(cdc.wait_applied(ctx.source, ctx.target, slots, { timeout = ctx.config.dms.catch_up.timeout,
-        poll = 0.2, sleep = function(t) ctx:sleep(t) end }))
-    end }))
-  ctx:report_table(title, qa.report_columns(), qa.report_rows(r))
-  if r.differences > 0 then
-    ctx:say("%s", qa.format(r))
-    return nil, ("%d difference(s) between the primary and the target persist after catch-up"):format(r.differences)
+  local c = ctx.config
+  return verify.new{ source = ctx.source, target = ctx.target, tables = tables, groups = groups,
+    prefix = c.slots.prefix, state_dir = ctx.state_dir, dry_run = ctx.dry_run, say = ctx.print,
+    full = steps.full_qa_options(ctx), count_only = c.cutover.count_only,
+    fence = function()
+      return cdc.wait_applied(ctx.source, ctx.target, slots, { timeout = c.dms.catch_up.timeout,
+        poll = 0.2, sleep = function(t) ctx:sleep(t) end })
+    end }
+end
+
+-- migrun.sentinel on the target's tables: what anyone but DMS writes there
+-- from now on is noted for the verification.
+function steps.install_sentinel(ctx, tables)
+  local keys = {}
+  for _, t in ipairs(tables) do
+    local key = keydiff.key(ctx.target, t)
+    if key == nil then return nil, ("%s: its key could not be read on the target"):format(text.key(t)) end
+    keys[text.key(t)] = key and key.columns or false
+  end
+  return sentinel.install(ctx.target, tables, keys)
+end
+
+function steps.live_qa(ctx, title, opts)
+  opts = opts or {}
+  if ctx.dry_run then
+    ctx:say("dry run: would verify every table of the primary against the target while the source writes "
+      .. "(the watch slot %swatch on the primary, fence rows, row hashes; differences named by key)",
+      ctx.config.slots.prefix)
+    return { differences = {}, pending = { keys = 0, tables = 0, whole = {} }, compared = { whole = 0, keys = 0 } }
+  end
+  local v = assert(steps.verification(ctx))
+  local r = assert(v:live{ whole = opts.whole })
+  ctx:say("%s", verify.format(r))
+  ctx:report_table(title, verify.REPORT_COLUMNS, verify.report_rows(r))
+  if #r.differences > 0 then
+    return nil, ("%d table(s) differ between the primary and the target (the rows are named above by key): "
+      .. "mend them with playbooks/repair.lua, or restart their group (playbooks/partial_restart.lua); "
+      .. "the tasks still run, nothing was changed"):format(#r.differences)
   end
   return r
 end

@@ -3,7 +3,9 @@ migrun.verify: the source and the target proven equal while the application
 writes, and kept proven until the cutover at the cost of what changed since.
 docs/verification.md says what each comparison proves and why.
 
-The pieces: migrun.qa hashes whole tables (by key or block ranges, both sides
+The pieces: migrun.sentinel notes the rows others write on the target
+behind DMS's back (they join the work like the source's changes);
+migrun.qa hashes whole tables (by key or block ranges, both sides
 at once) and narrows a difference to its keys; migrun.keydiff compares rows
 by key; migrun.watch says which keys the source changed since a position
 (the watch slot); a fence (cdc.wait_applied) proves the target has applied
@@ -52,6 +54,7 @@ verify.new(opts) -> Verification | nil, err
     state_dir, fence() -> true | nil, err, full (qa.compare's options for
     whole tables: jobs, chunk_bytes, a_conninfo, b_conninfo), say(line),
     rounds (default 5), cap (keys followed per table, default 100000),
+    count_only (cutover.count_only: tables judged by their row counts),
     dry_run (nothing written: no slot, no state).
 V:live({ whole = {"s.t"} }) -> report | nil, err
     Rounds until the work stops shrinking (the first verification compares
@@ -71,6 +74,7 @@ verify.format(report) -> text: one line, then the differences
 local qa = require "migrun.qa"
 local keydiff = require "migrun.keydiff"
 local watch = require "migrun.watch"
+local sentinel = require "migrun.sentinel"
 local json = require "migrun.json"
 local host = require "migrun.host"
 local text = require "migrun.text"
@@ -132,8 +136,12 @@ function verify.new(opts)
   local self = setmetatable({ source = opts.source, target = opts.target, groups = opts.groups,
     fence = opts.fence, full = opts.full or {}, say = opts.say or function() end, rounds = opts.rounds or 5,
     cap = opts.cap or 100000, dry_run = opts.dry_run, state_dir = opts.state_dir,
-    slot = watch.slot_name(opts.prefix), sets = watch.sets(opts.groups), by_key = {} }, V)
+    slot = watch.slot_name(opts.prefix), sets = watch.sets(opts.groups), by_key = {}, count_only = {} }, V)
   for _, t in ipairs(opts.tables) do self.by_key[text.key(t)] = t end
+  local named = set_of(opts.count_only)
+  for k, t in pairs(self.by_key) do
+    if named[k] or (t.partition_of and named[t.partition_of]) then self.count_only[k] = true end
+  end
   local state, err = verify.load(opts.state_dir)
   if state == nil then return nil, err end
   self.state = state or nil
@@ -235,6 +243,33 @@ function V:drain()
   return seen
 end
 
+-- What others wrote on the target since the last look (migrun.sentinel), into
+-- the work: a row changed behind DMS's back is compared like one the source
+-- changed. -> the id of the last note looked at
+function V:noted(work)
+  local w, err = sentinel.read(self.target)
+  if not w then return nil, err end
+  for k, t in pairs(w.tables) do
+    if self.by_key[k] then
+      local key
+      key, err = self:key(k)
+      if key == nil then return nil, err end
+      if t.whole or not key then
+        work.whole[k] = true
+      elseif #t.keys > 0 then
+        local canon
+        canon, err = keydiff.canonical(self.source, key, t.keys)
+        if not canon then return nil, err end
+        local list = work.keys[k] or {}
+        local have = set_of(list)
+        for _, x in ipairs(canon) do if not have[x] then list[#list + 1] = x end end
+        work.keys[k] = list
+      end
+    end
+  end
+  return w.upto
+end
+
 -- Read the work on both sides: tables hashed whole (with the keys still to
 -- check left out) and keys compared row by row. -> { [k] = { candidates =
 -- {{key, what}}, complete, equal, check } }
@@ -274,6 +309,13 @@ function V:read(work, compared)
   return found
 end
 
+-- cutover.count_only: the team accepts a table (without a key, whose updates
+-- and deletes DMS cannot carry) when its row counts agree.
+function V:counts_suffice(k, f)
+  local c = f.check
+  return self.count_only[k] and c and c.a and c.b and c.a.rows == c.b.rows or false
+end
+
 -- What one table's reading means, given what the source changed meanwhile:
 -- its real differences and the next round's work for it.
 function V:judge(k, f, changed, next_work)
@@ -281,7 +323,7 @@ function V:judge(k, f, changed, next_work)
   if not key then
     -- no key: only a table that did not change while it was read says anything
     if changed then next_work.whole[k] = true return nil end
-    if f and not f.equal then
+    if f and not f.equal and not self:counts_suffice(k, f) then
       return { table = k, detail = f.check and f.check.detail or "different contents", complete = true }
     end
     return nil
@@ -310,6 +352,9 @@ function V:round(work)
   local t0 = host.monotonic()
   local ok, err = self.fence()
   if not ok then return nil, err end
+  local noted
+  noted, err = self:noted(work)
+  if not noted then return nil, err end
   local compared = { whole = 0, keys = 0 }
   local found
   found, err = self:read(work, compared)
@@ -336,6 +381,8 @@ function V:round(work)
   if not ok then return nil, err end
   if not self.dry_run then
     ok, err = watch.advance(self.source, self.slot, seen.upto, self.sets)
+    if not ok then return nil, err end
+    ok, err = sentinel.clear(self.target, noted)
     if not ok then return nil, err end
   end
   local busy = {}
@@ -446,6 +493,9 @@ function V:at_cutover()
       end
     end
   end
+  local noted
+  noted, err = self:noted(work)
+  if not noted then return nil, err end
   for k in pairs(work.whole) do work.keys[k] = nil end -- hashed whole: nothing left out
   local compared = { whole = 0, keys = 0 }
   local found
@@ -461,7 +511,7 @@ function V:at_cutover()
   end
   local differences = {}
   for k, f in pairs(found) do
-    if not f.equal then
+    if not f.equal and not self:counts_suffice(k, f) then
       local key = self.state.keys[k]
       differences[#differences + 1] = { table = k, key = key or nil, keys = key and f.candidates or nil,
         complete = f.complete, detail = key and keydiff.describe(key, f.candidates,
@@ -473,6 +523,10 @@ function V:at_cutover()
   self.state.differences, self.state.cutover_at = differences, os.date("!%Y-%m-%dT%H:%M:%SZ")
   ok, err = self:save()
   if not ok then return nil, err end
+  if not self.dry_run then
+    ok, err = sentinel.clear(self.target, noted)
+    if not ok then return nil, err end
+  end
   local whole = {}
   for k in pairs(work.whole) do whole[#whole + 1] = k end
   table.sort(whole)
