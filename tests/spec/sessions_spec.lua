@@ -93,12 +93,14 @@ describe("migrun.playbook.sessions", function()
   end
 
   -- The fixture run with FIXTURE_HOLD=hold, SIGKILLed while its session named
-  -- like `pattern` sleeps on the target -> that session's pid and name, the journal
-  local function kill_while_holding(state, hold, pattern)
+  -- like `pattern` sleeps on the target (after meanwhile(pid, its pid) if
+  -- given) -> that session's pid and name, the journal
+  local function kill_while_holding(state, hold, pattern, meanwhile)
     local h = assert(proc.spawn{ MIGRUN, FIXTURE, "--config", config_path, "--state-dir", state, "--yes",
       stdout = "capture", stderr = "capture",
       env = { FIXTURE_HOLD = hold, FIXTURE_TABLE = "fx.t", FIXTURE_LSN = tostring(lsn) } })
     local pid, app = wait_for_sleeper(pattern, h)
+    if meanwhile then meanwhile(pid, h.pid) end
     h:kill("KILL")
     h:wait()
     h:close()
@@ -124,7 +126,15 @@ describe("migrun.playbook.sessions", function()
 
   it("ends a killed run's statement before the rerun's first one, says so, and leaves every other session", function()
     local state = fresh()
-    local pid, app, j = kill_while_holding(state, "sleep", "^migrun/fx/")
+    local pid, app, j = kill_while_holding(state, "sleep", "^migrun/fx/", function(sleeper, holder)
+      -- a dry run beside a live run: that run's sessions are its own
+      local code, out, err = run(state, { "--dry-run" })
+      assert.equal(0, code, out .. err)
+      assert.truthy(out:find(("dry run: migrun pid %d holds %s: the sessions of this migration are its own, "
+        .. "none would be ended"):format(holder, state), 1, true), out)
+      assert.falsy(out:find("would end a session", 1, true), out)
+      assert.truthy(on_target()[sleeper])
+    end)
     -- the run's session, named after the run whatever the conninfo said
     assert.equal("migrun/fx/" .. j.runs[1].id, app)
     assert.matches("^%d+T%d+%.%d+$", j.runs[1].id)
