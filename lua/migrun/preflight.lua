@@ -27,6 +27,9 @@ set up as the runbook requires. Reads only: it never writes to any server.
       error where nothing can be done safely; notes for what DMS never
       carries (TRUNCATE, DDL); and the target role's privileges for the run
       (no superuser needed). Skipped when args.tables is given.
+      The materialized views of the migrated schemas in one line
+      (migrun.matviews.preflight): a warning when one has no unique index
+      (the cutover's plain REFRESH locks its readers out), a note otherwise.
   preflight.format(result) -> an aligned table, hints under failed rows, and a
       last line with the counts.
   preflight.estimate_slots(config) -> n     largest_alone + explicit groups + 2
@@ -38,6 +41,7 @@ local replica_ = require "migrun.replica"
 local walguard = require "migrun.walguard"
 local text = require "migrun.text"
 local fidelity = require "migrun.fidelity"
+local matviews = require "migrun.matviews"
 
 local preflight = {}
 
@@ -130,8 +134,7 @@ local function source_tables(db, config)
   local res, err = db:query([[
     select n.nspname as schema, c.relname as name from pg_class c
       join pg_namespace n on n.oid = c.relnamespace
-     where c.relkind in ('r', 'p') and n.nspname not in ('pg_catalog', 'information_schema', 'pglogical')
-       and n.nspname !~ '^pg_(toast|temp)' order by 1, 2]])
+     where c.relkind in ('r', 'p') and ]] .. catalog.not_system_sql("n.nspname") .. [[ order by 1, 2]])
   if not res then return nil, err end
   local schemas, excluded = nil, {}
   if config.schemas then
@@ -246,6 +249,21 @@ local function check_dms(add, make_client, dms_config)
     add("dms", "replication instance", status == "available", "error",
       ("%s is %s"):format(tostring(inst.ReplicationInstanceIdentifier or arn), status),
       "wait until the replication instance is available (or fix it) before the run")
+  end
+end
+
+-- The materialized views (migrun.matviews): nothing carries their rows, migrun
+-- refreshes them; a warning where the cutover's refresh will lock readers out.
+local function check_matviews(add, result, source, config)
+  local list, err = matviews.list(source, { schemas = config.schemas, exclude = config.exclude_tables })
+  if not list then return add("source", "materialized views", false, "error", "could not check: " .. tostring(err)) end
+  local f = matviews.preflight(list)
+  if not f then return end
+  if f.severity == "note" then
+    result.findings[#result.findings + 1] = { server = "source", check = "materialized views", ok = true,
+      severity = "warning", note = true, message = f.message }
+  else
+    add("source", "materialized views", false, f.severity, f.message, f.hint)
   end
 end
 
@@ -544,6 +562,9 @@ function preflight.run(args)
       end
     end
   end
+
+  ---------------------------------------------------------------- materialized views
+  if source_ok then check_matviews(add, result, source, config) end
 
   ---------------------------------------------------------------- the plan
   if source_ok and #((config.groups or {}).explicit or {}) > 0 then
