@@ -378,6 +378,34 @@ describe("migrun.preflight", function()
     assert(ok, err)
   end)
 
+  it("names the materialized views in one line: a warning where one has no unique index", function()
+    local admin = assert(pg.connect(L.source.conninfo))
+    admin:on_notice(function() end)
+    assert(admin:exec([[
+      create schema mvpf;
+      create table mvpf.orders (id int primary key, day date not null);
+      create materialized view mvpf.by_day as select day, count(*) as n from mvpf.orders group by day;
+      create unique index by_day_day on mvpf.by_day (day);
+      create materialized view mvpf.total as select count(*) as n from mvpf.orders;
+      create materialized view mvpf.later as select * from mvpf.orders with no data]]))
+    local r = run {}
+    local f = find(r, "source", "materialized views")
+    assert.is_false(f.ok)
+    assert.equal("warning", f.severity)
+    assert.truthy(f.message:find("^3 materialized view%(s%): refreshed after the load and at cutover; 1 without a "
+      .. "unique index %(plain REFRESH at cutover: locks readers out, takes as long as rebuilding [%d.]+ %a+: "
+      .. "mvpf.total%); 1 WITH NO DATA on the source, left unpopulated: mvpf.later$"), f.message)
+    assert.truthy(f.hint:find("CONCURRENTLY", 1, true))
+    assert(admin:exec("create unique index total_n on mvpf.total (n)"))
+    f = find(run {}, "source", "materialized views")
+    assert.is_true(f.ok)
+    assert.is_true(f.note)
+    assert.truthy(f.message:find("; 0 without a unique index; ", 1, true), f.message)
+    assert(admin:exec("drop schema mvpf cascade"))
+    admin:close()
+    for _, g in ipairs(run {}.findings) do assert.not_equal("materialized views", g.check) end
+  end)
+
   it("raises on misuse", function()
     assert.has_error(function() preflight.run{ source = src, replica = rep } end,
       "preflight.run: target (a migrun.db Db) expected")
