@@ -84,6 +84,16 @@ end
 -- the same selection for what else a module lists by schema (migrun.matviews)
 catalog.is_system_schema = is_system_schema
 
+-- The same list as an SQL condition on a schema name column: every module
+-- that reads the catalog by schema (drift, fidelity, preflight, sequences)
+-- leaves out what migrun leaves out, its own objects included.
+function catalog.not_system_sql(column)
+  local names = {}
+  for s in pairs(SYSTEM_SCHEMAS) do names[#names + 1] = "'" .. s .. "'" end
+  table.sort(names)
+  return ("(%s not in (%s) and %s !~ '^pg_')"):format(column, table.concat(names, ", "), column)
+end
+
 -- Base types DMS reads as LOBs (dms-api.md §8). varchar only without a length.
 local LOB_BASE_TYPES = { text = true, json = true, jsonb = true, bytea = true, xml = true,
                          tsvector = true, hstore = true }

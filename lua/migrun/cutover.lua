@@ -87,6 +87,7 @@ local pg = require "migrun.pg"
 local lsn = require "migrun.lsn"
 local errors = require "migrun.error"
 local text = require "migrun.text"
+local catalog = require "migrun.catalog"
 local fidelity = require "migrun.fidelity"
 
 local cutover = {}
@@ -229,7 +230,7 @@ end
 function cutover.sequences(db, opts)
   assert(db and db.query, "cutover.sequences: a Db expected")
   opts = opts or {}
-  local res, err = db:query([[
+  local res, err = db:query(([[
     select s.schemaname as schema, s.sequencename as name, s.last_value, s.start_value,
            s.increment_by as increment, s.min_value, s.max_value,
            owner.schema as owner_schema, owner.tbl as owner_table, owner.col as owner_column,
@@ -246,9 +247,8 @@ function cutover.sequences(db, opts)
           join pg_attribute a on a.attrelid = t.oid and a.attnum = d.refobjsubid
          where cn.nspname = s.schemaname and c.relname = s.sequencename and c.relkind = 'S'
          limit 1) owner on true
-     where s.schemaname not in ('pg_catalog', 'information_schema', 'pglogical')
-       and s.schemaname not like 'pg\_%'
-     order by 1, 2]])
+     where %s
+     order by 1, 2]]):format(catalog.not_system_sql("s.schemaname")))
   if not res then return nil, err end
   local excluded = in_list(opts.exclude_tables)
   local schemas = opts.schemas and in_list(opts.schemas)

@@ -30,11 +30,12 @@ through the run and before the cutover. Reads only.
 ]]
 local pg = require "migrun.pg"
 local text = require "migrun.text"
+local catalog = require "migrun.catalog"
 local journal = require "migrun.playbook.journal"
 
 local drift = {}
 
-local SQL = [[
+local SQL = ([[
 select n.nspname as schema, c.relname as name,
        case c.relreplident when 'd' then 'default' when 'f' then 'full' when 'n' then 'nothing'
          when 'i' then 'index' end as identity,
@@ -44,9 +45,8 @@ select n.nspname as schema, c.relname as name,
        (select json_agg(json_build_array(co.conname, pg_get_constraintdef(co.oid)) order by co.conname)
           from pg_constraint co where co.conrelid = c.oid)::text as constraints
   from pg_class c join pg_namespace n on n.oid = c.relnamespace
- where c.relkind in ('r', 'p') and n.nspname not in ('pg_catalog', 'information_schema', 'pglogical')
-   and n.nspname !~ '^pg_(toast|temp)'
- order by 1, 2]]
+ where c.relkind in ('r', 'p') and %s
+ order by 1, 2]]):format(catalog.not_system_sql("n.nspname"))
 
 local function decode_pairs(json)
   if json == nil or rawequal(json, pg.null) then return {} end

@@ -163,7 +163,7 @@ function fidelity.inspect(db, opts)
            current_user as me
       from pg_class c join pg_namespace n on n.oid = c.relnamespace
       join pg_roles r on r.rolname = current_user
-     where c.relkind in ('r', 'p') and n.nspname not in ('pg_catalog', 'information_schema', 'pglogical')]])
+     where c.relkind in ('r', 'p') and ]] .. catalog.not_system_sql("n.nspname"))
   if not res then return nil, err end
   local owners, parents = {}, {}
   for _, r in ipairs(rows(res)) do
@@ -232,8 +232,8 @@ function fidelity.inspect(db, opts)
       join pg_type bt on bt.oid = case when t.typtype = 'd' then t.typbasetype else t.oid end
       left join pg_index i on i.indrelid = c.oid and i.indisprimary
      where a.attnum > 0 and not a.attisdropped
-       and n.nspname not in ('pg_catalog', 'information_schema', 'pglogical')
-     order by n.nspname, c.relname, a.attnum]]):format(generated, identity))
+       and %s
+     order by n.nspname, c.relname, a.attnum]]):format(generated, identity, catalog.not_system_sql("n.nspname")))
   if not res then return nil, err end
   for _, r in ipairs(rows(res)) do
     local key = text.key(r.schema, r.name)

@@ -41,6 +41,7 @@ local replica_ = require "migrun.replica"
 local walguard = require "migrun.walguard"
 local text = require "migrun.text"
 local fidelity = require "migrun.fidelity"
+local catalog = require "migrun.catalog"
 local matviews = require "migrun.matviews"
 
 local preflight = {}

@@ -1,8 +1,9 @@
 -- playbooks/cutover.lua end to end on the lab and the DMS emulator: refused
 -- before full.lua is done; after full.lua under a write workload, a dry run
--- that changes nothing; a row changed on the target stops it at the final QA
--- with the tasks still running; then, rolled back and under writes again, the
--- cutover to the end: writes refused on the source, every table equal, every
+-- that changes nothing; a row changed on the target stops it before writes
+-- stop (the live verification) and, changed again once they have, at the
+-- verification of the window, with what was done said and the way back; then,
+-- rolled back and under writes again, the cutover to the end: writes refused on the source, every table equal, every
 -- sequence on the target ahead of the source, the tasks stopped, the
 -- checklist and the way back in the report.
 local H = require "helpers.rehearsal"
@@ -82,21 +83,39 @@ describe("playbooks/cutover.lua", function()
     assert.same(journal_before, cutover_journal(), "a dry run wrote the journal")
     assert.truthy(R.workload, "the workload was stopped")
 
-    -- 2. a row changed on the target: the final QA stops the cutover before the tasks are stopped
+    -- 2. a row changed on the target behind DMS's back: the verification before writes stop finds it,
+    --    by key; nothing was done
     local original = sql(R.lab.target, "select title from documents where id = 1")[1].title
     sql(R.lab.target, "update documents set title = 'changed on the target' where id = 1")
     local refused = H.run(R, "cutover.lua", { "--yes" })
     assert.falsy(refused.ok, refused.output)
-    assert.truthy(refused.output:find("refusing to cut over", 1, true), refused.output)
-    assert.truthy(refused.output:find("public.documents", 1, true), refused.output)
-    assert.equal("failed", cutover_journal().steps.final_qa.status)
+    assert.truthy(refused.output:find("public.documents: id 1 differs (1 key)", 1, true), refused.output)
+    assert.truthy(refused.output:find("the tasks still run, nothing was changed", 1, true), refused.output)
+    assert.equal("failed", cutover_journal().steps.ready.status)
+    assert.is_false(read_only())
+    assert.equal(all_running, task_statuses())
+    sql(R.lab.target, "update documents set title = $1 where id = 1", original)
+
+    -- 3. the same once writes have stopped: the verification at the cutover finds it, and the
+    --    refusal says what was done (the source is read-only) and how to undo it
+    for _, step in ipairs{ "ready", "analyze" } do
+      local before = H.run(R, "cutover.lua", { "--yes", "--only", step })
+      assert.is_true(before.ok, before.output)
+    end
+    sql(R.lab.target, "update documents set title = 'changed on the target' where id = 1")
+    refused = H.run(R, "cutover.lua", { "--yes", "--from", "stop_writes" })
+    assert.falsy(refused.ok, refused.output)
+    assert.truthy(refused.output:find("public.documents: id 1 differs (1 key)", 1, true), refused.output)
+    assert.truthy(refused.output:find("so far the source database is read-only", 1, true), refused.output)
+    assert.truthy(refused.output:find("the DMS tasks still run", 1, true), refused.output)
+    assert.equal("failed", cutover_journal().steps.verify.status)
     assert.is_nil(cutover_journal().steps.stop_tasks)
     assert.equal(all_running, task_statuses())
     assert.is_true(read_only())
     local workload = R:stop_workload()
     assert.truthy(workload:find("writes refused", 1, true), workload)
 
-    -- roll back as the checklist says, repair the target, writes again
+    -- roll back as the refusal says, repair the target, writes again
     local rollback = refused.output:match("(BEGIN READ WRITE; ALTER DATABASE [^\n]*; COMMIT;)")
     assert.truthy(rollback, refused.output)
     sql(R.lab.source, rollback)
@@ -113,6 +132,9 @@ describe("playbooks/cutover.lua", function()
     local c = H.run(R, "cutover.lua", { "--yes", "--from", "ready" })
     assert.is_true(c.ok, c.output)
     workload = R:stop_workload()
+    -- the window, step by step
+    local window = c.output:match("the cutover window: ([%d.]+) s from the source made read%-only")
+    assert.truthy(window, c.output)
     assert.truthy(workload:find("writes refused", 1, true), workload)
     assert.truthy(c.output:find("Cutover checklist", 1, true), c.output)
 
@@ -129,7 +151,8 @@ describe("playbooks/cutover.lua", function()
     assert.equal(("stopped,"):rep(#plan):sub(1, -2), task_statuses())
     assert.is_true(read_only())
     local report = assert(io.open(R.config.state_dir .. "/report.md")):read("a")
-    for _, section in ipairs{ "Cutover checklist", "Roll back", "Sequences", "Final full QA",
+    for _, section in ipairs{ "Cutover checklist", "Roll back", "Sequences", "Verification at the cutover",
+        "The cutover window",
         "RESET default_transaction_read_only", "resume-processing" } do
       assert.truthy(report:find(section, 1, true), "report lacks " .. section)
     end
