@@ -94,7 +94,7 @@ local USABLE_INDEX = [[
      join pg_am am on am.oid = ic.relam
     where i.indrelid = c.oid and i.indisunique and i.indisvalid and i.indimmediate
       and am.amname = 'btree' and i.indpred is null and i.indexprs is null
-      and not (0 = any (i.indkey::int2[]))
+      and 0 < all (i.indkey::int2[])
     order by ic.relname limit 1)]]
 
 -- The materialized views each view or materialized view reads directly:
