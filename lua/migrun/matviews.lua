@@ -55,6 +55,10 @@ matviews.refresh_all(target, list, opts) -> { rows = { row }, seconds = total,
     yet. The first REFRESH that fails stops it: the error says which were
     refreshed before and which are left (running it again is safe).
     opts.say(line) gets a line per view.
+    CONCURRENTLY costs more than a plain REFRESH (it builds the new rows,
+    then diffs and applies them): 7.5 s against 1.5 s here for views of
+    1M and 200k rows. Inside a cutover window, before the application reads
+    the target, opts.concurrently = false is the faster choice.
 matviews.REFRESH_COLUMNS: the report's columns for those rows.
 matviews.compare(a_db, b_db, mv) -> { name, equal, a = state, b = state, detail } | nil, err
     Whether the materialized view has the same contents on both: populated
