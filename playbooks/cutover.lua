@@ -15,10 +15,13 @@ what changed in the last seconds, not the size of the database: stop writes
 write (a fence row seen on the target); verify what changed since the live
 verification (the watch slot's last changes and the keys still pending,
 compared once on a source that no longer moves); set the target's sequences
-ahead; no LOB truncation in the task logs; stop the tasks; the target's
-definitions as on the source again. The report states the window and what
-it was spent on. Any difference stops it before the tasks are stopped, and
-the message says what was already done and how to undo it.
+ahead; refresh the materialized views from the target's own tables; no LOB
+truncation in the task logs; the target's definitions as on
+the source again (the window ends: the target is ready for writes). Then the
+tasks, which have nothing left to apply, are stopped, and the checklist and
+the way back are printed. The report states the window and what it was spent
+on. Any difference stops it before the target changes hands, and the message
+says what was already done and how to undo it.
 
 Copy this file to adapt the procedure; the work is in migrun.cutover, migrun.cdc
 and migrun.qa, the machinery in migrun.playbook.
@@ -29,6 +32,7 @@ local cutover = require "migrun.cutover"
 local cdc = require "migrun.cdc"
 local verify = require "migrun.verify"
 local sentinel = require "migrun.sentinel"
+local matviews = require "migrun.matviews"
 local host = require "migrun.host"
 local proc = require "migrun.proc"
 local text = require "migrun.text"
@@ -52,7 +56,7 @@ end
 P:watch(guard.watcher())
 
 -- The steps of the cutover window: the source read-only to the target ready.
-local WINDOW = { "stop_writes", "wait_applied", "verify", "sequences", "no_truncation", "stop_tasks", "restore_target" }
+local WINDOW = { "stop_writes", "wait_applied", "verify", "sequences", "matviews", "no_truncation", "restore_target" }
 
 local function checklist(ctx)
   local list = {}
@@ -60,6 +64,7 @@ local function checklist(ctx)
     list[#list + 1] = { slot = g.slot, task = cdc.task_id(ctx.config.name, g), arn = tasks(ctx)[g.slot] }
   end
   return cutover.checklist{ database = (ctx.facts.stop_writes or {}).database,
+    matviews = (ctx.facts.matviews or {}).checklist,
     stop_writes = ctx.config.cutover.stop_writes, tasks = list, target_changes = target_changes(ctx),
     region = ctx.config.dms.region, endpoint_url = ctx.config.dms.endpoint_url }
 end
@@ -113,7 +118,7 @@ P:step{ "stop_writes", "Stop writes on the source (cutover.stop_writes)",
     local c = ctx.config.cutover
     local s = assert(cutover.stop_writes(ctx.source, { stop_writes = c.stop_writes,
       existing_sessions = c.existing_sessions, sessions_timeout = c.sessions_timeout,
-      sleep = function(t) ctx:sleep(t) end, say = ctx.print,
+      poll = 0.2, sleep = function(t) ctx:sleep(t) end, say = ctx.print, -- in the window: look often
       run_command = function(argv) return ctx:command(argv, { writes = true }) end }))
     if s.mode == "none" then ctx:warn("cutover.stop_writes is \"none\": the application must have stopped writing") end
     return { mode = s.mode, database = s.database, terminated = s.terminated, started = t0 }
@@ -130,7 +135,7 @@ P:step{ "wait_applied", "Wait until every task has applied the primary's last wr
     local slots = slots_of(ctx)
     local bar = ctx:progress{ label = "tasks past the fence", total = #slots, unit = "tasks" }
     local w = assert(cutover.wait_applied(ctx.source, ctx.target, slots, { timeout = ctx.config.cutover.apply_timeout,
-      sleep = function(t) ctx:sleep(t) end, on_progress = function(done) bar:update(done) end }))
+      poll = 0.2, sleep = function(t) ctx:sleep(t) end, on_progress = function(done) bar:update(done) end }))
     if w.dry_run then
       ctx:say("dry run: would wait until the target shows that fence row for %s", table.concat(slots, ", "))
       return {}
@@ -175,6 +180,17 @@ P:step{ "sequences", "Set every sequence on the target ahead of the source's las
     return { sequences = #r.rows, set = r.set }
   end }
 
+P:step{ "matviews", "Refresh the materialized views on the target from its own tables (DMS carries none)",
+  run = function(ctx)
+    local cfg = ctx.config
+    local list = assert(matviews.list(ctx.source, { schemas = cfg.schemas, exclude = cfg.exclude_tables }))
+    -- no reader on the target yet: a plain REFRESH, several times faster than CONCURRENTLY
+    local r = assert(matviews.refresh_all(ctx.target, list, { say = ctx.print, concurrently = false }))
+    ctx:report_table("Materialized views refreshed", matviews.REFRESH_COLUMNS, r.rows)
+    return { refreshed = r.refreshed, plain = r.plain, unpopulated = r.unpopulated, seconds = r.seconds,
+             checklist = matviews.checklist_line(list, r) }
+  end }
+
 P:step{ "no_truncation", "No LOB value truncated by DMS: the task logs (the values were compared by the verification)",
   run = function(ctx)
     local r, why = steps.no_truncation(ctx, plan(ctx), tables(ctx), tasks(ctx), "LOB truncation warnings at the cutover",
@@ -186,14 +202,7 @@ P:step{ "no_truncation", "No LOB value truncated by DMS: the task logs (the valu
     return r
   end }
 
-P:step{ "stop_tasks", "Stop the DMS tasks",
-  run = function(ctx)
-    local s = assert(cutover.stop_tasks(ctx:dms(), plan(ctx), tasks(ctx), { name = ctx.config.name,
-      timeout = ctx.config.cutover.stop_timeout, say = ctx.print }))
-    return { stopped = s.stopped, already = s.already }
-  end }
-
-P:step{ "restore_target", "The target's definitions as on the source again (what full.lua changed for DMS)",
+P:step{ "restore_target", "The target's definitions as on the source again (what full.lua changed for DMS): ready for writes",
   run = function(ctx)
     assert(sentinel.remove(ctx.target)) -- the application writes there from now on
     local r = assert(cutover.restore_target(ctx.target, target_changes(ctx), { say = ctx.print }))
@@ -201,6 +210,16 @@ P:step{ "restore_target", "The target's definitions as on the source again (what
       { "object", "column / trigger" }, { "state", "now, as on the source" } }, r.rows)
     ctx:say("%d target change(s) undone, %d already as on the source", r.restored, r.already)
     return { restored = r.restored, already = r.already, ended = host.now() } -- the window ends here
+  end }
+
+-- After the window: the source is read-only and every task has applied its
+-- last change (the fence), so they have nothing left to write; stopping a
+-- DMS task takes a while (tens of seconds on AWS), and the target need not wait.
+P:step{ "stop_tasks", "Stop the DMS tasks (they have applied the source's last change)",
+  run = function(ctx)
+    local s = assert(cutover.stop_tasks(ctx:dms(), plan(ctx), tasks(ctx), { name = ctx.config.name,
+      timeout = ctx.config.cutover.stop_timeout, say = ctx.print }))
+    return { stopped = s.stopped, already = s.already }
   end }
 
 P:step{ "checklist", "The cutover checklist and the commands to roll back",

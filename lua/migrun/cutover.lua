@@ -69,7 +69,8 @@ cutover.restore_target(target, changes, opts) -> { restored = n, already = n, ro
     tasks are stopped: no DMS session then writes a GENERATED ALWAYS column.
     opts.say(line). rows: { {table, kind, object, state} } for the report.
 cutover.checklist(info) -> { steps = { text }, rollback = { {what, command} } }
-    info: database, stop_writes (the config value), tasks = { {slot, task
+    info: database, stop_writes (the config value), matviews (a checklist
+    line: migrun.matviews.checklist_line), tasks = { {slot, task
     (identifier), arn} }, region and endpoint_url (or nil), target_changes
     (fidelity changes). The steps of the switch and the exact commands that
     undo the cutover on the source side (and redo the target changes DMS
@@ -412,6 +413,7 @@ function cutover.checklist(info)
   if mode == "none" then
     table.insert(steps, 1, "Writes were NOT stopped by migrun: the application must have stopped writing before this cutover.")
   end
+  if info.matviews then table.insert(steps, 2, info.matviews) end
   local changes = info.target_changes or {}
   if #changes > 0 then
     table.insert(steps, 2, ("The target's definitions are the source's again (%d change made for DMS undone: "

@@ -30,6 +30,7 @@ local journal = require "migrun.playbook.journal"
 local live = require "migrun.playbook.live"
 local progress = require "migrun.playbook.progress"
 local cdc = require "migrun.cdc"
+local verify = require "migrun.verify"
 
 local status = {}
 
@@ -116,6 +117,28 @@ local function full_load(J, section, prog, current)
 end
 
 -- status.collect{ config =, state_dir =, offline =, now = } -> the status (see docs/status.md)
+-- The live verification as it last stood (state_dir/verification.json):
+-- its position, the differences named by key (the first ten keys of each,
+-- and how many), what is still pending for the cutover.
+local function verification_summary(state_dir, problem)
+  local state, err = verify.load(state_dir)
+  if state == nil then problem("%s", tostring(err)) return nil end
+  if not state then return nil end
+  local out = { position = state.position, verified_at = state.verified_at, cutover_at = state.cutover_at,
+                differences = json.array(), pending_keys = 0, pending_tables = json.array() }
+  for _, d in ipairs(state.differences or {}) do
+    local keys = json.array()
+    for i = 1, math.min(10, #(d.keys or {})) do keys[i] = { key = d.keys[i].key, what = d.keys[i].what } end
+    out.differences[#out.differences + 1] = { table = d.table, key_columns = d.key and d.key.columns or nil,
+      keys = keys, count = d.keys and #d.keys or nil, complete = d.complete, detail = d.detail }
+  end
+  local pending = state.pending or {}
+  for _, keys in pairs(pending.keys or {}) do out.pending_keys = out.pending_keys + #keys end
+  for k in pairs(pending.whole or {}) do out.pending_tables[#out.pending_tables + 1] = k end
+  table.sort(out.pending_tables)
+  return out
+end
+
 function status.collect(o)
   assert(type(o) == "table" and o.config, "status.collect{ config = cfg, state_dir = ... } expected")
   local cfg = o.config
@@ -279,6 +302,7 @@ function status.collect(o)
     s.wal.retained_bytes = last.retained_bytes
     s.wal.seen_at = at
   end
+  s.verification = verification_summary(state_dir, problem)
   if src then src:close() end
   if tgt then tgt:close() end
   return s
@@ -404,6 +428,13 @@ function status.format(s)
   if s.last_error then
     add("last error (%s%s, %s%s): %s", s.last_error.playbook or "?", s.last_error.step and (" · " .. s.last_error.step) or "",
       clock(s.last_error.at), ago(s.last_error.at, now), s.last_error.message)
+  end
+  local v = s.verification
+  if v then
+    add("verification: %s at %s (position %s): %d difference(s); %d key(s) and %d table(s) left for the cutover",
+      v.cutover_at and "at the cutover" or "live", clock(v.cutover_at or v.verified_at), tostring(v.position),
+      #v.differences, v.pending_keys, #v.pending_tables)
+    for _, d in ipairs(v.differences) do add("  %s: %s", d.table, d.detail or "") end
   end
   if s.lock.held and s.run and s.run.metrics then add("metrics: %s", s.run.metrics) end
   for _, pr in ipairs(s.problems) do add("could not look: %s", pr) end

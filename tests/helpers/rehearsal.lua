@@ -144,21 +144,23 @@ function M.wait_applied(R, timeout)
   return ok ~= nil
 end
 
---[[ Every sample table: source vs target by row count and order-independent
-     hash. Returns a list of { table, source, target } that differ, except
-     opts.count_only tables (compared by count). ]]
+--[[ Every migrated table (the config's schemas, or every non-system one;
+     partitions by their own names): source vs target by row count and
+     order-independent hash. Returns a list of { table, source, target } that
+     differ, except opts.count_only tables (compared by count). ]]
 function M.differences(R, opts)
   opts = opts or {}
   local src = reader(R.lab.source, "source")
   local tgt = reader(R.lab.target, "target")
   local diffs = {}
-  for _, t in ipairs(demo.sample_tables()) do
-    local schema, name = t[1]:match("^(.-)%.(.*)$")
-    local tbl = { schema = schema, name = name }
+  local tables = assert(require("migrun.catalog").tables(src, { schemas = R.config.schemas,
+    exclude = R.config.exclude_tables }))
+  for _, t in ipairs(tables) do
+    local tbl = { schema = t.schema, name = t.name }
     local a = assert(qa.row_hash(src, tbl))
     local b = assert(qa.row_hash(tgt, tbl))
-    local same = a.rows == b.rows and (opts.count_only and opts.count_only[t[1]] or a.hash == b.hash)
-    if not same then diffs[#diffs + 1] = { table = t[1], source = a, target = b } end
+    local same = a.rows == b.rows and (opts.count_only and opts.count_only[t.key] or a.hash == b.hash)
+    if not same then diffs[#diffs + 1] = { table = t.key, source = a, target = b } end
   end
   src:close() tgt:close()
   return diffs
