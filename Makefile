@@ -56,7 +56,12 @@ clean:
 # Both datasets, 2 streams then 4; waits up to 10 minutes for an idle machine.
 BENCH_SCALE ?= 1
 BENCH_ARGS  ?= --jobs 2 --more-jobs 4 --wait-idle 600 --repeat 3
-.PHONY: bench
+.PHONY: bench bench-cutover
+# The cutover window at two sizes under the same writes (docs/benchmarks.md).
+BENCH_CUTOVER_ARGS ?= --scales 1,4 --rate 50
+bench-cutover: build
+	MIGRUN_SOURCE_DIR=$(CURDIR) $(MIGRUN) bench/cutover.lua $(BENCH_CUTOVER_ARGS)
+
 bench: build
 	@command -v pgcopydb >/dev/null || apt-get install -y pgcopydb || echo "pgcopydb not installed: measured without it"
 	MIGRUN_SOURCE_DIR=$(CURDIR) $(MIGRUN) bench/fullload.lua --scale $(BENCH_SCALE) --shape standard $(BENCH_ARGS)

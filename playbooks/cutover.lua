@@ -39,7 +39,7 @@ local text = require "migrun.text"
 local guard = require "migrun.guard"
 local drift = require "migrun.drift"
 
-local P = playbook.new{ name = "cutover", title = "Cutover: stop writes, last changes, sequences, final QA, stop the tasks" }
+local P = playbook.new{ name = "cutover", title = "Cutover: stop writes, verify what changed, sequences, target ready, stop the tasks" }
 
 -- What the migration's main playbook (playbooks/full.lua) found out and created.
 local function full(ctx) return ctx:main_facts() end
@@ -96,7 +96,12 @@ P:step{ "ready", "Every task of this migration runs and has caught up (full.lua 
     local st = assert(cdc.watch(ctx:dms(), plan(ctx), tasks(ctx), steps.watch_options(ctx)))
     ctx:report_table("DMS tasks before the cutover", cdc.status_table(st))
     if st.exceptions > 0 then ctx:warn("%d row(s) in awsdms_apply_exceptions: the verification will tell", st.exceptions) end
-    -- still under writes: what changed since full.lua's verification, so the window has little left
+    -- still under writes: a LOB value DMS cut, named as such; then what changed since full.lua's
+    -- verification, so that the window has little left
+    local lob, lwhy = steps.no_truncation(ctx, plan(ctx), tables(ctx), tasks(ctx), "LOB values before the cutover")
+    if not lob then
+      return nil, "refusing to cut over: " .. lwhy .. "; nothing was done, the tasks still run"
+    end
     local r, why = steps.live_qa(ctx, "Live verification before the cutover (primary vs target)")
     if not r then return nil, why end
     return { tasks = #st.rows, max_lag = st.max_lag, pending_keys = r.pending.keys, pending_whole = r.pending.whole }
@@ -153,7 +158,8 @@ P:step{ "verify", "Verify what changed since the live verification (the watch sl
     local v = assert(steps.verification(ctx))
     local r = assert(v:at_cutover())
     ctx:say("%s", verify.format(r))
-    ctx:report_table("Verification at the cutover (primary vs target)", verify.REPORT_COLUMNS, verify.report_rows(r))
+    ctx:report_table("Verification at the cutover (primary vs target)", verify.REPORT_COLUMNS,
+      verify.report_rows(r, tables(ctx)))
     if #r.whole > 0 then
       ctx:say("hashed whole (no key, or too many keys changed): %s", table.concat(r.whole, ", "))
     end

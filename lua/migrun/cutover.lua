@@ -324,25 +324,6 @@ function cutover.sync_sequences(source, target, opts)
 end
 
 ---------------------------------------------------------------------------
--- The final QA's exceptions
----------------------------------------------------------------------------
-
-function cutover.count_only(result, tables)
-  assert(type(result) == "table" and result.checks, "cutover.count_only: a qa.compare result expected")
-  local only = in_list(tables)
-  result.differences = 0
-  for _, c in ipairs(result.checks) do
-    local named = only[c.table] or (c.partition_of and only[c.partition_of])
-    if named and c.method == "hash" and not c.error and type(c.a) == "table" and type(c.b) == "table" then
-      c.equal = c.a.rows == c.b.rows
-      c.detail = "rows only (cutover.count_only)" .. (c.equal and "" or ": the counts differ")
-    end
-    if not c.equal then result.differences = result.differences + 1 end
-  end
-  return result
-end
-
----------------------------------------------------------------------------
 -- Stopping the tasks
 ---------------------------------------------------------------------------
 

@@ -278,7 +278,7 @@ function fidelity.inspect(db, opts)
       elseif NOT_CARRIED_KIND[r.kind] or NOT_CARRIED[r.base] then
         find("type DMS does not carry", "warning", key, r.column, ("%s is %s"):format(where, r.type),
           ("DMS's PostgreSQL-to-PostgreSQL table says this type does not migrate; it sends the value as %s "
-          .. "to the table migrun restored, which reads it back; a longer value would be cut. The final QA "
+          .. "to the table migrun restored, which reads it back; a longer value would be cut. The verification "
           .. "compares row hashes: rehearse with real data"):format(NOT_CARRIED_KIND[r.kind] or NOT_CARRIED[r.base]))
       end
     end
@@ -330,7 +330,7 @@ function fidelity.inspect(db, opts)
       find("foreign key", "handled", key, nil, ("foreign key %s of %s references %s"):format(
         pg.quote_ident(r.name_of), label(r.schema, r.name), label(r.ref_schema, r.ref_name)),
         "not checked in DMS's replica sessions: its tasks apply each slot's tables in their own order, a "
-        .. "child row can arrive before its parent; the final QA compares every table")
+        .. "child row can arrive before its parent; the verification compares every table")
     end
   end
   res, err = db:query([[
@@ -386,7 +386,7 @@ function fidelity.inspect(db, opts)
   -- What DMS never does in CDC, whatever the schema (notes: nothing to fix now).
   if next(wanted) then find("truncate", "note", nil, nil, "TRUNCATE is not carried",
     "DMS does not process TRUNCATE: a table truncated on the source during CDC keeps its rows on the target "
-    .. "(the final QA stops the cutover; a partial restart of its group repairs it)")
+    .. "(the verification stops the cutover; a partial restart of its group repairs it)")
   find("DDL", "note", nil, nil, "schema changes are not carried",
     "the schema is restored once; DMS is told not to capture DDL (CaptureDdls false, no event trigger on the "
     .. "source): freeze DDL on the migrated schemas until the cutover, or apply it to the target too") end

@@ -66,6 +66,8 @@ qa.compare(a_db, b_db, tables, cfg_qa, { mode = "quick" | "full", seed = n }) ->
       keeps the first one's).
     A check that fails to run (a table missing on one side) is a difference
     with the error in `error` and its message in `detail`.
+qa.verdict(check) -> "yes" | "NO" | "empty on both" | "nothing compared" (a
+    filter such as opts.before left every row out): the report's word for a check
 qa.format(result) -> text: a summary line, then an aligned table of the
     differences (table, method, a, b, detail).
 ]]
@@ -726,10 +728,32 @@ end
 
 -- The report's table of a comparison: columns and rows.
 function qa.report_columns() return { "table", "method", "a", "b", "equal", "detail" } end
+-- The rows a check looked at on each side (nil when it does not say).
+local function rows_of(v)
+  if type(v) == "number" then return v end
+  if type(v) ~= "table" then return nil end
+  if v.rows then return v.rows end
+  local n = 0
+  for _, x in pairs(v) do if type(x) == "number" then n = n + x end end
+  return n
+end
+
+-- "yes" only where rows were compared: zero rows on both sides is "nothing
+-- compared" when a filter left every row out (rows newer than a cut-off), else
+-- "empty on both" -- never a bare "yes" for a comparison of nothing.
+function qa.verdict(c)
+  if not c.equal then return "NO" end
+  local a, b = rows_of(c.a), rows_of(c.b)
+  if a == 0 and b == 0 then
+    return c.method:find(" < ", 1, true) and "nothing compared" or "empty on both"
+  end
+  return "yes"
+end
+
 function qa.report_rows(result)
   local rows = {}
   for _, c in ipairs(result.checks) do
-    rows[#rows + 1] = { c.table, c.method, summary(c.a), summary(c.b), c.equal and "yes" or "NO", c.detail or "" }
+    rows[#rows + 1] = { c.table, c.method, summary(c.a), summary(c.b), qa.verdict(c), c.detail or "" }
   end
   return rows
 end

@@ -52,7 +52,7 @@ playbook keeps only the line that says which tables.
       tables hashed as the final QA does, steps.full_qa_options)
   steps.install_sentinel(ctx, tables) -> { installed = n } | nil, err
       migrun.sentinel's triggers on those tables of the target (their keys
-      read there): what others write behind DMS's back is noted
+      read on the source): what others write behind DMS's back is noted
   steps.live_qa(ctx, title, { whole = {"s.t"} }) -> report | nil, why
       the primary proven equal to the target while the source writes
       (verify's rounds: whole tables the first time or where opts.whole
@@ -293,8 +293,9 @@ end
 function steps.install_sentinel(ctx, tables)
   local keys = {}
   for _, t in ipairs(tables) do
-    local key = keydiff.key(ctx.target, t)
-    if key == nil then return nil, ("%s: its key could not be read on the target"):format(text.key(t)) end
+    -- read on the source: in a dry run the target has no table yet
+    local key = keydiff.key(ctx.source, t)
+    if key == nil then return nil, ("%s: its key could not be read on the source"):format(text.key(t)) end
     keys[text.key(t)] = key and key.columns or false
   end
   return sentinel.install(ctx.target, tables, keys)
@@ -311,11 +312,11 @@ function steps.live_qa(ctx, title, opts)
   local v = assert(steps.verification(ctx))
   local r = assert(v:live{ whole = opts.whole })
   ctx:say("%s", verify.format(r))
-  ctx:report_table(title, verify.REPORT_COLUMNS, verify.report_rows(r))
+  ctx:report_table(title, verify.REPORT_COLUMNS, verify.report_rows(r, select(2, migration(ctx))))
   if #r.differences > 0 then
-    return nil, ("%d table(s) differ between the primary and the target (the rows are named above by key): "
-      .. "mend them with playbooks/repair.lua, or restart their group (playbooks/partial_restart.lua); "
-      .. "the tasks still run, nothing was changed"):format(#r.differences)
+    return nil, ("%d table(s) differ between the primary and the target (named above, with the keys of the "
+      .. "rows where the table has a key): mend those rows with playbooks/repair.lua, or restart the table's group "
+      .. "(playbooks/partial_restart.lua); the tasks still run, nothing was changed"):format(#r.differences)
   end
   return r
 end

@@ -68,7 +68,8 @@ report = { differences = { {table, key (keydiff key or nil), keys = {{key, what}
     complete, detail} }, rounds, history = { {whole, keys, changes, differences, seconds}
     per round }, compared = { whole = n, keys = n }, pending = { keys = n,
     tables = n, whole = {"s.t"} }, position = lsn text, seconds, cutover = bool }
-verify.report_rows(report) / verify.REPORT_COLUMNS: the report's table of the differences
+verify.report_rows(report, tables) / verify.REPORT_COLUMNS: the report's table: every table,
+    how it was compared, equal (yes / NO / pending), the difference's keys
 verify.format(report) -> text: one line, then the differences
 ]]
 local qa = require "migrun.qa"
@@ -291,6 +292,11 @@ function V:read(work, compared)
                          candidates = c.keys or {} }
     end
     compared.whole = compared.whole + #wholes
+    for _, t in ipairs(wholes) do
+      local per = compared.tables[text.key(t)] or { whole = 0, keys = 0 }
+      per.whole = per.whole + 1
+      compared.tables[text.key(t)] = per
+    end
   end
   for k, keys in pairs(work.keys) do
     if #keys > 0 and self.by_key[k] then
@@ -304,6 +310,9 @@ function V:read(work, compared)
       f.equal = f.equal and #diffs == 0
       found[k] = f
       compared.keys = compared.keys + #keys
+      local per = compared.tables[k] or { whole = 0, keys = 0 }
+      per.keys = per.keys + #keys
+      compared.tables[k] = per
     end
   end
   return found
@@ -324,7 +333,9 @@ function V:judge(k, f, changed, next_work)
     -- no key: only a table that did not change while it was read says anything
     if changed then next_work.whole[k] = true return nil end
     if f and not f.equal and not self:counts_suffice(k, f) then
-      return { table = k, detail = f.check and f.check.detail or "different contents", complete = true }
+      return { table = k, detail = (f.check and f.check.detail or "different contents")
+        .. "; DMS carries only the inserts of a table without a key: give it a primary key on the source, "
+        .. "or accept it by its row count (cutover.count_only)", complete = true }
     end
     return nil
   end
@@ -355,7 +366,7 @@ function V:round(work)
   local noted
   noted, err = self:noted(work)
   if not noted then return nil, err end
-  local compared = { whole = 0, keys = 0 }
+  local compared = { whole = 0, keys = 0, tables = {} }
   local found
   found, err = self:read(work, compared)
   if not found then return nil, err end
@@ -426,7 +437,7 @@ function V:live(opts)
   local ok, err = self:start(opts.whole)
   if not ok then return nil, err end
   self:recheck_differences()
-  local r = { differences = {}, rounds = 0, compared = { whole = 0, keys = 0 }, busy = {},
+  local r = { differences = {}, rounds = 0, compared = { whole = 0, keys = 0, tables = {} }, busy = {},
                 history = {} }
   local prev
   for i = 1, self.rounds do
@@ -444,6 +455,11 @@ function V:live(opts)
     if not res then return nil, err end
     r.rounds = i
     r.compared.whole, r.compared.keys = r.compared.whole + res.compared.whole, r.compared.keys + res.compared.keys
+    for k, per in pairs(res.compared.tables) do
+      local into = r.compared.tables[k] or { whole = 0, keys = 0 }
+      into.whole, into.keys = into.whole + per.whole, into.keys + per.keys
+      r.compared.tables[k] = into
+    end
     merge_differences(r.differences, res.differences)
     r.busy = res.busy
     r.history[i] = { whole = res.compared.whole, keys = res.compared.keys, changes = res.changes,
@@ -497,7 +513,7 @@ function V:at_cutover()
   noted, err = self:noted(work)
   if not noted then return nil, err end
   for k in pairs(work.whole) do work.keys[k] = nil end -- hashed whole: nothing left out
-  local compared = { whole = 0, keys = 0 }
+  local compared = { whole = 0, keys = 0, tables = {} }
   local found
   found, err = self:read(work, compared)
   if not found then return nil, err end
@@ -537,13 +553,37 @@ end
 
 -- Words ------------------------------------------------------------------------
 
-verify.REPORT_COLUMNS = { "table", "key", "keys", "detail" }
+verify.REPORT_COLUMNS = { "table", "compared", "equal", "detail" }
 
-function verify.report_rows(r)
+local function how_compared(per)
+  local parts = {}
+  if per.whole > 0 then parts[#parts + 1] = "hashed whole" end
+  if per.keys > 0 then parts[#parts + 1] = ("%d key(s)"):format(per.keys) end
+  return table.concat(parts, ", ")
+end
+
+-- The report's table: every table of the verification, how it was compared
+-- (hashed whole, keys, or unchanged since the last verification), whether it
+-- is equal, and the detail of a difference (the keys).
+function verify.report_rows(r, tables)
+  local diff, pending = {}, {}
+  for _, d in ipairs(r.differences) do diff[d.table] = d end
+  for _, k in ipairs(r.pending and r.pending.whole or {}) do pending[k] = "hashed whole at the cutover" end
+  local names, seen = {}, {}
+  for _, t in ipairs(tables or {}) do
+    local k = text.key(t)
+    if not seen[k] then names[#names + 1], seen[k] = k, true end
+  end
+  for k in pairs((r.compared or {}).tables or {}) do if not seen[k] then names[#names + 1], seen[k] = k, true end end
+  for k in pairs(diff) do if not seen[k] then names[#names + 1], seen[k] = k, true end end
+  table.sort(names)
   local rows = {}
-  for _, d in ipairs(r.differences) do
-    rows[#rows + 1] = { d.table, d.key and table.concat(d.key.columns, ", ") or "(none)",
-      d.keys and (("%d%s"):format(#d.keys, d.complete and "" or "+")) or "-", d.detail or "" }
+  for _, k in ipairs(names) do
+    local per = ((r.compared or {}).tables or {})[k]
+    local how = per and how_compared(per) or "unchanged since verified"
+    local d = diff[k]
+    rows[#rows + 1] = { k, how, d and "NO" or (pending[k] and "pending" or "yes"),
+      d and d.detail or pending[k] or "" }
   end
   return rows
 end

@@ -118,6 +118,33 @@ function M.world(R)
   return w
 end
 
+-- Nothing twice: one slot and two sets per group (and the live verification's
+-- watch slot), one pglogical node, one task per group, one endpoint per group
+-- plus the target.
+function M.assert_single_world(R)
+  local plan = M.journal(R).playbooks.full.steps.groups.facts.groups
+  local w = M.world(R)
+  local slots, sets = { require("migrun.watch").slot_name(R.config.slots and R.config.slots.prefix or "dms_slot_") }, {}
+  for _, g in ipairs(plan) do
+    slots[#slots + 1] = g.slot
+    sets[#sets + 1] = g.slot
+    sets[#sets + 1] = "i" .. g.slot
+  end
+  table.sort(slots) table.sort(sets)
+  assert(table.concat(slots, ",") == w.slots, ("slots: %s, expected %s"):format(w.slots, table.concat(slots, ",")))
+  local mine = {}
+  for name in w.sets:gmatch("[^,]+") do
+    if not (name:match("^default") or name == "ddl_sql") then mine[#mine + 1] = name end
+  end
+  table.sort(mine)
+  assert(table.concat(sets, ",") == table.concat(mine, ","), "replication sets: " .. table.concat(mine, ","))
+  assert(select(2, w.nodes:gsub("[^,]+", "")) == 1, "pglogical nodes: " .. w.nodes)
+  local client = assert(R.lab:dms_client())
+  assert(#plan == #assert(client:describe_replication_tasks()), "not one task per group")
+  assert(#plan + 1 == #assert(client:describe_endpoints()), "not one endpoint per group plus the target")
+  return w
+end
+
 -- Waits until every running DMS task has applied what the source had written
 -- when called: a fence (migrun.fence) seen on the target for each of their
 -- slots, as migrun waits itself. No slot's confirmed_flush_lsn is waited for:

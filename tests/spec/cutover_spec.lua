@@ -228,19 +228,32 @@ describe("migrun.cutover", function()
     end)
   end)
 
-  describe("count_only and the checklist", function()
-    it("judges the named tables by their counts", function()
-      local r = { differences = 2, checks = {
-        { table = "public.page_views", method = "hash", a = { rows = 5, hash = "1" }, b = { rows = 5, hash = "2" }, equal = false },
-        { table = "public.events", method = "hash", a = { rows = 5, hash = "1" }, b = { rows = 5, hash = "2" }, equal = false },
-      } }
-      cutover.count_only(r, { "public.page_views" })
-      assert.equal(1, r.differences)
-      assert.is_true(r.checks[1].equal)
-      assert.is_false(r.checks[2].equal)
-      r.checks[1].b.rows = 4
-      cutover.count_only(r, { "public.page_views" })
-      assert.equal(2, r.differences)
+  describe("refusals, the window and the checklist", function()
+    it("says what was done before a refusal, and how to give the source back", function()
+      local cl = cutover.checklist{ database = "app", stop_writes = "read_only", tasks = {} }
+      local before = cutover.refusal("1 table(s) differ", {}, cl)
+      assert.equal("refusing to cut over: 1 table(s) differ; so far the DMS tasks still run", before)
+      local after = cutover.refusal("1 table(s) differ", { stop_writes = "read_only", sequences = true }, cl)
+      assert.truthy(after:find("so far the source database is read-only (default_transaction_read_only), the "
+        .. "target's sequences were set ahead of the source's (harmless), the DMS tasks still run", 1, true), after)
+      assert.truthy(after:find('To let the application write to the source again: BEGIN READ WRITE; ALTER DATABASE '
+        .. '"app" RESET default_transaction_read_only; COMMIT;', 1, true), after)
+      local cmd = cutover.refusal("x", { stop_writes = { "/usr/local/bin/app-stop", "--now" }, tasks_stopped = true },
+        cutover.checklist{ database = "app", stop_writes = { "/usr/local/bin/app-stop", "--now" }, tasks = {} })
+      assert.truthy(cmd:find("the team's stop-writes command ran (/usr/local/bin/app-stop --now), the DMS tasks "
+        .. "are stopped", 1, true), cmd)
+    end)
+
+    it("states the window from its clock marks, step by step", function()
+      local records = { stop_writes = { duration = 0.5 }, wait_applied = { duration = 1.25 },
+                        restore_target = { duration = 0.25 } }
+      local w = cutover.window(records, { "stop_writes", "wait_applied", "verify", "restore_target" }, 100, 102.5)
+      assert.equal(2.5, w.seconds) -- wall, between the marks
+      assert.equal(2.0, w.steps)
+      assert.same({ { "stop_writes", 0.5 }, { "wait_applied", 1.25 }, { "verify", 0 }, { "restore_target", 0.25 } }, w.rows)
+      assert.equal(2.0, cutover.window(records, { "stop_writes", "wait_applied", "restore_target" }).seconds)
+      assert.matches("^the cutover window: 2%.5 s from the source made read%-only to the target ready for writes "
+        .. "%(stop_writes 0%.5 s, wait_applied 1%.2 s, verify 0%.0 s, restore_target 0%.2 s%)$", cutover.format_window(w))
     end)
 
     it("gives the steps and the exact commands to roll back", function()

@@ -60,7 +60,7 @@ describe("playbooks/cutover.lua", function()
     assert.is_false(read_only())
   end)
 
-  it("after full.lua: a dry run, a refusal at the final QA, then the cutover under writes", function()
+  it("after full.lua: a dry run, refusals before and after writes stop, then the cutover under writes", function()
     R:start_workload{ rate = 20 }
     local full = H.run(R, "full.lua", { "--yes" })
     assert.is_true(full.ok, full.output)

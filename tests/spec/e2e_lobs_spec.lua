@@ -56,9 +56,10 @@ describe("LOB truncation", function()
         c.output)
     end
     assert.truthy(c.output:find("was truncated to 65536 bytes", 1, true), c.output) -- the task log's warning
+    -- found before writes stop: nothing was done
     local steps = H.journal(R).playbooks.cutover.steps
-    assert.equal("failed", steps.no_truncation.status)
-    assert.is_nil(steps.final_qa)
+    assert.equal("failed", steps.ready.status)
+    assert.is_nil(steps.stop_writes)
     assert.is_nil(steps.stop_tasks)
     local client = assert(R.lab:dms_client())
     for _, t in ipairs(assert(client:describe_replication_tasks())) do assert.equal("running", t.Status) end

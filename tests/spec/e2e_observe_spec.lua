@@ -389,7 +389,7 @@ describe("watching a migration", function()
     assert.equal(#checklist.rows, select(2, items:gsub("<li>", "")))
     assert.truthy(dom:find("cutover: ok", 1, true))
     assert.truthy(dom:find(#j.playbooks.full.steps.groups.facts.groups .. " stopped", 1, true))
-    assert.truthy(dom:find("Final full QA (primary vs target)", 1, true))
+    assert.truthy(dom:find("Verification at the cutover (primary vs target)", 1, true))
     assert.is_nil(dom:find('<tr class="diff">', 1, true))
     assert.truthy(dom:find('data-series="dms_slot_01"', 1, true))
     for _, secret in ipairs{ R.lab.password, R.lab.dms.secret_key } do assert.falsy(dom:find(secret, 1, true)) end

@@ -62,27 +62,6 @@ describe("kill it anywhere", function()
     return r
   end
 
-  local function world_is_single(plan)
-    local w = H.world(R)
-    local slots, sets = {}, {}
-    for _, g in ipairs(plan) do
-      slots[#slots + 1] = g.slot
-      sets[#sets + 1] = g.slot
-      sets[#sets + 1] = "i" .. g.slot
-    end
-    table.sort(slots) table.sort(sets)
-    assert.equal(table.concat(slots, ","), w.slots)
-    local mine = {}
-    for name in w.sets:gmatch("[^,]+") do
-      if not (name:match("^default") or name == "ddl_sql") then mine[#mine + 1] = name end
-    end
-    table.sort(mine)
-    assert.equal(table.concat(sets, ","), table.concat(mine, ","))
-    assert.equal(1, select(2, w.nodes:gsub("[^,]+", "")))
-    assert.equal(#plan, #assert(client:describe_replication_tasks()))
-    assert.equal(#plan + 1, #assert(client:describe_endpoints()))
-  end
-
   local function plan() return H.journal(R).playbooks.full.steps.groups.facts.groups end
 
   it("full.lua: killed at every step and inside the long ones, resumed each time by a plain rerun", function()
@@ -103,7 +82,7 @@ describe("kill it anywhere", function()
     local r = H.run(R, "full.lua", {})
     assert.is_true(r.ok, table.concat(log, "\n") .. "\n" .. r.output)
     assert.truthy(r.output:find("READY FOR CUTOVER", 1, true), r.output)
-    world_is_single(plan())
+    H.assert_single_world(R)
   end)
 
   it("partial_restart.lua: killed at every step, resumed each time", function()
@@ -123,7 +102,7 @@ describe("kill it anywhere", function()
     local r = H.run(R, "partial_restart.lua", { bad.slot, "--yes" })
     assert.is_true(r.ok, table.concat(log, "\n") .. "\n" .. r.output)
     assert.truthy(r.output:find(bad.slot .. " has caught up", 1, true), r.output)
-    world_is_single(plan())
+    H.assert_single_world(R)
   end)
 
   it("full_restart.lua: killed at every step, resumed; then cutover.lua; every table equal", function()
@@ -135,11 +114,11 @@ describe("kill it anywhere", function()
     r = H.run(R, "full.lua", { "--yes" })
     assert.is_true(r.ok, table.concat(log, "\n") .. "\n" .. r.output)
     assert.truthy(r.output:find("READY FOR CUTOVER", 1, true), r.output)
-    world_is_single(plan())
+    H.assert_single_world(R)
 
     -- the cutover, killed once in its middle (its stop_writes is "none" here: the application stops first)
     R:stop_workload()
-    kill_at("cutover.lua", {}, starts("final_qa"))
+    kill_at("cutover.lua", {}, starts("verify"))
     r = H.run(R, "cutover.lua", { "--yes" })
     assert.is_true(r.ok, r.output)
     assert.truthy(r.output:find("cutover: done", 1, true), r.output)

@@ -521,7 +521,7 @@ function html.render(opts)
   for _, sec in ipairs(secs) do
     for _, s in ipairs(sec.steps) do
       for _, t in ipairs(s.rec.tables or {}) do
-        if tostring(t.title):find("QA", 1, true) then
+        if tostring(t.title):find("QA", 1, true) or tostring(t.title):lower():find("verification", 1, true) then
           local _, d = report_table(t)
           qa_checks, qa_diffs = qa_checks + #(t.rows or {}), qa_diffs + d
         end

@@ -46,7 +46,7 @@ notify.EVENTS = {
   { "wal_guard_warn", "the guard warns: WAL or a disk near its threshold, or the schema changed (schema_drift = warn)" },
   { "wal_guard_stop", "the guard stopped the run: WAL or a disk past its threshold, or the schema changed" },
   { "task_failed", "a DMS task failed or stopped while migrun watched it" },
-  { "ready_for_cutover", "every task has caught up and the final QA is equal" },
+  { "ready_for_cutover", "every task has caught up and every table is verified equal under writes" },
   { "cutover_done", "the cutover is done (cutover.lua finished)" },
 }
 notify.KNOWN = {}
