@@ -127,6 +127,45 @@ describe("awscli against the emulator", function()
     assert.matches("Task started", events.events[1].message)
   end)
 
+  it("modifies an endpoint through `aws dms modify-endpoint`; an operation the emulator lacks says so", function()
+    local ok, ep, err = aws({ "dms", "create-endpoint" }, { EndpointIdentifier = "cli-mod", EndpointType = "source",
+      EngineName = "postgres", ServerName = "127.0.0.1", Port = 5432, DatabaseName = "app", Username = "u",
+      Password = "pw", PostgreSQLSettings = { SlotName = "dms_slot_09", PluginName = "pglogical" } })
+    assert.is_true(ok, err)
+    local arn = ep.Endpoint.EndpointArn
+    local m
+    ok, m, err = aws{ "dms", "modify-endpoint", "--endpoint-arn", arn, "--port", "6543", "--database-name", "app2",
+      "--postgre-sql-settings", "HeartbeatEnable=true" }
+    assert.is_true(ok, err)
+    assert.equal(arn, m.Endpoint.EndpointArn)
+    assert.equal(6543, m.Endpoint.Port)
+    assert.equal("app2", m.Endpoint.DatabaseName)
+    assert.same({ SlotName = "dms_slot_09", PluginName = "pglogical", HeartbeatEnable = true },
+      m.Endpoint.PostgreSQLSettings)
+    ok, m, err = aws{ "dms", "modify-endpoint", "--endpoint-arn", arn, "--exact-settings",
+      "--postgre-sql-settings", "SlotName=dms_slot_10" }
+    assert.is_true(ok, err)
+    assert.same({ SlotName = "dms_slot_10" }, m.Endpoint.PostgreSQLSettings)
+    -- botocore parses the faults by their DMS names, with the message
+    local refused
+    refused, _, err = aws{ "dms", "modify-endpoint", "--endpoint-arn",
+      "arn:aws:dms:us-east-1:123456789012:endpoint:NOPE" }
+    assert.falsy(refused)
+    assert.matches("%(ResourceNotFoundFault%) when calling the ModifyEndpoint operation.-: Endpoint arn:", err)
+    refused, _, err = aws{ "dms", "modify-endpoint", "--endpoint-arn", arn, "--ssl-mode", "require",
+      "--endpoint-identifier", "cli--mod" }
+    assert.falsy(refused)
+    assert.matches("%(InvalidParameterValueException%) when calling the ModifyEndpoint operation.-: The parameter "
+      .. "EndpointIdentifier must begin with a letter", err)
+    -- a DMS operation the emulator does not model: a code and a message, never an empty one
+    refused, _, err = aws{ "dms", "describe-certificates" }
+    assert.falsy(refused)
+    assert.matches("%(InvalidOperationFault%) when calling the DescribeCertificates operation.-: DescribeCertificates "
+      .. "is a DMS operation the DMS emulator does not model", err)
+    ok, _, err = aws{ "dms", "delete-endpoint", "--endpoint-arn", arn }
+    assert.is_true(ok, err)
+  end)
+
   it("shows DMS's error code for a refused violation", function()
     local ok, inst = aws{ "dms", "describe-replication-instances" }
     assert.is_true(ok)

@@ -130,11 +130,29 @@ describe("dms emulator", function()
       assert.are.equal("InvalidSignatureException", json.decode(res.body).__type)
     end)
 
-    it("answers an unknown operation with UnknownOperationException", function()
+    it("answers an unknown operation with UnknownOperationException, and a message", function()
       local res, err = c:call("DescribeNothing", {})
       assert.is_nil(res)
       assert.are.equal("UnknownOperationException", err.code)
       assert.are.equal(400, err.status)
+      assert.are.equal("Unknown operation AmazonDMSv20160101.DescribeNothing: this endpoint serves "
+        .. "AmazonDMSv20160101.<Operation> (the DMS API)", err.message)
+      -- a real DMS operation the emulator does not model: DMS's own fault, saying so
+      res, err = c:call("ReloadTables", { ReplicationTaskArn = "arn:x", TablesToReload = {} })
+      assert.is_nil(res)
+      assert.are.equal("InvalidOperationFault", err.code)
+      assert.are.equal(400, err.status)
+      assert.is_false(err.retryable)
+      assert.matches("^ReloadTables is a DMS operation the DMS emulator does not model", err.message)
+      -- no X-Amz-Target at all
+      local signed = aws.sign{ method = "POST", url = e.url .. "/", body = "{}", region = "us-east-1",
+        service = "dms", access_key = AKID, secret_key = SECRET,
+        headers = { ["Content-Type"] = "application/x-amz-json-1.1" } }
+      local raw = assert(aws.request{ url = e.url .. "/", method = "POST", body = "{}", headers = signed.headers })
+      assert.are.equal(400, raw.status)
+      local doc = json.decode(raw.body)
+      assert.are.equal("UnknownOperationException", doc.__type)
+      assert.matches("Missing X%-Amz%-Target", doc.message)
     end)
 
     it("answers a missing required member with ValidationException, a wrong type with SerializationException",
@@ -215,6 +233,55 @@ describe("dms emulator", function()
       assert.are.same({}, left)
       _, err = c:delete_endpoint(made[1].EndpointArn)
       assert.are.equal("ResourceNotFoundFault", err.code)
+    end)
+
+    it("modifies an endpoint: the members it names, PostgreSQLSettings merged or exact, DMS's faults", function()
+      local ep = assert(c:create_endpoint{ EndpointIdentifier = "mod-src", EndpointType = "source",
+        EngineName = "postgres", ServerName = "127.0.0.1", Port = 5432, DatabaseName = "app", Username = "u",
+        Password = "old-pw", PostgreSQLSettings = { SlotName = "dms_slot_01", PluginName = "pglogical" } })
+      local res = assert(c:call("ModifyEndpoint", { EndpointArn = ep.EndpointArn, Port = 6543,
+        DatabaseName = "app2", Password = "new-pw", PostgreSQLSettings = { HeartbeatEnable = true } }))
+      local m = res.Endpoint
+      assert.are.equal(ep.EndpointArn, m.EndpointArn)
+      assert.are.equal(6543, m.Port)
+      assert.are.equal("app2", m.DatabaseName)
+      assert.are.equal("u", m.Username)           -- not named: unchanged
+      assert.is_nil(m.Password)
+      assert.are.same({ SlotName = "dms_slot_01", PluginName = "pglogical", HeartbeatEnable = true },
+        m.PostgreSQLSettings)
+      local seen = assert(c:describe_endpoints{ Filters = { ["endpoint-arn"] = ep.EndpointArn } })[1]
+      assert.are.equal(6543, seen.Port)
+      -- ExactSettings: the settings given are all the endpoint keeps
+      m = assert(c:call("ModifyEndpoint", { EndpointArn = ep.EndpointArn, ExactSettings = true,
+        PostgreSQLSettings = { SlotName = "dms_slot_02" } })).Endpoint
+      assert.are.same({ SlotName = "dms_slot_02" }, m.PostgreSQLSettings)
+      -- renamed, in lower case as DMS keeps identifiers
+      m = assert(c:call("ModifyEndpoint", { EndpointArn = ep.EndpointArn, EndpointIdentifier = "Mod-Renamed" })).Endpoint
+      assert.are.equal("mod-renamed", m.EndpointIdentifier)
+
+      -- refusals, with DMS's codes and a message
+      local other = assert(c:create_endpoint{ EndpointIdentifier = "mod-other", EndpointType = "target",
+        EngineName = "postgres" })
+      local _, err = c:call("ModifyEndpoint", { EndpointArn = ep.EndpointArn, EndpointIdentifier = "mod-other" })
+      assert.are.equal("ResourceAlreadyExistsFault", err.code)
+      _, err = c:call("ModifyEndpoint", { EndpointArn = ep.EndpointArn, EndpointIdentifier = "bad--name" })
+      assert.are.equal("InvalidParameterValueException", err.code)
+      _, err = c:call("ModifyEndpoint", { EndpointArn = ep.EndpointArn, SslMode = "sometimes" })
+      assert.are.equal("InvalidParameterValueException", err.code)
+      _, err = c:call("ModifyEndpoint", { EndpointArn = ep.EndpointArn, Port = "5432" })
+      assert.are.equal("SerializationException", err.code)
+      _, err = c:call("ModifyEndpoint", { Port = 5432 })
+      assert.are.equal("ValidationException", err.code)
+      assert.matches("endpointArn", err.message)
+      _, err = c:call("ModifyEndpoint", { EndpointArn = "arn:aws:dms:us-east-1:123456789012:endpoint:NOPE" })
+      assert.are.equal("ResourceNotFoundFault", err.code)
+      assert.is_true(#err.message > 0)
+      -- an endpoint being deleted cannot be modified
+      assert(c:delete_endpoint(other.EndpointArn))
+      _, err = c:call("ModifyEndpoint", { EndpointArn = other.EndpointArn, Port = 1 })
+      assert.are.equal("InvalidResourceStateFault", err.code)
+      assert.matches("is deleting", err.message)
+      assert(c:delete_endpoint(ep.EndpointArn))
     end)
 
     it("tests connections: testing, then successful against a listening port, failed otherwise", function()

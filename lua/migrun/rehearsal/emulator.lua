@@ -559,6 +559,48 @@ local OPS = {}        -- AmazonDMSv20160101.<Op> -> function(self, params)
 local CONTROL = {}    -- MigrunEmulator.<Op>
 local LOGS = {}       -- Logs_20140328.<Op> (CloudWatch Logs: the task logs)
 
+-- Every operation of DMS's API (botocore's model dms/2016-01-01, 65
+-- operations, and the later ones migrun's reference names): the emulator models
+-- those migrun uses (OPS); another is a real DMS operation it cannot perform.
+M.DMS_OPERATIONS = {}
+for name in ([[AddTagsToResource ApplyPendingMaintenanceAction CancelReplicationTaskAssessmentRun CreateEndpoint
+  CreateEventSubscription CreateFleetAdvisorCollector CreateReplicationInstance CreateReplicationSubnetGroup
+  CreateReplicationTask DeleteCertificate DeleteConnection DeleteEndpoint DeleteEventSubscription
+  DeleteFleetAdvisorCollector DeleteFleetAdvisorDatabases DeleteReplicationInstance DeleteReplicationSubnetGroup
+  DeleteReplicationTask DeleteReplicationTaskAssessmentRun DescribeAccountAttributes
+  DescribeApplicableIndividualAssessments DescribeCertificates DescribeConnections DescribeEndpointSettings
+  DescribeEndpointTypes DescribeEndpoints DescribeEventCategories DescribeEventSubscriptions DescribeEvents
+  DescribeFleetAdvisorCollectors DescribeFleetAdvisorDatabases DescribeFleetAdvisorLsaAnalysis
+  DescribeFleetAdvisorSchemaObjectSummary DescribeFleetAdvisorSchemas DescribeOrderableReplicationInstances
+  DescribePendingMaintenanceActions DescribeRefreshSchemasStatus DescribeReplicationInstanceTaskLogs
+  DescribeReplicationInstances DescribeReplicationSubnetGroups DescribeReplicationTaskAssessmentResults
+  DescribeReplicationTaskAssessmentRuns DescribeReplicationTaskIndividualAssessments DescribeReplicationTasks
+  DescribeSchemas DescribeTableStatistics ImportCertificate ListTagsForResource ModifyEndpoint
+  ModifyEventSubscription ModifyReplicationInstance ModifyReplicationSubnetGroup ModifyReplicationTask
+  MoveReplicationTask RebootReplicationInstance RefreshSchemas ReloadTables RemoveTagsFromResource
+  RunFleetAdvisorLsaAnalysis StartReplicationTask StartReplicationTaskAssessment StartReplicationTaskAssessmentRun
+  StopReplicationTask TestConnection UpdateSubscriptionsToEventBridge
+  ModifyReplicationConfig StartDataMigration DeleteDataMigration]]):gmatch("%a+") do
+  M.DMS_OPERATIONS[name] = true
+end
+
+-- The answer to an operation the emulator has no handler for, always with a
+-- message: a DMS operation it does not model is InvalidOperationFault (DMS's
+-- own "the action or operation requested isn't valid", which every SDK knows
+-- for DMS); a name DMS does not have is UnknownOperationException, HTTP 400,
+-- as AWS's JSON services answer an unknown X-Amz-Target.
+local function unknown_operation(prefix, op, target)
+  if prefix == M.TARGET_PREFIX and op and M.DMS_OPERATIONS[op] then
+    fault("InvalidOperationFault", ("%s is a DMS operation the DMS emulator does not model (it answers the "
+      .. "operations migrun uses; docs/dms-emulator.md lists them)"):format(op), 400)
+  end
+  if target == "" then
+    fault("UnknownOperationException", "Missing X-Amz-Target header: expected AmazonDMSv20160101.<Operation>", 400)
+  end
+  fault("UnknownOperationException", ("Unknown operation %s: this endpoint serves %s.<Operation> (the DMS API)")
+    :format(target, M.TARGET_PREFIX), 400)
+end
+
 -- handle(req) -> { status=, headers=, body=, delay= }
 function Emu:handle(req)
   local rid = self:_request_id()
@@ -571,7 +613,7 @@ function Emu:handle(req)
     if prefix == M.TARGET_PREFIX then fn = OPS[op]
     elseif prefix == M.CONTROL_PREFIX then fn = CONTROL[op]
     elseif prefix == M.LOGS_PREFIX then fn = LOGS[op] end
-    if not fn then fault("UnknownOperationException", "", 400) end
+    if not fn then unknown_operation(prefix, op, target) end
     local ctype = req.headers["content-type"] or ""
     if prefix ~= M.CONTROL_PREFIX and not ctype:find("application/x-amz-json-1.1", 1, true) then
       fault("UnknownOperationException", "Content-Type must be application/x-amz-json-1.1", 400)
@@ -733,23 +775,24 @@ function Emu:_endpoint(arn)
   return ep
 end
 
-function OPS.CreateEndpoint(self, p)
-  local id = req_string(p, "EndpointIdentifier")
-  local etype = req_string(p, "EndpointType")
-  local engine = req_string(p, "EngineName")
-  for _, k in ipairs{ "Username", "Password", "ServerName", "DatabaseName", "ExtraConnectionAttributes",
-                      "SslMode", "KmsKeyId", "CertificateArn", "ServiceAccessRoleArn", "ResourceIdentifier" } do
-    typed(p, k, "string")
-  end
+local ENDPOINT_STRINGS = { "Username", "Password", "ServerName", "DatabaseName", "ExtraConnectionAttributes",
+  "SslMode", "KmsKeyId", "CertificateArn", "ServiceAccessRoleArn", "ResourceIdentifier", "EndpointIdentifier",
+  "EndpointType", "EngineName" }
+
+-- The members CreateEndpoint and ModifyEndpoint share, type-checked and
+-- validated as DMS does (given ones only: ModifyEndpoint changes what it names).
+local function check_endpoint_params(p)
+  for _, k in ipairs(ENDPOINT_STRINGS) do typed(p, k, "string") end
   typed(p, "Port", "integer")
   typed(p, "Tags", "array")
   typed(p, "PostgreSQLSettings", "object")
-  check_identifier(id, "EndpointIdentifier")
-  etype = etype:lower()
-  if etype ~= "source" and etype ~= "target" then
+  if p.EndpointIdentifier then check_identifier(p.EndpointIdentifier, "EndpointIdentifier") end
+  if p.EndpointType and p.EndpointType:lower() ~= "source" and p.EndpointType:lower() ~= "target" then
     invalid("Invalid value for EndpointType: " .. p.EndpointType .. " (source or target)")
   end
-  if not ENGINES[engine] then invalid("The emulator supports only engine names postgres and aurora-postgresql, not " .. engine) end
+  if p.EngineName and not ENGINES[p.EngineName] then
+    invalid("The emulator supports only engine names postgres and aurora-postgresql, not " .. p.EngineName)
+  end
   if p.SslMode and not SSL_MODES[p.SslMode] then invalid("Invalid value for SslMode: " .. p.SslMode) end
   local pg = p.PostgreSQLSettings or {}
   if pg.PluginName and not ({ ["no-preference"] = 1, ["test-decoding"] = 1, pglogical = 1 })[pg.PluginName] then
@@ -758,20 +801,36 @@ function OPS.CreateEndpoint(self, p)
   if p.ResourceIdentifier and not valid_identifier(p.ResourceIdentifier, 31) then
     invalid("Invalid ResourceIdentifier: " .. p.ResourceIdentifier)
   end
+end
+
+-- An identifier no other endpoint holds (DMS keeps them in lower case).
+function Emu:_check_endpoint_id_free(id, except_arn)
   for _, arn in ipairs(self.endpoint_order) do
-    if self.endpoints[arn].EndpointIdentifier == id:lower() then
+    if arn ~= except_arn and self.endpoints[arn].EndpointIdentifier == id:lower() then
       fault("ResourceAlreadyExistsFault", "The resource you are attempting to create already exists.")
     end
   end
+end
+
+-- PostgreSQLSettings as kept (never the password, which is kept apart).
+local function kept_settings(pg)
+  local settings = {}
+  for k, v in pairs(pg) do
+    if k ~= "Password" then settings[k] = v end
+  end
+  return settings
+end
+
+function OPS.CreateEndpoint(self, p)
+  local id = req_string(p, "EndpointIdentifier")
+  req_string(p, "EndpointType")
+  local engine = req_string(p, "EngineName")
+  check_endpoint_params(p)
+  local etype = p.EndpointType:lower()
+  local pg = p.PostgreSQLSettings or {}
+  self:_check_endpoint_id_free(id)
   local arn = self:arn("endpoint", p.ResourceIdentifier)
   if self.endpoints[arn] then fault("ResourceAlreadyExistsFault", "The resource you are attempting to create already exists.") end
-  local settings
-  if p.PostgreSQLSettings then
-    settings = {}
-    for k, v in pairs(pg) do
-      if k ~= "Password" then settings[k] = v end
-    end
-  end
   local ep = {
     EndpointIdentifier = id:lower(),
     EndpointType = etype:upper(),
@@ -788,12 +847,53 @@ function OPS.CreateEndpoint(self, p)
     CertificateArn = p.CertificateArn,
     SslMode = p.SslMode or "none",
     ServiceAccessRoleArn = p.ServiceAccessRoleArn,
-    PostgreSQLSettings = settings,
+    PostgreSQLSettings = p.PostgreSQLSettings and kept_settings(pg) or nil,
     _password = p.Password or pg.Password,
     _tags = check_tags(p.Tags),
   }
   self.endpoints[arn] = ep
   self.endpoint_order[#self.endpoint_order + 1] = arn
+  return { Endpoint = view(ep) }
+end
+
+--[[ ModifyEndpoint (API_ModifyEndpoint): every member but EndpointArn is
+optional and changes what it names. PostgreSQLSettings are merged into the
+endpoint's (a setting of the same name replaced, new ones added), or replace
+them all with ExactSettings = true. Errors as DMS's model lists them:
+ResourceNotFoundFault (no such endpoint), InvalidResourceStateFault (it is
+being deleted), ResourceAlreadyExistsFault (another endpoint has the new
+identifier), and the same validation as CreateEndpoint. A task that runs keeps
+the endpoint it started with until it is started again (the emulator reads an
+endpoint when a task starts; DMS's own behaviour there is UNCONFIRMED).
+KmsKeyId, ResourceIdentifier and Tags are CreateEndpoint's only: ignored here,
+as any member the operation does not have. ]]
+function OPS.ModifyEndpoint(self, p)
+  local arn = req_string(p, "EndpointArn")
+  -- CreateEndpoint's own members are not ModifyEndpoint's: ignored, as members a model lacks
+  p.KmsKeyId, p.ResourceIdentifier, p.Tags = nil, nil, nil
+  check_endpoint_params(p)
+  local exact = typed(p, "ExactSettings", "boolean")
+  local ep = self:_endpoint(arn)
+  if ep.Status ~= "active" then bad_state("Endpoint " .. arn .. " is " .. ep.Status) end
+  if p.EndpointIdentifier then self:_check_endpoint_id_free(p.EndpointIdentifier, arn) end
+  local pg = p.PostgreSQLSettings
+  if p.EndpointIdentifier then ep.EndpointIdentifier = p.EndpointIdentifier:lower() end
+  if p.EndpointType then ep.EndpointType = p.EndpointType:upper() end
+  if p.EngineName then ep.EngineName, ep.EngineDisplayName = p.EngineName, ENGINES[p.EngineName] end
+  for _, k in ipairs{ "Username", "ServerName", "Port", "DatabaseName" } do
+    if p[k] ~= nil then ep[k] = p[k] elseif pg and pg[k] ~= nil then ep[k] = pg[k] end
+  end
+  for _, k in ipairs{ "ExtraConnectionAttributes", "CertificateArn", "SslMode", "ServiceAccessRoleArn" } do
+    if p[k] ~= nil then ep[k] = p[k] end
+  end
+  if p.Password ~= nil then ep._password = p.Password elseif pg and pg.Password ~= nil then ep._password = pg.Password end
+  if pg then
+    local settings = exact and {} or (ep.PostgreSQLSettings or {})
+    for k, v in pairs(kept_settings(pg)) do settings[k] = v end
+    ep.PostgreSQLSettings = settings
+  elseif exact then
+    ep.PostgreSQLSettings = nil
+  end
   return { Endpoint = view(ep) }
 end
 
