@@ -13,6 +13,8 @@ local proc = require "migrun.proc"
 local host = require "migrun.host"
 local errors = require "migrun.error"
 local lsn = require "migrun.lsn"
+local pgbin = require "migrun.pgbin"
+local pgversion = require "migrun.pgversion"
 
 local lab = {}
 
@@ -250,9 +252,15 @@ function Cluster:psql(sql, opts)
     message = trim(r.output) ~= "" and trim(r.output) or ("psql " .. describe_exit(r.how, r.code)) }
 end
 
+-- argv of one of this cluster's server programs (initdb, pg_ctl, postgres),
+-- with the environment its installation needs, as the servers' owner.
+function Cluster:_server_job(job)
+  return self.lab:_as_owner(pgbin.argv(self.inst, job))
+end
+
 function Cluster:_pg_ctl_start_job(timeout)
   self._log_size = #(read_file(self.logfile) or "")
-  return self.lab:_as_owner{ self.lab.bin .. "/pg_ctl", "-D", self.datadir, "-l", self.logfile,
+  return self:_server_job{ self.inst.bindir .. "/pg_ctl", "-D", self.datadir, "-l", self.logfile,
     "-w", "-t", tostring(timeout or 60), "start", timeout = (timeout or 60) + 10 }
 end
 
@@ -295,7 +303,7 @@ end
 -- Stops the server (fast shutdown; SIGKILL when that does not finish).
 function Cluster:stop(timeout)
   if not self:pid() then return true end
-  local r = run1(self.lab:_as_owner{ self.lab.bin .. "/pg_ctl", "-D", self.datadir, "-m", "fast",
+  local r = run1(self:_server_job{ self.inst.bindir .. "/pg_ctl", "-D", self.datadir, "-m", "fast",
     "-w", "-t", tostring(timeout or 30), "stop", timeout = (timeout or 30) + 10 })
   if r.ok or not self:pid() then return true end
   local ok, err = self:kill()
@@ -400,7 +408,7 @@ function Lab:stop()
   for _, c in ipairs(self.clusters) do
     if c:pid() then
       running[#running + 1] = c
-      jobs[#jobs + 1] = self:_as_owner{ self.bin .. "/pg_ctl", "-D", c.datadir, "-m", "fast", "-w",
+      jobs[#jobs + 1] = c:_server_job{ c.inst.bindir .. "/pg_ctl", "-D", c.datadir, "-m", "fast", "-w",
         "-t", "30", "stop", timeout = 40 }
     end
   end
@@ -449,16 +457,27 @@ end
 
 -- For a spec of the full load: the replica caught up with the source, its
 -- replay paused (waited for: the pause is asynchronous), and its replay LSN
--- as text, or nil, err.
+-- as text, or nil, err. Before 14 no function tells when replay has really
+-- stopped: the pause counts once the replay LSN holds still for 0.2 s.
 function Lab:pause_replica(timeout)
   local ok, err = self:wait_replica_caught_up(timeout)
   if not ok then return nil, err end
   ok, err = self.replica:psql("select pg_wal_replay_pause()")
   if not ok then return nil, err end
+  local names = lsn.names(self.replica.version_num)
+  local state_sql = names.wal_replay_pause_state and ("select %s()"):format(names.wal_replay_pause_state)
   local deadline = now() + (timeout or 30)
+  local last
   while true do
     local state
-    state, err = self.replica:psql("select pg_get_wal_replay_pause_state()")
+    if state_sql then
+      state, err = self.replica:psql(state_sql)
+    else
+      state, err = self.replica:psql("select pg_last_wal_replay_lsn()")
+      if state and state == last then return state end
+      last, state = state, nil
+      sleep(0.2)
+    end
     if state == "paused" then return self.replica:psql("select pg_last_wal_replay_lsn()") end
     if now() > deadline then
       return nil, errors.new{ kind = "timeout", where = "replica",
@@ -475,7 +494,8 @@ function Lab:describe()
                   target = self.rds_target and ("stands in for RDS (role %s: no superuser, in %s)"):format(ROLE,
                     lab.RDS_SUPERUSER) or "stands in for RDS" }
   for _, c in ipairs(self.clusters) do
-    lines[#lines + 1] = ("  %-8s %s   -- %s"):format(c.name, c.conninfo, roles[c.name] or "")
+    lines[#lines + 1] = ("  %-8s %s   -- %s, %s"):format(c.name, c.conninfo, pgversion.label(c.version_num),
+      roles[c.name] or "")
     lines[#lines + 1] = "           " .. proc.quote{ self.bin .. "/psql", c.conninfo }
   end
   lines[#lines + 1] = ("  role %s authenticates with a password, kept in %s:"):format(ROLE, self.passfile)
@@ -558,7 +578,12 @@ function Lab:_settings(c, opts)
     s.max_wal_senders = 20
     s.max_worker_processes = 20
     s.wal_sender_timeout = 0
-    s.wal_keep_size = "256MB" -- the replica can be stopped for a while without a slot
+    -- the replica can be stopped for a while without a slot
+    if pgversion.has(c.version_num, "wal_keep_size") then
+      s.wal_keep_size = "256MB"
+    else
+      s.wal_keep_segments = 16
+    end
     if self.has_output_plugin_libraries then
       s.output_plugin_libraries = "pgoutput, test_decoding, pglogical"
     end
@@ -566,6 +591,8 @@ function Lab:_settings(c, opts)
     s.hot_standby = true
     s.shared_preload_libraries = "" -- the maintenance replica does not need pglogical
   end
+  -- Debian 11's 13 comes without its JIT's libLLVM (tools/install-pg-versions)
+  if c.inst.origin ~= "system" then s.jit = false end
   for _, group in ipairs{ "all", c.name } do
     for k, v in pairs((opts.settings or {})[group] or {}) do s[k] = v end
   end
@@ -582,7 +609,7 @@ end
 lab.RDS_SUPERUSER = "rds_superuser"
 lab.RDS_ADMIN = "rdsadmin"
 
-local function target_role_sql(password, dbname, superuser)
+local function target_role_sql(password, dbname, superuser, version)
   local sql
   if superuser then
     sql = { ("create role %s login superuser replication password %s;"):format(sql_identifier(ROLE), sql_literal(password)) }
@@ -590,6 +617,8 @@ local function target_role_sql(password, dbname, superuser)
     return sql
   end
   local group = sql_identifier(lab.RDS_SUPERUSER)
+  -- lab.start refuses a target older than 15 with this role (Lab:_resolve)
+  assert(pgversion.has(version, "set_on_parameter") and pgversion.has(version, "pg_checkpoint_role"))
   sql = {
     ("create role %s nologin;"):format(group),
     ("grant pg_monitor, pg_signal_backend, pg_read_all_settings, pg_checkpoint to %s;"):format(group),
@@ -606,7 +635,9 @@ end
 function Lab:_setup_sql(c, opts)
   local sql = { "set client_min_messages = warning;" }
   if c.name == "target" then
-    for _, line in ipairs(target_role_sql(self.password, self.dbname, opts.target_superuser)) do sql[#sql + 1] = line end
+    for _, line in ipairs(target_role_sql(self.password, self.dbname, opts.target_superuser, c.version_num)) do
+      sql[#sql + 1] = line
+    end
   else
     sql[#sql + 1] = ("create role %s login superuser replication password %s;"):format(
       sql_identifier(ROLE), sql_literal(self.password))
@@ -642,11 +673,68 @@ function Lab:_wait_streaming(timeout)
   end
 end
 
+-- The installation of each cluster (migrun.pgbin) and L.bin, the client
+-- programs (psql, pg_basebackup, pg_recvlogical) used against all of them:
+-- without opts.source and opts.target, all from find_bindir (15 -> 15, nothing
+-- fetched); with them, each major from the system or the cache of
+-- tools/install-pg-versions, and L.bin the default installation's (psql of
+-- any major talks to servers of other majors; the npm servers have none).
+function Lab:_resolve(opts)
+  local default_bin, err = find_bindir(opts)
+  local default = default_bin and { bindir = default_bin, origin = "system", pglogical = true, client_tools = true }
+  local insts = {}
+  for _, role in ipairs{ "source", "target" } do
+    if opts[role] ~= nil then
+      insts[role], err = pgbin.find(opts[role])
+      if not insts[role] then return nil, err end
+    elseif default then
+      insts[role] = default
+    else
+      return nil, err
+    end
+  end
+  self.bin = default_bin or (insts.source.client_tools and insts.source.bindir)
+  if not self.bin then return nil, err end
+  if opts.pglogical ~= false and not insts.source.pglogical then
+    return nil, lab_error("source", ("PostgreSQL %s here (%s) has no pglogical: a source needs it"):format(
+      tostring(insts.source.major), insts.source.origin), nil,
+      { hint = "a source of 13 (tools/install-pg-versions 13) or 15 (tools/install-deps)" })
+  end
+  insts.replica = insts.source
+  return insts
+end
+
+-- Each cluster's server version, and whether the source knows output_plugin_libraries.
+function Lab:_versions(insts)
+  local jobs, roles = {}, { "source", "target" }
+  for i, role in ipairs(roles) do
+    jobs[i] = pgbin.argv(insts[role], { insts[role].bindir .. "/postgres", "--version", timeout = 30 })
+  end
+  jobs[3] = self:_as_owner(pgbin.argv(insts.source, { insts.source.bindir .. "/postgres", "--describe-config",
+    timeout = 30 }))
+  local results = run_all(jobs)
+  for i, role in ipairs(roles) do
+    local text = trim(results[i].output or "")
+    local v = results[i].ok and text:match("%(PostgreSQL%)%s+(%d+[%.%d]*)")
+    if not v then
+      return nil, lab_error(role, "cannot run " .. insts[role].bindir .. "/postgres --version", last_lines(text, 5))
+    end
+    local c = self[role]
+    c.inst, c.version, c.version_num = insts[role], v, pgversion.number(v)
+    c.version_text = text:gsub("^postgres %(", "("):gsub("^%(PostgreSQL%) ", "PostgreSQL ")
+  end
+  self.replica.inst, self.replica.version = insts.source, self.source.version
+  self.replica.version_num, self.replica.version_text = self.source.version_num, self.source.version_text
+  self.has_output_plugin_libraries = results[3].output:find("\noutput_plugin_libraries\t") ~= nil
+    or results[3].output:find("^output_plugin_libraries\t") ~= nil
+  self.version = self.source.version_text
+  return true
+end
+
 function Lab:_build(opts)
   local t0 = now()
-  local bin, err = find_bindir(opts)
-  if not bin then return nil, err end
-  self.bin = bin
+  local insts, err = self:_resolve(opts)
+  if not insts then return nil, err end
 
   local id = run1{ "id", "-u" }
   if id.ok and trim(id.output) == "0" then
@@ -670,24 +758,28 @@ function Lab:_build(opts)
   self.source, self.replica, self.target = source, replica, target
   self.clusters = { source, replica, target }
   for _, c in ipairs(self.clusters) do c:_set_port(free_port(self._ports)) end
-
-  -- initdb of source and target at once, and whether this server knows output_plugin_libraries.
-  local function initdb(c)
-    return self:_as_owner{ bin .. "/initdb", "-D", c.datadir, "-U", c.superuser, "-A", "trust",
-      "-E", "UTF8", "--locale=" .. (opts.locale or "C"), "--no-sync", "--no-instructions", timeout = 120 }
+  ok, err = self:_versions(insts)
+  if not ok then return nil, err end
+  if target.version_num < pgversion.since("set_on_parameter") and not opts.target_superuser then
+    return nil, lab_error("target", ("an RDS-like target role needs PostgreSQL 15 or later (GRANT SET ON PARAMETER "
+      .. "session_replication_role); the target is %s"):format(pgversion.label(target.version_num)), nil,
+      { hint = "lab.start{ target_superuser = true } for a target of 13 or 14" })
   end
-  local results = run_all{ initdb(source), initdb(target),
-    self:_as_owner{ bin .. "/postgres", "--describe-config", timeout = 30 },
-    { bin .. "/postgres", "--version", timeout = 30 } }
+
+  -- initdb of source and target at once
+  local function initdb(c)
+    local job = c:_server_job{ c.inst.bindir .. "/initdb", "-D", c.datadir, "-U", c.superuser, "-A", "trust",
+      "-E", "UTF8", "--locale=" .. (opts.locale or "C"), "--no-sync", timeout = 120 }
+    if pgversion.has(c.version_num, "initdb_no_instructions") then job[#job + 1] = "--no-instructions" end
+    return job
+  end
+  local results = run_all{ initdb(source), initdb(target) }
   for i, c in ipairs{ source, target } do
     if not results[i].ok then
       return nil, lab_error(c.name, "initdb failed (" .. describe_exit(results[i].how, results[i].code) .. ")",
         last_lines(results[i].output, 20))
     end
   end
-  self.has_output_plugin_libraries = results[3].output:find("\noutput_plugin_libraries\t") ~= nil
-    or results[3].output:find("^output_plugin_libraries\t") ~= nil
-  self.version = trim(results[4].output):gsub("^postgres %(", "("):gsub("^%(PostgreSQL%) ", "PostgreSQL ")
 
   for _, c in ipairs{ source, target } do
     c:_configure(self:_settings(c, opts), "migrun lab")
@@ -706,8 +798,14 @@ function Lab:_build(opts)
   end
 
   -- The maintenance replica: a base backup of the running source, streaming.
-  local r = run1(self:_as_owner{ bin .. "/pg_basebackup", "-D", replica.datadir, "-R", "-X", "stream",
-    "-c", "fast", "--no-sync", "-h", HOST, "-p", tostring(source.port), "-U", SUPERUSER, timeout = 300 })
+  local basebackup = source.inst.client_tools and pgbin.argv(source.inst, { source.inst.bindir .. "/pg_basebackup" })
+    or { self.bin .. "/pg_basebackup" }
+  for _, a in ipairs{ "-D", replica.datadir, "-R", "-X", "stream", "-c", "fast", "--no-sync", "-h", HOST,
+      "-p", tostring(source.port), "-U", SUPERUSER } do
+    basebackup[#basebackup + 1] = a
+  end
+  basebackup.timeout = 300
+  local r = run1(self:_as_owner(basebackup))
   if not r.ok then
     return nil, lab_error("replica", "pg_basebackup failed (" .. describe_exit(r.how, r.code) .. ")",
       last_lines(r.output, 20))
@@ -776,6 +874,11 @@ end
 --   password  the password of the role migrun (default: random); see L.password, L.passfile
 --   settings  { all = {...}, source = {...}, replica = {...}, target = {...} } extra postgresql.conf
 --   bindir    PostgreSQL binaries (default: pg_config --bindir, else /usr/lib/postgresql/<max>/bin)
+--   source, target  a major version each (13, 17...): the source and its replica of one, the
+--             target of another, from /usr/lib/postgresql/<major>/bin or the cache of
+--             tools/install-pg-versions (migrun.pgbin); the one not given is bindir's. The
+--             source needs pglogical (13 and 15 have it here); an RDS-like target 15 or later.
+--             Each cluster has .version ("13.16"), .version_num (130016) and .inst.
 --   locale    initdb locale (default "C");  timeout  seconds to wait for streaming (default 60)
 --   target_superuser  true: the role migrun is a superuser on the target too (default: an
 --             RDS-like master user, and the target's own superuser is named rdsadmin)
