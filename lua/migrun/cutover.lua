@@ -197,7 +197,10 @@ function cutover.stop_writes(source, opts)
     if out.waited > timeout then
       return nil, cutover_error("stop writes", ("%d session(s) opened before the database was made read-only "
         .. "are still there after %gs: %s"):format(#list, timeout, describe_sessions(list)),
-        { hint = 'end them, raise cutover.sessions_timeout, or set cutover.existing_sessions = "terminate"',
+        { hint = ('end them, raise cutover.sessions_timeout, or set cutover.existing_sessions = "terminate", '
+            .. "and run again. Already done: new sessions of %s are read-only; to give the source back to the "
+            .. "application meanwhile: BEGIN READ WRITE; ALTER DATABASE %s RESET default_transaction_read_only; COMMIT;")
+            :format(out.database, pg.quote_ident(out.database)),
           sessions = list })
     end
     assert(opts.sleep, "cutover.stop_writes: sleep expected")(opts.poll or 1)
