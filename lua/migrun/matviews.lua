@@ -63,7 +63,7 @@ matviews.REFRESH_COLUMNS: the report's columns for those rows.
 matviews.compare(a_db, b_db, mv) -> { name, equal, a = state, b = state, detail } | nil, err
     Whether the materialized view has the same contents on both: populated
     on both and the same row count and order-independent row hash
-    (qa.row_hash, the final QA's), or unpopulated on both. state =
+    (qa.row_hash, the verification's), or unpopulated on both. state =
     { populated, rows, hash } (missing = true where it does not exist).
     Reads only. A difference after a refresh from equal tables means the
     source's is older than its tables (the application refreshes it on its

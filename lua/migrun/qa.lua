@@ -1,6 +1,6 @@
 --[[
 migrun.qa: is the data on two servers the same? (runbook Phase I "quick QA" and
-the final QA after catch-up). Reads only: every function takes migrun.db Dbs
+the live verification after catch-up, migrun.verify). Reads only: every function takes migrun.db Dbs
 (or anything with :query) and runs SELECTs.
 
   local qa = require "migrun.qa"

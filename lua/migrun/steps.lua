@@ -49,7 +49,7 @@ playbook keeps only the line that says which tables.
       (table, column, key) and fails the step.
   steps.verification(ctx) -> a migrun.verify Verification of the whole
       migration (full.lua's groups and tables; fences on every slot; whole
-      tables hashed as the final QA does, steps.full_qa_options)
+      tables hashed on both sides at once, steps.full_qa_options)
   steps.install_sentinel(ctx, tables) -> { installed = n } | nil, err
       migrun.sentinel's triggers on those tables of the target (their keys
       read on the source): what others write behind DMS's back is noted
