@@ -78,7 +78,7 @@ return {
   know_data = { write_rate_seconds = 5 },
 
   -- The full load from the paused replica: parallel streams (they also
-  -- compute the final QA's row hashes). Tables larger than split_bytes are
+  -- compute the verification's row hashes). Tables larger than split_bytes are
   -- cut into chunks of chunk_bytes (by ranges of an integer primary key, else
   -- of blocks) that load side by side and resume one by one after a kill;
   -- each table is indexed and analyzed as soon as it is complete. Leave the
@@ -203,7 +203,7 @@ return {
     -- Target sequences are set this many increments past the source's last
     -- value (DMS never migrates sequences).
     sequence_margin = 1000,
-    -- Tables the final QA compares by row count only instead of row hashes:
+    -- Tables the verification compares by row count only instead of row hashes:
     -- tables without a primary key, whose updates DMS cannot carry, when the
     -- team has accepted that.
     count_only = {},
