@@ -59,7 +59,8 @@ P:step{ "preflight", "Preflight on the primary, the maintenance replica and the 
 
 P:step{ "schema", "Schema (pre-data) and roles from the source to the target",
   run = function(ctx)
-    local tools = assert(schema.tools(ctx.target.conn:server_version()))
+    local tools = assert(schema.tools(ctx.target.conn:server_version(), { source = ctx.source.conn:server_version() }))
+    if tools.note then ctx:say("%s", tools.note) end
     local dump = assert(schema.dump(ctx.config.source.conninfo, ctx.state_dir, { tools = tools,
       schemas = ctx.config.schemas, exclude_tables = ctx.config.exclude_tables, echo = ctx.print }))
     local roles = assert(schema.copy_roles(ctx.config.source.conninfo, ctx.target, { tools = tools, say = ctx.print,

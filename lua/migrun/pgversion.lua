@@ -11,7 +11,8 @@ docs/versions.md lists the same facts with what migrun does without each.
   print(pgversion.label(v))                        -- PostgreSQL 13.16
   print(pgversion.major(v))                        -- 13 (9.6 -> "9.6")
 
-  pgversion.facts: { name = { since = server_version_num, what = text } }
+  pgversion.facts: { name = { since = server_version_num, what = text, without = what migrun
+      does on a source without it (for preflight's note; nil: no difference to a run) } }
   pgversion.has(version, name) -> boolean          (an unknown name raises: a typo is misuse)
   pgversion.since(name) -> the first server_version_num that has it
   pgversion.pick(version, name, present, absent) -> present or absent
@@ -22,7 +23,7 @@ docs/versions.md lists the same facts with what migrun does without each.
   pgversion.major(version) -> 13 (an integer from 10 on) | "9.6"
   pgversion.major_num(version) -> comparable majors: 9.6 -> 906, 13 -> 1300
   pgversion.label(version) -> "PostgreSQL 13.16" | "PostgreSQL 9.6.24"
-  pgversion.lacks(version [, names]) -> { {name=, since=, what=} } the facts
+  pgversion.lacks(version [, names]) -> { {name=, since=, what=, without=} } the facts
       this server lacks (all of them, or those in names), oldest first
 ]]
 local pgversion = {}
@@ -33,16 +34,21 @@ pgversion.facts = {
   attidentity = { since = 100000, what = "identity columns (pg_attribute.attidentity)" },
   pg_monitor_roles = { since = 100000, what = "the roles pg_monitor, pg_read_all_settings" },
   indnkeyatts = { since = 110000, what = "covering indexes: pg_index.indnkeyatts (key columns before INCLUDE)" },
-  slot_advance = { since = 110000, what = "pg_replication_slot_advance()" },
-  typed_hashes = { since = 110000, what = "hashtextextended() and the other 64-bit hash functions" },
+  slot_advance = { since = 110000, what = "pg_replication_slot_advance()",
+    without = "the watch slot is moved on by decoding its changes and discarding them" },
+  typed_hashes = { since = 110000, what = "hashtextextended() and the other 64-bit hash functions",
+    without = "rows are compared by the md5 of their text on both sides" },
   attgenerated = { since = 120000, what = "stored generated columns (pg_attribute.attgenerated)" },
   wal_keep_size = { since = 130000, what = "wal_keep_size (wal_keep_segments before)" },
-  wal_status = { since = 130000, what = "pg_replication_slots.wal_status and safe_wal_size" },
+  wal_status = { since = 130000, what = "pg_replication_slots.wal_status and safe_wal_size",
+    without = "a slot's WAL is watched by the bytes it retains (no max_slot_wal_keep_size can cut it loose)" },
   safe_wal_size = { since = 130000, what = "pg_replication_slots.safe_wal_size" },
   max_slot_wal_keep_size = { since = 130000, what = "max_slot_wal_keep_size: a cap on WAL a slot keeps" },
   pg_stat_progress_copy = { since = 140000, what = "the view pg_stat_progress_copy" },
-  tid_range_scan = { since = 140000, what = "TID range scans (ctid >= '(a,0)' reads only those blocks)" },
-  wal_replay_pause_state = { since = 140000, what = "pg_get_wal_replay_pause_state() (pause is asynchronous)" },
+  tid_range_scan = { since = 140000, what = "TID range scans (ctid >= '(a,0)' reads only those blocks)",
+    without = "a large table without an integer primary key loads in one piece, not in block ranges" },
+  wal_replay_pause_state = { since = 140000, what = "pg_get_wal_replay_pause_state() (pause is asynchronous)",
+    without = "the replica's pause is read with pg_is_wal_replay_paused()" },
   initdb_no_instructions = { since = 140000, what = "initdb --no-instructions" },
   reltuples_unknown = { since = 140000, what = "pg_class.reltuples = -1 for a never-analyzed table" },
   set_on_parameter = { since = 150000, what = "GRANT SET ON PARAMETER (pg_parameter_acl)" },
@@ -110,7 +116,7 @@ function pgversion.lacks(version, names)
   end
   for _, name in ipairs(list) do
     local f = fact(name)
-    if v < f.since then out[#out + 1] = { name = name, since = f.since, what = f.what } end
+    if v < f.since then out[#out + 1] = { name = name, since = f.since, what = f.what, without = f.without } end
   end
   table.sort(out, function(a, b)
     if a.since ~= b.since then return a.since < b.since end

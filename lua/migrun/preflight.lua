@@ -13,8 +13,9 @@ set up as the runbook requires. Reads only: it never writes to any server.
       resuming = bool, slots_needed = n (default: estimated from config.groups),
       tables = { "schema.name" | {schema=, name=} } (default: the source's
       tables in config.schemas minus config.exclude_tables),
-      tools = function(name, major) -> path | nil, why (default: look in
-      /usr/lib/postgresql/<major>/bin, then PATH, asking --version),
+      tools = function(name, major) -> path | nil, why (default: schema.tools
+      for the pair, by PostgreSQL's rule: the target's major, else the newest
+      at least the source's, with a warning; check_versions below),
       dms = function() -> a migrun.dms client (raising when none can be made):
       phase II is checked too: credentials, DMS reachable and accepting them
       (a read-only call), the replication instance there and available }
@@ -43,6 +44,8 @@ local text = require "migrun.text"
 local fidelity = require "migrun.fidelity"
 local catalog = require "migrun.catalog"
 local matviews = require "migrun.matviews"
+local pgversion = require "migrun.pgversion"
+local schema = require "migrun.schema"
 
 local preflight = {}
 
@@ -63,11 +66,6 @@ local function version_text(v)
   return ("%d.%d.%d"):format(v // 10000, v // 100 % 100, v % 100)
 end
 
--- Comparable major versions: 9.6 -> 906, 15 -> 1500.
-local function major(v)
-  return v >= 100000 and v // 10000 * 100 or v // 100
-end
-
 local function major_text(v)
   return v >= 100000 and tostring(v // 10000) or ("%d.%d"):format(v // 10000, v // 100 % 100)
 end
@@ -80,29 +78,6 @@ end
 function preflight.estimate_slots(config)
   local groups = (config or {}).groups or {}
   return (groups.largest_alone or 5) + #(groups.explicit or {}) + 2
-end
-
--- The default tools lookup: the target major's own directory first (the
--- runbook installs the client there), then PATH, where --version must match.
-local function default_tools(name, major_v)
-  local dir = ("/usr/lib/postgresql/%s/bin/"):format(major_v)
-  local candidates = { dir .. name }
-  for p in (os.getenv("PATH") or ""):gmatch("[^:]+") do candidates[#candidates + 1] = p .. "/" .. name end
-  local seen = {}
-  for _, path in ipairs(candidates) do
-    local f = io.open(path, "rb")
-    if f then
-      f:close()
-      local ok, _, _, out = proc.run{ path, "--version", timeout = 10 }
-      local v = ok and tostring(out):match("(%d+%.?%d*)")
-      if v then
-        local m = tonumber(v) >= 10 and tostring(math.floor(tonumber(v))) or v
-        if m == tostring(major_v) then return path end
-        seen[#seen + 1] = path .. " is " .. v
-      end
-    end
-  end
-  return nil, #seen > 0 and table.concat(seen, "; ") or "not found"
 end
 
 local function settings(db, names)
@@ -268,6 +243,56 @@ local function check_matviews(add, result, source, config)
   end
 end
 
+----------------------------------------------------------------------------
+-- Versions (issue 23): the source's and the target's, and the schema tools
+-- for the pair. One function, called once from preflight.run.
+-- docs/versions.md says why each rule.
+----------------------------------------------------------------------------
+local function check_versions(add, sv, tv, lookup)
+  local source, target = pgversion.label(sv), pgversion.label(tv)
+  local up = pgversion.major_num(tv) >= pgversion.major_num(sv)
+  add("target", "version", up, "error",
+    up and ("source %s, target %s%s"):format(source, target,
+      pgversion.major(sv) == pgversion.major(tv) and " (the same major)" or " (an upgrade)")
+    or ("source %s is newer than target %s: a migration never goes to an older major"):format(source, target),
+    ("pg_dump refuses a server newer than itself, and its output is not guaranteed to load into an older "
+      .. "major (PostgreSQL's pg_dump documentation); AWS DMS wants the target's version equal to the source's "
+      .. "or higher: create the target as PostgreSQL %s or later"):format(tostring(pgversion.major(sv))))
+  if not up then return end
+
+  local m = tostring(pgversion.major(tv))
+  if lookup then -- preflight.run{ tools = ... }: the target's major only, as asked
+    for _, tool in ipairs{ "pg_dump", "psql" } do
+      local path, why = lookup(tool, m)
+      add("target", tool, path ~= nil, "error",
+        path and (tool .. " " .. m .. ": " .. path) or (tool .. " " .. m .. ": " .. tostring(why)),
+        ("install the client of the target's version: apt-get install postgresql-client-%s"):format(m))
+    end
+  else
+    local tools, err = schema.tools(tv, { source = sv })
+    if not tools then
+      add("target", "pg_dump", false, "error", ("pg_dump for %s into %s: %s"):format(source, target,
+        tostring(err.message or err)), ("install the client of the target's version: apt-get install "
+        .. "postgresql-client-%s"):format(m))
+    else
+      add("target", "pg_dump", true, "error", ("pg_dump %s: %s (%s)"):format(tools.major, tools.pg_dump, tools.rule))
+      add("target", "psql", true, "error", ("psql %s: %s"):format(tools.major, tools.psql))
+      if tools.note then
+        add("target", "pg_dump version", false, "warning", tools.note .. ": the schema step does so",
+          ("apt-get install postgresql-client-%s, then run again"):format(m))
+      end
+    end
+  end
+
+  local lacks = {}
+  for _, f in ipairs(pgversion.lacks(sv)) do
+    if f.without then lacks[#lacks + 1] = ("no %s (%s): %s"):format(f.what, tostring(pgversion.major(f.since)), f.without) end
+  end
+  if #lacks > 0 then
+    add("source", "version", true, "warning", source .. " lacks what newer sources give migrun; " .. table.concat(lacks, "; "))
+  end
+end
+
 function preflight.run(args)
   assert(type(args) == "table", "preflight.run: table of arguments expected")
   for _, k in ipairs{ "source", "replica", "target" } do
@@ -277,7 +302,6 @@ function preflight.run(args)
   local pf = config.preflight or {}
   local wg = config.wal_guard or {}
   local prefix = (config.slots or {}).prefix or "dms_slot_"
-  local tools = args.tools or default_tools
   local source, replica, target = args.source, args.replica, args.target
   local result = { findings = {}, errors = 0, warnings = 0, handled = 0 }
 
@@ -494,9 +518,7 @@ function preflight.run(args)
     add("target", "role", not res[1].r, "error",
       res[1].r and ("target %s is in recovery: it is read-only"):format(where(target)) or "accepts writes",
       "give the writable target (RDS) in target.conninfo")
-    add("target", "version", major(tv) >= major(sv), "error",
-      ("target %s, source %s"):format(major_text(tv), major_text(sv)),
-      "pg_dump of the target's version cannot dump a newer source: migrate to the same or a newer major")
+    check_versions(add, sv, tv, args.tools)
 
     local labels = args.tables
     if labels then
@@ -526,13 +548,6 @@ function preflight.run(args)
       end
     end
 
-    local m = major_text(tv)
-    for _, tool in ipairs{ "pg_dump", "psql" } do
-      local path, why = tools(tool, m)
-      add("target", tool, path ~= nil, "error",
-        path and (tool .. " " .. m .. ": " .. path) or (tool .. " " .. m .. ": " .. tostring(why)),
-        ("install the client of the target's version: apt-get install postgresql-client-%s"):format(m))
-    end
   end
 
   ---------------------------------------------------------------- the DMS boundary

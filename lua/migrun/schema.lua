@@ -19,7 +19,8 @@ re-run restores from the same file. Its table of contents is filtered
 RDS does not need it to receive DMS changes and would refuse its CREATE
 EXTENSION. The tools are those of the TARGET server's major version (a newer
 pg_dump reads an older source; the archive must suit the server it restores
-into). Connection strings reach child processes without their password, which
+into), else the newest between the source's and the target's (schema.tools,
+docs/versions.md). Connection strings reach child processes without their password, which
 travels in PGPASSWORD; every command is printed with proc.quote.
 
   local schema = require "migrun.schema"
@@ -30,10 +31,17 @@ travels in PGPASSWORD; every command is printed with proc.quote.
   -- ... the full load ...
   assert(schema.restore("post-data", target_conninfo, dump, { jobs = 2, echo = print }))
 
-  schema.tools(version [, opts]) -> { pg_dump=, pg_restore=, pg_dumpall=, psql=, bindir=, major= } | nil, err
-      version: a server_version_num (150020, 90624) or a major ("15", 15, "9.6").
-      Looks in /usr/lib/postgresql/<major>/bin (or opts.bindirs, a list), then
-      on PATH, where the tool's --version must be of that major.
+  schema.tools(version [, opts]) -> { pg_dump=, pg_restore=, pg_dumpall=, psql=, bindir=, major=,
+      env=, rule=, note= } | nil, err
+      version: the TARGET's server_version_num (150020, 90624) or major ("15", 15, "9.6");
+      opts.source: the source's (the same forms). Looks for the target's major
+      in /usr/lib/postgresql/<major>/bin, the cache of tools/install-pg-versions
+      (migrun.pgbin; env: what its programs need), then on PATH, where the
+      tool's --version must be of that major (opts.bindirs, a list: only there).
+      Without them, the newest major below the target's that is at least the
+      source's (rule = "older than the target", note says so): PostgreSQL
+      recommends the newer version's pg_dump, an older one refuses a newer
+      server (docs/versions.md). rule = "the target's major" otherwise.
   schema.dump(source_conninfo, dir, opts) -> dump | nil, err
       opts.tools (required), opts.schemas (list; default every schema),
       opts.exclude_tables ({"s.t"}), opts.echo(line) for the commands.
@@ -93,6 +101,8 @@ local pg = require "migrun.pg"
 local proc = require "migrun.proc"
 local errors = require "migrun.error"
 local host = require "migrun.host"
+local pgbin = require "migrun.pgbin"
+local pgversion = require "migrun.pgversion"
 
 local schema = {}
 
@@ -143,11 +153,10 @@ local function on_path(name)
   end
 end
 
-function schema.tools(version, opts)
-  opts = opts or {}
-  local major = major_of(version)
-  local dirs = opts.bindirs or { "/usr/lib/postgresql/" .. major .. "/bin" }
-  local found = { major = major }
+-- The four tools in one of dirs (or, unless opts.bindirs, on PATH when their
+-- --version is of major) -> found | nil, missing.
+local function tools_of(major, dirs, env, use_path)
+  local found = { major = major, env = env }
   for _, dir in ipairs(dirs) do
     if is_executable(dir .. "/pg_dump") then found.bindir = dir break end
   end
@@ -156,19 +165,57 @@ function schema.tools(version, opts)
     local path = found.bindir and found.bindir .. "/" .. name
     if not (path and is_executable(path)) then
       path = nil
-      local p = not opts.bindirs and on_path(name)
+      local p = use_path and on_path(name)
       if p and tool_major(p) == major then path = p end
     end
     if not path then missing[#missing + 1] = name end
     found[name] = path
   end
-  if #missing > 0 then
-    return fail("schema", ("no %s of PostgreSQL %s (the target's major version)"):format(
-      table.concat(missing, ", "), major),
-      ("looked in %s and on PATH"):format(table.concat(dirs, ", ")),
-      ("install postgresql-client-%s"):format(major), { missing = missing, major = major })
-  end
+  if #missing > 0 then return nil, missing end
   return found
+end
+
+-- The rule PostgreSQL documents for moving to a newer major: dump with the
+-- newer version's pg_dump (it reads any older server; an older pg_dump refuses
+-- a newer server, and its output is not guaranteed to load into an older
+-- one). So: the target's major; where that is not installed, the newest major
+-- below the target that is at least the source's (its archive restores into
+-- the newer target), said in found.note; never one older than the source.
+function schema.tools(version, opts)
+  opts = opts or {}
+  local major = major_of(version)
+  local source = opts.source and major_of(opts.source)
+  local inst = not opts.bindirs and pgbin.find(major)
+  local dirs = opts.bindirs or { "/usr/lib/postgresql/" .. major .. "/bin" }
+  if inst and inst.client_tools and inst.bindir ~= dirs[1] then dirs[#dirs + 1] = inst.bindir end
+  local found, missing = tools_of(major, dirs, inst and inst.client_tools and inst.env or nil, not opts.bindirs)
+  if found then
+    found.rule = "the target's major"
+    return found
+  end
+  if not opts.bindirs then
+    local list = pgbin.list()
+    for i = #list, 1, -1 do
+      local m = tostring(list[i].major)
+      local n = pgversion.major_num(m)
+      if list[i].client_tools and n < pgversion.major_num(major) and (not source or n >= pgversion.major_num(source)) then
+        local older = tools_of(m, { list[i].bindir }, list[i].env, false)
+        if older then
+          older.rule = "older than the target"
+          older.note = ("no pg_dump of PostgreSQL %s (the target's major) here: using %s's, the newest at least "
+            .. "as new as the source%s; PostgreSQL recommends the newer version's pg_dump for an upgrade, "
+            .. "install postgresql-client-%s to follow it"):format(major, m,
+            source and (" (" .. source .. ")") or "", major)
+          return older
+        end
+      end
+    end
+  end
+  return fail("schema", ("no %s of PostgreSQL %s (the target's major version)%s"):format(
+    table.concat(missing, ", "), major, source and (", nor of a major between the source's " .. source
+      .. " and it") or ""),
+    ("looked in %s, %s and on PATH"):format(table.concat(dirs, ", "), pgbin.cache_dir()),
+    ("install postgresql-client-%s"):format(major), { missing = missing, major = major })
 end
 
 ---------------------------------------------------------------------------
@@ -204,8 +251,9 @@ end
 -- A child process spec: argv plus env carrying the password, if any, and
 -- the name of its session (migrun.playbook.sessions: a rerun finds a killed
 -- run's pg_restore by it).
-local function child(argv, password)
+local function child(argv, password, tools)
   local env = {}
+  for k, v in pairs(tools and tools.env or {}) do env[k] = v end
   env.PGPASSWORD = password
   env.PGAPPNAME = pg.application_name(argv[1]:match("[^/]+$"))
   argv.env = next(env) and env or nil
@@ -271,11 +319,11 @@ function schema.dump(source_conninfo, dir, opts)
   end
   argv[#argv + 1] = "--dbname=" .. conninfo
   local r
-  r, err = run_tool(child(argv, password), opts.echo)
+  r, err = run_tool(child(argv, password, tools), opts.echo)
   if not r then return nil, err end
 
   -- The table of contents, filtered.
-  r, err = run_tool({ tools.pg_restore, "--list", file }, opts.echo)
+  r, err = run_tool(child({ tools.pg_restore, "--list", file }, nil, tools), opts.echo)
   if not r then return nil, err end
   local kept, excluded, entries = {}, {}, 0
   for line in r.output:gmatch("[^\n]*") do
@@ -324,7 +372,7 @@ function schema.restore(section, target_conninfo, dump, opts)
   if opts.no_owner then argv[#argv + 1] = "--no-owner" end
   argv[#argv + 1] = "--dbname=" .. conninfo
   argv[#argv + 1] = dump.file
-  local spec = child(argv, password)
+  local spec = child(argv, password, dump.tools)
   if opts.dry_run then
     if opts.echo then opts.echo("(dry run) " .. proc.quote(spec)) end
     return true
@@ -463,7 +511,7 @@ function schema.copy_roles(source_conninfo, target_db, opts)
   local conninfo, password = schema.split_conninfo(source_conninfo)
   if not conninfo then return nil, password end
   local r, err = run_tool(child({ tools.pg_dumpall, "--globals-only", "--no-role-passwords",
-    "--dbname=" .. conninfo }, password), opts.echo)
+    "--dbname=" .. conninfo }, password, tools), opts.echo)
   if not r then return nil, err end
   local roles, order, others = parse_globals(r.output)
 

@@ -568,6 +568,8 @@ function Lab:_settings(c, opts)
     listen_addresses = HOST, port = c.port, unix_socket_directories = self.dir,
     cluster_name = c.name, fsync = false, shared_buffers = "32MB",
     log_line_prefix = "%m [%p] %q%u@%d ",
+    -- pg_hba asks the role migrun for SCRAM: 13 and older would store an md5 hash
+    password_encryption = "scram-sha-256",
   }
   if c.name == "source" then
     -- As the runbook's prerequisite steps require (the values or higher).
