@@ -49,6 +49,14 @@ describe("a store under writes that never stop, migrated with a default configur
     -- no difference that is only changes in flight
     assert.falsy(found.output:find("public.orders:", 1, true), found.output)
 
+    -- the repair shown first: every statement, nothing changed
+    local shown = H.run(R, "repair.lua", { "--dry-run" })
+    assert.is_true(shown.ok, shown.output)
+    assert.truthy(shown.output:find("would ask: replace 1 row(s) on the target with the source's: public.products (1)",
+      1, true), shown.output)
+    assert.truthy(shown.output:find('delete from "public"."products" where "sku" in', 1, true), shown.output)
+    assert.truthy(shown.output:find("jsonb_populate_recordset", 1, true), shown.output)
+    assert.equal("changed on the target", sql(R.lab.target, "select title from products where sku = 'sku-7'")[1].title)
     local mended = H.run(R, "repair.lua", { "--yes" })
     assert.is_true(mended.ok, mended.output)
     assert.truthy(mended.output:find("public.products: 1 key(s): 1 row(s) deleted on the target, 1 copied again",
