@@ -9,6 +9,14 @@ build, the QA, DMS setup, catch-up, a restart, a cutover):
   - the paused replica's disk;
   - the source's schema against the fingerprint full.lua took at know_data
     (migrun.drift).
+Slot invalidation too: from PostgreSQL 13, with max_slot_wal_keep_size set,
+each slot's wal_status and safe_wal_size say how much more WAL the primary
+may write before it removes what the slot needs; the guard warns, then stops
+while the slot can still be saved (walguard.slot_limits; the watch slot only
+warns: losing it costs a verification, not CDC).
+Each round is a reading in state_dir/samples.jsonl (kind "guard", the same
+shape as the playbook's own: migrun.playbook.live), so the report's charts,
+`status` and the metrics see the whole run, whatever step runs.
 A warning goes straight to the terminal and to state_dir/migrun.log (the
 parent may be blocked for hours in one statement). A stop is written on the
 pipe to the parent, then the parent is asked to stop (host.request_stop:
@@ -23,10 +31,13 @@ playbook again resumes it. Reads only, and never a secret on argv: the job
   guard.watcher(opts) -> a watch spec for migrun.playbook (a process watcher)
   guard.job(ctx, opts) -> the job the child is given (JSON-able)
   guard.new(job) -> Guard; Guard:round() -> { level, message, wal = report }   one check
+  Guard:sample(round [, now]) -> sample | nil, err   the round appended to samples.jsonl
+      (job.samples; nil without a WAL reading)
   guard.main()     the child's entry point: reads the job from stdin, loops
 
 The child's stdout carries one JSON line per round: { level, message,
-held_bytes, rate, eta_stop, eta_full }.
+held_bytes, rate, eta_stop, eta_full, warn_bytes, stop_bytes, keep_bytes,
+slots_at_risk = { { slot, wal_status, safe_wal_size } } } (plain values only).
 ]]
 local host = require "migrun.host"
 local pg = require "migrun.pg"
@@ -35,6 +46,7 @@ local text = require "migrun.text"
 local walguard = require "migrun.walguard"
 local drift = require "migrun.drift"
 local journal = require "migrun.playbook.journal"
+local live = require "migrun.playbook.live"
 
 local guard = {}
 
@@ -70,6 +82,8 @@ function guard.job(ctx, opts)
     retaking = ctx.playbook.is_main and planned.know_data or false,
     schemas = cfg.schemas, exclude_tables = cfg.exclude_tables, prefix = cfg.slots.prefix,
     state_dir = ctx.state_dir, log = not ctx.dry_run and (ctx.state_dir .. "/migrun.log") or nil,
+    -- its readings join the run's in samples.jsonl (a dry run writes nothing)
+    samples = not ctx.dry_run, playbook = ctx.playbook.name,
     advice = { config = cfg.config_path, rerun = rerun_command(ctx), playbooks = dirname(ctx.playbook.script) },
   }
 end
@@ -111,12 +125,17 @@ function Guard:forget(name)
   if d then d:close() end
 end
 
--- What the migration's journal says now: the main playbook's facts and steps.
+-- What the migration's journal says now: the main playbook's facts and steps,
+-- and the step of this run's playbook that runs.
 function Guard:journal()
   local J = journal.open(self.job.state_dir, { read_only = true })
   local main = J and J.data.main and J.data.main.playbook
-  if not main then return { steps = {} } end
-  return { steps = J:steps(main) }
+  local running
+  for name, st in pairs(J and self.job.playbook and J:steps(self.job.playbook) or {}) do
+    if st.status == "running" then running = name end
+  end
+  if not main then return { steps = {}, running = running } end
+  return { steps = J:steps(main), running = running }
 end
 
 function Guard:round()
@@ -125,6 +144,7 @@ function Guard:round()
   if not src then return { level = "warn", message = "WAL guard warning: " .. err .. "; it tries again" } end
   local rep, rerr = self:db("replica") -- the replica's disk is watched when it can be reached
   local j = self:journal()
+  self.step = j.running
   local function step(name) return j.steps[name] or {} end
   local tasks = step("dms_setup").status == "done"
   local r
@@ -167,6 +187,59 @@ function Guard:round()
   return out
 end
 
+-- The lag in time needs the primary's WAL positions over time: the run's
+-- earlier readings, then the guard's own.
+function Guard:_history()
+  if not self.history then
+    self.history = {}
+    for _, s in ipairs(live.read_samples(self.job.state_dir, { limit = 500 })) do
+      self.history[#self.history + 1] = { t = s.t, wal_lsn = s.wal_lsn }
+    end
+  end
+  return self.history
+end
+
+function Guard:sample(r, now)
+  local w = r and r.wal
+  if not (w and w.current_lsn and self.job.state_dir) then return nil end
+  now = now or host.now()
+  local history = self:_history()
+  local sample = { t = now, at = journal.timestamp(now), kind = "guard", playbook = self.job.playbook,
+    step = self.step, level = r.level, wal_lsn = tostring(w.current_lsn), retained_bytes = 0,
+    held_bytes = w.held_bytes, keep_bytes = w.keep_bytes, slots = {} }
+  for _, sl in ipairs(w.slots) do
+    local secs
+    if sl.confirmed_flush_lsn then
+      local exact
+      secs, exact = live.lag_seconds(history, sl.confirmed_flush_lsn, now, w.current_lsn)
+      if not exact then secs = nil end -- older than what was seen: unknown, not a guess
+    end
+    sample.slots[#sample.slots + 1] = { slot = sl.name, lag_bytes = sl.behind_bytes, lag_seconds = secs,
+      retained_bytes = sl.retained_bytes, active = sl.active,
+      confirmed_flush_lsn = sl.confirmed_flush_lsn and tostring(sl.confirmed_flush_lsn) or nil,
+      wal_status = sl.wal_status, safe_wal_size = sl.safe_wal_size }
+    sample.retained_bytes = sample.retained_bytes + (sl.retained_bytes or 0)
+  end
+  history[#history + 1] = { t = now, wal_lsn = sample.wal_lsn }
+  if #history > 1000 then table.remove(history, 1) end
+  local ok, err = live.append_sample(self.job.state_dir, sample)
+  if not ok then return nil, err end
+  return sample
+end
+
+-- The slots near or past max_slot_wal_keep_size, for the parent's line.
+local function at_risk(w)
+  local out
+  for _, sl in ipairs(w and w.slots or {}) do
+    if sl.wal_status == "unreserved" or sl.wal_status == "lost" or sl.eta_lost
+        or (sl.safe_wal_size and w.keep_bytes and sl.safe_wal_size < w.keep_bytes / 2) then
+      out = out or {}
+      out[#out + 1] = { slot = sl.name, wal_status = sl.wal_status, safe_wal_size = sl.safe_wal_size }
+    end
+  end
+  return out
+end
+
 ---------------------------------------------------------------------------
 -- The child
 ---------------------------------------------------------------------------
@@ -196,12 +269,21 @@ function guard.main()
   local g = guard.new(job)
   local last_told, last_level = nil, "ok"
   local repeat_every = math.max(300, 10 * job.interval)
+  local sample_warned
   while true do
     local r = g:round()
     local w = r.wal or {}
+    if job.samples then
+      local ok, serr = g:sample(r)
+      if not ok and serr and not sample_warned then
+        sample_warned = true -- once: a reading lost never stops the guard
+        tell(job, "WARNING: the guard could not record its reading in samples.jsonl: " .. tostring(serr))
+      end
+    end
     io.stdout:write(cjson.encode{ level = r.level, message = r.message, held_bytes = w.held_bytes,
       rate = w.rate, eta_stop = w.eta_stop, eta_full = w.eta_full,
-      warn_bytes = job.wal_guard.warn_bytes, stop_bytes = job.wal_guard.stop_bytes }, "\n")
+      warn_bytes = job.wal_guard.warn_bytes, stop_bytes = job.wal_guard.stop_bytes,
+      keep_bytes = w.keep_bytes, slots_at_risk = at_risk(w) }, "\n")
     io.stdout:flush()
     if r.level == "stop" then
       -- the parent prints and journals the message; it only has to be told

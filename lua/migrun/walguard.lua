@@ -175,6 +175,16 @@ function Tracker:rate()
   return (b.held - a.held) / (b.t - a.t)
 end
 
+-- Bytes per second of WAL the primary wrote over the window (what brings a
+-- slot's limit nearer, whatever the slots hold), or nil before two samples.
+function Tracker:wal_rate()
+  local s = self.samples
+  if #s < 2 then return nil end
+  local a, b = s[1], s[#s]
+  if b.t - a.t < 1 or not (a.current and b.current) then return nil end
+  return math.max(0, b.current - a.current) / (b.t - a.t)
+end
+
 -- Seconds since the slot's confirmed position last moved (nil: never seen).
 function Tracker:stalled(name, now)
   local seen = self.flushed[name]
@@ -239,6 +249,148 @@ local function replica_advice(r, cfg)
     .. " wal_guard.replica_min_free_bytes in %s"):format(cfg)
 end
 
+---------------------------------------------------------------------------
+-- Slot invalidation (PostgreSQL 13+)
+---------------------------------------------------------------------------
+
+-- From PostgreSQL 13, max_slot_wal_keep_size caps the WAL a slot may keep:
+-- past it, the next checkpoint removes WAL the slot needs and the slot is
+-- invalidated for good (wal_status 'lost'): its DMS task can never read it
+-- again. wal_status says where each slot stands (reserved, extended: within
+-- the limits; unreserved: past them, lost at the next checkpoint; lost), and
+-- safe_wal_size how many more bytes of WAL may be written before it is in
+-- danger (NULL without a limit, or once lost). 17 adds invalidation_reason.
+function walguard.limits_sql(version)
+  if version < 130000 then return nil end
+  return ("select s.slot_name, s.wal_status, s.safe_wal_size::int8 as safe_wal_size, %s as reason,"
+    .. " k.keep_mb, k.wal_keep_mb from (select"
+    .. " (select setting::int8 from pg_settings where name = 'max_slot_wal_keep_size') as keep_mb,"
+    .. " (select setting::int8 from pg_settings where name = 'wal_keep_size') as wal_keep_mb) k"
+    .. " left join pg_replication_slots s on true"):format(
+      version >= 170000 and "s.invalidation_reason" or "null::text")
+end
+
+local function opt(v)
+  if v == nil or rawequal(v, require("migrun.pg").null) then return nil end
+  return v
+end
+
+-- Each slot's wal_status and safe_wal_size into r.slots; the limit into
+-- r.keep_bytes (nil: no limit) -> true | nil, err. Before 13: nothing to read.
+local function read_limits(source, r)
+  local sql = walguard.limits_sql(source.conn:server_version())
+  if not sql then r.limits_note = "no max_slot_wal_keep_size before PostgreSQL 13: slots are never invalidated" return true end
+  local res, err = source:query(sql)
+  if not res then return nil, err end
+  local by_name = {}
+  for row in res:rows() do
+    local keep = opt(row.keep_mb)
+    r.keep_bytes = keep and keep >= 0 and keep * 1024 * 1024 or nil
+    r.wal_keep_bytes = (opt(row.wal_keep_mb) or 0) * 1024 * 1024
+    if opt(row.slot_name) then by_name[row.slot_name] = row end
+  end
+  for _, slot in ipairs(r.slots) do
+    local row = by_name[slot.name]
+    if row then
+      slot.wal_status, slot.safe_wal_size = opt(row.wal_status), opt(row.safe_wal_size)
+      slot.invalidation_reason = opt(row.reason)
+    end
+  end
+  return true
+end
+
+local function is_watch(name, prefix)
+  return name == require("migrun.watch").slot_name(prefix or "dms_slot_")
+end
+
+-- A value for max_slot_wal_keep_size worth proposing: twice what the slots
+-- hold now and at least twice the present limit, in whole GB (MB when small).
+local function proposed_keep(r)
+  local want = math.max(2 * (r.held_bytes or 0), 2 * (r.keep_bytes or 0), 1024 ^ 3)
+  return ("%dGB"):format(math.ceil(want / 1024 ^ 3))
+end
+
+-- The slots in danger of invalidation -> level ("ok"|"warn"|"stop"), problems, advice.
+-- Warn when a slot has used half of what it may keep, or would reach the
+-- limit within warn_ahead at the WAL rate; stop at a fifth left, within three
+-- checks at that rate, once past the limit (unreserved) or lost. The watch
+-- slot only warns: losing it costs a verification of every table, not CDC.
+function walguard.slot_limits(r, g, opts)
+  local a = opts.advice or {}
+  local cfg = a.config or "migration.lua"
+  local dir = a.playbooks or "playbooks"
+  local level, problems, advice = "ok", {}, {}
+  local function raise(l) if l == "stop" or (l == "warn" and level == "ok") then level = l end end
+  local allowance = r.keep_bytes and math.max(r.keep_bytes, r.wal_keep_bytes or 0)
+  local rate = r.wal_rate
+  local threatened, lost = {}, {}
+  for _, slot in ipairs(r.slots) do
+    local watch = is_watch(slot.name, opts.prefix)
+    local safe, st = slot.safe_wal_size, slot.wal_status
+    local eta = safe and rate and rate > 0 and math.max(0, safe) / rate or nil
+    slot.eta_lost = eta
+    local l, what
+    if st == "lost" then
+      l, what = "stop", ("%s is lost: PostgreSQL removed WAL it needs (wal_status lost%s)"):format(slot.name,
+        slot.invalidation_reason and (", " .. slot.invalidation_reason) or "")
+      lost[#lost + 1] = slot
+    elseif st == "unreserved" then
+      l, what = "stop", ("%s no longer keeps the WAL it needs (wal_status unreserved: past max_slot_wal_keep_size"
+        .. " %s): the next checkpoint removes it and the slot is lost"):format(slot.name, human(r.keep_bytes or 0))
+      threatened[#threatened + 1] = slot
+    elseif safe and allowance then
+      local stop_at = math.max(allowance / 5, rate and 3 * g.interval * rate or 0)
+      local warn_at = math.max(allowance / 2, rate and g.warn_ahead * rate or 0)
+      if safe <= stop_at then l = "stop" elseif safe <= warn_at then l = "warn" end
+      if l then
+        what = ("%s would be lost after %s more WAL (safe_wal_size; wal_status %s): max_slot_wal_keep_size %s caps what a"
+          .. " slot keeps, and past it PostgreSQL removes the WAL the slot needs at the next checkpoint%s"):format(
+          slot.name, human(math.max(0, safe)), tostring(st), human(r.keep_bytes),
+          eta and ("; at this rate (%s/min of WAL) in about %s"):format(human(rate * 60), text.duration(eta)) or "")
+        threatened[#threatened + 1] = slot
+      end
+    end
+    if l then
+      if watch then l = "warn" end
+      raise(l)
+      problems[#problems + 1] = what .. (watch and " (the live verification's watch slot)" or "")
+    end
+  end
+  if #threatened > 0 then
+    advice[#advice + 1] = ("raise max_slot_wal_keep_size on the primary before the slot is lost, for example"
+      .. " `ALTER SYSTEM SET max_slot_wal_keep_size = '%s'` then `SELECT pg_reload_conf()` (no restart; -1 lifts"
+      .. " the limit, and wal_guard.stop_bytes and the free-disk thresholds then guard the disk alone), then run %s:"
+      .. " it resumes at the step that stopped"):format(proposed_keep(r),
+      a.rerun and command_line{ a.rerun } or "the same playbook again")
+    local group = threatened[1]
+    for _, slot in ipairs(threatened) do if not is_watch(slot.name, opts.prefix) then group = slot break end end
+    if not opts.tasks then
+      advice[#advice + 1] = "no DMS task reads the slots before phase II (the tasks are created after the full load"
+        .. " and its QA): until then only a higher limit saves them"
+    elseif not is_watch(group.name, opts.prefix) then
+      advice[#advice + 1] = ("a DMS task frees its slot as it confirms what it applied; if the task of %s stopped"
+        .. " reading it, %s redoes that group alone"):format(group.name,
+        command_line{ "migrun", dir .. "/partial_restart.lua", group.name, "--config", cfg })
+    end
+  end
+  for _, slot in ipairs(lost) do
+    if is_watch(slot.name, opts.prefix) then
+      advice[#advice + 1] = ("nothing of the migration is lost with %s: the next verification compares every"
+        .. " table whole (%s)"):format(slot.name, command_line{ "migrun", dir .. "/verify.lua", "--config", cfg })
+    else
+      advice[#advice + 1] = ("no DMS task can read %s any more: redo its group alone with %s (drops and recreates"
+        .. " the slot, loads the group's tables again), or give the attempt up with %s"):format(slot.name,
+        command_line{ "migrun", dir .. "/partial_restart.lua", slot.name, "--config", cfg },
+        command_line{ "migrun", dir .. "/full_restart.lua", "--config", cfg })
+    end
+  end
+  if #lost > 0 and #threatened == 0 and r.keep_bytes then
+    advice[#advice + 1] = ("raise max_slot_wal_keep_size (now %s) so that it does not happen again"):format(
+      human(r.keep_bytes or 0))
+  end
+  return level, problems, advice
+end
+
 function walguard.check(source, replica, guard, opts)
   assert(type(source) == "table" and source.query, "walguard.check: source (a migrun.db Db) expected")
   guard = guard or {}
@@ -272,6 +424,8 @@ function walguard.check(source, replica, guard, opts)
     end
   end
   if oldest then r.held_bytes, r.holder, r.holder_slot = oldest.retained_bytes, oldest.name, oldest end
+  local lok, lerr = read_limits(source, r)
+  if not lok then return nil, lerr end
   r.wal_dir_bytes, r.wal_dir_note = wal_dir_bytes(source)
   local d, why = walguard.free_space(source, guard.source_free_command, "primary")
   r.source = d or { note = why }
@@ -286,7 +440,7 @@ function walguard.check(source, replica, guard, opts)
 
   if opts.tracker then
     opts.tracker:add(now, r)
-    r.rate = opts.tracker:rate()
+    r.rate, r.wal_rate = opts.tracker:rate(), opts.tracker:wal_rate()
     for _, slot in ipairs(r.slots) do slot.stalled_seconds = opts.tracker:stalled(slot.name, now) end
   end
   if r.rate and r.rate > 0 then
@@ -365,6 +519,12 @@ function walguard.check(source, replica, guard, opts)
     advice[#advice + 1] = wal_advice(r, g, opts, wal_level == "stop")
   end
 
+  -- slots PostgreSQL would invalidate (max_slot_wal_keep_size)
+  local sl_level, sl_problems, sl_advice = walguard.slot_limits(r, g, opts)
+  raise_level(sl_level)
+  table.move(sl_problems, 1, #sl_problems, #problems + 1, problems)
+  table.move(sl_advice, 1, #sl_advice, #advice + 1, advice)
+
   -- the replica's disk
   if replica and r.replica then
     local rfree, rpct = r.replica.free, percent(r.replica)
@@ -389,6 +549,14 @@ function walguard.check(source, replica, guard, opts)
   if r.level == "ok" then
     local parts = { held_line }
     if r.prediction then parts[#parts + 1] = r.prediction end
+    local nearest
+    for _, slot in ipairs(r.slots) do
+      if slot.safe_wal_size and (not nearest or slot.safe_wal_size < nearest.safe_wal_size) then nearest = slot end
+    end
+    if nearest then
+      parts[#parts + 1] = ("max_slot_wal_keep_size %s: %s may take %s more WAL before it is lost"):format(
+        human(r.keep_bytes), nearest.name, human(nearest.safe_wal_size))
+    end
     if r.replica_wal_bytes then parts[#parts + 1] = "replica pg_wal " .. human(r.replica_wal_bytes) end
     if r.replica and r.replica.free then parts[#parts + 1] = "replica free " .. human(r.replica.free) end
     r.message = "WAL guard ok: " .. table.concat(parts, "; ")

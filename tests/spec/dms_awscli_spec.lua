@@ -147,7 +147,7 @@ describe("awscli against the emulator", function()
     assert.is_true(ok, err)
     assert.same({ SlotName = "dms_slot_10" }, m.Endpoint.PostgreSQLSettings)
     -- botocore parses the faults by their DMS names, with the message
-    local refused
+    local refused, _
     refused, _, err = aws{ "dms", "modify-endpoint", "--endpoint-arn",
       "arn:aws:dms:us-east-1:123456789012:endpoint:NOPE" }
     assert.falsy(refused)

@@ -142,6 +142,48 @@ describe("migrun.drift and the guard's rounds", function()
     assert.equal("stop", g:round().level)
   end)
 
+  it("records every round in samples.jsonl, as the run's own readings, with the lag in time", function()
+    local live = require "migrun.playbook.live"
+    local pgl = require "migrun.pglogical"
+    local job = world(dir .. "/s5", nil)
+    job.playbook, job.samples = "full", true
+    local J = assert(journal.open(job.state_dir))
+    J:step("full", "full_load").status = "running"
+    assert(J:save())
+    local g = guard.new(job)
+    assert(g:sample(g:round(), 990)) -- the primary's position before the slot: the lag in time is exact
+    assert(src:write("create table app.pad0 as select g from generate_series(1, 1000) g"))
+    assert(pgl.ensure_node(src, "migrun_provider", L.source.conninfo))
+    assert(pgl.create_slot(src, "dms_slot_01"))
+    assert(src:write("create table app.pad1 as select g from generate_series(1, 1000) g"))
+    local a = assert(g:sample(g:round(), 1000))
+    assert(src:write("create table app.pad as select g from generate_series(1, 20000) g"))
+    local b = assert(g:sample(g:round(), 1010))
+    local list = live.read_samples(job.state_dir)
+    assert.equal(3, #list)
+    table.remove(list, 1)
+    assert.same({ "guard", "guard" }, { list[1].kind, list[2].kind })
+    assert.equal("full_load", list[2].step)
+    assert.equal("full", list[2].playbook)
+    assert.equal(a.wal_lsn, list[1].wal_lsn)
+    assert.equal(1, #list[2].slots)
+    local sl = list[2].slots[1]
+    assert.equal("dms_slot_01", sl.slot)
+    assert.is_true(sl.retained_bytes > 0 and sl.lag_bytes > 0)
+    assert.equal(sl.retained_bytes, list[2].held_bytes)
+    -- the slot confirmed nothing since it was made, between the readings at 990 and 1000
+    assert.is_true(sl.lag_seconds > 10 and sl.lag_seconds < 20, tostring(sl.lag_seconds))
+    assert.equal(b.wal_lsn, list[2].wal_lsn)
+    assert.is_true(require("migrun.lsn").parse(b.wal_lsn) > require("migrun.lsn").parse(a.wal_lsn))
+    -- every value plain JSON (wal_status from PostgreSQL 13 on)
+    assert.equal("reserved", sl.wal_status)
+    -- a round that could not read the primary records nothing
+    job.source = "host=127.0.0.1 port=1 dbname=app user=x connect_timeout=2"
+    assert.is_nil(guard.new(job):sample(guard.new(job):round()))
+    assert.equal(3, #live.read_samples(job.state_dir))
+    assert(src:write("select pg_drop_replication_slot('dms_slot_01'); drop table app.pad, app.pad0, app.pad1"))
+  end)
+
   it("warns, never stops, when it cannot reach the source, and says so", function()
     local job = world(dir .. "/s3", nil)
     job.source = "host=127.0.0.1 port=1 dbname=app user=x password=s3cr3t connect_timeout=2"

@@ -205,3 +205,128 @@ describe("migrun.walguard", function()
       "walguard.check: warn_bytes must not exceed stop_bytes")
   end)
 end)
+
+-- Slot invalidation (PostgreSQL 13+): with max_slot_wal_keep_size set, the
+-- slots' wal_status and safe_wal_size say how much WAL may still be written
+-- before PostgreSQL removes what a slot needs; the guard warns, then stops
+-- while the slot can still be saved, and says what to do once one is lost.
+describe("migrun.walguard and max_slot_wal_keep_size", function()
+  local L, src
+  local MiB = 1024 * 1024
+  local advice = { config = "/srv/m/migration.lua", rerun = "migrun playbooks/full.lua --config /srv/m/migration.lua",
+    playbooks = "playbooks" }
+
+  -- ALTER SYSTEM, then a reload, as a DBA changes it on a running primary; the
+  -- session sees the new value once it has processed the reload
+  local function set(name, value)
+    assert(src:write(("alter system set %s = %s"):format(name, value)))
+    assert(src:write("select pg_reload_conf()"))
+    local want = value:gsub("'", "")
+    for _ = 1, 100 do
+      if assert(src:query("select current_setting($1) as v", name))[1].v == want then return end
+      require("migrun.host").sleep(0.05)
+    end
+    error(name .. " was not reloaded")
+  end
+
+  setup(function()
+    L = assert(require("migrun.rehearsal.lab").start {})
+    src = db.wrap(assert(pg.connect(L.source.conninfo, { name = "source" })))
+    assert(src:write("create table wg (id int, pad text)"))
+    assert(pgl.ensure_node(src, "migrun_provider", L.source.conninfo))
+    -- the live verification's watch slot, then a group's slot 20 MiB of WAL later
+    -- (another WAL segment): neither is read
+    assert(pgl.create_slot(src, "dms_slot_watch"))
+    assert(src:write("insert into wg select g, repeat('x', 1000) from generate_series(1, 18000) g"))
+    assert(pgl.create_slot(src, "dms_slot_01"))
+    set("max_slot_wal_keep_size", "'64MB'")
+    set("wal_keep_size", "'16MB'") -- the lab keeps 256 MB for its replica
+  end)
+
+  teardown(function()
+    if src then src:close() end
+    if L then assert(L:stop()) end
+  end)
+
+  local function status_of(name)
+    return assert(src:query("select wal_status from pg_replication_slots where slot_name = $1", name))[1].wal_status
+  end
+
+  -- 2 MiB of WAL, then a checkpoint: the moment PostgreSQL invalidates what is past the limit
+  local function round(tracker, t)
+    assert(src:write("insert into wg select g, repeat('x', 1000) from generate_series(1, 1800) g"))
+    assert(src:write("checkpoint"))
+    return assert(walguard.check(src, nil, { warn_bytes = 2 ^ 50, stop_bytes = 2 ^ 50, interval = 1, warn_ahead = 1,
+      replica_min_free_bytes = 1 }, { prefix = "dms_slot_", tracker = tracker, now = t, advice = advice }))
+  end
+
+  it("warns, then stops before the slot is lost; a lost slot is said, with what to do", function()
+    local tracker = walguard.tracker(600)
+    local r = round(tracker, 0)
+    assert.equal(64 * MiB, r.keep_bytes)
+    assert.equal("ok", r.level, r.message)
+    assert.truthy(r.message:find("max_slot_wal_keep_size 64.0 MiB: dms_slot_watch may take [%d.]+ MiB more WAL before it "
+      .. "is lost"), r.message)
+    local levels, watch_alone, stopped = {}, nil, nil
+    for t = 1, 60 do
+      r = round(tracker, t)
+      levels[#levels + 1] = r.level
+      local by = {}
+      for _, s in ipairs(r.slots) do by[s.name] = s end
+      -- the watch slot near its end while the group's slot is not: a warning only
+      if not watch_alone and by.dms_slot_watch.safe_wal_size <= 64 * MiB / 5
+          and by.dms_slot_01.safe_wal_size > 64 * MiB / 5 then
+        watch_alone = r
+      end
+      if r.level == "stop" then stopped = r break end
+    end
+    assert(stopped, "the guard never stopped: " .. table.concat(levels, " "))
+    -- warned first, and stopped while nothing is lost yet
+    local first
+    for _, l in ipairs(levels) do if l ~= "ok" then first = first or l end end
+    assert.equal("warn", first, table.concat(levels, " "))
+    assert.is_not.equal("lost", status_of("dms_slot_01"))
+    assert.truthy(watch_alone, "the watch slot was never the only one near its end")
+    assert.equal("warn", watch_alone.level, watch_alone.message)
+    assert.truthy(watch_alone.message:find("dms_slot_watch would be lost after [%d.]+ MiB more WAL %(safe_wal_size; wal_status "
+      .. "%a+%): max_slot_wal_keep_size 64%.0 MiB caps what a slot keeps.-%(the live verification's watch slot%)"),
+      watch_alone.message)
+    assert.truthy(stopped.message:find("^WAL guard STOP: .*dms_slot_01 would be lost after [%d.]+ MiB more WAL"), stopped.message)
+    assert.truthy(stopped.message:find("at this rate (", 1, true), stopped.message)
+    assert.truthy(stopped.message:find("What to do: raise max_slot_wal_keep_size on the primary before the slot is "
+      .. "lost, for example `ALTER SYSTEM SET max_slot_wal_keep_size = '1GB'` then `SELECT pg_reload_conf()`", 1, true),
+      stopped.message)
+    assert.truthy(stopped.message:find("then run `migrun playbooks/full.lua --config /srv/m/migration.lua`: it resumes",
+      1, true), stopped.message)
+    assert.truthy(stopped.message:find("no DMS task reads the slots before phase II", 1, true), stopped.message)
+
+    -- what the stop was for: more WAL and a checkpoint lose the slots
+    local lost
+    for t = 100, 140 do
+      r = round(tracker, t)
+      if status_of("dms_slot_01") == "lost" then lost = r break end
+    end
+    assert(lost, "the slot was never lost: the test proves nothing")
+    assert.equal("stop", lost.level)
+    assert.truthy(lost.message:find("dms_slot_01 is lost: PostgreSQL removed WAL it needs (wal_status lost", 1, true),
+      lost.message)
+    assert.truthy(lost.message:find("no DMS task can read dms_slot_01 any more: redo its group alone with "
+      .. "`migrun playbooks/partial_restart.lua dms_slot_01 --config /srv/m/migration.lua`", 1, true), lost.message)
+    assert.truthy(lost.message:find("nothing of the migration is lost with dms_slot_watch: the next verification "
+      .. "compares every table whole (`migrun playbooks/verify.lua --config /srv/m/migration.lua`)", 1, true),
+      lost.message)
+  end)
+
+  it("says nothing of a limit when there is none", function()
+    assert(src:write("select pg_drop_replication_slot(slot_name) from pg_replication_slots"))
+    assert(pgl.create_slot(src, "dms_slot_01"))
+    set("max_slot_wal_keep_size", "-1")
+    local r = assert(walguard.check(src, nil, { warn_bytes = 2 ^ 50, stop_bytes = 2 ^ 50, replica_min_free_bytes = 1 },
+      { prefix = "dms_slot_" }))
+    assert.is_nil(r.keep_bytes)
+    assert.falsy(r.message:find("max_slot_wal_keep_size", 1, true), r.message)
+    assert.is_nil(walguard.limits_sql(120000))
+    assert.truthy(walguard.limits_sql(130000):find("safe_wal_size", 1, true))
+    assert.truthy(walguard.limits_sql(170000):find("invalidation_reason", 1, true))
+  end)
+end)

@@ -31,11 +31,19 @@ Files under the state directory (0600, beside journal.json):
 
   live.slots(db, { prefix = }) -> { wal_lsn = LSN, at = epoch, slots = { { name, owned,
       active, confirmed_flush_lsn, restart_lsn, lag_bytes, retained_bytes,
-      replay_lag_seconds } } } | nil, err
+      replay_lag_seconds, wal_status, safe_wal_size } } } | nil, err
       One read-only query on the primary: every replication slot with how far
       it is behind the current WAL position (lag: to confirmed_flush_lsn;
-      retained: to restart_lsn) and, when a walsender serves it (real DMS),
-      that walsender's replay_lag.
+      retained: to restart_lsn), when a walsender serves it (real DMS), that
+      walsender's replay_lag, and from PostgreSQL 13 its wal_status and
+      safe_wal_size (bytes of WAL before max_slot_wal_keep_size invalidates
+      it; nil without a limit). Every value plain: nil for NULL, LSNs as
+      migrun.lsn values (tostring for JSON).
+  live.held(slots) -> bytes | nil
+      The WAL migrun's slots hold back, as the WAL guard counts it: the
+      largest retained_bytes among the owned slots (the oldest restart_lsn:
+      the slots share one WAL stream, so retained figures do not add up).
+      slots: live.slots(...).slots or a sample's slots.
   live.lag_seconds(history, confirmed_lsn, now [, current]) -> seconds, exact | nil
       How long ago the primary's WAL was where the slot has confirmed: the
       history is a list of { t = epoch, wal_lsn = "X/Y" } (oldest first), the
@@ -186,13 +194,16 @@ function live.slots_sql(version)
   local n = lsn.names(version)
   -- replay_lag of a walsender exists from PostgreSQL 10 on
   local lag = version >= 100000 and "extract(epoch from r.replay_lag)::float8" or "null::float8"
+  -- wal_status and safe_wal_size (how close max_slot_wal_keep_size is) from 13 on
+  local limit = version >= 130000 and "s.wal_status, s.safe_wal_size::int8 as safe_wal_size"
+    or "null::text as wal_status, null::int8 as safe_wal_size"
   return ("select %s() as wal_lsn, extract(epoch from now())::float8 as at, s.slot_name, s.plugin, s.active,"
     .. " s.confirmed_flush_lsn, s.restart_lsn,"
     .. " %s(%s(), s.confirmed_flush_lsn)::int8 as lag_bytes,"
-    .. " %s(%s(), s.restart_lsn)::int8 as retained_bytes, %s as replay_lag"
+    .. " %s(%s(), s.restart_lsn)::int8 as retained_bytes, %s as replay_lag, %s"
     .. " from pg_replication_slots s left join pg_stat_replication r on r.pid = s.active_pid"
     .. " where s.slot_type = 'logical' order by s.slot_name"):format(n.current_wal_lsn,
-      n.wal_lsn_diff, n.current_wal_lsn, n.wal_lsn_diff, n.current_wal_lsn, lag)
+      n.wal_lsn_diff, n.current_wal_lsn, n.wal_lsn_diff, n.current_wal_lsn, lag, limit)
 end
 
 function live.slots(db, opts)
@@ -219,9 +230,19 @@ function live.slots(db, opts)
       confirmed_flush_lsn = opt(row.confirmed_flush_lsn), restart_lsn = opt(row.restart_lsn),
       lag_bytes = opt(row.lag_bytes), retained_bytes = opt(row.retained_bytes),
       replay_lag_seconds = opt(row.replay_lag),
+      wal_status = opt(row.wal_status), safe_wal_size = opt(row.safe_wal_size),
     }
   end
   return out
+end
+
+function live.held(slots)
+  local held
+  for _, s in ipairs(type(slots) == "table" and slots or {}) do
+    local r = tonumber(s.retained_bytes)
+    if r and s.owned ~= false and (not held or r > held) then held = r end
+  end
+  return held and math.tointeger(held) or held
 end
 
 ---------------------------------------------------------------------------

@@ -52,7 +52,8 @@ function watchdog.start(ctx, w)
         if v.level ~= "ok" and v.level ~= self.notified then
           self.events[#self.events + 1] = { event = (w.notify_as or w.name) .. "_" .. v.level, message = v.message,
             details = { held_bytes = v.held_bytes, rate = v.rate, eta_stop = v.eta_stop, eta_full = v.eta_full,
-              warn_bytes = v.warn_bytes, stop_bytes = v.stop_bytes } }
+              warn_bytes = v.warn_bytes, stop_bytes = v.stop_bytes, keep_bytes = v.keep_bytes,
+              slots_at_risk = v.slots_at_risk } }
         end
         self.notified = v.level ~= "ok" and v.level or nil
       end
