@@ -278,18 +278,20 @@ local function check_versions(add, sv, tv, lookup)
       add("target", "pg_dump", true, "error", ("pg_dump %s: %s (%s)"):format(tools.major, tools.pg_dump, tools.rule))
       add("target", "psql", true, "error", ("psql %s: %s"):format(tools.major, tools.psql))
       if tools.note then
-        add("target", "pg_dump version", false, "warning", tools.note .. ": the schema step does so",
-          ("apt-get install postgresql-client-%s, then run again"):format(m))
+        add("target", "pg_dump version", false, "warning", tools.note,
+          ("to follow it: apt-get install postgresql-client-%s, then run again"):format(m))
       end
     end
   end
 
   local lacks = {}
   for _, f in ipairs(pgversion.lacks(sv)) do
-    if f.without then lacks[#lacks + 1] = ("no %s (%s): %s"):format(f.what, tostring(pgversion.major(f.since)), f.without) end
+    if f.without then
+      lacks[#lacks + 1] = ("no %s (from %s): %s"):format(f.what, tostring(pgversion.major(f.since)), f.without)
+    end
   end
   if #lacks > 0 then
-    add("source", "version", true, "warning", source .. " lacks what newer sources give migrun; " .. table.concat(lacks, "; "))
+    add("source", "version features", true, "warning", source .. " has " .. table.concat(lacks, "; "))
   end
 end
 

@@ -202,10 +202,10 @@ function schema.tools(version, opts)
         local older = tools_of(m, { list[i].bindir }, list[i].env, false)
         if older then
           older.rule = "older than the target"
-          older.note = ("no pg_dump of PostgreSQL %s (the target's major) here: using %s's, the newest at least "
-            .. "as new as the source%s; PostgreSQL recommends the newer version's pg_dump for an upgrade, "
-            .. "install postgresql-client-%s to follow it"):format(major, m,
-            source and (" (" .. source .. ")") or "", major)
+          older.note = ("no pg_dump of PostgreSQL %s (the target's major) here: the schema is dumped and "
+            .. "restored with %s's, the newest at least as new as the source%s, whose archive a newer server "
+            .. "restores; PostgreSQL recommends the newer version's pg_dump for an upgrade"):format(major, m,
+            source and (" (" .. source .. ")") or "")
           return older
         end
       end
