@@ -57,7 +57,8 @@ describe("migrun.playbook.config", function()
                   replica_min_free_bytes = 20 * 2 ^ 30, replica_disk_unwatched = false, interval = 30 },
       cfg.wal_guard)
     assert.same({ on_change = "stop" }, cfg.schema_drift)
-    assert.same({ allow_slots = {}, min_free_bytes = 10 * 2 ^ 30 }, cfg.preflight)
+    assert.same({ allow_slots = {}, min_free_bytes = 10 * 2 ^ 30, wal_rate_seconds = 5, load_rate = 32 * 2 ^ 20,
+                  query_timeout = 10 }, cfg.preflight)
     assert.same({ source_endpoint = {}, target_endpoint = {}, task = {}, start_pause = 5,
                   catch_up = { lag_bytes = 1024 * 1024, timeout = 6 * 3600, poll = 5 } }, cfg.dms)
   end)
@@ -126,7 +127,132 @@ describe("migrun.playbook.config", function()
     _, err = load_with("name = 'my_app',")
     assert.matches(': name: expected a name of letters, digits and hyphens starting with a letter', err)
     _, err = load_with("dms = { endpoint_url = 'localhost:4566' },")
-    assert.matches(': dms.endpoint_url: expected an http:// or https:// URL, found "localhost:4566"$', err)
+    assert.matches(': dms.endpoint_url: expected an http:// or https:// URL with a host, found "localhost:4566"$', err)
+  end)
+
+  -- issue 21: what would fail only at dms_setup (after the slots and the full load), or
+  -- be silently ignored, is refused when the file is read, saying why and what to do
+  it("checks every number against the range DMS and the servers allow", function()
+    local _, err = load_with("lobs = { default = { max_kb = 204800 } },")
+    assert.matches(": lobs.default.max_kb: expected a whole number of KB from 1 to 102400 %(100 MB: the largest "
+      .. "LobMaxSize DMS recommends; for larger values set truncation_ok = false, full LOB mode has no size limit%), "
+      .. "found 204800$", err)
+    _, err = load_with("lobs = { tables = { ['public.events'] = { max_kb = 0 } } },")
+    assert.matches(': lobs.tables%["public.events"%].max_kb: expected a whole number of KB from 1 to 102400', err)
+    _, err = load_with("dms = { task = { lob_max_kb = 102401 } },")
+    assert.matches(": dms.task.lob_max_kb: expected a whole number of KB from 1 to 102400", err)
+    assert(load_with("lobs = { default = { max_kb = 102400 } }, dms = { task = { lob_max_kb = 1 } },"))
+    _, err = load_with("dms = { source_endpoint = { port = 99999 } },")
+    assert.matches(": dms.source_endpoint.port: expected a port from 1 to 65535, found 99999$", err)
+    _, err = load_with("dms = { target_endpoint = { ssl_mode = 'required' } },")
+    assert.matches(': dms.target_endpoint.ssl_mode: expected one of none, require, verify%-ca, verify%-full '
+      .. '%(DMS\'s SslMode%), found "required"$', err)
+    _, err = load_with("dms = { source_endpoint = { heartbeat = 0 } },")
+    assert.matches(": dms.source_endpoint.heartbeat: expected true, or the heartbeat's period in whole minutes >= 1", err)
+    _, err = load_with("dms = { source_endpoint = { host = '/var/run/postgresql' } },")
+    assert.matches("dms.source_endpoint.host: expected a host name or address DMS connects to over TCP %(not a Unix "
+      .. "socket directory%)", err)
+    _, err = load_with("preflight = { load_rate = 1000 },")
+    assert.matches(": preflight.load_rate: expected a number of bytes per second >= 1 MiB, found 1000$", err)
+  end)
+
+  it("checks URLs for a scheme, a host and a port, never showing a webhook's", function()
+    for _, bad in ipairs{ "https://", "http://:80/x", "https://hooks.example.com:70000/x", "ftp://hooks.example.com",
+                          "https://hooks.example.com/a b" } do
+      local _, err = load_with(("notify = { webhook = %q },"):format(bad))
+      assert.matches(": notify.webhook: expected an http:// or https:// URL with a host", err)
+      assert.matches("found a string$", err)
+      assert.falsy(err:find("hooks.example.com", 1, true), err)
+    end
+    assert(load_with("notify = { webhook = 'https://hooks.example.com/services/T0/B0/x?y=1' },"))
+    assert(load_with("notify = { webhook = 'http://[::1]:8080/hook' }, dms = { endpoint_url = 'http://127.0.0.1:4566' },"))
+  end)
+
+  it("refuses slot, node and group names PostgreSQL would not take, and says why", function()
+    local _, err = load_with("slots = { prefix = 'dms_slot_01; drop table x' },")
+    assert.matches(': slots.prefix: expected lower%-case letters, digits and _ only, at most 58 bytes %(PostgreSQL\'s '
+      .. 'rule for slot names: <prefix>01, ... and <prefix>watch must fit in 63%), found "dms_slot_01; drop table x"$', err)
+    _, err = load_with("slots = { prefix = 'DMS_' },")
+    assert.matches(": slots.prefix: expected lower%-case letters", err)
+    _, err = load_with(("slots = { prefix = %q },"):format(("p"):rep(59)))
+    assert.matches(": slots.prefix: expected lower%-case letters, digits and _ only, at most 58 bytes", err)
+    assert(load_with(("slots = { prefix = %q },"):format(("p"):rep(58))))
+    _, err = load_with("slots = { node = 'node-1' },")
+    assert.matches(': slots.node: expected lower%-case letters, digits and _ only, at most 63 bytes, found "node%-1"$', err)
+    _, err = load_with("groups = { explicit = { { name = 'billing; drop table x', tables = { 'public.a' } } } },")
+    assert.matches(': groups.explicit%[1%].name: expected a group name of letters, digits, _ and %- starting with a '
+      .. 'letter, at most 63 bytes, found "billing; drop table x"$', err)
+    _, err = load_with("groups = { explicit = { { name = '2fast', tables = { 'public.a' } } } },")
+    assert.matches(": groups.explicit%[1%].name: expected a group name", err)
+  end)
+
+  it("refuses a table in two explicit groups, two groups of one name, a group without tables", function()
+    local cfg, err = load_with([[groups = { explicit = {
+      { name = "billing", tables = { "public.invoices", "public.payments" } },
+      { name = "audit", tables = { "public.log", "public.payments" } } } },]])
+    assert.is_nil(cfg)
+    assert.matches(': groups.explicit%[2%].tables%[2%]: public.payments is already in group "billing": a table '
+      .. "replicates through one slot, so it can be in one group only HINT: keep it in one of the two groups$", err)
+    local _, e = config.load(file("return {\n" .. SERVERS .. [[groups = { explicit = {
+      { name = "billing", tables = { "public.invoices" } }, { name = "billing", tables = { "public.log" } } } } }]]))
+    assert.matches(': groups.explicit%[2%].name: a second group named "billing"', tostring(e))
+    assert.equal("rename one of them", e.hint)
+    _, err = load_with("groups = { explicit = { { name = 'empty', tables = {} } } },")
+    assert.matches(': groups.explicit%[1%].tables: expected at least one table "schema.name"$', err)
+  end)
+
+  it("refuses an excluded table that another setting names", function()
+    local _, e = config.load(file("return {\n" .. SERVERS .. [[exclude_tables = { "public.tmp" },
+      lobs = { tables = { ["public.tmp"] = { truncation_ok = false } } } }]]))
+    assert.matches(': lobs.tables%["public.tmp"%]: public.tmp is in exclude_tables: an excluded table is not '
+      .. "migrated, so this setting would never apply HINT: remove it from exclude_tables", tostring(e))
+    assert.equal("remove it from exclude_tables to migrate it, or from here", e.hint)
+    local _, err = load_with("exclude_tables = { 'public.tmp' }, cutover = { count_only = { 'public.tmp' } },")
+    assert.matches(": cutover.count_only%[1%]: public.tmp is in exclude_tables", err)
+    _, err = load_with("exclude_tables = { 'public.tmp' }, groups = { explicit = { { name = 'g', tables = { 'public.tmp' } } } },")
+    assert.matches(": groups.explicit%[1%].tables%[1%]: public.tmp is in exclude_tables", err)
+    _, err = load_with("exclude_tables = { 'public.tmp' }, qa = { timestamp_columns = { ['public.tmp'] = 'at' } },")
+    assert.matches(': qa.timestamp_columns%["public.tmp"%]: public.tmp is in exclude_tables', err)
+  end)
+
+  it("refuses a conninfo sslmode DMS would refuse for its endpoint, unless the endpoint says its own", function()
+    local function with_target(conninfo, extra)
+      return config.load(file(("return { source = { conninfo = 'host=a' }, replica = { conninfo = 'host=b' },"
+        .. " target = { conninfo = %q }, %s }"):format(conninfo, extra or "")))
+    end
+    local cfg, err = with_target("host=rds.example.com sslmode=prefer password=s3cret")
+    assert.is_nil(cfg)
+    assert.matches(": target.conninfo: sslmode=prefer becomes the DMS target endpoint's SslMode, which takes none, "
+      .. "require, verify%-ca, verify%-full: DMS would refuse the endpoint at dms_setup, after the full load HINT: ",
+      tostring(err))
+    assert.truthy(err.hint:find("dms.target_endpoint.ssl_mode", 1, true))
+    assert.falsy(tostring(err):find("s3cret", 1, true))
+    assert(with_target("host=rds.example.com sslmode=prefer", "dms = { target_endpoint = { ssl_mode = 'require' } }"))
+    assert(with_target("host=rds.example.com sslmode=verify-full"))
+  end)
+
+  it("takes DMS's and libpq's names for the endpoint settings as migrun's, and catches typos there", function()
+    local cfg = assert(load_with("dms = { source_endpoint = { server_name = '10.0.0.5', port = 5432, sslmode = 'require' } },"))
+    assert.same({ host = "10.0.0.5", port = 5432, ssl_mode = "require" }, cfg.dms.source_endpoint)
+    local _, err = load_with("dms = { source_endpoint = { server_name = 'a', host = 'b' } },")
+    assert.matches(": dms.source_endpoint: expected host and server_name name the same setting with two values: give one", err)
+    _, err = load_with("dms = { source_endpoint = { server_nmae = 'a' } },")
+    assert.matches(": dms.source_endpoint.server_nmae: unknown key %(did you mean dms.source_endpoint.server_name%?%)$", err)
+    _, err = load_with("dms = { target_endpoint = { capture_ddls = false } },")
+    assert.matches(": dms.target_endpoint.capture_ddls: unknown key", err)
+  end)
+
+  it("refuses two QA queries of one name, and an empty one", function()
+    local _, err = load_with([[qa = { queries = { { name = "paid", sql = "select 1" }, { name = "paid", sql = "select 2" } } },]])
+    assert.matches(': qa.queries%[2%].name: a second query named "paid"', err)
+    _, err = load_with([[qa = { queries = { { name = "x", sql = "  " } } },]])
+    assert.matches(': qa.queries%[1%].sql: expected a read%-only query %(one SELECT%)', err)
+  end)
+
+  it("finds the nearest name for a typo", function()
+    assert.equal("public.orders", config.nearest("public.ordres", { "public.items", "public.orders", "audit.orders" }))
+    assert.equal("public.Orders", config.nearest("public.orders", { "public.Orders" }))
+    assert.is_nil(config.nearest("public.zzz", { "public.orders" }))
   end)
 
   it("rejects unknown keys, suggesting the nearest known one", function()

@@ -24,11 +24,24 @@ its type, default and documentation), fills the defaults and resolves paths.
   config.check(tbl, file_label, base_dir) -> cfg | nil, err   the same, on a table
   config.describe() -> text   every key with its default and documentation
   config.SCHEMA               the schema itself
+  config.nearest(word, names) -> the name closest to word (a typo's "did you
+      mean"), or nil when none is close; names: a list of strings
+  config.DMS_SSL_MODES        the SslMode values DMS takes for an endpoint
+
+Every number is checked against the range it may take when the file is read
+(LOB sizes against DMS's LobMaxSize limit, ports, percentages), names that
+become identifiers against their rules (slots.prefix, slots.node and the
+explicit groups' names: PostgreSQL slot names), and what the keys say
+together: a table in two explicit groups, or excluded and still named by a
+group, a LOB policy, a QA setting or cutover.count_only; a conninfo whose
+sslmode DMS would refuse for its endpoint. What needs the servers (the tables
+existing, the queries read-only, ...) is preflight's (docs/mistakes.md).
 ]]
 local pg = require "migrun.pg"
 local host = require "migrun.host"
 local errors = require "migrun.error"
 local notify = require "migrun.playbook.notify"
+local builders = require "migrun.dms.builders"
 
 local config = {}
 
@@ -46,7 +59,6 @@ local function str(spec) return node("string", spec) end
 local function int(spec) return node("integer", spec) end
 local function num(spec) return node("number", spec) end
 local function bool(spec) return node("boolean", spec) end
-local function free(spec) return node("free", spec) end       -- any table, passed on as is
 local function any(spec) return node("any", spec) end         -- any value; spec.check says what fits
 local function list(of, spec) spec.of = of return node("list", spec) end
 local function map(key, value, spec) spec.key, spec.value = key, value return node("map", spec) end
@@ -58,6 +70,47 @@ local GiB = 2 ^ 30
 local function at_least(min, what)
   return function(v) if v < min then return what end end
 end
+
+local function within(min, max, what)
+  return function(v) if v < min or v > max then return what end end
+end
+
+-- An http(s) URL with a host (and a port from 1 to 65535 when given): a
+-- webhook or an endpoint that is not one fails only when first used.
+local URL = "an http:// or https:// URL with a host"
+local function url_problem(v)
+  local scheme, rest = v:match("^(%a[%w+.-]*)://(.*)$")
+  if not scheme or not (scheme:lower() == "http" or scheme:lower() == "https") or rest:match("%s") then
+    return URL
+  end
+  local authority = rest:match("^([^/?#]*)"):gsub("^.*@", "")
+  local h, port = authority:match("^(%[[%x:.]+%]):?(%d*)$")
+  if not h then h, port = authority:match("^([%w._~-]+):?(%d*)$") end
+  if not h or authority:match(":$") then return URL end
+  if port ~= "" and (tonumber(port) < 1 or tonumber(port) > 65535) then return URL .. " (a port from 1 to 65535)" end
+end
+
+-- PostgreSQL names slots and pglogical nodes with lower-case letters, digits
+-- and underscores, at most NAMEDATALEN - 1 = 63 bytes. migrun names its slots
+-- <prefix>01, <prefix>02, ... and its watch slot <prefix>watch, and pglogical
+-- sets i<slot>: the prefix leaves room for the longest suffix.
+local MAX_NAME = 63
+local MAX_PREFIX = MAX_NAME - #"watch"
+local SLOT_PREFIX = ("lower-case letters, digits and _ only, at most %d bytes (PostgreSQL's rule for slot names: "
+  .. "<prefix>01, ... and <prefix>watch must fit in %d)"):format(MAX_PREFIX, MAX_NAME)
+local NODE_NAME = ("lower-case letters, digits and _ only, at most %d bytes"):format(MAX_NAME)
+local GROUP_NAME = ("a group name of letters, digits, _ and - starting with a letter, at most %d bytes"):format(MAX_NAME)
+
+-- DMS's SslMode for an endpoint (dms-api.md 2.1); libpq's sslmode has more
+-- values (disable, allow, prefer) that DMS refuses.
+config.DMS_SSL_MODES = { "none", "require", "verify-ca", "verify-full" }
+local SSL_MODE = {}
+for _, m in ipairs(config.DMS_SSL_MODES) do SSL_MODE[m] = true end
+local SSL_EXPECTED = "one of " .. table.concat(config.DMS_SSL_MODES, ", ") .. " (DMS's SslMode)"
+
+local LOB_KB = ("a whole number of KB from 1 to %d (%d MB: the largest LobMaxSize DMS recommends; for "
+  .. "larger values set truncation_ok = false, full LOB mode has no size limit)"):format(builders.MAX_LOB_MAX_KB,
+  builders.MAX_LOB_MAX_KB // 1024)
 
 local table_name = str{
   expected = 'a table name "schema.name"',
@@ -80,9 +133,8 @@ end
 local function lob_policy(defaults)
   defaults = defaults or {}
   return {
-    { "max_kb", int{ default = defaults.max_kb, check = at_least(1, "a whole number of KB >= 1"),
-      expected = "a whole number of KB >= 1",
-      doc = "largest LOB value DMS copies (limited LOB mode), in KB" } },
+    { "max_kb", int{ default = defaults.max_kb, check = within(1, builders.MAX_LOB_MAX_KB, LOB_KB),
+      expected = LOB_KB, doc = "largest LOB value DMS copies (limited LOB mode), in KB" } },
     { "truncation_ok", bool{ default = defaults.truncation_ok,
       doc = "whether values above max_kb may be truncated (false: the run stops when " ..
             "a larger value exists)" } },
@@ -122,6 +174,109 @@ local function count(default, doc, min)
   return int{ default = default, check = at_least(min, what), expected = what, doc = doc }
 end
 
+-- The overrides of a DMS endpoint's definition (migrun.cdc.endpoint_settings,
+-- migrun.dms.builders), every key checked: a typo or a value DMS refuses is
+-- found when the file is read, not at dms_setup after the full load.
+-- server_name, database, username and sslmode (DMS's and libpq's spellings)
+-- are taken as host, dbname, user and ssl_mode, the names migrun reads.
+local ENDPOINT_ALIASES = { server_name = "host", database = "dbname", username = "user", sslmode = "ssl_mode" }
+
+local function endpoint_overrides(kind)
+  local ssl = function(doc)
+    return str{ expected = SSL_EXPECTED, check = function(v) if not SSL_MODE[v] then return SSL_EXPECTED end end,
+      doc = doc }
+  end
+  local host = function(doc)
+    return str{ expected = "a host name or address DMS connects to over TCP",
+      check = function(v)
+        if v == "" or v:sub(1, 1) == "/" then
+          return "a host name or address DMS connects to over TCP (not a Unix socket directory)"
+        end
+      end, doc = doc }
+  end
+  local fields = {
+    { "host", host("the server's name or address as DMS reaches it (default: what libpq connected to)") },
+    { "server_name", host("the same as host (DMS's name for it)") },
+    { "port", int{ check = within(1, 65535, "a port from 1 to 65535"), expected = "a port from 1 to 65535",
+      doc = "the port DMS connects to (default: the conninfo's)" } },
+    { "dbname", str{ doc = "the database (default: the conninfo's)" } },
+    { "database", str{ doc = "the same as dbname" } },
+    { "user", str{ doc = "the role DMS logs in as (default: the conninfo's)" } },
+    { "username", str{ doc = "the same as user" } },
+    { "password", str{ secret = true, doc = "its password (default: what libpq logged in with); never logged" } },
+    { "ssl_mode", ssl("SslMode (default: the conninfo's sslmode, which must then be one DMS takes)") },
+    { "sslmode", ssl("the same as ssl_mode") },
+    { "map_unbounded_numeric", bool{ doc = "MapUnboundedNumericAsString (default: from the DMS boundary)" } },
+  }
+  if kind == "source" then
+    fields[#fields + 1] = { "heartbeat", any{ expected = "true, or the heartbeat's period in whole minutes >= 1",
+      check = function(v)
+        if v == true or v == false or (math.type(v) == "integer" and v >= 1) then return nil end
+        return "true, or the heartbeat's period in whole minutes >= 1"
+      end, doc = "HeartbeatEnable (and HeartbeatFrequency in minutes): DMS writes to the source so idle slots advance" } }
+    fields[#fields + 1] = { "capture_ddls", bool{ doc = "CaptureDdls (default: false, the DMS boundary's)" } }
+  else
+    fields[#fields + 1] = { "after_connect_script", str{ doc = "AfterConnectScript (default: from the DMS boundary)" } }
+  end
+  return record(fields, { default = {}, doc = ("overrides of the %s endpoint%s (host, port, ssl_mode, ...)"):format(
+      kind, kind == "source" and "s" or ""),
+    check = function(v)
+      for alias, name in pairs(ENDPOINT_ALIASES) do
+        if v[alias] ~= nil and v[name] ~= nil and v[alias] ~= v[name] then
+          return ("%s and %s name the same setting with two values: give one"):format(name, alias)
+        end
+      end
+    end })
+end
+
+-- What the keys say together, once each is checked (see the header).
+local function excluded_but_named(cfg)
+  local excluded = {}
+  for _, t in ipairs(cfg.exclude_tables) do excluded[t] = true end
+  local function named(path, t)
+    if excluded[t] then
+      return { path = path, message = ("%s is in exclude_tables: an excluded table is not migrated, so this "
+        .. "setting would never apply"):format(t),
+        hint = "remove it from exclude_tables to migrate it, or from here" }
+    end
+  end
+  for i, g in ipairs(cfg.groups.explicit) do
+    for j, t in ipairs(g.tables) do
+      local p = named(("groups.explicit[%d].tables[%d]"):format(i, j), t)
+      if p then return p end
+    end
+  end
+  for _, k in ipairs{ { "lobs", "tables" }, { "qa", "timestamp_columns" } } do
+    local keys = {}
+    for t in pairs(cfg[k[1]][k[2]]) do keys[#keys + 1] = t end
+    table.sort(keys)
+    for _, t in ipairs(keys) do
+      local p = named(("%s.%s[%q]"):format(k[1], k[2], t), t)
+      if p then return p end
+    end
+  end
+  for i, t in ipairs(cfg.cutover.count_only) do
+    local p = named(("cutover.count_only[%d]"):format(i), t)
+    if p then return p end
+  end
+end
+
+-- The sslmode of a conninfo becomes the endpoint's SslMode unless overridden.
+local function ssl_modes(cfg)
+  for _, kind in ipairs{ "source", "target" } do
+    local over = cfg.dms[kind .. "_endpoint"] or {}
+    local parsed = pg.conninfo_parse(cfg[kind].conninfo) or {}
+    local mode = parsed.sslmode
+    if mode and not (over.ssl_mode or over.sslmode) and not SSL_MODE[mode] then
+      return { path = kind .. ".conninfo", message = ("sslmode=%s becomes the DMS %s endpoint's SslMode, which "
+        .. "takes %s: DMS would refuse the endpoint at dms_setup, after the full load"):format(mode, kind,
+        table.concat(config.DMS_SSL_MODES, ", ")),
+        hint = ("set dms.%s_endpoint.ssl_mode (\"require\", or \"none\" for no TLS), or sslmode=require in %s.conninfo")
+          :format(kind, kind) }
+    end
+  end
+end
+
 config.SCHEMA = record({
   { "name", str{ default = "migration",
     expected = "a name of letters, digits and hyphens starting with a letter",
@@ -139,17 +294,40 @@ config.SCHEMA = record({
   { "schemas", list(str{}, { doc = "schemas to migrate (default: every non-system schema)" }) },
   { "exclude_tables", list(table_name, { default = {}, doc = "tables not migrated" }) },
   { "slots", record({
-    { "prefix", str{ default = "dms_slot_", expected = "lower-case letters, digits and _",
-      check = function(v) if not v:match("^[a-z0-9_]+$") then return "lower-case letters, digits and _" end end,
-      doc = "replication slots are <prefix>01, <prefix>02, ..." } },
-    { "node", str{ default = "migrun_provider", doc = "name of the pglogical node on the source" } },
+    { "prefix", str{ default = "dms_slot_", expected = SLOT_PREFIX,
+      check = function(v) if not v:match("^[a-z0-9_]+$") or #v > MAX_PREFIX then return SLOT_PREFIX end end,
+      doc = "replication slots are <prefix>01, <prefix>02, ... (and the watch slot <prefix>watch)" } },
+    { "node", str{ default = "migrun_provider", expected = NODE_NAME,
+      check = function(v) if not v:match("^[a-z0-9_]+$") or #v > MAX_NAME then return NODE_NAME end end,
+      doc = "name of the pglogical node on the source" } },
   }, { doc = "slot naming" }) },
   { "groups", record({
     { "largest_alone", count(5, "each of the N largest tables gets its own group (and slot)") },
     { "explicit", list(record({
-        { "name", str{ required = true, doc = "group name" } },
-        { "tables", list(table_name, { required = true, doc = "tables of the group" }) },
-      }), { default = {}, doc = "the team's groups; they override the computed ones" }) },
+        { "name", str{ required = true, expected = GROUP_NAME, doc = "group name",
+          check = function(v) if not v:match("^%a[%w_-]*$") or #v > MAX_NAME then return GROUP_NAME end end } },
+        { "tables", list(table_name, { required = true, doc = "tables of the group (at least one)",
+          check = function(v) if #v == 0 then return "at least one table \"schema.name\"" end end }) },
+      }), { default = {}, doc = "the team's groups; they override the computed ones",
+        -- a table replicates through one slot: two groups would make two tasks write it
+        check = function(groups, path)
+          local names, owner = {}, {}
+          for i, g in ipairs(groups) do
+            if names[g.name] then
+              return { path = ("%s[%d].name"):format(path, i), message = ("a second group named %q (groups are "
+                .. "told apart by name in the plan and the report)"):format(g.name), hint = "rename one of them" }
+            end
+            names[g.name] = true
+            for j, t in ipairs(g.tables) do
+              if owner[t] then
+                return { path = ("%s[%d].tables[%d]"):format(path, i, j), message = ("%s is already in group %q: "
+                  .. "a table replicates through one slot, so it can be in one group only"):format(t, owner[t]),
+                  hint = "keep it in one of the two groups" }
+              end
+              owner[t] = g.name
+            end
+          end
+        end }) },
   }, { doc = "how tables are grouped into slots and DMS tasks" }) },
   { "lobs", record({
     { "default", record(lob_policy{ max_kb = 32, truncation_ok = true }, { doc = "policy for every table not listed below" }) },
@@ -179,8 +357,20 @@ config.SCHEMA = record({
     { "small_sample", count(10, "and for a random sample of N other tables; exact counts for the rest") },
     { "queries", list(record({
         { "name", str{ required = true, doc = "what the query measures" } },
-        { "sql", str{ required = true, doc = "a read-only query run on both sides" } },
-      }), { default = {}, doc = "extra queries compared between source and target" }) },
+        { "sql", str{ required = true, expected = "a read-only query (one SELECT)",
+          check = function(v) if not v:match("%S") then return "a read-only query (one SELECT)" end end,
+          doc = "a read-only query run on both sides (preflight runs it once in a read-only transaction)" } },
+      }), { default = {}, doc = "extra queries compared between source and target",
+        check = function(queries, path)
+          local seen = {}
+          for i, q in ipairs(queries) do
+            if seen[q.name] then
+              return { path = ("%s[%d].name"):format(path, i), message = ("a second query named %q (the QA report "
+                .. "tells them apart by name)"):format(q.name), hint = "rename one of them" }
+            end
+            seen[q.name] = true
+          end
+        end }) },
   }, { doc = "quality checks" }) },
   { "wal_guard", record({
     { "warn_bytes", bytes(50 * GiB, "warn when migrun's slots hold back this much WAL (current LSN minus " ..
@@ -219,24 +409,30 @@ config.SCHEMA = record({
     { "allow_slots", list(str{}, { default = {},
       doc = "replication slots not created by migrun that may exist on the source" }) },
     { "min_free_bytes", bytes(10 * GiB, "free disk the source must have") },
+    { "wal_rate_seconds", seconds(5, "seconds over which preflight measures the source's WAL rate when "
+      .. "max_slot_wal_keep_size limits what the slots may hold (0: not measured); taken while the other checks run") },
+    { "load_rate", num{ default = 32 * 1024 * 1024, check = at_least(1024 * 1024, "a number of bytes per second >= 1 MiB"),
+      expected = "a number of bytes per second >= 1 MiB",
+      doc = "the full load's expected speed, in bytes per second: preflight estimates from it how long the "
+        .. "slots hold WAL before DMS reads it (docs/mistakes.md)" } },
+    { "query_timeout", seconds(10, "seconds each qa.queries entry may run when preflight runs it read-only "
+      .. "on the replica (longer: checked by its plan only)", 0.1) },
   }, { doc = "preflight checks" }) },
   { "dms", record({
     { "region", str{ doc = "AWS region (default: AWS_REGION / the profile)" } },
-    { "endpoint_url", str{ expected = "an http:// or https:// URL",
-      check = function(v) if not v:match("^https?://[^%s]+$") then return "an http:// or https:// URL" end end,
+    { "endpoint_url", str{ expected = URL, check = url_problem,
       doc = "DMS API endpoint (the emulator in rehearsals; default: AWS)" } },
-    { "logs_endpoint_url", str{ expected = "an http:// or https:// URL",
-      check = function(v) if not v:match("^https?://[^%s]+$") then return "an http:// or https:// URL" end end,
+    { "logs_endpoint_url", str{ expected = URL, check = url_problem,
       doc = "CloudWatch Logs API endpoint, where the task logs are read (default: endpoint_url when given, else AWS)" } },
     { "replication_instance_arn", str{ expected = "an ARN (arn:...)",
       check = function(v) if not v:match("^arn:") then return "an ARN (arn:...)" end end,
       doc = "the replication instance the tasks run on" } },
-    { "source_endpoint", free{ default = {}, doc = "overrides for the source endpoints (server_name, port, ...)" } },
-    { "target_endpoint", free{ default = {}, doc = "overrides for the target endpoint" } },
+    { "source_endpoint", endpoint_overrides("source") },
+    { "target_endpoint", endpoint_overrides("target") },
     { "task", record({
       { "batch_apply", bool{ doc = "BatchApplyEnabled (default: DMS's)" } },
-      { "lob_max_kb", int{ check = at_least(1, "a whole number of KB >= 1"),
-        expected = "a whole number of KB >= 1", doc = "LobMaxSize for every task (default: from lobs)" } },
+      { "lob_max_kb", int{ check = within(1, builders.MAX_LOB_MAX_KB, LOB_KB),
+        expected = LOB_KB, doc = "LobMaxSize for every task (default: from lobs)" } },
     }, { doc = "task settings" }) },
     { "start_pause", seconds(5, "seconds between task starts") },
     { "max_attempts", int{ check = at_least(1, "a whole number >= 1"), expected = "a whole number >= 1",
@@ -287,8 +483,7 @@ config.SCHEMA = record({
     { "command", list(str{}, { expected = "a command as an argv list { \"prog\", \"arg\", ... }",
       doc = "run on each event, without a shell, with the event's JSON on its stdin and MIGRUN_EVENT "
         .. "set (e.g. a script that posts to the team's chat)" }) },
-    { "webhook", str{ secret = true, expected = "an http:// or https:// URL",
-      check = function(v) if not v:match("^https?://[^%s]+$") then return "an http:// or https:// URL" end end,
+    { "webhook", str{ secret = true, expected = URL, check = url_problem,
       doc = "POSTed the event's JSON (Content-Type: application/json); the URL is never logged" } },
     { "headers", map(str{}, str{ secret = true }, { default = {},
       doc = "extra headers of the webhook, e.g. Authorization (from os.getenv); never logged" }) },
@@ -318,7 +513,7 @@ config.SCHEMA = record({
     { "interval", seconds(5, "seconds between the metrics server's own readings of the primary "
         .. "(for the lag in time)", 1) },
   }, { doc = "metrics (docs/metrics.md)" }) },
-})
+}, { check = function(cfg) return excluded_but_named(cfg) or ssl_modes(cfg) end })
 
 ---------------------------------------------------------------------------
 -- Validation
@@ -367,13 +562,24 @@ local function levenshtein(a, b)
   return prev[#b]
 end
 
-local function nearest(key, fields)
+function config.nearest(word, names)
+  assert(type(word) == "string" and type(names) == "table", "config.nearest: a word and a list of names expected")
   local best, best_d
-  for _, f in ipairs(fields) do
-    local d = levenshtein(key:lower(), f[1])
-    if not best_d or d < best_d then best, best_d = f[1], d end
+  local w = word:lower()
+  for _, name in ipairs(names) do
+    -- a name far longer or shorter cannot be within reach: skip the O(n*m) distance
+    if math.abs(#name - #w) <= math.max(2, #w // 3) then
+      local d = levenshtein(w, name:lower())
+      if not best_d or d < best_d then best, best_d = name, d end
+    end
   end
-  if best and best_d <= math.max(2, #key // 3) then return best end
+  if best and best_d <= math.max(2, #word // 3) then return best end
+end
+
+local function nearest(key, fields)
+  local names = {}
+  for i, f in ipairs(fields) do names[i] = f[1] end
+  return config.nearest(key, names)
 end
 
 local function deep_copy(v)
@@ -402,7 +608,17 @@ end
 local validate
 
 -- Returns the checked value (defaults filled) or raises {path=, message=}.
-local function fail(path, message) error({ config_problem = true, path = path, message = message }, 0) end
+local function fail(path, message, hint)
+  error({ config_problem = true, path = path, message = message, hint = hint }, 0)
+end
+
+-- A record's or a list's own check: "what was expected" (a string), or a
+-- problem of its own { path =, message =, hint = }.
+local function own_check(n, v, path)
+  local problem = n.check(v, path)
+  if type(problem) == "table" then fail(problem.path or path, problem.message, problem.hint) end
+  if problem then fail(path, "expected " .. problem) end
+end
 
 local function check_value(n, v, path)
   local kind = n.kind
@@ -457,10 +673,7 @@ function validate(n, v, path)
         out[key] = check_value(child, value, p)
       end
     end
-    if n.check then
-      local problem = n.check(out)
-      if problem then fail(path, "expected " .. problem) end
-    end
+    if n.check then own_check(n, out, path) end
     return out
   elseif kind == "list" then
     local out = {}
@@ -470,6 +683,7 @@ function validate(n, v, path)
       end
     end
     for i = 1, #v do out[i] = check_value(n.of, v[i], path_of(path, i)) end
+    if n.check then own_check(n, out, path) end
     return out
   elseif kind == "map" then
     local out = {}
@@ -500,7 +714,7 @@ end
 local function config_error(label, problem)
   local message = problem.path ~= "" and ("%s: %s: %s"):format(label, problem.path, problem.message)
                                     or ("%s: %s"):format(label, problem.message)
-  return errors.new{ kind = "config", message = message, key = problem.path }
+  return errors.new{ kind = "config", message = message, key = problem.path, hint = problem.hint }
 end
 
 local function fill_lob_defaults(cfg)
@@ -540,6 +754,12 @@ function config.check(raw, label, base_dir)
     error(result, 0)
   end
   fill_lob_defaults(result)
+  for _, kind in ipairs{ "source_endpoint", "target_endpoint" } do
+    local e = result.dms[kind]
+    for alias, name in pairs(ENDPOINT_ALIASES) do
+      if e[alias] ~= nil then e[name], e[alias] = e[alias], nil end
+    end
+  end
   result.state_dir = absolute(result.state_dir, base_dir or ".")
   return result
 end
