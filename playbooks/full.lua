@@ -51,7 +51,9 @@ P:watch(guard.watcher())
 P:step{ "preflight", "Preflight on the primary, the maintenance replica and the target", always = true,
   run = function(ctx)
     local r = preflight.run{ source = ctx.source, replica = ctx.replica, target = ctx.target,
-      config = ctx.config, resuming = ctx.resuming, dms = function() return ctx:dms() end }
+      config = ctx.config, resuming = ctx.resuming, dms = function() return ctx:dms() end,
+      -- a paused replica is this run's only once its pause step has begun
+      replica_pause_expected = ctx:began("pause_replica") }
     ctx:say("%s", preflight.format(r))
     if r.errors > 0 then return nil, ("preflight found %d problem(s); nothing was changed"):format(r.errors) end
     return { errors = r.errors, warnings = r.warnings }
