@@ -31,12 +31,23 @@ local live = require "migrun.playbook.live"
 local progress = require "migrun.playbook.progress"
 local cdc = require "migrun.cdc"
 local verify = require "migrun.verify"
+local loadprogress = require "migrun.loadprogress"
 
 local status = {}
 
 status.VERSION = 1
 
 local epoch = live.epoch
+
+-- A value read from a server as JSON can hold it: NULL (pg.null) is absent,
+-- an LSN or any other userdata its text. cdc.status hands rows over as the
+-- server gave them (source_timestamp_applied is NULL until a task applied
+-- something).
+local function plain(v)
+  if v == nil or rawequal(v, pg.null) then return nil end
+  if type(v) == "userdata" then return tostring(v) end
+  return v
+end
 
 local function read_only_db(conninfo, name)
   local conn, err = pg.connect(conninfo, { name = name, connect_timeout = 5 })
@@ -89,10 +100,16 @@ local function full_load(J, section, prog, current)
     streams[k].tables_loaded = streams[k].tables_loaded + 1
     streams[k].bytes_loaded = streams[k].bytes_loaded + (tonumber(r.bytes) or 0)
   end
+  -- like with like: the plan's sizes are on-disk bytes, bytes_loaded is COPY text
+  local rows_expected = {}
   if planned then
     local b = 0
-    for _, t in ipairs(planned) do b = b + (tonumber(t.bytes) or 0) end
+    for _, t in ipairs(planned) do
+      b = b + (tonumber(t.bytes) or 0)
+      rows_expected[text.key(t)] = tonumber(t.rows_estimate)
+    end
     out.bytes_expected = b
+    out.disk_bytes_loaded = loadprogress.loaded(planned, best.facts.loaded)
   end
   -- the tables being copied now: the progress record of this very step
   if current and prog and prog.playbook == best_section and prog.step == best_step and prog.progress then
@@ -104,6 +121,7 @@ local function full_load(J, section, prog, current)
         streams[k].table = p.name
         streams[k].table_bytes_done, streams[k].table_bytes_expected = p.done, p.total
         streams[k].table_rows_done = p.rows
+        streams[k].table_rows_expected = rows_expected[p.name]
         streams[k].bytes_per_second, streams[k].rows_per_second = p.per_second, p.rows_per_second
         streams[k].eta_seconds = p.eta_seconds
       end
@@ -114,6 +132,17 @@ local function full_load(J, section, prog, current)
   table.sort(keys)
   for _, k in ipairs(keys) do out.streams[#out.streams + 1] = streams[k] end
   return out
+end
+
+-- The WAL guard's level as the guard would say it: the WAL held back (the
+-- oldest restart_lsn: what wal_guard's thresholds are about), and a slot past
+-- max_slot_wal_keep_size (unreserved: lost at the next checkpoint; lost).
+local function wal_level(held, slots, guard)
+  local level = held >= guard.stop_bytes and "stop" or held >= guard.warn_bytes and "warn" or "ok"
+  for _, sl in ipairs(slots) do
+    if sl.wal_status == "unreserved" or sl.wal_status == "lost" then level = "stop" end
+  end
+  return level
 end
 
 -- status.collect{ config =, state_dir =, offline =, now = } -> the status (see docs/status.md)
@@ -249,12 +278,13 @@ function status.collect(o)
             end
             s.slots[#s.slots + 1] = { slot = sl.name, lag_bytes = sl.lag_bytes, lag_seconds = exact and secs or nil,
               lag_seconds_at_least = (not exact) and secs or nil, retained_bytes = sl.retained_bytes,
-              active = sl.active, confirmed_flush_lsn = sl.confirmed_flush_lsn and tostring(sl.confirmed_flush_lsn) }
+              active = sl.active, confirmed_flush_lsn = sl.confirmed_flush_lsn and tostring(sl.confirmed_flush_lsn),
+              wal_status = sl.wal_status, safe_wal_size = sl.safe_wal_size }
             s.wal.retained_bytes = s.wal.retained_bytes + (sl.retained_bytes or 0)
           end
         end
-        local ret = s.wal.retained_bytes
-        s.wal.level = ret >= guard.stop_bytes and "stop" or ret >= guard.warn_bytes and "warn" or "ok"
+        s.wal.held_bytes = live.held(r.slots) or 0
+        s.wal.level = wal_level(s.wal.held_bytes, s.slots, guard)
       end
     end
     if groups and tasks then
@@ -271,10 +301,11 @@ function status.collect(o)
           problem("DMS: %s", tostring(serr))
         else
           s.tasks = json.array()
-          s.apply_exceptions = st.exceptions
+          s.apply_exceptions = plain(st.exceptions)
           for _, r in ipairs(st.rows) do
-            s.tasks[#s.tasks + 1] = { slot = r.slot, task = r.task, status = r.status, apply_exceptions = r.exceptions,
-              applied_at = r.applied_at, failure = r.failure, seen_at = s.generated_at, source = "dms" }
+            s.tasks[#s.tasks + 1] = { slot = plain(r.slot), task = plain(r.task), status = plain(r.status),
+              apply_exceptions = plain(r.exceptions), applied_at = plain(r.applied_at),
+              pending_changes = plain(r.pending), failure = plain(r.failure), seen_at = s.generated_at, source = "dms" }
           end
         end
       end
@@ -297,9 +328,11 @@ function status.collect(o)
     for _, sl in ipairs(type(last.slots) == "table" and last.slots or {}) do
       s.slots[#s.slots + 1] = { slot = sl.slot, lag_bytes = sl.lag_bytes, lag_seconds = sl.lag_seconds,
         retained_bytes = sl.retained_bytes, active = sl.active, confirmed_flush_lsn = sl.confirmed_flush_lsn,
-        seen_at = at }
+        wal_status = sl.wal_status, safe_wal_size = sl.safe_wal_size, seen_at = at }
     end
     s.wal.retained_bytes = last.retained_bytes
+    s.wal.held_bytes = tonumber(last.held_bytes) or live.held(last.slots)
+    if s.wal.held_bytes then s.wal.level = wal_level(s.wal.held_bytes, s.slots, guard) end
     s.wal.seen_at = at
   end
   s.verification = verification_summary(state_dir, problem)
@@ -312,14 +345,53 @@ end
 -- Output
 ---------------------------------------------------------------------------
 
--- JSON cannot hold NaN or inf: left out
+-- Text JSON readers take: valid UTF-8 (a server's message in another
+-- encoding keeps its ASCII, the rest becomes U+FFFD).
+local function utf8_text(str)
+  if utf8.len(str) then return str end
+  local out, i = {}, 1
+  while i <= #str do
+    local ok, cp = pcall(utf8.codepoint, str, i)
+    if ok and cp then
+      local ch = utf8.char(cp)
+      out[#out + 1] = ch
+      i = i + #ch
+    else
+      out[#out + 1] = "\u{FFFD}"
+      i = i + 1
+    end
+  end
+  return table.concat(out)
+end
+
+-- Every value as JSON can hold it, whatever a collector put in: NaN, inf,
+-- NULL (pg.null), functions are left out; LSNs and other userdata are their
+-- text; keys are strings (or an array's indexes); text is UTF-8.
 local function clean(v)
-  if type(v) == "number" and (v ~= v or v == math.huge or v == -math.huge) then return nil end
-  if type(v) ~= "table" or v == json.null then return v end
-  local out = json.is_array(v) and json.array() or {}
-  for k, x in pairs(v) do out[k] = clean(x) end
+  local t = type(v)
+  if t == "number" then
+    if v ~= v or v == math.huge or v == -math.huge then return nil end
+    return v
+  elseif t == "string" then
+    return utf8_text(v)
+  elseif t == "boolean" then
+    return v
+  elseif t == "userdata" then
+    if rawequal(v, pg.null) then return nil end
+    return utf8_text(tostring(v))
+  elseif t ~= "table" or v == json.null then
+    return nil
+  end
+  local array = json.is_array(v)
+  local out = array and json.array() or {}
+  for k, x in pairs(v) do
+    local key = k
+    if not (array and math.type(k) == "integer") then key = utf8_text(tostring(k)) end
+    out[key] = clean(x)
+  end
   return out
 end
+status.clean = clean
 
 function status.json(s)
   return json.encode(clean(s), { indent = "  " }) .. "\n"
@@ -377,15 +449,21 @@ function status.format(s)
   end
   local fl = s.full_load
   if fl then
-    add("full load (%s · %s, %s): %d%s tables, %s%s, %s rows", fl.playbook, fl.step, fl.status or "?",
-      fl.tables_loaded, fl.tables and ("/" .. fl.tables) or "", text.bytes(fl.bytes_loaded),
-      fl.bytes_expected and (" of " .. text.bytes(fl.bytes_expected)) or "", text.thousands(fl.rows_loaded))
+    -- on-disk bytes against on-disk bytes; what was sent as COPY apart
+    local bytes = fl.disk_bytes_loaded and fl.bytes_expected
+      and ("%s of %s on disk (%s sent as COPY)"):format(text.bytes(fl.disk_bytes_loaded), text.bytes(fl.bytes_expected),
+        text.bytes(fl.bytes_loaded))
+      or (text.bytes(fl.bytes_loaded) .. " sent as COPY")
+    add("full load (%s · %s, %s): %d%s tables, %s, %s rows", fl.playbook, fl.step, fl.status or "?",
+      fl.tables_loaded, fl.tables and ("/" .. fl.tables) or "", bytes, text.thousands(fl.rows_loaded))
     local rows = {}
     for _, st in ipairs(fl.streams) do
       local now_doing = "-"
       if st.table then
-        now_doing = ("%s %s%s%s%s"):format(st.table, text.bytes(st.table_bytes_done or 0),
+        now_doing = ("%s %s%s%s%s%s"):format(st.table, text.bytes(st.table_bytes_done or 0),
           st.table_bytes_expected and (" of " .. text.bytes(st.table_bytes_expected)) or "",
+          st.table_rows_done and (" (%s of ~%s rows)"):format(text.thousands(st.table_rows_done),
+            st.table_rows_expected and text.thousands(st.table_rows_expected) or "?") or "",
           st.bytes_per_second and (", " .. text.bytes(st.bytes_per_second) .. "/s") or "",
           st.eta_seconds and (", " .. text.duration(st.eta_seconds) .. " left") or "")
       end
@@ -402,16 +480,26 @@ function status.format(s)
       rows[#rows + 1] = { slot = sl.slot, lag = text.bytes(sl.lag_bytes),
         time = sl.lag_seconds and text.duration(sl.lag_seconds)
           or sl.lag_seconds_at_least and ("> " .. text.duration(sl.lag_seconds_at_least)) or "?",
-        retained = text.bytes(sl.retained_bytes), active = sl.active }
+        retained = text.bytes(sl.retained_bytes), active = sl.active,
+        -- max_slot_wal_keep_size (13+): how much more WAL before the slot is lost
+        limit = sl.wal_status == "lost" and "LOST" or sl.wal_status == "unreserved" and "UNRESERVED: lost at the next checkpoint"
+          or sl.safe_wal_size and (text.bytes(sl.safe_wal_size) .. " more") or "-" }
     end
     add("slots%s:", s.slots[1].seen_at and (" (as sampled " .. clock(s.slots[1].seen_at) .. ")") or "")
-    add("%s", tostring(text.columns({ { "slot" }, { "lag", align = "right" }, { "time", "lag (time)", align = "right" },
-      { "retained", "retained WAL", align = "right" }, { "active" } }, rows)))
+    local columns = { { "slot" }, { "lag", align = "right" }, { "time", "lag (time)", align = "right" },
+      { "retained", "retained WAL", align = "right" }, { "active" } }
+    for _, sl in ipairs(s.slots) do
+      if sl.safe_wal_size or sl.wal_status == "lost" or sl.wal_status == "unreserved" then
+        columns[#columns + 1] = { "limit", "before lost (max_slot_wal_keep_size)" }
+        break
+      end
+    end
+    add("%s", tostring(text.columns(columns, rows)))
   end
   local w = s.wal
-  add("WAL guard: warn at %s, stop at %s retained, replica free >= %s, every %s%s", text.bytes(w.warn_bytes),
+  add("WAL guard: warn at %s, stop at %s held back, replica free >= %s, every %s%s", text.bytes(w.warn_bytes),
     text.bytes(w.stop_bytes), text.bytes(w.replica_min_free_bytes), text.duration(w.interval),
-    w.retained_bytes and ("; migrun's slots retain %s %s%s"):format(text.bytes(w.retained_bytes),
+    w.held_bytes and ("; migrun's slots hold back %s %s%s"):format(text.bytes(w.held_bytes),
       w.seen_at and ("(as sampled " .. clock(w.seen_at) .. ")") or "now",
       w.level and w.level ~= "ok" and (" (" .. w.level:upper() .. ")") or "") or "")
   if s.tasks and #s.tasks > 0 then
@@ -472,7 +560,15 @@ function status.main(argv)
     io.stderr:write("migrun: status: ", tostring(s), "\n")
     return 1
   end
-  io.stdout:write(opts.json and status.json(s) or status.format(s))
+  local okw, out = pcall(opts.json and status.json or status.format, s)
+  if not okw then
+    -- still an answer a script can read, saying what went wrong
+    io.stderr:write("migrun: status: ", tostring(out), "\n")
+    if not opts.json then return 1 end
+    out = json.encode({ status_version = status.VERSION, migration = cfg.name, generated_at = s.generated_at,
+      problems = json.array{ "the status could not be written: " .. tostring(out) } }, { indent = "  " }) .. "\n"
+  end
+  io.stdout:write(out)
   return 0
 end
 

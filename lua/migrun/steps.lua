@@ -62,6 +62,7 @@ playbook keeps only the line that says which tables.
 local catalog = require "migrun.catalog"
 local qa = require "migrun.qa"
 local fullload = require "migrun.fullload"
+local loadprogress = require "migrun.loadprogress"
 local schema = require "migrun.schema"
 local cdc = require "migrun.cdc"
 local lobs = require "migrun.lobs"
@@ -79,13 +80,12 @@ function steps.load(ctx, tables, at, title)
   local state = { loaded = facts.loaded or {}, chunks = facts.chunks or {}, indexed = facts.indexed or {},
                   analyzed = facts.analyzed or {} }
   local cfg = ctx.config.full_load
-  local total, size = 0, {}
-  for _, t in ipairs(tables) do
-    total = total + (t.bytes or 0)
-    size[text.key(t)] = t.bytes
-  end
+  local size = {}
+  for _, t in ipairs(tables) do size[text.key(t)] = t.bytes end
+  -- the bar counts on-disk bytes, as its total (COPY bytes are another unit)
+  local disk = loadprogress.new(tables, state)
   local post = assert(schema.table_post_data(ctx.replica, ctx.target, tables))
-  local bar = ctx:progress{ label = title, total = total, unit = "bytes" }
+  local bar = ctx:progress{ label = title, total = disk.total, unit = "bytes" }
   local result = assert(fullload.run{
     replica = ctx.config.replica.conninfo, target = ctx.config.target.conninfo,
     tables = tables, jobs = cfg.jobs, chunk_bytes = cfg.chunk_bytes, split_bytes = cfg.split_bytes,
@@ -96,10 +96,10 @@ function steps.load(ctx, tables, at, title)
       for _, f in ipairs(fields) do facts[f] = state[f] end
       ctx:record(facts)
     end,
-    on_progress = function(done, _, rows, detail)
-      bar:update(done, ("%s, %d rows"):format(detail and detail.table or "", rows or 0), { rows = rows,
-        part = detail and { key = "stream " .. detail.stream, name = detail.table, done = detail.bytes,
-                            total = size[detail.table], rows = detail.rows } })
+    on_progress = function(_, _, rows, detail)
+      bar:update(disk:update(detail), ("%s, %d rows"):format(detail and detail.table or "", rows or 0), {
+        rows = rows, part = detail and { key = "stream " .. detail.stream, name = detail.table,
+          done = disk:table_done(detail.table), total = size[detail.table], rows = detail.rows } })
     end,
     on_chunk = function(c)
       ctx:say("chunk %d/%d of %s (%s) loaded: %d rows, %s in %s", c.chunk, c.of, c.table, c.range, c.rows,
@@ -116,7 +116,8 @@ function steps.load(ctx, tables, at, title)
         ctx:say("analyzed %s in %s", r.table, text.duration(r.seconds))
       end
     end })
-  bar:finish(("%d tables, %s"):format(#result.tables, text.bytes(result.bytes or 0)))
+  bar:update(disk:done()) -- every table committed: the whole total
+  bar:finish(("%d tables, %s sent as COPY"):format(#result.tables, text.bytes(result.bytes or 0)))
   ctx:report_table(title, { "table", "rows", "bytes", "started", "ended", "seconds", "stream" },
     fullload.report_rows(state.loaded))
   ctx:report_table(title .. ": split tables", { "table", "chunks", "by", "rows", "bytes", "seconds" },

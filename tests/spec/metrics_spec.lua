@@ -78,7 +78,9 @@ describe("metrics", function()
       lock = { held = true }, guard = { warn_bytes = 10, stop_bytes = 20 },
       sample = live.read_samples(dir)[1], slots = { at = 1796000010, wal_lsn = "0/3000100", slots = {
         { name = "dms_slot_01", owned = true, active = true, lag_bytes = 256, retained_bytes = 4096,
-          confirmed_flush_lsn = "0/3000000" },
+          confirmed_flush_lsn = "0/3000000", wal_status = "extended", safe_wal_size = 1 << 20 },
+        { name = "dms_slot_02", owned = true, active = true, lag_bytes = 128, retained_bytes = 1024,
+          confirmed_flush_lsn = "0/3000080" },
         { name = "other_tool", owned = false, lag_bytes = 9, retained_bytes = 9 } } },
       history = { { t = 1796000001, wal_lsn = "0/3000000" } } }
     local fams = metrics.families(state)
@@ -104,17 +106,24 @@ describe("metrics", function()
       local v = parse(text)
       assert.equal(3, v.migrun_full_load_tables_loaded_total[1].value)
       assert.equal(4, v.migrun_full_load_tables[1].value)
-      -- loaded bytes plus what the tables under way have copied (the progress record)
+      -- in the plan's unit (on-disk bytes), the progress record's: loaded tables and those under way
       assert.equal(7400, v.migrun_full_load_bytes_total[1].value)
+      assert.equal(10000, v.migrun_full_load_expected_bytes[1].value)
       assert.equal(65, v.migrun_full_load_rows_total[1].value)
       assert.equal(0.74, v.migrun_progress_ratio[1].value)
       assert.equal(12.5, v.migrun_progress_remaining_seconds[1].value)
       assert.equal(256, v.migrun_slot_lag_bytes[1].value)
       assert.equal('{slot="dms_slot_01"}', v.migrun_slot_lag_bytes[1].labels)
-      assert.equal(1, #v.migrun_slot_lag_bytes, "a slot that is not migrun's is left out")
+      assert.equal(2, #v.migrun_slot_lag_bytes, "a slot that is not migrun's is left out")
       -- confirmed 0/3000000 was the primary's position at the sample, 9 s before the reading
       assert.equal(9, v.migrun_slot_lag_seconds[1].value)
-      assert.equal(4096, v.migrun_wal_retained_bytes[1].value)
+      -- added up slot by slot, and held back as the WAL guard counts it (the oldest restart_lsn)
+      assert.equal(4096 + 1024, v.migrun_wal_retained_bytes[1].value)
+      assert.equal(4096, v.migrun_wal_held_bytes[1].value)
+      -- how near max_slot_wal_keep_size each slot is (PostgreSQL 13+)
+      assert.equal(1, #v.migrun_slot_safe_wal_size_bytes)
+      assert.equal(1048576, v.migrun_slot_safe_wal_size_bytes[1].value)
+      assert.truthy(text:find('migrun_slot_wal_status{slot="dms_slot_01",status="extended"} 1', 1, true))
       assert.equal(20, v.migrun_wal_guard_stop_bytes[1].value)
       assert.equal(1, v.migrun_step_running[1].value)
       assert.equal('{playbook="full",step="full_load"}', v.migrun_step_running[1].labels)

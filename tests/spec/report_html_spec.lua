@@ -114,6 +114,33 @@ describe("report.html", function()
     assert.truthy(page:find("1 apply exception(s)", 1, true))
   end)
 
+  it("charts the WAL held back from the guard's readings, with the slots' limit", function()
+    -- the guard's readings through the load (no task yet), then the catch-up's
+    local samples = {
+      { t = T0 + 100, kind = "guard", wal_lsn = "0/4000000", retained_bytes = 5 * 2 ^ 20, held_bytes = 3 * 2 ^ 20,
+        keep_bytes = 8 * 2 ^ 20, slots = { { slot = "dms_slot_01", lag_bytes = 3 * 2 ^ 20, retained_bytes = 3 * 2 ^ 20 },
+          { slot = "dms_slot_02", lag_bytes = 2 * 2 ^ 20, retained_bytes = 2 * 2 ^ 20 } } },
+      { t = T0 + 200, kind = "guard", wal_lsn = "0/4400000", retained_bytes = 13 * 2 ^ 20, held_bytes = 7 * 2 ^ 20,
+        keep_bytes = 8 * 2 ^ 20, slots = { { slot = "dms_slot_01", lag_bytes = 7 * 2 ^ 20, retained_bytes = 7 * 2 ^ 20 },
+          { slot = "dms_slot_02", lag_bytes = 6 * 2 ^ 20, retained_bytes = 6 * 2 ^ 20 } } },
+      -- a playbook's own reading: its slots' figures, the largest is what is held
+      { t = T0 + 300, kind = "cdc", wal_lsn = "0/4500000", retained_bytes = 9 * 2 ^ 20,
+        slots = { { slot = "dms_slot_01", lag_bytes = 1000, retained_bytes = 5 * 2 ^ 20 },
+          { slot = "dms_slot_02", lag_bytes = 1000, retained_bytes = 4 * 2 ^ 20 } } },
+    }
+    local p = html.render{ journal = journal_of(dir), state_dir = dir, samples = samples,
+      config = { wal_guard = { warn_bytes = 6 * 2 ^ 20, stop_bytes = 100 * 2 ^ 30 } } }
+    local wal = p:match('<div id="chart%-wal">(.-)</div>')
+    assert.truthy(wal, "no WAL chart")
+    assert.truthy(wal:find("WAL held back on the primary", 1, true))
+    assert.truthy(wal:find("max_slot_wal_keep_size: slots lost", 1, true))
+    assert.truthy(p:find("(3 readings, UTC)", 1, true))
+    -- 3, 7 and 5 MiB held, under the 8 MiB limit: the axis ends below the 13 MiB the figures add up to
+    local top = 0
+    for v in wal:gmatch(">([%d.]+) MiB<") do top = math.max(top, tonumber(v)) end
+    assert.is_true(top >= 8 and top < 13, "axis up to " .. top .. " MiB")
+  end)
+
   it("says the tasks are stopped once the cutover stopped them after the last look", function()
     local J = journal_of(dir)
     J:steps("cutover").stop_tasks = { status = "done", started_at = "2026-11-22T08:59:00Z", ended_at = "2026-11-22T08:59:30Z" }

@@ -59,7 +59,8 @@ describe("playbooks/status.lua", function()
     J.data.migration, J.data.main = "billing", { playbook = "full" }
     local steps = J:steps("full")
     steps.know_data = { status = "done", started_at = "2026-11-21T10:00:00Z", ended_at = "2026-11-21T10:00:05Z",
-      facts = { tables = { { schema = "public", name = "a", bytes = 1000 }, { schema = "public", name = "b", bytes = 9000 } } } }
+      facts = { tables = { { schema = "public", name = "a", bytes = 1000, rows_estimate = 10 },
+        { schema = "public", name = "b", bytes = 9000, rows_estimate = 80 } } } }
     steps.full_load = { status = "running", started_at = journal.timestamp(host.now() - 125), facts = { loaded = {
       ["public.a"] = { table = "public.a", rows = 10, bytes = 900, started = 1, ended = 2, stream = 2 } } } }
     steps.schema = { status = "failed", started_at = "2026-11-21T09:00:00Z", ended_at = "2026-11-21T09:00:01Z",
@@ -114,6 +115,10 @@ describe("playbooks/status.lua", function()
     assert.equal(1, s.full_load.tables_loaded)
     assert.equal(2, s.full_load.tables)
     assert.equal(10000, s.full_load.bytes_expected)
+    -- like with like: public.a is 1000 bytes on disk, 900 were sent as COPY
+    assert.equal(1000, s.full_load.disk_bytes_loaded)
+    assert.equal(900, s.full_load.bytes_loaded)
+    assert.equal(50, s.full_load.streams[1].table_rows_done)
     assert.equal(2, #s.full_load.streams)
     assert.same({ 1, "public.b", 4500, 9000, 45 }, { s.full_load.streams[1].stream, s.full_load.streams[1].table,
       s.full_load.streams[1].table_bytes_done, s.full_load.streams[1].table_bytes_expected, s.full_load.streams[1].eta_seconds })
@@ -136,7 +141,9 @@ describe("playbooks/status.lua", function()
     assert.matches("migration billing: RUNNING: full %(pid " .. holder.pid .. "%)", out)
     assert.matches("step: full · full_load running since [%d%-: ]+UTC %(2 min 0%d s%)", out)
     assert.matches("progress: Full load: 5%.3 KiB of 9%.8 KiB %(54%%%), 100 B/s, 2%.0 rows/s, ends ~", out)
-    assert.matches("public%.b 4%.4 KiB of 8%.8 KiB, 100 B/s, 45%.0 s left", out)
+    assert.matches("full load %(full · full_load, running%): 1/2 tables, 1000 B of 9%.8 KiB on disk %(900 B sent as COPY%), "
+      .. "10 rows", out)
+    assert.matches("public%.b 4%.4 KiB of 8%.8 KiB %(50 of ~80 rows%), 100 B/s, 45%.0 s left", out)
     assert.matches("last error %(full · schema, 2026%-11%-21 09:00:01 UTC", out)
     assert.matches("metrics: http://127%.0%.0%.1:9187/metrics", out)
     assert.matches("could not look: the source: connection to server at \"127%.0%.0%.1\", port %d+ failed: "
@@ -162,6 +169,28 @@ describe("playbooks/status.lua", function()
     _, _, out = status(cfg_path, "--offline")
     assert.matches("not running; the last run %(full%) was interrupted %(killed%?%)", out)
     assert.matches("when it stopped", out)
+  end)
+
+  it("--json holds every value a collector can meet: NULL, LSNs, NaN, text in another encoding", function()
+    local status = require "migrun.status"
+    local pg = require "migrun.pg"
+    local lsn = require "migrun.lsn"
+    local json = require "migrun.json"
+    -- what cdc.status hands over while a task has started but applied nothing yet
+    local s = { status_version = 1, tasks = json.array{ { slot = "dms_slot_01", applied_at = pg.null, pending = pg.null,
+      confirmed_flush_lsn = assert(lsn.parse("0/3000060")), failure = "caf\xe9 ferm\xe9", lag = 0 / 0, eta = math.huge,
+      fn = print, [3] = "three" } }, problems = json.array() }
+    local doc = cjson.decode(status.json(s))
+    local t = doc.tasks[1]
+    assert.is_nil(t.applied_at)
+    assert.is_nil(t.pending)
+    assert.equal("0/3000060", t.confirmed_flush_lsn)
+    assert.equal("caf\u{FFFD} ferm\u{FFFD}", t.failure)
+    assert.is_nil(t.lag)
+    assert.is_nil(t.eta)
+    assert.is_nil(t.fn)
+    assert.equal("three", t["3"])
+    assert.same({}, doc.problems)
   end)
 
   it("before anything ran, without creating the state directory", function()

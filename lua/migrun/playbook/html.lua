@@ -584,9 +584,14 @@ function html.render(opts)
   end
 
   -- lag and retained WAL over time
-  local by_slot, slot_order, retained, secs_by_slot, secs_order = {}, {}, { name = "retained by migrun's slots", points = {} }, {}, {}
+  -- what the WAL guard's thresholds are about: the WAL held back from the
+  -- oldest restart_lsn (the slots share one WAL stream: their figures do not add up)
+  local by_slot, slot_order, retained, secs_by_slot, secs_order = {}, {}, { name = "held back by migrun's slots", points = {} }, {}, {}
+  local keep_bytes
   for _, s in ipairs(samples) do
-    if tonumber(s.retained_bytes) then retained.points[#retained.points + 1] = { s.t, s.retained_bytes } end
+    local held = tonumber(s.held_bytes) or live.held(s.slots) or tonumber(s.retained_bytes)
+    if held then retained.points[#retained.points + 1] = { s.t, held } end
+    keep_bytes = tonumber(s.keep_bytes) or keep_bytes
     for _, sl in ipairs(type(s.slots) == "table" and s.slots or {}) do
       if tonumber(sl.lag_bytes) then
         if not by_slot[sl.slot] then
@@ -625,8 +630,11 @@ function html.render(opts)
     local lines = {}
     if guard.warn_bytes then lines[#lines + 1] = { value = guard.warn_bytes, label = "WAL guard: warn", color = "#b26a00" } end
     if guard.stop_bytes then lines[#lines + 1] = { value = guard.stop_bytes, label = "WAL guard: stop", color = "#c62828" } end
-    parts[#parts + 1] = '<div id="chart-wal"><h3>WAL retained on the primary</h3>' .. (line_chart({ retained },
-      { title = "retained WAL", bytes = true, lines = lines }) or "") .. "</div>"
+    if keep_bytes then
+      lines[#lines + 1] = { value = keep_bytes, label = "max_slot_wal_keep_size: slots lost", color = "#6a1b9a" }
+    end
+    parts[#parts + 1] = '<div id="chart-wal"><h3>WAL held back on the primary</h3>' .. (line_chart({ retained },
+      { title = "WAL held back", bytes = true, lines = lines }) or "") .. "</div>"
     parts[#parts + 1] = "</div></section>"
     add(table.concat(parts))
   end

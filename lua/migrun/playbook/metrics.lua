@@ -132,29 +132,50 @@ function metrics.families(state)
     section = J.main.playbook
     fl, fl_step = full_load_of(playbooks[section].steps)
   end
-  local planned
+  local planned, planned_tables
   local know = J.main and playbooks[J.main.playbook] and (playbooks[J.main.playbook].steps or {}).know_data
-  if know and know.facts and type(know.facts.tables) == "table" then planned = #know.facts.tables end
+  if know and know.facts and type(know.facts.tables) == "table" then
+    planned_tables = know.facts.tables
+    planned = #planned_tables
+  end
   f = family(out, "migrun_full_load_tables", "gauge", "Tables the full load copies")
   add(f, {}, planned)
-  local loaded_n, loaded_bytes, loaded_rows = 0, 0, 0
+  local loaded_n, loaded_rows = 0, 0
   for _, r in pairs(fl and fl.facts.loaded or {}) do
     loaded_n = loaded_n + 1
-    loaded_bytes = loaded_bytes + (tonumber(r.bytes) or 0)
     loaded_rows = loaded_rows + (tonumber(r.rows) or 0)
   end
-  -- what the progress record adds: the tables being copied now
+  -- bytes in the plan's unit, the source's on-disk sizes (as migrun.loadprogress counts):
+  -- the tables committed whole, and while the load runs its progress record,
+  -- which adds the tables under way by their share of rows
+  local disk_bytes
+  if fl and planned_tables then
+    disk_bytes = 0
+    for _, t in ipairs(planned_tables) do
+      if fl.facts.loaded[t.key or (tostring(t.schema) .. "." .. tostring(t.name))] then
+        disk_bytes = disk_bytes + (tonumber(t.bytes) or 0)
+      end
+    end
+  end
   local p = state.progress
-  local moving_bytes, moving_rows = 0, 0
+  local moving_rows = 0
   if p and p.progress and fl and p.playbook == section and p.step == fl_step and fl.status == "running" then
     local snap = p.progress
-    moving_bytes = math.max(0, (tonumber(snap.done) or 0) - loaded_bytes)
+    -- (a record saved before the last commit says less than the journal)
+    disk_bytes = math.max(tonumber(snap.done) or 0, disk_bytes or 0)
     moving_rows = math.max(0, (tonumber(snap.rows) or 0) - loaded_rows)
   end
   f = family(out, "migrun_full_load_tables_loaded", "counter", "Tables the full load has committed")
   add(f, {}, fl and loaded_n)
-  f = family(out, "migrun_full_load_bytes", "counter", "Bytes the full load has copied (COPY binary)", "bytes")
-  add(f, {}, fl and (loaded_bytes + moving_bytes))
+  f = family(out, "migrun_full_load_bytes", "counter",
+    "The full load's progress in the source's on-disk bytes: tables committed whole, tables under way by their share of rows",
+    "bytes")
+  add(f, {}, disk_bytes)
+  local total_bytes
+  for _, t in ipairs(planned_tables or {}) do total_bytes = (total_bytes or 0) + (tonumber(t.bytes) or 0) end
+  f = family(out, "migrun_full_load_expected_bytes", "gauge",
+    "The tables' size on the source's disk (heap, TOAST, indexes): migrun_full_load_bytes_total's whole", "bytes")
+  add(f, {}, total_bytes)
   f = family(out, "migrun_full_load_rows", "counter", "Rows the full load has copied")
   add(f, {}, fl and (loaded_rows + moving_rows))
 
@@ -180,6 +201,10 @@ function metrics.families(state)
     "How long ago the primary was where the slot has confirmed", "seconds")
   local ret = family(out, "migrun_slot_retained_wal_bytes", "gauge", "WAL the slot keeps on the primary", "bytes")
   local act = family(out, "migrun_slot_active", "gauge", "1 when a consumer (a DMS task) reads the slot")
+  local safe = family(out, "migrun_slot_safe_wal_size_bytes", "gauge",
+    "WAL the primary may still write before max_slot_wal_keep_size invalidates the slot (PostgreSQL 13+)", "bytes")
+  local wstat = family(out, "migrun_slot_wal_status", "gauge",
+    "1 for the slot's wal_status (reserved, extended, unreserved: lost at the next checkpoint, lost)")
   local total_retained
   if state.slots then
     total_retained = 0
@@ -196,14 +221,21 @@ function metrics.families(state)
         add(lag_s, l, secs)
         add(ret, l, s.retained_bytes)
         add(act, l, s.active)
+        add(safe, l, s.safe_wal_size)
+        if s.wal_status then add(wstat, { slot = s.name, status = s.wal_status }, 1) end
         total_retained = total_retained + (s.retained_bytes or 0)
       end
     end
   end
-  f = family(out, "migrun_wal_retained_bytes", "gauge", "WAL migrun's slots keep on the primary", "bytes")
+  f = family(out, "migrun_wal_retained_bytes", "gauge", "WAL migrun's slots keep on the primary, added up slot by slot",
+    "bytes")
   add(f, {}, total_retained)
+  f = family(out, "migrun_wal_held_bytes", "gauge",
+    "WAL migrun's slots hold back on the primary, from their oldest restart_lsn (what the WAL guard's thresholds are about)",
+    "bytes")
+  add(f, {}, state.slots and (live.held(state.slots.slots) or 0) or nil)
   local guard = state.guard or {}
-  f = family(out, "migrun_wal_guard_warn_bytes", "gauge", "The WAL guard warns at this much retained WAL", "bytes")
+  f = family(out, "migrun_wal_guard_warn_bytes", "gauge", "The WAL guard warns at this much WAL held back", "bytes")
   add(f, {}, guard.warn_bytes)
   f = family(out, "migrun_wal_guard_stop_bytes", "gauge", "The WAL guard stops the run at this much", "bytes")
   add(f, {}, guard.stop_bytes)
