@@ -8,7 +8,7 @@ TEST_JOBS  ?= 4
 MIGRUN      = $(BUILD)/migrun
 CTEST       = ctest --output-on-failure --timeout 1200
 
-.PHONY: all deps build build-asan test test-unit test-faults test-fast test-asan demo install clean
+.PHONY: all deps build build-asan test test-unit test-faults test-fast test-asan test-matrix demo install clean
 
 all: build
 
@@ -41,6 +41,24 @@ test-fast: build
 
 test-asan: build-asan
 	ASAN_OPTIONS=detect_leaks=1 $(CTEST) --test-dir $(ASAN_BUILD) -j$(TEST_JOBS) -LE faults
+
+# Across PostgreSQL versions (docs/versions.md): the servers of other majors
+# fetched into a cache (tools/install-pg-versions), then, one pair at a time,
+# the queries that differ by version on each major and the whole migration
+# (awkward schema, writes, full load, CDC, cutover, verification).
+MATRIX_PAIRS ?= 13-15 13-17 15-17
+MATRIX_ENV    = MIGRUN_BIN=$(CURDIR)/$(MIGRUN) MIGRUN_SOURCE_DIR=$(CURDIR)
+MATRIX_BUSTED = $(MIGRUN) /usr/bin/busted --output=plainTerminal --lpath=tests/?.lua
+test-matrix: build
+	@tools/install-pg-versions
+	@passed=0; failed=0; \
+	if $(MATRIX_ENV) $(MATRIX_BUSTED) tests/matrix/versions_spec.lua; then passed=$$((passed+1)); else failed=$$((failed+1)); fi; \
+	for pair in $(MATRIX_PAIRS); do \
+	  echo "== PostgreSQL $$pair"; \
+	  if MIGRUN_MATRIX_PAIR=$$pair $(MATRIX_ENV) $(MATRIX_BUSTED) tests/matrix/e2e_matrix_spec.lua; \
+	  then passed=$$((passed+1)); else failed=$$((failed+1)); fi; \
+	done; \
+	echo "test-matrix: $$passed passed, $$failed failed"; [ $$failed -eq 0 ]
 
 demo: build
 	$(MIGRUN) tools/demo.lua

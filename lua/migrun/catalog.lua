@@ -72,6 +72,7 @@ schema-qualified and two servers print them alike.
 local pg = require "migrun.pg"
 local errors = require "migrun.error"
 local text = require "migrun.text"
+local pgversion = require "migrun.pgversion"
 
 local catalog = {}
 
@@ -126,22 +127,16 @@ function catalog._with_settings(db, settings, fn)
   return table.unpack(r, 2, r.n)
 end
 
-local function server_version(db)
-  local res, err = query(db, "select current_setting('server_version_num')::int as v")
-  if not res then return nil, err end
-  return res[1].v
-end
-
 local function is_null(v) return v == nil or v == pg.null end
 
 -- Everything about the ordinary tables of the database, keyed by "s.t", read in
 -- a few catalog queries. Names are matched by spelling, so the same call works
 -- on the source and on the target (oids differ).
 local function load(db)
-  local version, err = server_version(db)
+  local version, err = pgversion.of(db)
   if not version then return nil, err end
   return catalog._with_settings(db, { { "search_path", "" } }, function()
-    local partition_col = version >= 100000 and "c.relispartition" or "false"
+    local partition_col = pgversion.pick(version, "relispartition", "c.relispartition", "false")
     local res, qerr = query(db, ([[
       select c.oid::bigint as oid, n.nspname as schema, c.relname as name,
              c.relpersistence = 'u' as unlogged, %s as is_partition,
@@ -195,7 +190,7 @@ local function load(db)
     end
 
     -- Columns, with the base type of domains.
-    local generated = version >= 120000 and "a.attgenerated::text <> ''" or "false"
+    local generated = pgversion.pick(version, "attgenerated", "a.attgenerated::text <> ''", "false")
     res, qerr = query(db, ([[
       select a.attrelid::bigint as oid, a.attname as name,
              format_type(a.atttypid, a.atttypmod) as type, a.attnotnull as not_null,
@@ -225,7 +220,7 @@ local function load(db)
     end
 
     -- Indexes and the constraints they back.
-    local nkey = version >= 110000 and "i.indnkeyatts" or "i.indnatts"
+    local nkey = pgversion.pick(version, "indnkeyatts", "i.indnkeyatts", "i.indnatts")
     res, qerr = query(db, ([[
       select i.indrelid::bigint as oid, i.indexrelid::bigint as index_oid, ic.relname as name,
              i.indisprimary as is_primary, i.indisunique as is_unique, i.indisvalid as is_valid,

@@ -43,6 +43,7 @@ Why these two ways:
 ]]
 local pg = require "migrun.pg"
 local text = require "migrun.text"
+local pgversion = require "migrun.pgversion"
 
 local chunks = {}
 
@@ -64,7 +65,7 @@ function chunks.describe(db, t)
       from pg_class c where c.oid = $1::regclass]], qualified)
   if not res then return nil, err end
   local d = { bytes = res[1].bytes, blocks = res[1].blocks, version = res[1].version, columns = {} }
-  local generated = d.version >= 120000 and "a.attgenerated::text <> ''" or "false"
+  local generated = pgversion.pick(d.version, "attgenerated", "a.attgenerated::text <> ''", "false")
   res, err = query(db, ([[
     select a.attname as name, %s as generated from pg_attribute a
      where a.attrelid = $1::regclass and a.attnum > 0 and not a.attisdropped order by a.attnum]]):format(generated),
@@ -164,11 +165,12 @@ function chunks.plan(db, t, opts)
     if not res then return nil, err end
     plan.method, plan.column = "key", d.key.column
     plan.ranges = chunks.key_ranges(lo, hi, n, parse_bounds(#res > 0 and res[1].b or nil))
-  elseif d.version >= 140000 then
+  elseif pgversion.has(d.version, "tid_range_scan") then
     plan.method = "blocks"
     plan.ranges = chunks.block_ranges(d.blocks, n)
   else
-    return false, "no integer primary key, and block ranges need PostgreSQL 14 (TID range scans)"
+    return false, ("no integer primary key, and block ranges need TID range scans (PostgreSQL 14; this is %s)")
+      :format(pgversion.label(d.version))
   end
   plan.count = #plan.ranges
   if plan.count < 2 then return false, "one chunk" end

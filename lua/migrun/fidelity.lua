@@ -55,6 +55,7 @@ fidelity.undo_lines(changes) / fidelity.redo_lines(changes) -> { "SQL;" }
 local pg = require "migrun.pg"
 local text = require "migrun.text"
 local catalog = require "migrun.catalog"
+local pgversion = require "migrun.pgversion"
 
 local fidelity = {}
 
@@ -98,9 +99,7 @@ local function array_finding(find, key, t, r, where)
 end
 
 local function version_of(db)
-  local res, err = db:query("select current_setting('server_version_num')::int as v")
-  if not res then return nil, err end
-  return res[1].v
+  return pgversion.of(db)
 end
 
 local function label(schema, name, column)
@@ -217,8 +216,8 @@ function fidelity.inspect(db, opts)
   end
 
   -- Columns: generated, identity, types.
-  local generated = version >= 120000 and "a.attgenerated::text" or "''"
-  local identity = version >= 100000 and "a.attidentity::text" or "''"
+  local generated = pgversion.pick(version, "attgenerated", "a.attgenerated::text", "''")
+  local identity = pgversion.pick(version, "attidentity", "a.attidentity::text", "''")
   res, err = db:query(([[
     select n.nspname as schema, c.relname as name, a.attname as column, format_type(a.atttypid, a.atttypmod) as type,
            %s as generated, %s as identity, t.typtype::text as kind, bt.typname as base,

@@ -84,6 +84,7 @@ local errors = require "migrun.error"
 local text = require "migrun.text"
 local catalog = require "migrun.catalog"
 local qa = require "migrun.qa"
+local pgversion = require "migrun.pgversion"
 
 local matviews = {}
 
@@ -337,9 +338,9 @@ end
 -- would make a 10 and a 15 differ on equal rows.
 local function hash_method(a_db, b_db)
   for _, d in ipairs{ a_db, b_db } do
-    local res, err = d:query("select current_setting('server_version_num')::int as v")
-    if not res then return nil, err end
-    if res[1].v < 110000 then return "md5" end
+    local v, err = pgversion.of(d)
+    if not v then return nil, err end
+    if not pgversion.has(v, "typed_hashes") then return "md5" end
   end
   return "typed"
 end

@@ -53,6 +53,7 @@ the setting, 'pglogical' in output_plugin_libraries.
   pgl.sql(server_version_num) -> version-specific SQL texts (unit-tested for 9.6)
 ]]
 local lsn = require "migrun.lsn"
+local pgversion = require "migrun.pgversion"
 local errors = require "migrun.error"
 local pg = require "migrun.pg"
 local text = require "migrun.text"
@@ -92,9 +93,9 @@ end
 function pgl.sql(version)
   local n = lsn.names(version)
   return {
-    create_slot = version >= 100000
-      and "select slot_name, lsn from pg_create_logical_replication_slot($1, 'pglogical')"
-      or "select slot_name, xlog_position as lsn from pg_create_logical_replication_slot($1, 'pglogical')",
+    create_slot = pgversion.pick(version, "wal_names",
+      "select slot_name, lsn from pg_create_logical_replication_slot($1, 'pglogical')",
+      "select slot_name, xlog_position as lsn from pg_create_logical_replication_slot($1, 'pglogical')"),
     slots = ("select slot_name, plugin, slot_type, database, active, active_pid, restart_lsn,"
       .. " confirmed_flush_lsn, %s(%s(), restart_lsn)::bigint as retained_bytes"
       .. " from pg_replication_slots order by slot_name"):format(n.wal_lsn_diff, n.current_wal_lsn),

@@ -30,10 +30,13 @@ local pgversion = {}
 
 -- since: the first server_version_num that has it. Release notes of each major.
 pgversion.facts = {
+  wal_names = { since = 100000, what = "xlog renamed wal and location lsn (the names themselves: lsn.names)" },
+  replay_lag = { since = 100000, what = "pg_stat_replication.replay_lag" },
   relispartition = { since = 100000, what = "declarative partitioning (pg_class.relispartition)" },
   attidentity = { since = 100000, what = "identity columns (pg_attribute.attidentity)" },
   pg_monitor_roles = { since = 100000, what = "the roles pg_monitor, pg_read_all_settings" },
   indnkeyatts = { since = 110000, what = "covering indexes: pg_index.indnkeyatts (key columns before INCLUDE)" },
+  wal_receiver_sender = { since = 110000, what = "pg_stat_wal_receiver.sender_host and sender_port" },
   slot_advance = { since = 110000, what = "pg_replication_slot_advance()",
     without = "the watch slot is moved on by decoding its changes and discarding them" },
   typed_hashes = { since = 110000, what = "64-bit hash functions (hashtextextended...)",

@@ -29,6 +29,7 @@ local lsn = require "migrun.lsn"
 local errors = require "migrun.error"
 local host = require "migrun.host"
 local pg = require "migrun.pg"
+local pgversion = require "migrun.pgversion"
 
 local replica = {}
 
@@ -50,7 +51,7 @@ function replica.sql(version)
     pause_state = ("case when %s() then 'paused' else 'not paused' end"):format(n.is_wal_replay_paused)
   end
   local receiver
-  if version >= 110000 then
+  if pgversion.has(version, "wal_receiver_sender") then
     receiver = "select status, sender_host, sender_port, conninfo from pg_stat_wal_receiver"
   else -- sender_host/sender_port came in 11: read them from the (password-masked) conninfo
     receiver = "select status, null::text as sender_host, null::int as sender_port, conninfo from pg_stat_wal_receiver"

@@ -31,6 +31,7 @@ rowhash.stabilize(db) -> true | nil, err   set the settings for the session for 
 rowhash.with_stable(db, fn) -> fn's results  (errors raised by fn propagate)
 ]]
 local pg = require "migrun.pg"
+local pgversion = require "migrun.pgversion"
 
 local rowhash = {}
 
@@ -101,9 +102,9 @@ end
 
 function rowhash.method(...)
   for _, db in ipairs{ ... } do
-    local res, err = db:query("select current_setting('server_version_num')::int as v")
-    if not res then return nil, err end
-    if res[1].v < 110000 then return "md5" end
+    local v, err = pgversion.of(db)
+    if not v then return nil, err end
+    if not pgversion.has(v, "typed_hashes") then return "md5" end
   end
   return "typed"
 end

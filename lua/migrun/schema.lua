@@ -185,6 +185,11 @@ function schema.tools(version, opts)
   opts = opts or {}
   local major = major_of(version)
   local source = opts.source and major_of(opts.source)
+  if source and pgversion.major_num(source) > pgversion.major_num(major) then
+    return fail("schema", ("the source's PostgreSQL %s is newer than the target's %s: no pg_dump serves both"):format(
+      source, major), "a pg_dump refuses a server newer than itself, and its output is not guaranteed to load "
+      .. "into an older major", "migrate into the same or a newer major", { major = major })
+  end
   local inst = not opts.bindirs and pgbin.find(major)
   local dirs = opts.bindirs or { "/usr/lib/postgresql/" .. major .. "/bin" }
   if inst and inst.client_tools and inst.bindir ~= dirs[1] then dirs[#dirs + 1] = inst.bindir end

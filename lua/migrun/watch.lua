@@ -52,6 +52,7 @@ local lsn = require "migrun.lsn"
 local json = require "migrun.json"
 local fence = require "migrun.fence"
 local text = require "migrun.text"
+local pgversion = require "migrun.pgversion"
 
 local watch = {}
 
@@ -89,7 +90,7 @@ function watch.position(source, slot)
   local n = lsn.names(v)
   local res, err = source:query(("select confirmed_flush_lsn, restart_lsn, %s(%s(), restart_lsn)::bigint as retained,"
     .. " %s as wal_status from pg_replication_slots where slot_name = $1"):format(n.wal_lsn_diff, n.current_wal_lsn,
-    v >= 130000 and "wal_status" or "null::text"), slot)
+    pgversion.pick(v, "wal_status", "wal_status", "null::text")), slot)
   if not res then return nil, err end
   local r = res[1]
   if not r then return false end
@@ -158,7 +159,7 @@ end
 function watch.advance(source, slot, upto, sets)
   assert(source and source.query, "watch.advance: the source (a migrun.db Db) expected")
   local sql, params = "select 1 from pg_replication_slot_advance($1, $2::pg_lsn)", { slot, tostring(upto) }
-  if source.conn:server_version() < 110000 then
+  if not pgversion.has(source.conn:server_version(), "slot_advance") then
     -- decoded and thrown away: what get_changes consumes is what advance skips
     assert(type(sets) == "string", "watch.advance: the slot's sets expected (before PostgreSQL 11)")
     sql = ("select count(*) from pg_logical_slot_get_changes($1, $2::pg_lsn, NULL, %s,"

@@ -73,11 +73,16 @@ describe("migrun.schema", function()
   end)
 
   it("says which tools of which version are missing", function()
-    local t, err = schema.tools(990000)
+    -- a source of 99 into a target of 99: no pg_dump of 99 here, and none between them
+    local t, err = schema.tools(990000, { source = 990000 })
     assert.is_nil(t)
     assert.truthy(tostring(err):find("PostgreSQL 99", 1, true), tostring(err))
     assert.truthy(tostring(err):find("pg_dump", 1, true))
     assert.truthy(tostring(err):find("/usr/lib/postgresql/99/bin", 1, true))
+    -- without the source's version, the newest below the target's: pg_dump itself refuses a newer source
+    t = assert(schema.tools(990000))
+    assert.equal("older than the target", t.rule)
+    assert.truthy(t.note:find("no pg_dump of PostgreSQL 99 (the target's major) here", 1, true), t.note)
     -- a version number that went through JSON (a float) is the same version
     assert.equal(tools.pg_dump, assert(schema.tools(tonumber(tools.major) * 10000 + 0.0)).pg_dump)
     t, err = schema.tools("9.6", { bindirs = { L.dir .. "/no-such-bin" } })
