@@ -107,6 +107,9 @@ P:step{ "truncate", "Truncate the group's tables on the target",
 P:step{ "slot", "Drop and recreate the slot and its two replication sets; add the tables again",
   run = function(ctx)
     local src, s = ctx.source, slot(ctx)
+    -- the live verification's watch slot decodes every set: it leaves these out while they are recreated
+    local verification = assert(steps.verification(ctx))
+    assert(verification:suspend_sets(s))
     assert(pglogical.drop_sets(src, s))
     assert(pglogical.drop_slot(src, s))
     local created = assert(pglogical.create_slot(src, s))
@@ -116,6 +119,7 @@ P:step{ "slot", "Drop and recreate the slot and its two replication sets; add th
     assert(fence.create(src))
     assert(fence.create(ctx.target))
     assert(fence.add_slot(src, s))
+    assert(verification:resume_sets())
     return { lsn = created.lsn and tostring(created.lsn) or nil }
   end,
   check = function(ctx, facts)

@@ -63,6 +63,8 @@ V:at_cutover() -> report | nil, err
     The last changes and the pending work compared once; fails when the
     source changed meanwhile (writes did not stop).
 V:forget(tables) -> the named tables to be compared whole again (a reload)
+V:suspend_sets(slot), V:resume_sets(): around a partial restart dropping and
+    creating again a group's replication sets (see V:suspend_sets)
 verify.load(state_dir) -> state | false | nil, err;  verify.reset(state_dir)
 report = { differences = { {table, key (keydiff key or nil), keys = {{key, what}},
     complete, detail} }, rounds, history = { {whole, keys, changes, differences, seconds}
@@ -76,6 +78,8 @@ local qa = require "migrun.qa"
 local keydiff = require "migrun.keydiff"
 local watch = require "migrun.watch"
 local sentinel = require "migrun.sentinel"
+local pgl = require "migrun.pglogical"
+local lsn = require "migrun.lsn"
 local json = require "migrun.json"
 local host = require "migrun.host"
 local text = require "migrun.text"
@@ -218,6 +222,76 @@ function V:forget(tables)
   return self:save()
 end
 
+-- A group's replication sets dropped and created again (a partial restart):
+-- pglogical's decoder fails on the drop of a set it decodes ("replication set
+-- ... used by this connection was deleted"), and a recreated set has the same
+-- id. Until the watch slot's position is past their creation, it decodes
+-- without them; their tables are forgotten (hashed whole again) meanwhile.
+function V:suspend_sets(slot)
+  local ok, err = self:start()
+  if not ok then return nil, err end
+  local a, b = pgl.set_names(slot)
+  self.state.suspended = { sets = { a, b }, upto = nil }
+  return self:save()
+end
+
+function V:resume_sets()
+  if not (self.state and self.state.suspended) then return true end
+  local res, err = self.source:query(("select %s()::text as l"):format(
+    lsn.names(self.source.conn:server_version()).current_wal_lsn))
+  if not res then return nil, err end
+  self.state.suspended.upto = res[1].l
+  return self:save()
+end
+
+-- The sets to decode with: every group's, but the suspended ones.
+function V:decoded_sets()
+  local s = self.state and self.state.suspended
+  if not s then return self.sets end
+  local out = {}
+  local skip = set_of(s.sets)
+  for name in self.sets:gmatch("[^,]+") do
+    if not skip[name] then out[#out + 1] = name end
+  end
+  return table.concat(out, ",")
+end
+
+-- The watch slot moved past the recreation of suspended sets, decoding up to
+-- there without them; what it saw is kept in the pending work first, so a kill
+-- loses nothing. -> the changes seen (merged into the drain) | nil, err
+function V:pass_suspension(key_columns)
+  local s = self.state.suspended
+  if not (s and s.upto) then return {} end
+  local pos, err = watch.position(self.source, self.slot)
+  if not pos then return nil, err or "the watch slot is gone" end
+  if pos.confirmed_flush_lsn and pos.confirmed_flush_lsn >= lsn(s.upto) then
+    self.state.suspended = nil
+    return {}
+  end
+  local reduced = self:decoded_sets()
+  local seen
+  seen, err = watch.changes(self.source, self.slot, reduced, key_columns, { cap = self.cap, upto = s.upto })
+  if not seen then return nil, err end
+  for k, t in pairs(seen.tables) do
+    if t.capped or not t.keys then
+      self.state.pending.whole[k] = true
+    else
+      local list = self.state.pending.keys[k] or {}
+      for _, x in ipairs(t.keys) do list[#list + 1] = x end
+      self.state.pending.keys[k] = list
+    end
+  end
+  self.state.suspended = nil
+  local ok
+  ok, err = self:save()
+  if not ok then return nil, err end
+  if not self.dry_run then
+    ok, err = watch.advance(self.source, self.slot, s.upto, reduced)
+    if not ok then return nil, err end
+  end
+  return seen.tables
+end
+
 -- The watch slot read from its position up to now: { upto, tables = { [k] =
 -- { changes, capped, keys = {canonical} } } }.
 function V:drain()
@@ -227,8 +301,20 @@ function V:drain()
     if key == nil then return nil, err end
     if key then key_columns[k] = key.columns end
   end
-  local seen, err = watch.changes(self.source, self.slot, self.sets, key_columns, { cap = self.cap })
+  local before, perr = self:pass_suspension(key_columns)
+  if not before then return nil, perr end
+  local seen, err = watch.changes(self.source, self.slot, self:decoded_sets(), key_columns, { cap = self.cap })
   if not seen then return nil, err end
+  for k, t in pairs(before) do
+    local into = seen.tables[k]
+    if not into then
+      seen.tables[k] = t
+    else
+      into.changes = into.changes + t.changes
+      into.capped = into.capped or t.capped
+      if into.keys and t.keys then table.move(t.keys, 1, #t.keys, #into.keys + 1, into.keys) else into.keys = nil end
+    end
+  end
   for k, t in pairs(seen.tables) do
     if t.keys and #t.keys > 0 then
       local key = self:key(k)
@@ -391,7 +477,7 @@ function V:round(work)
   ok, err = self:save()
   if not ok then return nil, err end
   if not self.dry_run then
-    ok, err = watch.advance(self.source, self.slot, seen.upto, self.sets)
+    ok, err = watch.advance(self.source, self.slot, seen.upto, self:decoded_sets())
     if not ok then return nil, err end
     ok, err = sentinel.clear(self.target, noted)
     if not ok then return nil, err end
@@ -519,7 +605,7 @@ function V:at_cutover()
   if not found then return nil, err end
   -- the source must not have moved while it was read
   local after
-  after, err = watch.changes(self.source, self.slot, self.sets, {}, { cap = 0 })
+  after, err = watch.changes(self.source, self.slot, self:decoded_sets(), {}, { cap = 0 })
   if not after then return nil, err end
   if after.changes > seen.changes then
     return nil, verify_error(("the source changed while it was compared (%d change(s) after the last one read)")
