@@ -78,6 +78,7 @@ local pool = require "migrun.pool"
 local errors = require "migrun.error"
 local db = require "migrun.db"
 local rowhash = require "migrun.rowhash"
+local pgversion = require "migrun.pgversion"
 local keydiff = require "migrun.keydiff"
 
 local qa = {}
@@ -360,7 +361,7 @@ local function plan_units(a_db, b_db, tables, opts)
         local d, derr = chunks.describe(b_db, { schema = schema, name = name })
         if not d then
           e.error = derr
-        elseif d.version >= 140000 then -- TID range scans
+        elseif pgversion.has(d.version, "tid_range_scan") then
           b_ranges = chunks.block_ranges(math.tointeger(d.blocks), plan.count)
         end
       end

@@ -28,6 +28,7 @@ local pg = require "migrun.pg"
 local text = require "migrun.text"
 local host = require "migrun.host"
 local rowhash = require "migrun.rowhash"
+local pgversion = require "migrun.pgversion"
 
 local repair = {}
 
@@ -61,10 +62,12 @@ end
 
 -- The columns the target stores itself (not generated), in the table's order.
 local function stored_columns(db, qualified)
-  local res, err = db:query([[
+  local version, verr = pgversion.of(db)
+  if not version then return nil, verr end
+  local res, err = db:query(([[
     select a.attname as name from pg_attribute a
-     where a.attrelid = $1::regclass and a.attnum > 0 and not a.attisdropped and a.attgenerated = ''
-     order by a.attnum]], qualified)
+     where a.attrelid = $1::regclass and a.attnum > 0 and not a.attisdropped and %s
+     order by a.attnum]]):format(pgversion.pick(version, "attgenerated", "a.attgenerated = ''", "true")), qualified)
   if not res then return nil, err end
   local cols = {}
   for row in res:rows() do cols[#cols + 1] = pg.quote_ident(row.name) end

@@ -127,7 +127,8 @@ end
 
 function steps.restore_indexes(ctx, schema_facts, tables)
   local dump = { file = schema_facts.dump, list = schema_facts.list,
-                 tools = assert(schema.tools(ctx.target.conn:server_version())) }
+                 tools = assert(schema.tools(ctx.target.conn:server_version(),
+                   { source = ctx.source.conn:server_version() })) }
   assert(schema.restore_missing(ctx.config.target.conninfo, dump, ctx.replica, ctx.target, tables,
     { jobs = ctx.config.full_load.jobs, dry_run = ctx.dry_run, echo = ctx.print }))
   return steps.verify_indexes(ctx, tables)
