@@ -10,6 +10,8 @@
  * closed or collected while its process runs kills the process group first.
  * Every descriptor spawning opens belongs to the handle from the moment it is
  * open, so a spawn that fails half-way leaks none (see "spawning" below).
+ * A child's environment is an allow-list, not migrun's: what it needs is
+ * passed explicitly (see "the children's environment" below).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -29,6 +31,7 @@
 #define PROC_MT "migrun.proc.Process"
 #define ACTIVE_KEY "migrun.proc.active"
 #define WITHHELD_KEY "migrun.proc.withheld"
+#define ALLOW_KEY "migrun.proc.allowed"
 
 extern char **environ;
 
@@ -724,53 +727,157 @@ static char **build_argv(lua_State *L, int idx, int stage) {
     return argv;
 }
 
-/* envp: the inherited environment with spec.env applied (false removes). */
-static char **build_env(lua_State *L, int spec) {
-    lua_getfield(L, LUA_REGISTRYINDEX, WITHHELD_KEY); /* withheld|nil */
-    int withheld = lua_gettop(L);
-    if (lua_getfield(L, spec, "env") == LUA_TNIL && lua_isnil(L, withheld)) {
-        lua_pop(L, 2);
-        return environ;
+/* ---- the children's environment -----------------------------------------
+ * A child gets an allow-list, not migrun's environment: a secret in a variable
+ * nothing asked for (TARGET_PASSWORD while the conninfo holds the password, a
+ * token of another tool) never reaches pg_dump, a pool worker or a notify
+ * command. What a child gets, in order:
+ *   - from migrun's environment, the names of the allow-list (ALLOW_BASE and
+ *     what proc.allow added; "NAME*" is a prefix), the names listed in the
+ *     spec's env array part (passed on by name: env = { "PGSSLMODE" }), or
+ *     every name when spec.inherit_env is true (migrun running itself);
+ *     never a withheld name (proc.withhold, WITHHELD_BASE), never one the
+ *     spec's env names as a key;
+ *   - then the spec's env keys: a string (or number) value set, false unset.
+ * See docs/environment.md. */
+
+/* What any program needs to run as the operator's: its programs and
+ * libraries, locale and time zone, home and temporary directory, migrun's
+ * own internal variables (MIGRUN_LUA_PATH: the children run the same Lua),
+ * Lua's module paths and the sanitizers' options of a test build. */
+static const char *const ALLOW_BASE[] = {
+    "PATH",         "HOME",      "TMPDIR",          "TZ",           "LANG",
+    "LANGUAGE",     "LC_*",      "LD_LIBRARY_PATH", "MIGRUN_*",     "LUA_PATH",
+    "LUA_PATH_5_4", "LUA_CPATH", "LUA_CPATH_5_4",   "ASAN_OPTIONS", "UBSAN_OPTIONS",
+    "LSAN_OPTIONS", NULL};
+
+/* Never passed on by the allow-list or inherit_env, only by an explicit
+ * env = { NAME = value }: secrets in migrun's own namespace. */
+static const char *const WITHHELD_BASE[] = {"MIGRUN_DMS_EMULATOR_SECRET", NULL};
+
+/* libpq's environment variables (https://www.postgresql.org/docs/current/libpq-envars.html)
+ * but PGPASSWORD, for a child that connects to PostgreSQL as migrun does:
+ * env = { table.unpack(proc.LIBPQ_ENV) }. A password goes to a child only
+ * explicitly (env = { PGPASSWORD = pw } from the conninfo), never inherited. */
+static const char LIBPQ_ENV[] =
+    "PGHOST PGHOSTADDR PGPORT PGDATABASE PGUSER PGPASSFILE PGSERVICE PGSERVICEFILE PGSYSCONFDIR "
+    "PGOPTIONS PGAPPNAME PGSSLMODE PGREQUIRESSL PGSSLNEGOTIATION PGSSLCOMPRESSION PGSSLCERT "
+    "PGSSLKEY PGSSLCERTMODE PGSSLROOTCERT PGSSLCRL PGSSLCRLDIR PGSSLSNI PGREQUIREPEER "
+    "PGSSLMINPROTOCOLVERSION PGSSLMAXPROTOCOLVERSION PGGSSENCMODE PGKRBSRVNAME PGGSSLIB "
+    "PGGSSDELEGATION PGREQUIREAUTH PGCHANNELBINDING PGCONNECT_TIMEOUT PGCLIENTENCODING "
+    "PGTARGETSESSIONATTRS PGLOADBALANCEHOSTS PGDATESTYLE PGTZ PGGEQO PGLOCALEDIR";
+
+/* Pushes the registry's set at key, made from base on first use. */
+static void push_set(lua_State *L, const char *key, const char *const *base) {
+    if (lua_getfield(L, LUA_REGISTRYINDEX, key) == LUA_TTABLE)
+        return;
+    lua_pop(L, 1);
+    lua_newtable(L);
+    for (const char *const *n = base; *n; n++) {
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, *n);
     }
-    if (lua_isnil(L, -1)) {
+    lua_pushvalue(L, -1);
+    lua_setfield(L, LUA_REGISTRYINDEX, key);
+}
+
+/* Whether the set at index set holds name[0..n): the name, or "PREFIX*". */
+static int in_set(lua_State *L, int set, const char *name, size_t n) {
+    lua_pushlstring(L, name, n);
+    int hit = lua_rawget(L, set) != LUA_TNIL;
+    lua_pop(L, 1);
+    lua_pushnil(L);
+    while (!hit && lua_next(L, set)) {
         lua_pop(L, 1);
-        lua_newtable(L); /* withheld envt (empty) */
+        size_t kl;
+        const char *k = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &kl) : NULL;
+        if (k && kl > 0 && k[kl - 1] == '*' && n >= kl - 1 && memcmp(name, k, kl - 1) == 0) {
+            hit = 1;
+            lua_pop(L, 1); /* the key: the traversal ends here */
+        }
     }
-    luaL_checktype(L, -1, LUA_TTABLE);
-    int envt = lua_gettop(L);
+    return hit;
+}
+
+/* A variable's name as the allow-list takes it: no '=', not empty; a '*' only
+ * at its end (a prefix) when pattern. */
+static int valid_name(const char *name, int pattern) {
+    size_t n = strlen(name);
+    if (n == 0 || strchr(name, '=') != NULL)
+        return 0;
+    const char *star = strchr(name, '*');
+    return star == NULL || (pattern && star == name + n - 1 && n > 1);
+}
+
+/* envp for a child of the spec at index spec (see above). Leaves two values
+ * on the stack: the envp array and a table anchoring its strings. */
+static char **build_env(lua_State *L, int spec) {
+    int top = lua_gettop(L);
+    push_set(L, WITHHELD_KEY, WITHHELD_BASE); /* top+1 */
+    push_set(L, ALLOW_KEY, ALLOW_BASE);       /* top+2 */
+    lua_getfield(L, spec, "inherit_env");
+    int inherit = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    int t = lua_getfield(L, spec, "env"); /* top+3 */
+    if (t == LUA_TNIL) {
+        lua_pop(L, 1);
+        lua_newtable(L);
+    } else if (t != LUA_TTABLE) {
+        luaL_error(L, "bad env: expected a table, got %s", luaL_typename(L, -1));
+    }
+    int withheld = top + 1, allowed = top + 2, envt = top + 3;
+    lua_newtable(L); /* top+4: the names passed on by name */
+    int pass = top + 4;
+    size_t extra = 0;
+    lua_pushnil(L);
+    while (lua_next(L, envt)) {
+        if (lua_type(L, -2) == LUA_TNUMBER) {
+            if (lua_type(L, -1) != LUA_TSTRING || !valid_name(lua_tostring(L, -1), 0))
+                luaL_error(L, "bad env[%d]: expected the name of a variable to pass on",
+                           (int)lua_tointeger(L, -2));
+            lua_pushvalue(L, -1);
+            lua_pushboolean(L, 1);
+            lua_rawset(L, pass);
+        } else if (lua_type(L, -2) != LUA_TSTRING) {
+            luaL_error(L, "bad env: keys must be variable names (or a list of names to pass on)");
+        } else if (lua_toboolean(L, -1) || lua_type(L, -1) != LUA_TBOOLEAN) {
+            if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
+                luaL_error(L, "bad env.%s: expected a string or false", lua_tostring(L, -2));
+            extra++;
+        }
+        lua_pop(L, 1);
+    }
     size_t n = 0;
     for (char **e = environ; *e; e++)
         n++;
-    lua_pushnil(L);
-    while (lua_next(L, envt)) {
-        n++;
-        lua_pop(L, 1);
-    }
-    char **envp = lua_newuserdatauv(L, sizeof(char *) * (n + 1), 0);
-    lua_newtable(L); /* keeps the "K=V" strings alive */
-    int keep = lua_gettop(L);
+    char **envp = lua_newuserdatauv(L, sizeof(char *) * (n + extra + 1), 0); /* top+5 */
+    lua_newtable(L); /* top+6: keeps the "K=V" strings alive */
+    int keep = top + 6;
     size_t k = 0;
     for (char **e = environ; *e; e++) {
         const char *eq = strchr(*e, '=');
-        if (eq) {
-            lua_pushlstring(L, *e, (size_t)(eq - *e));
-            lua_pushvalue(L, -1);
-            int overridden = lua_rawget(L, envt) != LUA_TNIL;
-            lua_pop(L, 1);
-            int held = !lua_isnil(L, withheld) && lua_rawget(L, withheld) != LUA_TNIL;
-            lua_pop(L, 1);
-            if (overridden || held)
-                continue;
+        if (eq == NULL) {
+            if (inherit)
+                envp[k++] = *e;
+            continue;
         }
-        envp[k++] = *e;
+        size_t len = (size_t)(eq - *e);
+        lua_pushlstring(L, *e, len);
+        int named = lua_rawget(L, envt) != LUA_TNIL; /* the spec sets or unsets it */
+        lua_pushlstring(L, *e, len);
+        int held = lua_rawget(L, withheld) != LUA_TNIL;
+        lua_pushlstring(L, *e, len);
+        int passed = lua_rawget(L, pass) != LUA_TNIL;
+        lua_pop(L, 3);
+        if (named || held)
+            continue;
+        if (inherit || passed || in_set(L, allowed, *e, len))
+            envp[k++] = *e;
     }
     lua_pushnil(L);
     while (lua_next(L, envt)) {
-        if (lua_type(L, -2) != LUA_TSTRING)
-            luaL_error(L, "bad env: keys must be strings");
-        if (lua_toboolean(L, -1) || lua_type(L, -1) != LUA_TBOOLEAN) {
-            if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
-                luaL_error(L, "bad env.%s: expected a string or false", lua_tostring(L, -2));
+        if (lua_type(L, -2) == LUA_TSTRING &&
+            (lua_toboolean(L, -1) || lua_type(L, -1) != LUA_TBOOLEAN)) {
             lua_pushfstring(L, "%s=%s", lua_tostring(L, -2), lua_tostring(L, -1));
             envp[k++] = (char *)lua_tostring(L, -1);
             lua_rawseti(L, keep, (lua_Integer)k);
@@ -778,9 +885,9 @@ static char **build_env(lua_State *L, int spec) {
         lua_pop(L, 1);
     }
     envp[k] = NULL;
-    /* leave envp userdata and keep table on the stack, under the env table */
-    lua_remove(L, envt);     /* withheld envp keep */
-    lua_remove(L, withheld); /* envp keep */
+    /* envp and keep stay, at top+1 and top+2 */
+    lua_rotate(L, top + 1, 2);
+    lua_settop(L, top + 2);
     return envp;
 }
 
@@ -1108,7 +1215,7 @@ static int start(lua_State *L, int spec, int pipeline) {
     return fork_exec(L, p, &s, ud);
 }
 
-/* proc.spawn{ argv..., env=, cwd=, stdin=, stdout=, stderr= } -> handle | nil, err */
+/* proc.spawn{ argv..., env=, inherit_env=, cwd=, stdin=, stdout=, stderr= } -> handle | nil, err */
 static int proc_spawn(lua_State *L) {
     return start(L, 1, 0);
 }
@@ -1313,39 +1420,45 @@ static int proc_run(lua_State *L) {
     return 5;
 }
 
-/* proc.withhold{ "NAME", ... }: from now on no child inherits these
- * environment variables (a secret the run holds, such as the AWS secret key,
- * stays out of pg_dump's environment); a spec's env = { NAME = value } still
- * passes one on purpose. proc.withheld() -> the sorted names. */
-static int proc_withhold(lua_State *L) {
+/* Adds the names of the list at index 1 to the set at key (base on first use). */
+static void add_names(lua_State *L, const char *key, const char *const *base, int pattern,
+                      const char *what) {
     luaL_checktype(L, 1, LUA_TTABLE);
-    if (lua_getfield(L, LUA_REGISTRYINDEX, WITHHELD_KEY) == LUA_TNIL) {
-        lua_pop(L, 1);
-        lua_newtable(L);
-        lua_pushvalue(L, -1);
-        lua_setfield(L, LUA_REGISTRYINDEX, WITHHELD_KEY);
-    } /* names withheld */
+    push_set(L, key, base);
     lua_Integer n = luaL_len(L, 1);
     for (lua_Integer i = 1; i <= n; i++) {
         lua_geti(L, 1, i);
         const char *name = luaL_checkstring(L, -1);
-        luaL_argcheck(L, *name != '\0' && strchr(name, '=') == NULL, 1,
-                      "environment variable names expected");
+        luaL_argcheck(L, valid_name(name, pattern), 1, what);
         lua_pushboolean(L, 1);
         lua_rawset(L, -3);
     }
+}
+
+/* proc.withhold{ "NAME", ... }: from now on no child gets these variables
+ * from migrun's environment, even by the allow-list or inherit_env (a secret
+ * the run holds, such as the AWS secret key, stays out of a then-run's
+ * children); a spec's env = { NAME = value } still passes one on purpose. */
+static int proc_withhold(lua_State *L) {
+    add_names(L, WITHHELD_KEY, WITHHELD_BASE, 0, "environment variable names expected");
     return 0;
 }
 
-static int proc_withheld(lua_State *L) {
+/* proc.allow{ "NAME", "PREFIX*", ... }: adds names (or prefixes) to the
+ * allow-list every later child gets from migrun's environment (a team's
+ * KRB5CCNAME for GSSAPI, SSL_CERT_FILE...). */
+static int proc_allow(lua_State *L) {
+    add_names(L, ALLOW_KEY, ALLOW_BASE, 1, "environment variable names (or \"PREFIX*\") expected");
+    return 0;
+}
+
+/* The sorted names of the set at key. */
+static int list_set(lua_State *L, const char *key, const char *const *base) {
     lua_newtable(L); /* list */
-    if (lua_getfield(L, LUA_REGISTRYINDEX, WITHHELD_KEY) == LUA_TNIL) {
-        lua_pop(L, 1);
-        return 1;
-    }
+    push_set(L, key, base);
     lua_Integer k = 0;
     lua_pushnil(L);
-    while (lua_next(L, -2)) { /* list withheld name true */
+    while (lua_next(L, -2)) { /* list set name true */
         lua_pop(L, 1);
         lua_pushvalue(L, -1);
         lua_rawseti(L, -4, ++k);
@@ -1356,6 +1469,38 @@ static int proc_withheld(lua_State *L) {
     lua_pushvalue(L, -3);
     lua_call(L, 1, 0);
     lua_pop(L, 1);
+    return 1;
+}
+
+/* proc.withheld() -> the sorted names withheld */
+static int proc_withheld(lua_State *L) {
+    return list_set(L, WITHHELD_KEY, WITHHELD_BASE);
+}
+
+/* proc.allowed() -> the sorted allow-list ("PREFIX*" for prefixes) */
+static int proc_allowed(lua_State *L) {
+    return list_set(L, ALLOW_KEY, ALLOW_BASE);
+}
+
+/* proc.environment([spec]) -> { NAME = value }: the environment a child of
+ * this spec would get (its env, inherit_env), to look at or to test. */
+static int proc_environment(lua_State *L) {
+    if (lua_isnoneornil(L, 1)) {
+        lua_settop(L, 0);
+        lua_newtable(L);
+    }
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    char **envp = build_env(L, 1); /* spec envp keep */
+    lua_newtable(L);
+    for (char **e = envp; *e; e++) {
+        const char *eq = strchr(*e, '=');
+        if (eq == NULL)
+            continue;
+        lua_pushlstring(L, *e, (size_t)(eq - *e));
+        lua_pushstring(L, eq + 1);
+        lua_rawset(L, -3);
+    }
     return 1;
 }
 
@@ -1384,6 +1529,9 @@ int luaopen_migrun_proc(lua_State *L) {
         {"quote", proc_quote},
         {"withhold", proc_withhold},
         {"withheld", proc_withheld},
+        {"allow", proc_allow},
+        {"allowed", proc_allowed},
+        {"environment", proc_environment},
         {NULL, NULL},
     };
     /* clang-format on */
@@ -1395,5 +1543,15 @@ int luaopen_migrun_proc(lua_State *L) {
     lua_setfield(L, -2, "methods");
     lua_pop(L, 1);
     luaL_newlib(L, funcs);
+    lua_newtable(L); /* LIBPQ_ENV, one name a word */
+    lua_Integer n = 0;
+    for (const char *w = LIBPQ_ENV; *w;) {
+        size_t len = strcspn(w, " ");
+        lua_pushlstring(L, w, len);
+        lua_rawseti(L, -2, ++n);
+        w += len;
+        w += strspn(w, " ");
+    }
+    lua_setfield(L, -2, "LIBPQ_ENV");
     return 1;
 }

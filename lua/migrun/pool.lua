@@ -111,6 +111,7 @@ function Pool:_start(task, slot)
   task.stderr = {}
   local h, err = proc.spawn{ host.exe, "-e", "require('migrun.pool').child()",
     stdin = json.encode{ entry = self.entry, job = task.job }, die_with_parent = true,
+    env = { table.unpack(proc.LIBPQ_ENV) }, -- a worker connects to PostgreSQL: libpq's variables, no password
     stdout = function(line)
       local ok, ev = pcall(json.decode, line)
       if ok and type(ev) == "table" then

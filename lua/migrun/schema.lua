@@ -257,11 +257,11 @@ end
 -- the name of its session (migrun.playbook.sessions: a rerun finds a killed
 -- run's pg_restore by it).
 local function child(argv, password, tools)
-  local env = {}
+  local env = { table.unpack(proc.LIBPQ_ENV) } -- libpq's variables by name; the password only explicitly
   for k, v in pairs(tools and tools.env or {}) do env[k] = v end
   env.PGPASSWORD = password
   env.PGAPPNAME = pg.application_name(argv[1]:match("[^/]+$"))
-  argv.env = next(env) and env or nil
+  argv.env = env
   return argv
 end
 

@@ -313,7 +313,7 @@ describe("migrun.playbook", function()
     assert.falsy(all:find("s3cretpw", 1, true))
   end)
 
-  it("keeps the AWS secrets and the variables the config reads out of its children's environment", function()
+  it("gives its children an allow-list: no secret, no variable they were not given", function()
     local schema, state = fresh()
     local cfg = dir .. "/env-config.lua"
     write(cfg, ([[
@@ -322,17 +322,29 @@ describe("migrun.playbook", function()
         source = { conninfo = %q .. (os.getenv("FIXTURE_SOURCE_OPTS") or "") },
         replica = { conninfo = %q },
         target = { conninfo = %q },
+        children_env = { "TEAM_*" },
       }
     ]]):format(L.source.conninfo, L.replica.conninfo, L.target.conninfo))
     local argv = { MIGRUN, FIXTURE, "--config", cfg, "--state-dir", state, schema, "--yes",
       env = { FIXTURE_SHOW_ENV = "1", FIXTURE_SOURCE_OPTS = " application_name=s3cret-by-env",
-        AWS_SECRET_ACCESS_KEY = "aws-s3cret", AWS_ACCESS_KEY_ID = "AKIDVISIBLE", UNRELATED = "kept" } }
+        AWS_SECRET_ACCESS_KEY = "aws-s3cret", AWS_ACCESS_KEY_ID = "AKIDVISIBLE", UNRELATED = "s3cret-unrelated",
+        TEAM_KUBECONFIG = "/k", LC_TIME = "C" } }
     local _, _, code, out, err = proc.run(argv)
     assert.equal(0, code, out .. err)
-    assert.matches("child env: UNRELATED=kept", out)
-    assert.matches("child env: AWS_ACCESS_KEY_ID=AKIDVISIBLE", out)
-    assert.falsy(out:find("aws-s3cret", 1, true), out)
-    assert.falsy(out:find("FIXTURE_SOURCE_OPTS", 1, true), out)
+    assert.matches("child env: LC_TIME=C", out)
+    assert.matches("child env: PATH=", out)
+    -- the config's children_env adds the team's own
+    assert.matches("child env: TEAM_KUBECONFIG=/k", out)
+    for _, never in ipairs{ "aws-s3cret", "AKIDVISIBLE", "s3cret-unrelated", "FIXTURE_SOURCE_OPTS" } do
+      assert.falsy(out:find(never, 1, true), never .. ": " .. out)
+    end
+    -- a bad name there is the config's mistake, said as such
+    write(cfg, ([[return { name = "fixture", source = { conninfo = %q }, replica = { conninfo = %q },
+      target = { conninfo = %q }, children_env = { "A=B" } }]]):format(L.source.conninfo, L.replica.conninfo,
+      L.target.conninfo))
+    local _, _, bcode, _, berr = proc.run{ MIGRUN, FIXTURE, "--config", cfg, "--state-dir", state, schema, "--yes" }
+    assert.equal(2, bcode)
+    assert.matches("children_env: environment variable names %(or \"PREFIX%*\"%) expected", berr)
   end)
 
   it("lists the steps with their status and explains itself with --help", function()

@@ -283,8 +283,10 @@ describe("migrun.proc descriptors", function()
   end)
 
   local bad = {
-    { "bad env after a stdout file", { "true", stdout = { file = tmp }, env = { [1] = "x" } },
-      "bad env: keys must be strings" },
+    { "bad env after a stdout file", { "true", stdout = { file = tmp }, env = { [1] = "X=1" } },
+      "bad env%[1%]: expected the name of a variable to pass on" },
+    { "bad env key after a stdout file", { "true", stdout = { file = tmp }, env = { [true] = "x" } },
+      "bad env: keys must be variable names" },
     { "bad env value after a stdin file and /dev/null",
       { "true", stdin = { file = "/dev/null" }, stderr = "null", env = { X = {} } }, "bad env.X" },
     { "bad stderr after a stdout file", { "true", stdout = { file = tmp }, stderr = "bogus" },
@@ -339,15 +341,105 @@ describe("migrun.proc descriptors", function()
   end)
 end)
 
+describe("the children's environment", function()
+  local MIGRUN = os.getenv("MIGRUN_BIN") or "build/migrun"
+
+  -- runs script in a migrun whose environment is exactly env (and PATH); -> its stdout
+  local function in_migrun(script, env)
+    local spec = { MIGRUN, "-e", "local proc = require 'migrun.proc'\n"
+      .. "local function env(spec) spec = spec or {} spec[1] = 'env' spec.stdout = 'capture'\n"
+      .. "  local _, _, _, out = proc.run(spec) return out end\n" .. script, env = env }
+    -- the child migrun itself gets exactly env: everything else of this process removed
+    spec.env.PATH = spec.env.PATH or os.getenv("PATH")
+    local ok, _, _, out, err = proc.run(spec)
+    assert.is_true(ok, err)
+    return out
+  end
+
+  local WORLD = { TARGET_PASSWORD = "s3cret-target", MY_API_TOKEN = "t0ken", PGPASSWORD = "pg-pw",
+    AWS_SECRET_ACCESS_KEY = "aws-secret", MIGRUN_DMS_EMULATOR_SECRET = "emu-secret",
+    HOME = "/home/op", LANG = "C.UTF-8", LC_TIME = "en_GB.UTF-8", TZ = "UTC", TMPDIR = "/tmp",
+    MIGRUN_LUA_PATH = os.getenv("MIGRUN_LUA_PATH") or false, MIGRUN_MARK = "m1", PGSSLMODE = "require",
+    PGPASSFILE = "/home/op/.pgpass", KUBECONFIG = "/home/op/.kube/config" }
+
+  it("is an allow-list: an unrelated secret never reaches a child, what a program needs does", function()
+    local out = in_migrun([[ io.write(env()) ]], WORLD)
+    for _, secret in ipairs{ "s3cret-target", "t0ken", "pg-pw", "aws-secret", "emu-secret", "KUBECONFIG",
+                             "PGSSLMODE", "PGPASSFILE" } do
+      assert.falsy(out:find(secret, 1, true), secret .. " reached the child:\n" .. out)
+    end
+    for _, kept in ipairs{ "HOME=/home/op", "LANG=C.UTF-8", "LC_TIME=en_GB.UTF-8", "TZ=UTC", "TMPDIR=/tmp",
+                           "MIGRUN_MARK=m1", "PATH=" } do
+      assert.truthy(out:find("\n" .. kept, 1, true) or out:find("^" .. kept:gsub("%p", "%%%0")), kept .. " missing:\n" .. out)
+    end
+  end)
+
+  it("passes names on by name, values explicitly, and unsets what a spec says", function()
+    local out = in_migrun([[
+      local libpq = { table.unpack(proc.LIBPQ_ENV) }
+      libpq.PGPASSWORD = "given"
+      io.write(env{ env = libpq }, "--\n", env{ env = { "KUBECONFIG", HOME = false, X = 1 } })
+    ]], WORLD)
+    local a, b = out:match("^(.-)%-%-\n(.*)$")
+    -- a child that connects to PostgreSQL: libpq's variables by name, the password only when given
+    assert.truthy(a:find("PGSSLMODE=require", 1, true), a)
+    assert.truthy(a:find("PGPASSFILE=/home/op/.pgpass", 1, true), a)
+    assert.truthy(a:find("PGPASSWORD=given", 1, true), a)
+    assert.falsy(a:find("pg-pw", 1, true), a)
+    assert.falsy(a:find("s3cret-target", 1, true), a)
+    assert.truthy(b:find("KUBECONFIG=/home/op/.kube/config", 1, true), b)
+    assert.truthy(b:find("X=1", 1, true), b)
+    assert.falsy(b:find("HOME=", 1, true), b)
+  end)
+
+  it("inherits everything on request (migrun running itself), never what is withheld", function()
+    local out = in_migrun([[
+      proc.withhold{ "TARGET_PASSWORD" }
+      io.write(env{ inherit_env = true }, "--\n", env{ inherit_env = true, env = { TARGET_PASSWORD = "again" } })
+    ]], WORLD)
+    local a, b = out:match("^(.-)%-%-\n(.*)$")
+    assert.truthy(a:find("MY_API_TOKEN=t0ken", 1, true), a)
+    assert.truthy(a:find("KUBECONFIG=", 1, true), a)
+    assert.falsy(a:find("s3cret-target", 1, true), a)
+    assert.falsy(a:find("emu-secret", 1, true), a) -- withheld from the start
+    assert.truthy(b:find("TARGET_PASSWORD=again", 1, true), b)
+  end)
+
+  it("takes more names (or prefixes) with proc.allow, and says what a child would get", function()
+    local out = in_migrun([[
+      proc.allow{ "KUBECONFIG", "MY_API_*" }
+      local e = proc.environment()
+      print(e.KUBECONFIG, e.MY_API_TOKEN, e.TARGET_PASSWORD, e.PATH ~= nil)
+      print(table.concat(proc.allowed(), ","))
+      print(pcall(proc.allow, { "A=B" }))
+      print(pcall(proc.allow, { "*" }))
+      print(proc.environment{ env = { "TARGET_PASSWORD" } }.TARGET_PASSWORD)
+      local has_pw = false
+      for _, n in ipairs(proc.LIBPQ_ENV) do if n == "PGPASSWORD" then has_pw = true end end
+      print(has_pw, #proc.LIBPQ_ENV > 30)
+    ]], WORLD)
+    local lines = {}
+    for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
+    assert.equal("/home/op/.kube/config\tt0ken\tnil\ttrue", lines[1])
+    assert.truthy(lines[2]:find("KUBECONFIG,LANG,LANGUAGE,LC_*,", 1, true), lines[2])
+    assert.truthy(lines[2]:find("MY_API_*", 1, true), lines[2])
+    assert.matches("^false\t.*environment variable names %(or \"PREFIX%*\"%) expected", lines[3])
+    assert.matches("^false\t", lines[4])
+    assert.equal("s3cret-target", lines[5])
+    assert.equal("false\ttrue", lines[6])
+  end)
+end)
+
 describe("migrun.proc.withhold", function()
   it("keeps withheld variables from every child, unless a spec passes one on purpose", function()
     local script = [[
       local proc = require "migrun.proc"
       local function env(spec) spec = spec or {} spec[1] = "env" spec.stdout = "capture"
         local _, _, _, out = proc.run(spec) return out end
-      assert(env():find("HELD_X=1", 1, true))
+      assert(env{ env = { "HELD_X" } }:find("HELD_X=1", 1, true))
       proc.withhold{ "HELD_X" }
-      assert(not env():find("HELD_X", 1, true))
+      assert(not env{ env = { "HELD_X" } }:find("HELD_X", 1, true))
+      assert(not env{ inherit_env = true }:find("HELD_X", 1, true))
       assert(not env{ env = { OTHER = "y" } }:find("HELD_X", 1, true))
       assert(env{ env = { HELD_X = "2" } }:find("HELD_X=2", 1, true))
       print(table.concat(proc.withheld(), ","))
@@ -355,6 +447,6 @@ describe("migrun.proc.withhold", function()
     local ok, _, _, out, err = proc.run{ os.getenv("MIGRUN_BIN") or "build/migrun", "-e", script,
       env = { HELD_X = "1" } }
     assert.is_true(ok, err)
-    assert.equal("HELD_X\n", out)
+    assert.equal("HELD_X,MIGRUN_DMS_EMULATOR_SECRET\n", out)
   end)
 end)

@@ -18,7 +18,8 @@ assert(select(2, s:wait(0.01)) == "timeout")
 assert(not proc.spawn{ "/no/such/program" })
 assert(not pcall(proc.spawn, {}))
 -- a spec found bad after files were opened: the handle frees and closes what it had
-assert(not pcall(proc.spawn, { "true", stdout = { file = "/dev/null" }, stdin = false, env = { [1] = "x" } }))
+assert(not pcall(proc.spawn, { "true", stdout = { file = "/dev/null" }, stdin = false, env = { [1] = "X=1" } }))
+assert(proc.environment{ env = { "HOME", X = "1" } }.X == "1")
 assert(not pcall(proc.pipeline, { { "true" }, { "cat", {} }, stdout = "null" }))
 assert(not proc.pipeline{ { "true" }, { "/no/such/program" }, stdout = "capture" })
 local host = require "migrun.host"

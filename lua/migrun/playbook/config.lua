@@ -293,6 +293,7 @@ config.SCHEMA = record({
   { "target", conninfo("target (RDS)") },
   { "schemas", list(str{}, { doc = "schemas to migrate (default: every non-system schema)" }) },
   { "exclude_tables", list(table_name, { default = {}, doc = "tables not migrated" }) },
+  { "children_env", list(str{}, { default = {}, doc = "variables every child also gets (docs/environment.md)" }) },
   { "slots", record({
     { "prefix", str{ default = "dms_slot_", expected = SLOT_PREFIX,
       check = function(v) if not v:match("^[a-z0-9_]+$") or #v > MAX_PREFIX then return SLOT_PREFIX end end,

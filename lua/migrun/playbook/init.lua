@@ -420,6 +420,12 @@ function Playbook:_main(argv)
   -- Children (pg_dump, psql, workers) get what they need passed explicitly;
   -- the secrets this run holds are never inherited.
   proc.withhold(playbook.withheld_env(cfg))
+  local allowed, aerr = pcall(proc.allow, cfg.children_env) -- beyond the allow-list: docs/environment.md
+  if not allowed then
+    stderr("migrun: children_env: " .. tostring(aerr):gsub("^bad argument #1 to '[%w.]+' %((.*)%)$", "%1")
+      .. " (" .. (cfg.config_path or "the configuration") .. ")")
+    return EXIT.usage
+  end
 
   if opts.list then
     local J, jerr = journal.open(state_dir, { read_only = true })
@@ -603,7 +609,7 @@ function Playbook:_run_next(ctx, next_run)
   -- the next playbook is migrun again: it needs the secrets the children don't
   local env = {}
   for _, name in ipairs(proc.withheld()) do env[name] = os.getenv(name) or false end
-  local spec = { die_with_parent = true, env = env }
+  local spec = { die_with_parent = true, env = env, inherit_env = true }
   for i, a in ipairs(next_run.argv) do spec[i] = a end
   local h, err = proc.spawn(spec)
   if not h then

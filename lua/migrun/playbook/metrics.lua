@@ -470,7 +470,8 @@ function metrics.start(o)
   local h, err = proc.spawn{ host.exe, "-e", "require('migrun.playbook.metrics').main()",
     stdin = json.encode{ listen = o.listen, state_dir = o.state_dir, source = o.source, prefix = o.prefix,
       migration = o.migration, guard = o.guard, interval = o.interval },
-    die_with_parent = true,
+    -- what a child that connects to PostgreSQL needs, never a password (migrun.proc)
+    die_with_parent = true, env = { table.unpack(proc.LIBPQ_ENV) },
     stdout = function(line)
       local okj, v = pcall(json.decode, line)
       if okj and type(v) == "table" then said = said or v end

@@ -8,8 +8,10 @@ watcher before any step and closes it when the run ends.
            job = function(ctx) return { ... } end } }
 
 The child is `migrun -e "require(module).main()"`, given job(ctx) as JSON on
-stdin (never on argv), dying with migrun, with the environment every child
-gets (proc.withhold keeps the secrets out; the job carries what it needs).
+stdin (never on argv), dying with migrun, with the environment a child that
+connects to PostgreSQL needs: migrun.proc's allow-list and libpq's variables
+(proc.LIBPQ_ENV: a passfile, SSL settings), never a password or the AWS keys
+(the job carries the conninfos; the guard calls no AWS API).
 It writes one JSON line per check on stdout ({ level = "ok"|"warn"|"stop",
 message, ... }), prints its warnings itself, and on a stop asks migrun to
 stop (SIGUSR1): while a step runs the runner keeps it armed (host.arm_stop),
@@ -41,7 +43,7 @@ function watchdog.start(ctx, w)
   local self = setmetatable({ name = w.name, lines = {}, stderr = {}, events = {} }, Watchdog)
   host.listen_stop(true)
   local h, err = proc.spawn{ host.exe, "-e", ("require(%q).main()"):format(w.process.module),
-    stdin = cjson.encode(job), die_with_parent = true,
+    stdin = cjson.encode(job), die_with_parent = true, env = { table.unpack(proc.LIBPQ_ENV) },
     stdout = function(line)
       local ok, v = pcall(cjson.decode, line)
       if ok and type(v) == "table" then
