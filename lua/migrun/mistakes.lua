@@ -296,10 +296,11 @@ end
 -- qa.queries
 ---------------------------------------------------------------------------
 
--- The query as one SELECT: a trailing ";" taken off, a newline before the
--- closing parenthesis so that a trailing -- comment does not swallow it.
+-- The query as one SELECT: a trailing ";" taken off (with a line comment
+-- after it), a newline before the closing parenthesis so that a trailing --
+-- comment does not swallow it.
 function mistakes.wrap(sql)
-  sql = sql:gsub("[%s;]+$", "")
+  sql = sql:gsub("%s+$", ""):gsub(";%s*%-%-[^\n]*$", ";"):gsub("[%s;]+$", "")
   return "select * from (\n" .. sql .. "\n) as migrun_qa_check where $1::int = 1"
 end
 
