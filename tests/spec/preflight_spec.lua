@@ -406,6 +406,36 @@ describe("migrun.preflight", function()
     for _, g in ipairs(run {}.findings) do assert.not_equal("materialized views", g.check) end
   end)
 
+  -- issue 21: a replica paused before the run can never give CDC's start position (the slots do
+  -- not exist yet); one this run paused is expected
+  it("refuses a replica someone else paused, with the command that resumes it", function()
+    local admin = assert(pg.connect(L.replica.conninfo, { name = "admin" }))
+    assert(admin:exec("select pg_wal_replay_pause()"))
+    local ok, err = pcall(function()
+      local host = require "migrun.host"
+      local deadline = host.monotonic() + 20
+      while assert(admin:exec("select pg_get_wal_replay_pause_state() as s"))[1].s ~= "paused" do
+        assert(host.monotonic() < deadline, "the replica did not pause")
+        host.sleep(0.05)
+      end
+      local f = find(run {}, "replica", "replay")
+      assert.is_false(f.ok)
+      assert.equal("error", f.severity)
+      assert.truthy(f.message:find("^replay is paused at [%x/]+, and this run did not pause it: CDC must start after "
+        .. "migrun's slots are created"), f.message)
+      assert.truthy(f.hint:find("psql -h 127.0.0.1 -p " .. L.replica.port .. " -U postgres -d app -c "
+        .. "'select pg_wal_replay_resume()'", 1, true), f.hint)
+      for _, args in ipairs{ { replica_pause_expected = true }, { resuming = true } } do
+        for _, g in ipairs(run(args).findings) do assert.not_equal("replay", g.check) end
+      end
+      -- resuming, but the pause step has not begun: someone else's pause all the same
+      assert.is_false(find(run { resuming = true, replica_pause_expected = false }, "replica", "replay").ok)
+    end)
+    assert(admin:exec("select pg_wal_replay_resume()"))
+    admin:close()
+    assert(ok, err)
+  end)
+
   it("raises on misuse", function()
     assert.has_error(function() preflight.run{ source = src, replica = rep } end,
       "preflight.run: target (a migrun.db Db) expected")
