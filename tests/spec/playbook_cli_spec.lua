@@ -41,6 +41,17 @@ describe("migrun.playbook.cli", function()
     end
   end)
 
+  -- issue 21: partial_restart's slot names its journal section and report file
+  it("refuses a positional argument its check refuses, before anything uses it", function()
+    local spec = { usage = "migrun thing.lua", args = { { "slot", "the slot",
+      check = function(v) if not v:match("^[a-z0-9_]+$") then return "not a slot name" end end } } }
+    assert.equal("dms_slot_01", assert(cli.parse(spec, { "dms_slot_01" })).args.slot)
+    local o, err = cli.parse(spec, { "dms_slot_01; drop table x" })
+    assert.is_nil(o)
+    assert.equal("usage", err.kind)
+    assert.matches('<slot> "dms_slot_01; drop table x": not a slot name', tostring(err))
+  end)
+
   it("takes --help anywhere, without the positional arguments", function()
     assert.is_true(assert(cli.parse(SPEC, { "--dir", "x", "--help" })).help)
   end)

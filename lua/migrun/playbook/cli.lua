@@ -12,13 +12,16 @@ the same declaration.
       { "--dir", "DIR", "where the lab lives" },
       { "--yes", nil, "do not ask" },               -- a flag: true when given
     },
-    args = { { "slot", "a slot of this migration, e.g. dms_slot_02" } }, -- positional, in order
+    args = { { "slot", "a slot of this migration, e.g. dms_slot_02",     -- positional, in order
+               check = function(v) if not v:match("^[a-z0-9_]+$") then return "not a slot name" end end } },
     min_args = 1,                               -- default: every declared one
     max_args = 1,                               -- default: as many as declared
   }
   cli.parse(spec, argv) -> opts | nil, err
       opts["scale"], opts["dir"], opts["yes"], opts.args = { ... },
       opts.args.slot (positional ones by name too), opts.help = true on --help/-h.
+      An argument's check(value) -> nil | what is wrong refuses it before
+      anything uses it (a journal section, a report's file name).
       "--name=value" works too; "--" ends the options. err is a migrun.error
       of kind "usage" that prints as one line.
   cli.help(spec, extra) -> text: usage line, about, arguments, options (each
@@ -94,7 +97,11 @@ function cli.parse(spec, argv)
   if max >= 0 and #positional > max then
     return nil, usage_error(("unexpected argument %q (see --help)"):format(positional[max + 1]))
   end
-  for j, a in ipairs(declared) do positional[a[1]] = positional[j] end
+  for j, a in ipairs(declared) do
+    local problem = a.check and positional[j] ~= nil and a.check(positional[j])
+    if problem then return nil, usage_error(("<%s> %q: %s"):format(a[1], positional[j], problem)) end
+    positional[a[1]] = positional[j]
+  end
   return opts
 end
 
