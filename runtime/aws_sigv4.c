@@ -3,19 +3,23 @@
  * request (normalized and percent-encoded URI, sorted and re-encoded query,
  * lower-cased trimmed headers, signed-header list, payload hash), the string
  * to sign with its credential scope, the derived signing key and the
- * signature. Everything is built from Lua strings on the Lua stack, so an
- * error raised halfway (bad argument, out of memory) leaks nothing; OpenSSL is
- * only called for one-shot SHA-256 and HMAC-SHA256 into stack buffers. The
- * signer returns its intermediate texts too, so tests compare them with the
- * published vectors byte for byte and a DMS stand-in can verify a request by
- * recomputing it. The secret key never leaves this file except folded into
- * the signature.
+ * signature, each a step of its own (see "aws.sign, step by step"). The texts
+ * are built from Lua strings on the Lua stack, so an error raised halfway (bad
+ * argument, out of memory) leaks nothing; the key material is built apart, in
+ * C buffers that no Lua call can jump over and that are wiped (OPENSSL_cleanse)
+ * before the signer goes on; OpenSSL is only called for one-shot SHA-256 and
+ * HMAC-SHA256. The signer returns its intermediate texts too, so tests compare
+ * them with the published vectors byte for byte and a DMS stand-in can verify
+ * a request by recomputing it. The secret key never leaves this file except
+ * folded into the signature.
  */
+#include <assert.h>
 #include <ctype.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 #include <openssl/sha.h>
@@ -40,10 +44,12 @@ static void sha256_hex(const char *data, size_t len, char out[65]) {
     hex_encode(md, sizeof md, out);
 }
 
-static void hmac_sha256(const unsigned char *key, size_t keylen, const char *data, size_t len,
-                        unsigned char out[32]) {
+/* -> 1, or 0 when OpenSSL failed */
+static int hmac_sha256(const unsigned char *key, size_t keylen, const char *data, size_t len,
+                       unsigned char out[32]) {
     unsigned int outlen = 32;
-    HMAC(EVP_sha256(), key, (int)keylen, (const unsigned char *)data, len, out, &outlen);
+    return HMAC(EVP_sha256(), key, (int)keylen, (const unsigned char *)data, len, out, &outlen) !=
+           NULL;
 }
 
 static int is_unreserved(unsigned char c) {
@@ -311,25 +317,6 @@ static void set_header(lua_State *L, int out, const char *name, const char *valu
     lua_setfield(L, out, name);
 }
 
-/* Looks a field up as a string or nil; raises when it has another type. */
-static const char *opt_field(lua_State *L, int t, const char *key) {
-    lua_getfield(L, t, key);
-    const char *s = NULL;
-    if (lua_type(L, -1) == LUA_TSTRING)
-        s = lua_tostring(L, -1);
-    else if (!lua_isnil(L, -1))
-        luaL_error(L, "aws.sign: field '%s' must be a string", key);
-    lua_pop(L, 1); /* the string stays reachable through the argument table */
-    return s;
-}
-
-static const char *req_field(lua_State *L, int t, const char *key) {
-    const char *s = opt_field(L, t, key);
-    if (s == NULL || *s == '\0')
-        luaL_error(L, "aws.sign: field '%s' is required", key);
-    return s;
-}
-
 /* Splits url into host (with port unless default for the scheme), path and query. */
 static void split_url(lua_State *L, const char *url) {
     const char *p = strstr(url, "://");
@@ -369,6 +356,362 @@ static void split_url(lua_State *L, const char *url) {
     }
 }
 
+/* ---- aws.sign, step by step ----------------------------------------------
+ * migrun_aws_sign reads its argument table (read_args), then each step pushes
+ * its result on the Lua stack, at the slot below named after it, so that the
+ * later steps and the result table find it there. The key material (the
+ * "AWS4" + secret key, the derived keys, the intermediate HMACs) never goes
+ * on the Lua stack: it lives in C buffers of sign_with_secret, which calls no
+ * Lua function (nothing can raise and jump over the wipe) and wipes every one
+ * of them with OPENSSL_cleanse before it returns, whether OpenSSL failed or
+ * not. Only the signature, which is sent anyway, leaves it. */
+enum {
+    SLOT_ARGS = 1, /* the argument table: the strings of struct sign_args live in it */
+    SLOT_HOST,     /* the host (with a non-default port), or nil: the Host header names it */
+    SLOT_PATH,     /* the path as sent on the wire */
+    SLOT_QUERY,    /* the query: a string, a table of raw values, or nil */
+    SLOT_HEADERS,  /* the headers to send: the caller's, then Host, X-Amz-Date, the token */
+    SLOT_CANON,    /* the canonical headers: lower-case name -> canonical value */
+    SLOT_NAMES,  /* userdata: const char *[], SLOT_CANON's names sorted (strings anchored there) */
+    SLOT_SIGNED, /* the signed headers, "host;x-amz-date" */
+    SLOT_CREQ,   /* the canonical request */
+    SLOT_SCOPE,  /* the credential scope, "20150830/us-east-1/dms/aws4_request" */
+    SLOT_STS,    /* the string to sign */
+    SLOT_AUTH,   /* the Authorization header's value */
+    SLOT_RESULT, /* the result table */
+};
+
+/* What aws.sign takes from its argument table. The strings belong to the
+ * table (SLOT_ARGS), which outlives the call. */
+struct sign_args {
+    const char *method, *region, *service, *access_key, *token, *only, *amzdate;
+    const char *secret; /* the caller's string: read, never copied outside sign_with_secret */
+    size_t secret_len;
+    char payload[65]; /* the body's SHA-256 in hex */
+    char day[9];      /* YYYYMMDD, the first 8 characters of amzdate */
+    char now[17];     /* amzdate when the caller gives no time */
+};
+
+/* Looks a field up as a string or nil (len, when given, gets its length);
+ * raises when it has another type. */
+static const char *opt_lfield(lua_State *L, int t, const char *key, size_t *len) {
+    lua_getfield(L, t, key);
+    const char *s = NULL;
+    if (lua_type(L, -1) == LUA_TSTRING)
+        s = lua_tolstring(L, -1, len);
+    else if (!lua_isnil(L, -1))
+        luaL_error(L, "aws.sign: field '%s' must be a string", key);
+    lua_pop(L, 1); /* the string stays reachable through the argument table */
+    return s;
+}
+
+static const char *opt_field(lua_State *L, int t, const char *key) {
+    return opt_lfield(L, t, key, NULL);
+}
+
+static const char *req_field(lua_State *L, int t, const char *key, size_t *len) {
+    const char *s = opt_lfield(L, t, key, len);
+    if (s == NULL || *s == '\0')
+        luaL_error(L, "aws.sign: field '%s' is required", key);
+    return s;
+}
+
+/* Step 0: the arguments (nothing pushed). */
+static void read_args(lua_State *L, struct sign_args *a) {
+    a->method = opt_field(L, SLOT_ARGS, "method");
+    if (a->method == NULL)
+        a->method = "GET";
+    a->region = req_field(L, SLOT_ARGS, "region", NULL);
+    a->service = req_field(L, SLOT_ARGS, "service", NULL);
+    a->access_key = req_field(L, SLOT_ARGS, "access_key", NULL);
+    a->secret = req_field(L, SLOT_ARGS, "secret_key", &a->secret_len);
+    a->token = opt_field(L, SLOT_ARGS, "session_token");
+    if (a->token && *a->token == '\0')
+        a->token = NULL;
+    a->only = opt_field(L, SLOT_ARGS, "signed_headers");
+    a->amzdate = opt_field(L, SLOT_ARGS, "time");
+    if (a->amzdate == NULL) {
+        time_t now = time(NULL);
+        struct tm tm;
+        gmtime_r(&now, &tm);
+        strftime(a->now, sizeof a->now, "%Y%m%dT%H%M%SZ", &tm);
+        a->amzdate = a->now;
+    } else if (strlen(a->amzdate) != 16 || a->amzdate[8] != 'T' || a->amzdate[15] != 'Z') {
+        luaL_error(L, "aws.sign: time must look like 20150830T123600Z");
+    }
+    memcpy(a->day, a->amzdate, 8);
+    a->day[8] = '\0';
+    lua_getfield(L, SLOT_ARGS, "body");
+    size_t len = 0;
+    const char *body = lua_isnil(L, -1) ? "" : luaL_checklstring(L, -1, &len);
+    sha256_hex(body, len, a->payload); /* now: a number given is a string only the stack holds */
+    lua_pop(L, 1);
+}
+
+/* Step 1: pushes SLOT_HOST, SLOT_PATH, SLOT_QUERY, from url or host/path/query. */
+static void push_target(lua_State *L) {
+    const char *url = opt_field(L, SLOT_ARGS, "url");
+    if (url) {
+        split_url(L, url);
+    } else {
+        lua_pushstring(L, opt_field(L, SLOT_ARGS, "host")); /* nil when absent */
+        const char *path = opt_field(L, SLOT_ARGS, "path");
+        lua_pushstring(L, path ? path : "/");
+        lua_getfield(L, SLOT_ARGS, "query");
+    }
+}
+
+/* Step 2: pushes SLOT_HEADERS, the headers to send: a copy of the caller's,
+ * Host unless the caller gave one, X-Amz-Date and the session token (any
+ * spelling of those names replaced), no Authorization yet. */
+static void push_headers_to_send(lua_State *L, const struct sign_args *a) {
+    lua_newtable(L);                       /* SLOT_HEADERS */
+    lua_getfield(L, SLOT_ARGS, "headers"); /* SLOT_HEADERS caller's */
+    int given = lua_gettop(L);
+    if (lua_istable(L, given)) {
+        lua_pushnil(L);
+        while (lua_next(L, given)) { /* ... caller's name value */
+            if (lua_type(L, -2) != LUA_TSTRING)
+                luaL_error(L, "aws.sign: header names must be strings");
+            lua_pushvalue(L, -2);
+            lua_insert(L, -2);
+            lua_settable(L, SLOT_HEADERS); /* ... caller's name */
+        }
+    } else if (!lua_isnil(L, given)) {
+        luaL_argerror(L, 1, "headers must be a table");
+    }
+    lua_pop(L, 1); /* SLOT_HEADERS */
+    int have_host = 0;
+    lua_pushnil(L);
+    while (lua_next(L, SLOT_HEADERS)) {
+        lua_pop(L, 1);
+        if (strcasecmp(lua_tostring(L, -1), "host") == 0)
+            have_host = 1;
+    }
+    if (!have_host) {
+        if (lua_isnil(L, SLOT_HOST))
+            luaL_error(L, "aws.sign: url, host or a Host header is required");
+        lua_pushvalue(L, SLOT_HOST);
+        lua_setfield(L, SLOT_HEADERS, "Host");
+    }
+    set_header(L, SLOT_HEADERS, "X-Amz-Date", a->amzdate);
+    if (a->token)
+        set_header(L, SLOT_HEADERS, "X-Amz-Security-Token", a->token);
+    set_header(L, SLOT_HEADERS, "Authorization", ""); /* drop an old one; set again at the end */
+    lua_pushnil(L);
+    lua_setfield(L, SLOT_HEADERS, "Authorization");
+}
+
+/* Pushes the canonical value of the header value at idx: trimmed, inner
+ * whitespace collapsed; a list's values so, joined by ','. */
+static void push_canonical_value(lua_State *L, int idx) {
+    size_t len;
+    if (!lua_istable(L, idx)) {
+        const char *v = luaL_tolstring(L, idx, &len); /* ... v */
+        push_header_value(L, v, len);                 /* ... v canonical */
+        lua_remove(L, -2);
+        return;
+    }
+    lua_Integer n = luaL_len(L, idx);
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    for (lua_Integer j = 1; j <= n; j++) {
+        if (j > 1)
+            luaL_addchar(&b, ','); /* before pushing: the buffer may use the top of the stack */
+        lua_geti(L, idx, j);
+        const char *v = luaL_tolstring(L, -1, &len); /* ... (buffer) vj vj' */
+        push_header_value(L, v, len);                /* ... (buffer) vj vj' canonical */
+        lua_replace(L, -3);
+        lua_pop(L, 1);     /* ... (buffer) canonical */
+        luaL_addvalue(&b); /* ... (buffer) */
+    }
+    luaL_pushresult(&b);
+}
+
+/* Step 3: pushes SLOT_CANON, the canonical headers of SLOT_HEADERS: names
+ * lower-cased (values of names that differ only by case joined by ','), the
+ * headers botocore never signs left out; with a->only, exactly the names it
+ * lists (the verifying side: what the client declared), "" for one absent. */
+static void push_canonical_headers(lua_State *L, const struct sign_args *a) {
+    lua_newtable(L); /* SLOT_CANON */
+    lua_pushnil(L);
+    while (lua_next(L, SLOT_HEADERS)) {     /* ... name value */
+        push_lower(L, lua_tostring(L, -2)); /* ... name value lname */
+        if (unsigned_header(lua_tostring(L, -1)) && a->only == NULL) {
+            lua_pop(L, 2); /* ... name */
+            continue;
+        }
+        push_canonical_value(L, lua_absindex(L, -2)); /* ... name value lname canonical */
+        lua_pushvalue(L, -2);
+        if (lua_gettable(L, SLOT_CANON) == LUA_TSTRING) { /* ... lname canonical earlier */
+            lua_insert(L, -2);
+            lua_pushliteral(L, ",");
+            lua_insert(L, -2);
+            lua_concat(L, 3); /* ... lname "earlier,canonical" */
+        } else {
+            lua_pop(L, 1);
+        }
+        lua_settable(L, SLOT_CANON); /* ... name value */
+        lua_pop(L, 1);               /* ... name */
+    }
+    if (a->only == NULL)
+        return;
+    lua_newtable(L); /* SLOT_CANON listed */
+    for (const char *s = a->only; *s;) {
+        size_t n = strcspn(s, ";");
+        lua_pushlstring(L, s, n); /* ... listed lname */
+        lua_pushvalue(L, -1);
+        if (lua_gettable(L, SLOT_CANON) == LUA_TNIL) {
+            lua_pop(L, 1);
+            lua_pushliteral(L, "");
+        }
+        lua_settable(L, -3); /* ... listed */
+        s += n;
+        if (*s == ';')
+            s++;
+    }
+    lua_replace(L, SLOT_CANON);
+}
+
+/* Step 4: pushes SLOT_NAMES, the names of SLOT_CANON sorted, and
+ * SLOT_SIGNED, them joined by ';'. -> the names (n of them in *nh) */
+static const char **push_names(lua_State *L, size_t *nh) {
+    size_t n = 0;
+    lua_pushnil(L);
+    while (lua_next(L, SLOT_CANON)) {
+        lua_pop(L, 1);
+        n++;
+    }
+    const char **names = lua_newuserdatauv(L, (n + 1) * sizeof *names, 0); /* SLOT_NAMES */
+    n = 0;
+    lua_pushnil(L);
+    while (lua_next(L, SLOT_CANON)) {
+        lua_pop(L, 1);
+        names[n++] = lua_tostring(L, -1); /* anchored: a key of SLOT_CANON */
+    }
+    qsort(names, n, sizeof *names, cmp_str);
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    for (size_t i = 0; i < n; i++) {
+        if (i > 0)
+            luaL_addchar(&b, ';');
+        luaL_addstring(&b, names[i]);
+    }
+    luaL_pushresult(&b); /* SLOT_SIGNED */
+    *nh = n;
+    return names;
+}
+
+/* Step 5: pushes SLOT_CREQ, the canonical request:
+ * method \n uri \n query \n (name:value \n)* \n signed headers \n payload hash */
+static void push_canonical_request(lua_State *L, const struct sign_args *a, const char **names,
+                                   size_t nh) {
+    push_canonical_uri(L, lua_tostring(L, SLOT_PATH)); /* SLOT_SIGNED uri */
+    push_canonical_query(L, SLOT_QUERY);               /* SLOT_SIGNED uri query */
+    int uri = lua_gettop(L) - 1, query = uri + 1;
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    luaL_addstring(&b, a->method);
+    luaL_addchar(&b, '\n');
+    lua_pushvalue(L, uri);
+    luaL_addvalue(&b);
+    luaL_addchar(&b, '\n');
+    lua_pushvalue(L, query);
+    luaL_addvalue(&b);
+    luaL_addchar(&b, '\n');
+    for (size_t i = 0; i < nh; i++) {
+        luaL_addstring(&b, names[i]);
+        luaL_addchar(&b, ':');
+        lua_getfield(L, SLOT_CANON, names[i]);
+        luaL_addvalue(&b);
+        luaL_addchar(&b, '\n');
+    }
+    luaL_addchar(&b, '\n');
+    lua_pushvalue(L, SLOT_SIGNED);
+    luaL_addvalue(&b);
+    luaL_addchar(&b, '\n');
+    luaL_addstring(&b, a->payload);
+    luaL_pushresult(&b); /* SLOT_SIGNED uri query request */
+    lua_replace(L, uri);
+    lua_pop(L, 1); /* SLOT_CREQ */
+}
+
+/* Step 6: pushes SLOT_SCOPE, the credential scope, and SLOT_STS, the string to sign. */
+static void push_string_to_sign(lua_State *L, const struct sign_args *a) {
+    lua_pushfstring(L, "%s/%s/%s/aws4_request", a->day, a->region, a->service); /* SLOT_SCOPE */
+    size_t len;
+    const char *creq = lua_tolstring(L, SLOT_CREQ, &len);
+    char hash[65];
+    sha256_hex(creq, len, hash);
+    lua_pushfstring(L, "AWS4-HMAC-SHA256\n%s\n%s\n%s", a->amzdate, lua_tostring(L, SLOT_SCOPE),
+                    hash); /* SLOT_STS */
+}
+
+/* Step 7, without Lua: the signing key, HMAC chained from "AWS4" + secret
+ * over the day, the region, the service and "aws4_request", then the
+ * signature, HMAC of the string to sign with it, in lower-case hex. Every
+ * buffer that held the secret or a key is wiped before returning, on
+ * failure too. -> 1, or 0 when OpenSSL failed (sighex then empty) */
+static int sign_with_secret(const struct sign_args *a, const char *sts, size_t stslen,
+                            char sighex[65]) {
+    unsigned char kdate[32], kregion[32], kservice[32], ksigning[32], sig[32];
+    size_t kslen = 4 + a->secret_len;
+    unsigned char *ks = OPENSSL_malloc(kslen); /* "AWS4" + secret */
+    int ok = ks != NULL;
+    if (ok) {
+        memcpy(ks, "AWS4", 4);
+        memcpy(ks + 4, a->secret, a->secret_len);
+        ok = hmac_sha256(ks, kslen, a->day, 8, kdate) &&
+             hmac_sha256(kdate, 32, a->region, strlen(a->region), kregion) &&
+             hmac_sha256(kregion, 32, a->service, strlen(a->service), kservice) &&
+             hmac_sha256(kservice, 32, "aws4_request", 12, ksigning) &&
+             hmac_sha256(ksigning, 32, sts, stslen, sig);
+        OPENSSL_clear_free(ks, kslen);
+    }
+    if (ok)
+        hex_encode(sig, 32, sighex);
+    else
+        sighex[0] = '\0';
+    OPENSSL_cleanse(kdate, sizeof kdate);
+    OPENSSL_cleanse(kregion, sizeof kregion);
+    OPENSSL_cleanse(kservice, sizeof kservice);
+    OPENSSL_cleanse(ksigning, sizeof ksigning);
+    OPENSSL_cleanse(sig, sizeof sig);
+    return ok;
+}
+
+/* Step 8: pushes SLOT_AUTH, the Authorization value, also set in SLOT_HEADERS. */
+static void push_authorization(lua_State *L, const struct sign_args *a, const char *sighex) {
+    lua_pushfstring(L, "AWS4-HMAC-SHA256 Credential=%s/%s, SignedHeaders=%s, Signature=%s",
+                    a->access_key, lua_tostring(L, SLOT_SCOPE), lua_tostring(L, SLOT_SIGNED),
+                    sighex); /* SLOT_AUTH */
+    lua_pushvalue(L, SLOT_AUTH);
+    lua_setfield(L, SLOT_HEADERS, "Authorization");
+}
+
+/* Step 9: pushes SLOT_RESULT. */
+static void push_result(lua_State *L, const struct sign_args *a, const char *sighex) {
+    static const struct {
+        const char *name;
+        int slot;
+    } fields[] = {
+        {"headers", SLOT_HEADERS},        {"authorization", SLOT_AUTH},
+        {"canonical_request", SLOT_CREQ}, {"string_to_sign", SLOT_STS},
+        {"signed_headers", SLOT_SIGNED},  {"credential_scope", SLOT_SCOPE},
+    };
+    lua_createtable(L, 0, 10); /* SLOT_RESULT */
+    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
+        lua_pushvalue(L, fields[i].slot);
+        lua_setfield(L, SLOT_RESULT, fields[i].name);
+    }
+    lua_pushstring(L, sighex);
+    lua_setfield(L, SLOT_RESULT, "signature");
+    lua_pushstring(L, a->payload);
+    lua_setfield(L, SLOT_RESULT, "payload_hash");
+    lua_pushstring(L, a->amzdate);
+    lua_setfield(L, SLOT_RESULT, "amz_date");
+}
+
 /*
  * aws.sign{ method=, url= | host=,path=,query=, headers=, body=, region=,
  *           service=, access_key=, secret_key=, session_token=, time=,
@@ -384,255 +727,30 @@ static void split_url(lua_State *L, const char *url) {
  */
 int migrun_aws_sign(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
-    lua_settop(L, 1);
-    const char *method = opt_field(L, 1, "method");
-    if (method == NULL)
-        method = "GET";
-    const char *region = req_field(L, 1, "region");
-    const char *service = req_field(L, 1, "service");
-    const char *akid = req_field(L, 1, "access_key");
-    const char *secret = req_field(L, 1, "secret_key");
-    const char *token = opt_field(L, 1, "session_token");
-    if (token && *token == '\0')
-        token = NULL;
-    const char *only = opt_field(L, 1, "signed_headers");
-    const char *amzdate = opt_field(L, 1, "time");
-    char datebuf[17];
-    if (amzdate == NULL) {
-        time_t now = time(NULL);
-        struct tm tm;
-        gmtime_r(&now, &tm);
-        strftime(datebuf, sizeof datebuf, "%Y%m%dT%H%M%SZ", &tm);
-        amzdate = datebuf;
-    } else if (strlen(amzdate) != 16 || amzdate[8] != 'T' || amzdate[15] != 'Z') {
-        luaL_error(L, "aws.sign: time must look like 20150830T123600Z");
-    }
-    lua_getfield(L, 1, "body");
-    size_t bodylen = 0;
-    const char *body = lua_isnil(L, -1) ? "" : luaL_checklstring(L, -1, &bodylen);
-    lua_pop(L, 1);
-
-    /* 2: host, 3: path, 4: query (string or table) */
-    const char *url = opt_field(L, 1, "url");
-    if (url) {
-        split_url(L, url);
-    } else {
-        lua_pushstring(L, opt_field(L, 1, "host"));
-        const char *path = opt_field(L, 1, "path");
-        lua_pushstring(L, path ? path : "/");
-        lua_getfield(L, 1, "query");
-    }
-
-    /* 5: the headers to send (copy of the caller's, plus ours) */
-    lua_newtable(L);
-    int out = 5;
-    lua_getfield(L, 1, "headers"); /* 6 */
-    if (lua_istable(L, 6)) {
-        lua_pushnil(L);
-        while (lua_next(L, 6)) {
-            if (lua_type(L, -2) != LUA_TSTRING)
-                luaL_error(L, "aws.sign: header names must be strings");
-            lua_pushvalue(L, -2);
-            lua_insert(L, -2);
-            lua_settable(L, out);
-        }
-    } else if (!lua_isnil(L, 6)) {
-        luaL_argerror(L, 1, "headers must be a table");
-    }
-    lua_pop(L, 1);
-    int have_host = 0;
-    lua_pushnil(L);
-    while (lua_next(L, out)) {
-        lua_pop(L, 1);
-        if (strcasecmp(lua_tostring(L, -1), "host") == 0)
-            have_host = 1;
-    }
-    if (!have_host) {
-        if (lua_isnil(L, 2))
-            luaL_error(L, "aws.sign: url, host or a Host header is required");
-        lua_pushvalue(L, 2);
-        lua_setfield(L, out, "Host");
-    }
-    set_header(L, out, "X-Amz-Date", amzdate);
-    if (token)
-        set_header(L, out, "X-Amz-Security-Token", token);
-    set_header(L, out, "Authorization", ""); /* drop an old one; set again at the end */
-    lua_pushnil(L);
-    lua_setfield(L, out, "Authorization");
-
-    /* 6: canonical headers lname -> value (repeats joined by ',') */
-    lua_newtable(L);
-    int canon = 6;
-    lua_pushnil(L);
-    while (lua_next(L, out)) {              /* ... name value */
-        push_lower(L, lua_tostring(L, -2)); /* ... name value lname */
-        const char *lname = lua_tostring(L, -1);
-        if (unsigned_header(lname) && only == NULL) {
-            lua_pop(L, 2);
-            continue;
-        }
-        if (lua_istable(L, -2)) {
-            luaL_Buffer b;
-            lua_Integer n = luaL_len(L, -2);
-            int vals = lua_absindex(L, -2);
-            luaL_buffinit(L, &b);
-            for (lua_Integer j = 1; j <= n; j++) {
-                size_t len;
-                lua_geti(L, vals, j);
-                const char *v = luaL_tolstring(L, -1, &len);
-                push_header_value(L, v, len);
-                lua_remove(L, -2);
-                lua_remove(L, -2);
-                if (j > 1)
-                    luaL_addchar(&b, ',');
-                luaL_addvalue(&b);
-            }
-            luaL_pushresult(&b);
-        } else {
-            size_t len;
-            const char *v = luaL_tolstring(L, -2, &len);
-            push_header_value(L, v, len);
-            lua_remove(L, -2); /* ... name value lname canonvalue */
-        }
-        lua_pushvalue(L, -2);
-        if (lua_gettable(L, canon) == LUA_TSTRING) { /* name differs only by case: join */
-            lua_insert(L, -2);
-            lua_pushliteral(L, ",");
-            lua_insert(L, -2);
-            lua_concat(L, 3);
-        } else {
-            lua_pop(L, 1);
-        }
-        lua_settable(L, canon); /* ... name value */
-        lua_pop(L, 1);
-    }
-    if (only) {
-        /* keep exactly the listed headers (verification side) */
-        lua_newtable(L); /* 7 */
-        const char *s = only;
-        while (*s) {
-            size_t n = strcspn(s, ";");
-            lua_pushlstring(L, s, n);
-            lua_pushvalue(L, -1);
-            if (lua_gettable(L, canon) == LUA_TNIL) {
-                lua_pop(L, 1);
-                lua_pushliteral(L, "");
-            }
-            lua_settable(L, 7);
-            s += n;
-            if (*s == ';')
-                s++;
-        }
-        lua_replace(L, canon);
-    }
-    size_t nh = 0;
-    lua_pushnil(L);
-    while (lua_next(L, canon)) {
-        lua_pop(L, 1);
-        nh++;
-    }
-    const char **names = lua_newuserdatauv(L, (nh + 1) * sizeof *names, 0); /* 7 */
-    nh = 0;
-    lua_pushnil(L);
-    while (lua_next(L, canon)) {
-        lua_pop(L, 1);
-        names[nh++] = lua_tostring(L, -1);
-    }
-    qsort(names, nh, sizeof *names, cmp_str);
-
-    /* 8: signed headers */
-    luaL_Buffer b;
-    luaL_buffinit(L, &b);
-    for (size_t i = 0; i < nh; i++) {
-        if (i > 0)
-            luaL_addchar(&b, ';');
-        luaL_addstring(&b, names[i]);
-    }
-    luaL_pushresult(&b);
-    char payload[65];
-    sha256_hex(body, bodylen, payload);
-
-    /* 9: canonical uri, 10: canonical query */
-    push_canonical_uri(L, lua_tostring(L, 3));
-    push_canonical_query(L, 4);
-
-    /* 11: canonical request */
-    luaL_buffinit(L, &b);
-    luaL_addstring(&b, method);
-    luaL_addchar(&b, '\n');
-    lua_pushvalue(L, 9);
-    luaL_addvalue(&b);
-    luaL_addchar(&b, '\n');
-    lua_pushvalue(L, 10);
-    luaL_addvalue(&b);
-    luaL_addchar(&b, '\n');
-    for (size_t i = 0; i < nh; i++) {
-        luaL_addstring(&b, names[i]);
-        luaL_addchar(&b, ':');
-        lua_getfield(L, canon, names[i]);
-        luaL_addvalue(&b);
-        luaL_addchar(&b, '\n');
-    }
-    luaL_addchar(&b, '\n');
-    lua_pushvalue(L, 8);
-    luaL_addvalue(&b);
-    luaL_addchar(&b, '\n');
-    luaL_addstring(&b, payload);
-    luaL_pushresult(&b);
-
-    /* 12: credential scope, 13: string to sign */
-    char day[9];
-    memcpy(day, amzdate, 8);
-    day[8] = '\0';
-    lua_pushfstring(L, "%s/%s/%s/aws4_request", day, region, service);
-    size_t crlen;
-    const char *creq = lua_tolstring(L, 11, &crlen);
-    char creq_hash[65];
-    sha256_hex(creq, crlen, creq_hash);
-    lua_pushfstring(L, "AWS4-HMAC-SHA256\n%s\n%s\n%s", amzdate, lua_tostring(L, 12), creq_hash);
-
-    /* signing key: HMAC chain from "AWS4" + secret */
-    unsigned char k[32];
-    lua_pushfstring(L, "AWS4%s", secret); /* 14, wiped below */
-    size_t kslen;
-    const char *ks = lua_tolstring(L, 14, &kslen);
-    hmac_sha256((const unsigned char *)ks, kslen, day, 8, k);
-    lua_pop(L, 1);
-    hmac_sha256(k, 32, region, strlen(region), k);
-    hmac_sha256(k, 32, service, strlen(service), k);
-    hmac_sha256(k, 32, "aws4_request", 12, k);
+    lua_settop(L, SLOT_ARGS);
+    struct sign_args a;
+    read_args(L, &a);
+    push_target(L);
+    assert(lua_gettop(L) == SLOT_QUERY);
+    push_headers_to_send(L, &a);
+    assert(lua_gettop(L) == SLOT_HEADERS);
+    push_canonical_headers(L, &a);
+    assert(lua_gettop(L) == SLOT_CANON);
+    size_t nh;
+    const char **names = push_names(L, &nh);
+    assert(lua_gettop(L) == SLOT_SIGNED);
+    push_canonical_request(L, &a, names, nh);
+    assert(lua_gettop(L) == SLOT_CREQ);
+    push_string_to_sign(L, &a);
+    assert(lua_gettop(L) == SLOT_STS);
     size_t stslen;
-    const char *sts = lua_tolstring(L, 13, &stslen);
-    unsigned char sig[32];
-    hmac_sha256(k, 32, sts, stslen, sig);
+    const char *sts = lua_tolstring(L, SLOT_STS, &stslen);
     char sighex[65];
-    hex_encode(sig, 32, sighex);
-    OPENSSL_cleanse(k, sizeof k);
-
-    lua_pushfstring(L, "AWS4-HMAC-SHA256 Credential=%s/%s, SignedHeaders=%s, Signature=%s", akid,
-                    lua_tostring(L, 12), lua_tostring(L, 8), sighex); /* 14 */
-    lua_pushvalue(L, 14);
-    lua_setfield(L, out, "Authorization");
-
-    lua_createtable(L, 0, 10); /* 15: result */
-    lua_pushvalue(L, out);
-    lua_setfield(L, -2, "headers");
-    lua_pushvalue(L, 14);
-    lua_setfield(L, -2, "authorization");
-    lua_pushvalue(L, 11);
-    lua_setfield(L, -2, "canonical_request");
-    lua_pushvalue(L, 13);
-    lua_setfield(L, -2, "string_to_sign");
-    lua_pushstring(L, sighex);
-    lua_setfield(L, -2, "signature");
-    lua_pushvalue(L, 8);
-    lua_setfield(L, -2, "signed_headers");
-    lua_pushvalue(L, 12);
-    lua_setfield(L, -2, "credential_scope");
-    lua_pushstring(L, payload);
-    lua_setfield(L, -2, "payload_hash");
-    lua_pushstring(L, amzdate);
-    lua_setfield(L, -2, "amz_date");
+    if (!sign_with_secret(&a, sts, stslen, sighex))
+        return luaL_error(L, "aws.sign: OpenSSL could not compute HMAC-SHA256");
+    push_authorization(L, &a, sighex);
+    push_result(L, &a, sighex);
+    assert(lua_gettop(L) == SLOT_RESULT);
     return 1;
 }
 
@@ -653,8 +771,13 @@ int migrun_aws_hmac_sha256_hex(lua_State *L) {
     const char *data = luaL_checklstring(L, 2, &dlen);
     unsigned char mac[32];
     char out[65];
-    hmac_sha256((const unsigned char *)key, klen, data, dlen, mac);
-    hex_encode(mac, 32, out);
+    int ok = hmac_sha256((const unsigned char *)key, klen, data, dlen, mac);
+    if (ok)
+        hex_encode(mac, 32, out);
+    OPENSSL_cleanse(mac, sizeof mac); /* a derived key, when the caller chains them */
+    if (!ok)
+        return luaL_error(L, "aws.hmac_sha256_hex: OpenSSL could not compute HMAC-SHA256");
     lua_pushstring(L, out);
+    OPENSSL_cleanse(out, sizeof out);
     return 1;
 }

@@ -1,6 +1,11 @@
 -- SigV4 signer (migrun.aws.sign) against the published AWS test vectors.
 local aws = require "migrun.aws"
-local vectors = dofile((os.getenv("MIGRUN_SOURCE_DIR") or ".") .. "/tests/fixtures/sigv4/vectors.lua")
+local proc = require "migrun.proc"
+local tmp = require "helpers.tmp"
+local SOURCE = os.getenv("MIGRUN_SOURCE_DIR") or "."
+local MIGRUN = os.getenv("MIGRUN_BIN") or "build/migrun"
+local SANITIZE = os.getenv("MIGRUN_SANITIZE") == "1"
+local vectors = dofile(SOURCE .. "/tests/fixtures/sigv4/vectors.lua")
 
 describe("aws.sign", function()
   for _, v in ipairs(vectors) do
@@ -86,6 +91,47 @@ describe("aws.sign", function()
       end
     end
     scan(s)
+  end)
+
+  -- The key material of a signature ("AWS4" + secret, the four derived keys)
+  -- must be wiped, not just dropped: a migrun process signs under a free()
+  -- that searches every block given back to malloc for it (a Lua string
+  -- popped and collected, a buffer freed without OPENSSL_cleanse).
+  it("leaves no key material in the memory it frees", function()
+    if SANITIZE then pending("the sanitizer build has a free() of its own") return end
+    local dir = tmp.dir("sigv4")
+    local so = dir .. "/freed_scan.so"
+    local okc, _, _, _, errc = proc.run{ "cc", "-shared", "-fPIC", "-O1", "-o", so,
+      SOURCE .. "/tests/fixtures/sigv4/freed_scan.c", timeout = 60 }
+    assert(okc, errc)
+    local secret = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY" .. ("%08d"):format(os.time() % 100000000)
+    local day, region, service = "20150830", "us-east-1", "dms"
+    local function raw(hex) return (hex:gsub("%x%x", function(h) return string.char(tonumber(h, 16)) end)) end
+    local kdate = raw(aws.hmac_sha256_hex("AWS4" .. secret, day))
+    local kregion = raw(aws.hmac_sha256_hex(kdate, region))
+    local kservice = raw(aws.hmac_sha256_hex(kregion, service))
+    local ksigning = raw(aws.hmac_sha256_hex(kservice, "aws4_request"))
+    local patterns = {}
+    for i, k in ipairs{ "AWS4" .. secret, kdate, kregion, kservice, ksigning } do
+      patterns[i] = (k:gsub(".", function(c) return ("%02x"):format(c:byte()) end))
+    end
+    -- the child is given the secret alone; it signs, then collects every garbage
+    local script = [[
+      local aws = require "migrun.aws"
+      local s = aws.sign{ method = "POST", url = "https://dms.us-east-1.amazonaws.com/", body = "{}",
+        region = "us-east-1", service = "dms", access_key = "AKIDEXAMPLE", time = "20150830T123600Z",
+        secret_key = io.read("a") }
+      s = nil
+      collectgarbage() collectgarbage()
+      print("signed")
+    ]]
+    local ok, how, code, out, err = proc.run{ MIGRUN, "-e", script, stdin = secret, timeout = 60,
+      env = { LD_PRELOAD = so, MIGRUN_FREED_SCAN = table.concat(patterns, ",") } }
+    os.remove(so)
+    os.remove(dir)
+    assert(ok, ("%s %s %s"):format(tostring(how), tostring(code), err))
+    assert.are.equal("signed\n", out)
+    assert.are.equal("", err) -- "freed: n": pattern n was in a freed block
   end)
 
   it("raises on misuse", function()
