@@ -30,7 +30,8 @@ the hint what to do.
       table's partitions are, not itself); lobs.tables: likewise (else its
       policy, truncation_ok = false's protection included, is silently
       dropped), and a table DMS cannot give a table-settings rule to (a % in
-      its name) when truncation is not acceptable; qa.timestamp_columns: the
+      its name) when truncation is not acceptable; dms.task.batch_apply =
+      true where DMS refuses batch apply for a table; qa.timestamp_columns: the
       table in scope (its partitions or itself), the column there and a date
       or timestamp; cutover.count_only: in scope. A name not found gets the
       nearest one ("did you mean").
@@ -228,6 +229,31 @@ local function check_lobs(findings, config, scope)
   strict_with_percent(findings, config, scope)
 end
 
+-- dms.task.batch_apply = true forces batch apply on every group, and DMS
+-- refuses it for a table with a primary key and a separate unique constraint
+-- or one in full LOB mode (builders.check): the groups step would stop, after
+-- the schema step has written to the target.
+local function check_batch_apply(findings, config, scope)
+  if (((config.dms or {}).task or {}).batch_apply) ~= true then return end
+  local lobs = config.lobs or {}
+  local why = {}
+  for _, t in ipairs(scope.tables) do
+    local ok = ((lobs.tables or {})[t.key] or {}).truncation_ok
+    if ok == nil then ok = (lobs.default or {}).truncation_ok end
+    if t.has_pk and t.separate_unique then
+      why[#why + 1] = t.key .. " (a primary key and a separate unique constraint)"
+    elseif #(t.lob_columns or {}) > 0 and ok == false then
+      why[#why + 1] = t.key .. " (full LOB mode: truncation_ok = false)"
+    end
+  end
+  if #why == 0 then return end
+  local shown = table.concat(why, ", ", 1, math.min(#why, 4)) .. (#why > 4 and (", and %d more"):format(#why - 4) or "")
+  finding(findings, "source", "batch apply", false, "error",
+    ("dms.task.batch_apply = true, but DMS refuses batch apply for %d table(s): %s; the groups step would stop "
+      .. "once the schema is restored"):format(#why, shown),
+    "leave dms.task.batch_apply out: batch apply is then off only for the groups that need it")
+end
+
 local TIMESTAMP = { timestamp = true, timestamptz = true, date = true }
 
 local function check_timestamp_columns(findings, config, scope)
@@ -280,6 +306,7 @@ function mistakes.names(db, config, scope, findings)
   check_excluded(findings, config, scope)
   check_groups(findings, config, scope)
   check_lobs(findings, config, scope)
+  check_batch_apply(findings, config, scope)
   check_timestamp_columns(findings, config, scope)
   check_count_only(findings, config, scope)
   local named = #(config.schemas or {}) + #(config.exclude_tables or {}) + #((config.cutover or {}).count_only or {})

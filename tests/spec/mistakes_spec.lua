@@ -226,6 +226,15 @@ describe("configuration mistakes (docs/mistakes.md)", function()
         .. "included) would apply to nothing")
     end)
 
+    it("refuses batch apply forced where DMS refuses it", function()
+      local r = run(function(c) c.dms.task = { batch_apply = true } end)
+      local f = refused(r, "source", "batch apply", "dms.task.batch_apply = true, but DMS refuses batch apply for 2 "
+        .. "table(s): ")
+      assert.truthy(f.message:find("public.accounts (a primary key and a separate unique constraint)", 1, true))
+      assert.truthy(f.message:find("public.documents (full LOB mode: truncation_ok = false)", 1, true))
+      assert.truthy(f.message:find("the groups step would stop once the schema is restored", 1, true))
+    end)
+
     it("refuses a QA timestamp column that is not there, or not a date", function()
       local r = run(function(c) c.qa.timestamp_columns = { ["public.events"] = "creatd_at", ["public.calls"] = "caller",
         ["public.evnts"] = "created_at" } end)
