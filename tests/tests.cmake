@@ -21,7 +21,7 @@ if(MIGRUN_SANITIZE)
   string(REPLACE ";" ":" MIGRUN_SANITIZE_PRELOAD "${MIGRUN_SANITIZE_PRELOAD}")
 endif()
 file(GLOB MIGRUN_SPECS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/spec/*_spec.lua)
-set(MIGRUN_UNIT_SPECS aws_credentials cli config dms_builders dms_client embed groups host_os host
+set(MIGRUN_UNIT_SPECS aws_credentials cli config dms_builders dms_client embed groups host_os host json
     host_sleep interrupt layers lsn lua_module playbook_cli pretty proc repl sigv4 text)
 # watching a migration (issue 13): no server either
 list(APPEND MIGRUN_UNIT_SPECS live metrics notify report_html status)

@@ -3,13 +3,26 @@
 -- integers and floats in their shortest round-trip form, "/" not escaped.
 -- The same table always gives the same bytes, so documents built by
 -- migrun.dms.builders can be compared with golden files and diffed between
--- runs. Decoding goes through lua-cjson (a private cjson.safe instance), with
--- JSON null turned into nil.
+-- runs.
+--
+-- Decoding is this module's own (RFC 8259, strict), because lua-cjson 2.1
+-- (Debian's) reads every number as a double, with no option to do otherwise:
+-- 5432 came back as 5432.0, printed "5432.0", and an integer beyond 2^53 came
+-- back rounded. Here a number is what Lua's own reading of its text gives: an
+-- integer when the text has no '.' and no exponent and fits in 64 bits (-2^63
+-- .. 2^63-1, exactly, also beyond 2^53), else a float (1.0, 1e3, and an
+-- integer beyond 64 bits: the nearest double, as precise as a float can be).
+-- "-0" is the integer 0. JSON null becomes nil (a key left out, a hole in an
+-- array; a document that is only null decodes to nil, without an error).
+-- The encoder writes an integral float as an integer (DMS's integer fields
+-- take no "5432.0"), so such a float comes back as an integer.
 --
 -- Lua tables are ambiguous: a table whose keys are exactly 1..n (n >= 1) is an
 -- array, any other non-empty table an object. An empty table is an object
 -- ({}) unless marked with json.array{} (then []). json.null encodes null.
-local cjson = require("cjson.safe").new() -- private instance: settings stay ours
+-- lua-cjson's null (cjson.null, from modules that use lua-cjson directly)
+-- encodes null too.
+local cjson = require("cjson.safe").new() -- for cjson.null only
 
 local M = {}
 
@@ -119,20 +132,162 @@ function M.encode(v, opts)
   return table.concat(out)
 end
 
-local function strip_nulls(v)
-  if type(v) ~= "table" then return v end
-  for k, x in pairs(v) do
-    if x == cjson.null then v[k] = nil else strip_nulls(x) end
+---------------------------------------------------------------------------
+-- Decoding
+---------------------------------------------------------------------------
+local byte, sub, find, match, concat = string.byte, string.sub, string.find, string.match, table.concat
+local MAX_DEPTH = 1000 -- as lua-cjson: deeper documents are refused, not a stack overflow
+
+-- A decoding error: caught by M.decode, which returns nil, message.
+local Failure = {}
+local function fail(pos, what)
+  error(setmetatable({ message = ("json: %s at character %d"):format(what, pos) }, Failure), 0)
+end
+
+local NULL = {} -- a null read: its key left out, its array slot a hole
+
+local ESCAPES = { [34] = '"', [92] = "\\", [47] = "/", [98] = "\b", [102] = "\f", [110] = "\n", [114] = "\r",
+                  [116] = "\t" }
+
+local function skip(s, pos)
+  local _, e = find(s, "^[ \t\n\r]*", pos)
+  return e + 1
+end
+
+-- \uXXXX at pos (the backslash), with a surrogate pair's second half -> UTF-8, next pos
+local function unicode_escape(s, pos)
+  local hex = match(s, "^\\u(%x%x%x%x)", pos)
+  if not hex then fail(pos, "invalid \\u escape") end
+  local cp = tonumber(hex, 16)
+  if cp >= 0xDC00 and cp <= 0xDFFF then fail(pos, "a lone low surrogate") end
+  if cp >= 0xD800 and cp <= 0xDBFF then
+    local low = match(s, "^\\u([dD][c-fC-F]%x%x)", pos + 6)
+    if not low then fail(pos, "a high surrogate without its low half") end
+    cp = 0x10000 + ((cp - 0xD800) << 10) + (tonumber(low, 16) - 0xDC00)
+    return utf8.char(cp), pos + 12
   end
-  return v
+  return utf8.char(cp), pos + 6
+end
+
+-- the string whose opening quote is at pos -> string, next pos
+local function read_string(s, pos)
+  local i, parts, n = pos + 1, nil, 0
+  while true do
+    local j = find(s, '[\0-\31"\\]', i)
+    if not j then fail(pos, "unterminated string") end
+    local c = byte(s, j)
+    if c == 34 then -- the closing quote
+      if not parts then return sub(s, i, j - 1), j + 1 end
+      parts[n + 1] = sub(s, i, j - 1)
+      return concat(parts), j + 1
+    elseif c == 92 then
+      parts = parts or {}
+      parts[n + 1] = sub(s, i, j - 1)
+      local e = byte(s, j + 1)
+      if e == 117 then
+        parts[n + 2], i = unicode_escape(s, j)
+      else
+        parts[n + 2] = ESCAPES[e] or fail(j, "invalid escape")
+        i = j + 2
+      end
+      n = n + 2
+    else
+      fail(j, "a control character in a string")
+    end
+  end
+end
+
+-- the number at pos -> integer or float (see the top), next pos
+local function read_number(s, pos)
+  local _, e = find(s, "^-?%d+", pos)
+  if not e then fail(pos, "an invalid number") end
+  if find(s, "^-?0%d", pos) then fail(pos, "a number with a leading zero") end
+  if byte(s, e + 1) == 46 then -- "."
+    _, e = find(s, "^%.%d+", e + 1)
+    if not e then fail(pos, "an invalid number") end
+  end
+  local x = byte(s, e + 1)
+  if x == 101 or x == 69 then -- "e", "E"
+    _, e = find(s, "^[eE][-+]?%d+", e + 1)
+    if not e then fail(pos, "an invalid number") end
+  end
+  return tonumber(sub(s, pos, e)), e + 1
+end
+
+local read_value
+
+-- After a member: the position of the next one and false, or of what
+-- follows the closing bracket and true.
+local function next_member(s, pos, close, what)
+  local _, e, c = find(s, "^[ \t\n\r]*([,%]}])", pos)
+  if c == close then return e + 1, true end
+  if c ~= "," then fail(pos, what) end
+  return skip(s, e + 1), false
+end
+
+local function read_array(s, pos, depth)
+  local out, n = {}, 0
+  pos = skip(s, pos + 1)
+  if byte(s, pos) == 93 then return out, pos + 1 end
+  while true do
+    local v, done
+    v, pos = read_value(s, pos, depth)
+    n = n + 1
+    if v ~= NULL then out[n] = v end
+    pos, done = next_member(s, pos, "]", "',' or ']' expected")
+    if done then return out, pos end
+  end
+end
+
+local function read_object(s, pos, depth)
+  local out = {}
+  pos = skip(s, pos + 1)
+  if byte(s, pos) == 125 then return out, pos + 1 end
+  while true do
+    if byte(s, pos) ~= 34 then fail(pos, "a string key expected") end
+    local k, v, done
+    k, pos = read_string(s, pos)
+    local _, e = find(s, "^[ \t\n\r]*:[ \t\n\r]*", pos)
+    if not e then fail(pos, "':' expected") end
+    v, pos = read_value(s, e + 1, depth)
+    if v == NULL then out[k] = nil else out[k] = v end -- a repeated key: the last one counts
+    pos, done = next_member(s, pos, "}", "',' or '}' expected")
+    if done then return out, pos end
+  end
+end
+
+local LITERALS = { t = { "true", true }, f = { "false", false }, n = { "null", NULL } }
+
+-- the value at pos (no whitespace before it) -> value, next pos
+function read_value(s, pos, depth)
+  local c = byte(s, pos)
+  if c == 34 then return read_string(s, pos) end
+  if c == 123 or c == 91 then
+    if depth >= MAX_DEPTH then fail(pos, "more than " .. MAX_DEPTH .. " nested arrays and objects") end
+    if c == 123 then return read_object(s, pos, depth + 1) end
+    return read_array(s, pos, depth + 1)
+  end
+  if c == 45 or (c and c >= 48 and c <= 57) then return read_number(s, pos) end
+  local lit = c and LITERALS[string.char(c)]
+  if lit and sub(s, pos, pos + #lit[1] - 1) == lit[1] then return lit[2], pos + #lit[1] end
+  fail(pos, c and "a value expected" or "a value expected, found the end")
 end
 
 -- json.decode(text) -> value | nil, message
 function M.decode(s)
-  local v, err = cjson.decode(s)
-  if v == nil and err then return nil, err end
-  if v == cjson.null then return nil end
-  return strip_nulls(v)
+  if type(s) == "number" then s = tostring(s) end
+  if type(s) ~= "string" then return nil, "json.decode: a string expected, got " .. type(s) end
+  local ok, v, pos = pcall(function()
+    local value, at = read_value(s, skip(s, 1), 0)
+    return value, skip(s, at)
+  end)
+  if not ok then
+    if getmetatable(v) == Failure then return nil, v.message end
+    error(v, 0)
+  end
+  if pos <= #s then return nil, ("json: the end expected at character %d"):format(pos) end
+  if v == NULL then return nil end
+  return v
 end
 
 return M

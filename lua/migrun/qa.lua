@@ -379,11 +379,11 @@ local function hash_in_pool(a_db, b_db, units, method, opts)
   local p = pool.new{ jobs = 2 * opts.jobs, limits = { a = opts.jobs, b = opts.jobs }, entry = "migrun.qa",
     on_event = function(_, ev)
       if ev.event == "hashed" then
-        local u = units[math.tointeger(ev.unit)]
+        local u = units[ev.unit]
         if ev.error then
           u.err = u.err or errors.new(ev.error)
         else
-          u[ev.side] = { rows = math.tointeger(ev.rows) or ev.rows, hash = ev.hash }
+          u[ev.side] = { rows = ev.rows, hash = ev.hash }
         end
       end
       return true
