@@ -24,12 +24,11 @@ new task's ARN replaces the old one in full.lua's dms_setup facts, so
 ]]
 local playbook = require "migrun.playbook"
 local steps = require "migrun.steps"
+local runbook = require "migrun.runbook"
 local restart = require "migrun.restart"
 local fidelity = require "migrun.fidelity"
 local pglogical = require "migrun.pglogical"
-local replica = require "migrun.replica"
 local cdc = require "migrun.cdc"
-local fence = require "migrun.fence"
 local sentinel = require "migrun.sentinel"
 local guard = require "migrun.guard"
 local lsn = require "migrun.lsn"
@@ -119,37 +118,19 @@ P:step{ "slot", "Drop and recreate the slot and its two replication sets; add th
     assert(verification:suspend_sets(s))
     assert(pglogical.drop_sets(src, s))
     assert(pglogical.drop_slot(src, s))
-    local created = assert(pglogical.create_slot(src, s))
-    assert(pglogical.create_sets(src, s))
-    assert(pglogical.add_tables(src, s, tables(ctx), { say = function(l) ctx:warn("%s", l) end }))
-    -- the new sets carry the fence too (created here if full.lua predates it)
-    assert(fence.create(src))
-    assert(fence.create(ctx.target))
-    assert(fence.add_slot(src, s))
+    local created = runbook.group_slot(ctx, s, tables(ctx))
     assert(verification:resume_sets())
-    return { lsn = created.lsn and tostring(created.lsn) or nil }
+    return { lsn = created ~= "dry run" and created or nil }
   end,
   check = function(ctx, facts)
     return pglogical.check_slots(ctx.source, { [slot(ctx)] = facts.lsn })
   end }
 
 P:step{ "pause_replica", "Pause the maintenance replica after the new slot; capture its LSN",
-  run = function(ctx)
-    local at = assert(replica.pause(ctx.replica, { after = ctx.facts.slot.lsn, say = ctx.print }))
-    ctx:say("replica paused; replay LSN %s is where the new task will start", tostring(at))
-    return { lsn = tostring(at) }
-  end,
-  check = function(ctx, facts)
-    -- once resume_replica has begun (even if killed in it), not paused is expected
-    if ctx:began("resume_replica") then return true end
-    return replica.check_paused(ctx.replica, facts.lsn)
-  end }
+  run = function(ctx) return runbook.pause_replica(ctx, ctx.facts.slot.lsn) end, check = runbook.check_paused }
 
 P:step{ "verify_lsn", "Verify the new LSN on the primary for the new slot (bounded peek)",
-  run = function(ctx)
-    local v = assert(pglogical.verify_lsn(ctx.source, slot(ctx), new_lsn(ctx)))
-    return { confirmed_flush_lsn = tostring(v.confirmed_flush_lsn), peeked = v.peeked }
-  end,
+  run = function(ctx) return runbook.verify_lsn(ctx, { slot(ctx) }, new_lsn(ctx)) end,
   dry_run = function(ctx) return ("would verify %s at %s"):format(slot(ctx), tostring(new_lsn(ctx))) end }
 
 P:step{ "reload", "Reload the group's tables from the paused replica (their indexes are in place)",
@@ -167,21 +148,16 @@ P:step{ "qa", "Quick QA of the group's tables, replica against target",
     return steps.quick_qa(ctx, tables(ctx))
   end }
 
-P:step{ "resume_replica", "Resume the maintenance replica",
-  run = function(ctx)
-    assert(replica.resume(ctx.replica))
-    return { resumed = true }
-  end }
+P:step{ "resume_replica", "Resume the maintenance replica", run = runbook.resume_replica }
 
 P:step{ "replace_task", "Replace the group's DMS task with one starting at the new LSN",
   run = function(ctx)
-    local cfg = ctx.config
-    local boundary = (full(ctx).fidelity or {}).dms -- the DMS boundary full.lua found (migrun.fidelity)
+    local cfg, overrides = ctx.config, runbook.dms_endpoint_overrides(ctx)
+    local boundary = runbook.known(ctx).boundary -- the DMS boundary full.lua found (migrun.fidelity)
     local r = assert(restart.replace_task(ctx:dms(), fidelity.task_groups({ group(ctx) }, boundary)[1], { name = cfg.name,
       old_arn = ctx.facts.preserve_failure.old_arn, instance_arn = cfg.dms.replication_instance_arn,
       start_lsn = new_lsn(ctx), task = cfg.dms.task, source = cfg.source.conninfo, target = cfg.target.conninfo,
-      source_overrides = fidelity.endpoint_overrides("source", cfg.dms.source_endpoint, boundary),
-      target_overrides = fidelity.endpoint_overrides("target", cfg.dms.target_endpoint, boundary) }))
+      source_overrides = overrides.source, target_overrides = overrides.target }))
     ctx:say("old task: %s; new task %s at %s", r.deleted, tostring(r.arn), tostring(new_lsn(ctx)))
     -- the main playbook's facts name the task that runs now
     local tasks = full(ctx).dms_setup.tasks
