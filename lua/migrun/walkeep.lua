@@ -125,8 +125,11 @@ function walkeep.finish(st, opts)
   end
   local r, how = rate(st, opts)
   local e = walkeep.estimate{ rate = r, data_bytes = opts.data_bytes, load_rate = opts.load_rate }
-  local held = ("the slots hold WAL for %s: %s, about %s at %s"):format(why_window(e, opts),
-    r and how or ("WAL rate " .. how), text.bytes(e.needed), r and "that rate" or "the least migrun assumes")
+  local at_rate = r and r * e.window
+  local held = ("the slots hold WAL for %s: %s, %s"):format(why_window(e, opts), r and how or ("WAL rate " .. how),
+    (at_rate and at_rate >= walkeep.FLOOR) and ("about %s at that rate"):format(text.bytes(e.needed))
+      or ("at least %s assumed (a quiet moment's rate says little of the hours to come)"):format(
+        text.bytes(walkeep.FLOOR)))
   if not st.keep_bytes then
     add("max_slot_wal_keep_size", true, "error", "-1: the slots are never invalidated (the guard watches the WAL "
       .. "they hold)")
