@@ -146,6 +146,15 @@ return {
     allow_slots = { "other_tool_slot" },
     -- Free disk the source must have before slots start retaining WAL.
     min_free_bytes = 10 * GiB,
+    -- When the source limits what slots may keep (max_slot_wal_keep_size),
+    -- preflight measures its WAL rate over this many seconds and sizes what
+    -- the slots will hold by the load's expected speed (bytes per second):
+    -- too little is refused before the slots exist (docs/mistakes.md).
+    wal_rate_seconds = 5,
+    load_rate = 32 * 1024 * 1024,
+    -- Each qa.queries entry is run once, read-only, on the replica: at most
+    -- this many seconds (longer: judged by its plan).
+    query_timeout = 10,
   },
 
   dms = {
