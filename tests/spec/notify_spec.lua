@@ -162,7 +162,7 @@ describe("notify", function()
     _, err = check{ command = {} }
     assert.matches("notify: expected command = { \"prog\", ... }", tostring(err))
     _, err = check{ webhook = "hooks.example.com/secret-token" }
-    assert.matches("notify.webhook: expected an http:// or https:// URL, found a string$", tostring(err))
+    assert.matches("notify.webhook: expected an http:// or https:// URL with a host, found a string$", tostring(err))
     assert.falsy(tostring(err):find("secret-token", 1, true))
     _, err = check{ timeout = 0 }
     assert.matches("notify.timeout: expected a number of seconds >= 0.1", tostring(err))
