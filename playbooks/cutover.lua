@@ -28,6 +28,7 @@ and migrun.qa, the machinery in migrun.playbook.
 ]]
 local playbook = require "migrun.playbook"
 local steps = require "migrun.steps"
+local runbook = require "migrun.runbook"
 local cutover = require "migrun.cutover"
 local cdc = require "migrun.cdc"
 local verify = require "migrun.verify"
@@ -42,11 +43,9 @@ local drift = require "migrun.drift"
 local P = playbook.new{ name = "cutover", title = "Cutover: stop writes, verify what changed, sequences, target ready, stop the tasks" }
 
 -- What the migration's main playbook (playbooks/full.lua) found out and created.
-local function full(ctx) return ctx:main_facts() end
-local function plan(ctx) return full(ctx).groups.groups end
-local function tasks(ctx) return full(ctx).dms_setup.tasks end
-local function tables(ctx) return full(ctx).know_data.tables end
-local function target_changes(ctx) return (full(ctx).fidelity or {}).changes or {} end
+local function plan(ctx) return runbook.known(ctx).groups end
+local function tasks(ctx) return runbook.known(ctx).tasks end
+local function tables(ctx) return runbook.known(ctx).tables end
 local function slots_of(ctx)
   local slots = {}
   for _, g in ipairs(plan(ctx)) do slots[#slots + 1] = g.slot end
@@ -65,7 +64,7 @@ local function checklist(ctx)
   end
   return cutover.checklist{ database = (ctx.facts.stop_writes or {}).database,
     matviews = (ctx.facts.matviews or {}).checklist,
-    stop_writes = ctx.config.cutover.stop_writes, tasks = list, target_changes = target_changes(ctx),
+    stop_writes = ctx.config.cutover.stop_writes, tasks = list, target_changes = runbook.known(ctx).changes,
     region = ctx.config.dms.region, endpoint_url = ctx.config.dms.endpoint_url }
 end
 
@@ -83,7 +82,7 @@ P:step{ "ready", "Every task of this migration runs and has caught up (full.lua 
       return nil, ("%s has not finished (its catch_up step is not done): run it to the end first")
         :format(ctx.main and ("the main playbook " .. ctx.main) or "playbooks/full.lua")
     end
-    local fp, cfg = full(ctx).know_data.schema_fingerprint, ctx.config
+    local fp, cfg = ctx:main_facts().know_data.schema_fingerprint, ctx.config
     if fp then
       local changes = assert(drift.check(ctx.source, fp, { schemas = cfg.schemas, exclude = cfg.exclude_tables }))
       if #changes > 0 then
@@ -211,7 +210,7 @@ P:step{ "no_truncation", "No LOB value truncated by DMS: the task logs (the valu
 P:step{ "restore_target", "The target's definitions as on the source again (what full.lua changed for DMS): ready for writes",
   run = function(ctx)
     assert(sentinel.remove(ctx.target)) -- the application writes there from now on
-    local r = assert(cutover.restore_target(ctx.target, target_changes(ctx), { say = ctx.print }))
+    local r = assert(cutover.restore_target(ctx.target, runbook.known(ctx).changes, { say = ctx.print }))
     ctx:report_table("Target definitions restored", { { "table" }, { "kind", "what" },
       { "object", "column / trigger" }, { "state", "now, as on the source" } }, r.rows)
     ctx:say("%d target change(s) undone, %d already as on the source", r.restored, r.already)
