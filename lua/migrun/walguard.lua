@@ -30,11 +30,22 @@ restart_lsn, behind from its confirmed_flush_lsn) are the per-slot view.
         for the commands the messages name; opts.now (seconds, monotonic).
       report = { current_lsn, held_bytes, holder (the slot with the oldest
         restart_lsn), slots = { { name, restart_lsn, confirmed_flush_lsn,
-        retained_bytes, behind_bytes, active, stalled_seconds } },
+        retained_bytes, behind_bytes, active, stalled_seconds, wal_status,
+        safe_wal_size, invalidation_reason, eta_lost } },
+        keep_bytes (max_slot_wal_keep_size; nil: no limit), wal_keep_bytes,
         wal_dir_bytes | nil (+ wal_dir_note: why not), source = disk,
         replica = disk | nil, replica_wal_bytes, replica_paused,
-        rate (bytes/s of WAL held back, over the tracker's window),
-        eta_stop, eta_full (seconds), level = "ok"|"warn"|"stop", problems, message }
+        rate (bytes/s of WAL held back, over the tracker's window), wal_rate
+        (bytes/s of WAL written), eta_stop, eta_full (seconds),
+        level = "ok"|"warn"|"stop", problems, message }
+      Slot invalidation (PostgreSQL 13+, walguard.slot_limits): a warning
+      when a slot has used half of what max_slot_wal_keep_size lets it keep
+      or would reach it within warn_ahead at the WAL rate; a stop at a fifth
+      left, within three checks at that rate, once unreserved (lost at the
+      next checkpoint) or lost; the watch slot only warns. Before 13 nothing
+      is read (no limit exists).
+  walguard.slot_limits(report, guard, opts) -> level, problems, advice
+  walguard.limits_sql(server_version_num) -> sql | nil (before 13)
       disk = { free, total, how ("statvfs <dir>" | "command"), dir } or { note = why not }
   walguard.free_space(db, command, label) -> { free, total, how } | nil, why
       command (an argv list printing free bytes, then optionally the disk's
@@ -42,7 +53,8 @@ restart_lsn, behind from its confirmed_flush_lsn) are the per-slot view.
       server runs on this machine; else nil and why not.
   walguard.disk_watch(db, command, acknowledged, label) -> { watched = bool, how, message }
       what preflight says about watching a server's disk.
-  walguard.tracker(window_seconds) -> tracker (tracker:add(now, report))
+  walguard.tracker(window_seconds) -> tracker (tracker:add(now, report),
+      tracker:rate() held back, tracker:wal_rate() written, bytes/s)
   walguard.sql(server_version_num) -> { wal_dir_bytes, current_lsn }
 ]]
 local host = require "migrun.host"
