@@ -15,10 +15,13 @@
 #include <errno.h>
 #include <math.h>
 #include <poll.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <libpq-fe.h>
 
@@ -32,6 +35,7 @@
 
 #define CONNECT_TIMEOUT 10.0 /* seconds, when opts.connect_timeout is not given */
 #define DRAIN_TIMEOUT 15.0   /* seconds to bring a connection back to idle after a cancel */
+#define CANCEL_TIMEOUT 5     /* seconds a cancel request may take (it is abandoned then) */
 #define POLL_SLICE_MS 250    /* poll at most this long so a missed EINTR is noticed anyway */
 
 /* Type OIDs (pg_type.dat) of the types converted to something other than text. */
@@ -123,14 +127,79 @@ int pg_conn_wait_result(PGconn *conn, double deadline, int interruptible) {
     return W_READY;
 }
 
-/* Asks the server to cancel the running command (a separate, short connection). */
-void pg_conn_cancel(PGconn *conn) {
+/*
+ * Asks the server to cancel the running command. PQcancel opens a separate
+ * connection and blocks until the server closes it, with no timeout of its own
+ * (libpq 15): against a server that accepts and never answers (a stalled
+ * network path, a frozen host) it would block forever. It runs in a thread
+ * of its own, with every signal blocked there so that Ctrl-C still reaches
+ * the main thread, and is waited for at most CANCEL_TIMEOUT; a cancel still
+ * blocked then is abandoned (the thread frees its request when it ends).
+ */
+typedef struct {
+    pthread_mutex_t lock;
+    pthread_cond_t done_cond;
+    int done, abandoned;
+    PGcancel *k;
+} cancel_req;
+
+static void cancel_req_free(cancel_req *r) {
+    PQfreeCancel(r->k);
+    pthread_cond_destroy(&r->done_cond);
+    pthread_mutex_destroy(&r->lock);
+    free(r);
+}
+
+static void *cancel_thread(void *arg) {
+    cancel_req *r = arg;
+    char errbuf[256];
+    PQcancel(r->k, errbuf, sizeof errbuf);
+    pthread_mutex_lock(&r->lock);
+    r->done = 1;
+    int abandoned = r->abandoned;
+    pthread_cond_signal(&r->done_cond);
+    pthread_mutex_unlock(&r->lock);
+    if (abandoned)
+        cancel_req_free(r);
+    return NULL;
+}
+
+int pg_conn_cancel(PGconn *conn) {
     PGcancel *k = PQgetCancel(conn);
-    if (k != NULL) {
-        char errbuf[256];
-        PQcancel(k, errbuf, sizeof errbuf);
+    if (k == NULL)
+        return 0;
+    cancel_req *r = calloc(1, sizeof *r);
+    if (r == NULL) {
         PQfreeCancel(k);
+        return 0;
     }
+    r->k = k;
+    pthread_mutex_init(&r->lock, NULL);
+    pthread_cond_init(&r->done_cond, NULL);
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pthread_t t;
+    int started = pthread_create(&t, NULL, cancel_thread, r) == 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (!started) {
+        cancel_req_free(r);
+        return 0;
+    }
+    pthread_detach(t);
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += (time_t)CANCEL_TIMEOUT;
+    pthread_mutex_lock(&r->lock);
+    while (!r->done)
+        if (pthread_cond_timedwait(&r->done_cond, &r->lock, &until) == ETIMEDOUT)
+            break;
+    int done = r->done;
+    r->abandoned = !done;
+    pthread_mutex_unlock(&r->lock);
+    if (done)
+        cancel_req_free(r);
+    return done;
 }
 
 /* ---- notices ------------------------------------------------------------ */
@@ -230,6 +299,10 @@ static void conn_release(pg_Conn *c) {
     free_notices(c);
 }
 
+void pg_conn_close(pg_Conn *c) {
+    conn_release(c);
+}
+
 static int conn_gc(lua_State *L) {
     conn_release(luaL_checkudata(L, 1, CONN_MT));
     return 0;
@@ -298,6 +371,34 @@ static const char *one_line(const char *s, char *buf, size_t size) {
     return buf;
 }
 
+/*
+ * A connection that was up and is gone (the server restarted or crashed, the
+ * network or tcp_user_timeout ended it, migrun closed it after a stall):
+ * whatever the server said last, the error says so in the same words for
+ * every caller: kind "connection", lost = true, the message prefixed with
+ * "connection lost: " and a hint. A failed connect is not "lost".
+ */
+int pg_mark_lost(lua_State *L, pg_Conn *c) {
+    if (c->pid <= 0 || (c->conn != NULL && PQstatus(c->conn) != CONNECTION_BAD))
+        return 0;
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "lost");
+    migrun_setfield(L, -1, "kind", "connection");
+    if (lua_getfield(L, -1, "message") == LUA_TSTRING &&
+        strncmp(lua_tostring(L, -1), "connection lost", 15) != 0) {
+        lua_pushfstring(L, "connection lost: %s", lua_tostring(L, -1));
+        lua_setfield(L, -3, "message");
+    }
+    lua_pop(L, 1);
+    if (lua_getfield(L, -1, "hint") == LUA_TNIL)
+        migrun_setfield(L, -2, "hint",
+                        "the server restarted or crashed, or the network failed: connect again; "
+                        "a transaction open on this connection did not commit (unless its COMMIT "
+                        "was under way)");
+    lua_pop(L, 1);
+    return 1;
+}
+
 /* Pushes an error of the given kind made from the connection's error message. */
 void pg_push_conn_error(lua_State *L, pg_Conn *c, PGconn *conn, const char *kind, const char *code,
                         const char *fallback) {
@@ -308,6 +409,7 @@ void pg_push_conn_error(lua_State *L, pg_Conn *c, PGconn *conn, const char *kind
     migrun_error_push(L, kind, pg_conn_where(c, where, sizeof where), code,
                       one_line(m, msg, sizeof msg));
     migrun_setfield(L, -1, "conn", c->name);
+    pg_mark_lost(L, c);
 }
 
 /* Pushes the error carried by a PGresult (server fields when it has them). */
@@ -329,6 +431,7 @@ void pg_push_result_error(lua_State *L, pg_Conn *c, const PGresult *res, const c
     migrun_setfield(L, -1, "hint", PQresultErrorField(res, PG_DIAG_MESSAGE_HINT));
     migrun_setfield(L, -1, "context", PQresultErrorField(res, PG_DIAG_CONTEXT));
     migrun_setfield(L, -1, "conn", c->name);
+    pg_mark_lost(L, c);
 }
 
 /* Ctrl-C: the connection has been brought back to idle; raises the interrupted error. */
@@ -413,8 +516,26 @@ double pg_opt_seconds(lua_State *L, int opts, const char *key, double def) {
 }
 
 /*
+ * TCP keepalives and tcp_user_timeout on every connection (docs/faults.md):
+ * without them a server that vanishes without a RST (packets dropped, a host
+ * or a NAT gone) leaves a wait for a result hanging for the kernel's two
+ * hours; with them the kernel ends the connection about 30 s after the peer
+ * stopped answering (keepalive probes from 15 s of silence, every 5 s;
+ * unacknowledged data or probes for 30 s abort it, since tcp_user_timeout
+ * overrides the keepalive count on Linux). They come before the caller's
+ * keywords: a conninfo that names one of them overrides it (libpq: the last
+ * value of a keyword wins, a conninfo string's expanded values included).
+ */
+#define NETWORK_DEFAULTS 5
+static const char *const network_defaults[NETWORK_DEFAULTS][2] = {
+    {"keepalives", "1"},       {"keepalives_idle", "15"},     {"keepalives_interval", "5"},
+    {"keepalives_count", "3"}, {"tcp_user_timeout", "30000"},
+};
+
+/*
  * pg.connect(conninfo | {keyword=value...} [, opts]) -> Conn | nil, err
- * opts: name, connect_timeout (s, default 10), statement_timeout (s, client side).
+ * opts: name, connect_timeout (s, default 10), statement_timeout (s, client side),
+ * stall_timeout (s, default PG_STALL_TIMEOUT: COPY progress, see pg_copy.c).
  */
 static int pg_connect(lua_State *L) {
     int is_table = lua_istable(L, 1);
@@ -433,11 +554,12 @@ static int pg_connect(lua_State *L) {
     }
     double connect_timeout = pg_opt_seconds(L, opts, "connect_timeout", CONNECT_TIMEOUT);
     double stmt_timeout = pg_opt_seconds(L, opts, "statement_timeout", 0);
+    double stall_timeout = pg_opt_seconds(L, opts, "stall_timeout", PG_STALL_TIMEOUT);
 
     /* keywords and values, kept alive by a scratch table (strings) and a userdata (arrays) */
     lua_newtable(L); /* ... keep */
     int keep = lua_gettop(L);
-    int n = 2;
+    int n = 2 + NETWORK_DEFAULTS;
     if (is_table) {
         lua_pushnil(L);
         while (lua_next(L, 1)) {
@@ -448,6 +570,11 @@ static int pg_connect(lua_State *L) {
     const char **kw = lua_newuserdatauv(L, sizeof(char *) * 2 * (size_t)(n + 1), 0);
     const char **val = kw + n + 1;
     int i = 0;
+    /* first: the caller's keywords (or conninfo string, expanded) come later and win */
+    for (int d = 0; d < NETWORK_DEFAULTS; d++, i++) {
+        kw[i] = network_defaults[d][0];
+        val[i] = network_defaults[d][1];
+    }
     if (is_table) {
         lua_pushnil(L);
         while (lua_next(L, 1)) { /* ... keep arrays key value */
@@ -480,6 +607,7 @@ static int pg_connect(lua_State *L) {
     luaL_setmetatable(L, CONN_MT);
     snprintf(c->name, sizeof c->name, "%s", name);
     c->timeout = stmt_timeout;
+    c->stall = stall_timeout;
 
     c->conn = PQconnectStartParams(kw, val, is_table ? 0 : 1);
     if (c->conn == NULL)
@@ -926,6 +1054,19 @@ static int conn_info(lua_State *L) {
     lua_setfield(L, -2, "pid");
     lua_pushinteger(L, PQserverVersion(c->conn));
     lua_setfield(L, -2, "server_version");
+    /* the keepalive settings in effect (the defaults, or the conninfo's) */
+    PQconninfoOption *opts = PQconninfo(c->conn);
+    lua_createtable(L, 0, NETWORK_DEFAULTS);
+    for (PQconninfoOption *o = opts; o != NULL && o->keyword != NULL; o++)
+        for (int d = 0; d < NETWORK_DEFAULTS; d++)
+            if (o->val != NULL && *o->val && strcmp(o->keyword, network_defaults[d][0]) == 0) {
+                lua_pushinteger(L, (lua_Integer)strtoll(o->val, NULL, 10));
+                lua_setfield(L, -2, o->keyword);
+            }
+    PQconninfoFree(opts);
+    lua_setfield(L, -2, "tcp");
+    lua_pushnumber(L, c->stall);
+    lua_setfield(L, -2, "stall_timeout");
     return 1;
 }
 
@@ -965,6 +1106,21 @@ static int conn_set_timeout(lua_State *L) {
     luaL_argcheck(L, t >= 0 && !isnan(t), 2, "timeout cannot be negative");
     double old = c->timeout;
     c->timeout = t;
+    if (old > 0)
+        lua_pushnumber(L, old);
+    else
+        lua_pushnil(L);
+    return 1;
+}
+
+/* conn:set_stall_timeout(seconds | nil) sets how long a COPY may go without progress on this
+ * connection (nil or 0: no bound); returns the old one */
+static int conn_set_stall_timeout(lua_State *L) {
+    pg_Conn *c = check_conn(L, 1);
+    double t = luaL_optnumber(L, 2, 0);
+    luaL_argcheck(L, t >= 0 && !isnan(t), 2, "stall timeout cannot be negative");
+    double old = c->stall;
+    c->stall = t;
     if (old > 0)
         lua_pushnumber(L, old);
     else
@@ -1106,6 +1262,7 @@ int luaopen_migrun_pg_core(lua_State *L) {
         {"backend_pid", conn_backend_pid},
         {"transaction_status", conn_transaction_status},
         {"set_timeout", conn_set_timeout},
+        {"set_stall_timeout", conn_set_stall_timeout},
         {"on_notice", conn_on_notice},
         {"escape_identifier", conn_escape_identifier},
         {"escape_literal", conn_escape_literal},
@@ -1146,6 +1303,16 @@ int luaopen_migrun_pg_core(lua_State *L) {
     lua_pop(L, 1);
 
     luaL_newlib(L, funcs); /* pg */
+
+    /* pg.NETWORK_DEFAULTS (as libpq keywords take them) and pg.STALL_TIMEOUT, for docs and tests */
+    lua_createtable(L, 0, NETWORK_DEFAULTS);
+    for (int d = 0; d < NETWORK_DEFAULTS; d++) {
+        lua_pushstring(L, network_defaults[d][1]);
+        lua_setfield(L, -2, network_defaults[d][0]);
+    }
+    lua_setfield(L, -2, "NETWORK_DEFAULTS");
+    lua_pushnumber(L, PG_STALL_TIMEOUT);
+    lua_setfield(L, -2, "STALL_TIMEOUT");
 
     luaL_newmetatable(L, CONN_MT);
     luaL_setfuncs(L, conn_meta, 0);

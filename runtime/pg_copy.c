@@ -6,7 +6,13 @@
  * and the buffering bounded. Every wait polls, so Ctrl-C reaches a COPY; when
  * one side fails or is interrupted, the source is cancelled, the target's
  * COPY is failed, and both connections are brought back to idle before the
- * error reaches Lua. pg.c owns the handles this works on (pg_internal.h).
+ * error reaches Lua. Every wait is also bounded by the connection's stall
+ * timeout (pg_Conn.stall, default PG_STALL_TIMEOUT): a socket that neither
+ * brings nor takes a byte for that long is a stalled COPY (a network path
+ * that drops packets, a server that stopped answering), and libpq alone would
+ * wait for it forever. The stalled side's connection is closed (a cancel or a
+ * drain through the same path would stall too), the other side aborted, and
+ * the error names the side. pg.c owns the handles this works on (pg_internal.h).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +25,78 @@
 #define COPY_FLUSH_BYTES (64 * 1024) /* pg.copy: flush the target after this much */
 #define COPY_CHUNK_BYTES (64 * 1024) /* copy_out: hand the sink chunks of about this size */
 
+/* ---- waits bounded by the stall timeout ----------------------------------------- */
+
+/* The deadline of one wait: each wait that ends ready is progress, so the
+ * bound counts from the last time the socket moved (stall <= 0: none). */
+static double stall_at(double stall) {
+    return stall > 0 ? migrun_monotonic() + stall : -1;
+}
+
+/* Sends what libpq has queued, reading input meanwhile; W_TIMEOUT when the
+ * socket took nothing for stall seconds. */
+static int flush_stall(PGconn *conn, double stall, int interruptible) {
+    for (;;) {
+        int r = PQflush(conn);
+        if (r == 0)
+            return W_READY;
+        if (r < 0)
+            return W_ERR;
+        int w = pg_wait_sock(conn, POLLIN | POLLOUT, stall_at(stall), interruptible);
+        if (w != W_READY)
+            return w;
+        if (!PQconsumeInput(conn))
+            return W_ERR;
+    }
+}
+
+/* Waits until PQgetResult will not block; W_TIMEOUT when nothing came for stall seconds. */
+static int wait_result_stall(PGconn *conn, double stall, int interruptible) {
+    int w = flush_stall(conn, stall, interruptible);
+    if (w != W_READY)
+        return w;
+    while (PQisBusy(conn)) {
+        w = pg_wait_sock(conn, POLLIN, stall_at(stall), interruptible);
+        if (w != W_READY)
+            return w;
+        if (!PQconsumeInput(conn))
+            return W_ERR;
+    }
+    return W_READY;
+}
+
+/*
+ * A stalled side: its connection is closed (whatever is under way on it can
+ * neither finish nor be cancelled through a path that carries nothing) and
+ * nil, err pushed: kind "connection", lost = true, stalled = true, side, the
+ * bound in stall_timeout, and a message that says which side and what.
+ */
+static void push_stalled(lua_State *L, pg_Conn *c, const char *side, double stall,
+                         const char *what) {
+    char where[96];
+    pg_conn_where(c, where, sizeof where);
+    pg_conn_close(c);
+    lua_pushnil(L);
+    migrun_error_push(L, "connection", where, "08006", NULL);
+    lua_pushfstring(L,
+                    "connection lost: COPY stalled on the %s side (%s): %s for %d s; "
+                    "migrun closed the connection",
+                    strcmp(side, "from") == 0 ? "source" : "target", where, what, (int)stall);
+    lua_setfield(L, -2, "message");
+    migrun_setfield(L, -1, "side", side);
+    migrun_setfield(L, -1, "conn", c->name);
+    migrun_setfield(L, -1, "hint",
+                    "a network path that drops packets or a server that stopped answering: "
+                    "connect again and redo the COPY (its rows were not committed); "
+                    "stall_timeout sets the bound");
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "lost");
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "stalled");
+    lua_pushnumber(L, stall);
+    lua_setfield(L, -2, "stall_timeout");
+}
+
 /* ---- COPY with Lua callbacks ----------------------------------------------- */
 
 /*
@@ -29,7 +107,7 @@
  * memory is GC-managed.
  */
 static int start_copy(lua_State *L, pg_Conn *c, int conn_idx, pg_Result *r, const char *sql,
-                      ExecStatusType want, const char *side) {
+                      ExecStatusType want, const char *side, double stall) {
     char where[96];
     if (!PQsendQuery(c->conn, sql)) {
         lua_pushnil(L);
@@ -37,11 +115,15 @@ static int start_copy(lua_State *L, pg_Conn *c, int conn_idx, pg_Result *r, cons
         migrun_setfield(L, -1, "side", side);
         return 0;
     }
-    int w = pg_conn_wait_result(c->conn, -1, 1);
+    int w = wait_result_stall(c->conn, stall, 1);
     if (w == W_INTR) {
         pg_conn_cancel(c->conn);
         pg_conn_drain(c, "interrupted");
         return -1;
+    }
+    if (w == W_TIMEOUT) {
+        push_stalled(L, c, side, stall, "no answer to the COPY statement");
+        return 0;
     }
     if (w != W_READY) {
         lua_pushnil(L);
@@ -78,11 +160,11 @@ static int start_copy(lua_State *L, pg_Conn *c, int conn_idx, pg_Result *r, cons
 }
 
 /* Collects the final result of a COPY into r; returns 1 on success or pushes nil, err. */
-static int finish_copy(lua_State *L, pg_Conn *c, pg_Result *r, const char *side) {
+static int finish_copy(lua_State *L, pg_Conn *c, pg_Result *r, const char *side, double stall) {
     int w;
     PGresult *last = NULL;
     for (;;) {
-        w = pg_conn_wait_result(c->conn, -1, 0);
+        w = wait_result_stall(c->conn, stall, 0);
         if (w != W_READY)
             break;
         PGresult *res = PQgetResult(c->conn);
@@ -94,6 +176,10 @@ static int finish_copy(lua_State *L, pg_Conn *c, pg_Result *r, const char *side)
         } else {
             PQclear(res);
         }
+    }
+    if (w == W_TIMEOUT) {
+        push_stalled(L, c, side, stall, "no result after the end of the data");
+        return 0;
     }
     if (w != W_READY) {
         lua_pushnil(L);
@@ -131,7 +217,8 @@ int pg_conn_copy_out(lua_State *L) {
     luaL_checktype(L, 3, LUA_TFUNCTION);
     lua_settop(L, 3);
     pg_Result *r = pg_result_new(L, 1); /* conn sql fn res */
-    int started = start_copy(L, c, 1, r, sql, PGRES_COPY_OUT, "from");
+    double stall = c->stall;
+    int started = start_copy(L, c, 1, r, sql, PGRES_COPY_OUT, "from", stall);
     if (started < 0)
         return pg_raise_interrupted(L, c);
     if (started == 0)
@@ -168,46 +255,53 @@ int pg_conn_copy_out(lua_State *L) {
         if (n > 0)
             continue;
         if (n == 0) {
-            int w = pg_wait_sock(c->conn, POLLIN, -1, 1);
+            int w = pg_wait_sock(c->conn, POLLIN, stall_at(stall), 1);
             if (w == W_INTR) {
                 pg_conn_drain(c, "interrupted");
                 return pg_raise_interrupted(L, c);
+            }
+            if (w == W_TIMEOUT) {
+                push_stalled(L, c, "from", stall, "nothing received");
+                return 2;
             }
             if (w == W_READY && PQconsumeInput(c->conn))
                 continue;
         }
         break; /* -1 done, -2 failed: the result says which */
     }
-    if (!finish_copy(L, c, r, "from"))
+    if (!finish_copy(L, c, r, "from", stall))
         return 2;
     pg_dispatch_notices(L, 1, c);
     push_copy_totals(L, bytes, r->res);
     return 1;
 }
 
-/* Queues data for COPY IN, waiting for room; W_READY or W_ERR / W_INTR. */
-static int put_copy(PGconn *conn, const char *data, int n, int interruptible) {
+/* Queues data for COPY IN, waiting for room; W_READY or W_ERR / W_INTR / W_TIMEOUT (no room
+ * for stall seconds). */
+static int put_copy(PGconn *conn, const char *data, int n, int interruptible, double stall) {
     for (;;) {
         int r = PQputCopyData(conn, data, n);
         if (r > 0)
             return W_READY;
         if (r < 0)
             return W_ERR;
-        int w = pg_wait_sock(conn, POLLOUT, -1, interruptible);
+        int w = pg_wait_sock(conn, POLLOUT, stall_at(stall), interruptible);
         if (w != W_READY)
             return w;
     }
 }
 
-static int end_copy(PGconn *conn, const char *errmsg) {
+/* Ends a COPY IN (with errmsg: fails it) and sends it; W_READY, W_ERR or W_TIMEOUT. */
+static int end_copy(PGconn *conn, const char *errmsg, double stall) {
     for (;;) {
         int r = PQputCopyEnd(conn, errmsg);
         if (r > 0)
-            return pg_conn_flush(conn, -1, 0);
+            return flush_stall(conn, stall, 0);
         if (r < 0)
             return W_ERR;
-        if (pg_wait_sock(conn, POLLOUT, -1, 0) != W_READY)
-            return W_ERR;
+        int w = pg_wait_sock(conn, POLLOUT, stall_at(stall), 0);
+        if (w != W_READY)
+            return w == W_TIMEOUT ? W_TIMEOUT : W_ERR;
     }
 }
 
@@ -218,7 +312,8 @@ int pg_conn_copy_in(lua_State *L) {
     luaL_checktype(L, 3, LUA_TFUNCTION);
     lua_settop(L, 3);
     pg_Result *r = pg_result_new(L, 1); /* conn sql fn res */
-    int started = start_copy(L, c, 1, r, sql, PGRES_COPY_IN, "to");
+    double stall = c->stall;
+    int started = start_copy(L, c, 1, r, sql, PGRES_COPY_IN, "to", stall);
     if (started < 0)
         return pg_raise_interrupted(L, c);
     if (started == 0)
@@ -244,10 +339,14 @@ int pg_conn_copy_in(lua_State *L) {
         const char *s = lua_tolstring(L, -1, &len);
         while (len > 0) { /* PQputCopyData takes an int */
             int n = len > (1 << 20) ? (1 << 20) : (int)len;
-            int w = put_copy(c->conn, s, n, 1);
+            int w = put_copy(c->conn, s, n, 1, stall);
             if (w == W_INTR) {
                 pg_conn_drain(c, "interrupted");
                 return pg_raise_interrupted(L, c);
+            }
+            if (w == W_TIMEOUT) {
+                push_stalled(L, c, "to", stall, "it took no data");
+                return 2;
             }
             if (w != W_READY)
                 break;
@@ -261,17 +360,24 @@ int pg_conn_copy_in(lua_State *L) {
             break; /* the connection failed: finish_copy reports it */
         if (since_flush >= COPY_FLUSH_BYTES) {
             since_flush = 0;
-            int w = pg_conn_flush(c->conn, -1, 1);
+            int w = flush_stall(c->conn, stall, 1);
             if (w == W_INTR) {
                 pg_conn_drain(c, "interrupted");
                 return pg_raise_interrupted(L, c);
+            }
+            if (w == W_TIMEOUT) {
+                push_stalled(L, c, "to", stall, "it took no data");
+                return 2;
             }
             if (w != W_READY)
                 break;
         }
     }
-    end_copy(c->conn, NULL);
-    if (!finish_copy(L, c, r, "to"))
+    if (end_copy(c->conn, NULL, stall) == W_TIMEOUT) {
+        push_stalled(L, c, "to", stall, "it took no data");
+        return 2;
+    }
+    if (!finish_copy(L, c, r, "to", stall))
         return 2;
     pg_dispatch_notices(L, 1, c);
     push_copy_totals(L, bytes, r->res);
@@ -290,9 +396,152 @@ static int call_progress(lua_State *L, int fn, lua_Integer bytes, lua_Integer ro
     return lua_pcall(L, 2, 0, 0) != LUA_OK;
 }
 
+/* One pg.copy under way: the two sides, their stall bounds, what moved. */
+typedef struct {
+    pg_Conn *src, *dst;
+    double src_stall, dst_stall;
+    int fn; /* stack index of on_progress, 0 when none */
+    double interval;
+    lua_Integer bytes, rows;
+} copy_run;
+
+/* How the streaming loop ended. */
+enum { S_DONE, S_FAILED_FROM, S_FAILED_TO, S_STALLED_FROM, S_STALLED_TO, S_INTR, S_RAISED };
+
+/* Streams rows from src to dst until the source ends (S_DONE) or something
+ * fails. The target is flushed every COPY_FLUSH_BYTES: nothing more is read
+ * until it took them (bounded buffering). Each side has its own stall clock:
+ * the source's restarts whenever it brings bytes, the target's whenever it
+ * takes some or has nothing pending. S_RAISED: on_progress raised (its error
+ * on the stack). */
+static int stream_rows(lua_State *L, copy_run *cr) {
+    PGconn *src = cr->src->conn, *dst = cr->dst->conn;
+    size_t since_flush = 0;
+    int dst_pending = 0, src_moved = 1;
+    double src_last = 0, dst_last = 0;
+    double next_progress = migrun_monotonic() + cr->interval;
+    for (;;) {
+        char *buf = NULL;
+        int n = PQgetCopyData(src, &buf, 1);
+        if (n > 0) {
+            src_moved = 1;
+            int w = put_copy(dst, buf, n, 1, cr->dst_stall);
+            PQfreemem(buf);
+            if (w != W_READY)
+                return w == W_INTR ? S_INTR : w == W_TIMEOUT ? S_STALLED_TO : S_FAILED_TO;
+            cr->bytes += n;
+            cr->rows++;
+            since_flush += (size_t)n;
+            if (since_flush >= COPY_FLUSH_BYTES) {
+                since_flush = 0;
+                w = flush_stall(dst, cr->dst_stall, 1);
+                if (w != W_READY)
+                    return w == W_INTR ? S_INTR : w == W_TIMEOUT ? S_STALLED_TO : S_FAILED_TO;
+                dst_pending = 0;
+            }
+            if (cr->fn && (cr->rows & 255) == 0 && migrun_monotonic() >= next_progress) {
+                if (call_progress(L, cr->fn, cr->bytes, cr->rows))
+                    return S_RAISED;
+                next_progress = migrun_monotonic() + cr->interval;
+            }
+            continue;
+        }
+        if (n < 0)
+            return S_DONE; /* -1: the source is done; -2: it failed (finish_copy tells) */
+        /* nothing to read: push out what the target has, then wait for either side */
+        int f = PQflush(dst);
+        if (f < 0)
+            return S_FAILED_TO;
+        double now = migrun_monotonic();
+        if (src_moved) /* the stall clock of the source counts from its last bytes */
+            src_last = now;
+        src_moved = 0;
+        if (f == 1 && !dst_pending)
+            dst_last = now;
+        dst_pending = f == 1;
+        double deadline = cr->src_stall > 0 ? src_last + cr->src_stall : -1;
+        if (dst_pending && cr->dst_stall > 0 &&
+            (deadline < 0 || dst_last + cr->dst_stall < deadline))
+            deadline = dst_last + cr->dst_stall;
+        struct pollfd p[2] = {{.fd = PQsocket(src), .events = POLLIN, .revents = 0},
+                              {.fd = PQsocket(dst), .events = POLLOUT, .revents = 0}};
+        int w = pg_wait_fds(p, dst_pending ? 2 : 1, deadline, 1);
+        if (w == W_INTR)
+            return S_INTR;
+        if (w == W_TIMEOUT)
+            return dst_pending && cr->dst_stall > 0 &&
+                           migrun_monotonic() >= dst_last + cr->dst_stall
+                       ? S_STALLED_TO
+                       : S_STALLED_FROM;
+        if (w != W_READY)
+            return S_FAILED_FROM;
+        if (p[0].revents & (POLLIN | POLLERR | POLLHUP)) {
+            src_moved = 1;
+            if (!PQconsumeInput(src))
+                return S_FAILED_FROM;
+        }
+        if (dst_pending && (p[1].revents & (POLLERR | POLLHUP)))
+            return S_FAILED_TO;
+        if (dst_pending && (p[1].revents & POLLOUT))
+            dst_last = migrun_monotonic();
+    }
+}
+
+/* The source is cancelled and read to idle (unless it is the side that
+ * stalled: closed then), the target's COPY failed with why and drained. */
+static void abort_both(copy_run *cr, const char *why) {
+    if (cr->src->conn != NULL) {
+        pg_conn_cancel(cr->src->conn);
+        pg_conn_drain(cr->src, NULL);
+    }
+    if (cr->dst->conn != NULL) {
+        end_copy(cr->dst->conn, why, cr->dst_stall);
+        pg_conn_drain(cr->dst, "aborted");
+    }
+}
+
+/* After the loop failed or was interrupted: both sides aborted, nil, err
+ * pushed (2 returned) or the interrupted error raised. */
+static int copy_failed(lua_State *L, copy_run *cr, int how) {
+    if (how == S_RAISED) { /* ... msg */
+        abort_both(cr, "aborted by migrun: on_progress raised an error");
+        return lua_error(L);
+    }
+    if (how == S_INTR) {
+        abort_both(cr, "aborted by migrun: interrupted");
+        return pg_raise_interrupted(L, cr->src);
+    }
+    if (how == S_STALLED_FROM || how == S_STALLED_TO) {
+        int from = how == S_STALLED_FROM;
+        pg_Conn *c = from ? cr->src : cr->dst;
+        push_stalled(L, c, from ? "from" : "to", from ? cr->src_stall : cr->dst_stall,
+                     from ? "nothing received" : "it took no data");
+        abort_both(cr, "aborted by migrun: the source stalled");
+        return 2;
+    }
+    abort_both(cr, "aborted by migrun: the source COPY failed");
+    pg_Conn *c = how == S_FAILED_TO ? cr->dst : cr->src;
+    lua_pushnil(L);
+    pg_push_conn_error(L, c, c->conn, "connection", "08006", "connection lost during COPY");
+    migrun_setfield(L, -1, "side", how == S_FAILED_TO ? "to" : "from");
+    return 2;
+}
+
+/* The stall bound of each side: opts.stall_timeout (seconds, or false for
+ * none) for both, else each connection's own. */
+static void copy_stalls(lua_State *L, copy_run *cr) {
+    cr->src_stall = cr->src->stall;
+    cr->dst_stall = cr->dst->stall;
+    int given = lua_getfield(L, 1, "stall_timeout") != LUA_TNIL;
+    lua_pop(L, 1);
+    if (given)
+        cr->src_stall = cr->dst_stall = pg_opt_seconds(L, 1, "stall_timeout", 0);
+}
+
 /*
  * pg.copy{ from = c1, from_sql = "COPY t TO STDOUT", to = c2, to_sql = "COPY t FROM STDIN",
- *          on_progress = function(bytes, rows) end, progress_interval = 1.0 }
+ *          on_progress = function(bytes, rows) end, progress_interval = 1.0,
+ *          stall_timeout = s }
  * -> {bytes=, rows=} | nil, err (err.side = "from" | "to")
  * rows in the result come from the target's command tag; the progress rows
  * count the COPY data messages read (one per row).
@@ -302,11 +551,10 @@ int pg_copy(lua_State *L) {
     lua_settop(L, 1);
     lua_getfield(L, 1, "from"); /* 2 */
     lua_getfield(L, 1, "to");   /* 3 */
-    pg_Conn *src = luaL_testudata(L, 2, CONN_MT);
-    pg_Conn *dst = luaL_testudata(L, 3, CONN_MT);
-    luaL_argcheck(L, src != NULL, 1, "'from' must be a migrun.pg.Conn");
-    luaL_argcheck(L, dst != NULL, 1, "'to' must be a migrun.pg.Conn");
-    luaL_argcheck(L, src != dst, 1, "'from' and 'to' must be different connections");
+    copy_run cr = {.src = luaL_testudata(L, 2, CONN_MT), .dst = luaL_testudata(L, 3, CONN_MT)};
+    luaL_argcheck(L, cr.src != NULL, 1, "'from' must be a migrun.pg.Conn");
+    luaL_argcheck(L, cr.dst != NULL, 1, "'to' must be a migrun.pg.Conn");
+    luaL_argcheck(L, cr.src != cr.dst, 1, "'from' and 'to' must be different connections");
     pg_check_idle(L, 2);
     pg_check_idle(L, 3);
     lua_getfield(L, 1, "from_sql"); /* 4 */
@@ -314,149 +562,61 @@ int pg_copy(lua_State *L) {
     const char *from_sql = lua_tostring(L, 4), *to_sql = lua_tostring(L, 5);
     luaL_argcheck(L, from_sql != NULL, 1, "'from_sql' must be a COPY ... TO STDOUT statement");
     luaL_argcheck(L, to_sql != NULL, 1, "'to_sql' must be a COPY ... FROM STDIN statement");
-    int fn = 0;
     if (lua_getfield(L, 1, "on_progress") != LUA_TNIL) { /* 6 */
         luaL_argcheck(L, lua_isfunction(L, 6), 1, "'on_progress' must be a function");
-        fn = 6;
+        cr.fn = 6;
     }
-    double interval = pg_opt_seconds(L, 1, "progress_interval", 1.0);
+    cr.interval = pg_opt_seconds(L, 1, "progress_interval", 1.0);
+    copy_stalls(L, &cr);
     pg_Result *rs = pg_result_new(L, 2); /* 7 */
     pg_Result *rd = pg_result_new(L, 3); /* 8 */
 
     /* the target first: if it refuses, nothing has been read from the source */
-    int started = start_copy(L, dst, 3, rd, to_sql, PGRES_COPY_IN, "to");
+    int started = start_copy(L, cr.dst, 3, rd, to_sql, PGRES_COPY_IN, "to", cr.dst_stall);
     if (started < 0)
-        return pg_raise_interrupted(L, dst);
+        return pg_raise_interrupted(L, cr.dst);
     if (started == 0)
         return 2;
-    started = start_copy(L, src, 2, rs, from_sql, PGRES_COPY_OUT, "from"); /* ... nil err? */
-    if (started <= 0) {
-        end_copy(dst->conn, started < 0 ? "aborted by migrun: interrupted"
-                                        : "aborted by migrun: the source COPY failed");
-        pg_conn_drain(dst, "aborted");
+    started = start_copy(L, cr.src, 2, rs, from_sql, PGRES_COPY_OUT, "from", cr.src_stall);
+    if (started <= 0) { /* ... nil err, or nothing (interrupted) */
+        end_copy(cr.dst->conn,
+                 started < 0 ? "aborted by migrun: interrupted"
+                             : "aborted by migrun: the source COPY failed",
+                 cr.dst_stall);
+        pg_conn_drain(cr.dst, "aborted");
         if (started < 0)
-            return pg_raise_interrupted(L, src);
+            return pg_raise_interrupted(L, cr.src);
         return 2;
     }
 
-    lua_Integer bytes = 0, rows = 0;
-    size_t since_flush = 0;
-    int dst_pending = 0;       /* the target has unsent data */
-    const char *failed = NULL; /* "from" | "to" */
-    int interrupted = 0;
-    double next_progress = migrun_monotonic() + interval;
-    for (;;) {
-        char *buf = NULL;
-        int n = PQgetCopyData(src->conn, &buf, 1);
-        if (n > 0) {
-            int w = put_copy(dst->conn, buf, n, 1);
-            PQfreemem(buf);
-            if (w == W_INTR) {
-                interrupted = 1;
-                break;
-            }
-            if (w != W_READY) {
-                failed = "to";
-                break;
-            }
-            bytes += n;
-            rows++;
-            since_flush += (size_t)n;
-            if (since_flush >= COPY_FLUSH_BYTES) {
-                /* bounded buffering: nothing more is read until the target took this */
-                since_flush = 0;
-                w = pg_conn_flush(dst->conn, -1, 1);
-                if (w == W_INTR) {
-                    interrupted = 1;
-                    break;
-                }
-                if (w != W_READY) {
-                    failed = "to";
-                    break;
-                }
-                dst_pending = 0;
-            }
-            if (fn && (rows & 255) == 0 && migrun_monotonic() >= next_progress) {
-                if (call_progress(L, fn, bytes, rows)) { /* ... msg */
-                    pg_conn_cancel(src->conn);
-                    pg_conn_drain(src, NULL);
-                    end_copy(dst->conn, "aborted by migrun: on_progress raised an error");
-                    pg_conn_drain(dst, "aborted");
-                    return lua_error(L);
-                }
-                next_progress = migrun_monotonic() + interval;
-            }
-            continue;
-        }
-        if (n < 0)
-            break; /* -1: the source is done; -2: it failed (finish_copy tells) */
-        /* nothing to read: push out what the target has, then wait for either side */
-        int f = PQflush(dst->conn);
-        if (f < 0) {
-            failed = "to";
-            break;
-        }
-        dst_pending = f == 1;
-        struct pollfd p[2] = {{.fd = PQsocket(src->conn), .events = POLLIN, .revents = 0},
-                              {.fd = PQsocket(dst->conn), .events = POLLOUT, .revents = 0}};
-        int w = pg_wait_fds(p, dst_pending ? 2 : 1, -1, 1);
-        if (w == W_INTR) {
-            interrupted = 1;
-            break;
-        }
-        if (w != W_READY) {
-            failed = "from";
-            break;
-        }
-        if ((p[0].revents & (POLLIN | POLLERR | POLLHUP)) && !PQconsumeInput(src->conn)) {
-            failed = "from";
-            break;
-        }
-        if (dst_pending && (p[1].revents & (POLLERR | POLLHUP))) {
-            failed = "to";
-            break;
-        }
-    }
-
-    if (interrupted || failed) {
-        /* abort both: cancel the source, fail the target's COPY */
-        int src_ok = src->conn != NULL;
-        if (src_ok) {
-            pg_conn_cancel(src->conn);
-            pg_conn_drain(src, NULL);
-        }
-        if (dst->conn != NULL) {
-            end_copy(dst->conn, interrupted ? "aborted by migrun: interrupted"
-                                            : "aborted by migrun: the source COPY failed");
-            pg_conn_drain(dst, "aborted");
-        }
-        if (interrupted)
-            return pg_raise_interrupted(L, src);
-        pg_Conn *c = strcmp(failed, "to") == 0 ? dst : src;
-        lua_pushnil(L);
-        pg_push_conn_error(L, c, c->conn, "connection", "08006", "connection lost during COPY");
-        migrun_setfield(L, -1, "side", failed);
-        return 2;
-    }
+    int how = stream_rows(L, &cr);
+    if (how != S_DONE)
+        return copy_failed(L, &cr, how);
     /* the source ended: its result says whether it finished or failed */
-    if (!finish_copy(L, src, rs, "from")) { /* ... nil err */
-        end_copy(dst->conn, "aborted by migrun: the source COPY failed");
-        pg_conn_drain(dst, "aborted");
+    if (!finish_copy(L, cr.src, rs, "from", cr.src_stall)) { /* ... nil err */
+        end_copy(cr.dst->conn, "aborted by migrun: the source COPY failed", cr.dst_stall);
+        pg_conn_drain(cr.dst, "aborted");
         return 2;
     }
-    if (end_copy(dst->conn, NULL) != W_READY) {
+    int w = end_copy(cr.dst->conn, NULL, cr.dst_stall);
+    if (w == W_TIMEOUT) {
+        push_stalled(L, cr.dst, "to", cr.dst_stall, "it took no data");
+        return 2;
+    }
+    if (w != W_READY) {
         lua_pushnil(L);
-        pg_push_conn_error(L, dst, dst->conn, "connection", "08006", "connection lost ending COPY");
+        pg_push_conn_error(L, cr.dst, cr.dst->conn, "connection", "08006",
+                           "connection lost ending COPY");
         migrun_setfield(L, -1, "side", "to");
-        pg_conn_drain(dst, "aborted");
+        pg_conn_drain(cr.dst, "aborted");
         return 2;
     }
-    if (!finish_copy(L, dst, rd, "to"))
+    if (!finish_copy(L, cr.dst, rd, "to", cr.dst_stall))
         return 2;
-    pg_dispatch_notices(L, 2, src);
-    pg_dispatch_notices(L, 3, dst);
-    if (call_progress(L, fn, bytes, rows))
+    pg_dispatch_notices(L, 2, cr.src);
+    pg_dispatch_notices(L, 3, cr.dst);
+    if (call_progress(L, cr.fn, cr.bytes, cr.rows))
         return lua_error(L);
-    push_copy_totals(L, bytes, rd->res);
+    push_copy_totals(L, cr.bytes, rd->res);
     return 1;
 }

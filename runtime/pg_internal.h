@@ -15,11 +15,15 @@
 
 #define CONN_MT "migrun.pg.Conn"
 
+/* Seconds a COPY may go without moving a byte on a connection (stall_timeout). */
+#define PG_STALL_TIMEOUT 30.0
+
 /* migrun.pg.Conn: a PGconn in non-blocking mode. */
 typedef struct {
     PGconn *conn;                     /* NULL when closed */
     int pid;                          /* backend pid, for "where" */
     double timeout;                   /* client-side statement timeout in seconds; 0 = none */
+    double stall;                     /* COPY: seconds without progress before failing; 0 = none */
     int has_handler;                  /* a Lua notice handler is set (user value 1) */
     struct notice_rec *nhead, *ntail; /* notices not yet handed to Lua (pg.c) */
     void *scratch; /* libpq buffer in flight while Lua may raise; freed by the closer */
@@ -41,8 +45,14 @@ int pg_wait_sock(PGconn *conn, short events, double deadline, int interruptible)
 int pg_conn_flush(PGconn *conn, double deadline, int interruptible);
 /* Waits until PQgetResult will not block. */
 int pg_conn_wait_result(PGconn *conn, double deadline, int interruptible);
-/* Asks the server to cancel the running command. */
-void pg_conn_cancel(PGconn *conn);
+/* Asks the server to cancel the running command, waiting a few seconds at
+ * most (1 when the server took the request). */
+int pg_conn_cancel(PGconn *conn);
+/* Closes the connection (the handle stays, closed): for one that stalled. */
+void pg_conn_close(pg_Conn *c);
+/* Marks the error at the top of the stack as a lost connection when the
+ * connection is gone (lost = true and a hint); returns whether it is. */
+int pg_mark_lost(lua_State *L, pg_Conn *c);
 /* Brings a connection back to idle after an abandoned command (ending a COPY
  * IN with abort_msg); 0 when that failed and the connection was closed. */
 int pg_conn_drain(pg_Conn *c, const char *abort_msg);

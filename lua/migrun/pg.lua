@@ -14,9 +14,16 @@ Connections
       .pgpass, service files and sslmode all apply). opts.name ("source",
       "replica", "target") labels the connection in errors and notices;
       opts.connect_timeout (seconds, default 10); opts.statement_timeout
-      (seconds; client side: the statement is cancelled, see exec).
-      application_name defaults to "migrun"; opts.application_name names
-      the session whatever the conninfo says.
+      (seconds; client side: the statement is cancelled, see exec);
+      opts.stall_timeout (seconds, default pg.STALL_TIMEOUT = 30; false for
+      none): how long a COPY on this connection may go without moving a byte
+      (see COPY). application_name defaults to "migrun"; opts.application_name
+      names the session whatever the conninfo says.
+      Every connection gets TCP keepalives and tcp_user_timeout unless its
+      conninfo says otherwise (pg.NETWORK_DEFAULTS: keepalives=1,
+      keepalives_idle=15, keepalives_interval=5, keepalives_count=3,
+      tcp_user_timeout=30000): a server that vanishes without a RST ends the
+      connection in about 30 s, not the kernel's two hours (docs/faults.md).
   pg.identity([name | false]) -> the previous one
       The application_name of every session this process opens from now on
       (false: none again), over one a conninfo string gives: a playbook run
@@ -30,9 +37,12 @@ Connections
   conn:close()                    idempotent; also <close> and __gc
   tostring(conn)                  name, host, port, dbname, user, pid; never a password
   conn:password() (what libpq logged in with, for a DMS endpoint; never print it),
-  conn:info(), conn:name(), conn:server_version() (150020), conn:backend_pid(),
+  conn:info() (name, host, port, dbname, user, pid, server_version,
+  application_name, stall_timeout, and tcp = the keepalive settings in effect),
+  conn:name(), conn:server_version() (150020), conn:backend_pid(),
   conn:in_recovery() -> boolean | nil, err, conn:transaction_status() -> "idle"...
   conn:set_timeout(seconds | nil) -> old   the client-side statement timeout
+  conn:set_stall_timeout(seconds | nil) -> old   the COPY stall bound (nil: none)
   conn:on_notice(fn | nil) -> old          fn(notice) for server notices (an error
       value of kind "notice" with severity, message, detail...); without one
       they go to stderr prefixed with the connection name.
@@ -57,7 +67,11 @@ Statements
       bytea -> raw bytes, NULL -> pg.null, everything else -> its text.
   err: kind ("sql", "connection", "timeout", "interrupted", "copy"), where
       ("target 4711"), code = sqlstate, sqlstate, severity, message, detail,
-      hint, context, conn; tostring gives one line.
+      hint, context, conn; tostring gives one line. A connection that was up
+      and is gone (the server restarted or crashed, the network or
+      tcp_user_timeout ended it) gives kind "connection", lost = true, a
+      message starting "connection lost: " and a hint, whatever the server
+      said last (57P01 on a fast shutdown): connect again.
 
 Transactions
   conn:transaction(function(conn) ... end) -> fn's results | true | nil, err
@@ -76,10 +90,19 @@ COPY
       and the error is re-raised.
   pg.copy{ from = c1, from_sql = "COPY t TO STDOUT (FORMAT binary)",
            to = c2, to_sql = "COPY t FROM STDIN (FORMAT binary)",
-           on_progress = function(bytes, rows) end, progress_interval = 1.0 }
+           on_progress = function(bytes, rows) end, progress_interval = 1.0,
+           stall_timeout = seconds | false }
       -> {bytes=, rows=} | nil, err (err.side = "from" | "to")
       Streams server to server inside C with flat memory; an error on either
-      side aborts both and leaves both connections usable. No timeout applies.
+      side aborts both and leaves both connections usable.
+      Stalls: each side has a bound, stall_timeout (default: each
+      connection's own, 30 s): from the COPY statement to its result, the
+      source must bring and the target take at least one byte within it, or
+      the COPY fails with kind "connection", stalled = true, lost = true and
+      side naming the one that stalled, whose connection migrun closes (the
+      other is aborted and stays usable). A COPY (SELECT ...) whose first row
+      takes longer than the bound to compute needs a larger one.
+      conn:copy_out and conn:copy_in apply their connection's bound alike.
       Errors while starting a COPY have kind "sql"; errors during the data
       phase have kind "copy" (with the server's sqlstate, e.g. 23514).
       Limitation: libpq does not read server messages during COPY IN, so an
