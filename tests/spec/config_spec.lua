@@ -152,6 +152,8 @@ describe("migrun.playbook.config", function()
     _, err = load_with("dms = { source_endpoint = { host = '/var/run/postgresql' } },")
     assert.matches("dms.source_endpoint.host: expected a host name or address DMS connects to over TCP %(not a Unix "
       .. "socket directory%)", err)
+    _, err = load_with("know_data = { write_rate_seconds = 0 },")
+    assert.matches(": know_data.write_rate_seconds: expected a number of seconds >= 0.1, found 0$", err)
     _, err = load_with("preflight = { load_rate = 1000 },")
     assert.matches(": preflight.load_rate: expected a number of bytes per second >= 1 MiB, found 1000$", err)
   end)

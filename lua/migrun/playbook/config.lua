@@ -336,7 +336,8 @@ config.SCHEMA = record({
       doc = "per-table policy; missing fields come from lobs.default" }) },
   }, { doc = "LOB policy (DMS limited LOB mode)" }) },
   { "know_data", record({
-    { "write_rate_seconds", seconds(5, "seconds over which write rates are sampled on the primary", 0) },
+    -- catalog.write_rates divides by it: 0 would stop know_data, after the schema step
+    { "write_rate_seconds", seconds(5, "seconds over which write rates are sampled on the primary", 0.1) },
   }, { doc = "knowing the data" }) },
   { "full_load", record({
     { "jobs", count(2, "parallel streams for the full load (and the final QA's row-hash sessions on each side)", 1) },
