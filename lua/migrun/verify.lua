@@ -176,6 +176,13 @@ function V:start(extra_whole)
   local pos, err = watch.position(self.source, self.slot)
   if pos == nil then return nil, err end
   local usable = pos and pos.wal_status ~= "lost" and self.state and self.state.position
+  -- a slot further on than the state says was moved by something else: what it
+  -- skipped is unknown (the state is saved before the slot moves, never after)
+  if usable and pos.confirmed_flush_lsn and pos.confirmed_flush_lsn > lsn(self.state.position) then
+    self.say(("the watch slot %s stands at %s, past the verification's %s: something else moved it; "
+      .. "verifying every table again"):format(self.slot, tostring(pos.confirmed_flush_lsn), self.state.position))
+    usable = false
+  end
   if not usable then
     if pos and pos.wal_status == "lost" then
       self.say(("the watch slot %s lost the WAL it needed (max_slot_wal_keep_size): verifying every table again")
@@ -282,6 +289,7 @@ function V:pass_suspension(key_columns)
     end
   end
   self.state.suspended = nil
+  self.state.position = tostring(s.upto) -- saved before the slot moves there
   local ok
   ok, err = self:save()
   if not ok then return nil, err end

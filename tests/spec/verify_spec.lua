@@ -217,6 +217,22 @@ describe("migrun.verify", function()
     assert.is_true(c.compared.keys > 0 and c.compared.keys < 2000, verify.format(c))
   end)
 
+  it("verifies every table whole again when something else moved the watch slot", function()
+    local v = verification()
+    assert(v:live())
+    assert(source:write("insert into shop.audit (what) values ('moved behind its back')"))
+    assert(source:write("select 1 from pg_replication_slot_advance('vs_slot_watch', pg_current_wal_lsn())"))
+    local said = {}
+    local again = assert(verify.new{ source = source, target = target, tables = tables, groups = groups,
+      prefix = "vs_slot_", state_dir = dir, say = function(l) said[#said + 1] = l end,
+      fence = function()
+        return cdc.wait_applied(source, target, SLOTS, { timeout = 60, poll = 0.1, sleep = aws.sleep })
+      end })
+    local r = assert(again:live())
+    assert.equal(#tables, r.history[1].whole, verify.format(r))
+    assert.matches("something else moved it", table.concat(said, "\n"))
+  end)
+
   it("names a keyless table's difference, found when the table is still", function()
     assert(target:write("delete from shop.audit where what = 'seed 7'"))
     local v = verification()
