@@ -96,7 +96,16 @@ Why it is shaped this way:
   fullload.plan(tables, jobs) -> { {tables = {...}, bytes = n}, ... }   the LPT split
       (what the streams are expected to do; the run itself schedules as tasks end)
   fullload.chunk_size(bytes, jobs) -> the default chunk_bytes
-  fullload.task(job, emit)   a worker's task (internal, run by migrun.pool)
+  fullload.task(job, emit)   a worker's task: migrun.fullload_worker.task (internal)
+
+How the code is laid out: fullload.run makes a Load (the run's state, its
+sessions and its journal) and calls its steps in order: plan (what is
+pending, how the large tables are cut), resume (what became of the chunks
+journaled as committing), schedule (the tasks on migrun.pool), describe (the
+split and the streams; every statement in a dry run), execute (the pool run,
+its events handled by Load:on_event, a table finished by Load:table_complete
+and Load:enqueue_post). Journal writes and the callbacks they gate go
+through a Saver. What a worker does is migrun.fullload_worker.
 ]]
 local pg = require "migrun.pg"
 local pool = require "migrun.pool"
@@ -105,6 +114,7 @@ local errors = require "migrun.error"
 local host = require "migrun.host"
 local lsn = require "migrun.lsn"
 local text = require "migrun.text"
+local worker = require "migrun.fullload_worker"
 
 local fullload = {}
 
@@ -118,14 +128,8 @@ local MIN_CHUNK, MAX_CHUNK = 64 * MiB, 1024 * MiB
 local BATCH_BYTES, BATCH_TABLES = 32 * MiB, 25
 -- What an index build or an ANALYZE weighs in the queue, against COPY bytes.
 local INDEX_WEIGHT, ANALYZE_WEIGHT = 0.3, 0.05
--- How long a worker waits for the parent to journal a chunk before it commits.
-local ACK_TIMEOUT, ACK_POLL = 600, 0.005
-
-local function whole_sql(t)
-  local name = pg.qualify(t.schema, t.name)
-  return ("COPY %s TO STDOUT (FORMAT binary)"):format(name),
-    ("COPY %s FROM STDIN (FORMAT binary, FREEZE)"):format(name), ("TRUNCATE %s"):format(name)
-end
+-- The pool's entry: the module whose task() a worker process runs.
+local WORKER = "migrun.fullload_worker"
 
 local function fail(where, message, extra)
   local e = { kind = "fullload", where = where, message = message }
@@ -133,7 +137,13 @@ local function fail(where, message, extra)
   return nil, errors.new(e)
 end
 
-local function int(v) return math.tointeger(v) or v end
+local function count(t)
+  local n = 0
+  for _ in pairs(t) do n = n + 1 end
+  return n
+end
+
+fullload.task = worker.task -- the pool's entry before the worker had a module of its own
 
 ---------------------------------------------------------------------------
 -- The split
@@ -167,165 +177,67 @@ function fullload.chunk_size(bytes, jobs)
 end
 
 ---------------------------------------------------------------------------
--- The worker (a child process, one task)
+-- The journal: a Saver
 ---------------------------------------------------------------------------
+-- A chunk's transaction is saved before it may commit (a rerun asks the
+-- target what became of it). Everything else that is done (a table, a
+-- chunk, indexes, statistics) is saved at most every opts.save_interval
+-- seconds and at the end: each save rewrites and fsyncs the whole journal,
+-- which on a schema of thousands of small tables costs more than their
+-- loads. A kill loses at most that interval's records, and what they said is
+-- done again by the rerun, the same way: a whole table truncated and loaded,
+-- a chunk's journaled transaction asked about, the indexes listed from the
+-- target, ANALYZE run. What is done is said (on_table, on_chunk, on_post)
+-- once it is saved: a table said loaded is never loaded again.
 
--- Is the replica still in recovery, paused, at the expected replay LSN?
-local function check_replica(replica, names, expected, what)
-  local paused_expr = names.wal_replay_pause_state and (names.wal_replay_pause_state .. "()::text")
-    or ("case when " .. names.is_wal_replay_paused .. "() then 'paused' else 'not paused' end")
-  local res, err = replica:exec(("select pg_is_in_recovery() as in_recovery, %s as pause_state, %s() as replay_lsn")
-    :format(paused_expr, names.last_wal_replay_lsn))
-  if not res then return nil, err end
-  local row = res[1]
-  local where = replica:name() .. " " .. tostring(replica:backend_pid())
-  local before = " before loading " .. what
-  if not row.in_recovery then
-    return fail(where, "the replica is not in recovery (promoted?)" .. before,
-      { hint = "the full load reads the paused maintenance replica; check the replica conninfo" })
-  end
-  if row.pause_state ~= "paused" then
-    return fail(where, ("the replica is not paused (pause state: %s)"):format(row.pause_state) .. before,
-      { hint = "replay was resumed during the full load: its data no longer matches the "
-        .. "captured LSN; pause the replica again and restart from the LSN capture" })
-  end
-  if rawequal(row.replay_lsn, pg.null) or row.replay_lsn ~= expected then
-    return fail(where, ("the replica's replay LSN is %s, expected %s"):format(tostring(row.replay_lsn),
-      tostring(expected)) .. before,
-      { hint = "the replica replayed WAL since the LSN was captured; capture it again" })
-  end
-  return true
+local Saver = {}
+Saver.__index = Saver
+
+-- save: opts.save or nil; off: a dry run (nothing saved, everything told at once)
+local function new_saver(save, interval, off)
+  return setmetatable({ write = save, interval = interval or 1, off = off or not save,
+    dirty = {}, saved_at = host.monotonic(), untold = {} }, Saver)
 end
 
-local function progress_fn(emit, tname, chunk)
-  return function(bytes, rows) emit{ event = "progress", table = tname, chunk = chunk, bytes = bytes, rows = rows } end
+-- Writes what is dirty (one call), then tells what waited for it.
+function Saver:flush()
+  local fields = {}
+  for _, f in ipairs(STATE_FIELDS) do
+    if self.dirty[f] then fields[#fields + 1] = f end
+  end
+  self.dirty = {}
+  if #fields > 0 then self.write(fields) end
+  self.saved_at = host.monotonic()
+  local list = self.untold
+  self.untold = {}
+  for _, t in ipairs(list) do t[1](table.unpack(t, 2, t.n)) end
 end
 
--- A whole table: one transaction, emptied and written frozen.
-local function load_whole(replica, target, item, interval, emit)
-  local from_sql, to_sql, truncate = whole_sql(item)
-  return target:transaction(function(c)
-    local res, err = c:exec(truncate)
-    if not res then return nil, err end
-    return pg.copy{ from = replica, from_sql = from_sql, to = c, to_sql = to_sql,
-      progress_interval = interval, on_progress = progress_fn(emit, item.table) }
-  end)
+-- Calls fn(...) once what is dirty now is saved (at once without a journal).
+function Saver:tell(fn, ...)
+  if not fn then return end
+  if self.off then return fn(...) end
+  self.untold[#self.untold + 1] = table.pack(fn, ...)
 end
 
--- Waits until the parent holds the advisory lock (ack.pid, ack.key) on the
--- target: the sign that it has journaled this chunk's transaction.
-local function wait_ack(c, ack, tname, chunk)
-  local deadline = host.monotonic() + ACK_TIMEOUT
-  while true do
-    local res, err = c:exec([[select exists (select 1 from pg_locks where locktype = 'advisory' and pid = $1
-      and classid = $1::int8::oid and objid = $2::int8::oid and objsubid = 2 and granted) as ok]], ack.pid, ack.key)
-    if not res then return nil, err end
-    if res[1].ok then return true end
-    if host.monotonic() > deadline then
-      return fail("target", ("the parent migrun did not journal chunk %d of %s within %d s: not committed"):format(
-        chunk, tname, ACK_TIMEOUT))
-    end
-    host.sleep(ACK_POLL)
-  end
+function Saver:flush_due()
+  if (next(self.dirty) or #self.untold > 0) and host.monotonic() - self.saved_at >= self.interval then self:flush() end
 end
 
--- A chunk: one transaction, committed only once the parent has journaled its
--- transaction id.
-local function load_chunk(replica, target, item, job, emit)
-  local tname = item.table
-  return target:transaction(function(c)
-    local x, err = c:exec("select txid_current()::text as xid")
-    if not x then return nil, err end
-    local xid = x[1].xid
-    local r
-    r, err = pg.copy{ from = replica, from_sql = item.from_sql, to = c, to_sql = item.to_sql,
-      progress_interval = job.progress_interval, on_progress = progress_fn(emit, tname, item.chunk) }
-    if not r then return nil, err end
-    emit{ event = "commit", table = tname, chunk = item.chunk, ack = item.ack, xid = xid, rows = r.rows,
-          bytes = r.bytes, started = item.started }
-    local ok
-    ok, err = wait_ack(c, { pid = job.ack_pid, key = item.ack }, tname, item.chunk)
-    if not ok then return nil, err end
-    r.xid = xid
-    return r
-  end)
-end
-
-local function failed(err, tname)
-  if type(err) == "table" then
-    err.table = err.table or tname
-    return nil, err
+-- Marks state[field] to be saved; now: saved before this returns (alone).
+function Saver:save(field, now)
+  if self.off then return end
+  if now then
+    self.dirty[field] = nil
+    self.write{ field }
+  else
+    self.dirty[field] = true
+    self:flush_due()
   end
-  return nil, errors.new{ kind = "fullload", message = tostring(err), table = tname }
-end
-
-function fullload.task(job, emit)
-  local replica, target, names, expected
-  local function need_replica()
-    if replica then return true end
-    local err
-    replica, err = pg.connect(job.replica, { name = "replica", application_name = job.application_name })
-    if not replica then return nil, err end
-    names, expected = lsn.names(replica:server_version()), lsn(job.expect_replay_lsn)
-    return true
-  end
-  local function need_target()
-    if target then return true end
-    local err
-    target, err = pg.connect(job.target, { name = "target", application_name = job.application_name })
-    return target ~= nil, err
-  end
-  for _, item in ipairs(job.items) do
-    local tname = item.table
-    local started, t0 = host.now(), host.monotonic()
-    local ok, err = need_target()
-    if not ok then return failed(err, tname) end
-    emit{ event = "start", op = item.op, table = tname, chunk = item.chunk, index = item.index, started = started }
-    if item.op == "copy" or item.op == "chunk" then
-      ok, err = need_replica()
-      if not ok then return failed(err, tname) end
-      ok, err = check_replica(replica, names, expected, item.chunk and (("%s (chunk %d)"):format(tname, item.chunk))
-        or tname)
-      if not ok then return failed(err, tname) end
-    end
-    if item.op == "copy" then
-      local r
-      r, err = load_whole(replica, target, item, job.progress_interval, emit)
-      if not r then return failed(err, tname) end
-      emit{ event = "loaded", table = tname, rows = r.rows, bytes = r.bytes, started = started,
-            ended = host.now(), seconds = host.monotonic() - t0 }
-    elseif item.op == "chunk" then
-      item.started = started
-      local r
-      r, err = load_chunk(replica, target, item, job, emit)
-      if not r then return failed(err, tname) end
-      emit{ event = "chunk", table = tname, chunk = item.chunk, ack = item.ack, rows = r.rows, bytes = r.bytes, xid = r.xid,
-            started = started, ended = host.now(), seconds = host.monotonic() - t0 }
-    elseif item.op == "index" then
-      for _, sql in ipairs(item.sql) do
-        local res
-        res, err = target:exec(sql)
-        if not res then return failed(err, tname) end
-      end
-      emit{ event = "indexed", table = tname, index = item.index, started = started, ended = host.now(),
-            seconds = host.monotonic() - t0 }
-    elseif item.op == "analyze" then
-      local res
-      res, err = target:exec("ANALYZE " .. pg.qualify(item.schema, item.name))
-      if not res then return failed(err, tname) end
-      emit{ event = "analyzed", table = tname, started = started, ended = host.now(),
-            seconds = host.monotonic() - t0 }
-    else
-      error("fullload.task: unknown item " .. tostring(item.op))
-    end
-  end
-  if replica then replica:close() end
-  if target then target:close() end
-  return true
 end
 
 ---------------------------------------------------------------------------
--- The parent
+-- The parent: a Load
 ---------------------------------------------------------------------------
 
 local function check_opts(opts)
@@ -374,63 +286,60 @@ local function xact_status(target, xid)
   end
 end
 
-function fullload.run(opts)
+local Load = {}
+Load.__index = Load
+
+function Load.new(opts)
   local jobs, expected = check_opts(opts)
-  local echo = opts.echo or function() end
-  local dry = opts.dry_run
   local state = opts.state or {}
   for _, f in ipairs(STATE_FIELDS) do state[f] = state[f] or {} end
   for k, v in pairs(opts.done or {}) do if v then state.loaded[k] = state.loaded[k] or v end end
-  -- The journal: a chunk's transaction is saved before it may commit (a rerun
-  -- asks the target what became of it). Everything else that is done (a
-  -- table, a chunk, indexes, statistics) is saved at most every
-  -- opts.save_interval seconds and at the end: each save rewrites and fsyncs
-  -- the whole journal, which on a schema of thousands of small tables costs
-  -- more than their loads. A kill loses at most that interval's records, and
-  -- what they said is done again by the rerun, the same way: a whole table
-  -- truncated and loaded, a chunk's journaled transaction asked about, the
-  -- indexes listed from the target, ANALYZE run.
-  -- What is done is said (on_table, on_chunk, on_post) once it is saved:
-  -- a table said loaded is never loaded again.
-  local dirty, saved_at, untold = {}, host.monotonic(), {}
-  local save_interval = opts.save_interval or 1
-  local function flush()
-    local fields = {}
-    for _, f in ipairs(STATE_FIELDS) do
-      if dirty[f] then fields[#fields + 1] = f end
-    end
-    dirty = {}
-    if #fields > 0 then opts.save(fields) end
-    saved_at = host.monotonic()
-    local list = untold
-    untold = {}
-    for _, t in ipairs(list) do t[1](table.unpack(t, 2, t.n)) end
-  end
-  local function tell(fn, ...)
-    if not fn then return end
-    if dry or not opts.save then return fn(...) end
-    untold[#untold + 1] = table.pack(fn, ...)
-  end
-  local function flush_due()
-    if (next(dirty) or #untold > 0) and host.monotonic() - saved_at >= save_interval then flush() end
-  end
-  local function save(field, now)
-    if dry or not opts.save then return end
-    if now then
-      dirty[field] = nil
-      opts.save{ field }
-    else
-      dirty[field] = true
-      flush_due()
-    end
-  end
-  local post = opts.post or {}
-  local analyze = opts.analyze ~= false
-  local t0 = host.monotonic()
+  local by_key = {}
+  for _, t in ipairs(opts.tables) do by_key[key(t)] = t end
+  return setmetatable({
+    opts = opts, jobs = jobs, expected = expected, state = state, by_key = by_key,
+    echo = opts.echo or function() end, dry = opts.dry_run,
+    saver = new_saver(opts.save, opts.save_interval, opts.dry_run),
+    post = opts.post or {}, analyze = opts.analyze ~= false, t0 = host.monotonic(),
+    split = {},           -- "s.t" -> state.chunks["s.t"], the tables loaded in chunks
+    notes = {},           -- why a large table stays whole
+    truncates = {},       -- split tables with no chunk loaded yet: emptied once, before the run
+    complete_now = {},    -- split tables whose every chunk is loaded already
+    results = {}, chunk_results = {}, bytes_done = 0, rows_done = 0, bytes_total = 0,
+    moving = {},          -- "s.t" or "s.t#i" -> { bytes, rows } of a copy under way
+    post_left = {},       -- "s.t" -> index items not yet built
+    post_times = {},      -- "s.t" -> { started, ended, stream }
+    parallel_post = {},   -- "s.t" -> true: its index items are tasks of their own, ANALYZE after them
+    acked = {},           -- ack key -> true while the parent holds it
+    ack_serial = 0,       -- the last chunk's advisory lock key: unique in this run
+    batch = {}, batch_bytes = 0,
+  }, Load)
+end
 
+function Load:save(field, now) self.saver:save(field, now) end
+function Load:tell(fn, ...) self.saver:tell(fn, ...) end
+
+-- The parent's sessions: the replica to plan the split, the target to
+-- empty split tables, acknowledge chunks and ask what became of them.
+function Load:connect()
+  local err
+  self.replica, err = pg.connect(self.opts.replica, { name = "replica" })
+  if not self.replica then return nil, err end
+  self.target, err = pg.connect(self.opts.target, { name = "target" })
+  if not self.target then self.replica:close() return nil, err end
+  return true
+end
+
+function Load:close()
+  self.replica:close()
+  self.target:close()
+end
+
+-- What is pending, largest first, and the sizes that follow from it.
+function Load:select()
   local pending, skipped, pending_bytes = {}, {}, 0
-  for _, t in ipairs(opts.tables) do
-    if state.loaded[key(t)] then
+  for _, t in ipairs(self.opts.tables) do
+    if self.state.loaded[key(t)] then
       skipped[#skipped + 1] = key(t)
     else
       pending[#pending + 1] = t
@@ -441,391 +350,462 @@ function fullload.run(opts)
     if (a.bytes or 0) ~= (b.bytes or 0) then return (a.bytes or 0) > (b.bytes or 0) end
     return key(a) < key(b)
   end)
-  local chunk_bytes = opts.chunk_bytes or fullload.chunk_size(pending_bytes, jobs)
-  local split_bytes = opts.split_bytes or 2 * chunk_bytes
+  self.pending, self.skipped = pending, skipped
+  self.chunk_bytes = self.opts.chunk_bytes or fullload.chunk_size(pending_bytes, self.jobs)
+  self.split_bytes = self.opts.split_bytes or 2 * self.chunk_bytes
   -- Small tables share a task, up to a share of the load small enough to
   -- keep every stream busy.
-  local batch_limit = math.min(BATCH_BYTES, pending_bytes / (4 * jobs))
+  self.batch_limit = math.min(BATCH_BYTES, pending_bytes / (4 * self.jobs))
+end
 
-  -- The parent's sessions: the replica to plan the split, the target to
-  -- empty split tables, acknowledge chunks and ask what became of them.
-  local replica, err = pg.connect(opts.replica, { name = "replica" })
-  if not replica then return nil, err end
-  local target
-  target, err = pg.connect(opts.target, { name = "target" })
-  if not target then replica:close() return nil, err end
-  local function close_all() replica:close() target:close() end
-  local function stop(e) close_all() return nil, e end
+-- The replica checked once before anything is planned from it.
+function Load:check_replica()
+  local pending = self.pending
+  if self.dry or #pending == 0 then return true end
+  local first = key(pending[1]) .. (#pending > 1 and (" (and %d other table%s)"):format(#pending - 1,
+    #pending > 2 and "s" or "") or "")
+  local replica = self.replica
+  local ok, err = worker.check_replica(replica, lsn.names(replica:server_version()), lsn(self.expected), first)
+  if not ok then err.table = key(pending[1]) return nil, err end
+  return true
+end
 
-  if not dry and #pending > 0 then
-    local ok
-    local first = key(pending[1]) .. (#pending > 1 and (" (and %d other table%s)"):format(#pending - 1,
-      #pending > 2 and "s" or "") or "")
-    ok, err = check_replica(replica, lsn.names(replica:server_version()), lsn(expected), first)
-    if not ok then err.table = key(pending[1]) return stop(err) end
-  end
-
-  -- The split: journaled plans first (a rerun cuts a table the way it was cut).
-  local split, notes = {}, {}
-  for _, t in ipairs(pending) do
+-- The split: journaled plans first (a rerun cuts a table the way it was cut).
+function Load:plan()
+  local state = self.state
+  for _, t in ipairs(self.pending) do
     local k = key(t)
     local cs = state.chunks[k]
     if cs then
-      split[k] = cs
-    elseif (t.bytes or 0) > split_bytes then
-      local plan, why = chunks.plan(replica, t, { chunk_bytes = chunk_bytes, split_bytes = split_bytes })
-      if plan == nil then return stop(why) end
+      self.split[k] = cs
+    elseif (t.bytes or 0) > self.split_bytes then
+      local plan, why = chunks.plan(self.replica, t, { chunk_bytes = self.chunk_bytes, split_bytes = self.split_bytes })
+      if plan == nil then return nil, why end
       if plan then
         state.chunks[k] = { plan = plan, done = {}, committing = {} }
-        split[k] = state.chunks[k]
+        self.split[k] = state.chunks[k]
       else
-        notes[#notes + 1] = ("%s stays whole: %s"):format(k, why)
+        self.notes[#self.notes + 1] = ("%s stays whole: %s"):format(k, why)
       end
     end
   end
-  if next(split) then save("chunks", true) end
+  if next(self.split) then self:save("chunks", true) end
+  return true
+end
 
-  -- Chunks journaled as committing: what became of their transactions.
-  for k, cs in pairs(split) do
+-- Chunks journaled as committing: what became of their transactions.
+function Load:resume()
+  for k, cs in pairs(self.split) do
     for i, c in pairs(cs.committing) do
       if not cs.done[i] then
-        local s, serr = xact_status(target, c.xid)
-        if not s then return stop(errors.new{ kind = "fullload", where = "target", table = k,
+        local s, serr = xact_status(self.target, c.xid)
+        if not s then return nil, errors.new{ kind = "fullload", where = "target", table = k,
           message = ("chunk %s of %s: %s"):format(i, k, serr),
-          hint = "wait until the target has ended that session, then run again" }) end
+          hint = "wait until the target has ended that session, then run again" } end
         if s == "committed" then
-          cs.done[i] = { chunk = math.tointeger(tonumber(i)), rows = c.rows, bytes = c.bytes, xid = c.xid,
+          cs.done[i] = { chunk = tonumber(i), rows = c.rows, bytes = c.bytes, xid = c.xid,
             started = c.started, stream = c.stream, recovered = true }
-          echo(("%s chunk %s committed before the interruption (transaction %s): not loaded again"):format(k, i, c.xid))
+          self.echo(("%s chunk %s committed before the interruption (transaction %s): not loaded again"):format(
+            k, i, c.xid))
         else
-          echo(("%s chunk %s did not commit (transaction %s): loaded again"):format(k, i, c.xid))
+          self.echo(("%s chunk %s did not commit (transaction %s): loaded again"):format(k, i, c.xid))
         end
       end
       cs.committing[i] = nil
     end
   end
-  if next(split) then save("chunks", true) end
+  if next(self.split) then self:save("chunks", true) end
+  return true
+end
 
-  local results, chunk_results = {}, {}
-  local bytes_done, rows_done, bytes_total = 0, 0, 0
-  local moving = {}
-  local p = pool.new{ jobs = jobs, entry = "migrun.fullload", on_tick = flush_due }
-  local job_base = { replica = opts.replica, target = opts.target, expect_replay_lsn = expected,
-    progress_interval = opts.progress_interval or 1.0, ack_pid = target:backend_pid(),
+---------------------------------------------------------------------------
+-- The tasks
+---------------------------------------------------------------------------
+
+function Load:new_pool()
+  self.pool = pool.new{ jobs = self.jobs, entry = WORKER, on_tick = function() self.saver:flush_due() end }
+  self.pool.on_event = function(task, ev) return self:on_event(task, ev) end
+  self.job_base = { replica = self.opts.replica, target = self.opts.target, expect_replay_lsn = self.expected,
+    progress_interval = self.opts.progress_interval or 1.0, ack_pid = self.target:backend_pid(),
     application_name = pg.application_name("fullload") } -- the run's identity (migrun.playbook.sessions)
-  local function job(items)
-    local j = {}
-    for k, v in pairs(job_base) do j[k] = v end
-    j.items = items
-    return j
-  end
-  local by_key = {}
-  for _, t in ipairs(opts.tables) do by_key[key(t)] = t end
+end
 
-  -- The work after a table is complete: its index items, then ANALYZE.
-  local post_left = {}    -- "s.t" -> index items not yet built
-  local post_times = {}   -- "s.t" -> { started, ended, stream }
-  local function post_items(k)
-    local t = by_key[k]
-    local items = {}
-    for _, it in ipairs(post[k] or {}) do
-      items[#items + 1] = { op = "index", table = k, schema = t.schema, name = t.name, index = it.name,
-        sql = it.sql, kind = it.kind }
-    end
-    return items
-  end
-  local function analyze_item(k)
-    local t = by_key[k]
-    return { op = "analyze", table = k, schema = t.schema, name = t.name }
-  end
-  local function needs_analyze(k) return analyze and not state.analyzed[k] end
-  local parallel_post = {}
+-- A task's job: what every task is told, and its items.
+function Load:job(items)
+  local j = {}
+  for k, v in pairs(self.job_base) do j[k] = v end
+  j.items = items
+  return j
+end
 
-  -- Tasks added for a table just completed (or found complete on a rerun):
-  -- each index item alone for a split table (they build side by side), then
-  -- ANALYZE once they are done; one task for the others.
-  local function enqueue_post(k, parallel)
-    local items = post_items(k)
-    local bytes = (by_key[k].bytes or 0)
-    post_left[k] = #items
-    if #items == 0 then
-      if needs_analyze(k) then
-        p:add{ job = job{ analyze_item(k) }, cost = bytes * ANALYZE_WEIGHT, label = "analyzing " .. k }
-      end
-      return
-    end
-    if parallel then
-      parallel_post[k] = true -- ANALYZE once the last of them is built
-      for _, it in ipairs(items) do
-        p:add{ job = job{ it }, cost = bytes * INDEX_WEIGHT, label = ("building %s of %s"):format(it.index, k) }
-      end
-    else
-      if needs_analyze(k) then items[#items + 1] = analyze_item(k) end
-      p:add{ job = job(items), cost = bytes * (INDEX_WEIGHT + ANALYZE_WEIGHT), label = "indexing " .. k }
-    end
-  end
+function Load:add(items, cost, label)
+  self.pool:add{ job = self:job(items), cost = cost, label = label }
+end
 
-  -- Tasks for what remains.
-  local batch, batch_bytes = {}, 0
-  local function flush_batch()
-    if #batch > 0 then
-      p:add{ job = job(batch), cost = batch_bytes, label = "loading " .. batch[1].table }
-      batch, batch_bytes = {}, 0
-    end
+-- The work after a table is complete: its index items, then ANALYZE.
+function Load:post_items(k)
+  local t = self.by_key[k]
+  local items = {}
+  for _, it in ipairs(self.post[k] or {}) do
+    items[#items + 1] = { op = "index", table = k, schema = t.schema, name = t.name, index = it.name,
+      sql = it.sql, kind = it.kind }
   end
-  local truncates = {}
-  local ack_serial = 0
-  for _, t in ipairs(pending) do
-    local k = key(t)
-    local cs = split[k]
-    if cs then
-      local plan, left = cs.plan, 0
-      for i = 1, plan.count do
-        if not cs.done[tostring(i)] then
-          left = left + 1
-          local from_sql, to_sql = chunks.copy_sql(plan, i)
-          ack_serial = ack_serial + 1 -- the chunk's advisory lock key: unique in this run
-          p:add{ job = job{ { op = "chunk", table = k, schema = t.schema, name = t.name, chunk = i, of = plan.count,
-            from_sql = from_sql, to_sql = to_sql, ack = ack_serial } },
-            cost = plan.bytes / plan.count, label = "loading " .. chunk_label(plan, i) }
-          bytes_total = bytes_total + plan.bytes / plan.count
-        end
-      end
-      if next(cs.done) == nil then truncates[#truncates + 1] = t end
-      if left == 0 then cs.complete_now = true end
-    else
-      local items = { { op = "copy", table = k, schema = t.schema, name = t.name } }
-      for _, it in ipairs(post_items(k)) do items[#items + 1] = it end
-      post_left[k] = #items - 1
-      if needs_analyze(k) then items[#items + 1] = analyze_item(k) end
-      bytes_total = bytes_total + (t.bytes or 0)
-      if (t.bytes or 0) >= batch_limit then
-        p:add{ job = job(items), cost = t.bytes or 0, label = "loading " .. k }
-      else
-        for _, it in ipairs(items) do batch[#batch + 1] = it end
-        batch_bytes = batch_bytes + (t.bytes or 0)
-        local tables_in = 0
-        for _, it in ipairs(batch) do if it.op == "copy" then tables_in = tables_in + 1 end end
-        if batch_bytes >= batch_limit or tables_in >= BATCH_TABLES then flush_batch() end
-      end
+  return items
+end
+
+function Load:analyze_item(k)
+  local t = self.by_key[k]
+  return { op = "analyze", table = k, schema = t.schema, name = t.name }
+end
+
+function Load:needs_analyze(k) return self.analyze and not self.state.analyzed[k] end
+
+-- Tasks added for a table just completed (or found complete on a rerun):
+-- each index item alone for a split table (they build side by side), then
+-- ANALYZE once they are done; one task for the others.
+function Load:enqueue_post(k, parallel)
+  local items = self:post_items(k)
+  local bytes = (self.by_key[k].bytes or 0)
+  self.post_left[k] = #items
+  if #items == 0 then
+    if self:needs_analyze(k) then self:add({ self:analyze_item(k) }, bytes * ANALYZE_WEIGHT, "analyzing " .. k) end
+    return
+  end
+  if parallel then
+    self.parallel_post[k] = true -- ANALYZE once the last of them is built
+    for _, it in ipairs(items) do
+      self:add({ it }, bytes * INDEX_WEIGHT, ("building %s of %s"):format(it.index, k))
+    end
+  else
+    if self:needs_analyze(k) then items[#items + 1] = self:analyze_item(k) end
+    self:add(items, bytes * (INDEX_WEIGHT + ANALYZE_WEIGHT), "indexing " .. k)
+  end
+end
+
+-- A split table: a task for each chunk not loaded yet.
+function Load:schedule_chunks(t, cs)
+  local k, plan, left = key(t), cs.plan, 0
+  for i = 1, plan.count do
+    if not cs.done[tostring(i)] then
+      left = left + 1
+      local from_sql, to_sql = chunks.copy_sql(plan, i)
+      self.ack_serial = self.ack_serial + 1
+      self:add({ { op = "chunk", table = k, schema = t.schema, name = t.name, chunk = i, of = plan.count,
+        from_sql = from_sql, to_sql = to_sql, ack = self.ack_serial } },
+        plan.bytes / plan.count, "loading " .. chunk_label(plan, i))
+      self.bytes_total = self.bytes_total + plan.bytes / plan.count
     end
   end
-  flush_batch()
+  if next(cs.done) == nil then self.truncates[#self.truncates + 1] = t end
+  if left == 0 then self.complete_now[k] = true end
+end
 
-  -- A split table complete: its record, then its indexes.
-  local function table_complete(k)
-    local cs = split[k]
-    local r = { table = k, rows = 0, bytes = 0, chunks = cs.plan.count }
-    for _, c in pairs(cs.done) do
-      r.rows, r.bytes = r.rows + (c.rows or 0), r.bytes + (c.bytes or 0)
-      if c.started and (not r.started or c.started < r.started) then r.started = c.started end
-      if c.ended and (not r.ended or c.ended > r.ended) then r.ended, r.stream = c.ended, c.stream end
+function Load:flush_batch()
+  if #self.batch > 0 then
+    self:add(self.batch, self.batch_bytes, "loading " .. self.batch[1].table)
+    self.batch, self.batch_bytes = {}, 0
+  end
+end
+
+-- A whole table: copy, indexes, ANALYZE in one task; small tables together.
+function Load:schedule_whole(t)
+  local k, bytes = key(t), t.bytes or 0
+  local items = { { op = "copy", table = k, schema = t.schema, name = t.name } }
+  for _, it in ipairs(self:post_items(k)) do items[#items + 1] = it end
+  self.post_left[k] = #items - 1
+  if self:needs_analyze(k) then items[#items + 1] = self:analyze_item(k) end
+  self.bytes_total = self.bytes_total + bytes
+  if bytes >= self.batch_limit then
+    self:add(items, bytes, "loading " .. k)
+    return
+  end
+  local batch = self.batch
+  for _, it in ipairs(items) do batch[#batch + 1] = it end
+  self.batch_bytes = self.batch_bytes + bytes
+  local tables_in = 0
+  for _, it in ipairs(batch) do if it.op == "copy" then tables_in = tables_in + 1 end end
+  if self.batch_bytes >= self.batch_limit or tables_in >= BATCH_TABLES then self:flush_batch() end
+end
+
+-- Tasks for what remains, and for tables loaded by an earlier run whose
+-- indexes or statistics are not done.
+function Load:schedule()
+  self:new_pool()
+  for _, t in ipairs(self.pending) do
+    local cs = self.split[key(t)]
+    if cs then self:schedule_chunks(t, cs) else self:schedule_whole(t) end
+  end
+  self:flush_batch()
+  for _, k in ipairs(self.skipped) do
+    if #(self.post[k] or {}) > 0 or self:needs_analyze(k) then
+      self:enqueue_post(k, self.split[k] ~= nil or self.state.chunks[k] ~= nil)
     end
-    r.seconds = r.started and r.ended and (r.ended - r.started) or nil
-    state.loaded[k] = r
-    save("loaded")
-    results[#results + 1] = r
-    tell(opts.on_table, r)
-    enqueue_post(k, true)
   end
+end
 
-  -- Tables loaded by an earlier run whose indexes or statistics are not done.
-  for _, k in ipairs(skipped) do
-    if #(post[k] or {}) > 0 or needs_analyze(k) then enqueue_post(k, split[k] ~= nil or state.chunks[k] ~= nil) end
-  end
+---------------------------------------------------------------------------
+-- What will run: the split, the expected streams; every statement in a dry run
+---------------------------------------------------------------------------
 
-  ---------------------------------------------------------------------------
-  -- A dry run: the split, the expected streams, every statement.
-  ---------------------------------------------------------------------------
-  if #skipped > 0 then echo("already loaded (skipped): " .. table.concat(skipped, ", ")) end
-  for _, t in ipairs(pending) do
-    local cs = split[key(t)]
+function Load:describe()
+  local echo = self.echo
+  if #self.skipped > 0 then echo("already loaded (skipped): " .. table.concat(self.skipped, ", ")) end
+  for _, t in ipairs(self.pending) do
+    local cs = self.split[key(t)]
     if cs then
       local plan = cs.plan
       echo(("split %s (%s) into %d chunks by %s, about %s each%s"):format(plan.table, text.bytes(plan.bytes),
         plan.count, plan.method == "key" and ("ranges of its key " .. plan.column) or "block ranges (ctid)",
-        text.bytes(plan.bytes / plan.count), next(cs.done) and (", %d already loaded"):format(
-        (function() local n = 0 for _ in pairs(cs.done) do n = n + 1 end return n end)()) or ""))
+        text.bytes(plan.bytes / plan.count), next(cs.done) and (", %d already loaded"):format(count(cs.done)) or ""))
     end
   end
-  for _, line in ipairs(notes) do echo(line) end
-  local expected_streams
-  do
-    local est = {}
-    for _, task in ipairs(p.queue) do
-      est[#est + 1] = { key = task.label:gsub("^%a+ ", ""), bytes = task.cost, task = task }
-    end
-    expected_streams = fullload.plan(est, jobs)
-    for _, s in ipairs(expected_streams) do
-      local labels = {}
-      for _, e in ipairs(s.tables) do labels[#labels + 1] = e.key end
-      echo(("stream %d (%s expected): %s"):format(s.stream, text.bytes(s.bytes), table.concat(labels, ", ")))
-    end
+  for _, line in ipairs(self.notes) do echo(line) end
+  local est = {}
+  for _, task in ipairs(self.pool.queue) do
+    est[#est + 1] = { key = task.label:gsub("^%a+ ", ""), bytes = task.cost, task = task }
   end
-  if dry then
-    for _, t in ipairs(truncates) do
-      echo(("target: TRUNCATE %s  (once, before its first chunk)"):format(pg.qualify(t.schema, t.name)))
-    end
-    for _, s in ipairs(expected_streams) do
-      for _, e in ipairs(s.tables) do
-        for _, it in ipairs(e.task.job.items) do
-          if it.op == "copy" then
-            local from_sql, to_sql, truncate = whole_sql(it)
-            echo(("stream %d: target: BEGIN; %s; %s  <=  replica: %s; COMMIT"):format(s.stream, truncate, to_sql, from_sql))
-          elseif it.op == "chunk" then
-            echo(("stream %d: target: BEGIN; %s  <=  replica: %s; COMMIT"):format(s.stream, it.to_sql, it.from_sql))
-          elseif it.op == "index" then
-            echo(("stream %d: target: %s"):format(s.stream, table.concat(it.sql, "; ")))
-          else
-            echo(("stream %d: target: ANALYZE %s"):format(s.stream, pg.qualify(it.schema, it.name)))
-          end
-        end
-      end
-    end
-    for k in pairs(split) do
-      local t = by_key[k]
-      for _, it in ipairs(post_items(k)) do
-        echo(("after %s is complete: target: %s"):format(k, table.concat(it.sql, "; ")))
-      end
-      if analyze then echo(("after %s is complete: target: ANALYZE %s"):format(k, pg.qualify(t.schema, t.name))) end
-    end
-    close_all()
-    return { dry_run = true, tables = {}, chunks = {}, bytes = 0, rows = 0, seconds = 0,
-             streams = expected_streams, skipped = skipped, split = (function()
-               local out = {} for k, cs in pairs(split) do out[k] = cs.plan end return out end)() }
+  self.streams = fullload.plan(est, self.jobs)
+  for _, s in ipairs(self.streams) do
+    local labels = {}
+    for _, e in ipairs(s.tables) do labels[#labels + 1] = e.key end
+    echo(("stream %d (%s expected): %s"):format(s.stream, text.bytes(s.bytes), table.concat(labels, ", ")))
   end
+end
 
-  -- Split tables with no chunk loaded yet are emptied once, now.
-  for _, t in ipairs(truncates) do
-    local res, terr = target:exec("TRUNCATE " .. pg.qualify(t.schema, t.name))
-    if not res then terr.table = key(t) return stop(terr) end
+local function item_statement(it)
+  if it.op == "copy" then
+    local from_sql, to_sql, truncate = worker.whole_sql(it)
+    return ("target: BEGIN; %s; %s  <=  replica: %s; COMMIT"):format(truncate, to_sql, from_sql)
+  elseif it.op == "chunk" then
+    return ("target: BEGIN; %s  <=  replica: %s; COMMIT"):format(it.to_sql, it.from_sql)
+  elseif it.op == "index" then
+    return ("target: %s"):format(table.concat(it.sql, "; "))
   end
-  for k, cs in pairs(split) do
-    if cs.complete_now then cs.complete_now = nil table_complete(k) end
-  end
+  return ("target: ANALYZE %s"):format(pg.qualify(it.schema, it.name))
+end
 
-  ---------------------------------------------------------------------------
-  -- The run
-  ---------------------------------------------------------------------------
-  local acked = {} -- ack key -> true while the parent holds it
-  local function progress(ev, task)
-    if not opts.on_progress then return end
-    local b, r = bytes_done, rows_done
-    for _, m in pairs(moving) do b, r = b + m.bytes, r + m.rows end
-    opts.on_progress(b, bytes_total, r, { table = ev.table, chunk = ev.chunk, stream = task.stream, pid = task.pid,
-      bytes = int(ev.bytes), rows = int(ev.rows) })
+function Load:split_plans()
+  local out = {}
+  for k, cs in pairs(self.split) do out[k] = cs.plan end
+  return out
+end
+
+-- A dry run's statements, and its result.
+function Load:dry_run()
+  local echo = self.echo
+  for _, t in ipairs(self.truncates) do
+    echo(("target: TRUNCATE %s  (once, before its first chunk)"):format(pg.qualify(t.schema, t.name)))
   end
-  p.on_event = function(task, ev)
-    local k = ev.table
-    local mkey = ev.chunk and (k .. "#" .. ev.chunk) or k
-    if ev.event == "start" then
-      if ev.op == "copy" then task.label = "loading " .. k
-      elseif ev.op == "chunk" then task.label = "loading " .. chunk_label(split[k].plan, int(ev.chunk))
-      elseif ev.op == "index" then task.label = ("building %s of %s"):format(ev.index, k)
-      else task.label = "analyzing " .. k end
-      if ev.op == "index" and not post_times[k] then post_times[k] = { started = ev.started } end
-      if ev.op == "copy" or ev.op == "chunk" then
-        -- a table under way shows at once, before its first bytes (its TRUNCATE may wait for a lock)
-        moving[mkey] = { bytes = 0, rows = 0 }
-        progress({ table = k, chunk = ev.chunk, bytes = 0, rows = 0 }, task)
-      end
-    elseif ev.event == "progress" then
-      moving[mkey] = { bytes = int(ev.bytes), rows = int(ev.rows) }
-      progress(ev, task)
-    elseif ev.event == "loaded" then
-      moving[mkey] = nil
-      local r = { table = k, rows = int(ev.rows), bytes = int(ev.bytes), started = ev.started, ended = ev.ended,
-                  seconds = ev.seconds, stream = task.stream }
-      bytes_done, rows_done = bytes_done + r.bytes, rows_done + r.rows
-      state.loaded[k] = r
-      save("loaded")
-      results[#results + 1] = r
-      tell(opts.on_table, r)
-    elseif ev.event == "commit" then
-      local cs = split[k]
-      cs.committing[tostring(int(ev.chunk))] = { xid = ev.xid, rows = int(ev.rows), bytes = int(ev.bytes),
-        started = ev.started, stream = task.stream }
-      save("chunks", true) -- the journal knows the transaction before it may commit
-      local ackkey = int(ev.ack)
-      local res, lerr = target:exec("select pg_advisory_lock($1::int, $2::int)", job_base.ack_pid, ackkey)
-      if not res then return nil, lerr end
-      acked[ackkey] = true
-    elseif ev.event == "chunk" then
-      moving[mkey] = nil
-      local cs = split[k]
-      local i = int(ev.chunk)
-      local c = { table = k, chunk = i, of = cs.plan.count, range = chunks.label(cs.plan, i), rows = int(ev.rows),
-                  bytes = int(ev.bytes), started = ev.started, ended = ev.ended, seconds = ev.seconds,
-                  stream = task.stream, xid = ev.xid }
-      cs.done[tostring(i)] = { chunk = i, rows = c.rows, bytes = c.bytes, started = c.started, ended = c.ended,
-                               seconds = c.seconds, stream = c.stream, xid = c.xid }
-      cs.committing[tostring(i)] = nil
-      save("chunks")
-      local ackkey = int(ev.ack)
-      if acked[ackkey] then
-        local res, lerr = target:exec("select pg_advisory_unlock($1::int, $2::int)", job_base.ack_pid, ackkey)
-        if not res then return nil, lerr end
-        acked[ackkey] = nil
-      end
-      bytes_done, rows_done = bytes_done + c.bytes, rows_done + c.rows
-      chunk_results[#chunk_results + 1] = c
-      tell(opts.on_chunk, c)
-      local n = 0
-      for _ in pairs(cs.done) do n = n + 1 end
-      if n == cs.plan.count then table_complete(k) end
-    elseif ev.event == "indexed" then
-      local pt = post_times[k] or { started = ev.started }
-      post_times[k] = pt
-      pt.ended = math.max(pt.ended or 0, ev.ended)
-      pt.stream = task.stream
-      post_left[k] = (post_left[k] or 1) - 1
-      if post_left[k] <= 0 then
-        local r = { table = k, started = pt.started, ended = pt.ended, seconds = pt.ended - pt.started,
-                    indexes = #(post[k] or {}), stream = pt.stream }
-        state.indexed[k] = r
-        save("indexed")
-        tell(opts.on_post, "indexed", r)
-        -- a split table's index builds ran as tasks of their own: ANALYZE now
-        if parallel_post[k] and needs_analyze(k) then
-          p:add{ job = job{ analyze_item(k) }, cost = (by_key[k].bytes or 0) * ANALYZE_WEIGHT,
-                 label = "analyzing " .. k }
-        end
-      end
-    elseif ev.event == "analyzed" then
-      local r = { table = k, started = ev.started, ended = ev.ended, seconds = ev.seconds, stream = task.stream }
-      state.analyzed[k] = r
-      save("analyzed")
-      tell(opts.on_post, "analyzed", r)
+  for _, s in ipairs(self.streams) do
+    for _, e in ipairs(s.tables) do
+      for _, it in ipairs(e.task.job.items) do echo(("stream %d: %s"):format(s.stream, item_statement(it))) end
     end
-    return true
   end
+  for k in pairs(self.split) do
+    local t = self.by_key[k]
+    for _, it in ipairs(self:post_items(k)) do
+      echo(("after %s is complete: target: %s"):format(k, table.concat(it.sql, "; ")))
+    end
+    if self.analyze then echo(("after %s is complete: target: ANALYZE %s"):format(k, pg.qualify(t.schema, t.name))) end
+  end
+  self:close()
+  return { dry_run = true, tables = {}, chunks = {}, bytes = 0, rows = 0, seconds = 0,
+           streams = self.streams, skipped = self.skipped, split = self:split_plans() }
+end
 
-  local ran, ok, failure = pcall(p.run, p)
+---------------------------------------------------------------------------
+-- The run: the pool's events
+---------------------------------------------------------------------------
+
+-- A split table complete: its record, then its indexes.
+function Load:table_complete(k)
+  local cs = self.split[k]
+  local r = { table = k, rows = 0, bytes = 0, chunks = cs.plan.count }
+  for _, c in pairs(cs.done) do
+    r.rows, r.bytes = r.rows + (c.rows or 0), r.bytes + (c.bytes or 0)
+    if c.started and (not r.started or c.started < r.started) then r.started = c.started end
+    if c.ended and (not r.ended or c.ended > r.ended) then r.ended, r.stream = c.ended, c.stream end
+  end
+  r.seconds = r.started and r.ended and (r.ended - r.started) or nil
+  self.state.loaded[k] = r
+  self:save("loaded")
+  self.results[#self.results + 1] = r
+  self:tell(self.opts.on_table, r)
+  self:enqueue_post(k, true)
+end
+
+-- Split tables with no chunk loaded yet are emptied once, now; those
+-- complete already (a rerun) go on to their indexes.
+function Load:prepare_target()
+  for _, t in ipairs(self.truncates) do
+    local res, err = self.target:exec("TRUNCATE " .. pg.qualify(t.schema, t.name))
+    if not res then err.table = key(t) return nil, err end
+  end
+  for k in pairs(self.split) do
+    if self.complete_now[k] then self.complete_now[k] = nil self:table_complete(k) end
+  end
+  return true
+end
+
+function Load:progress(ev, task)
+  if not self.opts.on_progress then return end
+  local b, r = self.bytes_done, self.rows_done
+  for _, m in pairs(self.moving) do b, r = b + m.bytes, r + m.rows end
+  self.opts.on_progress(b, self.bytes_total, r, { table = ev.table, chunk = ev.chunk, stream = task.stream,
+    pid = task.pid, bytes = ev.bytes, rows = ev.rows })
+end
+
+-- Handlers of the workers' events (migrun.fullload_worker), by ev.event:
+-- (load, task, ev, k = the table, mkey = "s.t" or "s.t#i") -> true | nil, err
+local EVENTS = {}
+
+function EVENTS.start(load, task, ev, k, mkey)
+  if ev.op == "copy" then task.label = "loading " .. k
+  elseif ev.op == "chunk" then task.label = "loading " .. chunk_label(load.split[k].plan, ev.chunk)
+  elseif ev.op == "index" then task.label = ("building %s of %s"):format(ev.index, k)
+  else task.label = "analyzing " .. k end
+  if ev.op == "index" and not load.post_times[k] then load.post_times[k] = { started = ev.started } end
+  if ev.op == "copy" or ev.op == "chunk" then
+    -- a table under way shows at once, before its first bytes (its TRUNCATE may wait for a lock)
+    load.moving[mkey] = { bytes = 0, rows = 0 }
+    load:progress({ table = k, chunk = ev.chunk, bytes = 0, rows = 0 }, task)
+  end
+  return true
+end
+
+function EVENTS.progress(load, task, ev, _, mkey)
+  load.moving[mkey] = { bytes = ev.bytes, rows = ev.rows }
+  load:progress(ev, task)
+  return true
+end
+
+-- A whole table loaded.
+function EVENTS.loaded(load, task, ev, k, mkey)
+  load.moving[mkey] = nil
+  local r = { table = k, rows = ev.rows, bytes = ev.bytes, started = ev.started, ended = ev.ended,
+              seconds = ev.seconds, stream = task.stream }
+  load.bytes_done, load.rows_done = load.bytes_done + r.bytes, load.rows_done + r.rows
+  load.state.loaded[k] = r
+  load:save("loaded")
+  load.results[#load.results + 1] = r
+  load:tell(load.opts.on_table, r)
+  return true
+end
+
+-- A chunk about to commit: journaled, then allowed (the advisory lock its worker waits for).
+function EVENTS.commit(load, task, ev, k)
+  load.split[k].committing[tostring(ev.chunk)] = { xid = ev.xid, rows = ev.rows, bytes = ev.bytes,
+    started = ev.started, stream = task.stream }
+  load:save("chunks", true) -- the journal knows the transaction before it may commit
+  local res, err = load.target:exec("select pg_advisory_lock($1::int, $2::int)", load.job_base.ack_pid, ev.ack)
+  if not res then return nil, err end
+  load.acked[ev.ack] = true
+  return true
+end
+
+-- A chunk committed.
+function EVENTS.chunk(load, task, ev, k, mkey)
+  load.moving[mkey] = nil
+  local cs, i = load.split[k], ev.chunk
+  local c = { table = k, chunk = i, of = cs.plan.count, range = chunks.label(cs.plan, i), rows = ev.rows,
+              bytes = ev.bytes, started = ev.started, ended = ev.ended, seconds = ev.seconds,
+              stream = task.stream, xid = ev.xid }
+  cs.done[tostring(i)] = { chunk = i, rows = c.rows, bytes = c.bytes, started = c.started, ended = c.ended,
+                           seconds = c.seconds, stream = c.stream, xid = c.xid }
+  cs.committing[tostring(i)] = nil
+  load:save("chunks")
+  if load.acked[ev.ack] then
+    local res, err = load.target:exec("select pg_advisory_unlock($1::int, $2::int)", load.job_base.ack_pid, ev.ack)
+    if not res then return nil, err end
+    load.acked[ev.ack] = nil
+  end
+  load.bytes_done, load.rows_done = load.bytes_done + c.bytes, load.rows_done + c.rows
+  load.chunk_results[#load.chunk_results + 1] = c
+  load:tell(load.opts.on_chunk, c)
+  if count(cs.done) == cs.plan.count then load:table_complete(k) end
+  return true
+end
+
+-- An index item built: once the table's last one is, its record (and a
+-- split table's ANALYZE, which waited for them).
+function EVENTS.indexed(load, task, ev, k)
+  local pt = load.post_times[k] or { started = ev.started }
+  load.post_times[k] = pt
+  pt.ended = math.max(pt.ended or 0, ev.ended)
+  pt.stream = task.stream
+  load.post_left[k] = (load.post_left[k] or 1) - 1
+  if load.post_left[k] > 0 then return true end
+  local r = { table = k, started = pt.started, ended = pt.ended, seconds = pt.ended - pt.started,
+              indexes = #(load.post[k] or {}), stream = pt.stream }
+  load.state.indexed[k] = r
+  load:save("indexed")
+  load:tell(load.opts.on_post, "indexed", r)
+  if load.parallel_post[k] and load:needs_analyze(k) then
+    load:add({ load:analyze_item(k) }, (load.by_key[k].bytes or 0) * ANALYZE_WEIGHT, "analyzing " .. k)
+  end
+  return true
+end
+
+function EVENTS.analyzed(load, task, ev, k)
+  local r = { table = k, started = ev.started, ended = ev.ended, seconds = ev.seconds, stream = task.stream }
+  load.state.analyzed[k] = r
+  load:save("analyzed")
+  load:tell(load.opts.on_post, "analyzed", r)
+  return true
+end
+
+-- The pool's on_event: one worker event. -> true | nil, err (stops the run)
+function Load:on_event(task, ev)
+  local handler = EVENTS[ev.event]
+  if not handler then return true end
+  local k = ev.table
+  return handler(self, task, ev, k, ev.chunk and (k .. "#" .. ev.chunk) or k)
+end
+
+-- The pool's failure as fullload.run's error.
+function Load:failure(f)
+  local tname = f.table or (f.task and f.task.label and f.task.label:match("^%a+ ([^%s]+)")) or nil
+  if f.error and errors.is(f.error) then return nil, f.error end
+  local msg = f.message or "failed"
+  if tname and not msg:find(tname, 1, true) then msg = ("loading %s: %s"):format(tname, msg) end
+  return fail(f.where or ("stream " .. tostring(f.stream)), msg, {
+    table = tname, stream = f.stream, detail = f.detail ~= "" and f.detail or nil, loaded = self.results })
+end
+
+-- Runs the pool; what was done is saved however it ends.
+function Load:execute()
+  local ran, ok, failure = pcall(self.pool.run, self.pool)
   if ran and ok then
-    flush()
+    self.saver:flush()
   else
     -- what was done is saved if it can be; what stopped the run is what is reported
-    pcall(flush)
+    pcall(self.saver.flush, self.saver)
     if not ran then error(ok, 0) end
   end
-  if not ok then
-    close_all()
-    local f = failure
-    local tname = f.table or (f.task and f.task.label and f.task.label:match("^%a+ ([^%s]+)")) or nil
-    if f.error and errors.is(f.error) then return nil, f.error end
-    local msg = f.message or "failed"
-    if tname and not msg:find(tname, 1, true) then msg = ("loading %s: %s"):format(tname, msg) end
-    return fail(f.where or ("stream " .. tostring(f.stream)), msg, {
-      table = tname, stream = f.stream, detail = f.detail ~= "" and f.detail or nil, loaded = results })
-  end
-  close_all()
-
+  self:close()
+  if not ok then return self:failure(failure) end
   local bytes, rows = 0, 0
-  for _, r in ipairs(results) do bytes, rows = bytes + (r.bytes or 0), rows + (r.rows or 0) end
-  local split_plans = {}
-  for k, cs in pairs(split) do split_plans[k] = cs.plan end
-  return { tables = results, chunks = chunk_results, bytes = bytes, rows = rows, seconds = host.monotonic() - t0,
-           streams = expected_streams, skipped = skipped, split = split_plans }
+  for _, r in ipairs(self.results) do bytes, rows = bytes + (r.bytes or 0), rows + (r.rows or 0) end
+  return { tables = self.results, chunks = self.chunk_results, bytes = bytes, rows = rows,
+           seconds = host.monotonic() - self.t0, streams = self.streams, skipped = self.skipped,
+           split = self:split_plans() }
+end
+
+function fullload.run(opts)
+  local load = Load.new(opts)
+  local ok, err = load:connect()
+  if not ok then return nil, err end
+  load:select()
+  for _, step in ipairs{ Load.check_replica, Load.plan, Load.resume } do
+    ok, err = step(load)
+    if not ok then load:close() return nil, err end
+  end
+  load:schedule()
+  load:describe()
+  if load.dry then return load:dry_run() end
+  ok, err = load:prepare_target()
+  if not ok then load:close() return nil, err end
+  return load:execute()
 end
 
 -- Rows for the report's full-load table from { ["s.t"] = on_table result }.

@@ -9,6 +9,7 @@ local qa = require "migrun.qa"
 local db = require "migrun.db"
 local pg = require "migrun.pg"
 local proc = require "migrun.proc"
+local host = require "migrun.host"
 local fullload_child = require "helpers.fullload_child"
 
 local SANITIZE = os.getenv("MIGRUN_SANITIZE") == "1"
@@ -300,13 +301,32 @@ describe("migrun.fullload", function()
     truncate_target()
     drop_target_indexes()
     q(L.target, "select pg_stat_reset()")
-    -- mid loads slowly (one row waits on the target): big's chunks, indexes and
-    -- statistics must not wait for it
+    -- mid's load waits (one row's trigger) on an advisory lock this spec
+    -- holds, and is let go only once big is analyzed and mid is seen waiting:
+    -- big's chunks, indexes and statistics must not wait for mid. No timing:
+    -- a full load that made them wait would never get there (the trigger's
+    -- lock_timeout then fails it).
+    local LOCK = 7361
+    local holder = assert(pg.connect(L.target.conninfo, { name = "holder" }))
+    finally(function() holder:close() end)
+    assert(holder:exec("select pg_advisory_lock($1::bigint)", LOCK))
     q(L.target, ([[
-      create function fl.slow() returns trigger language plpgsql as $$
-      begin if new.id = 10 then perform pg_sleep(%d); end if; return new; end $$;
-      create trigger slow before insert on fl.mid for each row execute function fl.slow();]]):format(
-      SANITIZE and 12 or 6))
+      create function fl.held() returns trigger language plpgsql as $$
+      begin if new.id = 10 then
+        perform set_config('lock_timeout', '120s', true);
+        perform pg_advisory_xact_lock_shared(%d);
+      end if; return new; end $$;
+      create trigger held before insert on fl.mid for each row execute function fl.held();]]):format(LOCK))
+    local function mid_waits()
+      local res = assert(holder:exec("select count(*)::int as n from pg_locks where locktype = 'advisory' "
+        .. "and objid = $1::bigint::oid and objsubid = 1 and not granted", LOCK))
+      return res[1].n > 0
+    end
+    local told, mid_waited = {}, nil -- what the callbacks said, in order
+    local function at(what)
+      for i, w in ipairs(told) do if w == what then return i end end
+      error(what .. " was never told: " .. table.concat(told, ", "))
+    end
     local state, saves, loaded_chunks = {}, {}, {}
     local post = assert(schema.table_post_data(replica_db, target_db, tables))
     assert.same({ "big_email_key", "big_pkey" }, (function()
@@ -321,10 +341,23 @@ describe("migrun.fullload", function()
           if field == "loaded" then for k in pairs(state.loaded) do saved_loaded[k] = true end end
         end
       end,
-      on_table = function(t) if not saved_loaded[t.table] then told_unsaved[#told_unsaved + 1] = t.table end end,
+      on_table = function(t)
+        told[#told + 1] = "loaded " .. t.table
+        if not saved_loaded[t.table] then told_unsaved[#told_unsaved + 1] = t.table end
+      end,
+      on_post = function(what, t)
+        told[#told + 1] = what .. " " .. t.table
+        if what == "analyzed" and t.table == "fl.big" then
+          -- mid's task is queued before big's ANALYZE (it costs more): it gets to the lock
+          local deadline = host.monotonic() + 60
+          while not mid_waits() and host.monotonic() < deadline do host.sleep(0.05) end
+          mid_waited = mid_waits()
+          assert(holder:exec("select pg_advisory_unlock($1::bigint)", LOCK))
+        end
+      end,
       on_chunk = function(c) loaded_chunks[#loaded_chunks + 1] = c end })
     assert.same({}, told_unsaved)
-    q(L.target, "drop trigger slow on fl.mid; drop function fl.slow()")
+    q(L.target, "drop trigger held on fl.mid; drop function fl.held()")
     local above = {}
     for _, t in ipairs(tables) do if t.bytes > CH then above[S .. "." .. t.name] = true end end
     assert.same(keys(above), keys(r.split))
@@ -354,12 +387,17 @@ describe("migrun.fullload", function()
     assert.equal(2, tonumber(q(L.target, "select count(*) from pg_constraint where conrelid = 'fl.big'::regclass "
       .. "and contype in ('p', 'u')")))
 
-    -- each table indexed after its data, then analyzed; big's while mid was still loading
+    -- each table indexed after its data, then analyzed; big's while mid's load waited
+    assert.is_true(mid_waited, "mid's load was not under way when big was analyzed")
+    assert.is_true(at("loaded fl.big") < at("indexed fl.big"))
+    assert.is_true(at("indexed fl.big") < at("analyzed fl.big"))
+    assert.is_true(at("analyzed fl.big") < at("loaded fl.mid"), "big was indexed and analyzed while mid loaded")
+    assert.is_true(at("loaded fl.mid") < at("indexed fl.mid"))
+    assert.is_true(at("indexed fl.mid") < at("analyzed fl.mid"))
     local ld, ix, an = state.loaded, state.indexed, state.analyzed
+    -- the records agree (each time taken after what it follows, in another process)
     assert.is_true(ix["fl.big"].started >= ld["fl.big"].ended)
     assert.is_true(an["fl.big"].started >= ix["fl.big"].ended)
-    assert.is_true(an["fl.big"].ended < ld["fl.mid"].ended, "big was indexed and analyzed while mid loaded")
-    assert.is_true(ld["fl.big"].started < ld["fl.mid"].ended, "chunks and whole tables load side by side")
     assert.is_true(ix["fl.mid"].started >= ld["fl.mid"].ended)
     assert.equal(2, ix["fl.big"].indexes)
     for _, n in ipairs(NAMES) do
