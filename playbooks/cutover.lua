@@ -6,9 +6,10 @@ READY FOR CUTOVER. What DMS leaves undone, as steps:
                                  [--from STEP | --only STEP] [--list]
 
 Before writes stop: every task runs and has caught up, the schema is as it
-was, and the live verification brought up to date (migrun.verify: every table
-was proven equal while the source wrote; what changed since is compared now,
-still under writes), then ANALYZE what CDC changed a lot. The cutover window,
+was, ANALYZE of what CDC changed a lot, then, last, no LOB cut by DMS and the
+live verification brought up to date (migrun.verify: every table was proven
+equal while the source wrote; what changed since is compared now, still under
+writes, so that the window gets only what changes after it). The cutover window,
 from the source made read-only to the target ready for writes, then costs
 what changed in the last seconds, not the size of the database: stop writes
 (cutover.stop_writes); wait until every task has applied the primary's last
@@ -95,19 +96,24 @@ P:step{ "ready", "Every task of this migration runs and has caught up (full.lua 
     local st = assert(cdc.watch(ctx:dms(), plan(ctx), tasks(ctx), steps.watch_options(ctx)))
     ctx:report_table("DMS tasks before the cutover", cdc.status_table(st))
     if st.exceptions > 0 then ctx:warn("%d row(s) in awsdms_apply_exceptions: the verification will tell", st.exceptions) end
-    -- still under writes: a LOB value DMS cut, named as such; then what changed since full.lua's
-    -- verification, so that the window has little left
+    return { tasks = #st.rows, max_lag = st.max_lag }
+  end }
+
+P:step{ "analyze", "ANALYZE on the target the tables CDC changed a lot since the load analyzed them",
+  run = function(ctx) return steps.analyze_changed(ctx, tables(ctx)) end }
+
+-- Last before writes stop, so that the window has only what changes after it.
+P:step{ "verify_live", "No LOB cut by DMS; the verification brought up to date, still under writes",
+  run = function(ctx)
     local lob, lwhy = steps.no_truncation(ctx, plan(ctx), tables(ctx), tasks(ctx), "LOB values before the cutover")
     if not lob then
       return nil, "refusing to cut over: " .. lwhy .. "; nothing was done, the tasks still run"
     end
     local r, why = steps.live_qa(ctx, "Live verification before the cutover (primary vs target)")
     if not r then return nil, why end
-    return { tasks = #st.rows, max_lag = st.max_lag, pending_keys = r.pending.keys, pending_whole = r.pending.whole }
-  end }
-
-P:step{ "analyze", "ANALYZE on the target the tables CDC changed a lot since the load analyzed them (before writes stop)",
-  run = function(ctx) return steps.analyze_changed(ctx, tables(ctx)) end }
+    return { pending_keys = r.pending.keys, pending_whole = r.pending.whole }
+  end,
+  dry_run = "would look for LOB values DMS cut, then verify what changed since the last verification, under writes" }
 
 P:step{ "stop_writes", "Stop writes on the source (cutover.stop_writes)",
   destructive = function(ctx)
@@ -155,7 +161,8 @@ P:step{ "wait_applied", "Wait until every task has applied the primary's last wr
 P:step{ "verify", "Verify what changed since the live verification (the watch slot's last changes, the keys pending)",
   run = function(ctx)
     local v = assert(steps.verification(ctx))
-    local r = assert(v:at_cutover())
+    -- wait_applied has just seen every task apply a fence written after writes stopped
+    local r = assert(v:at_cutover{ fenced = ctx:done("wait_applied") })
     ctx:say("%s", verify.format(r))
     ctx:report_table("Verification at the cutover (primary vs target)", verify.REPORT_COLUMNS,
       verify.report_rows(r, tables(ctx)))

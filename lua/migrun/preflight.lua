@@ -67,7 +67,10 @@ looked for, here or when the config is read.
       migrun's.
   preflight.format(result) -> an aligned table, hints under failed rows, and a
       last line with the counts.
-  preflight.estimate_slots(config) -> n     largest_alone + explicit groups + 2
+  preflight.estimate_slots(config) -> n     largest_alone + explicit groups + 2, and the watch slot
+  preflight.format(result) -> text: errors, then warnings, then what passed,
+      then notes; what migrun handles folded into one line per kind
+  preflight.report_rows(result), preflight.REPORT_COLUMNS: every finding, for the report
   preflight.CHECKS      { { name, fn(state) } } in order
   preflight.DMS_PROBE   { attempts = 2, connect_timeout = 3, timeout = 10 }
 ]]
@@ -116,7 +119,8 @@ end
 
 function preflight.estimate_slots(config)
   local groups = (config or {}).groups or {}
-  return (groups.largest_alone or 5) + #(groups.explicit or {}) + 2
+  -- and migrun's watch slot (migrun.watch: the live verification)
+  return (groups.largest_alone or 5) + #(groups.explicit or {}) + 2 + 1
 end
 
 local function settings(db, names)
@@ -824,12 +828,60 @@ function preflight.run(args)
   return result
 end
 
+local function verdict(f)
+  return f.handled and "handled" or f.note and "note" or f.ok and "ok" or (f.severity == "error" and "ERROR" or "warning")
+end
+
+-- The order people read in: what stops the run, what to look at, what
+-- passed, then notes; what migrun handles folded into one line per kind
+-- (its full list is in the report: preflight.report_rows).
+local RANK = { ERROR = 1, warning = 2, ok = 3, handled = 4, note = 5 }
+
+local function folded(findings)
+  local out, kinds = {}, {}
+  for i, f in ipairs(findings) do
+    local v = verdict(f)
+    if v == "handled" then
+      local k = f.server .. "\0" .. f.check
+      local kind = kinds[k]
+      if not kind then
+        kind = { server = f.server, check = f.check, handled = true, ok = true, count = 0, objects = {},
+                 action = f.action, rank = RANK.handled, order = i }
+        kinds[k] = kind
+        out[#out + 1] = kind
+      end
+      kind.count = kind.count + 1
+      if f.table then kind.objects[#kind.objects + 1] = f.table .. (f.column and ("." .. f.column) or "") end
+      if kind.action ~= f.action then kind.mixed = true end
+    else
+      out[#out + 1] = { finding = f, rank = RANK[v], order = i }
+    end
+  end
+  table.sort(out, function(x, y)
+    if x.rank ~= y.rank then return x.rank < y.rank end
+    return x.order < y.order
+  end)
+  local list = {}
+  for _, e in ipairs(out) do
+    if e.finding then
+      list[#list + 1] = e.finding
+    elseif e.count == 1 then
+      list[#list + 1] = findings[e.order]
+    else
+      local shown = table.concat(e.objects, ", ", 1, math.min(#e.objects, 4))
+      if #e.objects > 4 then shown = shown .. (", and %d more"):format(#e.objects - 4) end
+      list[#list + 1] = { server = e.server, check = e.check, handled = true, ok = true,
+        message = ("%d of them%s (each in the report)"):format(e.count, shown ~= "" and (": " .. shown) or ""),
+        action = not e.mixed and e.action or nil }
+    end
+  end
+  return list
+end
+
 function preflight.format(result)
   local rows = { { "server", "check", "result", "details" } }
-  for _, f in ipairs(result.findings) do
-    rows[#rows + 1] = { f.server, f.check,
-      f.handled and "handled" or f.note and "note" or f.ok and "ok" or (f.severity == "error" and "ERROR" or "warning"),
-      f.message, hint = f.hint, action = f.ok and f.action or nil }
+  for _, f in ipairs(folded(result.findings)) do
+    rows[#rows + 1] = { f.server, f.check, verdict(f), f.message, hint = f.hint, action = f.ok and f.action or nil }
   end
   local width = { 0, 0, 0 }
   for _, r in ipairs(rows) do
@@ -860,6 +912,16 @@ function preflight.format(result)
     result.warnings, result.warnings == 1 and "" or "s")
     .. ((result.handled or 0) > 0 and (", %d handled by migrun"):format(result.handled) or "")
   return table.concat(lines, "\n")
+end
+
+-- Every finding, one row each, for the report.
+preflight.REPORT_COLUMNS = { "server", "check", "result", "details", "what to do / what migrun does" }
+function preflight.report_rows(result)
+  local rows = {}
+  for _, f in ipairs(result.findings) do
+    rows[#rows + 1] = { f.server, f.check, verdict(f), f.message, f.hint or f.action or "" }
+  end
+  return rows
 end
 
 return preflight

@@ -120,6 +120,7 @@ function runbook.preflight(ctx)
     -- a paused replica is this run's only once its pause step has begun
     replica_pause_expected = ctx:began("pause_replica") }
   ctx:say("%s", preflight.format(r))
+  ctx:report_table("Preflight", preflight.REPORT_COLUMNS, preflight.report_rows(r))
   if r.errors > 0 then return nil, ("preflight found %d problem(s); nothing was changed"):format(r.errors) end
   return { errors = r.errors, warnings = r.warnings }
 end

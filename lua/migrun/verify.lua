@@ -59,9 +59,11 @@ verify.new(opts) -> Verification | nil, err
 V:live({ whole = {"s.t"} }) -> report | nil, err
     Rounds until the work stops shrinking (the first verification compares
     every table whole; opts.whole adds tables, a partial restart's).
-V:at_cutover() -> report | nil, err
+V:at_cutover({ fenced = bool }) -> report | nil, err
     The last changes and the pending work compared once; fails when the
-    source changed meanwhile (writes did not stop).
+    source changed meanwhile (writes did not stop). opts.fenced: the caller
+    has just seen every task apply a fence written after writes stopped (no
+    second one).
 V:forget(tables) -> the named tables to be compared whole again (a reload)
 V:suspend_sets(slot), V:resume_sets(): around a partial restart dropping and
     creating again a group's replication sets (see V:suspend_sets)
@@ -569,7 +571,8 @@ function V:live(opts)
   return self:report(r)
 end
 
-function V:at_cutover()
+function V:at_cutover(opts)
+  opts = opts or {}
   local t0 = host.monotonic()
   if not self.state or not self.state.position then
     return nil, verify_error("there is no live verification to build on", {
@@ -582,8 +585,8 @@ function V:at_cutover()
       self.slot, pos and "lost" or "gone"), { hint = "run playbooks/verify.lua again (it compares every table whole)" })
   end
   self:recheck_differences()
-  local ok
-  ok, err = self.fence()
+  local ok = true
+  if not opts.fenced then ok, err = self.fence() end
   if not ok then return nil, err end
   local seen
   seen, err = self:drain()

@@ -91,14 +91,14 @@ describe("playbooks/cutover.lua", function()
     assert.falsy(refused.ok, refused.output)
     assert.truthy(refused.output:find("public.documents: id 1 differs (1 key)", 1, true), refused.output)
     assert.truthy(refused.output:find("the tasks still run, nothing was changed", 1, true), refused.output)
-    assert.equal("failed", cutover_journal().steps.ready.status)
+    assert.equal("failed", cutover_journal().steps.verify_live.status)
     assert.is_false(read_only())
     assert.equal(all_running, task_statuses())
     sql(R.lab.target, "update documents set title = $1 where id = 1", original)
 
     -- 3. the same once writes have stopped: the verification at the cutover finds it, and the
     --    refusal says what was done (the source is read-only) and how to undo it
-    for _, step in ipairs{ "ready", "analyze" } do
+    for _, step in ipairs{ "ready", "analyze", "verify_live" } do
       local before = H.run(R, "cutover.lua", { "--yes", "--only", step })
       assert.is_true(before.ok, before.output)
     end

@@ -58,7 +58,7 @@ describe("LOB truncation", function()
     assert.truthy(c.output:find("was truncated to 65536 bytes", 1, true), c.output) -- the task log's warning
     -- found before writes stop: nothing was done
     local steps = H.journal(R).playbooks.cutover.steps
-    assert.equal("failed", steps.ready.status)
+    assert.equal("failed", steps.verify_live.status)
     assert.is_nil(steps.stop_writes)
     assert.is_nil(steps.stop_tasks)
     local client = assert(R.lab:dms_client())

@@ -436,6 +436,34 @@ describe("migrun.preflight", function()
     assert(ok, err)
   end)
 
+  it("shows errors and warnings first, and folds what migrun handles into one line per kind", function()
+    local function handled(t) return { server = "source", check = "foreign key", ok = true, handled = true,
+      table = t, message = "foreign key of " .. t, action = "not checked in DMS's replica sessions" } end
+    local r = { errors = 1, warnings = 1, handled = 6, findings = {
+      { server = "source", check = "version", ok = true, message = "PostgreSQL 15" },
+      handled("public.a"), handled("public.b"), handled("public.c"), handled("public.d"), handled("public.e"),
+      { server = "source", check = "trigger", ok = true, handled = true, table = "public.t", message = "trigger x",
+        action = "does not fire" },
+      { server = "target", check = "empty", ok = false, severity = "warning", message = "rows already" },
+      { server = "source", check = "wal_level", ok = false, severity = "error", message = "replica", hint = "set it" },
+    } }
+    local out = preflight.format(r)
+    local lines = {}
+    for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
+    assert.matches("^source%s+wal_level%s+ERROR", lines[3])
+    assert.matches("hint: set it", lines[4])
+    assert.matches("^target%s+empty%s+warning", lines[5])
+    assert.matches("^source%s+version%s+ok", lines[6])
+    -- five foreign keys: one line, four named; one trigger: its own line
+    assert.matches("^source%s+foreign key%s+handled%s+5 of them: public.a, public.b, public.c, public.d, and 1 more",
+      lines[7])
+    assert.matches("migrun: not checked in DMS's replica sessions", lines[8])
+    assert.matches("^source%s+trigger%s+handled%s+trigger x", lines[9])
+    assert.is_nil(out:find("foreign key of public.b", 1, true))
+    -- the report keeps every one
+    assert.equal(9, #preflight.report_rows(r))
+  end)
+
   it("raises on misuse", function()
     assert.has_error(function() preflight.run{ source = src, replica = rep } end,
       "preflight.run: target (a migrun.db Db) expected")
