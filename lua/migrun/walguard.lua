@@ -232,7 +232,14 @@ local function wal_advice(r, guard, opts, stopping)
   else
     local holder = r.holder_slot
     local stalled = holder and holder.stalled_seconds
-    if holder and stalled and stalled >= math.max(3 * (guard.interval or 30), 60) then
+    local watch_slot = require("migrun.watch").slot_name(opts.prefix or "dms_slot_")
+    if holder and holder.name == watch_slot then
+      -- migrun's own: it moves when the live verification runs, not with a task
+      out[#out + 1] = ("%s, migrun's watch slot, holds back the most (%s): it moves on when the verification "
+        .. "runs: %s; or drop it (SELECT pg_drop_replication_slot('%s')) and the next verification hashes every "
+        .. "table whole again"):format(holder.name, human(holder.retained_bytes),
+        command_line{ "migrun", dir .. "/verify.lua", "--config", cfg }, holder.name)
+    elseif holder and stalled and stalled >= math.max(3 * (guard.interval or 30), 60) then
       out[#out + 1] = ("%s holds back the most (%s) and has confirmed nothing for %s: its DMS task stopped"
         .. " reading it. Look at it (`migrun -i --config %s`, then tasks() and lag()), then redo that group"
         .. " alone: %s (drops and recreates its slot, which frees the WAL)"):format(holder.name,
