@@ -29,6 +29,8 @@ list(APPEND MIGRUN_UNIT_SPECS live metrics notify report_html status)
 list(APPEND MIGRUN_UNIT_SPECS pool)
 # the repair's plan (its run is in e2e_store_spec)
 list(APPEND MIGRUN_UNIT_SPECS repair)
+# the full load's progress in on-disk bytes
+list(APPEND MIGRUN_UNIT_SPECS loadprogress)
 # The specs' labs live on a tmpfs when the machine has one with room to spare:
 # on an ext4 VM disk, creating and removing a cluster's ~1,500 files costs more
 # system time than initdb spends computing them (initdb 1.4 s against 0.8 s on
