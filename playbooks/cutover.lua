@@ -128,7 +128,7 @@ P:step{ "stop_writes", "Stop writes on the source (cutover.stop_writes)",
     local c = ctx.config.cutover
     local s = assert(cutover.stop_writes(ctx.source, { stop_writes = c.stop_writes,
       existing_sessions = c.existing_sessions, sessions_timeout = c.sessions_timeout,
-      poll = 0.2, sleep = function(t) ctx:sleep(t) end, say = ctx.print, -- in the window: look often
+      poll = 0.05, sleep = function(t) ctx:sleep(t) end, say = ctx.print, -- in the window: look often
       run_command = function(argv) return ctx:command(argv, { writes = true }) end }))
     if s.mode == "none" then ctx:warn("cutover.stop_writes is \"none\": the application must have stopped writing") end
     return { mode = s.mode, database = s.database, terminated = s.terminated, started = t0 }
@@ -145,7 +145,7 @@ P:step{ "wait_applied", "Wait until every task has applied the primary's last wr
     local slots = slots_of(ctx)
     local bar = ctx:progress{ label = "tasks past the fence", total = #slots, unit = "tasks" }
     local w = assert(cutover.wait_applied(ctx.source, ctx.target, slots, { timeout = ctx.config.cutover.apply_timeout,
-      poll = 0.2, sleep = function(t) ctx:sleep(t) end, on_progress = function(done) bar:update(done) end }))
+      poll = 0.05, sleep = function(t) ctx:sleep(t) end, on_progress = function(done) bar:update(done) end }))
     if w.dry_run then
       ctx:say("dry run: would wait until the target shows that fence row for %s", table.concat(slots, ", "))
       return {}
