@@ -165,7 +165,7 @@ static void *cancel_thread(void *arg) {
 }
 
 int pg_conn_cancel(PGconn *conn) {
-    PGcancel *k = PQgetCancel(conn);
+    PGcancel *k = conn ? PQgetCancel(conn) : NULL;
     if (k == NULL)
         return 0;
     cancel_req *r = calloc(1, sizeof *r);
@@ -199,7 +199,7 @@ int pg_conn_cancel(PGconn *conn) {
     pthread_mutex_unlock(&r->lock);
     if (done)
         cancel_req_free(r);
-    return done;
+    return done ? 1 : -1;
 }
 
 /* ---- notices ------------------------------------------------------------ */
@@ -404,6 +404,8 @@ void pg_push_conn_error(lua_State *L, pg_Conn *c, PGconn *conn, const char *kind
                         const char *fallback) {
     char where[96], msg[1024];
     const char *m = conn ? PQerrorMessage(conn) : "";
+    if ((m == NULL || *m == '\0') && c->conn == NULL && c->closed_why != NULL)
+        m = c->closed_why;
     if (m == NULL || *m == '\0')
         m = fallback ? fallback : "connection failed";
     migrun_error_push(L, kind, pg_conn_where(c, where, sizeof where), code,
@@ -431,6 +433,10 @@ void pg_push_result_error(lua_State *L, pg_Conn *c, const PGresult *res, const c
     migrun_setfield(L, -1, "hint", PQresultErrorField(res, PG_DIAG_MESSAGE_HINT));
     migrun_setfield(L, -1, "context", PQresultErrorField(res, PG_DIAG_CONTEXT));
     migrun_setfield(L, -1, "conn", c->name);
+    if (state != NULL && strcmp(state, "53100") == 0) { /* disk_full: a playbook stops on it */
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "disk_full");
+    }
     pg_mark_lost(L, c);
 }
 
@@ -492,6 +498,7 @@ int pg_conn_drain(pg_Conn *c, const char *abort_msg) {
     }
 fail:
     fprintf(stderr, "[%s] could not bring the connection back to idle; closing it\n", c->name);
+    c->closed_why = "it did not come back to idle after an abandoned command: migrun closed it";
     conn_release(c);
     return 0;
 }
@@ -731,11 +738,19 @@ static int run_command(pg_Conn *c, pg_Result *r, double deadline, const char **c
         int w = pg_conn_wait_result(conn, deadline, !cancelled);
         if (w == W_TIMEOUT || w == W_INTR) {
             if (cancelled) { /* the server did not answer the cancel in time */
+                c->closed_why =
+                    "the cancelled statement did not end within 15 s: migrun closed the "
+                    "connection";
                 conn_release(c);
                 return W_ERR;
             }
-            pg_conn_cancel(conn);
             cancelled = w;
+            if (pg_conn_cancel(conn) < 0) { /* nothing answers on the way to the server */
+                c->closed_why = "the server did not take a cancel request within 5 s (a stalled "
+                                "network path or a frozen server): migrun closed the connection";
+                conn_release(c);
+                return w == W_INTR ? W_INTR : W_ERR;
+            }
             deadline = migrun_monotonic() + DRAIN_TIMEOUT;
             continue;
         }

@@ -79,9 +79,8 @@ static void push_stalled(lua_State *L, pg_Conn *c, const char *side, double stal
     lua_pushnil(L);
     migrun_error_push(L, "connection", where, "08006", NULL);
     lua_pushfstring(L,
-                    "connection lost: COPY stalled on the %s side (%s): %s for %d s; "
-                    "migrun closed the connection",
-                    strcmp(side, "from") == 0 ? "source" : "target", where, what, (int)stall);
+                    "connection lost: COPY stalled on the %s side: %s for %f s; migrun closed it",
+                    strcmp(side, "from") == 0 ? "source" : "target", what, (lua_Number)stall);
     lua_setfield(L, -2, "message");
     migrun_setfield(L, -1, "side", side);
     migrun_setfield(L, -1, "conn", c->name);
@@ -491,8 +490,13 @@ static int stream_rows(lua_State *L, copy_run *cr) {
  * stalled: closed then), the target's COPY failed with why and drained. */
 static void abort_both(copy_run *cr, const char *why) {
     if (cr->src->conn != NULL) {
-        pg_conn_cancel(cr->src->conn);
-        pg_conn_drain(cr->src, NULL);
+        if (pg_conn_cancel(cr->src->conn) < 0) { /* nothing answers: no use draining */
+            cr->src->closed_why = "the source did not take a cancel request within 5 s: migrun "
+                                  "closed the connection";
+            pg_conn_close(cr->src);
+        } else {
+            pg_conn_drain(cr->src, NULL);
+        }
     }
     if (cr->dst->conn != NULL) {
         end_copy(cr->dst->conn, why, cr->dst_stall);

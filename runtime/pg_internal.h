@@ -26,7 +26,8 @@ typedef struct {
     double stall;                     /* COPY: seconds without progress before failing; 0 = none */
     int has_handler;                  /* a Lua notice handler is set (user value 1) */
     struct notice_rec *nhead, *ntail; /* notices not yet handed to Lua (pg.c) */
-    void *scratch; /* libpq buffer in flight while Lua may raise; freed by the closer */
+    void *scratch;          /* libpq buffer in flight while Lua may raise; freed by the closer */
+    const char *closed_why; /* why migrun closed it itself (a static string), for the error */
     char name[64];
 } pg_Conn;
 
@@ -45,8 +46,9 @@ int pg_wait_sock(PGconn *conn, short events, double deadline, int interruptible)
 int pg_conn_flush(PGconn *conn, double deadline, int interruptible);
 /* Waits until PQgetResult will not block. */
 int pg_conn_wait_result(PGconn *conn, double deadline, int interruptible);
-/* Asks the server to cancel the running command, waiting a few seconds at
- * most (1 when the server took the request). */
+/* Asks the server to cancel the running command, waiting CANCEL_TIMEOUT at
+ * most: 1 when the server took the request, 0 when it could not be sent, -1
+ * when nothing answered in time (the path to the server is dead). */
 int pg_conn_cancel(PGconn *conn);
 /* Closes the connection (the handle stays, closed): for one that stalled. */
 void pg_conn_close(pg_Conn *c);

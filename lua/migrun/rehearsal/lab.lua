@@ -15,6 +15,7 @@ local errors = require "migrun.error"
 local lsn = require "migrun.lsn"
 local pgbin = require "migrun.pgbin"
 local pgversion = require "migrun.pgversion"
+local faults = require "migrun.rehearsal.faults"
 
 local lab = {}
 
@@ -216,12 +217,62 @@ local function new_cluster(L, name)
   return c
 end
 
+-- port: the server's. The conninfos are the clients' way in: the server's
+-- port, or its proxy's once it has one (Cluster:start_proxy); direct_* always
+-- the server's (the lab's own psql, the replica's streaming, go direct).
 function Cluster:_set_port(port)
   self.port = port
-  self.conninfo = ("host=%s port=%d dbname=%s user=%s"):format(HOST, port, self.dbname, self.superuser)
-  self.url = ("postgresql://%s@%s:%d/%s"):format(self.superuser, HOST, port, self.dbname)
-  -- The password-authenticated role: the password is in L.password / L.passfile, never here.
-  self.migrun_conninfo = ("host=%s port=%d dbname=%s user=%s"):format(HOST, port, self.dbname, ROLE)
+  local function conninfos(p)
+    return ("host=%s port=%d dbname=%s user=%s"):format(HOST, p, self.dbname, self.superuser),
+      ("postgresql://%s@%s:%d/%s"):format(self.superuser, HOST, p, self.dbname),
+      -- The password-authenticated role: the password is in L.password / L.passfile, never here.
+      ("host=%s port=%d dbname=%s user=%s"):format(HOST, p, self.dbname, ROLE)
+  end
+  self.direct_conninfo, self.direct_url, self.direct_migrun_conninfo = conninfos(port)
+  self.conninfo, self.url, self.migrun_conninfo = conninfos(self.proxy and self.proxy.port or port)
+end
+
+-- A TCP proxy in front of the server (migrun.rehearsal.faults), from now on
+-- in the cluster's conninfo, url and migrun_conninfo. Returns it (the same
+-- one when it has one already) or nil, err.
+function Cluster:start_proxy()
+  if self.proxy then return self.proxy end
+  local p, err = faults.proxy{ upstream_port = self.port, name = self.name,
+    logfile = self.lab.dir .. "/" .. self.name .. "-proxy.log" }
+  if not p then return nil, err end
+  self.proxy = p
+  self:_set_port(self.port)
+  return p
+end
+
+-- Restarts the server: opts.mode "fast" (the default: sessions are ended,
+-- a checkpoint, as RDS maintenance does) or "immediate" (no checkpoint, crash
+-- recovery at the start: as a crash or a failover looks to the clients);
+-- opts.down seconds between the stop and the start. With opts.after
+-- (seconds from now) it happens in a child process and a Cue returns at once
+-- (cue:wait() -> true | nil, err): the caller may be in a query meanwhile.
+-- Without it, here and now: true | nil, err.
+function Cluster:restart(opts)
+  opts = opts or {}
+  local mode = opts.mode or "fast"
+  assert(mode == "fast" or mode == "immediate", "restart: mode \"fast\" or \"immediate\" expected")
+  local stop = self:_server_job{ self.inst.bindir .. "/pg_ctl", "-D", self.datadir, "-m", mode, "-w", "-t", "30",
+    "stop", timeout = 40 }
+  if opts.after == nil then
+    local r = run1(stop)
+    if not r.ok and self:pid() then
+      return nil, lab_error(self.name, "pg_ctl stop -m " .. mode .. " failed", last_lines(r.output, 10))
+    end
+    if opts.down then sleep(opts.down) end
+    return self:start()
+  end
+  local start = self:_pg_ctl_start_job(60)
+  start.retries, start.retry_delay = 25, 0.2 -- an immediate stop may leave shared memory behind a moment
+  local cue, err = faults.cue({ { sleep = opts.after }, stop, { sleep = opts.down or 0 }, start },
+    { logfile = self.lab.dir .. "/" .. self.name .. "-restart.log" })
+  if not cue then return nil, err end
+  self.lab._cues[#self.lab._cues + 1] = cue
+  return cue
 end
 
 -- The postmaster's pid from postmaster.pid, or nil when it is not running.
@@ -403,6 +454,10 @@ end
 function Lab:stop()
   if self.stopped then return true end
   if self.dms then self.dms.process:close() end
+  for _, cue in ipairs(self._cues or {}) do cue:close() end
+  for _, c in ipairs(self.clusters) do
+    if c.proxy then c.proxy:close() end
+  end
   local first_err
   local jobs, running = {}, {}
   for _, c in ipairs(self.clusters) do
@@ -420,6 +475,12 @@ function Lab:stop()
     end
   end
   self.stopped = true
+  for _, c in ipairs(self.clusters) do
+    if c.disk and not first_err then
+      local ok, err = c.disk:unmount()
+      if not ok then first_err = err end
+    end
+  end
   if not self.keep and self._own_dir and not first_err then
     local r = run1{ "rm", "-rf", "--", self.dir }
     if not r.ok then
@@ -762,6 +823,8 @@ function Lab:_build(opts)
   for _, c in ipairs(self.clusters) do c:_set_port(free_port(self._ports)) end
   ok, err = self:_versions(insts)
   if not ok then return nil, err end
+  ok, err = self:_small_disk(opts.small_disk, "datadir")
+  if not ok then return nil, err end
   if target.version_num < pgversion.since("set_on_parameter") and not opts.target_superuser then
     return nil, lab_error("target", ("an RDS-like target role needs PostgreSQL 15 or later (GRANT SET ON PARAMETER "
       .. "session_replication_role); the target is %s"):format(pgversion.label(target.version_num)), nil,
@@ -798,6 +861,8 @@ function Lab:_build(opts)
       return nil, lab_error(c.name, "setup SQL failed: " .. trim(results[i].output), c:log_tail(10))
     end
   end
+  ok, err = self:_small_disk(opts.small_disk, "tablespace")
+  if not ok then return nil, err end
 
   -- The maintenance replica: a base backup of the running source, streaming.
   local basebackup = source.inst.client_tools and pgbin.argv(source.inst, { source.inst.bindir .. "/pg_basebackup" })
@@ -818,11 +883,59 @@ function Lab:_build(opts)
   ok, err = self:_wait_streaming(opts.timeout or 60)
   if not ok then return nil, err end
 
+  ok, err = self:_start_proxies(opts.proxy)
+  if not ok then return nil, err end
   if opts.dms then
     ok, err = self:_start_dms(opts.dms)
     if not ok then return nil, err end
   end
   self.startup_seconds = now() - t0
+  return true
+end
+
+-- opts.proxy: true (every cluster) or a list of cluster names, each given
+-- a TCP proxy (Cluster:start_proxy) once the lab is up.
+function Lab:_start_proxies(which)
+  if not which then return true end
+  local names = which == true and { "source", "replica", "target" } or which
+  assert(type(names) == "table", "lab.start: proxy must be true or a list of cluster names")
+  for _, name in ipairs(names) do
+    local c = assert(self[name] and self[name].start_proxy and self[name], "lab.start: no cluster " .. tostring(name))
+    local ok, err = c:start_proxy()
+    if not ok then return nil, err end
+  end
+  return true
+end
+
+-- opts.small_disk = { cluster = "target", size = "64M", as = "tablespace" | "datadir" }: a
+-- tmpfs of that size (root only; migrun.rehearsal.faults) as the cluster's
+-- data directory (mounted before initdb: WAL fills it too, and PostgreSQL
+-- stops) or, the default, as the tablespace of its database (mounted once the
+-- database exists, which then moves there: relations fill it, WAL does not).
+-- Cluster.disk is the faults Disk (disk:fill{ leave = bytes } fills it on cue).
+function Lab:_small_disk(o, phase)
+  if not o or (o.as or "tablespace") ~= phase then return true end
+  local c = self[o.cluster or "target"]
+  assert(c and c.datadir and c.name ~= "replica", "lab.start: small_disk.cluster must be source or target")
+  assert(phase == "tablespace" or phase == "datadir", "lab.start: small_disk.as must be tablespace or datadir")
+  local path = phase == "datadir" and c.datadir or (self.dir .. "/" .. c.name .. "-disk")
+  local disk, err = faults.small_disk{ path = path, size = o.size or "64M", owner = self.runas }
+  if not disk then return nil, err end
+  c.disk = disk
+  if phase == "datadir" then return true end
+  local ts = "migrun_small_disk"
+  local sql = ("create tablespace %s location %s;\ngrant create on tablespace %s to %s;\n"
+    .. "alter database %s set tablespace %s;\n"):format(ts, sql_literal(path), ts, sql_identifier(ROLE),
+    sql_identifier(self.dbname), ts)
+  local job = self:_psql_job(c, sql)
+  for i, a in ipairs(job) do
+    if a == "-d" then job[i + 1] = "template1" end
+  end
+  local r = run1(job)
+  if not r.ok then
+    return nil, lab_error(c.name, "could not move the database to the small disk: " .. trim(r.output), c:log_tail(10))
+  end
+  disk.tablespace = ts
   return true
 end
 
@@ -886,11 +999,15 @@ end
 --             RDS-like master user, and the target's own superuser is named rdsadmin)
 --   dms       true to also start the DMS emulator (L.dms.url, L:dms_client()), or a
 --             table of emulator options: { faults = {...}, delays = {...} }
+--   proxy     true or a list of cluster names: a TCP proxy in front of each, in its
+--             conninfo, url and migrun_conninfo (Cluster.proxy; docs/faults.md)
+--   small_disk { cluster = "target", size = "64M", as = "tablespace" | "datadir" }:
+--             that cluster on a small tmpfs that fills (root only; Cluster.disk)
 function lab.start(opts)
   opts = opts or {}
   local L = setmetatable({
     dbname = opts.dbname or "app", keep = opts.keep and true or false,
-    password = opts.password or random_password(), clusters = {}, _ports = {},
+    password = opts.password or random_password(), clusters = {}, _ports = {}, _cues = {},
     rds_target = not opts.target_superuser,
   }, Lab)
   -- Anything raised half-way (Ctrl-C included) still stops what was started.
