@@ -2,7 +2,7 @@
 bench/cutover.lua: the cutover window at two sizes of the same database under
 the same write rate: it must not grow with the data.
 
-  migrun bench/cutover.lua [--scales 1,4] [--rate 50] [--small-tables 94] [--settle 10]
+  migrun bench/cutover.lua [--scales 1,4] [--rate 50] [--small-tables 94] [--settle 10] [--repeat 3]
   (make bench-cutover)
 
 For each scale: a lab with the DMS emulator, the demo sample (its 6 tables
@@ -16,7 +16,9 @@ journal; how many keys its verification compared and how many tables it
 hashed whole; and, once writes have stopped, what the old final QA (every row
 of every table hashed on both sides, by key ranges, over full_load.jobs
 workers a side) costs on the same database: what the window would have paid.
-Every table is then compared (count and row hash) to check the run.
+Every table is then compared (count and row hash) to check the run. With
+--repeat N each size is measured N times, the sizes in alternating order
+(1, 4, 4, 1, ...), and the median window of each size compared.
 ]]
 local demo = require "migrun.rehearsal.demo"
 local proc = require "migrun.proc"
@@ -28,7 +30,7 @@ local qa = require "migrun.qa"
 local catalog = require "migrun.catalog"
 local text = require "migrun.text"
 
-local opt = { scales = { 1, 4 }, rate = 50, small_tables = 94, settle = 10 }
+local opt = { scales = { 1, 4 }, rate = 50, small_tables = 94, settle = 10, ["repeat"] = 1 }
 do
   local i = 1
   while arg[i] do
@@ -39,6 +41,7 @@ do
     elseif a == "--rate" then opt.rate = assert(tonumber(v))
     elseif a == "--small-tables" then opt.small_tables = assert(math.tointeger(tonumber(v)))
     elseif a == "--settle" then opt.settle = assert(tonumber(v))
+    elseif a == "--repeat" then opt["repeat"] = assert(math.tointeger(tonumber(v)))
     else io.stderr:write("unknown option ", a, "\n") os.exit(2) end
     i = i + 2
   end
@@ -120,8 +123,26 @@ local function measure(scale)
   return r
 end
 
-local results = {}
-for _, s in ipairs(opt.scales) do results[#results + 1] = measure(s) end
+local results, runs = {}, {}
+for i = 1, opt["repeat"] do
+  local order = table.move(opt.scales, 1, #opt.scales, 1, {})
+  if i % 2 == 0 then -- alternate: 1, 4, then 4, 1
+    for j = 1, #order // 2 do order[j], order[#order - j + 1] = order[#order - j + 1], order[j] end
+  end
+  for _, sc in ipairs(order) do
+    local r = measure(sc)
+    results[#results + 1] = r
+    runs[sc] = runs[sc] or {}
+    table.insert(runs[sc], r.window)
+  end
+end
+local function median(list)
+  local c = table.move(list, 1, #list, 1, {})
+  table.sort(c)
+  local n = #c
+  return n % 2 == 1 and c[(n + 1) // 2] or (c[n // 2] + c[n // 2 + 1]) / 2
+end
+table.sort(results, function(x, y) return x.scale < y.scale end)
 
 print()
 print(("The cutover window under %d transactions/s, %d tables (demo sample)"):format(opt.rate, 6 + opt.small_tables))
@@ -140,10 +161,19 @@ for _, r in ipairs(results) do
   for _, st in ipairs(r.steps) do parts[#parts + 1] = ("%s %.2f"):format(st[1], st[2]) end
   print(("  scale %s: %s"):format(tostring(r.scale), table.concat(parts, ", ")))
 end
-if #results >= 2 then
+if #opt.scales >= 2 then
+  local small, large = opt.scales[1], opt.scales[#opt.scales]
+  local function spread(list)
+    local lo, hi = math.huge, -math.huge
+    for _, x in ipairs(list) do lo, hi = math.min(lo, x), math.max(hi, x) end
+    return ("%.2f-%.2f s"):format(lo, hi)
+  end
   local first, last = results[1], results[#results]
-  print(("larger / smaller window: %.2f (goal <= 1.2); data %.1f x; old final QA %.1f x"):format(
-    last.window / first.window, last.bytes / first.bytes, last.full_qa / first.full_qa))
+  print(("median window: scale %s %.2f s (%s over %d), scale %s %.2f s (%s over %d)"):format(tostring(small),
+    median(runs[small]), spread(runs[small]), #runs[small], tostring(large), median(runs[large]),
+    spread(runs[large]), #runs[large]))
+  print(("larger / smaller median window: %.2f (goal <= 1.2); data %.1f x; old final QA %.1f x"):format(
+    median(runs[large]) / median(runs[small]), last.bytes / first.bytes, last.full_qa / first.full_qa))
 end
 for _, r in ipairs(results) do
   if r.differences > 0 then io.stderr:write("differences after the cutover at scale ", r.scale, "\n") os.exit(1) end
