@@ -76,20 +76,20 @@ local function is_null(v) return v == nil or v == pg.null end
 -- NCLOB: it carries the text PostgreSQL prints for it, which the column
 -- migrun restored reads back, whatever the elements, dimensions and bounds.
 -- What can go wrong is what goes wrong with LOBs, and a table without a key.
-local function array_finding(find, key, t, r, where)
+local function array_finding(ins, key, t, r, where)
   local what = ("%s is an array (%s)"):format(where, r.type)
   if r.in_pk then
-    find("array", "warning", key, r.column, what .. " in the primary key",
+    ins:find("array", "warning", key, r.column, what .. " in the primary key",
       "DMS treats an ARRAY as a LOB, and its premigration assessment flags a primary key of a LOB type: DMS finds "
       .. "rows by their key and looks LOBs up by it. Make an ordinary column the key on the source, or exclude "
       .. "the table and copy it at cutover")
   elseif not t.has_pk then
-    find("array", "warning", key, r.column, what .. " in a table without a primary key",
+    ins:find("array", "warning", key, r.column, what .. " in a table without a primary key",
       "DMS requires a primary key on a table with an ARRAY column (it suspends such a table in its full load and "
       .. "its premigration assessment flags it); what its CDC does with the arrays of the inserts it carries is "
       .. "not documented. Add a primary key on the source, or exclude the table and copy it at cutover")
   else
-    find("array", "handled", key, r.column, what,
+    ins:find("array", "handled", key, r.column, what,
       "DMS carries an ARRAY as an NCLOB, its text, which the target's column reads back whole ('{}', NULL "
       .. "elements, several dimensions, lower bounds). It is a LOB: in limited LOB mode a value over LobMaxSize "
       .. "(two bytes a character) would be cut and the target refuse the cut array (the change lost to "
@@ -118,6 +118,344 @@ local function rows(res)
   return out
 end
 
+-- One inspection: the plan it fills, the tables wanted ("s.t" -> catalog
+-- table), the owners met. Each finder below reads what its feature needs and
+-- records what it finds through it.
+local Inspection = {}
+Inspection.__index = Inspection
+
+local SEVERITY_COUNT = { error = "errors", warning = "warnings", handled = "handled", note = "notes" }
+
+-- The plan's entry of a table that needs something done.
+function Inspection:entry(key, t)
+  local e = self.plan.tables[key]
+  if not e then
+    e = { schema = t.schema, name = t.name, remove_columns = {}, identity_always = {}, always_triggers = {} }
+    self.plan.tables[key] = e
+  end
+  return e
+end
+
+function Inspection:find(feature, severity, key, column, message, action)
+  local plan = self.plan
+  plan.findings[#plan.findings + 1] = { feature = feature, severity = severity, table = key, column = column,
+    message = message, action = action }
+  local count = SEVERITY_COUNT[severity]
+  plan[count] = plan[count] + 1
+end
+
+-- Rows of a query of the inspection, or nil, err.
+function Inspection:rows(sql)
+  local res, err = self.db:query(sql)
+  if not res then return nil, err end
+  return rows(res)
+end
+
+-- Tables: persistence, replica identity, row-level security, owner; the
+-- partitioned parents (and tables not migrated) kept for find_partitions.
+local function table_finding(ins, key, t, r)
+  ins.owners[r.owner] = true
+  if r.persistence == "u" then
+    ins:find("unlogged table", "error", key, nil, label(r.schema, r.name) .. " is UNLOGGED",
+      "it is not in the WAL: neither the maintenance replica (which cannot even read it) nor DMS CDC "
+      .. "sees its rows. ALTER TABLE ... SET LOGGED on the source, or list it in exclude_tables")
+  end
+  if r.identity == "f" then
+    if t.has_pk then
+      ins:find("replica identity full", "error", key, nil, label(r.schema, r.name) .. " has REPLICA IDENTITY FULL",
+        "DMS does not support FULL with pglogical, and pglogical refuses the table in a set that replicates "
+        .. "updates: ALTER TABLE ... REPLICA IDENTITY DEFAULT on the source (its primary key identifies rows)")
+    end
+  end
+  if r.rls and not r.bypass and not (r.owns and not r.force_rls) then
+    ins:find("row-level security", "error", key, nil, ("%s has row-level security (%d polic%s) and the role %s "
+      .. "that reads the source is subject to it"):format(label(r.schema, r.name), r.policies,
+        r.policies == 1 and "y" or "ies", r.me),
+      "the full load and the QA would miss the rows its policies hide: read the source as a superuser, "
+      .. "a role with BYPASSRLS, or the table's owner (without FORCE ROW LEVEL SECURITY)")
+  elseif r.rls and r.force_rls then
+    ins:entry(key, t).force_rls = true
+    ins:find("row-level security", "handled", key, nil, label(r.schema, r.name)
+      .. " has FORCE ROW LEVEL SECURITY: its policies apply to its owner too",
+      "on the target, NO FORCE ROW LEVEL SECURITY while DMS applies (its policies would hide rows from "
+      .. "DMS's updates and deletes and from the QA), FORCE again at cutover")
+  end
+end
+
+local function find_tables(ins)
+  local list, err = ins:rows([[
+    select n.nspname as schema, c.relname as name, c.relpersistence::text as persistence,
+           c.relreplident::text as identity, c.relrowsecurity as rls, c.relforcerowsecurity as force_rls,
+           pg_get_userbyid(c.relowner) as owner,
+           (select count(*) from pg_policy p where p.polrelid = c.oid)::int as policies,
+           r.rolsuper or r.rolbypassrls as bypass,
+           pg_has_role(current_user, c.relowner, 'USAGE') as owns,
+           current_user as me
+      from pg_class c join pg_namespace n on n.oid = c.relnamespace
+      join pg_roles r on r.rolname = current_user
+     where c.relkind in ('r', 'p') and ]] .. catalog.not_system_sql("n.nspname"))
+  if not list then return nil, err end
+  for _, r in ipairs(list) do
+    local key = text.key(r.schema, r.name)
+    local t = ins.wanted[key]
+    if t then
+      table_finding(ins, key, t, r)
+    elseif r.persistence ~= "u" then
+      ins.parents[key] = r -- a partitioned parent or a table not migrated
+    end
+  end
+  return true
+end
+
+local function find_partitions(ins)
+  for key in pairs(ins.parents) do
+    local leaves = {}
+    for _, t in ipairs(ins.list) do
+      if t.partition_of == key then leaves[#leaves + 1] = t.name end
+    end
+    if #leaves > 0 then
+      table.sort(leaves)
+      local schema, name = ins.parents[key].schema, ins.parents[key].name
+      ins:find("partitioned table", "handled", key, nil, ("%s is partitioned: %d partition(s) (%s)"):format(
+        label(schema, name), #leaves, table.concat(leaves, ", ")),
+        "each partition is loaded, replicated and compared by its own name (DMS: select the child tables, never "
+        .. "the parent, which would duplicate rows); a partition added on the source during CDC is not carried: "
+        .. "create it on the target and restart its group")
+    end
+  end
+  return true
+end
+
+-- A stored generated column or an identity column GENERATED ALWAYS.
+local function generated_finding(ins, key, t, r, where)
+  if r.generated == "s" then
+    if r.column:find(NO_TRANSFORM) then
+      ins:find("generated column", "error", key, r.column, where .. " is a stored generated column",
+        "DMS would write it and PostgreSQL refuses that (428C9), and DMS cannot leave it out: transformation "
+        .. "rules do not work on a column whose name has #, \\, / or -. Rename the column, or exclude the table")
+    elseif r.in_pk then
+      ins:find("generated column", "error", key, r.column, where .. " is a stored generated column in the primary key",
+        "DMS must write the key to find rows and PostgreSQL refuses writing a generated column (428C9): "
+        .. "exclude the table, or make the key an ordinary column")
+    else
+      local e = ins:entry(key, t)
+      e.remove_columns[#e.remove_columns + 1] = r.column
+      ins:find("generated column", "handled", key, r.column, where .. " is a stored generated column (" .. r.type .. ")",
+        "a remove-column transformation rule keeps DMS from writing it (PostgreSQL refuses it: 428C9); "
+        .. "the target computes it from the other columns DMS writes")
+    end
+  elseif r.identity == "a" then
+    local e = ins:entry(key, t)
+    e.identity_always[#e.identity_always + 1] = r.column
+    ins:find("identity column", "handled", key, r.column, where .. " is GENERATED ALWAYS AS IDENTITY",
+      "on the target, GENERATED BY DEFAULT while DMS applies (it writes the source's values, which ALWAYS "
+      .. "refuses: 428C9); its sequence is set ahead of the source and ALWAYS restored at cutover")
+  end
+end
+
+-- A column's type: large objects, unbounded numeric, arrays, types DMS does not carry.
+local function type_finding(ins, key, t, r, where)
+  if r.base == "oid" or r.base == "lo" then
+    ins:find("large object", "error", key, r.column, where .. " is of type " .. r.type
+      .. " (a large object reference)",
+      "DMS does not migrate the OID LOB type and the large objects themselves are neither in the schema "
+      .. "dump nor in the tables: store the data in bytea, or exclude the table")
+  elseif r.base == "numeric" and r.typmod < 0 then
+    ins.plan.unbounded_numeric = true
+    ins:find("unbounded numeric", "handled", key, r.column, where .. " is numeric without precision",
+      "DMS carries it as NUMERIC(28,6) (0.611111104488373 becomes 0.611111): MapUnboundedNumericAsString "
+      .. "on the source and the target endpoints carries the digits as text (up to 1,000 characters)")
+  elseif r.category == "A" then
+    array_finding(ins, key, t, r, where)
+  elseif NOT_CARRIED_KIND[r.kind] or NOT_CARRIED[r.base] then
+    ins:find("type DMS does not carry", "warning", key, r.column, ("%s is %s"):format(where, r.type),
+      ("DMS's PostgreSQL-to-PostgreSQL table says this type does not migrate; it sends the value as %s "
+      .. "to the table migrun restored, which reads it back; a longer value would be cut. The verification "
+      .. "compares row hashes: rehearse with real data"):format(NOT_CARRIED_KIND[r.kind] or NOT_CARRIED[r.base]))
+  end
+end
+
+-- Columns: generated, identity, types.
+local function find_columns(ins)
+  local generated = pgversion.pick(ins.version, "attgenerated", "a.attgenerated::text", "''")
+  local identity = pgversion.pick(ins.version, "attidentity", "a.attidentity::text", "''")
+  local list, err = ins:rows(([[
+    select n.nspname as schema, c.relname as name, a.attname as column, format_type(a.atttypid, a.atttypmod) as type,
+           %s as generated, %s as identity, t.typtype::text as kind, bt.typname as base,
+           bt.typcategory::text as category,
+           case when t.typtype = 'd' then t.typtypmod else a.atttypmod end as typmod,
+           coalesce(a.attnum = any (i.indkey), false) as in_pk
+      from pg_attribute a
+      join pg_class c on c.oid = a.attrelid and c.relkind = 'r'
+      join pg_namespace n on n.oid = c.relnamespace
+      join pg_type t on t.oid = a.atttypid
+      join pg_type bt on bt.oid = case when t.typtype = 'd' then t.typbasetype else t.oid end
+      left join pg_index i on i.indrelid = c.oid and i.indisprimary
+     where a.attnum > 0 and not a.attisdropped
+       and %s
+     order by n.nspname, c.relname, a.attnum]]):format(generated, identity, catalog.not_system_sql("n.nspname")))
+  if not list then return nil, err end
+  for _, r in ipairs(list) do
+    local key = text.key(r.schema, r.name)
+    local t = ins.wanted[key]
+    if t then
+      local where = label(r.schema, r.name, r.column)
+      generated_finding(ins, key, t, r, where)
+      if not r.generated:match("s") then type_finding(ins, key, t, r, where) end
+    end
+  end
+  return true
+end
+
+local function find_no_primary_key(ins)
+  for key, t in pairs(ins.wanted) do
+    if not t.has_pk then
+      ins:find("no primary key", "warning", key, nil, label(t.schema, t.name) .. " has no primary key",
+        "only its inserts are carried (pglogical puts it in the insert-only set; DMS ignores updates and deletes "
+        .. "without a key): add a primary key on the source, or accept it and list it in cutover.count_only")
+    end
+  end
+  return true
+end
+
+local function find_triggers(ins)
+  local list, err = ins:rows([[
+    select n.nspname as schema, c.relname as name, tg.tgname as trigger, tg.tgenabled::text as enabled
+      from pg_trigger tg join pg_class c on c.oid = tg.tgrelid join pg_namespace n on n.oid = c.relnamespace
+     where not tg.tgisinternal order by 1, 2, 3]])
+  if not list then return nil, err end
+  for _, r in ipairs(list) do
+    local key = text.key(r.schema, r.name)
+    local t = ins.wanted[key]
+    if t and (r.enabled == "A" or r.enabled == "R") then
+      local e = ins:entry(key, t)
+      e.always_triggers[#e.always_triggers + 1] = { name = r.trigger, enabled = r.enabled }
+      ins:find("trigger", "handled", key, nil, ("trigger %s on %s is ENABLE %s"):format(pg.quote_ident(r.trigger),
+        label(r.schema, r.name), r.enabled == "A" and "ALWAYS" or "REPLICA"),
+        "it fires even in DMS's replica sessions, doing on the target again what the source's rows already "
+        .. "carry: disabled on the target while DMS applies, enabled as on the source at cutover")
+      ins.plan.session_replication_role = true
+    elseif t and r.enabled == "O" then
+      ins.plan.session_replication_role = true
+      ins:find("trigger", "handled", key, nil, ("trigger %s on %s"):format(pg.quote_ident(r.trigger),
+        label(r.schema, r.name)),
+        "DMS's target sessions run SET session_replication_role = replica (the target endpoint's "
+        .. "AfterConnectScript): it does not fire there, the rows it writes on the source arrive by CDC")
+    end
+  end
+  return true
+end
+
+local function find_foreign_keys(ins)
+  local list, err = ins:rows([[
+    select n.nspname as schema, c.relname as name, con.conname as name_of,
+           fn.nspname as ref_schema, f.relname as ref_name
+      from pg_constraint con join pg_class c on c.oid = con.conrelid join pg_namespace n on n.oid = c.relnamespace
+      join pg_class f on f.oid = con.confrelid join pg_namespace fn on fn.oid = f.relnamespace
+     where con.contype = 'f' order by 1, 2, 3]])
+  if not list then return nil, err end
+  for _, r in ipairs(list) do
+    local key = text.key(r.schema, r.name)
+    if ins.wanted[key] then
+      ins.plan.session_replication_role = true
+      ins:find("foreign key", "handled", key, nil, ("foreign key %s of %s references %s"):format(
+        pg.quote_ident(r.name_of), label(r.schema, r.name), label(r.ref_schema, r.ref_name)),
+        "not checked in DMS's replica sessions: its tasks apply each slot's tables in their own order, a "
+        .. "child row can arrive before its parent; the verification compares every table")
+    end
+  end
+  return true
+end
+
+local function find_rules(ins)
+  local list, err = ins:rows([[
+    select n.nspname as schema, c.relname as name, r.rulename as rule
+      from pg_rewrite r join pg_class c on c.oid = r.ev_class join pg_namespace n on n.oid = c.relnamespace
+     where r.rulename <> '_RETURN' order by 1, 2, 3]])
+  if not list then return nil, err end
+  for _, r in ipairs(list) do
+    local key = text.key(r.schema, r.name)
+    if ins.wanted[key] then
+      ins.plan.session_replication_role = true
+      ins:find("rule", "handled", key, nil, ("rule %s on %s"):format(pg.quote_ident(r.rule), label(r.schema, r.name)),
+        "does not fire in DMS's replica sessions")
+    end
+  end
+  return true
+end
+
+-- The database as a whole: large objects.
+local function find_large_objects(ins)
+  local list, err = ins:rows("select count(*)::bigint as n from pg_largeobject_metadata")
+  if not list then return nil, err end
+  if list[1].n > 0 then
+    ins:find("large object", "warning", nil, nil, ("the database holds %d large object(s)"):format(list[1].n),
+      "large objects are not migrated (not in the tables, the schema dump or DMS): if a migrated table refers "
+      .. "to them, move the data to bytea first")
+  end
+  return true
+end
+
+-- Who owns what pg_dump will give an owner on the target: the schemas and
+-- everything in them.
+local function find_owners(ins)
+  local plan, schema_list = ins.plan, {}
+  for _, t in pairs(ins.wanted) do
+    if not plan.schemas[t.schema] then
+      plan.schemas[t.schema] = true
+      schema_list[#schema_list + 1] = ins.db.conn:escape_literal(t.schema)
+    end
+  end
+  if #schema_list > 0 then
+    local list, err = ins:rows(([[
+      select distinct pg_get_userbyid(o.owner) as owner from (
+        select n.nspowner as owner, n.nspname as schema from pg_namespace n
+        union all select c.relowner, n.nspname from pg_class c join pg_namespace n on n.oid = c.relnamespace
+        union all select t.typowner, n.nspname from pg_type t join pg_namespace n on n.oid = t.typnamespace
+        union all select p.proowner, n.nspname from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+      ) o where o.schema in (%s)]]):format(table.concat(schema_list, ", ")))
+    if not list then return nil, err end
+    for _, r in ipairs(list) do
+      if not r.owner:match("^pg_") then ins.owners[r.owner] = true end
+    end
+  end
+  return true
+end
+
+local function find_extensions(ins)
+  local list, err = ins:rows("select extname from pg_extension where extname not in ('plpgsql', 'pglogical') order by 1")
+  if not list then return nil, err end
+  for _, r in ipairs(list) do ins.plan.extensions[#ins.plan.extensions + 1] = r.extname end
+  return true
+end
+
+-- What DMS never does in CDC, whatever the schema (notes: nothing to fix now).
+local function find_cdc_limits(ins)
+  if next(ins.wanted) then
+    ins:find("truncate", "note", nil, nil, "TRUNCATE is not carried",
+      "DMS does not process TRUNCATE: a table truncated on the source during CDC keeps its rows on the target "
+      .. "(the verification stops the cutover; a partial restart of its group repairs it)")
+    ins:find("DDL", "note", nil, nil, "schema changes are not carried",
+      "the schema is restored once; DMS is told not to capture DDL (CaptureDdls false, no event trigger on the "
+      .. "source): freeze DDL on the migrated schemas until the cutover, or apply it to the target too")
+  end
+  return true
+end
+
+-- In this order (the findings are sorted at the end; ties keep it).
+local FINDERS = { find_tables, find_partitions, find_columns, find_no_primary_key, find_triggers,
+  find_foreign_keys, find_rules, find_large_objects, find_owners, find_extensions, find_cdc_limits }
+
+local SEVERITY_ORDER = { error = 1, warning = 2, handled = 3, note = 4 }
+
+local function by_severity(a, b)
+  if SEVERITY_ORDER[a.severity] ~= SEVERITY_ORDER[b.severity] then
+    return SEVERITY_ORDER[a.severity] < SEVERITY_ORDER[b.severity]
+  end
+  if (a.table or "") ~= (b.table or "") then return (a.table or "") < (b.table or "") end
+  return (a.column or "") < (b.column or "")
+end
+
 function fidelity.inspect(db, opts)
   assert(db and db.query, "fidelity.inspect: a Db expected")
   opts = opts or {}
@@ -135,266 +473,15 @@ function fidelity.inspect(db, opts)
   local plan = { findings = {}, errors = 0, warnings = 0, handled = 0, notes = 0, tables = {},
                  session_replication_role = true, unbounded_numeric = false, owners = {}, extensions = {},
                  schemas = {} }
-  local function entry(key, t)
-    local e = plan.tables[key]
-    if not e then
-      e = { schema = t.schema, name = t.name, remove_columns = {}, identity_always = {}, always_triggers = {} }
-      plan.tables[key] = e
-    end
-    return e
+  local ins = setmetatable({ db = db, version = version, list = list, wanted = wanted, plan = plan,
+    owners = {}, parents = {} }, Inspection)
+  for _, finder in ipairs(FINDERS) do
+    local ok, ferr = finder(ins)
+    if not ok then return nil, ferr end
   end
-  local function find(feature, severity, key, column, message, action)
-    plan.findings[#plan.findings + 1] = { feature = feature, severity = severity, table = key, column = column,
-      message = message, action = action }
-    local count = ({ error = "errors", warning = "warnings", handled = "handled", note = "notes" })[severity]
-    plan[count] = plan[count] + 1
-  end
-
-  -- Tables: persistence, replica identity, row-level security, owner, partitions.
-  local res
-  res, err = db:query([[
-    select n.nspname as schema, c.relname as name, c.relpersistence::text as persistence,
-           c.relreplident::text as identity, c.relrowsecurity as rls, c.relforcerowsecurity as force_rls,
-           pg_get_userbyid(c.relowner) as owner,
-           (select count(*) from pg_policy p where p.polrelid = c.oid)::int as policies,
-           r.rolsuper or r.rolbypassrls as bypass,
-           pg_has_role(current_user, c.relowner, 'USAGE') as owns,
-           current_user as me
-      from pg_class c join pg_namespace n on n.oid = c.relnamespace
-      join pg_roles r on r.rolname = current_user
-     where c.relkind in ('r', 'p') and ]] .. catalog.not_system_sql("n.nspname"))
-  if not res then return nil, err end
-  local owners, parents = {}, {}
-  for _, r in ipairs(rows(res)) do
-    local key = text.key(r.schema, r.name)
-    local t = wanted[key]
-    if t then
-      owners[r.owner] = true
-      if r.persistence == "u" then
-        find("unlogged table", "error", key, nil, label(r.schema, r.name) .. " is UNLOGGED",
-          "it is not in the WAL: neither the maintenance replica (which cannot even read it) nor DMS CDC "
-          .. "sees its rows. ALTER TABLE ... SET LOGGED on the source, or list it in exclude_tables")
-      end
-      if r.identity == "f" then
-        if t.has_pk then
-          find("replica identity full", "error", key, nil, label(r.schema, r.name) .. " has REPLICA IDENTITY FULL",
-            "DMS does not support FULL with pglogical, and pglogical refuses the table in a set that replicates "
-            .. "updates: ALTER TABLE ... REPLICA IDENTITY DEFAULT on the source (its primary key identifies rows)")
-        end
-      end
-      if r.rls and not r.bypass and not (r.owns and not r.force_rls) then
-        find("row-level security", "error", key, nil, ("%s has row-level security (%d polic%s) and the role %s "
-          .. "that reads the source is subject to it"):format(label(r.schema, r.name), r.policies,
-            r.policies == 1 and "y" or "ies", r.me),
-          "the full load and the QA would miss the rows its policies hide: read the source as a superuser, "
-          .. "a role with BYPASSRLS, or the table's owner (without FORCE ROW LEVEL SECURITY)")
-      elseif r.rls and r.force_rls then
-        entry(key, t).force_rls = true
-        find("row-level security", "handled", key, nil, label(r.schema, r.name)
-          .. " has FORCE ROW LEVEL SECURITY: its policies apply to its owner too",
-          "on the target, NO FORCE ROW LEVEL SECURITY while DMS applies (its policies would hide rows from "
-          .. "DMS's updates and deletes and from the QA), FORCE again at cutover")
-      end
-    elseif r.persistence ~= "u" then
-      parents[key] = r -- a partitioned parent or a table not migrated
-    end
-  end
-  for key in pairs(parents) do
-    local leaves = {}
-    for _, t in ipairs(list) do
-      if t.partition_of == key then leaves[#leaves + 1] = t.name end
-    end
-    if #leaves > 0 then
-      table.sort(leaves)
-      local schema, name = parents[key].schema, parents[key].name
-      find("partitioned table", "handled", key, nil, ("%s is partitioned: %d partition(s) (%s)"):format(
-        label(schema, name), #leaves, table.concat(leaves, ", ")),
-        "each partition is loaded, replicated and compared by its own name (DMS: select the child tables, never "
-        .. "the parent, which would duplicate rows); a partition added on the source during CDC is not carried: "
-        .. "create it on the target and restart its group")
-    end
-  end
-
-  -- Columns: generated, identity, types.
-  local generated = pgversion.pick(version, "attgenerated", "a.attgenerated::text", "''")
-  local identity = pgversion.pick(version, "attidentity", "a.attidentity::text", "''")
-  res, err = db:query(([[
-    select n.nspname as schema, c.relname as name, a.attname as column, format_type(a.atttypid, a.atttypmod) as type,
-           %s as generated, %s as identity, t.typtype::text as kind, bt.typname as base,
-           bt.typcategory::text as category,
-           case when t.typtype = 'd' then t.typtypmod else a.atttypmod end as typmod,
-           coalesce(a.attnum = any (i.indkey), false) as in_pk
-      from pg_attribute a
-      join pg_class c on c.oid = a.attrelid and c.relkind = 'r'
-      join pg_namespace n on n.oid = c.relnamespace
-      join pg_type t on t.oid = a.atttypid
-      join pg_type bt on bt.oid = case when t.typtype = 'd' then t.typbasetype else t.oid end
-      left join pg_index i on i.indrelid = c.oid and i.indisprimary
-     where a.attnum > 0 and not a.attisdropped
-       and %s
-     order by n.nspname, c.relname, a.attnum]]):format(generated, identity, catalog.not_system_sql("n.nspname")))
-  if not res then return nil, err end
-  for _, r in ipairs(rows(res)) do
-    local key = text.key(r.schema, r.name)
-    local t = wanted[key]
-    local where = label(r.schema, r.name, r.column)
-    if t and r.generated == "s" then
-      if r.column:find(NO_TRANSFORM) then
-        find("generated column", "error", key, r.column, where .. " is a stored generated column",
-          "DMS would write it and PostgreSQL refuses that (428C9), and DMS cannot leave it out: transformation "
-          .. "rules do not work on a column whose name has #, \\, / or -. Rename the column, or exclude the table")
-      elseif r.in_pk then
-        find("generated column", "error", key, r.column, where .. " is a stored generated column in the primary key",
-          "DMS must write the key to find rows and PostgreSQL refuses writing a generated column (428C9): "
-          .. "exclude the table, or make the key an ordinary column")
-      else
-        local e = entry(key, t)
-        e.remove_columns[#e.remove_columns + 1] = r.column
-        find("generated column", "handled", key, r.column, where .. " is a stored generated column (" .. r.type .. ")",
-          "a remove-column transformation rule keeps DMS from writing it (PostgreSQL refuses it: 428C9); "
-          .. "the target computes it from the other columns DMS writes")
-      end
-    elseif t and r.identity == "a" then
-      local e = entry(key, t)
-      e.identity_always[#e.identity_always + 1] = r.column
-      find("identity column", "handled", key, r.column, where .. " is GENERATED ALWAYS AS IDENTITY",
-        "on the target, GENERATED BY DEFAULT while DMS applies (it writes the source's values, which ALWAYS "
-        .. "refuses: 428C9); its sequence is set ahead of the source and ALWAYS restored at cutover")
-    end
-    if t and not r.generated:match("s") then
-      if r.base == "oid" or r.base == "lo" then
-        find("large object", "error", key, r.column, where .. " is of type " .. r.type
-          .. " (a large object reference)",
-          "DMS does not migrate the OID LOB type and the large objects themselves are neither in the schema "
-          .. "dump nor in the tables: store the data in bytea, or exclude the table")
-      elseif r.base == "numeric" and r.typmod < 0 then
-        plan.unbounded_numeric = true
-        find("unbounded numeric", "handled", key, r.column, where .. " is numeric without precision",
-          "DMS carries it as NUMERIC(28,6) (0.611111104488373 becomes 0.611111): MapUnboundedNumericAsString "
-          .. "on the source and the target endpoints carries the digits as text (up to 1,000 characters)")
-      elseif r.category == "A" then
-        array_finding(find, key, t, r, where)
-      elseif NOT_CARRIED_KIND[r.kind] or NOT_CARRIED[r.base] then
-        find("type DMS does not carry", "warning", key, r.column, ("%s is %s"):format(where, r.type),
-          ("DMS's PostgreSQL-to-PostgreSQL table says this type does not migrate; it sends the value as %s "
-          .. "to the table migrun restored, which reads it back; a longer value would be cut. The verification "
-          .. "compares row hashes: rehearse with real data"):format(NOT_CARRIED_KIND[r.kind] or NOT_CARRIED[r.base]))
-      end
-    end
-  end
-
-  -- Keys, triggers, foreign keys, rules.
-  for key, t in pairs(wanted) do
-    if not t.has_pk then
-      find("no primary key", "warning", key, nil, label(t.schema, t.name) .. " has no primary key",
-        "only its inserts are carried (pglogical puts it in the insert-only set; DMS ignores updates and deletes "
-        .. "without a key): add a primary key on the source, or accept it and list it in cutover.count_only")
-    end
-  end
-  res, err = db:query([[
-    select n.nspname as schema, c.relname as name, tg.tgname as trigger, tg.tgenabled::text as enabled
-      from pg_trigger tg join pg_class c on c.oid = tg.tgrelid join pg_namespace n on n.oid = c.relnamespace
-     where not tg.tgisinternal order by 1, 2, 3]])
-  if not res then return nil, err end
-  for _, r in ipairs(rows(res)) do
-    local key = text.key(r.schema, r.name)
-    local t = wanted[key]
-    if t and (r.enabled == "A" or r.enabled == "R") then
-      local e = entry(key, t)
-      e.always_triggers[#e.always_triggers + 1] = { name = r.trigger, enabled = r.enabled }
-      find("trigger", "handled", key, nil, ("trigger %s on %s is ENABLE %s"):format(pg.quote_ident(r.trigger),
-        label(r.schema, r.name), r.enabled == "A" and "ALWAYS" or "REPLICA"),
-        "it fires even in DMS's replica sessions, doing on the target again what the source's rows already "
-        .. "carry: disabled on the target while DMS applies, enabled as on the source at cutover")
-      plan.session_replication_role = true
-    elseif t and r.enabled == "O" then
-      plan.session_replication_role = true
-      find("trigger", "handled", key, nil, ("trigger %s on %s"):format(pg.quote_ident(r.trigger),
-        label(r.schema, r.name)),
-        "DMS's target sessions run SET session_replication_role = replica (the target endpoint's "
-        .. "AfterConnectScript): it does not fire there, the rows it writes on the source arrive by CDC")
-    end
-  end
-  res, err = db:query([[
-    select n.nspname as schema, c.relname as name, con.conname as name_of,
-           fn.nspname as ref_schema, f.relname as ref_name
-      from pg_constraint con join pg_class c on c.oid = con.conrelid join pg_namespace n on n.oid = c.relnamespace
-      join pg_class f on f.oid = con.confrelid join pg_namespace fn on fn.oid = f.relnamespace
-     where con.contype = 'f' order by 1, 2, 3]])
-  if not res then return nil, err end
-  for _, r in ipairs(rows(res)) do
-    local key = text.key(r.schema, r.name)
-    if wanted[key] then
-      plan.session_replication_role = true
-      find("foreign key", "handled", key, nil, ("foreign key %s of %s references %s"):format(
-        pg.quote_ident(r.name_of), label(r.schema, r.name), label(r.ref_schema, r.ref_name)),
-        "not checked in DMS's replica sessions: its tasks apply each slot's tables in their own order, a "
-        .. "child row can arrive before its parent; the verification compares every table")
-    end
-  end
-  res, err = db:query([[
-    select n.nspname as schema, c.relname as name, r.rulename as rule
-      from pg_rewrite r join pg_class c on c.oid = r.ev_class join pg_namespace n on n.oid = c.relnamespace
-     where r.rulename <> '_RETURN' order by 1, 2, 3]])
-  if not res then return nil, err end
-  for _, r in ipairs(rows(res)) do
-    local key = text.key(r.schema, r.name)
-    if wanted[key] then
-      plan.session_replication_role = true
-      find("rule", "handled", key, nil, ("rule %s on %s"):format(pg.quote_ident(r.rule), label(r.schema, r.name)),
-        "does not fire in DMS's replica sessions")
-    end
-  end
-
-  -- The database as a whole: large objects, extensions.
-  res, err = db:query("select count(*)::bigint as n from pg_largeobject_metadata")
-  if not res then return nil, err end
-  if res[1].n > 0 then
-    find("large object", "warning", nil, nil, ("the database holds %d large object(s)"):format(res[1].n),
-      "large objects are not migrated (not in the tables, the schema dump or DMS): if a migrated table refers "
-      .. "to them, move the data to bytea first")
-  end
-  -- Who owns what pg_dump will give an owner on the target: the schemas and
-  -- everything in them.
-  local schema_list = {}
-  for _, t in pairs(wanted) do
-    if not plan.schemas[t.schema] then
-      plan.schemas[t.schema] = true
-      schema_list[#schema_list + 1] = db.conn:escape_literal(t.schema)
-    end
-  end
-  if #schema_list > 0 then
-    res, err = db:query(([[
-      select distinct pg_get_userbyid(o.owner) as owner from (
-        select n.nspowner as owner, n.nspname as schema from pg_namespace n
-        union all select c.relowner, n.nspname from pg_class c join pg_namespace n on n.oid = c.relnamespace
-        union all select t.typowner, n.nspname from pg_type t join pg_namespace n on n.oid = t.typnamespace
-        union all select p.proowner, n.nspname from pg_proc p join pg_namespace n on n.oid = p.pronamespace
-      ) o where o.schema in (%s)]]):format(table.concat(schema_list, ", ")))
-    if not res then return nil, err end
-    for _, r in ipairs(rows(res)) do
-      if not r.owner:match("^pg_") then owners[r.owner] = true end
-    end
-  end
-  res, err = db:query("select extname from pg_extension where extname not in ('plpgsql', 'pglogical') order by 1")
-  if not res then return nil, err end
-  for _, r in ipairs(rows(res)) do plan.extensions[#plan.extensions + 1] = r.extname end
-  for o in pairs(owners) do plan.owners[#plan.owners + 1] = o end
+  for o in pairs(ins.owners) do plan.owners[#plan.owners + 1] = o end
   table.sort(plan.owners)
-
-  -- What DMS never does in CDC, whatever the schema (notes: nothing to fix now).
-  if next(wanted) then find("truncate", "note", nil, nil, "TRUNCATE is not carried",
-    "DMS does not process TRUNCATE: a table truncated on the source during CDC keeps its rows on the target "
-    .. "(the verification stops the cutover; a partial restart of its group repairs it)")
-  find("DDL", "note", nil, nil, "schema changes are not carried",
-    "the schema is restored once; DMS is told not to capture DDL (CaptureDdls false, no event trigger on the "
-    .. "source): freeze DDL on the migrated schemas until the cutover, or apply it to the target too") end
-  table.sort(plan.findings, function(a, b)
-    local order = { error = 1, warning = 2, handled = 3, note = 4 }
-    if order[a.severity] ~= order[b.severity] then return order[a.severity] < order[b.severity] end
-    if (a.table or "") ~= (b.table or "") then return (a.table or "") < (b.table or "") end
-    return (a.column or "") < (b.column or "")
-  end)
+  table.sort(plan.findings, by_severity)
   return plan
 end
 
