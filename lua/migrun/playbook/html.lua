@@ -446,228 +446,260 @@ local function badge(status)
   return ('<span class="badge" style="background:%s">%s</span>'):format(STATUS_COLOR[status] or "#9e9e9e", esc(status))
 end
 
-function html.render(opts)
-  assert(type(opts) == "table" and opts.journal, "html.render{ journal = J, ... } expected")
+-- Every step of every section, in order: fn(section, step).
+local function each_step(page, fn)
+  for _, sec in ipairs(page.secs) do
+    for _, s in ipairs(sec.steps) do fn(sec, s) end
+  end
+end
+
+-- What the sections of the page read: the journal's sections and last run,
+-- the samples, the full load (the main playbook's, else any section's: a
+-- partial restart's).
+local function page_of(opts)
   local J = opts.journal
   local data = J.data or J
-  local now = opts.now or os.time()
-  local secs = sections(J, opts.playbook)
-  local samples = opts.samples or (opts.state_dir and live.read_samples(opts.state_dir) or {})
-  local cfg = opts.config or {}
   local runs = data.runs or {}
-  local run = runs[#runs]
-  local migration = data.migration or "migration"
-  local main_steps = {}
-  for _, sec in ipairs(secs) do
-    if sec.main then for _, s in ipairs(sec.steps) do main_steps[s.name] = s.rec end end
+  local page = { opts = opts, data = data, now = opts.now or os.time(), secs = sections(J, opts.playbook),
+    samples = opts.samples or (opts.state_dir and live.read_samples(opts.state_dir) or {}),
+    cfg = opts.config or {}, run = runs[#runs], main_steps = {} }
+  for _, sec in ipairs(page.secs) do
+    if sec.main then for _, s in ipairs(sec.steps) do page.main_steps[s.name] = s.rec end end
   end
-
-  local body = {}
-  local function add(s) body[#body + 1] = s end
-
-  -- the full load: the main playbook's, else any section's (a partial restart's)
-  local fl
-  for _, sec in ipairs(secs) do
-    for _, s in ipairs(sec.steps) do
-      if not fl and type(s.rec.facts) == "table" and type(s.rec.facts.loaded) == "table" and next(s.rec.facts.loaded) then
-        fl = { section = sec.name, step = s }
-      end
+  each_step(page, function(sec, s)
+    if not page.fl and type(s.rec.facts) == "table" and type(s.rec.facts.loaded) == "table"
+        and next(s.rec.facts.loaded) then
+      page.fl = { section = sec.name, step = s }
     end
-  end
+  end)
+  return page
+end
 
-  -- summary
-  local cards = {}
-  if run then
-    local cls = run.outcome == "ok" and "ok" or (run.outcome == "running" and "warn" or "bad")
-    cards[#cards + 1] = card("last run", ("%s: %s"):format(run.playbook or "?", run.outcome or "?"),
-      ("%s → %s UTC"):format(utc(live.epoch(run.started_at), "%m-%d %H:%M"),
-        run.ended_at and utc(live.epoch(run.ended_at), "%m-%d %H:%M") or "now"), cls)
+local function run_card(page)
+  local run = page.run
+  if not run then return nil end
+  local cls = run.outcome == "ok" and "ok" or (run.outcome == "running" and "warn" or "bad")
+  return card("last run", ("%s: %s"):format(run.playbook or "?", run.outcome or "?"),
+    ("%s → %s UTC"):format(utc(live.epoch(run.started_at), "%m-%d %H:%M"),
+      run.ended_at and utc(live.epoch(run.ended_at), "%m-%d %H:%M") or "now"), cls)
+end
+
+local function full_load_card(page)
+  local fl = page.fl
+  if not fl then return nil end
+  local n, bytes, rows = 0, 0, 0
+  for _, r in pairs(fl.step.rec.facts.loaded) do
+    n, bytes, rows = n + 1, bytes + (tonumber(r.bytes) or 0), rows + (tonumber(r.rows) or 0)
   end
-  if fl then
-    local n, bytes, rows = 0, 0, 0
-    for _, r in pairs(fl.step.rec.facts.loaded) do
-      n, bytes, rows = n + 1, bytes + (tonumber(r.bytes) or 0), rows + (tonumber(r.rows) or 0)
-    end
-    local planned = main_steps.know_data and main_steps.know_data.facts and main_steps.know_data.facts.tables
-    cards[#cards + 1] = card("full load", ("%d%s tables"):format(n, planned and ("/" .. #planned) or ""),
-      ("%s, %s rows in %s"):format(text.bytes(bytes), text.thousands(rows), text.duration(fl.step.rec.duration)),
-      fl.step.rec.status == "done" and "ok" or "warn")
-  end
-  local last_tasks
+  local know = page.main_steps.know_data
+  local planned = know and know.facts and know.facts.tables
+  return card("full load", ("%d%s tables"):format(n, planned and ("/" .. #planned) or ""),
+    ("%s, %s rows in %s"):format(text.bytes(bytes), text.thousands(rows), text.duration(fl.step.rec.duration)),
+    fl.step.rec.status == "done" and "ok" or "warn")
+end
+
+local function tasks_card(page)
+  local samples, last_tasks = page.samples, nil
   for i = #samples, 1, -1 do
     if type(samples[i].tasks) == "table" then last_tasks = samples[i] break end
   end
+  if not last_tasks then return nil end
   -- tasks the cutover stopped after the last look: that is what they are now
   local stopped_at
-  for _, sec in ipairs(secs) do
-    for _, st in ipairs(sec.steps) do
-      if st.name == "stop_tasks" and st.rec.status == "done" then stopped_at = live.epoch(st.rec.ended_at) end
-    end
-  end
-  if last_tasks and stopped_at and stopped_at >= last_tasks.t then
-    cards[#cards + 1] = card("DMS tasks", ("%d stopped"):format(#last_tasks.tasks),
+  each_step(page, function(_, st)
+    if st.name == "stop_tasks" and st.rec.status == "done" then stopped_at = live.epoch(st.rec.ended_at) end
+  end)
+  if stopped_at and stopped_at >= last_tasks.t then
+    return card("DMS tasks", ("%d stopped"):format(#last_tasks.tasks),
       ("by the cutover, %s UTC"):format(utc(stopped_at, "%m-%d %H:%M")), "ok")
-  elseif last_tasks then
-    local running, exc = 0, 0
-    for _, t in ipairs(last_tasks.tasks) do
-      if tostring(t.status):lower() == "running" then running = running + 1 end
-      exc = exc + (tonumber(t.exceptions) or 0)
-    end
-    cards[#cards + 1] = card("DMS tasks", ("%d/%d running"):format(running, #last_tasks.tasks),
-      ("%d apply exception(s), largest lag %s, %s UTC"):format(exc, text.bytes(tonumber(last_tasks.max_lag) or 0),
-        utc(last_tasks.t, "%m-%d %H:%M")), (running == #last_tasks.tasks and exc == 0) and "ok" or "bad")
   end
-  local qa_checks, qa_diffs = 0, 0
-  for _, sec in ipairs(secs) do
-    for _, s in ipairs(sec.steps) do
-      for _, t in ipairs(s.rec.tables or {}) do
-        if tostring(t.title):find("QA", 1, true) or tostring(t.title):lower():find("verification", 1, true) then
-          local _, d = report_table(t)
-          qa_checks, qa_diffs = qa_checks + #(t.rows or {}), qa_diffs + d
-        end
-      end
-    end
+  local running, exc = 0, 0
+  for _, t in ipairs(last_tasks.tasks) do
+    if tostring(t.status):lower() == "running" then running = running + 1 end
+    exc = exc + (tonumber(t.exceptions) or 0)
   end
-  if qa_checks > 0 then
-    cards[#cards + 1] = card("QA", qa_diffs == 0 and "equal" or ("%d difference(s)"):format(qa_diffs),
-      ("%d checks over the runs"):format(qa_checks), qa_diffs == 0 and "ok" or "bad")
-  end
-  local cut
-  for _, sec in ipairs(secs) do if sec.name == "cutover" then cut = sec end end
-  if cut then
-    local done, n = 0, 0
-    for _, s in ipairs(cut.steps) do
-      n = n + 1
-      if s.rec.status == "done" then done = done + 1 end
-    end
-    local ended = live.epoch(cut.steps[#cut.steps].rec.ended_at)
-    cards[#cards + 1] = card("cutover", done == n and "done" or ("%d/%d steps"):format(done, n),
-      ended and (utc(ended, "%Y-%m-%d %H:%M") .. " UTC") or "", done == n and "ok" or "warn")
-  end
-  add('<section id="summary"><h2>Summary</h2><div class="cards">' .. table.concat(cards) .. "</div></section>")
+  return card("DMS tasks", ("%d/%d running"):format(running, #last_tasks.tasks),
+    ("%d apply exception(s), largest lag %s, %s UTC"):format(exc, text.bytes(tonumber(last_tasks.max_lag) or 0),
+      utc(last_tasks.t, "%m-%d %H:%M")), (running == #last_tasks.tasks and exc == 0) and "ok" or "bad")
+end
 
-  -- errors first: what needs a person
-  local errs = {}
-  for _, sec in ipairs(secs) do
-    for _, s in ipairs(sec.steps) do
-      if s.rec.status == "failed" and s.rec.error then
-        errs[#errs + 1] = ('<div class="error"><b>%s · %s</b> (%s UTC): %s</div>'):format(esc(sec.name),
-          esc(s.name), esc(s.rec.ended_at or ""), esc(s.rec.error))
+local function qa_card(page)
+  local qa_checks, qa_diffs = 0, 0
+  each_step(page, function(_, s)
+    for _, t in ipairs(s.rec.tables or {}) do
+      if tostring(t.title):find("QA", 1, true) or tostring(t.title):lower():find("verification", 1, true) then
+        local _, d = report_table(t)
+        qa_checks, qa_diffs = qa_checks + #(t.rows or {}), qa_diffs + d
       end
     end
+  end)
+  if qa_checks == 0 then return nil end
+  return card("QA", qa_diffs == 0 and "equal" or ("%d difference(s)"):format(qa_diffs),
+    ("%d checks over the runs"):format(qa_checks), qa_diffs == 0 and "ok" or "bad")
+end
+
+local function cutover_card(page)
+  local cut
+  for _, sec in ipairs(page.secs) do if sec.name == "cutover" then cut = sec end end
+  if not cut then return nil end
+  local done, n = 0, 0
+  for _, s in ipairs(cut.steps) do
+    n = n + 1
+    if s.rec.status == "done" then done = done + 1 end
   end
+  local ended = live.epoch(cut.steps[#cut.steps].rec.ended_at)
+  return card("cutover", done == n and "done" or ("%d/%d steps"):format(done, n),
+    ended and (utc(ended, "%Y-%m-%d %H:%M") .. " UTC") or "", done == n and "ok" or "warn")
+end
+
+local function summary_section(page)
+  local cards = {}
+  for _, make in ipairs{ run_card, full_load_card, tasks_card, qa_card, cutover_card } do
+    cards[#cards + 1] = make(page)
+  end
+  return '<section id="summary"><h2>Summary</h2><div class="cards">' .. table.concat(cards) .. "</div></section>"
+end
+
+-- errors first: what needs a person
+local function errors_section(page)
+  local errs = {}
+  each_step(page, function(sec, s)
+    if s.rec.status == "failed" and s.rec.error then
+      errs[#errs + 1] = ('<div class="error"><b>%s · %s</b> (%s UTC): %s</div>'):format(esc(sec.name),
+        esc(s.name), esc(s.rec.ended_at or ""), esc(s.rec.error))
+    end
+  end)
+  local run = page.run
   if run and run.error and run.outcome ~= "ok" and #errs == 0 then
     errs[#errs + 1] = ('<div class="error"><b>%s</b>: %s</div>'):format(esc(run.playbook), esc(run.error))
   end
-  if #errs > 0 then add('<section id="errors"><h2>Errors</h2>' .. table.concat(errs) .. "</section>") end
+  if #errs == 0 then return nil end
+  return '<section id="errors"><h2>Errors</h2>' .. table.concat(errs) .. "</section>"
+end
 
-  add('<section id="timeline"><h2>Steps</h2>' .. timeline(secs, now))
-  local rows = { "<details><summary>every step as a table</summary><table><thead><tr><th>playbook</th><th>step</th>"
+local function steps_section(page)
+  local rows = { '<section id="timeline"><h2>Steps</h2>' .. timeline(page.secs, page.now)
+    .. "\n<details><summary>"
+    .. "every step as a table</summary><table><thead><tr><th>playbook</th><th>step</th>"
     .. "<th>status</th><th>started (UTC)</th><th>ended</th><th>duration</th><th>what</th></tr></thead><tbody>" }
-  for _, sec in ipairs(secs) do
-    for _, s in ipairs(sec.steps) do
-      rows[#rows + 1] = ("<tr><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td class=\"num\">%s</td><td>%s</td></tr>")
-        :format(esc(sec.name), esc(s.name), badge(s.rec.status or "pending"), esc(s.rec.started_at), esc(s.rec.ended_at),
-          s.rec.duration and esc(text.duration(s.rec.duration)) or "", esc(s.title ~= s.name and s.title or ""))
-    end
-  end
+  each_step(page, function(sec, s)
+    rows[#rows + 1] = ("<tr><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td class=\"num\">%s</td><td>%s</td></tr>")
+      :format(esc(sec.name), esc(s.name), badge(s.rec.status or "pending"), esc(s.rec.started_at), esc(s.rec.ended_at),
+        s.rec.duration and esc(text.duration(s.rec.duration)) or "", esc(s.title ~= s.name and s.title or ""))
+  end)
   rows[#rows + 1] = "</tbody></table></details></section>"
-  add(table.concat(rows))
+  return table.concat(rows)
+end
 
-  if fl then
-    local chart, n, span, lanes = gantt(fl.step.rec.facts.loaded)
-    if chart then
-      add(('<section id="full-load"><h2>Full load</h2><p class="note">%s · %s: %d tables on %d stream(s) over %s; '
-        .. 'each bar is a table, from its TRUNCATE to its COMMIT (hover for rows and bytes).</p>%s</section>')
-        :format(esc(fl.section), esc(fl.step.name), n, lanes, esc(text.duration(span)), chart))
+local function full_load_section(page)
+  local fl = page.fl
+  if not fl then return nil end
+  local chart, n, span, lanes = gantt(fl.step.rec.facts.loaded)
+  if not chart then return nil end
+  return ('<section id="full-load"><h2>Full load</h2><p class="note">%s · %s: %d tables on %d stream(s) over %s; '
+    .. 'each bar is a table, from its TRUNCATE to its COMMIT (hover for rows and bytes).</p>%s</section>')
+    :format(esc(fl.section), esc(fl.step.name), n, lanes, esc(text.duration(span)), chart)
+end
+
+-- The samples as chart series: the WAL held back, each slot's lag in bytes
+-- and in time (the slots in name order), and the last max_slot_wal_keep_size.
+-- What the WAL guard's thresholds are about: the WAL held back from the
+-- oldest restart_lsn (the slots share one WAL stream: their figures do not add up).
+local function slot_series(samples)
+  local retained = { name = "held back by migrun's slots", points = {} }
+  local lag, lag_time, keep_bytes = { by = {}, order = {} }, { by = {}, order = {} }, nil
+  local function point(series, slot, t, v)
+    if not series.by[slot] then
+      series.by[slot] = { name = slot, points = {} }
+      series.order[#series.order + 1] = slot
     end
+    local pts = series.by[slot].points
+    pts[#pts + 1] = { t, v }
   end
-
-  -- lag and retained WAL over time
-  -- what the WAL guard's thresholds are about: the WAL held back from the
-  -- oldest restart_lsn (the slots share one WAL stream: their figures do not add up)
-  local by_slot, slot_order, retained, secs_by_slot, secs_order = {}, {}, { name = "held back by migrun's slots", points = {} }, {}, {}
-  local keep_bytes
   for _, s in ipairs(samples) do
     local held = tonumber(s.held_bytes) or live.held(s.slots) or tonumber(s.retained_bytes)
     if held then retained.points[#retained.points + 1] = { s.t, held } end
     keep_bytes = tonumber(s.keep_bytes) or keep_bytes
     for _, sl in ipairs(type(s.slots) == "table" and s.slots or {}) do
-      if tonumber(sl.lag_bytes) then
-        if not by_slot[sl.slot] then
-          by_slot[sl.slot] = { name = sl.slot, points = {} }
-          slot_order[#slot_order + 1] = sl.slot
-        end
-        local pts = by_slot[sl.slot].points
-        pts[#pts + 1] = { s.t, sl.lag_bytes }
-      end
-      if tonumber(sl.lag_seconds) then
-        if not secs_by_slot[sl.slot] then
-          secs_by_slot[sl.slot] = { name = sl.slot, points = {} }
-          secs_order[#secs_order + 1] = sl.slot
-        end
-        local pts = secs_by_slot[sl.slot].points
-        pts[#pts + 1] = { s.t, sl.lag_seconds }
-      end
+      if tonumber(sl.lag_bytes) then point(lag, sl.slot, s.t, sl.lag_bytes) end
+      if tonumber(sl.lag_seconds) then point(lag_time, sl.slot, s.t, sl.lag_seconds) end
     end
   end
-  table.sort(slot_order)
-  table.sort(secs_order)
-  if #retained.points > 0 then
-    local lag_series, secs_series = {}, {}
-    for _, name in ipairs(slot_order) do lag_series[#lag_series + 1] = by_slot[name] end
-    for _, name in ipairs(secs_order) do secs_series[#secs_series + 1] = secs_by_slot[name] end
-    local guard = cfg.wal_guard or {}
-    local catch = (cfg.dms or {}).catch_up or {}
-    local parts = { '<section id="cdc"><h2>Slots: lag and retained WAL</h2><p class="note">Sampled by the WAL guard and '
-      .. ("while the tasks were watched (%d readings, UTC).</p>"):format(#samples) }
-    parts[#parts + 1] = '<div class="charts">'
-    local lag_chart = line_chart(lag_series, { title = "lag per slot (bytes)", bytes = true,
-      lines = catch.lag_bytes and { { value = catch.lag_bytes, label = "caught up below", color = "#2e7d32" } } })
-    if lag_chart then parts[#parts + 1] = '<div id="chart-lag"><h3>Lag per slot</h3>' .. lag_chart .. "</div>" end
-    local sec_chart = #secs_series > 0 and line_chart(secs_series, { title = "lag per slot (time)", seconds = true })
-    if sec_chart then parts[#parts + 1] = '<div id="chart-lag-time"><h3>Lag per slot, in time</h3>' .. sec_chart .. "</div>" end
-    local lines = {}
-    if guard.warn_bytes then lines[#lines + 1] = { value = guard.warn_bytes, label = "WAL guard: warn", color = "#b26a00" } end
-    if guard.stop_bytes then lines[#lines + 1] = { value = guard.stop_bytes, label = "WAL guard: stop", color = "#c62828" } end
-    if keep_bytes then
-      lines[#lines + 1] = { value = keep_bytes, label = "max_slot_wal_keep_size: slots lost", color = "#6a1b9a" }
-    end
-    parts[#parts + 1] = '<div id="chart-wal"><h3>WAL held back on the primary</h3>' .. (line_chart({ retained },
-      { title = "WAL held back", bytes = true, lines = lines }) or "") .. "</div>"
-    parts[#parts + 1] = "</div></section>"
-    add(table.concat(parts))
+  local function list(series)
+    table.sort(series.order)
+    local out = {}
+    for _, name in ipairs(series.order) do out[#out + 1] = series.by[name] end
+    return out
   end
+  return retained, list(lag), list(lag_time), keep_bytes
+end
 
-  -- every step's report tables
-  local tparts = {}
-  local check_html
-  for _, sec in ipairs(secs) do
-    for _, s in ipairs(sec.steps) do
-      for _, t in ipairs(s.rec.tables or {}) do
-        if tostring(t.title):lower():find("checklist", 1, true) then
-          check_html = ('<section id="checklist"><h2>%s</h2><p class="note">%s · %s, %s UTC</p>%s</section>')
-            :format(esc(t.title), esc(sec.name), esc(s.name), esc(s.rec.ended_at or ""), checklist(t))
-        else
-          local tbl, d = report_table(t)
-          tparts[#tparts + 1] = ('<h3 id="%s">%s <span class="note">%s · %s%s</span></h3>%s')
-            :format(esc((sec.name .. "-" .. s.name .. "-" .. t.title):gsub("[^%w]+", "-"):lower()), esc(t.title),
-              esc(sec.name), esc(s.name), d > 0 and (' · <b class="bad">' .. d .. " difference(s)</b>") or "",
-              #(t.rows or {}) > 40 and ("<details><summary>%d rows</summary>%s</details>"):format(#t.rows, tbl) or tbl)
-        end
+-- lag and retained WAL over time
+local function slots_section(page)
+  local samples = page.samples
+  local retained, lag_series, secs_series, keep_bytes = slot_series(samples)
+  if #retained.points == 0 then return nil end
+  local guard = page.cfg.wal_guard or {}
+  local catch = (page.cfg.dms or {}).catch_up or {}
+  local parts = { '<section id="cdc"><h2>Slots: lag and retained WAL</h2><p class="note">Sampled by the WAL guard and '
+    .. ("while the tasks were watched (%d readings, UTC).</p>"):format(#samples) }
+  parts[#parts + 1] = '<div class="charts">'
+  local lag_chart = line_chart(lag_series, { title = "lag per slot (bytes)", bytes = true,
+    lines = catch.lag_bytes and { { value = catch.lag_bytes, label = "caught up below", color = "#2e7d32" } } })
+  if lag_chart then parts[#parts + 1] = '<div id="chart-lag"><h3>Lag per slot</h3>' .. lag_chart .. "</div>" end
+  local sec_chart = #secs_series > 0 and line_chart(secs_series, { title = "lag per slot (time)", seconds = true })
+  if sec_chart then parts[#parts + 1] = '<div id="chart-lag-time"><h3>Lag per slot, in time</h3>' .. sec_chart .. "</div>" end
+  local lines = {}
+  if guard.warn_bytes then lines[#lines + 1] = { value = guard.warn_bytes, label = "WAL guard: warn", color = "#b26a00" } end
+  if guard.stop_bytes then lines[#lines + 1] = { value = guard.stop_bytes, label = "WAL guard: stop", color = "#c62828" } end
+  if keep_bytes then
+    lines[#lines + 1] = { value = keep_bytes, label = "max_slot_wal_keep_size: slots lost", color = "#6a1b9a" }
+  end
+  parts[#parts + 1] = '<div id="chart-wal"><h3>WAL held back on the primary</h3>' .. (line_chart({ retained },
+    { title = "WAL held back", bytes = true, lines = lines }) or "") .. "</div>"
+  parts[#parts + 1] = "</div></section>"
+  return table.concat(parts)
+end
+
+-- every step's report tables -> the checklist's section (the last one), the tables' section
+local function report_sections(page)
+  local tparts, check_html = {}, nil
+  each_step(page, function(sec, s)
+    for _, t in ipairs(s.rec.tables or {}) do
+      if tostring(t.title):lower():find("checklist", 1, true) then
+        check_html = ('<section id="checklist"><h2>%s</h2><p class="note">%s · %s, %s UTC</p>%s</section>')
+          :format(esc(t.title), esc(sec.name), esc(s.name), esc(s.rec.ended_at or ""), checklist(t))
+      else
+        local tbl, d = report_table(t)
+        tparts[#tparts + 1] = ('<h3 id="%s">%s <span class="note">%s · %s%s</span></h3>%s')
+          :format(esc((sec.name .. "-" .. s.name .. "-" .. t.title):gsub("[^%w]+", "-"):lower()), esc(t.title),
+            esc(sec.name), esc(s.name), d > 0 and (' · <b class="bad">' .. d .. " difference(s)</b>") or "",
+            #(t.rows or {}) > 40 and ("<details><summary>%d rows</summary>%s</details>"):format(#t.rows, tbl) or tbl)
       end
     end
-  end
-  if check_html then add(check_html) end
-  if #tparts > 0 then add('<section id="tables"><h2>Reports of the steps</h2>' .. table.concat(tparts) .. "</section>") end
+  end)
+  return check_html,
+    #tparts > 0 and ('<section id="tables"><h2>Reports of the steps</h2>' .. table.concat(tparts) .. "</section>") or nil
+end
 
-  local title = ("%s: migration report"):format(migration)
+function html.render(opts)
+  assert(type(opts) == "table" and opts.journal, "html.render{ journal = J, ... } expected")
+  local page = page_of(opts)
+  local body = {}
+  for _, section in ipairs{ summary_section, errors_section, steps_section, full_load_section, slots_section } do
+    body[#body + 1] = section(page)
+  end
+  local check_html, tables_html = report_sections(page)
+  body[#body + 1] = check_html
+  body[#body + 1] = tables_html
+
+  local title = ("%s: migration report"):format(page.data.migration or "migration")
   return table.concat{
     "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n",
     '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
     "<title>", esc(title), "</title>\n<style>", CSS, "</style>\n</head>\n<body>\n",
     "<header><h1>", esc(title), "</h1><p>",
-    esc(("generated %s UTC by migrun · state directory %s"):format(utc(now), opts.state_dir or "?")),
+    esc(("generated %s UTC by migrun · state directory %s"):format(utc(page.now), opts.state_dir or "?")),
     "</p></header>\n<main>\n", table.concat(body, "\n"), "\n</main>\n</body>\n</html>\n" }
 end
 
