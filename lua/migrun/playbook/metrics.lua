@@ -72,14 +72,9 @@ metrics.full_load_of = full_load_of
      lock = live.lock_state, slots = live.slots result | nil, source_error =,
      history = { {t, wal_lsn} }, sample = the newest samples.jsonl record with tasks,
      guard = config.wal_guard, now = epoch } ]]
-function metrics.families(state)
-  local out = {}
-  local J = state.journal or {}
-  local now = state.now or host.now()
-  local playbooks = J.playbooks or {}
-  local runs = J.runs or {}
-  local run = runs[#runs]
 
+-- The run: which, since when, whether a migrun holds the state directory.
+local function run_families(out, state, J, run)
   local f = family(out, "migrun_run", "info", "The migration and the playbook run now (or last)")
   add(f, { migration = state.migration or J.migration or "", playbook = run and run.playbook or "",
            main = J.main and J.main.playbook or "", outcome = run and run.outcome or "" }, 1)
@@ -87,23 +82,27 @@ function metrics.families(state)
   add(f, {}, run and epoch(run.started_at))
   f = family(out, "migrun_running", "gauge", "1 while a migrun holds the state directory")
   add(f, {}, state.lock and state.lock.held or false)
+end
 
+local function sorted_keys(t)
+  local keys = {}
+  for k in pairs(t) do keys[#keys + 1] = k end
+  table.sort(keys)
+  return keys
+end
+
+-- The steps of every playbook section: running, failed, counted by status, the last success.
+local function step_families(out, playbooks)
   local running = family(out, "migrun_step_running", "gauge", "1 for the step running now")
   local started = family(out, "migrun_step_started_timestamp_seconds", "gauge",
     "When the running step began (Unix time)", "seconds")
   local failed = family(out, "migrun_step_failed", "gauge", "1 for each step whose last attempt failed")
   local counts = family(out, "migrun_steps", "gauge", "Steps of each playbook section by status")
   local last_ok
-  local names = {}
-  for name in pairs(playbooks) do names[#names + 1] = name end
-  table.sort(names)
-  for _, pname in ipairs(names) do
+  for _, pname in ipairs(sorted_keys(playbooks)) do
     local by_status = {}
     local steps = playbooks[pname].steps or {}
-    local snames = {}
-    for sname in pairs(steps) do snames[#snames + 1] = sname end
-    table.sort(snames)
-    for _, sname in ipairs(snames) do
+    for _, sname in ipairs(sorted_keys(steps)) do
       local s = steps[sname]
       local status = s.status or "pending"
       by_status[status] = (by_status[status] or 0) + 1
@@ -121,25 +120,30 @@ function metrics.families(state)
       add(counts, { playbook = pname, status = status }, by_status[status] or 0)
     end
   end
-  f = family(out, "migrun_last_success_timestamp_seconds", "gauge",
+  local f = family(out, "migrun_last_success_timestamp_seconds", "gauge",
     "When a step last ended well (Unix time)", "seconds")
   add(f, {}, last_ok)
+end
 
-  -- the full load of the playbook run now (or last), else of the main playbook
+-- The full load of the playbook run now (or last), else of the main
+-- playbook -> { section, step, rec, planned_tables } (rec nil: none).
+local function full_load_now(J, playbooks, run)
   local section = run and playbooks[run.playbook] and run.playbook or (J.main and J.main.playbook)
   local fl, fl_step = full_load_of(section and playbooks[section] and playbooks[section].steps)
   if not fl and J.main and playbooks[J.main.playbook] then
     section = J.main.playbook
     fl, fl_step = full_load_of(playbooks[section].steps)
   end
-  local planned, planned_tables
+  local planned_tables
   local know = J.main and playbooks[J.main.playbook] and (playbooks[J.main.playbook].steps or {}).know_data
-  if know and know.facts and type(know.facts.tables) == "table" then
-    planned_tables = know.facts.tables
-    planned = #planned_tables
-  end
-  f = family(out, "migrun_full_load_tables", "gauge", "Tables the full load copies")
-  add(f, {}, planned)
+  if know and know.facts and type(know.facts.tables) == "table" then planned_tables = know.facts.tables end
+  return { section = section, step = fl_step, rec = fl, planned_tables = planned_tables }
+end
+
+local function full_load_families(out, load, p)
+  local fl, planned_tables = load.rec, load.planned_tables
+  local f = family(out, "migrun_full_load_tables", "gauge", "Tables the full load copies")
+  add(f, {}, planned_tables and #planned_tables)
   local loaded_n, loaded_rows = 0, 0
   for _, r in pairs(fl and fl.facts.loaded or {}) do
     loaded_n = loaded_n + 1
@@ -157,9 +161,8 @@ function metrics.families(state)
       end
     end
   end
-  local p = state.progress
   local moving_rows = 0
-  if p and p.progress and fl and p.playbook == section and p.step == fl_step and fl.status == "running" then
+  if p and p.progress and fl and p.playbook == load.section and p.step == load.step and fl.status == "running" then
     local snap = p.progress
     -- (a record saved before the last commit says less than the journal)
     disk_bytes = math.max(tonumber(snap.done) or 0, disk_bytes or 0)
@@ -178,8 +181,11 @@ function metrics.families(state)
   add(f, {}, total_bytes)
   f = family(out, "migrun_full_load_rows", "counter", "Rows the full load has copied")
   add(f, {}, fl and (loaded_rows + moving_rows))
+end
 
-  f = family(out, "migrun_progress_ratio", "gauge", "Share done of the running step's progress (0 to 1)")
+-- The running step's progress record.
+local function progress_families(out, p)
+  local f = family(out, "migrun_progress_ratio", "gauge", "Share done of the running step's progress (0 to 1)")
   local eta = family(out, "migrun_progress_remaining_seconds", "gauge",
     "Time left of the running step's progress at the recent rate", "seconds")
   local upd = family(out, "migrun_progress_updated_timestamp_seconds", "gauge",
@@ -191,9 +197,12 @@ function metrics.families(state)
     add(eta, labels, snap.eta_seconds)
     add(upd, labels, snap.updated_at)
   end
+end
 
-  -- the primary, read now
-  f = family(out, "migrun_source_up", "gauge", "1 when the metrics server's last reading of the primary worked")
+-- migrun's slots on the primary, read now; the WAL they keep and hold back,
+-- and the WAL guard's thresholds.
+local function slot_families(out, state, now)
+  local f = family(out, "migrun_source_up", "gauge", "1 when the metrics server's last reading of the primary worked")
   add(f, {}, state.slots ~= nil)
   local lag_b = family(out, "migrun_slot_lag_bytes", "gauge",
     "WAL between the primary's current position and what the slot has confirmed", "bytes")
@@ -239,9 +248,10 @@ function metrics.families(state)
   add(f, {}, guard.warn_bytes)
   f = family(out, "migrun_wal_guard_stop_bytes", "gauge", "The WAL guard stops the run at this much", "bytes")
   add(f, {}, guard.stop_bytes)
+end
 
-  -- DMS tasks as the run last saw them (samples.jsonl): the server never calls AWS
-  local sample = state.sample
+-- DMS tasks as the run last saw them (samples.jsonl): the server never calls AWS
+local function task_families(out, sample)
   local st = family(out, "migrun_dms_task_state", "gauge", "1 for each task's state as migrun last saw it")
   local up = family(out, "migrun_dms_task_running", "gauge", "1 when the task was running at migrun's last look")
   local exc = family(out, "migrun_dms_apply_exceptions", "gauge", "Rows in awsdms_apply_exceptions for the task")
@@ -256,6 +266,20 @@ function metrics.families(state)
     end
     add(seen, {}, sample.t)
   end
+end
+
+function metrics.families(state)
+  local out = {}
+  local J = state.journal or {}
+  local playbooks = J.playbooks or {}
+  local runs = J.runs or {}
+  local run = runs[#runs]
+  run_families(out, state, J, run)
+  step_families(out, playbooks)
+  full_load_families(out, full_load_now(J, playbooks, run), state.progress)
+  progress_families(out, state.progress)
+  slot_families(out, state, state.now or host.now())
+  task_families(out, state.sample)
   return out
 end
 
