@@ -410,10 +410,8 @@ function walguard.slot_limits(r, g, opts)
   return level, problems, advice
 end
 
-function walguard.check(source, replica, guard, opts)
-  assert(type(source) == "table" and source.query, "walguard.check: source (a migrun.db Db) expected")
-  guard = guard or {}
-  opts = opts or {}
+-- config.wal_guard with its defaults.
+local function settings(guard)
   local g = {
     warn_bytes = guard.warn_bytes or 50 * GiB, stop_bytes = guard.stop_bytes or 200 * GiB,
     warn_free_percent = guard.warn_free_percent, stop_free_percent = guard.stop_free_percent,
@@ -422,8 +420,12 @@ function walguard.check(source, replica, guard, opts)
     warn_ahead = guard.warn_ahead or 3600, interval = guard.interval or 30,
   }
   assert(g.warn_bytes <= g.stop_bytes, "walguard.check: warn_bytes must not exceed stop_bytes")
-  local now = opts.now or host.monotonic()
+  return g
+end
 
+-- The measurements: migrun's slots and the WAL the oldest holds back, the
+-- slots' limits, the WAL directories and disks, the rates -> report | nil, err.
+local function measure(source, replica, guard, g, opts, now)
   local cur, err = source:query(walguard.sql(source.conn:server_version()).current_lsn)
   if not cur then return nil, err end
   local all
@@ -466,18 +468,19 @@ function walguard.check(source, replica, guard, opts)
     r.eta_stop = math.max(0, (g.stop_bytes - r.held_bytes) / r.rate)
     if r.source.free then r.eta_full = r.source.free / r.rate end
   end
+  return r
+end
 
-  local function raise_level(level)
-    if level == "stop" or (level == "warn" and r.level == "ok") then r.level = level end
-  end
-  local problems, advice = r.problems, {}
+-- "migrun's N slots hold back X of WAL on the primary (from ...; pg_wal ...; free ...)"
+local function held_line(r)
   local n = #r.slots
-  local held_line = ("migrun's %d slot%s hold%s back %s of WAL on the primary"):format(n, n == 1 and "" or "s",
+  local line = ("migrun's %d slot%s hold%s back %s of WAL on the primary"):format(n, n == 1 and "" or "s",
     n == 1 and "s" or "", human(r.held_bytes))
   local detail = {}
+  local oldest = r.holder_slot
   if oldest then
     detail[#detail + 1] = ("from %s's restart_lsn %s to %s"):format(oldest.name, tostring(oldest.restart_lsn),
-      tostring(current))
+      tostring(r.current_lsn))
   end
   -- what could not be measured is said, never left out silently
   detail[#detail + 1] = r.wal_dir_bytes and ("pg_wal holds " .. human(r.wal_dir_bytes)) or r.wal_dir_note
@@ -487,51 +490,111 @@ function walguard.check(source, replica, guard, opts)
     detail[#detail + 1] = "free disk not measured: " .. tostring(r.source.note)
       .. " (wal_guard.source_free_command measures it)"
   end
-  if #detail > 0 then held_line = held_line .. " (" .. table.concat(detail, "; ") .. ")" end
+  if #detail > 0 then line = line .. " (" .. table.concat(detail, "; ") .. ")" end
+  return line
+end
 
-  -- the WAL held back, and the primary's free space in percent
-  local wal_level
+-- r.prediction: when the stop threshold or a full disk comes at this rate.
+local function predict(r, g, tracker)
+  if not (r.rate and r.rate > 0) then return end
+  -- beyond a week a rate says nothing worth reading
+  local parts, WEEK = {}, 7 * 86400
+  if r.eta_stop and r.eta_stop > 0 and r.eta_stop < WEEK then
+    parts[#parts + 1] = "the stop threshold " .. human(g.stop_bytes) .. " is reached in about " .. text.duration(r.eta_stop)
+  end
+  if r.eta_full and r.eta_full < WEEK then
+    parts[#parts + 1] = "the primary's disk is full in about " .. text.duration(r.eta_full)
+  end
+  if #parts > 0 then
+    r.prediction = ("at this rate (%s/min held back more, over the last %s) %s"):format(human(r.rate * 60),
+      text.duration(tracker.samples[#tracker.samples].t - tracker.samples[1].t),
+      table.concat(parts, " and "))
+  end
+end
+
+-- The WAL held back, and the primary's free space in percent, now and
+-- predicted within warn_ahead -> level | nil (problems added to r.problems).
+local function wal_verdict(r, g, line)
+  local problems, level = r.problems, nil
   if r.held_bytes >= g.stop_bytes then
-    wal_level = "stop"
-    problems[#problems + 1] = held_line .. ", at or above the stop threshold " .. human(g.stop_bytes)
+    level = "stop"
+    problems[#problems + 1] = line .. ", at or above the stop threshold " .. human(g.stop_bytes)
   elseif r.held_bytes >= g.warn_bytes then
-    wal_level = "warn"
-    problems[#problems + 1] = held_line .. ", above the warning threshold " .. human(g.warn_bytes)
+    level = "warn"
+    problems[#problems + 1] = line .. ", above the warning threshold " .. human(g.warn_bytes)
       .. " (the run stops at " .. human(g.stop_bytes) .. ")"
   end
   local pct = percent(r.source)
   if pct and g.stop_free_percent and pct < g.stop_free_percent then
-    wal_level = "stop"
+    level = "stop"
     problems[#problems + 1] = ("the primary's WAL disk is %.1f%% free, below wal_guard.stop_free_percent %g%%")
       :format(pct, g.stop_free_percent)
   elseif pct and g.warn_free_percent and pct < g.warn_free_percent then
-    wal_level = wal_level or "warn"
+    level = level or "warn"
     problems[#problems + 1] = ("the primary's WAL disk is %.1f%% free, below wal_guard.warn_free_percent %g%%")
       :format(pct, g.warn_free_percent)
   end
   -- predicted: the stop threshold or a full disk within warn_ahead
-  local soon = {}
-  if r.eta_stop and r.eta_stop > 0 and r.eta_stop <= g.warn_ahead then soon[#soon + 1] = "stop" end
-  if r.eta_full and r.eta_full <= g.warn_ahead then soon[#soon + 1] = "full" end
-  if not wal_level and #soon > 0 then
-    wal_level = "warn"
-    problems[#problems + 1] = held_line
+  local soon = (r.eta_stop and r.eta_stop > 0 and r.eta_stop <= g.warn_ahead)
+    or (r.eta_full and r.eta_full <= g.warn_ahead)
+  if not level and soon then
+    level = "warn"
+    problems[#problems + 1] = line
   end
-  if r.rate and r.rate > 0 then
-    -- beyond a week a rate says nothing worth reading
-    local parts, WEEK = {}, 7 * 86400
-    if r.eta_stop and r.eta_stop > 0 and r.eta_stop < WEEK then
-      parts[#parts + 1] = "the stop threshold " .. human(g.stop_bytes) .. " is reached in about " .. text.duration(r.eta_stop)
-    end
-    if r.eta_full and r.eta_full < WEEK then
-      parts[#parts + 1] = "the primary's disk is full in about " .. text.duration(r.eta_full)
-    end
-    if #parts > 0 then
-      r.prediction = ("at this rate (%s/min held back more, over the last %s) %s"):format(human(r.rate * 60),
-        text.duration(opts.tracker.samples[#opts.tracker.samples].t - opts.tracker.samples[1].t),
-        table.concat(parts, " and "))
-    end
+  return level
+end
+
+-- The replica's disk -> level | nil, problem, advice.
+local function replica_verdict(r, g, opts)
+  local rfree, rpct = r.replica.free, percent(r.replica)
+  local low, near
+  if rfree and rfree < g.replica_min_free_bytes then
+    low = ("the replica has %s free (minimum %s)"):format(human(rfree), human(g.replica_min_free_bytes))
+  elseif rpct and g.replica_min_free_percent and rpct < g.replica_min_free_percent then
+    low = ("the replica's WAL disk is %.1f%% free (minimum %g%%)"):format(rpct, g.replica_min_free_percent)
+  elseif rfree and rfree < 2 * g.replica_min_free_bytes then
+    near = ("the replica has %s free, near the minimum %s"):format(human(rfree), human(g.replica_min_free_bytes))
+  elseif rpct and g.replica_min_free_percent and rpct < 2 * g.replica_min_free_percent then
+    near = ("the replica's WAL disk is %.1f%% free, near the minimum %g%%"):format(rpct, g.replica_min_free_percent)
   end
+  if not (low or near) then return nil end
+  -- only a paused replica piles WAL up because of migrun: a stop is for that
+  return (low and r.replica_paused) and "stop" or "warn",
+    (low or near) .. (r.replica_paused and " while paused" or " (not paused)"),
+    replica_advice(r, (opts.advice or {}).config or "migration.lua")
+end
+
+local function ok_message(r, line)
+  local parts = { line }
+  if r.prediction then parts[#parts + 1] = r.prediction end
+  local nearest
+  for _, slot in ipairs(r.slots) do
+    if slot.safe_wal_size and (not nearest or slot.safe_wal_size < nearest.safe_wal_size) then nearest = slot end
+  end
+  if nearest then
+    parts[#parts + 1] = ("max_slot_wal_keep_size %s: %s may take %s more WAL before it is lost"):format(
+      human(r.keep_bytes), nearest.name, human(nearest.safe_wal_size))
+  end
+  if r.replica_wal_bytes then parts[#parts + 1] = "replica pg_wal " .. human(r.replica_wal_bytes) end
+  if r.replica and r.replica.free then parts[#parts + 1] = "replica free " .. human(r.replica.free) end
+  return "WAL guard ok: " .. table.concat(parts, "; ")
+end
+
+function walguard.check(source, replica, guard, opts)
+  assert(type(source) == "table" and source.query, "walguard.check: source (a migrun.db Db) expected")
+  guard = guard or {}
+  opts = opts or {}
+  local g = settings(guard)
+  local r, err = measure(source, replica, guard, g, opts, opts.now or host.monotonic())
+  if not r then return nil, err end
+
+  local function raise_level(level)
+    if level == "stop" or (level == "warn" and r.level == "ok") then r.level = level end
+  end
+  local problems, advice = r.problems, {}
+  local line = held_line(r)
+  local wal_level = wal_verdict(r, g, line)
+  predict(r, g, opts.tracker)
   if wal_level then
     raise_level(wal_level)
     if r.prediction then problems[#problems] = problems[#problems] .. "; " .. r.prediction end
@@ -544,41 +607,17 @@ function walguard.check(source, replica, guard, opts)
   table.move(sl_problems, 1, #sl_problems, #problems + 1, problems)
   table.move(sl_advice, 1, #sl_advice, #advice + 1, advice)
 
-  -- the replica's disk
   if replica and r.replica then
-    local rfree, rpct = r.replica.free, percent(r.replica)
-    local low, near
-    if rfree and rfree < g.replica_min_free_bytes then
-      low = ("the replica has %s free (minimum %s)"):format(human(rfree), human(g.replica_min_free_bytes))
-    elseif rpct and g.replica_min_free_percent and rpct < g.replica_min_free_percent then
-      low = ("the replica's WAL disk is %.1f%% free (minimum %g%%)"):format(rpct, g.replica_min_free_percent)
-    elseif rfree and rfree < 2 * g.replica_min_free_bytes then
-      near = ("the replica has %s free, near the minimum %s"):format(human(rfree), human(g.replica_min_free_bytes))
-    elseif rpct and g.replica_min_free_percent and rpct < 2 * g.replica_min_free_percent then
-      near = ("the replica's WAL disk is %.1f%% free, near the minimum %g%%"):format(rpct, g.replica_min_free_percent)
-    end
-    if low or near then
-      -- only a paused replica piles WAL up because of migrun: a stop is for that
-      raise_level((low and r.replica_paused) and "stop" or "warn")
-      problems[#problems + 1] = (low or near) .. (r.replica_paused and " while paused" or " (not paused)")
-      advice[#advice + 1] = replica_advice(r, (opts.advice or {}).config or "migration.lua")
+    local level, problem, what = replica_verdict(r, g, opts)
+    if level then
+      raise_level(level)
+      problems[#problems + 1] = problem
+      advice[#advice + 1] = what
     end
   end
 
   if r.level == "ok" then
-    local parts = { held_line }
-    if r.prediction then parts[#parts + 1] = r.prediction end
-    local nearest
-    for _, slot in ipairs(r.slots) do
-      if slot.safe_wal_size and (not nearest or slot.safe_wal_size < nearest.safe_wal_size) then nearest = slot end
-    end
-    if nearest then
-      parts[#parts + 1] = ("max_slot_wal_keep_size %s: %s may take %s more WAL before it is lost"):format(
-        human(r.keep_bytes), nearest.name, human(nearest.safe_wal_size))
-    end
-    if r.replica_wal_bytes then parts[#parts + 1] = "replica pg_wal " .. human(r.replica_wal_bytes) end
-    if r.replica and r.replica.free then parts[#parts + 1] = "replica free " .. human(r.replica.free) end
-    r.message = "WAL guard ok: " .. table.concat(parts, "; ")
+    r.message = ok_message(r, line)
   else
     r.message = ("WAL guard %s: %s. What to do: %s."):format(r.level == "stop" and "STOP" or "warning",
       table.concat(problems, "; "), table.concat(advice, "; "))
