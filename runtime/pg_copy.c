@@ -16,6 +16,9 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
+
+#include <linux/sockios.h>
 
 #include <libpq-fe.h>
 
@@ -33,6 +36,45 @@ static double stall_at(double stall) {
     return stall > 0 ? migrun_monotonic() + stall : -1;
 }
 
+/* Bytes sent on the socket and not yet acknowledged by the peer (SIOCOUTQ); -1 when unknown. */
+static int out_queue(PGconn *conn) {
+    int n = 0;
+    if (ioctl(PQsocket(conn), SIOCOUTQ, &n) != 0)
+        return -1;
+    return n;
+}
+
+/* Did the socket's send queue shrink since *queued (then updated)? A path
+ * that moves bytes slowly is not stalled, even while its queue stays too full
+ * for POLLOUT (the kernel signals room only once much of it is free). */
+static int out_moved(PGconn *conn, int *queued) {
+    int q = out_queue(conn), moved = q >= 0 && *queued >= 0 && q < *queued;
+    *queued = q;
+    return moved;
+}
+
+/* Waits for events on a socket that has data to send: W_TIMEOUT only once
+ * neither the events came nor the send queue shrank for stall seconds. */
+static int wait_out(PGconn *conn, short events, double stall, int interruptible) {
+    if (stall <= 0)
+        return pg_wait_sock(conn, events, -1, interruptible);
+    double slice = stall / 4 < 0.05 ? 0.05 : stall / 4 > 1 ? 1 : stall / 4;
+    double last = migrun_monotonic();
+    int queued = out_queue(conn);
+    for (;;) {
+        double now = migrun_monotonic();
+        double deadline = now + slice < last + stall ? now + slice : last + stall;
+        int w = pg_wait_sock(conn, events, deadline, interruptible);
+        if (w != W_TIMEOUT)
+            return w;
+        now = migrun_monotonic();
+        if (out_moved(conn, &queued))
+            last = now;
+        if (now >= last + stall)
+            return W_TIMEOUT;
+    }
+}
+
 /* Sends what libpq has queued, reading input meanwhile; W_TIMEOUT when the
  * socket took nothing for stall seconds. */
 static int flush_stall(PGconn *conn, double stall, int interruptible) {
@@ -42,7 +84,7 @@ static int flush_stall(PGconn *conn, double stall, int interruptible) {
             return W_READY;
         if (r < 0)
             return W_ERR;
-        int w = pg_wait_sock(conn, POLLIN | POLLOUT, stall_at(stall), interruptible);
+        int w = wait_out(conn, POLLIN | POLLOUT, stall, interruptible);
         if (w != W_READY)
             return w;
         if (!PQconsumeInput(conn))
@@ -50,13 +92,14 @@ static int flush_stall(PGconn *conn, double stall, int interruptible) {
     }
 }
 
-/* Waits until PQgetResult will not block; W_TIMEOUT when nothing came for stall seconds. */
+/* Waits until PQgetResult will not block; W_TIMEOUT when nothing came, and
+ * nothing of what was sent was acknowledged, for stall seconds. */
 static int wait_result_stall(PGconn *conn, double stall, int interruptible) {
     int w = flush_stall(conn, stall, interruptible);
     if (w != W_READY)
         return w;
     while (PQisBusy(conn)) {
-        w = pg_wait_sock(conn, POLLIN, stall_at(stall), interruptible);
+        w = wait_out(conn, POLLIN, stall, interruptible);
         if (w != W_READY)
             return w;
         if (!PQconsumeInput(conn))
@@ -284,7 +327,7 @@ static int put_copy(PGconn *conn, const char *data, int n, int interruptible, do
             return W_READY;
         if (r < 0)
             return W_ERR;
-        int w = pg_wait_sock(conn, POLLOUT, stall_at(stall), interruptible);
+        int w = wait_out(conn, POLLOUT, stall, interruptible);
         if (w != W_READY)
             return w;
     }
@@ -298,7 +341,7 @@ static int end_copy(PGconn *conn, const char *errmsg, double stall) {
             return flush_stall(conn, stall, 0);
         if (r < 0)
             return W_ERR;
-        int w = pg_wait_sock(conn, POLLOUT, stall_at(stall), 0);
+        int w = wait_out(conn, POLLOUT, stall, 0);
         if (w != W_READY)
             return w == W_TIMEOUT ? W_TIMEOUT : W_ERR;
     }
@@ -416,7 +459,7 @@ enum { S_DONE, S_FAILED_FROM, S_FAILED_TO, S_STALLED_FROM, S_STALLED_TO, S_INTR,
 static int stream_rows(lua_State *L, copy_run *cr) {
     PGconn *src = cr->src->conn, *dst = cr->dst->conn;
     size_t since_flush = 0;
-    int dst_pending = 0, src_moved = 1;
+    int dst_pending = 0, src_moved = 1, dst_queued = -1;
     double src_last = 0, dst_last = 0;
     double next_progress = migrun_monotonic() + cr->interval;
     for (;;) {
@@ -455,8 +498,10 @@ static int stream_rows(lua_State *L, copy_run *cr) {
         if (src_moved) /* the stall clock of the source counts from its last bytes */
             src_last = now;
         src_moved = 0;
-        if (f == 1 && !dst_pending)
+        if (f == 1 && !dst_pending) {
             dst_last = now;
+            dst_queued = out_queue(dst);
+        }
         dst_pending = f == 1;
         double deadline = cr->src_stall > 0 ? src_last + cr->src_stall : -1;
         if (dst_pending && cr->dst_stall > 0 &&
@@ -467,11 +512,15 @@ static int stream_rows(lua_State *L, copy_run *cr) {
         int w = pg_wait_fds(p, dst_pending ? 2 : 1, deadline, 1);
         if (w == W_INTR)
             return S_INTR;
-        if (w == W_TIMEOUT)
-            return dst_pending && cr->dst_stall > 0 &&
-                           migrun_monotonic() >= dst_last + cr->dst_stall
-                       ? S_STALLED_TO
-                       : S_STALLED_FROM;
+        if (w == W_TIMEOUT) {
+            now = migrun_monotonic();
+            if (!dst_pending || cr->dst_stall <= 0 || now < dst_last + cr->dst_stall)
+                return S_STALLED_FROM;
+            if (!out_moved(dst, &dst_queued))
+                return S_STALLED_TO;
+            dst_last = now; /* slow, not stalled */
+            continue;
+        }
         if (w != W_READY)
             return S_FAILED_FROM;
         if (p[0].revents & (POLLIN | POLLERR | POLLHUP)) {
@@ -481,8 +530,10 @@ static int stream_rows(lua_State *L, copy_run *cr) {
         }
         if (dst_pending && (p[1].revents & (POLLERR | POLLHUP)))
             return S_FAILED_TO;
-        if (dst_pending && (p[1].revents & POLLOUT))
+        if (dst_pending && (p[1].revents & POLLOUT)) {
             dst_last = migrun_monotonic();
+            dst_queued = out_queue(dst);
+        }
     }
 }
 

@@ -31,7 +31,10 @@ local tcpproxy = {}
 
 local HOST = "127.0.0.1"
 local CHUNK = 65536
-local QUEUE_MAX = 4 * CHUNK -- read no more from a side while this much waits for the other
+-- Read no more from a side while this much waits for the other. Delayed,
+-- the queue holds what the delay holds back, as a long link does in flight:
+-- the delay slows each byte, not the throughput.
+local QUEUE_MAX, DELAY_QUEUE_MAX = 4 * CHUNK, 64 * 1024 * 1024
 local MODES = { pass = true, delay = true, blackhole = true, reset = true }
 
 local function log(fmt, ...)
@@ -223,7 +226,8 @@ function Proxy:_round()
   for _, p in ipairs(self.pairs) do
     if not p.closed and p.server then
       for _, d in ipairs{ p.up, p.down } do
-        if flowing and not d.eof and d.queued < QUEUE_MAX then recvt[#recvt + 1] = d.from end
+        local max = self.mode == "delay" and DELAY_QUEUE_MAX or QUEUE_MAX
+        if flowing and not d.eof and d.queued < max then recvt[#recvt + 1] = d.from end
         local head = d.queue[1]
         if flowing and head then
           if head.due <= now then sendt[#sendt + 1] = d.to else wake = math.min(wake, head.due) end
