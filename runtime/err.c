@@ -76,7 +76,7 @@ int migrun_error_return(lua_State *L, const char *kind, const char *where, const
 }
 
 void migrun_push_interrupted(lua_State *L, const char *where) {
-    if (migrun_interrupt_cause() == MIGRUN_CAUSE_STOP)
+    if (migrun_interrupt_cause(L) == MIGRUN_CAUSE_STOP)
         migrun_error_push(L, "guard", where, NULL, "stopped by migrun's guard");
     else
         migrun_error_push(L, "interrupted", where, NULL, "interrupted!");

@@ -1,18 +1,22 @@
 /*
- * migrun.host: facts about the running migrun program and the few operating
- * system calls the Lua library needs that Lua's io/os do not offer: the path
- * of this executable (so the library can start helper processes such as the
- * DMS emulator with the same migrun), its version and pid, whether a stream is
- * a terminal (live progress lines or plain ones), free space on a file
- * system, private directories, and crash-safe file replacement for journals
- * (written to a temporary file, fsynced, renamed over the old one, the
- * directory fsynced, so a SIGKILL or power loss leaves the old or the new
- * file, never a torn one), an exclusive lock on a file so two migruns
- * never drive one state directory, the one monotonic clock and the one
+ * migrun.host: facts about the running program and the few operating system
+ * calls the Lua library needs that Lua's io/os do not offer: the path of the
+ * running executable (whatever the host is: the migrun executable, a C
+ * program linking libmigrun, the stock lua5.4), the worker executable that
+ * every child running migrun Lua code is started with (host.worker,
+ * host.worker_spec: see "the worker" below), the version and pid, whether a
+ * stream is a terminal (live progress lines or plain ones), free space on a
+ * file system, private directories, and crash-safe file replacement for
+ * journals (written to a temporary file, fsynced, renamed over the old one,
+ * the directory fsynced, so a SIGKILL or power loss leaves the old or the new
+ * file, never a torn one), an exclusive lock on a file so two migruns never
+ * drive one state directory, the one monotonic clock and the one
  * interruptible sleep of migrun (migrun_monotonic, migrun_sleep: C code uses
  * them too), and stop requests between a migrun and its guard process.
  */
+#include <dlfcn.h>
 #include <errno.h>
+#include <link.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <math.h>
@@ -205,6 +209,7 @@ double migrun_monotonic(void) {
 
 void migrun_sleep(lua_State *L, double seconds) {
     struct timespec ts = {(time_t)seconds, (long)((seconds - floor(seconds)) * 1e9)};
+    migrun_check_interrupt(L); /* one that came before: its signal is gone */
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
         migrun_check_interrupt(L);
     migrun_check_interrupt(L);
@@ -229,8 +234,11 @@ int migrun_host_sleep(lua_State *L) {
  * migrun's guard (a child process) stops the playbook that started it with
  * SIGUSR1; call.c turns the signal into an interrupt of kind "guard".
  *
- * host.listen_stop(on): true installs the handler (requests are remembered),
- *     false puts back the disposition found and forgets them.
+ * host.listen_stop(on [, pid]): true listens (requests are remembered), to
+ *     pid only when given (the guard, once started: another state's guard
+ *     never stops this one), else to any process; false stops listening and
+ *     forgets them. The process-wide handler is in place while any state
+ *     listens (call.c).
  * host.arm_stop(on) -> whether a request has arrived: while armed, a request
  *     interrupts what runs (Lua code, a query, a wait, a sleep) with an error
  *     of kind "guard"; arming with a request already in stops at once.
@@ -239,13 +247,15 @@ int migrun_host_sleep(lua_State *L) {
  *     stale pid can never hit another process). */
 static int host_listen_stop(lua_State *L) {
     luaL_checktype(L, 1, LUA_TBOOLEAN);
-    migrun_listen_stop(lua_toboolean(L, 1));
+    lua_Integer from = luaL_optinteger(L, 2, 0);
+    luaL_argcheck(L, from == 0 || (from > 1 && from <= INT_MAX), 2, "a process id expected");
+    migrun_listen_stop(L, lua_toboolean(L, 1), (int)from);
     return 0;
 }
 
 static int host_arm_stop(lua_State *L) {
     luaL_checktype(L, 1, LUA_TBOOLEAN);
-    lua_pushboolean(L, migrun_arm_stop(lua_toboolean(L, 1)));
+    lua_pushboolean(L, migrun_arm_stop(L, lua_toboolean(L, 1)));
     return 1;
 }
 
@@ -259,6 +269,196 @@ static int host_request_stop(lua_State *L) {
     if (kill((pid_t)pid, SIGUSR1) != 0)
         return os_error(L, "request_stop", errno);
     lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* ---- the worker -------------------------------------------------------------
+ * Every child process that runs migrun Lua code (the pool's workers, the
+ * guard, the metrics server, the playbook of a then_run) is the worker
+ * executable migrun-worker (main.c: the migrun interpreter of libmigrun),
+ * never the host's own executable, which may be any program (a C host, the
+ * stock lua5.4). The first of these that is an executable file is it:
+ *   1. the path a host gave migrun_set_worker();
+ *   2. $MIGRUN_WORKER (not with registry.LUA_NOENV, as lua -E);
+ *   3. beside the file holding libmigrun's code (dladdr: libmigrun.so,
+ *      migrun.so, or the executable linking libmigrun.a): in its directory
+ *      (a build tree; a host that ships the worker beside it), then where
+ *      cmake --install puts the worker relative to that file's own install
+ *      directory (MIGRUN_WORKER_FROM_*: lib/, lib/lua/5.4/, bin/);
+ *   4. the install path compiled in (MIGRUN_WORKER_INSTALLED).
+ * An explicit choice (1, 2) that is not an executable file is an error, not
+ * passed over. The copy beside the library comes before the compiled-in
+ * path so that a build tree or an install moved elsewhere (--prefix at
+ * install time, DESTDIR) never runs the worker of another installation. */
+
+/* Set by the host before its states run, like the environment it reads. */
+static char worker_chosen[PATH_MAX];
+
+static int is_executable_file(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode) && access(path, X_OK) == 0;
+}
+
+int migrun_set_worker(const char *path) {
+    char real[PATH_MAX];
+    if (path == NULL || *path == '\0') {
+        worker_chosen[0] = '\0';
+        return 0;
+    }
+    /* absolute: a child's spec may change directory before the exec */
+    if (realpath(path, real) == NULL)
+        return -1;
+    if (!is_executable_file(real)) {
+        errno = EACCES;
+        return -1;
+    }
+    memcpy(worker_chosen, real, strlen(real) + 1);
+    return 0;
+}
+
+/* The file holding this code, resolved (symlinks, relative names) into out. */
+static int library_file(char *out) {
+    Dl_info info;
+    struct link_map *map = NULL;
+    if (dladdr1((void *)migrun_openlibs, &info, (void **)&map, RTLD_DL_LINKMAP) == 0 ||
+        info.dli_fname == NULL)
+        return 0;
+    /* the main program's name in the link map is empty (dladdr gives argv[0]) */
+    const char *file = map != NULL && map->l_name[0] != '\0' ? info.dli_fname : "/proc/self/exe";
+    return realpath(file, out) != NULL;
+}
+
+/* Appends a candidate to the list tried; 1 (with path resolved into found)
+ * when it is the worker. */
+static int try_worker(const char *dir, const char *rel, char *found, char *tried, size_t cap) {
+    char path[PATH_MAX];
+    if (snprintf(path, sizeof path, "%s%s%s", dir, dir[0] ? "/" : "", rel) >= (int)sizeof path)
+        return 0;
+    size_t used = strlen(tried);
+    snprintf(tried + used, cap - used, "%s%s", used ? ", " : "", path);
+    return is_executable_file(path) && realpath(path, found) != NULL;
+}
+
+/* Pushes the worker's absolute path, or nil and an error saying where it looked. */
+static int push_worker(lua_State *L) {
+    if (worker_chosen[0] != '\0') {
+        lua_pushstring(L, worker_chosen);
+        return 1;
+    }
+    lua_getfield(L, LUA_REGISTRYINDEX, "LUA_NOENV");
+    int noenv = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    const char *env = noenv ? NULL : getenv("MIGRUN_WORKER");
+    char found[PATH_MAX];
+    if (env != NULL && *env != '\0') {
+        if (env[0] == '/' && is_executable_file(env) && realpath(env, found) != NULL) {
+            lua_pushstring(L, found);
+            return 1;
+        }
+        lua_pushfstring(L,
+                        "MIGRUN_WORKER=%s is not %s: point it at the migrun-worker "
+                        "executable of this libmigrun (an absolute path), or unset it",
+                        env, env[0] == '/' ? "an executable file" : "an absolute path");
+        migrun_error_return(L, "spawn", "worker", NULL, lua_tostring(L, -1));
+        return 2;
+    }
+    char tried[4 * PATH_MAX + 16] = "";
+    char lib[PATH_MAX];
+    if (library_file(lib)) {
+        char *slash = strrchr(lib, '/');
+        *slash = '\0';
+        const char *base = slash + 1;
+        const char *rel = strncmp(base, "libmigrun.so", 12) == 0 ? MIGRUN_WORKER_FROM_LIBDIR
+                          : strcmp(base, "migrun.so") == 0       ? MIGRUN_WORKER_FROM_MODULEDIR
+                                                                 : MIGRUN_WORKER_FROM_BINDIR;
+        if (try_worker(lib, "migrun-worker", found, tried, sizeof tried) ||
+            try_worker(lib, rel, found, tried, sizeof tried)) {
+            lua_pushstring(L, found);
+            return 1;
+        }
+    }
+    if (try_worker("", MIGRUN_WORKER_INSTALLED, found, tried, sizeof tried)) {
+        lua_pushstring(L, found);
+        return 1;
+    }
+    lua_pushfstring(L,
+                    "no migrun-worker executable (looked at %s): install migrun with its worker "
+                    "(cmake --install), or name it with MIGRUN_WORKER=/path/to/migrun-worker or "
+                    "migrun_set_worker() in the host",
+                    tried);
+    migrun_error_return(L, "spawn", "worker", NULL, lua_tostring(L, -1));
+    return 2;
+}
+
+/* host.worker() -> the worker executable's absolute path | nil, err */
+static int host_worker(lua_State *L) {
+    return push_worker(L);
+}
+
+/* Sets t[key] = package[field] unless t has key (the caller's choice wins). */
+static void set_lua_path(lua_State *L, int t, const char *key, const char *field) {
+    if (lua_getfield(L, t, key) != LUA_TNIL) {
+        lua_pop(L, 1);
+        return;
+    }
+    lua_pop(L, 1);
+    if (lua_getglobal(L, "package") == LUA_TTABLE && lua_getfield(L, -1, field) == LUA_TSTRING) {
+        lua_setfield(L, t, key);
+        lua_pop(L, 1);
+    } else {
+        lua_pop(L, 2);
+    }
+}
+
+/* host.worker_spec(spec) -> spec | nil, err
+ * The migrun.proc spec of a child that runs migrun Lua code: spec's array
+ * part is the worker's arguments ({ "-e", code } or { script, args... }),
+ * its other fields are the spawn's options. Returns a new spec: the worker
+ * first, then those arguments; env gets the Lua module paths of this state
+ * (LUA_PATH_5_4 = package.path, LUA_CPATH_5_4 = package.cpath, unless spec.env
+ * sets them), so the child requires what the parent can, whatever the host,
+ * and the version of this library, which the worker checks (interp.c). The
+ * embedded library and MIGRUN_LUA_PATH come with the worker and the
+ * allow-list (proc.c). */
+static int host_worker_spec(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    int envt = lua_getfield(L, 1, "env"); /* 2 */
+    luaL_argcheck(L, envt == LUA_TNIL || envt == LUA_TTABLE, 1, "env must be a table");
+    if (push_worker(L) == 2) /* 3 */
+        return 2;
+    lua_Integer n = luaL_len(L, 1);
+    lua_createtable(L, (int)(n + 1), 4); /* 4: the new spec */
+    lua_pushvalue(L, 3);
+    lua_rawseti(L, 4, 1);
+    for (lua_Integer i = 1; i <= n; i++) {
+        lua_geti(L, 1, i);
+        lua_rawseti(L, 4, i + 1);
+    }
+    lua_pushnil(L);
+    while (lua_next(L, 1)) { /* the options */
+        if (lua_isinteger(L, -2) && lua_tointeger(L, -2) >= 1 && lua_tointeger(L, -2) <= n) {
+            lua_pop(L, 1);
+            continue;
+        }
+        lua_pushvalue(L, -2);
+        lua_insert(L, -2);
+        lua_rawset(L, 4);
+    }
+    lua_newtable(L); /* 5: env, a copy */
+    if (envt == LUA_TTABLE) {
+        lua_pushnil(L);
+        while (lua_next(L, 2)) {
+            lua_pushvalue(L, -2);
+            lua_insert(L, -2);
+            lua_rawset(L, 5);
+        }
+    }
+    set_lua_path(L, 5, "LUA_PATH_5_4", "path");
+    set_lua_path(L, 5, "LUA_CPATH_5_4", "cpath");
+    lua_pushliteral(L, MIGRUN_VERSION);
+    lua_setfield(L, 5, "MIGRUN_WORKER_VERSION");
+    lua_setfield(L, 4, "env");
     return 1;
 }
 
@@ -361,6 +561,8 @@ int luaopen_migrun_host(lua_State *L) {
         {"listen_stop", host_listen_stop},
         {"arm_stop", host_arm_stop},
         {"request_stop", host_request_stop},
+        {"worker", host_worker},
+        {"worker_spec", host_worker_spec},
         {NULL, NULL},
     };
     static const luaL_Reg lock_meta[] = {

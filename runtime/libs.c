@@ -65,7 +65,13 @@ const char *migrun_version(void) {
 }
 
 void migrun_openlibs(lua_State *L) {
+    migrun_runtime_open(L); /* the state's record for interrupts (call.c) */
     luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE); /* preload */
+    /* require "migrun", as a script written for the stock lua5.4 starts,
+     * gives this library's table instead of loading a second copy of the
+     * runtime from an installed migrun.so */
+    lua_pushcfunction(L, luaopen_migrun);
+    lua_setfield(L, -2, "migrun");
 #define MIGRUN_MODULE(name, fn)                                                                    \
     lua_pushcfunction(L, fn);                                                                      \
     lua_setfield(L, -2, name);
@@ -78,6 +84,14 @@ void migrun_openlibs(lua_State *L) {
     }
     lua_pop(L, 1);
 
+    /* once per state: require "migrun" after migrun_openlibs comes here again */
+    if (lua_getfield(L, LUA_REGISTRYINDEX, "migrun.searcher") != LUA_TNIL) {
+        lua_pop(L, 1);
+        return;
+    }
+    lua_pop(L, 1);
+    lua_pushboolean(L, 1);
+    lua_setfield(L, LUA_REGISTRYINDEX, "migrun.searcher");
     lua_getfield(L, LUA_REGISTRYINDEX, "LUA_NOENV");
     int noenv = lua_toboolean(L, -1);
     lua_pop(L, 1);

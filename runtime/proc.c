@@ -12,6 +12,22 @@
  * open, so a spawn that fails half-way leaks none (see "spawning" below).
  * A child's environment is an allow-list, not migrun's: what it needs is
  * passed explicitly (see "the children's environment" below).
+ *
+ * Every lua_State has children of its own: the list of its running
+ * processes, and whether one of its output callbacks runs, are the state's
+ * (a ProcState in its registry), so a pump serves the state that waits and
+ * runs only that state's callbacks, and several states (in one thread or in
+ * threads of their own) spawn and wait side by side. Exits are the state's
+ * too, without a SIGCHLD handler: a disposition is the process's (one for the
+ * host and all its states), a handler would have to find, inside a signal,
+ * which state owns the pid, and its waitpid(-1) would reap the other states'
+ * and the host's own children. A pidfd per child makes the kernel do that
+ * dispatch: it becomes readable for its process only, and each state polls
+ * only its own and reaps them by pid (waitpid(pid), never -1; where there is
+ * no pidfd, each state polls waitpid(pid, WNOHANG) for its own). What a host
+ * must leave alone: SIGCHLD not ignored (SIG_IGN or SA_NOCLDWAIT makes the
+ * kernel reap every child and lose its status: spawning refuses then), and
+ * no wait()/waitpid(-1) of its own that would take migrun's children.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -32,6 +48,7 @@
 #define ACTIVE_KEY "migrun.proc.active"
 #define WITHHELD_KEY "migrun.proc.withheld"
 #define ALLOW_KEY "migrun.proc.allowed"
+#define STATE_KEY "migrun.proc.state"
 
 extern char **environ;
 
@@ -86,11 +103,31 @@ typedef struct Process {
     size_t in_len, in_off;
     int failed_stage; /* the first stage seen failing, -1 if none */
     Stdio io;         /* what start() opened and has not handed over or closed */
+    struct ProcState *owner;
     struct Process *next, *prev;
 } Process;
 
-static Process *active_head = NULL; /* started and not yet finalized */
-static int in_callback = 0;         /* a line callback is running */
+/* A state's children: a userdata in its registry (STATE_KEY), without __gc,
+ * so that its memory lasts until lua_close has run every finalizer (a
+ * Process's __gc unlinks itself from it). */
+typedef struct ProcState {
+    Process *head;   /* started and not yet finalized */
+    int in_callback; /* one of this state's line callbacks is running */
+} ProcState;
+
+static ProcState *proc_state(lua_State *L) {
+    if (lua_getfield(L, LUA_REGISTRYINDEX, STATE_KEY) != LUA_TUSERDATA) {
+        lua_pop(L, 1);
+        ProcState *ps = lua_newuserdatauv(L, sizeof *ps, 0);
+        ps->head = NULL;
+        ps->in_callback = 0;
+        lua_pushvalue(L, -1);
+        lua_setfield(L, LUA_REGISTRYINDEX, STATE_KEY);
+    }
+    ProcState *ps = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    return ps;
+}
 
 /* ---- small helpers ------------------------------------------------------ */
 
@@ -231,15 +268,16 @@ static void active_add(lua_State *L, Process *p, int ud) {
     lua_pushvalue(L, ud);
     lua_rawset(L, -3);
     lua_pop(L, 1);
+    ProcState *ps = p->owner;
     p->prev = NULL;
-    p->next = active_head;
-    if (active_head)
-        active_head->prev = p;
-    active_head = p;
+    p->next = ps->head;
+    if (ps->head)
+        ps->head->prev = p;
+    ps->head = p;
 }
 
 static int active_contains(Process *p) {
-    for (Process *q = active_head; q; q = q->next)
+    for (Process *q = p->owner ? p->owner->head : NULL; q; q = q->next)
         if (q == p)
             return 1;
     return 0;
@@ -251,7 +289,7 @@ static void active_remove(lua_State *L, Process *p) {
     if (p->prev)
         p->prev->next = p->next;
     else
-        active_head = p->next;
+        p->owner->head = p->next;
     if (p->next)
         p->next->prev = p->prev;
     p->next = p->prev = NULL;
@@ -286,15 +324,15 @@ static void deliver_lines(lua_State *L, Process *p, Stream *s, int uv, int at_eo
         lua_getiuservalue(L, -1, uv); /* ud fn */
         lua_remove(L, -2);
         lua_pushlstring(L, s->buf + start, end - start);
-        in_callback = 1;
+        p->owner->in_callback = 1;
         int status = lua_pcall(L, 1, 0, 0);
-        in_callback = 0;
+        p->owner->in_callback = 0;
         start = nl ? end + 1 : s->len;
         if (status != LUA_OK) {
             memmove(s->buf, s->buf + start, s->len - start);
             s->len -= start;
-            migrun_release_stop(); /* held by pump: it does not reach its release */
-            lua_error(L);          /* the callback's error, after the buffer is consistent */
+            migrun_release_stop(L); /* held by pump: it does not reach its release */
+            lua_error(L);           /* the callback's error, after the buffer is consistent */
         }
     }
     if (start > 0)
@@ -415,20 +453,21 @@ static void finish(lua_State *L, Process *p) {
 }
 
 /*
- * One round of the poll loop over every active process: feeds stdin, reads
- * output, reaps children. Waits at most timeout_ms (-1: until something
- * happens). Raises on Ctrl-C.
+ * One round of the poll loop over every active process of L's state: feeds
+ * stdin, reads output, reaps children. Waits at most timeout_ms (-1: until
+ * something happens). Raises on Ctrl-C.
  */
 static void pump(lua_State *L, int timeout_ms) {
+    ProcState *ps = proc_state(L);
     int n = 0;
-    for (Process *p = active_head; p; p = p->next)
+    for (Process *p = ps->head; p; p = p->next)
         n += p->nstages + 3;
     if (n == 0)
         return;
     struct pollfd *fds = lua_newuserdatauv(L, sizeof *fds * (size_t)n, 0);
     Process **owner = lua_newuserdatauv(L, sizeof *owner * (size_t)n, 0); /* fds owner */
     int k = 0, no_pidfd = 0;
-    for (Process *p = active_head; p; p = p->next) {
+    for (Process *p = ps->head; p; p = p->next) {
         for (int i = 0; i < p->nstages; i++)
             if (!p->stages[i].reaped && p->stages[i].pidfd < 0)
                 no_pidfd = 1;
@@ -454,7 +493,7 @@ static void pump(lua_State *L, int timeout_ms) {
     migrun_check_interrupt(L); /* one that came during the last round's callbacks */
     int r = poll(fds, (nfds_t)k, timeout_ms);
     if (no_pidfd)
-        for (Process *p = active_head; p; p = p->next)
+        for (Process *p = ps->head; p; p = p->next)
             for (int i = 0; i < p->nstages; i++)
                 if (p->stages[i].pidfd < 0)
                     reap_stage(p, i);
@@ -463,7 +502,7 @@ static void pump(lua_State *L, int timeout_ms) {
     migrun_check_interrupt(L);
     /* A stop request (SIGUSR1) waits while this round hands lines to their
      * callbacks: one cut in half would lose its line (the guard's reason). */
-    migrun_hold_stop();
+    migrun_hold_stop(L);
     for (int j = 0; r > 0 && j < k; j++) {
         if (fds[j].revents == 0)
             continue;
@@ -484,14 +523,14 @@ static void pump(lua_State *L, int timeout_ms) {
     }
     lua_pop(L, 2);
     /* finalize outside the event loop, so no Process above is collected mid-round */
-    Process *p = active_head;
+    Process *p = ps->head;
     while (p) {
         Process *next = p->next;
         if (!p->closed && all_reaped(p))
             finish(L, p);
         p = next;
     }
-    migrun_release_stop();
+    migrun_release_stop(L);
 }
 
 /* ---- results ------------------------------------------------------------ */
@@ -612,7 +651,7 @@ static int proc_gc(lua_State *L) {
 /* h:close(): idempotent; kills and reaps a process that still runs */
 static int proc_close(lua_State *L) {
     Process *p = luaL_checkudata(L, 1, PROC_MT);
-    if (in_callback && !p->closed)
+    if (proc_state(L)->in_callback && !p->closed)
         return luaL_error(L, "cannot close a process from inside an output callback");
     process_release(L, p);
     return 0;
@@ -1172,6 +1211,15 @@ spawn_fail_errno:
     return spawn_failed(L, p, s, errno);
 }
 
+/* A child's exit status exists only while SIGCHLD is not ignored (see the top). */
+static int sigchld_ignored(void) {
+    struct sigaction sa;
+    if (sigaction(SIGCHLD, NULL, &sa) != 0)
+        return 0;
+    return (sa.sa_flags & SA_NOCLDWAIT) != 0 ||
+           (!(sa.sa_flags & SA_SIGINFO) && sa.sa_handler == SIG_IGN);
+}
+
 /*
  * Starts a Process from spec at idx: either one argv (spec[1] is a string) or
  * a pipeline (spec[1] is a table). Pushes the handle or nil, err.
@@ -1208,8 +1256,15 @@ static int start(lua_State *L, int spec, int pipeline) {
     p->failed_stage = -1;
     luaL_setmetatable(L, PROC_MT);
     int ud = lua_gettop(L);
+    p->owner = proc_state(L);
 
     parse_spec(L, spec, pipeline, ud, &s);
+    if (sigchld_ignored())
+        return migrun_error_return(
+            L, "spawn", NULL, "SIGCHLD",
+            "SIGCHLD is ignored in this process (SIG_IGN or SA_NOCLDWAIT): the kernel would reap "
+            "the children and lose their exit status; the host must give SIGCHLD its default "
+            "disposition (signal(SIGCHLD, SIG_DFL)) before migrun starts children");
     if (open_stdio(L, p, &s) != 0)
         return 2; /* nil, err */
     return fork_exec(L, p, &s, ud);
@@ -1227,7 +1282,7 @@ static int proc_pipeline(lua_State *L) {
 
 /* Runs the poll loop until p finishes or the deadline passes. Returns 1 if finished. */
 static int wait_for(lua_State *L, Process **ps, int n, double timeout, int *which) {
-    if (in_callback)
+    if (proc_state(L)->in_callback)
         luaL_error(L, "cannot wait from inside an output callback");
     double deadline = timeout >= 0 ? migrun_monotonic() + timeout : -1;
     for (;;) {

@@ -9,6 +9,15 @@
  *   luaL_openlibs(L);                 // the standard libraries first
  *   migrun_openlibs(L);               // then require "migrun.pg" etc. work
  *   luaL_loadfile(L, path) || migrun_docall(L, 0, 0);  // Ctrl-C stops it
+ *
+ * Or the whole migrun interpreter: return migrun_main(argc, argv);
+ *
+ * Every piece of migrun's runtime state lives in the lua_State (its
+ * registry): a host may run several states side by side, in one thread or
+ * one thread each (one state used by one thread at a time, as for any
+ * lua_State). Process-wide are only what the process has once: signal
+ * dispositions (SIGINT, SIGUSR1, SIGPIPE: see below), libcurl's global init,
+ * and the worker executable (migrun_set_worker).
  */
 #ifndef MIGRUN_H
 #define MIGRUN_H
@@ -40,8 +49,33 @@ MIGRUN_API const char *migrun_version(void);
  * -E sets it. Requiring migrun.proc ignores SIGPIPE for the whole process (a
  * child that stops reading must not kill the host); requiring migrun.aws
  * calls curl_global_init once (a threaded host calls it itself first).
+ * require "migrun" is preloaded too (luaopen_migrun), so a script written
+ * for the stock lua5.4 runs unchanged.
  */
 MIGRUN_API void migrun_openlibs(lua_State *L);
+
+/*
+ * The migrun interpreter: lua.c's command line (-e, -l, -i, -v, -E, -W,
+ * script and its arguments, LUA_INIT, the REPL) with migrun_openlibs, Ctrl-C,
+ * the stock playbooks found in the installed data directory and --config FILE
+ * (the slot-inspection console). The migrun executable and the worker are
+ * `return migrun_main(argc, argv);`. Returns the process's exit status;
+ * call it once per process (it owns the process's SIGCHLD disposition, reset
+ * to the default, and libcurl's global init).
+ */
+MIGRUN_API int migrun_main(int argc, char **argv);
+
+/*
+ * Children that run migrun Lua code (the full load's workers, the guard, the
+ * metrics server, a then_run playbook) are started as the worker executable,
+ * migrun-worker, which `cmake --install` puts in <libdir>/migrun/. The
+ * library finds it beside itself (dladdr), at the install path compiled in,
+ * or in $MIGRUN_WORKER; a host that ships it elsewhere names it here before
+ * running any state (the path is kept, made absolute, for the process).
+ * NULL or "" forgets it. Returns 0, or -1 with errno set (ENOENT, EACCES:
+ * not an executable file; ENAMETOOLONG).
+ */
+MIGRUN_API int migrun_set_worker(const char *path);
 
 /*
  * lua_CFunction for require "migrun" from a stock interpreter (the Lua
@@ -64,17 +98,20 @@ MIGRUN_API int migrun_docall(lua_State *L, int narg, int nres);
 /*
  * Ctrl-C, as lua.c does it, for hosts that run Lua some other way than
  * migrun_docall. migrun_install_interrupt(L) installs a SIGINT handler that
- * sets a pending flag (which migrun's C calls blocked in poll, waitpid or
- * nanosleep check) and a hook on L that stops Lua code at its next
- * instruction; either raises the interrupted error. A second Ctrl-C during
- * the call kills the process. Calls nest; each is paired with
- * migrun_remove_interrupt(), and the outermost one puts back the SIGINT
- * disposition the first install found.
+ * marks L's state interrupted (which migrun's C calls blocked in poll,
+ * waitpid or nanosleep check) and sets a hook on L that stops Lua code at its
+ * next instruction; either raises the interrupted error. A Ctrl-C interrupts
+ * every state inside such a call at that moment (each at its innermost call),
+ * no other. A second Ctrl-C during the call kills the process. Calls nest,
+ * per thread; each is paired with migrun_remove_interrupt() in the same
+ * thread, and the last one out puts back the SIGINT disposition the first
+ * install found.
  */
 MIGRUN_API void migrun_install_interrupt(lua_State *L);
 MIGRUN_API void migrun_remove_interrupt(void);
-/* What the SIGINT handler does (async-signal-safe): for hosts that handle
- * signals themselves (signalfd, an event loop) and want to stop L. */
+/* What the SIGINT handler does, for L's state only (async-signal-safe): for
+ * hosts that handle signals themselves (signalfd, an event loop) and want to
+ * stop L. */
 MIGRUN_API void migrun_interrupt(lua_State *L);
 /* For a host's own blocking C functions: when Ctrl-C is pending, clears it
  * and raises the interrupted error; else returns. */
