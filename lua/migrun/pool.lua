@@ -1,6 +1,7 @@
 --[[
-migrun.pool: a queue of tasks run over `jobs` child processes of this same
-migrun binary, the largest task first, each task in a process of its own.
+migrun.pool: a queue of tasks run over `jobs` child processes, the largest
+task first, each task in a process of its own: the worker executable of
+libmigrun (host.worker_spec), whatever program hosts this state.
 
 Why processes, one per task: a task is a COPY of a chunk, an index build or
 a hash of a key range, all of which wait on a server; real parallelism needs
@@ -109,7 +110,7 @@ function Pool:_start(task, slot)
   local pool_ = self
   task.stream = slot
   task.stderr = {}
-  local h, err = proc.spawn{ host.exe, "-e", "require('migrun.pool').child()",
+  local spec, werr = host.worker_spec{ "-e", "require('migrun.pool').child()",
     stdin = json.encode{ entry = self.entry, job = task.job }, die_with_parent = true,
     env = { table.unpack(proc.LIBPQ_ENV) }, -- a worker connects to PostgreSQL: libpq's variables, no password
     stdout = function(line)
@@ -125,6 +126,8 @@ function Pool:_start(task, slot)
       task.stderr[#task.stderr + 1] = line
       if #task.stderr > 20 then table.remove(task.stderr, 1) end
     end }
+  if not spec then return nil, werr end
+  local h, err = proc.spawn(spec)
   if not h then return nil, err end
   task.handle, task.pid = h, h.pid
   self.slots[slot] = task

@@ -556,10 +556,13 @@ function Playbook:_plan_next(ctx, opts)
     error(errors.new{ kind = "usage", message = "the journal names no main playbook to run again",
       hint = "run the migration's main playbook (playbooks/full.lua) itself" }, 0)
   end
-  local argv = { host.exe, main.script, "--config", absolute(ctx.config.config_path or opts.config) }
-  if opts.state_dir then argv[#argv + 1], argv[#argv + 2] = "--state-dir", ctx.state_dir end
-  if opts.yes then argv[#argv + 1] = "--yes" end
-  if ctx.dry_run then argv[#argv + 1] = "--dry-run" end
+  -- the main playbook again, in the worker (host.worker_spec): whatever program hosts this run
+  local args = { main.script, "--config", absolute(ctx.config.config_path or opts.config) }
+  if opts.state_dir then args[#args + 1], args[#args + 2] = "--state-dir", ctx.state_dir end
+  if opts.yes then args[#args + 1] = "--yes" end
+  if ctx.dry_run then args[#args + 1] = "--dry-run" end
+  local argv, werr = host.worker_spec(args)
+  if not argv then error(werr, 0) end
   local carry = self.after.carry and self.after.carry(ctx) or {}
   if ctx.dry_run then
     ctx:say("dry run: would set the journal, report and log aside into %s/attempt-<n>/%s, then run %s",
@@ -608,6 +611,7 @@ function Playbook:_run_next(ctx, next_run)
   io.stdout:flush()
   -- the next playbook is migrun again: it needs the secrets the children don't
   local env = {}
+  for k, v in pairs(next_run.argv.env) do env[k] = v end -- the worker's (its Lua paths)
   for _, name in ipairs(proc.withheld()) do env[name] = os.getenv(name) or false end
   local spec = { die_with_parent = true, env = env, inherit_env = true }
   for i, a in ipairs(next_run.argv) do spec[i] = a end

@@ -491,7 +491,7 @@ function metrics.start(o)
   host.write_file(logpath, "", tonumber("600", 8))
   local said
   -- the connection string (it may hold a password) goes on stdin, never in argv
-  local h, err = proc.spawn{ host.exe, "-e", "require('migrun.playbook.metrics').main()",
+  local spec, err = host.worker_spec{ "-e", "require('migrun.playbook.metrics').main()",
     stdin = json.encode{ listen = o.listen, state_dir = o.state_dir, source = o.source, prefix = o.prefix,
       migration = o.migration, guard = o.guard, interval = o.interval },
     -- what a child that connects to PostgreSQL needs, never a password (migrun.proc)
@@ -501,6 +501,8 @@ function metrics.start(o)
       if okj and type(v) == "table" then said = said or v end
     end,
     stderr = { file = logpath, append = true } }
+  local h
+  if spec then h, err = proc.spawn(spec) end
   if not h then return nil, err end
   local deadline = host.monotonic() + 10
   while not said and h.running and host.monotonic() < deadline do h:wait(0.05) end

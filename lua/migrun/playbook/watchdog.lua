@@ -7,16 +7,19 @@ watcher before any step and closes it when the run ends.
   P:watch{ "guard", interval = 30, process = { module = "migrun.guard",
            job = function(ctx) return { ... } end } }
 
-The child is `migrun -e "require(module).main()"`, given job(ctx) as JSON on
-stdin (never on argv), dying with migrun, with the environment a child that
-connects to PostgreSQL needs: migrun.proc's allow-list and libpq's variables
+The child is the worker (host.worker_spec) running
+`-e "require(module).main()"`, given job(ctx) as JSON on stdin (never on
+argv), dying with migrun, with the environment a child that connects to
+PostgreSQL needs: migrun.proc's allow-list and libpq's variables
 (proc.LIBPQ_ENV: a passfile, SSL settings), never a password or the AWS keys
 (the job carries the conninfos; the guard calls no AWS API).
 It writes one JSON line per check on stdout ({ level = "ok"|"warn"|"stop",
 message, ... }), prints its warnings itself, and on a stop asks migrun to
 stop (SIGUSR1): while a step runs the runner keeps it armed (host.arm_stop),
 so the step is interrupted with an error of kind "guard", whose message the
-runner replaces with the child's.
+runner replaces with the child's. This state listens to its own guard only
+(host.listen_stop with the guard's pid): in a host running several states,
+another state's guard never stops this one.
 
   watchdog.start(ctx, w) -> Watchdog | nil, err    waits for the first check
   Watchdog.last           the last line ({ level, message, ... })
@@ -42,7 +45,7 @@ function watchdog.start(ctx, w)
   local job = w.process.job(ctx)
   local self = setmetatable({ name = w.name, lines = {}, stderr = {}, events = {} }, Watchdog)
   host.listen_stop(true)
-  local h, err = proc.spawn{ host.exe, "-e", ("require(%q).main()"):format(w.process.module),
+  local spec, err = host.worker_spec{ "-e", ("require(%q).main()"):format(w.process.module),
     stdin = cjson.encode(job), die_with_parent = true, env = { table.unpack(proc.LIBPQ_ENV) },
     stdout = function(line)
       local ok, v = pcall(cjson.decode, line)
@@ -60,12 +63,15 @@ function watchdog.start(ctx, w)
         self.notified = v.level ~= "ok" and v.level or nil
       end
     end }
+  local h
+  if spec then h, err = proc.spawn(spec) end
   if not h then
     host.listen_stop(false)
     return nil, errors.new{ kind = "watch", where = w.name, message = ("cannot start the %s: %s"):format(w.name,
       tostring(err)) }
   end
   self.h = h
+  host.listen_stop(true, h.pid)
   -- the first check, before any step runs: a stop now stops the run at once
   local deadline = host.monotonic() + FIRST_CHECK_TIMEOUT
   while not self.last do
