@@ -145,7 +145,6 @@ local function wal_level(held, slots, guard)
   return level
 end
 
--- status.collect{ config =, state_dir =, offline =, now = } -> the status (see docs/status.md)
 -- The live verification as it last stood (state_dir/verification.json):
 -- its position, the differences named by key (the first ten keys of each,
 -- and how many), what is still pending for the cutover.
@@ -168,18 +167,9 @@ local function verification_summary(state_dir, problem)
   return out
 end
 
-function status.collect(o)
-  assert(type(o) == "table" and o.config, "status.collect{ config = cfg, state_dir = ... } expected")
-  local cfg = o.config
-  local state_dir = o.state_dir or cfg.state_dir
-  local now = o.now or host.now()
-  local s = { status_version = status.VERSION, migration = cfg.name, state_dir = state_dir,
-              generated_at = journal.timestamp(now), problems = json.array() }
-  local function problem(fmt, ...)
-    s.problems[#s.problems + 1] = (fmt:format(...):gsub("%s*\n%s*", "; "):gsub("[;%s]+$", ""))
-  end
-
-  s.lock = live.lock_state(state_dir)
+-- The journal's part: the migration, the last run, every section's steps ->
+-- J, the last run.
+local function from_journal(s, cfg, state_dir, problem)
   local Jh, jerr = journal.open(state_dir, { read_only = true })
   local J = Jh and Jh.data or { playbooks = {}, runs = {} }
   if not Jh then problem("%s", tostring(jerr)) end
@@ -199,9 +189,11 @@ function status.collect(o)
 
   s.playbooks = {}
   for name, p in pairs(J.playbooks or {}) do s.playbooks[name] = json.array(step_list(p.steps)) end
+  return J, run
+end
 
-  -- the step under way (or the one a killed run left)
-  local section = run and run.playbook
+-- The step under way (or the one a killed run left).
+local function step_now(s, J, section, now)
   for name, p in pairs(section and { [section] = (J.playbooks or {})[section] } or {}) do
     for sname, st in pairs(p and p.steps or {}) do
       if st.status == "running" then
@@ -211,7 +203,10 @@ function status.collect(o)
       end
     end
   end
+end
 
+-- The progress record -> it, and whether it is the running step's.
+local function progress_now(s, state_dir, now)
   local prog = live.read_progress(state_dir)
   local current = prog and s.step and s.lock.held and prog.playbook == s.step.playbook and prog.step == s.step.name
     and (not s.lock.pid or prog.pid == s.lock.pid)
@@ -227,9 +222,11 @@ function status.collect(o)
       s.progress.expected_end = journal.timestamp(p.updated_at + p.eta_seconds)
     end
   end
-  s.full_load = full_load(J, section, prog, current)
+  return prog, current
+end
 
-  -- the last error: the latest failed step, else the last run's
+-- The last error: the latest failed step, else the last run's.
+local function last_error(s, J, run)
   for name, p in pairs(J.playbooks or {}) do
     for sname, st in pairs(p.steps or {}) do
       if st.status == "failed" and st.error and (not s.last_error or (st.ended_at or "") > s.last_error.at) then
@@ -240,6 +237,108 @@ function status.collect(o)
   if not s.last_error and run and run.error then
     s.last_error = { playbook = run.playbook, at = run.ended_at or "", message = run.error }
   end
+end
+
+-- migrun's slots on the primary, read now.
+local function slots_now(s, src, cfg, samples, now, problem)
+  local r, rerr = live.slots(src, { prefix = cfg.slots.prefix })
+  if not r then
+    problem("the source's slots: %s", journal.mask(rerr, cfg.source.conninfo))
+    return
+  end
+  s.wal.lsn = tostring(r.wal_lsn)
+  s.wal.retained_bytes = 0
+  for _, sl in ipairs(r.slots) do
+    if sl.owned then
+      local secs, exact = sl.replay_lag_seconds, true
+      if secs == nil and sl.confirmed_flush_lsn then
+        secs, exact = live.lag_seconds(samples, sl.confirmed_flush_lsn, r.at or now, r.wal_lsn)
+      end
+      s.slots[#s.slots + 1] = { slot = sl.name, lag_bytes = sl.lag_bytes, lag_seconds = exact and secs or nil,
+        lag_seconds_at_least = (not exact) and secs or nil, retained_bytes = sl.retained_bytes,
+        active = sl.active, confirmed_flush_lsn = sl.confirmed_flush_lsn and tostring(sl.confirmed_flush_lsn),
+        wal_status = sl.wal_status, safe_wal_size = sl.safe_wal_size }
+      s.wal.retained_bytes = s.wal.retained_bytes + (sl.retained_bytes or 0)
+    end
+  end
+  s.wal.held_bytes = live.held(r.slots) or 0
+  s.wal.level = wal_level(s.wal.held_bytes, s.slots, cfg.wal_guard)
+end
+
+-- The DMS tasks, read now (Describe calls; the apply exceptions on the
+-- target) -> the target's Db when it was opened.
+local function tasks_now(s, cfg, main_facts, src, problem)
+  local groups = main_facts.groups and main_facts.groups.groups
+  local tasks = main_facts.dms_setup and main_facts.dms_setup.tasks
+  if not (groups and tasks) then return nil end
+  local tgt, err = read_only_db(cfg.target.conninfo, "target")
+  if not tgt then problem("the target: %s", tostring(err)) end
+  local okc, client, cerr = pcall(require("migrun.dms").client, { region = cfg.dms.region,
+    endpoint_url = cfg.dms.endpoint_url, max_attempts = 2 })
+  if not okc or not client then
+    problem("DMS: %s", tostring(okc and cerr or client))
+  elseif src and tgt then
+    local st, serr = cdc.status(client, groups, tasks, { source = src, target = tgt, name = cfg.name,
+      control_schema = cfg.dms.task and cfg.dms.task.control_schema })
+    if not st then
+      problem("DMS: %s", tostring(serr))
+    else
+      s.tasks = json.array()
+      s.apply_exceptions = plain(st.exceptions)
+      for _, r in ipairs(st.rows) do
+        s.tasks[#s.tasks + 1] = { slot = plain(r.slot), task = plain(r.task), status = plain(r.status),
+          apply_exceptions = plain(r.exceptions), applied_at = plain(r.applied_at),
+          pending_changes = plain(r.pending), failure = plain(r.failure), seen_at = s.generated_at, source = "dms" }
+      end
+    end
+  end
+  return tgt
+end
+
+-- What the run saw last (offline, or DMS out of reach).
+local function tasks_sampled(s, last_tasks)
+  s.tasks = json.array()
+  s.apply_exceptions = 0
+  for _, t in ipairs(last_tasks.tasks) do
+    s.tasks[#s.tasks + 1] = { slot = t.slot, task = t.task, status = t.status, apply_exceptions = t.exceptions,
+      seen_at = last_tasks.at or journal.timestamp(last_tasks.t), source = "sample" }
+    s.apply_exceptions = s.apply_exceptions + (tonumber(t.exceptions) or 0)
+  end
+end
+
+-- Offline, or the primary out of reach: the slots as the run last sampled them.
+local function slots_sampled(s, last, guard)
+  local at = last.at or journal.timestamp(last.t)
+  for _, sl in ipairs(type(last.slots) == "table" and last.slots or {}) do
+    s.slots[#s.slots + 1] = { slot = sl.slot, lag_bytes = sl.lag_bytes, lag_seconds = sl.lag_seconds,
+      retained_bytes = sl.retained_bytes, active = sl.active, confirmed_flush_lsn = sl.confirmed_flush_lsn,
+      wal_status = sl.wal_status, safe_wal_size = sl.safe_wal_size, seen_at = at }
+  end
+  s.wal.retained_bytes = last.retained_bytes
+  s.wal.held_bytes = tonumber(last.held_bytes) or live.held(last.slots)
+  if s.wal.held_bytes then s.wal.level = wal_level(s.wal.held_bytes, s.slots, guard) end
+  s.wal.seen_at = at
+end
+
+-- status.collect{ config =, state_dir =, offline =, now = } -> the status (see docs/status.md)
+function status.collect(o)
+  assert(type(o) == "table" and o.config, "status.collect{ config = cfg, state_dir = ... } expected")
+  local cfg = o.config
+  local state_dir = o.state_dir or cfg.state_dir
+  local now = o.now or host.now()
+  local s = { status_version = status.VERSION, migration = cfg.name, state_dir = state_dir,
+              generated_at = journal.timestamp(now), problems = json.array() }
+  local function problem(fmt, ...)
+    s.problems[#s.problems + 1] = (fmt:format(...):gsub("%s*\n%s*", "; "):gsub("[;%s]+$", ""))
+  end
+
+  s.lock = live.lock_state(state_dir)
+  local J, run = from_journal(s, cfg, state_dir, problem)
+  local section = run and run.playbook
+  step_now(s, J, section, now)
+  local prog, current = progress_now(s, state_dir, now)
+  s.full_load = full_load(J, section, prog, current)
+  last_error(s, J, run)
 
   local guard = cfg.wal_guard
   s.wal = { warn_bytes = guard.warn_bytes, stop_bytes = guard.stop_bytes,
@@ -256,85 +355,16 @@ function status.collect(o)
   for sname, st in pairs(J.main and (J.playbooks or {})[J.main.playbook] and J.playbooks[J.main.playbook].steps or {}) do
     main_facts[sname] = st.facts or {}
   end
-  local groups = main_facts.groups and main_facts.groups.groups
-  local tasks = main_facts.dms_setup and main_facts.dms_setup.tasks
   local src, tgt
   if not o.offline then
     local err
     src, err = read_only_db(cfg.source.conninfo, "source")
     if not src then problem("the source: %s", tostring(err)) end
-    if src then
-      local r, rerr = live.slots(src, { prefix = cfg.slots.prefix })
-      if not r then
-        problem("the source's slots: %s", journal.mask(rerr, cfg.source.conninfo))
-      else
-        s.wal.lsn = tostring(r.wal_lsn)
-        s.wal.retained_bytes = 0
-        for _, sl in ipairs(r.slots) do
-          if sl.owned then
-            local secs, exact = sl.replay_lag_seconds, true
-            if secs == nil and sl.confirmed_flush_lsn then
-              secs, exact = live.lag_seconds(samples, sl.confirmed_flush_lsn, r.at or now, r.wal_lsn)
-            end
-            s.slots[#s.slots + 1] = { slot = sl.name, lag_bytes = sl.lag_bytes, lag_seconds = exact and secs or nil,
-              lag_seconds_at_least = (not exact) and secs or nil, retained_bytes = sl.retained_bytes,
-              active = sl.active, confirmed_flush_lsn = sl.confirmed_flush_lsn and tostring(sl.confirmed_flush_lsn),
-              wal_status = sl.wal_status, safe_wal_size = sl.safe_wal_size }
-            s.wal.retained_bytes = s.wal.retained_bytes + (sl.retained_bytes or 0)
-          end
-        end
-        s.wal.held_bytes = live.held(r.slots) or 0
-        s.wal.level = wal_level(s.wal.held_bytes, s.slots, guard)
-      end
-    end
-    if groups and tasks then
-      tgt, err = read_only_db(cfg.target.conninfo, "target")
-      if not tgt then problem("the target: %s", tostring(err)) end
-      local okc, client, cerr = pcall(require("migrun.dms").client, { region = cfg.dms.region,
-        endpoint_url = cfg.dms.endpoint_url, max_attempts = 2 })
-      if not okc or not client then
-        problem("DMS: %s", tostring(okc and cerr or client))
-      elseif src and tgt then
-        local st, serr = cdc.status(client, groups, tasks, { source = src, target = tgt, name = cfg.name,
-          control_schema = cfg.dms.task and cfg.dms.task.control_schema })
-        if not st then
-          problem("DMS: %s", tostring(serr))
-        else
-          s.tasks = json.array()
-          s.apply_exceptions = plain(st.exceptions)
-          for _, r in ipairs(st.rows) do
-            s.tasks[#s.tasks + 1] = { slot = plain(r.slot), task = plain(r.task), status = plain(r.status),
-              apply_exceptions = plain(r.exceptions), applied_at = plain(r.applied_at),
-              pending_changes = plain(r.pending), failure = plain(r.failure), seen_at = s.generated_at, source = "dms" }
-          end
-        end
-      end
-    end
+    if src then slots_now(s, src, cfg, samples, now, problem) end
+    tgt = tasks_now(s, cfg, main_facts, src, problem)
   end
-  if not s.tasks and last_tasks then
-    -- what the run saw last (offline, or DMS out of reach)
-    s.tasks = json.array()
-    s.apply_exceptions = 0
-    for _, t in ipairs(last_tasks.tasks) do
-      s.tasks[#s.tasks + 1] = { slot = t.slot, task = t.task, status = t.status, apply_exceptions = t.exceptions,
-        seen_at = last_tasks.at or journal.timestamp(last_tasks.t), source = "sample" }
-      s.apply_exceptions = s.apply_exceptions + (tonumber(t.exceptions) or 0)
-    end
-  end
-  if not s.slots[1] and not s.wal.lsn and #samples > 0 then
-    -- offline, or the primary out of reach: the slots as the run last sampled them
-    local last = samples[#samples]
-    local at = last.at or journal.timestamp(last.t)
-    for _, sl in ipairs(type(last.slots) == "table" and last.slots or {}) do
-      s.slots[#s.slots + 1] = { slot = sl.slot, lag_bytes = sl.lag_bytes, lag_seconds = sl.lag_seconds,
-        retained_bytes = sl.retained_bytes, active = sl.active, confirmed_flush_lsn = sl.confirmed_flush_lsn,
-        wal_status = sl.wal_status, safe_wal_size = sl.safe_wal_size, seen_at = at }
-    end
-    s.wal.retained_bytes = last.retained_bytes
-    s.wal.held_bytes = tonumber(last.held_bytes) or live.held(last.slots)
-    if s.wal.held_bytes then s.wal.level = wal_level(s.wal.held_bytes, s.slots, guard) end
-    s.wal.seen_at = at
-  end
+  if not s.tasks and last_tasks then tasks_sampled(s, last_tasks) end
+  if not s.slots[1] and not s.wal.lsn and #samples > 0 then slots_sampled(s, samples[#samples], guard) end
   s.verification = verification_summary(state_dir, problem)
   if src then src:close() end
   if tgt then tgt:close() end
@@ -405,10 +435,8 @@ end
 
 local function clock(iso) return iso and iso:gsub("T", " "):gsub("Z$", " UTC") or "?" end
 
-function status.format(s)
-  local now = epoch(s.generated_at) or host.now()
-  local out = {}
-  local function add(fmt, ...) out[#out + 1] = select("#", ...) > 0 and fmt:format(...) or fmt end
+-- Who runs what: the first lines.
+local function header_lines(add, s)
   local who
   if s.lock.held then
     who = ("RUNNING: %s (pid %s)"):format(s.run and s.run.playbook or "a playbook", tostring(s.lock.pid or "?"))
@@ -429,90 +457,103 @@ function status.format(s)
     add("step: %s · %s %s since %s%s", s.step.playbook, s.step.name, s.step.state, clock(s.step.started_at),
       s.step.seconds and (" (" .. text.duration(s.step.seconds) .. ")") or "")
   end
+end
+
+local function progress_line(add, s)
   local p = s.progress
-  if p and (p.current or (not s.lock.held and not p.finished)) then
-    local parts = { ("%s: %s"):format(p.label or "progress", progress.amount(p.done, p.unit)) }
-    if p.total then parts[#parts + 1] = (" of %s (%d%%)"):format(progress.amount(p.total, p.unit), math.floor(p.percent or 0)) end
-    if p.current then
-      if p.per_second then parts[#parts + 1] = ", " .. progress.speed(p.per_second, p.unit) end
-      if p.rows_per_second and p.unit ~= "rows" then parts[#parts + 1] = ", " .. progress.speed(p.rows_per_second, "rows") end
-      if p.expected_end then
-        parts[#parts + 1] = (", ends ~%s (%s)"):format(clock(p.expected_end), text.duration(p.eta_seconds))
-      elseif not p.finished then
-        parts[#parts + 1] = ", no estimate yet (nothing moved in the last 30 s)"
-      end
-      parts[#parts + 1] = (" [saved %s ago]"):format(text.duration(p.age_seconds or 0))
-    else
-      parts[#parts + 1] = (" when it stopped, %s"):format(clock(p.updated_at))
+  if not (p and (p.current or (not s.lock.held and not p.finished))) then return end
+  local parts = { ("%s: %s"):format(p.label or "progress", progress.amount(p.done, p.unit)) }
+  if p.total then parts[#parts + 1] = (" of %s (%d%%)"):format(progress.amount(p.total, p.unit), math.floor(p.percent or 0)) end
+  if p.current then
+    if p.per_second then parts[#parts + 1] = ", " .. progress.speed(p.per_second, p.unit) end
+    if p.rows_per_second and p.unit ~= "rows" then parts[#parts + 1] = ", " .. progress.speed(p.rows_per_second, "rows") end
+    if p.expected_end then
+      parts[#parts + 1] = (", ends ~%s (%s)"):format(clock(p.expected_end), text.duration(p.eta_seconds))
+    elseif not p.finished then
+      parts[#parts + 1] = ", no estimate yet (nothing moved in the last 30 s)"
     end
-    add("progress: %s", table.concat(parts))
+    parts[#parts + 1] = (" [saved %s ago]"):format(text.duration(p.age_seconds or 0))
+  else
+    parts[#parts + 1] = (" when it stopped, %s"):format(clock(p.updated_at))
   end
-  local fl = s.full_load
-  if fl then
-    -- on-disk bytes against on-disk bytes; what was sent as COPY apart
-    local bytes = fl.disk_bytes_loaded and fl.bytes_expected
-      and ("%s of %s on disk (%s sent as COPY)"):format(text.bytes(fl.disk_bytes_loaded), text.bytes(fl.bytes_expected),
-        text.bytes(fl.bytes_loaded))
-      or (text.bytes(fl.bytes_loaded) .. " sent as COPY")
-    add("full load (%s · %s, %s): %d%s tables, %s, %s rows", fl.playbook, fl.step, fl.status or "?",
-      fl.tables_loaded, fl.tables and ("/" .. fl.tables) or "", bytes, text.thousands(fl.rows_loaded))
-    local rows = {}
-    for _, st in ipairs(fl.streams) do
-      local now_doing = "-"
-      if st.table then
-        now_doing = ("%s %s%s%s%s%s"):format(st.table, text.bytes(st.table_bytes_done or 0),
-          st.table_bytes_expected and (" of " .. text.bytes(st.table_bytes_expected)) or "",
-          st.table_rows_done and (" (%s of ~%s rows)"):format(text.thousands(st.table_rows_done),
-            st.table_rows_expected and text.thousands(st.table_rows_expected) or "?") or "",
-          st.bytes_per_second and (", " .. text.bytes(st.bytes_per_second) .. "/s") or "",
-          st.eta_seconds and (", " .. text.duration(st.eta_seconds) .. " left") or "")
-      end
-      rows[#rows + 1] = { stream = st.stream, loaded = st.tables_loaded, bytes = text.bytes(st.bytes_loaded), now = now_doing }
+  add("progress: %s", table.concat(parts))
+end
+
+local function full_load_lines(add, fl)
+  if not fl then return end
+  -- on-disk bytes against on-disk bytes; what was sent as COPY apart
+  local bytes = fl.disk_bytes_loaded and fl.bytes_expected
+    and ("%s of %s on disk (%s sent as COPY)"):format(text.bytes(fl.disk_bytes_loaded), text.bytes(fl.bytes_expected),
+      text.bytes(fl.bytes_loaded))
+    or (text.bytes(fl.bytes_loaded) .. " sent as COPY")
+  add("full load (%s · %s, %s): %d%s tables, %s, %s rows", fl.playbook, fl.step, fl.status or "?",
+    fl.tables_loaded, fl.tables and ("/" .. fl.tables) or "", bytes, text.thousands(fl.rows_loaded))
+  local rows = {}
+  for _, st in ipairs(fl.streams) do
+    local now_doing = "-"
+    if st.table then
+      now_doing = ("%s %s%s%s%s%s"):format(st.table, text.bytes(st.table_bytes_done or 0),
+        st.table_bytes_expected and (" of " .. text.bytes(st.table_bytes_expected)) or "",
+        st.table_rows_done and (" (%s of ~%s rows)"):format(text.thousands(st.table_rows_done),
+          st.table_rows_expected and text.thousands(st.table_rows_expected) or "?") or "",
+        st.bytes_per_second and (", " .. text.bytes(st.bytes_per_second) .. "/s") or "",
+        st.eta_seconds and (", " .. text.duration(st.eta_seconds) .. " left") or "")
     end
-    if #rows > 0 then
-      add("%s", tostring(text.columns({ { "stream", align = "right" }, { "loaded", "tables", align = "right" },
-        { "bytes", align = "right" }, { "now", "copying now" } }, rows)))
+    rows[#rows + 1] = { stream = st.stream, loaded = st.tables_loaded, bytes = text.bytes(st.bytes_loaded), now = now_doing }
+  end
+  if #rows > 0 then
+    add("%s", tostring(text.columns({ { "stream", align = "right" }, { "loaded", "tables", align = "right" },
+      { "bytes", align = "right" }, { "now", "copying now" } }, rows)))
+  end
+end
+
+local function slot_lines(add, slots)
+  if #slots == 0 then return end
+  local rows = {}
+  for _, sl in ipairs(slots) do
+    rows[#rows + 1] = { slot = sl.slot, lag = text.bytes(sl.lag_bytes),
+      time = sl.lag_seconds and text.duration(sl.lag_seconds)
+        or sl.lag_seconds_at_least and ("> " .. text.duration(sl.lag_seconds_at_least)) or "?",
+      retained = text.bytes(sl.retained_bytes), active = sl.active,
+      -- max_slot_wal_keep_size (13+): how much more WAL before the slot is lost
+      limit = sl.wal_status == "lost" and "LOST" or sl.wal_status == "unreserved" and "UNRESERVED: lost at the next checkpoint"
+        or sl.safe_wal_size and (text.bytes(sl.safe_wal_size) .. " more") or "-" }
+  end
+  add("slots%s:", slots[1].seen_at and (" (as sampled " .. clock(slots[1].seen_at) .. ")") or "")
+  local columns = { { "slot" }, { "lag", align = "right" }, { "time", "lag (time)", align = "right" },
+    { "retained", "retained WAL", align = "right" }, { "active" } }
+  for _, sl in ipairs(slots) do
+    if sl.safe_wal_size or sl.wal_status == "lost" or sl.wal_status == "unreserved" then
+      columns[#columns + 1] = { "limit", "before lost (max_slot_wal_keep_size)" }
+      break
     end
   end
-  if #s.slots > 0 then
-    local rows = {}
-    for _, sl in ipairs(s.slots) do
-      rows[#rows + 1] = { slot = sl.slot, lag = text.bytes(sl.lag_bytes),
-        time = sl.lag_seconds and text.duration(sl.lag_seconds)
-          or sl.lag_seconds_at_least and ("> " .. text.duration(sl.lag_seconds_at_least)) or "?",
-        retained = text.bytes(sl.retained_bytes), active = sl.active,
-        -- max_slot_wal_keep_size (13+): how much more WAL before the slot is lost
-        limit = sl.wal_status == "lost" and "LOST" or sl.wal_status == "unreserved" and "UNRESERVED: lost at the next checkpoint"
-          or sl.safe_wal_size and (text.bytes(sl.safe_wal_size) .. " more") or "-" }
-    end
-    add("slots%s:", s.slots[1].seen_at and (" (as sampled " .. clock(s.slots[1].seen_at) .. ")") or "")
-    local columns = { { "slot" }, { "lag", align = "right" }, { "time", "lag (time)", align = "right" },
-      { "retained", "retained WAL", align = "right" }, { "active" } }
-    for _, sl in ipairs(s.slots) do
-      if sl.safe_wal_size or sl.wal_status == "lost" or sl.wal_status == "unreserved" then
-        columns[#columns + 1] = { "limit", "before lost (max_slot_wal_keep_size)" }
-        break
-      end
-    end
-    add("%s", tostring(text.columns(columns, rows)))
-  end
-  local w = s.wal
+  add("%s", tostring(text.columns(columns, rows)))
+end
+
+local function wal_line(add, w)
   add("WAL guard: warn at %s, stop at %s held back, replica free >= %s, every %s%s", text.bytes(w.warn_bytes),
     text.bytes(w.stop_bytes), text.bytes(w.replica_min_free_bytes), text.duration(w.interval),
     w.held_bytes and ("; migrun's slots hold back %s %s%s"):format(text.bytes(w.held_bytes),
       w.seen_at and ("(as sampled " .. clock(w.seen_at) .. ")") or "now",
       w.level and w.level ~= "ok" and (" (" .. w.level:upper() .. ")") or "") or "")
-  if s.tasks and #s.tasks > 0 then
-    local rows = {}
-    for _, t in ipairs(s.tasks) do
-      rows[#rows + 1] = { slot = t.slot, task = t.task, status = t.status, exc = t.apply_exceptions,
-        applied = t.applied_at or "-", failure = t.failure or "" }
-    end
-    add("DMS tasks%s: %d apply exception(s)", s.tasks[1].source == "sample"
-      and (" (as the run last saw them, " .. clock(s.tasks[1].seen_at) .. ")") or "", s.apply_exceptions or 0)
-    add("%s", tostring(text.columns({ { "slot" }, { "task" }, { "status" }, { "exc", "apply exceptions", align = "right" },
-      { "applied", "applied up to" }, { "failure", "" } }, rows)))
+end
+
+local function task_lines(add, s)
+  if not (s.tasks and #s.tasks > 0) then return end
+  local rows = {}
+  for _, t in ipairs(s.tasks) do
+    rows[#rows + 1] = { slot = t.slot, task = t.task, status = t.status, exc = t.apply_exceptions,
+      applied = t.applied_at or "-", failure = t.failure or "" }
   end
+  add("DMS tasks%s: %d apply exception(s)", s.tasks[1].source == "sample"
+    and (" (as the run last saw them, " .. clock(s.tasks[1].seen_at) .. ")") or "", s.apply_exceptions or 0)
+  add("%s", tostring(text.columns({ { "slot" }, { "task" }, { "status" }, { "exc", "apply exceptions", align = "right" },
+    { "applied", "applied up to" }, { "failure", "" } }, rows)))
+end
+
+-- The last error, the live verification, the metrics' address, what could not be read.
+local function closing_lines(add, s, now)
   if s.last_error then
     add("last error (%s%s, %s%s): %s", s.last_error.playbook or "?", s.last_error.step and (" · " .. s.last_error.step) or "",
       clock(s.last_error.at), ago(s.last_error.at, now), s.last_error.message)
@@ -526,6 +567,19 @@ function status.format(s)
   end
   if s.lock.held and s.run and s.run.metrics then add("metrics: %s", s.run.metrics) end
   for _, pr in ipairs(s.problems) do add("could not look: %s", pr) end
+end
+
+function status.format(s)
+  local now = epoch(s.generated_at) or host.now()
+  local out = {}
+  local function add(fmt, ...) out[#out + 1] = select("#", ...) > 0 and fmt:format(...) or fmt end
+  header_lines(add, s)
+  progress_line(add, s)
+  full_load_lines(add, s.full_load)
+  slot_lines(add, s.slots)
+  wal_line(add, s.wal)
+  task_lines(add, s)
+  closing_lines(add, s, now)
   return table.concat(out, "\n") .. "\n"
 end
 
