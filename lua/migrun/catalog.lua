@@ -129,6 +129,181 @@ end
 
 local function is_null(v) return v == nil or v == pg.null end
 
+-- The ordinary tables -> by_oid, by key ("s.t").
+local function read_tables(db, version)
+  local partition_col = pgversion.pick(version, "relispartition", "c.relispartition", "false")
+  local res, qerr = query(db, ([[
+    select c.oid::bigint as oid, n.nspname as schema, c.relname as name,
+           c.relpersistence = 'u' as unlogged, %s as is_partition,
+           pg_total_relation_size(c.oid) as bytes, pg_relation_size(c.oid) as table_bytes,
+           c.reltuples::float8 as reltuples, c.relpages::bigint as relpages,
+           coalesce(s.n_live_tup, 0) as live_tuples,
+           exists (select 1 from pg_depend d where d.classid = 'pg_class'::regclass
+                     and d.objid = c.oid and d.deptype = 'e') as in_extension
+      from pg_class c
+      join pg_namespace n on n.oid = c.relnamespace
+      left join pg_stat_user_tables s on s.relid = c.oid
+     where c.relkind = 'r'
+  ]]):format(partition_col))
+  if not res then return nil, qerr end
+  local by_oid, all = {}, {}
+  for row in res:rows() do
+    local t = { oid = row.oid, schema = row.schema, name = row.name,
+                key = key_of(row.schema, row.name), qualified = pg.qualify(row.schema, row.name),
+                unlogged = row.unlogged, is_partition = row.is_partition,
+                bytes = row.bytes, table_bytes = row.table_bytes,
+                in_extension = row.in_extension,
+                has_pk = false, pk_columns = {}, unique = {}, lob_columns = {}, columns = {},
+                constraints = {}, indexes = {} }
+    -- reltuples is -1 (PG 14+) or 0 with relpages 0 (before) until the first
+    -- VACUUM/ANALYZE: the statistics collector's live count is better then.
+    if row.reltuples < 0 or (row.reltuples == 0 and row.relpages == 0) then
+      t.rows_estimate = row.live_tuples
+    else
+      t.rows_estimate = math.floor(row.reltuples + 0.5)
+    end
+    by_oid[t.oid] = t
+    all[t.key] = t
+  end
+  return by_oid, all
+end
+
+-- Partitions: the root partitioned table of each leaf (t.partition_of).
+local function read_partitions(db, by_oid)
+  local res, qerr = query(db, [[
+    select i.inhrelid::bigint as child, i.inhparent::bigint as parent,
+           n.nspname as schema, p.relname as name, p.relkind::text as kind
+      from pg_inherits i
+      join pg_class p on p.oid = i.inhparent
+      join pg_namespace n on n.oid = p.relnamespace]])
+  if not res then return nil, qerr end
+  local parent_of = {}
+  for row in res:rows() do
+    if row.kind == "p" then parent_of[row.child] = row end
+  end
+  for oid, t in pairs(by_oid) do
+    local p, root = parent_of[oid], nil
+    while p do root = p; p = parent_of[p.parent] end
+    if root then t.partition_of = key_of(root.schema, root.name) end
+  end
+  return true
+end
+
+-- Columns, with the base type of domains; the LOB columns among them.
+local function read_columns(db, version, by_oid)
+  local generated = pgversion.pick(version, "attgenerated", "a.attgenerated::text <> ''", "false")
+  local res, qerr = query(db, ([[
+    select a.attrelid::bigint as oid, a.attname as name,
+           format_type(a.atttypid, a.atttypmod) as type, a.attnotnull as not_null,
+           %s as generated,
+           bt.typname as base_type, bt.typtype::text as base_kind, bt.typcategory::text as category,
+           case when t.typtype = 'd' then t.typtypmod else a.atttypmod end as typmod
+      from pg_attribute a
+      join pg_class c on c.oid = a.attrelid and c.relkind = 'r'
+      join pg_type t on t.oid = a.atttypid
+      join pg_type bt on bt.oid = case when t.typtype = 'd' then t.typbasetype else t.oid end
+     where a.attnum > 0 and not a.attisdropped
+     order by a.attrelid, a.attnum]]):format(generated))
+  if not res then return nil, qerr end
+  for row in res:rows() do
+    local t = by_oid[row.oid]
+    if t then
+      t.columns[#t.columns + 1] = { name = row.name, type = row.type, not_null = row.not_null,
+                                    generated = row.generated, base_type = row.base_type }
+      local lob = LOB_BASE_TYPES[row.base_type]
+        or (row.base_type == "varchar" and row.typmod < 0)
+        or row.category == "A" or row.base_kind == "c"
+      if lob and not row.generated then
+        t.lob_columns[#t.lob_columns + 1] = { name = row.name, type = row.type,
+                                              bytea = row.base_type == "bytea" }
+      end
+    end
+  end
+  return true
+end
+
+-- An index row of read_indexes, recorded on its table (its key, its unique
+-- constraints) -> the index.
+local function add_index(t, row)
+  local cols = {}
+  for c in row.columns:gmatch("[^,]+") do
+    -- quote_ident: unquote what it quoted (names with commas are quoted, so split is safe
+    -- only for unquoted ones; rare enough to accept the quoted spelling then)
+    cols[#cols + 1] = c:match('^"(.*)"$') and c:sub(2, -2):gsub('""', '"') or c
+  end
+  local ix = { name = row.name, oid = row.index_oid, columns = cols, is_primary = row.is_primary,
+               is_unique = row.is_unique, is_valid = row.is_valid, partial = row.partial,
+               definition = row.index_def,
+               constraint_name = not is_null(row.constraint_name) and row.constraint_name or nil }
+  t.indexes[#t.indexes + 1] = ix
+  if ix.is_primary then
+    t.has_pk, t.pk_columns = true, cols
+  elseif ix.is_unique and ix.is_valid then
+    t.unique[#t.unique + 1] = { name = ix.constraint_name or ix.name, columns = cols,
+      is_constraint = ix.constraint_name ~= nil, definition = ix.definition,
+      partial = ix.partial, index_name = ix.name, index_oid = ix.oid }
+  end
+  return ix
+end
+
+-- Indexes and the constraints they back -> index_by_oid.
+local function read_indexes(db, version, by_oid)
+  local nkey = pgversion.pick(version, "indnkeyatts", "i.indnkeyatts", "i.indnatts")
+  local res, qerr = query(db, ([[
+    select i.indrelid::bigint as oid, i.indexrelid::bigint as index_oid, ic.relname as name,
+           i.indisprimary as is_primary, i.indisunique as is_unique, i.indisvalid as is_valid,
+           i.indpred is not null as partial, pg_get_indexdef(i.indexrelid) as index_def,
+           con.conname as constraint_name,
+           array_to_string(array(
+             select coalesce(quote_ident(a.attname), '(expression)')
+               from unnest(i.indkey[0:%s - 1]) with ordinality k(attnum, ord)
+               left join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
+              order by k.ord), ',') as columns
+      from pg_index i
+      join pg_class ic on ic.oid = i.indexrelid
+      left join pg_constraint con on con.conindid = i.indexrelid and con.conrelid = i.indrelid
+                                 and con.contype in ('p', 'u', 'x')
+     order by i.indrelid, ic.relname]]):format(nkey))
+  if not res then return nil, qerr end
+  local index_by_oid = {}
+  for row in res:rows() do
+    local t = by_oid[row.oid]
+    if t then
+      local ix = add_index(t, row)
+      index_by_oid[ix.oid] = ix
+    end
+  end
+  return index_by_oid
+end
+
+-- Constraints (all kinds; NOT NULL lives in pg_attribute before PG 18); the
+-- foreign keys that reference each index (ix.referenced_by).
+local function read_constraints(db, by_oid, index_by_oid)
+  local res, qerr = query(db, [[
+    select con.conrelid::bigint as oid, con.conname as name, con.contype::text as type,
+           pg_get_constraintdef(con.oid) as definition, con.conindid::bigint as index_oid
+      from pg_constraint con
+     where con.conrelid <> 0
+     order by con.conrelid, con.conname]])
+  if not res then return nil, qerr end
+  for row in res:rows() do
+    local t = by_oid[row.oid]
+    if t then
+      local c = { name = row.name, type = row.type, definition = row.definition,
+                  index_oid = row.index_oid }
+      t.constraints[#t.constraints + 1] = c
+      if row.type == "f" then
+        local ix = index_by_oid[row.index_oid]
+        if ix then
+          ix.referenced_by = ix.referenced_by or {}
+          ix.referenced_by[#ix.referenced_by + 1] = { table = t, constraint = c }
+        end
+      end
+    end
+  end
+  return true
+end
+
 -- Everything about the ordinary tables of the database, keyed by "s.t", read in
 -- a few catalog queries. Names are matched by spelling, so the same call works
 -- on the source and on the target (oids differ).
@@ -136,156 +311,16 @@ local function load(db)
   local version, err = pgversion.of(db)
   if not version then return nil, err end
   return catalog._with_settings(db, { { "search_path", "" } }, function()
-    local partition_col = pgversion.pick(version, "relispartition", "c.relispartition", "false")
-    local res, qerr = query(db, ([[
-      select c.oid::bigint as oid, n.nspname as schema, c.relname as name,
-             c.relpersistence = 'u' as unlogged, %s as is_partition,
-             pg_total_relation_size(c.oid) as bytes, pg_relation_size(c.oid) as table_bytes,
-             c.reltuples::float8 as reltuples, c.relpages::bigint as relpages,
-             coalesce(s.n_live_tup, 0) as live_tuples,
-             exists (select 1 from pg_depend d where d.classid = 'pg_class'::regclass
-                       and d.objid = c.oid and d.deptype = 'e') as in_extension
-        from pg_class c
-        join pg_namespace n on n.oid = c.relnamespace
-        left join pg_stat_user_tables s on s.relid = c.oid
-       where c.relkind = 'r'
-    ]]):format(partition_col))
-    if not res then return nil, qerr end
-    local by_oid, all = {}, {}
-    for row in res:rows() do
-      local t = { oid = row.oid, schema = row.schema, name = row.name,
-                  key = key_of(row.schema, row.name), qualified = pg.qualify(row.schema, row.name),
-                  unlogged = row.unlogged, is_partition = row.is_partition,
-                  bytes = row.bytes, table_bytes = row.table_bytes,
-                  in_extension = row.in_extension,
-                  has_pk = false, pk_columns = {}, unique = {}, lob_columns = {}, columns = {},
-                  constraints = {}, indexes = {} }
-      -- reltuples is -1 (PG 14+) or 0 with relpages 0 (before) until the first
-      -- VACUUM/ANALYZE: the statistics collector's live count is better then.
-      if row.reltuples < 0 or (row.reltuples == 0 and row.relpages == 0) then
-        t.rows_estimate = row.live_tuples
-      else
-        t.rows_estimate = math.floor(row.reltuples + 0.5)
-      end
-      by_oid[t.oid] = t
-      all[t.key] = t
-    end
-
-    -- Partitions: the root partitioned table of each leaf.
-    res, qerr = query(db, [[
-      select i.inhrelid::bigint as child, i.inhparent::bigint as parent,
-             n.nspname as schema, p.relname as name, p.relkind::text as kind
-        from pg_inherits i
-        join pg_class p on p.oid = i.inhparent
-        join pg_namespace n on n.oid = p.relnamespace]])
-    if not res then return nil, qerr end
-    local parent_of = {}
-    for row in res:rows() do
-      if row.kind == "p" then parent_of[row.child] = row end
-    end
-    for oid, t in pairs(by_oid) do
-      local p, root = parent_of[oid], nil
-      while p do root = p; p = parent_of[p.parent] end
-      if root then t.partition_of = key_of(root.schema, root.name) end
-    end
-
-    -- Columns, with the base type of domains.
-    local generated = pgversion.pick(version, "attgenerated", "a.attgenerated::text <> ''", "false")
-    res, qerr = query(db, ([[
-      select a.attrelid::bigint as oid, a.attname as name,
-             format_type(a.atttypid, a.atttypmod) as type, a.attnotnull as not_null,
-             %s as generated,
-             bt.typname as base_type, bt.typtype::text as base_kind, bt.typcategory::text as category,
-             case when t.typtype = 'd' then t.typtypmod else a.atttypmod end as typmod
-        from pg_attribute a
-        join pg_class c on c.oid = a.attrelid and c.relkind = 'r'
-        join pg_type t on t.oid = a.atttypid
-        join pg_type bt on bt.oid = case when t.typtype = 'd' then t.typbasetype else t.oid end
-       where a.attnum > 0 and not a.attisdropped
-       order by a.attrelid, a.attnum]]):format(generated))
-    if not res then return nil, qerr end
-    for row in res:rows() do
-      local t = by_oid[row.oid]
-      if t then
-        t.columns[#t.columns + 1] = { name = row.name, type = row.type, not_null = row.not_null,
-                                      generated = row.generated, base_type = row.base_type }
-        local lob = LOB_BASE_TYPES[row.base_type]
-          or (row.base_type == "varchar" and row.typmod < 0)
-          or row.category == "A" or row.base_kind == "c"
-        if lob and not row.generated then
-          t.lob_columns[#t.lob_columns + 1] = { name = row.name, type = row.type,
-                                                bytea = row.base_type == "bytea" }
-        end
-      end
-    end
-
-    -- Indexes and the constraints they back.
-    local nkey = pgversion.pick(version, "indnkeyatts", "i.indnkeyatts", "i.indnatts")
-    res, qerr = query(db, ([[
-      select i.indrelid::bigint as oid, i.indexrelid::bigint as index_oid, ic.relname as name,
-             i.indisprimary as is_primary, i.indisunique as is_unique, i.indisvalid as is_valid,
-             i.indpred is not null as partial, pg_get_indexdef(i.indexrelid) as index_def,
-             con.conname as constraint_name,
-             array_to_string(array(
-               select coalesce(quote_ident(a.attname), '(expression)')
-                 from unnest(i.indkey[0:%s - 1]) with ordinality k(attnum, ord)
-                 left join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
-                order by k.ord), ',') as columns
-        from pg_index i
-        join pg_class ic on ic.oid = i.indexrelid
-        left join pg_constraint con on con.conindid = i.indexrelid and con.conrelid = i.indrelid
-                                   and con.contype in ('p', 'u', 'x')
-       order by i.indrelid, ic.relname]]):format(nkey))
-    if not res then return nil, qerr end
-    local index_by_oid = {}
-    for row in res:rows() do
-      local t = by_oid[row.oid]
-      if t then
-        local cols = {}
-        for c in row.columns:gmatch("[^,]+") do
-          -- quote_ident: unquote what it quoted (names with commas are quoted, so split is safe
-          -- only for unquoted ones; rare enough to accept the quoted spelling then)
-          cols[#cols + 1] = c:match('^"(.*)"$') and c:sub(2, -2):gsub('""', '"') or c
-        end
-        local ix = { name = row.name, oid = row.index_oid, columns = cols, is_primary = row.is_primary,
-                     is_unique = row.is_unique, is_valid = row.is_valid, partial = row.partial,
-                     definition = row.index_def,
-                     constraint_name = not is_null(row.constraint_name) and row.constraint_name or nil }
-        index_by_oid[ix.oid] = ix
-        t.indexes[#t.indexes + 1] = ix
-        if ix.is_primary then
-          t.has_pk, t.pk_columns = true, cols
-        elseif ix.is_unique and ix.is_valid then
-          t.unique[#t.unique + 1] = { name = ix.constraint_name or ix.name, columns = cols,
-            is_constraint = ix.constraint_name ~= nil, definition = ix.definition,
-            partial = ix.partial, index_name = ix.name, index_oid = ix.oid }
-        end
-      end
-    end
-
-    -- Constraints (all kinds; NOT NULL lives in pg_attribute before PG 18).
-    res, qerr = query(db, [[
-      select con.conrelid::bigint as oid, con.conname as name, con.contype::text as type,
-             pg_get_constraintdef(con.oid) as definition, con.conindid::bigint as index_oid
-        from pg_constraint con
-       where con.conrelid <> 0
-       order by con.conrelid, con.conname]])
-    if not res then return nil, qerr end
-    for row in res:rows() do
-      local t = by_oid[row.oid]
-      if t then
-        local c = { name = row.name, type = row.type, definition = row.definition,
-                    index_oid = row.index_oid }
-        t.constraints[#t.constraints + 1] = c
-        if row.type == "f" then
-          local ix = index_by_oid[row.index_oid]
-          if ix then
-            ix.referenced_by = ix.referenced_by or {}
-            ix.referenced_by[#ix.referenced_by + 1] = { table = t, constraint = c }
-          end
-        end
-      end
-    end
+    local by_oid, all = read_tables(db, version)
+    if not by_oid then return nil, all end
+    local ok, qerr = read_partitions(db, by_oid)
+    if ok then ok, qerr = read_columns(db, version, by_oid) end
+    if not ok then return nil, qerr end
+    local index_by_oid
+    index_by_oid, qerr = read_indexes(db, version, by_oid)
+    if not index_by_oid then return nil, qerr end
+    ok, qerr = read_constraints(db, by_oid, index_by_oid)
+    if not ok then return nil, qerr end
     for _, t in pairs(all) do
       for _, u in ipairs(t.unique) do
         if u.is_constraint then
