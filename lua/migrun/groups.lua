@@ -126,6 +126,89 @@ local function config_error(message, detail)
     hint = "check groups.explicit in the migration config" }
 end
 
+-- 1. Explicit groups -> the raw groups | nil, err (a config error).
+local function explicit_groups(explicit, by_key, placed, raw)
+  local problems = {}
+  for gi, eg in ipairs(explicit or {}) do
+    assert(type(eg) == "table" and type(eg.tables) == "table",
+      ("groups.plan: explicit group %d needs tables"):format(gi))
+    local label = eg.name or ("explicit " .. gi)
+    if #eg.tables == 0 then
+      problems[#problems + 1] = ("explicit group %q has no tables"):format(label)
+    end
+    local members = {}
+    for _, k in ipairs(eg.tables) do
+      local t = by_key[k]
+      if not t then
+        problems[#problems + 1] = ("explicit group %q: table %s is not among the tables to migrate"):format(label, k)
+      elseif placed[k] then
+        problems[#problems + 1] = ("table %s is in two explicit groups: %q and %q"):format(k, placed[k], label)
+      else
+        placed[k] = label
+        members[#members + 1] = t
+      end
+    end
+    if #members > 0 then raw[#raw + 1] = { reason = "explicit", label = label, tables = members } end
+  end
+  if #problems > 0 then
+    return config_error(problems[1], #problems > 1 and table.concat(problems, "; ") or nil)
+  end
+  return true
+end
+
+-- 2. The N largest remaining tables, each alone.
+-- 3. Primary key and a separate unique constraint: together.
+-- 4. The rest: together.
+local function automatic_groups(ordered, largest_alone, placed, raw)
+  local alone = 0
+  for _, t in ipairs(ordered) do
+    if alone >= largest_alone then break end
+    local k = key_of(t)
+    if not placed[k] then
+      placed[k] = "largest"
+      raw[#raw + 1] = { reason = "largest", tables = { t } }
+      alone = alone + 1
+    end
+  end
+  local pk_unique, rest = {}, {}
+  for _, t in ipairs(ordered) do
+    if not placed[key_of(t)] then
+      if t.has_pk and (t.separate_unique or t.has_separate_unique) then
+        pk_unique[#pk_unique + 1] = t
+      else
+        rest[#rest + 1] = t
+      end
+    end
+  end
+  if #pk_unique > 0 then raw[#raw + 1] = { reason = "pk+unique", tables = pk_unique } end
+  if #rest > 0 then raw[#raw + 1] = { reason = "rest", tables = rest } end
+end
+
+-- A raw group as the plan has it -> group | nil, err (settings DMS refuses).
+local function plan_group(r, i, prefix, lobs, opts)
+  local slot = slot_name(prefix, i)
+  local g = { name = slot, slot = slot, reason = r.reason, label = r.label, bytes = 0,
+              tables = {}, warnings = {} }
+  for _, t in ipairs(r.tables) do
+    g.bytes = g.bytes + (t.bytes or 0)
+    g.tables[#g.tables + 1] = group_table(t, lobs, g.warnings)
+    if not t.has_pk then
+      g.warnings[#g.warnings + 1] = ("%s has no primary key: only its inserts replicate, "
+        .. "its updates and deletes will not"):format(key_of(t))
+    end
+  end
+  if opts.batch_apply ~= nil then g.batch_apply = opts.batch_apply end
+  local problem = builders.check(g)
+  if problem then
+    return nil, errors.new{ kind = "config", where = "groups", message = problem,
+      hint = "leave dms.task.batch_apply out (batch apply is then off only for the groups that need it), "
+        .. "or accept truncation for the full-LOB-mode tables (lobs.tables[...].truncation_ok = true)" }
+  end
+  local on, why = builders.batch_apply(g)
+  g.batch_note = (not on) and why or nil
+  return g
+end
+
 function groups.plan(tables, opts)
   assert(type(tables) == "table", "groups.plan: a list of tables expected")
   opts = opts or {}
@@ -152,83 +235,14 @@ function groups.plan(tables, opts)
 
   local placed = {}
   local raw = {} -- { reason, label, tables = {catalog tables} }
-
-  -- 1. Explicit groups.
-  local problems = {}
-  for gi, eg in ipairs(opts.explicit or {}) do
-    assert(type(eg) == "table" and type(eg.tables) == "table",
-      ("groups.plan: explicit group %d needs tables"):format(gi))
-    local label = eg.name or ("explicit " .. gi)
-    if #eg.tables == 0 then
-      problems[#problems + 1] = ("explicit group %q has no tables"):format(label)
-    end
-    local members = {}
-    for _, k in ipairs(eg.tables) do
-      local t = by_key[k]
-      if not t then
-        problems[#problems + 1] = ("explicit group %q: table %s is not among the tables to migrate"):format(label, k)
-      elseif placed[k] then
-        problems[#problems + 1] = ("table %s is in two explicit groups: %q and %q"):format(k, placed[k], label)
-      else
-        placed[k] = label
-        members[#members + 1] = t
-      end
-    end
-    if #members > 0 then raw[#raw + 1] = { reason = "explicit", label = label, tables = members } end
-  end
-  if #problems > 0 then
-    return config_error(problems[1], #problems > 1 and table.concat(problems, "; ") or nil)
-  end
-
-  -- 2. The N largest remaining tables, each alone.
-  local alone = 0
-  for _, t in ipairs(ordered) do
-    if alone >= largest_alone then break end
-    local k = key_of(t)
-    if not placed[k] then
-      placed[k] = "largest"
-      raw[#raw + 1] = { reason = "largest", tables = { t } }
-      alone = alone + 1
-    end
-  end
-
-  -- 3. Primary key and a separate unique constraint: together.
-  -- 4. The rest: together.
-  local pk_unique, rest = {}, {}
-  for _, t in ipairs(ordered) do
-    if not placed[key_of(t)] then
-      if t.has_pk and (t.separate_unique or t.has_separate_unique) then
-        pk_unique[#pk_unique + 1] = t
-      else
-        rest[#rest + 1] = t
-      end
-    end
-  end
-  if #pk_unique > 0 then raw[#raw + 1] = { reason = "pk+unique", tables = pk_unique } end
-  if #rest > 0 then raw[#raw + 1] = { reason = "rest", tables = rest } end
+  local ok, err = explicit_groups(opts.explicit, by_key, placed, raw)
+  if not ok then return nil, err end
+  automatic_groups(ordered, largest_alone, placed, raw)
 
   local plan = {}
   for i, r in ipairs(raw) do
-    local slot = slot_name(prefix, i)
-    local g = { name = slot, slot = slot, reason = r.reason, label = r.label, bytes = 0,
-                tables = {}, warnings = {} }
-    for _, t in ipairs(r.tables) do
-      g.bytes = g.bytes + (t.bytes or 0)
-      g.tables[#g.tables + 1] = group_table(t, lobs, g.warnings)
-      if not t.has_pk then
-        g.warnings[#g.warnings + 1] = ("%s has no primary key: only its inserts replicate, "
-          .. "its updates and deletes will not"):format(key_of(t))
-      end
-    end
-    if opts.batch_apply ~= nil then g.batch_apply = opts.batch_apply end
-    local problem = builders.check(g)
-    if problem then
-      return nil, errors.new{ kind = "config", where = "groups", message = problem,
-        hint = "leave dms.task.batch_apply out (batch apply is then off only for the groups that need it), "
-          .. "or accept truncation for the full-LOB-mode tables (lobs.tables[...].truncation_ok = true)" }
-    end
-    local on, why = builders.batch_apply(g)
-    g.batch_note = (not on) and why or nil
+    local g, gerr = plan_group(r, i, prefix, lobs, opts)
+    if not g then return nil, gerr end
     plan[i] = g
   end
   return plan
