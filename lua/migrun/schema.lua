@@ -507,65 +507,48 @@ local function parse_grant(sql)
   return granted, member, ("GRANT %s TO %s%s;"):format(pg.quote_ident(granted), pg.quote_ident(member), tail)
 end
 
-function schema.copy_roles(source_conninfo, target_db, opts)
-  assert(type(source_conninfo) == "string", "schema.copy_roles: source conninfo (a string) expected")
-  assert(type(target_db) == "table" and target_db.write, "schema.copy_roles: a migrun.db Db expected for the target")
-  opts = opts or {}
-  local tools = assert(opts.tools, "schema.copy_roles: opts.tools (from schema.tools) is required")
-  local say = opts.say or function() end
-  local conninfo, password = schema.split_conninfo(source_conninfo)
-  if not conninfo then return nil, password end
-  local r, err = run_tool(child({ tools.pg_dumpall, "--globals-only", "--no-role-passwords",
-    "--dbname=" .. conninfo }, password, tools), opts.echo)
-  if not r then return nil, err end
-  local roles, order, others = parse_globals(r.output)
-
-  local res
-  res, err = target_db:query("select rolname, rolsuper from pg_roles")
+-- What copy_roles needs of the target: its roles (and which are
+-- superusers), whether the role migrun uses is one, the database, who it is.
+local function target_roles(target_db)
+  local res, err = target_db:query("select rolname, rolsuper from pg_roles")
   if not res then return nil, err end
-  local exists, super_there = {}, {}
-  for row in res:rows() do exists[row.rolname] = true super_there[row.rolname] = row.rolsuper end
-
+  local t = { exists = {}, super_there = {} }
+  for row in res:rows() do t.exists[row.rolname] = true t.super_there[row.rolname] = row.rolsuper end
   -- A role that is not a superuser (the RDS master user) may give objects to
   -- a role only as a member of it: the restore's ALTER ... OWNER TO needs that.
   res, err = target_db:query("select rolsuper, current_database() as db, current_user as me from pg_roles "
     .. "where rolname = current_user")
   if not res then return nil, err end
-  local join_created = not (res[1] and res[1].rolsuper)
-  local database, me = res[1] and res[1].db, res[1] and res[1].me
-  local public_migrated = opts.schemas == nil
-  for _, sname in ipairs(opts.schemas or {}) do
-    if sname == "public" then public_migrated = true end
-  end
+  t.join_created = not (res[1] and res[1].rolsuper)
+  t.database, t.me = res[1] and res[1].db, res[1] and res[1].me
+  return t
+end
 
-  local report = { created = {}, existing = {}, stripped = {}, skipped = {}, statements = {}, joined = {} }
-  local created = {}
-  local function write(sql)
-    report.statements[#report.statements + 1] = sql
-    local ok, werr = target_db:write(sql)
-    if not ok then return nil, werr end
-    return true
-  end
-  for _, name in ipairs(order) do
-    local role = roles[name]
+-- Each role of the source the target lacks: CREATE ROLE, its ALTERs (what
+-- RDS refuses stripped), membership of it for a role migrun uses that is not
+-- a superuser.
+local function create_roles(c)
+  local report, say = c.report, c.say
+  for _, name in ipairs(c.order) do
+    local role = c.roles[name]
     if name:match("^pg_") or not role.create then
       -- built-in roles, and ALTERs of roles pg_dumpall did not create (the bootstrap superuser)
-      if not name:match("^pg_") and exists[name] then report.existing[#report.existing + 1] = name end
-    elseif exists[name] then
+      if not name:match("^pg_") and c.exists[name] then report.existing[#report.existing + 1] = name end
+    elseif c.exists[name] then
       report.existing[#report.existing + 1] = name
     else
-      local ok, werr = write(("CREATE ROLE %s;"):format(pg.quote_ident(name)))
+      local ok, werr = c.write(("CREATE ROLE %s;"):format(pg.quote_ident(name)))
       if not ok then return nil, werr end
       for _, sql in ipairs(role.statements) do
-        ok, werr = write(sql)
+        ok, werr = c.write(sql)
         if not ok then return nil, werr end
       end
-      if join_created then
-        ok, werr = write(("GRANT %s TO CURRENT_USER;"):format(pg.quote_ident(name)))
+      if c.join_created then
+        ok, werr = c.write(("GRANT %s TO CURRENT_USER;"):format(pg.quote_ident(name)))
         if not ok then return nil, werr end
         report.joined[#report.joined + 1] = name
       end
-      created[name] = true
+      c.created[name] = true
       report.created[#report.created + 1] = name
       if #role.stripped > 0 then
         report.stripped[name] = role.stripped
@@ -578,39 +561,82 @@ function schema.copy_roles(source_conninfo, target_db, opts)
   if #report.existing > 0 then
     say("roles already on the target, left as they are: " .. table.concat(report.existing, ", "))
   end
-  -- A superuser of the source owned its objects without any grant; as an
-  -- ordinary role here (created now, or by an earlier run whose schema public
-  -- a restart has made again) it needs what ownership requires of it:
-  -- CREATE on the database (its schemas) and on the schema public.
-  if join_created then
-    for _, name in ipairs(order) do
-      local role = roles[name]
-      local was_super = false
-      for _, a in ipairs(role.stripped) do was_super = was_super or a == "SUPERUSER" end
-      if was_super and role.create and name ~= me and not name:match("^pg_")
-          and (created[name] or (exists[name] and not super_there[name])) then
-        local ok, werr = write(("GRANT CREATE ON DATABASE %s TO %s;"):format(pg.quote_ident(database),
-          pg.quote_ident(name)))
-        if ok and public_migrated then
-          ok, werr = write(("GRANT CREATE ON SCHEMA public TO %s;"):format(pg.quote_ident(name)))
-        end
-        if not ok then return nil, werr end
+  return true
+end
+
+-- A superuser of the source owned its objects without any grant; as an
+-- ordinary role here (created now, or by an earlier run whose schema public
+-- a restart has made again) it needs what ownership requires of it:
+-- CREATE on the database (its schemas) and on the schema public.
+local function grant_ownership_needs(c)
+  if not c.join_created then return true end
+  for _, name in ipairs(c.order) do
+    local role = c.roles[name]
+    local was_super = false
+    for _, a in ipairs(role.stripped) do was_super = was_super or a == "SUPERUSER" end
+    if was_super and role.create and name ~= c.me and not name:match("^pg_")
+        and (c.created[name] or (c.exists[name] and not c.super_there[name])) then
+      local ok, werr = c.write(("GRANT CREATE ON DATABASE %s TO %s;"):format(pg.quote_ident(c.database),
+        pg.quote_ident(name)))
+      if ok and c.public_migrated then
+        ok, werr = c.write(("GRANT CREATE ON SCHEMA public TO %s;"):format(pg.quote_ident(name)))
       end
+      if not ok then return nil, werr end
     end
   end
-  for _, o in ipairs(others) do
+  return true
+end
+
+-- The memberships that involve a role created now; what is not copied
+-- (memberships of built-in roles, tablespaces) reported as skipped.
+local function copy_grants(c)
+  for _, o in ipairs(c.others) do
     if o.kind == "grant" then
       local granted, member, sql = parse_grant(o.sql)
-      if granted and (created[granted] or created[member]) and not granted:match("^pg_") then
-        local ok, werr = write(sql)
+      if granted and (c.created[granted] or c.created[member]) and not granted:match("^pg_") then
+        local ok, werr = c.write(sql)
         if not ok then return nil, werr end
-      elseif granted and granted:match("^pg_") and created[member] then
-        report.skipped[#report.skipped + 1] = o.sql
+      elseif granted and granted:match("^pg_") and c.created[member] then
+        c.report.skipped[#c.report.skipped + 1] = o.sql
       end
     else
-      report.skipped[#report.skipped + 1] = o.sql
-      say("not copied (tablespaces are managed by RDS): " .. o.sql)
+      c.report.skipped[#c.report.skipped + 1] = o.sql
+      c.say("not copied (tablespaces are managed by RDS): " .. o.sql)
     end
+  end
+  return true
+end
+
+function schema.copy_roles(source_conninfo, target_db, opts)
+  assert(type(source_conninfo) == "string", "schema.copy_roles: source conninfo (a string) expected")
+  assert(type(target_db) == "table" and target_db.write, "schema.copy_roles: a migrun.db Db expected for the target")
+  opts = opts or {}
+  local tools = assert(opts.tools, "schema.copy_roles: opts.tools (from schema.tools) is required")
+  local conninfo, password = schema.split_conninfo(source_conninfo)
+  if not conninfo then return nil, password end
+  local r, err = run_tool(child({ tools.pg_dumpall, "--globals-only", "--no-role-passwords",
+    "--dbname=" .. conninfo }, password, tools), opts.echo)
+  if not r then return nil, err end
+  local c
+  c, err = target_roles(target_db)
+  if not c then return nil, err end
+  c.roles, c.order, c.others = parse_globals(r.output)
+  c.say = opts.say or function() end
+  c.public_migrated = opts.schemas == nil
+  for _, sname in ipairs(opts.schemas or {}) do
+    if sname == "public" then c.public_migrated = true end
+  end
+  local report = { created = {}, existing = {}, stripped = {}, skipped = {}, statements = {}, joined = {} }
+  c.report, c.created = report, {}
+  function c.write(sql)
+    report.statements[#report.statements + 1] = sql
+    local ok, werr = target_db:write(sql)
+    if not ok then return nil, werr end
+    return true
+  end
+  for _, step in ipairs{ create_roles, grant_ownership_needs, copy_grants } do
+    local ok, serr = step(c)
+    if not ok then return nil, serr end
   end
   return report
 end
