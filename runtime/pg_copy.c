@@ -540,6 +540,11 @@ static int stream_rows(lua_State *L, copy_run *cr) {
 /* The source is cancelled and read to idle (unless it is the side that
  * stalled: closed then), the target's COPY failed with why and drained. */
 static void abort_both(copy_run *cr, const char *why) {
+    /* a side whose connection failed is closed: nothing to cancel or drain there */
+    if (cr->src->conn != NULL && PQstatus(cr->src->conn) == CONNECTION_BAD)
+        pg_conn_close(cr->src);
+    if (cr->dst->conn != NULL && PQstatus(cr->dst->conn) == CONNECTION_BAD)
+        pg_conn_close(cr->dst);
     if (cr->src->conn != NULL) {
         if (pg_conn_cancel(cr->src->conn) < 0) { /* nothing answers: no use draining */
             cr->src->closed_why = "the source did not take a cancel request within 5 s: migrun "
@@ -574,11 +579,12 @@ static int copy_failed(lua_State *L, copy_run *cr, int how) {
         abort_both(cr, "aborted by migrun: the source stalled");
         return 2;
     }
-    abort_both(cr, "aborted by migrun: the source COPY failed");
+    /* the error first, while the failed connection still holds libpq's message */
     pg_Conn *c = how == S_FAILED_TO ? cr->dst : cr->src;
     lua_pushnil(L);
     pg_push_conn_error(L, c, c->conn, "connection", "08006", "connection lost during COPY");
     migrun_setfield(L, -1, "side", how == S_FAILED_TO ? "to" : "from");
+    abort_both(cr, "aborted by migrun: the source COPY failed");
     return 2;
 }
 

@@ -15,8 +15,10 @@
 
 #define CONN_MT "migrun.pg.Conn"
 
-/* Seconds a COPY may go without moving a byte on a connection (stall_timeout). */
-#define PG_STALL_TIMEOUT 30.0
+/* Seconds a COPY may go without moving a byte on a connection (stall_timeout):
+ * under tcp_user_timeout (30 s, pg.c), so that a stalled COPY ends with
+ * migrun's error naming the side rather than with the kernel's. */
+#define PG_STALL_TIMEOUT 20.0
 
 /* migrun.pg.Conn: a PGconn in non-blocking mode. */
 typedef struct {

@@ -15,7 +15,7 @@ Connections
       "replica", "target") labels the connection in errors and notices;
       opts.connect_timeout (seconds, default 10); opts.statement_timeout
       (seconds; client side: the statement is cancelled, see exec);
-      opts.stall_timeout (seconds, default pg.STALL_TIMEOUT = 30; false for
+      opts.stall_timeout (seconds, default pg.STALL_TIMEOUT = 20; false for
       none): how long a COPY on this connection may go without moving a byte
       (see COPY). application_name defaults to "migrun"; opts.application_name
       names the session whatever the conninfo says.
@@ -96,7 +96,7 @@ COPY
       Streams server to server inside C with flat memory; an error on either
       side aborts both and leaves both connections usable.
       Stalls: each side has a bound, stall_timeout (default: each
-      connection's own, 30 s): from the COPY statement to its result, the
+      connection's own, 20 s): from the COPY statement to its result, the
       source must bring and the target take at least one byte within it, or
       the COPY fails with kind "connection", stalled = true, lost = true and
       side naming the one that stalled, whose connection migrun closes (the
