@@ -10,6 +10,12 @@ the report.
   text.thousands(n)        -> "1,234,567"
   text.key(t)              -> "schema.name" of a table record (t.key when it has one)
   text.key(schema, name)   -> "schema.name"
+  text.epoch(iso)          -> Unix time (an integer) of an ISO 8601 UTC time, or nil:
+                              "2026-11-21T12:01:03Z" (the journal's, IMDS's Expiration),
+                              "20261121T120103Z" (SigV4's X-Amz-Date); a fraction of a
+                              second is dropped, an offset (+02:00, -0500) applied, no
+                              zone read as UTC. The one date parser of migrun.
+  text.utc_seconds(y, mo, d, h, mi, s) -> Unix time of that UTC date and time
 
   text.aligned(rows)       -> lines: rows of strings as aligned columns, two
                               spaces apart, the last column not padded
@@ -55,6 +61,33 @@ end
 function text.key(t, name)
   if name ~= nil then return t .. "." .. name end
   return t.key or (t.schema .. "." .. t.name)
+end
+
+-- Seconds since 1970-01-01T00:00:00Z of a UTC date and time, whatever this
+-- machine's time zone (os.time reads its fields as local time): days from the
+-- civil date by Howard Hinnant's algorithm (proleptic Gregorian calendar).
+function text.utc_seconds(y, mo, d, h, mi, s)
+  y = mo <= 2 and y - 1 or y
+  local era = (y >= 0 and y or y - 399) // 400
+  local yoe = y - era * 400
+  local doy = (153 * (mo + (mo > 2 and -3 or 9)) + 2) // 5 + d - 1
+  local doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+  return (era * 146097 + doe - 719468) * 86400 + (h or 0) * 3600 + (mi or 0) * 60 + (s or 0)
+end
+
+function text.epoch(iso)
+  if type(iso) ~= "string" then return nil end
+  local y, mo, d, h, mi, s, rest = iso:match("^(%d%d%d%d)%-(%d%d)%-(%d%d)T(%d%d):(%d%d):(%d%d)(.*)$")
+  if not y then y, mo, d, h, mi, s, rest = iso:match("^(%d%d%d%d)(%d%d)(%d%d)T(%d%d)(%d%d)(%d%d)(.*)$") end
+  if not y then return nil end
+  rest = rest:gsub("^[.,]%d+", "", 1)
+  local offset = 0
+  if rest ~= "" and rest ~= "Z" then
+    local sign, oh, om = rest:match("^([+-])(%d%d):?(%d%d)$")
+    if not sign then return nil end
+    offset = (tonumber(oh) * 3600 + tonumber(om) * 60) * (sign == "+" and 1 or -1)
+  end
+  return text.utc_seconds(tonumber(y), tonumber(mo), tonumber(d), tonumber(h), tonumber(mi), tonumber(s)) - offset
 end
 
 local function width(s) return utf8.len(s) or #s end

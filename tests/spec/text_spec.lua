@@ -23,6 +23,28 @@ describe("migrun.text", function()
     assert.equal("2 h 05 min", text.duration(2 * 3600 + 5 * 60 + 20))
   end)
 
+  it("reads ISO 8601 UTC times as Unix time, whatever the machine's time zone (the one date parser)", function()
+    assert.equal(0, text.epoch("1970-01-01T00:00:00Z"))
+    assert.equal(1440938160, text.epoch("2015-08-30T12:36:00Z"))
+    assert.equal(951868800, text.epoch("2000-03-01T00:00:00Z")) -- after a leap day of a century's year
+    assert.equal(951782400, text.epoch("2000-02-29T00:00:00Z"))
+    assert.equal(-86400, text.epoch("1969-12-31T00:00:00Z"))
+    assert.equal(4107542400, text.epoch("2100-03-01T00:00:00Z")) -- 2100 is no leap year
+    assert.equal("integer", math.type(text.epoch("2026-11-21T12:01:03Z")))
+    -- SigV4's basic format, a fraction, an offset, no zone (UTC)
+    assert.equal(text.epoch("2026-11-21T12:01:03Z"), text.epoch("20261121T120103Z"))
+    assert.equal(text.epoch("2026-11-21T12:01:03Z"), text.epoch("2026-11-21T12:01:03.999Z"))
+    assert.equal(text.epoch("2026-11-21T12:01:03Z"), text.epoch("2026-11-21T14:01:03+02:00"))
+    assert.equal(text.epoch("2026-11-21T12:01:03Z"), text.epoch("2026-11-21T07:01:03-0500"))
+    assert.equal(text.epoch("2026-11-21T12:01:03Z"), text.epoch("2026-11-21T12:01:03"))
+    for _, bad in ipairs{ "yesterday", "2026-11-21", "2026-11-21T12:01:03 UTC", "2026-11-21T12:01:03+2", 42 } do
+      assert.is_nil(text.epoch(bad), tostring(bad))
+    end
+    -- the same as the machine's own clock reading of a UTC date
+    local now = os.time()
+    assert.equal(now, text.epoch(os.date("!%Y-%m-%dT%H:%M:%SZ", now)))
+  end)
+
   it("groups thousands and names tables", function()
     assert.equal("1,234,567", text.thousands(1234567))
     assert.equal("-1,000", text.thousands(-1000))

@@ -19,6 +19,7 @@
 local aws = require "migrun.aws"
 local errors = require "migrun.error"
 local json = require "migrun.json"
+local text = require "migrun.text"
 
 local M = {}
 
@@ -85,19 +86,7 @@ local function file_paths(getenv)
 end
 
 -- "2026-11-21T12:00:00Z" -> epoch seconds (UTC), or nil.
-function M.parse_time(s)
-  local y, mo, d, h, mi, se = tostring(s or ""):match("^(%d%d%d%d)-(%d%d)-(%d%d)T(%d%d):(%d%d):(%d%d)")
-  if not y then return nil end
-  y, mo, d = tonumber(y), tonumber(mo), tonumber(d)
-  -- days from civil (Howard Hinnant's algorithm), no dependence on the local zone
-  y = mo <= 2 and y - 1 or y
-  local era = (y >= 0 and y or y - 399) // 400
-  local yoe = y - era * 400
-  local doy = (153 * (mo + (mo > 2 and -3 or 9)) + 2) // 5 + d - 1
-  local doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
-  local days = era * 146097 + doe - 719468
-  return days * 86400 + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(se)
-end
+M.parse_time = text.epoch
 
 -- IMDSv2: token, role name, role credentials. Returns creds or nil, reason.
 function M.from_imds(opts)

@@ -59,6 +59,7 @@ local lsn = require "migrun.lsn"
 local pg = require "migrun.pg"
 local proc = require "migrun.proc"
 local errors = require "migrun.error"
+local text = require "migrun.text"
 
 local live = {}
 
@@ -281,18 +282,6 @@ function live.lag_seconds(history, confirmed, now, current)
 end
 
 -- The journal's UTC timestamps as Unix time, whatever this machine's time zone.
-function live.epoch(iso)
-  if type(iso) ~= "string" then return nil end
-  local y, mo, d, h, mi, s = iso:match("^(%d+)-(%d+)-(%d+)T(%d+):(%d+):(%d+)Z$")
-  if not y then return nil end
-  y, mo, d = tonumber(y), tonumber(mo), tonumber(d)
-  -- days from the civil date (Howard Hinnant's algorithm)
-  y = mo <= 2 and y - 1 or y
-  local era = (y >= 0 and y or y - 399) // 400
-  local yoe = y - era * 400
-  local doy = (153 * (mo + (mo > 2 and -3 or 9)) + 2) // 5 + d - 1
-  local doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
-  return (era * 146097 + doe - 719468) * 86400 + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(s)
-end
+live.epoch = text.epoch
 
 return live

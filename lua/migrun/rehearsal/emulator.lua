@@ -480,18 +480,10 @@ end
 -- SigV4 check (errors as AWS JSON services give them; status 403 for
 -- authentication failures, as moto does: the real status is UNCONFIRMED)
 
+-- X-Amz-Date: the ISO 8601 basic format only, as SigV4 has it.
 local function parse_amz_date(s)
-  local y, mo, d, h, mi, se = tostring(s):match("^(%d%d%d%d)(%d%d)(%d%d)T(%d%d)(%d%d)(%d%d)Z$")
-  if not y then return nil end
-  -- seconds since the epoch of a UTC date, without the local time zone
-  y, mo, d = tonumber(y), tonumber(mo), tonumber(d)
-  local yy = mo <= 2 and y - 1 or y
-  local era = yy // 400
-  local yoe = yy - era * 400
-  local doy = (153 * (mo + (mo > 2 and -3 or 9)) + 2) // 5 + d - 1
-  local doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
-  local days = era * 146097 + doe - 719468
-  return days * 86400 + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(se)
+  if not tostring(s):match("^%d%d%d%d%d%d%d%dT%d%d%d%d%d%dZ$") then return nil end
+  return text.epoch(s)
 end
 M.parse_amz_date = parse_amz_date
 
