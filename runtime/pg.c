@@ -540,30 +540,15 @@ static const char *const network_defaults[NETWORK_DEFAULTS][2] = {
 };
 
 /*
- * pg.connect(conninfo | {keyword=value...} [, opts]) -> Conn | nil, err
- * opts: name, connect_timeout (s, default 10), statement_timeout (s, client side),
- * stall_timeout (s, default PG_STALL_TIMEOUT: COPY progress, see pg_copy.c).
+ * The keyword and value arrays for PQconnectStartParams from the conninfo at
+ * index 1 (a string, expanded by libpq, or a table): the network defaults
+ * first, so that the caller's keywords, which come later, win; then
+ * fallback_application_name; NULL-terminated. Pushes a scratch table keeping
+ * the strings alive and the userdata holding both arrays; returns the
+ * keywords, and the values in *values.
  */
-static int pg_connect(lua_State *L) {
+static const char **connect_params(lua_State *L, const char ***values) {
     int is_table = lua_istable(L, 1);
-    if (!is_table)
-        luaL_checkstring(L, 1);
-    int opts = 0;
-    if (!lua_isnoneornil(L, 2)) {
-        luaL_checktype(L, 2, LUA_TTABLE);
-        opts = 2;
-    }
-    lua_settop(L, 2);
-    const char *name = "pg";
-    if (opts && lua_getfield(L, opts, "name") != LUA_TNIL) {
-        luaL_argcheck(L, lua_type(L, -1) == LUA_TSTRING, 2, "opts.name must be a string");
-        name = lua_tostring(L, -1);
-    }
-    double connect_timeout = pg_opt_seconds(L, opts, "connect_timeout", CONNECT_TIMEOUT);
-    double stmt_timeout = pg_opt_seconds(L, opts, "statement_timeout", 0);
-    double stall_timeout = pg_opt_seconds(L, opts, "stall_timeout", PG_STALL_TIMEOUT);
-
-    /* keywords and values, kept alive by a scratch table (strings) and a userdata (arrays) */
     lua_newtable(L); /* ... keep */
     int keep = lua_gettop(L);
     int n = 2 + NETWORK_DEFAULTS;
@@ -577,7 +562,6 @@ static int pg_connect(lua_State *L) {
     const char **kw = lua_newuserdatauv(L, sizeof(char *) * 2 * (size_t)(n + 1), 0);
     const char **val = kw + n + 1;
     int i = 0;
-    /* first: the caller's keywords (or conninfo string, expanded) come later and win */
     for (int d = 0; d < NETWORK_DEFAULTS; d++, i++) {
         kw[i] = network_defaults[d][0];
         val[i] = network_defaults[d][1];
@@ -607,6 +591,36 @@ static int pg_connect(lua_State *L) {
     i++;
     kw[i] = NULL;
     val[i] = NULL;
+    *values = val;
+    return kw;
+}
+
+/*
+ * pg.connect(conninfo | {keyword=value...} [, opts]) -> Conn | nil, err
+ * opts: name, connect_timeout (s, default 10), statement_timeout (s, client side),
+ * stall_timeout (s, default PG_STALL_TIMEOUT: COPY progress, see pg_copy.c).
+ */
+static int pg_connect(lua_State *L) {
+    int is_table = lua_istable(L, 1);
+    if (!is_table)
+        luaL_checkstring(L, 1);
+    int opts = 0;
+    if (!lua_isnoneornil(L, 2)) {
+        luaL_checktype(L, 2, LUA_TTABLE);
+        opts = 2;
+    }
+    lua_settop(L, 2);
+    const char *name = "pg";
+    if (opts && lua_getfield(L, opts, "name") != LUA_TNIL) {
+        luaL_argcheck(L, lua_type(L, -1) == LUA_TSTRING, 2, "opts.name must be a string");
+        name = lua_tostring(L, -1);
+    }
+    double connect_timeout = pg_opt_seconds(L, opts, "connect_timeout", CONNECT_TIMEOUT);
+    double stmt_timeout = pg_opt_seconds(L, opts, "statement_timeout", 0);
+    double stall_timeout = pg_opt_seconds(L, opts, "stall_timeout", PG_STALL_TIMEOUT);
+
+    const char **val;
+    const char **kw = connect_params(L, &val); /* ... keep arrays */
 
     /* born closed: the handle exists, with its metatable, before the PGconn does */
     pg_Conn *c = lua_newuserdatauv(L, sizeof *c, 1); /* ... keep arrays conn */
