@@ -32,6 +32,7 @@ local pg = require "migrun.pg"
 local text = require "migrun.text"
 local catalog = require "migrun.catalog"
 local journal = require "migrun.playbook.journal"
+local json = require "migrun.json"
 
 local drift = {}
 
@@ -48,11 +49,10 @@ select n.nspname as schema, c.relname as name,
  where c.relkind in ('r', 'p') and %s
  order by 1, 2]]):format(catalog.not_system_sql("n.nspname"))
 
-local function decode_pairs(json)
-  if json == nil or rawequal(json, pg.null) then return {} end
-  local cjson = require "cjson"
+local function decode_pairs(doc)
+  if doc == nil or rawequal(doc, pg.null) then return {} end
   local out = {}
-  for i, p in ipairs(cjson.decode(json)) do out[i] = { p[1], journal.mask_string(p[2]) } end
+  for i, p in ipairs(assert(json.decode(doc))) do out[i] = { p[1], journal.mask_string(p[2]) } end
   return out
 end
 

@@ -47,6 +47,7 @@ local walguard = require "migrun.walguard"
 local drift = require "migrun.drift"
 local journal = require "migrun.playbook.journal"
 local live = require "migrun.playbook.live"
+local json = require "migrun.json"
 
 local guard = {}
 
@@ -264,8 +265,7 @@ local function tell(job, message)
 end
 
 function guard.main()
-  local cjson = require "cjson"
-  local job = cjson.decode(io.read("a"))
+  local job = assert(json.decode(io.read("a")))
   local g = guard.new(job)
   local last_told, last_level = nil, "ok"
   local repeat_every = math.max(300, 10 * job.interval)
@@ -280,7 +280,7 @@ function guard.main()
         tell(job, "WARNING: the guard could not record its reading in samples.jsonl: " .. tostring(serr))
       end
     end
-    io.stdout:write(cjson.encode{ level = r.level, message = r.message, held_bytes = w.held_bytes,
+    io.stdout:write(json.encode{ level = r.level, message = r.message, held_bytes = w.held_bytes,
       rate = w.rate, eta_stop = w.eta_stop, eta_full = w.eta_full,
       warn_bytes = job.wal_guard.warn_bytes, stop_bytes = job.wal_guard.stop_bytes,
       keep_bytes = w.keep_bytes, slots_at_risk = at_risk(w) }, "\n")

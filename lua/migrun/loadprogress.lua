@@ -80,7 +80,7 @@ function P:update(detail)
     local m = self.moving[detail.table] or {}
     self.moving[detail.table] = m
     -- a chunk's key as the journal's (fullload: done["i"]); a whole table's: "whole"
-    m[detail.chunk and tostring(math.tointeger(detail.chunk) or detail.chunk) or "whole"] =
+    m[detail.chunk and tostring(detail.chunk) or "whole"] =
       { rows = tonumber(detail.rows) or 0, bytes = tonumber(detail.bytes) or 0 }
   end
   return self:done()

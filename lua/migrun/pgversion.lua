@@ -70,6 +70,7 @@ local function fact(name)
 end
 
 function pgversion.number(version)
+  -- a number with a fraction ("13.16", 9.6) is a version's text, read below
   local n = math.tointeger(tonumber(version))
   if n and n >= 90000 then return n end
   if n and n >= 10 and n < 100 then return n * 10000 end

@@ -127,7 +127,7 @@ end
 
 -- "15" from 150020 / "15" / 15 / "15.4"; "9.6" from 90624 / "9.6".
 local function major_of(version)
-  local n = math.tointeger(tonumber(version)) -- 150020.0 (from JSON) is 150020 too
+  local n = tonumber(version)
   if n and n >= 10000 then
     if n >= 100000 then return ("%d"):format(n // 10000) end
     return ("%d.%d"):format(n // 10000, n // 100 % 100)

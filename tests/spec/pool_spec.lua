@@ -13,10 +13,9 @@ local function run_pool(jobs, limits, tasks, seconds)
   local script = [[
     local pool, json = require "migrun.pool", require "migrun.json"
     local spec = json.decode(io.read("a"))
-    local limits = {}
-    for g, n in pairs(spec.limits or {}) do limits[g] = math.tointeger(n) end
+    local limits = spec.limits or {}
     local running, most, order, all, most_all = {}, {}, {}, 0, 0
-    local p = pool.new{ jobs = math.tointeger(spec.jobs), limits = limits, entry = "helpers.pool_probe",
+    local p = pool.new{ jobs = spec.jobs, limits = limits, entry = "helpers.pool_probe",
       on_event = function(task, ev)
         if ev.event == "started" then
           local g = task.group or "-"

@@ -243,7 +243,7 @@ function live.held(slots)
     local r = tonumber(s.retained_bytes)
     if r and s.owned ~= false and (not held or r > held) then held = r end
   end
-  return held and math.tointeger(held) or held
+  return held
 end
 
 ---------------------------------------------------------------------------

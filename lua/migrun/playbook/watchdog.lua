@@ -32,6 +32,7 @@ another state's guard never stops this one.
 local host = require "migrun.host"
 local proc = require "migrun.proc"
 local errors = require "migrun.error"
+local json = require "migrun.json"
 
 local watchdog = {}
 
@@ -41,14 +42,13 @@ Watchdog.__index = Watchdog
 local FIRST_CHECK_TIMEOUT = 120
 
 function watchdog.start(ctx, w)
-  local cjson = require "cjson"
   local job = w.process.job(ctx)
   local self = setmetatable({ name = w.name, lines = {}, stderr = {}, events = {} }, Watchdog)
   host.listen_stop(true)
   local spec, err = host.worker_spec{ "-e", ("require(%q).main()"):format(w.process.module),
-    stdin = cjson.encode(job), die_with_parent = true, env = { table.unpack(proc.LIBPQ_ENV) },
+    stdin = json.encode(job), die_with_parent = true, env = { table.unpack(proc.LIBPQ_ENV) },
     stdout = function(line)
-      local ok, v = pcall(cjson.decode, line)
+      local ok, v = pcall(json.decode, line)
       if ok and type(v) == "table" then
         self.last = v
         if v.level == "stop" then self.stop_message = v.message end

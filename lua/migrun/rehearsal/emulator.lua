@@ -100,9 +100,9 @@ local function typed(p, name, want)
   if v == nil then return nil end
   local ok
   if want == "integer" then
-    -- JSON numbers arrive as floats: an integral one is an integer
-    ok = type(v) == "number" and math.tointeger(v) ~= nil
-    if ok then p[name] = math.tointeger(v) end
+    -- migrun.json reads 5 as an integer and 5.0 as a float: an integer
+    -- member takes the former (migrun's client never writes the latter)
+    ok = math.type(v) == "integer"
   elseif want == "array" then ok = type(v) == "table" and (json.is_array(v) or next(v) == nil)
   elseif want == "object" then ok = type(v) == "table" and not json.is_array(v)
   else ok = type(v) == want end
