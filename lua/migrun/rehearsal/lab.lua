@@ -947,10 +947,11 @@ function Lab:_start_dms(dms_opts)
   local exe = require("migrun.host").exe
   local secret = random_password()
   -- faults and delays (emulator options) travel as JSON in the environment
-  local extra = type(dms_opts) == "table" and require("cjson").encode{
+  -- (migrun.json: a fault's seed or count stays an integer)
+  local extra = type(dms_opts) == "table" and require("migrun.json").encode{
     faults = dms_opts.faults, delays = dms_opts.delays } or "{}"
   local script = ([[
-    local o = require("cjson").decode(os.getenv("MIGRUN_DMS_EMULATOR_OPTS"))
+    local o = assert(require("migrun.json").decode(os.getenv("MIGRUN_DMS_EMULATOR_OPTS")))
     local emu = assert(require("migrun.rehearsal.emulator").start{ port = 0, access_key = %q,
       secret_key = os.getenv("MIGRUN_DMS_EMULATOR_SECRET"), region = %q,
       faults = o.faults, delays = o.delays })
