@@ -140,21 +140,25 @@ describe("the console on a migrated rehearsal", function()
     assert.equal(0, code, out)
     cli.golden("console/session", normalize(out, R))
 
-    -- every slot of the plan, the extra one too (migrun's by its prefix)
+    -- every slot of the plan, the extra one too (migrun's by its prefix), and the
+    -- live verification's watch slot, last by name
     local slot_rows = table_after(out, "^slot%s+plugin")
-    assert.is_true(#slot_rows >= 2, out)
+    assert.is_true(#slot_rows >= 3, out)
     assert.matches("^" .. PEEKED .. "%s+pglogical%s+no%s+%x+/%x+%s+%x+/%x+%s+[%d.]+ [KMG]?i?B%s+yes$",
-      slot_rows[#slot_rows])
+      slot_rows[#slot_rows - 1])
+    assert.matches("^dms_slot_watch%s+pglogical%s+no%s+", slot_rows[#slot_rows])
     -- lag(): every slot of the plan has its running task; seconds are a number or -
     local lag_rows = table_after(out, "^slot%s+bytes behind")
     assert.equal(#slot_rows, #lag_rows)
-    for i = 1, #lag_rows - 1 do
+    for i = 1, #lag_rows - 2 do
       assert.matches("^dms_slot_%d+%s+%d+%s+[%d.]+ [KMG]?i?B%s+console%-dms%-slot%-%d+%-cdc%s+running%s+[%d-]+$",
         lag_rows[i])
     end
     assert.matches("^" .. PEEKED .. "%s+%d+%s+[%d.]+ [KMG]?i?B%s+console%-dms%-slot%-90%-cdc%s+no task%s+[%d-]+$",
-      lag_rows[#lag_rows])
-    assert.equal(#slot_rows - 1, #table_after(out, "^task%s+slot%s+status"))
+      lag_rows[#lag_rows - 1])
+    -- the watch slot: no task of its own, the verification's
+    assert.matches("^dms_slot_watch%s+%d+%s+[%d.]+ [KMG]?i?B%s+%-%s+verification's", lag_rows[#lag_rows])
+    assert.equal(#slot_rows - 2, #table_after(out, "^task%s+slot%s+status"))
     -- nothing was created on the source
     assert.equal("", assert(R.lab.source:psql("select to_regclass('public.never')")))
   end)

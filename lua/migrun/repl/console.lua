@@ -59,6 +59,7 @@ local errors = require "migrun.error"
 local config = require "migrun.playbook.config"
 local journal = require "migrun.playbook.journal"
 local pglogical = require "migrun.pglogical"
+local watch = require "migrun.watch"
 local replica_status = require("migrun.replica").status
 local cdc = require "migrun.cdc"
 local builders = require "migrun.dms.builders"
@@ -570,7 +571,10 @@ function Session:lag()
       local flushed = s.confirmed_flush_lsn
       local behind = flushed and math.max(0, now - flushed) or nil
       local row = { slot = s.name, behind_bytes = behind, behind = human(behind) }
-      if dms_ok then
+      if s.name == watch.slot_name(prefix) then
+        -- migrun's own: no task reads it; it moves when the live verification runs (verify.lua)
+        row.task, row.status = "-", "verification's"
+      elseif dms_ok then
         row.task = self:task_id(s.name)
         local ok, task, err = pcall(self.find_task, self, s.name, rec.tasks[s.name])
         if not ok or err then
