@@ -292,9 +292,14 @@ describe("migrun.playbook.config", function()
       replica = { conninfo = "host=a" }, target = { conninfo = "host=b" } }]]))
     assert.matches(": source.conninfo: expected a libpq connection string", tostring(err))
     assert.falsy(tostring(err):find("s3cret", 1, true))
-    _, err = config.load(file([[return { source = { conninfo = "postgresql://u:s3cret@h:99999999999/db" },
+    -- a URI libpq rejects with a message that quotes it whole: its password masked
+    -- (libpq's own message: 'end of string reached when looking for matching "]" in
+    -- IPv6 host address in URI: "postgresql://u:s3cret@[::1/db"')
+    _, err = config.load(file([[return { source = { conninfo = "postgresql://u:s3cret@[::1/db" },
       replica = { conninfo = "host=a" }, target = { conninfo = "host=b" } }]]))
-    if err then assert.falsy(tostring(err):find("s3cret", 1, true)) end
+    assert.matches(': source.conninfo: expected a libpq connection string, found one libpq rejects: .*URI: '
+      .. '"postgresql://u:%*%*%*%*@%[::1/db"$', tostring(err))
+    assert.falsy(tostring(err):find("s3cret", 1, true))
     -- a wrong type does not show the value either
     _, err = config.load(file([[return { source = { conninfo = 42 },
       replica = { conninfo = "host=a" }, target = { conninfo = "host=b" } }]]))
