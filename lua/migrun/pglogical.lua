@@ -51,6 +51,8 @@ the setting, 'pglogical' in output_plugin_libraries.
   pgl.drop_node(db, node_name) -> "dropped" | "absent" | "would drop" | nil, err
       Only the local node of that name; pglogical drops its sets with it.
   pgl.sql(server_version_num) -> version-specific SQL texts (unit-tested for 9.6)
+  pgl.PROTO_OPTIONS: the pglogical JSON protocol's options, as SQL arguments of
+      pg_logical_slot_peek_changes (the runbook's)
 ]]
 local lsn = require "migrun.lsn"
 local pgversion = require "migrun.pgversion"
@@ -62,6 +64,8 @@ local pgl = {}
 
 local PROTO_OPTIONS = "'min_proto_version', '1', 'max_proto_version', '1', "
   .. "'startup_params_format', '1', 'proto_format', 'json'"
+-- the decoding options of the JSON protocol, for whoever else peeks a pglogical slot (migrun.watch)
+pgl.PROTO_OPTIONS = PROTO_OPTIONS
 
 local function failure(db, message, fields)
   local e = { kind = "pglogical", where = db:name(), message = message }

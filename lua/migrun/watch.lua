@@ -56,8 +56,7 @@ local pgversion = require "migrun.pgversion"
 
 local watch = {}
 
-local PROTO = "'min_proto_version', '1', 'max_proto_version', '1', 'startup_params_format', '1', "
-  .. "'proto_format', 'json'"
+local PROTO = pgl.PROTO_OPTIONS
 
 local function opt(v)
   if v == nil or rawequal(v, require("migrun.pg").null) then return nil end
