@@ -820,22 +820,25 @@ static void push_set(lua_State *L, const char *key, const char *const *base) {
     lua_setfield(L, LUA_REGISTRYINDEX, key);
 }
 
-/* Whether the set at index set holds name[0..n): the name, or "PREFIX*". */
+/* Whether the set at index set holds name[0..n): the name, or "PREFIX*".
+ * Leaves the stack as it found it (build_env keeps its envp below). */
 static int in_set(lua_State *L, int set, const char *name, size_t n) {
     lua_pushlstring(L, name, n);
     int hit = lua_rawget(L, set) != LUA_TNIL;
     lua_pop(L, 1);
+    if (hit)
+        return 1;
     lua_pushnil(L);
-    while (!hit && lua_next(L, set)) {
+    while (lua_next(L, set)) {
         lua_pop(L, 1);
         size_t kl;
         const char *k = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &kl) : NULL;
         if (k && kl > 0 && k[kl - 1] == '*' && n >= kl - 1 && memcmp(name, k, kl - 1) == 0) {
-            hit = 1;
             lua_pop(L, 1); /* the key: the traversal ends here */
+            return 1;
         }
     }
-    return hit;
+    return 0;
 }
 
 /* A variable's name as the allow-list takes it: no '=', not empty; a '*' only

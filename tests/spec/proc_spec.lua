@@ -405,6 +405,23 @@ describe("the children's environment", function()
     assert.truthy(b:find("TARGET_PASSWORD=again", 1, true), b)
   end)
 
+  it("builds an environment of thousands of allowed names, each kept alive until the exec", function()
+    -- every name found in the allow-list once left a value on the C stack (beyond its room,
+    -- and the environment's array unanchored): a crash here, freed memory read by a child
+    local env = {}
+    for i = 1, 3000 do env["V" .. i] = "x" .. i end
+    local out = in_migrun([[
+      local names = {}
+      for i = 1, 3000 do names[i] = "V" .. i end
+      proc.allow(names)
+      local n = 0
+      for k in pairs(proc.environment()) do if k:match("^V%d+$") then n = n + 1 end end
+      local ok, _, _, got = proc.run{ "printenv", "V2999", env = { V1 = "given" } }
+      io.write(n, " ", tostring(ok), " ", got, env{ env = { V1 = "given" } }:match("V1=%w+"))
+    ]], env)
+    assert.equal("3000 true x2999\nV1=given", out)
+  end)
+
   it("takes more names (or prefixes) with proc.allow, and says what a child would get", function()
     local out = in_migrun([[
       proc.allow{ "KUBECONFIG", "MY_API_*" }
