@@ -5,7 +5,7 @@
 -- the wait within a few polls; a stopped task never has its fence claimed;
 -- a read-only source takes the fence; a dry run shows it and writes nothing.
 -- (Comparisons under a live writer: verify_spec.)
-local lab = require "migrun.rehearsal.lab"
+local cdc_lab = require "helpers.cdc_lab"
 local cdc = require "migrun.cdc"
 local fence = require "migrun.fence"
 local db = require "migrun.db"
@@ -15,7 +15,7 @@ local aws = require "migrun.aws"
 local SLOTS = { "dms_slot_01", "dms_slot_02" }
 
 describe("migrun.fence", function()
-  local L, client, instance_arn, source, target, groups, tasks
+  local C, L, client, source, target, groups, tasks
 
   local function conninfo(c) return c.migrun_conninfo .. " passfile=" .. L.passfile end
   local function wrap(c, name, opts) return db.wrap(assert(pg.connect(conninfo(c), { name = name })), opts) end
@@ -35,13 +35,6 @@ describe("migrun.fence", function()
   end
 
   setup(function()
-    -- the specs make tables on the target by hand: its superuser, not the RDS-like role
-    L = assert(lab.start{ target_superuser = true, dms = { delays = { task_create = 0.1, task_start = 0.1, task_stop = 0.1,
-      connection = 0.1, cdc_poll = 0.1 } } })
-    client = assert(L:dms_client())
-    instance_arn = assert(client:describe_replication_instances())[1].ReplicationInstanceArn
-    source = wrap(L.source, "source")
-    target = wrap(L.target, "target")
     local ddl = [[
       create table public.f1 (id int primary key, v text);
       create table public.f2 (id int primary key, v text);
@@ -54,8 +47,6 @@ describe("migrun.fence", function()
       create table live.late (id bigint primary key, happened_at timestamptz not null, v text) partition by range (id);
       create table live.late_a partition of live.late for values from (0) to (1000000);
       create table live.late_b partition of live.late for values from (1000000) to (2000000);]]
-    assert(L.source:psql(ddl))
-    assert(L.target:psql(ddl))
     local seed = [[
       insert into live.events select g, timestamptz '2026-01-01' + g * interval '1 minute', 'old'
         from generate_series(1, 5000) g;
@@ -63,45 +54,20 @@ describe("migrun.fence", function()
         from generate_series(1, 5000) g;
       insert into live.other select g, timestamptz '2026-01-01', repeat('p', 300) from generate_series(1, 2000) g;
       analyze;]]
-    assert(L.source:psql(seed))
-    assert(L.target:psql(seed))
-    assert(L.source:psql(([[select pglogical.create_node(node_name := 'fence_spec',
-      dsn := 'host=127.0.0.1 port=%d dbname=app')]]):format(L.source.port)))
-    assert(fence.create(source))
+    local function t(schema, name) return { schema = schema, name = name, has_pk = true } end
+    C = cdc_lab.start{ name = "fence", ddl = ddl, seed = seed, groups = {
+      { slot = SLOTS[1], tables = { t("public", "f1"), t("live", "events_a"), t("live", "events_b"),
+        t("live", "late_a"), t("live", "late_b") } },
+      { slot = SLOTS[2], tables = { t("public", "f2"), t("live", "other") } } } }
+    L, client, source, target, groups, tasks = C.L, C.client, C.source, C.target, C.groups, C.tasks
+    -- every slot's two sets carry the fence, once
     assert.equal("exists", fence.create(source))
-    assert(fence.create(target))
-    groups = {
-      { name = SLOTS[1], slot = SLOTS[1], tables = { { schema = "public", name = "f1", has_pk = true },
-        { schema = "live", name = "events_a", has_pk = true }, { schema = "live", name = "events_b", has_pk = true },
-        { schema = "live", name = "late_a", has_pk = true }, { schema = "live", name = "late_b", has_pk = true } } },
-      { name = SLOTS[2], slot = SLOTS[2], tables = { { schema = "public", name = "f2", has_pk = true },
-        { schema = "live", name = "other", has_pk = true } } },
-    }
     for _, g in ipairs(groups) do
-      assert(source:write("select pg_create_logical_replication_slot($1, 'pglogical')", g.slot))
-      assert(source:write("select pglogical.create_replication_set($1, false, true, true, false)", g.slot))
-      assert(source:write("select pglogical.create_replication_set($1, true, false, false, true)", "i" .. g.slot))
-      for _, t in ipairs(g.tables) do
-        for _, set in ipairs{ g.slot, "i" .. g.slot } do
-          assert(source:write("select pglogical.replication_set_add_table($1, $2::regclass)", set, t.schema .. "." .. t.name))
-        end
-      end
-      local added = assert(fence.add_slot(source, g.slot))
-      assert.same({ g.slot, "i" .. g.slot }, added.added)
+      assert.same({ g.slot, "i" .. g.slot }, C.added[g.slot].added)
       assert.same({ g.slot, "i" .. g.slot }, assert(fence.add_slot(source, g.slot)).already)
     end
-    local start = one(source, "select pg_current_wal_lsn() as l").l
-    local opts = { name = "fence", source = conninfo(L.source), target = conninfo(L.target) }
-    local eps = assert(cdc.ensure_endpoints(client, groups, opts))
-    assert(cdc.test_connections(client, instance_arn, eps, { timeout = 30, poll = 0.2 }))
-    tasks = assert(cdc.ensure_tasks(client, groups, eps, { name = "fence", instance_arn = instance_arn, start_lsn = start }))
-    assert(cdc.start_tasks(client, groups, tasks, { name = "fence", pause = 0 }))
   end)
-  teardown(function()
-    if source then source:close() end
-    if target then target:close() end
-    if L then L:stop() end
-  end)
+  teardown(function() if C then C:stop() end end)
 
   it("every task's table mappings select the fence", function()
     for _, g in ipairs(groups) do

@@ -6,15 +6,12 @@
 -- DMS's back (and a keyless table's difference), converges to the keys still
 -- changing; at the cutover only what changed since is compared, and a source
 -- still written is refused.
-local lab = require "migrun.rehearsal.lab"
+local cdc_lab = require "helpers.cdc_lab"
 local cdc = require "migrun.cdc"
-local fence = require "migrun.fence"
 local verify = require "migrun.verify"
 local watch = require "migrun.watch"
 local sentinel = require "migrun.sentinel"
 local catalog = require "migrun.catalog"
-local db = require "migrun.db"
-local pg = require "migrun.pg"
 local aws = require "migrun.aws"
 local proc = require "migrun.proc"
 local host = require "migrun.host"
@@ -72,10 +69,9 @@ local WRITER = [[
   print(n)]]
 
 describe("migrun.verify", function()
-  local L, client, source, target, tables, groups, dir
+  local C, L, source, target, tables, groups, dir
 
   local function conninfo(c) return c.migrun_conninfo .. " passfile=" .. L.passfile end
-  local function wrap(c, name) return db.wrap(assert(pg.connect(conninfo(c), { name = name }))) end
   local function one(dbx, sql, ...) return assert(dbx:query(sql, ...))[1] end
 
   local function verification(opts)
@@ -104,56 +100,31 @@ describe("migrun.verify", function()
 
   setup(function()
     -- the emulator applies every 0.3 s: a reading always finds changes in flight
-    L = assert(lab.start{ target_superuser = true, dms = { delays = { task_create = 0.1, task_start = 0.1,
-      task_stop = 0.1, connection = 0.1, cdc_poll = 0.3 } } })
-    dir = T.dir("verify")
-    client = assert(L:dms_client())
-    local instance_arn = assert(client:describe_replication_instances())[1].ReplicationInstanceArn
-    source, target = wrap(L.source, "source"), wrap(L.target, "target")
-    assert(L.source:psql(DDL .. SEED .. "analyze;"))
-    assert(L.target:psql(DDL))
-    -- the target loaded as the full load would (another physical order)
-    for _, t in ipairs{ "orders", "carts", "stock", "audit" } do
-      assert(target:copy_to(source, ("COPY (select * from shop.%s order by 1 desc) TO STDOUT (FORMAT binary)"):format(t),
-        ("COPY shop.%s FROM STDIN (FORMAT binary)"):format(t)))
-    end
-    tables = assert(catalog.tables(source, { schemas = { "shop" } }))
-    assert(L.source:psql(([[select pglogical.create_node(node_name := 'verify_spec',
-      dsn := 'host=127.0.0.1 port=%d dbname=app')]]):format(L.source.port)))
-    assert(fence.create(source))
-    assert(fence.create(target))
-    groups = { { name = SLOTS[1], slot = SLOTS[1], tables = {} }, { name = SLOTS[2], slot = SLOTS[2], tables = {} } }
-    for i, t in ipairs(tables) do table.insert(groups[i % 2 + 1].tables, t) end
-    for _, g in ipairs(groups) do
-      assert(source:write("select pg_create_logical_replication_slot($1, 'pglogical')", g.slot))
-      assert(source:write("select pglogical.create_replication_set($1, false, true, true, false)", g.slot))
-      assert(source:write("select pglogical.create_replication_set($1, true, false, false, true)", "i" .. g.slot))
-      for _, t in ipairs(g.tables) do
-        local sets = t.has_pk and { g.slot, "i" .. g.slot } or { "i" .. g.slot }
-        for _, set in ipairs(sets) do
-          assert(source:write("select pglogical.replication_set_add_table($1, $2::regclass)", set, t.qualified))
+    C = cdc_lab.start{ name = "verify", ddl = DDL, cdc_poll = 0.3,
+      load = function(c)
+        assert(c.L.source:psql(SEED .. "analyze;"))
+        -- the target loaded as the full load would (another physical order)
+        for _, t in ipairs{ "orders", "carts", "stock", "audit" } do
+          assert(c.target:copy_to(c.source, ("COPY (select * from shop.%s order by 1 desc) TO STDOUT (FORMAT binary)")
+            :format(t), ("COPY shop.%s FROM STDIN (FORMAT binary)"):format(t)))
         end
-      end
-      assert(fence.add_slot(source, g.slot))
-    end
-    local start = one(source, "select pg_current_wal_lsn() as l").l
-    -- DMS's sessions as full.lua makes them: the sentinel's triggers do not fire there
-    local opts = { name = "verify", source = conninfo(L.source), target = conninfo(L.target),
-      target_overrides = { after_connect_script = "SET session_replication_role = replica" } }
-    local keys = {}
-    for _, t in ipairs(tables) do keys[t.key] = t.has_pk and t.pk_columns or false end
-    assert(sentinel.install(target, tables, keys))
-    local eps = assert(cdc.ensure_endpoints(client, groups, opts))
-    assert(cdc.test_connections(client, instance_arn, eps, { timeout = 30, poll = 0.2 }))
-    local tasks = assert(cdc.ensure_tasks(client, groups, eps, { name = "verify", instance_arn = instance_arn,
-      start_lsn = start }))
-    assert(cdc.start_tasks(client, groups, tasks, { name = "verify", pause = 0 }))
+      end,
+      groups = function(c)
+        tables = assert(catalog.tables(c.source, { schemas = { "shop" } }))
+        local g = { { slot = SLOTS[1], tables = {} }, { slot = SLOTS[2], tables = {} } }
+        for i, t in ipairs(tables) do table.insert(g[i % 2 + 1].tables, t) end
+        return g
+      end,
+      -- DMS's sessions as full.lua makes them: the sentinel's triggers do not fire there
+      target_overrides = { after_connect_script = "SET session_replication_role = replica" },
+      before_tasks = function(c)
+        local keys = {}
+        for _, t in ipairs(tables) do keys[t.key] = t.has_pk and t.pk_columns or false end
+        assert(sentinel.install(c.target, tables, keys))
+      end }
+    L, source, target, groups, dir = C.L, C.source, C.target, C.groups, T.dir("verify")
   end)
-  teardown(function()
-    if source then source:close() end
-    if target then target:close() end
-    if L then L:stop() end
-  end)
+  teardown(function() if C then C:stop() end end)
 
   it("under writes that never stop: no difference in flight, a row changed behind DMS's back named by key", function()
     local stop_writer = start_writer()
