@@ -205,6 +205,43 @@ describe("the worker executable", function()
     assert.is_true(found)
   end)
 
+  it("is the one a host names with migrun_set_worker, before MIGRUN_WORKER", function()
+    write(dir .. "/setter.c", [[
+      #include <errno.h>
+      #include <stdio.h>
+      #include <lauxlib.h>
+      #include <lualib.h>
+      #include <migrun.h>
+      int main(int argc, char **argv) {
+          (void)argc;
+          if (migrun_set_worker("/no/such/worker") == 0 || errno != ENOENT)
+              return 3;
+          if (migrun_set_worker(argv[1]) != 0)
+              return 4;
+          lua_State *L = luaL_newstate();
+          luaL_openlibs(L);
+          migrun_openlibs(L);
+          int status = luaL_loadfile(L, argv[2]) || migrun_docall(L, 0, 0);
+          if (status)
+              fprintf(stderr, "%s\n", lua_tostring(L, -1));
+          lua_close(L);
+          return status;
+      }
+    ]])
+    local _, _, _, flags = proc.run{ "pkg-config", "--cflags", "--libs", "lua5.4" }
+    local cc = { "cc", "-Wall", "-Werror", "-o", dir .. "/setter", dir .. "/setter.c", "-I" .. SOURCE .. "/runtime/include",
+      "-L" .. BUILD, "-lmigrun", "-Wl,-rpath," .. BUILD }
+    for word in flags:gmatch("%S+") do cc[#cc + 1] = word end
+    if SANITIZE then cc[#cc + 1] = "-fsanitize=address,undefined" end
+    local okc, _, _, _, errc = proc.run(cc)
+    assert(okc, errc)
+    -- a worker shipped where the library would not look, under a name of the host's
+    assert(proc.run{ "mkdir", "-p", dir .. "/elsewhere" })
+    assert(proc.run{ "cp", WORKER, dir .. "/elsewhere/my-worker" })
+    assert_pool(dir .. "/elsewhere/my-worker", run({ dir .. "/setter", dir .. "/elsewhere/my-worker", script },
+      { MIGRUN_WORKER = "/no/such/worker" }))
+  end)
+
   it("refuses to serve a library of another version", function()
     local ok, out, err = run({ WORKER, "-e", "print('ran')" }, { MIGRUN_WORKER_VERSION = "0.0.1" })
     assert.is_falsy(ok)
