@@ -19,7 +19,9 @@
  */
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <lauxlib.h>
 #include <lualib.h>
@@ -125,28 +127,37 @@ static int threads(void) {
 /* ---- stop: each state's guard stops that state only -------------------- */
 
 /* A's guard: a worker (the migrun Lua library in a child process) that asks
- * its parent to stop, as migrun's WAL guard does. */
+ * its parent to stop, as migrun's WAL guard does, then says it has asked (in
+ * the file FLAG, which both states know). */
 static const char A_LISTENS[] = "host, proc = require 'migrun.host', require 'migrun.proc'\n"
                                 "host.listen_stop(true)\n"
                                 "guard = assert(proc.spawn(assert(host.worker_spec{ '-e', ([[\n"
                                 "  local host = require 'migrun.host'\n"
-                                "  host.sleep(0.3)\n"
+                                "  host.sleep(0.2)\n"
                                 "  assert(host.request_stop(%d))\n"
-                                "]]):format(host.pid), stdin = false })))\n"
+                                "  assert(host.write_file(%q, 'asked'))\n"
+                                "]]):format(host.pid, FLAG), stdin = false })))\n"
                                 "host.listen_stop(true, guard.pid)\n";
 
-/* B listens to a guard of its own, which never asks; meanwhile it waits. */
+/* B listens to a guard of its own, which never asks, and waits, armed, for
+ * a child of its own until A's guard has asked. */
 static const char B_WAITS[] =
     "local host, proc = require 'migrun.host', require 'migrun.proc'\n"
     "host.listen_stop(true)\n"
-    "local quiet = assert(proc.spawn{ 'sleep', '1.5' })\n"
+    "local quiet = assert(proc.spawn{ 'sleep', '60' })\n"
     "host.listen_stop(true, quiet.pid)\n"
-    "host.arm_stop(true)\n"
-    "local ok, e = pcall(function() return quiet:wait() end)\n"
+    "local ok, e = pcall(function()\n"
+    "  host.arm_stop(true)\n"
+    "  local deadline = host.monotonic() + 30\n"
+    "  repeat quiet:wait(0.05) until io.open(FLAG) or host.monotonic() > deadline\n"
+    "  return io.open(FLAG) ~= nil\n"
+    "end)\n"
     "host.arm_stop(false)\n"
     "host.listen_stop(false)\n"
-    "assert(ok and e == true, 'B was stopped: ' .. tostring(e))\n"
-    "print('stop: state B waited for its child to the end, not stopped')\n";
+    "quiet:close()\n"
+    "assert(ok, 'B was stopped: ' .. tostring(e))\n"
+    "assert(e, 'A\\'s guard never asked')\n"
+    "print('stop: state B waited while the other state\\'s guard asked, not stopped')\n";
 
 static const char A_STOPPED[] =
     "local ok, e = pcall(function() host.arm_stop(true) host.sleep(10) end)\n"
@@ -157,12 +168,25 @@ static const char A_STOPPED[] =
     "print('stop: state A was stopped by its guard (' .. e.message .. ')')\n";
 
 static int stop(void) {
+    char flag[] = "/tmp/migrun-two-states.XXXXXX";
+    int fd = mkstemp(flag);
+    if (fd < 0)
+        return 0;
+    close(fd);
+    unlink(flag); /* the guard creates it once it has asked */
     lua_State *a = new_state("A"), *b = new_state("B");
-    int ok = a != NULL && b != NULL && run(a, A_LISTENS) && run(b, B_WAITS) && run(a, A_STOPPED);
+    int ok = a != NULL && b != NULL;
+    for (int i = 0; ok && i < 2; i++) {
+        lua_State *L = i == 0 ? a : b;
+        lua_pushstring(L, flag);
+        lua_setglobal(L, "FLAG");
+    }
+    ok = ok && run(a, A_LISTENS) && run(b, B_WAITS) && run(a, A_STOPPED);
     if (a)
         lua_close(a);
     if (b)
         lua_close(b);
+    unlink(flag);
     return ok;
 }
 

@@ -53,7 +53,7 @@ p = pool.new{ jobs = 3, entry = "helpers.pool_probe", on_event = function(task, 
     most = math.max(most, p:running())
   end
 end }
-for n = 1, 3 do p:add{ job = { seconds = 1, n = n } } end
+for n = 1, 3 do p:add{ job = { seconds = 0.5, n = n } } end
 local ok, failure = p:run()
 assert(ok, failure and (tostring(failure.message) .. "\n" .. tostring(failure.detail)))
 table.sort(programs)
@@ -289,7 +289,7 @@ describe("examples/two_states.c", function()
     for _, line in ipairs{ "interleaved: state A got its 500 lines", "interleaved: state B got its 500 lines",
         "threads: state A ran 40 rounds of 3 children, every line to its callback",
         "threads: state B ran 40 rounds of 3 children, every line to its callback",
-        "stop: state B waited for its child to the end, not stopped",
+        "stop: state B waited while the other state's guard asked, not stopped",
         "stop: state A was stopped by its guard (stopped by migrun's guard)" } do
       assert.truthy(out:find(line, 1, true), line .. " not in:\n" .. out)
     end
