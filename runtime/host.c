@@ -323,9 +323,28 @@ static int library_file(char *out) {
     if (dladdr1((void *)migrun_openlibs, &info, (void **)&map, RTLD_DL_LINKMAP) == 0 ||
         info.dli_fname == NULL)
         return 0;
-    /* the main program's name in the link map is empty (dladdr gives argv[0]) */
-    const char *file = map != NULL && map->l_name[0] != '\0' ? info.dli_fname : "/proc/self/exe";
-    return realpath(file, out) != NULL;
+    char exe[PATH_MAX];
+    const char *file = info.dli_fname;
+    if (map == NULL || map->l_name[0] == '\0') {
+        /* the main program: its name in the link map is empty (dladdr gives
+         * argv[0]); the kernel's link names it, " (deleted)" once a rebuild
+         * or an upgrade replaced it while it runs */
+        ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+        if (n <= 0)
+            return 0;
+        exe[n] = '\0';
+        const char *gone = " (deleted)";
+        size_t g = strlen(gone);
+        if ((size_t)n > g && strcmp(exe + n - g, gone) == 0)
+            exe[n - g] = '\0';
+        file = exe;
+    }
+    if (realpath(file, out) != NULL)
+        return 1;
+    if (file[0] != '/' || strlen(file) >= PATH_MAX)
+        return 0;
+    strcpy(out, file); /* replaced and gone: its directory still says where to look */
+    return 1;
 }
 
 /* Appends a candidate to the list tried; 1 (with path resolved into found)
