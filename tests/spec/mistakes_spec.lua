@@ -143,7 +143,7 @@ describe("configuration mistakes (docs/mistakes.md)", function()
         local f = refused(r, "source", "max_slot_wal_keep_size", "max_slot_wal_keep_size = 1 MB: PostgreSQL "
           .. "invalidates a slot that holds more WAL (wal_status 'lost')")
         assert.truthy(f.message:find("Too small: the slots hold WAL for at least 1 h 00 min", 1, true), f.message)
-        assert.truthy(f.message:find("of WAL measured over 1 s, at least 1.0 GiB assumed", 1, true), f.message)
+        assert.truthy(f.message:find("of WAL measured over %d+ s, at least 1%.0 GiB assumed"), f.message)
         assert.truthy(f.hint:find("ALTER SYSTEM SET max_slot_wal_keep_size = -1; SELECT pg_reload_conf()", 1, true))
         set_keep("2GB")
         r = run()
