@@ -365,11 +365,18 @@ local function timeout_error(where, what, timeout, last)
     retryable = false }
 end
 
+-- The first looks of a wait come soon, FIRST_LOOK seconds after the call
+-- and doubling up to the caller's poll: a transition DMS makes in a second is
+-- seen in about a second, not a whole poll later, for a few more Describe
+-- calls (log2(poll / FIRST_LOOK), 4 for a 2 s poll) on a long one.
+local FIRST_LOOK = 0.125
+
 -- Polls describe until done(item) says yes or no; generic waiter.
 function Client:_wait(where, what, timeout, poll, probe)
   timeout, poll = timeout or 900, poll or 15
   local deadline = host.monotonic() + timeout
   local last = "nothing"
+  local step = math.min(FIRST_LOOK, poll)
   while true do
     local done, result, seen = probe()
     if done == true then return result end
@@ -377,7 +384,8 @@ function Client:_wait(where, what, timeout, poll, probe)
     last = seen or last
     local left = deadline - host.monotonic()
     if left <= 0 then return nil, timeout_error(where, what, timeout, last) end
-    self.sleep(math.min(poll, left))
+    self.sleep(math.min(step, left))
+    step = math.min(2 * step, poll)
   end
 end
 

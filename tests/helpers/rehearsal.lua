@@ -215,11 +215,24 @@ function M.copy_main(R, name)
   return path
 end
 
+-- What a rehearsal's playbooks wait for that no spec is about, shortened:
+-- know_data samples the write rates over 1 s (5 by default), the tasks start
+-- 0.2 s apart (1 s in the demo's config). A spec's own config wins.
+local function quick() return { know_data = { write_rate_seconds = 1 }, dms = { start_pause = 0.2 } } end
+
+local function merged(into, from)
+  for k, v in pairs(from or {}) do
+    if type(v) == "table" and type(into[k]) == "table" and #v == 0 then merged(into[k], v) else into[k] = v end
+  end
+  return into
+end
+
 function M.rehearsal(tag, opts)
   opts = opts or {}
   local dir = M.tmpdir(tag)
+  local config = merged(quick(), opts.config)
   local R = assert(demo.rehearsal{ dir = dir, scale = opts.scale or (M.SANITIZE and 0.05 or 0.2),
-    name = opts.name or tag, config = opts.config, sample = opts.sample, dms = opts.dms or { delays = { task_create = 0.1,
+    name = opts.name or tag, config = config, sample = opts.sample, dms = opts.dms or { delays = { task_create = 0.1,
       task_start = 0.1, task_stop = 0.1, connection = 0.1, cdc_poll = 0.1, endpoint_delete = 0.1,
       task_delete = 0.1, task_modify = 0.1 } } })
   return R

@@ -220,6 +220,23 @@ describe("dms client", function()
     assert.is_true(aws.monotonic() - t0 < 3)
   end)
 
+  it("looks again soon at first, then every poll: a short transition costs no whole poll", function()
+    local s = serve[[ return function(req, n)
+      return { status = 200, body = '{"ReplicationTasks":[{"Status":"' .. (n < 7 and "starting" or "running") .. '"}]}' }
+    end ]]
+    local waited = {}
+    local c = client(s, { sleep = function(t) waited[#waited + 1] = t end })
+    assert.are.equal("running", assert(c:wait_for_task("arn:t", "running", 60, 2)).Status)
+    assert.are.same({ 0.125, 0.25, 0.5, 1, 2, 2 }, waited)
+    -- a poll shorter than the first look is the poll
+    waited = {}
+    c = client(serve[[ return function(req, n)
+      return { status = 200, body = '{"ReplicationTasks":[{"Status":"' .. (n < 3 and "starting" or "running") .. '"}]}' }
+    end ]], { sleep = function(t) waited[#waited + 1] = t end })
+    assert(c:wait_for_task("arn:t", "running", 60, 0.05))
+    assert.are.same({ 0.05, 0.05 }, waited)
+  end)
+
   it("waits for a connection test", function()
     local s = serve[[ return function(req, n)
       return { status = 200, body = '{"Connections":[{"Status":"' .. (n < 3 and "testing" or "successful") .. '"}]}' }
