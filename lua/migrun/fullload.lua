@@ -47,6 +47,19 @@ Why it is shaped this way:
   start. Foreign keys and the rest of post-data come after the load.
 - Progress is in COPY bytes (binary rows as sent) against the expected size
   (the tables' `bytes`): a close estimate, not a promise.
+- The world failing (issue 24, docs/faults.md): a worker whose connection is
+  lost (a server restarted, a network failed, a COPY stalled: err.lost)
+  connects again every 2 s up to opts.reconnect_timeout, ends the sessions
+  the lost connections may have left on the servers, checks the replica
+  again and does its item again in a new transaction, up to opts.attempts
+  times (migrun.fullload_worker); a chunk whose COMMIT may have gone through
+  is asked about first, so nothing loads twice. The parent's own session on
+  the target (the acknowledgements) is made again the same way, its
+  advisory locks taken again: they are keyed by a class of this run's, not
+  by a session. A full disk (err.disk_full) is never tried again: the run
+  stops with the target's storage named, what to do, and the journal to
+  resume from. Each loss and recovery is said through opts.echo (with the
+  seconds it took) and listed in the result's `recoveries`.
 
   local fullload = require "migrun.fullload"
   local state = {}                       -- journaled by the caller: see opts.state
@@ -61,7 +74,8 @@ Why it is shaped this way:
   })
 
   fullload.run(opts) -> { tables = {r...}, chunks = {c...}, bytes=, rows=, seconds=,
-                          streams=, skipped = {"s.t"}, split = {["s.t"] = plan} } | nil, err
+                          streams=, skipped = {"s.t"}, split = {["s.t"] = plan},
+                          recoveries = {r...} } | nil, err
       opts.replica, opts.target: conninfo strings; opts.tables: list of
       { schema=, name=, bytes= }; opts.jobs (default 2); opts.expect_replay_lsn
       (required: an LSN string or migrun.lsn value).
@@ -82,6 +96,14 @@ Why it is shaped this way:
       on_chunk and on_post are called once what they tell is saved.
       opts.done: a set of "s.t" already loaded (as state.loaded).
       opts.post: { ["s.t"] = schema.table_post_data items }.
+      opts.reconnect_timeout (seconds, default 300), opts.attempts (default
+      5): a lost connection (above); opts.stall_timeout: the COPY stall
+      bound of the workers' connections (default pg.STALL_TIMEOUT, 20 s);
+      the short statements of the workers and the parent (BEGIN, COMMIT,
+      locks) are bounded by 3 x it. opts.on_recovery(r): r = { table =,
+      chunk =, index =, op =, attempt =, message =, seconds = (lost to
+      going again), outcome = "redo" | "committed", lost_at = host.now() when
+      the worker lost it }.
       opts.analyze (default true). opts.dry_run with opts.echo(line): print
       the split, the expected streams and every statement, run nothing;
       opts.progress_interval (seconds between progress reports, default 1).
@@ -92,7 +114,8 @@ Why it is shaped this way:
       on_progress(bytes_done, bytes_total, rows_done, detail) with detail =
       { table=, chunk=, stream=, pid=, bytes=, rows= } (what moved).
       Callbacks run in the parent, between reads.
-      err: kind "fullload", where "stream k" or the server, table = "s.t".
+      err: kind "fullload", where "stream k" or the server, table = "s.t";
+      err.disk_full: the target's storage is full (the message says what to do).
   fullload.plan(tables, jobs) -> { {tables = {...}, bytes = n}, ... }   the LPT split
       (what the streams are expected to do; the run itself schedules as tasks end)
   fullload.chunk_size(bytes, jobs) -> the default chunk_bytes
@@ -108,6 +131,7 @@ and Load:enqueue_post). Journal writes and the callbacks they gate go
 through a Saver. What a worker does is migrun.fullload_worker.
 ]]
 local pg = require "migrun.pg"
+local db = require "migrun.db"
 local pool = require "migrun.pool"
 local chunks = require "migrun.chunks"
 local errors = require "migrun.error"
@@ -263,6 +287,13 @@ local function check_opts(opts)
   end
   assert(opts.save_interval == nil or (type(opts.save_interval) == "number" and opts.save_interval >= 0),
     "fullload.run: opts.save_interval must be a number of seconds >= 0")
+  assert(opts.reconnect_timeout == nil or (type(opts.reconnect_timeout) == "number" and opts.reconnect_timeout > 0),
+    "fullload.run: opts.reconnect_timeout must be a number of seconds > 0")
+  assert(opts.attempts == nil or (math.type(opts.attempts) == "integer" and opts.attempts >= 1 and opts.attempts < 128),
+    "fullload.run: opts.attempts must be a whole number from 1 to 127")
+  assert(opts.on_recovery == nil or type(opts.on_recovery) == "function", "fullload.run: opts.on_recovery must be a function")
+  assert(opts.stall_timeout == nil or (type(opts.stall_timeout) == "number" and opts.stall_timeout > 0),
+    "fullload.run: opts.stall_timeout must be a number of seconds > 0")
   return jobs, tostring(expected)
 end
 
@@ -311,7 +342,15 @@ function Load.new(opts)
     post_times = {},      -- "s.t" -> { started, ended, stream }
     parallel_post = {},   -- "s.t" -> true: its index items are tasks of their own, ANALYZE after them
     acked = {},           -- ack key -> true while the parent holds it
+    chunk_ack = {},       -- "s.t#i" -> the ack key last taken for that chunk
     ack_serial = 0,       -- the last chunk's advisory lock key: unique in this run
+    -- the advisory lock class of this run's acknowledgements: a session of
+    -- the parent's that is lost and made again takes its locks again
+    ack_class = math.random(1, 0x7fffffff),
+    reconnect_timeout = opts.reconnect_timeout or db.RECONNECT_TIMEOUT, attempts = opts.attempts or 5,
+    short = 3 * (opts.stall_timeout or pg.STALL_TIMEOUT), -- the parent's statements are short (as the workers')
+    recoveries = {},      -- each lost connection a worker rode out
+    lost_message = {},    -- "s.t[#i]/op" -> how its connection was lost
     batch = {}, batch_bytes = 0,
   }, Load)
 end
@@ -327,12 +366,41 @@ function Load:connect()
   if not self.replica then return nil, err end
   self.target, err = pg.connect(self.opts.target, { name = "target" })
   if not self.target then self.replica:close() return nil, err end
+  self.target_backend, err = db.backend(self.target)
+  if not self.target_backend then self:close() return nil, err end
   return true
 end
 
-function Load:close()
-  self.replica:close()
+-- A statement on the parent's target session, which is made again when it
+-- is lost (the statements sent here may run twice: locks, unlocks, status
+-- questions, a TRUNCATE before anything loads); the locks it held are taken
+-- again, and the session it had is ended.
+function Load:target_exec(sql, ...)
+  local stmt = { sql, n = select("#", ...) + 1, timeout = self.short, ... }
+  local res, err = self.target:exec(stmt)
+  if res or not db.is_lost(err) then return res, err end
   self.target:close()
+  local opts = self.opts
+  local conn, waited = db.reconnect(function() return pg.connect(opts.target, { name = "target" }) end,
+    { timeout = self.reconnect_timeout })
+  if not conn then return nil, waited end
+  self.target = conn
+  local ok, eerr = db.end_backend(conn, self.target_backend)
+  if not ok then return nil, eerr end
+  self.target_backend, eerr = db.backend(conn)
+  if not self.target_backend then return nil, eerr end
+  self.echo(("the full load's own target session was lost (%s); connected again after %.1f s"):format(
+    tostring(err.message), waited))
+  for ack in pairs(self.acked) do
+    local r, lerr = conn:exec{ "select pg_advisory_lock($1::int, $2::int)", self.ack_class, ack, timeout = self.short }
+    if not r then return nil, lerr end
+  end
+  return conn:exec(stmt)
+end
+
+function Load:close()
+  if self.replica then self.replica:close() end
+  if self.target then self.target:close() end
 end
 
 -- What is pending, largest first, and the sizes that follow from it.
@@ -426,7 +494,8 @@ function Load:new_pool()
   self.pool = pool.new{ jobs = self.jobs, entry = WORKER, on_tick = function() self.saver:flush_due() end }
   self.pool.on_event = function(task, ev) return self:on_event(task, ev) end
   self.job_base = { replica = self.opts.replica, target = self.opts.target, expect_replay_lsn = self.expected,
-    progress_interval = self.opts.progress_interval or 1.0, ack_pid = self.target:backend_pid(),
+    progress_interval = self.opts.progress_interval or 1.0, ack_class = self.ack_class,
+    reconnect_timeout = self.reconnect_timeout, attempts = self.attempts, stall_timeout = self.opts.stall_timeout,
     application_name = pg.application_name("fullload") } -- the run's identity (migrun.playbook.sessions)
 end
 
@@ -638,7 +707,7 @@ end
 -- complete already (a rerun) go on to their indexes.
 function Load:prepare_target()
   for _, t in ipairs(self.truncates) do
-    local res, err = self.target:exec("TRUNCATE " .. pg.qualify(t.schema, t.name))
+    local res, err = self:target_exec("TRUNCATE " .. pg.qualify(t.schema, t.name))
     if not res then err.table = key(t) return nil, err end
   end
   for k in pairs(self.split) do
@@ -692,14 +761,32 @@ function EVENTS.loaded(load, task, ev, k, mkey)
   return true
 end
 
+-- The lock that let a chunk commit, released (its chunk committed, or its
+-- attempt was lost).
+function Load:release_ack(mkey)
+  local ack = self.chunk_ack[mkey]
+  if not ack then return true end
+  self.chunk_ack[mkey] = nil
+  if not self.acked[ack] then return true end
+  -- still held if the session is made again meanwhile: the unlock then finds it
+  local res, err = self:target_exec("select pg_advisory_unlock($1::int, $2::int)", self.ack_class, ack)
+  if not res then return nil, err end
+  self.acked[ack] = nil
+  return true
+end
+
 -- A chunk about to commit: journaled, then allowed (the advisory lock its worker waits for).
-function EVENTS.commit(load, task, ev, k)
+function EVENTS.commit(load, task, ev, k, mkey)
+  local ok, err = load:release_ack(mkey) -- an earlier attempt's, lost
+  if not ok then return nil, err end
   load.split[k].committing[tostring(ev.chunk)] = { xid = ev.xid, rows = ev.rows, bytes = ev.bytes,
     started = ev.started, stream = task.stream }
   load:save("chunks", true) -- the journal knows the transaction before it may commit
-  local res, err = load.target:exec("select pg_advisory_lock($1::int, $2::int)", load.job_base.ack_pid, ev.ack)
+  load.chunk_ack[mkey] = ev.ack
+  local res
+  res, err = load:target_exec("select pg_advisory_lock($1::int, $2::int)", load.ack_class, ev.ack)
   if not res then return nil, err end
-  load.acked[ev.ack] = true
+  load.acked[ev.ack] = true -- taken again if the session is lost and made again
   return true
 end
 
@@ -714,11 +801,8 @@ function EVENTS.chunk(load, task, ev, k, mkey)
                            seconds = c.seconds, stream = c.stream, xid = c.xid }
   cs.committing[tostring(i)] = nil
   load:save("chunks")
-  if load.acked[ev.ack] then
-    local res, err = load.target:exec("select pg_advisory_unlock($1::int, $2::int)", load.job_base.ack_pid, ev.ack)
-    if not res then return nil, err end
-    load.acked[ev.ack] = nil
-  end
+  local ok, err = load:release_ack(mkey)
+  if not ok then return nil, err end
   load.bytes_done, load.rows_done = load.bytes_done + c.bytes, load.rows_done + c.rows
   load.chunk_results[#load.chunk_results + 1] = c
   load:tell(load.opts.on_chunk, c)
@@ -754,6 +838,44 @@ function EVENTS.analyzed(load, task, ev, k)
   return true
 end
 
+-- What an item is, in a line.
+local function item_label(load, ev, k)
+  if ev.op == "chunk" and load.split[k] then return chunk_label(load.split[k].plan, ev.chunk) end
+  if ev.op == "index" then return ("%s of %s"):format(ev.index, k) end
+  if ev.op == "analyze" then return "ANALYZE of " .. k end
+  return k
+end
+
+-- A worker lost a connection: what it was doing is thrown away, and said.
+function EVENTS.retry(load, task, ev, k, mkey)
+  load.moving[mkey] = nil
+  load.lost_message[mkey .. "/" .. (ev.index or ev.op)] = ev.message
+  load.echo(("%s: connection lost (%s): connecting again, attempt %d of %d next"):format(item_label(load, ev, k),
+    ev.message, ev.attempt + 1, ev.attempts))
+  if ev.op == "chunk" then return load:release_ack(mkey) end
+  return true
+end
+
+-- ... and connected again: the item is done again (or its lost COMMIT went through).
+function EVENTS.recovered(load, task, ev, k, mkey)
+  local rkey = mkey .. "/" .. (ev.index or ev.op)
+  local seconds = ev.lost_seconds or ev.seconds
+  local r = { table = k, chunk = ev.chunk, index = ev.index, op = ev.op, attempt = ev.attempt, seconds = seconds,
+    outcome = ev.outcome, message = load.lost_message[rkey], stream = task.stream, lost_at = ev.lost_at }
+  load.recoveries[#load.recoveries + 1] = r
+  load.echo(("%s: connected again after %.1f s (lost %.1f s ago); %s"):format(item_label(load, ev, k), ev.seconds,
+    seconds, ev.outcome == "committed" and "its COMMIT had gone through: not loaded again"
+      or ("done again (attempt %d)"):format(ev.attempt)))
+  if load.opts.on_recovery then load.opts.on_recovery(r) end
+  return true
+end
+
+-- The error a worker ends with, whole (the pool passes on its message only).
+function EVENTS.failed(load, task, ev)
+  load.worker_error = ev
+  return true
+end
+
 -- The pool's on_event: one worker event. -> true | nil, err (stops the run)
 function Load:on_event(task, ev)
   local handler = EVENTS[ev.event]
@@ -762,10 +884,31 @@ function Load:on_event(task, ev)
   return handler(self, task, ev, k, ev.chunk and (k .. "#" .. ev.chunk) or k)
 end
 
+-- A worker's error rebuilt from its "failed" event; a full disk said as what to do.
+local function worker_error(ev, stream)
+  local what = ev.table and (ev.chunk and ("chunk %d of %s"):format(ev.chunk, ev.table)
+    or ev.index and ("%s of %s"):format(ev.index, ev.table) or ev.table) or "the load"
+  if ev.disk_full then
+    return errors.new{ kind = "fullload", where = "target", table = ev.table, chunk = ev.chunk, disk_full = true,
+      sqlstate = ev.sqlstate, stream = stream,
+      message = ("the target's storage is full: %s (while loading %s; what it was writing was rolled back)")
+        :format(tostring(ev.message), what),
+      hint = "grow the target's storage (RDS: modify the instance's allocated storage, or turn on storage "
+        .. "autoscaling) and wait until it is available, then run the same command again: the tables and chunks "
+        .. "already committed are kept, the rest loads from where it stopped; migrun never retries a full disk" }
+  end
+  local message = tostring(ev.message)
+  if ev.table and not message:find(ev.table, 1, true) then message = ("loading %s: %s"):format(what, message) end
+  return errors.new{ kind = ev.kind or "fullload", where = ev.where or ("stream " .. tostring(stream)),
+    table = ev.table, chunk = ev.chunk, sqlstate = ev.sqlstate, lost = ev.lost, promoted = ev.promoted,
+    moved = ev.moved, stream = stream, message = message, hint = ev.hint }
+end
+
 -- The pool's failure as fullload.run's error.
 function Load:failure(f)
   local tname = f.table or (f.task and f.task.label and f.task.label:match("^%a+ ([^%s]+)")) or nil
   if f.error and errors.is(f.error) then return nil, f.error end
+  if self.worker_error then return nil, worker_error(self.worker_error, f.stream) end
   local msg = f.message or "failed"
   if tname and not msg:find(tname, 1, true) then msg = ("loading %s: %s"):format(tname, msg) end
   return fail(f.where or ("stream " .. tostring(f.stream)), msg, {
@@ -788,7 +931,7 @@ function Load:execute()
   for _, r in ipairs(self.results) do bytes, rows = bytes + (r.bytes or 0), rows + (r.rows or 0) end
   return { tables = self.results, chunks = self.chunk_results, bytes = bytes, rows = rows,
            seconds = host.monotonic() - self.t0, streams = self.streams, skipped = self.skipped,
-           split = self:split_plans() }
+           split = self:split_plans(), recoveries = self.recoveries }
 end
 
 function fullload.run(opts)

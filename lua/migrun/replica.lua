@@ -23,6 +23,15 @@ requests through Db:write (a dry run prints them and pauses nothing).
       replay LSN at once (a resumed run). In a dry run: the request is echoed
       and the replay LSN now is returned (nothing was paused).
   replica.resume(db) -> true | nil, err      idempotent
+  replica.check_paused(db, at) -> true | nil, why   (a resumed run; below)
+  replica.repause(db, at, { timeout = 30, poll = 0.2 }) -> true | nil, err
+      A replica that is no longer paused (restarted: PostgreSQL keeps the
+      pause in shared memory only, so a restarted standby replays again) but
+      still replays nothing past `at` is paused again there; one that has
+      replayed past it, or was promoted, is refused with why and what to do
+      (err.moved, err.promoted).
+  replica.lost_pause(db, st, at) -> err   what a replica no longer paused at
+      `at` means for the migration, in words (st: replica.status's)
   replica.sql(server_version_num) -> the version's SQL texts (unit-tested for 9.6)
 ]]
 local lsn = require "migrun.lsn"
@@ -194,21 +203,75 @@ function replica.resume(db)
   return true
 end
 
+-- When the server (re)started, as text, for messages.
+local function started_at(db)
+  local res = db:query("select pg_postmaster_start_time()::text as t")
+  return res and res[1] and res[1].t or nil
+end
+
+function replica.lost_pause(db, st, at)
+  local name = db:name()
+  if not st.in_recovery then
+    return failure(db, ("the maintenance replica (%s) is no longer in recovery: it was promoted, and the snapshot at "
+      .. "the captured LSN %s is gone with it"):format(name, tostring(at)), { promoted = true,
+      hint = "nothing can be read at the captured LSN any more: rebuild the maintenance replica from the primary "
+        .. "(a new standby), then start the migration again with playbooks/full_restart.lua" })
+  end
+  local since = started_at(db)
+  return failure(db, ("the maintenance replica (%s) is no longer paused (%s) and has replayed past the captured "
+    .. "LSN %s (replay is at %s)%s: what it holds is no longer the snapshot the load read"):format(name,
+    tostring(st.pause_state), tostring(at), tostring(st.replay_lsn),
+    since and ("; it (re)started at " .. since .. ", and PostgreSQL does not keep a pause across a restart") or ""),
+    { moved = true, hint = "the tables loaded so far match the captured LSN, the replica does not: start the "
+      .. "migration again with playbooks/full_restart.lua (and keep the replica from restarting or resuming "
+      .. "during the full load)" })
+end
+
+function replica.repause(db, at, opts)
+  assert(db and db.write, "replica.repause: a migrun.db Db expected")
+  opts = opts or {}
+  at = lsn(tostring(at))
+  local st, err = replica.status(db)
+  if not st then return nil, err end
+  if st.in_recovery and st.pause_state == "paused" and st.replay_lsn == at then return true end
+  if not st.in_recovery or not st.replay_lsn or st.replay_lsn ~= at then return nil, replica.lost_pause(db, st, at) end
+  local res
+  res, err = db:write(replica.sql(st.server_version).pause)
+  if not res then return nil, err end
+  if db.dry_run then return true end
+  local deadline = host.monotonic() + (opts.timeout or 30)
+  while true do
+    st, err = replica.status(db)
+    if not st then return nil, err end
+    if not st.in_recovery or not st.replay_lsn or st.replay_lsn ~= at then return nil, replica.lost_pause(db, st, at) end
+    if st.pause_state == "paused" then return true end
+    if host.monotonic() > deadline then
+      return nil, errors.new{ kind = "timeout", where = db:name(),
+        message = ("replay did not pause again within %gs (pause state: %s)"):format(opts.timeout or 30,
+          tostring(st.pause_state)), hint = "pause it by hand (select pg_wal_replay_pause()) and run again" }
+    end
+    host.sleep(opts.poll or 0.2)
+  end
+end
+
 --[[ replica.check_paused(db, at) -> true | nil, why
      On a resumed run: the replica is still paused exactly at the captured
-     LSN, so what the full load reads is still the snapshot CDC starts from. ]]
+     LSN, so what the full load reads is still the snapshot CDC starts from.
+     A replica that restarted (it then replays again) is paused again if it
+     has replayed nothing past the captured LSN; otherwise why says what
+     happened and what to do. ]]
 function replica.check_paused(db, at)
   local st, err = replica.status(db)
   if not st then return nil, tostring(err) end
-  if not st.in_recovery then return nil, db:name() .. " is no longer in recovery (promoted?)" end
-  if st.pause_state ~= "paused" then
-    return nil, ("%s is no longer paused (%s): the snapshot at %s is gone; "
-      .. "run playbooks/full_restart.lua, or resume from the pause: --from pause_replica")
-      :format(db:name(), tostring(st.pause_state), tostring(at))
+  if st.in_recovery and st.pause_state == "paused" then
+    if tostring(st.replay_lsn) ~= tostring(at) then
+      return nil, ("%s is paused at %s, not at the captured %s"):format(db:name(), tostring(st.replay_lsn), tostring(at))
+    end
+    return true
   end
-  if tostring(st.replay_lsn) ~= tostring(at) then
-    return nil, ("%s is paused at %s, not at the captured %s"):format(db:name(), tostring(st.replay_lsn), tostring(at))
-  end
+  local ok
+  ok, err = replica.repause(db, at)
+  if not ok then return nil, tostring(err) end
   return true
 end
 

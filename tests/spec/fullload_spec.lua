@@ -611,10 +611,17 @@ describe("migrun.fullload", function()
     truncate_target()
     -- (replica.resume: replay can cancel the resuming statement itself for a conflict)
     assert(require("migrun.replica").resume(replica_db))
+    -- replay moves on: a replica that replayed nothing would be paused again (issue 24)
+    q(L.source, ("insert into %s.small1 values (1001, 'replayed')"):format(S))
+    local deadline = host.monotonic() + 30
+    while q(L.replica, ("select pg_last_wal_replay_lsn() > '%s'"):format(tostring(at))) ~= "t"
+        and host.monotonic() < deadline do host.sleep(0.1) end
     local r, err = run{ jobs = 1 }
     assert.is_nil(r)
     local text = tostring(err)
-    assert.truthy(text:find("the replica is not paused", 1, true), text)
+    assert.truthy(text:find("is no longer paused", 1, true), text)
+    assert.truthy(text:find("has replayed past the captured LSN", 1, true), text)
+    assert.truthy(err.moved, text)
     assert.truthy(text:find("before loading fl.big", 1, true), text)
     assert.truthy(text:find("[replica ", 1, true), text)
     assert.is_true(target_empty())

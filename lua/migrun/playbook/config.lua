@@ -349,6 +349,13 @@ config.SCHEMA = record({
       .. "resume one by one (default: 2 x chunk_bytes)") },
     { "analyze", bool{ default = true,
       doc = "ANALYZE each table on the target as soon as it is loaded and indexed" } },
+    { "reconnect_timeout", seconds(300, "how long migrun connects again, every 2 s, to a server whose connection "
+      .. "was lost (a restart, a failover, a network that failed or stalled) before it stops: the full load's "
+      .. "workers, and every step's connections (docs/faults.md)", 1) },
+    { "attempts", int{ default = 5, check = within(1, 100, "a whole number from 1 to 100"),
+      expected = "a whole number from 1 to 100",
+      doc = "how many times the full load runs a chunk, a table, an index build or an ANALYZE whose connection "
+        .. "was lost before it stops (a full disk is never tried again)" } },
   }, { doc = "the full load from the paused replica" }) },
   { "qa", record({
     { "timestamp_column", str{ default = "created_at",

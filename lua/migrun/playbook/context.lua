@@ -84,6 +84,11 @@ function Ctx:connect(name)
     echo = function(line)
       if ctx.dry_run then ctx:say("dry run: %s", mask(line, conninfo)) else ctx:_log("write " .. mask(line, conninfo)) end
     end,
+    -- a server that restarted, a network that failed: connect again and go
+    -- on where that is safe (migrun.db says where; docs/faults.md)
+    reopen = function() return pg.connect(conninfo, { name = name }) end,
+    reconnect_timeout = self.config.full_load and self.config.full_load.reconnect_timeout,
+    on_reconnect = function(line) ctx:warn("%s", mask(line, conninfo)) end,
   })
   if self.sessions and not self._cleared[name] then
     local ok, serr = self:_clear_earlier(name, wrapped)
