@@ -39,7 +39,10 @@ fence.write(source, slots) -> { seq, lsn, written_at } | nil, err
     One transaction: a row (slot, seq) per slot, and the slots' older rows
     deleted (the deletes replicate too: both tables stay a row per slot).
     seq grows: the clock in microseconds, or past the largest seq there.
-    In a dry run the statements are shown and nothing is written.
+    In a dry run the statements are shown and nothing is written. A source
+    whose connection is lost in the middle (a restart; the Db connects
+    again: migrun.db) is written to once more: a second fence row is
+    harmless (the older one is deleted), a fence never written is not.
 fence.seen(target, slots) -> { [slot] = largest seq on the target (0: none) } | nil, err
 fence.wait(source, target, slots, opts) -> { seq, lsn, written_at, seconds,
     slots = { {slot, seen = true, seconds} } } | nil, err
@@ -52,6 +55,7 @@ fence.drop(db) -> "dropped" | "absent" | nil, err
     nothing else is in it (full_restart.lua).
 ]]
 local pg = require "migrun.pg"
+local db = require "migrun.db"
 local errors = require "migrun.error"
 local host = require "migrun.host"
 local text = require "migrun.text"
@@ -167,9 +171,7 @@ function fence.check(source, target, slots)
   return true
 end
 
-function fence.write(source, slots)
-  assert(source and source.query and source.write, "fence.write: a migrun.db Db expected")
-  local list = check_slots(slots, "write")
+local function write_once(source, list)
   local present, err = exists(source)
   if present == nil then return nil, err end
   -- a dry run has no table to look at: the clock alone
@@ -200,6 +202,14 @@ function fence.write(source, slots)
     out.lsn = res[1].l
   end
   return out
+end
+
+function fence.write(source, slots)
+  assert(source and source.query and source.write, "fence.write: a migrun.db Db expected")
+  local list = check_slots(slots, "write")
+  local w, err = write_once(source, list)
+  if not w and db.is_lost(err) and source.reopen then w, err = write_once(source, list) end
+  return w, err
 end
 
 function fence.seen(target, slots)

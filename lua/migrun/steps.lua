@@ -90,6 +90,7 @@ function steps.load(ctx, tables, at, title)
     replica = ctx.config.replica.conninfo, target = ctx.config.target.conninfo,
     tables = tables, jobs = cfg.jobs, chunk_bytes = cfg.chunk_bytes, split_bytes = cfg.split_bytes,
     analyze = cfg.analyze, post = post, expect_replay_lsn = at, dry_run = ctx.dry_run, echo = ctx.print,
+    reconnect_timeout = cfg.reconnect_timeout, attempts = cfg.attempts, -- a lost connection (docs/faults.md)
     -- journal first: a table or a chunk said loaded is never loaded again
     state = state, save = function(fields)
       local facts = {}

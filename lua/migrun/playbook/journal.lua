@@ -26,7 +26,8 @@ one. It never holds a secret: facts are scrubbed before they are stored.
                error =, ran = {steps}, skipped = {steps} } },
   }
   J:step(playbook, step) -> record     J:steps(playbook) -> { [step] = record }
-  J:save() -> true | nil, err          no-op (true) for a read-only journal
+  J:save() -> true | nil, err          no-op (true) for a read-only journal; err
+      (kind "journal") says the state directory's disk and what to do
   journal.scrub(value) -> a copy fit for JSON and free of secrets: keys that
       name a secret (password, secret, token, ...) get "****", password=...
       in strings and user:password@ in URIs are masked, values JSON cannot
@@ -226,10 +227,21 @@ function Journal:encode()
   return json.encode(journal.scrub(self.data), { indent = "  " }) .. "\n"
 end
 
+-- A journal that cannot be written (the state directory's disk full or
+-- failing) stops the run: what was done is on the servers, and the journal on
+-- disk, replaced atomically, is the one before this change, from which a
+-- rerun resumes (a chunk is journaled before it may commit).
 function Journal:save()
   if self.read_only then return true end
   local ok, err = host.write_file(self.path, self:encode(), journal.FILE_MODE)
-  if not ok then return nil, err end
+  if not ok then
+    return nil, errors.new{ kind = "journal", where = self.path, errno = type(err) == "table" and err.errno or nil,
+      message = ("cannot write the journal %s: %s"):format(self.path,
+        tostring(type(err) == "table" and err.message or err)),
+      hint = "the state directory's disk is full or failing: free space there (or move the state directory and "
+        .. "give --state-dir), then run the same command again; the journal on disk is the last one written "
+        .. "whole, and the run resumes from it" }
+  end
   self.existed = true
   return true
 end

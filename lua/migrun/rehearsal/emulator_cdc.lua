@@ -54,7 +54,16 @@ that is modelled:
   * awsdms_status (when ControlTablesSettings.StatusTableEnabled) and
     awsdms_apply_exceptions (always) in ControlTablesSettings.ControlSchema.
 Start position: a transaction is skipped when its commit record starts
-before the start LSN (PostgreSQL's own rule for a logical start point). ]]
+before the start LSN (PostgreSQL's own rule for a logical start point).
+Recoverable errors (user guide, "Error handling task settings"; dms-api.md
+3.1): a connection to the source or the target that is lost (a server
+restarted, the network failed) does not fail the task. It stays running,
+logs the error, and connects again after RecoverableErrorInterval seconds
+(5), doubled each time while RecoverableErrorThrottling (up to
+RecoverableErrorThrottlingMax, 1800); RecoverableErrorCount (-1: forever)
+bounds the tries, after which the task fails. It goes on from what it had
+applied: a transaction already committed on the target is not applied
+again, even when the slot, after a crash of the primary, gives it again. ]]
 local pg = require "migrun.pg"
 local lsn = require "migrun.lsn"
 local json = require "migrun.json"
@@ -214,21 +223,13 @@ function M.new(o)
   e.task_name = o.task.ReplicationTaskArn:match(":task:(.+)$")
   e.server_name = o.server_name -- the replication instance, as awsdms_status names it
 
-  local err
-  e.src, err = connect(o.source, "source")
-  if not e.src then return nil, "Failed to connect to the source endpoint: " .. tostring(err) end
-  -- the decoding runs in this session: bytea in hex, whatever the server's default
-  local bok, berr = e.src:exec("set bytea_output = 'hex'")
-  if not bok then e.src:close() return nil, "Failed to set up the source session: " .. tostring(berr) end
-  e.dst, err = connect(o.target, "target")
-  if not e.dst then e.src:close() return nil, "Failed to connect to the target endpoint: " .. tostring(err) end
-  if e.after_connect and e.after_connect ~= "" then
-    local ok, aerr = e.dst:exec(e.after_connect)
-    if not ok then
-      e:close()
-      return nil, ("The target endpoint's after connect script failed: %s"):format(tostring(aerr.message or aerr))
-    end
-  end
+  local eb = settings.ErrorBehavior or {}
+  e.recoverable = { count = tonumber(eb.RecoverableErrorCount) or -1, interval = tonumber(eb.RecoverableErrorInterval) or 5,
+    throttling = eb.RecoverableErrorThrottling ~= false, max = tonumber(eb.RecoverableErrorThrottlingMax) or 1800,
+    errors = 0 }
+
+  local connected, err = e:_connect()
+  if not connected then return nil, err end
   if e.numeric_half_set then
     e:log("SOURCE_CAPTURE", "W", "MapUnboundedNumericAsString is set on one endpoint only: it must be set on the "
       .. "source and the target endpoints together; unbounded NUMERIC is carried as NUMERIC(28,6)")
@@ -272,6 +273,33 @@ function M.new(o)
   if not ok then e:close() return nil, cerr end
   e:_check_tables()
   return e
+end
+
+-- The task's two sessions (again after a recoverable error).
+function Engine:_connect()
+  local err
+  self.src, err = connect(self.source_ep, "source")
+  if not self.src then return nil, "Failed to connect to the source endpoint: " .. tostring(err) end
+  -- the decoding runs in this session: bytea in hex, whatever the server's default
+  local bok, berr = self.src:exec("set bytea_output = 'hex'")
+  if not bok then self.src:close() return nil, "Failed to set up the source session: " .. tostring(berr) end
+  self.dst, err = connect(self.target_ep, "target")
+  if not self.dst then self.src:close() return nil, "Failed to connect to the target endpoint: " .. tostring(err) end
+  if self.after_connect and self.after_connect ~= "" then
+    local ok, aerr = self.dst:exec(self.after_connect)
+    if not ok then
+      self:close()
+      return nil, ("The target endpoint's after connect script failed: %s"):format(tostring(aerr.message or aerr))
+    end
+  end
+  return true
+end
+
+-- Whether a session of the task's is gone (closed, or its connection broken).
+local function gone(conn)
+  if not conn or conn:is_closed() then return true end
+  local ok, status = pcall(conn.transaction_status, conn)
+  return not ok or status == "unknown"
 end
 
 function Engine:log(component, level, msg)
@@ -597,13 +625,49 @@ function Engine:_apply(ch)
 end
 
 -- One round: read, apply whole transactions, confirm. -> true | nil, message
+-- (a lost session: a recoverable error, see the header)
 function Engine:poll()
+  local now = self.emu.clock()
+  local rec = self.recoverable
+  if self.down then
+    if now < self.retry_at then return true end
+    local ok, err = self:_connect()
+    if not ok then return self:_recoverable(err, now) end
+    self.down = nil
+    self:log("TASK_MANAGER", "I", ("Reconnected after a recoverable error (%d so far): the task goes on from %s")
+      :format(rec.errors, tostring(self.position)))
+  end
+  local ok, err = self:_poll()
+  if ok or not (gone(self.src) or gone(self.dst)) then return ok, err end
+  return self:_recoverable(err, now)
+end
+
+-- A recoverable error: the sessions closed, a try again scheduled, or the
+-- task failed once RecoverableErrorCount is spent.
+function Engine:_recoverable(err, now)
+  local rec = self.recoverable
+  rec.errors = rec.errors + 1
+  self:close_sessions()
+  if rec.count >= 0 and rec.errors > rec.count then
+    return nil, ("%s (recoverable error %d, RecoverableErrorCount %d reached)"):format(tostring(err), rec.errors,
+      rec.count)
+  end
+  local wait = rec.interval
+  if rec.throttling then wait = math.min(rec.max, rec.interval * 2 ^ (rec.errors - 1)) end
+  self.down, self.retry_at = true, now + wait
+  self:log("SOURCE_CAPTURE", "E", ("%s (recoverable error %d: the task reconnects in %g s)"):format(tostring(err),
+    rec.errors, wait))
+  return true
+end
+
+function Engine:_poll()
   local txs, err = self:_read()
   if not txs then return nil, err end
   if #txs == 0 then return true end
   local last_end, applied_time
   for _, tx in ipairs(txs) do
-    if tx.final_lsn >= self.start then
+    -- a slot set back by a crash of the primary gives again what was applied
+    if tx.final_lsn >= self.start and not (self.applied_end and tx.end_lsn <= self.applied_end) then
       local ok, aerr = self.dst:exec("begin")
       if not ok then return nil, "Target: " .. tostring(aerr) end
       local pok, perr = pcall(function()
@@ -616,6 +680,7 @@ function Engine:poll()
       end
       ok, aerr = self.dst:exec("commit")
       if not ok then return nil, "Target commit failed: " .. tostring(aerr) end
+      self.applied_end = tx.end_lsn
       applied_time = tx.commit_time or applied_time
     end
     last_end = tx.end_lsn
@@ -635,10 +700,12 @@ function Engine:checkpoint()
 end
 
 function Engine:close()
-  if self.dst and not self.dst:is_closed() then
-    pcall(self._status, self, "NOT RUNNING")
-    self.dst:close()
-  end
+  if self.dst and not gone(self.dst) then pcall(self._status, self, "NOT RUNNING") end
+  self:close_sessions()
+end
+
+function Engine:close_sessions()
+  if self.dst and not self.dst:is_closed() then self.dst:close() end
   if self.src and not self.src:is_closed() then self.src:close() end
 end
 
