@@ -419,7 +419,10 @@ describe("migrun.fullload", function()
       assert.equal("t", q(L.target, ("select relallvisible = relpages and relpages > 0 from pg_class "
         .. "where oid = 'fl.%s'::regclass"):format(n)), n)
     end
-    assert.equal("t", q(L.target, "select relallvisible < relpages from pg_class where oid = 'fl.big'::regclass"))
+    -- (unless autovacuum came by meanwhile, as on a slow machine: it marks them)
+    assert.equal("t", q(L.target, [[select relallvisible < relpages
+      or (select autovacuum_count + vacuum_count > 0 from pg_stat_user_tables where relid = 'fl.big'::regclass)
+      from pg_class where oid = 'fl.big'::regclass]]))
   end)
 
   it("resumes after a kill: only the chunks not committed load again, and no row twice", function()
