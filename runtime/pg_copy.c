@@ -3,7 +3,11 @@
  * COPY through Lua callbacks (the sink gets chunks of about 64 KiB; the
  * source returns strings until nil), and pg.copy, which streams COPY OUT from
  * one server into COPY IN on another entirely in C, both sockets non-blocking
- * and the buffering bounded. Every wait polls, so Ctrl-C reaches a COPY; when
+ * and the buffering bounded: the source's rows gathered and handed to the
+ * target a whole buffer at a time (one CopyData message: the target reads a
+ * COPY stream whatever its message boundaries), so that relaying costs the
+ * client a send() per buffer, not a message per row and a send() per 8 KiB
+ * waking the target's backend each time. Every wait polls, so Ctrl-C reaches a COPY; when
  * one side fails or is interrupted, the source is cancelled, the target's
  * COPY is failed, and both connections are brought back to idle before the
  * error reaches Lua. Every wait is also bounded by the connection's stall
@@ -25,8 +29,12 @@
 #include "migrun_internal.h"
 #include "pg_internal.h"
 
-#define COPY_FLUSH_BYTES (64 * 1024) /* pg.copy: flush the target after this much */
+#define COPY_FLUSH_BYTES (64 * 1024) /* copy_in: flush the target after this much */
 #define COPY_CHUNK_BYTES (64 * 1024) /* copy_out: hand the sink chunks of about this size */
+/* pg.copy: the rows read are handed to the target RELAY_BYTES at a time, or
+ * once they have waited RELAY_IDLE seconds for more from the source */
+#define RELAY_BYTES (256 * 1024)
+#define RELAY_IDLE 0.002
 
 /* ---- waits bounded by the stall timeout ----------------------------------------- */
 
@@ -438,49 +446,84 @@ static int call_progress(lua_State *L, int fn, lua_Integer bytes, lua_Integer ro
     return lua_pcall(L, 2, 0, 0) != LUA_OK;
 }
 
-/* One pg.copy under way: the two sides, their stall bounds, what moved. */
+/* One pg.copy under way: the two sides, their stall bounds, what moved, and
+ * the rows read and not yet handed to libpq (buf, len bytes of RELAY_BYTES). */
 typedef struct {
     pg_Conn *src, *dst;
     double src_stall, dst_stall;
     int fn; /* stack index of on_progress, 0 when none */
     double interval;
     lua_Integer bytes, rows;
+    char *buf;
+    size_t len;
+    double gathered_at; /* when the first of the rows in buf was read */
 } copy_run;
 
 /* How the streaming loop ended. */
 enum { S_DONE, S_FAILED_FROM, S_FAILED_TO, S_STALLED_FROM, S_STALLED_TO, S_INTR, S_RAISED };
 
+/* The loop's end for a wait on the target that did not end ready. */
+static int target_failed(int w) {
+    return w == W_INTR ? S_INTR : w == W_TIMEOUT ? S_STALLED_TO : S_FAILED_TO;
+}
+
+/* Hands the gathered rows to libpq as one CopyData message (the target reads
+ * a COPY stream whatever its message boundaries), once libpq has sent what
+ * the last one left: libpq holds one buffer at most, so the memory is
+ * bounded and a target slower than the source holds the source back. */
+static int hand_over(copy_run *cr) {
+    if (cr->len == 0)
+        return W_READY;
+    int w = flush_stall(cr->dst->conn, cr->dst_stall, 1);
+    if (w == W_READY)
+        w = put_copy(cr->dst->conn, cr->buf, (int)cr->len, 1, cr->dst_stall);
+    if (w == W_READY)
+        cr->len = 0;
+    return w;
+}
+
+/* One row from the source into the buffer (handed over first when it would
+ * not fit; a row larger than the buffer goes alone). */
+static int gather(copy_run *cr, const char *row, int n) {
+    int w = W_READY;
+    if (cr->len + (size_t)n > RELAY_BYTES)
+        w = hand_over(cr);
+    if (w != W_READY)
+        return w;
+    if ((size_t)n > RELAY_BYTES)
+        return put_copy(cr->dst->conn, row, n, 1, cr->dst_stall);
+    if (cr->len == 0)
+        cr->gathered_at = migrun_monotonic();
+    memcpy(cr->buf + cr->len, row, (size_t)n);
+    cr->len += (size_t)n;
+    return W_READY;
+}
+
 /* Streams rows from src to dst until the source ends (S_DONE) or something
- * fails. The target is flushed every COPY_FLUSH_BYTES: nothing more is read
- * until it took them (bounded buffering). Each side has its own stall clock:
- * the source's restarts whenever it brings bytes, the target's whenever it
- * takes some or has nothing pending. S_RAISED: on_progress raised (its error
- * on the stack). */
+ * fails. The rows are gathered into a buffer handed to the target whole,
+ * RELAY_BYTES at a time (rather than a message and, every 8 KiB, a send()
+ * per row, each waking the target's backend): when it is full, when the
+ * source ends, or when the source brought nothing for RELAY_IDLE. Each side
+ * has its own stall clock: the source's restarts whenever it brings bytes,
+ * the target's whenever it takes some or has nothing pending. S_RAISED:
+ * on_progress raised (its error on the stack). */
 static int stream_rows(lua_State *L, copy_run *cr) {
     PGconn *src = cr->src->conn, *dst = cr->dst->conn;
-    size_t since_flush = 0;
-    int dst_pending = 0, src_moved = 1, dst_queued = -1;
+    int dst_pending = 0, src_moved = 1, dst_queued = -1, consumed = 0;
     double src_last = 0, dst_last = 0;
     double next_progress = migrun_monotonic() + cr->interval;
     for (;;) {
-        char *buf = NULL;
-        int n = PQgetCopyData(src, &buf, 1);
+        char *row = NULL;
+        int n = PQgetCopyData(src, &row, 1);
         if (n > 0) {
             src_moved = 1;
-            int w = put_copy(dst, buf, n, 1, cr->dst_stall);
-            PQfreemem(buf);
+            consumed = 0;
+            int w = gather(cr, row, n);
+            PQfreemem(row);
             if (w != W_READY)
-                return w == W_INTR ? S_INTR : w == W_TIMEOUT ? S_STALLED_TO : S_FAILED_TO;
+                return target_failed(w);
             cr->bytes += n;
             cr->rows++;
-            since_flush += (size_t)n;
-            if (since_flush >= COPY_FLUSH_BYTES) {
-                since_flush = 0;
-                w = flush_stall(dst, cr->dst_stall, 1);
-                if (w != W_READY)
-                    return w == W_INTR ? S_INTR : w == W_TIMEOUT ? S_STALLED_TO : S_FAILED_TO;
-                dst_pending = 0;
-            }
             if (cr->fn && (cr->rows & 255) == 0 && migrun_monotonic() >= next_progress) {
                 if (call_progress(L, cr->fn, cr->bytes, cr->rows))
                     return S_RAISED;
@@ -488,13 +531,31 @@ static int stream_rows(lua_State *L, copy_run *cr) {
             }
             continue;
         }
+        if (n == -1) { /* the source is done: the rest goes to the target */
+            int w = hand_over(cr);
+            return w == W_READY ? S_DONE : target_failed(w);
+        }
         if (n < 0)
-            return S_DONE; /* -1: the source is done; -2: it failed (finish_copy tells) */
-        /* nothing to read: push out what the target has, then wait for either side */
+            return S_DONE; /* -2: the source failed (finish_copy tells) */
+        /* no whole row in libpq's buffer: read what the socket has, once, before waiting */
+        if (!consumed) {
+            consumed = 1;
+            if (!PQconsumeInput(src))
+                return S_FAILED_FROM;
+            continue;
+        }
+        consumed = 0;
+        double now = migrun_monotonic();
+        if (cr->len > 0 && now >= cr->gathered_at + RELAY_IDLE) { /* a slow source */
+            int w = hand_over(cr);
+            if (w != W_READY)
+                return target_failed(w);
+        }
+        /* push out what the target has, then wait for either side */
         int f = PQflush(dst);
         if (f < 0)
             return S_FAILED_TO;
-        double now = migrun_monotonic();
+        now = migrun_monotonic();
         if (src_moved) /* the stall clock of the source counts from its last bytes */
             src_last = now;
         src_moved = 0;
@@ -507,6 +568,9 @@ static int stream_rows(lua_State *L, copy_run *cr) {
         if (dst_pending && cr->dst_stall > 0 &&
             (deadline < 0 || dst_last + cr->dst_stall < deadline))
             deadline = dst_last + cr->dst_stall;
+        double idle = cr->len > 0 ? cr->gathered_at + RELAY_IDLE : -1;
+        if (idle >= 0 && (deadline < 0 || idle < deadline))
+            deadline = idle;
         struct pollfd p[2] = {{.fd = PQsocket(src), .events = POLLIN, .revents = 0},
                               {.fd = PQsocket(dst), .events = POLLOUT, .revents = 0}};
         int w = pg_wait_fds(p, dst_pending ? 2 : 1, deadline, 1);
@@ -514,6 +578,8 @@ static int stream_rows(lua_State *L, copy_run *cr) {
             return S_INTR;
         if (w == W_TIMEOUT) {
             now = migrun_monotonic();
+            if (idle >= 0 && now >= idle)
+                continue; /* the rows gathered go now (the stall clocks go on) */
             if (!dst_pending || cr->dst_stall <= 0 || now < dst_last + cr->dst_stall)
                 return S_STALLED_FROM;
             if (!out_moved(dst, &dst_queued))
@@ -525,6 +591,7 @@ static int stream_rows(lua_State *L, copy_run *cr) {
             return S_FAILED_FROM;
         if (p[0].revents & (POLLIN | POLLERR | POLLHUP)) {
             src_moved = 1;
+            consumed = 1;
             if (!PQconsumeInput(src))
                 return S_FAILED_FROM;
         }
@@ -629,8 +696,9 @@ int pg_copy(lua_State *L) {
     }
     cr.interval = pg_opt_seconds(L, 1, "progress_interval", 1.0);
     copy_stalls(L, &cr);
-    pg_Result *rs = pg_result_new(L, 2); /* 7 */
-    pg_Result *rd = pg_result_new(L, 3); /* 8 */
+    pg_Result *rs = pg_result_new(L, 2);           /* 7 */
+    pg_Result *rd = pg_result_new(L, 3);           /* 8 */
+    cr.buf = lua_newuserdatauv(L, RELAY_BYTES, 0); /* 9: collected however pg.copy ends */
 
     /* the target first: if it refuses, nothing has been read from the source */
     int started = start_copy(L, cr.dst, 3, rd, to_sql, PGRES_COPY_IN, "to", cr.dst_stall);
