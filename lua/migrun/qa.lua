@@ -43,17 +43,20 @@ qa.compare(a_db, b_db, tables, cfg_qa, { mode = "quick" | "full", seed = n }) ->
       the parent holds for every partition (a partition's own entry first).
       Each partition is still checked on its own (its check has partition_of).
     full: count and row_hash for every table ("hash"; a and b are row_hash
-      results). With opts.chunk_bytes, a table larger than that with an
-      integer primary key is hashed by key ranges (migrun.chunks, planned on
-      a), each range on both sides; any other such table by block ranges
-      (PostgreSQL 14 and later), each side its own, whose hashes add up to
-      the table's; with opts.jobs > 1 and opts.a_conninfo,
-      opts.b_conninfo, the ranges and the tables are hashed by `jobs` worker
-      processes on each side at once, largest first, so verifying a big table
-      costs about one parallel scan of each side. A table that differs and
-      has a key (primary, or unique on NOT NULL columns) is narrowed to the
-      keys of the rows that differ (migrun.keydiff; in each differing key
-      range of a split table, else over the whole table): check.key (its
+      results). With opts.jobs > 1 and opts.a_conninfo, opts.b_conninfo, the
+      tables are hashed by `jobs` worker processes on each side at once,
+      largest first, and a table larger than opts.chunk_bytes (migrun.chunks,
+      planned on a) in parts: by block ranges of each side where both servers
+      have TID range scans (PostgreSQL 14), each side its own parts under one
+      exported snapshot, whose hashes add up to the table's (a sequential read
+      of each side: verifying a big table costs about one scan of each side);
+      elsewhere by ranges of an integer primary key, each range on both sides.
+      Without workers every table is hashed whole, one statement per side. A
+      table that differs and has a key (primary, or unique on NOT NULL
+      columns) is narrowed to the keys of the rows that differ
+      (migrun.keydiff): a table with an integer key is hashed again by key
+      ranges to find the ranges that differ and narrowed in each, any other
+      over the whole table: check.key (its
       columns), check.keys = { {key, what, a, b} } (up to opts.keys_limit,
       default 1000; check.keys_complete false when there were more), and the
       detail names the first ten ("id 17 differs, id 20 only in target (2
@@ -282,11 +285,19 @@ end
 
 local MAX_KEYS = 10 -- keys named in a difference's detail (check.keys holds up to opts.keys_limit)
 
--- A worker's task: row hashes of units on one side.
+-- A worker's task: row hashes of units on one side. job.snapshot: the
+-- side's exported snapshot, under which every unit is hashed (units of block
+-- ranges: a row that moves while they are read is counted once).
 function qa.task(job, emit)
   local conn, err = pg.connect(job.conninfo, { name = job.name, application_name = job.application_name })
   if not conn then return nil, err end
   local d = db.wrap(conn)
+  local ok, serr = rowhash.stabilize(d) -- once for the session, not three round trips per unit
+  if ok and job.snapshot then
+    ok, serr = d:query("begin isolation level repeatable read read only")
+    if ok then ok, serr = d:query("set transaction snapshot " .. conn:escape_literal(job.snapshot)) end
+  end
+  if not ok then conn:close() return nil, serr end
   for _, u in ipairs(job.units) do
     local r, herr = qa.row_hash(d, { schema = u.schema, name = u.name }, { where = u.where, method = job.method })
     local e = herr and { kind = type(herr) == "table" and herr.kind or "sql", message = type(herr) == "table"
@@ -294,6 +305,7 @@ function qa.task(job, emit)
       code = type(herr) == "table" and herr.code or nil }
     emit{ event = "hashed", unit = u.unit, side = job.side, rows = r and r.rows, hash = r and r.hash, error = e }
   end
+  if job.snapshot then d:query("commit") end
   conn:close()
   return true
 end
@@ -315,6 +327,16 @@ end
 -- each: those sums are added up per side, which gives the whole table's
 -- hash). Rows whose keys opts.exclude lists for the table are left out of
 -- every unit on both sides.
+--
+-- A table above opts.chunk_bytes is cut only where the units are hashed in
+-- parallel (opts.pool: worker processes on each side); hashed here, one
+-- statement per side reads it whole. It is cut by block ranges of each side
+-- where both servers have TID range scans (PostgreSQL 14): a sequential
+-- read of each part, as cheap as hashing gets (by key ranges, the index
+-- scans cost some 40% more on a table in memory), under one exported
+-- snapshot per side so that a row that moves while they are read is
+-- counted once. Elsewhere by key ranges, on both sides. An integer key's
+-- ranges are kept in any case (e.key_plan): they narrow a difference.
 local function plan_units(a_db, b_db, tables, opts)
   local entries, units = {}, {}
   local function unit(e, u)
@@ -323,19 +345,20 @@ local function plan_units(a_db, b_db, tables, opts)
     u.id, u.entry = #units, e
     e.units[#e.units + 1] = u
   end
-  local function add_units(e, plan, b_ranges)
-    if plan and plan.method == "key" then
-      e.plan = plan
-      for i = 1, plan.count do unit(e, { chunk = i, where = chunks.where(plan, i), cost = plan.bytes / plan.count }) end
-    elseif plan and b_ranges then
+  local function add_units(e, plan, b_blocks)
+    if plan and b_blocks and opts.pool then
       e.sided = true
-      for i = 1, plan.count do
-        unit(e, { side = "a", where = chunks.where(plan, i), cost = plan.bytes / plan.count })
+      local a_plan = plan.method == "blocks" and plan
+        or { table = plan.table, method = "blocks", ranges = chunks.block_ranges(math.tointeger(plan.blocks), plan.count) }
+      for i = 1, #a_plan.ranges do
+        unit(e, { side = "a", where = chunks.where(a_plan, i), cost = plan.bytes / #a_plan.ranges })
       end
-      local b_plan = { table = plan.table, method = "blocks", ranges = b_ranges }
-      for i = 1, #b_ranges do
-        unit(e, { side = "b", where = chunks.where(b_plan, i), cost = plan.bytes / #b_ranges })
+      local b_plan = { table = plan.table, method = "blocks", ranges = chunks.block_ranges(b_blocks, plan.count) }
+      for i = 1, #b_plan.ranges do
+        unit(e, { side = "b", where = chunks.where(b_plan, i), cost = plan.bytes / #b_plan.ranges })
       end
+    elseif plan and plan.method == "key" and opts.pool then
+      for i = 1, plan.count do unit(e, { chunk = i, where = chunks.where(plan, i), cost = plan.bytes / plan.count }) end
     else
       unit(e, { cost = e.bytes or 0 })
     end
@@ -351,71 +374,112 @@ local function plan_units(a_db, b_db, tables, opts)
       if key then e.exclusion, e.excluded = keydiff.exclusion({ schema = schema, name = name }, key, excluded), #excluded
       else e.error = kerr or ("%s has no key: keys cannot be left out of its comparison"):format(e.k) end
     end
-    local plan, b_ranges
-    if opts.chunk_bytes and not e.error then
+    local plan, b_blocks
+    -- a table known to be small is not planned (a catalog query less on a for each)
+    local small = type(t) == "table" and math.type(t.bytes) == "integer" and t.bytes <= (opts.chunk_bytes or 0)
+    if opts.chunk_bytes and not e.error and not small then
       local why
       plan, why = chunks.plan(a_db, { schema = schema, name = name },
         { chunk_bytes = opts.chunk_bytes, split_bytes = opts.chunk_bytes })
       if plan == nil then e.error = why end
-      if plan and plan.method == "blocks" then
-        local d, derr = chunks.describe(b_db, { schema = schema, name = name })
-        if not d then
-          e.error = derr
-        elseif pgversion.has(d.version, "tid_range_scan") then
-          b_ranges = chunks.block_ranges(math.tointeger(d.blocks), plan.count)
+      if plan and plan.method == "key" then e.key_plan = plan end
+      if plan then
+        local da, db_, derr = chunks.describe(a_db, { schema = schema, name = name }), nil, nil
+        if da then db_, derr = chunks.describe(b_db, { schema = schema, name = name }) end
+        if not (da and db_) then
+          e.error = derr or "the table could not be described"
+        elseif pgversion.has(da.version, "tid_range_scan") and pgversion.has(db_.version, "tid_range_scan") then
+          plan.blocks, b_blocks = da.blocks, math.tointeger(db_.blocks)
         end
       end
     end
-    if not e.error then add_units(e, plan, b_ranges) end -- else the check reports the error
+    if not e.error then add_units(e, plan, b_blocks) end -- else the check reports the error
   end
   return entries, units
 end
 
+-- A side's snapshot, exported by a transaction held open on a session of
+-- its own while the workers import it: -> { conn =, id = } | nil, err
+local function export_snapshot(conninfo, name)
+  local conn, err = pg.connect(conninfo, { name = name, application_name = pg.application_name("qa") })
+  if not conn then return nil, err end
+  local ok
+  ok, err = conn:exec("begin isolation level repeatable read read only")
+  local res
+  if ok then res, err = conn:exec("select pg_export_snapshot() as id") end
+  if not res then conn:close() return nil, err end
+  return { conn = conn, id = res[1].id }
+end
+
 -- Every unit hashed by `jobs` worker processes on each side at once.
 local function hash_in_pool(a_db, b_db, units, method, opts)
-  -- `jobs` processes on each side: each side's largest units first, both
-  -- servers busy from the start (one queue ordered by cost alone would
-  -- hash most of a before the first of b)
-  local p = pool.new{ jobs = 2 * opts.jobs, limits = { a = opts.jobs, b = opts.jobs }, entry = "migrun.qa",
-    on_event = function(_, ev)
-      if ev.event == "hashed" then
-        local u = units[ev.unit]
-        if ev.error then
-          u.err = u.err or errors.new(ev.error)
-        else
-          u[ev.side] = { rows = ev.rows, hash = ev.hash }
+  -- units of block ranges: each side's hashed under one snapshot
+  local snapshots = {}
+  for _, u in ipairs(units) do
+    if u.side and not snapshots[u.side] then
+      local s, err = export_snapshot(u.side == "a" and opts.a_conninfo or opts.b_conninfo,
+        result_name(u.side == "a" and a_db or b_db, u.side))
+      if not s then
+        for _, o in pairs(snapshots) do o.conn:close() end
+        return nil, err
+      end
+      snapshots[u.side] = s
+    end
+  end
+  local r = table.pack(pcall(function()
+    -- `jobs` processes on each side: each side's largest units first, both
+    -- servers busy from the start (one queue ordered by cost alone would
+    -- hash most of a before the first of b)
+    local p = pool.new{ jobs = 2 * opts.jobs, limits = { a = opts.jobs, b = opts.jobs }, entry = "migrun.qa",
+      on_event = function(_, ev)
+        if ev.event == "hashed" then
+          local u = units[ev.unit]
+          if ev.error then
+            u.err = u.err or errors.new(ev.error)
+          else
+            u[ev.side] = { rows = ev.rows, hash = ev.hash }
+          end
+        end
+        return true
+      end }
+    -- largest first; small units share a task (a process start costs more than they do)
+    local sorted = table.move(units, 1, #units, 1, {})
+    table.sort(sorted, function(x, y) return x.cost > y.cost end)
+    for _, side in ipairs{ { "a", opts.a_conninfo, result_name(a_db, "a") }, { "b", opts.b_conninfo, result_name(b_db, "b") } } do
+      local batch, batch_cost, batch_sided = {}, 0, false
+      local function flush()
+        if #batch > 0 then
+          p:add{ job = { conninfo = side[2], name = side[3], side = side[1], method = method, units = batch,
+                         application_name = pg.application_name("qa"),
+                         snapshot = batch_sided and snapshots[side[1]].id or nil },
+                 cost = batch_cost, group = side[1], label = "hashing " .. batch[1].schema .. "." .. batch[1].name }
+          batch, batch_cost = {}, 0
         end
       end
-      return true
-    end }
-  -- largest first; small units share a task (a process start costs more than they do)
-  local sorted = table.move(units, 1, #units, 1, {})
-  table.sort(sorted, function(x, y) return x.cost > y.cost end)
-  for _, side in ipairs{ { "a", opts.a_conninfo, result_name(a_db, "a") }, { "b", opts.b_conninfo, result_name(b_db, "b") } } do
-    local batch, batch_cost = {}, 0
-    local function flush()
-      if #batch > 0 then
-        p:add{ job = { conninfo = side[2], name = side[3], side = side[1], method = method, units = batch,
-                       application_name = pg.application_name("qa") },
-               cost = batch_cost, group = side[1], label = "hashing " .. batch[1].schema .. "." .. batch[1].name }
-        batch, batch_cost = {}, 0
+      for _, u in ipairs(sorted) do
+        if not u.side or u.side == side[1] then
+          if #batch > 0 and batch_sided ~= (u.side ~= nil) then flush() end
+          batch_sided = u.side ~= nil
+          batch[#batch + 1] = { unit = u.id, schema = u.entry.schema, name = u.entry.name, where = u.where }
+          batch_cost = batch_cost + u.cost
+          if batch_cost >= 8 * 1024 * 1024 or #batch >= 25 then flush() end
+        end
       end
+      flush()
     end
-    for _, u in ipairs(sorted) do
-      if not u.side or u.side == side[1] then
-        batch[#batch + 1] = { unit = u.id, schema = u.entry.schema, name = u.entry.name, where = u.where }
-        batch_cost = batch_cost + u.cost
-        if batch_cost >= 8 * 1024 * 1024 or #batch >= 25 then flush() end
-      end
+    local done, failure = p:run()
+    if not done then
+      return nil, errors.new{ kind = "qa", where = failure.where or ("stream " .. tostring(failure.stream)),
+        message = failure.message, detail = failure.detail }
     end
-    flush()
+    return true
+  end))
+  for _, snap in pairs(snapshots) do
+    snap.conn:exec("commit")
+    snap.conn:close()
   end
-  local ok, failure = p:run()
-  if not ok then
-    return nil, errors.new{ kind = "qa", where = failure.where or ("stream " .. tostring(failure.stream)),
-      message = failure.message, detail = failure.detail }
-  end
-  return true
+  if not r[1] then error(r[2], 0) end -- Ctrl-C, raised again once the snapshots are let go
+  return r[2], r[3]
 end
 
 -- Every unit hashed here, one after the other.
@@ -433,11 +497,22 @@ local function hash_here(a_db, b_db, units, method)
   return true
 end
 
+local function hash_units(a_db, b_db, units, method, opts)
+  if #units == 0 then return true end
+  if opts.pool then return hash_in_pool(a_db, b_db, units, method, opts) end
+  return hash_here(a_db, b_db, units, method)
+end
+
 -- The table's rows and hash on each side, added up over its units; the
--- units that differ (key or whole units; block ranges cannot be paired).
+-- key units that differ (block ranges cannot be paired: a table hashed by
+-- them that differs is hashed again by key ranges, e.key_units, to say which
+-- differ).
 local function totals(e)
   local a, b = { rows = 0 }, { rows = 0 }
   local differing = {}
+  for _, u in ipairs(e.key_units or {}) do
+    if u.a.rows ~= u.b.rows or u.a.hash ~= u.b.hash then differing[#differing + 1] = u end
+  end
   if e.sided then
     a.hash, b.hash, a.chunks, b.chunks = "0", "0", 0, 0
     for _, u in ipairs(e.units) do
@@ -447,13 +522,48 @@ local function totals(e)
     end
     return a, b, differing, a.rows == b.rows and a.hash == b.hash
   end
+  local equal = true
   for _, u in ipairs(e.units) do
     a.rows, b.rows = a.rows + u.a.rows, b.rows + u.b.rows
-    if u.a.rows ~= u.b.rows or u.a.hash ~= u.b.hash then differing[#differing + 1] = u end
+    if u.a.rows ~= u.b.rows or u.a.hash ~= u.b.hash then
+      equal = false
+      if u.chunk and not e.key_units then differing[#differing + 1] = u end
+    end
   end
   if #e.units == 1 then a.hash, b.hash = e.units[1].a.hash, e.units[1].b.hash end
-  if e.plan then a.chunks, b.chunks = #e.units, #e.units end
-  return a, b, differing, #differing == 0
+  if #e.units > 1 then a.chunks, b.chunks = #e.units, #e.units end
+  return a, b, differing, equal
+end
+
+local function unit_error(e)
+  local err = e.error
+  for _, u in ipairs(e.units) do err = err or u.err end
+  for _, u in ipairs(e.key_units or {}) do err = err or u.err end
+  return err
+end
+
+-- The tables that differ and have an integer key, hashed by block ranges or
+-- whole: hashed again by key ranges (both sides), so that the narrowing
+-- starts from the ranges that differ.
+local function key_units_of_differing(a_db, b_db, entries, method, opts)
+  local again = {}
+  for _, e in ipairs(entries) do
+    if e.key_plan and not unit_error(e) and not (e.units[1] and e.units[1].chunk) then
+      local _, _, _, equal = totals(e)
+      if not equal then
+        e.key_units = {}
+        for i = 1, e.key_plan.count do
+          local where = chunks.where(e.key_plan, i)
+          if e.exclusion then where = "(" .. where .. ") AND " .. e.exclusion end
+          local u = { chunk = i, where = where, cost = e.key_plan.bytes / e.key_plan.count, entry = e }
+          again[#again + 1] = u
+          u.id = #again
+          e.key_units[#e.key_units + 1] = u
+        end
+      end
+    end
+  end
+  return hash_units(a_db, b_db, again, method, opts)
 end
 
 -- A table that differs, narrowed to the keys of the rows that differ: in
@@ -468,7 +578,8 @@ local function narrow_entry(a_db, b_db, e, differing, method, opts, check)
   end
   check.key, check.keys, check.keys_complete = key, {}, true
   local limit = opts.keys_limit or 1000
-  local scopes = (e.plan and #differing > 0) and differing or { { where = e.exclusion } }
+  local plan = e.key_plan
+  local scopes = (plan and #differing > 0) and differing or { { where = e.exclusion } }
   local parts = {}
   for _, u in ipairs(scopes) do
     local found, nerr = keydiff.narrow(a_db, b_db, t, key, { where = u.where, method = method,
@@ -482,14 +593,14 @@ local function narrow_entry(a_db, b_db, e, differing, method, opts, check)
         local labels = {}
         for i, d in ipairs(found.keys) do labels[i] = keydiff.label(key, d.key) .. " " .. d.what end
         check.chunks = check.chunks or {}
-        check.chunks[#check.chunks + 1] = { chunk = u.chunk, of = e.plan.count, range = chunks.label(e.plan, u.chunk),
+        check.chunks[#check.chunks + 1] = { chunk = u.chunk, of = plan.count, range = chunks.label(plan, u.chunk),
           a = u.a, b = u.b, keys = labels }
-        parts[#parts + 1] = ("chunk %d/%d (%s): %s%s"):format(u.chunk, e.plan.count, chunks.label(e.plan, u.chunk),
+        parts[#parts + 1] = ("chunk %d/%d (%s): %s%s"):format(u.chunk, plan.count, chunks.label(plan, u.chunk),
           table.concat(labels, ", ", 1, math.min(#labels, MAX_KEYS)), #labels > MAX_KEYS and ", ..." or "")
       end
     end
   end
-  if e.plan and #parts > 0 then
+  if plan and #differing > 0 and #parts > 0 then
     check.detail = check.detail .. " in " .. table.concat(parts, "; ")
   elseif #check.keys > 0 then
     check.detail = check.detail .. ": " .. keydiff.describe(key, check.keys,
@@ -503,8 +614,7 @@ end
 -- The check of one table of a full comparison.
 local function judge_entry(a_db, b_db, e, method, opts)
   local check = { table = e.k, method = "hash", partition_of = parent_of(e.t), excluded = e.excluded }
-  local err = e.error
-  for _, u in ipairs(e.units) do err = err or u.err end
+  local err = unit_error(e)
   if err then return failed_check(check, err) end
   local a, b, differing, equal = totals(e)
   check.a, check.b, check.equal = a, b, equal
@@ -529,13 +639,10 @@ local function full_compare(a_db, b_db, tables, opts, add)
     method, err = method_for(a_db, b_db)
     if not method then return nil, err end
   end
-  local entries, units = plan_units(a_db, b_db, tables, opts)
-  local ok, err
-  if (opts.jobs or 1) > 1 and opts.a_conninfo and opts.b_conninfo then
-    ok, err = hash_in_pool(a_db, b_db, units, method, opts)
-  else
-    ok, err = hash_here(a_db, b_db, units, method)
-  end
+  local o = setmetatable({ pool = (opts.jobs or 1) > 1 and opts.a_conninfo and opts.b_conninfo and true }, { __index = opts })
+  local entries, units = plan_units(a_db, b_db, tables, o)
+  local ok, err = hash_units(a_db, b_db, units, method, o)
+  if ok and opts.narrow ~= false then ok, err = key_units_of_differing(a_db, b_db, entries, method, o) end
   if not ok then return nil, err end
   for _, e in ipairs(entries) do
     local check, cerr = judge_entry(a_db, b_db, e, method, opts)
