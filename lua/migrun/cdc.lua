@@ -18,6 +18,7 @@ tasks carry identifiers derived from the migration's name and the slot
   local st = assert(cdc.status(client, groups, tasks, { source = Db, target = Db, control_schema = }))
   local st = assert(cdc.watch(client, groups, tasks, { source =, target =, lag_bytes =, ... }))
   local w = assert(cdc.wait_applied(source, target, { "dms_slot_01", ... }, { timeout =, sleep = }))
+  cdc.exceptions_message(st) -> the apply exceptions in words, with what to do (or nil)
   cdc.find_task(client, id), cdc.stop_task(client, arn), cdc.delete_task(client, arn),
   cdc.delete_endpoint(client, id): what a restart takes down (see each below).
 
@@ -386,7 +387,8 @@ end
 ---------------------------------------------------------------------------
 
 --[[ cdc.status(client, groups, tasks, opts) -> { rows = { {slot, task, status,
-     lag_bytes, confirmed_flush_lsn, pending, applied_at, exceptions} },
+     lag_bytes, confirmed_flush_lsn, pending, applied_at, exceptions,
+     exception_tables = { ["s.t"] = n } } },
      exceptions = n, max_lag = bytes, all_running = bool } | nil, err
      opts.source (Db on the primary: per-slot lag), opts.target (Db: the
      control tables), opts.control_schema ("public"), opts.name. ]]
@@ -406,10 +408,15 @@ function cdc.status(client, groups, tasks, opts)
       .. "source_timestamp_applied::text as applied from %s.awsdms_status"):format(pg.quote_ident(schema)))
     for r in (res and res:rows() or function() end) do status_rows[r.task_name] = r end
   end
+  local exc_tables = {}
   if has and has[1].ex then
-    local res = opts.target:query(('select "TASK_NAME" as task, count(*) as n from %s.awsdms_apply_exceptions group by 1')
-      :format(pg.quote_ident(schema)))
-    for r in (res and res:rows() or function() end) do exc_counts[r.task] = r.n end
+    local res = opts.target:query(('select "TASK_NAME" as task, "TABLE_OWNER" as s, "TABLE_NAME" as t, count(*) as n '
+      .. 'from %s.awsdms_apply_exceptions group by 1, 2, 3'):format(pg.quote_ident(schema)))
+    for r in (res and res:rows() or function() end) do
+      exc_counts[r.task] = (exc_counts[r.task] or 0) + r.n
+      exc_tables[r.task] = exc_tables[r.task] or {}
+      exc_tables[r.task][text.key(r.s, r.t)] = r.n
+    end
   end
   for _, g in ipairs(groups) do
     local id = cdc.task_id(opts.name, g)
@@ -430,6 +437,7 @@ function cdc.status(client, groups, tasks, opts)
       lag_bytes = lag, confirmed_flush_lsn = s and tostring(s.confirmed_flush_lsn) or "no slot",
       pending = st.pending_changes, applied_at = st.applied,
       exceptions = exc_counts[resource] or exc_counts[id] or 0,
+      exception_tables = exc_tables[resource] or exc_tables[id] or {},
       failure = task and task.LastFailureMessage,
     }
     out.rows[#out.rows + 1] = row
@@ -448,6 +456,32 @@ function cdc.caught_up(st, lag_bytes)
     if r.status == "running" and (r.fenced or (r.lag_bytes and r.lag_bytes < lag_bytes)) then n = n + 1 end
   end
   return n
+end
+
+--[[ cdc.exceptions_message(st [, { schema = "public" }]) -> text | nil
+     The apply exceptions of a status in words: how many rows, on which
+     tables, which group's task, and what to do (nil without any). A change
+     DMS could not apply is missing on the target: that table differs from
+     the source until its group is loaded again. ]]
+function cdc.exceptions_message(st, opts)
+  if not st or (st.exceptions or 0) == 0 then return nil end
+  local schema = opts and opts.schema or "public"
+  local parts, slots = {}, {}
+  for _, r in ipairs(st.rows) do
+    local names = {}
+    for k, n in pairs(r.exception_tables or {}) do names[#names + 1] = ("%s (%d)"):format(k, n) end
+    table.sort(names)
+    if (r.exceptions or 0) > 0 then
+      parts[#parts + 1] = ("%s: %s"):format(r.slot, #names > 0 and table.concat(names, ", ")
+        or (r.exceptions .. " row(s)"))
+      slots[#slots + 1] = r.slot
+    end
+  end
+  local rerun = {}
+  for i, slot in ipairs(slots) do rerun[i] = "`migrun playbooks/partial_restart.lua " .. slot .. "`" end
+  return ("%d change(s) DMS could not apply are in %s.awsdms_apply_exceptions (%s): those tables lack them "
+    .. "on the target; look at the rows (the ERROR column says why), fix the cause, then load the group again "
+    .. "with %s"):format(st.exceptions, schema, table.concat(parts, "; "), table.concat(rerun, ", "))
 end
 
 -- Rows for a printed table of a status.

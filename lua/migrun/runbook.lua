@@ -274,7 +274,7 @@ function runbook.catch_up(ctx)
   local st = assert(cdc.watch(ctx:dms(), k.groups, k.tasks, watch))
   bar:finish("every task has caught up")
   ctx:report_table("DMS tasks", cdc.status_table(st))
-  if st.exceptions > 0 then ctx:warn("%d row(s) in awsdms_apply_exceptions: look at them before cutover", st.exceptions) end
+  if st.exceptions > 0 then ctx:warn("%s", cdc.exceptions_message(st)) end -- which tables, what to do
   -- a value DMS cut is named as such first; then every row of every table
   local lob, lwhy = steps.no_truncation(ctx, k.groups, k.tables, k.tasks, "LOB values (primary vs target)")
   if not lob then return nil, lwhy end

@@ -228,8 +228,24 @@ function M.new(o)
     throttling = eb.RecoverableErrorThrottling ~= false, max = tonumber(eb.RecoverableErrorThrottlingMax) or 1800,
     errors = 0 }
 
+  e.o = o
   local connected, err = e:_connect()
-  if not connected then return nil, err end
+  if not connected then
+    -- a server down at the start is a recoverable error too: the task starts, and connects when it can
+    if not e.connect_failed then return nil, err end
+    e.pending_init = true
+    local ok, rerr = e:_recoverable(err, e.emu.clock())
+    if not ok then return nil, rerr end
+    return e
+  end
+  return e:_init()
+end
+
+-- What a start checks once connected: the slot, the start position, the
+-- control tables. -> the engine | nil, message (the task fails)
+function Engine:_init()
+  local e, o = self, self.o
+  self.pending_init = nil
   if e.numeric_half_set then
     e:log("SOURCE_CAPTURE", "W", "MapUnboundedNumericAsString is set on one endpoint only: it must be set on the "
       .. "source and the target endpoints together; unbounded NUMERIC is carried as NUMERIC(28,6)")
@@ -275,16 +291,31 @@ function M.new(o)
   return e
 end
 
+-- A connection that failed for the world (a server down), not for who it is
+-- (a login refused, 28xxx; no such database): only the first is recoverable.
+local function recoverable_failure(err)
+  local code = type(err) == "table" and tostring(err.code or err.sqlstate or "") or ""
+  return not (code:match("^28") or code == "3D000")
+end
+
 -- The task's two sessions (again after a recoverable error).
 function Engine:_connect()
   local err
+  self.connect_failed = nil
   self.src, err = connect(self.source_ep, "source")
-  if not self.src then return nil, "Failed to connect to the source endpoint: " .. tostring(err) end
+  if not self.src then
+    self.connect_failed = recoverable_failure(err)
+    return nil, "Failed to connect to the source endpoint: " .. tostring(err)
+  end
   -- the decoding runs in this session: bytea in hex, whatever the server's default
   local bok, berr = self.src:exec("set bytea_output = 'hex'")
   if not bok then self.src:close() return nil, "Failed to set up the source session: " .. tostring(berr) end
   self.dst, err = connect(self.target_ep, "target")
-  if not self.dst then self.src:close() return nil, "Failed to connect to the target endpoint: " .. tostring(err) end
+  if not self.dst then
+    self.src:close()
+    self.connect_failed = recoverable_failure(err)
+    return nil, "Failed to connect to the target endpoint: " .. tostring(err)
+  end
   if self.after_connect and self.after_connect ~= "" then
     local ok, aerr = self.dst:exec(self.after_connect)
     if not ok then
@@ -634,6 +665,10 @@ function Engine:poll()
     local ok, err = self:_connect()
     if not ok then return self:_recoverable(err, now) end
     self.down = nil
+    if self.pending_init then
+      local e, ierr = self:_init()
+      if not e then return nil, ierr end
+    end
     self:log("TASK_MANAGER", "I", ("Reconnected after a recoverable error (%d so far): the task goes on from %s")
       :format(rec.errors, tostring(self.position)))
   end
