@@ -330,14 +330,14 @@ function Rehearsal:start_workload(opts)
   self.stop_file = self.dir .. "/workload.stop"
   os.remove(self.stop_file)
   self.workload_output = {}
-  self.workload = assert(proc.spawn{ host.exe, "-e", "require('migrun.rehearsal.demo').workload_main()",
+  self.workload = assert(proc.spawn(assert(host.worker_spec{ "-e", "require('migrun.rehearsal.demo').workload_main()",
     env = { MIGRUN_WORKLOAD_CONNINFO = self.lab.source.conninfo, MIGRUN_WORKLOAD_RATE = tostring(opts.rate or 20),
             MIGRUN_WORKLOAD_SEED = tostring(opts.seed or 1), MIGRUN_WORKLOAD_STOP_FILE = self.stop_file,
             MIGRUN_WORKLOAD_NO_PK_CHANGES = opts.no_pk_changes == false and "0" or "1",
             MIGRUN_WORKLOAD_SAMPLE = self.sample },
     stdin = false, die_with_parent = true,
     stdout = function(line) self.workload_output[#self.workload_output + 1] = line end,
-    stderr = "stdout" })
+    stderr = "stdout" })))
   return self.workload
 end
 

@@ -71,8 +71,10 @@ end
 -- A child migrun running lua_code, its stdout's first line handed to on_line;
 -- its stderr in logfile. Dies with this process.
 local function child(lua_code, env, logfile, on_line)
-  return proc.spawn{ host.exe, "-e", lua_code, env = env, stdin = false, die_with_parent = true,
+  local spec, err = host.worker_spec{ "-e", lua_code, env = env, stdin = false, die_with_parent = true,
     stdout = on_line or "null", stderr = logfile and { file = logfile } or "null" }
+  if not spec then return nil, err end
+  return proc.spawn(spec)
 end
 
 ---------------------------------------------------------------------------

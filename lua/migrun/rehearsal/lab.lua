@@ -944,7 +944,6 @@ end
 local DMS_ACCESS_KEY, DMS_REGION = "AKIDMIGRUNLAB", "us-east-1"
 
 function Lab:_start_dms(dms_opts)
-  local exe = require("migrun.host").exe
   local secret = random_password()
   -- faults and delays (emulator options) travel as JSON in the environment
   -- (migrun.json: a fault's seed or count stays an integer)
@@ -959,8 +958,12 @@ function Lab:_start_dms(dms_opts)
     emu:serve()]]):format(DMS_ACCESS_KEY, DMS_REGION)
   local logfile = self.dir .. "/dms-emulator.log"
   local url
-  local h, err = proc.spawn{ exe, "-e", script, env = { MIGRUN_DMS_EMULATOR_SECRET = secret, MIGRUN_DMS_EMULATOR_OPTS = extra },
+  -- the worker executable of libmigrun, whatever program hosts this state (migrun, lua5.4, a C host)
+  local spec, serr = require("migrun.host").worker_spec{ "-e", script,
+    env = { MIGRUN_DMS_EMULATOR_SECRET = secret, MIGRUN_DMS_EMULATOR_OPTS = extra },
     stdout = function(line) url = url or line end, stderr = { file = logfile } }
+  if not spec then return nil, lab_error("dms", "cannot start the DMS emulator: " .. tostring(serr)) end
+  local h, err = proc.spawn(spec)
   if not h then return nil, lab_error("dms", "cannot start the DMS emulator: " .. tostring(err)) end
   local deadline = now() + 30
   while not url and h.running and now() < deadline do h:wait(0.05) end
