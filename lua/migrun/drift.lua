@@ -31,7 +31,7 @@ through the run and before the cutover. Reads only.
 local pg = require "migrun.pg"
 local text = require "migrun.text"
 local catalog = require "migrun.catalog"
-local journal = require "migrun.playbook.journal"
+local mask = require "migrun.mask"
 local json = require "migrun.json"
 
 local drift = {}
@@ -52,7 +52,7 @@ select n.nspname as schema, c.relname as name,
 local function decode_pairs(doc)
   if doc == nil or rawequal(doc, pg.null) then return {} end
   local out = {}
-  for i, p in ipairs(assert(json.decode(doc))) do out[i] = { p[1], journal.mask_string(p[2]) } end
+  for i, p in ipairs(assert(json.decode(doc))) do out[i] = { p[1], mask.string(p[2]) } end
   return out
 end
 

@@ -57,7 +57,6 @@ the hint what to do.
 local proc = require "migrun.proc"
 local catalog = require "migrun.catalog"
 local text = require "migrun.text"
-local config_ = require "migrun.playbook.config"
 
 local mistakes = {}
 
@@ -121,7 +120,7 @@ local function sorted_keys(t)
 end
 
 local function did_you_mean(word, names)
-  local near = config_.nearest(word, names)
+  local near = text.nearest(word, names)
   return near and (" (did you mean %s?)"):format(near) or ""
 end
 

@@ -209,9 +209,7 @@ function steps.observe(ctx, st)
     tasks[#tasks + 1] = { slot = r.slot, task = r.task, status = r.status, exceptions = r.exceptions,
                           lag_bytes = r.lag_bytes ~= math.huge and r.lag_bytes or nil }
     local s = tostring(r.status):lower()
-    ctx._seen_failed = ctx._seen_failed or {}
-    if (s == "failed" or s == "stopped") and not ctx._seen_failed[r.task] then
-      ctx._seen_failed[r.task] = true
+    if (s == "failed" or s == "stopped") and ctx:first_time("task_failed " .. r.task) then
       ctx:notify("task_failed", ("the DMS task %s (%s) is %s%s"):format(r.task, r.slot, s,
         r.failure and (": " .. tostring(r.failure)) or ""),
         { task = r.task, slot = r.slot, status = r.status, failure = r.failure })

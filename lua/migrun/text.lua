@@ -16,6 +16,7 @@ the report.
                               second is dropped, an offset (+02:00, -0500) applied, no
                               zone read as UTC. The one date parser of migrun.
   text.utc_seconds(y, mo, d, h, mi, s) -> Unix time of that UTC date and time
+  text.nearest(word, names) -> the name closest to a typo (for "did you mean"), or nil
 
   text.aligned(rows)       -> lines: rows of strings as aligned columns, two
                               spaces apart, the last column not padded
@@ -218,6 +219,36 @@ function text.markdown(columns, rows)
     lines[#lines + 1] = "| " .. table.concat(r, " | ") .. " |"
   end
   return table.concat(lines, "\n") .. "\n"
+end
+
+-- The name closest to a typo, for "did you mean" (within a third of its
+-- length in edits), or nil.
+local function levenshtein(a, b)
+  local prev = {}
+  for j = 0, #b do prev[j] = j end
+  for i = 1, #a do
+    local cur = { [0] = i }
+    for j = 1, #b do
+      local cost = a:sub(i, i) == b:sub(j, j) and 0 or 1
+      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+    end
+    prev = cur
+  end
+  return prev[#b]
+end
+
+function text.nearest(word, names)
+  assert(type(word) == "string" and type(names) == "table", "text.nearest: a word and a list of names expected")
+  local best, best_d
+  local w = word:lower()
+  for _, name in ipairs(names) do
+    -- a name far longer or shorter cannot be within reach: skip the O(n*m) distance
+    if math.abs(#name - #w) <= math.max(2, #w // 3) then
+      local d = levenshtein(w, name:lower())
+      if not best_d or d < best_d then best, best_d = name, d end
+    end
+  end
+  if best and best_d <= math.max(2, #word // 3) then return best end
 end
 
 return text

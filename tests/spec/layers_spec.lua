@@ -7,7 +7,7 @@ local root = (os.getenv("MIGRUN_SOURCE_DIR") or ".") .. "/lua"
 -- Lowest first. A module's layer is the first pattern its name matches.
 local LAYERS = {
   { "base", { "^migrun%.host$", "^migrun%.error$", "^migrun%.lsn$", "^migrun%.proc$", "^migrun%.pg$",
-              "^migrun%.pg%.core$", "^migrun%.aws$", "^migrun%.json$", "^migrun%.text$", "^migrun%.db$",
+              "^migrun%.pg%.core$", "^migrun%.aws$", "^migrun%.json$", "^migrun%.text$", "^migrun%.db$", "^migrun%.mask$",
               "^cjson", "^socket" } },
   { "cloud", { "^migrun%.aws%.", "^migrun%.dms$", "^migrun%.dms%." } },
   { "machinery", { "^migrun%.playbook$", "^migrun%.playbook%." } },

@@ -39,6 +39,7 @@ existing, the queries read-only, ...) is preflight's (docs/mistakes.md).
 ]]
 local pg = require "migrun.pg"
 local host = require "migrun.host"
+local text = require "migrun.text"
 local errors = require "migrun.error"
 local notify = require "migrun.playbook.notify"
 local builders = require "migrun.dms.builders"
@@ -557,33 +558,8 @@ local function expected_of(n)
             map = "a table", free = "a table" })[n.kind]
 end
 
-local function levenshtein(a, b)
-  local prev = {}
-  for j = 0, #b do prev[j] = j end
-  for i = 1, #a do
-    local cur = { [0] = i }
-    for j = 1, #b do
-      local cost = a:sub(i, i) == b:sub(j, j) and 0 or 1
-      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
-    end
-    prev = cur
-  end
-  return prev[#b]
-end
-
-function config.nearest(word, names)
-  assert(type(word) == "string" and type(names) == "table", "config.nearest: a word and a list of names expected")
-  local best, best_d
-  local w = word:lower()
-  for _, name in ipairs(names) do
-    -- a name far longer or shorter cannot be within reach: skip the O(n*m) distance
-    if math.abs(#name - #w) <= math.max(2, #w // 3) then
-      local d = levenshtein(w, name:lower())
-      if not best_d or d < best_d then best, best_d = name, d end
-    end
-  end
-  if best and best_d <= math.max(2, #word // 3) then return best end
-end
+-- the closest name to a typo: migrun.text's, for every module that suggests one
+config.nearest = text.nearest
 
 local function nearest(key, fields)
   local names = {}

@@ -290,6 +290,15 @@ end
 --[[ ctx:notify(event, message [, details]) -> what notify.send did
      An event of notify.EVENTS for the people watching: logged, and sent as
      the config's notify section says. Never raises for the world failing. ]]
+-- Whether this run sees `what` for the first time (a notification said once
+-- per run, however many polls see the same failed task).
+function Ctx:first_time(what)
+  self._said = self._said or {}
+  if self._said[what] then return false end
+  self._said[what] = true
+  return true
+end
+
 function Ctx:notify(event, message, details)
   assert(notify.KNOWN[event], "ctx:notify: unknown event " .. tostring(event))
   self:_log(("event %s: %s"):format(event, mask(message)))

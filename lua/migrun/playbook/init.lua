@@ -103,6 +103,7 @@ and watchers)
   ctx:sleep(seconds)        runs due watchers while waiting
   ctx:notify(event, message [, details])   a notification (config notify;
       migrun.playbook.notify): the runner sends step_failed and run_failed
+  ctx:first_time(what)      true the first time this run sees `what` (say a thing once)
   ctx:sample_slots(kind [, extra])   the slots' lag into samples.jsonl
 
 Watching a run from elsewhere (migrun.playbook.live): the progress bars save

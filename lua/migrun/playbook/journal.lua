@@ -38,6 +38,7 @@ one. It never holds a secret: facts are scrubbed before they are stored.
 ]]
 local host = require "migrun.host"
 local json = require "migrun.json"
+local mask = require "migrun.mask"
 local errors = require "migrun.error"
 
 local journal = {}
@@ -50,65 +51,11 @@ function journal.timestamp(t)
   return os.date("!%Y-%m-%dT%H:%M:%SZ", math.floor(t or host.now()))
 end
 
-local SECRET_KEY = { "password", "passwd", "secret", "token", "credential", "private_key", "access_key" }
-
-local function secret_key(k)
-  k = tostring(k):lower()
-  for _, word in ipairs(SECRET_KEY) do
-    if k:find(word, 1, true) then return true end
-  end
-  return false
-end
-
-local function mask_string(s)
-  s = s:gsub("([Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd]%s*=%s*)'[^']*'", "%1****")
-  s = s:gsub("([Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd]%s*=%s*)[^%s'&]+", "%1****")
-  s = s:gsub("(%a[%w+.-]*://[^:/@%s]+:)[^@%s/]+@", "%1****@")
-  return s
-end
-journal.mask_string = mask_string
-
--- journal.mask(message, conninfo): mask_string, and the conninfo's own
--- password wherever it appears (a message about that connection).
-function journal.mask(message, conninfo)
-  message = mask_string(tostring(message))
-  local parsed = conninfo and require("migrun.pg").conninfo_parse(conninfo)
-  if parsed and parsed.password and parsed.password ~= "" then
-    message = message:gsub(parsed.password:gsub("%p", "%%%0"), "****")
-  end
-  return message
-end
-
-local function scrub(v, seen)
-  local t = type(v)
-  if t == "string" then return mask_string(v) end
-  if t == "number" then
-    if v ~= v or v == math.huge or v == -math.huge then return tostring(v) end
-    return v
-  end
-  if t == "boolean" or v == nil then return v end
-  if t == "table" and (getmetatable(v) == nil or json.is_array(v)) then
-    if seen[v] then return "(cycle)" end
-    seen[v] = true
-    local is_array = json.is_array(v)
-    local out = is_array and json.array() or {}
-    for k, x in pairs(v) do
-      local key = is_array and k or tostring(k)
-      if not is_array and secret_key(k) then
-        out[key] = "****"
-      else
-        out[key] = scrub(x, seen)
-      end
-    end
-    seen[v] = nil
-    return out
-  end
-  return mask_string(tostring(v))
-end
-
-function journal.scrub(v)
-  return scrub(v, {})
-end
+-- Secrets are masked by migrun.mask (below every layer that prints); the
+-- journal's names for it stay for the callers that have them.
+journal.mask_string = mask.string
+journal.mask = mask.message
+journal.scrub = mask.scrub
 
 -- Modes of everything migrun writes under the state directory: it may hold
 -- data and configuration, so only its owner reads it.
