@@ -64,7 +64,7 @@ function Ctx:warn(fmt, ...)
   self:_emit("WARNING: " .. (select("#", ...) > 0 and fmt:format(...) or tostring(fmt)), true)
 end
 
-local mask = journal.mask
+local mask = require("migrun.mask").message
 
 function Ctx:connect(name)
   assert(SERVERS[name], "ctx:connect: source, replica or target expected")

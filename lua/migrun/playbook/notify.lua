@@ -20,7 +20,7 @@ team's program, not migrun's.
 A notification never stops or slows the migration for long: each channel
 has a short timeout (notify.timeout seconds), and a failure is logged as a
 warning and otherwise ignored. Nothing secret goes out: the body is
-journal.scrub'bed (keys that name a secret, password=..., user:pass@ in
+mask.scrub'bed (keys that name a secret, password=..., user:pass@ in
 URIs) and the configured connection strings' passwords are masked; the
 webhook's URL (which often is itself the secret, as Slack's are) is never
 logged, only its scheme and host. In a dry run nothing is sent: what would be
@@ -37,6 +37,7 @@ local aws = require "migrun.aws"
 local proc = require "migrun.proc"
 local json = require "migrun.json"
 local journal = require "migrun.playbook.journal"
+local masking = require "migrun.mask"
 
 local notify = {}
 
@@ -78,10 +79,10 @@ function notify.body(b)
   local function mask(s)
     if s == nil then return nil end
     s = tostring(s)
-    for _, c in ipairs(b.secrets or {}) do s = journal.mask(s, c) end
-    return journal.mask_string(s)
+    for _, c in ipairs(b.secrets or {}) do s = masking.message(s, c) end
+    return masking.string(s)
   end
-  local details = b.details and journal.scrub(b.details) or nil
+  local details = b.details and masking.scrub(b.details) or nil
   if details then
     -- strings inside the details too: a connection string's own password
     local function walk(v)
