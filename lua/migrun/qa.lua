@@ -285,27 +285,36 @@ end
 
 local MAX_KEYS = 10 -- keys named in a difference's detail (check.keys holds up to opts.keys_limit)
 
--- A worker's task: row hashes of units on one side. job.snapshot: the
--- side's exported snapshot, under which every unit is hashed (units of block
--- ranges: a row that moves while they are read is counted once).
+-- A worker's task: row hashes of units on one side. Units marked snapshot
+-- (block ranges; they come first) are hashed in one transaction under the
+-- side's exported snapshot (job.snapshot), so that a row that moves while
+-- they are read is counted once. The units are the parallelism: no parallel
+-- workers per query (they would cost more CPU for the same scans).
 function qa.task(job, emit)
   local conn, err = pg.connect(job.conninfo, { name = job.name, application_name = job.application_name })
   if not conn then return nil, err end
   local d = db.wrap(conn)
   local ok, serr = rowhash.stabilize(d) -- once for the session, not three round trips per unit
-  if ok and job.snapshot then
-    ok, serr = d:query("begin isolation level repeatable read read only")
-    if ok then ok, serr = d:query("set transaction snapshot " .. conn:escape_literal(job.snapshot)) end
-  end
+  if ok then ok, serr = d:query("set max_parallel_workers_per_gather = 0") end
   if not ok then conn:close() return nil, serr end
+  local in_snapshot = false
   for _, u in ipairs(job.units) do
+    if u.snapshot and not in_snapshot then
+      ok, serr = d:query("begin isolation level repeatable read read only")
+      if ok then ok, serr = d:query("set transaction snapshot " .. conn:escape_literal(job.snapshot)) end
+      if not ok then conn:close() return nil, serr end
+      in_snapshot = true
+    elseif in_snapshot and not u.snapshot then
+      d:query("commit")
+      in_snapshot = false
+    end
     local r, herr = qa.row_hash(d, { schema = u.schema, name = u.name }, { where = u.where, method = job.method })
     local e = herr and { kind = type(herr) == "table" and herr.kind or "sql", message = type(herr) == "table"
       and herr.message or tostring(herr), where = type(herr) == "table" and herr.where or nil,
       code = type(herr) == "table" and herr.code or nil }
     emit{ event = "hashed", unit = u.unit, side = job.side, rows = r and r.rows, hash = r and r.hash, error = e }
   end
-  if job.snapshot then d:query("commit") end
+  if in_snapshot then d:query("commit") end
   conn:close()
   return true
 end
@@ -411,6 +420,35 @@ local function export_snapshot(conninfo, name)
   return { conn = conn, id = res[1].id }
 end
 
+-- A side's units in `jobs` tasks, split by cost (largest first, each to the
+-- least loaded): a process and a session per task cost the client some 10
+-- ms and the server a backend's start; a task per unit (or per batch of small
+-- ones) made the comparison a third dearer than the scans themselves. In a
+-- task, the units under the snapshot first (one transaction), then by cost.
+local function side_tasks(units, side, jobs)
+  local mine = {}
+  for _, u in ipairs(units) do if not u.side or u.side == side then mine[#mine + 1] = u end end
+  local bins, bin_of = {}, {}
+  for k = 1, math.min(jobs, #mine) do bins[k] = { units = {}, cost = 0 } end
+  table.sort(mine, function(x, y) return x.cost > y.cost end)
+  for _, u in ipairs(mine) do
+    local least = bins[1]
+    for _, b in ipairs(bins) do if b.cost < least.cost then least = b end end
+    least.cost, bin_of[u] = least.cost + u.cost, least
+  end
+  table.sort(mine, function(x, y)
+    if (x.side ~= nil) ~= (y.side ~= nil) then return x.side ~= nil end
+    return x.cost > y.cost
+  end)
+  for _, u in ipairs(mine) do
+    local b = bin_of[u]
+    b.units[#b.units + 1] = { unit = u.id, schema = u.entry.schema, name = u.entry.name, where = u.where,
+                              snapshot = u.side ~= nil or nil }
+    b.sided = b.sided or u.side ~= nil
+  end
+  return bins
+end
+
 -- Every unit hashed by `jobs` worker processes on each side at once.
 local function hash_in_pool(a_db, b_db, units, method, opts)
   -- units of block ranges: each side's hashed under one snapshot
@@ -442,30 +480,13 @@ local function hash_in_pool(a_db, b_db, units, method, opts)
         end
         return true
       end }
-    -- largest first; small units share a task (a process start costs more than they do)
-    local sorted = table.move(units, 1, #units, 1, {})
-    table.sort(sorted, function(x, y) return x.cost > y.cost end)
     for _, side in ipairs{ { "a", opts.a_conninfo, result_name(a_db, "a") }, { "b", opts.b_conninfo, result_name(b_db, "b") } } do
-      local batch, batch_cost, batch_sided = {}, 0, false
-      local function flush()
-        if #batch > 0 then
-          p:add{ job = { conninfo = side[2], name = side[3], side = side[1], method = method, units = batch,
-                         application_name = pg.application_name("qa"),
-                         snapshot = batch_sided and snapshots[side[1]].id or nil },
-                 cost = batch_cost, group = side[1], label = "hashing " .. batch[1].schema .. "." .. batch[1].name }
-          batch, batch_cost = {}, 0
-        end
+      for _, b in ipairs(side_tasks(units, side[1], opts.jobs)) do
+        p:add{ job = { conninfo = side[2], name = side[3], side = side[1], method = method, units = b.units,
+                       application_name = pg.application_name("qa"),
+                       snapshot = b.sided and snapshots[side[1]].id or nil },
+               cost = b.cost, group = side[1], label = "hashing " .. b.units[1].schema .. "." .. b.units[1].name }
       end
-      for _, u in ipairs(sorted) do
-        if not u.side or u.side == side[1] then
-          if #batch > 0 and batch_sided ~= (u.side ~= nil) then flush() end
-          batch_sided = u.side ~= nil
-          batch[#batch + 1] = { unit = u.id, schema = u.entry.schema, name = u.entry.name, where = u.where }
-          batch_cost = batch_cost + u.cost
-          if batch_cost >= 8 * 1024 * 1024 or #batch >= 25 then flush() end
-        end
-      end
-      flush()
     end
     local done, failure = p:run()
     if not done then
