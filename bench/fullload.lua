@@ -1,59 +1,72 @@
 --[[
-bench/fullload.lua: the full load several ways, on one lab, in one run, with
-ANALYZE included in every method (a target that serves needs statistics).
+bench/fullload.lua: the full load, its rerun after a kill and its
+verification, each measured against a floor in the same run, in pairs of
+alternating order, so that the ratios hold on a shared machine.
 
   migrun bench/fullload.lua [--scale S] [--shape standard|dominant] [--jobs N]
-                            [--more-jobs N] [--skip m1,m2] [--wait-idle SECONDS]
-                            [--repeat N] [--apart]
-  (make bench [BENCH_SCALE=0.2] [BENCH_SHAPE=dominant])
+                            [--pairs N] [--apart] [--skip load,rerun,verify,pgcopydb]
+                            [--before MIGRUN_BINARY] [--with runbook,pgcopydb-0.10]
+                            [--wait-idle SECONDS]
+  (make bench [BENCH_SCALE=0.2] [BENCH_ARGS="--apart --pairs 7"])
 
 Datasets (scale 1 is about 1 GB; row counts scale):
-  standard  one table with ~60% of the data (2M rows, bigint key, a separate
-            unique column, jsonb); 4 tables of 300k rows; 100 small tables; one
-            table without a primary key.
-  dominant  one table with ~90% of the bytes (bigint key, a separate unique
-            column); 4 mid-sized tables; 100 small ones; a small table without a
-            primary key and a large one without (split by block ranges).
-The replica is paused, then each method fills a fresh database on the target:
-  migrun    schema.dump + pre-data, fullload.run (chunks, indexes and ANALYZE per
-            table as each completes), then the rest of post-data
-  floor     the target alone: pre-data, binary files of the same data (written by
-            the replica before the clock starts; the largest table cut in as many
-            equal parts as migrun cuts it) loaded by server-side COPY FROM over the
-            same number of streams (TRUNCATE + FREEZE for whole tables), then
-            pg_restore -j N post-data, vacuumdb --analyze-only -j N
-  runbook   whole schema, separate unique constraints dropped, pg_dump -a | psql
-            for the 5 largest tables each alone plus one for the rest, constraints
-            re-added, vacuumdb --analyze-only -j N
-  pgcopydb  Debian's 0.10 (clone --table-jobs N --index-jobs N), and 0.18 from
-            shared/peers (--use-copy-binary --split-tables-larger-than), both
-            reading the primary (nothing writes to it) and running their VACUUM
-            ANALYZE
-Then, on the migrun database:
-  resume    migrun killed (SIGKILL) once ~80% of the largest table's chunks are
-            journaled, then run again: the rerun's time against a full migrun run
-  verify    the final QA's full comparison (typed row hashes by key ranges, both
-            sides at once over N workers) against count(*) of every table on both
-            sides at once, and against every value read out by both servers
-            (COPY TO '/dev/null', binary): what any comparison of values costs
-  --more-jobs N: migrun and the floor again with N streams.
-  --repeat N: migrun and the floor N times in all, each pair one right after
-            the other; the ratio of each pair and their median.
-  --apart:  the runbook's topology on one machine: in production the
-            maintenance replica, the target and the host migrun runs on are
-            three machines, so the replica's reading and the client's relaying
-            do not take the target's cores. The target's cluster is pinned
-            (taskset) to the first half of the cores, the source, the replica
-            and every method's client processes to the others, for every
-            method alike.
-  Every method's CPU seconds (each cluster and the client) are printed; on a
-  machine whose cores are all busy, a method's wall time cannot fall below
-  its CPU seconds over the cores, whatever it does.
-The floor runs once first, not counted: a fresh target creates and zero-fills
-every WAL segment the first method writes, the later ones recycle them.
-Each method runs as a child `migrun bench/fullload.lua --method NAME` under
-/usr/bin/time: wall seconds, and the peak RSS of the largest process of the
-method's tree (servers not counted). Row counts are checked after each.
+  standard  `big` (2M rows, bigint key, a separate unique column, jsonb: 76%
+            of the bytes); 4 tables of 300k rows; 100 small tables; one table
+            without a primary key.
+  dominant  `big` with 3M rows (90% of the bytes); 4 tables of 50k rows; 100
+            small ones; a small table without a primary key and a large one
+            without (log_nopk).
+The replica is paused, then:
+
+The load (--pairs rounds; each round runs every method once, the order
+reversed every other round: A B C, C B A, ...):
+  migrun    schema.dump + pre-data, fullload.run (chunks, each table's
+            indexes and ANALYZE as it completes), the rest of post-data
+  floor     the target alone: pre-data, then binary files of the same data
+            (written by the replica before the clock starts, every split
+            table cut into migrun's own chunks) loaded by server-side COPY
+            FROM over the same number of streams (TRUNCATE + FREEZE for whole
+            tables), pg_restore -j N post-data, vacuumdb --analyze-only -j N
+  pgcopydb 0.18 (shared/peers): clone --table-jobs N --index-jobs N
+            --use-copy-binary --split-tables-larger-than <migrun's chunk
+            size>, reading the primary (it does not split a standby's
+            tables; nothing writes to the primary: the same data), its
+            VACUUM ANALYZE included
+  --before BIN: that migrun binary too (its own embedded library): the
+            same method before a change, in the same rounds.
+The rerun (--pairs pairs): migrun is killed (SIGKILL) once the target holds
+  80% of the largest table's bytes (its heap, polled every 50 ms: the chunks
+  in flight count, as loaded bytes do), the killed run's sessions ended, and
+  the database copied (CREATE DATABASE ... TEMPLATE); then, in alternating
+  order, the rerun on the killed database and its floor on the copy: what
+  was not committed at the kill (the chunks and tables with no rows on the
+  copy), loaded from the same files by server-side COPY over N streams, then
+  the indexes and constraints the copy lacks (their statements over N
+  streams), then ANALYZE of the tables without statistics. What is missing is
+  found before the floor's clock starts (as the rerun finds it in its
+  journal).
+The verification (--pairs rounds, alternating), on the last migrun target
+  against the replica:
+  qa        the final QA's full comparison (qa.compare mode "full": units
+            hashed by N worker processes on each side)
+  hash floor  the typed row hash of every table by one sequential scan per
+            table, one session per side, both sides at once, no parallel
+            workers: the servers' work of a comparison of every value, and
+            nothing else (the SQL is built before the clock)
+  pgcopydb compare data (0.18, its 4 processes), against the same two
+Every run is a child `migrun bench/fullload.lua --method NAME` under
+/usr/bin/time (wall seconds, the peak RSS of the largest process of its
+tree), from a clean disk (a checkpoint of the target, then sync), with each
+cluster's CPU seconds over it (the postmaster and its children, from /proc)
+and the client's (the method's process and every child it waited for: for
+migrun its workers and the PostgreSQL tools, which the child reports apart).
+A warm-up runs first and is not counted (a fresh target creates and
+zero-fills the WAL segments the first run writes; the page cache).
+--apart: the runbook's topology on one machine (in production the
+  maintenance replica, the target and migrun's host are three machines):
+  the target's cluster pinned to the first half of the cores, the source,
+  the replica and every method's client to the other half, alike for every
+  method. The target runs without autovacuum (every method ANALYZEs).
 ]]
 local lab = require "migrun.rehearsal.lab"
 local proc = require "migrun.proc"
@@ -69,23 +82,51 @@ local function now() return host.monotonic() end
 local PGCOPYDB_018 = (os.getenv("MIGRUN_SOURCE_DIR") or ".") .. "/../shared/peers/pgcopydb-0.18/pgcopydb"
 if not io.open(PGCOPYDB_018) then PGCOPYDB_018 = "/work/shared/peers/pgcopydb-0.18/pgcopydb" end
 
+-- CPU seconds of this process and of the children it has waited for (stat(5) utime stime cutime cstime)
+local TICKS = tonumber((select(4, proc.run{ "getconf", "CLK_TCK" }) or ""):match("%d+")) or 100
+local function stat_fields(pid)
+  local stat = host.read_file("/proc/" .. pid .. "/stat")
+  local f = {}
+  for x in (stat and stat:match("%) (.*)") or ""):gmatch("%S+") do f[#f + 1] = tonumber(x) or 0 end
+  return f -- f[1] is field 3
+end
+local function my_cpu()
+  local f = stat_fields("self")
+  return (f[12] + f[13]) / TICKS, (f[14] + f[15]) / TICKS
+end
+
+-- A method's client CPU by part: parts[name] = { self =, children = }, written to job.cpu_out.
+local function cpu_parts()
+  local parts, order = {}, {}
+  local s0, c0 = my_cpu()
+  return function(name)
+    local s, c = my_cpu()
+    parts[name] = { self = s - s0, children = c - c0 }
+    order[#order + 1] = name
+    s0, c0 = s, c
+  end, function(job)
+    if job.cpu_out then assert(host.write_file(job.cpu_out, json.encode{ parts = parts, order = order })) end
+  end
+end
+
 ---------------------------------------------------------------------------
 -- The methods (each runs in its own child process)
 ---------------------------------------------------------------------------
 
 local methods = {}
 
--- migrun: the library calls full.lua's steps make, journaled to a file when
--- job.journal is set (and killed on cue: job.die_at, a share of the largest
--- table's chunks).
+-- migrun: the library calls full.lua's steps make, journaled to a file as a
+-- playbook journals (a rerun reads it).
 function methods.migrun(job)
   local schema = require "migrun.schema"
   local fullload = require "migrun.fullload"
   local db = require "migrun.db"
+  local part, report = cpu_parts()
+  job.journal = job.journal or (job.dir .. "/journal.json")
   local tools = assert(schema.tools(job.target_version))
-  -- a rerun (job.journal) finds the dump of its first run, as full.lua's schema step is done then
+  -- a rerun finds the dump of its first run, as full.lua's schema step is done then
   local dump
-  if job.journal and io.open(job.dir .. "/schema.list") then
+  if io.open(job.dir .. "/schema.list") then
     dump = { file = job.dir .. "/schema.dump", list = job.dir .. "/schema.list", tools = tools }
   else
     dump = assert(schema.dump(job.source, job.dir, { tools = tools }))
@@ -94,40 +135,23 @@ function methods.migrun(job)
   local replica = db.wrap(assert(pg.connect(job.replica, { name = "replica" })))
   assert(schema.restore_pre_data(job.target, dump, target, job.tables, {}))
   local state = {}
-  if job.journal then
-    local f = io.open(job.journal)
-    if f then state = json.decode(f:read("a")) f:close() end
-  end
-  local largest = job.tables[1].schema .. "." .. job.tables[1].name
-  local function save()
-    if not job.journal then return end
-    assert(host.write_file(job.journal, json.encode(state), tonumber("600", 8)))
-    local cs = state.chunks and state.chunks[largest]
-    if job.die_at and cs then
-      local n = 0
-      for _ in pairs(cs.done) do n = n + 1 end
-      if n >= job.die_at * cs.plan.count then
-        local f = assert(io.open("/proc/self/stat"))
-        local pid = f:read("a"):match("^(%d+)")
-        f:close()
-        proc.run{ "kill", "-KILL", pid }
-      end
-    end
-  end
-  local t_start = host.now()
+  local f = io.open(job.journal)
+  if f then state = json.decode(f:read("a")) f:close() end
+  local function save() assert(host.write_file(job.journal, json.encode(state), tonumber("600", 8))) end
   local post = assert(schema.table_post_data(replica, target, job.tables))
+  part("schema")
+  local t_start = host.now()
   assert(fullload.run{ replica = job.replica, target = job.target, tables = job.tables,
     jobs = math.tointeger(job.jobs), chunk_bytes = job.chunk_bytes, split_bytes = job.split_bytes,
     expect_replay_lsn = job.lsn, post = post, state = state, save = save })
+  part("load")
   local t_rest = host.now()
   assert(schema.restore_missing(job.target, dump, replica, target, job.tables, { jobs = math.tointeger(job.jobs) }))
+  part("post-data")
+  report(job)
   if job.profile then
     -- where the time went, from the journal's own per-table and per-chunk times
-    local p = { start = t_start, rest = t_rest, done = host.now(), tables = {}, largest_chunk_ends = {} }
-    for _, c in pairs((state.chunks[largest] or {}).done or {}) do
-      if c.ended then p.largest_chunk_ends[#p.largest_chunk_ends + 1] = c.ended end
-    end
-    table.sort(p.largest_chunk_ends)
+    local p = { start = t_start, rest = t_rest, done = host.now(), tables = {} }
     for k, r in pairs(state.loaded or {}) do
       if type(r) == "table" then
         local ix, an = (state.indexed or {})[k], (state.analyzed or {})[k]
@@ -139,41 +163,95 @@ function methods.migrun(job)
   end
 end
 
-local function analyze_all(job)
-  local ok, how, code, _, err = proc.run{ bin("vacuumdb"), "--analyze-only", "--jobs=" .. math.tointeger(job.jobs),
-    "--dbname=" .. job.target, stdout = "null", stderr = "capture" }
-  if not ok then die("vacuumdb:", how, code, err) end
+-- psql sessions, one per stream, each running its list of statements
+local function psql_streams(conninfo, streams)
+  local handles = {}
+  for _, sqls in ipairs(streams) do
+    if #sqls > 0 then
+      handles[#handles + 1] = assert(proc.spawn{ bin("psql"), "-X", "-q", "--dbname=" .. conninfo,
+        stdin = "\\set ON_ERROR_STOP 1\n" .. table.concat(sqls, "\n") .. "\n", stdout = "null", stderr = "capture" })
+    end
+  end
+  for _, h in ipairs(handles) do
+    local ok, how, code = h:wait()
+    if not ok then die("psql:", how, code, h.stderr) end
+  end
+end
+
+-- items { sql =, cost = } over n streams, largest first, each to the least loaded
+local function spread(items, n)
+  table.sort(items, function(a, b) return a.cost > b.cost end)
+  local streams, loads = {}, {}
+  for k = 1, n do streams[k], loads[k] = {}, 0 end
+  for _, it in ipairs(items) do
+    local least = 1
+    for k = 2, n do if loads[k] < loads[least] then least = k end end
+    table.insert(streams[least], it.sql)
+    loads[least] = loads[least] + it.cost
+  end
+  return streams
+end
+
+-- the files' COPY statements: whole tables truncated and frozen in one transaction
+local function load_sql(files)
+  local items = {}
+  for _, f in ipairs(files) do
+    local name = pg.qualify(f.schema, f.name)
+    local sql = f.whole
+      and ("begin; truncate %s; copy %s from '%s' (format binary, freeze); commit;"):format(name, name, f.path)
+      or ("copy %s from '%s' (format binary);"):format(name, f.path)
+    items[#items + 1] = { sql = sql, cost = f.bytes }
+  end
+  return items
 end
 
 function methods.floor(job)
   local schema = require "migrun.schema"
-  local fullload = require "migrun.fullload"
+  local part, report = cpu_parts()
   local tools = assert(schema.tools(job.target_version))
   local dump = assert(schema.dump(job.source, job.dir, { tools = tools }))
   assert(schema.restore("pre-data", job.target, dump, {}))
-  -- the files, over the streams (largest first, each to the least loaded)
-  local streams = fullload.plan(job.files, math.tointeger(job.jobs))
-  local handles = {}
-  for _, s in ipairs(streams) do
-    local sql = { "\\set ON_ERROR_STOP 1" }
-    for _, f in ipairs(s.tables) do
-      local name = pg.qualify(f.schema, f.name)
-      if f.whole then
-        sql[#sql + 1] = ("begin; truncate %s; copy %s from '%s' (format binary, freeze); commit;"):format(name, name, f.path)
-      else
-        sql[#sql + 1] = ("copy %s from '%s' (format binary);"):format(name, f.path)
-      end
-    end
-    handles[#handles + 1] = assert(proc.spawn{ bin("psql"), "-X", "-q", "--dbname=" .. job.target_super,
-      stdin = table.concat(sql, "\n") .. "\n", stdout = "null", stderr = "capture" })
-  end
-  for _, h in ipairs(handles) do
-    local ok, how, code = h:wait()
-    if not ok then die("floor load:", how, code, h.stderr) end
-  end
+  part("schema")
+  psql_streams(job.target, spread(load_sql(job.files), math.tointeger(job.jobs)))
+  part("load")
   assert(schema.restore("post-data", job.target, dump, { jobs = math.tointeger(job.jobs) }))
-  analyze_all(job)
+  local ok, how, code, _, err = proc.run{ bin("vacuumdb"), "--analyze-only", "--jobs=" .. math.tointeger(job.jobs),
+    "--dbname=" .. job.target, stdout = "null", stderr = "capture" }
+  if not ok then die("vacuumdb:", how, code, err) end
+  part("post-data")
+  report(job)
 end
+
+-- The floor of a rerun: what the killed run had not committed, from the files
+-- (job.files), then the post-data items the copy lacks (job.post: statements
+-- with a cost), then ANALYZE of the tables without statistics (job.analyze).
+function methods.floor_rest(job)
+  local part, report = cpu_parts()
+  local n = math.tointeger(job.jobs)
+  psql_streams(job.target, spread(load_sql(job.files), n))
+  part("load")
+  psql_streams(job.target, spread(job.post, n))
+  local items = {}
+  for _, t in ipairs(job.analyze) do items[#items + 1] = { sql = "analyze " .. t.name .. ";", cost = t.bytes } end
+  psql_streams(job.target, spread(items, n))
+  part("post-data")
+  report(job)
+end
+
+local function pgcopydb(exe, extra)
+  return function(job)
+    local argv = { exe, "clone", "--source", job.copydb_source, "--target", job.target,
+      "--table-jobs", tostring(math.tointeger(job.jobs)), "--index-jobs", tostring(math.tointeger(job.jobs)),
+      "--skip-extensions", "--dir", job.dir, stdout = "capture", stderr = "capture" }
+    for _, a in ipairs(extra(job)) do argv[#argv + 1] = a end
+    local ok, how, code, _, err = proc.run(argv)
+    if not ok then die("pgcopydb:", how, code, (err or ""):sub(-3000)) end
+  end
+end
+methods["pgcopydb-0.10"] = pgcopydb("pgcopydb", function() return {} end)
+methods["pgcopydb-0.18"] = pgcopydb(PGCOPYDB_018, function(job)
+  return { "--use-copy-binary", "--split-tables-larger-than", ("%dMB"):format(math.floor(job.chunk_bytes / 2 ^ 20)) }
+end)
 
 function methods.runbook(job)
   -- The target schema, whole (as the runbook restores it).
@@ -215,40 +293,12 @@ function methods.runbook(job)
     q(t, ("alter table %s add constraint %s %s"):format(u.tbl, pg.quote_ident(u.conname), u.def))
   end
   t:close()
-  analyze_all(job)
+  local vok, vhow, vcode, _, err = proc.run{ bin("vacuumdb"), "--analyze-only", "--jobs=" .. math.tointeger(job.jobs),
+    "--dbname=" .. job.target, stdout = "null", stderr = "capture" }
+  if not vok then die("vacuumdb:", vhow, vcode, err) end
 end
 
-local function pgcopydb(exe, extra)
-  return function(job)
-    local argv = { exe, "clone", "--source", job.copydb_source, "--target", job.target,
-      "--table-jobs", tostring(math.tointeger(job.jobs)), "--index-jobs", tostring(math.tointeger(job.jobs)),
-      "--skip-extensions", "--dir", job.dir, stdout = "capture", stderr = "capture" }
-    for _, a in ipairs(extra(job)) do argv[#argv + 1] = a end
-    local ok, how, code, _, err = proc.run(argv)
-    if not ok then die("pgcopydb:", how, code, (err or ""):sub(-3000)) end
-  end
-end
-methods["pgcopydb-0.10"] = pgcopydb("pgcopydb", function() return {} end)
-methods["pgcopydb-0.18"] = pgcopydb(PGCOPYDB_018, function(job)
-  return { "--use-copy-binary", "--split-tables-larger-than", ("%dMB"):format(math.floor(job.chunk_bytes / 2 ^ 20)) }
-end)
-
--- count(*) of every table, on one side (a process per side, both at once)
-function methods.count(job)
-  local c = assert(pg.connect(job.conninfo, { name = "count" }))
-  for _, t in ipairs(job.tables) do q(c, "select count(*) from " .. pg.qualify(t.schema, t.name)) end
-  c:close()
-end
-
--- every value of every table read out by the server and thrown away, on one
--- side: the least any comparison of the values can cost
-function methods.readout(job)
-  local c = assert(pg.connect(job.conninfo, { name = "readout" }))
-  for _, t in ipairs(job.tables) do q(c, ("copy %s to '/dev/null' (format binary)"):format(pg.qualify(t.schema, t.name))) end
-  c:close()
-end
-
-function methods.verify(job)
+function methods.qa(job)
   local qa = require "migrun.qa"
   local db = require "migrun.db"
   local a = db.wrap(assert(pg.connect(job.replica, { name = "replica" })))
@@ -258,18 +308,53 @@ function methods.verify(job)
   if r.differences > 0 then die(qa.format(r)) end
 end
 
+-- the typed hash of every table on one side, one sequential scan each (job.side_conninfo, job.hash_sql)
+function methods.hash_side(job)
+  local c = assert(pg.connect(job.side_conninfo, { name = "hash" }))
+  local rowhash = require "migrun.rowhash"
+  for _, kv in ipairs(rowhash.STABLE_TEXT) do q(c, "select set_config($1, $2, false)", kv[1], kv[2]) end
+  q(c, "set max_parallel_workers_per_gather = 0")
+  local out = {}
+  for _, sql in ipairs(job.hash_sql) do out[#out + 1] = q(c, sql)[1].h end
+  c:close()
+  io.write(table.concat(out, "\n"), "\n")
+end
+
+-- both sides at once: a child per side; their hashes must agree
+function methods.hash_floor(job)
+  local hs = {}
+  for _, conninfo in ipairs{ job.replica, job.target } do
+    local side = { side_conninfo = conninfo, hash_sql = job.hash_sql }
+    hs[#hs + 1] = assert(proc.spawn{ host.exe, arg[0], "--method", "hash_side", stdin = json.encode(side),
+      stdout = "capture", stderr = "capture" })
+  end
+  for _, h in ipairs(hs) do
+    local ok, how, code = h:wait()
+    if not ok then die("hash_side:", how, code, h.stderr) end
+  end
+  if hs[1].stdout ~= hs[2].stdout then die("hash floor: the two sides differ") end
+end
+
+function methods.compare(job)
+  local ok, how, code, _, err = proc.run{ PGCOPYDB_018, "compare", "data", "--source", job.replica,
+    "--target", job.target, "--dir", job.dir, stdout = "capture", stderr = "capture" }
+  if not ok then die("pgcopydb compare data:", how, code, (err or ""):sub(-3000)) end
+end
+
 local cli = require "migrun.playbook.cli"
 local opt = cli.run({ usage = "migrun bench/fullload.lua",
-  about = "The full load several ways on one lab (docs/benchmarks.md)",
+  about = "The full load, its rerun and its verification against their floors (docs/benchmarks.md)",
   options = {
     { "--scale", "S", "size of the dataset (1 = about 1 GB)", default = 1, number = true },
     { "--shape", "NAME", "standard or dominant", default = "standard" },
     { "--jobs", "N", "parallel streams of every method", default = 2, number = true },
-    { "--more-jobs", "N", "migrun and the floor again with N streams" },
-    { "--skip", "M1,M2", "methods left out (migrun, floor, runbook, pgcopydb, jobs, resume, verify)" },
-    { "--wait-idle", "SECONDS", "wait up to this long for a 1-minute load under 0.5", number = true },
-    { "--repeat", "N", "migrun and the floor N times in all, one after the other: the median ratio", default = 1,
+    { "--pairs", "N", "rounds of each measure, the order reversed every other round (at least 2)", default = 5,
       number = true },
+    { "--skip", "M1,M2", "measures left out (load, rerun, verify, pgcopydb)" },
+    { "--before", "BINARY", "another migrun binary measured in the same load rounds (before a change)" },
+    { "--with", "M1,M2", "peers measured once after the load rounds (runbook, pgcopydb-0.10)" },
+    { "--wait-idle", "SECONDS", "wait up to this long for a 1-minute load under 0.5", number = true },
+    { "--perf", nil, "one more migrun run (not counted) under perf record: where its client's CPU goes" },
     { "--apart", nil, "the runbook's topology: the target's cluster on half the cores, the replica, the source and "
       .. "the client on the others" },
     { "--method", "NAME", "(internal) run one method on the job read from stdin" },
@@ -283,24 +368,27 @@ if opt.method then
 end
 
 ---------------------------------------------------------------------------
--- The orchestration
+-- The orchestration: the lab and its dataset
 ---------------------------------------------------------------------------
 
 if opt.args.scale then opt.scale = tonumber(opt.args.scale) or die("<scale>: a number") end
 opt.jobs = math.tointeger(opt.jobs) or die("--jobs: a whole number")
-if opt.more_jobs then opt.more_jobs = math.tointeger(tonumber(opt.more_jobs)) or die("--more-jobs: a whole number") end
-opt["repeat"] = math.tointeger(opt["repeat"]) or die("--repeat: a whole number")
-local skipped = {}
-for m in (opt.skip or ""):gmatch("[^,]+") do skipped[m] = true end
-opt.skip = skipped
+opt.pairs = math.tointeger(opt.pairs) or die("--pairs: a whole number")
+if opt.pairs < 2 then die("--pairs: at least 2 (one round of each order)") end
+local function set_of(list)
+  local set = {}
+  for m in (list or ""):gmatch("[^,]+") do set[m] = true end
+  return set
+end
+local skipped, with = set_of(opt.skip), set_of(opt.with)
+for m in pairs(with) do if not methods[m] then die("--with: no method " .. m) end end
+if opt.before and not io.open(opt.before) then die("--before: no file " .. opt.before) end
 if opt.shape ~= "standard" and opt.shape ~= "dominant" then die("--shape: standard or dominant") end
 local scale = opt.scale
 local function rows(n) return math.max(1, math.floor(n * scale)) end
 
 local function loadavg()
-  local f = io.open("/proc/loadavg")
-  local s = f and f:read("a") or ""
-  if f then f:close() end
+  local s = host.read_file("/proc/loadavg") or ""
   return tonumber(s:match("^(%S+)")) or 0
 end
 if opt.wait_idle then
@@ -309,15 +397,12 @@ if opt.wait_idle then
 end
 local load_start = loadavg()
 
-print(("bench/fullload: shape %s, scale %g (about %d MB of data), %d streams, 1-minute load %.2f at start")
-  :format(opt.shape, scale, math.floor(1000 * scale), opt.jobs, load_start))
+print(("bench/fullload: shape %s, scale %g (about %d MB of data), %d streams, %d pairs%s, 1-minute load %.2f at start")
+  :format(opt.shape, scale, math.floor(1000 * scale), opt.jobs, opt.pairs, opt.apart and ", --apart" or "", load_start))
 -- The target's bootstrap superuser is named postgres, as the source's: every
--- method restores ownership to the source's roles, and only migrun's playbook
--- (not measured here) copies roles first.
--- autovacuum off on the target: a background vacuum of the tables just
--- loaded lands at random on one method's clock (it was seen vacuuming all 106
--- tables of one floor run and none of the next), and every method ends with
--- ANALYZE of its own, so none relies on it.
+-- method restores ownership to the source's roles. Autovacuum off on the
+-- target: a background vacuum of the tables just loaded lands at random on
+-- one method's clock, and every method ends with ANALYZE of its own.
 local L <close> = assert(lab.start{ target_superuser = true,
   settings = { all = { max_wal_size = "8GB", checkpoint_timeout = "30min" }, target = { autovacuum = false } } })
 local src = assert(pg.connect(L.source.conninfo, { name = "source" }))
@@ -344,7 +429,6 @@ q(src, "create table events_nopk (at timestamptz, kind text, payload text)")
 q(src, ([[insert into events_nopk select timestamptz '2022-01-01' + g * interval '1 second', 'k' || (g %% 10),
   md5(g::text) from generate_series(1, %d) g]]):format(rows(100000)))
 if opt.shape == "dominant" then
-  -- large and without a key: cut by block ranges
   q(src, "create table log_nopk (at timestamptz, level text, message text)")
   q(src, ([[insert into log_nopk select timestamptz '2023-01-01' + g * interval '1 second', 'l' || (g %% 5),
     repeat(md5(g::text), 2) from generate_series(1, %d) g]]):format(rows(400000)))
@@ -361,21 +445,27 @@ for row in q(src, [[select n.nspname, c.relname, pg_table_size(c.oid) as bytes, 
   tables[#tables + 1] = { schema = row.nspname, name = row.relname, bytes = row.bytes, rows_estimate = row.est }
   data_bytes = data_bytes + row.bytes
 end
-print(("largest table: %s, %.0f%% of the data"):format(tables[1].name, 100 * tables[1].bytes / data_bytes))
+local BIG = tables[1]
+print(("largest table: %s, %.0f%% of the data"):format(BIG.name, 100 * BIG.bytes / data_bytes))
 
 -- Pause the replica where it has everything.
 assert(L:wait_replica_caught_up(600))
 local rep = assert(pg.connect(L.replica.conninfo, { name = "replica" }))
 q(rep, "select pg_wal_replay_pause()")
-while q(rep, "select pg_get_wal_replay_pause_state() as s")[1].s ~= "paused" do end
+while q(rep, "select pg_get_wal_replay_pause_state() as s")[1].s ~= "paused" do host.sleep(0.05) end
 local at = tostring(q(rep, "select pg_last_wal_replay_lsn() as l")[1].l)
 local tgt = assert(pg.connect(L.target.conninfo:gsub("dbname=%S+", "dbname=postgres"), { name = "target" }))
+local rdb = require("migrun.db").wrap(rep)
 
 local fullload = require "migrun.fullload"
 local chunks = require "migrun.chunks"
-local function sizes(jobs)
-  local chunk_bytes = fullload.chunk_size(data_bytes, jobs)
-  return chunk_bytes, 2 * chunk_bytes
+local CHUNK_BYTES = fullload.chunk_size(data_bytes, opt.jobs)
+local SPLIT_BYTES = 2 * CHUNK_BYTES
+-- migrun's own split (the replica is paused: the same plan every run)
+local plans = {}
+for _, t in ipairs(tables) do
+  local plan = chunks.plan(rdb, t, { chunk_bytes = CHUNK_BYTES, split_bytes = SPLIT_BYTES })
+  if plan then plans[t.name] = plan end
 end
 
 local n_db = 0
@@ -385,6 +475,7 @@ local function target_db(name)
   q(tgt, "create database " .. dbname)
   return (L.target.conninfo:gsub("dbname=%S+", "dbname=" .. dbname)), dbname
 end
+local function conninfo_of(dbname) return (L.target.conninfo:gsub("dbname=%S+", "dbname=" .. dbname)) end
 
 local function check_counts(conninfo)
   local c = assert(pg.connect(conninfo, { name = "check" }))
@@ -395,72 +486,61 @@ local function check_counts(conninfo)
     if a ~= b then c:close() return false, ("%s: %d rows on the replica, %d on the target"):format(name, a, b) end
   end
   local idx = q(c, "select count(*) as n from pg_indexes where schemaname = 'public'")[1].n
-  local unanalyzed = q(c, [[select count(*) as n from pg_stat_user_tables where schemaname = 'public'
-    and last_analyze is null and last_autoanalyze is null]])[1].n
-  -- the server's own work during the method: autovacuum took cores too
-  local auto = q(c, [[select coalesce(sum(autovacuum_count), 0)::int as v, coalesce(sum(autoanalyze_count), 0)::int as a
-    from pg_stat_user_tables where schemaname = 'public']])[1]
+  local unanalyzed = q(c, [[select count(*) as n from pg_class c where c.relnamespace = 'public'::regnamespace
+    and c.relkind = 'r' and not exists (select 1 from pg_statistic s where s.starelid = c.oid)]])[1].n
   c:close()
-  return true, ("%d indexes, %d tables without statistics, autovacuum %d, autoanalyze %d"):format(idx, unanalyzed,
-    auto.v, auto.a)
+  local want = q(rep, "select count(*) as n from pg_indexes where schemaname = 'public'")[1].n
+  if idx ~= want then return false, ("%d indexes, the replica has %d"):format(idx, want) end
+  if unanalyzed > 0 then return false, ("%d tables without statistics"):format(unanalyzed) end
+  return true, ("%d indexes, every table with statistics"):format(idx)
 end
 
--- The floor's files: written by the replica (server side) before the clock,
--- once for each number of streams (which sets how many parts the largest
--- table is cut into), in a directory of their own.
-local files_of = {}
-local function floor_files(jobs)
-  if files_of[jobs] then return table.unpack(files_of[jobs]) end
-  local files_dir = ("%s/floor-files-%d"):format(L.dir, jobs)
-  proc.run{ "mkdir", "-p", files_dir }
-  proc.run{ "chown", "postgres", files_dir }
-  local chunk_bytes, split_bytes = sizes(jobs)
-  local rdb = require("migrun.db").wrap(rep)
-  local plan = chunks.plan(rdb, tables[1], { chunk_bytes = chunk_bytes, split_bytes = split_bytes })
-  local parts = plan and plan.count or 1
-  local files = {}
-  for i, t in ipairs(tables) do
-    local name = pg.qualify(t.schema, t.name)
-    if i == 1 and parts > 1 then
-      -- equal parts of the largest table (by key: every part the same number of keys)
-      local mm = q(rep, ("select min(id) as lo, max(id) as hi from %s"):format(name))[1]
-      local width = (mm.hi - mm.lo + parts) // parts
-      for p = 1, parts do
-        local path = ("%s/%s.%d.bin"):format(files_dir, t.name, p)
-        local lo = mm.lo + (p - 1) * width
-        q(rep, ("copy (select * from %s where id >= %d and id < %d) to '%s' (format binary)"):format(name, lo,
-          lo + width, path))
-        files[#files + 1] = { schema = t.schema, name = t.name, path = path, bytes = t.bytes / parts }
-      end
-    else
-      local path = ("%s/%s.bin"):format(files_dir, t.name)
-      q(rep, ("copy %s to '%s' (format binary)"):format(name, path))
-      files[#files + 1] = { schema = t.schema, name = t.name, path = path, bytes = t.bytes, whole = true }
+-- The floor's files, written by the replica (server side) before any clock:
+-- every table whole, a split table in migrun's chunks (the same ranges).
+local files_dir = L.dir .. "/floor-files"
+proc.run{ "mkdir", "-p", files_dir }
+proc.run{ "chown", "postgres", files_dir }
+local FILES = {}
+for _, t in ipairs(tables) do
+  local name, plan = pg.qualify(t.schema, t.name), plans[t.name]
+  if plan then
+    for i = 1, plan.count do
+      local path = ("%s/%s.%d.bin"):format(files_dir, t.name, i)
+      q(rep, ("copy (select * from %s where %s) to '%s' (format binary)"):format(name, chunks.where(plan, i), path))
+      FILES[#FILES + 1] = { schema = t.schema, name = t.name, path = path, bytes = t.bytes / plan.count, chunk = i }
     end
+  else
+    local path = ("%s/%s.bin"):format(files_dir, t.name)
+    q(rep, ("copy %s to '%s' (format binary)"):format(name, path))
+    FILES[#FILES + 1] = { schema = t.schema, name = t.name, path = path, bytes = t.bytes, whole = true }
   end
-  files_of[jobs] = { files, parts }
-  return files, parts
 end
+print(("floor files: %d, %s cut in %d chunks of about %d MiB (migrun's plan)"):format(#FILES, BIG.name,
+  plans[BIG.name] and plans[BIG.name].count or 1, CHUNK_BYTES // 2^20))
+
+---------------------------------------------------------------------------
+-- Where the cores go
+---------------------------------------------------------------------------
 
 -- CPU seconds a cluster has used since it started: its postmaster, the
 -- children it has reaped (cutime, cstime: every backend that has exited) and
--- the children alive (backends, the WAL receiver, the checkpointer...). The
--- difference over a method is where the machine's cores went.
-local TICKS = tonumber((select(4, proc.run{ "getconf", "CLK_TCK" }) or ""):match("%d+")) or 100
+-- the children alive (backends, the WAL receiver, the checkpointer...).
 local function ticks_of(pid)
-  local stat = host.read_file("/proc/" .. pid .. "/stat")
-  local f = {}
-  for x in (stat and stat:match("%) (.*)") or ""):gmatch("%S+") do f[#f + 1] = x end
-  -- fields 14-17 of stat(5): utime stime cutime cstime; f[1] is field 3
-  return (tonumber(f[12]) or 0) + (tonumber(f[13]) or 0) + (tonumber(f[14]) or 0) + (tonumber(f[15]) or 0)
+  local f = stat_fields(pid)
+  return (f[12] or 0) + (f[13] or 0) + (f[14] or 0) + (f[15] or 0)
+end
+local function children_of(pid)
+  local out = {}
+  for child in (host.read_file(("/proc/%d/task/%d/children"):format(pid, pid)) or ""):gmatch("%d+") do
+    out[#out + 1] = child
+  end
+  return out
 end
 local function cluster_cpu(c)
   local pm = c:pid()
   if not pm then return 0 end
   local ticks = ticks_of(pm)
-  for child in (host.read_file(("/proc/%d/task/%d/children"):format(pm, pm)) or ""):gmatch("%d+") do
-    ticks = ticks + ticks_of(child)
-  end
+  for _, child in ipairs(children_of(pm)) do ticks = ticks + ticks_of(child) end
   return ticks / TICKS
 end
 local CLUSTERS = { "source", "replica", "target" }
@@ -476,14 +556,11 @@ if opt.apart then
   local target_cpus, other_cpus = ("0-%d"):format(half - 1), ("%d-%d"):format(half, CORES - 1)
   for _, name in ipairs(CLUSTERS) do
     local pm = L[name]:pid()
-    local cpus = name == "target" and target_cpus or other_cpus
-    local pids = { pm }
-    for child in (host.read_file(("/proc/%d/task/%d/children"):format(pm, pm)) or ""):gmatch("%d+") do
-      pids[#pids + 1] = child
-    end
+    local pids = children_of(pm)
+    pids[#pids + 1] = pm
     for _, pid in ipairs(pids) do
-      local ok, how, code, _, err = proc.run{ "taskset", "-a", "-p", "-c", cpus, tostring(pid), stdout = "null",
-        stderr = "capture" }
+      local ok, how, code, _, err = proc.run{ "taskset", "-a", "-p", "-c", name == "target" and target_cpus or other_cpus,
+        tostring(pid), stdout = "null", stderr = "capture" }
       if not ok then die("taskset:", how, code, err) end
     end
   end
@@ -513,78 +590,189 @@ local function cpu_since(before)
   for _, name in ipairs(CLUSTERS) do t[name] = t[name] - before[name] end
   return t
 end
-local function cpu_text(cpu, seconds)
-  return ("CPU s: replica %.1f, target %.1f, source %.1f, client %.1f (%d cores x %.1f s = %.1f)"):format(
-    cpu.replica, cpu.target, cpu.source, cpu.client or 0, CORES, seconds, CORES * seconds)
+local function client_text(r)
+  local parts = {}
+  for _, name in ipairs(r.client_parts and r.client_parts.order or {}) do
+    local p = r.client_parts.parts[name]
+    parts[#parts + 1] = ("%s %.2f+%.2f"):format(name, p.self, p.children)
+  end
+  return #parts > 0 and (" (own+children: " .. table.concat(parts, ", ") .. ")") or ""
+end
+local function cpu_text(r)
+  local cpu = r.cpu
+  return ("CPU s: replica %.1f, target %.1f, source %.1f, client %.2f%s"):format(cpu.replica, cpu.target, cpu.source,
+    cpu.client or 0, client_text(r))
 end
 
+---------------------------------------------------------------------------
+-- One measured run
+---------------------------------------------------------------------------
+
 local results = {}
-local function measure(label, method, job)
+local function prepare(label, job)
   job.source, job.replica, job.tables, job.lsn = L.source.conninfo, L.replica.conninfo, tables, at
   job.jobs = job.jobs or opt.jobs
-  job.chunk_bytes, job.split_bytes = sizes(job.jobs)
+  job.chunk_bytes, job.split_bytes = CHUNK_BYTES, SPLIT_BYTES
   job.target_version = tgt:server_version()
+  n_db = n_db + 1
   job.dir = job.dir or (L.dir .. "/bench-" .. label:gsub("%W", "_") .. "-" .. n_db)
+  proc.run{ "mkdir", "-p", job.dir }
+  job.cpu_out = job.dir .. "/cpu-" .. n_db .. ".json"
   if not job.target then job.target, job.dbname = target_db(label) end
-  job.target_super = job.target
-  -- Every method starts from the same state: what the earlier ones wrote is
-  -- on disk (a checkpoint of the target, then sync), so that none pays for
-  -- the kernel writing back another's gigabytes while its clock runs.
+  -- Every run starts from the same state: what the earlier ones wrote is on
+  -- disk (a checkpoint of the target, then sync), so that none pays for the
+  -- kernel writing back another's gigabytes while its clock runs.
   q(tgt, "checkpoint")
   proc.run{ "sync" }
-  io.stdout:write(("%-22s ... "):format(label)) io.stdout:flush()
-  local load_before = loadavg()
-  local cpu_before = cpu_now()
-  local ok, how, code, _, err = proc.run(on_client_cpus{ "/usr/bin/time", "-f", "BENCH %e %M %U %S", host.exe, arg[0],
-    "--method", method, stdin = json.encode(job), stdout = "capture", stderr = "capture" })
-  local cpu = cpu_since(cpu_before)
-  local secs, rss, user, sys = (err or ""):match("BENCH ([%d.]+) (%d+) ([%d.]+) ([%d.]+)")
-  cpu.client = (tonumber(user) or 0) + (tonumber(sys) or 0) -- migrun (or the peer) and every child it waited for
-  local r = { name = label, method = method, seconds = tonumber(secs), rss_mb = rss and tonumber(rss) / 1024,
-              load = load_before, job = job, cpu = cpu }
-  results[#results + 1] = r
-  if job.expect_kill then
-    r.killed = (err or ""):find("terminated by signal 9", 1, true) ~= nil
-    if not r.killed then
-      print(ok and "finished before the kill: the largest table has too few chunks at this scale"
-        or ("FAILED before the kill: " .. tostring(how) .. " " .. tostring(code) .. "\n" .. (err or ""):sub(-2000)))
-      r.failed = true
-      return r
-    end
-    print(("killed after %.1fs (%s %s), peak RSS %.0f MB"):format(r.seconds or 0, tostring(how), tostring(code),
-      r.rss_mb or 0))
-    return r
+  return job
+end
+
+-- opts.exe: another migrun binary, with its own embedded library (-E: MIGRUN_LUA_PATH not read);
+-- opts.perf: a file for `perf record` of the method's process tree
+local function argv_of(method, job, opts)
+  opts = opts or {}
+  local argv = { "/usr/bin/time", "-f", "BENCH %e %M %U %S" }
+  if opts.perf then
+    for _, a in ipairs{ "perf", "record", "-q", "-g", "-o", opts.perf, "--" } do argv[#argv + 1] = a end
   end
-  if not ok or not secs then
+  argv[#argv + 1] = opts.exe or host.exe
+  if opts.exe then argv[#argv + 1] = "-E" end
+  for _, a in ipairs{ arg[0], "--method", method } do argv[#argv + 1] = a end
+  argv.stdin, argv.stdout, argv.stderr = json.encode(job), "capture", "capture"
+  return on_client_cpus(argv)
+end
+
+-- What a finished run says: r.seconds, r.rss_mb, r.cpu (clusters and client), r.client_parts.
+local function finish(r, err, cpu_before)
+  r.cpu = cpu_since(cpu_before)
+  local secs, rss, user, sys = (err or ""):match("BENCH ([%d.]+) (%d+) ([%d.]+) ([%d.]+)")
+  r.seconds, r.rss_mb = tonumber(secs), rss and tonumber(rss) / 1024
+  r.cpu.client = (tonumber(user) or 0) + (tonumber(sys) or 0)
+  local f = r.job.cpu_out and io.open(r.job.cpu_out)
+  if f then r.client_parts = json.decode(f:read("a")) f:close() end
+  return r
+end
+
+local function measure(label, method, job, opts)
+  opts = opts or {}
+  prepare(label, job)
+  io.stdout:write(("%-26s ... "):format(label)) io.stdout:flush()
+  local r = { name = label, method = method, job = job, load = loadavg(), group = opts.group or label }
+  local cpu_before = cpu_now()
+  local ok, how, code, _, err = proc.run(argv_of(method, job, opts))
+  finish(r, err, cpu_before)
+  results[#results + 1] = r
+  if not ok or not r.seconds then
     print("FAILED: " .. tostring(how) .. " " .. tostring(code) .. "\n" .. (err or ""):sub(-2000))
     r.failed = true
     return r
   end
-  if job.no_check then
-    print(("%.1fs, peak RSS %.0f MB\n    %s"):format(r.seconds, r.rss_mb, cpu_text(cpu, r.seconds)))
-    return r
+  local info = ""
+  if not opts.no_check then
+    local good
+    good, info = check_counts(job.target)
+    if not good then r.failed = true print("CHECK FAILED: " .. info) end
+    info = ", " .. info
   end
-  local good, info = check_counts(job.target)
-  r.ok = good
-  -- a database no later measure reads is dropped: methods that ran before
-  -- must not leave the ones after them less memory for the page cache
+  -- a database no later measure reads is dropped: the runs after it must
+  -- not have less memory for the page cache
   if not job.keep and job.dbname then q(tgt, "drop database " .. job.dbname) end
-  print(("%.1fs, peak RSS %.0f MB, %s (load %.2f)\n    %s"):format(r.seconds, r.rss_mb,
-    good and ("counts equal, " .. info) or ("COUNTS DIFFER: " .. info), load_before, cpu_text(cpu, r.seconds)))
+  print(("%.1fs, peak RSS %.0f MB%s (load %.2f)\n    %s"):format(r.seconds, r.rss_mb, info, r.load, cpu_text(r)))
   return r
 end
 
-local function skip(m) return opt.skip[m] end
+-- migrun killed (SIGKILL) once the target's heap of the largest table holds
+-- `share` of the replica's: its child's migrun (under /usr/bin/time), its
+-- workers die with it. Returns the run, with r.at (seconds) and r.share.
+local BIG_HEAP = q(rep, "select pg_relation_size($1::regclass) as b", pg.qualify(BIG.schema, BIG.name))[1].b
+local function measure_killed(label, job, share)
+  prepare(label, job)
+  job.journal = job.dir .. "/journal.json"
+  io.stdout:write(("%-26s ... "):format(label)) io.stdout:flush()
+  local r = { name = label, method = "migrun", job = job, load = loadavg(), group = "killed" }
+  local cpu_before = cpu_now()
+  local h = assert(proc.spawn(argv_of("migrun", job)))
+  local watch = assert(pg.connect(job.target, { name = "watch" }))
+  local started = now()
+  while h.running do
+    local heap = q(watch, "select coalesce(pg_relation_size(to_regclass($1)), 0) as b", pg.qualify(BIG.schema, BIG.name))[1].b
+    if heap >= share * BIG_HEAP then
+      for _, pid in ipairs(children_of(h.pid)) do proc.run{ "kill", "-KILL", pid } end
+      r.at, r.share = now() - started, heap / BIG_HEAP
+      break
+    end
+    h:wait(0.05)
+  end
+  watch:close()
+  local ok = h:wait()
+  finish(r, h.stderr, cpu_before)
+  if ok or not r.at then die(label .. ": finished before the kill (the largest table has too few chunks?)") end
+  print(("killed at %.1fs, %s's heap at %.0f%% of the replica's"):format(r.at, BIG.name, 100 * r.share))
+  return r
+end
+
+local function median(xs)
+  local s = table.move(xs, 1, #xs, 1, {})
+  table.sort(s)
+  if #s == 0 then return nil end
+  return #s % 2 == 1 and s[(#s + 1) // 2] or (s[#s // 2] + s[#s // 2 + 1]) / 2
+end
+-- "1.07 (0.98-1.21; 1.02, 1.07, ...)": the median, the spread, every value
+local function summary(xs)
+  if #xs == 0 then return "-" end
+  local s = table.move(xs, 1, #xs, 1, {})
+  table.sort(s)
+  local listed = {}
+  for i, x in ipairs(xs) do listed[i] = ("%.2f"):format(x) end
+  return ("%.2f (%.2f-%.2f; %s)"):format(median(xs), s[1], s[#s], table.concat(listed, ", "))
+end
+
+-- Rounds of methods, the order reversed every other round (A B C, C B A...):
+-- a drift of the machine over the run weighs on every method alike.
+-- runs: { {label =, method =, job = function(i) end, opts =} }; -> by label: {r...}
+local function rounds(runs)
+  local by = {}
+  for i = 1, opt.pairs do
+    local order = {}
+    for k = 1, #runs do order[k] = runs[i % 2 == 1 and k or #runs + 1 - k] end
+    for _, run in ipairs(order) do
+      local r = measure(("%s #%d"):format(run.label, i), run.method, run.job(i), run.opts)
+      by[run.label] = by[run.label] or {}
+      table.insert(by[run.label], r)
+    end
+  end
+  return by
+end
+
+-- x / y of the runs of each round, where both succeeded; f picks the number
+local function ratios(xs, ys, f)
+  local out = {}
+  for i = 1, math.min(#(xs or {}), #(ys or {})) do
+    if not xs[i].failed and not ys[i].failed then
+      local y = f(ys[i])
+      if y and y > 0 then out[#out + 1] = f(xs[i]) / y end
+    end
+  end
+  return out
+end
+local function wall(r) return r.seconds end
+local function target_cpu(r) return r.cpu.target end
+local function client_cpu(r) return r.cpu.client end
+local function all_cpu(r) return r.cpu.replica + r.cpu.target + r.cpu.source + r.cpu.client end
+local goals = {} -- { measure, now, goal }
+local function goal(measure_, xs, want)
+  goals[#goals + 1] = { measure_, summary(xs), want, median(xs) }
+  print(("  %s: %s (goal %s)"):format(measure_, summary(xs), want))
+end
 
 -- Where migrun's time went (job.profile): the largest table's load, index
--- builds and ANALYZE, everything else, the rest of post-data.
+-- builds and ANALYZE, the last table loaded, the rest of post-data.
 local function profile_of(r)
-  local f = r and r.job.profile and io.open(r.job.profile)
+  local f = r and not r.failed and r.job.profile and io.open(r.job.profile)
   if not f then return end
   local p = json.decode(f:read("a"))
   f:close()
-  r.profile = p
-  local big = p.tables[tables[1].schema .. "." .. tables[1].name]
+  local big = p.tables[BIG.schema .. "." .. BIG.name]
   local last_load, sum_index, sum_analyze = p.start, 0, 0
   for _, t in pairs(p.tables) do
     if t.load[2] > last_load then last_load = t.load[2] end
@@ -594,148 +782,243 @@ local function profile_of(r)
   local function span(x) return x and ("%.1f-%.1fs"):format(x[1] - p.start, x[2] - p.start) or "-" end
   print(("  profile %s: %s load %s (%s chunks), its indexes %s, its ANALYZE %s; last table loaded at %.1fs; "
     .. "index builds %.1fs and ANALYZE %.1fs of worker time in all; rest of post-data %.1fs; total %.1fs")
-    :format(r.name, tables[1].name, big and span(big.load) or "(earlier run)", big and tostring(big.chunks or 1) or "-",
+    :format(r.name, BIG.name, big and span(big.load) or "-", big and tostring(big.chunks or 1) or "-",
       big and span(big.index) or "-", big and span(big.analyze) or "-", last_load - p.start, sum_index, sum_analyze,
       p.done - p.rest, p.done - p.start))
 end
 
--- A fresh target has no WAL segments to recycle: the first method run would
--- create and zero-fill every segment it writes (some 2 GB at scale 1, system
--- CPU of the target's backends) and the ones after it would not. The floor
--- runs once first, not counted, so that every measured method finds them.
-if not (skip("floor") and skip("migrun")) then
-  local warm = measure("warm-up (not counted)", "floor", { files = floor_files(opt.jobs) })
-  if warm.failed then die("the warm-up (the floor) failed") end
-  table.remove(results)
-end
+---------------------------------------------------------------------------
+-- The load
+---------------------------------------------------------------------------
 
--- every migrun run journals to a file, as a playbook does
-local mig = not skip("migrun") and measure("migrun", "migrun", { profile = L.dir .. "/profile-migrun.json",
-  journal = L.dir .. "/bench-migrun-journal.json", keep = true }) or nil -- verified at the end
-profile_of(mig)
-local floor
-if not skip("floor") then
-  local files, parts = floor_files(opt.jobs)
-  io.stdout:write(("(floor: %d files, the largest table in %d parts)\n"):format(#files, parts))
-  floor = measure("floor", "floor", { files = files })
-end
--- The same pair again, one right after the other: on a machine shared with
--- other work, one pair is one sample of a ratio that moves by some 10%.
-local pairs_measured = {}
-if mig and floor then
-  pairs_measured[1] = { mig, floor }
-  for i = 2, opt["repeat"] do
-    local m = measure(("migrun #%d"):format(i), "migrun", { journal = ("%s/bench-migrun-journal-%d.json"):format(L.dir, i) })
-    local f = measure(("floor #%d"):format(i), "floor", { files = floor_files(opt.jobs) })
-    pairs_measured[#pairs_measured + 1] = { m, f }
+local loads -- by label: the runs of each method
+local verify_target -- the last migrun run's database, kept for the verification
+local function load_rounds()
+  print("\n== the load: " .. opt.pairs .. " rounds")
+  -- not counted: a fresh target creates and zero-fills the WAL segments the
+  -- first run writes (the later ones recycle them); the page cache
+  for _, m in ipairs{ "floor", "migrun" } do
+    measure("warm-up " .. m .. " (not counted)", m, { files = FILES }, { group = "warm-up" })
   end
-end
-if not skip("runbook") then measure("runbook", "runbook", {}) end
-if not skip("pgcopydb") then
-  if proc.run{ "sh", "-c", "command -v pgcopydb" } then
-    -- pgcopydb 0.10 cannot read a standby (it asks for a SERIALIZABLE DEFERRABLE snapshot);
-    -- it reads the primary, which takes no writes during the benchmark: the same data.
-    measure("pgcopydb 0.10", "pgcopydb-0.10", { copydb_source = L.source.conninfo })
-  else
-    print("pgcopydb 0.10          skipped: not installed (apt-get install pgcopydb)")
+  local runs = {
+    { label = "migrun", method = "migrun", job = function(i)
+      return { profile = i == 1 and (L.dir .. "/profile-migrun.json") or nil, keep = i == opt.pairs } end },
+    { label = "floor", method = "floor", job = function() return { files = FILES } end },
+  }
+  if not skipped.pgcopydb then
+    if not io.open(PGCOPYDB_018) then die("pgcopydb 0.18 not found at " .. PGCOPYDB_018 .. " (--skip pgcopydb)") end
+    runs[#runs + 1] = { label = "pgcopydb 0.18", method = "pgcopydb-0.18",
+      job = function() return { copydb_source = L.source.conninfo } end }
   end
-  if io.open(PGCOPYDB_018) then
-    -- 0.18 skips its split when it reads a standby: it reads the primary too
-    measure("pgcopydb 0.18", "pgcopydb-0.18", { copydb_source = L.source.conninfo })
-  else
-    print("pgcopydb 0.18          skipped: not found at " .. PGCOPYDB_018)
+  if opt.before then
+    runs[#runs + 1] = { label = "migrun before", method = "migrun", job = function() return {} end,
+      opts = { exe = opt.before, embedded = true } }
   end
-end
-if opt.more_jobs and not skip("jobs") then
-  measure(("migrun, %d streams"):format(opt.more_jobs), "migrun", { jobs = opt.more_jobs,
-    journal = L.dir .. "/bench-migrun-more-journal.json" })
-  measure(("floor, %d streams"):format(opt.more_jobs), "floor", { files = floor_files(opt.more_jobs),
-    jobs = opt.more_jobs })
-end
-local resume
-if not skip("resume") then
-  local journal = L.dir .. "/bench-resume-journal.json"
-  local killed = measure("migrun killed at 80%", "migrun", { journal = journal, die_at = 0.8, expect_kill = true })
-  local rerun = measure("migrun rerun", "migrun", { journal = journal, target = killed.job.target,
-    dbname = killed.job.dbname, dir = killed.job.dir, profile = L.dir .. "/profile-rerun.json" })
-  profile_of(rerun)
-  resume = { killed = killed, rerun = rerun }
-end
-local verify
-if mig and not mig.failed and not skip("verify") then
-  local v = measure("verify (row hashes)", "verify", { target = mig.job.target, no_check = true })
-  -- a method on every table of both sides at once: a process per side
-  local function both_sides(label, method)
-    io.stdout:write(("%-22s ... "):format(label)) io.stdout:flush()
-    local c0, cpu_before = now(), cpu_now()
-    local hs = {}
-    for _, conninfo in ipairs{ L.replica.conninfo, mig.job.target } do
-      hs[#hs + 1] = assert(proc.spawn(on_client_cpus{ host.exe, arg[0], "--method", method, stdout = "null",
-        stderr = "capture", stdin = json.encode{ conninfo = conninfo, tables = tables } }))
+  loads = rounds(runs)
+  profile_of(loads.migrun[1])
+  local last = loads.migrun[#loads.migrun]
+  if not last.failed then verify_target = last.job.target end
+  print()
+  goal("migrun / floor, wall", ratios(loads.migrun, loads.floor, wall), opt.apart and "<= 1.05" or "<= 1.20")
+  goal("migrun / floor, target CPU", ratios(loads.migrun, loads.floor, target_cpu), "<= 1.05")
+  goal("migrun / floor, CPU of every cluster and the client", ratios(loads.migrun, loads.floor, all_cpu), "-")
+  goal("migrun client CPU / floor client CPU", ratios(loads.migrun, loads.floor, client_cpu), "<= 2")
+  if loads["pgcopydb 0.18"] then
+    goal("pgcopydb 0.18 clone / migrun, wall", ratios(loads["pgcopydb 0.18"], loads.migrun, wall), ">= 1.20")
+  end
+  if loads["migrun before"] then
+    goal("migrun / migrun before, wall", ratios(loads.migrun, loads["migrun before"], wall), "-")
+    goal("migrun before client CPU / migrun client CPU", ratios(loads["migrun before"], loads.migrun, client_cpu), "-")
+    goal("migrun before client CPU / floor client CPU", ratios(loads["migrun before"], loads.floor, client_cpu), "-")
+  end
+  for m in pairs(with) do measure(m .. " (once)", m, { copydb_source = L.source.conninfo }) end
+  if opt.perf then
+    local file = L.dir .. "/client.perf"
+    measure("migrun under perf (not counted)", "migrun", {}, { perf = file, group = "perf" })
+    -- where the client's CPU went: by program, then the workers' symbols
+    for _, sort in ipairs{ { "comm,dso", 14 }, { "sym", 25 } } do
+      local ok, _, _, out = proc.run{ "perf", "report", "-i", file, "--stdio", "--no-children", "--sort", sort[1],
+        "-g", "none", "--percent-limit", "0.5", stdout = "capture", stderr = "null" }
+      print(("  perf of migrun's client, by %s:"):format(sort[1]))
+      local n = 0
+      for line in ((ok and out) or ""):gmatch("[^\n]+") do
+        if not line:match("^#") and line:match("%%") and n < sort[2] then print("    " .. line) n = n + 1 end
+      end
     end
-    for _, h in ipairs(hs) do local ok = h:wait() if not ok then die(method .. " failed: " .. tostring(h.stderr)) end end
-    local secs = now() - c0
-    print(("%.1fs\n    %s"):format(secs, cpu_text(cpu_since(cpu_before), secs)))
-    return secs
   end
-  verify = { hash = v.seconds, count = both_sides("count(*) both sides", "count"),
-             readout = both_sides("read out both sides", "readout") }
 end
 
-local base = floor and not floor.failed and floor.seconds or nil
-print()
-print(("| method | seconds | vs floor | peak RSS (MB) | 1-min load before | CPU s: replica | target | source | client |"))
-print("|---|---|---|---|---|---|---|---|---|")
+---------------------------------------------------------------------------
+-- The rerun after a kill
+---------------------------------------------------------------------------
+
+-- Ends every session of a database (the killed run's: a SIGKILLed client's
+-- COPY sessions end by themselves, an index build would go on) and waits.
+local function end_sessions(dbname)
+  local deadline = now() + 60
+  repeat
+    local n = q(tgt, [[select count(pg_terminate_backend(pid)) as n from pg_stat_activity
+      where datname = $1 and pid <> pg_backend_pid()]], dbname)[1].n
+    if n > 0 then host.sleep(0.1) end
+  until n == 0 or now() > deadline
+end
+
+-- The chunks of a split table that have rows on a target (one scan):
+-- { [i] = true }; a whole table: whether it has rows.
+local function present(c, t)
+  local name, plan = pg.qualify(t.schema, t.name), plans[t.name]
+  if not plan then return q(c, ("select exists (select 1 from %s) as e"):format(name))[1].e end
+  if plan.method ~= "key" then die(name .. ": a rerun floor of a table split by blocks is not measured") end
+  local cases = {}
+  for i = 1, plan.count do cases[i] = ("when %s then %d"):format(chunks.where(plan, i), i) end
+  local out = {}
+  for row in q(c, ("select case %s end as i from %s group by 1"):format(table.concat(cases, " "), name)):rows() do
+    if row.i ~= pg.null then out[row.i] = true end
+  end
+  return out
+end
+
+-- The floor of a rerun on a copy of the killed database: the files of what
+-- has no rows there, the post-data items it lacks, ANALYZE where it has no
+-- statistics; found before the clock.
+local function floor_rest_job(conninfo, dbname)
+  local c = assert(pg.connect(conninfo, { name = "copy" }))
+  local files, left = {}, { chunks = 0, tables = 0 }
+  local done = {}
+  for _, t in ipairs(tables) do done[t.name] = present(c, t) end
+  for _, f in ipairs(FILES) do
+    local d = done[f.name]
+    if (f.chunk and not d[f.chunk]) or (not f.chunk and not d) then
+      files[#files + 1] = f
+      if f.chunk then left.chunks = left.chunks + 1 else left.tables = left.tables + 1 end
+    end
+  end
+  local bytes = {}
+  for _, t in ipairs(tables) do bytes[t.schema .. "." .. t.name] = t.bytes end
+  local items = assert(require("migrun.schema").table_post_data(rdb, require("migrun.db").wrap(c), tables))
+  local post, n_items = {}, 0
+  for k, list in pairs(items) do
+    for _, item in ipairs(list) do
+      post[#post + 1] = { sql = table.concat(item.sql, ";\n") .. ";", cost = bytes[k] or 0 }
+      n_items = n_items + 1
+    end
+  end
+  local analyze = {}
+  for row in q(c, [[select c.oid::regclass::text as name, pg_table_size(c.oid) as bytes from pg_class c
+      where c.relnamespace = 'public'::regnamespace and c.relkind = 'r'
+        and not exists (select 1 from pg_statistic s where s.starelid = c.oid)]]):rows() do
+    analyze[#analyze + 1] = row
+  end
+  c:close()
+  print(("    left at the kill: %d of %s's %d chunks, %d other tables; %d index/constraint items, %d tables to analyze")
+    :format(left.chunks, BIG.name, plans[BIG.name] and plans[BIG.name].count or 1, left.tables, n_items, #analyze))
+  return { target = conninfo, dbname = dbname, files = files, post = post, analyze = analyze }
+end
+
+local reruns, rest_floors = {}, {}
+local function rerun_pairs()
+  print(("\n== the rerun after a kill at 80%% of %s's bytes: %d pairs"):format(BIG.name, opt.pairs))
+  for i = 1, opt.pairs do
+    local killed = measure_killed(("killed #%d"):format(i), {}, 0.8)
+    end_sessions(killed.job.dbname)
+    local copy = killed.job.dbname .. "_copy"
+    local strategy = tgt:server_version() >= 150000 and " strategy file_copy" or ""
+    q(tgt, ("create database %s template %s%s"):format(copy, killed.job.dbname, strategy))
+    local rest = floor_rest_job(conninfo_of(copy), copy)
+    local rerun_job = { target = killed.job.target, dbname = killed.job.dbname, dir = killed.job.dir,
+                        journal = killed.job.journal, profile = i == 1 and (L.dir .. "/profile-rerun.json") or nil }
+    local pair = {
+      function() reruns[i] = measure(("rerun #%d"):format(i), "migrun", rerun_job) end,
+      function() rest_floors[i] = measure(("floor of the rerun #%d"):format(i), "floor_rest", rest) end,
+    }
+    if i % 2 == 0 then pair[1], pair[2] = pair[2], pair[1] end
+    pair[1]() pair[2]()
+    reruns[i].at, reruns[i].share = killed.at, killed.share
+  end
+  profile_of(reruns[1])
+  print()
+  goal("rerun after a kill at 80% / its floor", ratios(reruns, rest_floors, wall), "<= 1.15")
+  goal("rerun / its floor, target CPU", ratios(reruns, rest_floors, target_cpu), "-")
+  if loads then
+    local secs = {}
+    for _, r in ipairs(loads.migrun) do if not r.failed then secs[#secs + 1] = r.seconds end end
+    local full = median(secs)
+    if full then
+      local xs, ys = {}, {}
+      for i, r in ipairs(reruns) do
+        if not r.failed then xs[#xs + 1] = r.seconds / full end
+        if rest_floors[i] and not rest_floors[i].failed then ys[#ys + 1] = rest_floors[i].seconds / full end
+      end
+      print(("  rerun / migrun's median full load: %s; its floor / the same: %s"):format(summary(xs), summary(ys)))
+    end
+  end
+end
+
+---------------------------------------------------------------------------
+-- The verification
+---------------------------------------------------------------------------
+
+local function verify_rounds()
+  local target = verify_target
+  if not target then
+    local job = measure("migrun (for the verification)", "migrun", { keep = true })
+    if job.failed then die("no migrun target to verify") end
+    target = job.job.target
+  end
+  print("\n== the verification: " .. opt.pairs .. " rounds")
+  -- the floor's SQL: the typed row hash (the QA's own expression) of every table, built before the clock
+  local rowhash = require "migrun.rowhash"
+  local hash_sql = {}
+  for _, t in ipairs(tables) do
+    local name = pg.qualify(t.schema, t.name)
+    local expr = rowhash.expr(assert(rowhash.columns(rdb, name)), "typed")
+    hash_sql[#hash_sql + 1] = ("select count(*)::text || ' ' || coalesce(sum(%s), 0)::text as h from %s"):format(expr,
+      name)
+  end
+  local runs = {
+    { label = "full QA", method = "qa", job = function() return { target = target } end, opts = { no_check = true } },
+    { label = "hash floor", method = "hash_floor", job = function() return { target = target, hash_sql = hash_sql } end,
+      opts = { no_check = true } },
+  }
+  if not skipped.pgcopydb then
+    runs[#runs + 1] = { label = "pgcopydb compare data", method = "compare", job = function() return { target = target } end,
+      opts = { no_check = true } }
+  end
+  local by = rounds(runs)
+  print()
+  goal("full QA / typed-hash sequential-scan floor", ratios(by["full QA"], by["hash floor"], wall), "<= 1.10")
+  goal("full QA / hash floor, CPU of both clusters", ratios(by["full QA"], by["hash floor"], function(r)
+    return r.cpu.replica + r.cpu.target end), "-")
+  if by["pgcopydb compare data"] then
+    goal("full QA / pgcopydb compare data", ratios(by["full QA"], by["pgcopydb compare data"], wall), "<= 0.40")
+  end
+end
+
+---------------------------------------------------------------------------
+-- The run
+---------------------------------------------------------------------------
+
+if not skipped.load then load_rounds() end
+if not skipped.rerun then rerun_pairs() end
+if not skipped.verify then verify_rounds() end
+
+print("\n| run | seconds | peak RSS (MB) | 1-min load before | CPU s: replica | target | source | client |")
+print("|---|---|---|---|---|---|---|---|")
+local peak = 0
 for _, r in ipairs(results) do
   if r.failed then
-    print(("| %s | failed | | | | | | | |"):format(r.name))
-  elseif r.seconds then
-    print(("| %s | %.1f | %s | %.0f | %.2f | %.1f | %.1f | %.1f | %.1f |"):format(r.name, r.seconds,
-      base and ("%.2f×"):format(r.seconds / base) or "", r.rss_mb or 0, r.load, r.cpu.replica, r.cpu.target,
-      r.cpu.source, r.cpu.client))
+    print(("| %s | failed | | | | | | |"):format(r.name))
+  else
+    print(("| %s | %.1f | %.0f | %.2f | %.1f | %.1f | %.1f | %.2f |"):format(r.name, r.seconds or 0, r.rss_mb or 0, r.load,
+      r.cpu.replica, r.cpu.target, r.cpu.source, r.cpu.client))
+    if r.method == "migrun" and (r.rss_mb or 0) > peak then peak = r.rss_mb end
   end
 end
-print()
-if mig and not mig.failed and base then print(("migrun / floor: %.2f"):format(mig.seconds / base)) end
-if #pairs_measured > 1 then
-  -- and the CPU each of the pair used, servers and client: where the cores
-  -- are the limit, the wall-time ratio follows this one
-  local function total(r) return r.cpu.replica + r.cpu.target + r.cpu.source + r.cpu.client end
-  local ratios, listed, cpu = {}, {}, {}
-  for _, pr in ipairs(pairs_measured) do
-    if not pr[1].failed and not pr[2].failed then
-      ratios[#ratios + 1] = pr[1].seconds / pr[2].seconds
-      listed[#listed + 1] = ("%.2f"):format(ratios[#ratios])
-      cpu[#cpu + 1] = ("%.2f"):format(total(pr[1]) / total(pr[2]))
-    end
-  end
-  table.sort(ratios)
-  local median = #ratios % 2 == 1 and ratios[(#ratios + 1) // 2] or (ratios[#ratios // 2] + ratios[#ratios // 2 + 1]) / 2
-  print(("migrun / floor, %d pairs one after the other: %s; median %.2f"):format(#ratios, table.concat(listed, ", "),
-    median))
-  print(("  CPU seconds of migrun / of the floor (every cluster and the client), pair by pair: %s"):format(
-    table.concat(cpu, ", ")))
-end
-if resume and mig and not mig.failed and resume.killed.killed and not resume.rerun.failed then
-  print(("rerun after a kill at 80%% of %s / full migrun: %.2f (%.1fs / %.1fs)"):format(tables[1].name,
-    resume.rerun.seconds / mig.seconds, resume.rerun.seconds, mig.seconds))
-  -- what the full run still had to do once 80% of the largest table's chunks
-  -- had committed (the point the kill comes at), from its own profile
-  local ends = mig.profile and mig.profile.largest_chunk_ends or {}
-  local at80 = ends[math.ceil(0.8 * #ends)]
-  if at80 then
-    local left = mig.profile.done - at80
-    print(("  the full run's work after that point: %.1fs (%.2f of it): the rerun took %.2f× that "
-      .. "(the chunks in flight at the kill loaded again, and its start)"):format(left, left / mig.seconds,
-      resume.rerun.seconds / left))
-  end
-end
-if verify then
-  print(("full row-hash verification / count(*) of both sides: %.2f (%.1fs / %.1fs)"):format(verify.hash / verify.count,
-    verify.hash, verify.count))
-  print(("  every value read out by the servers (COPY TO /dev/null, no comparison) / count(*): %.2f (%.1fs): "
-    .. "the least a comparison of the values costs"):format(verify.readout / verify.count, verify.readout))
-end
-print(("\nshape %s, scale %g, %d streams, lab %s, %s, 1-minute load %.2f at start, %.2f at the end"):format(opt.shape,
-  scale, opt.jobs, L.version or "", os.date("!%Y-%m-%d %H:%M UTC"), load_start, loadavg()))
+print("\n| measure | median (spread; each pair) | goal |")
+print("|---|---|---|")
+for _, g in ipairs(goals) do print(("| %s | %s | %s |"):format(g[1], g[2], g[3])) end
+print(("| peak RSS of migrun and its workers (MB) | %.0f | < 32 MiB |"):format(peak))
+print(("\nshape %s, scale %g, %d streams, %d pairs%s, chunks of %d MiB, lab %s, %s, 1-minute load %.2f at start, "
+  .. "%.2f at the end"):format(opt.shape, scale, opt.jobs, opt.pairs, opt.apart and ", --apart" or "",
+  CHUNK_BYTES // 2^20, L.version or "", os.date("!%Y-%m-%d %H:%M UTC"), load_start, loadavg()))
 rep:close() tgt:close() src:close()
