@@ -405,19 +405,36 @@ function Playbook:main(argv)
   return code
 end
 
+-- A run, in phases: the command line and the configuration, the state
+-- directory, the run's context and record, the steps, then the ending.
 function Playbook:_main(argv)
+  local S, code = self:_read_command(argv)
+  if not S then return code end
+  if S.opts.list then return self:_list(S) end
+  code = self:_open_state(S)
+  if code then return code end
+  local ctx, run = self:_begin_run(S)
+  if not ctx then return run end
+  local failure
+  code, failure = self:_run(ctx, S.opts, run)
+  for _, w in ipairs(ctx._watchdogs or {}) do w:drain(ctx) w:close() end
+  return self:_end_run(S, ctx, run, code, failure)
+end
+
+-- The command line and the configuration; children's environment set. ->
+-- S = { opts, cfg, plain, state_dir, dry_run } | nil, exit code
+function Playbook:_read_command(argv)
   argv = argv or {}
   local plain = {}
   for i = 1, #argv do plain[i] = argv[i] end
   self.script = argv[0]
   local opts, perr = self:parse(plain)
-  if not opts then stderr("migrun: " .. tostring(perr)) return EXIT.usage end
-  if opts.help then io.stdout:write(self:help()) return EXIT.ok end
+  if not opts then stderr("migrun: " .. tostring(perr)) return nil, EXIT.usage end
+  if opts.help then io.stdout:write(self:help()) return nil, EXIT.ok end
   self.args = opts.args
 
   local cfg, cerr = config.load(opts.config)
-  if not cfg then stderr("migrun: " .. tostring(cerr)) return EXIT.usage end
-  local state_dir = opts.state_dir and absolute(opts.state_dir) or cfg.state_dir
+  if not cfg then stderr("migrun: " .. tostring(cerr)) return nil, EXIT.usage end
   -- Children (pg_dump, psql, workers) get what they need passed explicitly;
   -- the secrets this run holds are never inherited.
   proc.withhold(playbook.withheld_env(cfg))
@@ -425,29 +442,34 @@ function Playbook:_main(argv)
   if not allowed then
     stderr("migrun: children_env: " .. tostring(aerr):gsub("^bad argument #1 to '[%w.]+' %((.*)%)$", "%1")
       .. " (" .. (cfg.config_path or "the configuration") .. ")")
-    return EXIT.usage
+    return nil, EXIT.usage
   end
+  return { opts = opts, cfg = cfg, plain = plain, dry_run = opts.dry_run and true or false,
+           state_dir = opts.state_dir and absolute(opts.state_dir) or cfg.state_dir }
+end
 
-  if opts.list then
-    local J, jerr = journal.open(state_dir, { read_only = true })
-    if not J then stderr("migrun: " .. tostring(jerr)) return EXIT.usage end
-    self.name = self.section and #opts.args > 0 and self:_section(J, opts.args) or self.declared_name
-    io.stdout:write(self:list(J))
-    return EXIT.ok
-  end
+function Playbook:_list(S)
+  local J, jerr = journal.open(S.state_dir, { read_only = true })
+  if not J then stderr("migrun: " .. tostring(jerr)) return EXIT.usage end
+  self.name = self.section and #S.opts.args > 0 and self:_section(J, S.opts.args) or self.declared_name
+  io.stdout:write(self:list(J))
+  return EXIT.ok
+end
 
-  local dry_run = opts.dry_run and true or false
-  local lock
-  if not dry_run then
+-- The state directory locked (not for a dry run), its journal open, of this
+-- migration, this playbook's section named. -> nil | an exit code
+function Playbook:_open_state(S)
+  local state_dir, cfg = S.state_dir, S.cfg
+  if not S.dry_run then
     local ok, err = journal.make_dir(state_dir)
     if not ok then stderr("migrun: state directory: " .. tostring(err)) return EXIT.usage end
-    lock, err = host.lock(state_dir .. "/lock")
-    if not lock then
+    S.lock, err = host.lock(state_dir .. "/lock")
+    if not S.lock then
       stderr(("migrun: %s is in use: %s"):format(state_dir, tostring(err)))
       return EXIT.locked
     end
   end
-  local J, jerr = journal.open(state_dir, { read_only = dry_run })
+  local J, jerr = journal.open(state_dir, { read_only = S.dry_run })
   if not J then stderr("migrun: " .. tostring(jerr)) return EXIT.usage end
   if J.data.migration and J.data.migration ~= cfg.name then
     stderr(("migrun: %s belongs to the migration %q, the config names %q: use another state_dir")
@@ -455,7 +477,7 @@ function Playbook:_main(argv)
     return EXIT.usage
   end
   J.data.migration = cfg.name
-  self.name = self:_section(J, opts.args)
+  self.name = self:_section(J, S.opts.args)
   if self.is_main then
     local recorded = J.data.main
     if recorded and recorded.playbook ~= self.name then
@@ -466,11 +488,18 @@ function Playbook:_main(argv)
     end
     J.data.main = { playbook = self.name, script = self.script and absolute(self.script) or nil }
   end
+  S.journal = J
+  return nil
+end
 
+-- The run's context (its log, the facts so far), its record in the journal,
+-- its sessions named, the metrics server. -> ctx, run | nil, exit code
+function Playbook:_begin_run(S)
+  local J, cfg, dry_run, state_dir = S.journal, S.cfg, S.dry_run, S.state_dir
   local run_id = sessions.run_id()
   local named, holder = name_sessions(cfg, state_dir, dry_run, run_id)
   local ctx = context.new(self, {
-    config = cfg, dry_run = dry_run, yes = opts.yes and true or false, args = opts.args,
+    config = cfg, dry_run = dry_run, yes = S.opts.yes and true or false, args = S.opts.args,
     state_dir = state_dir, journal = J, resuming = J:done_count(self.name) > 0, facts = {},
     main = J.data.main and J.data.main.playbook or nil, run_id = run_id, sessions = named,
   })
@@ -480,15 +509,14 @@ function Playbook:_main(argv)
     if f then f:close() else host.write_file(logpath, "", journal.FILE_MODE) end
     ctx._logfile = io.open(logpath, "a")
   end
-  local steps = J:steps(self.name)
-  for name, rec in pairs(steps) do ctx.facts[name] = rec.facts or {} end
+  for name, rec in pairs(J:steps(self.name)) do ctx.facts[name] = rec.facts or {} end
 
   local run = { id = run_id, playbook = self.name, started_at = journal.timestamp(), dry_run = dry_run or nil,
-                argv = plain, outcome = "running", ran = {}, skipped = {} }
+                argv = S.plain, outcome = "running", ran = {}, skipped = {} }
   if not dry_run then
     J.data.runs[#J.data.runs + 1] = run
     local ok, err = J:save()
-    if not ok then stderr("migrun: " .. tostring(err)) return EXIT.failed end
+    if not ok then stderr("migrun: " .. tostring(err)) return nil, EXIT.failed end
   end
   ctx:say("%s: %s (migration %s)%s", self.name, self.title, cfg.name, dry_run and ", DRY RUN" or "")
   ctx:_log(("this run's sessions are named %s"):format(pg.application_name()))
@@ -496,11 +524,14 @@ function Playbook:_main(argv)
     ctx:say("dry run: migrun pid %s holds %s: the sessions of this migration are its own, none would be ended",
       holder, state_dir)
   end
-  local metrics_server = self:_start_metrics(ctx, run)
+  S.metrics_server = self:_start_metrics(ctx, run)
+  return ctx, run
+end
 
-  local code, failure = self:_run(ctx, opts, run)
-  for _, w in ipairs(ctx._watchdogs or {}) do w:drain(ctx) w:close() end
-
+-- After the steps: the run recorded, a failure said and notified, the
+-- reports written, then what runs next (then_run). -> exit code
+function Playbook:_end_run(S, ctx, run, code, failure)
+  local J, dry_run = S.journal, S.dry_run
   run.ended_at = journal.timestamp()
   run.outcome = code == EXIT.ok and "ok" or code == EXIT.aborted and "aborted" or "failed"
   run.error = failure and one_line(failure) or nil
@@ -512,12 +543,11 @@ function Playbook:_main(argv)
   if failure and code == EXIT.failed then self:_notify_failure(ctx, run, failure) end
   self:_finish_report(ctx, run)
   self:_finish_html(ctx)
-  if metrics_server then metrics_server:close() end
+  if S.metrics_server then S.metrics_server:close() end
   if code == EXIT.ok then ctx:say("%s: done", self.name) end
-  local after = code == EXIT.ok and self.after and not opts.only
   local next_run
-  if after then
-    local okp, planned = protect(self._plan_next, self, ctx, opts)
+  if code == EXIT.ok and self.after and not S.opts.only then
+    local okp, planned = protect(self._plan_next, self, ctx, S.opts)
     if not okp or not planned then
       ctx:_emit("FAILED: " .. one_line(okp and "no main playbook to run" or planned), true)
       code = EXIT.failed
@@ -531,11 +561,11 @@ function Playbook:_main(argv)
     local okn, nerr = self:_begin_next(ctx, next_run)
     if not okn then
       stderr("migrun: " .. tostring(nerr))
-      if lock then lock:unlock() end
+      if S.lock then S.lock:unlock() end
       return EXIT.failed
     end
   end
-  if lock then lock:unlock() end
+  if S.lock then S.lock:unlock() end
   if next_run then return self:_run_next(ctx, next_run) end
   return code
 end
