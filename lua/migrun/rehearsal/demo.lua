@@ -318,8 +318,9 @@ function demo.rehearsal(opts)
   local path = opts.dir .. "/migration.lua"
   assert(host.write_file(path, "-- written by migrun.rehearsal.demo for the local lab\nreturn " .. literal(cfg) .. "\n", tonumber("600", 8)))
   return setmetatable({ lab = L, config = cfg, config_path = path, dir = opts.dir, sample = sample_name,
+    -- a rehearsal's credentials are the emulator's; never look for an instance's (169.254.169.254)
     env = { AWS_ACCESS_KEY_ID = L.dms.access_key, AWS_SECRET_ACCESS_KEY = L.dms.secret_key,
-            AWS_REGION = L.dms.region } }, Rehearsal)
+            AWS_REGION = L.dms.region, AWS_EC2_METADATA_DISABLED = "true" } }, Rehearsal)
 end
 
 -- Starts the write workload on the primary as a child process.
