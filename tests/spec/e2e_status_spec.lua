@@ -19,6 +19,10 @@ describe("status --json through a whole run", function()
   setup(function()
     R = H.rehearsal("e2e-status", { config = {
       wal_guard = { interval = 1 },
+      -- the tasks start 3 s apart (not the rehearsal's 0.2 s): with the emulator's
+      -- 3 s between slot reads (below), a task that applied nothing yet is there
+      -- for some 15 s of answers
+      dms = { start_pause = 3 },
       cutover = { stop_writes = "read_only", existing_sessions = "terminate", sessions_timeout = 30,
         apply_timeout = 300, count_only = { "public.page_views" } } },
       -- the emulator's tasks read their slot every 3 s: a task that started has applied
