@@ -169,34 +169,29 @@ end
      -> config {access_key, secret_key, session_token, expiration, region,
                 endpoint_url, profile, credential_source, region_source}
       | nil, err (kind "config", code "NoCredentials"|"NoRegion"|"ProfileNotFound") ]]
-function M.resolve(opts)
-  opts = opts or {}
-  local getenv = getenv_of(opts)
-  local service_env = opts.service_env or "DATABASE_MIGRATION_SERVICE"
-  local service_key = opts.service_key or "database_migration_service"
-  local prefix = opts.endpoint_prefix or "dms"
-  local cfg = setmetatable({}, config_mt)
-  local looked = {}
-
-  local explicit_profile = nonempty(opts.profile)
-  local profile = explicit_profile or nonempty(getenv("AWS_PROFILE"))
-                  or nonempty(getenv("AWS_DEFAULT_PROFILE")) or "default"
-  cfg.profile = profile
+-- The profile in use and its sections of the shared files. -> P | nil, err
+local function profile_of(opts, getenv)
+  local explicit = nonempty(opts.profile)
+  local named = explicit or nonempty(getenv("AWS_PROFILE")) or nonempty(getenv("AWS_DEFAULT_PROFILE"))
+  local profile = named or "default"
   local cred_path, conf_path = file_paths(getenv)
-  local cred_file = M.parse_ini(cred_path)
-  local conf_file = M.parse_ini(conf_path)
-  local cred_sec = cred_file and cred_file[profile]
-  local conf_sec = conf_file and (profile == "default" and (conf_file["default"] or conf_file["profile default"])
-                                  or conf_file["profile " .. profile])
-  if explicit_profile or nonempty(getenv("AWS_PROFILE")) or nonempty(getenv("AWS_DEFAULT_PROFILE")) then
-    if profile ~= "default" and not cred_sec and not conf_sec then
-      return nil, errors.new{ kind = "config", where = "aws", code = "ProfileNotFound",
-        message = ("profile %q not found in %s ([%s]) or %s ([profile %s])")
-          :format(profile, cred_path, profile, conf_path, profile) }
-    end
+  local P = { name = profile, explicit = explicit, cred_path = cred_path, conf_path = conf_path,
+              cred_file = M.parse_ini(cred_path), conf_file = M.parse_ini(conf_path) }
+  P.cred_sec = P.cred_file and P.cred_file[profile]
+  P.conf_sec = P.conf_file and (profile == "default" and (P.conf_file["default"] or P.conf_file["profile default"])
+                                or P.conf_file["profile " .. profile])
+  P.conf_label = profile == "default" and "[default]" or "[profile " .. profile .. "]"
+  if named and profile ~= "default" and not P.cred_sec and not P.conf_sec then
+    return nil, errors.new{ kind = "config", where = "aws", code = "ProfileNotFound",
+      message = ("profile %q not found in %s ([%s]) or %s ([profile %s])")
+        :format(profile, cred_path, profile, conf_path, profile) }
   end
+  return P
+end
 
-  -- credentials
+-- The credentials, in the chain's order: explicit, environment, the shared
+-- files, EC2 instance metadata. Each place looked at is said in `looked`.
+local function credentials_of(opts, getenv, P, cfg, looked)
   local function take(src, ak, sk, tok)
     cfg.access_key, cfg.secret_key, cfg.session_token = ak, sk, nonempty(tok)
     cfg.credential_source = src
@@ -207,76 +202,92 @@ function M.resolve(opts)
         message = "access_key and secret_key must be given together" }
     end
     take("explicit access_key/secret_key", opts.access_key, opts.secret_key, opts.session_token)
+    return true
   end
-  if not cfg.access_key then
-    looked[#looked + 1] = "explicit access_key/secret_key: not given"
-    if explicit_profile then
-      looked[#looked + 1] = "environment AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY: skipped (profile given explicitly)"
-    else
-      local ak, sk = nonempty(getenv("AWS_ACCESS_KEY_ID")), nonempty(getenv("AWS_SECRET_ACCESS_KEY"))
-      if ak and sk then
-        take("environment AWS_ACCESS_KEY_ID", ak, sk, getenv("AWS_SESSION_TOKEN") or getenv("AWS_SECURITY_TOKEN"))
-      else
-        looked[#looked + 1] = "environment AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY: "
-          .. ((ak or sk) and "only one of them is set" or "not set")
-      end
+  looked[#looked + 1] = "explicit access_key/secret_key: not given"
+  if P.explicit then
+    looked[#looked + 1] = "environment AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY: skipped (profile given explicitly)"
+  else
+    local ak, sk = nonempty(getenv("AWS_ACCESS_KEY_ID")), nonempty(getenv("AWS_SECRET_ACCESS_KEY"))
+    if ak and sk then
+      take("environment AWS_ACCESS_KEY_ID", ak, sk, getenv("AWS_SESSION_TOKEN") or getenv("AWS_SECURITY_TOKEN"))
+      return true
     end
+    looked[#looked + 1] = "environment AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY: "
+      .. ((ak or sk) and "only one of them is set" or "not set")
   end
-  if not cfg.access_key then
-    for _, f in ipairs{ { cred_path, cred_file, cred_sec, "[" .. profile .. "]" },
-                        { conf_path, conf_file, conf_sec, profile == "default" and "[default]" or "[profile " .. profile .. "]" } } do
-      local path, parsed, sec, label = f[1], f[2], f[3], f[4]
-      if sec and nonempty(sec.aws_access_key_id) and nonempty(sec.aws_secret_access_key) then
-        take(path .. " " .. label, sec.aws_access_key_id, sec.aws_secret_access_key,
-             sec.aws_session_token or sec.aws_security_token)
-        break
-      end
-      looked[#looked + 1] = path .. " " .. label .. ": "
-        .. (not parsed and "no such file" or not sec and "no such profile" or "no aws_access_key_id/aws_secret_access_key")
+  for _, f in ipairs{ { P.cred_path, P.cred_file, P.cred_sec, "[" .. P.name .. "]" },
+                      { P.conf_path, P.conf_file, P.conf_sec, P.conf_label } } do
+    local path, parsed, sec, label = f[1], f[2], f[3], f[4]
+    if sec and nonempty(sec.aws_access_key_id) and nonempty(sec.aws_secret_access_key) then
+      take(path .. " " .. label, sec.aws_access_key_id, sec.aws_secret_access_key,
+           sec.aws_session_token or sec.aws_security_token)
+      return true
     end
+    looked[#looked + 1] = path .. " " .. label .. ": "
+      .. (not parsed and "no such file" or not sec and "no such profile" or "no aws_access_key_id/aws_secret_access_key")
   end
-  if not cfg.access_key then
-    if opts.imds == false or truthy(getenv("AWS_EC2_METADATA_DISABLED")) then
-      looked[#looked + 1] = "EC2 instance metadata: disabled"
-    else
-      local c, why = M.from_imds{ env = getenv, imds_endpoint = opts.imds_endpoint, imds_timeout = opts.imds_timeout }
-      if c then
-        take(c.source, c.access_key, c.secret_key, c.session_token)
-        cfg.expiration = c.expiration
-      else
-        local base = opts.imds_endpoint or nonempty(getenv("AWS_EC2_METADATA_SERVICE_ENDPOINT")) or M.IMDS_ENDPOINT
-        looked[#looked + 1] = "EC2 instance metadata (IMDSv2) at " .. base .. ": " .. why
-      end
-    end
+  if opts.imds == false or truthy(getenv("AWS_EC2_METADATA_DISABLED")) then
+    looked[#looked + 1] = "EC2 instance metadata: disabled"
+    return true
   end
-  if not cfg.access_key then
-    return fail("NoCredentials", "no AWS credentials found", looked)
+  local c, why = M.from_imds{ env = getenv, imds_endpoint = opts.imds_endpoint, imds_timeout = opts.imds_timeout }
+  if c then
+    take(c.source, c.access_key, c.secret_key, c.session_token)
+    cfg.expiration = c.expiration
+  else
+    local base = opts.imds_endpoint or nonempty(getenv("AWS_EC2_METADATA_SERVICE_ENDPOINT")) or M.IMDS_ENDPOINT
+    looked[#looked + 1] = "EC2 instance metadata (IMDSv2) at " .. base .. ": " .. why
   end
+  return true
+end
 
-  -- region
-  local rlooked = {}
+-- The region: explicit, environment, the profile's. -> true | nil, err
+local function region_of(opts, getenv, P, cfg)
+  local looked = {}
   local function region_from(label, v)
     if cfg.region then return end
     if nonempty(v) then cfg.region, cfg.region_source = v, label
-    else rlooked[#rlooked + 1] = label .. ": not set" end
+    else looked[#looked + 1] = label .. ": not set" end
   end
   region_from("explicit region", opts.region)
   region_from("environment AWS_REGION", getenv("AWS_REGION"))
   region_from("environment AWS_DEFAULT_REGION", getenv("AWS_DEFAULT_REGION"))
-  region_from(conf_path .. (profile == "default" and " [default]" or " [profile " .. profile .. "]") .. " region",
-              conf_sec and conf_sec.region)
-  if not cfg.region then return fail("NoRegion", "no AWS region configured", rlooked) end
+  region_from(P.conf_path .. " " .. P.conf_label .. " region", P.conf_sec and P.conf_sec.region)
+  if not cfg.region then return fail("NoRegion", "no AWS region configured", looked) end
+  return true
+end
 
-  -- endpoint
+-- The endpoint: explicit, the service's or the general environment variable,
+-- the profile's services section or endpoint_url, else AWS's.
+local function endpoint_of(opts, getenv, P, region)
+  local service_env = opts.service_env or "DATABASE_MIGRATION_SERVICE"
+  local service_key = opts.service_key or "database_migration_service"
   local ignore = truthy(getenv("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"))
-  local services = conf_sec and conf_sec.services and conf_file["services " .. conf_sec.services]
+  local conf_sec = P.conf_sec
+  local services = conf_sec and conf_sec.services and P.conf_file["services " .. conf_sec.services]
   local svc = services and services[service_key]
-  cfg.endpoint_url = nonempty(opts.endpoint_url)
+  return nonempty(opts.endpoint_url)
     or (not ignore and (nonempty(getenv("AWS_ENDPOINT_URL_" .. service_env))
                         or nonempty(getenv("AWS_ENDPOINT_URL"))
                         or (type(svc) == "table" and nonempty(svc.endpoint_url))
                         or (conf_sec and type(conf_sec.endpoint_url) == "string" and nonempty(conf_sec.endpoint_url))))
-    or M.default_endpoint(prefix, cfg.region)
+    or M.default_endpoint(opts.endpoint_prefix or "dms", region)
+end
+
+function M.resolve(opts)
+  opts = opts or {}
+  local getenv = getenv_of(opts)
+  local P, perr = profile_of(opts, getenv)
+  if not P then return nil, perr end
+  local cfg = setmetatable({ profile = P.name }, config_mt)
+  local looked = {}
+  local ok, err = credentials_of(opts, getenv, P, cfg, looked)
+  if not ok then return nil, err end
+  if not cfg.access_key then return fail("NoCredentials", "no AWS credentials found", looked) end
+  ok, err = region_of(opts, getenv, P, cfg)
+  if not ok then return nil, err end
+  cfg.endpoint_url = endpoint_of(opts, getenv, P, cfg.region)
   return cfg
 end
 
