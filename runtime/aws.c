@@ -233,24 +233,116 @@ static void push_response_headers(lua_State *L, const struct growbuf *g) {
  * Response header names are lower-cased (res.headers["x-amzn-requestid"]);
  * repeated headers are joined with ", ". Timeouts are in seconds.
  */
+/* The request's headers from the table at index hidx (a value or a list of
+ * values per name); no "Expect: 100-continue" round trip, no invented content
+ * type. */
+static void request_headers(lua_State *L, aws_request *r, int hidx) {
+    if (lua_istable(L, hidx)) {
+        lua_pushnil(L);
+        while (lua_next(L, hidx)) { /* ... name value */
+            const char *name = luaL_checkstring(L, -2);
+            if (lua_istable(L, -1)) {
+                lua_Integer n = luaL_len(L, -1);
+                for (lua_Integer j = 1; j <= n; j++) {
+                    lua_geti(L, -1, j);
+                    add_header(L, r, name, luaL_checkstring(L, -1));
+                    lua_pop(L, 1);
+                }
+            } else {
+                add_header(L, r, name, luaL_checkstring(L, -1));
+            }
+            lua_pop(L, 1);
+        }
+    }
+    if (!lua_istable(L, hidx) || !has_header(L, hidx, "Expect"))
+        append_line(L, r, "Expect:");
+    if (!lua_istable(L, hidx) || !has_header(L, hidx, "Content-Type"))
+        append_line(L, r, "Content-Type:");
+}
+
+struct request_spec {
+    const char *url, *method, *body, *where;
+    size_t bodylen;
+    long connect_ms, total_ms;
+};
+
+/* The easy handle set for the request: timeouts, callbacks, method and body. */
+static void request_options(aws_request *r, const struct request_spec *q) {
+    CURL *c = r->curl;
+    curl_easy_setopt(c, CURLOPT_URL, q->url);
+    curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(c, CURLOPT_ERRORBUFFER, r->errbuf);
+    curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, q->connect_ms);
+    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, q->total_ms);
+    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(c, CURLOPT_WRITEDATA, r);
+    curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(c, CURLOPT_HEADERDATA, r);
+    curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
+    curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, on_progress);
+    curl_easy_setopt(c, CURLOPT_XFERINFODATA, r);
+    curl_easy_setopt(c, CURLOPT_USERAGENT, "migrun/" MIGRUN_VERSION);
+    if (strcmp(q->method, "GET") == 0 && q->body == NULL) {
+        curl_easy_setopt(c, CURLOPT_HTTPGET, 1L);
+    } else if (strcmp(q->method, "HEAD") == 0) {
+        curl_easy_setopt(c, CURLOPT_NOBODY, 1L);
+    } else {
+        if (strcmp(q->method, "POST") != 0)
+            curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, q->method);
+        if (q->body != NULL || strcmp(q->method, "POST") == 0 || strcmp(q->method, "PUT") == 0) {
+            curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)q->bodylen);
+            curl_easy_setopt(c, CURLOPT_COPYPOSTFIELDS, q->body ? q->body : "");
+        }
+    }
+    curl_easy_setopt(c, CURLOPT_HTTPHEADER, r->headers);
+}
+
+/* What the transfer gave: {status, headers, body}, or nil and a connection
+ * error. The request is closed either way. -> number of results */
+static int request_result(lua_State *L, aws_request *r, CURLcode rc, const char *where) {
+    if (rc != CURLE_OK) {
+        const char *code = r->too_large ? "response_too_large" : curl_code_name(rc);
+        const char *msg = r->too_large   ? "response body larger than max_body"
+                          : r->errbuf[0] ? r->errbuf
+                                         : curl_easy_strerror(rc);
+        lua_pushnil(L);
+        migrun_error_push(L, "connection", where, code, msg); /* ... nil err */
+        lua_pushinteger(L, (lua_Integer)rc);
+        lua_setfield(L, -2, "curl_code");
+        lua_pushboolean(L, rc == CURLE_OPERATION_TIMEDOUT);
+        lua_setfield(L, -2, "timeout");
+        request_close(r);
+        return 2;
+    }
+    long status = 0;
+    curl_easy_getinfo(r->curl, CURLINFO_RESPONSE_CODE, &status);
+    lua_createtable(L, 0, 3); /* ... res */
+    lua_pushinteger(L, status);
+    lua_setfield(L, -2, "status");
+    push_response_headers(L, &r->head);
+    lua_setfield(L, -2, "headers");
+    lua_pushlstring(L, r->body.data ? r->body.data : "", r->body.len);
+    lua_setfield(L, -2, "body");
+    request_close(r);
+    return 1;
+}
+
 static int aws_request_call(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
+    struct request_spec q = {0};
     lua_getfield(L, 1, "url");
-    const char *url = luaL_checkstring(L, -1); /* stays alive: referenced by arg 1 */
-    lua_pop(L, 1);
+    q.url = luaL_checkstring(L, -1); /* stays alive: referenced by arg 1 */
     lua_getfield(L, 1, "method");
-    const char *method = luaL_optstring(L, -1, "GET");
-    lua_pop(L, 1);
+    q.method = luaL_optstring(L, -1, "GET");
     lua_getfield(L, 1, "body");
-    size_t bodylen = 0;
-    const char *body = luaL_optlstring(L, -1, NULL, &bodylen);
-    lua_pop(L, 1);
+    q.body = luaL_optlstring(L, -1, NULL, &q.bodylen);
     lua_getfield(L, 1, "where");
-    const char *where = luaL_optstring(L, -1, "aws");
-    lua_pop(L, 1);
-    long connect_ms = ms_field(L, 1, "connect_timeout", 10);
-    long total_ms = ms_field(L, 1, "timeout", 60);
+    q.where = luaL_optstring(L, -1, "aws");
+    lua_pop(L, 4); /* the strings stay alive: arg 1 references them */
+    q.connect_ms = ms_field(L, 1, "connect_timeout", 10);
+    q.total_ms = ms_field(L, 1, "timeout", 60);
     lua_getfield(L, 1, "max_body");
     lua_Integer max_body = luaL_optinteger(L, -1, DEFAULT_MAX_BODY);
     lua_pop(L, 1);
@@ -267,89 +359,15 @@ static int aws_request_call(lua_State *L) {
     r->curl = curl_easy_init();
     if (r->curl == NULL)
         return luaL_error(L, "aws.request: curl_easy_init failed");
-    CURL *c = r->curl;
+    request_headers(L, r, 2);
+    request_options(r, &q);
 
-    if (lua_istable(L, 2)) {
-        lua_pushnil(L);
-        while (lua_next(L, 2)) { /* ... name value */
-            const char *name = luaL_checkstring(L, -2);
-            if (lua_istable(L, -1)) {
-                lua_Integer n = luaL_len(L, -1);
-                for (lua_Integer j = 1; j <= n; j++) {
-                    lua_geti(L, -1, j);
-                    add_header(L, r, name, luaL_checkstring(L, -1));
-                    lua_pop(L, 1);
-                }
-            } else {
-                add_header(L, r, name, luaL_checkstring(L, -1));
-            }
-            lua_pop(L, 1);
-        }
-    }
-    /* no "Expect: 100-continue" round trip, no invented content type */
-    if (!lua_istable(L, 2) || !has_header(L, 2, "Expect"))
-        append_line(L, r, "Expect:");
-    if (!lua_istable(L, 2) || !has_header(L, 2, "Content-Type"))
-        append_line(L, r, "Content-Type:");
-
-    curl_easy_setopt(c, CURLOPT_URL, url);
-    curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
-    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(c, CURLOPT_ERRORBUFFER, r->errbuf);
-    curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, connect_ms);
-    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, total_ms);
-    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_body);
-    curl_easy_setopt(c, CURLOPT_WRITEDATA, r);
-    curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, on_header);
-    curl_easy_setopt(c, CURLOPT_HEADERDATA, r);
-    curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
-    curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, on_progress);
-    curl_easy_setopt(c, CURLOPT_XFERINFODATA, r);
-    curl_easy_setopt(c, CURLOPT_USERAGENT, "migrun/" MIGRUN_VERSION);
-    if (strcmp(method, "GET") == 0 && body == NULL) {
-        curl_easy_setopt(c, CURLOPT_HTTPGET, 1L);
-    } else if (strcmp(method, "HEAD") == 0) {
-        curl_easy_setopt(c, CURLOPT_NOBODY, 1L);
-    } else {
-        if (strcmp(method, "POST") != 0)
-            curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, method);
-        if (body != NULL || strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0) {
-            curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)bodylen);
-            curl_easy_setopt(c, CURLOPT_COPYPOSTFIELDS, body ? body : "");
-        }
-    }
-    curl_easy_setopt(c, CURLOPT_HTTPHEADER, r->headers);
-
-    CURLcode rc = curl_easy_perform(c);
+    CURLcode rc = curl_easy_perform(r->curl);
     if (r->interrupted) {
         request_close(r);
         return migrun_raise_interrupted(L, NULL);
     }
-    if (rc != CURLE_OK) {
-        const char *code = r->too_large ? "response_too_large" : curl_code_name(rc);
-        const char *msg = r->too_large   ? "response body larger than max_body"
-                          : r->errbuf[0] ? r->errbuf
-                                         : curl_easy_strerror(rc);
-        lua_pushnil(L);
-        migrun_error_push(L, "connection", where, code, msg); /* ... req nil err */
-        lua_pushinteger(L, (lua_Integer)rc);
-        lua_setfield(L, -2, "curl_code");
-        lua_pushboolean(L, rc == CURLE_OPERATION_TIMEDOUT);
-        lua_setfield(L, -2, "timeout");
-        request_close(r);
-        return 2;
-    }
-    long status = 0;
-    curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
-    lua_createtable(L, 0, 3); /* ... req res */
-    lua_pushinteger(L, status);
-    lua_setfield(L, -2, "status");
-    push_response_headers(L, &r->head);
-    lua_setfield(L, -2, "headers");
-    lua_pushlstring(L, r->body.data ? r->body.data : "", r->body.len);
-    lua_setfield(L, -2, "body");
-    request_close(r);
-    return 1;
+    return request_result(L, r, rc, q.where);
 }
 
 static const luaL_Reg aws_funcs[] = {
