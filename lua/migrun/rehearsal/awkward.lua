@@ -70,6 +70,8 @@ end
 -- ~200 KB of JSON: 6,400 md5 strings of 32 characters.
 local BIG_JSON = "jsonb_build_object('id', %s, 'blob', repeat(md5((%s)::text), 6400), 'tags', jsonb_build_array('a', 'b'))"
 
+-- Long, and left so: it is the sample's schema and rows written out as SQL, one
+-- statement a feature, read top to bottom like the list in the header.
 function awkward.load_sample(conn, opts)
   opts = opts or {}
   local scale = opts.scale or 1
