@@ -8,6 +8,8 @@ set(i 0)
 foreach(rel IN LISTS files)
   string(REGEX REPLACE "\\.lua$" "" mod "${rel}")
   string(REGEX REPLACE "/init$" "" mod "${mod}")
+  # a layer's folder is not part of its modules' names: migrun/procedure/qa -> migrun.qa
+  string(REGEX REPLACE "^migrun/(base|cloud|procedure|machinery)/" "migrun/" mod "${mod}")
   string(REPLACE "/" "." mod "${mod}")
   file(READ ${SRC}/lua/${rel} hex HEX)
   string(LENGTH "${hex}" hexlen)

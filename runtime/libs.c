@@ -24,7 +24,10 @@ static int load_embedded(lua_State *L) {
     return 1;
 }
 
-/* package.searchers[1] when MIGRUN_LUA_PATH is set: upvalue 1 is the path template. */
+/* package.searchers[1] when MIGRUN_LUA_PATH is set: upvalue 1 is the path
+ * template, upvalue 2 the template of the layers' folders, where a module is
+ * found by its name without "migrun." (lua/migrun/procedure/qa.lua is
+ * migrun.qa: a layer's folder is not part of its modules' names). */
 static int search_dev_tree(lua_State *L) {
     const char *name = luaL_checkstring(L, 1);
     lua_getglobal(L, "package");
@@ -32,6 +35,13 @@ static int search_dev_tree(lua_State *L) {
     lua_pushstring(L, name);
     lua_pushvalue(L, lua_upvalueindex(1));
     lua_call(L, 2, 2); /* package filename|nil errmsg */
+    if (lua_isnil(L, -2) && strncmp(name, "migrun.", 7) == 0) {
+        lua_pop(L, 2); /* package */
+        lua_getfield(L, -1, "searchpath");
+        lua_pushstring(L, name + 7);
+        lua_pushvalue(L, lua_upvalueindex(2));
+        lua_call(L, 2, 2); /* package filename|nil errmsg */
+    }
     if (lua_isnil(L, -2))
         return 1; /* the message says where it looked */
     const char *filename = lua_tostring(L, -2);
@@ -49,7 +59,16 @@ static void install_dev_searcher(lua_State *L, const char *root) {
         return;
     }
     lua_pushfstring(L, "%s/?.lua;%s/?/init.lua", root, root);
-    lua_pushcclosure(L, search_dev_tree, 1);
+    luaL_Buffer b; /* the layers' folders, lowest first */
+    luaL_buffinit(L, &b);
+    static const char *const layers[] = {"base", "cloud", "procedure", "machinery"};
+    for (size_t i = 0; i < sizeof layers / sizeof layers[0]; i++) {
+        lua_pushfstring(L, "%s%s/migrun/%s/?.lua;%s/migrun/%s/?/init.lua", i ? ";" : "", root,
+                        layers[i], root, layers[i]);
+        luaL_addvalue(&b);
+    }
+    luaL_pushresult(&b);
+    lua_pushcclosure(L, search_dev_tree, 2);
     /* insert at position 1, shifting the others up */
     lua_Integer n = (lua_Integer)luaL_len(L, -2);
     for (lua_Integer i = n; i >= 1; i--) {
