@@ -9,7 +9,7 @@
  * (PQcancel) on timeout or Ctrl-C and the connection brought back to idle
  * before the error reaches Lua. COPY (conn:copy_out, conn:copy_in, pg.copy)
  * lives in pg_copy.c, which shares this file's helpers through
- * pg_internal.h. lua/migrun/pg.lua wraps this module (transaction(), file
+ * pg_internal.h. lua/migrun/base/pg.lua wraps this module (transaction(), file
  * sinks/sources).
  */
 #include <errno.h>
