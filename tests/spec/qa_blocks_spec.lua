@@ -80,6 +80,18 @@ describe("migrun.qa by block ranges", function()
       c.detail)
   end)
 
+  it("says a table missing on one side, and compares the others of its worker", function()
+    assert(source:write("create table only_here (id int primary key)"))
+    local list = tables()
+    list[#list + 1] = { schema = "public", name = "only_here", bytes = 0 }
+    local r = assert(qa.compare(source, target, list, {}, opts(L.source.conninfo, L.target.conninfo)))
+    assert(source:write("drop table only_here"))
+    assert.equal(1, r.differences, qa.format(r))
+    assert.equal("public.only_here", r.checks[3].table)
+    assert.matches("only_here", r.checks[3].detail)
+    assert.is_true(r.checks[1].equal and r.checks[2].equal)
+  end)
+
   it("counts once, on each side, the rows that move while the units are read", function()
     -- updates that change nothing but move rows to the end of the table, all
     -- the time the comparison runs: a side read in parts at different moments

@@ -13,7 +13,7 @@ qa.monthly_counts(db, table, column) -> { ["2026-01"] = n, ..., ["(null)"] = n }
     Rows per calendar month of column (date, timestamp or timestamptz; months
     of timestamptz are taken in UTC, so two servers with different TimeZone
     settings agree).
-qa.row_hash(db, table) -> { rows = n, hash = "<decimal string>" } | nil, err
+qa.row_hash(db, table, opts) -> { rows = n, hash = "<decimal string>" } | nil, err
     An order-independent digest of the table's contents: the sum over all rows
     of the first 60 bits of md5(row text), as numeric, and the row count.
     Equal contents give equal results on any two servers, whatever the physical
@@ -23,7 +23,9 @@ qa.row_hash(db, table) -> { rows = n, hash = "<decimal string>" } | nil, err
     float4/float8 columns are hashed by their binary form (float8send), which
     does not change between PostgreSQL versions the way their text does.
     A sum can in principle hide two differences that cancel out; with 60-bit
-    terms that is a chance of about 2^-60 per comparison.
+    terms that is a chance of about 2^-60 per comparison. opts.where: only
+    those rows; opts.method; opts.columns: the table's rowhash.columns, read
+    already.
 qa.compare(a_db, b_db, tables, cfg_qa, { mode = "quick" | "full", seed = n }) ->
     { checks = { {table = "s.t" | "query:<name>", method, a, b, equal, detail, error} },
       differences = n, seed = n, mode = "quick" | "full", a_name, b_name }
@@ -137,8 +139,12 @@ function qa.row_hash(db, t, opts)
     if not method then return nil, err end
   end
   assert(method == "typed" or method == "md5", "qa.row_hash: method must be \"typed\" or \"md5\"")
-  local cols, err = rowhash.columns(db, qualified)
-  if not cols then return nil, err end
+  local cols = opts.columns
+  if not cols then
+    local err
+    cols, err = rowhash.columns(db, qualified)
+    if not cols then return nil, err end
+  end
   local expr = rowhash.expr(cols, method)
   return rowhash.with_stable(db, function()
     -- typed terms are signed: count * 2^63 added once keeps the text a plain number
@@ -297,6 +303,15 @@ function qa.task(job, emit)
   local ok, serr = rowhash.stabilize(d) -- once for the session, not three round trips per unit
   if ok then ok, serr = d:query("set max_parallel_workers_per_gather = 0") end
   if not ok then conn:close() return nil, serr end
+  -- every table's columns in one query (one per unit cost the servers a
+  -- few percent over the scans); a table missing fails it: then each unit
+  -- reads its own and says its own error
+  local names, seen = {}, {}
+  for _, u in ipairs(job.units) do
+    local q = pg.qualify(u.schema, u.name)
+    if not seen[q] then seen[q] = true names[#names + 1] = q end
+  end
+  local columns = rowhash.columns(d, names) or {}
   local in_snapshot = false
   for _, u in ipairs(job.units) do
     if u.snapshot and not in_snapshot then
@@ -308,7 +323,8 @@ function qa.task(job, emit)
       d:query("commit")
       in_snapshot = false
     end
-    local r, herr = qa.row_hash(d, { schema = u.schema, name = u.name }, { where = u.where, method = job.method })
+    local r, herr = qa.row_hash(d, { schema = u.schema, name = u.name }, { where = u.where, method = job.method,
+      columns = columns[pg.qualify(u.schema, u.name)] })
     local e = herr and { kind = type(herr) == "table" and herr.kind or "sql", message = type(herr) == "table"
       and herr.message or tostring(herr), where = type(herr) == "table" and herr.where or nil,
       code = type(herr) == "table" and herr.code or nil }

@@ -25,6 +25,8 @@ round trips), unless the Db is a session of its own made stable once
 
 rowhash.STABLE_TEXT: { {setting, value} }
 rowhash.columns(db, qualified) -> { {name, type, base} } | nil, err   (by name)
+rowhash.columns(db, {qualified...}) -> { [qualified] = { {name, type, base} } } | nil, err
+    the same for many tables in one query (a table missing fails it whole)
 rowhash.expr(cols, method) -> SQL (a bigint expression over the row's columns)
 rowhash.method(db, ...) -> "typed" | "md5" | nil, err   (the one every server can use)
 rowhash.stabilize(db) -> true | nil, err   set the settings for the session for good
@@ -32,6 +34,7 @@ rowhash.with_stable(db, fn) -> fn's results  (errors raised by fn propagate)
 ]]
 local pg = require "migrun.pg"
 local pgversion = require "migrun.pgversion"
+local json = require "migrun.json"
 
 local rowhash = {}
 
@@ -59,6 +62,24 @@ local TYPED = {
 }
 
 function rowhash.columns(db, qualified)
+  if type(qualified) == "table" then
+    local res, err = db:query([[
+      select q.rel, a.attname as name, format_type(a.atttypid, null) as type,
+             format_type(case when t.typtype = 'd' then t.typbasetype else t.oid end, null) as base
+        from json_array_elements_text($1::json) as q(rel)
+        join pg_attribute a on a.attrelid = q.rel::regclass
+        join pg_type t on t.oid = a.atttypid
+       where a.attnum > 0 and not a.attisdropped
+       order by q.rel, a.attname]], json.encode(qualified))
+    if not res then return nil, err end
+    local out = {}
+    for _, q in ipairs(qualified) do out[q] = {} end
+    for row in res:rows() do
+      local cols = out[row.rel]
+      cols[#cols + 1] = { name = row.name, type = row.type, base = row.base }
+    end
+    return out
+  end
   local res, err = db:query([[
     select a.attname as name, format_type(a.atttypid, null) as type,
            format_type(case when t.typtype = 'd' then t.typbasetype else t.oid end, null) as base
