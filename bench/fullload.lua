@@ -75,7 +75,12 @@ local host = require "migrun.host"
 local pg = require "migrun.pg"
 local json = require "migrun.json"
 
-local function die(...) io.stderr:write(table.concat({ ... }, " "), "\n") os.exit(1) end
+local function die(...)
+  local words = table.pack(...)
+  for i = 1, words.n do words[i] = tostring(words[i]) end
+  io.stderr:write(table.concat(words, " ", 1, words.n), "\n")
+  os.exit(1)
+end
 local function q(conn, sql, ...) local r = assert(conn:exec(sql, ...)) return r end
 local function bin(name) return assert(require("migrun.schema").tools(150000)).bindir .. "/" .. name end
 local function now() return host.monotonic() end
@@ -832,7 +837,13 @@ local function load_rounds()
     goal("migrun before client CPU / migrun client CPU", ratios(loads["migrun before"], loads.migrun, client_cpu), "-")
     goal("migrun before client CPU / floor client CPU", ratios(loads["migrun before"], loads.floor, client_cpu), "-")
   end
-  for m in pairs(with) do measure(m .. " (once)", m, { copydb_source = L.source.conninfo }) end
+  for m in pairs(with) do
+    if m == "pgcopydb-0.10" and not proc.run{ "sh", "-c", "command -v pgcopydb" } then
+      print("pgcopydb 0.10: skipped, not installed (apt-get install pgcopydb)")
+    else
+      measure(m .. " (once)", m, { copydb_source = L.source.conninfo })
+    end
+  end
   if opt.perf then
     local file = L.dir .. "/client.perf"
     measure("migrun under perf (not counted)", "migrun", {}, { perf = file, group = "perf" })
