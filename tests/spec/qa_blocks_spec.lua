@@ -47,6 +47,13 @@ describe("migrun.qa by block ranges", function()
         ("copy %s from stdin (format binary)"):format(t)))
     end
     assert(target:query("analyze"))
+    -- the copy above read keyed by its index on the source; a backend sends
+    -- its counters at most once a second, so make it send them now, before a
+    -- test takes its baseline
+    for _, d in ipairs{ source, target } do
+      assert(d:query("select pg_stat_force_next_flush()"))
+      assert(d:query("select 1"))
+    end
   end)
 
   teardown(function()
