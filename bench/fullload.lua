@@ -470,7 +470,7 @@ local SPLIT_BYTES = 2 * CHUNK_BYTES
 -- migrun's own split (the replica is paused: the same plan every run)
 local plans = {}
 for _, t in ipairs(tables) do
-  local plan = chunks.plan(rdb, t, { chunk_bytes = CHUNK_BYTES, split_bytes = SPLIT_BYTES })
+  local plan = chunks.plan(rdb, t, { chunk_bytes = CHUNK_BYTES, split_bytes = SPLIT_BYTES, tail = opt.jobs })
   if plan then plans[t.name] = plan end
 end
 
@@ -513,7 +513,7 @@ for _, t in ipairs(tables) do
     for i = 1, plan.count do
       local path = ("%s/%s.%d.bin"):format(files_dir, t.name, i)
       q(rep, ("copy (select * from %s where %s) to '%s' (format binary)"):format(name, chunks.where(plan, i), path))
-      FILES[#FILES + 1] = { schema = t.schema, name = t.name, path = path, bytes = t.bytes / plan.count, chunk = i }
+      FILES[#FILES + 1] = { schema = t.schema, name = t.name, path = path, bytes = t.bytes * chunks.share(plan, i), chunk = i }
     end
   else
     local path = ("%s/%s.bin"):format(files_dir, t.name)

@@ -143,8 +143,8 @@ describe("migrun.fullload on awkward tables, all of them split", function()
     end
     -- the ends of the key types: a histogram from the least bigint to the
     -- greatest cuts where it says (the span of two bounds overflows an integer)
-    assert.same({ { hi = "-4611686018427387904" }, { lo = "-4611686018427387904", hi = "0" },
-      { lo = "0", hi = "4611686018427387904" }, { lo = "4611686018427387904" } },
+    assert.same({ { hi = "-4611686018427387904", share = 0.25 }, { lo = "-4611686018427387904", hi = "0", share = 0.25 },
+      { lo = "0", hi = "4611686018427387904", share = 0.25 }, { lo = "4611686018427387904", share = 0.25 } },
       chunks.key_ranges(math.mininteger, math.maxinteger, 4, { math.mininteger, 0, math.maxinteger }))
     local sparse = assert(chunks.plan(replica_db, { schema = S, name = "sparse" }, { chunk_bytes = CH, split_bytes = CH }))
     assert.is_true(sparse.count >= 3)

@@ -151,13 +151,38 @@ describe("migrun.fullload", function()
 
   it("cuts a table by ranges of its integer key, else by ranges of blocks", function()
     -- pure: equal widths, a histogram's quantiles, blocks
+    local function bounds(ranges)
+      local out = {}
+      for i, r in ipairs(ranges) do out[i] = { lo = r.lo, hi = r.hi } end
+      return out
+    end
+    local function shares(ranges)
+      local out = {}
+      for i, r in ipairs(ranges) do out[i] = math.floor(r.share * 1000 + 0.5) / 1000 end
+      return out
+    end
     assert.same({ { hi = "26" }, { lo = "26", hi = "51" }, { lo = "51", hi = "76" }, { lo = "76" } },
-      chunks.key_ranges(1, 100, 4))
-    assert.same({ { hi = "15" }, { lo = "15" } }, chunks.key_ranges(1, 1000, 2, { 1, 10, 20, 1000 }))
+      bounds(chunks.key_ranges(1, 100, 4)))
+    assert.same({ 0.25, 0.25, 0.25, 0.25 }, shares(chunks.key_ranges(1, 100, 4)))
+    assert.same({ { hi = "15" }, { lo = "15" } }, bounds(chunks.key_ranges(1, 1000, 2, { 1, 10, 20, 1000 })))
     -- a histogram that does not reach the table's max (rows added since ANALYZE) is not used
-    assert.same({ { hi = "501" }, { lo = "501" } }, chunks.key_ranges(1, 1000, 2, { 1, 10, 20, 100 }))
-    assert.same({ { hi = "4" }, { lo = "4", hi = "7" }, { lo = "7" } }, chunks.block_ranges(10, 3))
-    assert.same({ {} }, chunks.block_ranges(0, 3))
+    assert.same({ { hi = "501" }, { lo = "501" } }, bounds(chunks.key_ranges(1, 1000, 2, { 1, 10, 20, 100 })))
+    assert.same({ { hi = "4" }, { lo = "4", hi = "7" }, { lo = "7" } }, bounds(chunks.block_ranges(10, 3)))
+    assert.same({ { share = 1 } }, chunks.block_ranges(0, 3))
+    -- the tail: the last `tail` parts in halves, so that the chunks in flight
+    -- when the table ends (or a run is killed) are half as long
+    assert.same({ 1 / 4, 2 / 4, 5 / 8, 3 / 4, 7 / 8 }, chunks.fractions(4, 2))
+    assert.same({ 1 / 2, 3 / 4 }, chunks.fractions(2, 5)) -- the first part stays whole
+    assert.same({ { hi = "26" }, { lo = "26", hi = "51" }, { lo = "51", hi = "63" }, { lo = "63", hi = "76" },
+      { lo = "76", hi = "88" }, { lo = "88" } }, bounds(chunks.key_ranges(1, 100, 4, nil, 2)))
+    assert.same({ 0.25, 0.25, 0.125, 0.125, 0.125, 0.125 }, shares(chunks.key_ranges(1, 100, 4, nil, 2)))
+    assert.same({ { hi = "25" }, { lo = "25", hi = "50" }, { lo = "50", hi = "63" }, { lo = "63", hi = "75" },
+      { lo = "75", hi = "88" }, { lo = "88" } }, bounds(chunks.block_ranges(100, 4, 2)))
+    -- a cut that falls on another (few blocks) is left out, and its share goes to the next range
+    local few = chunks.block_ranges(4, 4, 2)
+    assert.same({ { hi = "1" }, { lo = "1", hi = "2" }, { lo = "2", hi = "3" }, { lo = "3" } }, bounds(few))
+    assert.same({ 0.25, 0.25, 0.25, 0.25 }, shares(few))
+    assert.equal(1 / 3, chunks.share({ table = "s.t", count = 3, ranges = { {}, {}, {} } }, 2)) -- a plan journaled before shares
 
     local function rows_per_chunk(plan)
       local counts, total = {}, 0
@@ -368,6 +393,11 @@ describe("migrun.fullload", function()
     assert.equal(n_chunks, #loaded_chunks)
     for _, c in ipairs(loaded_chunks) do assert.matches("^%d+$", c.xid) end
     assert.equal(big.count, #keys(state.chunks["fl.big"].done))
+    -- the last `jobs` (2) chunks in halves
+    local whole = math.ceil(big.bytes / CH)
+    assert.equal(whole + 2, big.count)
+    assert.is_true(math.abs(chunks.share(big, big.count) - 0.5 / whole) < 1e-9)
+    assert.is_true(math.abs(chunks.share(big, 1) - 1 / whole) < 0.02)
     assert.same({}, state.chunks["fl.big"].committing)
     assert.equal(big.count, state.loaded["fl.big"].chunks)
     assert.equal(BIG_ROWS, state.loaded["fl.big"].rows)
@@ -555,6 +585,23 @@ describe("migrun.fullload", function()
     -- the split table's indexes built side by side, then its ANALYZE
     assert.is_true(state.analyzed["fl.big"].started >= state.indexed["fl.big"].ended)
     all_equal()
+  end)
+
+  it("gives an index build the streams nothing else will use as its parallel workers, and none on one stream", function()
+    -- what the target's session building it was set to, read by a post item of its own
+    local function probe(jobs)
+      q(L.target, "drop table if exists fl.probe; truncate fl.small1")
+      local post = { ["fl.small1"] = { { name = "probe", kind = "index",
+        sql = { "create table fl.probe as select current_setting('max_parallel_maintenance_workers')::int as v" } } } }
+      local small1
+      for _, t in ipairs(tables) do if t.name == "small1" then small1 = t end end
+      local state = {}
+      assert(run{ jobs = jobs, tables = { small1 }, post = post, state = state })
+      return { tonumber(q(L.target, "select v from fl.probe")), state.indexed["fl.small1"].parallel_workers }
+    end
+    assert.same({ 2, 2 }, probe(3)) -- alone on three streams: the two others
+    assert.same({ 0, 0 }, probe(1)) -- not the server's default (2) on a stream that is the machine's only one
+    q(L.target, "drop table fl.probe")
   end)
 
   it("skips the tables already done and loads a table again cleanly", function()

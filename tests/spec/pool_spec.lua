@@ -9,13 +9,18 @@ local cli = require "helpers.cli"
 -- Runs a pool of `jobs` over `tasks` ({ group =, cost = } each, every task
 -- waiting `seconds`) -> the order tasks started in (their groups), the most
 -- of each group that ran at once, and the most at once in all.
-local function run_pool(jobs, limits, tasks, seconds)
+-- later: { ["n"] = { n = m } }: once task n is done, a task m is added (as
+-- the full load adds a table's index builds when its last chunk is in).
+-- use: each task takes the idle processes it is offered (they count as busy).
+local function run_pool(jobs, limits, tasks, seconds, later, use)
   local script = [[
     local pool, json = require "migrun.pool", require "migrun.json"
     local spec = json.decode(io.read("a"))
     local limits = spec.limits or {}
-    local running, most, order, all, most_all = {}, {}, {}, 0, 0
-    local p = pool.new{ jobs = spec.jobs, limits = limits, entry = "helpers.pool_probe",
+    local running, most, order, all, most_all, idle = {}, {}, {}, 0, 0, {}
+    local p
+    p = pool.new{ jobs = spec.jobs, limits = limits, entry = "helpers.pool_probe",
+      on_start = function(task, n) idle[#idle + 1] = { task.job.n, n } return spec.use and n or 0 end,
       on_event = function(task, ev)
         if ev.event == "started" then
           local g = task.group or "-"
@@ -31,16 +36,18 @@ local function run_pool(jobs, limits, tasks, seconds)
         local g = task.group or "-"
         running[g] = running[g] - 1
         all = all - 1
+        local later = spec.later and spec.later[tostring(task.job.n)]
+        if later then p:add{ job = { n = later.n, seconds = spec.seconds }, cost = 1 } end
         return true
       end }
     for i, t in ipairs(spec.tasks) do
-      p:add{ job = { n = i, group = t.group, seconds = spec.seconds }, cost = t.cost, group = t.group }
+      p:add{ job = { n = i, group = t.group, seconds = t.seconds or spec.seconds }, cost = t.cost, group = t.group }
     end
     assert(p:run())
-    io.write(json.encode{ order = order, most = most, most_all = most_all })
+    io.write(json.encode{ order = order, most = most, most_all = most_all, idle = idle })
   ]]
   local ok, how, code, out, err = proc.run{ cli.bin, "-e", script, timeout = cli.timeout,
-    stdin = json.encode{ jobs = jobs, limits = limits, tasks = tasks, seconds = seconds },
+    stdin = json.encode{ jobs = jobs, limits = limits, tasks = tasks, seconds = seconds, later = later, use = use },
     stdout = "capture", stderr = "capture",
     env = { LUA_PATH = cli.source .. "/tests/?.lua;;", LUA_INIT = false, LUA_INIT_5_4 = false, MIGRUN_LUA_PATH = false } }
   assert(ok, ("the pool process %s %s: %s"):format(tostring(how), tostring(code), tostring(err)))
@@ -83,6 +90,24 @@ describe("migrun.pool", function()
     assert.equal(1, r.most.b)
     assert.equal(2, r.most.a) -- the third process: b is at its limit, a takes it
     assert.equal(3, r.most_all)
+  end)
+
+  it("tells a task as it starts how many processes nothing else is queued for", function()
+    -- three tasks for three processes: each starts with the others queued or running
+    local r = run_pool(3, nil, tasks_of{ { 3, nil, 1 } }, 0.1)
+    assert.same({ { 1, 0 }, { 2, 0 }, { 3, 0 } }, r.idle)
+    -- one long task and one short on three processes: the spare one offered
+    -- to each (none takes it); once the short one is done, the task it adds
+    -- starts beside the long one, offered it too
+    r = run_pool(3, nil, { { cost = 2, seconds = 1.5 }, { cost = 1, seconds = 0.1 } }, 0.1, { ["2"] = { n = 3 } })
+    assert.same({ { 1, 1 }, { 2, 1 }, { 3, 1 } }, r.idle)
+    -- alone on an idle pool: every other process
+    assert.same({ { 1, 3 } }, run_pool(4, nil, tasks_of{ { 1, nil, 1 } }, 0).idle)
+    -- two tasks on five processes share the three spare ones, the first the odd one
+    assert.same({ { 1, 2 }, { 2, 1 } }, run_pool(5, nil, tasks_of{ { 2, nil, 1 } }, 0.3, nil, true).idle)
+    -- what a running task took counts as busy for a task added while it runs
+    r = run_pool(3, nil, { { cost = 2, seconds = 1.5 }, { cost = 1, seconds = 0.1 } }, 0.1, { ["2"] = { n = 3 } }, true)
+    assert.same({ { 1, 1 }, { 2, 0 }, { 3, 0 } }, r.idle)
   end)
 
   it("raises on misuse of limits and groups", function()

@@ -28,14 +28,22 @@ Why these two ways:
       db: a migrun.pg Conn or a migrun.db Db; t: { schema =, name = }.
       bytes: pg_table_size (heap and TOAST); columns: the stored columns in
       order (generated ones left out: COPY cannot write them).
-  chunks.plan(db, t, { chunk_bytes =, split_bytes = }) -> plan | false, reason | nil, err
+  chunks.plan(db, t, { chunk_bytes =, split_bytes = [, tail =] }) -> plan | false, reason | nil, err
       A table larger than split_bytes is cut into ceil(bytes / chunk_bytes)
-      chunks; false and the reason when it stays whole. plan = { table = "s.t",
-      schema, name, method = "key" | "blocks", column (the key), columns,
-      count, bytes, ranges = { {lo =, hi =} } } with lo/hi as strings
-      (integers of any size survive JSON), nil for an open end.
-  chunks.key_ranges(lo, hi, n, bounds) -> ranges   (pure; bounds: a histogram)
-  chunks.block_ranges(blocks, n) -> ranges         (pure)
+      chunks; false and the reason when it stays whole. tail: the last that
+      many of them cut again in halves (a load of `jobs` streams passes
+      tail = jobs: the chunks in flight when the table ends, or when a run is
+      killed, are half as long, and the table's index builds start sooner).
+      plan = { table = "s.t", schema, name, method = "key" | "blocks",
+      column (the key), columns, count, bytes, ranges = { {lo =, hi =,
+      share =} } } with lo/hi as strings (integers of any size survive
+      JSON), nil for an open end; share: the range's part of the table (its
+      expected bytes / plan.bytes).
+  chunks.fractions(n, tail) -> { f... }  (pure) where ranges are cut, in
+      (0, 1): n equal parts, the last `tail` of them halved
+  chunks.key_ranges(lo, hi, n, bounds [, tail]) -> ranges   (pure; bounds: a histogram)
+  chunks.block_ranges(blocks, n [, tail]) -> ranges         (pure)
+  chunks.share(plan, i) -> the part of the table chunk i is expected to hold
   chunks.where(plan, i [, lo, hi]) -> SQL condition of chunk i (or of lo..hi,
       a narrower key range inside it, for QA)
   chunks.copy_sql(plan, i) -> from_sql (replica), to_sql (target)
@@ -95,16 +103,40 @@ local function parse_bounds(s)
   return #out >= 2 and out or nil
 end
 
--- n ranges over lo..hi (integers): at the quantiles of the histogram where it
--- covers lo..hi (within 5% of the span at each end), else of equal width.
-function chunks.key_ranges(lo, hi, n, bounds)
+function chunks.fractions(n, tail)
+  assert(math.type(n) == "integer" and n >= 1, "chunks.fractions: n >= 1 expected")
+  tail = math.max(0, math.min(tail or 0, n - 1)) -- the first part stays whole: a table of 2 parts is not all tail
+  local out = {}
+  for j = 1, n - 1 do
+    if j > n - tail then out[#out + 1] = (j - 0.5) / n end
+    out[#out + 1] = j / n
+  end
+  if tail > 0 then out[#out + 1] = (n - 0.5) / n end
+  return out
+end
+
+-- The shares of the ranges cut at fractions fs (kept where a cut was kept).
+local function with_shares(ranges, fs, kept)
+  local prev = 0
+  for i, r in ipairs(ranges) do
+    local f = kept[i] or 1
+    r.share = f - prev
+    prev = f
+  end
+  return ranges
+end
+
+-- Ranges over lo..hi (integers), cut at chunks.fractions(n, tail): at the
+-- quantiles of the histogram where it covers lo..hi (within 5% of the span
+-- at each end), else of equal width.
+function chunks.key_ranges(lo, hi, n, bounds, tail)
   assert(math.type(lo) == "integer" and math.type(hi) == "integer" and lo <= hi, "chunks.key_ranges: lo <= hi expected")
   assert(math.type(n) == "integer" and n >= 1, "chunks.key_ranges: n >= 1 expected")
   local span = (hi + 0.0) - lo + 1
   local use = bounds and #bounds >= 2 and bounds[1] <= lo + span * 0.05 and bounds[#bounds] >= hi - span * 0.05
-  local cuts = {}
-  for j = 1, n - 1 do
-    local f = j / n
+  local fs = chunks.fractions(n, tail)
+  local cuts, kept = {}, {}
+  for _, f in ipairs(fs) do
     local v
     if use then
       local p = f * (#bounds - 1)
@@ -115,7 +147,9 @@ function chunks.key_ranges(lo, hi, n, bounds)
       v = lo + span * f
     end
     local c = math.tointeger(math.floor(v)) or lo
-    if c > lo and c <= hi and (#cuts == 0 or c > cuts[#cuts]) then cuts[#cuts + 1] = c end
+    if c > lo and c <= hi and (#cuts == 0 or c > cuts[#cuts]) then
+      cuts[#cuts + 1], kept[#cuts + 1] = c, f
+    end
   end
   local ranges = {}
   local prev
@@ -124,22 +158,30 @@ function chunks.key_ranges(lo, hi, n, bounds)
     prev = c
   end
   ranges[#ranges + 1] = { lo = prev and tostring(prev) or nil, hi = nil }
-  return ranges
+  return with_shares(ranges, fs, kept)
 end
 
-function chunks.block_ranges(blocks, n)
+function chunks.block_ranges(blocks, n, tail)
   assert(math.type(blocks) == "integer" and blocks >= 0, "chunks.block_ranges: a block count expected")
   assert(math.type(n) == "integer" and n >= 1, "chunks.block_ranges: n >= 1 expected")
-  local ranges, prev = {}, nil
-  for j = 1, n - 1 do
-    local c = (blocks * j + n - 1) // n
+  local fs = chunks.fractions(n, tail)
+  local ranges, kept, prev = {}, {}, nil
+  for _, f in ipairs(fs) do
+    local c = math.tointeger(math.ceil(blocks * f - 1e-9)) -- the exact fraction's block, not one past by rounding
     if c > 0 and (not prev or c > prev) and c < blocks then
       ranges[#ranges + 1] = { lo = prev and tostring(prev) or nil, hi = tostring(c) }
+      kept[#ranges] = c / blocks -- what the range holds, not the fraction asked for
       prev = c
     end
   end
   ranges[#ranges + 1] = { lo = prev and tostring(prev) or nil, hi = nil }
-  return ranges
+  return with_shares(ranges, fs, kept)
+end
+
+function chunks.share(plan, i)
+  local r = plan.ranges[i]
+  assert(r, ("chunks.share: %s has no chunk %s"):format(plan.table, tostring(i)))
+  return r.share or 1 / plan.count -- a plan journaled before ranges had shares: equal parts
 end
 
 function chunks.plan(db, t, opts)
@@ -164,10 +206,10 @@ function chunks.plan(db, t, opts)
       .. "and attname = $3", t.schema, t.name, d.key.column)
     if not res then return nil, err end
     plan.method, plan.column = "key", d.key.column
-    plan.ranges = chunks.key_ranges(lo, hi, n, parse_bounds(#res > 0 and res[1].b or nil))
+    plan.ranges = chunks.key_ranges(lo, hi, n, parse_bounds(#res > 0 and res[1].b or nil), opts.tail)
   elseif pgversion.has(d.version, "tid_range_scan") then
     plan.method = "blocks"
-    plan.ranges = chunks.block_ranges(d.blocks, n)
+    plan.ranges = chunks.block_ranges(d.blocks, n, opts.tail)
   else
     return false, ("no integer primary key, and block ranges need TID range scans (PostgreSQL 14; this is %s)")
       :format(pgversion.label(d.version))

@@ -81,12 +81,14 @@ Why it is shaped this way:
       (required: an LSN string or migrun.lsn value).
       opts.chunk_bytes, opts.split_bytes: tables above split_bytes (default
       2 x chunk_bytes) are cut into chunks of chunk_bytes (default: the
-      pending bytes / (4 x jobs), between 64 MiB and 1 GiB).
+      pending bytes / (4 x jobs), between 64 MiB and 1 GiB), the last `jobs`
+      of them in halves (chunks.plan's tail).
       opts.state: what is done so far, kept up to date as it changes:
         loaded["s.t"] = r (a table complete; r as on_table's),
         chunks["s.t"] = { plan = chunks.plan's, done = { ["i"] = c },
                           committing = { ["i"] = { xid =, rows =, bytes = } } },
-        indexed["s.t"] = { started =, ended =, seconds =, indexes = n, stream = },
+        indexed["s.t"] = { started =, ended =, seconds =, indexes = n, stream =,
+                           parallel_workers = (the most one of its builds was given) },
         analyzed["s.t"] = { started =, ended =, seconds =, stream = }
       opts.save(fields): persist state[f] for each name f in the list
       fields (one call, one write). Called before the run depends on it (a
@@ -447,7 +449,10 @@ function Load:plan()
     if cs then
       self.split[k] = cs
     elseif (t.bytes or 0) > self.split_bytes then
-      local plan, why = chunks.plan(self.replica, t, { chunk_bytes = self.chunk_bytes, split_bytes = self.split_bytes })
+      -- the last `jobs` chunks in halves: those in flight at the end (or at a
+      -- kill) are shorter, and the table's indexes may start sooner
+      local plan, why = chunks.plan(self.replica, t, { chunk_bytes = self.chunk_bytes, split_bytes = self.split_bytes,
+        tail = self.jobs })
       if plan == nil then return nil, why end
       if plan then
         state.chunks[k] = { plan = plan, done = {}, committing = {} }
@@ -491,12 +496,25 @@ end
 ---------------------------------------------------------------------------
 
 function Load:new_pool()
-  self.pool = pool.new{ jobs = self.jobs, entry = WORKER, on_tick = function() self.saver:flush_due() end }
+  self.pool = pool.new{ jobs = self.jobs, entry = WORKER, on_tick = function() self.saver:flush_due() end,
+    on_start = function(task, idle) return self:share_idle(task, idle) end }
   self.pool.on_event = function(task, ev) return self:on_event(task, ev) end
   self.job_base = { replica = self.opts.replica, target = self.opts.target, expect_replay_lsn = self.expected,
     progress_interval = self.opts.progress_interval or 1.0, ack_class = self.ack_class,
     reconnect_timeout = self.reconnect_timeout, attempts = self.attempts, stall_timeout = self.opts.stall_timeout,
     application_name = pg.application_name("fullload") } -- the run's identity (migrun.playbook.sessions)
+end
+
+-- An index build is given the streams nothing else will use as parallel
+-- workers (the tail of a load: a split table's indexes once its last chunk
+-- is in), and none while every stream is busy: the server's own default
+-- (2 per build) would put three processes per stream on cores the loads use.
+function Load:share_idle(task, idle)
+  local used = 0
+  for _, it in ipairs(task.job.items) do
+    if it.op == "index" then it.parallel_workers, used = idle, idle end
+  end
+  return used
 end
 
 -- A task's job: what every task is told, and its items.
@@ -559,10 +577,10 @@ function Load:schedule_chunks(t, cs)
       left = left + 1
       local from_sql, to_sql = chunks.copy_sql(plan, i)
       self.ack_serial = self.ack_serial + 1
+      local bytes = plan.bytes * chunks.share(plan, i)
       self:add({ { op = "chunk", table = k, schema = t.schema, name = t.name, chunk = i, of = plan.count,
-        from_sql = from_sql, to_sql = to_sql, ack = self.ack_serial } },
-        plan.bytes / plan.count, "loading " .. chunk_label(plan, i))
-      self.bytes_total = self.bytes_total + plan.bytes / plan.count
+        from_sql = from_sql, to_sql = to_sql, ack = self.ack_serial } }, bytes, "loading " .. chunk_label(plan, i))
+      self.bytes_total = self.bytes_total + bytes
     end
   end
   if next(cs.done) == nil then self.truncates[#self.truncates + 1] = t end
@@ -623,9 +641,12 @@ function Load:describe()
     local cs = self.split[key(t)]
     if cs then
       local plan = cs.plan
+      local first, last = chunks.share(plan, 1), chunks.share(plan, plan.count)
+      local size = text.bytes(plan.bytes * first)
+      if last < first * 0.9 then size = size .. (", the last ones %s"):format(text.bytes(plan.bytes * last)) end
       echo(("split %s (%s) into %d chunks by %s, about %s each%s"):format(plan.table, text.bytes(plan.bytes),
         plan.count, plan.method == "key" and ("ranges of its key " .. plan.column) or "block ranges (ctid)",
-        text.bytes(plan.bytes / plan.count), next(cs.done) and (", %d already loaded"):format(count(cs.done)) or ""))
+        size, next(cs.done) and (", %d already loaded"):format(count(cs.done)) or ""))
     end
   end
   for _, line in ipairs(self.notes) do echo(line) end
@@ -817,10 +838,11 @@ function EVENTS.indexed(load, task, ev, k)
   load.post_times[k] = pt
   pt.ended = math.max(pt.ended or 0, ev.ended)
   pt.stream = task.stream
+  pt.parallel_workers = math.max(pt.parallel_workers or 0, ev.parallel_workers or 0)
   load.post_left[k] = (load.post_left[k] or 1) - 1
   if load.post_left[k] > 0 then return true end
   local r = { table = k, started = pt.started, ended = pt.ended, seconds = pt.ended - pt.started,
-              indexes = #(load.post[k] or {}), stream = pt.stream }
+              indexes = #(load.post[k] or {}), stream = pt.stream, parallel_workers = pt.parallel_workers }
   load.state.indexed[k] = r
   load:save("indexed")
   load:tell(load.opts.on_post, "indexed", r)

@@ -15,7 +15,8 @@ events. See migrun.fullload for why the load is shaped this way.
         { op = "copy", table = "s.t", schema =, name = }      a whole table
         { op = "chunk", table =, schema =, name =, chunk = i, of = n,
           from_sql =, to_sql =, ack = k }                      one chunk
-        { op = "index", table =, schema =, name =, index =, sql = {...} }
+        { op = "index", table =, schema =, name =, index =, sql = {...},
+          parallel_workers = n (the build's max_parallel_maintenance_workers, 0 if absent) }
         { op = "analyze", table =, schema =, name = }
       emit(event): { event = "start", op =, table =, chunk =, index =, started = }
         then for a copy or a chunk { event = "progress", table =, chunk =,
@@ -25,7 +26,7 @@ events. See migrun.fullload for why the load is shaped this way.
           (before a chunk commits: the parent journals xid, then holds the
           advisory lock (ack_class, ack) that lets the worker commit)
         { event = "chunk", ... as "commit", ended =, seconds = [, recovered = true] }
-        { event = "indexed", table =, index =, started =, ended =, seconds = }
+        { event = "indexed", table =, index =, started =, ended =, seconds =, parallel_workers = }
         { event = "analyzed", table =, started =, ended =, seconds = }
       and when the world fails (docs/faults.md):
         { event = "retry", op =, table =, chunk =, index =, attempt =, attempts =,
@@ -282,13 +283,18 @@ function OPS.chunk(w, item, started, t0, attempt)
 end
 
 -- An index item; redone after a loss, what the lost session made counts as made.
+-- item.parallel_workers: the streams idle while it builds (the parent's
+-- share_idle), the build's max_parallel_maintenance_workers.
 function OPS.index(w, item, started, t0, attempt)
+  local workers = math.tointeger(item.parallel_workers) or 0
+  local res, err = w.target:exec(("SET max_parallel_maintenance_workers = %d"):format(workers))
+  if not res then return nil, err end
   for _, sql in ipairs(item.sql) do
-    local res, err = w.target:exec(sql)
+    res, err = w.target:exec(sql)
     if not res and not (attempt > 1 and err.sqlstate and EXISTS[err.sqlstate]) then return nil, err end
   end
   w.emit{ event = "indexed", table = item.table, index = item.index, started = started, ended = host.now(),
-          seconds = host.monotonic() - t0 }
+          seconds = host.monotonic() - t0, parallel_workers = workers }
   return true
 end
 

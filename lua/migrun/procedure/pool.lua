@@ -15,6 +15,7 @@ some tens of milliseconds, so callers put small things together in one task.
     on_event = function(task, ev) end,  -- a JSON line the task's process emitted, decoded
     on_done = function(task) end,       -- the task's process exited 0 (its events came first)
     on_tick = function() end,           -- between waits, at least every `interval` seconds
+    on_start = function(task, idle) return used end, -- just before its process starts (task.job may change)
     limits = { replica = 2 } }          -- at most 2 tasks of group "replica" at once
   p:add{ job = { ... }, cost = 1e9, label = "public.big #3", group = "replica" }
   local ok, failure = p:run()
@@ -36,6 +37,12 @@ some tens of milliseconds, so callers put small things together in one task.
       queue is served highest cost first, then in the order added, passing
       over tasks whose group is at its limit. task.stream is set when it
       starts (1..jobs: the slot it runs in), task.pid too.
+  on_start(task, idle) -> used: idle is this task's share of the slots that
+      stay empty once it and everything queued run (0 while the queue holds
+      as much as the free slots): a task started at the tail of a run may use
+      their part of the machine (the full load gives an index build parallel
+      workers). It returns how many it uses (nil: none); they count as busy
+      for the tasks that start while it runs.
   p:run() -> true | nil, failure
       Runs until the queue is empty and nothing runs. On the first failure
       (a task's error event, a process killed or exiting non-zero, a callback
@@ -59,7 +66,7 @@ function pool.new(opts)
   assert(type(opts) == "table", "pool.new: options table expected")
   assert(math.type(opts.jobs) == "integer" and opts.jobs >= 1, "pool.new: jobs must be a positive integer")
   assert(type(opts.entry) == "string", "pool.new: entry (a module name) is required")
-  for _, f in ipairs{ "on_event", "on_done", "on_tick" } do
+  for _, f in ipairs{ "on_event", "on_done", "on_tick", "on_start" } do
     assert(opts[f] == nil or type(opts[f]) == "function", "pool.new: " .. f .. " must be a function")
   end
   assert(opts.limits == nil or type(opts.limits) == "table", "pool.new: limits must be a table { [group] = n }")
@@ -68,7 +75,7 @@ function pool.new(opts)
       "pool.new: limits must map group names to positive integers")
   end
   return setmetatable({ jobs = opts.jobs, entry = opts.entry, on_event = opts.on_event, on_done = opts.on_done,
-    on_tick = opts.on_tick, limits = opts.limits or {},
+    on_tick = opts.on_tick, on_start = opts.on_start, limits = opts.limits or {},
     interval = opts.interval or 0.02, queue = {}, seq = 0, slots = {}, handles = {}, events = {} }, Pool)
 end
 
@@ -104,6 +111,18 @@ function Pool:_take()
   end
   if at then table.remove(self.queue, at) end
   return best
+end
+
+-- The share of the slots nothing will use of the task being started (it
+-- is out of the queue, not running yet): the free slots once it and the
+-- queued tasks have theirs, shared out between them, rounded up (the first
+-- to start gets the odd one).
+function Pool:_idle_share()
+  local busy = 0
+  for _, t in pairs(self.slots) do busy = busy + 1 + (t.lent or 0) end
+  local spare = self.jobs - busy - 1 - #self.queue
+  if spare <= 0 then return 0 end
+  return (spare + #self.queue) // (#self.queue + 1)
 end
 
 function Pool:_start(task, slot)
@@ -175,6 +194,11 @@ function Pool:_loop()
     for slot = 1, self.jobs do
       local task = not self.slots[slot] and #self.queue > 0 and self:_take()
       if task then
+        if self.on_start then
+          local idle = self:_idle_share()
+          local used = self.on_start(task, idle)
+          task.lent = math.max(0, math.min(idle, math.tointeger(used or 0) or 0))
+        end
         local ok, err = self:_start(task, slot)
         if not ok then
           return nil, { task = task, stream = slot, message = "cannot start a worker process: " .. tostring(err) }
