@@ -587,6 +587,30 @@ describe("migrun.fullload", function()
     all_equal()
   end)
 
+  it("loads the other tables beside a split table's chunks, not after them", function()
+    truncate_target()
+    local some = {}
+    for _, t in ipairs(tables) do
+      if t.name == "big" or t.name == "small1" or t.name == "small2" or t.name == "nopk" then some[#some + 1] = t end
+    end
+    local told = {}
+    assert(run{ tables = some, chunk_bytes = CH, split_bytes = CH,
+      on_table = function(t) told[#told + 1] = t.table end,
+      on_chunk = function(c) told[#told + 1] = ("%s #%d"):format(c.table, c.chunk) end })
+    -- big's chunks are the larger tasks: without a stream kept for the
+    -- others, every one of them would run before the small tables
+    local first_small, chunks_after = nil, 0
+    for i, w in ipairs(told) do
+      if w:match("^fl%.small") or w == "fl.nopk" then first_small = first_small or i end
+      if first_small and w:match("^fl%.big #") then chunks_after = chunks_after + 1 end
+    end
+    assert.is_true(first_small ~= nil and chunks_after > 0,
+      "the small tables loaded after big's chunks: " .. table.concat(told, ", "))
+    for _, n in ipairs{ "big", "small1", "small2", "nopk" } do
+      assert.equal(fingerprint(L.replica, n), fingerprint(L.target, n), n)
+    end
+  end)
+
   it("gives an index build the streams nothing else will use as its parallel workers, and none on one stream", function()
     -- what the target's session building it was set to, read by a post item of its own
     local function probe(jobs)

@@ -12,14 +12,15 @@ local cli = require "helpers.cli"
 -- later: { ["n"] = { n = m } }: once task n is done, a task m is added (as
 -- the full load adds a table's index builds when its last chunk is in).
 -- use: each task takes the idle processes it is offered (they count as busy).
-local function run_pool(jobs, limits, tasks, seconds, later, use)
+-- soft: { [group] = true }, the pool's soft limits.
+local function run_pool(jobs, limits, tasks, seconds, later, use, soft)
   local script = [[
     local pool, json = require "migrun.pool", require "migrun.json"
     local spec = json.decode(io.read("a"))
     local limits = spec.limits or {}
     local running, most, order, all, most_all, idle = {}, {}, {}, 0, 0, {}
     local p
-    p = pool.new{ jobs = spec.jobs, limits = limits, entry = "helpers.pool_probe",
+    p = pool.new{ jobs = spec.jobs, limits = limits, soft = spec.soft, entry = "helpers.pool_probe",
       on_start = function(task, n) idle[#idle + 1] = { task.job.n, n } return spec.use and n or 0 end,
       on_event = function(task, ev)
         if ev.event == "started" then
@@ -47,7 +48,8 @@ local function run_pool(jobs, limits, tasks, seconds, later, use)
     io.write(json.encode{ order = order, most = most, most_all = most_all, idle = idle })
   ]]
   local ok, how, code, out, err = proc.run{ cli.bin, "-e", script, timeout = cli.timeout,
-    stdin = json.encode{ jobs = jobs, limits = limits, tasks = tasks, seconds = seconds, later = later, use = use },
+    stdin = json.encode{ jobs = jobs, limits = limits, tasks = tasks, seconds = seconds, later = later, use = use,
+      soft = soft },
     stdout = "capture", stderr = "capture",
     env = { LUA_PATH = cli.source .. "/tests/?.lua;;", LUA_INIT = false, LUA_INIT_5_4 = false, MIGRUN_LUA_PATH = false } }
   assert(ok, ("the pool process %s %s: %s"):format(tostring(how), tostring(code), tostring(err)))
@@ -108,6 +110,21 @@ describe("migrun.pool", function()
     -- what a running task took counts as busy for a task added while it runs
     r = run_pool(3, nil, { { cost = 2, seconds = 1.5 }, { cost = 1, seconds = 0.1 } }, 0.1, { ["2"] = { n = 3 } }, true)
     assert.same({ { 1, 1 }, { 2, 0 }, { 3, 0 } }, r.idle)
+  end)
+
+  it("lets a soft limit give way when nothing else queued can run", function()
+    -- c's tasks are the larger; with a soft limit of 1 they run one at a time
+    -- beside d's, and on both processes once d's are done
+    local tasks = tasks_of{ { 4, "c", 10 }, { 2, "d", 1 } }
+    for _, t in ipairs(tasks) do t.seconds = t.group == "c" and 0.5 or 0.1 end
+    local r = run_pool(2, { c = 1 }, tasks, nil, nil, nil, { c = true })
+    local started = {} -- in the order the pool started them (c's are 1-4, d's 5 and 6)
+    for i, x in ipairs(r.idle) do started[i] = x[1] end
+    assert.same({ 1, 5, 6, 2, 3, 4 }, started)
+    assert.equal(2, r.most.c)
+    -- a hard limit holds: one process stays empty
+    r = run_pool(2, { c = 1 }, tasks_of{ { 3, "c", 10 } }, 0.1)
+    assert.equal(1, r.most.c)
   end)
 
   it("raises on misuse of limits and groups", function()

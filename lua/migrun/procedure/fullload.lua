@@ -16,8 +16,12 @@ Why it is shaped this way:
   strings, which may hold passwords, never go in argv), reporting JSON lines.
   The parent decides what runs next as tasks finish: chunks and tables
   largest first (LPT: the makespan is within 4/3 of the best static split),
-  and a table's index builds as soon as its last chunk commits, so they
-  overlap with the load of the others, within the same `jobs` budget.
+  chunks on all streams but one while other work is queued (the other
+  tables load beside a dominant table's chunks: a run killed in them
+  leaves the rest done), a table's index builds as soon as its last chunk
+  commits, so they overlap with the load of the others, within the same
+  `jobs` budget, given the streams nothing else uses as parallel workers;
+  the last `jobs` chunks of a table are half size (a short tail).
 - A table above `split_bytes` is cut into chunks of about `chunk_bytes`
   (migrun.chunks: integer-key ranges, else block ranges). Each chunk is one
   transaction on the target: COPY (SELECT ... WHERE <range>) TO STDOUT
@@ -496,7 +500,13 @@ end
 ---------------------------------------------------------------------------
 
 function Load:new_pool()
-  self.pool = pool.new{ jobs = self.jobs, entry = WORKER, on_tick = function() self.saver:flush_due() end,
+  -- Chunks on every stream but one while anything else is queued: the
+  -- other tables load beside a dominant table's chunks (a run killed in its
+  -- chunks leaves them done), and the stream goes back to the chunks once
+  -- nothing else waits for it.
+  local limits = self.jobs >= 2 and { chunk = self.jobs - 1 } or nil
+  self.pool = pool.new{ jobs = self.jobs, entry = WORKER, limits = limits, soft = { chunk = true },
+    on_tick = function() self.saver:flush_due() end,
     on_start = function(task, idle) return self:share_idle(task, idle) end }
   self.pool.on_event = function(task, ev) return self:on_event(task, ev) end
   self.job_base = { replica = self.opts.replica, target = self.opts.target, expect_replay_lsn = self.expected,
@@ -525,8 +535,8 @@ function Load:job(items)
   return j
 end
 
-function Load:add(items, cost, label)
-  self.pool:add{ job = self:job(items), cost = cost, label = label }
+function Load:add(items, cost, label, group)
+  self.pool:add{ job = self:job(items), cost = cost, label = label, group = group }
 end
 
 -- The work after a table is complete: its index items, then ANALYZE.
@@ -579,7 +589,8 @@ function Load:schedule_chunks(t, cs)
       self.ack_serial = self.ack_serial + 1
       local bytes = plan.bytes * chunks.share(plan, i)
       self:add({ { op = "chunk", table = k, schema = t.schema, name = t.name, chunk = i, of = plan.count,
-        from_sql = from_sql, to_sql = to_sql, ack = self.ack_serial } }, bytes, "loading " .. chunk_label(plan, i))
+        from_sql = from_sql, to_sql = to_sql, ack = self.ack_serial } }, bytes, "loading " .. chunk_label(plan, i),
+        "chunk")
       self.bytes_total = self.bytes_total + bytes
     end
   end

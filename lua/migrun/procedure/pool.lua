@@ -30,7 +30,10 @@ some tens of milliseconds, so callers put small things together in one task.
       (a group without a limit is bounded by jobs only). Two servers each
       given their own share of the processes (the two sides of a comparison)
       keep both busy, instead of the larger tasks of one going first while
-      the other waits.
+      the other waits. opts.soft: { [group] = true }: that group's limit
+      gives way when nothing else queued can run (a slot is never left
+      empty for it): the full load keeps a stream for the tables that are
+      not split while there are any, without holding it empty after.
   p:add(task) -> task      task.job (required), task.cost (number, default 0),
       task.label (for messages), task.group (a string, for opts.limits).
       Tasks may be added at any time, also from on_event and on_done; the
@@ -70,12 +73,13 @@ function pool.new(opts)
     assert(opts[f] == nil or type(opts[f]) == "function", "pool.new: " .. f .. " must be a function")
   end
   assert(opts.limits == nil or type(opts.limits) == "table", "pool.new: limits must be a table { [group] = n }")
+  assert(opts.soft == nil or type(opts.soft) == "table", "pool.new: soft must be a set { [group] = true }")
   for g, n in pairs(opts.limits or {}) do
     assert(type(g) == "string" and math.type(n) == "integer" and n >= 1,
       "pool.new: limits must map group names to positive integers")
   end
   return setmetatable({ jobs = opts.jobs, entry = opts.entry, on_event = opts.on_event, on_done = opts.on_done,
-    on_tick = opts.on_tick, on_start = opts.on_start, limits = opts.limits or {},
+    on_tick = opts.on_tick, on_start = opts.on_start, limits = opts.limits or {}, soft = opts.soft or {},
     interval = opts.interval or 0.02, queue = {}, seq = 0, slots = {}, handles = {}, events = {} }, Pool)
 end
 
@@ -95,20 +99,26 @@ function Pool:running()
   return n
 end
 
--- The next task: highest cost, then first added, of a group below its limit.
+-- The next task: highest cost, then first added, of a group below its
+-- limit; if there is none, of a group whose limit is soft.
 function Pool:_take()
   local running = {}
   for _, t in pairs(self.slots) do
     if t.group then running[t.group] = (running[t.group] or 0) + 1 end
   end
-  local best, at = nil, nil
-  for i, t in ipairs(self.queue) do
-    local limit = t.group and self.limits[t.group]
-    if (not limit or (running[t.group] or 0) < limit)
-        and (not best or t.cost > best.cost or (t.cost == best.cost and t.seq < best.seq)) then
-      best, at = t, i
+  local function best_of(soft_too)
+    local best, at = nil, nil
+    for i, t in ipairs(self.queue) do
+      local limit = t.group and self.limits[t.group]
+      if (not limit or (running[t.group] or 0) < limit or (soft_too and self.soft[t.group]))
+          and (not best or t.cost > best.cost or (t.cost == best.cost and t.seq < best.seq)) then
+        best, at = t, i
+      end
     end
+    return best, at
   end
+  local best, at = best_of(false)
+  if not best and next(self.soft) then best, at = best_of(true) end
   if at then table.remove(self.queue, at) end
   return best
 end
