@@ -52,7 +52,8 @@ P:step{ "indexes", "Restore the indexes and constraints; verify every one of the
 P:step{ "matviews", "Populate the target's materialized views from the loaded tables", run = runbook.matviews }
 P:step{ "fidelity", "The DMS boundary: the target as DMS needs it while it applies, the sentinel (undone at cutover)",
   run = runbook.fidelity }
-P:step{ "qa", "Quick QA: per-month and exact counts, replica against target", run = runbook.qa }
+P:step{ "qa", "QA, replica against target: the load's row hashes; per-month and exact counts where it has none",
+  run = runbook.qa }
 P:step{ "resume_replica", "Resume the maintenance replica", run = runbook.resume_replica }
 
 -- Phase II: CDC with DMS ------------------------------------------------------

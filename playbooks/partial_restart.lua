@@ -145,7 +145,7 @@ P:step{ "indexes", "Restore any missing index or constraint of the group's table
 
 P:step{ "qa", "Quick QA of the group's tables, replica against target",
   run = function(ctx)
-    return steps.quick_qa(ctx, tables(ctx))
+    return steps.quick_qa(ctx, tables(ctx), ctx.facts.reload and ctx.facts.reload.hashed)
   end }
 
 P:step{ "resume_replica", "Resume the maintenance replica", run = runbook.resume_replica }

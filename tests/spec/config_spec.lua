@@ -50,7 +50,7 @@ describe("migrun.playbook.config", function()
     assert.same({ prefix = "dms_slot_", node = "migrun_provider" }, cfg.slots)
     assert.same({ largest_alone = 5, explicit = {} }, cfg.groups)
     assert.same({ default = { max_kb = 32, truncation_ok = true }, tables = {} }, cfg.lobs)
-    assert.same({ jobs = 2, analyze = true, reconnect_timeout = 300, attempts = 5 }, cfg.full_load) -- chunk_bytes, split_bytes: from the data
+    assert.same({ jobs = 2, analyze = true, hash = true, reconnect_timeout = 300, attempts = 5 }, cfg.full_load) -- chunk_bytes, split_bytes: from the data
     assert.same({ timestamp_column = "created_at", timestamp_columns = {}, large_tables = 5,
                   small_sample = 10, queries = {} }, cfg.qa)
     assert.same({ warn_bytes = 50 * 2 ^ 30, stop_bytes = 200 * 2 ^ 30, warn_ahead = 3600, rate_window = 600,

@@ -93,11 +93,24 @@ describe("playbooks/full.lua", function()
 
     -- the report and the journal tell the story, with no secret in them
     local report = assert(io.open(R.config.state_dir .. "/report.md")):read("a")
-    for _, section in ipairs{ "Full load", "Full load: split tables", "Quick QA", "DMS tasks", "Live verification" } do
+    for _, section in ipairs{ "Full load", "Full load: split tables", "Full load: hashed as loaded", "Quick QA",
+        "DMS tasks", "Live verification" } do
       assert.truthy(report:find(section, 1, true), "report lacks " .. section)
     end
     local journal_text = assert(io.open(R.config.state_dir .. "/journal.json")):read("a")
-    assert.truthy(cjson.decode(journal_text).playbooks.full.steps.pause_replica.facts.lsn)
+    local full = cjson.decode(journal_text).playbooks.full.steps
+    assert.truthy(full.pause_replica.facts.lsn)
+    -- every table hashed on both sides as its parts committed, across the kills,
+    -- and judged equal: the QA step after the load read none of them again
+    local n_tables, n_hashed = #full.know_data.facts.tables, 0
+    for k, h in pairs(full.full_load.facts.hashed) do
+      assert.is_true(h.equal, k)
+      n_hashed = n_hashed + 1
+    end
+    assert.equal(n_tables, n_hashed)
+    assert.equal(n_tables, full.qa.facts.hashed_at_load)
+    assert.truthy(r2.output:find(("%d of %d table(s) proven equal to the replica as they loaded"):format(n_tables,
+      n_tables), 1, true), r2.output)
     for _, secret in ipairs{ R.lab.password, R.lab.dms.secret_key } do
       assert.falsy(report:find(secret, 1, true))
       assert.falsy(journal_text:find(secret, 1, true))

@@ -587,6 +587,53 @@ describe("migrun.fullload", function()
     all_equal()
   end)
 
+  it("hashes each part on both sides as it commits, and judges each table once its last part is in", function()
+    truncate_target()
+    -- one row of small1 changed on its way into the target: the table must be judged different
+    q(L.target, [[create function fl.skew() returns trigger language plpgsql as $$
+      begin if new.id = 7 then new.t := 'skewed'; end if; return new; end $$;
+      create trigger skew before insert on fl.small1 for each row execute function fl.skew();]])
+    finally(function() q(L.target, "drop trigger if exists skew on fl.small1; drop function if exists fl.skew()") end)
+    local state, told = {}, {}
+    local r = assert(run{ hash = true, chunk_bytes = CH, split_bytes = CH, state = state,
+      on_hashed = function(v) told[v.table] = v end })
+    assert.equal(#NAMES, #r.hashed)
+    for _, n in ipairs(NAMES) do
+      local k, v = S .. "." .. n, told[S .. "." .. n]
+      assert.truthy(v, k .. " was not judged")
+      assert.equal(n ~= "small1", v.equal, k)
+      assert.equal(count(L.replica, n), v.rows[1], k)
+      assert.equal(count(L.target, n), v.rows[2], k)
+      assert.equal(v.equal, state.hashed[k].equal, k)
+    end
+    -- the parts: every chunk on both sides where the key cuts the table; the
+    -- replica's blocks and the target whole where blocks do; whole tables whole
+    assert.equal("key", r.split["fl.big"].method)
+    assert.same({ replica = r.split["fl.big"].count, target = r.split["fl.big"].count }, state.hashed["fl.big"].need)
+    assert.equal("blocks", r.split["fl.events"].method)
+    assert.same({ replica = r.split["fl.events"].count, target = 1 }, state.hashed["fl.events"].need)
+    assert.same({ replica = 1, target = 1 }, state.hashed["fl.mid"].need)
+    -- the same sums as a comparison of the whole tables
+    local whole = assert(qa.row_hash(replica_db, "fl.big"))
+    assert.equal(whole.hash, told["fl.big"].hash[1])
+    assert.equal(whole.hash, told["fl.big"].hash[2])
+    local loadhash = require "migrun.loadhash"
+    local equal, differ = loadhash.proven(state.hashed)
+    assert.same({ "fl.small1" }, differ)
+    assert.is_nil(equal["fl.small1"])
+    assert.truthy(equal["fl.events"])
+  end)
+
+  it("hashes on a rerun what an earlier run loaded without its sums", function()
+    truncate_target()
+    local state = {}
+    assert(run{ chunk_bytes = CH, split_bytes = CH, state = state }) -- no hashing: as if its sums were lost
+    local hashed = {}
+    local r = assert(run{ hash = true, state = state, on_hashed = function(v) hashed[v.table] = v.equal end })
+    assert.same({}, r.tables) -- nothing loaded again
+    for _, n in ipairs(NAMES) do assert.is_true(hashed[S .. "." .. n], n) end
+  end)
+
   it("loads the other tables beside a split table's chunks, not after them", function()
     truncate_target()
     local some = {}

@@ -110,6 +110,12 @@ Why it is shaped this way:
       chunk =, index =, op =, attempt =, message =, seconds = (lost to
       going again), outcome = "redo" | "committed", lost_at = host.now() when
       the worker lost it }.
+      opts.hash (default false): each part of a table hashed on both sides
+      as soon as it commits (migrun.loadhash), the table judged once its
+      last part is in: state.hashed, on_hashed(verdict) = { table =, equal =,
+      rows = {replica, target}, hash = {...}, parts = n }, result.hashed
+      (the verdicts of this run); a table found different is not an error
+      of the load (the caller says what it means).
       opts.analyze (default true). opts.dry_run with opts.echo(line): print
       the split, the expected streams and every statement, run nothing;
       opts.progress_interval (seconds between progress reports, default 1).
@@ -145,10 +151,12 @@ local host = require "migrun.host"
 local lsn = require "migrun.lsn"
 local text = require "migrun.text"
 local worker = require "migrun.fullload_worker"
+local loadhash = require "migrun.loadhash"
+local rowhash = require "migrun.rowhash"
 
 local fullload = {}
 
-local STATE_FIELDS = { "loaded", "chunks", "indexed", "analyzed" }
+local STATE_FIELDS = { "loaded", "chunks", "indexed", "analyzed", "hashed" }
 
 local key = text.key
 local MiB = 1024 * 1024
@@ -158,6 +166,9 @@ local MIN_CHUNK, MAX_CHUNK = 64 * MiB, 1024 * MiB
 local BATCH_BYTES, BATCH_TABLES = 32 * MiB, 25
 -- What an index build or an ANALYZE weighs in the queue, against COPY bytes.
 local INDEX_WEIGHT, ANALYZE_WEIGHT = 0.3, 0.05
+-- a hash task's cost per byte of its part, for the queue: a scan of each
+-- side, cheaper than a load, about an index build's
+local HASH_WEIGHT = 0.3
 -- The pool's entry: the module whose task() a worker process runs.
 local WORKER = "migrun.fullload_worker"
 
@@ -284,7 +295,7 @@ local function check_opts(opts)
   assert(opts.expect_replay_lsn ~= nil, "fullload.run: opts.expect_replay_lsn (the captured replay LSN) is required")
   local expected = opts.expect_replay_lsn
   if type(expected) == "string" then expected = assert(lsn.parse(expected)) end
-  for _, f in ipairs{ "on_progress", "on_table", "on_chunk", "on_post", "echo", "save" } do
+  for _, f in ipairs{ "on_progress", "on_table", "on_chunk", "on_post", "on_hashed", "echo", "save" } do
     assert(opts[f] == nil or type(opts[f]) == "function", "fullload.run: opts." .. f .. " must be a function")
   end
   for _, f in ipairs{ "chunk_bytes", "split_bytes" } do
@@ -338,6 +349,8 @@ function Load.new(opts)
     echo = opts.echo or function() end, dry = opts.dry_run,
     saver = new_saver(opts.save, opts.save_interval, opts.dry_run),
     post = opts.post or {}, analyze = opts.analyze ~= false, t0 = host.monotonic(),
+    hashes = opts.hash and loadhash.new(state.hashed) or nil, -- each part hashed on both sides as it commits
+    verdicts = {},        -- loadhash's, as tables are judged
     split = {},           -- "s.t" -> state.chunks["s.t"], the tables loaded in chunks
     notes = {},           -- why a large table stays whole
     truncates = {},       -- split tables with no chunk loaded yet: emptied once, before the run
@@ -372,6 +385,10 @@ function Load:connect()
   if not self.replica then return nil, err end
   self.target, err = pg.connect(self.opts.target, { name = "target" })
   if not self.target then self.replica:close() return nil, err end
+  if self.hashes then
+    self.hash_method, err = rowhash.method(self.replica, self.target)
+    if not self.hash_method then self:close() return nil, err end
+  end
   self.target_backend, err = db.backend(self.target)
   if not self.target_backend then self:close() return nil, err end
   return true
@@ -512,7 +529,8 @@ function Load:new_pool()
   self.job_base = { replica = self.opts.replica, target = self.opts.target, expect_replay_lsn = self.expected,
     progress_interval = self.opts.progress_interval or 1.0, ack_class = self.ack_class,
     reconnect_timeout = self.reconnect_timeout, attempts = self.attempts, stall_timeout = self.opts.stall_timeout,
-    application_name = pg.application_name("fullload") } -- the run's identity (migrun.playbook.sessions)
+    application_name = pg.application_name("fullload"), -- the run's identity (migrun.playbook.sessions)
+    hash_method = self.hash_method }
 end
 
 -- An index build is given the streams nothing else will use as parallel
@@ -582,15 +600,20 @@ end
 -- A split table: a task for each chunk not loaded yet.
 function Load:schedule_chunks(t, cs)
   local k, plan, left = key(t), cs.plan, 0
+  if self.hashes then
+    self.hashes:expect(k, plan)
+    self:add_hash_tasks(t, self.hashes:missing_items(t, plan, cs.done), plan)
+  end
   for i = 1, plan.count do
     if not cs.done[tostring(i)] then
       left = left + 1
       local from_sql, to_sql = chunks.copy_sql(plan, i)
       self.ack_serial = self.ack_serial + 1
       local bytes = plan.bytes * chunks.share(plan, i)
-      self:add({ { op = "chunk", table = k, schema = t.schema, name = t.name, chunk = i, of = plan.count,
-        from_sql = from_sql, to_sql = to_sql, ack = self.ack_serial } }, bytes, "loading " .. chunk_label(plan, i),
-        "chunk")
+      local items = { { op = "chunk", table = k, schema = t.schema, name = t.name, chunk = i, of = plan.count,
+        from_sql = from_sql, to_sql = to_sql, ack = self.ack_serial } }
+      if self.hashes then items[2] = self.hashes:chunk_item(t, plan, i) end -- hashed as soon as it commits
+      self:add(items, bytes, "loading " .. chunk_label(plan, i), "chunk")
       self.bytes_total = self.bytes_total + bytes
     end
   end
@@ -609,8 +632,13 @@ end
 function Load:schedule_whole(t)
   local k, bytes = key(t), t.bytes or 0
   local items = { { op = "copy", table = k, schema = t.schema, name = t.name } }
+  if self.hashes then
+    self.hashes:expect(k, nil)
+    items[2] = self.hashes:whole_item(t)
+  end
+  local copy_items = #items
   for _, it in ipairs(self:post_items(k)) do items[#items + 1] = it end
-  self.post_left[k] = #items - 1
+  self.post_left[k] = #items - copy_items
   if self:needs_analyze(k) then items[#items + 1] = self:analyze_item(k) end
   self.bytes_total = self.bytes_total + bytes
   if bytes >= self.batch_limit then
@@ -625,6 +653,28 @@ function Load:schedule_whole(t)
   if self.batch_bytes >= self.batch_limit or tables_in >= BATCH_TABLES then self:flush_batch() end
 end
 
+-- Hash items as tasks of their own (a part loaded by an earlier run, the
+-- target's side of a table cut by blocks): below the loads, beside the
+-- index builds.
+function Load:add_hash_tasks(t, items, plan)
+  for _, it in ipairs(items) do
+    local bytes = (t.bytes or 0) * (it.chunk and chunks.share(plan, it.chunk) or 1)
+    self:add({ it }, bytes * HASH_WEIGHT, ("hashing %s%s"):format(key(t), it.chunk and (" #" .. it.chunk) or ""))
+  end
+end
+
+-- A table an earlier run loaded whole or in chunks: what of it is not hashed yet.
+function Load:hash_skipped(k)
+  local t, cs = self.by_key[k], self.state.chunks[k]
+  if not t then return end
+  local plan = cs and cs.plan or nil
+  self.hashes:expect(k, plan)
+  local done = {}
+  if plan then for i = 1, plan.count do done[tostring(i)] = true end end
+  self:add_hash_tasks(t, self.hashes:missing_items(t, plan, done), plan)
+  if plan then self:add_hash_tasks(t, self.hashes:complete_items(t, plan), plan) end
+end
+
 -- Tasks for what remains, and for tables loaded by an earlier run whose
 -- indexes or statistics are not done.
 function Load:schedule()
@@ -634,6 +684,7 @@ function Load:schedule()
     if cs then self:schedule_chunks(t, cs) else self:schedule_whole(t) end
   end
   self:flush_batch()
+  if self.hashes then for _, k in ipairs(self.skipped) do self:hash_skipped(k) end end
   for _, k in ipairs(self.skipped) do
     if #(self.post[k] or {}) > 0 or self:needs_analyze(k) then
       self:enqueue_post(k, self.split[k] ~= nil or self.state.chunks[k] ~= nil)
@@ -681,6 +732,9 @@ local function item_statement(it)
     return ("target: BEGIN; %s  <=  replica: %s; COMMIT"):format(it.to_sql, it.from_sql)
   elseif it.op == "index" then
     return ("target: %s"):format(table.concat(it.sql, "; "))
+  elseif it.op == "hash" then
+    return ("%s: the row hash of %s%s (read only)"):format(table.concat(it.sides, " and "),
+      pg.qualify(it.schema, it.name), it.where and (" where " .. it.where) or "")
   end
   return ("target: ANALYZE %s"):format(pg.qualify(it.schema, it.name))
 end
@@ -732,6 +786,7 @@ function Load:table_complete(k)
   self:save("loaded")
   self.results[#self.results + 1] = r
   self:tell(self.opts.on_table, r)
+  if self.hashes then self:add_hash_tasks(self.by_key[k], self.hashes:complete_items(self.by_key[k], cs.plan), cs.plan) end
   self:enqueue_post(k, true)
 end
 
@@ -839,6 +894,17 @@ function EVENTS.chunk(load, task, ev, k, mkey)
   load.chunk_results[#load.chunk_results + 1] = c
   load:tell(load.opts.on_chunk, c)
   if count(cs.done) == cs.plan.count then load:table_complete(k) end
+  return true
+end
+
+-- A part hashed on its sides: once the table's last part is in, its verdict.
+function EVENTS.hashed(load, task, ev, k)
+  local verdict = load.hashes:add(ev)
+  load:save("hashed")
+  if verdict then
+    load.verdicts[#load.verdicts + 1] = verdict
+    load:tell(load.opts.on_hashed, verdict)
+  end
   return true
 end
 
@@ -964,7 +1030,7 @@ function Load:execute()
   for _, r in ipairs(self.results) do bytes, rows = bytes + (r.bytes or 0), rows + (r.rows or 0) end
   return { tables = self.results, chunks = self.chunk_results, bytes = bytes, rows = rows,
            seconds = host.monotonic() - self.t0, streams = self.streams, skipped = self.skipped,
-           split = self:split_plans(), recoveries = self.recoveries }
+           split = self:split_plans(), recoveries = self.recoveries, hashed = self.hashes and self.verdicts or nil }
 end
 
 function fullload.run(opts)

@@ -18,6 +18,8 @@ events. See migrun.fullload for why the load is shaped this way.
         { op = "index", table =, schema =, name =, index =, sql = {...},
           parallel_workers = n (the build's max_parallel_maintenance_workers, 0 if absent) }
         { op = "analyze", table =, schema =, name = }
+        { op = "hash", table =, schema =, name =, part =, sides = {"replica", "target"},
+          where = (SQL, nil: the whole table), chunk = } (migrun.loadhash; job.hash_method)
       emit(event): { event = "start", op =, table =, chunk =, index =, started = }
         then for a copy or a chunk { event = "progress", table =, chunk =,
         bytes =, rows = } as it goes, and at its end one of
@@ -28,6 +30,8 @@ events. See migrun.fullload for why the load is shaped this way.
         { event = "chunk", ... as "commit", ended =, seconds = [, recovered = true] }
         { event = "indexed", table =, index =, started =, ended =, seconds =, parallel_workers = }
         { event = "analyzed", table =, started =, ended =, seconds = }
+        { event = "hashed", table =, part =, chunk =, replica = { rows =, hash = },
+          target = { ... } (the sides hashed), started =, ended =, seconds = }
       and when the world fails (docs/faults.md):
         { event = "retry", op =, table =, chunk =, index =, attempt =, attempts =,
           message =, side = }   a connection was lost (err.lost, a stall too)
@@ -298,6 +302,30 @@ function OPS.index(w, item, started, t0, attempt)
   return true
 end
 
+-- A part of a table hashed on the sides named (migrun.loadhash), as
+-- qa.compare hashes: the replica checked first, like a copy.
+function OPS.hash(w, item, started, t0)
+  local qa = require "migrun.qa" -- only the tasks that hash load it
+  local ev = { event = "hashed", table = item.table, part = item.part, chunk = item.chunk, started = started }
+  for _, side in ipairs(item.sides) do
+    local conn = side == "replica" and w.replica or w.target
+    local r, err = qa.row_hash(db.wrap(conn), { schema = item.schema, name = item.name },
+      { where = item.where, method = w.job.hash_method })
+    if not r then return nil, err end
+    ev[side] = { rows = r.rows, hash = r.hash }
+  end
+  ev.ended, ev.seconds = host.now(), host.monotonic() - t0
+  w.emit(ev)
+  return true
+end
+
+local function reads_replica(item)
+  if item.op == "copy" or item.op == "chunk" then return true end
+  if item.op ~= "hash" then return false end
+  for _, side in ipairs(item.sides) do if side == "replica" then return true end end
+  return false
+end
+
 function OPS.analyze(w, item, started, t0)
   local res, err = w.target:exec("ANALYZE " .. pg.qualify(item.schema, item.name))
   if not res then return nil, err end
@@ -316,7 +344,7 @@ function Worker:attempt(item, attempt)
     self.emit{ event = "start", op = item.op, table = item.table, chunk = item.chunk, index = item.index,
                started = started }
   end
-  if item.op == "copy" or item.op == "chunk" then
+  if reads_replica(item) then
     ok, err = self:checked_replica(item)
     if not ok then return nil, err end
   end

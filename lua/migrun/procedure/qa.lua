@@ -335,17 +335,7 @@ function qa.task(job, emit)
   return true
 end
 
--- The sum of two non-negative decimal strings (row hashes are numerics of
--- up to ~30 digits: beyond a Lua integer).
-local function add_decimal(x, y)
-  local out, carry = {}, 0
-  for i = 1, math.max(#x, #y) do
-    local d = (tonumber(x:sub(-i, -i)) or 0) + (tonumber(y:sub(-i, -i)) or 0) + carry
-    out[#out + 1], carry = d % 10, d // 10
-  end
-  if carry > 0 then out[#out + 1] = carry end
-  return (table.concat(out):reverse():gsub("^0+(%d)", "%1"))
-end
+local add_decimal = rowhash.add_sums
 
 -- The units of a full comparison: a table whole, one key range of it (the
 -- same rows on both sides), or one block range of one side (other rows on

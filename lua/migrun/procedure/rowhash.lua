@@ -31,6 +31,8 @@ rowhash.expr(cols, method) -> SQL (a bigint expression over the row's columns)
 rowhash.method(db, ...) -> "typed" | "md5" | nil, err   (the one every server can use)
 rowhash.stabilize(db) -> true | nil, err   set the settings for the session for good
 rowhash.with_stable(db, fn) -> fn's results  (errors raised by fn propagate)
+rowhash.add_sums(x, y) -> x + y   two tables' (or parts') hashes, non-negative
+    decimal strings (sums of up to ~30 digits: beyond a Lua integer)
 ]]
 local pg = require "migrun.pg"
 local pgversion = require "migrun.pgversion"
@@ -145,6 +147,16 @@ function rowhash.stabilize(db)
   if not ok then return nil, err end
   db._stable_text = true
   return true
+end
+
+function rowhash.add_sums(x, y)
+  local out, carry = {}, 0
+  for i = 1, math.max(#x, #y) do
+    local d = (tonumber(x:sub(-i, -i)) or 0) + (tonumber(y:sub(-i, -i)) or 0) + carry
+    out[#out + 1], carry = d % 10, d // 10
+  end
+  if carry > 0 then out[#out + 1] = carry end
+  return (table.concat(out):reverse():gsub("^0+(%d)", "%1"))
 end
 
 function rowhash.with_stable(db, fn)

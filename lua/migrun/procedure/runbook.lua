@@ -17,7 +17,8 @@ runbook.resume_replica, runbook.dms_endpoint_overrides.
 
 runbook.known(ctx) -> { tables, groups, lsn (the captured LSN, a migrun.lsn),
     tasks ({ [slot] = arn }), boundary (fidelity.dms), changes (fidelity's
-    target changes), schema (the schema step's facts), slots (created LSNs) }
+    target changes), schema (the schema step's facts), slots (created LSNs),
+    hashed (the full load's sums and verdicts, migrun.loadhash) }
     from this run's facts in the main playbook, else from the main playbook's
     (full.lua's) in the journal.
 Phase I: preflight, schema, know_data, groups, slots (check_slots), pause_replica
@@ -54,6 +55,7 @@ function runbook.known(ctx)
     changes = f.fidelity and f.fidelity.changes or {},
     schema = f.schema,
     slots = f.slots and f.slots.slots,
+    hashed = f.full_load and f.full_load.hashed,
   }
 end
 
@@ -240,7 +242,8 @@ function runbook.fidelity(ctx)
 end
 
 function runbook.qa(ctx)
-  return steps.quick_qa(ctx, runbook.known(ctx).tables)
+  local k = runbook.known(ctx)
+  return steps.quick_qa(ctx, k.tables, k.hashed)
 end
 
 -- Phase II -------------------------------------------------------------------------

@@ -350,6 +350,9 @@ config.SCHEMA = record({
       .. "resume one by one (default: 2 x chunk_bytes)") },
     { "analyze", bool{ default = true,
       doc = "ANALYZE each table on the target as soon as it is loaded and indexed" } },
+    { "hash", bool{ default = true,
+      doc = "hash each chunk and table on the replica and the target as soon as it commits (while its pages are "
+        .. "in the cache), so that the QA step after the load reads the tables it proved equal no more" } },
     { "reconnect_timeout", seconds(300, "how long migrun connects again, every 2 s, to a server whose connection "
       .. "was lost (a restart, a failover, a network that failed or stalled) before it stops: the full load's "
       .. "workers, and every step's connections (docs/faults.md)", 1) },
