@@ -4,7 +4,7 @@ verification, each measured against a floor in the same run, in pairs of
 alternating order, so that the ratios hold on a shared machine.
 
   migrun bench/fullload.lua [--scale S] [--shape standard|dominant] [--jobs N]
-                            [--pairs N] [--apart] [--skip load,rerun,verify,pgcopydb]
+                            [--pairs N] [--apart] [--skip load,rerun,verify,pgcopydb,hash]
                             [--before MIGRUN_BINARY] [--with runbook,pgcopydb-0.10]
                             [--wait-idle SECONDS]
   (make bench [BENCH_SCALE=0.2] [BENCH_ARGS="--apart --pairs 7"])
@@ -32,6 +32,9 @@ reversed every other round: A B C, C B A, ...):
             size>, reading the primary (it does not split a standby's
             tables; nothing writes to the primary: the same data), its
             VACUUM ANALYZE included
+  migrun hashing  migrun with each part hashed on both sides as it
+            commits (full_load.hash; --skip hash), compared with migrun's
+            load and then the verification's full QA (medians)
   --before BIN: that migrun binary too (its own embedded library): the
             same method before a change, in the same rounds.
 The rerun (--pairs pairs): migrun is killed (SIGKILL) once the target holds
@@ -149,7 +152,7 @@ function methods.migrun(job)
   local t_start = host.now()
   assert(fullload.run{ replica = job.replica, target = job.target, tables = job.tables,
     jobs = math.tointeger(job.jobs), chunk_bytes = job.chunk_bytes, split_bytes = job.split_bytes,
-    expect_replay_lsn = job.lsn, post = post, state = state, save = save })
+    expect_replay_lsn = job.lsn, post = post, state = state, save = save, hash = job.hash })
   part("load")
   local t_rest = host.now()
   assert(schema.restore_missing(job.target, dump, replica, target, job.tables, { jobs = math.tointeger(job.jobs) }))
@@ -816,6 +819,11 @@ local function load_rounds()
     runs[#runs + 1] = { label = "pgcopydb 0.18", method = "pgcopydb-0.18",
       job = function() return { copydb_source = L.source.conninfo } end }
   end
+  if not skipped.hash then
+    -- each part hashed on both sides as it commits (full_load.hash): against
+    -- migrun's load and then the full QA (the verification's rounds)
+    runs[#runs + 1] = { label = "migrun hashing", method = "migrun", job = function() return { hash = true } end }
+  end
   if opt.before then
     runs[#runs + 1] = { label = "migrun before", method = "migrun", job = function() return {} end,
       opts = { exe = opt.before, embedded = true } }
@@ -831,6 +839,9 @@ local function load_rounds()
   goal("migrun client CPU / floor client CPU", ratios(loads.migrun, loads.floor, client_cpu), "<= 2")
   if loads["pgcopydb 0.18"] then
     goal("pgcopydb 0.18 clone / migrun, wall", ratios(loads["pgcopydb 0.18"], loads.migrun, wall), ">= 1.20")
+  end
+  if loads["migrun hashing"] then
+    goal("migrun hashing as it loads / migrun, wall", ratios(loads["migrun hashing"], loads.migrun, wall), "-")
   end
   if loads["migrun before"] then
     goal("migrun / migrun before, wall", ratios(loads.migrun, loads["migrun before"], wall), "-")
@@ -1006,6 +1017,21 @@ local function verify_rounds()
     return r.cpu.replica + r.cpu.target end), "-")
   if by["pgcopydb compare data"] then
     goal("full QA / pgcopydb compare data", ratios(by["full QA"], by["pgcopydb compare data"], wall), "<= 0.40")
+  end
+  if loads and loads["migrun hashing"] then
+    -- the medians of other rounds: the load's and the verification's are not paired
+    local function med(list)
+      local xs = {}
+      for _, r in ipairs(list) do if not r.failed then xs[#xs + 1] = r.seconds end end
+      return median(xs)
+    end
+    local hashing, plain, qa_ = med(loads["migrun hashing"]), med(loads.migrun), med(by["full QA"])
+    if hashing and plain and qa_ then
+      print(("  migrun hashing as it loads / (migrun's load + the full QA), medians: %.2f (%.1f s / %.1f + %.1f s)")
+        :format(hashing / (plain + qa_), hashing, plain, qa_))
+      goals[#goals + 1] = { "migrun hashing as it loads / (load + full QA), medians",
+        ("%.2f"):format(hashing / (plain + qa_)), "< 1", hashing / (plain + qa_) }
+    end
   end
 end
 

@@ -602,6 +602,9 @@ function Load:schedule_chunks(t, cs)
   local k, plan, left = key(t), cs.plan, 0
   if self.hashes then
     self.hashes:expect(k, plan)
+    local again = {}
+    for i = 1, plan.count do if not cs.done[tostring(i)] then again[#again + 1] = "c" .. i end end
+    self.hashes:forget(k, again)
     self:add_hash_tasks(t, self.hashes:missing_items(t, plan, cs.done), plan)
   end
   for i = 1, plan.count do
@@ -634,6 +637,7 @@ function Load:schedule_whole(t)
   local items = { { op = "copy", table = k, schema = t.schema, name = t.name } }
   if self.hashes then
     self.hashes:expect(k, nil)
+    self.hashes:forget(k, { "whole" }) -- loaded again: judged again
     items[2] = self.hashes:whole_item(t)
   end
   local copy_items = #items

@@ -25,6 +25,7 @@ them (op "hash": qa.row_hash on each side named).
   local loadhash = require "migrun.loadhash"
   local h = loadhash.new(state.hashed)             -- journaled: see below
   h:expect(k, plan)                                -- plan: chunks.plan's, nil for a whole table
+  h:forget(k, parts)                               -- parts about to load again: { "whole" } | { "c3", ... }
   h:whole_item(t) / h:chunk_item(t, plan, i) / h:complete_items(t, plan) -> item | nil
   h:missing_items(t, plan, done) -> { item... }    parts an earlier run loaded, not hashed
   h:add(ev) -> verdict | nil                       a worker's "hashed" event; the verdict
@@ -70,6 +71,18 @@ function H:expect(k, plan)
   if not r or not r.need or r.need.replica ~= need.replica or r.need.target ~= need.target then
     self.hashed[k] = { need = need, replica = {}, target = {} }
   end
+end
+
+-- Parts about to be loaded (again): their sums, and what was judged of
+-- the table, are forgotten; a table cut by blocks loses the target's sum too
+-- (it is taken of the whole table once complete). parts: { "whole" } or
+-- { "c1", ... }.
+function H:forget(k, parts)
+  local r = self.hashed[k]
+  if not r or #parts == 0 then return end
+  for _, part in ipairs(parts) do r.replica[part], r.target[part] = nil, nil end
+  if r.need.target == 1 and r.need.replica > 1 then r.target.whole = nil end
+  r.equal, r.rows, r.hash = nil, nil, nil
 end
 
 local function item(t, part, sides, where, chunk)
