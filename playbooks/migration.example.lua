@@ -89,6 +89,9 @@ return {
     -- chunk_bytes = 1024 * 1024 * 1024,
     -- split_bytes = 2 * 1024 * 1024 * 1024,
     analyze = true,
+    -- Each chunk and table hashed on the replica and the target as soon as it
+    -- commits: the QA step after the load then reads none of them again.
+    hash = true,
   },
 
   qa = {
