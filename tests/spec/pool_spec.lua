@@ -12,15 +12,15 @@ local cli = require "helpers.cli"
 -- later: { ["n"] = { n = m } }: once task n is done, a task m is added (as
 -- the full load adds a table's index builds when its last chunk is in).
 -- use: each task takes the idle processes it is offered (they count as busy).
--- soft: { [group] = true }, the pool's soft limits.
-local function run_pool(jobs, limits, tasks, seconds, later, use, soft)
+-- soft: { [group] = true }, the pool's soft limits; lanes: its lanes.
+local function run_pool(jobs, limits, tasks, seconds, later, use, soft, lanes)
   local script = [[
     local pool, json = require "migrun.pool", require "migrun.json"
     local spec = json.decode(io.read("a"))
     local limits = spec.limits or {}
     local running, most, order, all, most_all, idle = {}, {}, {}, 0, 0, {}
     local p
-    p = pool.new{ jobs = spec.jobs, limits = limits, soft = spec.soft, entry = "helpers.pool_probe",
+    p = pool.new{ jobs = spec.jobs, limits = limits, soft = spec.soft, lanes = spec.lanes, entry = "helpers.pool_probe",
       on_start = function(task, n) idle[#idle + 1] = { task.job.n, n } return spec.use and n or 0 end,
       on_event = function(task, ev)
         if ev.event == "started" then
@@ -49,7 +49,7 @@ local function run_pool(jobs, limits, tasks, seconds, later, use, soft)
   ]]
   local ok, how, code, out, err = proc.run{ cli.bin, "-e", script, timeout = cli.timeout,
     stdin = json.encode{ jobs = jobs, limits = limits, tasks = tasks, seconds = seconds, later = later, use = use,
-      soft = soft },
+      soft = soft, lanes = lanes },
     stdout = "capture", stderr = "capture",
     env = { LUA_PATH = cli.source .. "/tests/?.lua;;", LUA_INIT = false, LUA_INIT_5_4 = false, MIGRUN_LUA_PATH = false } }
   assert(ok, ("the pool process %s %s: %s"):format(tostring(how), tostring(code), tostring(err)))
@@ -125,6 +125,16 @@ describe("migrun.pool", function()
     -- a hard limit holds: one process stays empty
     r = run_pool(2, { c = 1 }, tasks_of{ { 3, "c", 10 } }, 0.1)
     assert.equal(1, r.most.c)
+  end)
+
+  it("runs a lane's group in processes of its own, beside the others and never in their place", function()
+    -- one process for the load, a lane of one for h: each runs one at a time, side by side
+    local r = run_pool(1, nil, tasks_of{ { 3, nil, 5 }, { 3, "h", 1 } }, 0.3, nil, nil, nil, { h = 1 })
+    assert.same({ ["-"] = 1, h = 1 }, r.most)
+    assert.equal(2, r.most_all)
+    -- nothing but the lane's tasks: the other process stays empty
+    r = run_pool(1, nil, tasks_of{ { 3, "h", 1 } }, 0.1, nil, nil, nil, { h = 1 })
+    assert.same({ h = 1 }, r.most)
   end)
 
   it("raises on misuse of limits and groups", function()

@@ -166,9 +166,6 @@ local MIN_CHUNK, MAX_CHUNK = 64 * MiB, 1024 * MiB
 local BATCH_BYTES, BATCH_TABLES = 32 * MiB, 25
 -- What an index build or an ANALYZE weighs in the queue, against COPY bytes.
 local INDEX_WEIGHT, ANALYZE_WEIGHT = 0.3, 0.05
--- a hash task's cost per byte of its part, for the queue: a scan of each
--- side, cheaper than a load, about an index build's
-local HASH_WEIGHT = 0.3
 -- The pool's entry: the module whose task() a worker process runs.
 local WORKER = "migrun.fullload_worker"
 
@@ -351,6 +348,7 @@ function Load.new(opts)
     post = opts.post or {}, analyze = opts.analyze ~= false, t0 = host.monotonic(),
     hashes = opts.hash and loadhash.new(state.hashed) or nil, -- each part hashed on both sides as it commits
     verdicts = {},        -- loadhash's, as tables are judged
+    to_hash = {},         -- task -> the hash items of the whole tables it loaded
     split = {},           -- "s.t" -> state.chunks["s.t"], the tables loaded in chunks
     notes = {},           -- why a large table stays whole
     truncates = {},       -- split tables with no chunk loaded yet: emptied once, before the run
@@ -522,9 +520,13 @@ function Load:new_pool()
   -- chunks leaves them done), and the stream goes back to the chunks once
   -- nothing else waits for it.
   local limits = self.jobs >= 2 and { chunk = self.jobs - 1 } or nil
+  -- What has just committed is hashed in a lane of its own beside the
+  -- streams, not in them: where cores are to spare it costs the load nothing.
   self.pool = pool.new{ jobs = self.jobs, entry = WORKER, limits = limits, soft = { chunk = true },
+    lanes = self.hashes and { hash = 1 } or nil,
     on_tick = function() self.saver:flush_due() end,
-    on_start = function(task, idle) return self:share_idle(task, idle) end }
+    on_start = function(task, idle) return self:share_idle(task, idle) end,
+    on_done = function(task) return self:hash_after(task) end }
   self.pool.on_event = function(task, ev) return self:on_event(task, ev) end
   self.job_base = { replica = self.opts.replica, target = self.opts.target, expect_replay_lsn = self.expected,
     progress_interval = self.opts.progress_interval or 1.0, ack_class = self.ack_class,
@@ -613,10 +615,9 @@ function Load:schedule_chunks(t, cs)
       local from_sql, to_sql = chunks.copy_sql(plan, i)
       self.ack_serial = self.ack_serial + 1
       local bytes = plan.bytes * chunks.share(plan, i)
-      local items = { { op = "chunk", table = k, schema = t.schema, name = t.name, chunk = i, of = plan.count,
-        from_sql = from_sql, to_sql = to_sql, ack = self.ack_serial } }
-      if self.hashes then items[2] = self.hashes:chunk_item(t, plan, i) end -- hashed as soon as it commits
-      self:add(items, bytes, "loading " .. chunk_label(plan, i), "chunk")
+      self:add({ { op = "chunk", table = k, schema = t.schema, name = t.name, chunk = i, of = plan.count,
+        from_sql = from_sql, to_sql = to_sql, ack = self.ack_serial } }, bytes, "loading " .. chunk_label(plan, i),
+        "chunk")
       self.bytes_total = self.bytes_total + bytes
     end
   end
@@ -638,11 +639,9 @@ function Load:schedule_whole(t)
   if self.hashes then
     self.hashes:expect(k, nil)
     self.hashes:forget(k, { "whole" }) -- loaded again: judged again
-    items[2] = self.hashes:whole_item(t)
   end
-  local copy_items = #items
   for _, it in ipairs(self:post_items(k)) do items[#items + 1] = it end
-  self.post_left[k] = #items - copy_items
+  self.post_left[k] = #items - 1
   if self:needs_analyze(k) then items[#items + 1] = self:analyze_item(k) end
   self.bytes_total = self.bytes_total + bytes
   if bytes >= self.batch_limit then
@@ -663,8 +662,20 @@ end
 function Load:add_hash_tasks(t, items, plan)
   for _, it in ipairs(items) do
     local bytes = (t.bytes or 0) * (it.chunk and chunks.share(plan, it.chunk) or 1)
-    self:add({ it }, bytes * HASH_WEIGHT, ("hashing %s%s"):format(key(t), it.chunk and (" #" .. it.chunk) or ""))
+    self:add({ it }, bytes, ("hashing %s%s"):format(key(t), it.chunk and (" #" .. it.chunk) or ""), "hash")
   end
+end
+
+-- The whole tables a task has loaded, hashed by one task in the hash lane
+-- once it is done (a batch of small tables: one process, not one each).
+function Load:hash_after(task)
+  local items = self.to_hash[task]
+  if not items then return true end
+  self.to_hash[task] = nil
+  local bytes = 0
+  for _, it in ipairs(items) do bytes = bytes + (self.by_key[it.table].bytes or 0) end
+  self:add(items, bytes, "hashing " .. items[1].table, "hash")
+  return true
 end
 
 -- A table an earlier run loaded whole or in chunks: what of it is not hashed yet.
@@ -849,6 +860,11 @@ function EVENTS.loaded(load, task, ev, k, mkey)
   load:save("loaded")
   load.results[#load.results + 1] = r
   load:tell(load.opts.on_table, r)
+  if load.hashes then -- once the task is done (Load:hash_after)
+    local list = load.to_hash[task] or {}
+    list[#list + 1] = load.hashes:whole_item(load.by_key[k])
+    load.to_hash[task] = list
+  end
   return true
 end
 
@@ -897,6 +913,7 @@ function EVENTS.chunk(load, task, ev, k, mkey)
   load.bytes_done, load.rows_done = load.bytes_done + c.bytes, load.rows_done + c.rows
   load.chunk_results[#load.chunk_results + 1] = c
   load:tell(load.opts.on_chunk, c)
+  if load.hashes then load:add_hash_tasks(load.by_key[k], { load.hashes:chunk_item(load.by_key[k], cs.plan, i) }, cs.plan) end
   if count(cs.done) == cs.plan.count then load:table_complete(k) end
   return true
 end

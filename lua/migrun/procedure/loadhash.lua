@@ -1,8 +1,10 @@
 --[[
 migrun.loadhash: the full load verified as it goes. Each part of a table is
 hashed on both sides as soon as it is committed (migrun.rowhash's sums, the
-same as qa.compare's), by the worker that loaded it, while its pages are in
-the cache; the sums of a table's parts add up to the whole table's, so once
+same as qa.compare's), by a worker in a lane of its own beside the load's
+streams (migrun.pool's lanes), while its pages are in the cache; whole tables
+loaded by one task are hashed by one task. The sums of a table's parts add
+up to the whole table's, so once
 every part is in, the table is judged: the target holds the rows the paused
 replica has, or it does not. The load's own check ("check it", runbook step
 10) then reads nothing again: on a paused replica and a target only the load

@@ -34,6 +34,10 @@ some tens of milliseconds, so callers put small things together in one task.
       gives way when nothing else queued can run (a slot is never left
       empty for it): the full load keeps a stream for the tables that are
       not split while there are any, without holding it empty after.
+      opts.lanes: { [group] = n }: n processes of that group's own, beyond
+      jobs: its tasks run there only, the others never (the full load's
+      hashing of what has just committed, beside the load rather than in
+      its streams).
   p:add(task) -> task      task.job (required), task.cost (number, default 0),
       task.label (for messages), task.group (a string, for opts.limits).
       Tasks may be added at any time, also from on_event and on_done; the
@@ -74,12 +78,19 @@ function pool.new(opts)
   end
   assert(opts.limits == nil or type(opts.limits) == "table", "pool.new: limits must be a table { [group] = n }")
   assert(opts.soft == nil or type(opts.soft) == "table", "pool.new: soft must be a set { [group] = true }")
+  local width = opts.jobs
+  for g, n in pairs(opts.lanes or {}) do
+    assert(type(g) == "string" and math.type(n) == "integer" and n >= 1,
+      "pool.new: lanes must map group names to positive integers")
+    width = width + n
+  end
   for g, n in pairs(opts.limits or {}) do
     assert(type(g) == "string" and math.type(n) == "integer" and n >= 1,
       "pool.new: limits must map group names to positive integers")
   end
   return setmetatable({ jobs = opts.jobs, entry = opts.entry, on_event = opts.on_event, on_done = opts.on_done,
     on_tick = opts.on_tick, on_start = opts.on_start, limits = opts.limits or {}, soft = opts.soft or {},
+    lanes = opts.lanes or {}, width = width,
     interval = opts.interval or 0.02, queue = {}, seq = 0, slots = {}, handles = {}, events = {} }, Pool)
 end
 
@@ -102,15 +113,21 @@ end
 -- The next task: highest cost, then first added, of a group below its
 -- limit; if there is none, of a group whose limit is soft.
 function Pool:_take()
-  local running = {}
+  local running, main = {}, 0
   for _, t in pairs(self.slots) do
     if t.group then running[t.group] = (running[t.group] or 0) + 1 end
+    if not self.lanes[t.group] then main = main + 1 end
+  end
+  local function room(t)
+    local lane = self.lanes[t.group]
+    if lane then return (running[t.group] or 0) < lane end
+    return main < self.jobs
   end
   local function best_of(soft_too)
     local best, at = nil, nil
     for i, t in ipairs(self.queue) do
       local limit = t.group and self.limits[t.group]
-      if (not limit or (running[t.group] or 0) < limit or (soft_too and self.soft[t.group]))
+      if room(t) and (not limit or (running[t.group] or 0) < limit or (soft_too and self.soft[t.group]))
           and (not best or t.cost > best.cost or (t.cost == best.cost and t.seq < best.seq)) then
         best, at = t, i
       end
@@ -128,11 +145,14 @@ end
 -- queued tasks have theirs, shared out between them, rounded up (the first
 -- to start gets the odd one).
 function Pool:_idle_share()
-  local busy = 0
-  for _, t in pairs(self.slots) do busy = busy + 1 + (t.lent or 0) end
-  local spare = self.jobs - busy - 1 - #self.queue
+  local busy, queued = 0, 0
+  for _, t in pairs(self.slots) do
+    if not self.lanes[t.group] then busy = busy + 1 + (t.lent or 0) end
+  end
+  for _, t in ipairs(self.queue) do if not self.lanes[t.group] then queued = queued + 1 end end
+  local spare = self.jobs - busy - 1 - queued
   if spare <= 0 then return 0 end
-  return (spare + #self.queue) // (#self.queue + 1)
+  return (spare + queued) // (queued + 1)
 end
 
 function Pool:_start(task, slot)
@@ -201,7 +221,7 @@ end
 
 function Pool:_loop()
   while true do
-    for slot = 1, self.jobs do
+    for slot = 1, self.width do
       local task = not self.slots[slot] and #self.queue > 0 and self:_take()
       if task then
         if self.on_start then
