@@ -12,11 +12,12 @@ has written, nothing changed since.
 
 The parts, by how a table is loaded:
 - a whole table: one part, hashed whole on both sides after its COMMIT;
-- a table split by key ranges: each chunk's range on both sides (the same
-  WHERE means the same rows on every server);
-- a table split by block ranges: each chunk's blocks on the replica, and the
-  target's table whole once it is complete (there the rows sit in other
-  blocks), beside the table's index builds.
+- a split table: each chunk's range on the replica (its key range, read by
+  the replica's index, or its blocks) once it commits, and the target's
+  table whole once it is complete, beside its index builds: on the target
+  the table has no index yet while its chunks load (a key range would be a
+  scan of the whole table for each chunk), and block ranges hold other rows
+  there.
 A part loaded by an earlier run whose sums the journal lost (it is saved at
 most every second) is hashed again as a task of its own.
 
@@ -65,10 +66,7 @@ end
 -- What a table's parts are, on each side. A record of another shape (the
 -- table cut another way since: a full restart) starts again.
 function H:expect(k, plan)
-  local need
-  if not plan then need = { replica = 1, target = 1 }
-  elseif plan.method == "key" then need = { replica = plan.count, target = plan.count }
-  else need = { replica = plan.count, target = 1 } end
+  local need = { replica = plan and plan.count or 1, target = 1 }
   local r = self.hashed[k]
   if not r or not r.need or r.need.replica ~= need.replica or r.need.target ~= need.target then
     self.hashed[k] = { need = need, replica = {}, target = {} }
@@ -97,13 +95,11 @@ function H:whole_item(t)
 end
 
 function H:chunk_item(t, plan, i)
-  local sides = plan.method == "key" and SIDES or { "replica" }
-  return item(t, "c" .. i, sides, chunks.where(plan, i), i)
+  return item(t, "c" .. i, { "replica" }, chunks.where(plan, i), i)
 end
 
--- Once a split table is complete: the target's side of a table cut by blocks.
-function H:complete_items(t, plan)
-  if plan.method == "key" then return {} end
+-- Once a split table is complete: the target's side, the table whole.
+function H:complete_items(t, _)
   local r = self.hashed[text.key(t)]
   if r and r.target.whole then return {} end
   return { item(t, "whole", { "target" }) }
