@@ -69,11 +69,12 @@ install: build
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD)
 
-# The full-load benchmark, kept out of `make test`: migrun vs the runbook's
-# pg_dump|psql vs pgcopydb on one lab (docs/benchmarks.md). Scale 1 is ~1 GB.
-# Both datasets, 2 streams then 4; waits up to 10 minutes for an idle machine.
+# The full-load benchmark, kept out of `make test`: migrun, its rerun after a
+# kill and its verification against their floors and pgcopydb 0.18, in rounds
+# of alternating order (docs/benchmarks.md). Scale 1 is ~1 GB. Both datasets,
+# 2 streams, 5 rounds; waits up to 10 minutes for an idle machine.
 BENCH_SCALE ?= 1
-BENCH_ARGS  ?= --jobs 2 --more-jobs 4 --wait-idle 600 --repeat 3
+BENCH_ARGS  ?= --jobs 2 --pairs 5 --wait-idle 600
 .PHONY: bench bench-cutover
 # The cutover window at two sizes under the same writes (docs/benchmarks.md).
 BENCH_CUTOVER_ARGS ?= --scales 1,4 --rate 50
