@@ -110,9 +110,11 @@ Why it is shaped this way:
       chunk =, index =, op =, attempt =, message =, seconds = (lost to
       going again), outcome = "redo" | "committed", lost_at = host.now() when
       the worker lost it }.
-      opts.hash (default false): each part of a table hashed on both sides
-      as soon as it commits (migrun.loadhash), the table judged once its
-      last part is in: state.hashed, on_hashed(verdict) = { table =, equal =,
+      opts.hash (default false): what has just committed hashed in a lane of
+      its own beside the streams (migrun.loadhash: a split table's chunks on
+      the replica, its target side whole once complete; a whole table on
+      both sides), the table judged once its last part is in:
+      state.hashed, on_hashed(verdict) = { table =, equal =,
       rows = {replica, target}, hash = {...}, parts = n }, result.hashed
       (the verdicts of this run); a table found different is not an error
       of the load (the caller says what it means).
@@ -346,7 +348,7 @@ function Load.new(opts)
     echo = opts.echo or function() end, dry = opts.dry_run,
     saver = new_saver(opts.save, opts.save_interval, opts.dry_run),
     post = opts.post or {}, analyze = opts.analyze ~= false, t0 = host.monotonic(),
-    hashes = opts.hash and loadhash.new(state.hashed) or nil, -- each part hashed on both sides as it commits
+    hashes = opts.hash and loadhash.new(state.hashed) or nil, -- what has just committed, hashed (opts.hash)
     verdicts = {},        -- loadhash's, as tables are judged
     to_hash = {},         -- task -> the hash items of the whole tables it loaded
     split = {},           -- "s.t" -> state.chunks["s.t"], the tables loaded in chunks
@@ -656,9 +658,9 @@ function Load:schedule_whole(t)
   if self.batch_bytes >= self.batch_limit or tables_in >= BATCH_TABLES then self:flush_batch() end
 end
 
--- Hash items as tasks of their own (a part loaded by an earlier run, the
--- target's side of a table cut by blocks): below the loads, beside the
--- index builds.
+-- Hash items as tasks of their own in the hash lane: a chunk just
+-- committed, a part an earlier run loaded without its sums, the target's
+-- side of a split table once complete (beside its index builds).
 function Load:add_hash_tasks(t, items, plan)
   for _, it in ipairs(items) do
     local bytes = (t.bytes or 0) * (it.chunk and chunks.share(plan, it.chunk) or 1)
