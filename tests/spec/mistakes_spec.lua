@@ -372,7 +372,8 @@ describe("configuration mistakes (docs/mistakes.md)", function()
 
   it("refuses more load streams than the target has connections for", function()
     local r = run(function(c) c.full_load.jobs = 1000 end)
-    refused(r, "target", "connections", "the load needs 1002 (full_load.jobs 1000, and migrun's own)")
+    refused(r, "target", "connections",
+      "the load needs 1003 (full_load.jobs 1000, one hashing as it loads, and migrun's own)")
   end)
 
   -- The playbook itself: refused before its first write, the DMS emulator untouched.

@@ -657,9 +657,11 @@ local function target_identity(st)
   st.target_is_other = findings.is_source or findings.is_replica
 end
 
--- Connections for the load's streams (full_load.jobs) and migrun's own.
+-- Connections for the load's streams (full_load.jobs), its hashing lane
+-- (full_load.hash: one worker more) and migrun's own.
 local function connections(st, server, db)
   local jobs = ((st.config.full_load or {}).jobs) or 2
+  local lane = ((st.config.full_load or {}).hash) ~= false and 1 or 0
   local res, err = db:query([[
     select current_setting('max_connections')::int as max,
            current_setting('superuser_reserved_connections')::int
@@ -667,11 +669,11 @@ local function connections(st, server, db)
            (select count(*) from pg_stat_activity where datname is not null)::int as used]])
   if not res then return st.failed(server, "connections", err) end
   local r = res[1]
-  local free, needed = r.max - r.reserved - r.used, jobs + 2
+  local free, needed = r.max - r.reserved - r.used, jobs + lane + 2
   st.add(server, "connections", free >= needed, "error",
-    ("%d free (max_connections %d, %d reserved, %d in use); the load needs %d (full_load.jobs %d, and migrun's own)")
-      :format(free, r.max, r.reserved, r.used, needed, jobs),
-    ("lower full_load.jobs to %d, or raise max_connections"):format(math.max(1, free - 2)))
+    ("%d free (max_connections %d, %d reserved, %d in use); the load needs %d (full_load.jobs %d, %sand migrun's own)")
+      :format(free, r.max, r.reserved, r.used, needed, jobs, lane > 0 and "one hashing as it loads, " or ""),
+    ("lower full_load.jobs to %d, or raise max_connections"):format(math.max(1, free - 2 - lane)))
 end
 
 local function target_empty(st)
