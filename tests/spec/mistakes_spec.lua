@@ -131,9 +131,22 @@ describe("configuration mistakes (docs/mistakes.md)", function()
   end)
 
   describe("what PostgreSQL lets the slots keep", function()
-    local function set_keep(value)
+    -- A reload reaches the postmaster and each backend when they next look:
+    -- wait until a new session (and conn, a session already open) sees it.
+    local function set_keep(value, conn)
       psql("source", ("alter system set max_slot_wal_keep_size = '%s'"):format(value))
       psql("source", "select pg_reload_conf()")
+      local host = require "migrun.host"
+      local deadline = host.monotonic() + 10
+      local function sees(v) return v == value end -- as given: '1MB', '4GB', '-1'
+      while not sees(psql("source", "show max_slot_wal_keep_size")) and host.monotonic() < deadline do
+        host.sleep(0.05)
+      end
+      while conn and host.monotonic() < deadline do
+        local res = assert(conn:exec("show max_slot_wal_keep_size"))
+        if sees(res[1].max_slot_wal_keep_size) then break end
+        host.sleep(0.05)
+      end
     end
 
     it("refuses a max_slot_wal_keep_size below what the load needs, and one the guard would stop after", function()
@@ -162,7 +175,7 @@ describe("configuration mistakes (docs/mistakes.md)", function()
       local src = assert(pg.connect(R.lab.source.conninfo, { name = "source" }))
       local w = assert(walkeep.start(db.wrap(src)))
       assert.is_nil(w.first) -- -1: nothing to measure, nothing waited for
-      set_keep("4GB")
+      set_keep("4GB", src)
       local ok, err = pcall(function()
         w = assert(walkeep.start(db.wrap(src)))
         assert.truthy(w.first)
