@@ -110,12 +110,16 @@ describe("migrun.fullload under faults", function()
   it("rides out a target restarted mid-load: what was in flight is done again, nothing twice", function()
     fresh_target()
     local cue, t_fault
-    local r, err, said, state = run{ on_progress = function(bytes)
-      if not cue and bytes > 4 * MiB then
+    -- chunks of 6 MiB, the restart at 3 MiB: both streams are well inside a
+    -- COPY then (with chunks of 2 MiB and their halves the restart could
+    -- find every worker between tasks, and nothing in flight to do again)
+    local function restart_once(bytes)
+      if not cue and bytes > 3 * MiB then
         t_fault = host.now()
         cue = assert(L.target:restart{ mode = "immediate", after = 0 })
       end
-    end }
+    end
+    local r, err, said, state = run{ chunk_bytes = 6 * MiB, split_bytes = 6 * MiB, on_progress = restart_once }
     assert(cue and cue:wait(60))
     assert(r, tostring(err) .. "\n" .. said)
     assert.is_true(#r.recoveries >= 1, said)
