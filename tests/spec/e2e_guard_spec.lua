@@ -116,10 +116,15 @@ describe("the guard in playbooks/full.lua", function()
   it("stops the full load mid-way: the workers end, the progress says where it stopped, never done", function()
     local locker = H.connect(R.lab.target, "target")
     local written_at, workers_during
+    local locked_empty
     local r = run("full.lua", function(line)
-      if line:find("^%S+ hold_indexes: ") then
-        -- the last table of the second stream will wait for it
-        assert(locker:exec("begin; lock table public.ref_20 in access exclusive mode"))
+      if line:find("^%S+ schema: done") then
+        -- the last table of the second stream will wait for it: taken as soon
+        -- as the table exists, steps before the load (under CI's load this
+        -- spec may see a line seconds after it was written; taken at the
+        -- load's start, the lock once came after the table was loaded)
+        locked_empty = assert(locker:exec([[begin; lock table public.ref_20 in access exclusive mode;
+          select count(*) as n from public.ref_20]]))[1].n == 0
       elseif line:find("loaded public%.events") and not written_at then
         -- (the one waiting on ref_20's lock at least, once the pool has started
         -- it: a process per task, and events' last chunk may have just ended)
@@ -132,6 +137,7 @@ describe("the guard in playbooks/full.lua", function()
         written_at = host.monotonic()
       end
     end)
+    assert.is_true(locked_empty, "public.ref_20 was loaded before the test locked it")
     assert.is_true(workers_during > 0, "no load worker seen during the load")
     assert.equal(1, r.code, r.output)
     local failed, i = line_matching(r, "FAILED: full_load failed: WAL guard STOP: migrun's 5 slots hold back")
@@ -156,11 +162,19 @@ describe("the guard in playbooks/full.lua", function()
     local base = held_by_hand()
     local warn_at, stop_at = base + 16 * MiB, base + 56 * MiB
     set_guard{ warn_bytes = warn_at, stop_bytes = stop_at }
-    local locker = H.connect(R.lab.target, "target")
+    -- The index step reads events' catalog entries: events locked, it waits.
+    -- The lock can only be taken once preflight (which reads events) is
+    -- done; so that the load cannot end and the index step begin before the
+    -- test has taken it, however late the test reads the load's line, the
+    -- load's one table left (ref_20) waits at a gate until then (ROW
+    -- EXCLUSIVE: preflight reads ref_20; the load's TRUNCATE waits)
+    local gate, locker = H.connect(R.lab.target, "target"), H.connect(R.lab.target, "target")
+    assert(gate:exec("begin; lock table public.ref_20 in row exclusive mode"))
     local warning, stop_written_at, hand
     local r1 = run("full.lua", function(line)
       if line:find("^%S+ full_load: ") then
         assert(locker:exec("begin; lock table public.events in access exclusive mode"))
+        assert(gate:exec("commit"))
       elseif line:find("^%S+ indexes: Restore") then
         bulk(28)                        -- over warn_bytes, under stop_bytes
       elseif line:find("WAL guard warning: migrun's") and not warning then
@@ -209,6 +223,7 @@ describe("the guard in playbooks/full.lua", function()
     assert.equal(0, settles(function() return #procs.marked(R.dir) end))
     assert(locker:exec("rollback"))
     locker:close()
+    gate:close()
 
     -- 2. a raised threshold: the run resumes at the index step; stopped again in DMS setup
     local base2 = held_by_hand()
