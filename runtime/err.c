@@ -80,6 +80,10 @@ void migrun_push_interrupted(lua_State *L, const char *where) {
         migrun_error_push(L, "guard", where, NULL, "stopped by migrun's guard");
     else
         migrun_error_push(L, "interrupted", where, NULL, "interrupted!");
+    /* raised once: a pcall that catches everything must hand it on
+     * (error.is_interrupt), or the stop is lost and the run goes on */
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "interrupt");
 }
 
 /* Is the value at idx a migrun error of kind "interrupted"? */
@@ -116,11 +120,25 @@ static int error_is(lua_State *L) {
     return 1;
 }
 
+/* error.is_interrupt(v) -> true if v is the error a Ctrl-C or the guard's
+ * stop raised: code that catches every error raises it again. */
+static int error_is_interrupt(lua_State *L) {
+    int is = 0;
+    if (lua_getmetatable(L, 1)) {
+        luaL_getmetatable(L, ERROR_MT);
+        is = lua_rawequal(L, -1, -2) && lua_type(L, 1) == LUA_TTABLE &&
+             lua_getfield(L, 1, "interrupt") == LUA_TBOOLEAN && lua_toboolean(L, -1);
+    }
+    lua_pushboolean(L, is);
+    return 1;
+}
+
 int luaopen_migrun_error(lua_State *L) {
     static const luaL_Reg funcs[] = {
         {"new", error_new},
         {"is", error_is},
         {"tostring", error_tostring},
+        {"is_interrupt", error_is_interrupt},
         {NULL, NULL},
     };
     luaL_newlib(L, funcs);

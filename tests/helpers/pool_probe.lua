@@ -1,10 +1,20 @@
 -- A migrun.pool task for pool_spec: says it started, waits job.seconds, ends.
+-- With job.chatter it talks all that time instead: event after event, so that
+-- its parent spends its time decoding them.
 local host = require "migrun.host"
 
 return {
   task = function(job, emit)
     emit{ event = "started", group = job.group, n = job.n }
-    host.sleep(job.seconds)
+    if not job.chatter then
+      host.sleep(job.seconds)
+      return true
+    end
+    local pad, deadline = {}, host.monotonic() + job.seconds
+    for i = 1, 300 do pad[i] = { i, "x", { a = i } } end
+    while host.monotonic() < deadline do
+      emit{ event = "chatter", n = job.n, pad = pad }
+    end
     return true
   end,
 }

@@ -27,9 +27,10 @@ end
 -- what a caught interrupt looks like from Lua
 local CAUGHT = [[
   local ok, e = pcall(function() io.stdout:write("ready\n") io.stdout:flush() %s end)
-  print(ok, type(e), e.kind, e.message, tostring(e), require("migrun.error").is(e))
+  local errors = require("migrun.error")
+  print(ok, type(e), e.kind, e.message, tostring(e), errors.is(e), errors.is_interrupt(e))
 ]]
-local EXPECTED = "ready\nfalse\ttable\tinterrupted\tinterrupted!\tinterrupted!\ttrue\n"
+local EXPECTED = "ready\nfalse\ttable\tinterrupted\tinterrupted!\tinterrupted!\ttrue\ttrue\n"
 
 describe("Ctrl-C", function()
   local blockers = {
@@ -84,9 +85,10 @@ describe("A stop request (SIGUSR1, host.listen_stop / arm_stop)", function()
     host.listen_stop(true)
     local ok, e = pcall(function() host.arm_stop(true) io.stdout:write("ready\n") io.stdout:flush() %s end)
     host.arm_stop(false)
-    print(ok, e.kind, e.message, tostring(e), require("migrun.error").is(e))
+    local errors = require("migrun.error")
+    print(ok, e.kind, e.message, tostring(e), errors.is(e), errors.is_interrupt(e))
   ]]
-  local STOPPED = "ready\nfalse\tguard\tstopped by migrun's guard\tstopped by migrun's guard\ttrue\n"
+  local STOPPED = "ready\nfalse\tguard\tstopped by migrun's guard\tstopped by migrun's guard\ttrue\ttrue\n"
   for what, code in pairs{ ["Lua code (the hook)"] = "while true do end",
       ["proc:wait"] = "require('migrun.proc').spawn{ 'sleep', '60' }:wait()",
       ["host.sleep"] = "require('migrun.host').sleep(60)" } do

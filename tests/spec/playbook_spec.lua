@@ -287,6 +287,18 @@ describe("migrun.playbook", function()
     assert.falsy(out:find("prepare: Create", 1, true))
   end)
 
+  it("stops with the process watcher's reason when its stop lands inside a Lua watcher's check", function()
+    -- the load sleeps (ctx:sleep runs the watchers); the Lua watcher's check
+    -- takes 0.5 s of every 0.7: the stop most often interrupts it, and must
+    -- not come out as that watcher's failure
+    local schema, state = fresh()
+    local code, out, err = run(schema, state, { "--yes" }, { FIXTURE_SLEEP = "1", FIXTURE_GUARD_STOP = "1",
+      LUA_PATH = SOURCE .. "/tests/?.lua;;" })
+    assert.equal(1, code, out .. err)
+    assert.matches("FAILED: load failed: the probe's reason to stop", err)
+    assert.falsy(err:find("watcher guard stopped the run", 1, true), err)
+  end)
+
   it("says where a step's progress stopped, never done, when the step fails", function()
     local schema, state = fresh()
     local code, out, err = run(schema, state, { "--yes" }, { FIXTURE_LOAD_FAIL = "1" })

@@ -137,6 +137,42 @@ describe("migrun.pool", function()
     assert.same({ h = 1 }, r.most)
   end)
 
+  it("hands a stop request on however busy it is with its workers' events", function()
+    -- the guard's stop (SIGUSR1) while the tasks talk without a pause: the
+    -- parent is decoding their lines (a stop waits while migrun.proc hands a
+    -- line to its callback) or waiting for more; either way the pool stops
+    local script = [[
+      local pool, host = require "migrun.pool", require "migrun.host"
+      host.listen_stop(true)
+      local said
+      local p = pool.new{ jobs = 2, entry = "helpers.pool_probe", on_event = function(_, ev)
+        if ev.event == "chatter" and not said then said = true io.stdout:write("ready\n") io.stdout:flush() end
+        return true
+      end }
+      for n = 1, 2 do p:add{ job = { n = n, seconds = 30, chatter = true }, cost = 1 } end
+      local t0 = host.monotonic()
+      local ok, e = pcall(function() host.arm_stop(true) return p:run() end)
+      host.arm_stop(false)
+      print(ok, type(e) == "table" and e.kind or tostring(e), host.monotonic() - t0 < 20)
+    ]]
+    for _ = 1, 5 do
+      local h = assert(proc.spawn{ cli.bin, "-e", script, stdout = "capture", stderr = "capture",
+        env = { LUA_PATH = cli.source .. "/tests/?.lua;;", LUA_INIT = false, LUA_INIT_5_4 = false,
+                MIGRUN_LUA_PATH = false } })
+      for _ = 1, 200 do
+        if h.stdout:find("ready\n", 1, true) then break end
+        h:wait(0.05)
+      end
+      h:wait(0.5) -- deep in the chatter by now
+      h:kill("USR1")
+      local ok, how = h:wait(40)
+      assert(how ~= "timeout", "the pool did not stop: " .. h.stdout .. h.stderr)
+      assert.equal("ready\nfalse\tguard\ttrue\n", h.stdout, h.stderr)
+      assert.is_true(ok, h.stderr)
+      h:close()
+    end
+  end)
+
   it("raises on misuse of limits and groups", function()
     local pool = require "migrun.pool"
     assert.has_error(function() pool.new{ jobs = 2, entry = "x", limits = { a = 0 } } end,

@@ -394,9 +394,9 @@ end
 -- Words ------------------------------------------------------------------------
 
 function keydiff.label(key, k)
-  local ok, values = pcall(json.decode, k)
+  local values = json.decode(k)
   local shown = {}
-  if ok and type(values) == "table" then
+  if type(values) == "table" then
     for i, v in ipairs(values) do
       shown[i] = type(v) == "number" and (math.tointeger(v) and ("%d"):format(math.tointeger(v)) or tostring(v))
         or tostring(v)

@@ -163,8 +163,8 @@ function Pool:_start(task, slot)
     stdin = json.encode{ entry = self.entry, job = task.job }, die_with_parent = true,
     env = { table.unpack(proc.LIBPQ_ENV) }, -- a worker connects to PostgreSQL: libpq's variables, no password
     stdout = function(line)
-      local ok, ev = pcall(json.decode, line)
-      if ok and type(ev) == "table" then
+      local ev = json.decode(line) -- nil for a line that is not JSON
+      if type(ev) == "table" then
         local events = pool_.events -- replaced at each dispatch
         events[#events + 1] = { task = task, ev = ev }
       else

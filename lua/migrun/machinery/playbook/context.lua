@@ -401,6 +401,7 @@ function Ctx:run_watchers(force)
       self._in_watch = false
       local interval = type(w.interval) == "function" and w.interval(self) or w.interval
       w.next_due = host.monotonic() + interval
+      if not ok and errors.is_interrupt(res) then error(res, 0) end -- Ctrl-C or the guard: as they are
       if not ok or (res == nil and err ~= nil) then
         local e = ok and err or res
         error(errors.new{ kind = "watch", where = w.name,

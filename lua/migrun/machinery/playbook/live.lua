@@ -104,8 +104,8 @@ end
 function live.read_progress(state_dir)
   local s = read_file(state_dir .. "/" .. live.PROGRESS)
   if not s then return nil end
-  local ok, v = pcall(json.decode, s)
-  if ok and type(v) == "table" then return v end
+  local v = json.decode(s) -- nil for a torn or malformed file
+  if type(v) == "table" then return v end
   return nil
 end
 
@@ -145,8 +145,8 @@ function live.read_samples(state_dir, opts)
   -- complete lines only: one being appended right now is read next time
   local complete = s:match("^.*\n") or ""
   for line in complete:gmatch("[^\n]+") do
-    local ok, v = pcall(json.decode, line)
-    if ok and type(v) == "table" and type(v.t) == "number" and (not opts.since or v.t >= opts.since) then
+    local v = json.decode(line)
+    if type(v) == "table" and type(v.t) == "number" and (not opts.since or v.t >= opts.since) then
       out[#out + 1] = v
     end
   end

@@ -346,8 +346,8 @@ local function read_json(path)
   if not f then return nil end
   local s = f:read("a")
   f:close()
-  local ok, v = pcall(json.decode, s)
-  return ok and type(v) == "table" and v or nil
+  local v = json.decode(s)
+  return type(v) == "table" and v or nil
 end
 
 local Server = {}
@@ -497,8 +497,8 @@ function metrics.start(o)
     -- what a child that connects to PostgreSQL needs, never a password (migrun.proc)
     die_with_parent = true, env = { table.unpack(proc.LIBPQ_ENV) },
     stdout = function(line)
-      local okj, v = pcall(json.decode, line)
-      if okj and type(v) == "table" then said = said or v end
+      local v = json.decode(line)
+      if type(v) == "table" then said = said or v end
     end,
     stderr = { file = logpath, append = true } }
   local h

@@ -33,6 +33,7 @@ is printed.
   notify.wanted(cfg, event) -> whether cfg sends that event
   notify.redact_url(url) -> "https://hooks.example.com/…"
 ]]
+local errors = require "migrun.error"
 local aws = require "migrun.aws"
 local proc = require "migrun.proc"
 local json = require "migrun.json"
@@ -167,9 +168,9 @@ local function post_webhook(cfg, payload, event, o)
   return nil
 end
 
--- Ctrl-C while a channel runs stops the run as anywhere else
+-- Ctrl-C or the guard's stop while a channel runs stops the run as anywhere else
 local function reraise_interrupt(e)
-  if tostring(e):find("interrupted", 1, true) then error(e, 0) end
+  if errors.is_interrupt(e) then error(e, 0) end
 end
 
 function notify.send(cfg, body, o)

@@ -48,8 +48,8 @@ function watchdog.start(ctx, w)
   local spec, err = host.worker_spec{ "-e", ("require(%q).main()"):format(w.process.module),
     stdin = json.encode(job), die_with_parent = true, env = { table.unpack(proc.LIBPQ_ENV) },
     stdout = function(line)
-      local ok, v = pcall(json.decode, line)
-      if ok and type(v) == "table" then
+      local v = json.decode(line) -- nil for a line that is not JSON
+      if type(v) == "table" then
         self.last = v
         if v.level == "stop" then self.stop_message = v.message end
         -- a level reached is a notification, once (not every check while it lasts);
