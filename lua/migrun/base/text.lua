@@ -10,6 +10,10 @@ the report.
   text.thousands(n)        -> "1,234,567"
   text.key(t)              -> "schema.name" of a table record (t.key when it has one)
   text.key(schema, name)   -> "schema.name"
+  text.split_key(t)        -> schema, name of a "schema.name" key (split at its first
+                              dot, as text.key's keys of the catalog's names are read
+                              back) or of a table record { schema =, name = }; nil
+                              when t is neither
   text.epoch(iso)          -> Unix time (an integer) of an ISO 8601 UTC time, or nil:
                               "2026-11-21T12:01:03Z" (the journal's, IMDS's Expiration),
                               "20261121T120103Z" (SigV4's X-Amz-Date); a fraction of a
@@ -62,6 +66,12 @@ end
 function text.key(t, name)
   if name ~= nil then return t .. "." .. name end
   return t.key or (t.schema .. "." .. t.name)
+end
+
+function text.split_key(t)
+  if type(t) == "string" then return t:match("^([^.]+)%.(.+)$") end
+  if type(t) == "table" and t.schema and t.name then return t.schema, t.name end
+  return nil
 end
 
 -- Seconds since 1970-01-01T00:00:00Z of a UTC date and time, whatever this

@@ -544,7 +544,7 @@ end
 -- The statement that creates an item of catalog.constraints_and_indexes.
 function catalog.create_sql(item)
   if item.kind == "index" then return item.definition end
-  local schema, name = item.table:match("^(.-)%.(.*)$")
+  local schema, name = text.split_key(item.table)
   return select(2, constraint_sql({ schema = schema, name = name }, item.name, item.definition))
 end
 

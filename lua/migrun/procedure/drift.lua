@@ -107,7 +107,7 @@ function drift.compare(old, new)
   for _, t in ipairs(new.tables) do news[t.key], all[t.key] = t, true end
   for _, key in ipairs(sorted_keys(all)) do
     local a, b = olds[key], news[key]
-    local schema, name = key:match("^(.-)%.(.*)$")
+    local schema, name = text.split_key(key)
     local qualified = ident(schema) .. "." .. ident(name)
     if not a then
       add(key, "table created (it is in no replication set: DMS does not migrate it)")

@@ -46,6 +46,7 @@ keydiff.describe(key, list, opts) -> "id 17 differs, id 20 only in b (23 keys)":
 local pg = require "migrun.pg"
 local json = require "migrun.json"
 local rowhash = require "migrun.rowhash"
+local text = require "migrun.text"
 
 local keydiff = {}
 
@@ -55,13 +56,10 @@ local LEAF = 256   -- rows at or below which a range is compared row by row
 local BATCH = 2000 -- keys per lookup query
 
 local function split(t)
-  if type(t) == "string" then
-    local schema, name = t:match("^([^.]+)%.(.+)$")
-    assert(schema, ("keydiff: table %q: \"schema.table\" expected"):format(t))
-    return schema, name
-  end
-  assert(type(t) == "table" and t.schema and t.name, "keydiff: a table {schema=, name=} expected")
-  return t.schema, t.name
+  local schema, name = text.split_key(t)
+  if type(t) == "string" then assert(schema, ("keydiff: table %q: \"schema.table\" expected"):format(t)) end
+  assert(schema, "keydiff: a table {schema=, name=} expected")
+  return schema, name
 end
 
 local function qualified_of(t) return pg.qualify(split(t)) end

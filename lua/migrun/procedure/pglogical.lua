@@ -118,7 +118,7 @@ local function table_ref(t)
     return t.schema, t.name
   end
   assert(type(t) == "string", "pglogical.add_tables: table name \"schema.name\" expected")
-  local schema, name = t:match("^([^.]+)%.(.+)$")
+  local schema, name = text.split_key(t)
   assert(schema, "pglogical.add_tables: table name \"schema.name\" expected, got " .. t)
   return schema, name
 end

@@ -89,13 +89,10 @@ local keydiff = require "migrun.keydiff"
 local qa = {}
 
 local function split(t)
-  if type(t) == "string" then
-    local schema, name = t:match("^([^.]+)%.(.+)$")
-    assert(schema, ("qa: table %q: \"schema.table\" expected"):format(t))
-    return schema, name
-  end
-  assert(type(t) == "table" and t.schema and t.name, "qa: a table {schema=, name=} expected")
-  return t.schema, t.name
+  local schema, name = text.split_key(t)
+  if type(t) == "string" then assert(schema, ("qa: table %q: \"schema.table\" expected"):format(t)) end
+  assert(schema, "qa: a table {schema=, name=} expected")
+  return schema, name
 end
 
 local function key_of(t)

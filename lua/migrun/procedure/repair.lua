@@ -87,7 +87,7 @@ local function key_match(key)
 end
 
 local function mend_table(source, target, t)
-  local schema, name = t.table:match("^([^.]+)%.(.+)$")
+  local schema, name = text.split_key(t.table)
   local qualified = pg.qualify(schema, name)
   local t0 = host.monotonic()
   local cols, err = stored_columns(target, qualified)

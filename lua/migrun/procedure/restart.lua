@@ -34,11 +34,7 @@ local restart = {}
 
 
 local function qualified(t)
-  if type(t) == "string" then
-    local s, n = t:match("^(.-)%.(.*)$")
-    return pg.qualify(s, n)
-  end
-  return pg.qualify(t.schema, t.name)
+  return pg.qualify(text.split_key(t))
 end
 
 local function short(s, n)

@@ -103,6 +103,7 @@ local errors = require "migrun.error"
 local host = require "migrun.host"
 local pgbin = require "migrun.pgbin"
 local pgversion = require "migrun.pgversion"
+local text = require "migrun.text"
 
 local schema = {}
 
@@ -119,9 +120,9 @@ local function is_executable(path)
   return ok == true
 end
 
-local function last_lines(text, n)
+local function last_lines(output, n)
   local lines = {}
-  for line in (text or ""):gmatch("[^\n]+") do lines[#lines + 1] = line end
+  for line in (output or ""):gmatch("[^\n]+") do lines[#lines + 1] = line end
   return table.concat(lines, "\n", math.max(1, #lines - (n or 10) + 1))
 end
 
@@ -318,8 +319,8 @@ function schema.dump(source_conninfo, dir, opts)
     "--exclude-schema=pglogical", "--file=" .. file }
   for _, s in ipairs(opts.schemas or {}) do argv[#argv + 1] = "--schema=" .. pg.quote_ident(s) end
   for _, t in ipairs(opts.exclude_tables or {}) do
-    local s, n = t:match("^([^.]+)%.(.+)$")
-    assert(s, "schema.dump: exclude_tables entries are \"schema.table\", got " .. tostring(t))
+    local s, n = text.split_key(t)
+    assert(type(t) == "string" and s, "schema.dump: exclude_tables entries are \"schema.table\", got " .. tostring(t))
     argv[#argv + 1] = "--exclude-table=" .. pg.qualify(s, n)
   end
   argv[#argv + 1] = "--dbname=" .. conninfo
@@ -445,7 +446,7 @@ local REFUSED = { SUPERUSER = true, REPLICATION = true, BYPASSRLS = true }
 local DEFAULTS = { NOSUPERUSER = true, NOREPLICATION = true, NOBYPASSRLS = true }
 
 -- Parses pg_dumpall --globals-only output into roles and statements.
-local function parse_globals(text)
+local function parse_globals(dumped)
   local roles, order, others = {}, {}, {}
   local function role(name)
     if not roles[name] then
@@ -454,7 +455,7 @@ local function parse_globals(text)
     end
     return roles[name]
   end
-  for line in text:gmatch("[^\n]+") do
+  for line in dumped:gmatch("[^\n]+") do
     local create = line:match("^CREATE ROLE (.*);$")
     local alter = line:match("^ALTER ROLE (.*);$")
     local comment = line:match("^COMMENT ON ROLE (.*);$")
@@ -650,8 +651,7 @@ function schema.target_has_tables(target_db, tables)
   assert(type(tables) == "table", "schema.target_has_tables: a list of tables expected")
   local out = { present = {}, nonempty = {} }
   for _, t in ipairs(tables) do
-    local s, n
-    if type(t) == "string" then s, n = t:match("^([^.]+)%.(.+)$") else s, n = t.schema, t.name end
+    local s, n = text.split_key(t)
     assert(s and n, "schema.target_has_tables: tables are {schema=, name=} or \"schema.table\"")
     local res, err = target_db:query(
       "select c.oid from pg_class c join pg_namespace n on n.oid = c.relnamespace "
@@ -826,8 +826,7 @@ function schema.table_post_data(source_db, target_db, tables)
   local catalog = require "migrun.catalog"
   local schemas, names = {}, {}
   for _, t in ipairs(tables) do
-    local s, n
-    if type(t) == "string" then s, n = t:match("^([^.]+)%.(.+)$") else s, n = t.schema, t.name end
+    local s, n = text.split_key(t)
     assert(s and n, "schema.table_post_data: tables are {schema=, name=} or \"schema.table\"")
     schemas[#schemas + 1], names[#names + 1] = s, n
   end

@@ -63,7 +63,7 @@ begin
 end $fn$]]
 
 local function qualify(t)
-  if type(t) == "string" then return pg.qualify(t:match("^([^.]+)%.(.+)$")), t end
+  if type(t) == "string" then return pg.qualify(text.split_key(t)), t end
   return pg.qualify(t.schema, t.name), text.key(t)
 end
 
