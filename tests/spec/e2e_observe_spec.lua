@@ -204,6 +204,9 @@ describe("watching a migration", function()
     assert(blocker:exec("begin; lock table public.events in access exclusive mode"))
     local released = false
     finally(function() if not released then blocker:exec("rollback") blocker:close() end end)
+    -- (the test's premise: a lock taken after the load of events began would say so here)
+    assert.equal(0, assert(blocker:exec("select count(*) as n from public.events"))[1].n,
+      "public.events was loaded before the test locked it")
     -- every other table loads; events waits
     r.wait_for(function() return r.saw("full_load: Full load") end)
     local total = #journal().playbooks.full.steps.know_data.facts.tables
