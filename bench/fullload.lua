@@ -247,6 +247,56 @@ function methods.floor_rest(job)
   report(job)
 end
 
+-- The relay's floor: the floor's work with the files' rows relayed instead,
+-- from the replica to the target by the client (pg.copy: C, whole buffers),
+-- one process per stream living for the whole load. What any client that
+-- carries the data itself spends (the two sockets' copies, the wakeups), and
+-- nothing of migrun's own machinery (workers per task, events, journal).
+function methods.relay_stream(job)
+  local replica = assert(pg.connect(job.replica, { name = "replica" }))
+  local target = assert(pg.connect(job.target, { name = "target" }))
+  for _, it in ipairs(job.items) do
+    local name = pg.qualify(it.schema, it.name)
+    if it.whole then q(target, "begin") q(target, "truncate " .. name) end
+    assert(pg.copy{ from = replica, from_sql = it.out_sql, to = target,
+      to_sql = ("copy %s from stdin (format binary%s)"):format(name, it.whole and ", freeze" or "") })
+    if it.whole then q(target, "commit") end
+  end
+  replica:close()
+  target:close()
+end
+
+function methods.relay(job)
+  local schema = require "migrun.schema"
+  local part, report = cpu_parts()
+  local tools = assert(schema.tools(job.target_version))
+  local dump = assert(schema.dump(job.source, job.dir, { tools = tools }))
+  assert(schema.restore("pre-data", job.target, dump, {}))
+  part("schema")
+  -- the files' items over the streams as the floor spreads its statements
+  local items, n = {}, math.tointeger(job.jobs)
+  for _, f in ipairs(job.files) do items[#items + 1] = { sql = f, cost = f.bytes } end
+  local handles = {}
+  for _, stream in ipairs(spread(items, n)) do
+    if #stream > 0 then
+      handles[#handles + 1] = assert(proc.spawn{ host.exe, arg[0], "--method", "relay_stream",
+        stdin = json.encode{ replica = job.replica, target = job.target, items = stream },
+        stdout = "null", stderr = "capture" })
+    end
+  end
+  for _, h in ipairs(handles) do
+    local ok, how, code = h:wait()
+    if not ok then die("relay stream:", how, code, h.stderr) end
+  end
+  part("load")
+  assert(schema.restore("post-data", job.target, dump, { jobs = n }))
+  local ok, how, code, _, err = proc.run{ bin("vacuumdb"), "--analyze-only", "--jobs=" .. n,
+    "--dbname=" .. job.target, stdout = "null", stderr = "capture" }
+  if not ok then die("vacuumdb:", how, code, err) end
+  part("post-data")
+  report(job)
+end
+
 local function pgcopydb(exe, extra)
   return function(job)
     local argv = { exe, "clone", "--source", job.copydb_source, "--target", job.target,
@@ -359,7 +409,7 @@ local opt = cli.run({ usage = "migrun bench/fullload.lua",
     { "--jobs", "N", "parallel streams of every method", default = 2, number = true },
     { "--pairs", "N", "rounds of each measure, the order reversed every other round (at least 2)", default = 5,
       number = true },
-    { "--skip", "M1,M2", "measures left out (load, rerun, verify, pgcopydb, hash)" },
+    { "--skip", "M1,M2", "measures left out (load, rerun, verify, pgcopydb, hash, relay)" },
     { "--before", "BINARY", "another migrun binary measured in the same load rounds (before a change)" },
     { "--with", "M1,M2", "peers measured once after the load rounds (runbook, pgcopydb-0.10)" },
     { "--wait-idle", "SECONDS", "wait up to this long for a 1-minute load under 0.5", number = true },
@@ -516,12 +566,14 @@ for _, t in ipairs(tables) do
     for i = 1, plan.count do
       local path = ("%s/%s.%d.bin"):format(files_dir, t.name, i)
       q(rep, ("copy (select * from %s where %s) to '%s' (format binary)"):format(name, chunks.where(plan, i), path))
-      FILES[#FILES + 1] = { schema = t.schema, name = t.name, path = path, bytes = t.bytes * chunks.share(plan, i), chunk = i }
+      FILES[#FILES + 1] = { schema = t.schema, name = t.name, path = path, bytes = t.bytes * chunks.share(plan, i), chunk = i,
+        out_sql = ("copy (select * from %s where %s) to stdout (format binary)"):format(name, chunks.where(plan, i)) }
     end
   else
     local path = ("%s/%s.bin"):format(files_dir, t.name)
     q(rep, ("copy %s to '%s' (format binary)"):format(name, path))
-    FILES[#FILES + 1] = { schema = t.schema, name = t.name, path = path, bytes = t.bytes, whole = true }
+    FILES[#FILES + 1] = { schema = t.schema, name = t.name, path = path, bytes = t.bytes, whole = true,
+      out_sql = ("copy %s to stdout (format binary)"):format(name) }
   end
 end
 print(("floor files: %d, %s cut in %d chunks of about %d MiB (migrun's plan)"):format(#FILES, BIG.name,
@@ -814,6 +866,9 @@ local function load_rounds()
       return { profile = i == 1 and (L.dir .. "/profile-migrun.json") or nil, keep = i == opt.pairs } end },
     { label = "floor", method = "floor", job = function() return { files = FILES } end },
   }
+  if not skipped.relay then
+    runs[#runs + 1] = { label = "relay", method = "relay", job = function() return { files = FILES } end }
+  end
   if not skipped.pgcopydb then
     if not io.open(PGCOPYDB_018) then die("pgcopydb 0.18 not found at " .. PGCOPYDB_018 .. " (--skip pgcopydb)") end
     runs[#runs + 1] = { label = "pgcopydb 0.18", method = "pgcopydb-0.18",
@@ -837,6 +892,13 @@ local function load_rounds()
   goal("migrun / floor, target CPU", ratios(loads.migrun, loads.floor, target_cpu), "<= 1.05")
   goal("migrun / floor, CPU of every cluster and the client", ratios(loads.migrun, loads.floor, all_cpu), "-")
   goal("migrun client CPU / floor client CPU", ratios(loads.migrun, loads.floor, client_cpu), "<= 2")
+  if loads.relay then
+    -- what carrying the data costs a client at the least, and what migrun adds to it
+    goal("relay client CPU / floor client CPU", ratios(loads.relay, loads.floor, client_cpu), "-")
+    goal("migrun client CPU / relay client CPU", ratios(loads.migrun, loads.relay, client_cpu), "-")
+    goal("migrun / relay, wall", ratios(loads.migrun, loads.relay, wall), "-")
+    goal("relay / floor, wall", ratios(loads.relay, loads.floor, wall), "-")
+  end
   if loads["pgcopydb 0.18"] then
     goal("pgcopydb 0.18 clone / migrun, wall", ratios(loads["pgcopydb 0.18"], loads.migrun, wall), ">= 1.20")
   end
