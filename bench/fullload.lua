@@ -187,15 +187,17 @@ local function psql_streams(conninfo, streams)
   end
 end
 
--- items { sql =, cost = } over n streams, largest first, each to the least loaded
-local function spread(items, n)
+-- items { sql =, cost = } over n streams, largest first, each to the least
+-- loaded: the streams are lists of the items' `field` (default "sql")
+local function spread(items, n, field)
+  field = field or "sql"
   table.sort(items, function(a, b) return a.cost > b.cost end)
   local streams, loads = {}, {}
   for k = 1, n do streams[k], loads[k] = {}, 0 end
   for _, it in ipairs(items) do
     local least = 1
     for k = 2, n do if loads[k] < loads[least] then least = k end end
-    table.insert(streams[least], it.sql)
+    table.insert(streams[least], it[field])
     loads[least] = loads[least] + it.cost
   end
   return streams
@@ -214,21 +216,28 @@ local function load_sql(files)
   return items
 end
 
-function methods.floor(job)
+-- A floor around its load(n): the pre-data restore, then the load over n
+-- streams, then `pg_restore -j n --section=post-data` and `vacuumdb --analyze-only -j n`.
+local function floor_around(job, load)
   local schema = require "migrun.schema"
   local part, report = cpu_parts()
+  local n = math.tointeger(job.jobs)
   local tools = assert(schema.tools(job.target_version))
   local dump = assert(schema.dump(job.source, job.dir, { tools = tools }))
   assert(schema.restore("pre-data", job.target, dump, {}))
   part("schema")
-  psql_streams(job.target, spread(load_sql(job.files), math.tointeger(job.jobs)))
+  load(n)
   part("load")
-  assert(schema.restore("post-data", job.target, dump, { jobs = math.tointeger(job.jobs) }))
-  local ok, how, code, _, err = proc.run{ bin("vacuumdb"), "--analyze-only", "--jobs=" .. math.tointeger(job.jobs),
+  assert(schema.restore("post-data", job.target, dump, { jobs = n }))
+  local ok, how, code, _, err = proc.run{ bin("vacuumdb"), "--analyze-only", "--jobs=" .. n,
     "--dbname=" .. job.target, stdout = "null", stderr = "capture" }
   if not ok then die("vacuumdb:", how, code, err) end
   part("post-data")
   report(job)
+end
+
+function methods.floor(job)
+  floor_around(job, function(n) psql_streams(job.target, spread(load_sql(job.files), n)) end)
 end
 
 -- The floor of a rerun: what the killed run had not committed, from the files
@@ -267,34 +276,23 @@ function methods.relay_stream(job)
 end
 
 function methods.relay(job)
-  local schema = require "migrun.schema"
-  local part, report = cpu_parts()
-  local tools = assert(schema.tools(job.target_version))
-  local dump = assert(schema.dump(job.source, job.dir, { tools = tools }))
-  assert(schema.restore("pre-data", job.target, dump, {}))
-  part("schema")
-  -- the files' items over the streams as the floor spreads its statements
-  local items, n = {}, math.tointeger(job.jobs)
-  for _, f in ipairs(job.files) do items[#items + 1] = { sql = f, cost = f.bytes } end
-  local handles = {}
-  for _, stream in ipairs(spread(items, n)) do
-    if #stream > 0 then
-      handles[#handles + 1] = assert(proc.spawn{ host.exe, arg[0], "--method", "relay_stream",
-        stdin = json.encode{ replica = job.replica, target = job.target, items = stream },
-        stdout = "null", stderr = "capture" })
+  floor_around(job, function(n)
+    -- the files' entries over the streams as the floor spreads their statements
+    local items = {}
+    for _, f in ipairs(job.files) do items[#items + 1] = { file = f, cost = f.bytes } end
+    local handles = {}
+    for _, stream in ipairs(spread(items, n, "file")) do
+      if #stream > 0 then
+        handles[#handles + 1] = assert(proc.spawn{ host.exe, arg[0], "--method", "relay_stream",
+          stdin = json.encode{ replica = job.replica, target = job.target, items = stream },
+          stdout = "null", stderr = "capture" })
+      end
     end
-  end
-  for _, h in ipairs(handles) do
-    local ok, how, code = h:wait()
-    if not ok then die("relay stream:", how, code, h.stderr) end
-  end
-  part("load")
-  assert(schema.restore("post-data", job.target, dump, { jobs = n }))
-  local ok, how, code, _, err = proc.run{ bin("vacuumdb"), "--analyze-only", "--jobs=" .. n,
-    "--dbname=" .. job.target, stdout = "null", stderr = "capture" }
-  if not ok then die("vacuumdb:", how, code, err) end
-  part("post-data")
-  report(job)
+    for _, h in ipairs(handles) do
+      local ok, how, code = h:wait()
+      if not ok then die("relay stream:", how, code, h.stderr) end
+    end
+  end)
 end
 
 local function pgcopydb(exe, extra)
