@@ -10,10 +10,10 @@ the report.
   text.thousands(n)        -> "1,234,567"
   text.key(t)              -> "schema.name" of a table record (t.key when it has one)
   text.key(schema, name)   -> "schema.name"
-  text.split_key(t)        -> schema, name of a "schema.name" key (split at its first
-                              dot, as text.key's keys of the catalog's names are read
-                              back) or of a table record { schema =, name = }; nil
-                              when t is neither
+  text.split_key(t)        -> schema, name of a "schema.name" key, split at its first
+                              dot (a table's name may hold dots, a schema's may not:
+                              the key cannot tell), or of a table record
+                              { schema =, name = }; nil when t is neither
   text.epoch(iso)          -> Unix time (an integer) of an ISO 8601 UTC time, or nil:
                               "2026-11-21T12:01:03Z" (the journal's, IMDS's Expiration),
                               "20261121T120103Z" (SigV4's X-Amz-Date); a fraction of a

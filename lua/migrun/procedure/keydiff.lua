@@ -57,8 +57,7 @@ local BATCH = 2000 -- keys per lookup query
 
 local function split(t)
   local schema, name = text.split_key(t)
-  if type(t) == "string" then assert(schema, ("keydiff: table %q: \"schema.table\" expected"):format(t)) end
-  assert(schema, "keydiff: a table {schema=, name=} expected")
+  assert(schema, ("keydiff: table %s: \"schema.table\" or {schema=, name=} expected"):format(tostring(t)))
   return schema, name
 end
 

@@ -113,13 +113,9 @@ end
 
 -- { schema, name } from "schema.name" or a table.
 local function table_ref(t)
-  if type(t) == "table" then
-    assert(t.schema and t.name, "pglogical.add_tables: table { schema =, name = } expected")
-    return t.schema, t.name
-  end
-  assert(type(t) == "string", "pglogical.add_tables: table name \"schema.name\" expected")
   local schema, name = text.split_key(t)
-  assert(schema, "pglogical.add_tables: table name \"schema.name\" expected, got " .. t)
+  assert(schema, ("pglogical.add_tables: table \"schema.name\" or { schema =, name = } expected, got %s"):format(
+    tostring(t)))
   return schema, name
 end
 

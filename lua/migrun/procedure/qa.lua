@@ -90,8 +90,7 @@ local qa = {}
 
 local function split(t)
   local schema, name = text.split_key(t)
-  if type(t) == "string" then assert(schema, ("qa: table %q: \"schema.table\" expected"):format(t)) end
-  assert(schema, "qa: a table {schema=, name=} expected")
+  assert(schema, ("qa: table %s: \"schema.table\" or {schema=, name=} expected"):format(tostring(t)))
   return schema, name
 end
 
