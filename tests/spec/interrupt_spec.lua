@@ -75,6 +75,15 @@ describe("Ctrl-C", function()
     assert.equal(0, status, err)
     assert.equal("ready\ninterrupted\ntrue\texit\t0\tslept\n\t\n", out)
   end)
+
+  it("is told from any other error by error.is_interrupt, whatever their kind or text", function()
+    local errors = require "migrun.error"
+    assert.is_false(errors.is_interrupt(errors.new{ kind = "guard", message = "stopped by migrun's guard" }))
+    assert.is_false(errors.is_interrupt(errors.new{ kind = "interrupted", message = "interrupted!" }))
+    assert.is_false(errors.is_interrupt({ kind = "interrupted", interrupt = true }))
+    assert.is_false(errors.is_interrupt("interrupted!"))
+    assert.is_false(errors.is_interrupt(nil))
+  end)
 end)
 
 -- The guard (a child of a running playbook) asks migrun to stop with SIGUSR1:

@@ -1040,7 +1040,7 @@ function lab.shell(opts)
   end)
   io.stdout:write("\nStopping the lab...\n")
   assert(L:stop())
-  if not ok and not tostring(raised):find("interrupted", 1, true) then error(raised, 0) end
+  if not ok and not errors.is_interrupt(raised) then error(raised, 0) end
 end
 
 return lab
