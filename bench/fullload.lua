@@ -172,19 +172,24 @@ function methods.migrun(job)
   end
 end
 
--- psql sessions, one per stream, each running its list of statements
-local function psql_streams(conninfo, streams)
+-- A process per stream that has work, spec_of(stream) its proc.spawn spec, all at once; waits for every one.
+local function run_streams(streams, what, spec_of)
   local handles = {}
-  for _, sqls in ipairs(streams) do
-    if #sqls > 0 then
-      handles[#handles + 1] = assert(proc.spawn{ bin("psql"), "-X", "-q", "--dbname=" .. conninfo,
-        stdin = "\\set ON_ERROR_STOP 1\n" .. table.concat(sqls, "\n") .. "\n", stdout = "null", stderr = "capture" })
-    end
+  for _, stream in ipairs(streams) do
+    if #stream > 0 then handles[#handles + 1] = assert(proc.spawn(spec_of(stream))) end
   end
   for _, h in ipairs(handles) do
     local ok, how, code = h:wait()
-    if not ok then die("psql:", how, code, h.stderr) end
+    if not ok then die(what .. ":", how, code, h.stderr) end
   end
+end
+
+-- psql sessions, one per stream, each running its list of statements
+local function psql_streams(conninfo, streams)
+  run_streams(streams, "psql", function(sqls)
+    return { bin("psql"), "-X", "-q", "--dbname=" .. conninfo,
+      stdin = "\\set ON_ERROR_STOP 1\n" .. table.concat(sqls, "\n") .. "\n", stdout = "null", stderr = "capture" }
+  end)
 end
 
 -- items { sql =, cost = } over n streams, largest first, each to the least
@@ -280,18 +285,11 @@ function methods.relay(job)
     -- the files' entries over the streams as the floor spreads their statements
     local items = {}
     for _, f in ipairs(job.files) do items[#items + 1] = { file = f, cost = f.bytes } end
-    local handles = {}
-    for _, stream in ipairs(spread(items, n, "file")) do
-      if #stream > 0 then
-        handles[#handles + 1] = assert(proc.spawn{ host.exe, arg[0], "--method", "relay_stream",
-          stdin = json.encode{ replica = job.replica, target = job.target, items = stream },
-          stdout = "null", stderr = "capture" })
-      end
-    end
-    for _, h in ipairs(handles) do
-      local ok, how, code = h:wait()
-      if not ok then die("relay stream:", how, code, h.stderr) end
-    end
+    run_streams(spread(items, n, "file"), "relay stream", function(stream)
+      return { host.exe, arg[0], "--method", "relay_stream",
+        stdin = json.encode{ replica = job.replica, target = job.target, items = stream },
+        stdout = "null", stderr = "capture" }
+    end)
   end)
 end
 
