@@ -90,6 +90,18 @@ local function pid_alive(pid)
   return state ~= "Z" and state ~= "X"
 end
 
+-- Waits until none of the pids runs any more; false when one still does at
+-- the deadline.
+local function wait_gone(pids, deadline)
+  for _, p in ipairs(pids) do
+    while pid_alive(p) do
+      if now() > deadline then return false, p end
+      sleep(0.02)
+    end
+  end
+  return true
+end
+
 -- Runs the jobs ({argv..., stdin=, env=, cwd=, timeout=}) at the same time and
 -- waits for all of them; each result is { ok=, how=, code=, output= } where
 -- output is stdout and stderr together.
@@ -352,12 +364,16 @@ function Cluster:start(timeout)
 end
 
 -- Stops the server (fast shutdown; SIGKILL when that does not finish).
+-- Stopped means the postmaster's process is gone, not only its pid file:
+-- the postmaster removes postmaster.pid (and pg_ctl -w returns) a moment
+-- before it exits.
 function Cluster:stop(timeout)
-  if not self:pid() then return true end
+  local pid = self:pid()
+  if not pid then return true end
   local r = run1(self:_server_job{ self.inst.bindir .. "/pg_ctl", "-D", self.datadir, "-m", "fast",
     "-w", "-t", tostring(timeout or 30), "stop", timeout = (timeout or 30) + 10 })
-  if r.ok or not self:pid() then return true end
-  local ok, err = self:kill()
+  if (r.ok or not self:pid()) and wait_gone({ pid }, now() + 10) then return true end
+  local ok, err = self:_kill_postmaster(pid)
   if ok then return true end
   return nil, err
 end
@@ -367,18 +383,18 @@ end
 function Cluster:kill()
   local pid = self:pid()
   if not pid then return true end
+  return self:_kill_postmaster(pid)
+end
+
+-- SIGKILLs the postmaster pid and its children and waits until they are gone.
+function Cluster:_kill_postmaster(pid)
   local pids = { pid }
   local r = run1{ "pgrep", "-P", tostring(pid) }
   for child in (r.ok and r.output or ""):gmatch("%d+") do pids[#pids + 1] = tonumber(child) end
   run1{ "kill", "-KILL", tostring(pid) }
-  local deadline = now() + 15
-  for _, p in ipairs(pids) do
-    while pid_alive(p) do
-      if now() > deadline then
-        return nil, lab_error(self.name, ("process %d still alive after SIGKILL of the postmaster"):format(p))
-      end
-      sleep(0.05)
-    end
+  local gone, p = wait_gone(pids, now() + 15)
+  if not gone then
+    return nil, lab_error(self.name, ("process %d still alive after SIGKILL of the postmaster"):format(p))
   end
   return true
 end
@@ -459,18 +475,22 @@ function Lab:stop()
     if c.proxy then c.proxy:close() end
   end
   local first_err
-  local jobs, running = {}, {}
+  local jobs, running, postmasters = {}, {}, {}
   for _, c in ipairs(self.clusters) do
-    if c:pid() then
-      running[#running + 1] = c
+    local pid = c:pid()
+    if pid then
+      running[#running + 1], postmasters[#postmasters + 1] = c, pid
       jobs[#jobs + 1] = c:_server_job{ c.inst.bindir .. "/pg_ctl", "-D", c.datadir, "-m", "fast", "-w",
         "-t", "30", "stop", timeout = 40 }
     end
   end
   run_all(jobs)
-  for _, c in ipairs(running) do
-    if c:pid() then
-      local ok, err = c:kill()
+  -- pg_ctl returns when the pid file is gone, a moment before the process is
+  -- gone; one still there after that is killed like one pg_ctl could not stop
+  wait_gone(postmasters, now() + 10)
+  for i, c in ipairs(running) do
+    if pid_alive(postmasters[i]) then
+      local ok, err = c:_kill_postmaster(postmasters[i])
       if not ok then first_err = first_err or err end
     end
   end
