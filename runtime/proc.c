@@ -98,9 +98,10 @@ typedef struct Process {
     Stage *stages;
     pid_t pgid;
     Stream out, err;
-    int in_fd; /* write end of the child's stdin, -1 when done */
-    const char *in_data;
+    int in_fd;           /* write end of the child's stdin, -1 when done */
+    const char *in_data; /* what is still to write: in_data[in_off..in_len) */
     size_t in_len, in_off;
+    int in_keep;      /* stdin = {pipe = true}: open for h:send until h:close_stdin */
     int failed_stage; /* the first stage seen failing, -1 if none */
     Stdio io;         /* what start() opened and has not handed over or closed */
     struct ProcState *owner;
@@ -373,10 +374,13 @@ static void write_stdin(Process *p) {
             continue;
         else if (n < 0 && errno == EAGAIN)
             return;
-        else
-            break; /* EPIPE: the child stopped reading */
+        else {
+            close_fd(&p->in_fd); /* EPIPE: the child stopped reading */
+            return;
+        }
     }
-    close_fd(&p->in_fd);
+    if (!p->in_keep)
+        close_fd(&p->in_fd); /* all written: EOF */
 }
 
 static int stage_failed(const Stage *s) {
@@ -483,7 +487,7 @@ static void pump(lua_State *L, int timeout_ms) {
             owner[k] = p;
             fds[k++] = (struct pollfd){p->err.fd, POLLIN, 0};
         }
-        if (p->in_fd >= 0) {
+        if (p->in_fd >= 0 && p->in_off < p->in_len) { /* a kept pipe with nothing to write waits */
             owner[k] = p;
             fds[k++] = (struct pollfd){p->in_fd, POLLOUT, 0};
         }
@@ -672,7 +676,7 @@ typedef struct {
     char what[32];
 } ExecFailure;
 
-enum { IN_INHERIT, IN_NULL, IN_DATA, IN_FILE };
+enum { IN_INHERIT, IN_NULL, IN_DATA, IN_FILE, IN_PIPE };
 
 /* One output stream as the spec asks for it; nothing is open yet. */
 typedef struct {
@@ -962,8 +966,16 @@ static void parse_spec(lua_State *L, int spec, int pipeline, int ud, Spec *s) {
         p->in_data = lua_tolstring(L, -1, &p->in_len);
         break;
     case LUA_TTABLE:
+        if (lua_getfield(L, -1, "pipe") != LUA_TNIL) { /* ... stdin pipe */
+            if (lua_toboolean(L, -1) != 1 || !lua_isboolean(L, -1))
+                luaL_error(L, "bad stdin: {pipe = true} expected");
+            s->in_mode = IN_PIPE;
+            p->in_keep = 1;
+            break;
+        }
+        lua_pop(L, 1);
         if (lua_getfield(L, -1, "file") != LUA_TSTRING) /* ... stdin path */
-            luaL_error(L, "bad stdin: {file = path} needs a path string");
+            luaL_error(L, "bad stdin: {file = path} or {pipe = true} needs a path string");
         s->in_mode = IN_FILE;
         s->in_path = lua_tostring(L, -1);
         break;
@@ -1079,7 +1091,7 @@ static int open_stdio(lua_State *L, Process *p, const Spec *s) {
     /* pipes: the parent's ends are close-on-exec (and made non-blocking later) */
     if ((wants_pipe(s->out.mode) && pipe2(io->out_pipe, O_CLOEXEC) < 0) ||
         (wants_pipe(s->err.mode) && pipe2(io->err_pipe, O_CLOEXEC) < 0) ||
-        (s->in_mode == IN_DATA && pipe2(io->in_pipe, O_CLOEXEC) < 0) ||
+        ((s->in_mode == IN_DATA || s->in_mode == IN_PIPE) && pipe2(io->in_pipe, O_CLOEXEC) < 0) ||
         pipe2(io->exec_pipe, O_CLOEXEC) < 0) {
         int e = errno;
         stdio_close(io);
@@ -1112,7 +1124,8 @@ static void exec_stage(Process *p, const Spec *s, int i, pid_t parent_pid) {
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
-    int fd_in = i == 0 ? (s->in_mode == IN_DATA ? io->in_pipe[0] : io->in_child) : io->prev_read;
+    int piped = s->in_mode == IN_DATA || s->in_mode == IN_PIPE;
+    int fd_in = i == 0 ? (piped ? io->in_pipe[0] : io->in_child) : io->prev_read;
     int fd_out = i < s->nstages - 1        ? io->link[1]
                  : wants_pipe(s->out.mode) ? io->out_pipe[1]
                                            : io->out_child;
@@ -1204,7 +1217,7 @@ static int fork_exec(lua_State *L, Process *p, const Spec *s, int ud) {
         lua_setfield(L, -2, "errno");
         return 2;
     }
-    if (p->in_len == 0)
+    if (p->in_len == 0 && !p->in_keep)
         close_fd(&p->in_fd); /* empty stdin data: EOF at once */
     lua_settop(L, ud);
     active_add(L, p, ud);
@@ -1360,6 +1373,43 @@ static int proc_kill(lua_State *L) {
         return migrun_error_return(L, "spawn", NULL, NULL, strerror(errno));
     lua_pushboolean(L, 1);
     return 1;
+}
+
+/* h:send(data) -> true | nil, err: more for the stdin of a child spawned
+ * with stdin = {pipe = true}, written as the child reads it (never waits);
+ * err when its stdin is closed (h:close_stdin, or the child stopped reading). */
+static int proc_send(lua_State *L) {
+    Process *p = check_process(L, 1);
+    luaL_checktype(L, 2, LUA_TSTRING);
+    if (!p->in_keep)
+        return luaL_error(
+            L, "h:send needs a process spawned with stdin = {pipe = true}, its stdin still open");
+    if (p->in_fd < 0)
+        return migrun_error_return(
+            L, "spawn", NULL, NULL,
+            lua_pushliteral(L, "the child's stdin is closed: it stopped reading or exited"));
+    if (p->in_off < p->in_len) { /* what is still unwritten, then data */
+        lua_pushlstring(L, p->in_data + p->in_off, p->in_len - p->in_off);
+        lua_pushvalue(L, 2);
+        lua_concat(L, 2);
+    } else {
+        lua_pushvalue(L, 2);
+    }
+    p->in_data = lua_tolstring(L, -1, &p->in_len);
+    p->in_off = 0;
+    lua_setiuservalue(L, 1, UV_STDIN_DATA); /* anchors in_data */
+    write_stdin(p);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* h:close_stdin(): the child reads EOF once what was sent is written. Idempotent. */
+static int proc_close_stdin(lua_State *L) {
+    Process *p = check_process(L, 1);
+    p->in_keep = 0;
+    if (p->in_off >= p->in_len)
+        close_fd(&p->in_fd);
+    return 0;
 }
 
 /* h:statuses() -> { {ok, how, code, pid}, ... } one per stage (after wait) */
@@ -1570,6 +1620,8 @@ int luaopen_migrun_proc(lua_State *L) {
         {"close", proc_close},
         {"command", proc_command},
         {"statuses", proc_statuses},
+        {"send", proc_send},
+        {"close_stdin", proc_close_stdin},
         {NULL, NULL},
     };
     static const luaL_Reg meta[] = {

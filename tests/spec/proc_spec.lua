@@ -105,6 +105,39 @@ describe("migrun.proc", function()
     assert.equal("", out)
   end)
 
+  it("keeps a piped stdin open for h:send: a conversation, then EOF at close_stdin", function()
+    local lines = {}
+    local h <close> = proc.spawn{ "cat", stdin = { pipe = true }, stdout = function(l) lines[#lines + 1] = l end }
+    -- nothing sent: cat waits on its stdin, it does not see EOF
+    assert.same({ nil, "timeout" }, { h:wait(0.2) })
+    assert.is_true(h:send("one\n"))
+    local deadline = os.time() + 10
+    while #lines < 1 and os.time() < deadline do h:wait(0.05) end
+    assert.same({ "one" }, lines) -- answered while stdin stays open
+    -- more than a pipe holds, sent without waiting, written as cat reads it
+    local big = string.rep("x", 1 << 20)
+    assert.is_true(h:send(big .. "\n"))
+    assert.is_true(h:send("two\n"))
+    h:close_stdin()
+    h:close_stdin() -- again: nothing to do
+    assert.same({ true, "exit", 0 }, { h:wait(30) })
+    assert.same({ "one", big, "two" }, lines)
+    -- misuse: send after close_stdin, to a process whose stdin was data, a bad pipe spec
+    assert.has_error(function() h:send("late\n") end)
+    local d <close> = proc.spawn{ "cat", stdin = "x", stdout = "null" }
+    assert.has_error(function() d:send("y") end)
+    assert.has_error(function() proc.spawn{ "cat", stdin = { pipe = 1 } } end)
+  end)
+
+  it("sends to a child that stopped reading: an error, not a SIGPIPE", function()
+    local h <close> = proc.spawn{ "true", stdin = { pipe = true } }
+    assert.is_true(h:wait(10))
+    local ok, err = h:send(string.rep("x", 1 << 17))
+    assert.is_nil(ok)
+    assert.equal("spawn", err.kind)
+    assert.truthy(tostring(err):find("stdin is closed", 1, true), tostring(err))
+  end)
+
   it("delivers output line by line to a function", function()
     local lines = {}
     local h = proc.spawn{ "printf", "a\\nb\\n\\nlast", stdout = function(l) lines[#lines + 1] = l end }
