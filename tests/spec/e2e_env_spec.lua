@@ -46,11 +46,15 @@ describe("the environment of every child of a playbook run", function()
     repeat
       for _, pid in ipairs(procs.descendants(h.pid)) do
         if not seen[pid] then
+          local function cmdline() return (host.read_file("/proc/" .. pid .. "/cmdline") or ""):gsub("%z", " ") end
+          local before = cmdline()
           local environ = host.read_file("/proc/" .. pid .. "/environ")
-          local cmdline = (host.read_file("/proc/" .. pid .. "/cmdline") or ""):gsub("%z", " ")
+          local after = cmdline()
           -- a process caught between fork and exec still has migrun's: read it again once it has exec'd
-          if environ and environ ~= "" and not cmdline:find("playbooks/full.lua", 1, true) then
-            seen[pid] = { cmdline = cmdline, environ = environ }
+          -- (its command line the same before and after its environment was read: no exec in between)
+          if environ and environ ~= "" and before ~= "" and before == after
+              and not before:find("playbooks/full.lua", 1, true) then
+            seen[pid] = { cmdline = before, environ = environ }
           end
         end
       end
