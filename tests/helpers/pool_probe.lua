@@ -3,9 +3,14 @@
 -- its parent spends its time decoding them.
 local host = require "migrun.host"
 
+-- tasks this process has run: a worker serves task after task
+local served = 0
+
 return {
   task = function(job, emit)
-    emit{ event = "started", group = job.group, n = job.n }
+    served = served + 1
+    emit{ event = "started", group = job.group, n = job.n, pid = host.pid, served = served }
+    if job.fail then return nil, "task " .. job.n .. " failed" end
     if not job.chatter then
       host.sleep(job.seconds)
       return true

@@ -669,6 +669,38 @@ describe("migrun.fullload", function()
     end
   end)
 
+
+  it("keeps a stream's sessions from task to task: the servers see a connection per stream, not per chunk", function()
+    truncate_target()
+    -- sessions to the database as the server counts them, once every other
+    -- client's session has ended (a backend's count is in once it exits)
+    local function sessions(conn)
+      local deadline = host.monotonic() + 30
+      while true do
+        local r = assert(conn:query([[select count(*)::int as others from pg_stat_activity
+          where backend_type = 'client backend' and pid <> pg_backend_pid()]]))
+        if r[1].others == 0 then break end
+        assert(host.monotonic() < deadline, "other sessions still open on " .. conn:name())
+        host.sleep(0.05)
+      end
+      local r = assert(conn:query([[select sessions::int as n from pg_stat_database
+        where datname = current_database()]]))
+      return r[1].n
+    end
+    local before = { target = sessions(target_db), replica = sessions(replica_db) }
+    local tasks = 0
+    assert(run{ chunk_bytes = CH, split_bytes = CH,
+      on_table = function(t) if not t.chunks then tasks = tasks + 1 end end,
+      on_chunk = function() tasks = tasks + 1 end })
+    local made = { target = sessions(target_db) - before.target, replica = sessions(replica_db) - before.replica }
+    -- two streams, a session on each side each, and the parent's own few;
+    -- a session per task would be one per chunk and per table
+    assert.is_true(tasks >= 12, "too few tasks to tell: " .. tasks)
+    for side, n in pairs(made) do
+      assert.is_true(n <= 6, ("%d sessions on the %s for %d tasks"):format(n, side, tasks))
+    end
+    all_equal()
+  end)
   it("gives an index build the streams nothing else will use as its parallel workers, and none on one stream", function()
     -- what the target's session building it was set to, read by a post item of its own
     local function probe(jobs)

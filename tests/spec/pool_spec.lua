@@ -13,6 +13,15 @@ local cli = require "helpers.cli"
 -- the full load adds a table's index builds when its last chunk is in).
 -- use: each task takes the idle processes it is offered (they count as busy).
 -- soft: { [group] = true }, the pool's soft limits; lanes: its lanes.
+-- Runs a script in a migrun of its own, its input JSON on stdin -> its output, decoded.
+local function run_lua(script, input)
+  local ok, how, code, out, err = proc.run{ cli.bin, "-e", script, timeout = cli.timeout,
+    stdin = json.encode(input), stdout = "capture", stderr = "capture",
+    env = { LUA_PATH = cli.source .. "/tests/?.lua;;", LUA_INIT = false, LUA_INIT_5_4 = false, MIGRUN_LUA_PATH = false } }
+  assert(ok, ("the pool process %s %s: %s"):format(tostring(how), tostring(code), tostring(err)))
+  return json.decode(out)
+end
+
 local function run_pool(jobs, limits, tasks, seconds, later, use, soft, lanes)
   local script = [[
     local pool, json = require "migrun.pool", require "migrun.json"
@@ -47,13 +56,8 @@ local function run_pool(jobs, limits, tasks, seconds, later, use, soft, lanes)
     assert(p:run())
     io.write(json.encode{ order = order, most = most, most_all = most_all, idle = idle })
   ]]
-  local ok, how, code, out, err = proc.run{ cli.bin, "-e", script, timeout = cli.timeout,
-    stdin = json.encode{ jobs = jobs, limits = limits, tasks = tasks, seconds = seconds, later = later, use = use,
-      soft = soft, lanes = lanes },
-    stdout = "capture", stderr = "capture",
-    env = { LUA_PATH = cli.source .. "/tests/?.lua;;", LUA_INIT = false, LUA_INIT_5_4 = false, MIGRUN_LUA_PATH = false } }
-  assert(ok, ("the pool process %s %s: %s"):format(tostring(how), tostring(code), tostring(err)))
-  return json.decode(out)
+  return run_lua(script, { jobs = jobs, limits = limits, tasks = tasks, seconds = seconds, later = later, use = use,
+      soft = soft, lanes = lanes })
 end
 
 local function tasks_of(spec)
@@ -135,6 +139,48 @@ describe("migrun.pool", function()
     -- nothing but the lane's tasks: the other process stays empty
     r = run_pool(1, nil, tasks_of{ { 3, "h", 1 } }, 0.1, nil, nil, nil, { h = 1 })
     assert.same({ h = 1 }, r.most)
+  end)
+
+  it("runs a slot's tasks one after another in one worker process, which exits at the end", function()
+    local script = [[
+      local pool, json, proc = require "migrun.pool", require "migrun.json", require "migrun.proc"
+      local spec = json.decode(io.read("a"))
+      local seen, done = {}, {}
+      local p = pool.new{ jobs = 2, entry = "helpers.pool_probe",
+        on_event = function(task, ev)
+          if ev.event == "started" then seen[#seen + 1] = { n = ev.n, pid = ev.pid, served = ev.served, task_pid = task.pid } end
+          return true
+        end,
+        on_done = function(task) done[#done + 1] = task.job.n return true end }
+      for n = 1, spec.tasks do p:add{ job = { n = n, seconds = 0.05, fail = n == spec.fail or nil }, cost = 1 } end
+      local ok, failure = p:run()
+      local alive = {}
+      for _, s in ipairs(seen) do
+        alive[#alive + 1] = proc.run{ "kill", "-0", tostring(s.pid), stderr = "null" } or false
+      end
+      io.write(json.encode{ seen = seen, done = done, ok = ok or false, failure = failure and failure.message,
+        alive = alive })
+    ]]
+    local r = run_lua(script, { tasks = 8 })
+    assert.is_true(r.ok)
+    assert.equal(8, #r.seen)
+    assert.equal(8, #r.done)
+    local pids, most = {}, 0
+    for _, s in ipairs(r.seen) do
+      assert.equal(s.pid, s.task_pid) -- task.pid is the worker that runs it
+      pids[s.pid] = (pids[s.pid] or 0) + 1
+      most = math.max(most, s.served)
+    end
+    local workers = 0
+    for _, n in pairs(pids) do workers = workers + 1 assert.is_true(n >= 2, require("migrun.json").encode(r.seen)) end
+    assert.equal(2, workers) -- two slots, two processes for eight tasks
+    assert.is_true(most >= 2) -- module state lives on between a worker's tasks
+    for _, a in ipairs(r.alive) do assert.is_false(a) end -- the workers exited with the run
+    -- a task that fails ends the run with its message, its worker and the other stopped
+    r = run_lua(script, { tasks = 8, fail = 5 })
+    assert.is_false(r.ok)
+    assert.truthy(r.failure:find("task 5 failed", 1, true), r.failure)
+    for _, a in ipairs(r.alive) do assert.is_false(a) end
   end)
 
   it("hands a stop request on however busy it is with its workers' events", function()

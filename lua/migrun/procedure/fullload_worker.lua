@@ -205,11 +205,14 @@ function Worker:need_target()
 end
 
 function Worker:need_replica()
-  if self.replica then return true end
-  local replica, err = self:open("replica")
-  if not replica then return nil, err end
-  self.replica = replica
-  self.names, self.expected = lsn.names(replica:server_version()), lsn(self.job.expect_replay_lsn)
+  if not self.replica then
+    local replica, err = self:open("replica")
+    if not replica then return nil, err end
+    self.replica = replica
+  end
+  if not self.names then
+    self.names, self.expected = lsn.names(self.replica:server_version()), lsn(self.job.expect_replay_lsn)
+  end
   return true
 end
 
@@ -411,15 +414,61 @@ local function failed(emit, err, item)
   return nil, err
 end
 
+-- The sessions a task leaves for the next one its process runs (migrun.pool's
+-- workers serve task after task): the next task of the same run does not pay
+-- for connecting, nor the servers for a backend's start. { key =, target =,
+-- replica =, backends = }, or nil.
+local kept
+
+-- Same servers, same settings: the key of the sessions a task can take over.
+local function session_key(job)
+  return table.concat({ job.target or "", job.replica or "", job.application_name or "",
+    tostring(job.stall_timeout) }, "\0")
+end
+
+-- The kept sessions, if they are this job's and still answer. One lost
+-- while idle (a server restarted between tasks) is no loss of work: it is
+-- dropped without a retry, its session ended at the next connect.
+function Worker:take_kept()
+  local k = kept
+  kept = nil
+  if not k or k.key ~= session_key(self.job) then
+    for _, side in ipairs{ "target", "replica" } do if k and k[side] then k[side]:close() end end
+    return
+  end
+  for _, side in ipairs{ "target", "replica" } do
+    local c = k[side]
+    if c and short(c, self.short, "select") then
+      self[side], self.backends[side] = c, k.backends[side]
+    elseif c then
+      c:close()
+      self.stale[side] = k.backends[side]
+    end
+  end
+end
+
+-- The sessions kept for the next task: only idle ones (no transaction open).
+function Worker:keep()
+  kept = { key = session_key(self.job), backends = self.backends }
+  for _, side in ipairs{ "target", "replica" } do
+    local c = self[side]
+    if c and not c:is_closed() and c:transaction_status() == "idle" then
+      kept[side] = c
+    elseif c then
+      c:close()
+    end
+  end
+end
+
 function worker.task(job, emit)
   local w = setmetatable({ job = job, emit = emit, stale = {}, backends = {},
     short = SHORT * (job.stall_timeout or pg.STALL_TIMEOUT) }, Worker)
+  w:take_kept()
   for _, item in ipairs(job.items) do
     local ok, err = w:run(item)
     if not ok then return failed(emit, err, item) end
   end
-  if w.replica then w.replica:close() end
-  if w.target then w.target:close() end
+  w:keep()
   return true
 end
 

@@ -1,19 +1,23 @@
 --[[
 migrun.pool: a queue of tasks run over `jobs` child processes, the largest
-task first, each task in a process of its own: the worker executable of
-libmigrun (host.worker_spec), whatever program hosts this state.
+task first: one worker process per slot (the worker executable of libmigrun,
+host.worker_spec, whatever program hosts this state), which runs the tasks
+the parent sends it one after another.
 
-Why processes, one per task: a task is a COPY of a chunk, an index build or
-a hash of a key range, all of which wait on a server; real parallelism needs
-several client processes, and a process per task lets the parent decide, as
-tasks finish, what runs next (the indexes of a table whose last chunk has just
-committed, before the rest of the load). Starting migrun and connecting costs
-some tens of milliseconds, so callers put small things together in one task.
+Why processes: a task is a COPY of a chunk, an index build or a hash of a
+key range, all of which wait on a server; real parallelism needs several
+client processes. Why the parent sends each task when a slot frees, rather
+than handing out the queue at the start: it decides, as tasks finish, what
+runs next (the indexes of a table whose last chunk has just committed,
+before the rest of the load). Why a worker lives for the whole run: starting
+migrun costs some milliseconds of CPU, and a task's module may keep what the
+next task can use (the full load keeps its sessions on the servers, which
+also spares them a backend's start per task).
 
   local pool = require "migrun.pool"
   local p = pool.new{ jobs = 2, entry = "migrun.fullload",
     on_event = function(task, ev) end,  -- a JSON line the task's process emitted, decoded
-    on_done = function(task) end,       -- the task's process exited 0 (its events came first)
+    on_done = function(task) end,       -- the task's worker finished it (its events came first)
     on_tick = function() end,           -- between waits, at least every `interval` seconds
     on_start = function(task, idle) return used end, -- just before its process starts (task.job may change)
     limits = { replica = 2 } }          -- at most 2 tasks of group "replica" at once
@@ -21,11 +25,12 @@ some tens of milliseconds, so callers put small things together in one task.
   local ok, failure = p:run()
 
   pool.new(opts) -> Pool
-      opts.jobs (>= 1), opts.entry: a module name; the child runs
-      require(entry).task(job, emit) with the task's job (a JSON value: never
-      in argv, it may hold connection strings) and emit(table), which writes
-      a JSON line the parent's on_event gets. A task that raises or returns
-      nil, err fails. opts.interval: seconds between dispatches (default 0.02).
+      opts.jobs (>= 1), opts.entry: a module name; the worker runs
+      require(entry).task(job, emit) with the task's job (a JSON value, sent
+      on the worker's stdin: never in argv, it may hold connection strings)
+      and emit(table), which writes a JSON line the parent's on_event gets.
+      A task that raises or returns nil, err fails (and its worker exits).
+      Module state lives on between the tasks of one worker. opts.interval: seconds between dispatches (default 0.02).
       opts.limits: { [group] = n }: at most n tasks of that group run at once
       (a group without a limit is bounded by jobs only). Two servers each
       given their own share of the processes (the two sides of a comparison)
@@ -43,7 +48,7 @@ some tens of milliseconds, so callers put small things together in one task.
       Tasks may be added at any time, also from on_event and on_done; the
       queue is served highest cost first, then in the order added, passing
       over tasks whose group is at its limit. task.stream is set when it
-      starts (1..jobs: the slot it runs in), task.pid too.
+      starts (1..jobs: the slot it runs in), task.pid too (its worker's).
   on_start(task, idle) -> used: idle is this task's share of the slots that
       stay empty once it and everything queued run (0 while the queue holds
       as much as the free slots): a task started at the tail of a run may use
@@ -56,14 +61,18 @@ some tens of milliseconds, so callers put small things together in one task.
       returning nil, err) the other processes are stopped (TERM, then KILL)
       and failure = { task =, stream =, message =, where =, detail = } is
       returned. A raised error (Ctrl-C) stops them too and is raised again.
+      At the end the workers get EOF and exit.
   p:pending() -> n (queued), p:running() -> n
-  pool.child()   the child's main (internal)
+  pool.child()   the worker's main (internal)
 ]]
 local proc = require "migrun.proc"
 local host = require "migrun.host"
 local json = require "migrun.json"
 
 local pool = {}
+
+-- The event a worker emits when it has finished a task (not passed to on_event).
+local DONE = "pool.task_done"
 
 local Pool = {}
 Pool.__index = Pool
@@ -91,7 +100,8 @@ function pool.new(opts)
   return setmetatable({ jobs = opts.jobs, entry = opts.entry, on_event = opts.on_event, on_done = opts.on_done,
     on_tick = opts.on_tick, on_start = opts.on_start, limits = opts.limits or {}, soft = opts.soft or {},
     lanes = opts.lanes or {}, width = width,
-    interval = opts.interval or 0.02, queue = {}, seq = 0, slots = {}, handles = {}, events = {} }, Pool)
+    interval = opts.interval or 0.02, queue = {}, seq = 0, slots = {}, workers = {}, handles = {}, events = {} },
+    Pool)
 end
 
 function Pool:add(task)
@@ -155,46 +165,92 @@ function Pool:_idle_share()
   return (spare + queued) // (queued + 1)
 end
 
-function Pool:_start(task, slot)
+-- A slot's worker: one process serving the slot's tasks one after another,
+-- each sent as a JSON line on its stdin; w.task is the one it runs (nil:
+-- idle). Its lines go to the events of the task it runs.
+function Pool:_spawn_worker(slot)
   local pool_ = self
-  task.stream = slot
-  task.stderr = {}
+  local w = { slot = slot, output = {} }
+  local function keep_line(line)
+    local out = w.task and w.task.stderr or w.output
+    out[#out + 1] = line
+    if #out > 20 then table.remove(out, 1) end
+  end
   local spec, werr = host.worker_spec{ "-e", "require('migrun.pool').child()",
-    stdin = json.encode{ entry = self.entry, job = task.job }, die_with_parent = true,
+    stdin = { pipe = true }, die_with_parent = true,
     env = { table.unpack(proc.LIBPQ_ENV) }, -- a worker connects to PostgreSQL: libpq's variables, no password
     stdout = function(line)
       local ev = json.decode(line) -- nil for a line that is not JSON
-      if type(ev) == "table" then
+      if type(ev) == "table" and w.task then
         local events = pool_.events -- replaced at each dispatch
-        events[#events + 1] = { task = task, ev = ev }
+        events[#events + 1] = { task = w.task, ev = ev }
       else
-        task.stderr[#task.stderr + 1] = line
+        keep_line(line)
       end
     end,
-    stderr = function(line)
-      task.stderr[#task.stderr + 1] = line
-      if #task.stderr > 20 then table.remove(task.stderr, 1) end
-    end }
+    stderr = keep_line }
   if not spec then return nil, werr end
   local h, err = proc.spawn(spec)
   if not h then return nil, err end
-  task.handle, task.pid = h, h.pid
+  w.handle = h
+  self.workers[slot], self.handles[h] = w, w
+  return w
+end
+
+function Pool:_start(task, slot)
+  task.stream = slot
+  task.stderr = {}
+  local w = self.workers[slot]
+  if not w then
+    local err
+    w, err = self:_spawn_worker(slot)
+    if not w then return nil, err end
+  end
+  -- the job is never in argv: it may hold connection strings
+  local ok, err = w.handle:send(json.encode{ entry = self.entry, job = task.job } .. "\n")
+  if not ok then return nil, err end
+  w.task, task.pid = task, w.handle.pid
   self.slots[slot] = task
-  self.handles[h] = task
   return true
 end
 
+-- Every worker ended: busy or not, TERM, then KILL.
 function Pool:_stop_all()
-  for _, task in pairs(self.slots) do
-    if task.handle.running then task.handle:kill("TERM") end
+  for _, w in pairs(self.workers) do
+    if w.handle.running then w.handle:kill("TERM") end
   end
-  for slot, task in pairs(self.slots) do
-    local _, how = task.handle:wait(10)
-    if how == "timeout" then task.handle:kill("KILL") task.handle:wait(5) end
-    task.handle:close()
-    self.handles[task.handle] = nil
+  self:_reap_all(10)
+end
+
+-- Waits for every worker to exit (KILL after `timeout` seconds) and forgets it.
+function Pool:_reap_all(timeout)
+  for slot, w in pairs(self.workers) do
+    local _, how = w.handle:wait(timeout)
+    if how == "timeout" then w.handle:kill("KILL") w.handle:wait(5) end
+    w.handle:close()
+    self.handles[w.handle] = nil
+    self.workers[slot] = nil
     self.slots[slot] = nil
   end
+end
+
+-- The workers told that there is no more work (EOF) and waited for.
+function Pool:_finish()
+  for _, w in pairs(self.workers) do w.handle:close_stdin() end
+  self:_reap_all(10)
+end
+
+-- A task its worker has finished: the slot free for the next, on_done.
+function Pool:_done(task)
+  self.workers[task.stream].task = nil
+  self.slots[task.stream] = nil
+  if self.on_done then
+    local dres, derr = self.on_done(task)
+    if dres == nil and derr ~= nil then
+      return nil, { task = task, stream = task.stream, message = tostring(derr), error = derr }
+    end
+  end
+  return true
 end
 
 -- Decoded lines, handed to on_event outside the output callbacks (which may
@@ -208,7 +264,10 @@ function Pool:_dispatch()
         return nil, { task = e.task, stream = e.task.stream, message = e.ev.message, where = e.ev.where,
           detail = e.ev.detail, table = e.ev.table }
       end
-      if self.on_event then
+      if e.ev.event == DONE then
+        local ok, failure = self:_done(e.task)
+        if not ok then return nil, failure end
+      elseif self.on_event then
         local ok, err = self.on_event(e.task, e.ev)
         if ok == nil and err ~= nil then
           return nil, { task = e.task, stream = e.task.stream, message = tostring(err), error = err }
@@ -217,6 +276,22 @@ function Pool:_dispatch()
     end
   end
   return true
+end
+
+-- A worker that exited: a failure if it had a task (it ends only between
+-- tasks, at EOF); an idle one is forgotten, its slot gets a new one.
+function Pool:_exited(h, ok, how, code)
+  local w = self.handles[h]
+  self.handles[h], self.workers[w.slot] = nil, nil
+  h:close()
+  local task = w.task
+  if not task then return true end
+  self.slots[w.slot] = nil
+  local what = how == "signal" and ("was killed by signal " .. tostring(code))
+    or ok and "exited before its task was done" or ("exited with " .. tostring(how) .. " " .. tostring(code))
+  return nil, { task = task, stream = task.stream,
+    message = ("the worker of stream %d %s%s"):format(task.stream, what, task.label and (" while " .. task.label) or ""),
+    detail = table.concat(task.stderr, "\n") }
 end
 
 function Pool:_loop()
@@ -235,32 +310,16 @@ function Pool:_loop()
         end
       end
     end
+    if not next(self.slots) then return true end
     local list = {}
     for h in pairs(self.handles) do list[#list + 1] = h end
-    if #list == 0 then return true end
     local h, ok, how, code = proc.wait_any(list, self.interval)
     local dok, failure = self:_dispatch()
     if not dok then return nil, failure end
     if self.on_tick then self.on_tick() end
     if h then
-      local task = self.handles[h]
-      self.handles[h] = nil
-      self.slots[task.stream] = nil
-      h:close()
-      if not ok then
-        local what = how == "signal" and ("was killed by signal " .. tostring(code))
-          or ("exited with " .. tostring(how) .. " " .. tostring(code))
-        return nil, { task = task, stream = task.stream,
-          message = ("the worker of stream %d %s%s"):format(task.stream, what,
-            task.label and (" while " .. task.label) or ""),
-          detail = table.concat(task.stderr, "\n") }
-      end
-      if self.on_done then
-        local dres, derr = self.on_done(task)
-        if dres == nil and derr ~= nil then
-          return nil, { task = task, stream = task.stream, message = tostring(derr), error = derr }
-        end
-      end
+      local eok, efailure = self:_exited(h, ok, how, code)
+      if not eok then return nil, efailure end
     end
   end
 end
@@ -276,22 +335,32 @@ function Pool:run()
     self.queue = {}
     return nil, failure
   end
+  self:_finish()
   return true
 end
 
--- The child: one task, events as JSON lines on stdout.
+-- The child: tasks as JSON lines on stdin, one after another, until EOF;
+-- each task's events as JSON lines on stdout, then DONE. A task that fails
+-- ends the process (the parent stops the run).
 function pool.child()
-  local job = json.decode(io.read("a"))
   local function emit(t)
     io.stdout:write(json.encode(t), "\n")
     io.stdout:flush()
   end
-  local ok, res, err = pcall(function() return require(job.entry).task(job.job, emit) end)
-  if ok and (res ~= nil or err == nil) then os.exit(0) end
-  local e = ok and err or res
-  emit{ event = "error", message = tostring(e), where = type(e) == "table" and e.where or nil,
-        table = type(e) == "table" and e.table or nil }
-  os.exit(1)
+  for line in io.lines() do
+    local job = json.decode(line)
+    local ok, res, err = pcall(function() return require(job.entry).task(job.job, emit) end)
+    if not (ok and (res ~= nil or err == nil)) then
+      local e = ok and err or res
+      emit{ event = "error", message = tostring(e), where = type(e) == "table" and e.where or nil,
+            table = type(e) == "table" and e.table or nil }
+      os.exit(1)
+    end
+    job = nil -- luacheck: ignore 311
+    collectgarbage() -- what the task left open (a connection it did not close) closed before the next
+    emit{ event = DONE }
+  end
+  os.exit(0, true) -- the state closed: what the tasks kept (connections) closed properly
 end
 
 return pool
