@@ -13,6 +13,15 @@ assert(p:wait() and p.stdout:match("1000"))
 local lines = 0
 proc.spawn{ "seq", "1", "100", stdout = function() lines = lines + 1 end }:wait()
 assert(lines == 100)
+do -- a conversation on a kept stdin, a send after the child stopped reading
+  local got = {}
+  local c <close> = proc.spawn{ "cat", stdin = { pipe = true }, stdout = function(l) got[#got + 1] = l end }
+  assert(c:send("one\n") and c:send(string.rep("x", 1 << 17) .. "\n"))
+  c:close_stdin()
+  assert(c:wait(10) and #got == 2)
+  local t <close> = proc.spawn{ "true", stdin = { pipe = true } }
+  assert(t:wait(10) and not t:send("late"))
+end
 local s <close> = proc.spawn{ "sleep", "10" }
 assert(select(2, s:wait(0.01)) == "timeout")
 assert(not proc.spawn{ "/no/such/program" })
