@@ -19,7 +19,7 @@ also spares them a backend's start per task).
     on_event = function(task, ev) end,  -- a JSON line the task's process emitted, decoded
     on_done = function(task) end,       -- the task's worker finished it (its events came first)
     on_tick = function() end,           -- between waits, at least every `interval` seconds
-    on_start = function(task, idle) return used end, -- just before its process starts (task.job may change)
+    on_start = function(task, idle) return used end, -- just before it goes to its worker (task.job may change)
     limits = { replica = 2 } }          -- at most 2 tasks of group "replica" at once
   p:add{ job = { ... }, cost = 1e9, label = "public.big #3", group = "replica" }
   local ok, failure = p:run()
@@ -30,7 +30,8 @@ also spares them a backend's start per task).
       on the worker's stdin: never in argv, it may hold connection strings)
       and emit(table), which writes a JSON line the parent's on_event gets.
       A task that raises or returns nil, err fails (and its worker exits).
-      Module state lives on between the tasks of one worker. opts.interval: seconds between dispatches (default 0.02).
+      Module state lives on between the tasks of one worker. opts.interval:
+      seconds between dispatches (default 0.02).
       opts.limits: { [group] = n }: at most n tasks of that group run at once
       (a group without a limit is bounded by jobs only). Two servers each
       given their own share of the processes (the two sides of a comparison)
@@ -356,7 +357,6 @@ function pool.child()
             table = type(e) == "table" and e.table or nil }
       os.exit(1)
     end
-    job = nil -- luacheck: ignore 311
     collectgarbage() -- what the task left open (a connection it did not close) closed before the next
     emit{ event = DONE }
   end
