@@ -102,6 +102,8 @@ typedef struct Process {
     const char *in_data; /* what is still to write: in_data[in_off..in_len) */
     size_t in_len, in_off;
     int in_keep;      /* stdin = {pipe = true}: open for h:send until h:close_stdin */
+    int wake;         /* wake = true: a line delivered to a callback ends a wait for this process */
+    int woken;        /* such a line was delivered since a wait for it last returned */
     int failed_stage; /* the first stage seen failing, -1 if none */
     Stdio io;         /* what start() opened and has not handed over or closed */
     struct ProcState *owner;
@@ -328,6 +330,8 @@ static void deliver_lines(lua_State *L, Process *p, Stream *s, int uv, int at_eo
         p->owner->in_callback = 1;
         int status = lua_pcall(L, 1, 0, 0);
         p->owner->in_callback = 0;
+        if (p->wake)
+            p->woken = 1;
         start = nl ? end + 1 : s->len;
         if (status != LUA_OK) {
             memmove(s->buf, s->buf + start, s->len - start);
@@ -988,6 +992,11 @@ static void parse_spec(lua_State *L, int spec, int pipeline, int ud, Spec *s) {
     lua_getfield(L, spec, "die_with_parent");
     s->die_with_parent = lua_toboolean(L, -1);
     lua_pop(L, 1);
+    /* wake: its lines end a wait, so that a parent acts on a worker's events
+     * at once instead of polling for them */
+    lua_getfield(L, spec, "wake");
+    p->wake = lua_toboolean(L, -1);
+    lua_pop(L, 1);
 
     s->cwd = NULL;
     if (lua_getfield(L, spec, "cwd") != LUA_TNIL)
@@ -1296,17 +1305,29 @@ static int proc_pipeline(lua_State *L) {
     return start(L, 1, 1);
 }
 
-/* Runs the poll loop until p finishes or the deadline passes. Returns 1 if finished. */
+/* Runs the poll loop until p finishes or the deadline passes. Returns 1 if
+ * finished, 0 at the deadline, WOKEN once a line of one of them spawned with
+ * wake = true was delivered (in this wait, or in another since a wait for it
+ * last returned). A wait for other processes is not woken by its lines. */
+enum { WOKEN = -1 };
 static int wait_for(lua_State *L, Process **ps, int n, double timeout, int *which) {
     if (proc_state(L)->in_callback)
         luaL_error(L, "cannot wait from inside an output callback");
     double deadline = timeout >= 0 ? migrun_monotonic() + timeout : -1;
     for (;;) {
-        for (int i = 0; i < n; i++)
+        int woken = 0;
+        for (int i = 0; i < n; i++) {
             if (ps[i]->finished) {
                 *which = i;
                 return 1;
             }
+            woken |= ps[i]->woken;
+        }
+        if (woken) {
+            for (int i = 0; i < n; i++)
+                ps[i]->woken = 0;
+            return WOKEN;
+        }
         int ms = -1;
         if (deadline >= 0) {
             double left = deadline - migrun_monotonic();
@@ -1326,16 +1347,24 @@ static double opt_timeout(lua_State *L, int idx) {
     return t;
 }
 
-/* h:wait([timeout_s]) -> true|nil, "exit"|"signal", code | nil, "timeout" */
+/* nil, "timeout" | nil, "woken" for a wait that did not end in an exit */
+static int push_unfinished(lua_State *L, int r) {
+    lua_pushnil(L);
+    if (r == WOKEN)
+        lua_pushliteral(L, "woken");
+    else
+        lua_pushliteral(L, "timeout");
+    return 2;
+}
+
+/* h:wait([timeout_s]) -> true|nil, "exit"|"signal", code | nil, "timeout" | nil, "woken" */
 static int proc_wait(lua_State *L) {
     Process *p = check_process(L, 1);
     double timeout = opt_timeout(L, 2);
     int which;
-    if (!wait_for(L, &p, 1, timeout, &which)) {
-        lua_pushnil(L);
-        lua_pushliteral(L, "timeout");
-        return 2;
-    }
+    int r = wait_for(L, &p, 1, timeout, &which);
+    if (r != 1)
+        return push_unfinished(L, r);
     return push_result(L, p);
 }
 
@@ -1352,11 +1381,9 @@ static int proc_wait_any(lua_State *L) {
         lua_pop(L, 1);
     }
     int which;
-    if (!wait_for(L, ps, n, timeout, &which)) {
-        lua_pushnil(L);
-        lua_pushliteral(L, "timeout");
-        return 2;
-    }
+    int r = wait_for(L, ps, n, timeout, &which);
+    if (r != 1)
+        return push_unfinished(L, r);
     lua_geti(L, 1, which + 1);
     return 1 + push_result(L, ps[which]);
 }
@@ -1514,6 +1541,7 @@ static int proc_run(lua_State *L) {
     if (nres == 2)
         return 2; /* nil, err */
     Process *p = lua_touserdata(L, -1);
+    p->wake = 0; /* run waits for the exit alone */
     int ud = lua_gettop(L);
     int which;
     if (!wait_for(L, &p, 1, timeout, &which)) {

@@ -129,6 +129,32 @@ describe("migrun.proc", function()
     assert.has_error(function() proc.spawn{ "cat", stdin = { pipe = 1 } } end)
   end)
 
+  it("ends a wait for a wake = true process when one of its lines is delivered, and no other wait", function()
+    local host = require "migrun.host"
+    local lines = {}
+    local h <close> = proc.spawn{ "cat", stdin = { pipe = true }, wake = true,
+      stdout = function(l) lines[#lines + 1] = l end }
+    local other <close> = proc.spawn{ "sleep", "30" }
+    local t0 = host.monotonic()
+    assert.is_true(h:send("one\n"))
+    assert.same({ nil, "woken" }, { proc.wait_any({ h, other }, 20) })
+    assert.is_true(host.monotonic() - t0 < 10)
+    assert.same({ "one" }, lines)
+    assert.same({ nil, "timeout" }, { h:wait(0.1) }) -- nothing new: no wake
+    -- a line delivered while something else is waited for: that wait goes
+    -- on to its end, and the next wait for h returns at once
+    assert.is_true(h:send("two\n"))
+    assert.same({ nil, "timeout" }, { other:wait(0.5) })
+    assert.same({ "one", "two" }, lines)
+    assert.same({ nil, "woken" }, { h:wait(0) })
+    -- proc.run waits for the exit whatever its lines
+    local n = 0
+    assert.is_true(proc.run{ "printf", "a\\nb\\n", wake = true, stdout = function() n = n + 1 end })
+    assert.equal(2, n)
+    h:close_stdin()
+    assert.is_true(h:wait(10))
+  end)
+
   it("sends to a child that stopped reading: an error, not a SIGPIPE", function()
     local h <close> = proc.spawn{ "true", stdin = { pipe = true } }
     assert.is_true(h:wait(10))

@@ -18,7 +18,7 @@ also spares them a backend's start per task).
   local p = pool.new{ jobs = 2, entry = "migrun.fullload",
     on_event = function(task, ev) end,  -- a JSON line the task's process emitted, decoded
     on_done = function(task) end,       -- the task's worker finished it (its events came first)
-    on_tick = function() end,           -- between waits, at least every `interval` seconds
+    on_tick = function() end,           -- after each wait, at least every `interval` seconds
     on_start = function(task, idle) return used end, -- just before it goes to its worker (task.job may change)
     limits = { replica = 2 } }          -- at most 2 tasks of group "replica" at once
   p:add{ job = { ... }, cost = 1e9, label = "public.big #3", group = "replica" }
@@ -30,8 +30,9 @@ also spares them a backend's start per task).
       on the worker's stdin: never in argv, it may hold connection strings)
       and emit(table), which writes a JSON line the parent's on_event gets.
       A task that raises or returns nil, err fails (and its worker exits).
-      Module state lives on between the tasks of one worker. opts.interval:
-      seconds between dispatches (default 0.02).
+      Module state lives on between the tasks of one worker. Events are
+      handed on as they come (a worker's line ends the parent's wait);
+      opts.interval: the longest wait between on_tick calls (default 0.25 s).
       opts.limits: { [group] = n }: at most n tasks of that group run at once
       (a group without a limit is bounded by jobs only). Two servers each
       given their own share of the processes (the two sides of a comparison)
@@ -101,7 +102,7 @@ function pool.new(opts)
   return setmetatable({ jobs = opts.jobs, entry = opts.entry, on_event = opts.on_event, on_done = opts.on_done,
     on_tick = opts.on_tick, on_start = opts.on_start, limits = opts.limits or {}, soft = opts.soft or {},
     lanes = opts.lanes or {}, width = width,
-    interval = opts.interval or 0.02, queue = {}, seq = 0, slots = {}, workers = {}, handles = {}, events = {} },
+    interval = opts.interval or 0.25, queue = {}, seq = 0, slots = {}, workers = {}, handles = {}, events = {} },
     Pool)
 end
 
@@ -179,6 +180,7 @@ function Pool:_spawn_worker(slot)
   end
   local spec, werr = host.worker_spec{ "-e", "require('migrun.pool').child()",
     stdin = { pipe = true }, die_with_parent = true,
+    wake = true, -- its events end the parent's wait: acted on at once, without polling for them
     env = { table.unpack(proc.LIBPQ_ENV) }, -- a worker connects to PostgreSQL: libpq's variables, no password
     stdout = function(line)
       local ev = json.decode(line) -- nil for a line that is not JSON
