@@ -207,6 +207,16 @@ describe("configuration mistakes (docs/mistakes.md)", function()
       refused(r, "source", "schemas", "schemas[2] = pg_catalog is a system schema")
     end)
 
+    it("refuses a schema whose name holds a dot, unless the config leaves it out", function()
+      assert(R.lab.source:psql('create schema "odd.name"; create table "odd.name".t (id int primary key)'))
+      finally(function() assert(R.lab.source:psql('drop schema "odd.name" cascade')) end)
+      -- the documented default: every schema
+      local r = run(function(c) c.schemas = nil end)
+      refused(r, "source", "schemas", 'schema "odd.name" holds a dot in its name')
+      r = run(function(c) c.schemas = { "public" } end)
+      for _, f in ipairs(r.findings) do assert.is_nil(f.message:find("holds a dot", 1, true), f.message) end
+    end)
+
     it("refuses an excluded table that does not exist: the one meant would be migrated", function()
       local r = run(function(c) c.exclude_tables = { "public.documnets" } end)
       refused(r, "source", "exclude_tables", "exclude_tables[1] = public.documnets: no such table on the source "

@@ -54,6 +54,7 @@ the hint what to do.
       would travel in clear).
   mistakes.which(program) -> path | nil   PATH lookup (a name with / as is)
 ]]
+local pg = require "migrun.pg"
 local proc = require "migrun.proc"
 local catalog = require "migrun.catalog"
 local text = require "migrun.text"
@@ -165,6 +166,19 @@ local function check_schemas(findings, config, scope)
           or ("schemas[%d] = %s: no such schema on the source%s: nothing of it would be migrated"):format(i, s,
             did_you_mean(s, known)),
         "name the source's schemas in schemas (as the source spells them), or leave schemas out for all of them")
+    end
+  end
+  -- migrun names a table "schema.table" (its journal, groups, keys): a
+  -- schema whose name holds a dot would be read back as another table's
+  local dotted = {}
+  for _, t in ipairs(scope.tables) do
+    if t.schema:find(".", 1, true) and not dotted[t.schema] then
+      dotted[t.schema] = true
+      finding(findings, "source", "schemas", false, "error",
+        ("schema %s holds a dot in its name: migrun names tables \"schema.table\" and cannot tell where "
+          .. "such a schema's name ends"):format(pg.quote_ident(t.schema)),
+        "rename the schema on the source (ALTER SCHEMA ... RENAME TO ...) before the migration, "
+          .. "or leave it out with schemas = { ... }")
     end
   end
 end
