@@ -172,9 +172,12 @@ end
 -- idle). Its lines go to the events of the task it runs.
 function Pool:_spawn_worker(slot)
   local pool_ = self
-  local w = { slot = slot, output = {} }
+  local w = { slot = slot }
+  -- the last lines a task's worker wrote that were not events: the detail of
+  -- its failure (a worker between tasks writes nothing)
   local function keep_line(line)
-    local out = w.task and w.task.stderr or w.output
+    local out = w.task and w.task.stderr
+    if not out then return end
     out[#out + 1] = line
     if #out > 20 then table.remove(out, 1) end
   end
