@@ -305,7 +305,9 @@ function demo.rehearsal(opts)
     replica = { conninfo = conninfo(L.replica) },
     target = { conninfo = conninfo(L.target) },
     full_load = { jobs = 2 },
-    wal_guard = { interval = 5 },
+    -- the lab's WAL is megabytes: the production minimums (20 GiB free on
+    -- the replica's disk) would stop it on a machine whose disk is merely full
+    wal_guard = { interval = 5, replica_min_free_bytes = 64 * 1024 * 1024 },
     preflight = { min_free_bytes = 64 * 1024 * 1024 },
     dms = {
       region = L.dms.region, endpoint_url = L.dms.url,
