@@ -150,6 +150,56 @@ static int host_write_file(lua_State *L) {
     return 1;
 }
 
+/* host.append_file(path, data [, mode = 0600]) -> true | nil, err
+ * Appends data to path durably: written whole, then fdatasynced, before it
+ * returns true; a new file is created with mode (never wider) and its
+ * directory fsynced. A write that fails part way is cut off again, so the
+ * file holds what it held before or all of data, never a torn tail that a
+ * later append would bury. One writer at a time (the caller's lock). */
+static int host_append_file(lua_State *L) {
+    size_t len;
+    const char *path = luaL_checkstring(L, 1);
+    const char *data = luaL_checklstring(L, 2, &len);
+    mode_t mode = (mode_t)luaL_optinteger(L, 3, 0600);
+    int created = 0;
+    int fd = open(path, O_WRONLY | O_APPEND | O_CLOEXEC);
+    if (fd < 0 && errno == ENOENT) {
+        fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_EXCL | O_CLOEXEC, mode);
+        created = fd >= 0;
+    }
+    if (fd < 0)
+        return os_error(L, path, errno);
+    int err = 0;
+    struct stat st;
+    int sized = fstat(fd, &st) == 0;
+    if (!sized)
+        err = errno;
+    if (err == 0 && created && fchmod(fd, mode) != 0)
+        err = errno;
+    for (size_t off = 0; err == 0 && off < len;) {
+        ssize_t n = write(fd, data + off, len - off);
+        if (n < 0) {
+            if (errno != EINTR)
+                err = errno;
+        } else {
+            off += (size_t)n;
+        }
+    }
+    if (err == 0 && fdatasync(fd) != 0)
+        err = errno;
+    if (err != 0 && sized && ftruncate(fd, st.st_size) != 0) {
+        /* the tail stays; the error below is the one that matters */
+    }
+    if (close(fd) != 0 && err == 0)
+        err = errno;
+    if (err == 0 && created)
+        err = fsync_dir_of(path);
+    if (err != 0)
+        return os_error(L, path, err);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 /* host.read_file(path) -> the whole file | nil, err (err.errno says why:
  * ENOENT for a file that is not there) */
 static int host_read_file(lua_State *L) {
@@ -572,6 +622,7 @@ int luaopen_migrun_host(lua_State *L) {
         {"mkdir", host_mkdir},
         {"read_file", host_read_file},
         {"write_file", host_write_file},
+        {"append_file", host_append_file},
         {"now", host_now},
         {"monotonic", migrun_host_monotonic},
         {"sleep", migrun_host_sleep},
