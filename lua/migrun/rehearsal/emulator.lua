@@ -1354,7 +1354,9 @@ function Emu:_begin_run(t, resume)
       settings = settings, resume = resume, start_lsn = M.start_lsn(t.CdcStartPosition) }
     if not engine then return self:_fail_task(t, tostring(err)) end
     t._engine = engine
-    t._next_poll = 0
+    -- its first read of the slot a poll after it started, as DMS's task takes
+    -- a while to connect: until then it is running and has applied nothing
+    t._next_poll = self.clock() + self.delays.cdc_poll
   end
   self:_maybe_fail(t)
 end
