@@ -77,6 +77,7 @@ local proc = require "migrun.proc"
 local host = require "migrun.host"
 local pg = require "migrun.pg"
 local json = require "migrun.json"
+local journal = require "migrun.playbook.journal"
 
 local function die(...)
   local words = table.pack(...)
@@ -124,14 +125,14 @@ end
 
 local methods = {}
 
--- migrun: the library calls full.lua's steps make, journaled to a file as a
--- playbook journals (a rerun reads it).
+-- migrun: the library calls full.lua's steps make, journaled in job.dir by
+-- the playbooks' journal, each change saved by its path as the load step
+-- saves it (a rerun reads it).
 function methods.migrun(job)
   local schema = require "migrun.schema"
   local fullload = require "migrun.fullload"
   local db = require "migrun.db"
   local part, report = cpu_parts()
-  job.journal = job.journal or (job.dir .. "/journal.json")
   local tools = assert(schema.tools(job.target_version))
   -- a rerun finds the dump of its first run, as full.lua's schema step is done then
   local dump
@@ -143,10 +144,11 @@ function methods.migrun(job)
   local target = db.wrap(assert(pg.connect(job.target, { name = "target" })))
   local replica = db.wrap(assert(pg.connect(job.replica, { name = "replica" })))
   assert(schema.restore_pre_data(job.target, dump, target, job.tables, {}))
-  local state = {}
-  local f = io.open(job.journal)
-  if f then state = json.decode(f:read("a")) f:close() end
-  local function save() assert(host.write_file(job.journal, json.encode(state), tonumber("600", 8))) end
+  local J = assert(journal.open(job.dir))
+  local step = J:step("bench", "full_load")
+  step.facts = step.facts or {}
+  local state = step.facts
+  local function save(paths) assert(J:save_changes(paths, { "playbooks", "bench", "steps", "full_load", "facts" })) end
   local post = assert(schema.table_post_data(replica, target, job.tables))
   part("schema")
   local t_start = host.now()
@@ -744,7 +746,6 @@ end
 local BIG_HEAP = q(rep, "select pg_relation_size($1::regclass) as b", pg.qualify(BIG.schema, BIG.name))[1].b
 local function measure_killed(label, job, share)
   prepare(label, job)
-  job.journal = job.dir .. "/journal.json"
   io.stdout:write(("%-26s ... "):format(label)) io.stdout:flush()
   local r = { name = label, method = "migrun", job = job, load = loadavg(), group = "killed" }
   local cpu_before = cpu_now()
@@ -1007,7 +1008,7 @@ local function rerun_pairs()
     q(tgt, ("create database %s template %s%s"):format(copy, killed.job.dbname, strategy))
     local rest = floor_rest_job(conninfo_of(copy), copy)
     local rerun_job = { target = killed.job.target, dbname = killed.job.dbname, dir = killed.job.dir,
-                        journal = killed.job.journal, profile = i == 1 and (L.dir .. "/profile-rerun.json") or nil }
+                        profile = i == 1 and (L.dir .. "/profile-rerun.json") or nil }
     local pair = {
       function() reruns[i] = measure(("rerun #%d"):format(i), "migrun", rerun_job) end,
       function() rest_floors[i] = measure(("floor of the rerun #%d"):format(i), "floor_rest", rest) end,

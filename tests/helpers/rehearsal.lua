@@ -6,7 +6,7 @@ local proc = require "migrun.proc"
 local pg = require "migrun.pg"
 local qa = require "migrun.qa"
 local aws = require "migrun.aws"
-local cjson = require "cjson"
+local journal = require "migrun.playbook.journal"
 
 local M = {}
 
@@ -76,11 +76,8 @@ function M.orphans()
 end
 
 function M.journal(R)
-  local f = io.open(R.config.state_dir .. "/journal.json")
-  if not f then return nil end
-  local doc = cjson.decode(f:read("a"))
-  f:close()
-  return doc
+  local J = assert(journal.open(R.config.state_dir, { read_only = true }))
+  return J.existed and J.data or nil
 end
 
 function M.step_status(R, step, playbook)

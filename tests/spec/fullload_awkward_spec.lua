@@ -178,7 +178,7 @@ describe("migrun.fullload on awkward tables, all of them split", function()
   it("resumes after a kill in the middle with every row once", function()
     truncate_target()
     n_journal = n_journal + 1
-    local path = L.dir .. "/awkward-journal-" .. n_journal .. ".json"
+    local path = L.dir .. "/awkward-journal-" .. n_journal
     local state = fullload_child.run_killed({ replica = with_password(L.replica), target = with_password(L.target),
       tables = tables, jobs = 2, lsn = at, chunk_bytes = CH, journal = path, die = { chunks_done = 7 } }, L.dir)
     local left = 0

@@ -74,7 +74,7 @@ describe("migrun.fullload", function()
   -- (tests/helpers/fullload_child.lua); -> the journal as it was left, its path
   local function run_child(die, chunk_bytes, save_interval, post)
     n_journal = n_journal + 1
-    local path = L.dir .. "/fl-journal-" .. n_journal .. ".json"
+    local path = L.dir .. "/fl-journal-" .. n_journal
     return fullload_child.run_killed({ replica = with_password(L.replica), target = with_password(L.target),
       tables = tables, jobs = 2, lsn = at, chunk_bytes = chunk_bytes, journal = path, die = die,
       save_interval = save_interval, post = post }, L.dir), path
@@ -359,11 +359,15 @@ describe("migrun.fullload", function()
     -- what is said done was saved first (the journal is saved at most every second)
     local saved_loaded, told_unsaved = {}, {}
     local r = assert(run{ chunk_bytes = CH, split_bytes = CH, post = post, state = state,
-      save = function(fields)
+      save = function(paths)
         saves.calls = (saves.calls or 0) + 1
-        for _, field in ipairs(fields) do
+        for _, path in ipairs(paths) do
+          local field = path[1]
           saves[field] = (saves[field] or 0) + 1
-          if field == "loaded" then for k in pairs(state.loaded) do saved_loaded[k] = true end end
+          saves.depth = saves.depth or {}
+          saves.depth[#path] = (saves.depth[#path] or 0) + 1
+          if field == "chunks" and #path < 4 then saves.chunk_tables = (saves.chunk_tables or 0) + 1 end
+          if field == "loaded" and path[2] then saved_loaded[path[2]] = state.loaded[path[2]] ~= nil end
         end
       end,
       on_table = function(t)
@@ -406,6 +410,11 @@ describe("migrun.fullload", function()
     assert.is_true(saves.chunks >= n_chunks, "every chunk journaled as committing")
     -- what is due together is written together: one write, not one per field
     assert.is_true(saves.calls < saves.chunks + saves.loaded + saves.indexed + saves.analyzed)
+    -- each change saved by its own path, never a whole field: a chunk's save
+    -- costs its record, not the state of every chunk so far (O(chunks^2) in
+    -- all). Only the plan names a table's whole chunk state, once per table.
+    assert.is_nil(saves.depth[1], "a whole field was saved")
+    assert.equal(#keys(r.split), saves.chunk_tables)
 
     -- equal: every row once, and the same contents (count and row hash)
     all_equal()
@@ -491,7 +500,7 @@ describe("migrun.fullload", function()
     assert.equal(BIG_ROWS, count(L.target, "big"))
     assert.equal(BIG_ROWS, tonumber(q(L.target, "select count(distinct id) from fl.big")))
     all_equal()
-    assert.truthy(io.open(path)):close()
+    assert.truthy(io.open(path .. "/journal.json")):close()
   end)
 
   it("resumes a chunk whose transaction was journaled: aborted loads again, committed does not", function()

@@ -94,9 +94,13 @@ Why it is shaped this way:
         indexed["s.t"] = { started =, ended =, seconds =, indexes = n, stream =,
                            parallel_workers = (the most one of its builds was given) },
         analyzed["s.t"] = { started =, ended =, seconds =, stream = }
-      opts.save(fields): persist state[f] for each name f in the list
-      fields (one call, one write). Called before the run depends on it (a
-      chunk is acknowledged only after save{"chunks"} returned); what only
+      opts.save(paths): persist what is now in state at each path, a list
+      of keys ({"chunks", "s.t", "done", "7"}; a path of one key is a whole
+      field), nil there meaning removed; one call for the list. Each change
+      is saved by its own path, so a save costs what changed, not the
+      state's size (a load of thousands of chunks). Called before the run
+      depends on it (a chunk is acknowledged only after the save of its
+      committing entry returned); what only
       records work done is saved at most every opts.save_interval seconds
       (default 1) and when the run ends, however it ends; on_table,
       on_chunk and on_post are called once what they tell is saved.
@@ -158,7 +162,9 @@ local rowhash = require "migrun.rowhash"
 
 local fullload = {}
 
+-- The fields of opts.state (each a table, keyed by "s.t").
 local STATE_FIELDS = { "loaded", "chunks", "indexed", "analyzed", "hashed" }
+fullload.STATE_FIELDS = STATE_FIELDS
 
 local key = text.key
 local MiB = 1024 * 1024
@@ -222,9 +228,12 @@ end
 -- A chunk's transaction is saved before it may commit (a rerun asks the
 -- target what became of it). Everything else that is done (a table, a
 -- chunk, indexes, statistics) is saved at most every opts.save_interval
--- seconds and at the end: each save rewrites and fsyncs the whole journal,
--- which on a schema of thousands of small tables costs more than their
--- loads. A kill loses at most that interval's records, and what they said is
+-- seconds and at the end: each save is a write and an fsync, which on a
+-- schema of thousands of small tables costs more than their loads. What is
+-- saved is named by its path in the state, so a save costs what changed
+-- (a chunk's record), never the whole state: with the state rewritten at
+-- each chunk, a load of N chunks cost O(N^2). A kill loses at most that
+-- interval's records, and what they said is
 -- done again by the rerun, the same way: a whole table truncated and loaded,
 -- a chunk's journaled transaction asked about, the indexes listed from the
 -- target, ANALYZE run. What is done is said (on_table, on_chunk, on_post)
@@ -236,17 +245,20 @@ Saver.__index = Saver
 -- save: opts.save or nil; off: a dry run (nothing saved, everything told at once)
 local function new_saver(save, interval, off)
   return setmetatable({ write = save, interval = interval or 1, off = off or not save,
-    dirty = {}, saved_at = host.monotonic(), untold = {} }, Saver)
+    dirty = {}, dirty_set = {}, saved_at = host.monotonic(), untold = {} }, Saver)
+end
+
+-- A path in the state: a field's name alone, or a list of keys.
+local function as_path(path)
+  if type(path) == "string" then return { path } end
+  return path
 end
 
 -- Writes what is dirty (one call), then tells what waited for it.
 function Saver:flush()
-  local fields = {}
-  for _, f in ipairs(STATE_FIELDS) do
-    if self.dirty[f] then fields[#fields + 1] = f end
-  end
-  self.dirty = {}
-  if #fields > 0 then self.write(fields) end
+  local paths = self.dirty
+  self.dirty, self.dirty_set = {}, {}
+  if #paths > 0 then self.write(paths) end
   self.saved_at = host.monotonic()
   local list = self.untold
   self.untold = {}
@@ -261,18 +273,35 @@ function Saver:tell(fn, ...)
 end
 
 function Saver:flush_due()
-  if (next(self.dirty) or #self.untold > 0) and host.monotonic() - self.saved_at >= self.interval then self:flush() end
+  if (#self.dirty > 0 or #self.untold > 0) and host.monotonic() - self.saved_at >= self.interval then self:flush() end
 end
 
--- Marks state[field] to be saved; now: saved before this returns (alone).
-function Saver:save(field, now)
+-- Marks what is at path (a field's name or a list of keys) in the state to be
+-- saved; now: saved before this returns (alone).
+function Saver:save(path, now)
   if self.off then return end
+  path = as_path(path)
   if now then
-    self.dirty[field] = nil
-    self.write{ field }
+    self.write{ path }
   else
-    self.dirty[field] = true
+    local id = table.concat(path, "\0")
+    if not self.dirty_set[id] then
+      self.dirty_set[id] = true
+      self.dirty[#self.dirty + 1] = path
+    end
     self:flush_due()
+  end
+end
+
+-- The same for a list of paths (now: one write for them all).
+function Saver:save_all(paths, now)
+  if self.off or #paths == 0 then return end
+  if now then
+    local list = {}
+    for i, p in ipairs(paths) do list[i] = as_path(p) end
+    self.write(list)
+  else
+    for _, p in ipairs(paths) do self:save(p) end
   end
 end
 
@@ -340,13 +369,18 @@ function Load.new(opts)
   local jobs, expected = check_opts(opts)
   local state = opts.state or {}
   for _, f in ipairs(STATE_FIELDS) do state[f] = state[f] or {} end
-  for k, v in pairs(opts.done or {}) do if v then state.loaded[k] = state.loaded[k] or v end end
+  local given = {}
+  for k, v in pairs(opts.done or {}) do
+    if v and not state.loaded[k] then state.loaded[k], given[#given + 1] = v, { "loaded", k } end
+  end
   local by_key = {}
   for _, t in ipairs(opts.tables) do by_key[key(t)] = t end
+  local saver = new_saver(opts.save, opts.save_interval, opts.dry_run)
+  saver:save_all(given)
   return setmetatable({
     opts = opts, jobs = jobs, expected = expected, state = state, by_key = by_key,
     echo = opts.echo or function() end, dry = opts.dry_run,
-    saver = new_saver(opts.save, opts.save_interval, opts.dry_run),
+    saver = saver,
     post = opts.post or {}, analyze = opts.analyze ~= false, t0 = host.monotonic(),
     hashes = opts.hash and loadhash.new(state.hashed) or nil, -- what has just committed, hashed (opts.hash)
     verdicts = {},        -- loadhash's, as tables are judged
@@ -374,7 +408,8 @@ function Load.new(opts)
   }, Load)
 end
 
-function Load:save(field, now) self.saver:save(field, now) end
+function Load:save(path, now) self.saver:save(path, now) end
+function Load:save_all(paths, now) self.saver:save_all(paths, now) end
 function Load:tell(fn, ...) self.saver:tell(fn, ...) end
 
 -- The parent's sessions: the replica to plan the split, the target to
@@ -463,7 +498,7 @@ end
 
 -- The split: journaled plans first (a rerun cuts a table the way it was cut).
 function Load:plan()
-  local state = self.state
+  local state, planned = self.state, {}
   for _, t in ipairs(self.pending) do
     local k = key(t)
     local cs = state.chunks[k]
@@ -478,19 +513,23 @@ function Load:plan()
       if plan then
         state.chunks[k] = { plan = plan, done = {}, committing = {} }
         self.split[k] = state.chunks[k]
+        planned[#planned + 1] = { "chunks", k }
       else
         self.notes[#self.notes + 1] = ("%s stays whole: %s"):format(k, why)
       end
     end
   end
-  if next(self.split) then self:save("chunks", true) end
+  self:save_all(planned, true)
   return true
 end
 
 -- Chunks journaled as committing: what became of their transactions.
 function Load:resume()
+  local asked = {}
   for k, cs in pairs(self.split) do
     for i, c in pairs(cs.committing) do
+      asked[#asked + 1] = { "chunks", k, "done", i }
+      asked[#asked + 1] = { "chunks", k, "committing", i }
       if not cs.done[i] then
         local s, serr = xact_status(self.target, c.xid)
         if not s then return nil, errors.new{ kind = "fullload", where = "target", table = k,
@@ -508,7 +547,7 @@ function Load:resume()
       cs.committing[i] = nil
     end
   end
-  if next(self.split) then self:save("chunks", true) end
+  self:save_all(asked, true)
   return true
 end
 
@@ -609,6 +648,7 @@ function Load:schedule_chunks(t, cs)
     local again = {}
     for i = 1, plan.count do if not cs.done[tostring(i)] then again[#again + 1] = "c" .. i end end
     self.hashes:forget(k, again)
+    self:save{ "hashed", k }
     self:add_hash_tasks(t, self.hashes:missing_items(t, plan, cs.done), plan)
   end
   for i = 1, plan.count do
@@ -641,6 +681,7 @@ function Load:schedule_whole(t)
   if self.hashes then
     self.hashes:expect(k, nil)
     self.hashes:forget(k, { "whole" }) -- loaded again: judged again
+    self:save{ "hashed", k }
   end
   for _, it in ipairs(self:post_items(k)) do items[#items + 1] = it end
   self.post_left[k] = #items - 1
@@ -686,6 +727,7 @@ function Load:hash_skipped(k)
   if not t then return end
   local plan = cs and cs.plan or nil
   self.hashes:expect(k, plan)
+  self:save{ "hashed", k }
   local done = {}
   if plan then for i = 1, plan.count do done[tostring(i)] = true end end
   self:add_hash_tasks(t, self.hashes:missing_items(t, plan, done), plan)
@@ -800,7 +842,7 @@ function Load:table_complete(k)
   end
   r.seconds = r.started and r.ended and (r.ended - r.started) or nil
   self.state.loaded[k] = r
-  self:save("loaded")
+  self:save{ "loaded", k }
   self.results[#self.results + 1] = r
   self:tell(self.opts.on_table, r)
   if self.hashes then self:add_hash_tasks(self.by_key[k], self.hashes:complete_items(self.by_key[k], cs.plan), cs.plan) end
@@ -859,7 +901,7 @@ function EVENTS.loaded(load, task, ev, k, mkey)
               seconds = ev.seconds, stream = task.stream }
   load.bytes_done, load.rows_done = load.bytes_done + r.bytes, load.rows_done + r.rows
   load.state.loaded[k] = r
-  load:save("loaded")
+  load:save{ "loaded", k }
   load.results[#load.results + 1] = r
   load:tell(load.opts.on_table, r)
   if load.hashes then -- once the task is done (Load:hash_after)
@@ -888,9 +930,10 @@ end
 function EVENTS.commit(load, task, ev, k, mkey)
   local ok, err = load:release_ack(mkey) -- an earlier attempt's, lost
   if not ok then return nil, err end
-  load.split[k].committing[tostring(ev.chunk)] = { xid = ev.xid, rows = ev.rows, bytes = ev.bytes,
+  local i = tostring(ev.chunk)
+  load.split[k].committing[i] = { xid = ev.xid, rows = ev.rows, bytes = ev.bytes,
     started = ev.started, stream = task.stream }
-  load:save("chunks", true) -- the journal knows the transaction before it may commit
+  load:save({ "chunks", k, "committing", i }, true) -- the journal knows the transaction before it may commit
   load.chunk_ack[mkey] = ev.ack
   local res
   res, err = load:target_exec("select pg_advisory_lock($1::int, $2::int)", load.ack_class, ev.ack)
@@ -909,7 +952,7 @@ function EVENTS.chunk(load, task, ev, k, mkey)
   cs.done[tostring(i)] = { chunk = i, rows = c.rows, bytes = c.bytes, started = c.started, ended = c.ended,
                            seconds = c.seconds, stream = c.stream, xid = c.xid }
   cs.committing[tostring(i)] = nil
-  load:save("chunks")
+  load:save_all{ { "chunks", k, "done", tostring(i) }, { "chunks", k, "committing", tostring(i) } }
   local ok, err = load:release_ack(mkey)
   if not ok then return nil, err end
   load.bytes_done, load.rows_done = load.bytes_done + c.bytes, load.rows_done + c.rows
@@ -923,7 +966,13 @@ end
 -- A part hashed on its sides: once the table's last part is in, its verdict.
 function EVENTS.hashed(load, task, ev, k)
   local verdict = load.hashes:add(ev)
-  load:save("hashed")
+  if verdict then
+    load:save{ "hashed", k } -- judged: the record whole, once
+  else
+    for _, side in ipairs{ "replica", "target" } do
+      if ev[side] then load:save{ "hashed", k, side, ev.part } end
+    end
+  end
   if verdict then
     load.verdicts[#load.verdicts + 1] = verdict
     load:tell(load.opts.on_hashed, verdict)
@@ -944,7 +993,7 @@ function EVENTS.indexed(load, task, ev, k)
   local r = { table = k, started = pt.started, ended = pt.ended, seconds = pt.ended - pt.started,
               indexes = #(load.post[k] or {}), stream = pt.stream, parallel_workers = pt.parallel_workers }
   load.state.indexed[k] = r
-  load:save("indexed")
+  load:save{ "indexed", k }
   load:tell(load.opts.on_post, "indexed", r)
   if load.parallel_post[k] and load:needs_analyze(k) then
     load:add({ load:analyze_item(k) }, (load.by_key[k].bytes or 0) * ANALYZE_WEIGHT, "analyzing " .. k)
@@ -955,7 +1004,7 @@ end
 function EVENTS.analyzed(load, task, ev, k)
   local r = { table = k, started = ev.started, ended = ev.ended, seconds = ev.seconds, stream = task.stream }
   load.state.analyzed[k] = r
-  load:save("analyzed")
+  load:save{ "analyzed", k }
   load:tell(load.opts.on_post, "analyzed", r)
   return true
 end

@@ -79,9 +79,10 @@ local steps = {}
 
 
 function steps.load(ctx, tables, at, title)
-  local facts = ctx.facts[ctx.step]
-  local state = { loaded = facts.loaded or {}, chunks = facts.chunks or {}, indexed = facts.indexed or {},
-                  analyzed = facts.analyzed or {}, hashed = facts.hashed or {} }
+  -- the load's state is the step's facts themselves: its changes are saved in place
+  local state = ctx.facts[ctx.step]
+  for _, f in ipairs(fullload.STATE_FIELDS) do state[f] = state[f] or {} end
+  ctx:record(state)
   local cfg = ctx.config.full_load
   local size = {}
   for _, t in ipairs(tables) do size[text.key(t)] = t.bytes end
@@ -96,11 +97,7 @@ function steps.load(ctx, tables, at, title)
     hash = cfg.hash, -- each part hashed on both sides as it commits: the QA step reads nothing again
     reconnect_timeout = cfg.reconnect_timeout, attempts = cfg.attempts, -- a lost connection (docs/faults.md)
     -- journal first: a table or a chunk said loaded is never loaded again
-    state = state, save = function(fields)
-      local facts = {}
-      for _, f in ipairs(fields) do facts[f] = state[f] end
-      ctx:record(facts)
-    end,
+    state = state, save = function(paths) ctx:record_changes(paths) end,
     on_progress = function(_, _, rows, detail)
       bar:update(disk:update(detail), ("%s, %d rows"):format(detail and detail.table or "", rows or 0), {
         rows = rows, part = detail and { key = "stream " .. detail.stream, name = detail.table,

@@ -213,6 +213,18 @@ function Ctx:record(key, value)
   end
 end
 
+-- Changes to this step's facts, each a path into them (a list of keys): the
+-- value now there saved alone (journal:save_change), at the cost of that
+-- value. For facts that grow by many small parts, like a full load's chunks.
+function Ctx:record_changes(paths)
+  assert(self.step, "ctx:record_changes outside a step")
+  local facts = self.facts[self.step]
+  self._record.facts = facts
+  if self.dry_run then return end
+  local ok, err = self.journal:save_changes(paths, { "playbooks", self.playbook.name, "steps", self.step, "facts" })
+  if not ok then error(err, 0) end
+end
+
 function Ctx:progress(opts)
   local ctx = self
   local bar = progress.new{ label = opts.label, total = opts.total, unit = opts.unit,

@@ -86,6 +86,9 @@ and watchers)
       values JSON cannot hold as their tostring, secrets masked.
   ctx:record(key, value)   into the running step's facts, journal saved at once
   ctx:record{ key = value, ... }   several facts, one save
+  ctx:record_changes{ path, ... }   parts of the facts changed in place, each a
+      list of keys into them ({"chunks", "public.t", "done", "7"}): each saved
+      alone, at the cost of its value rather than of the whole journal
   ctx:record_main(step, key, value)  into a step of the main playbook (a task
       replaced by a partial restart); nothing is written in a dry run
   ctx:began(step [, playbook]) -> whether it has begun (running, failed or done)

@@ -26,8 +26,31 @@ one. It never holds a secret: facts are scrubbed before they are stored.
                error =, ran = {steps}, skipped = {steps} } },
   }
   J:step(playbook, step) -> record     J:steps(playbook) -> { [step] = record }
-  J:save() -> true | nil, err          no-op (true) for a read-only journal; err
-      (kind "journal") says the state directory's disk and what to do
+  J:save() -> true | nil, err          the whole journal, written again (no-op,
+      true, for a read-only journal); err (kind "journal") says the state
+      directory's disk and what to do
+  J:save_change(path) -> true | nil, err   what is now at path (a list of keys
+      from J.data, e.g. {"playbooks", "full", "steps", "full_load", "facts",
+      "chunks", "public.events", "done", "17"}; nil there: removed), saved
+      at the cost of that value, not of the whole journal (below)
+  J:save_changes(paths [, under]) -> true | nil, err   J:save_change for each
+      path, each below the keys `under` ({"playbooks", "full", "steps", step,
+      "facts"}: paths into a step's facts)
+
+Saving a change: journal.json is rewritten whole by J:save(); between two
+such saves, J:save_change appends one line to journal.log, fsynced before it
+returns. A full load of 10,000 chunks saves a chunk's transaction before it
+may commit: rewriting the whole journal each time cost O(chunks) per chunk
+(about 0.1 s of CPU and a megabyte of writes per commit at that size), so
+the load's own bookkeeping grew with the square of its chunks. A line costs
+what it says. journal.open replays the lines over journal.json, in order.
+The log's first line names the generation of journal.json it follows; each
+J:save() starts a new generation, so a log left behind by a kill between
+the two files' writes is recognised as already contained and ignored. A
+last line cut short by a kill was never acknowledged and is dropped; any
+other line that does not read is an error. Once the log outgrows
+journal.json (and 1 MiB), the next change rewrites journal.json instead,
+so reading the journal stays O(its size).
   journal.scrub(value) -> a copy fit for JSON and free of secrets: keys that
       name a secret (password, secret, token, ...) get "****", password=...
       in strings and user:password@ in URIs are masked, values JSON cannot
@@ -80,7 +103,7 @@ local function exists(path)
 end
 
 --[[ journal.set_aside(state_dir) -> dir | false (nothing to set aside) | nil, err
-     Moves journal.json, report.md, reports/, migrun.log, report.html,
+     Moves journal.json, journal.log, report.md, reports/, migrun.log, report.html,
      samples.jsonl and progress.json into
      state_dir/attempt-<n>/ (n: the first unused number). The caller holds the
      state directory. ]]
@@ -91,7 +114,7 @@ function journal.set_aside(state_dir)
   local dir = ("%s/attempt-%d"):format(state_dir, n)
   local ok, err = host.mkdir(dir, journal.DIR_MODE)
   if not ok then return nil, err end
-  for _, f in ipairs{ "journal.json", "report.md", "reports", "migrun.log", "report.html", "samples.jsonl",
+  for _, f in ipairs{ "journal.json", "journal.log", "report.md", "reports", "migrun.log", "report.html", "samples.jsonl",
                       "progress.json" } do
     if exists(state_dir .. "/" .. f) then
       local moved, merr = os.rename(state_dir .. "/" .. f, dir .. "/" .. f)
@@ -107,14 +130,72 @@ function journal.path(state_dir)
   return state_dir .. "/journal.json"
 end
 
+function journal.log_path(state_dir)
+  return state_dir .. "/journal.log"
+end
+
 local read_file = host.read_file
+
+-- The log is compacted into journal.json once it is larger than this and
+-- than journal.json itself.
+journal.COMPACT_BYTES = 1024 * 1024
+
+local function unreadable(where, message)
+  return errors.new{ kind = "journal", where = where, message = message,
+    hint = "it is only ever replaced atomically or appended to: was it edited by hand?" }
+end
+
+-- Sets data[path] = value, making the tables on the way; false if something
+-- on the way is not a table.
+local function put(data, path, value)
+  local node = data
+  for i = 1, #path - 1 do
+    local k = path[i]
+    if node[k] == nil then node[k] = {} end
+    node = node[k]
+    if type(node) ~= "table" then return false end
+  end
+  node[path[#path]] = value
+  return true
+end
+
+-- The changes journal.log holds over data (of its generation), applied in
+-- order -> the bytes read, whether a last line was cut short | nil, err
+local function replay(data, log_path)
+  local text = read_file(log_path)
+  if not text or text == "" then return 0 end
+  local n, at = 0, 1
+  local header
+  while at <= #text do
+    local nl = text:find("\n", at, true)
+    if not nl then return at - 1, true end -- a last line cut short: never acknowledged
+    local line = json.decode(text:sub(at, nl - 1))
+    n = n + 1
+    if not header then
+      header = line
+      if type(header) ~= "table" or math.type(header.generation) ~= "integer" then
+        return nil, unreadable(log_path, "the journal's log does not begin with its generation")
+      end
+      if header.generation ~= data.log_generation then return 0 end -- contained in journal.json already
+    else
+      if type(line) ~= "table" or type(line.p) ~= "table" or #line.p == 0 or not put(data, line.p, line.v) then
+        return nil, unreadable(log_path, ("line %d of the journal's log cannot be applied"):format(n))
+      end
+    end
+    at = nl + 1
+  end
+  return at - 1
+end
+
 
 function journal.open(state_dir, opts)
   assert(type(state_dir) == "string", "journal.open: state_dir expected")
   opts = opts or {}
   local path = journal.path(state_dir)
-  local J = setmetatable({ path = path, read_only = opts.read_only and true or false,
-                           existed = false, data = { format = 1, playbooks = {}, runs = {} } }, Journal)
+  local J = setmetatable({ path = path, log_path = journal.log_path(state_dir),
+                           read_only = opts.read_only and true or false, existed = false,
+                           data = { format = 1, playbooks = {}, runs = {} },
+                           snapshot_bytes = 0, log_bytes = 0, log_generation = nil }, Journal)
   local text = read_file(path)
   if text then
     local data, err = json.decode(text)
@@ -123,9 +204,14 @@ function journal.open(state_dir, opts)
         message = "the journal cannot be read: " .. tostring(err or "not a JSON object"),
         hint = "it is only ever replaced atomically: was it edited by hand?" }
     end
+    local log_bytes, torn = replay(data, journal.log_path(state_dir))
+    if not log_bytes then return nil, torn end
+    -- a line appended after a torn one would be lost with it: the next change saves all
+    J.torn = torn == true
     data.playbooks = data.playbooks or {}
     data.runs = data.runs or {}
-    J.data, J.existed = data, true
+    J.data, J.existed, J.snapshot_bytes, J.log_bytes = data, true, #text, log_bytes
+    if log_bytes > 0 then J.log_generation = data.log_generation end
   end
   return J
 end
@@ -178,18 +264,70 @@ end
 -- failing) stops the run: what was done is on the servers, and the journal on
 -- disk, replaced atomically, is the one before this change, from which a
 -- rerun resumes (a chunk is journaled before it may commit).
+local function write_failed(path, err)
+  return errors.new{ kind = "journal", where = path, errno = type(err) == "table" and err.errno or nil,
+    message = ("cannot write the journal %s: %s"):format(path, tostring(type(err) == "table" and err.message or err)),
+    hint = "the state directory's disk is full or failing: free space there (or move the state directory and "
+      .. "give --state-dir), then run the same command again; the journal on disk is the last one written "
+      .. "whole, and the run resumes from it" }
+end
+
 function Journal:save()
   if self.read_only then return true end
-  local ok, err = host.write_file(self.path, self:encode(), journal.FILE_MODE)
-  if not ok then
-    return nil, errors.new{ kind = "journal", where = self.path, errno = type(err) == "table" and err.errno or nil,
-      message = ("cannot write the journal %s: %s"):format(self.path,
-        tostring(type(err) == "table" and err.message or err)),
-      hint = "the state directory's disk is full or failing: free space there (or move the state directory and "
-        .. "give --state-dir), then run the same command again; the journal on disk is the last one written "
-        .. "whole, and the run resumes from it" }
+  -- a new generation: a log of the one before, if a kill leaves it, is contained here
+  self.data.log_generation = (self.data.log_generation or 0) + 1
+  local text = self:encode()
+  local ok, err = host.write_file(self.path, text, journal.FILE_MODE)
+  if not ok then return nil, write_failed(self.path, err) end
+  self.existed, self.snapshot_bytes = true, #text
+  if self.log_generation then os.remove(self.log_path) end -- contained now; ignored if it stays
+  self.log_generation, self.log_bytes, self.torn = nil, 0, false
+  return true
+end
+
+-- The value saved for path: scrubbed as J:save scrubs it, a key that names a
+-- secret on the way masking all below it.
+local function scrubbed_change(path, value)
+  for i, k in ipairs(path) do
+    if mask.secret_key(k) then
+      return table.move(path, 1, i, 1, {}), "****"
+    end
   end
-  self.existed = true
+  return path, journal.scrub(value)
+end
+
+function Journal:save_change(path)
+  assert(type(path) == "table" and #path > 0, "journal:save_change: a path (a list of keys) expected")
+  if self.read_only then return true end
+  -- a log applies to a journal.json of its generation: the first change has none yet
+  if not self.existed or not self.data.log_generation or self.torn then return self:save() end
+  if self.log_bytes > math.max(journal.COMPACT_BYTES, self.snapshot_bytes) then return self:save() end
+  local value = self.data
+  for _, k in ipairs(path) do
+    if type(value) ~= "table" then value = nil break end
+    value = value[k]
+  end
+  local p, v = scrubbed_change(path, value)
+  local line = json.encode{ p = json.array(p), v = v } .. "\n"
+  local ok, err
+  if self.log_generation ~= self.data.log_generation then
+    local head = json.encode{ generation = self.data.log_generation } .. "\n"
+    ok, err = host.write_file(self.log_path, head .. line, journal.FILE_MODE)
+    if ok then self.log_generation, self.log_bytes = self.data.log_generation, #head + #line end
+  else
+    ok, err = host.append_file(self.log_path, line, journal.FILE_MODE)
+    if ok then self.log_bytes = self.log_bytes + #line end
+  end
+  if not ok then return nil, write_failed(self.log_path, err) end
+  return true
+end
+
+function Journal:save_changes(paths, under)
+  under = under or {}
+  for _, path in ipairs(paths) do
+    local ok, err = self:save_change(table.move(path, 1, #path, #under + 1, table.move(under, 1, #under, 1, {})))
+    if not ok then return nil, err end
+  end
   return true
 end
 

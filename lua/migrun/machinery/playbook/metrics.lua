@@ -26,6 +26,7 @@ local json = require "migrun.json"
 local pg = require "migrun.pg"
 local db = require "migrun.db"
 local live = require "migrun.playbook.live"
+local journal = require "migrun.playbook.journal"
 
 local metrics = {}
 
@@ -341,13 +342,10 @@ metrics.CONTENT_TYPE = {
 -- The server (a child process)
 ---------------------------------------------------------------------------
 
-local function read_json(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  local v = json.decode(s)
-  return type(v) == "table" and v or nil
+-- The journal as a reader sees it (journal.json and the changes logged since).
+local function read_journal(state_dir)
+  local J = journal.open(state_dir, { read_only = true })
+  return J and J.existed and J.data or nil
 end
 
 local Server = {}
@@ -397,7 +395,7 @@ end
 function Server:scrape(openmetrics)
   self:read_samples()
   local slots = self:read_source()
-  local state = { migration = self.job.migration, journal = read_json(self.job.state_dir .. "/journal.json"),
+  local state = { migration = self.job.migration, journal = read_journal(self.job.state_dir),
     progress = live.read_progress(self.job.state_dir), lock = live.lock_state(self.job.state_dir),
     slots = slots, history = self.history, sample = self.sample, guard = self.job.guard, now = host.now() }
   return metrics.render(metrics.families(state), openmetrics)
