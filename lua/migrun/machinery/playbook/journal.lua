@@ -187,7 +187,6 @@ local function replay(data, log_path)
   return at - 1
 end
 
-
 function journal.open(state_dir, opts)
   assert(type(state_dir) == "string", "journal.open: state_dir expected")
   opts = opts or {}
@@ -198,19 +197,29 @@ function journal.open(state_dir, opts)
                            snapshot_bytes = 0, log_bytes = 0, log_generation = nil }, Journal)
   local text = read_file(path)
   if text then
-    local data, err = json.decode(text)
-    if type(data) ~= "table" then
-      return nil, errors.new{ kind = "journal", where = path,
-        message = "the journal cannot be read: " .. tostring(err or "not a JSON object"),
-        hint = "it is only ever replaced atomically: was it edited by hand?" }
+    local data, log_bytes, torn, size
+    for _ = 1, 3 do
+      local err
+      data, err = json.decode(text)
+      size = #text
+      if type(data) ~= "table" then
+        return nil, errors.new{ kind = "journal", where = path,
+          message = "the journal cannot be read: " .. tostring(err or "not a JSON object"),
+          hint = "it is only ever replaced atomically: was it edited by hand?" }
+      end
+      log_bytes, torn = replay(data, J.log_path)
+      if not log_bytes then return nil, torn end
+      -- a reader beside a running migrun: journal.json rewritten between the
+      -- two reads (the log then follows the new one) is read again
+      local again = log_bytes == 0 and read_file(path)
+      if not again or again == text then break end
+      text = again
     end
-    local log_bytes, torn = replay(data, journal.log_path(state_dir))
-    if not log_bytes then return nil, torn end
     -- a line appended after a torn one would be lost with it: the next change saves all
     J.torn = torn == true
     data.playbooks = data.playbooks or {}
     data.runs = data.runs or {}
-    J.data, J.existed, J.snapshot_bytes, J.log_bytes = data, true, #text, log_bytes
+    J.data, J.existed, J.snapshot_bytes, J.log_bytes = data, true, size, log_bytes
     if log_bytes > 0 then J.log_generation = data.log_generation end
   end
   return J
