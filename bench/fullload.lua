@@ -148,7 +148,12 @@ function methods.migrun(job)
   local step = J:step("bench", "full_load")
   step.facts = step.facts or {}
   local state = step.facts
-  local function save(paths) assert(J:save_changes(paths, { "playbooks", "bench", "steps", "full_load", "facts" })) end
+  local function save(paths)
+    -- the library of a --before binary may predate save_changes: it saved the
+    -- whole journal, as its playbooks did
+    if not J.save_changes then return assert(J:save()) end
+    assert(J:save_changes(paths, { "playbooks", "bench", "steps", "full_load", "facts" }))
+  end
   local post = assert(schema.table_post_data(replica, target, job.tables))
   part("schema")
   local t_start = host.now()
