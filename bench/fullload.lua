@@ -40,14 +40,17 @@ reversed every other round: A B C, C B A, ...):
 The rerun (--pairs pairs): migrun is killed (SIGKILL) once the target holds
   80% of the largest table's bytes (its heap, polled every 50 ms: the chunks
   in flight count, as loaded bytes do), the killed run's sessions ended, and
-  the database copied (CREATE DATABASE ... TEMPLATE); then, in alternating
+  the database copied twice (CREATE DATABASE ... TEMPLATE); then, in alternating
   order, the rerun on the killed database and its floor on the copy: what
   was not committed at the kill (the chunks and tables with no rows on the
   copy), loaded from the same files by server-side COPY over N streams, then
   the indexes and constraints the copy lacks (their statements over N
   streams), then ANALYZE of the tables without statistics. What is missing is
   found before the floor's clock starts (as the rerun finds it in its
-  journal).
+  journal). Its relay floor, on a second copy, in the same rounds (the order
+  of the three reversed every other round): the same work with the rows
+  relayed from the replica (pg.copy, one process per stream), as the rerun
+  reads them, in place of the files.
 The verification (--pairs rounds, alternating), on the last migrun target
   against the replica:
   qa        the final QA's full comparison (qa.compare mode "full": units
@@ -215,6 +218,18 @@ local function spread(items, n, field)
   return streams
 end
 
+-- job.files' rows relayed from the replica (methods.relay_stream) over n
+-- streams, the entries spread as the floor spreads their statements.
+local function relay_streams(job, n)
+  local items = {}
+  for _, f in ipairs(job.files) do items[#items + 1] = { file = f, cost = f.bytes } end
+  run_streams(spread(items, n, "file"), "relay stream", function(stream)
+    return { host.exe, arg[0], "--method", "relay_stream",
+      stdin = json.encode{ replica = job.replica, target = job.target, items = stream },
+      stdout = "null", stderr = "capture" }
+  end)
+end
+
 -- the files' COPY statements: whole tables truncated and frozen in one transaction
 local function load_sql(files)
   local items = {}
@@ -255,10 +270,11 @@ end
 -- The floor of a rerun: what the killed run had not committed, from the files
 -- (job.files), then the post-data items the copy lacks (job.post: statements
 -- with a cost), then ANALYZE of the tables without statistics (job.analyze).
-function methods.floor_rest(job)
+-- relay: the same rows relayed from the replica instead (methods.relay_rest).
+local function rest_floor(job, relay)
   local part, report = cpu_parts()
   local n = math.tointeger(job.jobs)
-  psql_streams(job.target, spread(load_sql(job.files), n))
+  if relay then relay_streams(job, n) else psql_streams(job.target, spread(load_sql(job.files), n)) end
   part("load")
   psql_streams(job.target, spread(job.post, n))
   local items = {}
@@ -267,6 +283,8 @@ function methods.floor_rest(job)
   part("post-data")
   report(job)
 end
+
+function methods.floor_rest(job) rest_floor(job, false) end
 
 -- The relay's floor: the floor's work with the files' rows relayed instead,
 -- from the replica to the target by the client (pg.copy: C, whole buffers),
@@ -288,17 +306,12 @@ function methods.relay_stream(job)
 end
 
 function methods.relay(job)
-  floor_around(job, function(n)
-    -- the files' entries over the streams as the floor spreads their statements
-    local items = {}
-    for _, f in ipairs(job.files) do items[#items + 1] = { file = f, cost = f.bytes } end
-    run_streams(spread(items, n, "file"), "relay stream", function(stream)
-      return { host.exe, arg[0], "--method", "relay_stream",
-        stdin = json.encode{ replica = job.replica, target = job.target, items = stream },
-        stdout = "null", stderr = "capture" }
-    end)
-  end)
+  floor_around(job, function(n) relay_streams(job, n) end)
 end
+
+-- The relay floor of a rerun: the rest floor's work, its rows relayed from the
+-- replica as the killed run's rerun reads them, not loaded from files.
+function methods.relay_rest(job) rest_floor(job, true) end
 
 local function pgcopydb(exe, extra)
   return function(job)
@@ -1002,7 +1015,7 @@ local function floor_rest_job(conninfo, dbname)
   return { target = conninfo, dbname = dbname, files = files, post = post, analyze = analyze }
 end
 
-local reruns, rest_floors = {}, {}
+local reruns, rest_floors, rest_relays = {}, {}, {}
 local function rerun_pairs()
   print(("\n== the rerun after a kill at 80%% of %s's bytes: %d pairs"):format(BIG.name, opt.pairs))
   for i = 1, opt.pairs do
@@ -1011,21 +1024,30 @@ local function rerun_pairs()
     local copy = killed.job.dbname .. "_copy"
     local strategy = tgt:server_version() >= 150000 and " strategy file_copy" or ""
     q(tgt, ("create database %s template %s%s"):format(copy, killed.job.dbname, strategy))
+    -- a second copy for the relay floor: the same work, its rows read from the replica
+    local relay_copy = killed.job.dbname .. "_relay"
+    q(tgt, ("create database %s template %s%s"):format(relay_copy, killed.job.dbname, strategy))
     local rest = floor_rest_job(conninfo_of(copy), copy)
+    local relay = {}
+    for k, v in pairs(rest) do relay[k] = v end
+    relay.target, relay.dbname = conninfo_of(relay_copy), relay_copy
     local rerun_job = { target = killed.job.target, dbname = killed.job.dbname, dir = killed.job.dir,
                         profile = i == 1 and (L.dir .. "/profile-rerun.json") or nil }
-    local pair = {
+    local round = {
       function() reruns[i] = measure(("rerun #%d"):format(i), "migrun", rerun_job) end,
       function() rest_floors[i] = measure(("floor of the rerun #%d"):format(i), "floor_rest", rest) end,
+      function() rest_relays[i] = measure(("relay of the rerun #%d"):format(i), "relay_rest", relay) end,
     }
-    if i % 2 == 0 then pair[1], pair[2] = pair[2], pair[1] end
-    pair[1]() pair[2]()
+    if i % 2 == 0 then round[1], round[3] = round[3], round[1] end
+    for _, run in ipairs(round) do run() end
     reruns[i].at, reruns[i].share = killed.at, killed.share
   end
   profile_of(reruns[1])
   print()
   goal("rerun after a kill at 80% / its floor", ratios(reruns, rest_floors, wall), "<= 1.15")
   goal("rerun / its floor, target CPU", ratios(reruns, rest_floors, target_cpu), "-")
+  goal("rerun / its relay floor (its rows read from the replica)", ratios(reruns, rest_relays, wall), "-")
+  goal("relay floor of the rerun / its floor", ratios(rest_relays, rest_floors, wall), "-")
   if loads then
     local secs = {}
     for _, r in ipairs(loads.migrun) do if not r.failed then secs[#secs + 1] = r.seconds end end
