@@ -107,6 +107,20 @@ static int fsync_dir_of(const char *path) {
     return rc;
 }
 
+/* Writes all of data to fd (a write cut short by a signal goes on) -> 0 | errno */
+static int write_all(int fd, const char *data, size_t len) {
+    for (size_t off = 0; off < len;) {
+        ssize_t n = write(fd, data + off, len - off);
+        if (n < 0) {
+            if (errno != EINTR)
+                return errno;
+        } else {
+            off += (size_t)n;
+        }
+    }
+    return 0;
+}
+
 /* host.write_file(path, data [, mode = 0600]) -> true | nil, err
  * Replaces path atomically and durably: path.tmp is created with mode (never
  * wider, whatever the umask), written, fsynced and renamed over path; then the
@@ -125,15 +139,8 @@ static int host_write_file(lua_State *L) {
     int err = 0;
     if (fchmod(fd, mode) != 0)
         err = errno;
-    for (size_t off = 0; err == 0 && off < len;) {
-        ssize_t n = write(fd, data + off, len - off);
-        if (n < 0) {
-            if (errno != EINTR)
-                err = errno;
-        } else {
-            off += (size_t)n;
-        }
-    }
+    if (err == 0)
+        err = write_all(fd, data, len);
     if (err == 0 && fsync(fd) != 0)
         err = errno;
     if (close(fd) != 0 && err == 0)
@@ -176,15 +183,8 @@ static int host_append_file(lua_State *L) {
         err = errno;
     if (err == 0 && created && fchmod(fd, mode) != 0)
         err = errno;
-    for (size_t off = 0; err == 0 && off < len;) {
-        ssize_t n = write(fd, data + off, len - off);
-        if (n < 0) {
-            if (errno != EINTR)
-                err = errno;
-        } else {
-            off += (size_t)n;
-        }
-    }
+    if (err == 0)
+        err = write_all(fd, data, len);
     if (err == 0 && fdatasync(fd) != 0)
         err = errno;
     if (err != 0 && sized && ftruncate(fd, st.st_size) != 0) {

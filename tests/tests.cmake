@@ -33,6 +33,7 @@ list(APPEND MIGRUN_UNIT_SPECS repair)
 list(APPEND MIGRUN_UNIT_SPECS loadprogress)
 # the process watchers' job and lines (a probe in the worker, no server)
 list(APPEND MIGRUN_UNIT_SPECS watchdog)
+# the journal and its log of changes (files only)
 list(APPEND MIGRUN_UNIT_SPECS journal)
 # The specs' labs live on a tmpfs when the machine has one with room to spare:
 # on an ext4 VM disk, creating and removing a cluster's ~1,500 files costs more
