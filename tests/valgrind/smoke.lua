@@ -35,6 +35,16 @@ local host = require "migrun.host"
 host.sleep(0.01)
 assert(#host.read_file("/proc/self/maps") > 0)
 assert(select(2, host.read_file("/no/such/file")).errno == 2)
+do -- a file written whole, appended to, and an append that cannot be made
+  local dir = os.tmpname()
+  os.remove(dir)
+  assert(host.mkdir(dir))
+  assert(host.write_file(dir .. "/f", "one\n") and host.append_file(dir .. "/f", "two\n"))
+  assert(host.append_file(dir .. "/g", "new\n") and host.read_file(dir .. "/g") == "new\n")
+  assert(host.read_file(dir .. "/f") == "one\ntwo\n")
+  assert(select(2, host.append_file(dir .. "/no/f", "x")).errno == 2)
+  os.remove(dir .. "/f") os.remove(dir .. "/g") os.remove(dir)
+end
 assert(host.monotonic() > 0 and require("migrun.aws").sleep == host.sleep)
 assert(tostring(err.new{ message = "m", code = "C" }) == "C m")
 print("valgrind smoke ok")
