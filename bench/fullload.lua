@@ -108,15 +108,18 @@ local function my_cpu()
   return (f[12] + f[13]) / TICKS, (f[14] + f[15]) / TICKS
 end
 
--- A method's client CPU by part: parts[name] = { self =, children = }, written to job.cpu_out.
+-- A method's client CPU by part, and the part's wall time: parts[name] =
+-- { self =, children =, wall = }, written to job.cpu_out.
 local function cpu_parts()
   local parts, order = {}, {}
   local s0, c0 = my_cpu()
+  local w0 = host.monotonic()
   return function(name)
     local s, c = my_cpu()
-    parts[name] = { self = s - s0, children = c - c0 }
+    local w = host.monotonic()
+    parts[name] = { self = s - s0, children = c - c0, wall = w - w0 }
     order[#order + 1] = name
-    s0, c0 = s, c
+    s0, c0, w0 = s, c, w
   end, function(job)
     if job.cpu_out then assert(host.write_file(job.cpu_out, json.encode{ parts = parts, order = order })) end
   end
@@ -176,6 +179,16 @@ function methods.migrun(job)
         local ix, an = (state.indexed or {})[k], (state.analyzed or {})[k]
         p.tables[k] = { load = { r.started, r.ended }, chunks = r.chunks, index = ix and { ix.started, ix.ended },
                         analyze = an and { an.started, an.ended }, bytes = r.bytes }
+        -- the chunks this run loaded (a rerun's), each { i, started, ended, stream }
+        local cs = (state.chunks or {})[k]
+        if cs then
+          local list = {}
+          for i, c in pairs(cs.done or {}) do
+            if c.started and c.started >= t_start then list[#list + 1] = { tonumber(i), c.started, c.ended, c.stream } end
+          end
+          table.sort(list, function(a, b) return a[2] < b[2] end)
+          p.tables[k].this_run = list
+        end
       end
     end
     assert(host.write_file(job.profile, json.encode(p)))
@@ -671,9 +684,9 @@ local function client_text(r)
   local parts = {}
   for _, name in ipairs(r.client_parts and r.client_parts.order or {}) do
     local p = r.client_parts.parts[name]
-    parts[#parts + 1] = ("%s %.2f+%.2f"):format(name, p.self, p.children)
+    parts[#parts + 1] = ("%s %.2f+%.2f in %.1fs"):format(name, p.self, p.children, p.wall or 0)
   end
-  return #parts > 0 and (" (own+children: " .. table.concat(parts, ", ") .. ")") or ""
+  return #parts > 0 and (" (own+children, and the part's wall time: " .. table.concat(parts, ", ") .. ")") or ""
 end
 local function cpu_text(r)
   local cpu = r.cpu
@@ -861,6 +874,13 @@ local function profile_of(r)
     :format(r.name, BIG.name, big and span(big.load) or "-", big and tostring(big.chunks or 1) or "-",
       big and span(big.index) or "-", big and span(big.analyze) or "-", last_load - p.start, sum_index, sum_analyze,
       p.done - p.rest, p.done - p.start))
+  if big and big.this_run and #big.this_run < (big.chunks or 0) then
+    local list = {}
+    for _, c in ipairs(big.this_run) do
+      list[#list + 1] = ("%d: %.1f-%.1fs on %s"):format(c[1], c[2] - p.start, c[3] - p.start, tostring(c[4]))
+    end
+    print(("  %s's chunks this run: %s"):format(BIG.name, table.concat(list, ", ")))
+  end
 end
 
 ---------------------------------------------------------------------------
