@@ -69,6 +69,23 @@ describe("the journal's changes", function()
     assert.equal("integer", math.type(back.done["5001"].xid))
   end)
 
+  it("writes the changes of one call at once: one write and one fsync for all of them", function()
+    local J, cs = journal_with_chunks(dir, 3)
+    cs.done["4"] = { chunk = 4 } -- a second's records of a busy load, flushed together
+    assert(J:save_change(at("chunks", "public.big", "done", "4")))
+    local paths = {}
+    for i = 5, 104 do
+      cs.done[tostring(i)] = { chunk = i }
+      paths[#paths + 1] = { "chunks", "public.big", "done", tostring(i) }
+    end
+    local before = J.writes
+    assert(J:save_changes(paths, FACTS))
+    assert.equal(1, J.writes - before)
+    assert.equal(102, #lines(read(dir .. "/journal.log")))
+    local again = assert(journal.open(dir))
+    assert.same({ chunk = 104 }, again:step("full", "full_load").facts.chunks["public.big"].done["104"])
+  end)
+
   it("starts a new log with each whole save, and ignores a log a kill left of the one before", function()
     local J, cs = journal_with_chunks(dir, 3)
     cs.committing["4"] = { xid = 9 }

@@ -33,9 +33,10 @@ one. It never holds a secret: facts are scrubbed before they are stored.
       from J.data, e.g. {"playbooks", "full", "steps", "full_load", "facts",
       "chunks", "public.events", "done", "17"}; nil there: removed), saved
       at the cost of that value, not of the whole journal (below)
-  J:save_changes(paths [, under]) -> true | nil, err   J:save_change for each
+  J:save_changes(paths [, under]) -> true | nil, err   the same for each
       path, each below the keys `under` ({"playbooks", "full", "steps", step,
-      "facts"}: paths into a step's facts)
+      "facts"}: paths into a step's facts), in one write
+  J.writes: the journal's writes so far (each one fsync)
 
 Saving a change: journal.json is rewritten whole by J:save(); between two
 such saves, J:save_change appends one line to journal.log, fsynced before it
@@ -44,7 +45,8 @@ and the chunk once done: rewriting the whole journal each time cost
 O(chunks) per chunk (bench/journal.lua: 50 ms of CPU and 0.5 MB written per
 chunk at 1,000 chunks, 35 s for that load's saves in all), so the load's
 own bookkeeping grew with the square of its chunks. A line costs what it
-says (0.3-0.5 ms of CPU per chunk at 100 or 10,000 chunks alike). journal.open replays the lines over journal.json, in order.
+says (0.3-0.5 ms of CPU per chunk at 100 or 10,000 chunks alike).
+journal.open replays the lines over journal.json, in order.
 The log's first line names the generation of journal.json it follows; each
 J:save() starts a new generation, so a log left behind by a kill between
 the two files' writes is recognised as already contained and ignored. A
@@ -195,7 +197,7 @@ function journal.open(state_dir, opts)
   local J = setmetatable({ path = path, log_path = journal.log_path(state_dir),
                            read_only = opts.read_only and true or false, existed = false,
                            data = { format = 1, playbooks = {}, runs = {} },
-                           snapshot_bytes = 0, log_bytes = 0, log_generation = nil }, Journal)
+                           snapshot_bytes = 0, log_bytes = 0, log_generation = nil, writes = 0 }, Journal)
   local text = read_file(path)
   if text then
     local data, log_bytes, torn, size
@@ -289,7 +291,7 @@ function Journal:save()
   local text = self:encode()
   local ok, err = host.write_file(self.path, text, journal.FILE_MODE)
   if not ok then return nil, write_failed(self.path, err) end
-  self.existed, self.snapshot_bytes = true, #text
+  self.existed, self.snapshot_bytes, self.writes = true, #text, self.writes + 1
   if self.log_generation then os.remove(self.log_path) end -- contained now; ignored if it stays
   self.log_generation, self.log_bytes, self.torn = nil, 0, false
   return true
@@ -306,38 +308,49 @@ local function scrubbed_change(path, value)
   return path, journal.scrub(value)
 end
 
-function Journal:save_change(path)
+-- One path's line for the log: the value now at path, scrubbed.
+function Journal:_change_line(path)
   assert(type(path) == "table" and #path > 0, "journal:save_change: a path (a list of keys) expected")
-  if self.read_only then return true end
-  -- a log applies to a journal.json of its generation: the first change has none yet
-  if not self.existed or not self.data.log_generation or self.torn then return self:save() end
-  if self.log_bytes > math.max(journal.COMPACT_BYTES, self.snapshot_bytes) then return self:save() end
   local value = self.data
   for _, k in ipairs(path) do
     if type(value) ~= "table" then value = nil break end
     value = value[k]
   end
   local p, v = scrubbed_change(path, value)
-  local line = json.encode{ p = json.array(p), v = v } .. "\n"
+  return json.encode{ p = json.array(p), v = v } .. "\n"
+end
+
+function Journal:save_change(path)
+  return self:save_changes{ path }
+end
+
+-- The changes of one call land in one write (one fsync): a flush of many
+-- records (a second's worth of small tables) costs one disk sync, as the
+-- whole journal's rewrite did, not one per record.
+function Journal:save_changes(paths, under)
+  if self.read_only or #paths == 0 then return true end
+  under = under or {}
+  local lines = {}
+  for i, path in ipairs(paths) do
+    lines[i] = self:_change_line(table.move(path, 1, #path, #under + 1, table.move(under, 1, #under, 1, {})))
+  end
+  -- a log applies to a journal.json of its generation: the first change has none yet
+  if not self.existed or not self.data.log_generation or self.torn
+      or self.log_bytes > math.max(journal.COMPACT_BYTES, self.snapshot_bytes) then
+    return self:save()
+  end
+  local text = table.concat(lines)
   local ok, err
   if self.log_generation ~= self.data.log_generation then
     local head = json.encode{ generation = self.data.log_generation } .. "\n"
-    ok, err = host.write_file(self.log_path, head .. line, journal.FILE_MODE)
-    if ok then self.log_generation, self.log_bytes = self.data.log_generation, #head + #line end
+    ok, err = host.write_file(self.log_path, head .. text, journal.FILE_MODE)
+    if ok then self.log_generation, self.log_bytes = self.data.log_generation, #head + #text end
   else
-    ok, err = host.append_file(self.log_path, line, journal.FILE_MODE)
-    if ok then self.log_bytes = self.log_bytes + #line end
+    ok, err = host.append_file(self.log_path, text, journal.FILE_MODE)
+    if ok then self.log_bytes = self.log_bytes + #text end
   end
   if not ok then return nil, write_failed(self.log_path, err) end
-  return true
-end
-
-function Journal:save_changes(paths, under)
-  under = under or {}
-  for _, path in ipairs(paths) do
-    local ok, err = self:save_change(table.move(path, 1, #path, #under + 1, table.move(under, 1, #under, 1, {})))
-    if not ok then return nil, err end
-  end
+  self.writes = self.writes + 1
   return true
 end
 
