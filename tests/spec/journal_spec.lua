@@ -183,6 +183,22 @@ describe("the journal's changes", function()
     assert.equal("host=db password=****", again:step("full", "setup").facts.endpoint.conninfo)
   end)
 
+  it("keeps the records of tables named for a secret (api_tokens, user_passwords), whole or by change", function()
+    local J = assert(journal.open(dir))
+    local S = J:step("full", "full_load")
+    S.status = "running"
+    S.facts = { loaded = { ["public.api_tokens"] = { rows = 5, bytes = 8192 } },
+                chunks = { ["public.user_passwords"] = { plan = { count = 2 }, done = {}, committing = {} } } }
+    assert(J:save())
+    S.facts.chunks["public.user_passwords"].done["1"] = { chunk = 1, rows = 10 }
+    assert(J:save_change(at("chunks", "public.user_passwords", "done", "1")))
+    local again = assert(journal.open(dir))
+    local facts = again:step("full", "full_load").facts
+    assert.same({ rows = 5, bytes = 8192 }, facts.loaded["public.api_tokens"])
+    assert.equal(2, facts.chunks["public.user_passwords"].plan.count)
+    assert.same({ chunk = 1, rows = 10 }, facts.chunks["public.user_passwords"].done["1"])
+  end)
+
   it("writes the log 0600, and moves it aside with the journal", function()
     local J, cs = journal_with_chunks(dir, 1)
     cs.done["2"] = { chunk = 2 }

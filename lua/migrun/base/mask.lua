@@ -16,7 +16,8 @@ mask.message(message, conninfo) -> mask.string, and the conninfo's own password
 mask.scrub(value) -> a copy fit for JSON and free of secrets: keys that name a
     secret (password, secret, token, ...) get "****", strings masked, values
     JSON cannot hold (LSNs, functions) become their tostring
-mask.secret_key(name) -> whether a key names a secret
+mask.secret_key(name) -> whether a key names a secret (never a "schema.table"
+    key: a name holding a dot is an object's, not a field's)
 ]]
 local json = require "migrun.json"
 
@@ -24,8 +25,13 @@ local mask = {}
 
 local SECRET_KEY = { "password", "passwd", "secret", "token", "credential", "private_key", "access_key" }
 
+-- A key holding a dot is a schema-qualified name ("public.api_tokens": the
+-- full load's records of a table are keyed so), never a field that holds a
+-- secret: its record is kept, or a table named for tokens or passwords would
+-- lose its journaled load and be skipped, or fail, on a rerun.
 function mask.secret_key(k)
   k = tostring(k):lower()
+  if k:find(".", 1, true) then return false end
   for _, word in ipairs(SECRET_KEY) do
     if k:find(word, 1, true) then return true end
   end
