@@ -112,6 +112,22 @@ describe("the journal's changes", function()
     assert.equal(99, third:step("full", "full_load").facts.chunks["public.big"].plan.count)
   end)
 
+  it("keeps the log's changes when a whole save fails: the next change goes on the same log", function()
+    local J, cs = journal_with_chunks(dir, 2)
+    cs.done["3"] = { chunk = 3 }
+    assert(J:save_change(at("chunks", "public.big", "done", "3")))
+    local path = J.path
+    J.path = dir .. "/no-such-dir/journal.json" -- the disk refuses the whole journal
+    assert.is_nil((J:save()))
+    J.path = path
+    cs.done["4"] = { chunk = 4 } -- the run's last records, saved however it ends
+    assert(J:save_change(at("chunks", "public.big", "done", "4")))
+    local again = assert(journal.open(dir))
+    local done = again:step("full", "full_load").facts.chunks["public.big"].done
+    assert.same({ chunk = 3 }, done["3"], "a change logged before the failed save was lost")
+    assert.same({ chunk = 4 }, done["4"])
+  end)
+
   it("drops a last line a kill cut short, and buries nothing after it", function()
     local J, cs = journal_with_chunks(dir, 2)
     cs.done["3"] = { chunk = 3 }

@@ -287,10 +287,15 @@ end
 function Journal:save()
   if self.read_only then return true end
   -- a new generation: a log of the one before, if a kill leaves it, is contained here
-  self.data.log_generation = (self.data.log_generation or 0) + 1
+  local before = self.data.log_generation
+  self.data.log_generation = (before or 0) + 1
   local text = self:encode()
   local ok, err = host.write_file(self.path, text, journal.FILE_MODE)
-  if not ok then return nil, write_failed(self.path, err) end
+  if not ok then
+    -- journal.json on disk is still the one the log follows: changes go on there
+    self.data.log_generation = before
+    return nil, write_failed(self.path, err)
+  end
   self.existed, self.snapshot_bytes, self.writes = true, #text, self.writes + 1
   if self.log_generation then os.remove(self.log_path) end -- contained now; ignored if it stays
   self.log_generation, self.log_bytes, self.torn = nil, 0, false
