@@ -25,6 +25,11 @@ local function lines(text)
   return out
 end
 
+-- public.big's chunk state as the journal in d reads it back (opened anew).
+local function big_of(d)
+  return assert(journal.open(d)):step("full", "full_load").facts.chunks["public.big"]
+end
+
 -- A journal whose step holds `n` chunks already done (a load well under way).
 local function journal_with_chunks(dir, n)
   local J = assert(journal.open(dir))
@@ -82,8 +87,7 @@ describe("the journal's changes", function()
     assert(J:save_changes(paths, FACTS))
     assert.equal(1, J.writes - before)
     assert.equal(102, #lines(read(dir .. "/journal.log")))
-    local again = assert(journal.open(dir))
-    assert.same({ chunk = 104 }, again:step("full", "full_load").facts.chunks["public.big"].done["104"])
+    assert.same({ chunk = 104 }, big_of(dir).done["104"])
   end)
 
   it("starts a new log with each whole save, and ignores a log a kill left of the one before", function()
@@ -107,9 +111,9 @@ describe("the journal's changes", function()
     -- the next change starts a log of the current generation
     back.done["4"] = { chunk = 4 }
     assert(again:save_change(at("chunks", "public.big", "done", "4")))
-    local third = assert(journal.open(dir))
-    assert.same({ chunk = 4 }, third:step("full", "full_load").facts.chunks["public.big"].done["4"])
-    assert.equal(99, third:step("full", "full_load").facts.chunks["public.big"].plan.count)
+    local third = big_of(dir)
+    assert.same({ chunk = 4 }, third.done["4"])
+    assert.equal(99, third.plan.count)
   end)
 
   it("keeps the log's changes when a whole save fails: the next change goes on the same log", function()
@@ -122,8 +126,7 @@ describe("the journal's changes", function()
     J.path = path
     cs.done["4"] = { chunk = 4 } -- the run's last records, saved however it ends
     assert(J:save_change(at("chunks", "public.big", "done", "4")))
-    local again = assert(journal.open(dir))
-    local done = again:step("full", "full_load").facts.chunks["public.big"].done
+    local done = big_of(dir).done
     assert.same({ chunk = 3 }, done["3"], "a change logged before the failed save was lost")
     assert.same({ chunk = 4 }, done["4"])
   end)
@@ -142,8 +145,7 @@ describe("the journal's changes", function()
     -- a change after it must not be appended to the torn line
     back.done["5"] = { chunk = 5 }
     assert(again:save_change(at("chunks", "public.big", "done", "5")))
-    local third = assert(journal.open(dir))
-    local facts = third:step("full", "full_load").facts.chunks["public.big"]
+    local facts = big_of(dir)
     assert.same({ chunk = 3 }, facts.done["3"])
     assert.same({ chunk = 5 }, facts.done["5"])
   end)
@@ -174,9 +176,9 @@ describe("the journal's changes", function()
         assert.is_true(#(read(dir .. "/journal.log") or "") <= math.max(2000, #now) + 300)
       end
       assert.is_true(rewrites >= 2 and rewrites < 50, "journal.json rewritten " .. rewrites .. " times")
-      local again = assert(journal.open(dir))
+      local back = big_of(dir)
       for i = 2, 200 do
-        assert.same({ chunk = i, rows = i }, again:step("full", "full_load").facts.chunks["public.big"].done[tostring(i)])
+        assert.same({ chunk = i, rows = i }, back.done[tostring(i)])
       end
     end)
     journal.COMPACT_BYTES = saved
@@ -224,8 +226,7 @@ describe("the journal's changes", function()
     local aside = assert(journal.set_aside(dir))
     assert.truthy(read(aside .. "/journal.log"))
     assert.is_nil(read(dir .. "/journal.log"))
-    local moved = assert(journal.open(aside))
-    assert.same({ chunk = 2 }, moved:step("full", "full_load").facts.chunks["public.big"].done["2"])
+    assert.same({ chunk = 2 }, big_of(aside).done["2"])
   end)
 
   it("says what to do when the log cannot be written, and the journal on disk still reads", function()
@@ -239,8 +240,7 @@ describe("the journal's changes", function()
     assert.equal("journal", err.kind)
     assert.matches("cannot write the journal", tostring(err))
     assert.matches("free space", err.hint)
-    local again = assert(journal.open(dir))
-    assert.same({ chunk = 2 }, again:step("full", "full_load").facts.chunks["public.big"].done["2"])
+    assert.same({ chunk = 2 }, big_of(dir).done["2"])
   end)
 end)
 
