@@ -236,9 +236,12 @@ end
 local function relay_streams(job, n)
   local items = {}
   for _, f in ipairs(job.files) do items[#items + 1] = { file = f, cost = f.bytes } end
+  local k = 0
   run_streams(spread(items, n, "file"), "relay stream", function(stream)
+    k = k + 1
     return { host.exe, arg[0], "--method", "relay_stream",
-      stdin = json.encode{ replica = job.replica, target = job.target, items = stream },
+      stdin = json.encode{ replica = job.replica, target = job.target, items = stream,
+                           timeline = job.timeline and (job.timeline .. "." .. k), stream = k },
       stdout = "null", stderr = "capture" }
   end)
 end
@@ -290,10 +293,11 @@ local function rest_floor(job, relay)
   if relay then relay_streams(job, n) else psql_streams(job.target, spread(load_sql(job.files), n)) end
   part("load")
   psql_streams(job.target, spread(job.post, n))
+  part("post-data")
   local items = {}
   for _, t in ipairs(job.analyze) do items[#items + 1] = { sql = "analyze " .. t.name .. ";", cost = t.bytes } end
   psql_streams(job.target, spread(items, n))
-  part("post-data")
+  part("analyze")
   report(job)
 end
 
@@ -307,13 +311,16 @@ function methods.floor_rest(job) rest_floor(job, false) end
 function methods.relay_stream(job)
   local replica = assert(pg.connect(job.replica, { name = "replica" }))
   local target = assert(pg.connect(job.target, { name = "target" }))
+  local timeline = {} -- each item's { chunk, started, ended, stream } (job.timeline: where to write it)
   for _, it in ipairs(job.items) do
-    local name = pg.qualify(it.schema, it.name)
+    local name, started = pg.qualify(it.schema, it.name), host.now()
     if it.whole then q(target, "begin") q(target, "truncate " .. name) end
     assert(pg.copy{ from = replica, from_sql = it.out_sql, to = target,
       to_sql = ("copy %s from stdin (format binary%s)"):format(name, it.whole and ", freeze" or "") })
     if it.whole then q(target, "commit") end
+    timeline[#timeline + 1] = { it.name, it.chunk or 0, started, host.now(), job.stream }
   end
+  if job.timeline then assert(host.write_file(job.timeline, json.encode(timeline))) end
   replica:close()
   target:close()
 end
@@ -883,6 +890,27 @@ local function profile_of(r)
   end
 end
 
+-- The items a relay floor loaded (job.timeline: a file per stream), beside
+-- the rerun's chunks that profile_of prints.
+local function relay_timeline_of(r)
+  if not (r and not r.failed and r.job.timeline) then return end
+  local items, t0 = {}, math.huge
+  for k = 1, math.tointeger(r.job.jobs) or 0 do
+    local f = io.open(r.job.timeline .. "." .. k)
+    if f then
+      for _, it in ipairs(json.decode(f:read("a"))) do items[#items + 1] = it t0 = math.min(t0, it[3]) end
+      f:close()
+    end
+  end
+  table.sort(items, function(a, b) return a[3] < b[3] end)
+  local list = {}
+  for _, it in ipairs(items) do
+    list[#list + 1] = ("%s%s: %.1f-%.1fs on %d"):format(it[1] == BIG.name and "" or it[1] .. " ",
+      it[2] > 0 and tostring(it[2]) or "whole", it[3] - t0, it[4] - t0, it[5])
+  end
+  print(("  %s loaded: %s"):format(r.name, table.concat(list, ", ")))
+end
+
 ---------------------------------------------------------------------------
 -- The load
 ---------------------------------------------------------------------------
@@ -1000,12 +1028,18 @@ end
 
 -- The floor of a rerun on a copy of the killed database: the files of what
 -- has no rows there, the post-data items it lacks, ANALYZE where it has no
--- statistics; found before the clock.
-local function floor_rest_job(conninfo, dbname)
+-- statistics; found before the clock. What has rows is read on a third copy
+-- (probe_dbname), dropped after: the first scan of the killed run's rows sets
+-- their hint bits, which the rerun and the relay floor pay in their index
+-- builds (0.2-0.5 s per scan of big measured alone), so the floor pays it too.
+local function floor_rest_job(conninfo, dbname, probe_dbname)
+  local probe = assert(pg.connect(conninfo_of(probe_dbname), { name = "probe" }))
+  local done = {}
+  for _, t in ipairs(tables) do done[t.name] = present(probe, t) end
+  probe:close()
+  q(tgt, "drop database " .. probe_dbname)
   local c = assert(pg.connect(conninfo, { name = "copy" }))
   local files, left = {}, { chunks = 0, tables = 0 }
-  local done = {}
-  for _, t in ipairs(tables) do done[t.name] = present(c, t) end
   for _, f in ipairs(FILES) do
     local d = done[f.name]
     if (f.chunk and not d[f.chunk]) or (not f.chunk and not d) then
@@ -1047,10 +1081,13 @@ local function rerun_pairs()
     -- a second copy for the relay floor: the same work, its rows read from the replica
     local relay_copy = killed.job.dbname .. "_relay"
     q(tgt, ("create database %s template %s%s"):format(relay_copy, killed.job.dbname, strategy))
-    local rest = floor_rest_job(conninfo_of(copy), copy)
+    local probe = killed.job.dbname .. "_probe"
+    q(tgt, ("create database %s template %s%s"):format(probe, killed.job.dbname, strategy))
+    local rest = floor_rest_job(conninfo_of(copy), copy, probe)
     local relay = {}
     for k, v in pairs(rest) do relay[k] = v end
     relay.target, relay.dbname = conninfo_of(relay_copy), relay_copy
+    relay.timeline = i == 1 and (L.dir .. "/timeline-relay") or nil
     local rerun_job = { target = killed.job.target, dbname = killed.job.dbname, dir = killed.job.dir,
                         profile = i == 1 and (L.dir .. "/profile-rerun.json") or nil }
     local round = {
@@ -1063,6 +1100,7 @@ local function rerun_pairs()
     reruns[i].at, reruns[i].share = killed.at, killed.share
   end
   profile_of(reruns[1])
+  relay_timeline_of(rest_relays[1])
   print()
   goal("rerun after a kill at 80% / its floor", ratios(reruns, rest_floors, wall), "<= 1.15")
   goal("rerun / its floor, target CPU", ratios(reruns, rest_floors, target_cpu), "-")
