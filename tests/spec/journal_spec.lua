@@ -131,6 +131,36 @@ describe("the journal's changes", function()
     assert.same({ chunk = 4 }, done["4"])
   end)
 
+  it("reads journal.json again when a running migrun rewrites it between a reader's two reads", function()
+    local W, cs = journal_with_chunks(dir, 2) -- the running migrun
+    cs.done["3"] = { chunk = 3 }
+    assert(W:save_change(at("chunks", "public.big", "done", "3"))) -- only in the log of this generation
+    -- the reader (`migrun status`, the metrics server) has read journal.json
+    -- and is about to read the log when the writer saves whole (a new
+    -- generation, its log removed) and logs one more change on a new log
+    local real, fired = host.read_file, false
+    host.read_file = function(path)
+      if path == W.log_path and not fired then
+        fired = true
+        cs.done["4"] = { chunk = 4 }
+        assert(W:save())
+        cs.done["5"] = { chunk = 5 }
+        assert(W:save_change(at("chunks", "public.big", "done", "5")))
+      end
+      return real(path)
+    end
+    local R, err = journal.open(dir, { read_only = true })
+    host.read_file = real
+    assert.is_true(fired)
+    assert(R, err)
+    local done = R:step("full", "full_load").facts.chunks["public.big"].done
+    -- read once, the old journal.json would stand without its log: chunks 3-5 missing
+    assert.same({ chunk = 3 }, done["3"], "a chunk logged before the rewrite is missing")
+    assert.same({ chunk = 4 }, done["4"])
+    assert.same({ chunk = 5 }, done["5"])
+    assert.same(W.data, R.data)
+  end)
+
   it("drops a last line a kill cut short, and buries nothing after it", function()
     local J, cs = journal_with_chunks(dir, 2)
     cs.done["3"] = { chunk = 3 }

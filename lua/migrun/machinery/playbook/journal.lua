@@ -137,7 +137,8 @@ function journal.log_path(state_dir)
   return state_dir .. "/journal.log"
 end
 
-local read_file = host.read_file
+-- looked up at each call: a test puts a writer between a reader's two reads
+local function read_file(path) return host.read_file(path) end
 
 -- The log is compacted into journal.json once it is larger than this and
 -- than journal.json itself.
