@@ -578,6 +578,48 @@ describe("migrun.fullload", function()
     for _, n in ipairs(NAMES) do assert.truthy(state.analyzed[S .. "." .. n], n) end
   end)
 
+  it("saves a whole table's load at once when loading it again would cost more than a save", function()
+    -- save_interval at an hour: what is not saved at once waits for the end
+    local function run_saving(at_once)
+      truncate_target()
+      local writes, told = {}, {}
+      assert(run{ state = {}, save_interval = 3600, save_at_once_bytes = at_once,
+        save = function(paths) writes[#writes + 1] = paths end,
+        on_table = function(t) if not t.chunks then told[t.table] = { at = #writes, bytes = t.bytes } end end })
+      return writes, told
+    end
+    local function written_by(writes, n, k)
+      for i = 1, n do
+        for _, p in ipairs(writes[i]) do if p[1] == "loaded" and p[2] == k then return true end end
+      end
+      return false
+    end
+    -- every whole table at or above the bound: its record written, then said, as each is loaded
+    local writes, told = run_saving(0)
+    local moments, n = {}, 0
+    for k, t in pairs(told) do
+      n = n + 1
+      assert.is_true(written_by(writes, t.at, k), k .. " was said loaded before its record was written")
+      moments[t.at] = true
+    end
+    local distinct = 0
+    for _ in pairs(moments) do distinct = distinct + 1 end
+    assert.is_true(n >= 2, "too few whole tables to tell")
+    assert.equal(n, distinct, "whole tables saved together, not each as it was loaded")
+    -- below the bound (8 MiB by default) a table waits for the interval (here
+    -- the end) or for a larger one's save: not an fsync each
+    writes, told = run_saving(nil)
+    local whole, large = 0, 0
+    for _, t in pairs(told) do
+      whole = whole + 1
+      if t.bytes >= 8 * 1024 * 1024 then large = large + 1 end
+    end
+    assert.is_true(whole - large >= 2, "too few small tables to tell")
+    assert.is_true(#writes <= large + 1, ("%d writes for %d whole tables, %d of them of 8 MiB or more")
+      :format(#writes, whole, large))
+    all_equal()
+  end)
+
   it("builds and analyzes on a rerun what a stopped run left undone of complete tables", function()
     truncate_target()
     drop_target_indexes()
@@ -725,6 +767,29 @@ describe("migrun.fullload", function()
     assert.same({ 2, 2 }, probe(3)) -- alone on three streams: the two others
     assert.same({ 0, 0 }, probe(1)) -- not the server's default (2) on a stream that is the machine's only one
     q(L.target, "drop table fl.probe")
+  end)
+
+  it("gives each index build at the load's tail every other stream, though the builds run side by side", function()
+    -- a split table's index items are tasks of their own, built side by
+    -- side once its last chunk is in: on two streams the pool's share of the
+    -- idle ones gives neither a worker, and the longer build went on alone
+    -- in one process once the shorter had ended
+    truncate_target()
+    q(L.target, "drop table if exists fl.probe_a, fl.probe_b")
+    local function probe(name)
+      return { name = name, kind = "index", sql = { ("create table fl.%s as select "
+        .. "current_setting('max_parallel_maintenance_workers')::int as v"):format(name) } }
+    end
+    local big
+    for _, t in ipairs(tables) do if t.name == "big" then big = t end end
+    local state = {}
+    assert(run{ jobs = 2, tables = { big }, chunk_bytes = CH, split_bytes = CH, state = state,
+      post = { ["fl.big"] = { probe("probe_a"), probe("probe_b") } } })
+    assert.is_true(state.chunks["fl.big"].plan.count > 1, "fl.big was not split")
+    assert.equal(1, tonumber(q(L.target, "select v from fl.probe_a")))
+    assert.equal(1, tonumber(q(L.target, "select v from fl.probe_b")))
+    assert.equal(1, state.indexed["fl.big"].parallel_workers)
+    q(L.target, "drop table fl.probe_a, fl.probe_b")
   end)
 
   it("skips the tables already done and loads a table again cleanly", function()

@@ -102,7 +102,9 @@ Why it is shaped this way:
       depends on it (a chunk is acknowledged only after the save of its
       committing entry returned); what only
       records work done is saved at most every opts.save_interval seconds
-      (default 1) and when the run ends, however it ends; on_table,
+      (default 1) and when the run ends, however it ends, but a whole
+      table of opts.save_at_once_bytes or more (default 8 MiB) is saved as
+      soon as it is loaded, with whatever waited; on_table,
       on_chunk and on_post are called once what they tell is saved.
       opts.done: a set of "s.t" already loaded (as state.loaded).
       opts.post: { ["s.t"] = schema.table_post_data items }.
@@ -236,8 +238,14 @@ end
 -- interval's records, and what they said is
 -- done again by the rerun, the same way: a whole table truncated and loaded,
 -- a chunk's journaled transaction asked about, the indexes listed from the
--- target, ANALYZE run. What is done is said (on_table, on_chunk, on_post)
--- once it is saved: a table said loaded is never loaded again.
+-- target, ANALYZE run. A whole table whose load again would cost more than
+-- a save (SAVE_AT_ONCE_BYTES: some 50 ms of a stream, where a save is a
+-- write and an fsync) is saved as soon as it is loaded: a rerun after a kill
+-- loaded again the tables of the second before it, half a second of a
+-- stream in the bench's reruns. What is done is said (on_table, on_chunk,
+-- on_post) once it is saved: a table said loaded is never loaded again.
+
+local SAVE_AT_ONCE_BYTES = 8 * 1024 * 1024
 
 local Saver = {}
 Saver.__index = Saver
@@ -332,6 +340,8 @@ local function check_opts(opts)
   end
   assert(opts.save_interval == nil or (type(opts.save_interval) == "number" and opts.save_interval >= 0),
     "fullload.run: opts.save_interval must be a number of seconds >= 0")
+  assert(opts.save_at_once_bytes == nil or (type(opts.save_at_once_bytes) == "number" and opts.save_at_once_bytes >= 0),
+    "fullload.run: opts.save_at_once_bytes must be a number of bytes >= 0")
   assert(opts.reconnect_timeout == nil or (type(opts.reconnect_timeout) == "number" and opts.reconnect_timeout > 0),
     "fullload.run: opts.reconnect_timeout must be a number of seconds > 0")
   assert(opts.attempts == nil or (math.type(opts.attempts) == "integer" and opts.attempts >= 1 and opts.attempts < 128),
@@ -392,6 +402,7 @@ function Load.new(opts)
     results = {}, chunk_results = {}, bytes_done = 0, rows_done = 0, bytes_total = 0,
     moving = {},          -- "s.t" or "s.t#i" -> { bytes, rows } of a copy under way
     post_left = {},       -- "s.t" -> index items not yet built
+    loads_open = 0,       -- copy and chunk items queued or under way (0: the load's tail)
     post_times = {},      -- "s.t" -> { started, ended, stream }
     parallel_post = {},   -- "s.t" -> true: its index items are tasks of their own, ANALYZE after them
     acked = {},           -- ack key -> true while the parent holds it
@@ -580,10 +591,18 @@ end
 -- workers (the tail of a load: a split table's indexes once its last chunk
 -- is in), and none while every stream is busy: the server's own default
 -- (2 per build) would put three processes per stream on cores the loads use.
+--
+-- At the tail (nothing left to load) a build gets every other stream as
+-- workers, whatever the other builds took: they share the cores, and when the
+-- short ones end the longest goes on in all its processes, not in one while
+-- the others idle. Measured on a rerun's two builds of `big` side by side,
+-- its `email` key took 1.8-2.1 s alone in one process, 1.3-1.9 s in the
+-- floor's three (docs/benchmarks.md). They take no more of the pool's share.
 function Load:share_idle(task, idle)
-  local used = 0
+  local used, workers = 0, idle
+  if self.loads_open == 0 then workers = math.max(idle, self.jobs - 1) end
   for _, it in ipairs(task.job.items) do
-    if it.op == "index" then it.parallel_workers, used = idle, idle end
+    if it.op == "index" then it.parallel_workers, used = workers, idle end
   end
   return used
 end
@@ -597,6 +616,9 @@ function Load:job(items)
 end
 
 function Load:add(items, cost, label, group)
+  for _, it in ipairs(items) do
+    if it.op == "copy" or it.op == "chunk" then self.loads_open = self.loads_open + 1 end
+  end
   self.pool:add{ job = self:job(items), cost = cost, label = label, group = group }
 end
 
@@ -897,6 +919,7 @@ end
 -- A whole table loaded.
 function EVENTS.loaded(load, task, ev, k, mkey)
   load.moving[mkey] = nil
+  load.loads_open = load.loads_open - 1
   local r = { table = k, rows = ev.rows, bytes = ev.bytes, started = ev.started, ended = ev.ended,
               seconds = ev.seconds, stream = task.stream }
   load.bytes_done, load.rows_done = load.bytes_done + r.bytes, load.rows_done + r.rows
@@ -904,6 +927,7 @@ function EVENTS.loaded(load, task, ev, k, mkey)
   load:save{ "loaded", k }
   load.results[#load.results + 1] = r
   load:tell(load.opts.on_table, r)
+  if r.bytes >= (load.opts.save_at_once_bytes or SAVE_AT_ONCE_BYTES) then load.saver:flush() end
   if load.hashes then -- once the task is done (Load:hash_after)
     local list = load.to_hash[task] or {}
     list[#list + 1] = load.hashes:whole_item(load.by_key[k])
@@ -945,6 +969,7 @@ end
 -- A chunk committed.
 function EVENTS.chunk(load, task, ev, k, mkey)
   load.moving[mkey] = nil
+  load.loads_open = load.loads_open - 1
   local cs, i = load.split[k], ev.chunk
   local c = { table = k, chunk = i, of = cs.plan.count, range = chunks.label(cs.plan, i), rows = ev.rows,
               bytes = ev.bytes, started = ev.started, ended = ev.ended, seconds = ev.seconds,
