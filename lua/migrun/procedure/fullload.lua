@@ -241,9 +241,9 @@ end
 -- target, ANALYZE run. A whole table whose load again would cost more than
 -- a save (SAVE_AT_ONCE_BYTES: some 50 ms of a stream, where a save is a
 -- write and an fsync) is saved as soon as it is loaded: a rerun after a kill
--- loaded again the tables of the second before it, half a second of a
--- stream in the bench's reruns. What is done is said (on_table, on_chunk,
--- on_post) once it is saved: a table said loaded is never loaded again.
+-- loaded again the tables of the second before it (six in one of the
+-- bench's reruns). What is done is said (on_table, on_chunk, on_post) once
+-- it is saved: a table said loaded is never loaded again.
 
 local SAVE_AT_ONCE_BYTES = 8 * 1024 * 1024
 
@@ -596,7 +596,7 @@ end
 -- workers, whatever the other builds took: they share the cores, and when the
 -- short ones end the longest goes on in all its processes, not in one while
 -- the others idle. Measured on a rerun's two builds of `big` side by side,
--- its `email` key took 1.8-2.1 s alone in one process, 1.3-1.9 s in the
+-- its `email` key took 1.7-2.1 s alone in one process, 1.3-1.9 s in the
 -- floor's three (docs/benchmarks.md). They take no more of the pool's share.
 function Load:share_idle(task, idle)
   local used, workers = 0, idle
