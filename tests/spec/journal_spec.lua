@@ -15,6 +15,9 @@ local function at(...)
   return p
 end
 
+-- the path of public.big's done chunk i, from the journal's root
+local function done_at(i) return at("chunks", "public.big", "done", tostring(i)) end
+
 local function read(path)
   return host.read_file(path)
 end
@@ -62,7 +65,7 @@ describe("the journal's changes", function()
     assert.is_true(#log < 300, "a change of a few bytes wrote " .. #log)
     cs.done["5001"] = { chunk = 5001, rows = 10, bytes = 20, xid = 7001 }
     cs.committing["5001"] = nil
-    assert(J:save_change(at("chunks", "public.big", "done", "5001")))
+    assert(J:save_change(done_at(5001)))
     assert(J:save_change(at("chunks", "public.big", "committing", "5001")))
     assert.equal(4, #lines(read(dir .. "/journal.log")))
 
@@ -77,7 +80,7 @@ describe("the journal's changes", function()
   it("writes the changes of one call at once: one write and one fsync for all of them", function()
     local J, cs = journal_with_chunks(dir, 3)
     cs.done["4"] = { chunk = 4 } -- a second's records of a busy load, flushed together
-    assert(J:save_change(at("chunks", "public.big", "done", "4")))
+    assert(J:save_change(done_at(4)))
     local paths = {}
     for i = 5, 104 do
       cs.done[tostring(i)] = { chunk = i }
@@ -110,7 +113,7 @@ describe("the journal's changes", function()
     assert.is_nil(back.committing["4"])
     -- the next change starts a log of the current generation
     back.done["4"] = { chunk = 4 }
-    assert(again:save_change(at("chunks", "public.big", "done", "4")))
+    assert(again:save_change(done_at(4)))
     local third = big_of(dir)
     assert.same({ chunk = 4 }, third.done["4"])
     assert.equal(99, third.plan.count)
@@ -119,13 +122,13 @@ describe("the journal's changes", function()
   it("keeps the log's changes when a whole save fails: the next change goes on the same log", function()
     local J, cs = journal_with_chunks(dir, 2)
     cs.done["3"] = { chunk = 3 }
-    assert(J:save_change(at("chunks", "public.big", "done", "3")))
+    assert(J:save_change(done_at(3)))
     local path = J.path
     J.path = dir .. "/no-such-dir/journal.json" -- the disk refuses the whole journal
     assert.is_nil((J:save()))
     J.path = path
     cs.done["4"] = { chunk = 4 } -- the run's last records, saved however it ends
-    assert(J:save_change(at("chunks", "public.big", "done", "4")))
+    assert(J:save_change(done_at(4)))
     local done = big_of(dir).done
     assert.same({ chunk = 3 }, done["3"], "a change logged before the failed save was lost")
     assert.same({ chunk = 4 }, done["4"])
@@ -134,7 +137,7 @@ describe("the journal's changes", function()
   it("reads journal.json again when a running migrun rewrites it between a reader's two reads", function()
     local W, cs = journal_with_chunks(dir, 2) -- the running migrun
     cs.done["3"] = { chunk = 3 }
-    assert(W:save_change(at("chunks", "public.big", "done", "3"))) -- only in the log of this generation
+    assert(W:save_change(done_at(3))) -- only in the log of this generation
     -- the reader (`migrun status`, the metrics server) has read journal.json
     -- and is about to read the log when the writer saves whole (a new
     -- generation, its log removed) and logs one more change on a new log
@@ -145,7 +148,7 @@ describe("the journal's changes", function()
         cs.done["4"] = { chunk = 4 }
         assert(W:save())
         cs.done["5"] = { chunk = 5 }
-        assert(W:save_change(at("chunks", "public.big", "done", "5")))
+        assert(W:save_change(done_at(5)))
       end
       return real(path)
     end
@@ -164,7 +167,7 @@ describe("the journal's changes", function()
   it("drops a last line a kill cut short, and buries nothing after it", function()
     local J, cs = journal_with_chunks(dir, 2)
     cs.done["3"] = { chunk = 3 }
-    assert(J:save_change(at("chunks", "public.big", "done", "3")))
+    assert(J:save_change(done_at(3)))
     local f = assert(io.open(dir .. "/journal.log", "a"))
     f:write('{"p":["playbooks","full","steps","full_load","facts","chunks","public.big","done","4"],"v":{"chu')
     f:close()
@@ -174,7 +177,7 @@ describe("the journal's changes", function()
     assert.is_nil(back.done["4"], "the line cut short")
     -- a change after it must not be appended to the torn line
     back.done["5"] = { chunk = 5 }
-    assert(again:save_change(at("chunks", "public.big", "done", "5")))
+    assert(again:save_change(done_at(5)))
     local facts = big_of(dir)
     assert.same({ chunk = 3 }, facts.done["3"])
     assert.same({ chunk = 5 }, facts.done["5"])
@@ -183,7 +186,7 @@ describe("the journal's changes", function()
   it("refuses a log with a line in its middle that does not read", function()
     local J, cs = journal_with_chunks(dir, 2)
     cs.done["3"] = { chunk = 3 }
-    assert(J:save_change(at("chunks", "public.big", "done", "3")))
+    assert(J:save_change(done_at(3)))
     local log = read(dir .. "/journal.log")
     assert(host.write_file(dir .. "/journal.log", log .. "not json\n" .. lines(log)[2] .. "\n"))
     local again, err = journal.open(dir)
@@ -200,7 +203,7 @@ describe("the journal's changes", function()
       local rewrites, before = 0, read(dir .. "/journal.json")
       for i = 2, 200 do
         cs.done[tostring(i)] = { chunk = i, rows = i }
-        assert(J:save_change(at("chunks", "public.big", "done", tostring(i))))
+        assert(J:save_change(done_at(i)))
         local now = read(dir .. "/journal.json")
         if now ~= before then rewrites, before = rewrites + 1, now end
         assert.is_true(#(read(dir .. "/journal.log") or "") <= math.max(2000, #now) + 300)
@@ -247,10 +250,17 @@ describe("the journal's changes", function()
     assert.same({ chunk = 1, rows = 10 }, facts.chunks["public.user_passwords"].done["1"])
   end)
 
+  it("raises on a path that is not a list of keys, whether the change is logged or saved whole", function()
+    local fresh = assert(journal.open(dir)) -- its first change is a whole save
+    assert.has_error(function() fresh:save_changes{ {} } end)
+    local J = journal_with_chunks(dir, 1)
+    assert.has_error(function() J:save_change("chunks") end)
+  end)
+
   it("writes the log 0600, and moves it aside with the journal", function()
     local J, cs = journal_with_chunks(dir, 1)
     cs.done["2"] = { chunk = 2 }
-    assert(J:save_change(at("chunks", "public.big", "done", "2")))
+    assert(J:save_change(done_at(2)))
     local _, _, _, mode = proc.run{ "stat", "-c", "%a", dir .. "/journal.log" }
     assert.equal("600", (mode:gsub("%s+$", "")))
     local aside = assert(journal.set_aside(dir))
@@ -262,10 +272,10 @@ describe("the journal's changes", function()
   it("says what to do when the log cannot be written, and the journal on disk still reads", function()
     local J, cs = journal_with_chunks(dir, 1)
     cs.done["2"] = { chunk = 2 }
-    assert(J:save_change(at("chunks", "public.big", "done", "2")))
+    assert(J:save_change(done_at(2)))
     J.log_path = dir .. "/no-such-dir/journal.log"
     cs.done["3"] = { chunk = 3 }
-    local ok, err = J:save_change(at("chunks", "public.big", "done", "3"))
+    local ok, err = J:save_change(done_at(3))
     assert.is_nil(ok)
     assert.equal("journal", err.kind)
     assert.matches("cannot write the journal", tostring(err))

@@ -316,7 +316,6 @@ end
 
 -- One path's line for the log: the value now at path, scrubbed.
 function Journal:_change_line(path)
-  assert(type(path) == "table" and #path > 0, "journal:save_change: a path (a list of keys) expected")
   local value = self.data
   for _, k in ipairs(path) do
     if type(value) ~= "table" then value = nil break end
@@ -334,16 +333,19 @@ end
 -- records (a second's worth of small tables) costs one disk sync, as the
 -- whole journal's rewrite did, not one per record.
 function Journal:save_changes(paths, under)
-  if self.read_only or #paths == 0 then return true end
-  under = under or {}
-  local lines = {}
-  for i, path in ipairs(paths) do
-    lines[i] = self:_change_line(table.move(path, 1, #path, #under + 1, table.move(under, 1, #under, 1, {})))
+  for _, path in ipairs(paths) do
+    assert(type(path) == "table" and #path > 0, "journal:save_changes: paths (lists of keys) expected")
   end
+  if self.read_only or #paths == 0 then return true end
   -- a log applies to a journal.json of its generation: the first change has none yet
   if not self.existed or not self.data.log_generation or self.torn
       or self.log_bytes > math.max(journal.COMPACT_BYTES, self.snapshot_bytes) then
     return self:save()
+  end
+  under = under or {}
+  local lines = {}
+  for i, path in ipairs(paths) do
+    lines[i] = self:_change_line(table.move(path, 1, #path, #under + 1, table.move(under, 1, #under, 1, {})))
   end
   local text = table.concat(lines)
   local ok, err
