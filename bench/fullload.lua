@@ -314,7 +314,7 @@ function methods.floor_rest(job) rest_floor(job, false) end
 function methods.relay_stream(job)
   local replica = assert(pg.connect(job.replica, { name = "replica" }))
   local target = assert(pg.connect(job.target, { name = "target" }))
-  local timeline = {} -- each item's { chunk, started, ended, stream } (job.timeline: where to write it)
+  local timeline = {} -- each item's { table, chunk (0: whole), started, ended, stream } (job.timeline: where to write it)
   for _, it in ipairs(job.items) do
     local name, started = pg.qualify(it.schema, it.name), host.now()
     if it.whole then q(target, "begin") q(target, "truncate " .. name) end
