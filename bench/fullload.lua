@@ -624,10 +624,12 @@ print(("floor files: %d, %s cut in %d chunks of about %d MiB (migrun's plan)"):f
 
 -- CPU seconds a cluster has used since it started: its postmaster, the
 -- children it has reaped (cutime, cstime: every backend that has exited) and
--- the children alive (backends, the WAL receiver, the checkpointer...).
+-- the children alive (backends, the WAL receiver, the checkpointer...); and
+-- of those, the seconds in the kernel (stime, cstime).
 local function ticks_of(pid)
   local f = stat_fields(pid)
-  return (f[12] or 0) + (f[13] or 0) + (f[14] or 0) + (f[15] or 0)
+  local sys = (f[13] or 0) + (f[15] or 0)
+  return (f[12] or 0) + (f[14] or 0) + sys, sys
 end
 local function children_of(pid)
   local out = {}
@@ -638,10 +640,13 @@ local function children_of(pid)
 end
 local function cluster_cpu(c)
   local pm = c:pid()
-  if not pm then return 0 end
-  local ticks = ticks_of(pm)
-  for _, child in ipairs(children_of(pm)) do ticks = ticks + ticks_of(child) end
-  return ticks / TICKS
+  if not pm then return 0, 0 end
+  local ticks, sys = ticks_of(pm)
+  for _, child in ipairs(children_of(pm)) do
+    local t, k = ticks_of(child)
+    ticks, sys = ticks + t, sys + k
+  end
+  return ticks / TICKS, sys / TICKS
 end
 local CLUSTERS = { "source", "replica", "target" }
 local CORES = tonumber((select(4, proc.run{ "nproc" }) or ""):match("%d+")) or 1
@@ -677,9 +682,10 @@ local function on_client_cpus(argv)
   end
   return out
 end
+-- { source =, replica =, target = } CPU seconds, and target_sys: the target's in the kernel
 local function cpu_now()
   local t = {}
-  for _, name in ipairs(CLUSTERS) do t[name] = cluster_cpu(L[name]) end
+  for _, name in ipairs(CLUSTERS) do t[name], t[name .. "_sys"] = cluster_cpu(L[name]) end
   return t
 end
 local function cpu_since(before)
@@ -687,7 +693,7 @@ local function cpu_since(before)
   -- until the postmaster reaps it: give it the time to
   host.sleep(0.3)
   local t = cpu_now()
-  for _, name in ipairs(CLUSTERS) do t[name] = t[name] - before[name] end
+  for k, v in pairs(before) do t[k] = t[k] - v end
   return t
 end
 local function client_text(r)
@@ -700,13 +706,39 @@ local function client_text(r)
 end
 local function cpu_text(r)
   local cpu = r.cpu
-  return ("CPU s: replica %.1f, target %.1f, source %.1f, client %.2f%s"):format(cpu.replica, cpu.target, cpu.source,
-    cpu.client or 0, client_text(r))
+  return ("CPU s: replica %.1f, target %.1f (%.1f in the kernel), source %.1f, client %.2f%s"):format(cpu.replica,
+    cpu.target, cpu.target_sys or 0, cpu.source, cpu.client or 0, client_text(r))
 end
 
 ---------------------------------------------------------------------------
 -- One measured run
 ---------------------------------------------------------------------------
+
+-- Every run starts from the same state: what the earlier ones wrote is on
+-- disk (a checkpoint of the target, then sync), so that none pays for the
+-- kernel writing back another's gigabytes while its clock runs.
+--
+-- And what a run writes goes, as far as the bench can see to it, into
+-- memory freed a moment before it starts. This machine is a VM whose kernel
+-- gives memory that has been free for a second or two back to its host
+-- (virtio-balloon free page reporting), and writing into it again costs 2-3
+-- times the kernel's time: 1 GiB into the page cache took 0.18 s of system
+-- time right after another GiB was deleted, 0.38-0.54 s after a pause of
+-- 1.5 s or more. So a database is dropped only once everything else is on
+-- disk (settle(), then the drop), and the next run's settle() has little
+-- left to write. The first run of a rerun round, which came after seconds of
+-- writing back the killed database's copies, paid 1.34-1.43 times its
+-- method's median kernel time; it now pays 1.22-1.33, the rest not located
+-- (docs/benchmarks.md). The rounds print it by place.
+local last_drop -- when the last database was dropped (now())
+local function settle()
+  q(tgt, "checkpoint")
+  proc.run{ "sync" }
+end
+local function drop_db(name)
+  q(tgt, "drop database " .. name)
+  last_drop = now()
+end
 
 local results = {}
 local function prepare(label, job)
@@ -719,11 +751,7 @@ local function prepare(label, job)
   proc.run{ "mkdir", "-p", job.dir }
   job.cpu_out = job.dir .. "/cpu-" .. n_db .. ".json"
   if not job.target then job.target, job.dbname = target_db(label) end
-  -- Every run starts from the same state: what the earlier ones wrote is on
-  -- disk (a checkpoint of the target, then sync), so that none pays for the
-  -- kernel writing back another's gigabytes while its clock runs.
-  q(tgt, "checkpoint")
-  proc.run{ "sync" }
+  settle()
   return job
 end
 
@@ -759,6 +787,7 @@ local function measure(label, method, job, opts)
   io.stdout:write(("%-26s ... "):format(label)) io.stdout:flush()
   local r = { name = label, method = method, job = job, load = loadavg(), group = opts.group or label }
   local cpu_before = cpu_now()
+  r.after_drop = last_drop and now() - last_drop
   local ok, how, code, _, err = proc.run(argv_of(method, job, opts))
   finish(r, err, cpu_before)
   results[#results + 1] = r
@@ -776,8 +805,12 @@ local function measure(label, method, job, opts)
   end
   -- a database no later measure reads is dropped: the runs after it must
   -- not have less memory for the page cache
-  if not job.keep and job.dbname then q(tgt, "drop database " .. job.dbname) end
-  print(("%.1fs, peak RSS %.0f MB%s (load %.2f)\n    %s"):format(r.seconds, r.rss_mb, info, r.load, cpu_text(r)))
+  if not job.keep and job.dbname then
+    settle()
+    drop_db(job.dbname)
+  end
+  local gap = r.after_drop and ("; started %.1f s after a drop"):format(r.after_drop) or ""
+  print(("%.1fs, peak RSS %.0f MB%s (load %.2f%s)\n    %s"):format(r.seconds, r.rss_mb, info, r.load, gap, cpu_text(r)))
   return r
 end
 
@@ -1051,7 +1084,9 @@ local function floor_rest_job(conninfo, dbname, probe_dbname)
   local done = {}
   for _, t in ipairs(tables) do done[t.name] = present(probe, t) end
   probe:close()
-  q(tgt, "drop database " .. probe_dbname)
+  -- the copies written back now, not between this drop and the first run (settle())
+  settle()
+  drop_db(probe_dbname)
   local c = assert(pg.connect(conninfo, { name = "copy" }))
   local files, left = {}, { chunks = 0, tables = 0 }
   for _, f in ipairs(FILES) do
@@ -1122,6 +1157,22 @@ local function rerun_pairs()
   goal("rerun / its floor, target CPU", ratios(reruns, rest_floors, target_cpu), "-")
   goal("rerun / its relay floor (its rows read from the replica)", ratios(reruns, rest_relays, wall), "-")
   goal("relay floor of the rerun / its floor", ratios(rest_relays, rest_floors, wall), "-")
+  -- The first run of a round pays more target CPU, whichever method it is,
+  -- and that excess is in the kernel (docs/benchmarks.md): each method's
+  -- target CPU in the kernel by its place in the round (round i runs method m
+  -- in place (m - i) mod 3), over the method's median in the kernel.
+  local methods_run = { reruns, rest_floors, rest_relays }
+  local by_place = { {}, {}, {} }
+  for m, runs in ipairs(methods_run) do
+    local sys = {}
+    for _, r in ipairs(runs) do if not r.failed then sys[#sys + 1] = r.cpu.target_sys end end
+    local mid = median(sys)
+    for i, r in ipairs(runs) do
+      if not r.failed and mid and mid > 0 then table.insert(by_place[(m - i) % 3 + 1], r.cpu.target_sys / mid) end
+    end
+  end
+  print(("  target CPU in the kernel / the method's median, by place in the round: first %s; second %s; last %s")
+    :format(summary(by_place[1]), summary(by_place[2]), summary(by_place[3])))
   if loads then
     local secs = {}
     for _, r in ipairs(loads.migrun) do if not r.failed then secs[#secs + 1] = r.seconds end end
