@@ -728,7 +728,7 @@ end
 -- disk (settle(), then the drop), and the next run's settle() has little
 -- left to write. The first run of a rerun round, which came after seconds of
 -- writing back the killed database's copies, paid 1.34-1.43 times its
--- method's median kernel time; it now pays 1.22-1.33, the rest not located
+-- method's median kernel time; it now pays 1.22-1.36, the rest not located
 -- (docs/benchmarks.md). The rounds print it by place.
 local last_drop -- when the last database was dropped (now())
 local function settle()
@@ -1141,13 +1141,19 @@ local function rerun_pairs()
     local rerun_job = { target = killed.job.target, dbname = killed.job.dbname, dir = killed.job.dir,
                         profile = i == 1 and (L.dir .. "/profile-rerun.json") or nil }
     local round = {
-      function() reruns[i] = measure(("rerun #%d"):format(i), "migrun", rerun_job) end,
-      function() rest_floors[i] = measure(("floor of the rerun #%d"):format(i), "floor_rest", rest) end,
-      function() rest_relays[i] = measure(("relay of the rerun #%d"):format(i), "relay_rest", relay) end,
+      function() reruns[i] = measure(("rerun #%d"):format(i), "migrun", rerun_job) return reruns[i] end,
+      function()
+        rest_floors[i] = measure(("floor of the rerun #%d"):format(i), "floor_rest", rest)
+        return rest_floors[i]
+      end,
+      function()
+        rest_relays[i] = measure(("relay of the rerun #%d"):format(i), "relay_rest", relay)
+        return rest_relays[i]
+      end,
     }
     -- each of the three in each place in turn: the first run after the kill
     -- and the copies is the slowest of its round more often than not
-    for k = 0, 2 do round[(i - 1 + k) % 3 + 1]() end
+    for k = 1, 3 do round[(i + k - 2) % 3 + 1]().place = k end
     reruns[i].at, reruns[i].share = killed.at, killed.share
   end
   profile_of(reruns[1])
@@ -1159,16 +1165,15 @@ local function rerun_pairs()
   goal("relay floor of the rerun / its floor", ratios(rest_relays, rest_floors, wall), "-")
   -- The first run of a round pays more target CPU, whichever method it is,
   -- and that excess is in the kernel (docs/benchmarks.md): each method's
-  -- target CPU in the kernel by its place in the round (round i runs method m
-  -- in place (m - i) mod 3), over the method's median in the kernel.
-  local methods_run = { reruns, rest_floors, rest_relays }
+  -- target CPU in the kernel by its place in the round, over the method's
+  -- median in the kernel.
   local by_place = { {}, {}, {} }
-  for m, runs in ipairs(methods_run) do
+  for _, runs in ipairs{ reruns, rest_floors, rest_relays } do
     local sys = {}
     for _, r in ipairs(runs) do if not r.failed then sys[#sys + 1] = r.cpu.target_sys end end
     local mid = median(sys)
-    for i, r in ipairs(runs) do
-      if not r.failed and mid and mid > 0 then table.insert(by_place[(m - i) % 3 + 1], r.cpu.target_sys / mid) end
+    for _, r in ipairs(runs) do
+      if not r.failed and mid and mid > 0 then table.insert(by_place[r.place], r.cpu.target_sys / mid) end
     end
   end
   print(("  target CPU in the kernel / the method's median, by place in the round: first %s; second %s; last %s")

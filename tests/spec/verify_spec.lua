@@ -74,13 +74,15 @@ describe("migrun.verify", function()
   local function conninfo(c) return c.migrun_conninfo .. " passfile=" .. L.passfile end
   local function one(dbx, sql, ...) return assert(dbx:query(sql, ...))[1] end
 
+  -- until DMS has applied everything the source wrote (the verifications' fence)
+  local function applied()
+    return cdc.wait_applied(source, target, SLOTS, { timeout = 60, poll = 0.1, sleep = aws.sleep })
+  end
+
   local function verification(opts)
     opts = opts or {}
     return assert(verify.new{ source = source, target = target, tables = tables, groups = groups,
-      prefix = "vs_slot_", state_dir = dir, say = function() end, rounds = opts.rounds,
-      fence = function()
-        return cdc.wait_applied(source, target, SLOTS, { timeout = 60, poll = 0.1, sleep = aws.sleep })
-      end })
+      prefix = "vs_slot_", state_dir = dir, say = function() end, rounds = opts.rounds, fence = applied })
   end
 
   local function start_writer()
@@ -172,7 +174,7 @@ describe("migrun.verify", function()
     -- DMS has applied the writer's last changes first: an insert applied
     -- after this update could sort before the cart it changes, and an update
     -- applied after it would overwrite it. The cart is named once.
-    assert(cdc.wait_applied(source, target, SLOTS, { timeout = 60, poll = 0.1, sleep = aws.sleep }))
+    assert(applied())
     local cart = one(target, "select id from shop.carts order by id limit 1").id
     assert(target:write("update shop.carts set seen = -1 where id = $1", cart))
     assert(target:write("delete from shop.orders where id = 18888"))
@@ -200,10 +202,7 @@ describe("migrun.verify", function()
     assert(source:write("select 1 from pg_replication_slot_advance('vs_slot_watch', pg_current_wal_lsn())"))
     local said = {}
     local again = assert(verify.new{ source = source, target = target, tables = tables, groups = groups,
-      prefix = "vs_slot_", state_dir = dir, say = function(l) said[#said + 1] = l end,
-      fence = function()
-        return cdc.wait_applied(source, target, SLOTS, { timeout = 60, poll = 0.1, sleep = aws.sleep })
-      end })
+      prefix = "vs_slot_", state_dir = dir, say = function(l) said[#said + 1] = l end, fence = applied })
     local r = assert(again:live())
     assert.equal(#tables, r.history[1].whole, verify.format(r))
     assert.matches("something else moved it", table.concat(said, "\n"))
