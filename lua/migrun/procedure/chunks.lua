@@ -23,11 +23,12 @@ Why these two ways:
     { chunk_bytes = 1 << 30, split_bytes = 2 << 30 })
   if plan then for i = 1, plan.count do print(chunks.copy_sql(plan, i)) end end
 
-  chunks.describe(db, t) -> { bytes =, blocks =, version =, columns = {names},
+  chunks.describe(db, t) -> { bytes =, blocks =, buffers =, version =, columns = {names},
       key = { column =, type = } | nil } | nil, err
       db: a migrun.pg Conn or a migrun.db Db; t: { schema =, name = }.
-      bytes: pg_table_size (heap and TOAST); columns: the stored columns in
-      order (generated ones left out: COPY cannot write them).
+      bytes: pg_table_size (heap and TOAST); buffers: the server's
+      shared_buffers, in blocks; columns: the stored columns in order
+      (generated ones left out: COPY cannot write them).
   chunks.plan(db, t, { chunk_bytes =, split_bytes = [, tail =] }) -> plan | false, reason | nil, err
       A table larger than split_bytes is cut into ceil(bytes / chunk_bytes)
       chunks; false and the reason when it stays whole. tail: the last that
@@ -69,10 +70,12 @@ function chunks.describe(db, t)
   local res, err = query(db, [[
     select pg_table_size(c.oid) as bytes,
            pg_relation_size(c.oid) / current_setting('block_size')::int as blocks,
-           current_setting('server_version_num')::int as version
+           current_setting('server_version_num')::int as version,
+           (select setting::bigint from pg_settings where name = 'shared_buffers') as buffers
       from pg_class c where c.oid = $1::regclass]], qualified)
   if not res then return nil, err end
-  local d = { bytes = res[1].bytes, blocks = res[1].blocks, version = res[1].version, columns = {} }
+  local d = { bytes = res[1].bytes, blocks = res[1].blocks, buffers = res[1].buffers, version = res[1].version,
+              columns = {} }
   local generated = pgversion.pick(d.version, "attgenerated", "a.attgenerated::text <> ''", "false")
   res, err = query(db, ([[
     select a.attname as name, %s as generated from pg_attribute a

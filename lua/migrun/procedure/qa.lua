@@ -53,6 +53,10 @@ qa.compare(a_db, b_db, tables, cfg_qa, { mode = "quick" | "full", seed = n }) ->
       exported snapshot, whose hashes add up to the table's (a sequential read
       of each side: verifying a big table costs about one scan of each side);
       elsewhere by ranges of an integer primary key, each range on both sides.
+      On a side where the table is larger than a quarter of shared_buffers,
+      by one sequential scan with parallel workers instead (its share of the
+      side's jobs): it reads through a ring of 256 KB, where ranges read
+      through the whole buffer pool and push out what the server had cached.
       Without workers every table is hashed whole, one statement per side. A
       table that differs and has a key (primary, or unique on NOT NULL
       columns) is narrowed to the keys of the rows that differ
@@ -287,17 +291,27 @@ end
 
 local MAX_KEYS = 10 -- keys named in a difference's detail (check.keys holds up to opts.keys_limit)
 
+-- A scan's parallel workers for the session (0: none), in one round trip.
+-- The costs set to nothing make the planner take the workers it is offered
+-- on a table of any size (it sizes them by the table, then caps them).
+local function parallel_workers(d, n)
+  return d:query([[select set_config('max_parallel_workers_per_gather', $1, false),
+    set_config('min_parallel_table_scan_size', '0', false), set_config('parallel_setup_cost', '0', false),
+    set_config('parallel_tuple_cost', '0', false)]], tostring(n))
+end
+
 -- A worker's task: row hashes of units on one side. Units marked snapshot
 -- (block ranges; they come first) are hashed in one transaction under the
 -- side's exported snapshot (job.snapshot), so that a row that moves while
 -- they are read is counted once. The units are the parallelism: no parallel
--- workers per query (they would cost more CPU for the same scans).
+-- workers per query (they would cost more CPU for the same scans), but for
+-- a unit given some (u.workers: a scan of a table too large for ranges).
 function qa.task(job, emit)
   local conn, err = pg.connect(job.conninfo, { name = job.name, application_name = job.application_name })
   if not conn then return nil, err end
   local d = db.wrap(conn)
   local ok, serr = rowhash.stabilize(d) -- once for the session, not three round trips per unit
-  if ok then ok, serr = d:query("set max_parallel_workers_per_gather = 0") end
+  if ok then ok, serr = parallel_workers(d, 0) end
   if not ok then conn:close() return nil, serr end
   -- every table's columns in one query (one per unit cost the servers a
   -- few percent over the scans); a table missing fails it: then each unit
@@ -319,8 +333,14 @@ function qa.task(job, emit)
       d:query("commit")
       in_snapshot = false
     end
-    local r, herr = qa.row_hash(d, { schema = u.schema, name = u.name }, { where = u.where, method = job.method,
-      columns = columns[pg.qualify(u.schema, u.name)] })
+    local parallel = (u.workers or 0) > 0
+    local r, herr
+    if parallel then _, herr = parallel_workers(d, u.workers) end
+    if not herr then
+      r, herr = qa.row_hash(d, { schema = u.schema, name = u.name }, { where = u.where, method = job.method,
+        columns = columns[pg.qualify(u.schema, u.name)] })
+    end
+    if parallel then parallel_workers(d, 0) end -- the next units read alone (if this fails, they are only faster)
     local e = herr and { kind = type(herr) == "table" and herr.kind or "sql", message = type(herr) == "table"
       and herr.message or tostring(herr), where = type(herr) == "table" and herr.where or nil,
       code = type(herr) == "table" and herr.code or nil }
@@ -348,6 +368,17 @@ local add_decimal = rowhash.add_sums
 -- snapshot per side so that a row that moves while they are read is
 -- counted once. Elsewhere by key ranges, on both sides. An integer key's
 -- ranges are kept in any case (e.key_plan): they narrow a difference.
+--
+-- Except on a side where the table is larger than a quarter of the
+-- server's shared_buffers: there it is one unit, a sequential scan with
+-- parallel workers (side_tasks gives it its share of the side's jobs). A
+-- sequential scan of a table that size reads through a ring of 256 KB per
+-- process; a TID range scan, or an index scan, reads through the whole
+-- buffer pool, and the ranges of every large table would push out of it
+-- what the server had cached: the application's pages on a source it runs
+-- on (the live verification reads the primary), DMS's on the target.
+local function reads_through_ring(d) return d.blocks > d.buffers // 4 end
+
 local function plan_units(a_db, b_db, tables, opts)
   local entries, units = {}, {}
   local function unit(e, u)
@@ -356,18 +387,27 @@ local function plan_units(a_db, b_db, tables, opts)
     u.id, u.entry = #units, e
     e.units[#e.units + 1] = u
   end
-  local function add_units(e, plan, b_blocks)
-    if plan and b_blocks and opts.pool then
+  -- one side's units of a table read by sides: block ranges, or one scan
+  local function side_units(e, side, bytes, ranges)
+    if not ranges then
+      unit(e, { side = side, scan = true, cost = bytes })
+      return
+    end
+    for i = 1, #ranges.ranges do
+      unit(e, { side = side, ranged = true, where = chunks.where(ranges, i), cost = bytes / #ranges.ranges })
+    end
+  end
+  local function add_units(e, plan, da, db_)
+    local ring = da and (reads_through_ring(da) or reads_through_ring(db_))
+    local tid = da and pgversion.has(da.version, "tid_range_scan") and pgversion.has(db_.version, "tid_range_scan")
+    if plan and opts.pool and (ring or tid) then
       e.sided = true
-      local a_plan = plan.method == "blocks" and plan
-        or { table = plan.table, method = "blocks", ranges = chunks.block_ranges(math.tointeger(plan.blocks), plan.count) }
-      for i = 1, #a_plan.ranges do
-        unit(e, { side = "a", where = chunks.where(a_plan, i), cost = plan.bytes / #a_plan.ranges })
-      end
-      local b_plan = { table = plan.table, method = "blocks", ranges = chunks.block_ranges(b_blocks, plan.count) }
-      for i = 1, #b_plan.ranges do
-        unit(e, { side = "b", where = chunks.where(b_plan, i), cost = plan.bytes / #b_plan.ranges })
-      end
+      local a_ranges = tid and not reads_through_ring(da) and (plan.method == "blocks" and plan
+        or { table = plan.table, method = "blocks", ranges = chunks.block_ranges(math.tointeger(da.blocks), plan.count) })
+      local b_ranges = tid and not reads_through_ring(db_)
+        and { table = plan.table, method = "blocks", ranges = chunks.block_ranges(math.tointeger(db_.blocks), plan.count) }
+      side_units(e, "a", plan.bytes, a_ranges or nil)
+      side_units(e, "b", plan.bytes, b_ranges or nil)
     elseif plan and plan.method == "key" and opts.pool then
       for i = 1, plan.count do unit(e, { chunk = i, where = chunks.where(plan, i), cost = plan.bytes / plan.count }) end
     else
@@ -385,7 +425,7 @@ local function plan_units(a_db, b_db, tables, opts)
       if key then e.exclusion, e.excluded = keydiff.exclusion({ schema = schema, name = name }, key, excluded), #excluded
       else e.error = kerr or ("%s has no key: keys cannot be left out of its comparison"):format(e.k) end
     end
-    local plan, b_blocks
+    local plan, da, db_
     -- a table known to be small is not planned (a catalog query less on a for each)
     local small = type(t) == "table" and math.type(t.bytes) == "integer" and t.bytes <= (opts.chunk_bytes or 0)
     if opts.chunk_bytes and not e.error and not small then
@@ -395,16 +435,13 @@ local function plan_units(a_db, b_db, tables, opts)
       if plan == nil then e.error = why end
       if plan and plan.method == "key" then e.key_plan = plan end
       if plan then
-        local da, db_, derr = chunks.describe(a_db, { schema = schema, name = name }), nil, nil
+        local derr
+        da, derr = chunks.describe(a_db, { schema = schema, name = name })
         if da then db_, derr = chunks.describe(b_db, { schema = schema, name = name }) end
-        if not (da and db_) then
-          e.error = derr or "the table could not be described"
-        elseif pgversion.has(da.version, "tid_range_scan") and pgversion.has(db_.version, "tid_range_scan") then
-          plan.blocks, b_blocks = da.blocks, math.tointeger(db_.blocks)
-        end
+        if not (da and db_) then e.error = derr or "the table could not be described" end
       end
     end
-    if not e.error then add_units(e, plan, b_blocks) end -- else the check reports the error
+    if not e.error then add_units(e, plan, da, db_) end -- else the check reports the error
   end
   return entries, units
 end
@@ -425,38 +462,54 @@ end
 -- A side's units in `jobs` tasks, split by cost (largest first, each to the
 -- least loaded): a process and a session per task cost the client some 10
 -- ms and the server a backend's start; a task per unit (or per batch of small
--- ones) made the comparison a third dearer than the scans themselves. In a
--- task, the units under the snapshot first (one transaction), then by cost.
+-- ones) made the comparison a third dearer than the scans themselves. A
+-- scan (a table too large to read by ranges) is given parallel workers for
+-- its share of the side's work, so that one large table does not leave the
+-- other jobs idle; the server may launch fewer (max_parallel_workers), then
+-- the scan takes longer and the result is the same. In a task, the units
+-- under the snapshot first (one transaction), then by cost.
 local function side_tasks(units, side, jobs)
-  local mine = {}
-  for _, u in ipairs(units) do if not u.side or u.side == side then mine[#mine + 1] = u end end
+  local mine, total = {}, 0
+  for _, u in ipairs(units) do
+    if not u.side or u.side == side then
+      mine[#mine + 1] = u
+      total = total + u.cost
+    end
+  end
+  local cost, workers = {}, {}
+  for _, u in ipairs(mine) do
+    local share = u.scan and total > 0 and math.floor(u.cost / total * jobs + 0.5) or 1
+    local processes = math.max(1, math.min(jobs, share))
+    cost[u], workers[u] = u.cost / processes, processes - 1
+  end
   local bins, bin_of = {}, {}
   for k = 1, math.min(jobs, #mine) do bins[k] = { units = {}, cost = 0 } end
-  table.sort(mine, function(x, y) return x.cost > y.cost end)
+  table.sort(mine, function(x, y) return cost[x] > cost[y] end)
   for _, u in ipairs(mine) do
     local least = bins[1]
     for _, b in ipairs(bins) do if b.cost < least.cost then least = b end end
-    least.cost, bin_of[u] = least.cost + u.cost, least
+    least.cost, bin_of[u] = least.cost + cost[u], least
   end
   table.sort(mine, function(x, y)
-    if (x.side ~= nil) ~= (y.side ~= nil) then return x.side ~= nil end
-    return x.cost > y.cost
+    if (x.ranged ~= nil) ~= (y.ranged ~= nil) then return x.ranged ~= nil end
+    return cost[x] > cost[y]
   end)
   for _, u in ipairs(mine) do
     local b = bin_of[u]
     b.units[#b.units + 1] = { unit = u.id, schema = u.entry.schema, name = u.entry.name, where = u.where,
-                              snapshot = u.side ~= nil or nil }
-    b.sided = b.sided or u.side ~= nil
+                              snapshot = u.ranged, workers = u.scan and workers[u] or nil }
+    b.ranged = b.ranged or u.ranged
   end
   return bins
 end
+qa._side_tasks = side_tasks
 
 -- Every unit hashed by `jobs` worker processes on each side at once.
 local function hash_in_pool(a_db, b_db, units, method, opts)
   -- units of block ranges: each side's hashed under one snapshot
   local snapshots = {}
   for _, u in ipairs(units) do
-    if u.side and not snapshots[u.side] then
+    if u.ranged and not snapshots[u.side] then
       local s, err = export_snapshot(u.side == "a" and opts.a_conninfo or opts.b_conninfo,
         result_name(u.side == "a" and a_db or b_db, u.side))
       if not s then
@@ -486,7 +539,7 @@ local function hash_in_pool(a_db, b_db, units, method, opts)
       for _, b in ipairs(side_tasks(units, side[1], opts.jobs)) do
         p:add{ job = { conninfo = side[2], name = side[3], side = side[1], method = method, units = b.units,
                        application_name = pg.application_name("qa"),
-                       snapshot = b.sided and snapshots[side[1]].id or nil },
+                       snapshot = b.ranged and snapshots[side[1]].id or nil },
                cost = b.cost, group = side[1], label = "hashing " .. b.units[1].schema .. "." .. b.units[1].name }
       end
     end
