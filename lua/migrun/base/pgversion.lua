@@ -30,6 +30,10 @@ local pgversion = {}
 
 -- since: the first server_version_num that has it. Release notes of each major.
 pgversion.facts = {
+  parallel_query = { since = 90600, what = "parallel query (max_parallel_workers_per_gather)",
+    without = "the full comparison reads a table too large for its block ranges in one process" },
+  min_parallel_table_scan_size = { since = 100000,
+    what = "min_parallel_table_scan_size (min_parallel_relation_size in 9.6)" },
   wal_names = { since = 100000, what = "xlog renamed wal and location lsn (the names themselves: lsn.names)" },
   replay_lag = { since = 100000, what = "pg_stat_replication.replay_lag" },
   relispartition = { since = 100000, what = "declarative partitioning (pg_class.relispartition)" },

@@ -294,10 +294,14 @@ local MAX_KEYS = 10 -- keys named in a difference's detail (check.keys holds up 
 -- A scan's parallel workers for the session (0: none), in one round trip.
 -- The costs set to nothing make the planner take the workers it is offered
 -- on a table of any size (it sizes them by the table, then caps them).
-local function parallel_workers(d, n)
-  return d:query([[select set_config('max_parallel_workers_per_gather', $1, false),
-    set_config('min_parallel_table_scan_size', '0', false), set_config('parallel_setup_cost', '0', false),
-    set_config('parallel_tuple_cost', '0', false)]], tostring(n))
+-- Before 9.6 there is nothing to set: every query runs in one process.
+local function parallel_workers(d, n, version)
+  if not pgversion.has(version, "parallel_query") then return true end
+  local min_size = pgversion.pick(version, "min_parallel_table_scan_size", "min_parallel_table_scan_size",
+    "min_parallel_relation_size")
+  return d:query(([[select set_config('max_parallel_workers_per_gather', $1, false),
+    set_config('%s', '0', false), set_config('parallel_setup_cost', '0', false),
+    set_config('parallel_tuple_cost', '0', false)]]):format(min_size), tostring(n))
 end
 
 -- A worker's task: row hashes of units on one side. Units marked snapshot
@@ -310,8 +314,9 @@ function qa.task(job, emit)
   local conn, err = pg.connect(job.conninfo, { name = job.name, application_name = job.application_name })
   if not conn then return nil, err end
   local d = db.wrap(conn)
+  local version = conn:server_version()
   local ok, serr = rowhash.stabilize(d) -- once for the session, not three round trips per unit
-  if ok then ok, serr = parallel_workers(d, 0) end
+  if ok then ok, serr = parallel_workers(d, 0, version) end
   if not ok then conn:close() return nil, serr end
   -- every table's columns in one query (one per unit cost the servers a
   -- few percent over the scans); a table missing fails it: then each unit
@@ -335,12 +340,12 @@ function qa.task(job, emit)
     end
     local parallel = (u.workers or 0) > 0
     local r, herr
-    if parallel then _, herr = parallel_workers(d, u.workers) end
+    if parallel then _, herr = parallel_workers(d, u.workers, version) end
     if not herr then
       r, herr = qa.row_hash(d, { schema = u.schema, name = u.name }, { where = u.where, method = job.method,
         columns = columns[pg.qualify(u.schema, u.name)] })
     end
-    if parallel then parallel_workers(d, 0) end -- the next units read alone (if this fails, they are only faster)
+    if parallel then parallel_workers(d, 0, version) end -- the next units read alone (if this fails, they are only faster)
     local e = herr and { kind = type(herr) == "table" and herr.kind or "sql", message = type(herr) == "table"
       and herr.message or tostring(herr), where = type(herr) == "table" and herr.where or nil,
       code = type(herr) == "table" and herr.code or nil }
