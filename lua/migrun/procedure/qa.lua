@@ -511,7 +511,10 @@ qa._side_tasks = side_tasks
 
 -- Every unit hashed by `jobs` worker processes on each side at once.
 local function hash_in_pool(a_db, b_db, units, method, opts)
-  -- units of block ranges: each side's hashed under one snapshot
+  -- units of block ranges: each side's hashed under one snapshot, held no
+  -- longer than they are: an open snapshot on a primary holds back what
+  -- VACUUM may remove in the whole cluster, and the scans of the largest
+  -- tables (which take a snapshot each) come after the ranges
   local snapshots = {}
   for _, u in ipairs(units) do
     if u.ranged and not snapshots[u.side] then
@@ -521,8 +524,16 @@ local function hash_in_pool(a_db, b_db, units, method, opts)
         for _, o in pairs(snapshots) do o.conn:close() end
         return nil, err
       end
+      s.left = 0
       snapshots[u.side] = s
     end
+    if u.ranged then snapshots[u.side].left = snapshots[u.side].left + 1 end
+  end
+  local function let_go(side)
+    local snap = snapshots[side]
+    snapshots[side] = nil
+    snap.conn:exec("commit")
+    snap.conn:close()
   end
   local r = table.pack(pcall(function()
     -- `jobs` processes on each side: each side's largest units first, both
@@ -536,6 +547,12 @@ local function hash_in_pool(a_db, b_db, units, method, opts)
             u.err = u.err or errors.new(ev.error)
           else
             u[ev.side] = { rows = ev.rows, hash = ev.hash }
+          end
+          -- every task has imported the snapshot before its first range
+          local snap = u.ranged and snapshots[u.side]
+          if snap then
+            snap.left = snap.left - 1
+            if snap.left == 0 then let_go(u.side) end
           end
         end
         return true
@@ -555,10 +572,7 @@ local function hash_in_pool(a_db, b_db, units, method, opts)
     end
     return true
   end))
-  for _, snap in pairs(snapshots) do
-    snap.conn:exec("commit")
-    snap.conn:close()
-  end
+  for side in pairs(snapshots) do let_go(side) end
   if not r[1] then error(r[2], 0) end -- Ctrl-C, raised again once the snapshots are let go
   return r[2], r[3]
 end
