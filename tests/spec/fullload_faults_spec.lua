@@ -140,10 +140,12 @@ describe("migrun.fullload under faults", function()
   it("detects a stalled path to the target within the stall bound and does the chunk again", function()
     fresh_target()
     local t_fault
-    -- chunks of 6 MiB: at 3 MiB both streams are well inside a COPY (big's
-    -- first chunk, whole)
-    local function stall_once(bytes)
-      if not t_fault and bytes > 3 * MiB then
+    -- chunks of 6 MiB (5.1 each, the last two halves): early in one of the
+    -- first three, more is left to send than the client's and the proxy's
+    -- kernels take in, so the fault lands in a COPY that is still sending
+    local function stall_once(_, _, _, d)
+      if not t_fault and d.table == S .. ".big" and d.chunk and d.chunk <= 3 and (d.bytes or 0) > 128 * 1024
+          and d.bytes < 2 * MiB then
         t_fault = host.now()
         -- longer than a short statement's bound (3 x 2 s) and the cancel it
         -- then sends (5 s): a worker that was between COPYs (BEGIN, COMMIT,

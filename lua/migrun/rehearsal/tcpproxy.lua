@@ -35,6 +35,7 @@ local CHUNK = 65536
 -- the queue holds what the delay holds back, as a long link does in flight:
 -- the delay slows each byte, not the throughput.
 local QUEUE_MAX, DELAY_QUEUE_MAX = 4 * CHUNK, 64 * 1024 * 1024
+local RECEIVE_BUFFER = 256 * 1024
 local MODES = { pass = true, delay = true, blackhole = true, reset = true }
 
 local function log(fmt, ...)
@@ -277,6 +278,11 @@ function tcpproxy.main(opts)
   local self = setmetatable({ upstream_host = opts.upstream_host or HOST, upstream_port = assert(tonumber(opts.upstream_port)),
     mode = "pass", delay = 0, pairs = {}, controls = {}, accepted = 0, open = 0, bytes = { up = 0, down = 0 } }, Proxy)
   self.listener = assert(socket.bind(HOST, 0))
+  -- a receive buffer of a fixed size for every connection accepted (the
+  -- kernel's would grow to tcp_rmem's maximum, 32 MiB here): what a
+  -- blackhole's kernel still takes in is what a frozen server's would, not
+  -- whole COPYs, which the client would then think sent
+  assert(self.listener:setoption("recv-buffer-size", RECEIVE_BUFFER))
   self.control = assert(socket.bind(HOST, 0))
   self.listener:settimeout(0)
   self.control:settimeout(0)
