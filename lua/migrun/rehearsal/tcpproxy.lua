@@ -279,9 +279,9 @@ function tcpproxy.main(opts)
     mode = "pass", delay = 0, pairs = {}, controls = {}, accepted = 0, open = 0, bytes = { up = 0, down = 0 } }, Proxy)
   self.listener = assert(socket.bind(HOST, 0))
   -- a receive buffer of a fixed size for every connection accepted (the
-  -- kernel's would grow to tcp_rmem's maximum, 32 MiB here): what a
-  -- blackhole's kernel still takes in is what a frozen server's would, not
-  -- whole COPYs, which the client would then think sent
+  -- kernel's would grow to tcp_rmem's maximum, 32 MiB here): in a blackhole
+  -- the kernel takes in a few hundred KiB more, not the rest of a COPY,
+  -- which the client would then think sent
   assert(self.listener:setoption("recv-buffer-size", RECEIVE_BUFFER))
   self.control = assert(socket.bind(HOST, 0))
   self.listener:settimeout(0)
