@@ -89,12 +89,30 @@ describe("migrun.qa on servers others use", function()
     assert.equal(ROWS, wide.a.rows)
     assert.same({ 1, 1 }, { wide.a.chunks, wide.b.chunks })
     -- a ring of 32 buffers per process of the scan; by block ranges the
-    -- table's ~1,900 blocks would be in the pool
+    -- table's ~1,600 blocks would be in the pool
     local blocks = source:query("select pg_relation_size('wide') / 8192 n")[1].n
     for side, d in pairs{ source = source, target = target } do
       local n = cached(d)
       assert.is_true(n <= 4 * 32, ("%d of wide's %d blocks in the %s's buffer pool"):format(n, blocks, side))
     end
+  end)
+
+  it("runs the scan with the parallel worker its share of the jobs gives it", function()
+    -- the plans the source's QA sessions ran, in its log (auto_explain,
+    -- loaded for them alone: the source's role is a superuser in the lab)
+    local o = opts()
+    o.a_conninfo = L.source.conninfo .. " options='-c session_preload_libraries=auto_explain"
+      .. " -c auto_explain.log_min_duration=0 -c auto_explain.log_analyze=on -c auto_explain.log_timing=off'"
+    local f = assert(io.open(L.source.logfile))
+    local start = f:seek("end")
+    local r = assert(qa.compare(source, target, tables(), {}, o))
+    assert.equal(0, r.differences, qa.format(r))
+    f:seek("set", start)
+    local log = f:read("a")
+    f:close()
+    local plan = log:match("Finalize Aggregate.-Parallel Seq Scan on wide")
+    assert.truthy(plan, "no parallel scan of wide in the source's log:\n" .. log)
+    assert.truthy(plan:find("Workers Launched: 1", 1, true), plan)
   end)
 
   it("lets go of the block ranges' snapshot once they are hashed, not after the largest scans", function()
