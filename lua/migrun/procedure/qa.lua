@@ -392,27 +392,26 @@ local function plan_units(a_db, b_db, tables, opts)
     u.id, u.entry = #units, e
     e.units[#e.units + 1] = u
   end
-  -- one side's units of a table read by sides: block ranges, or one scan
-  local function side_units(e, side, bytes, ranges)
-    if not ranges then
+  -- one side's units of a table read by sides: its block ranges (a plan
+  -- by blocks), or one scan when there is none
+  local function side_units(e, side, bytes, blocks_plan)
+    if not blocks_plan then
       unit(e, { side = side, scan = true, cost = bytes })
       return
     end
-    for i = 1, #ranges.ranges do
-      unit(e, { side = side, ranged = true, where = chunks.where(ranges, i), cost = bytes / #ranges.ranges })
+    for i = 1, #blocks_plan.ranges do
+      unit(e, { side = side, ranged = true, where = chunks.where(blocks_plan, i), cost = bytes / #blocks_plan.ranges })
     end
   end
   local function add_units(e, plan, da, db_)
-    local ring = da and (reads_through_ring(da) or reads_through_ring(db_))
+    local ring_a, ring_b = da and reads_through_ring(da), db_ and reads_through_ring(db_)
     local tid = da and pgversion.has(da.version, "tid_range_scan") and pgversion.has(db_.version, "tid_range_scan")
-    if plan and opts.pool and (ring or tid) then
+    if plan and opts.pool and (ring_a or ring_b or tid) then
       e.sided = true
-      local a_ranges = tid and not reads_through_ring(da) and (plan.method == "blocks" and plan
-        or { table = plan.table, method = "blocks", ranges = chunks.block_ranges(math.tointeger(da.blocks), plan.count) })
-      local b_ranges = tid and not reads_through_ring(db_)
-        and { table = plan.table, method = "blocks", ranges = chunks.block_ranges(math.tointeger(db_.blocks), plan.count) }
-      side_units(e, "a", plan.bytes, a_ranges or nil)
-      side_units(e, "b", plan.bytes, b_ranges or nil)
+      local function blocks_of(d) return { table = plan.table, method = "blocks",
+        ranges = chunks.block_ranges(math.tointeger(d.blocks), plan.count) } end
+      side_units(e, "a", plan.bytes, tid and not ring_a and (plan.method == "blocks" and plan or blocks_of(da)))
+      side_units(e, "b", plan.bytes, tid and not ring_b and blocks_of(db_))
     elseif plan and plan.method == "key" and opts.pool then
       for i = 1, plan.count do unit(e, { chunk = i, where = chunks.where(plan, i), cost = plan.bytes / plan.count }) end
     else
